@@ -1,1 +1,110 @@
-def main(): print("hi")
+"""The `unroll` command line."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _train(args) -> int:
+    from unroll.train.config import load_config
+    from unroll.train.trainer import train
+
+    summary = train(load_config(args.config, args.overrides))
+    return 128 + 15 if summary.get("stopped") else 0
+
+
+def _tokenizer(args) -> int:
+    from unroll.data.tokenizer import train_tokenizer
+
+    path = train_tokenizer(args.input, args.out, args.vocab_size, model_type=args.model_type,
+                           text_key=args.text_key, seed=args.seed)
+    print(f"tokenizer written to {path}")
+    return 0
+
+
+def _prepare(args) -> int:
+    from unroll.data.shards import prepare_shards
+
+    result = prepare_shards(args.input, args.tokenizer, args.out, valid_fraction=args.valid_fraction,
+                            seed=args.seed, num_proc=args.num_proc, text_key=args.text_key)
+    meta = result["meta"]
+    print(f"shards written to {args.out}: " + ", ".join(
+        f"{split} {meta[split]['docs']} docs / {meta[split]['tokens']:,} tokens" for split in ("train", "valid")))
+    return 0
+
+
+def _generate(args) -> int:
+    from unroll.train.inference import generate_text
+
+    print(generate_text(args.run_dir, args.prompt, max_new_tokens=args.max_new_tokens,
+                        temperature=args.temperature, top_k=args.top_k, seed=args.seed))
+    return 0
+
+
+def _plot(args) -> int:
+    from unroll.train.plot import plot_run
+
+    print(plot_run(args.run_dir, args.out))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="unroll", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train (or resume) a model; also under torchrun")
+    t.add_argument("config", help="a YAML config file or a preset name (see configs/)")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.steps=100 run.dir=runs/x")
+    t.set_defaults(func=_train)
+
+    d = sub.add_parser("data", help="tokenizer training and corpus preparation").add_subparsers(dest="data", required=True)
+    tok = d.add_parser("tokenizer", help="train a sentencepiece BPE tokenizer on raw text")
+    tok.add_argument("--input", required=True, help="bundled:shakespeare, or .txt/.jsonl/.parquet file(s), dir or glob")
+    tok.add_argument("--out", required=True, help="output prefix: writes PREFIX.model and PREFIX.vocab")
+    tok.add_argument("--vocab-size", type=int, required=True)
+    tok.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
+    tok.add_argument("--text-key", default="text")
+    tok.add_argument("--seed", type=int, default=0)
+    tok.set_defaults(func=_tokenizer)
+    pre = d.add_parser("prepare", help="tokenize a corpus into megatron indexed-dataset shards (train/valid)")
+    pre.add_argument("--input", required=True)
+    pre.add_argument("--tokenizer", required=True, help="a sentencepiece .model file")
+    pre.add_argument("--out", required=True, help="output directory: train.bin/.idx, valid.bin/.idx, meta.json")
+    pre.add_argument("--valid-fraction", type=float, default=0.05)
+    pre.add_argument("--num-proc", type=int, default=min(8, os.cpu_count() or 1))
+    pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--text-key", default="text")
+    pre.set_defaults(func=_prepare)
+
+    g = sub.add_parser("generate", help="sample text from a run's newest checkpoint")
+    g.add_argument("run_dir")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=_generate)
+
+    pl = sub.add_parser("plot", help="loss curves of a run as a PNG")
+    pl.add_argument("run_dir")
+    pl.add_argument("--out", default=None, help="default RUN_DIR/loss.png")
+    pl.set_defaults(func=_plot)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from unroll.data.errors import DataError
+    from unroll.train.checkpoint import CheckpointError
+    from unroll.train.config import ConfigError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
+        print(f"unroll {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

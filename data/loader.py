@@ -1,0 +1,181 @@
+"""Global sample index -> packed token window: deterministic, resumable, data-parallel, blended.
+
+The trainer thinks in global sample indices: step s consumes samples [s * global_batch,
+(s + 1) * global_batch), and data-parallel rank r of w takes a contiguous slice of them
+(`rank_slice`). The loader is a pure function of the index, so resuming (on any number of ranks)
+is starting from the number of samples consumed; there is no iterator state to save.
+
+Blending: the global index space is cut into blocks of `block_size` (default 4096) samples. In
+every block, dataset d gets exactly c_d samples (largest-remainder apportionment of
+weight_d * block_size), at positions given by a permutation seeded with (seed, 1_000_003, block).
+The k-th sample of dataset d in block b is d's sample number b * c_d + k, so locating any index
+costs O(block_size). A dataset's samples are used epoch after epoch; epoch e visits them in the
+order of a permutation seeded with (seed, dataset index, e), or in order when shuffle=False.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from .errors import DataError
+from .shards import TokenShard
+
+BLOCK_SIZE = 4096
+_BLOCK_SALT = 1_000_003  # keeps block permutations apart from per-dataset epoch permutations
+
+
+class PackedDataset:
+    """A shard's token stream (documents in order, EOS-separated) cut into n_samples windows of
+    seq_len + 1 tokens at stride seq_len: inputs = window[:-1], targets = window[1:]."""
+
+    def __init__(self, shard: TokenShard | str, seq_len: int) -> None:
+        self.shard = shard if isinstance(shard, TokenShard) else TokenShard(shard)
+        if seq_len < 1:
+            raise DataError(f"seq_len {seq_len} must be at least 1")
+        self.seq_len = seq_len
+        self.n_samples = (self.shard.n_tokens - 1) // seq_len
+        if self.n_samples == 0:
+            raise DataError(
+                f"token shard {self.shard.prefix!r} has {self.shard.n_tokens} tokens, too few "
+                f"for one sample of seq_len {seq_len} (which needs {seq_len + 1})"
+            )
+
+    def __len__(self) -> int:
+        return self.n_samples
+
+    def sample(self, i: int) -> np.ndarray:
+        """Window i: int64 tokens [i * seq_len, i * seq_len + seq_len + 1)."""
+        if not 0 <= i < self.n_samples:
+            raise IndexError(
+                f"sample {i} out of range for {self.shard.prefix!r} ({self.n_samples} samples)"
+            )
+        return self.shard.tokens(i * self.seq_len, self.seq_len + 1)
+
+
+def apportion(weights: np.ndarray, total: int) -> np.ndarray:
+    """Largest-remainder apportionment: integer counts summing to `total`, each within 1 of
+    weights * total (weights sum to 1). Ties go to the lower index."""
+    quotas = weights * total
+    counts = np.floor(quotas).astype(np.int64)
+    short = total - int(counts.sum())
+    # Rounded so that remainders equal but for float noise (0.6 * 4096 vs 0.1 * 4096) tie.
+    remainders = np.round(quotas - counts, 9)
+    counts[np.argsort(-remainders, kind="stable")[:short]] += 1
+    return counts
+
+
+class TokenLoader:
+    """Blends PackedDatasets by weight; `get(start, count)` returns global samples
+    start .. start + count - 1 as a LongTensor [count, seq_len + 1]."""
+
+    def __init__(
+        self,
+        datasets: list[PackedDataset],
+        weights: list[float],
+        *,
+        seed: int,
+        shuffle: bool = True,
+        block_size: int = BLOCK_SIZE,
+    ) -> None:
+        if not datasets or len(datasets) != len(weights):
+            raise DataError(f"{len(datasets)} datasets but {len(weights)} weights")
+        for w in weights:
+            if not (math.isfinite(w) and w > 0):
+                raise DataError(f"dataset weight {w!r} must be a positive number")
+        seq_lens = {ds.seq_len for ds in datasets}
+        if len(seq_lens) > 1:
+            raise DataError(f"datasets have different seq_len {sorted(seq_lens)}")
+        if seed < 0:
+            raise ValueError(f"seed {seed} must be non-negative")
+        self.datasets = list(datasets)
+        self.seq_len = datasets[0].seq_len
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.block_size = block_size
+        self.weights = np.asarray(weights, dtype=np.float64) / sum(weights)
+        self.counts = apportion(self.weights, block_size)  # samples of each dataset per block
+        for w, c in zip(weights, self.counts):
+            if c == 0:
+                raise DataError(
+                    f"dataset weight {w!r} is too small: it rounds to 0 of {block_size} samples "
+                    "per block; raise it or the block size"
+                )
+        # Small caches: a batch touches one or two blocks and one or two epochs per dataset.
+        self._blocks: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._perms: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+
+    def get(self, start: int, count: int) -> torch.Tensor:
+        if start < 0 or count < 0:
+            raise IndexError(f"samples [{start}, {start + count}) must start at 0 or later")
+        if count == 0:
+            return torch.empty((0, self.seq_len + 1), dtype=torch.long)
+        which, index = self.locate(np.arange(start, start + count, dtype=np.int64))
+        rows = [self.datasets[d].sample(int(i)) for d, i in zip(which, index)]
+        return torch.from_numpy(np.stack(rows))
+
+    def locate(self, g: np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:
+        """(dataset, sample index within that dataset) of global indices g."""
+        g = np.atleast_1d(np.asarray(g, dtype=np.int64))
+        which = np.empty_like(g)
+        nth = np.empty_like(g)  # how many of its dataset's samples came before, over all epochs
+        for b in np.unique(g // self.block_size):
+            mask = g // self.block_size == b
+            owner, rank = self._block(int(b))
+            pos = g[mask] % self.block_size
+            which[mask] = owner[pos]
+            nth[mask] = b * self.counts[owner[pos]] + rank[pos]
+        index = np.empty_like(g)
+        for d in np.unique(which):
+            mask = which == d
+            n = self.datasets[d].n_samples
+            epoch, k = nth[mask] // n, nth[mask] % n
+            if not self.shuffle:
+                index[mask] = k
+                continue
+            for e in np.unique(epoch):
+                sel = epoch == e
+                index[np.flatnonzero(mask)[sel]] = self._perm(int(d), int(e))[k[sel]]
+        return which, index
+
+    def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """owner[p]: the dataset at block position p; rank[p]: how many earlier positions that
+        dataset owns."""
+        if b not in self._blocks:
+            owner = np.repeat(np.arange(len(self.datasets)), self.counts)
+            if len(self.datasets) > 1:
+                owner = np.random.default_rng([self.seed, _BLOCK_SALT, b]).permutation(owner)
+            order = np.argsort(owner, kind="stable")
+            first = np.concatenate([[0], np.cumsum(self.counts)[:-1]])
+            rank = np.empty_like(owner)
+            rank[order] = np.arange(len(owner)) - first[owner[order]]
+            _remember(self._blocks, b, (owner, rank), keep=2)
+        return self._blocks[b]
+
+    def _perm(self, d: int, epoch: int) -> np.ndarray:
+        key = (d, epoch)
+        if key not in self._perms:
+            rng = np.random.default_rng([self.seed, d, epoch])
+            perm = rng.permutation(self.datasets[d].n_samples)
+            _remember(self._perms, key, perm, keep=2 * len(self.datasets))
+        return self._perms[key]
+
+
+def _remember(cache: OrderedDict, key, value, keep: int) -> None:
+    cache[key] = value
+    while len(cache) > keep:
+        cache.popitem(last=False)
+
+
+def rank_slice(samples_consumed: int, global_batch: int, rank: int, world: int) -> tuple[int, int]:
+    """(start, count) of this data-parallel rank's part of the step that starts at global sample
+    `samples_consumed`: ranks take consecutive, equal slices of the global batch."""
+    if world < 1 or global_batch < 1 or global_batch % world:
+        raise ValueError(f"global_batch {global_batch} is not divisible by world size {world}")
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} out of range for world size {world}")
+    per_rank = global_batch // world
+    return samples_consumed + rank * per_rank, per_rank

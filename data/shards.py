@@ -1,0 +1,330 @@
+"""Token shards: a corpus tokenized into Megatron's indexed-dataset format (prefix.bin + .idx).
+
+The .bin holds the tokens of every sequence back to back; the .idx holds each sequence's length and
+byte offset and, in `document_indices`, where each document's sequences start. prepare_shards
+writes one sequence per document, ending in EOS. Megatron's tools/preprocess_data.py may write
+several sequences per document (--split-sentences) and may leave out the EOS (no --append-eod);
+TokenShard reads both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+import warnings
+from collections.abc import Iterable
+
+import numpy as np
+
+from .corpus import import_datasets, read_documents
+from .errors import DataError
+from .tokenizer import Tokenizer
+
+SPLITS = ("train", "valid")
+_OUTPUT_NAMES = {f"{split}{ext}" for split in SPLITS for ext in (".bin", ".idx")} | {"meta.json"}
+
+
+def indexed_dataset_module():
+    """megatron.core.datasets.indexed_dataset, imported on first use: importing megatron.core
+    takes seconds and warns that Transformer Engine and Apex (GPU libraries this code never uses)
+    are missing."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets import indexed_dataset
+    return indexed_dataset
+
+
+def split_documents(n_docs: int, valid_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, valid) document indices, each sorted: valid gets
+    max(1, round(valid_fraction * n_docs)) documents (at most n_docs - 1), chosen by a permutation
+    seeded with `seed`."""
+    if n_docs < 2:
+        raise DataError(f"cannot split {n_docs} document(s) into train and valid by document")
+    n_valid = min(n_docs - 1, max(1, round(valid_fraction * n_docs)))
+    perm = np.random.default_rng(seed).permutation(n_docs)
+    return np.sort(perm[n_valid:]), np.sort(perm[:n_valid])
+
+
+def prepare_shards(
+    source: str,
+    tokenizer_path: str,
+    out_dir: str,
+    *,
+    valid_fraction: float = 0.05,
+    seed: int = 0,
+    num_proc: int = 2,
+    text_key: str = "text",
+) -> dict:
+    """Tokenize `source` into out_dir/{train,valid}.{bin,idx} and out_dir/meta.json.
+
+    Each document becomes one sequence: its tokens, then EOS. Empty documents are skipped.
+    Documents are split into train and valid by `split_documents`; a corpus of ONE document is
+    split inside it instead: valid gets its last max(1, round(valid_fraction * n_tokens)) tokens,
+    train the rest (so train's single document has no EOS: the text goes on in valid).
+
+    Everything is written into a temporary directory beside out_dir, which then replaces out_dir.
+    An existing out_dir is replaced only if it holds nothing but a previous run's outputs.
+    Returns {"train": prefix, "valid": prefix, "meta": meta}.
+    """
+    if not 0 <= valid_fraction < 1:
+        raise DataError(f"valid_fraction {valid_fraction} must be in [0, 1)")
+    tokenizer = Tokenizer(tokenizer_path)
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    _check_replaceable(out_dir)
+    docs = read_documents(source, text_key=text_key)
+    tokenized = _tokenize(docs, tokenizer, num_proc)
+    dtype = indexed_dataset_module().DType.optimal_dtype(tokenizer.vocab_size)
+
+    if len(tokenized) == 1:
+        tokens = np.asarray(tokenized[0]["ids"], dtype=np.int64)
+        cut = len(tokens) - min(len(tokens) - 1, max(1, round(valid_fraction * len(tokens))))
+        parts = {"train": [tokens[:cut]], "valid": [tokens[cut:]]}
+    else:
+        train_idx, valid_idx = split_documents(len(tokenized), valid_fraction, seed)
+        parts = {"train": _rows(tokenized, train_idx), "valid": _rows(tokenized, valid_idx)}
+
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; out_dir should be like any dir
+        counts = {s: _write_shard(os.path.join(tmp, s), parts[s], dtype) for s in SPLITS}
+        meta = {
+            "format": "megatron indexed dataset; one sequence per document, ending in EOS",
+            "source": os.fspath(source),
+            "text_key": text_key,
+            "tokenizer": tokenizer.path,
+            "vocab_size": tokenizer.vocab_size,
+            "eos_id": tokenizer.eos_id,
+            "dtype": np.dtype(dtype).name,
+            "seed": seed,
+            "valid_fraction": valid_fraction,
+            "split_within_document": len(tokenized) == 1,
+            **counts,  # "train" / "valid": {"docs": ..., "tokens": ...}
+        }
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=2)
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {split: os.path.join(out_dir, split) for split in SPLITS} | {"meta": meta}
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _check_replaceable(out_dir: str) -> None:
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise DataError(f"out_dir {out_dir!r} exists and is not a directory")
+    foreign = sorted(set(os.listdir(out_dir)) - _OUTPUT_NAMES) if os.path.isdir(out_dir) else []
+    if foreign:
+        raise DataError(
+            f"out_dir {out_dir!r} holds files prepare_shards did not write ({foreign[:5]}); "
+            "it would replace the whole directory: choose a new or empty one"
+        )
+
+
+def _replace_dir(tmp: str, out_dir: str) -> None:
+    if not os.path.exists(out_dir):
+        os.rename(tmp, out_dir)
+        return
+    name, parent = os.path.basename(out_dir), os.path.dirname(out_dir)
+    old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+    os.rename(out_dir, os.path.join(old, name))  # open mmaps keep their (then unlinked) files
+    os.rename(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+_worker_tokenizers: dict[str, Tokenizer] = {}
+
+
+def _encode_batch(batch: dict, model_path: str, eos_id: int) -> dict:
+    """datasets.map function. Top-level and given a path, not a Tokenizer, so that it pickles for
+    worker processes under any start method; each worker loads the model once."""
+    tokenizer = _worker_tokenizers.get(model_path)
+    if tokenizer is None:
+        tokenizer = _worker_tokenizers[model_path] = Tokenizer(model_path)
+    texts = [t for t in batch["text"] if t]
+    return {"ids": [ids + [eos_id] for ids in tokenizer.encode_batch(texts)]}
+
+
+def _tokenize(docs, tokenizer: Tokenizer, num_proc: int):
+    datasets = import_datasets()
+    return docs.map(
+        _encode_batch,
+        batched=True,
+        batch_size=64,
+        num_proc=num_proc if num_proc > 1 and len(docs) > 1 else None,
+        fn_kwargs={"model_path": tokenizer.path, "eos_id": tokenizer.eos_id},
+        remove_columns=["text"],
+        features=datasets.Features({"ids": datasets.List(datasets.Value("int32"))}),
+        # The cache key would be the model's path, not its contents: a retrained model at the same
+        # path must not reuse the old tokenization.
+        load_from_cache_file=False,
+        desc="tokenize",
+    )
+
+
+def _rows(tokenized, indices: np.ndarray) -> Iterable[np.ndarray]:
+    for batch in tokenized.select(indices).with_format("numpy").iter(batch_size=256):
+        yield from batch["ids"]
+
+
+def _write_shard(prefix: str, docs: Iterable[np.ndarray], dtype: type) -> dict:
+    import torch
+
+    builder = indexed_dataset_module().IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
+    n_docs = n_tokens = 0
+    for ids in docs:
+        builder.add_item(torch.from_numpy(np.asarray(ids)))  # add_item wants a tensor
+        builder.end_document()
+        n_docs += 1
+        n_tokens += len(ids)
+    builder.finalize(prefix + ".idx")
+    return {"docs": n_docs, "tokens": n_tokens}
+
+
+class TokenShard:
+    """A read-only, memory-mapped token shard `prefix.bin`/`prefix.idx`.
+
+    Its token stream is every document's tokens in order; `tokens(start, length)` reads any span of
+    it, `doc(i)` one document (the concatenation of its sequences)."""
+
+    def __init__(self, prefix: str | os.PathLike) -> None:
+        self.prefix = os.fspath(prefix)
+        for ext in (".idx", ".bin"):
+            if not os.path.isfile(self.prefix + ext):
+                raise DataError(f"token shard file missing: {self.prefix + ext!r}")
+        self._open()
+
+    def _open(self) -> None:
+        idx_path, bin_path = self.prefix + ".idx", self.prefix + ".bin"
+        module = indexed_dataset_module()
+        _check_idx_header(idx_path, module)
+        if os.path.getsize(bin_path) == 0:
+            raise DataError(f"token shard file is empty: {bin_path!r}")
+        try:
+            self._ds = module.IndexedDataset(self.prefix, mmap=True)
+        except (AssertionError, ValueError, struct.error) as e:  # its checks are asserts
+            raise DataError(f"corrupt token shard index {idx_path!r}: {e}") from None
+
+        lengths = self._ds.sequence_lengths.astype(np.int64)
+        self._seq_start = np.concatenate([[0], np.cumsum(lengths)])
+        self._doc_index = self._ds.document_indices
+        if self._doc_index[0] != 0 or np.any(np.diff(self._doc_index) < 0):
+            raise DataError(f"corrupt token shard index {idx_path!r}: bad document indices")
+        itemsize = self.dtype.itemsize
+        pointers = self._ds.index.sequence_pointers
+        # Every writer we know (IndexedDatasetBuilder, add_index merges) puts sequences back to
+        # back; then a span crossing sequences is one read. Else tokens() goes sequence by sequence.
+        self._contiguous = bool(np.array_equal(pointers, self._seq_start[:-1] * itemsize))
+        end = int(np.max(pointers + lengths * itemsize)) if len(lengths) else 0
+        if os.path.getsize(bin_path) < end:
+            raise DataError(
+                f"token shard file is truncated: {bin_path!r} has "
+                f"{os.path.getsize(bin_path)} bytes, its index needs {end}"
+            )
+
+    def __getstate__(self) -> dict:  # for DataLoader workers: reopen the mmap, don't copy it
+        return {"prefix": self.prefix}
+
+    def __setstate__(self, state: dict) -> None:
+        self.prefix = state["prefix"]
+        self._open()
+
+    @property
+    def n_docs(self) -> int:
+        return len(self._doc_index) - 1
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self._seq_start[-1])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self._ds.index.dtype)
+
+    def doc(self, i: int) -> np.ndarray:
+        """Document i's tokens (int64)."""
+        if not 0 <= i < self.n_docs:
+            raise IndexError(
+                f"document {i} out of range for {self.prefix!r} ({self.n_docs} documents)"
+            )
+        first, last = self._seq_start[self._doc_index[i]], self._seq_start[self._doc_index[i + 1]]
+        return self.tokens(int(first), int(last - first))
+
+    def tokens(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start + length) of the shard's token stream, as int64."""
+        if start < 0 or length < 0 or start + length > self.n_tokens:
+            raise IndexError(
+                f"tokens [{start}, {start + length}) out of range for {self.prefix!r} "
+                f"({self.n_tokens} tokens)"
+            )
+        if length == 0:
+            return np.zeros(0, dtype=np.int64)
+        seq = int(np.searchsorted(self._seq_start, start, side="right")) - 1
+        offset = start - int(self._seq_start[seq])
+        if self._contiguous:
+            # get() reads `length` tokens from the sequence's offset on, past its end if asked:
+            # sequences are back to back, so that is the span across sequences and documents.
+            return self._ds.get(seq, offset, length).astype(np.int64)
+        out, filled = np.empty(length, dtype=np.int64), 0
+        while filled < length:
+            n = min(int(self._ds.sequence_lengths[seq]) - offset, length - filled)
+            if n > 0:
+                out[filled : filled + n] = self._ds.get(seq, offset, n)
+                filled += n
+            seq, offset = seq + 1, 0
+        return out
+
+    def __repr__(self) -> str:
+        return (
+            f"TokenShard({self.prefix!r}, docs={self.n_docs}, tokens={self.n_tokens}, {self.dtype})"
+        )
+
+
+# The .idx starts with this magic, a uint64 version (1) and a uint8 dtype code (megatron's DType).
+_IDX_MAGIC = b"MMIDIDX\x00\x00"
+
+
+def _check_idx_header(idx_path: str, module) -> None:
+    """Megatron's reader asserts on a bad header; say which file is wrong instead."""
+    with open(idx_path, "rb") as f:
+        head = f.read(len(_IDX_MAGIC) + 9)
+    ok = len(head) == len(_IDX_MAGIC) + 9 and head.startswith(_IDX_MAGIC)
+    if ok:
+        version, code = struct.unpack("<QB", head[len(_IDX_MAGIC) :])
+        ok = version == 1 and code in {d.value for d in module.DType}
+    if not ok:
+        raise DataError(f"not a Megatron indexed-dataset index (bad header): {idx_path!r}")
+
+
+def check_vocab(prefix_or_shard: str | TokenShard, vocab_size: int) -> None:
+    """Stop a run whose tokenizer does not match its shard: the shard's dtype must hold ids up to
+    vocab_size - 1, and the meta.json beside it (written by prepare_shards), if any, must name this
+    vocab size."""
+    shard = prefix_or_shard
+    if not isinstance(shard, TokenShard):
+        shard = TokenShard(shard)
+    top = np.iinfo(shard.dtype).max
+    if vocab_size - 1 > top:
+        raise DataError(
+            f"token shard {shard.prefix!r} stores {shard.dtype} (ids up to {top}): "
+            f"it cannot hold a vocabulary of vocab_size {vocab_size}"
+        )
+    meta_path = os.path.join(os.path.dirname(os.path.abspath(shard.prefix)), "meta.json")
+    if os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta.get("vocab_size", vocab_size) != vocab_size:
+            raise DataError(
+                f"token shard {shard.prefix!r} was tokenized with vocab_size {meta['vocab_size']} "
+                f"({meta.get('tokenizer')}, per {meta_path}), not vocab_size {vocab_size}"
+            )

@@ -1,0 +1,20 @@
+"""SwiGLU MLP (Shazeer, 2020): y = W_down (SiLU(W_gate x) ⊙ W_up x)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, hidden: int, init_std: float = 0.02, out_std: float | None = None):
+        super().__init__()
+        self.hidden = hidden
+        self.gate_up = nn.Linear(d_model, 2 * hidden, bias=False)  # gate and up fused: one matmul
+        self.down = nn.Linear(hidden, d_model, bias=False)
+        nn.init.normal_(self.gate_up.weight, std=init_std)
+        nn.init.normal_(self.down.weight, std=out_std or init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)

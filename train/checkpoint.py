@@ -1,0 +1,159 @@
+"""Checkpoints with torch.distributed.checkpoint (DCP), in one process or many.
+
+Layout of RUN_DIR/checkpoints/step_00000100/:
+  .metadata, *.distcp   model and optimizer (DCP: each rank writes its shards; reshards on load)
+  rng_rank{r}.pt        every RNG state of rank r (python, numpy, torch CPU, CUDA)
+  train_state.json      step, global samples consumed, and the rest of the loop's scalar state
+A checkpoint is written under `step_N.tmp` and renamed to `step_N` only once every file is complete, so a
+crash mid-write leaves at worst a `.tmp` directory that is ignored (and removed by the next save).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+from unroll.train import distributed as D
+
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+STATE_FILE = "train_state.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names its path."""
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def is_complete(path: Path) -> bool:
+    return (path / ".metadata").is_file() and (path / STATE_FILE).is_file()
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint, oldest first; partial writes are skipped."""
+    root = checkpoint_root(run_dir)
+    found = []
+    for path in root.iterdir() if root.is_dir() else ():
+        m = STEP_DIR.match(path.name)
+        if m and path.is_dir() and is_complete(path):
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns when it runs without a process group; one process is a supported layout here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+         train_state: dict, *, keep: int, rank: int = 0) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint path."""
+    root = checkpoint_root(run_dir)
+    final = root / f"step_{step:08d}"
+    tmp = root / f"{final.name}.tmp"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob("*.tmp"):  # left by an interrupted save
+            shutil.rmtree(stale)
+        tmp.mkdir()
+    D.barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    with _quiet_single_process():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
+    D.barrier()
+    if rank == 0:
+        with open(tmp / STATE_FILE, "w") as f:
+            json.dump({**train_state, "step": step}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        for _, old in complete_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old)
+    D.barrier()
+    return final
+
+
+def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, rank: int = 0) -> dict:
+    """Restores model, optimizer and this rank's RNG state in place; returns the train state."""
+    if not is_complete(path):
+        raise CheckpointError(f"checkpoint {path} is incomplete (no .metadata or {STATE_FILE})")
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    try:
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=str(path))
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} could not be loaded into this model: {e}") from e
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rng_file = path / f"rng_rank{rank}.pt"
+    if not rng_file.is_file():  # resumed on more ranks than saved: all ranks draw the same in DP
+        rng_file = path / "rng_rank0.pt"
+    _set_rng_state(torch.load(rng_file, weights_only=False))
+    with open(path / STATE_FILE) as f:
+        return json.load(f)
+
+
+def load_latest(run_dir: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                *, rank: int = 0) -> dict | None:
+    """Resumes from the newest complete checkpoint in the run directory; None when there is none."""
+    found = complete_checkpoints(run_dir)
+    if not found:
+        return None
+    return load(found[-1][1], model, optimizer, rank=rank)
+
+
+def load_model_weights(path: Path, model: torch.nn.Module) -> None:
+    """Only the model (for generation): DCP reads the requested keys and skips the optimizer."""
+    if not is_complete(path):
+        raise CheckpointError(f"checkpoint {path} is incomplete (no .metadata or {STATE_FILE})")
+    model_sd = get_model_state_dict(model)
+    with _quiet_single_process():
+        dcp.load({"model": model_sd}, checkpoint_id=str(path))
+    model.load_state_dict(model_sd)

@@ -1,0 +1,221 @@
+"""The run's configuration: an omegaconf structured schema, YAML presets and `key=value` overrides.
+
+Every key a run reads is declared here with its type and default; an unknown key, a value of the wrong
+type or an impossible value stops the run before any work with a message naming the key.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from unroll.models.config import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key (and the file) at fault."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"  # run directory: config.yaml, metrics.jsonl, checkpoints/, loss.png
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda
+    dtype: str = "auto"  # autocast: auto (bfloat16 on cuda, float32 on cpu) | float32 | bfloat16
+    threads: int = 0  # CPU intra-op threads; 0 = torch's default
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=lambda: ["runs/data/shakespeare/train"])  # shard prefixes
+    weights: list[float] = field(default_factory=list)  # blending weights, one per train prefix; [] = equal
+    valid: str = "runs/data/shakespeare/valid"  # validation shard prefix; "" = no validation
+    tokenizer: str = "runs/data/shakespeare-bpe2048.model"
+    seq_len: int = 256
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # optimizer steps
+    seed: int = 0
+    batch_size: int = 16  # sequences per optimizer step, over all data-parallel ranks
+    micro_batch_size: int = 0  # sequences per forward on one rank; 0 = batch_size / ranks (no accumulation)
+    log_every: int = 10
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 = off
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"  # cosine | wsd | constant
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio (cosine, wsd)
+    decay_fraction: float = 0.2  # wsd: share of the steps spent in the final decay
+
+
+@dataclass
+class EvalConfig:
+    every: int = 200  # steps between validations; 0 = only at the end
+    batches: int = 8  # validation batches of eval.batch_size sequences (fixed, the first ones)
+    batch_size: int = 16
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 200  # steps between checkpoints; 0 = only at the end and on SIGTERM/SIGINT
+    keep: int = 2  # newest complete checkpoints kept
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = "offline"  # offline | online | disabled
+    wandb_project: str = "unroll"
+    progress: bool = True  # progress bar on rank 0
+
+
+@dataclass
+class SampleConfig:
+    prompt: str = "ROMEO."  # the end-of-run sample; "" = none
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int = 50
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("unroll.configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A YAML path, or the name of a bundled preset (configs/NAME.yaml)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    preset = resources.files("unroll.configs") / f"{name_or_path.removesuffix('.yaml')}.yaml"
+    if preset.is_file():
+        return Path(str(preset))
+    near = difflib.get_close_matches(name_or_path, preset_names(), n=1)
+    hint = f" (did you mean preset {near[0]!r}?)" if near else f"; presets: {', '.join(preset_names())}"
+    raise ConfigError(f"config {name_or_path!r}: no such file or preset{hint}")
+
+
+def _merge(base: DictConfig, other, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        reason = str(e).splitlines()[0]
+        raise ConfigError(f"config key '{key}' ({source}): {reason}") from None
+
+
+def load_config(name_or_path: str | None, overrides: list[str] = ()) -> Config:
+    """Schema defaults ← YAML file ← `key=value` overrides, then validated. Returns the typed object."""
+    cfg = OmegaConf.structured(Config)
+    if name_or_path:
+        path = resolve_config_path(name_or_path)
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as e:  # YAML syntax errors and the like
+            raise ConfigError(f"config file {path}: {e}") from None
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"config file {path}: expected a mapping of sections, got {type(loaded).__name__}")
+        cfg = _merge(cfg, loaded, f"in {path}")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {item!r}")
+    typed: Config = OmegaConf.to_object(cfg)
+    validate(typed)
+    return typed
+
+
+def validate(cfg: Config) -> None:
+    problems = [(f"model.{k}", msg) for k, msg in cfg.model.problems()]
+
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            problems.append((key, msg))
+
+    need(cfg.run.device in ("auto", "cpu", "cuda"), "run.device", f"must be auto, cpu or cuda, got {cfg.run.device!r}")
+    need(cfg.run.dtype in ("auto", "float32", "bfloat16"), "run.dtype",
+         f"must be auto, float32 or bfloat16, got {cfg.run.dtype!r}")
+    need(cfg.run.threads >= 0, "run.threads", f"must be >= 0, got {cfg.run.threads}")
+    need(bool(cfg.run.dir), "run.dir", "must name a directory")
+    need(cfg.data.seq_len > 0, "data.seq_len", f"sequence length must be positive, got {cfg.data.seq_len}")
+    need(len(cfg.data.train) > 0, "data.train", "needs at least one shard prefix")
+    need(not cfg.data.weights or len(cfg.data.weights) == len(cfg.data.train), "data.weights",
+         f"{len(cfg.data.weights)} weights for {len(cfg.data.train)} train datasets")
+    need(all(w > 0 for w in cfg.data.weights), "data.weights", f"weights must be positive, got {cfg.data.weights}")
+    need(bool(cfg.data.tokenizer), "data.tokenizer", "must name a sentencepiece .model file")
+    need(cfg.train.steps >= 0, "train.steps", f"must be >= 0, got {cfg.train.steps}")
+    need(cfg.train.batch_size > 0, "train.batch_size", f"must be positive, got {cfg.train.batch_size}")
+    need(cfg.train.micro_batch_size >= 0, "train.micro_batch_size", f"must be >= 0, got {cfg.train.micro_batch_size}")
+    need(cfg.train.log_every > 0, "train.log_every", f"must be positive, got {cfg.train.log_every}")
+    need(cfg.optim.lr > 0, "optim.lr", f"must be positive, got {cfg.optim.lr}")
+    need(cfg.optim.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {cfg.optim.weight_decay}")
+    for key in ("beta1", "beta2"):
+        value = getattr(cfg.optim, key)
+        need(0 <= value < 1, f"optim.{key}", f"must be in [0, 1), got {value}")
+    need(cfg.optim.eps > 0, "optim.eps", f"must be positive, got {cfg.optim.eps}")
+    need(cfg.optim.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {cfg.optim.grad_clip}")
+    need(cfg.schedule.name in ("cosine", "wsd", "constant"), "schedule.name",
+         f"must be cosine, wsd or constant, got {cfg.schedule.name!r}")
+    need(cfg.schedule.warmup_steps >= 0, "schedule.warmup_steps", f"must be >= 0, got {cfg.schedule.warmup_steps}")
+    need(0 <= cfg.schedule.min_lr_ratio <= 1, "schedule.min_lr_ratio",
+         f"must be in [0, 1], got {cfg.schedule.min_lr_ratio}")
+    need(0 < cfg.schedule.decay_fraction <= 1, "schedule.decay_fraction",
+         f"must be in (0, 1], got {cfg.schedule.decay_fraction}")
+    need(cfg.eval.every >= 0, "eval.every", f"must be >= 0, got {cfg.eval.every}")
+    need(cfg.eval.batches > 0, "eval.batches", f"must be positive, got {cfg.eval.batches}")
+    need(cfg.eval.batch_size > 0, "eval.batch_size", f"must be positive, got {cfg.eval.batch_size}")
+    need(cfg.checkpoint.every >= 0, "checkpoint.every", f"must be >= 0, got {cfg.checkpoint.every}")
+    need(cfg.checkpoint.keep >= 1, "checkpoint.keep", f"must keep at least 1 checkpoint, got {cfg.checkpoint.keep}")
+    need(cfg.logging.wandb in ("offline", "online", "disabled"), "logging.wandb",
+         f"must be offline, online or disabled, got {cfg.logging.wandb!r}")
+    need(cfg.sample.max_new_tokens >= 0, "sample.max_new_tokens", f"must be >= 0, got {cfg.sample.max_new_tokens}")
+    need(cfg.sample.temperature >= 0, "sample.temperature", f"must be >= 0, got {cfg.sample.temperature}")
+    need(cfg.sample.top_k >= 0, "sample.top_k", f"must be >= 0, got {cfg.sample.top_k}")
+    if problems:
+        lines = "\n".join(f"  {key}: {msg}" for key, msg in problems)
+        raise ConfigError(f"invalid config:\n{lines}")
+
+
+def check_world(cfg: Config, world: int) -> tuple[int, int]:
+    """(micro batch per rank, accumulation steps) for this many data-parallel ranks."""
+    batch = cfg.train.batch_size
+    if batch % world:
+        raise ConfigError(f"train.batch_size={batch} is not divisible by the {world} data-parallel ranks")
+    per_rank = batch // world
+    micro = cfg.train.micro_batch_size or per_rank
+    if per_rank % micro:
+        raise ConfigError(f"train.micro_batch_size={micro} does not divide the per-rank batch {per_rank} "
+                          f"(train.batch_size={batch} over {world} ranks)")
+    return micro, per_rank // micro
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

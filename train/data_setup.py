@@ -1,0 +1,53 @@
+"""Opens what a run reads (tokenizer, train and validation shards) and checks it against the config
+before any work, so a wrong path or a vocabulary mismatch names the key at fault."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from unroll.data.errors import DataError
+from unroll.data.loader import PackedDataset, TokenLoader
+from unroll.data.shards import TokenShard, check_vocab
+from unroll.data.tokenizer import Tokenizer
+from unroll.train.config import Config, ConfigError
+
+
+@dataclass
+class RunData:
+    tokenizer: Tokenizer
+    train: TokenLoader
+    valid: PackedDataset | None
+    valid_loader: TokenLoader | None
+
+    def train_batch(self, start: int, count: int) -> torch.Tensor:
+        """Global samples start .. start+count-1: [count, seq_len + 1] token ids."""
+        return self.train.get(start, count)
+
+    def valid_batch(self, start: int, count: int) -> torch.Tensor:
+        return self.valid_loader.get(start, count)
+
+
+def _open(prefix: str, key: str, cfg: Config) -> PackedDataset:
+    try:
+        shard = TokenShard(prefix)
+        check_vocab(shard, cfg.model.vocab_size)
+        return PackedDataset(shard, cfg.data.seq_len)
+    except DataError as e:
+        raise ConfigError(f"config key '{key}': {e}") from None
+
+
+def open_run_data(cfg: Config) -> RunData:
+    try:
+        tokenizer = Tokenizer(cfg.data.tokenizer)
+    except DataError as e:
+        raise ConfigError(f"config key 'data.tokenizer': {e}") from None
+    if tokenizer.vocab_size != cfg.model.vocab_size:
+        raise ConfigError(f"config key 'model.vocab_size': {cfg.model.vocab_size}, but the tokenizer "
+                          f"{cfg.data.tokenizer} has {tokenizer.vocab_size} tokens")
+    train = [_open(p, f"data.train[{i}]", cfg) for i, p in enumerate(cfg.data.train)]
+    weights = list(cfg.data.weights) or [1.0] * len(train)
+    loader = TokenLoader(train, weights, seed=cfg.train.seed, shuffle=True)
+    valid = _open(cfg.data.valid, "data.valid", cfg) if cfg.data.valid else None
+    valid_loader = TokenLoader([valid], [1.0], seed=cfg.train.seed, shuffle=False) if valid else None
+    return RunData(tokenizer, loader, valid, valid_loader)

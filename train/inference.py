@@ -1,0 +1,37 @@
+"""Loading a trained model from its run directory alone: config.yaml, tokenizer.model, checkpoints/."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from unroll.data.tokenizer import Tokenizer
+from unroll.models import LM
+from unroll.models.generate import sample
+from unroll.train import checkpoint
+from unroll.train.checkpoint import CheckpointError
+from unroll.train.config import load_config
+from unroll.train.rundir import CONFIG_FILE, TOKENIZER_FILE
+
+
+def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[LM, Tokenizer, int]:
+    """(model with the newest checkpoint's weights, tokenizer, step)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
+    cfg = load_config(str(run_dir / CONFIG_FILE))
+    found = checkpoint.complete_checkpoints(run_dir)
+    if not found:
+        raise CheckpointError(f"{run_dir}: no complete checkpoint under {checkpoint.checkpoint_root(run_dir)}")
+    step, path = found[-1]
+    model = LM(cfg.model)
+    checkpoint.load_model_weights(path, model)
+    return model.to(device).eval(), Tokenizer(str(run_dir / TOKENIZER_FILE)), step
+
+
+def generate_text(run_dir: str | Path, prompt: str, *, max_new_tokens: int = 200, temperature: float = 0.8,
+                  top_k: int = 50, seed: int = 0) -> str:
+    model, tokenizer, _ = load_run(run_dir, "cuda" if torch.cuda.is_available() else "cpu")
+    ids = sample(model, tokenizer.encode(prompt), max_new_tokens, temperature=temperature, top_k=top_k,
+                 generator=torch.Generator().manual_seed(seed))
+    return prompt + tokenizer.decode(ids)

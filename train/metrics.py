@@ -1,0 +1,86 @@
+"""Where a run's numbers go: RUN_DIR/metrics.jsonl (always), wandb (offline unless configured), and a
+progress bar. Only rank 0 writes."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import uuid
+import warnings
+from pathlib import Path
+
+from tqdm import tqdm
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The run's rows, one per (kind, step); where a resumed run logged a step again (it re-does the
+    steps after its checkpoint), the later row wins."""
+    path = Path(run_dir) / METRICS_FILE
+    rows: dict[tuple[str, int], dict] = {}
+    if path.is_file():
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a kill mid-write
+                    continue
+                rows[("val" if "val_loss" in row else "train", row["step"])] = row
+    return sorted(rows.values(), key=lambda r: (r["step"], "val_loss" in r))
+
+
+class Metrics:
+    def __init__(self, run_dir: Path, *, enabled: bool, total_steps: int, start_step: int,
+                 wandb_mode: str, wandb_project: str, config: dict, progress: bool):
+        self.enabled = enabled
+        self.file = open(run_dir / METRICS_FILE, "a") if enabled else None
+        self.bar = tqdm(total=total_steps, initial=start_step, disable=not (enabled and progress),
+                        dynamic_ncols=True, unit="step", file=sys.stderr, mininterval=0.5)
+        self.wandb = self._init_wandb(run_dir, wandb_mode, wandb_project, config) if enabled else None
+
+    @staticmethod
+    def _init_wandb(run_dir: Path, mode: str, project: str, config: dict):
+        if mode == "disabled":
+            return None
+        try:
+            import wandb
+
+            id_file = run_dir / "wandb_id"  # a resumed run continues the same wandb run
+            run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+            id_file.write_text(run_id)
+            os.environ.setdefault("WANDB_SILENT", "true")
+            return wandb.init(project=project, id=run_id, resume="allow", mode=mode, dir=str(run_dir),
+                              config=config, name=run_dir.name, settings=wandb.Settings(init_timeout=60))
+        except Exception as e:  # logging must never stop training
+            warnings.warn(f"wandb disabled: {e}")
+            return None
+
+    def log(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+        if "loss" in row:
+            self.bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
+        if "val_loss" in row:
+            self.write(f"step {row['step']}: val_loss {row['val_loss']:.4f}  val_ppl {row['val_ppl']:.2f}")
+
+    def advance(self, steps: int = 1) -> None:
+        self.bar.update(steps)
+
+    def write(self, text: str) -> None:
+        if self.enabled:
+            self.bar.write(text, file=sys.stderr if not self.bar.disable else sys.stdout)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.file is not None:
+            self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,179 @@
+"""The training loop: one process or plain data parallel under torchrun; exact resume."""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from unroll.models import LM
+from unroll.models.generate import sample
+from unroll.train import checkpoint, distributed as D
+from unroll.train.config import Config, check_world
+from unroll.train.data_setup import RunData, open_run_data
+from unroll.train.metrics import Metrics
+from unroll.train.plot import plot_run
+from unroll.train.rundir import prepare_run_dir
+from unroll.train.schedule import lr_at
+from unroll.train.signals import StopRequest
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
+    """Weight decay on the matrices of Linear and Embedding layers only; never on norms, biases or the
+    recurrences' own coefficients."""
+    decay = {id(m.weight) for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if id(p) in decay], "weight_decay": cfg.optim.weight_decay},
+        {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+
+
+def autocast_for(cfg: Config, device: torch.device):
+    dtype = cfg.run.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy; batch [B, T+1] holds inputs and the targets shifted by one."""
+    logits = model(batch[:, :-1])
+    return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+
+
+@torch.no_grad()
+def evaluate(model: LM, data: RunData, cfg: Config, dist: D.DistInfo, autocast) -> float:
+    """Mean loss over the first eval.batches × eval.batch_size validation sequences (fixed, in order),
+    split over the ranks."""
+    model.eval()
+    n = min(cfg.eval.batches * cfg.eval.batch_size, data.valid.n_samples)
+    total = torch.zeros(2, dtype=torch.float64, device=dist.device)
+    for start in range(dist.rank * cfg.eval.batch_size, n, dist.world * cfg.eval.batch_size):
+        batch = data.valid_batch(start, min(cfg.eval.batch_size, n - start)).to(dist.device)
+        with autocast:
+            loss = lm_loss(model, batch)
+        total += torch.stack([loss.double() * batch.shape[0], torch.tensor(batch.shape[0], device=dist.device)])
+    D.all_reduce_sum(total)
+    model.train()
+    return (total[0] / total[1]).item()
+
+
+def train(cfg: Config) -> dict:
+    """Runs (or resumes) the configured training; returns the final figures."""
+    dist = D.init(cfg.run.device)
+    if cfg.run.threads and dist.device.type == "cpu":
+        torch.set_num_threads(cfg.run.threads)
+    micro, accum = check_world(cfg, dist.world)
+    data = open_run_data(cfg)  # every file checked before any work
+    run_dir = prepare_run_dir(cfg, dist.is_main)
+    D.barrier()
+
+    torch.manual_seed(cfg.train.seed)
+    model = LM(cfg.model).to(dist.device)
+    optimizer = build_optimizer(model, cfg)
+    state = checkpoint.load_latest(run_dir, model, optimizer, rank=dist.rank)
+    step = state["step"] if state else 0
+    samples = state["samples_consumed"] if state else 0
+    ddp = DistributedDataParallel(model) if dist.world > 1 else None
+    trained = ddp or model
+    autocast = autocast_for(cfg, dist.device)
+
+    metrics = Metrics(run_dir, enabled=dist.is_main, total_steps=cfg.train.steps, start_step=step,
+                      wandb_mode=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
+                      config=asdict(cfg), progress=cfg.logging.progress)
+    metrics.write(f"model: {model.num_params():,} parameters, pattern {cfg.model.pattern!r}; "
+                  f"{dist.world} rank(s) × {accum} micro-batch(es) of {micro} × {cfg.data.seq_len} tokens"
+                  + (f"; resumed at step {step}" if state else ""))
+    initial_val = state.get("initial_val_loss") if state else None
+    if data.valid is not None and not state:
+        initial_val = evaluate(model, data, cfg, dist, autocast)
+        metrics.log({"step": 0, "val_loss": initial_val, "val_ppl": math.exp(initial_val)})
+
+    def train_state() -> dict:
+        return {"samples_consumed": samples, "tokens_consumed": samples * cfg.data.seq_len,
+                "world_size": dist.world, "initial_val_loss": initial_val}
+
+    stop = StopRequest()
+    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+    timer, timed_steps, saved_at, val_loss = time.perf_counter(), 0, step if state else None, None
+    try:
+        while step < cfg.train.steps:
+            lr = lr_at(step, cfg.optim.lr, cfg.train.steps, cfg.schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=dist.device)
+            rank_start = samples + dist.rank * micro * accum
+            for i in range(accum):
+                batch = data.train_batch(rank_start + i * micro, micro).to(dist.device)
+                sync = ddp is None or i == accum - 1
+                with (contextlib.nullcontext() if sync else ddp.no_sync()), autocast:
+                    loss = lm_loss(trained, batch)
+                (loss / accum).backward()
+                loss_sum += loss.detach()
+            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                         if cfg.optim.grad_clip > 0 else None)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step, samples, timed_steps = step + 1, samples + cfg.train.batch_size, timed_steps + 1
+            metrics.advance()
+
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                loss_mean = D.all_reduce_sum(loss_sum / accum).item() / dist.world
+                elapsed = time.perf_counter() - timer
+                row = {"step": step, "loss": loss_mean, "lr": lr, "tokens_per_s": timed_steps * tokens_per_step / elapsed,
+                       "tokens": samples * cfg.data.seq_len}
+                if grad_norm is not None:
+                    row["grad_norm"] = grad_norm.item()
+                metrics.log(row)
+            if data.valid is not None and ((cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.steps):
+                val_loss = evaluate(model, data, cfg, dist, autocast)
+                metrics.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(val_loss)})
+            stopping = D.any_rank(stop.requested, dist.device)
+            if stopping or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.train.steps:
+                checkpoint.save(run_dir, step, model, optimizer, train_state(), keep=cfg.checkpoint.keep, rank=dist.rank)
+                saved_at = step
+            if stopping:
+                metrics.write(f"stopped by signal {stop.signum or 'on another rank'} at step {step}; "
+                              f"checkpoint saved, `unroll train` with the same run.dir resumes")
+                return {"step": step, "stopped": True}
+            if step % cfg.train.log_every == 0:
+                timer, timed_steps = time.perf_counter(), 0
+        if saved_at != step:  # e.g. train.steps already reached, or raised to where we stand
+            checkpoint.save(run_dir, step, model, optimizer, train_state(), keep=cfg.checkpoint.keep, rank=dist.rank)
+        return finish(cfg, model, data, run_dir, dist, metrics, step, val_loss, initial_val)
+    finally:
+        stop.restore()
+        metrics.close()
+        D.shutdown()
+
+
+def finish(cfg: Config, model: LM, data: RunData, run_dir: Path, dist: D.DistInfo, metrics: Metrics,
+           step: int, val_loss: float | None, initial_val: float | None) -> dict:
+    """The end of a run: loss curve, validation perplexity and a generated sample (rank 0)."""
+    summary = {"step": step, "stopped": False}
+    if not dist.is_main:
+        return summary
+    if val_loss is not None:
+        summary.update(val_loss=val_loss, val_ppl=math.exp(val_loss))
+        start = f" (initial {math.exp(initial_val):.2f})" if initial_val is not None else ""
+        metrics.write(f"validation perplexity after {step} steps: {math.exp(val_loss):.2f}{start}")
+    try:
+        summary["plot"] = str(plot_run(run_dir))
+    except FileNotFoundError:
+        pass
+    if cfg.sample.prompt and cfg.sample.max_new_tokens:
+        gen = torch.Generator().manual_seed(cfg.train.seed)
+        ids = sample(model, data.tokenizer.encode(cfg.sample.prompt), cfg.sample.max_new_tokens,
+                     temperature=cfg.sample.temperature, top_k=cfg.sample.top_k, generator=gen)
+        summary["sample"] = cfg.sample.prompt + data.tokenizer.decode(ids)
+        metrics.write(f"--- sample ---\n{summary['sample']}\n--------------")
+    return summary
