@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
@@ -120,17 +121,28 @@ def save(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torc
     return final
 
 
-def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, rank: int = 0) -> dict:
-    """Restores model, optimizer and this rank's RNG state in place; returns the train state."""
+def _last_line(e: BaseException) -> str:
+    """DCP wraps the cause (a size mismatch, a missing key) in a per-rank traceback; its last line says it."""
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(e).__name__
+
+
+def _dcp_load(state: dict, path: Path) -> None:
+    """Fills `state` in place from the checkpoint; any failure names the checkpoint."""
     if not is_complete(path):
         raise CheckpointError(f"checkpoint {path} is incomplete (no .metadata or {STATE_FILE})")
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
     try:
         with _quiet_single_process():
             dcp.load(state, checkpoint_id=str(path))
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {path} could not be loaded into this model: {e}") from e
+    except (Exception, CheckpointException) as e:  # DCP's own exception derives from BaseException
+        raise CheckpointError(f"checkpoint {path} could not be loaded into this model: {_last_line(e)}") from e
+
+
+def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, rank: int = 0) -> dict:
+    """Restores model, optimizer and this rank's RNG state in place; returns the train state."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    _dcp_load(state, path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng_file = path / f"rng_rank{rank}.pt"
     if not rng_file.is_file():  # resumed on more ranks than saved: all ranks draw the same in DP
@@ -151,9 +163,6 @@ def load_latest(run_dir: str | Path, model: torch.nn.Module, optimizer: torch.op
 
 def load_model_weights(path: Path, model: torch.nn.Module) -> None:
     """Only the model (for generation): DCP reads the requested keys and skips the optimizer."""
-    if not is_complete(path):
-        raise CheckpointError(f"checkpoint {path} is incomplete (no .metadata or {STATE_FILE})")
     model_sd = get_model_state_dict(model)
-    with _quiet_single_process():
-        dcp.load({"model": model_sd}, checkpoint_id=str(path))
+    _dcp_load({"model": model_sd}, path)
     model.load_state_dict(model_sd)

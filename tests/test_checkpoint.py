@@ -1,0 +1,60 @@
+"""Checkpoints: an interrupted write is ignored and the previous one used; nothing else is lost."""
+import pytest
+
+from unroll.train import checkpoint
+from unroll.train.config import load_config
+from unroll.train.metrics import read_metrics
+from unroll.train.trainer import train
+
+
+def losses(run_dir):
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def test_checkpoint_interrupted_mid_write_is_ignored(tiny_config, monkeypatch):
+    straight = load_config(str(tiny_config("straight")))
+    train(straight)
+
+    cfg = load_config(str(tiny_config("crash")))
+    real_rng_state = checkpoint._rng_state
+
+    def crash_at_step_12():  # called after DCP has written the model and optimizer shards
+        if any(p.name == "step_00000012.tmp" for p in checkpoint.checkpoint_root(cfg.run.dir).iterdir()):
+            raise RuntimeError("simulated crash while writing a checkpoint")
+        return real_rng_state()
+
+    monkeypatch.setattr(checkpoint, "_rng_state", crash_at_step_12)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg)
+    root = checkpoint.checkpoint_root(cfg.run.dir)
+    partial = root / "step_00000012.tmp"
+    assert (partial / ".metadata").is_file()  # the big files were written, the checkpoint was not finished
+    assert [s for s, _ in checkpoint.complete_checkpoints(cfg.run.dir)] == [4, 8]
+    # a checkpoint directory cut short some other way (a copy, a full disk) is skipped as well
+    fake = root / "step_00000010"
+    fake.mkdir()
+    (fake / ".metadata").write_bytes(b"truncated")
+    assert [s for s, _ in checkpoint.complete_checkpoints(cfg.run.dir)] == [4, 8]
+    saved_metrics = (cfg.run.dir and (root.parent / "metrics.jsonl").read_text())
+
+    monkeypatch.setattr(checkpoint, "_rng_state", real_rng_state)
+    summary = train(cfg)
+    assert summary["step"] == 12
+    assert not partial.exists()  # the next save cleans up what the crash left
+    assert [s for s, _ in checkpoint.complete_checkpoints(cfg.run.dir)] == [4, 8, 12]
+    assert (root.parent / "metrics.jsonl").read_text().startswith(saved_metrics)  # appended, not lost
+    assert losses(cfg.run.dir) == losses(straight.run.dir)  # resumed from step 8, exactly
+
+
+def test_keep_prunes_oldest_complete_checkpoints(tiny_config):
+    cfg = load_config(str(tiny_config("keep", checkpoint={"every": 2, "keep": 2})))
+    train(cfg)
+    assert [s for s, _ in checkpoint.complete_checkpoints(cfg.run.dir)] == [10, 12]
+
+
+def test_checkpoint_from_another_model_is_refused_with_its_path(tiny_config):
+    cfg = load_config(str(tiny_config("shape")))
+    train(cfg)
+    bigger = load_config(str(tiny_config("shape", model={"d_model": 48})))
+    with pytest.raises(checkpoint.CheckpointError, match="step_00000012"):
+        train(bigger)

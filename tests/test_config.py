@@ -1,0 +1,81 @@
+"""Config: presets, overrides, and bad values stopped before any work with a message naming the key."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import run_cli
+from unroll.train.config import ConfigError, load_config, preset_names, to_yaml
+from unroll.train.trainer import train
+
+
+def test_presets_load_and_overrides_apply():
+    assert {"tiny-gru", "tiny-transformer"} <= set(preset_names())
+    cfg = load_config("tiny-gru", ["train.steps=7", "run.dir=/tmp/x", "train.seed=5", "checkpoint.every=3",
+                                   "checkpoint.keep=4", "data.train=[a,b]", "data.weights=[0.25,0.75]"])
+    assert (cfg.train.steps, cfg.run.dir, cfg.train.seed, cfg.checkpoint.every, cfg.checkpoint.keep) == (7, "/tmp/x", 5, 3, 4)
+    assert cfg.data.train == ["a", "b"] and cfg.data.weights == [0.25, 0.75]
+    assert cfg.model.pattern == "GGGG"
+
+
+@pytest.mark.parametrize("override,key,words", [
+    ("train.stpes=3", "train.stpes", "Did you mean: 'steps'"),
+    ("trian.steps=3", "trian", "not in"),
+    ("train.steps=abc", "train.steps", "could not be converted"),
+    ("model.n_heads=5", "model.n_heads", "do not divide d_model=192"),
+    ("data.seq_len=0", "data.seq_len", "must be positive"),
+    ("model.pattern=GXA", "model.pattern", "unknown layer kind"),
+    ("checkpoint.keep=0", "checkpoint.keep", "at least 1"),
+    ("schedule.name=linear", "schedule.name", "cosine, wsd or constant"),
+    ("data.weights=[1.0,2.0]", "data.weights", "2 weights for 1 train datasets"),
+    ("optim.beta2=1.5", "optim.beta2", "must be in [0, 1)"),
+])
+def test_bad_values_name_the_key(override, key, words):
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny-gru", [override])
+    assert key in str(err.value) and words in str(err.value)
+
+
+def test_unknown_key_in_yaml_names_file_and_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"train": {"steps": 3, "warmup": 10}}))
+    with pytest.raises(ConfigError, match=r"train\.warmup.*c\.yaml"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match="no such file or preset.*tiny-gru"):
+        load_config("tiny-gur")
+
+
+def test_data_problems_name_the_key_and_nothing_is_written(tiny_config, tmp_path):
+    cases = [
+        ({"data": {"tokenizer": str(tmp_path / "missing.model")}}, "data.tokenizer", "missing.model"),
+        ({"model": {"vocab_size": 999}}, "model.vocab_size", "320 tokens"),
+        ({"data": {"train": [str(tmp_path / "nope")]}}, "data.train[0]", "nope"),
+        ({"data": {"seq_len": 100_000}}, "data.valid", "seq_len 100000"),  # train is longer, valid too short
+        ({"data": {"seq_len": 10_000_000}}, "data.train[0]", "seq_len 10000000"),
+    ]
+    for i, (sections, key, words) in enumerate(cases):
+        cfg = load_config(str(tiny_config(f"bad{i}", **sections)))
+        with pytest.raises(ConfigError) as err:
+            train(cfg)
+        assert key in str(err.value) and words in str(err.value), str(err.value)
+        assert not (tmp_path / f"bad{i}").exists()  # stopped before creating the run directory
+
+
+def test_cli_reports_config_error_and_exit_code(offline_env, tmp_path):
+    proc = run_cli(["train", "tiny-gru", "model.d_model=100", "model.n_heads=3", f"run.dir={tmp_path}/r"],
+                   offline_env, check=False)
+    assert proc.returncode == 2
+    assert "model.n_heads: 3 heads do not divide d_model=100" in proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_resolved_config_written_to_run_dir(tiny_config):
+    cfg = load_config(str(tiny_config("resolved", train={"steps": 2}, checkpoint={"every": 0})))
+    train(cfg)
+    written = load_config(f"{cfg.run.dir}/config.yaml")
+    assert to_yaml(written) == to_yaml(cfg)
+    # a resume with a changed config keeps the earlier one beside it
+    cfg.train.steps = 3
+    train(cfg)
+    olds = list(Path(cfg.run.dir).glob("config.*.yaml"))
+    assert len(olds) == 1 and load_config(str(olds[0])).train.steps == 2
