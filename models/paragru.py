@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from unroll.kernels import sequential_scan
+from unroll.kernels import diag_recurrence
 
 
 def paragru_cell(h_prev: torch.Tensor, u: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -61,7 +61,7 @@ class ParaGRU(nn.Module):
         """x: [B, T, d_model] → (y [B, T, d_model], h_T [B, D])."""
         u = self._inputs(x)
         h0 = state if state is not None else x.new_zeros(x.shape[0], self.width, dtype=u.dtype)
-        h = sequential_scan(lambda hp, ut: paragru_cell(hp, ut, self.a), u, h0)
+        h = diag_recurrence(paragru_cell, u, h0, (self.a,))
         last = h[:, -1] if h.shape[1] else h0
         return self.out_proj(h), last
 
