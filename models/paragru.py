@@ -55,12 +55,18 @@ class ParaGRU(nn.Module):
         bias[0] = -torch.log(tau - 1.0)
 
     def _inputs(self, x: torch.Tensor) -> torch.Tensor:
-        return self.in_proj(x).unflatten(-1, (3, self.width))
+        # The recurrence runs in at least float32 even under bf16 autocast: rounding errors compound
+        # over the sequence, while the projections around it are where low precision pays.
+        u = self.in_proj(x).unflatten(-1, (3, self.width))
+        return u.to(torch.promote_types(u.dtype, self.a.dtype))
+
+    def _initial(self, state: torch.Tensor | None, u: torch.Tensor) -> torch.Tensor:
+        return state.to(u.dtype) if state is not None else u.new_zeros(u.shape[0], self.width)
 
     def forward(self, x: torch.Tensor, state: torch.Tensor | None = None):
         """x: [B, T, d_model] → (y [B, T, d_model], h_T [B, D])."""
         u = self._inputs(x)
-        h0 = state if state is not None else x.new_zeros(x.shape[0], self.width, dtype=u.dtype)
+        h0 = self._initial(state, u)
         h = diag_recurrence(paragru_cell, u, h0, (self.a,))
         last = h[:, -1] if h.shape[1] else h0
         return self.out_proj(h), last
@@ -68,8 +74,7 @@ class ParaGRU(nn.Module):
     def step(self, x: torch.Tensor, state: torch.Tensor | None):
         """One token: x [B, d_model] → (y [B, d_model], h [B, D])."""
         u = self._inputs(x)
-        h_prev = state if state is not None else x.new_zeros(x.shape[0], self.width, dtype=u.dtype)
-        h = paragru_cell(h_prev, u, self.a)
+        h = paragru_cell(self._initial(state, u), u, self.a)
         return self.out_proj(h), h
 
     def extra_repr(self) -> str:

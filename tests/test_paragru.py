@@ -71,3 +71,24 @@ def test_paragru_step_equals_forward():
         ys.append(yt)
     torch.testing.assert_close(torch.stack(ys, 1), y, rtol=0, atol=1e-14)
     torch.testing.assert_close(state, h, rtol=0, atol=1e-14)
+
+
+def test_recurrence_runs_in_float32_under_bf16_autocast(monkeypatch):
+    import unroll.models.paragru as module
+
+    torch.manual_seed(2)
+    mixer = ParaGRU(16, 8)
+    x = torch.randn(2, 40, 16)
+    seen, real = {}, module.diag_recurrence
+
+    def spy(cell, u, h0, params):
+        seen["u"], seen["h0"] = u.dtype, h0.dtype
+        return real(cell, u, h0, params)
+
+    monkeypatch.setattr(module, "diag_recurrence", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, h = mixer(x)
+    assert seen == {"u": torch.float32, "h0": torch.float32} and h.dtype == torch.float32
+    assert y.dtype == torch.bfloat16  # the output projection ran in bf16
+    y32, _ = mixer(x)
+    torch.testing.assert_close(y.float(), y32, rtol=0.05, atol=0.02)

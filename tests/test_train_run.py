@@ -30,6 +30,14 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_config):
     assert a == pytest.approx(b, rel=1e-5, abs=1e-6)  # same samples, summed in another order
 
 
+def test_bf16_autocast_trains(tiny_config):
+    cfg = load_config(str(tiny_config("bf16", run={"dtype": "bfloat16"})))
+    summary = train(cfg)
+    val = [r["val_loss"] for r in read_metrics(cfg.run.dir) if "val_loss" in r]
+    assert all(math.isfinite(v) for v in val) and val[-1] < val[0] - 0.3
+    assert summary["val_loss"] == val[-1]
+
+
 def test_generate_plot_and_wandb_offline(tiny_config, capsys):
     cfg = load_config(str(tiny_config("gen", logging={"wandb": "offline"},
                                       sample={"prompt": "KING.", "max_new_tokens": 20})))
