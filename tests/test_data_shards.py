@@ -10,7 +10,6 @@ import textwrap
 
 import numpy as np
 import pytest
-import torch
 
 from unroll.data.errors import DataError
 from unroll.data.shards import (
@@ -136,20 +135,23 @@ def test_rerun_replaces_outputs_but_never_foreign_files(corpus_and_tokenizer, tm
 
 
 def write_megatron_style(prefix, docs, append_eod, eod=2):
-    """As Megatron's tools/preprocess_data.py --split-sentences writes: int32 for a large vocab,
-    one add_item per sentence, end_document per document, EOD on the last sentence if asked."""
+    """The builder calls of Megatron-LM's tools/preprocess_data.py (Encoder.encode + process_json_file)
+    with --split-sentences: dtype optimal_dtype(vocab_size) (int32 for a 100k vocabulary), one
+    add_document(doc_ids, sentence_lens) per document, EOD appended to the last sentence with --append-eod."""
     module = indexed_dataset_module()
-    dtype = module.DType.optimal_dtype(100_000)
-    builder = module.IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
+    builder = module.IndexedDatasetBuilder(prefix + ".bin", dtype=module.DType.optimal_dtype(100_000))
     expected = []
     for sentences in docs:
-        sentences = [list(s) for s in sentences]
-        if append_eod and sentences:
-            sentences[-1].append(eod)
-        for s in sentences:
-            builder.add_item(torch.tensor(s, dtype=torch.int32))
-        builder.end_document()
-        expected.append(np.array([t for s in sentences for t in s], dtype=np.int64))
+        doc_ids, sentence_lens = [], []
+        for sentence in sentences:
+            if len(sentence) > 0:
+                doc_ids.extend(int(t) for t in sentence)
+                sentence_lens.append(len(sentence))
+        if doc_ids and append_eod:
+            doc_ids.append(eod)
+            sentence_lens[-1] += 1
+        builder.add_document(doc_ids, sentence_lens)
+        expected.append(np.array(doc_ids, dtype=np.int64))
     builder.finalize(prefix + ".idx")
     return expected
 

@@ -64,7 +64,9 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def shutdown() -> None:
+def shutdown(clean: bool = True) -> None:
+    """Ends the process group; after an error, without the barrier that peers may never reach."""
     if dist.is_initialized():
-        dist.barrier()
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()

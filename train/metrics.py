@@ -75,8 +75,9 @@ class Metrics:
         self.bar.update(steps)
 
     def write(self, text: str) -> None:
+        """A message to stdout (the bar, on stderr, is cleared and redrawn around it)."""
         if self.enabled:
-            self.bar.write(text, file=sys.stderr if not self.bar.disable else sys.stdout)
+            self.bar.write(text, file=sys.stdout)
 
     def close(self) -> None:
         self.bar.close()

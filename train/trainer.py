@@ -105,6 +105,7 @@ def train(cfg: Config) -> dict:
     stop = StopRequest()
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     timer, timed_steps, saved_at, val_loss = time.perf_counter(), 0, step if state else None, None
+    clean = False  # on an exception, skip the final barrier: the other ranks may never reach it
     try:
         while step < cfg.train.steps:
             lr = lr_at(step, cfg.optim.lr, cfg.train.steps, cfg.schedule)
@@ -144,16 +145,21 @@ def train(cfg: Config) -> dict:
             if stopping:
                 metrics.write(f"stopped by signal {stop.signum or 'on another rank'} at step {step}; "
                               f"checkpoint saved, `unroll train` with the same run.dir resumes")
+                clean = True
                 return {"step": step, "stopped": True}
             if step % cfg.train.log_every == 0:
                 timer, timed_steps = time.perf_counter(), 0
         if saved_at != step:  # e.g. train.steps already reached, or raised to where we stand
             checkpoint.save(run_dir, step, model, optimizer, train_state(), keep=cfg.checkpoint.keep, rank=dist.rank)
-        return finish(cfg, model, data, run_dir, dist, metrics, step, val_loss, initial_val)
+        if val_loss is None and data.valid is not None:  # nothing left to train: report where it stands
+            val_loss = evaluate(model, data, cfg, dist, autocast)
+        summary = finish(cfg, model, data, run_dir, dist, metrics, step, val_loss, initial_val)
+        clean = True
+        return summary
     finally:
         stop.restore()
         metrics.close()
-        D.shutdown()
+        D.shutdown(clean)
 
 
 def finish(cfg: Config, model: LM, data: RunData, run_dir: Path, dist: D.DistInfo, metrics: Metrics,

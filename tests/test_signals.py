@@ -1,0 +1,23 @@
+"""SIGTERM and SIGINT ask for a checkpoint-and-stop; a second signal gives up at once."""
+import os
+import signal
+
+import pytest
+
+from unroll.train.signals import StopRequest
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_first_signal_requests_stop_second_exits(sig):
+    before = signal.getsignal(sig)
+    stop = StopRequest()
+    try:
+        assert not stop.requested
+        os.kill(os.getpid(), sig)
+        assert stop.requested and stop.signum == sig
+        if sig == signal.SIGINT:  # the second one goes to the previous handler: KeyboardInterrupt here
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), sig)
+    finally:
+        stop.restore()
+    assert signal.getsignal(sig) == before
