@@ -97,6 +97,7 @@ def prepare_shards(
             "source": os.fspath(source),
             "text_key": text_key,
             "tokenizer": tokenizer.path,
+            "tokenizer_sha256": tokenizer.sha256,
             "vocab_size": tokenizer.vocab_size,
             "eos_id": tokenizer.eos_id,
             "dtype": np.dtype(dtype).name,
@@ -306,10 +307,10 @@ def _check_idx_header(idx_path: str, module) -> None:
         raise DataError(f"not a Megatron indexed-dataset index (bad header): {idx_path!r}")
 
 
-def check_vocab(prefix_or_shard: str | TokenShard, vocab_size: int) -> None:
+def check_vocab(prefix_or_shard: str | TokenShard, vocab_size: int, tokenizer: Tokenizer | None = None) -> None:
     """Stop a run whose tokenizer does not match its shard: the shard's dtype must hold ids up to
     vocab_size - 1, and the meta.json beside it (written by prepare_shards), if any, must name this
-    vocab size."""
+    vocab size and, when `tokenizer` is given, this tokenizer's contents."""
     shard = prefix_or_shard
     if not isinstance(shard, TokenShard):
         shard = TokenShard(shard)
@@ -327,4 +328,10 @@ def check_vocab(prefix_or_shard: str | TokenShard, vocab_size: int) -> None:
             raise DataError(
                 f"token shard {shard.prefix!r} was tokenized with vocab_size {meta['vocab_size']} "
                 f"({meta.get('tokenizer')}, per {meta_path}), not vocab_size {vocab_size}"
+            )
+        made_by = meta.get("tokenizer_sha256")
+        if tokenizer is not None and made_by and made_by != tokenizer.sha256:
+            raise DataError(
+                f"token shard {shard.prefix!r} was tokenized by another tokenizer "
+                f"({meta.get('tokenizer')}, per {meta_path}) than {tokenizer.path!r}"
             )

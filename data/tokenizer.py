@@ -7,6 +7,7 @@ UTF-8 bytes instead of <unk>. Ids: unk=0, bos=1, eos=2, no pad.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable, Iterator
 
@@ -166,6 +167,13 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
+
+    @property
+    def sha256(self) -> str:
+        """Content hash of the model file: two tokenizers with the same vocabulary size can still
+        map text to different ids, and shards remember which one made them."""
+        with open(self.path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.path!r}, vocab_size={self.vocab_size})"

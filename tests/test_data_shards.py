@@ -119,6 +119,12 @@ def test_check_vocab(corpus_and_tokenizer, tmp_path):
         check_vocab(out["train"], 70_000)
     with pytest.raises(DataError, match=rf"s/valid.*vocab_size {VOCAB}.*not vocab_size 512"):
         check_vocab(out["valid"], 512)
+    # same vocabulary size, other tokenizer (another sample of the corpus): still refused
+    check_vocab(out["train"], VOCAB, Tokenizer(model))
+    other = Tokenizer(train_tokenizer(corpus, str(tmp_path / "other"), VOCAB, seed=7, input_sentence_size=100))
+    assert other.vocab_size == VOCAB and other.sha256 != Tokenizer(model).sha256
+    with pytest.raises(DataError, match=r"s/train.*tokenized by another tokenizer.*other\.model"):
+        check_vocab(out["train"], VOCAB, other)
 
 
 def test_rerun_replaces_outputs_but_never_foreign_files(corpus_and_tokenizer, tmp_path):

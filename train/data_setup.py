@@ -28,10 +28,10 @@ class RunData:
         return self.valid_loader.get(start, count)
 
 
-def _open(prefix: str, key: str, cfg: Config) -> PackedDataset:
+def _open(prefix: str, key: str, cfg: Config, tokenizer: Tokenizer) -> PackedDataset:
     try:
         shard = TokenShard(prefix)
-        check_vocab(shard, cfg.model.vocab_size)
+        check_vocab(shard, cfg.model.vocab_size, tokenizer)
         return PackedDataset(shard, cfg.data.seq_len)
     except DataError as e:
         raise ConfigError(f"config key '{key}': {e}") from None
@@ -45,9 +45,9 @@ def open_run_data(cfg: Config) -> RunData:
     if tokenizer.vocab_size != cfg.model.vocab_size:
         raise ConfigError(f"config key 'model.vocab_size': {cfg.model.vocab_size}, but the tokenizer "
                           f"{cfg.data.tokenizer} has {tokenizer.vocab_size} tokens")
-    train = [_open(p, f"data.train[{i}]", cfg) for i, p in enumerate(cfg.data.train)]
+    train = [_open(p, f"data.train[{i}]", cfg, tokenizer) for i, p in enumerate(cfg.data.train)]
     weights = list(cfg.data.weights) or [1.0] * len(train)
     loader = TokenLoader(train, weights, seed=cfg.train.seed, shuffle=True)
-    valid = _open(cfg.data.valid, "data.valid", cfg) if cfg.data.valid else None
+    valid = _open(cfg.data.valid, "data.valid", cfg, tokenizer) if cfg.data.valid else None
     valid_loader = TokenLoader([valid], [1.0], seed=cfg.train.seed, shuffle=False) if valid else None
     return RunData(tokenizer, loader, valid, valid_loader)
