@@ -49,6 +49,15 @@ def _plot(args) -> int:
     return 0
 
 
+BENCHES = {"solver": "unroll.launch.bench.solver"}
+
+
+def _bench(args) -> int:
+    import importlib
+
+    return importlib.import_module(BENCHES[args.name]).main(args.rest)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="unroll", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -85,6 +94,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=50)
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=_generate)
+
+    b = sub.add_parser("bench", help="the performance suite (ratios measured side by side)", add_help=False)
+    b.add_argument("name", choices=sorted(BENCHES))
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="the bench's own options (unroll bench NAME --help)")
+    b.set_defaults(func=_bench)
 
     pl = sub.add_parser("plot", help="loss curves of a run as a PNG")
     pl.add_argument("run_dir")

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# One character per layer (Megatron's hybrid pattern): G ParaGRU, A attention. `|` marks a pipeline-stage
-# boundary and is ignored by the single-device model. Later issues add L, M and T.
-MIXER_CHARS = {"G": "paragru", "A": "attention"}
+# One character per layer (Megatron's hybrid pattern): G ParaGRU, L ParaLSTM, A attention. `|` marks a
+# pipeline-stage boundary and is ignored by the single-device model. Later issues add M and T.
+MIXER_CHARS = {"G": "paragru", "L": "paralstm", "A": "attention"}
+SOLVERS = ("auto", "newton", "sequential")
 
 
 @dataclass
@@ -14,7 +15,9 @@ class ModelConfig:
     vocab_size: int = 2048  # must equal the tokenizer's vocabulary size
     d_model: int = 256
     mlp_hidden: int = 0  # SwiGLU hidden width; 0 = 8/3 * d_model rounded up to a multiple of 64
-    rnn_width: int = 0  # ParaGRU state width; 0 = d_model
+    rnn_width: int = 0  # ParaGRU/ParaLSTM channels; 0 = d_model
+    rnn_heads: int = 1  # heads of the block-diagonal input projection (1 = dense)
+    solver: str = "auto"  # recurrences: newton | sequential | auto (by device and shape)
     n_heads: int = 4  # attention query heads
     n_kv_heads: int = 0  # attention key/value heads (GQA); 0 = n_heads
     rope_theta: float = 10000.0
@@ -66,6 +69,13 @@ class ModelConfig:
             out.append(("n_heads", f"head dim d_model/n_heads={self.head_dim} must be even for RoPE"))
         if self.n_heads > 0 and self.kv_heads > 0 and self.n_heads % self.kv_heads:
             out.append(("n_kv_heads", f"{self.kv_heads} kv heads do not divide n_heads={self.n_heads}"))
+        if self.rnn_heads <= 0:
+            out.append(("rnn_heads", f"must be positive, got {self.rnn_heads}"))
+        elif self.d_model % self.rnn_heads or self.rnn_dim % self.rnn_heads:
+            out.append(("rnn_heads", f"{self.rnn_heads} heads must divide d_model={self.d_model} "
+                                     f"and the recurrent width {self.rnn_dim}"))
+        if self.solver not in SOLVERS:
+            out.append(("solver", f"must be one of {', '.join(SOLVERS)}, got {self.solver!r}"))
         if self.norm_eps <= 0:
             out.append(("norm_eps", f"must be positive, got {self.norm_eps}"))
         if self.init_std <= 0:

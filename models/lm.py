@@ -8,11 +8,15 @@ from unroll.models.attention import Attention
 from unroll.models.config import ModelConfig
 from unroll.models.mlp import SwiGLU
 from unroll.models.paragru import ParaGRU, scaled_out_std
+from unroll.models.paralstm import ParaLSTM
+
+RECURRENT = {"G": ParaGRU, "L": ParaLSTM}
 
 
 def build_mixer(kind: str, cfg: ModelConfig, out_std: float) -> nn.Module:
-    if kind == "G":
-        return ParaGRU(cfg.d_model, cfg.rnn_dim, cfg.init_std, out_std)
+    if kind in RECURRENT:
+        return RECURRENT[kind](cfg.d_model, cfg.rnn_dim, heads=cfg.rnn_heads, solver=cfg.solver,
+                               init_std=cfg.init_std, out_std=out_std)
     if kind == "A":
         return Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.rope_theta, cfg.init_std, out_std)
     raise ValueError(f"unknown layer kind {kind!r}")

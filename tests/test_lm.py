@@ -14,7 +14,7 @@ def tiny(pattern, **kw):
     return LM(cfg).double().eval()
 
 
-@pytest.mark.parametrize("pattern,kw", [("GG", {}), ("AA", {}), ("GA|AG", {"n_kv_heads": 2}),
+@pytest.mark.parametrize("pattern,kw", [("GG", {}), ("LL", {"rnn_heads": 2}), ("AA", {}), ("GA|AL", {"n_kv_heads": 2}),
                                         ("AG", {"tie_embeddings": False, "rnn_width": 24})])
 def test_step_by_step_equals_full_forward(pattern, kw):
     model = tiny(pattern, **kw)

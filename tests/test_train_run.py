@@ -38,6 +38,17 @@ def test_bf16_autocast_trains(tiny_config):
     assert summary["val_loss"] == val[-1]
 
 
+def test_newton_solver_metrics_are_logged(tiny_config):
+    cfg = load_config(str(tiny_config("newton", model={"pattern": "GL", "solver": "newton"}, train={"steps": 4})))
+    train(cfg)
+    rows = [r for r in read_metrics(cfg.run.dir) if "loss" in r]
+    for layer in (0, 1):
+        iters = [r[f"layer{layer}/newton_iters"] for r in rows]
+        assert all(1 <= i <= 6 for i in iters), iters
+        assert all(r[f"layer{layer}/newton_residual"] <= 5e-6 for r in rows)
+        assert all(r[f"layer{layer}/newton_fallbacks"] == 0 for r in rows)
+
+
 def test_generate_plot_and_wandb_offline(tiny_config, capsys):
     cfg = load_config(str(tiny_config("gen", logging={"wandb": "offline"},
                                       sample={"prompt": "KING.", "max_new_tokens": 20})))

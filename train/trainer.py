@@ -35,6 +35,19 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
 
 
+def solver_metrics(model: LM) -> dict:
+    """How each recurrent layer solved its recurrence in the last forward: Newton iterations, final
+    relative residual, and sequences that needed the sequential fallback (0 iterations = sequential)."""
+    row = {}
+    for i, block in enumerate(model.blocks):
+        info = getattr(block.mixer, "last_solve", None)
+        if info is not None:
+            row[f"layer{i}/newton_iters"] = info.iterations
+            row[f"layer{i}/newton_residual"] = info.residual
+            row[f"layer{i}/newton_fallbacks"] = info.fallback_sequences
+    return row
+
+
 def autocast_for(cfg: Config, device: torch.device):
     dtype = cfg.run.dtype
     if dtype == "auto":
@@ -134,7 +147,7 @@ def train(cfg: Config) -> dict:
                        "tokens": samples * cfg.data.seq_len}
                 if grad_norm is not None:
                     row["grad_norm"] = grad_norm.item()
-                metrics.log(row)
+                metrics.log(row | solver_metrics(model))
             if data.valid is not None and ((cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.steps):
                 val_loss = evaluate(model, data, cfg, dist, autocast)
                 metrics.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(val_loss)})

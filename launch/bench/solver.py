@@ -1,0 +1,129 @@
+"""`unroll bench solver`: the linear-time sequential loop vs Newton (PyTorch scan) vs Newton (Triton scan)
+on ParaGRU and ParaLSTM recurrences, forward and forward+backward, over a grid of shapes.
+
+The recurrence's inputs come from the real mixer (its input projection of RMS-normed activations), so
+the Newton iteration counts are those of training at initialisation. Ratios are sequential time over
+each solver's time, measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+
+import torch
+
+from unroll.kernels import newton_solve, sequential_solve
+from unroll.launch.bench.timing import measure
+from unroll.models.paragru import ParaGRU
+from unroll.models.paralstm import ParaLSTM
+from unroll.models.recurrent import pick_solver
+
+CELLS = {"gru": ParaGRU, "lstm": ParaLSTM}
+
+# (batch, length, width): the latency-bound regime first (few channels, long sequences), then shapes
+# where per-step work is large and the sequential loop is hard to beat on a CPU.
+GRIDS = {
+    "cpu": [(1, 16384, 64), (1, 4096, 64), (4, 2048, 128), (8, 1024, 256), (32, 128, 192), (16, 512, 512)],
+    "quick": [(1, 2048, 64), (8, 256, 128)],
+    "gpu": [(1, 4096, 64), (1, 16384, 64), (8, 4096, 1024), (16, 2048, 2048), (1, 1024, 64)],
+}
+
+
+@dataclass
+class Row:
+    cell: str
+    batch: int
+    length: int
+    width: int
+    dtype: str
+    pass_: str  # fwd | fwd+bwd
+    sequential_ms: float
+    newton_ms: float
+    triton_ms: float | None
+    iterations: int
+    max_err: float  # Newton (torch scan) vs sequential, max abs over the output
+    auto: str  # what solver="auto" picks here
+    auto_slowdown: float  # auto's time / the faster of sequential and Newton-torch
+
+
+def _problem(cell_name: str, B: int, T: int, D: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    torch.manual_seed(seed)
+    mixer = CELLS[cell_name](D, D).to(device=device, dtype=dtype)
+    x = torch.nn.functional.rms_norm(torch.randn(B, T, D, device=device, dtype=dtype), (D,))
+    with torch.no_grad():
+        u = mixer._inputs(x)
+    h0 = mixer._initial(None, u)
+    return mixer, u, h0
+
+
+def _run(solve, mixer, u, h0, backward: bool, **kw):
+    if not backward:
+        with torch.no_grad():
+            return solve(mixer.make_cell(), u, h0, structure=mixer.structure, **kw)
+    u = u.detach().requires_grad_()
+    h, info = solve(mixer.make_cell(), u, h0, structure=mixer.structure, **kw)
+    h.sum().backward()
+    return h, info
+
+
+def bench_case(cell_name: str, B: int, T: int, D: int, dtype: torch.dtype, device: torch.device,
+               triton_impl, repeat: int) -> list[Row]:
+    mixer, u, h0 = _problem(cell_name, B, T, D, dtype, device)
+    auto = pick_solver("auto", device, B, T, D)
+    rows = []
+    for backward in (False, True):
+        seq = measure(lambda: _run(sequential_solve, mixer, u, h0, backward), device, repeat)
+        newton = measure(lambda: _run(newton_solve, mixer, u, h0, backward), device, repeat)
+        triton = (measure(lambda: _run(newton_solve, mixer, u, h0, backward, scan_impl=triton_impl), device, repeat)
+                  if triton_impl is not None else None)
+        h_seq, _ = _run(sequential_solve, mixer, u, h0, False)
+        h_new, info = _run(newton_solve, mixer, u, h0, False)
+        best = min(seq, newton)
+        rows.append(Row(cell_name, B, T, D, str(dtype).removeprefix("torch."), "fwd+bwd" if backward else "fwd",
+                        seq * 1e3, newton * 1e3, triton * 1e3 if triton else None, info.iterations,
+                        float((h_seq - h_new).abs().max()), auto, (seq if auto == "sequential" else newton) / best))
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    head = (f"{'cell':5} {'B':>3} {'T':>6} {'D':>5} {'dtype':8} {'pass':8} {'seq ms':>9} {'newton ms':>10} "
+            f"{'ratio':>7} {'triton ms':>10} {'ratio':>7} {'iters':>5} {'max err':>8} {'auto':>10} {'auto/best':>9}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        tri = f"{r.triton_ms:10.2f} {r.sequential_ms / r.triton_ms:7.1f}x" if r.triton_ms else f"{'n/a':>10} {'':>8}"
+        lines.append(f"{r.cell:5} {r.batch:3d} {r.length:6d} {r.width:5d} {r.dtype:8} {r.pass_:8} "
+                     f"{r.sequential_ms:9.2f} {r.newton_ms:10.2f} {r.sequential_ms / r.newton_ms:6.1f}x "
+                     f"{tri} {r.iterations:5d} {r.max_err:8.1e} {r.auto:>10} {r.auto_slowdown:8.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="unroll bench solver", description=__doc__)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--grid", choices=sorted(GRIDS), default=None, help="default: gpu on CUDA, cpu otherwise")
+    p.add_argument("--cells", default="gru,lstm")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--json", default=None, help="also write the rows here")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    grid = GRIDS[args.grid or ("gpu" if device.type == "cuda" else "cpu")]
+    triton_impl = None
+    if device.type == "cuda":
+        from unroll.kernels.triton_scan import scan_triton
+
+        triton_impl = scan_triton
+    rows = []
+    for cell_name in args.cells.split(","):
+        for B, T, D in grid:
+            rows.extend(bench_case(cell_name, B, T, D, getattr(torch, args.dtype), device, triton_impl, args.repeat))
+    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
+          f"threads {torch.get_num_threads()}, torch {torch.__version__}")
+    print(format_table(rows))
+    worst = max(r.auto_slowdown for r in rows)
+    print(f"auto vs the faster of sequential and Newton: worst {worst:.2f}x over {len(rows)} rows")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in rows], f, indent=1)
+    return 0

@@ -1,0 +1,96 @@
+"""What the ParaRNN mixers share: a (head-block-diagonal) input projection computed once for the whole
+sequence, a recurrence solved by Newton or sequentially, an output projection, and token-by-token steps.
+
+Subclasses give the cell (`make_cell`), its Jacobian structure and its per-channel state size.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from unroll.kernels import newton_solve, sequential_solve
+from unroll.kernels.newton import SolveInfo
+
+
+def pick_solver(solver: str, device: torch.device, batch: int, length: int, width: int) -> str:
+    """`auto`: Newton where its O(log T)-depth scans beat a T-step loop — always on GPU, and on CPU once
+    the sequence is long compared with the work each step has to do (measured by `unroll bench solver`)."""
+    if solver != "auto":
+        return solver
+    if device.type == "cuda":
+        return "newton"
+    return "newton" if length >= 64 and batch * width <= length * 16 else "sequential"
+
+
+class HeadLinear(nn.Module):
+    """y = B x + b with B block-diagonal over `heads` (each head maps its d/heads inputs to its share of
+    every gate); heads=1 is a dense projection. Output [..., gates, width]."""
+
+    def __init__(self, d_model: int, gates: int, width: int, heads: int, init_std: float):
+        super().__init__()
+        self.gates, self.width, self.heads = gates, width, heads
+        self.weight = nn.Parameter(torch.empty(heads, gates, width // heads, d_model // heads))
+        self.bias = nn.Parameter(torch.zeros(gates, width))
+        nn.init.normal_(self.weight, std=init_std * heads ** 0.5)  # same output scale as dense
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xh = x.unflatten(-1, (self.heads, -1))  # [..., H, d/H]
+        y = torch.einsum("...hi,hgji->...ghj", xh, self.weight)  # [..., gates, H, width/H]
+        return y.flatten(-2) + self.bias
+
+
+class RecurrentMixer(nn.Module):
+    gates: int  # input pre-activations per channel
+    state_size: int  # 1 for a scalar state per channel ("diag"), k for k-vectors (("block", k))
+
+    def __init__(self, d_model: int, width: int, *, heads: int = 1, solver: str = "auto",
+                 init_std: float = 0.02, out_std: float | None = None):
+        super().__init__()
+        self.width, self.solver = width, solver
+        self.in_proj = HeadLinear(d_model, self.gates, width, heads, init_std)
+        self.out_proj = nn.Linear(width, d_model, bias=False)
+        nn.init.normal_(self.out_proj.weight, std=out_std or init_std)
+        self.last_solve: SolveInfo | None = None  # how the last forward solved its recurrence (for metrics)
+
+    # --- for subclasses ---------------------------------------------------------------------------
+    @property
+    def structure(self):
+        return "diag" if self.state_size == 1 else ("block", self.state_size)
+
+    def make_cell(self):
+        """The cell with this module's parameters: cell(h_prev, u) -> h, for [B, T, ...] tensors."""
+        raise NotImplementedError
+
+    def readout(self, h: torch.Tensor) -> torch.Tensor:
+        """What the output projection sees from the state [..., D] or [..., D, k]."""
+        return h
+
+    # --- shared -------------------------------------------------------------------------------------
+    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
+        # The recurrence runs in at least float32 even under bf16 autocast: rounding errors compound
+        # over the sequence, while the projections around it are where low precision pays.
+        u = self.in_proj(x)
+        return u.to(torch.promote_types(u.dtype, torch.float32))
+
+    def _initial(self, state: torch.Tensor | None, u: torch.Tensor) -> torch.Tensor:
+        shape = (u.shape[0], self.width) + ((self.state_size,) if self.state_size > 1 else ())
+        return state.to(u.dtype) if state is not None else u.new_zeros(shape)
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None):
+        """x: [B, T, d_model] → (y [B, T, d_model], state after the last step)."""
+        u = self._inputs(x)
+        h0 = self._initial(state, u)
+        solver = pick_solver(self.solver, x.device, x.shape[0], x.shape[1], self.width)
+        solve = newton_solve if solver == "newton" else sequential_solve
+        h, self.last_solve = solve(self.make_cell(), u, h0, structure=self.structure)
+        last = h[:, -1] if h.shape[1] else h0
+        return self.out_proj(self.readout(h)), last
+
+    def step(self, x: torch.Tensor, state: torch.Tensor | None):
+        """One token: x [B, d_model] → (y [B, d_model], state)."""
+        u = self._inputs(x)
+        h = self.make_cell()(self._initial(state, u).unsqueeze(1), u.unsqueeze(1)).squeeze(1)
+        return self.out_proj(self.readout(h)), h
+
+    def extra_repr(self) -> str:
+        return f"width={self.width}, heads={self.in_proj.heads}, solver={self.solver}"
