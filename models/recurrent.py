@@ -12,14 +12,25 @@ from unroll.kernels import newton_solve, sequential_solve
 from unroll.kernels.newton import SolveInfo
 
 
-def pick_solver(solver: str, device: torch.device, batch: int, length: int, width: int) -> str:
-    """`auto`: Newton where its O(log T)-depth scans beat a T-step loop — always on GPU, and on CPU once
-    the sequence is long compared with the work each step has to do (measured by `unroll bench solver`)."""
+def pick_solver(solver: str, device: torch.device, batch: int, length: int, width: int, state_size: int = 1) -> str:
+    """`auto`: Newton where its parallel scans beat a T-step loop. Always on GPU, where the loop is
+    launch-bound. On CPU only when each step has little work (batch × width × state ≤ 512 numbers) and
+    the sequence is long: with two cores, Newton's ~3 passes over the whole [B, T, D] tensor cost more
+    than the loop as soon as a step's work amortises the loop's overhead (`unroll bench solver`)."""
     if solver != "auto":
         return solver
     if device.type == "cuda":
         return "newton"
-    return "newton" if length >= 64 and batch * width <= length * 16 else "sequential"
+    return "newton" if length >= 256 and batch * width * state_size <= 512 else "sequential"
+
+
+def scan_impl_for(t: torch.Tensor):
+    """The Triton scan on CUDA (imported only there), the chunked PyTorch scan elsewhere."""
+    if t.device.type != "cuda":
+        return None
+    from unroll.kernels.triton_scan import scan_triton
+
+    return scan_triton
 
 
 class HeadLinear(nn.Module):
@@ -80,9 +91,9 @@ class RecurrentMixer(nn.Module):
         """x: [B, T, d_model] → (y [B, T, d_model], state after the last step)."""
         u = self._inputs(x)
         h0 = self._initial(state, u)
-        solver = pick_solver(self.solver, x.device, x.shape[0], x.shape[1], self.width)
+        solver = pick_solver(self.solver, x.device, x.shape[0], x.shape[1], self.width, self.state_size)
         solve = newton_solve if solver == "newton" else sequential_solve
-        h, self.last_solve = solve(self.make_cell(), u, h0, structure=self.structure)
+        h, self.last_solve = solve(self.make_cell(), u, h0, structure=self.structure, scan_impl=scan_impl_for(u))
         last = h[:, -1] if h.shape[1] else h0
         return self.out_proj(self.readout(h)), last
 

@@ -129,3 +129,17 @@ def test_t1_needs_no_iteration_and_bad_shapes_are_named():
         newton_solve(cell, x, h0, structure="blocky")
     with pytest.raises(ValueError, match="resets"):
         newton_solve(cell, x, h0, resets=torch.zeros(2, 5, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("structure", ["diag", ("block", 2)], ids=str)
+def test_newton_with_the_triton_scan_equals_the_torch_scan(structure):
+    scan_triton = pytest.importorskip("unroll.kernels.triton_scan").scan_triton
+    cell, x, h0, resets, params = make_problem(structure, 40, seed=4)
+    leaves = [x.requires_grad_(), h0.requires_grad_()]
+    h, info = newton_solve(cell, x, h0, structure=structure, resets=resets, scan_impl=scan_triton)
+    ref, info_ref = newton_solve(cell, x, h0, structure=structure, resets=resets)
+    assert info.iterations == info_ref.iterations and info.converged
+    torch.testing.assert_close(h, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(h)
+    for a, b in zip(torch.autograd.grad((h * g).sum(), leaves), torch.autograd.grad((ref * g).sum(), leaves)):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
