@@ -45,6 +45,8 @@ class HeadLinear(nn.Module):
         nn.init.normal_(self.weight, std=init_std * heads ** 0.5)  # same output scale as dense
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.heads == 1:  # one dense matmul (einsum would route through a slower batched path)
+            return torch.nn.functional.linear(x, self.weight.flatten(0, 2)).unflatten(-1, (self.gates, self.width)) + self.bias
         xh = x.unflatten(-1, (self.heads, -1))  # [..., H, d/H]
         y = torch.einsum("...hi,hgji->...ghj", xh, self.weight)  # [..., gates, H, width/H]
         return y.flatten(-2) + self.bias

@@ -69,8 +69,9 @@ def make(kind, solver, scale=2.0, seed=0, d=12, width=8, heads=2):
 @pytest.mark.parametrize("kind", ["G", "L"])
 @pytest.mark.parametrize("solver", ["newton", "sequential"])
 @pytest.mark.parametrize("T", [1, 7, 33])
-def test_matches_step_by_step_equations_forward_and_gradients(kind, solver, T):
-    mixer = make(kind, solver)
+@pytest.mark.parametrize("heads", [1, 2])
+def test_matches_step_by_step_equations_forward_and_gradients(kind, solver, T, heads):
+    mixer = make(kind, solver, heads=heads)
     _, reference, extra = CASES[kind]
     B = 3
     x = torch.randn(B, T, 12, dtype=torch.float64, requires_grad=True)
@@ -126,6 +127,18 @@ def test_newton_converges_in_at_most_4_iterations_at_initialisation(kind):
         mixer(x)
     info = mixer.last_solve
     assert info.converged and info.fallback is None and info.iterations <= 4, info
+
+
+@pytest.mark.parametrize("kind", ["G", "L"])
+def test_coefficients_of_3_still_give_the_sequential_answer(kind):
+    mixer = make(kind, "newton", scale=3.0, seed=1)  # recurrent coefficients ~U(−3, 3)
+    x = 3 * torch.randn(4, 300, 12, dtype=torch.float64)
+    y, _ = mixer(x)
+    y_ref, _ = CASES[kind][1](mixer, x, torch.zeros(4, 8, *CASES[kind][2], dtype=torch.float64))
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-11)
+    info = mixer.last_solve
+    assert info.converged or info.fallback.startswith("sequential for"), info
+    assert info.residual < 1e-12
 
 
 @pytest.mark.parametrize("kind", ["G", "L"])
