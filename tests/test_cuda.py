@@ -14,8 +14,8 @@ import torch
 import yaml
 
 from conftest import tiny_config_dict
-from unroll.kernels import diag_recurrence
-from unroll.models.paragru import paragru_cell
+from unroll.kernels import newton_solve, sequential_solve
+from unroll.models.paragru import ParaGRUCell
 from unroll.train import distributed as D
 from unroll.train.config import load_config
 from unroll.train.metrics import read_metrics
@@ -79,7 +79,12 @@ def test_bf16_training_checkpoint_resume_and_sample_on_cuda(cuda_data, tmp_path,
     assert worst < 1e-3
 
 
-def test_adjoint_recurrence_on_cuda_matches_float64_cpu():
+@pytest.mark.parametrize("solver", ["newton", "sequential"])
+def test_solvers_on_cuda_match_float64_cpu(solver):
+    """ParaGRU's recurrence solved on the GPU (Newton with the Triton scan, or the sequential loop; both
+    with the adjoint backward through the Triton scan) against the sequential solve in float64 on CPU."""
+    from unroll.kernels.triton_scan import scan_triton
+
     torch.manual_seed(0)
     B, T, D = 4, 257, 64
     u = torch.randn(B, T, 3, D, dtype=torch.float64)
@@ -87,14 +92,14 @@ def test_adjoint_recurrence_on_cuda_matches_float64_cpu():
     h0 = torch.randn(B, D, dtype=torch.float64)
     g = torch.randn(B, T, D, dtype=torch.float64)
 
-    def run(device, dtype):
-        args = [t.to(device, dtype).requires_grad_() for t in (u, h0, a)]
-        h = diag_recurrence(paragru_cell, args[0], args[1], (args[2],))
-        grads = torch.autograd.grad((h * g.to(device, dtype)).sum(), args)
+    def run(solve, device, dtype, **kw):
+        u_, h0_, a_ = [t.to(device, dtype).requires_grad_() for t in (u, h0, a)]
+        h, _ = solve(ParaGRUCell(a_), u_, h0_, **kw)
+        grads = torch.autograd.grad((h * g.to(device, dtype)).sum(), (u_, h0_, a_))
         return [t.double().cpu() for t in (h, *grads)]
 
-    ref = run("cpu", torch.float64)
-    for name, x, r in zip(("h", "du", "dh0", "da"), run("cuda", torch.float64), ref):
-        torch.testing.assert_close(x, r, rtol=1e-10, atol=1e-10, msg=name)
-    for name, x, r in zip(("h", "du", "dh0", "da"), run("cuda", torch.float32), ref):
-        torch.testing.assert_close(x, r, rtol=1e-3, atol=1e-3, msg=name)
+    ref = run(sequential_solve, "cpu", torch.float64)
+    solve = newton_solve if solver == "newton" else sequential_solve
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-3)):
+        for name, x, r in zip(("h", "du", "dh0", "da"), run(solve, "cuda", dtype, scan_impl=scan_triton), ref):
+            torch.testing.assert_close(x, r, rtol=tol, atol=tol, msg=f"{name} {dtype}")
