@@ -114,12 +114,21 @@ def mask_resets(a: torch.Tensor, resets: torch.Tensor | None) -> torch.Tensor:
     return torch.where(resets.view(shape), torch.zeros((), dtype=a.dtype, device=a.device), a)
 
 
+def default_impl(t: torch.Tensor):
+    """The Triton scan for CUDA tensors (triton imported only then), the PyTorch reference otherwise."""
+    if t.device.type != "cuda":
+        return scan_reference
+    from unroll.kernels.triton_scan import scan_triton
+
+    return scan_triton
+
+
 def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None, *, reverse: bool = False,
                 resets: torch.Tensor | None = None, impl=None) -> torch.Tensor:
     """h_t = a_t h_{t−1} + b_t (see the module docstring for shapes); differentiable in a, b and h0.
 
-    impl(a, b, h0, block) -> h is the forward-scan kernel: `scan_reference` (any device) by default;
-    the Triton kernels plug in here with the same signature.
+    impl(a, b, h0, block) -> h is the forward-scan kernel: by default the Triton kernels on CUDA
+    (kernels/triton_scan.py) and `scan_reference` elsewhere; either may be passed explicitly.
     """
     block = _check(a, b, h0, resets)
     if b.shape[1] == 0:
@@ -127,7 +136,7 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None
     if h0 is None:
         h0 = b.new_zeros(b.shape[0], *b.shape[2:])
     a = mask_resets(a, resets)
-    impl = impl or scan_reference
+    impl = impl or default_impl(b)
     if reverse:
         return _ForwardScan.apply(a.flip(1), b.flip(1), h0, block, impl).flip(1)
     return _ForwardScan.apply(a, b, h0, block, impl)

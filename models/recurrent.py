@@ -24,15 +24,6 @@ def pick_solver(solver: str, device: torch.device, batch: int, length: int, widt
     return "newton" if length >= 256 and batch * width * state_size <= 512 else "sequential"
 
 
-def scan_impl_for(t: torch.Tensor):
-    """The Triton scan on CUDA (imported only there), the chunked PyTorch scan elsewhere."""
-    if t.device.type != "cuda":
-        return None
-    from unroll.kernels.triton_scan import scan_triton
-
-    return scan_triton
-
-
 class HeadLinear(nn.Module):
     """y = B x + b with B block-diagonal over `heads` (each head maps its d/heads inputs to its share of
     every gate); heads=1 is a dense projection. Output [..., gates, width]."""
@@ -95,7 +86,7 @@ class RecurrentMixer(nn.Module):
         h0 = self._initial(state, u)
         solver = pick_solver(self.solver, x.device, x.shape[0], x.shape[1], self.width, self.state_size)
         solve = newton_solve if solver == "newton" else sequential_solve
-        h, self.last_solve = solve(self.make_cell(), u, h0, structure=self.structure, scan_impl=scan_impl_for(u))
+        h, self.last_solve = solve(self.make_cell(), u, h0, structure=self.structure)
         last = h[:, -1] if h.shape[1] else h0
         return self.out_proj(self.readout(h)), last
 

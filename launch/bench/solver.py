@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from unroll.kernels import newton_solve, sequential_solve
+from unroll.kernels.linear_scan import scan_reference
 from unroll.launch.bench.timing import measure
 from unroll.models.paragru import ParaGRU
 from unroll.models.paralstm import ParaLSTM
@@ -74,12 +75,12 @@ def bench_case(cell_name: str, B: int, T: int, D: int, dtype: torch.dtype, devic
     rows = []
     for backward in (False, True):
         seq = measure(lambda: _run(sequential_solve, mixer, u, h0, backward), device, repeat)
-        newton = measure(lambda: _run(newton_solve, mixer, u, h0, backward), device, repeat)
+        newton = measure(lambda: _run(newton_solve, mixer, u, h0, backward, scan_impl=scan_reference), device, repeat)
         triton = (measure(lambda: _run(newton_solve, mixer, u, h0, backward, scan_impl=triton_impl), device, repeat)
                   if triton_impl is not None else None)
         h_seq, _ = _run(sequential_solve, mixer, u, h0, False)
-        h_new, info = _run(newton_solve, mixer, u, h0, False)
-        # what auto runs: the mixer hands Newton the Triton scan on CUDA (models.recurrent.scan_impl_for)
+        h_new, info = _run(newton_solve, mixer, u, h0, False, scan_impl=scan_reference)
+        # what auto runs: Newton's scans are the Triton kernels on CUDA (linear_scan's default there)
         auto_time = seq if auto == "sequential" else (triton if triton is not None else newton)
         best = min(t for t in (seq, newton, triton) if t is not None)
         rows.append(Row(cell_name, B, T, D, str(dtype).removeprefix("torch."), "fwd+bwd" if backward else "fwd",
