@@ -8,10 +8,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 import yaml
 
 # Without a GPU the Triton kernels run in Triton's interpreter; it must be chosen before triton is imported.
-if not __import__("torch").cuda.is_available():
+if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SMALL_VOCAB = 320
@@ -83,3 +84,17 @@ def run_cli(args: list[str], env: dict, timeout: float = 300, check: bool = True
     if check and proc.returncode != 0:
         raise AssertionError(f"unroll {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     return proc
+
+
+def scan_inputs(T: int, k: int, seed: int, *, B: int = 2, D: int = 3, reset_rate: float = 0.05):
+    """Float64 a, b, h0 for linear_scan (k=0: diagonal, else k×k blocks), scaled so the recurrence neither
+    explodes nor dies out over thousands of steps, and random resets [B, T]."""
+    g = torch.Generator().manual_seed(seed)
+    f64 = dict(generator=g, dtype=torch.float64)
+    if k:
+        a = torch.randn(B, T, D, k, k, **f64) / (1.3 * k ** 0.5)
+        b, h0 = torch.randn(B, T, D, k, **f64), torch.randn(B, D, k, **f64)
+    else:
+        a = torch.empty(B, T, D, dtype=torch.float64).uniform_(-1.05, 1.05, generator=g)
+        b, h0 = torch.randn(B, T, D, **f64), torch.randn(B, D, **f64)
+    return a, b, h0, torch.rand(B, T, generator=g) < reset_rate

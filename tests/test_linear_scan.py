@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from conftest import scan_inputs
 from unroll.kernels import linear_scan
 
 
@@ -19,17 +20,7 @@ def loop(a, b, h0, block, reverse=False, resets=None):
 
 
 def inputs(T, k, seed):
-    """Random coefficients scaled so the recurrence neither explodes nor dies out over 4097 steps."""
-    g = torch.Generator().manual_seed(seed)
-    B, D = 2, 3
-    if k:
-        a = torch.randn(B, T, D, k, k, generator=g, dtype=torch.float64) / (1.3 * k ** 0.5)
-        b, h0 = torch.randn(B, T, D, k, generator=g, dtype=torch.float64), torch.randn(B, D, k, generator=g, dtype=torch.float64)
-    else:
-        a = torch.empty(B, T, D, dtype=torch.float64).uniform_(-1.05, 1.05, generator=g)
-        b, h0 = torch.randn(B, T, D, generator=g, dtype=torch.float64), torch.randn(B, D, generator=g, dtype=torch.float64)
-    resets = torch.rand(B, T, generator=g) < 0.05
-    return a, b, h0, resets
+    return scan_inputs(T, k, seed)
 
 
 @pytest.mark.parametrize("T", [1, 7, 1000, 4097])

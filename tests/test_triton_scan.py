@@ -9,6 +9,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from conftest import scan_inputs  # noqa: E402
 from unroll.kernels.linear_scan import linear_scan, scan_reference  # noqa: E402
 from unroll.kernels import triton_scan as ts  # noqa: E402
 from unroll.kernels.triton_scan import scan_triton  # noqa: E402
@@ -18,15 +19,8 @@ TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-
 
 
 def inputs(T, k, seed, dtype=torch.float64, B=2, D=3):
-    """a, b, h0 (k=0: diagonal), scaled so the recurrence neither explodes nor dies out; resets [B, T]."""
-    g = torch.Generator().manual_seed(seed)
-    if k:
-        a = torch.randn(B, T, D, k, k, generator=g, dtype=torch.float64) / (1.3 * k ** 0.5)
-        b, h0 = torch.randn(B, T, D, k, generator=g, dtype=torch.float64), torch.randn(B, D, k, generator=g, dtype=torch.float64)
-    else:
-        a = torch.empty(B, T, D, dtype=torch.float64).uniform_(-1.05, 1.05, generator=g)
-        b, h0 = torch.randn(B, T, D, generator=g, dtype=torch.float64), torch.randn(B, D, generator=g, dtype=torch.float64)
-    resets = torch.rand(B, T, generator=g) < 0.1
+    """a, b, h0 (k=0: diagonal) and resets [B, T], on the test device in `dtype`."""
+    a, b, h0, resets = scan_inputs(T, k, seed, B=B, D=D, reset_rate=0.1)
     return [x.to(DEVICE, dtype) for x in (a, b, h0)] + [resets.to(DEVICE)]
 
 
