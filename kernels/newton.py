@@ -79,9 +79,9 @@ class _Adjoint(torch.autograd.Function):
 
 def _attach_gradient(cell, x, h0, solution, structure, resets, scan_impl) -> torch.Tensor:
     """The solution with the adjoint gradient attached (a no-op cost-wise when nothing needs grad)."""
-    prev = shift(solution.detach(), h0, resets)
     if not torch.is_grad_enabled():
         return solution
+    prev = shift(solution.detach(), h0, resets)
     z = cell(prev, x)  # = H* up to the tolerance; its graph reaches x, the cell's parameters and h0
     if not z.requires_grad:
         return solution
@@ -101,12 +101,21 @@ def _sequential(cell, x: torch.Tensor, h0: torch.Tensor, resets: torch.Tensor | 
     return out
 
 
+def _checked(structure, x: torch.Tensor, h0: torch.Tensor, resets: torch.Tensor | None) -> Structure:
+    st = Structure.parse(structure)
+    st.check_state(h0)
+    if x.shape[0] != h0.shape[0]:
+        raise ValueError(f"batch of x ({x.shape[0]}) and h0 ({h0.shape[0]}) differ")
+    if resets is not None and resets.shape != x.shape[:2]:
+        raise ValueError(f"resets {tuple(resets.shape)} is not [B, T] = {tuple(x.shape[:2])}")
+    return st
+
+
 def sequential_solve(cell, x: torch.Tensor, h0: torch.Tensor, *, structure="diag",
                      resets: torch.Tensor | None = None, scan_impl=None) -> tuple[torch.Tensor, SolveInfo]:
     """The linear-time sequential solve: a loop without autograd, then the same adjoint gradient as
     Newton's (so the backward is one reverse scan, not a graph of T steps)."""
-    st = Structure.parse(structure)
-    st.check_state(h0)
+    st = _checked(structure, x, h0, resets)
     with torch.no_grad():
         h = _sequential(cell, x, h0, resets)
     return _attach_gradient(cell, x, h0, h, st, resets, scan_impl), SolveInfo(0, 0.0, True)
@@ -121,12 +130,7 @@ def newton_solve(cell, x: torch.Tensor, h0: torch.Tensor, *, structure="diag", r
     tol: relative residual (default by dtype, TOLERANCE); max_iters: Newton iterations before the
     sequential fallback (default MAX_ITERS). Differentiable in x, h0 and the cell's parameters.
     """
-    st = Structure.parse(structure)
-    st.check_state(h0)
-    if x.shape[0] != h0.shape[0]:
-        raise ValueError(f"newton_solve: batch of x ({x.shape[0]}) and h0 ({h0.shape[0]}) differ")
-    if resets is not None and resets.shape != x.shape[:2]:
-        raise ValueError(f"newton_solve: resets {tuple(resets.shape)} is not [B, T] = {tuple(x.shape[:2])}")
+    st = _checked(structure, x, h0, resets)
     tol = TOLERANCE.get(h0.dtype, 2e-5) if tol is None else tol
     max_iters = MAX_ITERS if max_iters is None else max_iters
     B, T = x.shape[:2]
@@ -141,16 +145,17 @@ def newton_solve(cell, x: torch.Tensor, h0: torch.Tensor, *, structure="diag", r
             # than evaluating the cell a second time in every iteration.
             f, J = st.value_and_jacobian(cell, shift(h, h0, resets), x)
             res = residual(f, h)
-            if bool((res <= tol).all()) or iterations >= max_iters or not bool(torch.isfinite(res).any()):
+            all_converged, any_finite = torch.stack([(res <= tol).all(), torch.isfinite(res).any()]).tolist()
+            if all_converged or not any_finite or iterations >= max_iters:  # one host sync per iteration
                 break
             a, b = st.to_scan(J, f - h)
             h = h + st.from_scan(linear_scan(a, b, resets=resets, impl=scan_impl))
             iterations += 1
-        h = torch.where(torch.isfinite(h), h, torch.zeros_like(h))  # rows that overflowed are redone below
         bad = res > tol
         converged = not bool(bad.any())
         info = SolveInfo(iterations, float(res.max()), converged)
         if not converged:
+            h = torch.where(torch.isfinite(h), h, torch.zeros_like(h))  # rows that overflowed are redone
             rows = bad.nonzero().squeeze(1)
             h[rows] = _sequential(cell, x[rows], h0[rows], resets[rows] if resets is not None else None)
             res = residual(cell(shift(h, h0, resets), x), h)
