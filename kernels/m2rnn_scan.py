@@ -1,0 +1,63 @@
+"""The M²RNN matrix-state recurrence, stepped sequentially: a PyTorch reference and a dispatcher to the
+Triton kernels (kernels/triton_m2rnn.py). Per batch b and value head h, with q/k group g = h // (H // G):
+
+    H_t = f_t · H_{t−1} + (1 − f_t) · tanh(H_{t−1} W_h + k_t v_tᵀ)      H_t ∈ R^{K×V}, W_h ∈ R^{V×V}
+    y_t = q_tᵀ H_t                                                       y_t ∈ R^V
+
+Shapes: q, k [B, T, G, K]; v [B, T, H, V]; f [B, T, H] (the forget gate, in (0, 1)); W [H, V, V];
+h0 [B, H, K, V] or None (zeros). Both functions return (y [B, T, H, V], h_last [B, H, K, V]), h_last = the
+state after the last step (h0 when T = 0).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def m2rnn_shapes(q, k, v, f, W, h0=None) -> tuple[int, int, int, int, int, int]:
+    """(B, T, G, K, H, V), or a ValueError naming the argument whose shape does not fit."""
+    if q.dim() != 4:
+        raise ValueError(f"m2rnn: q must be [B, T, G, K], got shape {tuple(q.shape)}")
+    B, T, G, K = q.shape
+    if k.shape != q.shape:
+        raise ValueError(f"m2rnn: k must be [B, T, G, K] = {tuple(q.shape)} like q, got {tuple(k.shape)}")
+    if v.dim() != 4 or v.shape[:2] != (B, T):
+        raise ValueError(f"m2rnn: v must be [B, T, H, V] with B={B}, T={T} (from q), got {tuple(v.shape)}")
+    H, V = v.shape[2:]
+    if G < 1 or H % G:
+        raise ValueError(f"m2rnn: the value heads H={H} (v) must be a multiple of the q/k heads G={G} (q, k)")
+    if f.shape != (B, T, H):
+        raise ValueError(f"m2rnn: f must be [B, T, H] = {(B, T, H)}, got {tuple(f.shape)}")
+    if W.shape != (H, V, V):
+        raise ValueError(f"m2rnn: W must be [H, V, V] = {(H, V, V)}, got {tuple(W.shape)}")
+    if h0 is not None and h0.shape != (B, H, K, V):
+        raise ValueError(f"m2rnn: h0 must be [B, H, K, V] = {(B, H, K, V)} or None, got {tuple(h0.shape)}")
+    return B, T, G, K, H, V
+
+
+def m2rnn_reference(q, k, v, f, W, h0=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recurrence as a PyTorch loop over t (gradients by autograd), in the inputs' promoted dtype."""
+    B, T, G, K, H, V = m2rnn_shapes(q, k, v, f, W, h0)
+    per = H // G
+    qh, kh = q.repeat_interleave(per, dim=2), k.repeat_interleave(per, dim=2)  # [B, T, H, K]
+    h = h0 if h0 is not None else v.new_zeros(B, H, K, V, dtype=torch.result_type(v, W))
+    ys = []
+    # unbind once: indexing x[:, t] inside the loop would make each step's backward touch all of x
+    for qt, kt, vt, ft in zip(qh.unbind(1), kh.unbind(1), v.unbind(1), f.unbind(1)):
+        ft = ft[..., None, None]
+        h = ft * h + (1 - ft) * torch.tanh(h @ W + kt.unsqueeze(-1) * vt.unsqueeze(-2))
+        ys.append((qt.unsqueeze(-1) * h).sum(-2))
+    y = torch.stack(ys, dim=1) if ys else v.new_empty(B, 0, H, V, dtype=h.dtype)
+    return y, h
+
+
+def m2rnn_sequential(q, k, v, f, W, h0=None, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, h_last) by `impl`: "torch" (m2rnn_reference), "triton" (m2rnn_triton), or "auto" (Triton for
+    CUDA tensors, the reference otherwise). Triton is imported only when used."""
+    if impl not in ("auto", "torch", "triton"):
+        raise ValueError(f"m2rnn_sequential: impl must be 'auto', 'torch' or 'triton', got {impl!r}")
+    m2rnn_shapes(q, k, v, f, W, h0)
+    if impl == "triton" or (impl == "auto" and q.is_cuda):
+        from unroll.kernels.triton_m2rnn import m2rnn_triton
+
+        return m2rnn_triton(q, k, v, f, W, h0)
+    return m2rnn_reference(q, k, v, f, W, h0)

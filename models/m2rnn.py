@@ -1,0 +1,163 @@
+"""M²RNN (Mishra et al., 2026): a matrix-valued nonlinear recurrent state per value head.
+
+Per token, one input projection gives q, k (K per q/k head), v (V per value head), a forget input a (one
+per value head) and an output gate g (V per value head); q, k, v go through a causal depthwise
+convolution and SiLU. With f = exp(−exp(A_log)·softplus(a + dt_bias)) per head:
+
+    H_t = f·H_{t−1} + (1 − f)·tanh(H_{t−1} W + k_t v_tᵀ)      H ∈ R^{K×V}, W ∈ R^{V×V} per value head
+    y_t = q_tᵀ H_t + D ⊙ v_t
+    out = W_o · RMSNorm(y ⊙ SiLU(g))  (the norm over all heads together)
+
+q/k heads are shared by v_heads / qk_heads value heads each (GQA-like). Two ways to train, selectable
+(`solver`) and tested equal: the sequential kernel (Triton on CUDA, a PyTorch loop on CPU) and the
+Newton solver. For Newton, the K rows of each head's H are independent V-vectors (row i of H_{t−1}W +
+k_t v_tᵀ depends on row i of H_{t−1} only), so the state is [B, H·K, V] with V×V Jacobian blocks
+    ∂h_i,t/∂h_i,t−1 = f·I + (1 − f)·diag(1 − u_i²)·Wᵀ,   u = tanh(H_{t−1}W + k_t v_tᵀ).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unroll.kernels import newton_solve
+from unroll.kernels.m2rnn_scan import m2rnn_sequential
+from unroll.kernels.newton import SolveInfo
+
+
+@dataclass
+class M2RNNState:
+    conv: torch.Tensor  # [B, conv channels, conv − 1]: the last inputs of the convolution
+    h: torch.Tensor  # [B, v_heads, K, V]: the matrix state after the last token
+
+
+class M2RNNCell:
+    """The recurrence on the Newton solver's layout: state h [..., H·K, V] (rows of every head's matrix),
+    input u [..., H·K, V + 1] = (row i of k_t v_tᵀ, f_t of the row's head)."""
+
+    def __init__(self, W: torch.Tensor, k_dim: int):
+        self.W, self.k_dim = W, k_dim
+
+    def _update(self, h_prev: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        H, V = self.W.shape[0], self.W.shape[-1]
+        rows = h_prev.unflatten(-2, (H, self.k_dim))  # [..., H, K, V]
+        z = (rows @ self.W).flatten(-3, -2) + u[..., :V]
+        return torch.tanh(z), u[..., V:]  # (tanh(H W + k vᵀ) rows, f)
+
+    def __call__(self, h_prev: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        c, f = self._update(h_prev, u)
+        return f * h_prev + (1 - f) * c
+
+    def value_and_jacobian(self, h_prev: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c, f = self._update(h_prev, u)
+        H, V = self.W.shape[0], self.W.shape[-1]
+        wt = self.W.transpose(-1, -2).unsqueeze(1).expand(H, self.k_dim, V, V).reshape(H * self.k_dim, V, V)
+        eye = torch.eye(V, dtype=h_prev.dtype, device=h_prev.device)
+        J = f.unsqueeze(-1) * eye + ((1 - f) * (1 - c * c)).unsqueeze(-1) * wt
+        return f * h_prev + (1 - f) * c, J
+
+    def jacobian(self, h_prev: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return self.value_and_jacobian(h_prev, u)[1]
+
+
+def pick_m2rnn_solver(solver: str) -> str:
+    """`auto` is the sequential kernel everywhere: its work per step is one K×V·V×V product per head,
+    while a Newton iteration scans V×V Jacobian blocks for every row (V times the work, V·T·K·V² memory).
+    Newton stays selectable for the sequence-parallel path and for checking."""
+    return "sequential" if solver == "auto" else solver
+
+
+class M2RNN(nn.Module):
+    def __init__(self, d_model: int, *, k_dim: int = 64, v_dim: int = 16, qk_heads: int = 1, v_heads: int = 0,
+                 conv: int = 4, solver: str = "auto", norm_eps: float = 1e-5, init_std: float = 0.02,
+                 out_std: float | None = None):
+        super().__init__()
+        v_heads = v_heads or d_model // v_dim
+        if v_heads % qk_heads:
+            raise ValueError(f"v_heads={v_heads} is not a multiple of qk_heads={qk_heads}")
+        self.k_dim, self.v_dim, self.qk_heads, self.v_heads = k_dim, v_dim, qk_heads, v_heads
+        self.solver, self.conv_width = solver, conv
+        self.conv_channels = 2 * qk_heads * k_dim + v_heads * v_dim  # q, k, v
+        value = v_heads * v_dim
+        self.in_proj = nn.Linear(d_model, self.conv_channels + v_heads + value, bias=False)  # q k v | a | g
+        self.conv = nn.Conv1d(self.conv_channels, self.conv_channels, conv, groups=self.conv_channels, bias=False)
+        self.A_log = nn.Parameter(torch.empty(v_heads))
+        self.dt_bias = nn.Parameter(torch.empty(v_heads))
+        self.D = nn.Parameter(torch.empty(v_heads, v_dim))
+        self.W = nn.Parameter(torch.empty(v_heads, v_dim, v_dim))
+        self.norm = nn.RMSNorm(value, eps=norm_eps)
+        self.out_proj = nn.Linear(value, d_model, bias=False)
+        nn.init.normal_(self.in_proj.weight, std=init_std)
+        nn.init.normal_(self.out_proj.weight, std=out_std or init_std)
+        self.reset_recurrence()
+        self.last_solve: SolveInfo | None = None
+
+    @torch.no_grad()
+    def reset_recurrence(self) -> None:
+        """The paper's init: W = I, D = 1, A ~ U[0, 16] stored as log A, dt log-uniform in [1e-3, 0.1] with
+        dt_bias = softplus⁻¹(dt) (so f starts between exp(−1.6) and ~1: a spread of memory lengths)."""
+        self.W.copy_(torch.eye(self.v_dim).expand_as(self.W))
+        self.D.fill_(1.0)
+        self.A_log.copy_(torch.empty(self.v_heads).uniform_(0, 16).clamp_min(1e-4).log())
+        dt = torch.exp(torch.empty(self.v_heads).uniform_(math.log(1e-3), math.log(0.1)))
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(dt)
+
+    def state_elements(self) -> int:
+        """Recurrent state per sequence (the H matrices; the convolution's last inputs not counted)."""
+        return self.v_heads * self.k_dim * self.v_dim
+
+    # ------------------------------------------------------------------------------------------------
+    def _convolve(self, x: torch.Tensor, past: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal depthwise convolution over time: x [B, T, C] → (SiLU(conv) [B, T, C], last inputs)."""
+        xt = x.transpose(1, 2)
+        if past is None:
+            past = xt.new_zeros(xt.shape[0], xt.shape[1], self.conv_width - 1)
+        full = torch.cat([past.to(xt.dtype), xt], dim=2)
+        out = F.conv1d(full, self.conv.weight, groups=self.conv_channels)
+        return F.silu(out).transpose(1, 2), full[:, :, full.shape[2] - (self.conv_width - 1):]
+
+    def _recurrence(self, q, k, v, f, h0):
+        """(y [B, T, H, V], H_last) by the configured solver."""
+        solver = pick_m2rnn_solver(self.solver)
+        if solver == "sequential":
+            self.last_solve = SolveInfo(0, 0.0, True)
+            return m2rnn_sequential(q, k, v, f, self.W.to(q.dtype), h0)
+        B, T, H, V = v.shape
+        K, per = self.k_dim, H // self.qk_heads
+        kh = k.repeat_interleave(per, dim=2)  # [B, T, H, K]: each value head's key
+        u = torch.cat([(kh.unsqueeze(-1) * v.unsqueeze(-2)).flatten(2, 3),
+                       f[..., None, None].expand(B, T, H, K, 1).flatten(2, 3)], dim=-1)
+        rows, self.last_solve = newton_solve(M2RNNCell(self.W.to(q.dtype), K), u, h0.flatten(1, 2),
+                                             structure=("block", V))
+        states = rows.unflatten(2, (H, K))  # [B, T, H, K, V]
+        y = (q.repeat_interleave(per, dim=2).unsqueeze(-1) * states).sum(-2)
+        return y, (states[:, -1] if T else h0)
+
+    def forward(self, x: torch.Tensor, state: M2RNNState | None = None):
+        """x: [B, T, d_model] → (y [B, T, d_model], state after the last token)."""
+        B, T, _ = x.shape
+        G, H, K, V = self.qk_heads, self.v_heads, self.k_dim, self.v_dim
+        qkv, a, g = self.in_proj(x).split([self.conv_channels, H, H * V], dim=-1)
+        qkv, conv_state = self._convolve(qkv, state.conv if state is not None else None)
+        # The recurrence runs in at least float32 even under bf16 autocast (errors compound over time).
+        dtype = torch.promote_types(qkv.dtype, torch.float32)
+        q, k, v = qkv.to(dtype).split([G * K, G * K, H * V], dim=-1)
+        q, k, v = q.unflatten(-1, (G, K)), k.unflatten(-1, (G, K)), v.unflatten(-1, (H, V))
+        f = torch.exp(-torch.exp(self.A_log) * F.softplus(a.to(dtype) + self.dt_bias))
+        h0 = state.h.to(dtype) if state is not None else x.new_zeros(B, H, K, V, dtype=dtype)
+        y, h_last = self._recurrence(q, k, v, f.to(dtype), h0)
+        y = (y + self.D * v) * F.silu(g.to(dtype).unflatten(-1, (H, V)))
+        out = self.out_proj(self.norm(y.flatten(-2)).to(x.dtype))
+        return out, M2RNNState(conv_state, h_last)
+
+    def step(self, x: torch.Tensor, state: M2RNNState | None):
+        """One token: x [B, d_model] → (y [B, d_model], state)."""
+        y, state = self.forward(x[:, None], state)
+        return y[:, 0], state
+
+    def extra_repr(self) -> str:
+        return (f"k_dim={self.k_dim}, v_dim={self.v_dim}, qk_heads={self.qk_heads}, v_heads={self.v_heads}, "
+                f"conv={self.conv_width}, solver={self.solver}")

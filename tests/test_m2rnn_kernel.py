@@ -1,0 +1,157 @@
+"""The M²RNN recurrence: m2rnn_reference (kernels/m2rnn_scan.py) pinned by a 2-step example worked in plain
+Python, and m2rnn_triton (kernels/triton_m2rnn.py) against it, forward and all six gradients. Without a GPU
+the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1): sizes stay small, and chunks of
+2-4 steps stand in for long sequences (several checkpoints, a short last chunk)."""
+import importlib.util
+import math
+
+import pytest
+import torch
+
+from unroll.kernels.m2rnn_scan import m2rnn_reference, m2rnn_sequential
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+
+
+def triton_fn(*args, **kw):
+    from unroll.kernels.triton_m2rnn import m2rnn_triton
+
+    return m2rnn_triton(*args, **kw)
+
+
+def inputs(B, T, G, H, K, V, seed, *, f_range=(0.05, 0.95), h0=True, dtype=torch.float64, noncontig=False):
+    """q, k, v, f, W, h0 (or None), scaled so tanh is neither linear nor saturated."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    if noncontig:  # time-major storage, transposed views
+        q, k, v = r(T, B, G, K).transpose(0, 1), r(T, B, G, K).transpose(0, 1), r(T, B, H, V).transpose(0, 1)
+    else:
+        q, k, v = r(B, T, G, K), r(B, T, G, K), r(B, T, H, V)
+    f = torch.empty(B, T, H, dtype=torch.float64).uniform_(*f_range, generator=g)
+    xs = [q, k * 0.7, v * 0.7, f, r(H, V, V) / V ** 0.5, r(B, H, K, V) * 0.5 if h0 else None]
+    return [None if x is None else x.to(DEVICE, dtype).requires_grad_() for x in xs]
+
+
+def forward_and_grads(fn, xs, seed=0):
+    """y, h_last and the gradients of a random weighting of both, for the inputs that are not None."""
+    y, h = fn(*xs)
+    g = torch.Generator().manual_seed(seed)
+    wy, wh = torch.randn(y.shape, generator=g), torch.randn(h.shape, generator=g)
+    loss = (y * wy.to(y)).sum() + (h * wh.to(h)).sum()
+    # (unused inputs, as at T = 0 in the reference, get zeros)
+    return y, h, torch.autograd.grad(loss, [x for x in xs if x is not None], allow_unused=True, materialize_grads=True)
+
+
+# B, T, G, H, K, V, chunk (None: the default), keyword arguments of `inputs`
+CASES = {
+    "G1_3heads_T_not_multiple": (2, 9, 1, 3, 4, 3, 4, {}),
+    "G2_odd_KV_no_h0_noncontig": (2, 7, 2, 4, 6, 5, 4, dict(h0=False, noncontig=True)),
+    "T_multiple_of_chunk": (1, 8, 1, 2, 6, 5, 4, {}),
+    "T1": (2, 1, 2, 2, 3, 2, 4, {}),
+    "T1_no_h0": (1, 1, 1, 1, 3, 2, 4, dict(h0=False)),
+    "f_near_0": (1, 6, 1, 2, 4, 3, 2, dict(f_range=(1e-4, 1e-2))),
+    "f_near_1": (1, 6, 1, 2, 4, 3, 2, dict(f_range=(0.99, 1 - 1e-4))),
+    "default_chunk": (1, 19, 1, 1, 3, 4, None, {}),
+    "K33_V17_padded": (1, 5, 1, 2, 33, 17, 2, dict(h0=False)),
+    "K128_V64": (1, 3, 1, 1, 128, 64, 2, {}),
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("case", CASES)
+def test_triton_matches_reference(case):
+    B, T, G, H, K, V, chunk, kw = CASES[case]
+    xs = inputs(B, T, G, H, K, V, seed=len(case), **kw)
+    got = forward_and_grads(lambda *a: triton_fn(*a, **({"chunk": chunk} if chunk else {})), xs)
+    want = forward_and_grads(m2rnn_reference, xs)
+    assert got[0].shape == (B, T, H, V) and got[1].shape == (B, H, K, V)
+    for name, a, b in zip(["y", "h_last"], got[:2], want[:2]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+    names = [n for n, x in zip("q k v f W h0".split(), xs) if x is not None]
+    for name, a, b in zip(names, got[2], want[2]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"d{name}")
+
+
+@needs_triton
+def test_triton_float32():
+    """float32 in and out, computed in float32: close to the float64 reference on the same values."""
+    xs = inputs(2, 7, 1, 2, 6, 5, seed=3, dtype=torch.float32)
+    y, h, grads = forward_and_grads(lambda *a: triton_fn(*a, chunk=4), xs)
+    ref = forward_and_grads(m2rnn_reference, [x.detach().double().requires_grad_() for x in xs])
+    assert y.dtype == h.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    for a, b in zip([y, h, *grads], [ref[0], ref[1], *ref[2]]):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
+
+
+@needs_triton
+def test_empty_sequence_and_no_grad():
+    """T = 0 returns h0 (and passes its gradient through); under no_grad no checkpoints are stored."""
+    xs = inputs(2, 0, 1, 2, 3, 2, seed=4)
+    y, h, grads = forward_and_grads(triton_fn, xs)
+    assert y.shape == (2, 0, 2, 2)
+    torch.testing.assert_close(h, xs[-1])
+    for a, b in zip(grads, forward_and_grads(m2rnn_reference, xs)[2]):
+        torch.testing.assert_close(a, b)
+    xs = inputs(1, 5, 1, 2, 3, 2, seed=5)
+    with torch.no_grad():
+        got, want = m2rnn_sequential(*xs, impl="triton"), m2rnn_sequential(*xs, impl="torch")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_reference_two_steps_by_hand():
+    """B = H = G = 1, K = V = 2, two steps, written out in scalars: pins the reference itself."""
+    q = [[1.0, 2.0], [-1.0, 0.5]]
+    k = [[0.5, -1.0], [1.0, 1.0]]
+    v = [[1.0, 0.5], [-0.5, 2.0]]
+    f = [0.3, 0.6]
+    W = [[0.5, -0.2], [0.1, 0.9]]
+    Hs = [[0.1, 0.2], [-0.3, 0.4]]
+    ys = []
+    for t in range(2):
+        z = [[sum(Hs[i][l] * W[l][j] for l in range(2)) + k[t][i] * v[t][j] for j in range(2)] for i in range(2)]
+        Hs = [[f[t] * Hs[i][j] + (1 - f[t]) * math.tanh(z[i][j]) for j in range(2)] for i in range(2)]
+        ys.append([sum(q[t][i] * Hs[i][j] for i in range(2)) for j in range(2)])
+    # the loop spot-checked by hand at step 0, column 0: z = (0.1·0.5 + 0.2·0.1 + 0.5·1, −0.3·0.5 + 0.4·0.1 − 1·1)
+    # = (0.57, −1.11), H = 0.3·(0.1, −0.3) + 0.7·tanh(z), y = 1·H[0] + 2·H[1]
+    by_hand = 0.03 + 0.7 * math.tanh(0.57) + 2 * (-0.09 + 0.7 * math.tanh(-1.11))
+    assert math.isclose(ys[0][0], by_hand, abs_tol=1e-15)
+    d = dict(dtype=torch.float64)
+    y, h = m2rnn_reference(torch.tensor(q, **d).view(1, 2, 1, 2), torch.tensor(k, **d).view(1, 2, 1, 2),
+                           torch.tensor(v, **d).view(1, 2, 1, 2), torch.tensor(f, **d).view(1, 2, 1),
+                           torch.tensor(W, **d).view(1, 2, 2), torch.tensor([[[[0.1, 0.2], [-0.3, 0.4]]]], **d))
+    torch.testing.assert_close(y, torch.tensor(ys, **d).view(1, 2, 1, 2), rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(h, torch.tensor(Hs, **d).view(1, 1, 2, 2), rtol=1e-14, atol=1e-14)
+
+
+def test_sequential_dispatch():
+    xs = inputs(1, 3, 1, 2, 3, 2, seed=6)
+    want = m2rnn_reference(*xs)
+    for impl in ("auto", "torch"):  # auto on CPU tensors: the reference
+        for a, b in zip(m2rnn_sequential(*xs, impl=impl), want):
+            torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="impl"):
+        m2rnn_sequential(*xs, impl="cuda")
+
+
+BAD_SHAPES = {  # argument index, bad shape, message
+    "q_rank": (0, (2, 3, 4), r"q must be \[B, T, G, K\]"),
+    "k": (1, (2, 3, 1, 5), r"k must be"),
+    "v_batch": (2, (1, 3, 4, 2), r"v must be \[B, T, H, V\]"),
+    "H_not_multiple_of_G": (2, (2, 3, 3, 2), r"H=3 .* multiple of .* G=2"),
+    "f": (3, (2, 3, 4, 1), r"f must be \[B, T, H\] = \(2, 3, 4\)"),
+    "W": (4, (4, 2, 3), r"W must be \[H, V, V\] = \(4, 2, 2\)"),
+    "h0": (5, (2, 4, 2, 2), r"h0 must be \[B, H, K, V\] = \(2, 4, 3, 2\)"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SHAPES)
+def test_shape_errors(case):
+    index, shape, message = BAD_SHAPES[case]
+    xs = [torch.zeros(s) for s in [(2, 3, 2, 3), (2, 3, 2, 3), (2, 3, 4, 2), (2, 3, 4), (4, 2, 2), (2, 4, 3, 2)]]
+    xs[index] = torch.zeros(shape)
+    fns = [m2rnn_reference, m2rnn_sequential] + ([triton_fn] if importlib.util.find_spec("triton") else [])
+    for fn in fns:
+        with pytest.raises(ValueError, match=message):
+            fn(*xs)
