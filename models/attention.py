@@ -1,4 +1,5 @@
-"""Causal self-attention: RoPE (rotate-half, as HF Llama), grouped-query heads, SDPA, a KV cache."""
+"""Causal self-attention: RoPE (rotate-half, as HF Llama) or none, grouped-query heads, optional sliding
+window, SDPA, a KV cache."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,8 +28,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 @dataclass
 class KVCache:
-    k: torch.Tensor  # [B, kv_heads, S, hd], RoPE already applied
+    k: torch.Tensor  # [B, kv_heads, S, hd], RoPE already applied; with a window only the last `window`
     v: torch.Tensor
+    position: int  # tokens seen so far (the cache holds positions position − S ... position − 1)
 
     @property
     def length(self) -> int:
@@ -36,42 +38,64 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """y = W_o · softmax(q kᵀ/√d + causal mask) v, with q/k rotated by RoPE and kv heads shared by
-    n_heads / n_kv_heads query heads each."""
+    """y = W_o · softmax(q kᵀ/√d + mask) v, with kv heads shared by n_heads / n_kv_heads query heads each.
+
+    rope: rotate q and k by their absolute positions (False: no positional encoding, "NoPE", as in
+    hybrids where the recurrent layers carry order). window > 0: sliding-window attention, query t sees
+    keys t − window + 1 ... t, and the cache keeps only the last `window` keys (O(window) memory when
+    generating)."""
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, rope_theta: float,
-                 init_std: float = 0.02, out_std: float | None = None):
+                 init_std: float = 0.02, out_std: float | None = None, *, head_dim: int | None = None,
+                 rope: bool = True, window: int = 0):
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
-        self.head_dim = d_model // n_heads
-        self.rope_theta = rope_theta
+        self.head_dim = head_dim or d_model // n_heads
+        self.rope_theta, self.rope, self.window = rope_theta, rope, window
         self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=False)
         self.out_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
         nn.init.normal_(self.qkv.weight, std=init_std)
         nn.init.normal_(self.out_proj.weight, std=out_std or init_std)
 
+    def _mask(self, past: int, cached: int, T: int, device) -> tuple[torch.Tensor | None, bool]:
+        """(attn_mask, is_causal) for T queries at positions past ... past+T−1 over `cached` cached keys
+        followed by the T new ones; SDPA's own causal flag where it suffices."""
+        if not self.window or past + T <= self.window:
+            if cached == 0:
+                return None, T > 1
+            if T == 1:
+                return None, False  # one new query sees the whole cache
+        q_pos = torch.arange(past, past + T, device=device)[:, None]
+        k_pos = torch.arange(past - cached, past + T, device=device)[None, :]
+        mask = k_pos <= q_pos
+        if self.window:
+            mask &= k_pos > q_pos - self.window
+        return mask, False
+
     def forward(self, x: torch.Tensor, state: KVCache | None = None):
-        """x: [B, T, d] → (y [B, T, d], cache holding every position so far)."""
+        """x: [B, T, d] → (y [B, T, d], cache of the positions so far; the last `window` with a window)."""
         B, T, _ = x.shape
         hd, H, KV = self.head_dim, self.n_heads, self.n_kv_heads
         q, k, v = self.qkv(x).view(B, T, H + 2 * KV, hd).transpose(1, 2).split([H, KV, KV], dim=1)
-        past = state.length if state is not None else 0
-        rope_dtype = torch.promote_types(q.dtype, torch.float32)
-        cos, sin = rope_angles(torch.arange(past, past + T, device=x.device), hd, self.rope_theta, rope_dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        past = state.position if state is not None else 0
+        if self.rope:
+            rope_dtype = torch.promote_types(q.dtype, torch.float32)
+            cos, sin = rope_angles(torch.arange(past, past + T, device=x.device), hd, self.rope_theta, rope_dtype)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cached = state.length if state is not None else 0
         if state is not None:
             k, v = torch.cat([state.k, k], dim=2), torch.cat([state.v, v], dim=2)
-        if past == 0:
-            mask, causal = None, T > 1
-        elif T == 1:
-            mask, causal = None, False  # one new query sees the whole cache
-        else:  # a chunk after a cache: query i sits at position past + i
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            causal = False
+        mask, causal = self._mask(past, cached, T, x.device)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=KV != H)
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, H * hd)), KVCache(k, v)
+        if self.window:
+            k, v = k[:, :, -self.window:], v[:, :, -self.window:]
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, H * hd)), KVCache(k, v, past + T)
 
     def step(self, x: torch.Tensor, state: KVCache | None):
         """One token: x [B, d] → (y [B, d], cache)."""
         y, cache = self.forward(x[:, None], state)
         return y[:, 0], cache
+
+    def extra_repr(self) -> str:
+        return (f"heads={self.n_heads}, kv_heads={self.n_kv_heads}, head_dim={self.head_dim}, "
+                f"rope={self.rope}, window={self.window or 'full'}")

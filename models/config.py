@@ -1,12 +1,41 @@
 """The model's shape: everything needed to build an LM, nothing about how it is trained."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-# One character per layer (Megatron's hybrid pattern): G ParaGRU, L ParaLSTM, A attention. `|` marks a
-# pipeline-stage boundary and is ignored by the single-device model. Later issues add M and T.
-MIXER_CHARS = {"G": "paragru", "L": "paralstm", "A": "attention"}
+# One character per layer (Megatron's hybrid pattern): G ParaGRU, L ParaLSTM, M M²RNN, A attention.
+# `|` marks a pipeline-stage boundary and is ignored by the single-device model.
+MIXER_CHARS = {"G": "paragru", "L": "paralstm", "M": "m2rnn", "A": "attention"}
+RESERVED_CHARS = {"T": "TNT memory (not built yet)"}
+# One character per layer for the MLP: D dense SwiGLU, E mixture of experts.
+MLP_CHARS = {"D": "dense", "E": "moe"}
 SOLVERS = ("auto", "newton", "sequential")
+MOE_SCORES = ("softmax", "sigmoid")
+
+
+@dataclass
+class M2RNNConfig:
+    """The M²RNN mixer (Mishra et al., 2026): per value head a K×V matrix state."""
+    k_dim: int = 64  # K: query/key width per q/k head, the state's rows
+    v_dim: int = 16  # V: value width per value head, the state's columns (W is V×V)
+    qk_heads: int = 1  # q/k heads, each shared by v_heads / qk_heads value heads
+    v_heads: int = 0  # value heads; 0 = d_model // v_dim
+    conv: int = 4  # causal depthwise convolution width on q, k, v (1 = none)
+    solver: str = "auto"  # newton | sequential | auto (sequential: Triton on CUDA, PyTorch on CPU)
+
+
+@dataclass
+class MoEConfig:
+    """Token-choice top-k MoE MLPs for the layers marked E in mlp_pattern."""
+    experts: int = 8
+    top_k: int = 2
+    hidden: int = 256  # SwiGLU width of one routed expert
+    shared_experts: int = 0  # experts every token goes through
+    shared_hidden: int = 0  # their width; 0 = hidden
+    score: str = "softmax"  # router score function: softmax | sigmoid
+    aux_loss_coef: float = 0.0  # load-balancing auxiliary loss (Switch / DeepSeek)
+    z_loss_coef: float = 0.0  # router z-loss
+    bias_update_rate: float = 0.0  # auxiliary-loss-free balancing: expert-bias step per optimizer step
 
 
 @dataclass
@@ -20,7 +49,13 @@ class ModelConfig:
     solver: str = "auto"  # recurrences: newton | sequential | auto (by device and shape)
     n_heads: int = 4  # attention query heads
     n_kv_heads: int = 0  # attention key/value heads (GQA); 0 = n_heads
+    head_dim: int = 0  # attention head width; 0 = d_model // n_heads
+    rope: bool = True  # rotary positions; false = NoPE
     rope_theta: float = 10000.0
+    window: int = 0  # sliding-window attention: each query sees this many positions; 0 = all
+    mlp_pattern: str = ""  # MLP kind per layer (D dense, E MoE); "" = all D, one char = every layer
+    m2rnn: M2RNNConfig = field(default_factory=M2RNNConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -45,13 +80,28 @@ class ModelConfig:
         return self.n_kv_heads or self.n_heads
 
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+    def attn_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def m2rnn_v_heads(self) -> int:
+        return self.m2rnn.v_heads or self.d_model // self.m2rnn.v_dim
+
+    @property
+    def mlp_kinds(self) -> list[str]:
+        """The MLP character of each layer."""
+        p = self.mlp_pattern.replace("|", "")
+        if len(p) <= 1:
+            return [p or "D"] * len(self.layers)
+        return list(p)
 
     def problems(self) -> list[tuple[str, str]]:
         """(key, message) for every impossible value; the config loader prefixes the section name."""
         out = []
-        bad = sorted({c for c in self.pattern if c != "|" and c not in MIXER_CHARS})
+        reserved = sorted({c for c in self.pattern if c in RESERVED_CHARS})
+        bad = sorted({c for c in self.pattern if c != "|" and c not in MIXER_CHARS and c not in RESERVED_CHARS})
+        if reserved:
+            out.append(("pattern", ", ".join(f"{c} is reserved for {RESERVED_CHARS[c]}" for c in reserved)))
         if bad:
             out.append(("pattern", f"unknown layer kind(s) {bad} in {self.pattern!r}; known: "
                         + ", ".join(f"{k} ({v})" for k, v in MIXER_CHARS.items()) + ", | (stage mark)"))
@@ -63,10 +113,14 @@ class ModelConfig:
         for key in ("mlp_hidden", "rnn_width", "n_kv_heads"):
             if getattr(self, key) < 0:
                 out.append((key, f"must be >= 0 (0 = default), got {getattr(self, key)}"))
-        if self.n_heads > 0 and self.d_model % self.n_heads:
-            out.append(("n_heads", f"{self.n_heads} heads do not divide d_model={self.d_model}"))
-        elif self.n_heads > 0 and self.head_dim % 2:
-            out.append(("n_heads", f"head dim d_model/n_heads={self.head_dim} must be even for RoPE"))
+        if self.head_dim < 0:
+            out.append(("head_dim", f"must be >= 0 (0 = d_model // n_heads), got {self.head_dim}"))
+        elif self.n_heads > 0 and not self.head_dim and self.d_model % self.n_heads:
+            out.append(("n_heads", f"{self.n_heads} heads do not divide d_model={self.d_model} (or set head_dim)"))
+        elif self.n_heads > 0 and self.rope and self.attn_head_dim % 2:
+            out.append(("head_dim", f"head width {self.attn_head_dim} must be even for RoPE"))
+        if self.window < 0:
+            out.append(("window", f"must be >= 0 (0 = full attention), got {self.window}"))
         if self.n_heads > 0 and self.kv_heads > 0 and self.n_heads % self.kv_heads:
             out.append(("n_kv_heads", f"{self.kv_heads} kv heads do not divide n_heads={self.n_heads}"))
         if self.rnn_heads <= 0:
@@ -80,4 +134,45 @@ class ModelConfig:
             out.append(("norm_eps", f"must be positive, got {self.norm_eps}"))
         if self.init_std <= 0:
             out.append(("init_std", f"must be positive, got {self.init_std}"))
+        return out + self._mlp_problems() + self._m2rnn_problems()
+
+    def _mlp_problems(self) -> list[tuple[str, str]]:
+        out = []
+        p = self.mlp_pattern.replace("|", "")
+        bad = sorted({c for c in p if c not in MLP_CHARS})
+        if bad:
+            out.append(("mlp_pattern", f"unknown MLP kind(s) {bad} in {self.mlp_pattern!r}; known: "
+                        + ", ".join(f"{k} ({v})" for k, v in MLP_CHARS.items())))
+        elif len(p) > 1 and len(p) != len(self.layers):
+            out.append(("mlp_pattern", f"{self.mlp_pattern!r} has {len(p)} layers, pattern {self.pattern!r} "
+                                       f"has {len(self.layers)} (or give one character for all)"))
+        if "E" not in p:
+            return out
+        m = self.moe
+        for key in ("experts", "top_k", "hidden"):
+            if getattr(m, key) <= 0:
+                out.append((f"moe.{key}", f"must be positive, got {getattr(m, key)}"))
+        if 0 < m.experts < m.top_k:
+            out.append(("moe.top_k", f"{m.top_k} is more than moe.experts={m.experts}"))
+        for key in ("shared_experts", "shared_hidden", "aux_loss_coef", "z_loss_coef", "bias_update_rate"):
+            if getattr(m, key) < 0:
+                out.append((f"moe.{key}", f"must be >= 0, got {getattr(m, key)}"))
+        if m.score not in MOE_SCORES:
+            out.append(("moe.score", f"must be one of {', '.join(MOE_SCORES)}, got {m.score!r}"))
+        return out
+
+    def _m2rnn_problems(self) -> list[tuple[str, str]]:
+        if "M" not in self.layers:
+            return []
+        out, m = [], self.m2rnn
+        for key in ("k_dim", "v_dim", "qk_heads", "conv"):
+            if getattr(m, key) <= 0:
+                out.append((f"m2rnn.{key}", f"must be positive, got {getattr(m, key)}"))
+        if m.v_heads < 0:
+            out.append(("m2rnn.v_heads", f"must be >= 0 (0 = d_model // v_dim), got {m.v_heads}"))
+        elif m.v_dim > 0 and m.qk_heads > 0 and (self.m2rnn_v_heads <= 0 or self.m2rnn_v_heads % m.qk_heads):
+            out.append(("m2rnn.v_heads", f"{self.m2rnn_v_heads} value heads must be a positive multiple "
+                                         f"of m2rnn.qk_heads={m.qk_heads}"))
+        if m.solver not in SOLVERS:
+            out.append(("m2rnn.solver", f"must be one of {', '.join(SOLVERS)}, got {m.solver!r}"))
         return out
