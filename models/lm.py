@@ -6,7 +6,9 @@ from torch import nn
 
 from unroll.models.attention import Attention
 from unroll.models.config import ModelConfig
+from unroll.models.m2rnn import M2RNN
 from unroll.models.mlp import SwiGLU
+from unroll.models.moe import MoE
 from unroll.models.paragru import ParaGRU, scaled_out_std
 from unroll.models.paralstm import ParaLSTM
 
@@ -17,22 +19,37 @@ def build_mixer(kind: str, cfg: ModelConfig, out_std: float) -> nn.Module:
     if kind in RECURRENT:
         return RECURRENT[kind](cfg.d_model, cfg.rnn_dim, heads=cfg.rnn_heads, solver=cfg.solver,
                                init_std=cfg.init_std, out_std=out_std)
+    if kind == "M":
+        m = cfg.m2rnn
+        return M2RNN(cfg.d_model, k_dim=m.k_dim, v_dim=m.v_dim, qk_heads=m.qk_heads, v_heads=cfg.m2rnn_v_heads,
+                     conv=m.conv, solver=m.solver, norm_eps=cfg.norm_eps, init_std=cfg.init_std, out_std=out_std)
     if kind == "A":
-        return Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.rope_theta, cfg.init_std, out_std)
+        return Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.rope_theta, cfg.init_std, out_std,
+                         head_dim=cfg.attn_head_dim, rope=cfg.rope, window=cfg.window)
     raise ValueError(f"unknown layer kind {kind!r}")
+
+
+def build_mlp(kind: str, cfg: ModelConfig, out_std: float) -> nn.Module:
+    if kind == "E":
+        m = cfg.moe
+        return MoE(cfg.d_model, m.experts, m.top_k, m.hidden, shared_experts=m.shared_experts,
+                   shared_hidden=m.shared_hidden or m.hidden, score=m.score, aux_loss_coef=m.aux_loss_coef,
+                   z_loss_coef=m.z_loss_coef, bias_update_rate=m.bias_update_rate, init_std=cfg.init_std,
+                   out_std=out_std)
+    return SwiGLU(cfg.d_model, cfg.mlp_width, cfg.init_std, out_std)
 
 
 class Block(nn.Module):
     """x + mixer(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, kind: str, cfg: ModelConfig):
+    def __init__(self, kind: str, cfg: ModelConfig, mlp_kind: str = "D"):
         super().__init__()
         out_std = scaled_out_std(cfg.init_std, len(cfg.layers))
-        self.kind = kind
+        self.kind, self.mlp_kind = kind, mlp_kind
         self.mixer_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mixer = build_mixer(kind, cfg, out_std)
         self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.d_model, cfg.mlp_width, cfg.init_std, out_std)
+        self.mlp = build_mlp(mlp_kind, cfg, out_std)
 
     def forward(self, x: torch.Tensor, state=None):
         y, state = self.mixer(self.mixer_norm(x), state)
@@ -50,7 +67,7 @@ class LM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(kind, cfg) for kind in cfg.layers)
+        self.blocks = nn.ModuleList(Block(kind, cfg, mlp) for kind, mlp in zip(cfg.layers, cfg.mlp_kinds))
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         nn.init.normal_(self.embed.weight, std=cfg.init_std)
@@ -85,3 +102,15 @@ class LM(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def active_params(self) -> int:
+        """Parameters one token goes through: all but the routed experts it is not sent to."""
+        return self.num_params() - sum(m.inactive_params() for m in self.modules() if isinstance(m, MoE))
+
+    def moe_layers(self) -> list[tuple[int, MoE]]:
+        return [(i, b.mlp) for i, b in enumerate(self.blocks) if isinstance(b.mlp, MoE)]
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """The MoE layers' load-balancing and z-losses of the last forward (None without MoE layers)."""
+        losses = [moe.aux_loss for _, moe in self.moe_layers()]
+        return torch.stack(losses).sum() if losses else None

@@ -6,6 +6,7 @@ import torch
 
 from unroll.models import LM, ModelConfig
 from unroll.models.attention import Attention
+from unroll.models.config import M2RNNConfig, MoEConfig
 
 
 def tiny(pattern, **kw):
@@ -14,8 +15,17 @@ def tiny(pattern, **kw):
     return LM(cfg).double().eval()
 
 
-@pytest.mark.parametrize("pattern,kw", [("GG", {}), ("LL", {"rnn_heads": 2}), ("AA", {}), ("GA|AL", {"n_kv_heads": 2}),
-                                        ("AG", {"tie_embeddings": False, "rnn_width": 24})])
+M2 = {"m2rnn": M2RNNConfig(k_dim=4, v_dim=4, qk_heads=2, v_heads=4)}
+MOE = {"mlp_pattern": "E", "moe": MoEConfig(experts=4, top_k=2, hidden=16, shared_experts=1, bias_update_rate=0.1)}
+
+
+@pytest.mark.parametrize("pattern,kw", [
+    ("GG", {}), ("LL", {"rnn_heads": 2}), ("AA", {}), ("GA|AL", {"n_kv_heads": 2}),
+    ("AG", {"tie_embeddings": False, "rnn_width": 24}),
+    ("MM", M2), ("MA", M2 | {"m2rnn": M2RNNConfig(k_dim=4, v_dim=4, qk_heads=1, v_heads=4, solver="newton")}),
+    ("AA", {"window": 4}), ("AA", {"window": 6, "rope": False, "n_kv_heads": 2, "head_dim": 6}),
+    ("MAGL", M2 | MOE | {"window": 3}), ("GA", {"mlp_pattern": "DE", "moe": MOE["moe"]}),
+])
 def test_step_by_step_equals_full_forward(pattern, kw):
     model = tiny(pattern, **kw)
     tokens = torch.randint(0, 50, (3, 13))
@@ -33,10 +43,11 @@ def test_step_by_step_equals_full_forward(pattern, kw):
     torch.testing.assert_close(logits, full[:, 9], rtol=1e-10, atol=1e-10)
 
 
-def test_attention_matches_explicit_softmax_reference():
+@pytest.mark.parametrize("use_rope,window", [(True, 0), (False, 0), (True, 4), (False, 1)])
+def test_attention_matches_explicit_softmax_reference(use_rope, window):
     torch.manual_seed(0)
     B, T, d, H, KV = 2, 11, 24, 6, 2
-    attn = Attention(d, H, KV, rope_theta=100.0).double()
+    attn = Attention(d, H, KV, rope_theta=100.0, rope=use_rope, window=window).double()
     x = torch.randn(B, T, d, dtype=torch.float64)
     y, _ = attn(x)
 
@@ -53,12 +64,16 @@ def test_attention_matches_explicit_softmax_reference():
                 out[:, t, :, i + hd // 2] = u[:, t, :, i + hd // 2] * c + u[:, t, :, i] * s
         return out
 
-    q, k = rope(q), rope(k)
+    if attn.rope:
+        q, k = rope(q), rope(k)
     out = torch.zeros(B, T, H, hd, dtype=torch.float64)
     for h in range(H):
         g = h // (H // KV)  # query head h reads kv head g
         scores = q[:, :, h] @ k[:, :, g].transpose(1, 2) / math.sqrt(hd)
-        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+        hidden = torch.ones(T, T, dtype=torch.bool).triu(1)  # the future
+        if window:  # and what lies `window` or more positions back
+            hidden |= torch.ones(T, T, dtype=torch.bool).tril(-window)
+        scores = scores.masked_fill(hidden, float("-inf"))
         out[:, :, h] = scores.softmax(-1) @ v[:, :, g]
     torch.testing.assert_close(y, attn.out_proj(out.reshape(B, T, d)), rtol=1e-10, atol=1e-12)
 

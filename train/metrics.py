@@ -65,7 +65,8 @@ class Metrics:
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+            # per-expert lists stay in metrics.jsonl; wandb gets the scalars
+            self.wandb.log({k: v for k, v in row.items() if k != "step" and not isinstance(v, list)}, step=row["step"])
         if "loss" in row:
             self.bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
         if "val_loss" in row:

@@ -48,6 +48,31 @@ def solver_metrics(model: LM) -> dict:
     return row
 
 
+def update_expert_bias(model: LM) -> torch.Tensor | None:
+    """After an optimizer step: every MoE layer's assignment counts since the last step, summed over the
+    data-parallel ranks, move its auxiliary-loss-free expert bias (identically on every rank). Returns
+    the counts [MoE layers, experts] for the load metrics."""
+    layers = model.moe_layers()
+    if not layers:
+        return None
+    counts = torch.stack([moe.load_since_update for _, moe in layers]).double()
+    D.all_reduce_sum(counts)
+    for (_, moe), c in zip(layers, counts):
+        moe.update_bias(c)
+    return counts
+
+
+def load_metrics(model: LM, counts: torch.Tensor) -> dict:
+    """Per MoE layer: each expert's share of the routed assignments relative to a perfectly even split
+    (1.0 = balanced), as a list, and its maximum."""
+    row = {}
+    relative = counts * counts.shape[1] / counts.sum(dim=1, keepdim=True).clamp_min(1)
+    for (i, _), load in zip(model.moe_layers(), relative.tolist()):
+        row[f"layer{i}/expert_load"] = [round(x, 4) for x in load]
+        row[f"layer{i}/expert_load_max"] = max(row[f"layer{i}/expert_load"])
+    return row
+
+
 def autocast_for(cfg: Config, device: torch.device):
     dtype = cfg.run.dtype
     if dtype == "auto":
@@ -118,6 +143,7 @@ def train(cfg: Config) -> dict:
     stop = StopRequest()
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     timer, timed_steps, saved_at, val_loss = time.perf_counter(), 0, step if state else None, None
+    load_window = None  # MoE assignment counts since the last logged step
     clean = False  # on an exception, skip the final barrier: the other ranks may never reach it
     try:
         while step < cfg.train.steps:
@@ -125,18 +151,25 @@ def train(cfg: Config) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=dist.device)
+            aux_sum = torch.zeros((), device=dist.device)
             rank_start = samples + dist.rank * micro * accum
             for i in range(accum):
                 batch = data.train_batch(rank_start + i * micro, micro).to(dist.device)
                 sync = ddp is None or i == accum - 1
                 with (contextlib.nullcontext() if sync else ddp.no_sync()), autocast:
                     loss = lm_loss(trained, batch)
-                (loss / accum).backward()
+                    aux = model.aux_loss()  # MoE balancing losses of this forward (None without MoE)
+                ((loss if aux is None else loss + aux) / accum).backward()
                 loss_sum += loss.detach()
+                if aux is not None:
+                    aux_sum += aux.detach()
             grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
                          if cfg.optim.grad_clip > 0 else None)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            counts = update_expert_bias(model)
+            if counts is not None:
+                load_window = counts if load_window is None else load_window + counts
             step, samples, timed_steps = step + 1, samples + cfg.train.batch_size, timed_steps + 1
             metrics.advance()
 
@@ -147,6 +180,10 @@ def train(cfg: Config) -> dict:
                        "tokens": samples * cfg.data.seq_len}
                 if grad_norm is not None:
                     row["grad_norm"] = grad_norm.item()
+                if load_window is not None:
+                    row["moe_aux_loss"] = D.all_reduce_sum(aux_sum / accum).item() / dist.world
+                    row |= load_metrics(model, load_window)
+                    load_window = None
                 metrics.log(row | solver_metrics(model))
             if data.valid is not None and ((cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.steps):
                 val_loss = evaluate(model, data, cfg, dist, autocast)

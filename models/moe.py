@@ -1,0 +1,155 @@
+"""Mixture-of-experts SwiGLU MLP: token-choice top-k routing, dropless, grouped expert matmuls.
+
+Balancing: the Switch/DeepSeek auxiliary loss and router z-loss (in `aux_loss` after each forward, for the
+trainer to add), and DeepSeek-V3's auxiliary-loss-free expert bias, which shifts selection only and is
+stepped by `update_bias` from the load counted since the last call.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unroll.models.mlp import SwiGLU
+
+SCORES = ("softmax", "sigmoid")
+
+
+def _grouped_mm_supported(dtype: torch.dtype, device: torch.device, *row_widths: int) -> bool:
+    """Whether torch._grouped_mm can run these expert matmuls, forward and backward, on this device.
+
+    CPU (checked on torch 2.13): float32/bfloat16/float16 only (float64 raises), autograd works, and every
+    matrix's row stride must be a multiple of 16 bytes. CUDA: only the bf16 CUTLASS kernel on sm90/sm100 is
+    a real grouped GEMM; elsewhere torch falls back to copying offsets to the host and looping, which is
+    what our own loop does, so we take the loop there rather than depend on the fallback's dtype coverage.
+    """
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if device.type == "cpu":
+        ok = dtype in (torch.float32, torch.bfloat16, torch.float16)
+    elif device.type == "cuda":
+        ok = dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] in (9, 10)
+    else:
+        ok = False
+    return ok and all(w * dtype.itemsize % 16 == 0 for w in row_widths)
+
+
+class MoE(nn.Module):
+    def __init__(self, d_model: int, n_experts: int, top_k: int, hidden: int, *, shared_experts: int = 0,
+                 shared_hidden: int = 0, score: str = "softmax", aux_loss_coef: float = 0.0,
+                 z_loss_coef: float = 0.0, bias_update_rate: float = 0.0, init_std: float = 0.02,
+                 out_std: float | None = None):
+        super().__init__()
+        for name, value in (("d_model", d_model), ("n_experts", n_experts), ("top_k", top_k), ("hidden", hidden)):
+            if value < 1:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if top_k > n_experts:
+            raise ValueError(f"top_k={top_k} is more than n_experts={n_experts}")
+        for name, value in (("shared_experts", shared_experts), ("shared_hidden", shared_hidden),
+                            ("aux_loss_coef", aux_loss_coef), ("z_loss_coef", z_loss_coef),
+                            ("bias_update_rate", bias_update_rate)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if shared_experts and not shared_hidden:
+            raise ValueError(f"shared_hidden must be positive with shared_experts={shared_experts}")
+        if score not in SCORES:
+            raise ValueError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
+        self.d_model, self.n_experts, self.top_k, self.hidden = d_model, n_experts, top_k, hidden
+        self.score = score
+        self.aux_loss_coef, self.z_loss_coef, self.bias_update_rate = aux_loss_coef, z_loss_coef, bias_update_rate
+
+        self.router = nn.Linear(d_model, n_experts, bias=False)
+        # Stacked so expert/tensor parallelism can shard dim 0; gate and up fused as in SwiGLU.
+        self.w_gate_up = nn.Parameter(torch.empty(n_experts, d_model, 2 * hidden))
+        self.w_down = nn.Parameter(torch.empty(n_experts, hidden, d_model))
+        nn.init.normal_(self.router.weight, std=init_std)
+        nn.init.normal_(self.w_gate_up, std=init_std)
+        nn.init.normal_(self.w_down, std=out_std or init_std)
+        # Several shared experts side by side are one SwiGLU of the summed width.
+        self.shared = SwiGLU(d_model, shared_experts * shared_hidden, init_std, out_std) if shared_experts else None
+
+        # Selection-only bias (aux-loss-free balancing): saved with the model, it is part of its routing.
+        self.register_buffer("expert_bias", torch.zeros(n_experts))
+        # Per-expert assignments since the last update_bias, counted in training mode. A plain attribute,
+        # not a buffer: DDP broadcasts every buffer (persistent or not) from rank 0 before each forward,
+        # which would overwrite each rank's own counts. Integer: exact, and untouched by model.to(dtype).
+        self.load_since_update = torch.zeros(n_experts, dtype=torch.long)
+        self.last_load = torch.zeros(n_experts)
+        self.aux_loss = torch.zeros(())
+        self.use_grouped_mm: bool | None = None  # None: decide per call; True/False forces a path (tests)
+
+    def inactive_params(self) -> int:
+        """Parameters of the routed experts a token is not sent to."""
+        per_expert = self.w_gate_up[0].numel() + self.w_down[0].numel()
+        return (self.n_experts - self.top_k) * per_expert
+
+    def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, d] -> expert ids [T, k], combine weights [T, k], per-expert counts [E]; sets aux_loss and
+        the load statistics."""
+        dtype = torch.promote_types(x.dtype, torch.float32)  # routing never in bf16, float64 kept for tests
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.to(dtype), self.router.weight.to(dtype))
+        scores = logits.softmax(-1) if self.score == "softmax" else logits.sigmoid()
+        idx = (scores + self.expert_bias.to(dtype)).topk(self.top_k, dim=-1).indices
+        weights = scores.gather(-1, idx)
+        weights = weights / weights.sum(-1, keepdim=True)
+
+        counts = torch.bincount(idx.flatten(), minlength=self.n_experts)
+        self.last_load = counts.detach().float()
+        if self.training:
+            if self.load_since_update.device != counts.device:  # not a buffer, so .to(device) skips it
+                self.load_since_update = torch.zeros_like(counts)
+            self.load_since_update += counts
+        aux = logits.new_zeros(())
+        if self.aux_loss_coef:
+            probs = scores if self.score == "softmax" else scores / scores.sum(-1, keepdim=True)
+            frac = counts.to(dtype) / idx.numel()
+            aux = aux + self.aux_loss_coef * self.n_experts * (frac * probs.mean(0)).sum()
+        if self.z_loss_coef:
+            aux = aux + self.z_loss_coef * logits.logsumexp(-1).square().mean()
+        self.aux_loss = aux
+        return idx, weights, counts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, self.d_model)
+        idx, weights, counts = self._route(x)
+
+        # Dropless dispatch: sort the T*k (token, expert) assignments by expert so each expert's tokens
+        # are one contiguous slice; stable so the order within an expert is the token order.
+        order = idx.flatten().argsort(stable=True)
+        token = order // self.top_k
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        grouped = self.use_grouped_mm
+        if grouped is None:
+            grouped = _grouped_mm_supported(dtype, x.device, self.d_model, self.hidden)
+        if grouped:
+            offs = counts.cumsum(0).to(torch.int32)  # stays on the device: no host sync
+            mm = lambda a, w: torch._grouped_mm(a, w, offs=offs)  # noqa: E731
+        else:  # one matmul per expert on its slice; needs the counts on the host
+            sizes = counts.tolist()
+            mm = lambda a, w: torch.cat([a_e @ w[e] for e, a_e in enumerate(a.split(sizes))])  # noqa: E731
+        # Cast explicitly: torch._grouped_mm is not on autocast's lists.
+        gate, up = mm(x[token].to(dtype), self.w_gate_up.to(dtype)).chunk(2, dim=-1)
+        y = mm(F.silu(gate) * up, self.w_down.to(dtype))
+
+        y = y.to(x.dtype) * weights.flatten()[order, None].to(x.dtype)
+        out = x.new_zeros(x.shape).index_add_(0, token, y)
+        if self.shared is not None:
+            out = out + self.shared(x)
+        return out.reshape(shape)
+
+    @torch.no_grad()
+    def update_bias(self, counts: torch.Tensor | None = None) -> None:
+        """Aux-loss-free balancing step: raise the bias of under-loaded experts, lower the over-loaded.
+
+        counts: per-expert load to balance (e.g. load_since_update all-reduced over data-parallel ranks);
+        default this module's load_since_update. The accumulator is reset either way, so it always
+        counts since the last call; the bias is untouched when bias_update_rate is 0.
+        """
+        counts = self.load_since_update if counts is None else counts
+        if self.bias_update_rate:
+            counts = counts.to(self.expert_bias.device, torch.float32)
+            self.expert_bias += self.bias_update_rate * torch.sign(counts.mean() - counts).to(self.expert_bias.dtype)
+        self.load_since_update.zero_()
