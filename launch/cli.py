@@ -14,6 +14,17 @@ def _train(args) -> int:
     return 128 + 15 if summary.get("stopped") else 0
 
 
+def _info(args) -> int:
+    import json
+
+    from unroll.models.summary import format_summary, summarize
+    from unroll.train.config import load_config
+
+    summary = summarize(load_config(args.config, args.overrides).model)
+    print(json.dumps(summary, indent=2) if args.json else format_summary(args.config, summary))
+    return 0
+
+
 def _tokenizer(args) -> int:
     from unroll.data.tokenizer import train_tokenizer
 
@@ -49,7 +60,8 @@ def _plot(args) -> int:
     return 0
 
 
-BENCHES = {"solver": "unroll.launch.bench.solver"}
+BENCHES = {"solver": "unroll.launch.bench.solver", "state-tracking": "unroll.launch.bench.state_tracking",
+           "throughput": "unroll.launch.bench.throughput"}
 
 
 def _bench(args) -> int:
@@ -66,6 +78,12 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="a YAML config file or a preset name (see configs/)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.steps=100 run.dir=runs/x")
     t.set_defaults(func=_train)
+
+    i = sub.add_parser("info", help="parameter counts (total, active) and per-layer state of a config")
+    i.add_argument("config", help="a YAML config file or a preset name (see configs/)")
+    i.add_argument("overrides", nargs="*", metavar="key=value")
+    i.add_argument("--json", action="store_true", help="print the figures as JSON")
+    i.set_defaults(func=_info)
 
     d = sub.add_parser("data", help="tokenizer training and corpus preparation").add_subparsers(dest="data", required=True)
     tok = d.add_parser("tokenizer", help="train a sentencepiece BPE tokenizer on raw text")
