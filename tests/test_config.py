@@ -29,11 +29,26 @@ def test_presets_load_and_overrides_apply():
     ("schedule.name=linear", "schedule.name", "cosine, wsd or constant"),
     ("data.weights=[1.0,2.0]", "data.weights", "2 weights for 1 train datasets"),
     ("optim.beta2=1.5", "optim.beta2", "must be in [0, 1)"),
+    ("model.pattern=GGTG", "model.pattern", "T is reserved for TNT"),
+    ("model.mlp_pattern=DEX", "model.mlp_pattern", "unknown MLP kind"),
+    ("model.mlp_pattern=DE", "model.mlp_pattern", "has 2 layers, pattern 'MMAM' has 4"),
+    ("model.moe.top_k=9", "model.moe.top_k", "more than moe.experts=8"),
+    ("model.moe.score=relu", "model.moe.score", "softmax, sigmoid"),
+    ("model.m2rnn.qk_heads=3", "model.m2rnn.v_heads", "multiple of m2rnn.qk_heads=3"),
+    ("model.m2rnn.solver=fast", "model.m2rnn.solver", "newton, sequential"),
+    ("model.window=-1", "model.window", "must be >= 0"),
+    ("model.head_dim=-1", "model.head_dim", "must be >= 0"),
 ])
 def test_bad_values_name_the_key(override, key, words):
     with pytest.raises(ConfigError) as err:
-        load_config("tiny-gru", [override])
+        load_config("tiny-moe", [override])
     assert key in str(err.value) and words in str(err.value)
+
+
+def test_odd_head_width_is_refused_with_rope_only():
+    with pytest.raises(ConfigError, match="model.head_dim: head width 7 must be even for RoPE"):
+        load_config("tiny-transformer", ["model.head_dim=7"])
+    assert load_config("tiny-transformer", ["model.head_dim=7", "model.rope=false"]).model.attn_head_dim == 7
 
 
 def test_unknown_key_in_yaml_names_file_and_key(tmp_path):
