@@ -1,0 +1,83 @@
+"""`unroll bench state-tracking`: its task generators are right, and it runs end to end (no accuracy is
+asserted: a few steps learn nothing; the numbers live in the benchmark's output)."""
+import json
+
+import torch
+
+from unroll.launch.bench import state_tracking
+from unroll.launch.bench.state_tracking import COMPOSE, PERMS, main, parity_batch, s5_batch
+from unroll.launch.cli import main as cli_main
+
+
+def test_parity_targets_are_prefix_xors():
+    x, y = parity_batch(4, 50, torch.Generator().manual_seed(0))
+    assert set(x.unique().tolist()) == {0, 1}
+    for row_x, row_y in zip(x.tolist(), y.tolist()):
+        acc = 0
+        for bit, target in zip(row_x, row_y):
+            acc ^= bit
+            assert target == acc
+
+
+def test_s5_targets_compose_permutations_first_token_first():
+    x, y = s5_batch(3, 20, torch.Generator().manual_seed(1))
+    assert PERMS[0] == (0, 1, 2, 3, 4) and len(set(PERMS)) == 120
+    for row_x, row_y in zip(x.tolist(), y.tolist()):
+        state = list(range(5))
+        for g, target in zip(row_x, row_y):
+            state = [PERMS[g][state[i]] for i in range(5)]  # g ∘ state: the new token applied last
+            assert PERMS[target] == tuple(state)
+
+
+def test_s5_identity_is_neutral():
+    g = torch.Generator().manual_seed(2)
+    x, y = s5_batch(2, 12, g)
+    ident = torch.zeros(2, 12, dtype=torch.long)
+    assert (COMPOSE[0] == torch.arange(120)).all() and (COMPOSE[:, 0] == torch.arange(120)).all()
+    # a sequence of identities stays at the identity; inserting identities does not change the product
+    assert (_targets(ident) == 0).all()
+    with_ids = torch.stack([x, ident], dim=2).flatten(1)  # g0, e, g1, e, ...
+    assert (_targets(with_ids)[:, 1::2] == y).all()
+
+
+def _targets(x: torch.Tensor) -> torch.Tensor:
+    state, out = torch.zeros(len(x), dtype=torch.long), []
+    for t in range(x.shape[1]):
+        state = COMPOSE[state, x[:, t]]
+        out.append(state)
+    return torch.stack(out, 1)
+
+
+def test_bench_quick_runs_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "st.json"
+    assert main(["--quick", "--families", "gru,transformer", "--eval-lengths", "64,128", "--threads", "1",
+                 "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "acc/last@64*" in printed and "acc/last@128" in printed and "transformer" in printed
+    result = json.loads(out.read_text())
+    assert result["eval_lengths"] == [64, 128] and result["skipped"] == {}
+    rows = result["rows"]
+    expected = [(f, t) for f in ("gru", "transformer") for t in ("parity", "s5")]
+    assert [(r["family"], r["task"]) for r in rows] == expected
+    for r in rows:
+        assert {"steps", "loss", "params", "train_seconds", "eval_seconds", "acc", "last_acc"} <= r.keys()
+        assert set(r["acc"]) == set(r["last_acc"]) == {"64", "128"}
+        assert all(0 <= a <= 1 for a in [*r["acc"].values(), *r["last_acc"].values()])
+
+
+def test_cli_registers_the_bench(capsys):
+    assert cli_main(["bench", "state-tracking", "--quick", "--families", "lstm", "--tasks", "parity",
+                     "--eval-lengths", "32", "--length", "16", "--threads", "1"]) == 0
+    assert "lstm" in capsys.readouterr().out
+
+
+def test_unbuildable_families_are_skipped_with_a_line(monkeypatch, capsys, tmp_path):
+    # what the M family looks like on a checkout without M²RNN: an unknown pattern char or config field
+    monkeypatch.setitem(state_tracking.FAMILIES, "bad-char", dict(pattern="QQ"))
+    monkeypatch.setitem(state_tracking.FAMILIES, "bad-field", dict(pattern="GG", no_such_field=1))
+    out = tmp_path / "st.json"
+    assert main(["--quick", "--families", "bad-char,bad-field", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "skipping bad-char: pattern: unknown layer kind" in printed and "skipping bad-field:" in printed
+    result = json.loads(out.read_text())
+    assert result["rows"] == [] and set(result["skipped"]) == {"bad-char", "bad-field"}
