@@ -63,3 +63,15 @@ def test_two_ranks_balance_on_the_global_load(tiny_config, offline_env):
         # the load is counted over both ranks' tokens; a near-tie in top-k may flip an assignment or two
         # (of 512 per step), since the two runs' matmuls round differently
         assert rb["layer0/expert_load"] == pytest.approx(ra["layer0/expert_load"], abs=0.02)
+
+
+def test_expert_matrices_get_weight_decay_and_the_bias_none(tiny_config):
+    from unroll.train.trainer import build_optimizer
+
+    cfg = load_config(str(tiny_config("decay", model=MODEL)))
+    model = LM(cfg.model)
+    decayed = {id(p) for p in build_optimizer(model, cfg).param_groups[0]["params"]}
+    _, moe = model.moe_layers()[0]
+    m2rnn = model.blocks[0].mixer
+    assert {id(moe.w_gate_up), id(moe.w_down), id(moe.router.weight), id(m2rnn.in_proj.weight)} <= decayed
+    assert not {id(m2rnn.W), id(m2rnn.A_log), id(m2rnn.conv.weight)} & decayed

@@ -65,6 +65,18 @@ class ScheduleConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """The device mesh (train/mesh.py). The product of pp, dp_replicate, dp_shard, cp and tp is the world
+    size; expert parallelism borrows ranks from dp_shard × cp."""
+    dp_replicate: int = 1  # data-parallel replicas (DDP; HSDP's outer dimension when dp_shard > 1)
+    dp_shard: int = -1  # data-parallel ranks sharding parameters (FSDP2); -1 = the ranks left over
+    cp: int = 1  # context parallel: the sequence split over ranks
+    tp: int = 1  # tensor parallel
+    pp: int = 1  # pipeline stages
+    ep: int = 1  # expert parallel (divides dp_shard × cp)
+
+
+@dataclass
 class EvalConfig:
     every: int = 200  # steps between validations; 0 = only at the end
     batches: int = 8  # validation batches of eval.batch_size sequences (fixed, the first ones)
@@ -98,6 +110,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -9,14 +9,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
+from torch.distributed.tensor import DTensor
 
 from unroll.models import LM
 from unroll.models.generate import sample
+from unroll.models.moe import MoE
 from unroll.train import checkpoint, distributed as D
 from unroll.train.config import Config, check_world
 from unroll.train.data_setup import RunData, open_run_data
+from unroll.train.mesh import build_mesh, check_model, resolve_layout
 from unroll.train.metrics import Metrics
+from unroll.train.parallelize import gradient_sync, parallelize
 from unroll.train.plot import plot_run
 from unroll.train.rundir import prepare_run_dir
 from unroll.train.schedule import lr_at
@@ -24,9 +27,10 @@ from unroll.train.signals import StopRequest
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
-    """Weight decay on the matrices of Linear and Embedding layers only; never on norms, biases or the
-    recurrences' own coefficients."""
+    """Weight decay on the matrices of Linear and Embedding layers and the MoE's stacked expert matrices;
+    never on norms, biases, convolutions or the recurrences' own coefficients."""
     decay = {id(m.weight) for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
+    decay |= {id(p) for m in model.modules() if isinstance(m, MoE) for p in (m.w_gate_up, m.w_down)}
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if id(p) in decay], "weight_decay": cfg.optim.weight_decay},
@@ -110,26 +114,28 @@ def train(cfg: Config) -> dict:
     dist = D.init(cfg.run.device)
     if cfg.run.threads and dist.device.type == "cpu":
         torch.set_num_threads(cfg.run.threads)
-    micro, accum = check_world(cfg, dist.world)
+    layout = resolve_layout(cfg.parallel, dist.world)
+    check_model(layout, cfg.model)
+    micro, accum = check_world(cfg, layout.dp)
     data = open_run_data(cfg)  # every file checked before any work
     run_dir = prepare_run_dir(cfg, dist.is_main)
     D.barrier()
 
     torch.manual_seed(cfg.train.seed)
     model = LM(cfg.model).to(dist.device)
-    optimizer = build_optimizer(model, cfg)
+    autocast = autocast_for(cfg, dist.device)
+    mesh = build_mesh(layout, dist.device.type)
+    trained = parallelize(model, mesh, layout, bf16=dist.device.type == "cuda" and not isinstance(autocast, contextlib.nullcontext))
+    optimizer = build_optimizer(model, cfg)  # on the sharded parameters
     state = checkpoint.load_latest(run_dir, model, optimizer, rank=dist.rank)
     step = state["step"] if state else 0
     samples = state["samples_consumed"] if state else 0
-    ddp = DistributedDataParallel(model) if dist.world > 1 else None
-    trained = ddp or model
-    autocast = autocast_for(cfg, dist.device)
 
     metrics = Metrics(run_dir, enabled=dist.is_main, total_steps=cfg.train.steps, start_step=step,
                       wandb_mode=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
                       config=asdict(cfg), progress=cfg.logging.progress)
     metrics.write(f"model: {model.num_params():,} parameters, pattern {cfg.model.pattern!r}; "
-                  f"{dist.world} rank(s) × {accum} micro-batch(es) of {micro} × {cfg.data.seq_len} tokens"
+                  f"{dist.world} rank(s) ({layout.describe()}) × {accum} micro-batch(es) of {micro} × {cfg.data.seq_len} tokens"
                   + (f"; resumed at step {step}" if state else ""))
     initial_val = state.get("initial_val_loss") if state else None
     if data.valid is not None and not state:
@@ -155,8 +161,7 @@ def train(cfg: Config) -> dict:
             rank_start = samples + dist.rank * micro * accum
             for i in range(accum):
                 batch = data.train_batch(rank_start + i * micro, micro).to(dist.device)
-                sync = ddp is None or i == accum - 1
-                with (contextlib.nullcontext() if sync else ddp.no_sync()), autocast:
+                with gradient_sync(trained, i == accum - 1), autocast:
                     loss = lm_loss(trained, batch)
                     aux = model.aux_loss()  # MoE balancing losses of this forward (None without MoE)
                 ((loss if aux is None else loss + aux) / accum).backward()
@@ -178,8 +183,8 @@ def train(cfg: Config) -> dict:
                 elapsed = time.perf_counter() - timer
                 row = {"step": step, "loss": loss_mean, "lr": lr, "tokens_per_s": timed_steps * tokens_per_step / elapsed,
                        "tokens": samples * cfg.data.seq_len}
-                if grad_norm is not None:
-                    row["grad_norm"] = grad_norm.item()
+                if grad_norm is not None:  # a DTensor under FSDP2
+                    row["grad_norm"] = (grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm).item()
                 if load_window is not None:
                     row["moe_aux_loss"] = D.all_reduce_sum(aux_sum / accum).item() / dist.world
                     row |= load_metrics(model, load_window)
@@ -216,6 +221,14 @@ def finish(cfg: Config, model: LM, data: RunData, run_dir: Path, dist: D.DistInf
            step: int, val_loss: float | None, initial_val: float | None) -> dict:
     """The end of a run: loss curve, validation perplexity and a generated sample (rank 0)."""
     summary = {"step": step, "stopped": False}
+    sharded = any(isinstance(p, DTensor) for p in model.parameters())
+    if not dist.is_main and not sharded:
+        return summary
+    if cfg.sample.prompt and cfg.sample.max_new_tokens:  # under FSDP2 every rank runs the forward passes
+        gen = torch.Generator().manual_seed(cfg.train.seed)
+        ids = sample(model, data.tokenizer.encode(cfg.sample.prompt), cfg.sample.max_new_tokens,
+                     temperature=cfg.sample.temperature, top_k=cfg.sample.top_k, generator=gen)
+        summary["sample"] = cfg.sample.prompt + data.tokenizer.decode(ids)
     if not dist.is_main:
         return summary
     if val_loss is not None:
@@ -226,10 +239,6 @@ def finish(cfg: Config, model: LM, data: RunData, run_dir: Path, dist: D.DistInf
         summary["plot"] = str(plot_run(run_dir))
     except FileNotFoundError:
         pass
-    if cfg.sample.prompt and cfg.sample.max_new_tokens:
-        gen = torch.Generator().manual_seed(cfg.train.seed)
-        ids = sample(model, data.tokenizer.encode(cfg.sample.prompt), cfg.sample.max_new_tokens,
-                     temperature=cfg.sample.temperature, top_k=cfg.sample.top_k, generator=gen)
-        summary["sample"] = cfg.sample.prompt + data.tokenizer.decode(ids)
+    if "sample" in summary:
         metrics.write(f"--- sample ---\n{summary['sample']}\n--------------")
     return summary

@@ -1,0 +1,73 @@
+"""Parallel layouts from `parallel.*`: the mesh is checked against the world size and the model, and
+data-parallel training (DDP, FSDP2, HSDP) under torchrun on gloo matches one process. (FSDP2 over two
+ranks, the default layout, is tested with its resume in test_train_run.py.)"""
+import subprocess
+import sys
+
+import pytest
+
+from conftest import run_cli
+from unroll.models import ModelConfig
+from unroll.train.config import ParallelConfig
+from unroll.train.mesh import LayoutError, check_model, resolve_layout
+from unroll.train.metrics import read_metrics
+
+
+def test_layout_fills_dp_shard_and_names_bad_keys():
+    layout = resolve_layout(ParallelConfig(tp=2, pp=2), 16)
+    assert (layout.pp, layout.dp_replicate, layout.dp_shard, layout.cp, layout.tp) == (2, 1, 4, 1, 2)
+    assert layout.dp == 4 and layout.world == 16
+    with pytest.raises(LayoutError, match="world size 6 is not divisible by pp × dp_replicate × cp × tp = 4"):
+        resolve_layout(ParallelConfig(tp=2, cp=2), 6)
+    with pytest.raises(LayoutError, match=r"= 8 ranks, but the world size is 4"):
+        resolve_layout(ParallelConfig(dp_shard=4, tp=2), 4)
+    with pytest.raises(LayoutError, match="parallel.tp: must be positive"):
+        resolve_layout(ParallelConfig(tp=0), 4)
+    with pytest.raises(LayoutError, match="parallel.ep=4 must divide dp_shard × cp = 2"):
+        resolve_layout(ParallelConfig(ep=4), 2)
+
+
+def test_layout_is_checked_against_the_model():
+    with pytest.raises(LayoutError, match="parallel.tp=4 must divide model.n_heads=6"):
+        check_model(resolve_layout(ParallelConfig(tp=4), 4), ModelConfig(pattern="AG", d_model=48, n_heads=6))
+    with pytest.raises(LayoutError, match="parallel.ep=2 needs MoE layers"):
+        check_model(resolve_layout(ParallelConfig(ep=2), 2), ModelConfig(pattern="G"))
+    with pytest.raises(LayoutError, match="parallel.pp=3 stages for 2 layers"):
+        check_model(resolve_layout(ParallelConfig(pp=3), 3), ModelConfig(pattern="GG"))
+
+
+def torchrun(nproc: int, config, env, *overrides):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "-m", "unroll.launch.cli", "train", str(config), *overrides]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_ddp_and_hsdp_match_one_process(tiny_config, offline_env):
+    sections = dict(model={"pattern": "GA", "mlp_pattern": "DE", "moe": {"experts": 4, "top_k": 2, "hidden": 16}},
+                    train={"steps": 5, "batch_size": 8})
+    one = tiny_config("one", **sections)
+    run_cli(["train", one], offline_env)
+    ddp = tiny_config("ddp", **sections)
+    torchrun(2, ddp, offline_env, "parallel.dp_replicate=2", "parallel.dp_shard=1")
+    hsdp = tiny_config("hsdp", **sections)
+    out = torchrun(4, hsdp, offline_env, "parallel.dp_replicate=2")
+    assert "dp_replicate 2 × dp_shard 2" in out.stdout + out.stderr
+    base = read_metrics(one.parent / "one")
+    for name in ("ddp", "hsdp"):
+        rows = read_metrics(one.parent / name)
+        assert [r["step"] for r in rows] == [r["step"] for r in base]
+        for ra, rb in zip(base, rows):
+            for key in ("loss", "val_loss", "grad_norm"):
+                if key in ra:
+                    assert rb[key] == pytest.approx(ra[key], rel=2e-5), (name, ra["step"], key)
+
+
+def test_layouts_not_built_yet_are_refused_by_name():
+    from unroll.models import LM
+    from unroll.train.mesh import Layout
+    from unroll.train.parallelize import parallelize
+
+    with pytest.raises(LayoutError, match=r"parallel.tp=2, parallel.pp=2: not available yet"):
+        parallelize(LM(ModelConfig(pattern="GG", d_model=16)), None, Layout(tp=2, pp=2), bf16=False)

@@ -1,0 +1,120 @@
+"""The device mesh: named dimensions from `parallel.*`, checked against the world size and the model.
+
+Dimensions, outermost first (torchtitan's order, so that the innermost — tensor parallel, the most
+communication — lands on ranks of one node):
+
+    pp            pipeline stages
+    dp_replicate  data-parallel replicas (gradients all-reduced)
+    dp_shard      data-parallel ranks that shard parameters, gradients and optimizer state (FSDP2)
+    cp            context parallel: the sequence split over ranks (sequence-parallel Newton)
+    tp            tensor parallel
+
+Flattened views for the collectives that span several dimensions: "dp" (dp_replicate × dp_shard: the
+ranks that see different samples), "dp_shard_cp" (where FSDP shards: parameters are also replicated
+over cp, whose ranks see the same samples), and "ep" is carved out of dp_shard × cp.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from unroll.models.config import ModelConfig
+from unroll.train.config import ConfigError
+
+DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+
+
+class LayoutError(ConfigError):
+    """A parallel layout that cannot run; the message names the `parallel.*` key at fault."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    pp: int = 1
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    cp: int = 1
+    tp: int = 1
+    ep: int = 1
+
+    @property
+    def world(self) -> int:
+        return math.prod(getattr(self, d) for d in DIMS)
+
+    @property
+    def dp(self) -> int:
+        """Ranks that see different samples: the batch is split over these."""
+        return self.dp_replicate * self.dp_shard
+
+    def describe(self) -> str:
+        return " × ".join(f"{d} {getattr(self, d)}" for d in DIMS + ("ep",) if getattr(self, d) > 1) or "one rank"
+
+
+def resolve_layout(parallel, world: int) -> Layout:
+    """The layout `parallel` (a ParallelConfig) asks for on `world` ranks, dp_shard=-1 filled in."""
+    sizes = {d: getattr(parallel, d) for d in DIMS + ("ep",)}
+    for key, value in sizes.items():
+        if value < 1 and not (key == "dp_shard" and value == -1):
+            raise LayoutError(f"parallel.{key}: must be positive (dp_shard may be -1), got {value}")
+    fixed = math.prod(v for k, v in sizes.items() if k in DIMS and k != "dp_shard")
+    if sizes["dp_shard"] == -1:
+        if world % fixed:
+            raise LayoutError(f"parallel: the world size {world} is not divisible by pp × dp_replicate × cp × tp "
+                              f"= {fixed}, so parallel.dp_shard=-1 cannot fill it")
+        sizes["dp_shard"] = world // fixed
+    layout = Layout(**sizes)
+    if layout.world != world:
+        raise LayoutError(f"parallel: pp × dp_replicate × dp_shard × cp × tp = "
+                          + " × ".join(str(getattr(layout, d)) for d in DIMS)
+                          + f" = {layout.world} ranks, but the world size is {world}")
+    if (layout.dp_shard * layout.cp) % layout.ep:
+        raise LayoutError(f"parallel.ep={layout.ep} must divide dp_shard × cp = {layout.dp_shard * layout.cp}")
+    return layout
+
+
+def check_model(layout: Layout, model: ModelConfig) -> None:
+    """What the model's shapes allow: heads and widths divisible by tp, experts by ep, layers ≥ stages."""
+    problems = []
+    kinds = set(model.layers)
+    if layout.tp > 1:
+        if "A" in kinds and (model.n_heads % layout.tp or model.kv_heads % layout.tp):
+            problems.append(f"parallel.tp={layout.tp} must divide model.n_heads={model.n_heads} and the "
+                            f"kv heads {model.kv_heads}")
+        if kinds & {"G", "L"} and model.rnn_dim % layout.tp:
+            problems.append(f"parallel.tp={layout.tp} must divide the recurrent width {model.rnn_dim}")
+        if "M" in kinds and (model.m2rnn_v_heads % layout.tp):
+            problems.append(f"parallel.tp={layout.tp} must divide the M²RNN value heads {model.m2rnn_v_heads}")
+        if "D" in model.mlp_kinds and model.mlp_width % layout.tp:
+            problems.append(f"parallel.tp={layout.tp} must divide the MLP width {model.mlp_width}")
+    if layout.ep > 1 and ("E" not in model.mlp_kinds or model.moe.experts % layout.ep):
+        problems.append(f"parallel.ep={layout.ep} needs MoE layers whose model.moe.experts "
+                        f"({model.moe.experts}) it divides")
+    if layout.pp > len(model.layers):
+        problems.append(f"parallel.pp={layout.pp} stages for {len(model.layers)} layers")
+    if problems:
+        raise LayoutError("; ".join(problems))
+
+
+def build_mesh(layout: Layout, device_type: str) -> DeviceMesh | None:
+    """The named mesh over all ranks (None for one process), with the flattened views above."""
+    if layout.world == 1:
+        return None
+    mesh = init_device_mesh(device_type, tuple(getattr(layout, d) for d in DIMS), mesh_dim_names=DIMS)
+    mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+    mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")  # where gradients are reduced
+    return mesh
+
+
+def mesh_coordinates(mesh: DeviceMesh | None) -> dict[str, int]:
+    """This rank's index along each named dimension (all 0 for one process)."""
+    if mesh is None:
+        return {d: 0 for d in DIMS}
+    return {d: mesh.get_local_rank(d) for d in DIMS}
+
+
+def device_type_of(device: torch.device) -> str:
+    return "cuda" if device.type == "cuda" else "cpu"
