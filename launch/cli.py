@@ -25,6 +25,31 @@ def _info(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    from unroll.train import plan as P
+    from unroll.train.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    seq = args.seq_len or cfg.data.seq_len
+    world = args.nodes * args.gpus_per_node
+    print(P.__doc__.split("\n\n", 1)[1].rstrip())
+    print(f"\n{args.config}: {args.nodes} node(s) × {args.gpus_per_node} GPUs of {args.gpu_gib:g} GiB, "
+          f"sequence {seq}, micro-batch {args.micro_batch}, activation checkpointing "
+          f"{'on' if not args.no_checkpointing else 'off'}")
+    fits = P.plan(cfg.model, nodes=args.nodes, gpus_per_node=args.gpus_per_node, seq_len=seq,
+                  micro_batch=args.micro_batch, gpu_gib=args.gpu_gib, checkpointing=not args.no_checkpointing)
+    if not fits:
+        print(f"no layout on {world} GPUs fits 90% of {args.gpu_gib:g} GiB; more GPUs, a shorter sequence "
+              f"or a smaller micro-batch")
+        return 1
+    print("layouts that fit 90% of the memory, least model parallelism first:")
+    for e in fits[:args.top]:
+        print("  " + P.format_estimate(e))
+    best = fits[0].layout
+    print("recommended: " + " ".join(f"parallel.{k}={v}" for k, v in best.items()))
+    return 0
+
+
 def _tokenizer(args) -> int:
     from unroll.data.tokenizer import train_tokenizer
 
@@ -84,6 +109,18 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("overrides", nargs="*", metavar="key=value")
     i.add_argument("--json", action="store_true", help="print the figures as JSON")
     i.set_defaults(func=_info)
+
+    pn = sub.add_parser("plan", help="per-GPU memory on paper and the parallel layouts that fit")
+    pn.add_argument("config", help="a YAML config file or a preset name (see configs/)")
+    pn.add_argument("overrides", nargs="*", metavar="key=value")
+    pn.add_argument("--nodes", type=int, required=True)
+    pn.add_argument("--gpus-per-node", type=int, required=True)
+    pn.add_argument("--gpu-gib", type=float, default=80.0)
+    pn.add_argument("--seq-len", type=int, default=0, help="default: the config's data.seq_len")
+    pn.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per forward")
+    pn.add_argument("--no-checkpointing", action="store_true", help="estimate without activation checkpointing")
+    pn.add_argument("--top", type=int, default=5)
+    pn.set_defaults(func=_plan)
 
     d = sub.add_parser("data", help="tokenizer training and corpus preparation").add_subparsers(dest="data", required=True)
     tok = d.add_parser("tokenizer", help="train a sentencepiece BPE tokenizer on raw text")
