@@ -56,6 +56,9 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
         nn.init.normal_(self.qkv.weight, std=init_std)
         nn.init.normal_(self.out_proj.weight, std=out_std or init_std)
+        # Context parallelism (set from outside, train/parallelize.py): the sequence is split over this
+        # group; each rank attends from its slice to the keys and values of all slices (all_gather).
+        self.context_group = None
 
     def _mask(self, past: int, cached: int, T: int, device) -> tuple[torch.Tensor | None, bool]:
         """(attn_mask, is_causal) for T queries at positions past ... past+T−1 over `cached` cached keys
@@ -74,6 +77,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, state: KVCache | None = None):
         """x: [B, T, d] → (y [B, T, d], cache of the positions so far; the last `window` with a window)."""
+        if self.context_group is not None and state is None:
+            return self._forward_context_parallel(x)
         B, T, _ = x.shape
         hd, H, KV = self.head_dim, self.n_heads, self.n_kv_heads
         q, k, v = self.qkv(x).view(B, T, H + 2 * KV, hd).transpose(1, 2).split([H, KV, KV], dim=1)
@@ -90,6 +95,29 @@ class Attention(nn.Module):
         if self.window:
             k, v = k[:, :, -self.window:], v[:, :, -self.window:]
         return self.out_proj(y.transpose(1, 2).reshape(B, T, H * hd)), KVCache(k, v, past + T)
+
+    def _forward_context_parallel(self, x: torch.Tensor):
+        """This rank's slice of a sequence split over the context group: queries at positions
+        r·T ... r·T + T − 1 against the gathered keys and values of every slice. (All ranks gather all
+        slices, so later ranks do more of the work: ring attention would balance it.)"""
+        from unroll.kernels.context import gather_sequence
+
+        B, T, _ = x.shape
+        hd, H, KV = self.head_dim, self.n_heads, self.n_kv_heads
+        q, k, v = self.qkv(x).view(B, T, H + 2 * KV, hd).transpose(1, 2).split([H, KV, KV], dim=1)
+        past = torch.distributed.get_rank(self.context_group) * T
+        if self.rope:
+            rope_dtype = torch.promote_types(q.dtype, torch.float32)
+            cos, sin = rope_angles(torch.arange(past, past + T, device=x.device), hd, self.rope_theta, rope_dtype)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = gather_sequence(k, self.context_group, 2), gather_sequence(v, self.context_group, 2)
+        q_pos = torch.arange(past, past + T, device=x.device)[:, None]
+        k_pos = torch.arange(k.shape[2], device=x.device)[None, :]
+        mask = k_pos <= q_pos
+        if self.window:
+            mask &= k_pos > q_pos - self.window
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=KV != H)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, H * hd)), None
 
     def step(self, x: torch.Tensor, state: KVCache | None):
         """One token: x [B, d] → (y [B, d], cache)."""

@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from unroll.kernels import newton_solve
+from unroll.kernels.context import previous_tail, receive_state, send_state
 from unroll.kernels.m2rnn_scan import m2rnn_sequential
 from unroll.kernels.newton import SolveInfo
+from unroll.kernels.seqpar_newton import newton_solve_seqpar
 
 
 @dataclass
@@ -94,6 +97,10 @@ class M2RNN(nn.Module):
         nn.init.normal_(self.out_proj.weight, std=out_std or init_std)
         self.reset_recurrence()
         self.last_solve: SolveInfo | None = None
+        # Context parallelism (set from outside, train/parallelize.py): the sequence is split over this
+        # group; the convolution takes the previous rank's last inputs, the sequential recurrence its
+        # final state (a hand-off pipeline), Newton runs sequence-parallel.
+        self.context_group = None
 
     @torch.no_grad()
     def reset_recurrence(self) -> None:
@@ -115,23 +122,27 @@ class M2RNN(nn.Module):
         xt = x.transpose(1, 2)
         if past is None:
             past = xt.new_zeros(xt.shape[0], xt.shape[1], self.conv_width - 1)
+            if self.context_group is not None:
+                past = previous_tail(xt[:, :, xt.shape[2] - (self.conv_width - 1):], past, self.context_group)
         full = torch.cat([past.to(xt.dtype), xt], dim=2)
         out = F.conv1d(full, self.conv.weight, groups=self.conv_channels)
         return F.silu(out).transpose(1, 2), full[:, :, full.shape[2] - (self.conv_width - 1):]
 
     def _recurrence(self, q, k, v, f, h0):
         """(y [B, T, H, V], H_last) by the configured solver."""
-        solver = pick_m2rnn_solver(self.solver)
+        solver, group = pick_m2rnn_solver(self.solver), self.context_group
         if solver == "sequential":
             self.last_solve = SolveInfo(0, 0.0, True)
+            if group is not None:  # the previous rank's final state in; ours goes out in forward()
+                h0 = receive_state(h0, group)
             return m2rnn_sequential(q, k, v, f, self.W.to(q.dtype), h0)
         B, T, H, V = v.shape
         K, per = self.k_dim, H // self.qk_heads
         kh = k.repeat_interleave(per, dim=2)  # [B, T, H, K]: each value head's key
         u = torch.cat([(kh.unsqueeze(-1) * v.unsqueeze(-2)).flatten(2, 3),
                        f[..., None, None].expand(B, T, H, K, 1).flatten(2, 3)], dim=-1)
-        rows, self.last_solve = newton_solve(M2RNNCell(self.W.to(q.dtype), K), u, h0.flatten(1, 2),
-                                             structure=("block", V))
+        solve = newton_solve if group is None else partial(newton_solve_seqpar, group=group)
+        rows, self.last_solve = solve(M2RNNCell(self.W.to(q.dtype), K), u, h0.flatten(1, 2), structure=("block", V))
         states = rows.unflatten(2, (H, K))  # [B, T, H, K, V]
         y = (q.repeat_interleave(per, dim=2).unsqueeze(-1) * states).sum(-2)
         return y, (states[:, -1] if T else h0)
@@ -151,6 +162,8 @@ class M2RNN(nn.Module):
         y, h_last = self._recurrence(q, k, v, f.to(dtype), h0)
         y = (y + self.D * v) * F.silu(g.to(dtype).unflatten(-1, (H, V)))
         out = self.out_proj(self.norm(y.flatten(-2)).to(x.dtype))
+        if self.context_group is not None and pick_m2rnn_solver(self.solver) == "sequential":
+            out = out + send_state(h_last, self.context_group)  # the backward receives h_last's gradient
         return out, M2RNNState(conv_state, h_last)
 
     def step(self, x: torch.Tensor, state: M2RNNState | None):

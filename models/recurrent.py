@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from unroll.kernels import newton_solve, sequential_solve
+from unroll.kernels.context import receive_state, send_state
 from unroll.kernels.newton import SolveInfo
+from unroll.kernels.seqpar_newton import newton_solve_seqpar
 
 
 def pick_solver(solver: str, device: torch.device, batch: int, length: int, width: int, state_size: int = 1) -> str:
@@ -55,6 +57,9 @@ class RecurrentMixer(nn.Module):
         self.out_proj = nn.Linear(width, d_model, bias=False)
         nn.init.normal_(self.out_proj.weight, std=out_std or init_std)
         self.last_solve: SolveInfo | None = None  # how the last forward solved its recurrence (for metrics)
+        # Context parallelism (set from outside, train/parallelize.py): the sequence is split over this
+        # process group; Newton runs sequence-parallel, the sequential loop as a state hand-off pipeline.
+        self.context_group = None
 
     # --- for subclasses ---------------------------------------------------------------------------
     @property
@@ -85,8 +90,15 @@ class RecurrentMixer(nn.Module):
         u = self._inputs(x)
         h0 = self._initial(state, u)
         solver = pick_solver(self.solver, x.device, x.shape[0], x.shape[1], self.width, self.state_size)
-        solve = newton_solve if solver == "newton" else sequential_solve
-        h, self.last_solve = solve(self.make_cell(), u, h0, structure=self.structure)
+        group = self.context_group
+        if group is not None and solver == "newton":
+            h, self.last_solve = newton_solve_seqpar(self.make_cell(), u, h0, group=group, structure=self.structure)
+        elif group is not None:  # the previous rank's last state in, ours out to the next rank
+            h, self.last_solve = sequential_solve(self.make_cell(), u, receive_state(h0, group), structure=self.structure)
+            return self.out_proj(self.readout(h)) + send_state(h[:, -1], group), h[:, -1]
+        else:
+            solve = newton_solve if solver == "newton" else sequential_solve
+            h, self.last_solve = solve(self.make_cell(), u, h0, structure=self.structure)
         last = h[:, -1] if h.shape[1] else h0
         return self.out_proj(self.readout(h)), last
 

@@ -1,5 +1,6 @@
 """Parallel layouts from `parallel.*`: the mesh is checked against the world size and the model, and
-data-parallel training (DDP, FSDP2, HSDP) under torchrun on gloo matches one process. (FSDP2 over two
+data-parallel training (DDP, FSDP2, HSDP) and context parallelism (alone and under FSDP2) under
+torchrun on gloo match one process. (FSDP2 over two
 ranks, the default layout, is tested with its resume in test_train_run.py.)"""
 import subprocess
 import sys
@@ -44,7 +45,7 @@ def torchrun(nproc: int, config, env, *overrides):
     return proc
 
 
-def test_ddp_and_hsdp_match_one_process(tiny_config, offline_env):
+def test_ddp_hsdp_and_fsdp_with_cp_match_one_process(tiny_config, offline_env):
     sections = dict(model={"pattern": "GA", "mlp_pattern": "DE", "moe": {"experts": 4, "top_k": 2, "hidden": 16}},
                     train={"steps": 5, "batch_size": 8})
     one = tiny_config("one", **sections)
@@ -54,8 +55,11 @@ def test_ddp_and_hsdp_match_one_process(tiny_config, offline_env):
     hsdp = tiny_config("hsdp", **sections)
     out = torchrun(4, hsdp, offline_env, "parallel.dp_replicate=2")
     assert "dp_replicate 2 × dp_shard 2" in out.stdout + out.stderr
+    fsdp_cp = tiny_config("fsdp_cp", **sections)  # FSDP over dp_shard × cp, the sequence split in two
+    out = torchrun(4, fsdp_cp, offline_env, "parallel.cp=2")
+    assert "dp_shard 2 × cp 2" in out.stdout + out.stderr
     base = read_metrics(one.parent / "one")
-    for name in ("ddp", "hsdp"):
+    for name in ("ddp", "hsdp", "fsdp_cp"):
         rows = read_metrics(one.parent / name)
         assert [r["step"] for r in rows] == [r["step"] for r in base]
         for ra, rb in zip(base, rows):
@@ -71,3 +75,26 @@ def test_layouts_not_built_yet_are_refused_by_name():
 
     with pytest.raises(LayoutError, match=r"parallel.tp=2, parallel.pp=2: not available yet"):
         parallelize(LM(ModelConfig(pattern="GG", d_model=16)), None, Layout(tp=2, pp=2), bf16=False)
+
+
+CP_MODEL = {"pattern": "GAML", "n_heads": 2, "m2rnn": {"k_dim": 8, "v_dim": 4, "v_heads": 4}}
+
+
+@pytest.mark.parametrize("solvers", [{"solver": "newton", "m2rnn": {"solver": "sequential"}},
+                                     {"solver": "sequential", "m2rnn": {"solver": "newton"}}])
+def test_context_parallel_matches_one_process(tiny_config, offline_env, solvers):
+    """The sequence split over 2 ranks: recurrences by sequence-parallel Newton or by the state hand-off,
+    the M²RNN convolution across the split, attention over gathered keys and values."""
+    model = CP_MODEL | solvers | {"m2rnn": CP_MODEL["m2rnn"] | solvers["m2rnn"]}
+    sections = dict(model=model, train={"steps": 4, "batch_size": 4}, eval={"every": 2})
+    one = tiny_config("one", **sections)
+    run_cli(["train", one], offline_env)
+    cp = tiny_config("cp", **sections)
+    out = torchrun(2, cp, offline_env, "parallel.cp=2")
+    assert "cp 2" in out.stdout + out.stderr
+    base, rows = read_metrics(one.parent / "one"), read_metrics(one.parent / "cp")
+    assert [r["step"] for r in rows] == [r["step"] for r in base]
+    for ra, rb in zip(base, rows):
+        for key in ("loss", "val_loss", "grad_norm"):
+            if key in ra:
+                assert rb[key] == pytest.approx(ra[key], rel=2e-5), (ra["step"], key)

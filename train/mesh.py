@@ -75,9 +75,16 @@ def resolve_layout(parallel, world: int) -> Layout:
     return layout
 
 
-def check_model(layout: Layout, model: ModelConfig) -> None:
-    """What the model's shapes allow: heads and widths divisible by tp, experts by ep, layers ≥ stages."""
+def check_model(layout: Layout, model: ModelConfig, seq_len: int | None = None) -> None:
+    """What the model's shapes allow: heads and widths divisible by tp, experts by ep, layers ≥ stages,
+    the sequence by cp."""
     problems = []
+    if seq_len is not None and layout.cp > 1:
+        if seq_len % layout.cp:
+            problems.append(f"parallel.cp={layout.cp} must divide data.seq_len={seq_len}")
+        elif "M" in model.layers and seq_len // layout.cp < model.m2rnn.conv - 1:
+            problems.append(f"parallel.cp={layout.cp}: slices of {seq_len // layout.cp} tokens are shorter than "
+                            f"the M²RNN convolution's reach ({model.m2rnn.conv - 1})")
     kinds = set(model.layers)
     if layout.tp > 1:
         if "A" in kinds and (model.n_heads % layout.tp or model.kv_heads % layout.tp):
@@ -114,6 +121,14 @@ def mesh_coordinates(mesh: DeviceMesh | None) -> dict[str, int]:
     if mesh is None:
         return {d: 0 for d in DIMS}
     return {d: mesh.get_local_rank(d) for d in DIMS}
+
+
+def data_ranks(mesh: DeviceMesh | None, layout: Layout) -> dict[str, int]:
+    """Which samples this rank trains on (its index among the dp ranks) and which slice of them (cp)."""
+    if mesh is None:
+        return {"dp": 0, "dp_size": 1, "cp": 0, "cp_size": 1}
+    return {"dp": mesh["dp"].get_local_rank(), "dp_size": layout.dp,
+            "cp": mesh["cp"].get_local_rank(), "cp_size": layout.cp}
 
 
 def device_type_of(device: torch.device) -> str:

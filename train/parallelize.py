@@ -1,6 +1,10 @@
 """Applying a parallel layout to the single-device model from outside (torchtitan's order: TP → activation
 checkpointing → compile → FSDP; the first three arrive with the rest of the distributed work).
 
+Context parallelism (cp > 1): every mixer gets the cp process group and works on its slice of the
+sequence (recurrences by sequence-parallel Newton or a state hand-off, attention over gathered keys and
+values); the trainer gives each cp rank its slice of the tokens.
+
 Data parallelism: with dp_shard > 1, FSDP2 `fully_shard` on every block and then on the root (the
 embedding, final norm and head), over the dp_shard mesh dimension, or over (dp_replicate, dp_shard) for
 HSDP (sharded within a group, replicated across groups). With dp_shard = 1 and dp_replicate > 1, DDP.
@@ -8,6 +12,8 @@ HSDP (sharded within a group, replicated across groups). With dp_shard = 1 and d
 sharded parameters.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
@@ -17,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from unroll.models import LM
 from unroll.train.mesh import Layout, LayoutError
 
-NOT_YET = ("cp", "tp", "pp", "ep")
+NOT_YET = ("tp", "pp", "ep")
 
 
 def parallelize(model: LM, mesh: DeviceMesh | None, layout: Layout, *, bf16: bool) -> torch.nn.Module:
@@ -30,8 +36,13 @@ def parallelize(model: LM, mesh: DeviceMesh | None, layout: Layout, *, bf16: boo
                           f"parallel.dp_shard) is")
     if mesh is None:
         return model
+    if layout.cp > 1:
+        apply_context_parallel(model, mesh["cp"].get_group())
+    # cp ranks hold the same weights and compute partial gradients of the same samples: gradients are
+    # averaged over dp × cp, which is the mean loss's gradient since every rank's loss is its slice's mean.
+    shard_dim = "dp_shard_cp" if layout.cp > 1 else "dp_shard"
     if layout.dp_shard > 1:
-        dp_mesh = mesh["dp_replicate", "dp_shard"] if layout.dp_replicate > 1 else mesh["dp_shard"]
+        dp_mesh = mesh["dp_replicate", shard_dim] if layout.dp_replicate > 1 else mesh[shard_dim]
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
         for block in model.blocks:
             fully_shard(block, mesh=dp_mesh, mp_policy=mp)
@@ -39,14 +50,32 @@ def parallelize(model: LM, mesh: DeviceMesh | None, layout: Layout, *, bf16: boo
         fully_shard(model, mesh=dp_mesh, mp_policy=mp)
         register_fsdp_forward_method(model, "step")
         return model
-    return DistributedDataParallel(model)
+    return DistributedDataParallel(model, process_group=mesh["dp_cp"].get_group())
+
+
+def apply_context_parallel(model: LM, group) -> None:
+    """Every mixer works on its rank's slice of the sequence (see kernels/context.py and
+    kernels/seqpar_newton.py for what each exchanges)."""
+    for block in model.blocks:
+        block.mixer.context_group = group
+
+
+@contextlib.contextmanager
+def without_context_parallel(model: LM):
+    """Generation runs whole sequences on each rank: the mixers' context groups are lifted meanwhile."""
+    groups = [block.mixer.context_group for block in model.blocks]
+    for block in model.blocks:
+        block.mixer.context_group = None
+    try:
+        yield
+    finally:
+        for block, group in zip(model.blocks, groups):
+            block.mixer.context_group = group
 
 
 def gradient_sync(trained: torch.nn.Module, sync: bool):
     """A context for one micro-batch: with sync=False gradients accumulate locally (no all-reduce or
     reduce-scatter), as for every micro-batch but the last."""
-    import contextlib
-
     if isinstance(trained, DistributedDataParallel):
         return contextlib.nullcontext() if sync else trained.no_sync()
     if hasattr(trained, "set_requires_gradient_sync"):  # FSDP2

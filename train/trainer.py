@@ -17,9 +17,9 @@ from unroll.models.moe import MoE
 from unroll.train import checkpoint, distributed as D
 from unroll.train.config import Config, check_world
 from unroll.train.data_setup import RunData, open_run_data
-from unroll.train.mesh import build_mesh, check_model, resolve_layout
+from unroll.train.mesh import build_mesh, check_model, data_ranks, resolve_layout
 from unroll.train.metrics import Metrics
-from unroll.train.parallelize import gradient_sync, parallelize
+from unroll.train.parallelize import gradient_sync, parallelize, without_context_parallel
 from unroll.train.plot import plot_run
 from unroll.train.rundir import prepare_run_dir
 from unroll.train.schedule import lr_at
@@ -86,23 +86,29 @@ def autocast_for(cfg: Config, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; batch [B, T+1] holds inputs and the targets shifted by one."""
-    logits = model(batch[:, :-1])
-    return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+def lm_loss(model: torch.nn.Module, batch: torch.Tensor, cp_rank: int = 0, cp: int = 1) -> torch.Tensor:
+    """Mean next-token cross-entropy; batch [B, T+1] holds inputs and the targets shifted by one. Under
+    context parallelism this rank's slice of the T positions: the mean of the cp ranks' losses is the
+    whole sequence's."""
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    if cp > 1:
+        T = inputs.shape[1] // cp
+        inputs, targets = inputs[:, cp_rank * T:(cp_rank + 1) * T], targets[:, cp_rank * T:(cp_rank + 1) * T]
+    logits = model(inputs)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
 @torch.no_grad()
-def evaluate(model: LM, data: RunData, cfg: Config, dist: D.DistInfo, autocast) -> float:
+def evaluate(model: LM, data: RunData, cfg: Config, dist: D.DistInfo, autocast, ranks: dict) -> float:
     """Mean loss over the first eval.batches × eval.batch_size validation sequences (fixed, in order),
-    split over the ranks."""
+    split over the data-parallel ranks (cp ranks share a batch, each its slice)."""
     model.eval()
     n = min(cfg.eval.batches * cfg.eval.batch_size, data.valid.n_samples)
     total = torch.zeros(2, dtype=torch.float64, device=dist.device)
-    for start in range(dist.rank * cfg.eval.batch_size, n, dist.world * cfg.eval.batch_size):
+    for start in range(ranks["dp"] * cfg.eval.batch_size, n, ranks["dp_size"] * cfg.eval.batch_size):
         batch = data.valid_batch(start, min(cfg.eval.batch_size, n - start)).to(dist.device)
         with autocast:
-            loss = lm_loss(model, batch)
+            loss = lm_loss(model, batch, ranks["cp"], ranks["cp_size"])
         total += torch.stack([loss.double() * batch.shape[0], torch.tensor(batch.shape[0], device=dist.device)])
     D.all_reduce_sum(total)
     model.train()
@@ -115,7 +121,7 @@ def train(cfg: Config) -> dict:
     if cfg.run.threads and dist.device.type == "cpu":
         torch.set_num_threads(cfg.run.threads)
     layout = resolve_layout(cfg.parallel, dist.world)
-    check_model(layout, cfg.model)
+    check_model(layout, cfg.model, seq_len=cfg.data.seq_len)
     micro, accum = check_world(cfg, layout.dp)
     data = open_run_data(cfg)  # every file checked before any work
     run_dir = prepare_run_dir(cfg, dist.is_main)
@@ -125,6 +131,7 @@ def train(cfg: Config) -> dict:
     model = LM(cfg.model).to(dist.device)
     autocast = autocast_for(cfg, dist.device)
     mesh = build_mesh(layout, dist.device.type)
+    ranks = data_ranks(mesh, layout)
     trained = parallelize(model, mesh, layout, bf16=dist.device.type == "cuda" and not isinstance(autocast, contextlib.nullcontext))
     optimizer = build_optimizer(model, cfg)  # on the sharded parameters
     state = checkpoint.load_latest(run_dir, model, optimizer, rank=dist.rank)
@@ -139,7 +146,7 @@ def train(cfg: Config) -> dict:
                   + (f"; resumed at step {step}" if state else ""))
     initial_val = state.get("initial_val_loss") if state else None
     if data.valid is not None and not state:
-        initial_val = evaluate(model, data, cfg, dist, autocast)
+        initial_val = evaluate(model, data, cfg, dist, autocast, ranks)
         metrics.log({"step": 0, "val_loss": initial_val, "val_ppl": math.exp(initial_val)})
 
     def train_state() -> dict:
@@ -158,11 +165,11 @@ def train(cfg: Config) -> dict:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=dist.device)
             aux_sum = torch.zeros((), device=dist.device)
-            rank_start = samples + dist.rank * micro * accum
+            rank_start = samples + ranks["dp"] * micro * accum
             for i in range(accum):
                 batch = data.train_batch(rank_start + i * micro, micro).to(dist.device)
                 with gradient_sync(trained, i == accum - 1), autocast:
-                    loss = lm_loss(trained, batch)
+                    loss = lm_loss(trained, batch, ranks["cp"], layout.cp)
                     aux = model.aux_loss()  # MoE balancing losses of this forward (None without MoE)
                 ((loss if aux is None else loss + aux) / accum).backward()
                 loss_sum += loss.detach()
@@ -191,7 +198,7 @@ def train(cfg: Config) -> dict:
                     load_window = None
                 metrics.log(row | solver_metrics(model))
             if data.valid is not None and ((cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.steps):
-                val_loss = evaluate(model, data, cfg, dist, autocast)
+                val_loss = evaluate(model, data, cfg, dist, autocast, ranks)
                 metrics.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(val_loss)})
             stopping = D.any_rank(stop.requested, dist.device)
             if stopping or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.train.steps:
@@ -207,7 +214,7 @@ def train(cfg: Config) -> dict:
         if saved_at != step:  # e.g. train.steps already reached, or raised to where we stand
             checkpoint.save(run_dir, step, model, optimizer, train_state(), keep=cfg.checkpoint.keep, rank=dist.rank)
         if val_loss is None and data.valid is not None:  # nothing left to train: report where it stands
-            val_loss = evaluate(model, data, cfg, dist, autocast)
+            val_loss = evaluate(model, data, cfg, dist, autocast, ranks)
         summary = finish(cfg, model, data, run_dir, dist, metrics, step, val_loss, initial_val)
         clean = True
         return summary
@@ -226,8 +233,9 @@ def finish(cfg: Config, model: LM, data: RunData, run_dir: Path, dist: D.DistInf
         return summary
     if cfg.sample.prompt and cfg.sample.max_new_tokens:  # under FSDP2 every rank runs the forward passes
         gen = torch.Generator().manual_seed(cfg.train.seed)
-        ids = sample(model, data.tokenizer.encode(cfg.sample.prompt), cfg.sample.max_new_tokens,
-                     temperature=cfg.sample.temperature, top_k=cfg.sample.top_k, generator=gen)
+        with without_context_parallel(model):
+            ids = sample(model, data.tokenizer.encode(cfg.sample.prompt), cfg.sample.max_new_tokens,
+                         temperature=cfg.sample.temperature, top_k=cfg.sample.top_k, generator=gen)
         summary["sample"] = cfg.sample.prompt + data.tokenizer.decode(ids)
     if not dist.is_main:
         return summary

@@ -1,0 +1,114 @@
+"""Context parallelism's exchanges: the sequence is split over the ranks of a group (rank r holds the r-th
+contiguous slice), and layers that look back across the split get what they need, differentiably.
+
+    gather_sequence(x, group, dim)   every rank's slice, concatenated (attention's keys and values)
+    previous_tail(tail, first, group) the previous rank's tail (a convolution's last inputs); rank 0 gets `first`
+    receive_state(first, group)      the state handed on by the previous rank (rank 0: `first`)
+    send_state(h, group)             hands h to the next rank; returns a zero scalar to add to the layer's
+                                     output, so that the backward reaches it and receives the gradient of h
+                                     from the next rank
+
+The state hand-off is a pipeline: rank r computes after rank r − 1, and in the backward before it. The
+collectives (all_gather, whose backward is a reduce_scatter) need every rank of the group; the point-to-point hand-offs pair each rank with its neighbours only. Everything runs on
+gloo (CPU) and NCCL.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def _rank(group) -> tuple[int, int]:
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _global(group, rank: int) -> int:
+    return dist.get_global_rank(group, rank) if group is not None else rank
+
+
+class _GatherSequence(torch.autograd.Function):
+    """all_gather along `dim` forward, reduce_scatter of the gradient backward. Written out rather than
+    torch.distributed.nn's all_gather: on gloo its backward (an all_to_all of the gradient's slices) gave
+    wrong key/value gradients for attention here, silently (tests/test_context.py fails with it; the
+    slices of a gradient cut along a middle dimension are strided, the likely cause)."""
+
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        R = dist.get_world_size(group)
+        local = x.movedim(dim, 0).contiguous()
+        out = local.new_empty(R * local.shape[0], *local.shape[1:])
+        dist.all_gather_single(out, local, group=group)
+        return out.movedim(0, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        full = grad.movedim(ctx.dim, 0).contiguous()
+        mine = full.new_empty(full.shape[0] // dist.get_world_size(ctx.group), *full.shape[1:])
+        dist.reduce_scatter_single(mine, full, group=ctx.group)
+        return mine.movedim(0, ctx.dim), None, None
+
+
+def gather_sequence(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """[..., T_local, ...] on every rank → [..., R·T_local, ...] in rank order; gradients flow back to
+    each slice's owner (summed over the ranks that used it)."""
+    return _GatherSequence.apply(x, group, dim)
+
+
+def previous_tail(tail: torch.Tensor, first: torch.Tensor, group) -> torch.Tensor:
+    """The previous rank's `tail` (same shape everywhere); rank 0 gets `first`. One all_gather."""
+    r, _ = _rank(group)
+    gathered = gather_sequence(tail.unsqueeze(0), group, 0)
+    if r == 0:  # the gathered tensor enters the graph (times 0) so that rank 0 joins the backward's collective too
+        return first + 0 * gathered[0]
+    return gathered[r - 1]
+
+
+class _Receive(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, first, group):
+        r, _ = _rank(group)
+        ctx.group, ctx.r = group, r
+        if r == 0:
+            return first.clone()
+        buf = torch.empty_like(first)
+        dist.recv(buf, src=_global(group, r - 1), group=group)
+        return buf
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.r == 0:
+            return grad, None
+        dist.send(grad.contiguous(), dst=_global(ctx.group, ctx.r - 1), group=ctx.group)
+        return torch.zeros_like(grad), None
+
+
+class _Send(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, group):
+        r, R = _rank(group)
+        ctx.group, ctx.r, ctx.R = group, r, R
+        ctx.meta = (h.shape, h.dtype, h.device)
+        if r < R - 1:
+            dist.send(h.detach().contiguous(), dst=_global(group, r + 1), group=group)
+        return h.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _):
+        shape, dtype, device = ctx.meta
+        grad = torch.zeros(shape, dtype=dtype, device=device)
+        if ctx.r < ctx.R - 1:
+            dist.recv(grad, src=_global(ctx.group, ctx.r + 1), group=ctx.group)
+        return grad, None
+
+
+def receive_state(first: torch.Tensor, group) -> torch.Tensor:
+    if torch.is_grad_enabled() and not first.requires_grad:
+        # The output must require grad so that the backward reaches _Receive and sends the gradient
+        # back to the previous rank, even where the initial state itself is a constant.
+        first = first.detach().requires_grad_()
+    return _Receive.apply(first, group)
+
+
+def send_state(h: torch.Tensor, group) -> torch.Tensor:
+    return _Send.apply(h, group)
