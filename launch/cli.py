@@ -86,7 +86,7 @@ def _plot(args) -> int:
 
 
 BENCHES = {"solver": "unroll.launch.bench.solver", "state-tracking": "unroll.launch.bench.state_tracking",
-           "throughput": "unroll.launch.bench.throughput"}
+           "throughput": "unroll.launch.bench.throughput", "seqpar": "unroll.launch.bench.seqpar"}
 
 
 def _bench(args) -> int:

@@ -1,0 +1,366 @@
+"""`unroll bench seqpar`: sequence-parallel Newton (newton_solve_seqpar) on 2 ranks against newton_solve on
+1 rank, weak scaling, on ParaGRU (diagonal) and ParaLSTM (2×2 blocks), forward and forward+backward.
+
+Weak scaling: every rank holds the same T_local steps, so the 1-rank run solves T_local steps and the
+2-rank run a sequence of 2·T_local. Efficiency = 1-rank ms / 2-rank ms (1.0 = perfect; it includes any
+extra Newton iterations the longer sequence needs). The recurrence's inputs come from the real mixer (its
+input projection of RMS-normed activations), as in `unroll bench solver`; the 1-rank baseline solves the
+first T_local steps of the same problem, in this process, with the same number of threads per process.
+
+`main` launches the 2-rank part itself (torch.distributed.run on this module's worker, gloo on CPU, nccl
+with one GPU per rank on CUDA) and reads its results from one JSON file per rank. Each timed 2-rank
+repetition starts at a barrier and counts as the slower rank's time; the median over repetitions is
+reported. The forward+backward pass includes the backward's own all_gather and one all-reduce (sum) of
+the cell's parameter gradients, as training would do. Bytes are what each rank contributes: per Newton
+iteration from bytes_per_iteration (with 2 ranks each rank also receives that much), per solve counted
+on the collectives of the untimed warm-up call (forward: the first boundary exchange plus one all_gather
+per residual check; forward+backward adds the backward's all_gather and the gradient all-reduce).
+The error column is the max abs difference of the 2-rank solution from newton_solve on the full
+2·T_local sequence in one process.
+"""
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from unroll.kernels import newton_solve
+from unroll.kernels.seqpar_newton import bytes_per_iteration, newton_solve_seqpar
+from unroll.launch.bench.timing import measure, sync
+from unroll.models.paragru import ParaGRU
+from unroll.models.paralstm import ParaLSTM
+
+CELLS = {"gru": ParaGRU, "lstm": ParaLSTM}
+RANKS = 2
+
+# (batch, T_local, width): the 2-rank run solves batch sequences of 2·T_local steps.
+GRIDS = {
+    "quick": [(1, 256, 64)],
+    "cpu": [(1, 1024, 64), (1, 4096, 64), (8, 1024, 256)],
+    "gpu": [(1, 4096, 64), (1, 16384, 64), (8, 4096, 1024), (16, 2048, 2048)],
+}
+PASSES = ("fwd", "fwd+bwd")
+
+
+@dataclass
+class Row:
+    cell: str
+    batch: int
+    t_local: int  # steps per rank; the 2-rank sequence is 2·t_local long
+    width: int
+    dtype: str
+    pass_: str  # fwd | fwd+bwd
+    threads: int  # per process, 1-rank and 2-rank alike
+    one_rank_ms: float  # newton_solve on t_local steps
+    two_rank_ms: float  # newton_solve_seqpar on 2·t_local steps, the slower rank, median over repeats
+    efficiency: float  # one_rank_ms / two_rank_ms
+    iterations_1: int  # Newton iterations, 1 rank (t_local steps)
+    iterations_2: int  # Newton iterations, 2 ranks (2·t_local steps; newton_solve's count on the full sequence)
+    bytes_per_iteration: int  # bytes_per_iteration(...).sent_per_rank
+    bytes_per_solve: int  # counted: bytes each rank contributed to the collectives of one pass
+    collectives_per_solve: int  # counted
+    max_err: float  # 2-rank solution vs newton_solve of the full sequence in one process, max abs
+    fallback: str | None  # the 2-rank SolveInfo's fallback, None when Newton converged
+
+
+def _structure(cell_name: str):
+    """The mixer's Jacobian structure (RecurrentMixer.structure, from the class)."""
+    k = CELLS[cell_name].state_size
+    return "diag" if k == 1 else ("block", k)
+
+
+def _problem(cell_name: str, B: int, T: int, D: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """The mixer, its recurrence inputs u [B, T, 3, D] for the FULL sequence, and h0 (zeros)."""
+    torch.manual_seed(seed)
+    mixer = CELLS[cell_name](D, D).to(device=device, dtype=dtype)
+    x = torch.nn.functional.rms_norm(torch.randn(B, T, D, device=device, dtype=dtype), (D,))
+    with torch.no_grad():
+        u = mixer._inputs(x)
+    return mixer, u, mixer._initial(None, u)
+
+
+def _pass(solve, mixer, u, h0, backward: bool, grad_sync=None):
+    """One forward (no autograd) or forward+backward of solve(cell, u, h0); grad_sync(params) after the backward."""
+    if not backward:
+        with torch.no_grad():
+            return solve(mixer.make_cell(), u, h0, structure=mixer.structure)
+    for p in mixer.parameters():
+        p.grad = None
+    u = u.detach().requires_grad_()
+    h, info = solve(mixer.make_cell(), u, h0, structure=mixer.structure)
+    h.sum().backward()
+    if grad_sync is not None:
+        grad_sync([p for p in mixer.parameters() if p.grad is not None])
+    return h, info
+
+
+# ---------------------------------------------------------------------------------------------- worker
+
+
+def _all_reduce_grads(params: list[torch.Tensor]) -> None:
+    """Sum the ranks' partial parameter gradients, in one all_reduce."""
+    import torch.distributed as dist
+
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad.copy_(g.view_as(p.grad))
+
+
+class _Counting:
+    """Counts the collectives (and the bytes this rank contributes to them) made inside the block."""
+    NAMES = ("all_gather_single", "all_gather_into_tensor", "all_reduce", "send")
+
+    def __enter__(self):
+        import torch.distributed as dist
+
+        self.calls, self.bytes, self.real = 0, 0, {n: getattr(dist, n) for n in self.NAMES}
+        for name, real in self.real.items():
+            setattr(dist, name, self._wrap(real, 1 if name in ("all_gather_single", "all_gather_into_tensor") else 0))
+        return self
+
+    def _wrap(self, real, arg):
+        def counted(*args, **kw):
+            t = args[arg]
+            self.calls += 1
+            self.bytes += t.numel() * t.element_size()
+            return real(*args, **kw)
+        return counted
+
+    def __exit__(self, *exc):
+        import torch.distributed as dist
+
+        for name, real in self.real.items():
+            setattr(dist, name, real)
+
+
+def _time_ranks(fn, device: torch.device, repeat: int) -> tuple[float, _Counting]:
+    """Median over `repeat` of the slower rank's seconds (each repetition starts at a barrier), after one
+    untimed warm-up whose collectives are counted."""
+    import torch.distributed as dist
+
+    with _Counting() as counted:
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeat):
+        dist.barrier()
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    slowest = torch.tensor(times, dtype=torch.float64, device=device)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    return statistics.median(slowest.tolist()), counted
+
+
+def _worker_case(cell_name: str, B: int, T: int, D: int, dtype: torch.dtype, device: torch.device,
+                 repeat: int) -> list[dict]:
+    import torch.distributed as dist
+
+    r = dist.get_rank()
+    mixer, u_full, h0 = _problem(cell_name, B, RANKS * T, D, dtype, device)
+    u = u_full[:, r * T:(r + 1) * T].contiguous()
+    with torch.no_grad():
+        ref, ref_info = newton_solve(mixer.make_cell(), u_full, h0, structure=mixer.structure)
+        h, info = newton_solve_seqpar(mixer.make_cell(), u, h0, structure=mixer.structure)
+    err = torch.tensor([float((h - ref[:, r * T:(r + 1) * T]).abs().max())], dtype=torch.float64, device=device)
+    dist.all_reduce(err, op=dist.ReduceOp.MAX)
+    out = []
+    for backward in (False, True):
+        seconds, counted = _time_ranks(lambda: _pass(newton_solve_seqpar, mixer, u, h0, backward, _all_reduce_grads),
+                                       device, repeat)
+        out.append({"cell": cell_name, "batch": B, "t_local": T, "width": D, "pass_": PASSES[backward],
+                    "two_rank_ms": seconds * 1e3, "iterations_2": info.iterations,
+                    "ref_iterations": ref_info.iterations,
+                    "bytes_per_solve": counted.bytes, "collectives_per_solve": counted.calls,
+                    "max_err": float(err), "fallback": info.fallback})
+    return out
+
+
+def worker(spec_path: str) -> int:
+    """One rank of the 2-rank part, under torch.distributed.run: writes OUT/rank{r}.json, {"rows": [...]} or
+    {"error": traceback}, then ends at a barrier (see /work/shared/CPU-TESTING-NOTES.md: no destroy)."""
+    import torch.distributed as dist
+
+    spec = json.loads(Path(spec_path).read_text())
+    faulthandler.dump_traceback_later(max(30, spec["timeout"] - 10), exit=True)
+    torch.set_num_threads(spec["threads"])
+    if spec["device"] == "cuda":
+        local = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local)
+        device, backend = torch.device("cuda", local), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    dist.init_process_group(backend, timeout=timedelta(seconds=spec["collective_timeout"]))
+    rank = dist.get_rank()
+    try:
+        rows = []
+        for cell_name in spec["cells"]:
+            for B, T, D in spec["grid"]:
+                rows.extend(_worker_case(cell_name, B, T, D, getattr(torch, spec["dtype"]), device, spec["repeat"]))
+        result: dict = {"rows": rows}
+    except Exception:
+        result = {"error": traceback.format_exc()}
+    with open(Path(spec["out"]) / f"rank{rank}.json", "w") as fh:
+        json.dump(result, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    if "error" in result:
+        sys.stderr.write(result["error"])
+        sys.stderr.flush()
+        os._exit(1)
+    dist.barrier()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def run_ranks(spec: dict, timeout: float) -> list[dict]:
+    """The 2-rank rows (rank 0's, the times being the slower rank's already), or RuntimeError."""
+    with tempfile.TemporaryDirectory(prefix="unroll-seqpar-") as tmp:
+        spec = dict(spec, out=tmp, timeout=timeout)
+        spec_path = Path(tmp) / "spec.json"
+        spec_path.write_text(json.dumps(spec))
+        env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(RANKS),
+               "-m", "unroll.launch.bench.seqpar", "--worker", str(spec_path)]
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            _, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # torchrun's workers run in sessions of their own: SIGTERM lets its agent stop them, then SIGKILL
+            proc.terminate()
+            try:
+                _, stderr = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                _, stderr = proc.communicate()
+            raise RuntimeError(f"the {RANKS}-rank run timed out after {timeout:g} s:\n{stderr[-3000:]}") from None
+        results = []
+        for r in range(RANKS):
+            path = Path(tmp) / f"rank{r}.json"
+            if not path.exists():
+                raise RuntimeError(f"rank {r} wrote no result (torchrun exit {proc.returncode}):\n{stderr[-3000:]}")
+            res = json.loads(path.read_text())
+            if "error" in res:
+                raise RuntimeError(f"rank {r} failed:\n{res['error']}")
+            results.append(res["rows"])
+    for mine, other in zip(*results):  # SolveInfo and the all-reduced figures agree across ranks
+        for key in ("two_rank_ms", "iterations_2", "max_err", "fallback"):
+            if mine[key] != other[key]:
+                raise RuntimeError(f"ranks disagree on {key}: {mine} vs {other}")
+    return results[0]
+
+
+def run_one_rank(cell_name: str, B: int, T: int, D: int, dtype: torch.dtype, device: torch.device,
+                 repeat: int) -> list[dict]:
+    mixer, u_full, h0 = _problem(cell_name, B, RANKS * T, D, dtype, device)
+    u = u_full[:, :T].contiguous()  # rank 0's slice: what one rank alone solves
+    _, info = _pass(newton_solve, mixer, u, h0, False)
+    return [{"one_rank_ms": measure(lambda: _pass(newton_solve, mixer, u, h0, backward), device, repeat) * 1e3,
+             "iterations_1": info.iterations} for backward in (False, True)]
+
+
+def format_table(rows: list[Row]) -> str:
+    head = (f"{'cell':5} {'B':>3} {'T/rank':>6} {'D':>5} {'pass':8} {'1-rank ms':>10} {'2-rank ms':>10} "
+            f"{'effic.':>7} {'it 1r':>5} {'it 2r':>5} {'B/iter/rank':>11} {'B/solve/rank':>12} {'coll':>4} "
+            f"{'max |Δ|':>8}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r.cell:5} {r.batch:3d} {r.t_local:6d} {r.width:5d} {r.pass_:8} {r.one_rank_ms:10.2f} "
+                     f"{r.two_rank_ms:10.2f} {r.efficiency:7.2f} {r.iterations_1:5d} {r.iterations_2:5d} "
+                     f"{r.bytes_per_iteration:11,d} {r.bytes_per_solve:12,d} {r.collectives_per_solve:4d} "
+                     f"{r.max_err:8.1e}" + (f"  {r.fallback}" if r.fallback else ""))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:
+        return worker(argv[1])
+    p = argparse.ArgumentParser(prog="unroll bench seqpar", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: nccl, one GPU per rank")
+    p.add_argument("--grid", choices=sorted(GRIDS), default=None, help="default: gpu on CUDA, cpu otherwise")
+    p.add_argument("--cells", default="gru,lstm")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="threads per process (each rank and the 1-rank baseline)")
+    p.add_argument("--timeout", type=float, default=1200.0, help="seconds for the whole 2-rank run")
+    p.add_argument("--json", default=None, help="also write the rows here")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and torch.cuda.device_count() < RANKS:
+        print(f"unroll bench seqpar: --device cuda needs {RANKS} GPUs (one per rank), "
+              f"found {torch.cuda.device_count()}", file=sys.stderr)
+        return 2
+    grid = GRIDS[args.grid or ("gpu" if device.type == "cuda" else "cpu")]
+    cells = args.cells.split(",")
+    if not set(cells) <= set(CELLS):
+        p.error(f"--cells: choose from {','.join(CELLS)}")
+    dtype = getattr(torch, args.dtype)
+    cores = os.cpu_count() or 1
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device: {name}, torch {torch.__version__}, "
+          f"{cores} cores; {RANKS} ranks × {args.threads} thread(s) vs 1 rank × {args.threads} thread(s); "
+          f"weak scaling: T/rank steps per rank (2 ranks solve 2·T/rank); effic. = 1-rank ms / 2-rank ms")
+    if device.type == "cpu" and RANKS * args.threads >= cores:
+        print(f"note: {RANKS} ranks × {args.threads} thread(s) on {cores} cores: the ranks share the cores with each "
+              f"other (and with gloo's threads and anything else running), so the efficiency here understates what "
+              f"ranks on separate machines would reach")
+    elif device.type == "cpu":
+        print(f"note: the {RANKS} ranks share one machine (memory bandwidth, gloo over loopback); other processes "
+              f"on it add noise")
+
+    spec = {"cells": cells, "grid": grid, "repeat": args.repeat, "threads": args.threads, "dtype": args.dtype,
+            "device": device.type, "collective_timeout": min(300.0, args.timeout)}
+    start = time.perf_counter()
+    try:
+        two = run_ranks(spec, args.timeout)
+    except RuntimeError as e:
+        print(f"unroll bench seqpar: {e}", file=sys.stderr)
+        return 1
+    print(f"{RANKS}-rank runs done in {time.perf_counter() - start:.1f} s (including the launch); "
+          f"1-rank baseline here", flush=True)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        one = [row for cell_name in cells for B, T, D in grid
+               for row in run_one_rank(cell_name, B, T, D, dtype, device, args.repeat)]
+    finally:
+        torch.set_num_threads(threads)
+
+    rows = []
+    for w, b in zip(two, one):
+        comm = bytes_per_iteration(w["batch"], w["width"], RANKS, structure=_structure(w["cell"]), dtype=dtype)
+        rows.append(Row(w["cell"], w["batch"], w["t_local"], w["width"], args.dtype, w["pass_"], args.threads,
+                        b["one_rank_ms"], w["two_rank_ms"], b["one_rank_ms"] / w["two_rank_ms"], b["iterations_1"],
+                        w["iterations_2"], comm.sent_per_rank, w["bytes_per_solve"], w["collectives_per_solve"],
+                        w["max_err"], w["fallback"]))
+    print(format_table(rows))
+    print(f"median of {args.repeat} repeat(s) after one warm-up; 2-rank time = the slower rank's; B/solve/rank and "
+          f"coll(ectives) counted on the warm-up call")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in rows], f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

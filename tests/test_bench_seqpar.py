@@ -1,0 +1,30 @@
+"""`unroll bench seqpar` runs end to end (its own 2-rank torchrun launch included) and its numerics and
+communication columns are sound (no timing is asserted: speed figures live in the benchmark's output)."""
+import json
+
+import torch
+
+from unroll.kernels.seqpar_newton import bytes_per_iteration
+from unroll.launch.bench.seqpar import _structure, main
+
+
+def test_bench_seqpar_quick_grid(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    assert main(["--grid", "quick", "--repeat", "1", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "2-rank ms" in printed and "effic." in printed and "share the cores" in printed
+    rows = json.loads(out.read_text())
+    assert {(r["cell"], r["pass_"]) for r in rows} == {(c, p) for c in ("gru", "lstm") for p in ("fwd", "fwd+bwd")}
+    for r in rows:
+        assert r["one_rank_ms"] > 0 and r["two_rank_ms"] > 0, r
+        assert r["efficiency"] == r["one_rank_ms"] / r["two_rank_ms"], r
+        assert r["iterations_1"] >= 1 and r["iterations_2"] >= 1 and r["fallback"] is None, r
+        assert r["max_err"] < 1e-5, r  # float32, against newton_solve of the full 2·T_local sequence
+        comm = bytes_per_iteration(r["batch"], r["width"], 2, structure=_structure(r["cell"]), dtype=torch.float32)
+        assert r["bytes_per_iteration"] == comm.sent_per_rank, r
+        # forward: the first boundary exchange, then one all_gather per residual check (iterations + 1)
+        forward = comm.setup_per_rank + (r["iterations_2"] + 1) * comm.sent_per_rank
+        if r["pass_"] == "fwd":
+            assert r["bytes_per_solve"] == forward and r["collectives_per_solve"] == r["iterations_2"] + 2, r
+        else:  # + the backward's all_gather and the all-reduce of the parameter gradients
+            assert r["bytes_per_solve"] > forward and r["collectives_per_solve"] == r["iterations_2"] + 4, r
