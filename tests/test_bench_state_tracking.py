@@ -5,7 +5,7 @@ import json
 import torch
 
 from unroll.launch.bench import state_tracking
-from unroll.launch.bench.state_tracking import COMPOSE, PERMS, main, parity_batch, s5_batch
+from unroll.launch.bench.state_tracking import COMPOSE, PERMS, length_at, main, parity_batch, s5_batch
 from unroll.launch.cli import main as cli_main
 
 
@@ -63,6 +63,34 @@ def test_bench_quick_runs_and_writes_json(tmp_path, capsys):
         assert {"steps", "loss", "params", "train_seconds", "eval_seconds", "acc", "last_acc"} <= r.keys()
         assert set(r["acc"]) == set(r["last_acc"]) == {"64", "128"}
         assert all(0 <= a <= 1 for a in [*r["acc"].values(), *r["last_acc"].values()])
+
+
+def test_curriculum_grows_the_length_then_holds_it():
+    lengths = [length_at(s, 100, 64, start=2, ramp=0.5) for s in range(100)]
+    assert lengths[0] == 2 and lengths[49] < 64 and lengths[50:] == [64] * 50
+    assert lengths == sorted(lengths) and all(2 <= L <= 64 for L in lengths)
+    # off (start 0, or a start at or past the length): always the training length
+    assert {length_at(s, 100, 64) for s in range(100)} == {64}
+    assert {length_at(s, 100, 64, start=64) for s in range(100)} == {64}
+    assert length_at(0, 1, 64, start=2, ramp=0.5) == 2 and length_at(1, 1, 64, start=2, ramp=0.5) == 64
+
+
+def test_curriculum_keeps_tokens_per_step_and_is_announced(monkeypatch, tmp_path, capsys):
+    shapes = []
+    make, classes = state_tracking.TASKS["parity"]
+    def recording(batch, length, g):
+        shapes.append((batch, length))
+        return make(batch, length, g)
+
+    monkeypatch.setitem(state_tracking.TASKS, "parity", (recording, classes))
+    out = tmp_path / "st.json"
+    assert main(["--families", "gru", "--tasks", "parity", "--steps", "4", "--batch", "2", "--length", "16",
+                 "--curriculum", "4", "--ramp", "0.5", "--eval-lengths", "16", "--eval-samples", "2",
+                 "--threads", "1", "--json", str(out)]) == 0
+    assert "length curriculum 4→16" in capsys.readouterr().out
+    # the eval set first, then the training batches: batch × length stays 2 × 16 (rounded down)
+    assert shapes == [(2, 16), (8, 4), (3, 10), (2, 16), (2, 16)]
+    assert json.loads(out.read_text())["curriculum"] == 4
 
 
 def test_cli_registers_the_bench(capsys):
