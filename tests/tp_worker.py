@@ -1,0 +1,244 @@
+"""Run by tests/test_tensor_parallel.py under torchrun (2 ranks): apply_tensor_parallel against the same
+single-device model (same seed, so the same weights on every rank), for every case below, with and
+without sequence parallelism.
+
+    torchrun --standalone --nproc-per-node 2 tests/tp_worker.py OUT_DIR
+
+Writes OUT_DIR/rank{r}.json: {check: result dict, or {"error": traceback}}:
+  f64/<case>/<sp|nosp>    float64: max |logits − ref|, |loss − ref|, max over parameters of
+                          |grad.full_tensor() − ref grad| (and which), whether every parameter is a DTensor
+  f32/<case>/<sp|nosp>    float32: the losses of 3 AdamW steps, TP and reference
+  placements              each parameter's placement in one model (the plan as applied)
+  dcp                     model + AdamW state of a TP run saved with checkpoint_view load into one process's
+                          layout, and a single-device save loads into the TP model and optimizer
+  errors                  what apply_tensor_parallel refuses, by message; generation refused
+"""
+import copy
+import faulthandler
+import json
+import os
+import sys
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+M2 = dict(k_dim=8, v_dim=4, v_heads=4, conv=4)
+MOE = dict(experts=4, top_k=2, hidden=16, shared_experts=1, shared_hidden=16, aux_loss_coef=0.01, z_loss_coef=1e-3)
+BASE = dict(vocab_size=64, d_model=16, mlp_hidden=32, n_heads=4)
+
+# name → ModelConfig fields: every mixer with a dense and a MoE MLP, ParaRNN heads 1 / 2 / 4 (2 = tp: one
+# local head), both solvers, M²RNN with q/k replicated (1 head) and split (2 heads), GQA and untied head.
+CASES = {
+    "GA-dense-newton": dict(pattern="GA", solver="newton"),
+    "GA-moe-seq-heads2": dict(pattern="GA", solver="sequential", rnn_heads=2, mlp_pattern="E"),
+    "GA-dense-newton-heads4-gqa-untied": dict(pattern="GA", solver="newton", rnn_heads=4, n_kv_heads=2,
+                                              tie_embeddings=False),
+    "LA-moe-newton": dict(pattern="LA", solver="newton", mlp_pattern="E"),
+    "LA-dense-seq-heads2": dict(pattern="LA", solver="sequential", rnn_heads=2),
+    "MA-dense-qk1": dict(pattern="MA", m2rnn=dict(qk_heads=1, solver="sequential")),
+    "MA-moe-qk2": dict(pattern="MA", mlp_pattern="E", m2rnn=dict(qk_heads=2, solver="sequential")),
+    "MA-dense-qk2-newton": dict(pattern="MA", m2rnn=dict(qk_heads=2, solver="newton")),
+}
+
+
+def config(**fields):
+    from unroll.models.config import M2RNNConfig, ModelConfig, MoEConfig
+
+    fields = {**BASE, **fields}
+    fields["m2rnn"] = M2RNNConfig(**{**M2, **fields.get("m2rnn", {})})
+    fields["moe"] = MoEConfig(**MOE)
+    return ModelConfig(**fields)
+
+
+def build(cfg, dtype, seed):
+    from unroll.models import LM
+
+    torch.manual_seed(seed)
+    return LM(cfg).to(dtype)
+
+
+def loss_of(model, tokens):
+    logits = model(tokens[:, :-1])
+    loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+    aux = model.aux_loss()
+    return logits, (loss + aux if aux is not None else loss)
+
+
+def err(a, b) -> float:
+    return float((a.detach() - b.detach()).abs().max())
+
+
+def parallel(model, mesh, sp):
+    from unroll.train.tensor_parallel import apply_tensor_parallel
+
+    apply_tensor_parallel(model, mesh, sequence_parallel=sp)
+    return model
+
+
+def check_f64(cfg, mesh, sp, seed) -> dict:
+    ref = build(cfg, torch.float64, seed)
+    tp = parallel(copy.deepcopy(ref), mesh, sp)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(seed))
+    ref_logits, ref_loss = loss_of(ref, tokens)
+    ref_loss.backward()
+    logits, loss = loss_of(tp, tokens)
+    loss.backward()
+    tp_params = dict(tp.named_parameters())
+    worst, worst_name, missing = 0.0, None, []
+    for name, p in ref.named_parameters():
+        q = tp_params[name]
+        if q.grad is None:
+            missing.append(name)
+            continue
+        e = err(q.grad.full_tensor(), p.grad)
+        if e >= worst:
+            worst, worst_name = e, name
+    return {"logits": err(logits, ref_logits), "loss": err(loss, ref_loss), "grad": worst, "grad_worst": worst_name,
+            "grad_scale": max(float(p.grad.abs().max()) for p in ref.parameters()), "missing_grads": missing,
+            "all_dtensor": all(type(p).__name__ == "DTensor" for p in tp.parameters())}
+
+
+def check_f32_training(cfg, mesh, sp, seed, steps=3) -> dict:
+    ref = build(cfg, torch.float32, seed)
+    tp = parallel(copy.deepcopy(ref), mesh, sp)
+    out = {}
+    for name, model in (("ref", ref), ("tp", tp)):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        g = torch.Generator().manual_seed(seed + 1)
+        losses = []
+        for _ in range(steps + 1):  # the last loss is after the last step
+            tokens = torch.randint(0, cfg.vocab_size, (2, 9), generator=g)
+            _, loss = loss_of(model, tokens)
+            losses.append(loss.item())
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        out[name] = losses
+    return out
+
+
+def placements(mesh) -> dict:
+    model = parallel(build(config(pattern="GMA", mlp_pattern="DED", rnn_heads=1), torch.float64, 0), mesh, True)
+    return {name: str(p.placements[0]) for name, p in model.named_parameters()}
+
+
+def check_dcp(mesh, path: str) -> dict:
+    """Model and AdamW state, TP → single-device layout and back, through get_state_dict / DCP /
+    set_state_dict as train/checkpoint.py does, with checkpoint_view in front of DCP on the TP side."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from unroll.train.tensor_parallel import checkpoint_view
+
+    warnings.filterwarnings("ignore")
+    cfg = config(pattern="GMA", mlp_pattern="DED", m2rnn=dict(qk_heads=2, solver="sequential"))
+    tokens = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+
+    def trained(model):  # one AdamW step, so that the optimizer has state
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        loss_of(model, tokens)[1].backward()
+        opt.step()
+        return model, opt
+
+    def full(t):
+        return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+    def compare(a, a_opt, b, b_opt) -> tuple[float, float]:
+        pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+        params = max(err(full(pa[n]), full(pb[n])) for n in pa)
+        states = max(err(full(a_opt.state[pa[n]][k]), full(b_opt.state[pb[n]][k]))
+                     for n in pa for k in ("exp_avg", "exp_avg_sq"))
+        return params, states
+
+    ref, ref_opt = trained(build(cfg, torch.float64, 5))
+    tp, tp_opt = trained(parallel(build(cfg, torch.float64, 5), mesh, True))
+    model_sd, optim_sd = get_state_dict(tp, tp_opt)
+    dcp.save(checkpoint_view({"model": model_sd, "optim": optim_sd}), checkpoint_id=os.path.join(path, "tp"))
+    single, single_opt = trained(build(cfg, torch.float64, 6))  # other weights and state, overwritten
+    model_sd, optim_sd = get_state_dict(single, single_opt)
+    sd = {"model": model_sd, "optim": optim_sd}
+    dcp.load(sd, checkpoint_id=os.path.join(path, "tp"))
+    set_state_dict(single, single_opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    to_single = compare(single, single_opt, ref, ref_opt)
+
+    model_sd, optim_sd = get_state_dict(ref, ref_opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(path, "single"))
+    tp2, tp2_opt = trained(parallel(build(cfg, torch.float64, 7), mesh, True))
+    model_sd, optim_sd = get_state_dict(tp2, tp2_opt)
+    sd = {"model": model_sd, "optim": optim_sd}
+    dcp.load(checkpoint_view(sd), checkpoint_id=os.path.join(path, "single"))
+    set_state_dict(tp2, tp2_opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    to_tp = compare(tp2, tp2_opt, ref, ref_opt)
+    return {"tp_to_single_params": to_single[0], "tp_to_single_optim": to_single[1],
+            "single_to_tp_params": to_tp[0], "single_to_tp_optim": to_tp[1],
+            "logits_after_load": err(tp2(tokens[:, :-1]), ref(tokens[:, :-1]))}
+
+
+def check_errors(mesh) -> dict:
+    from unroll.train.tensor_parallel import TensorParallelError
+
+    out = {}
+    bad = {"m2rnn_qk3": config(pattern="M", m2rnn=dict(qk_heads=3, v_heads=6)),
+           "gqa_kv1": config(pattern="A", n_kv_heads=1),
+           "rnn_heads3": config(pattern="G", d_model=12, rnn_heads=3),
+           "mlp_width33": config(pattern="A", mlp_hidden=33)}
+    for name, cfg in bad.items():
+        try:
+            parallel(build(cfg, torch.float64, 0), mesh, True)
+            out[name] = None
+        except TensorParallelError as e:
+            out[name] = str(e)
+    model = parallel(build(config(pattern="G"), torch.float64, 0), mesh, True)
+    try:
+        model.step(torch.zeros(2, dtype=torch.long))
+        out["step"] = None
+    except NotImplementedError as e:
+        out["step"] = str(e)
+    try:
+        model(torch.zeros(2, 7, dtype=torch.long))
+        out["odd_length"] = None
+    except Exception as e:  # noqa: BLE001
+        out["odd_length"] = str(e)
+    return out
+
+
+def main() -> None:
+    out_dir = sys.argv[1]
+    faulthandler.dump_traceback_later(150, exit=True)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    from torch.distributed.device_mesh import init_device_mesh
+
+    rank = dist.get_rank()
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("tp",))
+    results: dict = {}
+
+    def run(name, fn, *args):
+        try:
+            results[name] = fn(*args)
+        except Exception:  # noqa: BLE001
+            results[name] = {"error": traceback.format_exc()}
+
+    for i, (case, fields) in enumerate(CASES.items()):
+        for sp in (True, False):
+            tag = "sp" if sp else "nosp"
+            run(f"f64/{case}/{tag}", check_f64, config(**fields), mesh, sp, 10 + i)
+            run(f"f32/{case}/{tag}", check_f32_training, config(**fields), mesh, sp, 10 + i)
+    run("placements", placements, mesh)
+    run("dcp", check_dcp, mesh, os.path.join(out_dir, "ckpt"))
+    run("errors", check_errors, mesh)
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+        json.dump(results, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    dist.barrier()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
