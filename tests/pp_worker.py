@@ -1,0 +1,113 @@
+"""Run by tests/test_pipeline.py under torchrun (2 ranks): every pipeline schedule of train/pipeline.py against
+one process, float64, loss and gradients.
+
+    torchrun --standalone --nproc-per-node 2 tests/pp_worker.py OUT_DIR
+
+Each rank builds the same seeded LM and computes the single-process loss (the mean over the microbatches,
+which is the whole batch's mean: equal-size microbatches) and its gradients; then runs the schedule twice
+(the second step reuses the inferred shapes) and compares, after `sync_tied_grads`, the gradient of every
+parameter its stages hold with the single-process one (the tied replica against `embed.weight`).
+Writes OUT_DIR/rank{r}.json: {case: {"loss": error or null off the last stage, "grads": max error,
+"worst": name, "names": [LM parameter names this rank holds], "copy": error of the tied replica after
+`copy_tied_weight` from a changed embedding}}.
+"""
+import faulthandler
+import json
+import os
+import sys
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+CASES = {  # name: (schedule, pattern, extra model fields)
+    "gpipe_tied": ("GPipe", "GA|LG", {}),
+    "1f1b_untied": ("1F1B", "GA|LG", {"tie_embeddings": False}),
+    "1f1b_auto_split": ("1F1B", "GALA", {}),
+    "interleaved_1f1b_tied": ("Interleaved1F1B", "GA|LG|GA|LG", {}),
+    "looped_bfs_untied": ("LoopedBFS", "GA|LG|GA|LG", {"tie_embeddings": False}),
+    "interleaved_zb_tied": ("InterleavedZeroBubble", "GA|LG|GA|LG", {}),
+    "zbv_tied": ("ZBVZeroBubble", "GA|LG|GA|LG", {}),
+    "zbv_untied": ("ZBVZeroBubble", "GA|LG|GA|LG", {"tie_embeddings": False}),
+    "dualpipev_tied": ("DualPipeV", "GA|LG|GA|LG", {}),
+    "gpipe_m2rnn_moe": ("GPipe", "GM|AL", {"mlp_pattern": "DEDE"}),  # no aux-loss coefficients
+}
+N_MB = 4
+
+
+def loss_fn(logits, targets):
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def run_case(schedule, pattern, extra, group):
+    from unroll.models import LM, ModelConfig
+    from unroll.models.config import M2RNNConfig, MoEConfig
+    from unroll.train.pipeline import build_schedule, copy_tied_weight, pipeline_step, sync_tied_grads
+
+    cfg = ModelConfig(pattern=pattern, vocab_size=40, d_model=16, n_heads=2, solver="newton",
+                      m2rnn=M2RNNConfig(k_dim=4, v_dim=4, v_heads=4, qk_heads=2, solver="sequential"),
+                      moe=MoEConfig(experts=4, top_k=2, hidden=8), **extra)
+    torch.manual_seed(0)
+    model = LM(cfg).double()
+    tokens = torch.randint(0, 40, (2 * N_MB, 6))
+    targets = torch.randint(0, 40, (2 * N_MB, 6))
+    ref_loss = torch.stack([loss_fn(model(t), y) for t, y in zip(tokens.chunk(N_MB), targets.chunk(N_MB))]).mean()
+    ref_loss.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    sched, modules = build_schedule(model, group, schedule, N_MB, loss_fn)
+    out = {"loss": None, "grads": 0.0, "worst": "", "names": []}
+    for _ in range(2):
+        for m in modules:
+            m.zero_grad(set_to_none=True)
+        loss = pipeline_step(sched, modules, tokens, targets)
+        sync_tied_grads(modules, group)
+        if loss is not None:
+            out["loss"] = max(out["loss"] or 0.0, abs(loss.item() - ref_loss.item()))
+        for m in modules:
+            for n, p in m.named_parameters():
+                name = "embed.weight" if n == "tied_embed_weight" else n
+                g = p.grad if p.grad is not None else torch.zeros_like(p)
+                err = (g - ref[name]).abs().max().item()
+                if err >= out["grads"]:
+                    out["grads"], out["worst"] = err, n
+                if name not in out["names"]:
+                    out["names"].append(name)
+    out["all_names"] = list(ref)
+    # copy_tied_weight: the first stage's rank "loads" embed + 1; the replica must follow
+    with torch.no_grad():
+        loaded = model.embed.weight + 1
+        if any(m.first for m in modules):
+            model.embed.weight.copy_(loaded)
+        copy_tied_weight(modules, group)
+        out["copy"] = max([(m.tied_embed_weight - loaded).abs().max().item()
+                           for m in modules if m.tied_embed_weight is not None], default=0.0)
+    return out
+
+
+def main(out_dir: str) -> None:
+    faulthandler.dump_traceback_later(150, exit=True)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    torch.set_num_threads(1)
+    rank = dist.get_rank()
+    results = {}
+    try:
+        for name, (schedule, pattern, extra) in CASES.items():
+            results[name] = run_case(schedule, pattern, extra, dist.group.WORLD)
+    except Exception:
+        results = {"error": traceback.format_exc()}
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+        json.dump(results, fh)
+    if "error" in results:
+        sys.stdout.flush()
+        os._exit(1)
+    dist.barrier()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,335 @@
+"""Pipeline parallelism on `torch.distributed.pipelining`: the single-device LM cut into stages from outside.
+
+    stage_layers(cfg, stages)                 which block indices each stage holds
+    build_stage_module(model, layers, ...)    one stage as a module holding the model's own blocks
+    build_schedule(model, pp, name, n_mb, loss_fn) -> (schedule, stage modules of this rank)
+    pipeline_step(schedule, modules, tokens, targets) -> mean loss over microbatches (last-stage ranks)
+    sync_tied_grads(modules, pp)              after the step, before clipping / the optimizer, tied models only
+
+Stage boundaries come from the pattern's `|` marks ("GA|LG": stage 0 holds blocks 0-1, stage 1 blocks 2-3)
+when the marks give exactly the number of stages the schedule needs; a pattern without marks is balanced
+automatically by parameter count (the embedding counted on the first stage, the head on the last).
+
+Placement (which rank runs which stage, ranks counted within the pp group of size P):
+    GPipe, 1F1B                                    one stage per rank: rank r runs stage r
+    Interleaved1F1B, LoopedBFS, InterleavedZeroBubble  two per rank, looped: r and r + P
+    ZBVZeroBubble, DualPipeV                       two per rank, V: r and 2P - 1 - r (so rank 0 runs
+                                                   both the first and the last stage)
+
+Tied embeddings: the last stage computes logits with the embedding matrix that the first stage looks tokens
+up in. The last stage gets its own replica of it (the parameter `tied_embed_weight`, a copy of
+`model.embed.weight` at build time), on every placement, even when both stages are on one rank (a shared
+Parameter object would be divided twice by the schedule's per-stage `scale_grads`). `sync_tied_grads` then
+sets the gradient of both copies to their sum (point to point between the two ranks, or locally under V
+placement), which is the single-device gradient of the tied weight; identical gradients and identical
+optimizer updates keep the copies equal. Consequences for the caller: the replica has optimizer state of its
+own (identical to the embedding's); a global gradient norm for clipping must count the tied weight once
+(skip `tied_embed_weight`); checkpoints should save `embed.weight` only and, on load, copy it into the
+replica (`copy_tied_weight`).
+
+Gradients: the schedules' default `scale_grads=True` divides by the number of microbatches, so with a
+mean-reduced `loss_fn` the gradients are those of the loss averaged over the microbatches (equal-size
+microbatches: the mean over the whole batch), as on a single device.
+
+Not handled yet:
+- MoE auxiliary losses (load balancing, z-loss): each block's `mlp.aux_loss` is computed but not added to the
+  pipelined loss, so with `moe.aux_loss_coef` / `z_loss_coef` > 0 the gradients differ from single-device
+  training. Auxiliary-loss-free balancing (expert bias) is unaffected apart from updates the trainer makes.
+- Recurrent / KV state: stages run whole sequences from a zero state (`state=None`); no state is carried
+  between microbatches or steps, and generation (`LM.step`, models/generate.py) is single-device only.
+- Shapes are inferred at the first step; a later step with other microbatch shapes (e.g. a smaller eval
+  batch) needs a new schedule.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleDualPipeV,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
+    ScheduleLoopedBFS,
+    ScheduleZBVZeroBubble,
+)
+
+from unroll.models.config import ModelConfig
+from unroll.models.lm import LM, Block
+
+# name: (schedule class, stages per rank, placement)
+SCHEDULES = {
+    "GPipe": (ScheduleGPipe, 1, "loop"),
+    "1F1B": (Schedule1F1B, 1, "loop"),
+    "Interleaved1F1B": (ScheduleInterleaved1F1B, 2, "loop"),
+    "LoopedBFS": (ScheduleLoopedBFS, 2, "loop"),
+    "InterleavedZeroBubble": (ScheduleInterleavedZeroBubble, 2, "loop"),
+    "ZBVZeroBubble": (ScheduleZBVZeroBubble, 2, "v"),
+    "DualPipeV": (ScheduleDualPipeV, 2, "v"),
+}
+
+
+def schedule_spec(name: str) -> tuple[str, type, int, str]:
+    """(canonical name, class, stages per rank, placement) of a schedule name, case-insensitive."""
+    for key, spec in SCHEDULES.items():
+        if key.lower() == name.lower():
+            return (key,) + spec
+    raise ValueError(f"unknown pipeline schedule {name!r}; choices: {', '.join(SCHEDULES)}")
+
+
+def stage_ranks(n_stages: int, pp: int, placement: str) -> list[int]:
+    """The pp-group rank that runs each stage."""
+    if placement == "v":
+        return [s if s < pp else 2 * pp - 1 - s for s in range(n_stages)]
+    return [s % pp for s in range(n_stages)]
+
+
+def _marked_stages(pattern: str) -> list[list[int]]:
+    out, layer = [[]], 0
+    for c in pattern:
+        if c == "|":
+            out.append([])
+        else:
+            out[-1].append(layer)
+            layer += 1
+    return out
+
+
+def layer_costs(cfg: ModelConfig) -> tuple[list[int], int, int]:
+    """Parameter count of each block, of the embedding and of the head (the last stage's logits matrix,
+    counted also when tied), from a meta-device build: no memory, no initialization cost."""
+    with torch.device("meta"):
+        blocks = [sum(p.numel() for p in Block(kind, cfg, mlp).parameters())
+                  for kind, mlp in zip(cfg.layers, cfg.mlp_kinds)]
+    embed = cfg.vocab_size * cfg.d_model
+    head = cfg.vocab_size * cfg.d_model + cfg.d_model  # + the final norm
+    return blocks, embed, head
+
+
+def balance(costs: list[int], stages: int, first: int = 0, last: int = 0) -> list[list[int]]:
+    """Contiguous split of `costs` into `stages` non-empty parts minimizing the largest part's cost (`first`
+    added to the first part, `last` to the last); ties go to the split with the earliest cut points."""
+    n = len(costs)
+    prefix = [0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+
+    def cost(i, j, s):  # layers i..j-1 as stage s
+        return prefix[j] - prefix[i] + (first if s == 0 else 0) + (last if s == stages - 1 else 0)
+
+    INF = float("inf")
+    # best[s][j]: the smallest max cost of layers 0..j-1 in stages 0..s; cut[s][j]: where stage s starts
+    best = [[INF] * (n + 1) for _ in range(stages)]
+    cut = [[0] * (n + 1) for _ in range(stages)]
+    for j in range(1, n + 1):
+        best[0][j] = cost(0, j, 0)
+    for s in range(1, stages):
+        for j in range(s + 1, n + 1):
+            for i in range(s, j):
+                v = max(best[s - 1][i], cost(i, j, s))
+                if v < best[s][j]:
+                    best[s][j], cut[s][j] = v, i
+    bounds, j = [], n
+    for s in range(stages - 1, 0, -1):
+        i = cut[s][j]
+        bounds.append((i, j))
+        j = i
+    bounds.append((0, j))
+    return [list(range(i, j)) for i, j in reversed(bounds)]
+
+
+def stage_layers(cfg: ModelConfig, stages: int) -> list[list[int]]:
+    """The block indices each of `stages` pipeline stages holds: the pattern's `|` marks when it has any (they
+    must give exactly `stages` stages, none empty), else a contiguous split balanced by parameter count."""
+    n = len(cfg.layers)
+    if stages < 1:
+        raise ValueError(f"pipeline stages must be positive, got {stages}")
+    if stages > n:
+        raise ValueError(f"{stages} pipeline stages for {n} layers (pattern {cfg.pattern!r}): "
+                         f"every stage needs at least one layer")
+    marks = cfg.pattern.count("|")
+    if marks:
+        if marks + 1 != stages:
+            raise ValueError(f"pattern {cfg.pattern!r} has {marks} stage mark(s) '|', i.e. {marks + 1} stages, "
+                             f"but the pipeline needs {stages} (pp × stages per rank); move the marks or "
+                             f"remove them all for an automatic split")
+        split = _marked_stages(cfg.pattern)
+        empty = [s for s, layers in enumerate(split) if not layers]
+        if empty:
+            raise ValueError(f"pattern {cfg.pattern!r}: stage(s) {empty} have no layers (a '|' at an end or "
+                             f"two in a row)")
+        return split
+    blocks, embed, head = layer_costs(cfg)
+    return balance(blocks, stages, embed, head)
+
+
+class StageModule(nn.Module):
+    """One pipeline stage: the embedding on the first, the LM's own Block objects for `layers` (under their
+    LM names, `blocks.<i>`), the final norm and head on the last. forward: tokens or hidden → hidden or
+    logits."""
+
+    def __init__(self, model: LM, layers: list[int], first: bool, last: bool):
+        super().__init__()
+        self.layers, self.first, self.last = list(layers), first, last
+        self.embed = model.embed if first else None
+        self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in layers})
+        self.norm = model.norm if last else None
+        self.head = model.head if last else None
+        self.tied = model.head is None
+        self.tied_embed_weight = None  # one stage (first and last) uses embed.weight itself
+        if last and self.tied and not first:
+            self.tied_embed_weight = nn.Parameter(model.embed.weight.detach().clone())
+        self.tied_peer: int | None = None  # pp-group rank holding the other copy of the tied weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.embed is not None:
+            x = self.embed(x)
+        for block in self.blocks.values():
+            x, _ = block(x)
+        if self.last:
+            x = self.norm(x)
+            if self.head is not None:
+                return self.head(x)
+            w = self.tied_embed_weight if self.tied_embed_weight is not None else self.embed.weight
+            return x @ w.t()
+        return x
+
+    def tied_weight(self) -> nn.Parameter | None:
+        """This stage's copy of the tied embedding matrix (None if it holds none or the model is untied)."""
+        if not self.tied or self.first == self.last:
+            return None
+        return self.embed.weight if self.first else self.tied_embed_weight
+
+
+def build_stage_module(model: LM, layers: list[int], first: bool, last: bool) -> StageModule:
+    """A module running blocks `layers` of `model` (the same objects, not copies), with the embedding when
+    `first` and the final norm and head when `last`; tied embeddings get a replica on the last stage (see the
+    module docstring)."""
+    return StageModule(model, layers, first, last)
+
+
+def _pp_group(pp) -> dist.ProcessGroup:
+    if isinstance(pp, DeviceMesh):
+        if pp.ndim == 1:
+            return pp.get_group()
+        if pp.mesh_dim_names and "pp" in pp.mesh_dim_names:
+            return pp["pp"].get_group()
+        raise ValueError(f"a {pp.ndim}-d mesh without a 'pp' dimension: pass the pp sub-mesh or its group")
+    return pp if pp is not None else dist.group.WORLD
+
+
+def build_schedule(model: LM, pp, schedule: str, n_microbatches: int, loss_fn,
+                   device: torch.device | str | None = None) -> tuple[object, list[StageModule]]:
+    """This rank's part of the pipeline: (the schedule object, its stage modules in stage order).
+
+    `pp` is the pipeline process group, a 1-d mesh, or a mesh with a "pp" dimension. `loss_fn(logits,
+    targets)` should reduce by mean (the schedule divides the gradients by n_microbatches). The stage
+    modules hold the model's own blocks, embedding, norm and head, so an optimizer over the modules'
+    parameters trains the model in place (plus, for tied embeddings, the replica `tied_embed_weight`, which
+    is not among `model.parameters()`). Every rank still holds the whole `model`; the blocks of other ranks'
+    stages are simply unused here (build the model on the meta device and materialize only the stage
+    modules to save the memory)."""
+    name, cls, per_rank, placement = schedule_spec(schedule)
+    group = _pp_group(pp)
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    n_stages = size * per_rank
+    if n_microbatches < 1:
+        raise ValueError(f"n_microbatches must be positive, got {n_microbatches}")
+    if name in ("1F1B", "DualPipeV") and n_microbatches < n_stages:
+        raise ValueError(f"{name} needs at least as many microbatches as stages ({n_stages}), "
+                         f"got {n_microbatches}")
+    if name in ("Interleaved1F1B", "InterleavedZeroBubble") and n_microbatches % size:
+        raise ValueError(f"{name} needs n_microbatches divisible by the pp size {size}, got {n_microbatches}")
+    layers = stage_layers(model.cfg, n_stages)
+    owner = stage_ranks(n_stages, size, placement)
+    if device is None:
+        device = next(model.parameters()).device
+    device = torch.device(device)
+    modules, stages = [], []
+    for s in range(n_stages):
+        if owner[s] != rank:
+            continue
+        m = build_stage_module(model, layers[s], s == 0, s == n_stages - 1)
+        m.stage_index = s
+        m.tied_peer = owner[n_stages - 1] if s == 0 else owner[0]
+        modules.append(m)
+        stages.append(PipelineStage(m, s, n_stages, device, group=group))
+    if per_rank == 1:
+        sched = cls(stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn)
+    else:
+        sched = cls(stages, n_microbatches=n_microbatches, loss_fn=loss_fn)
+    return sched, modules
+
+
+def pipeline_step(schedule, modules: list[StageModule], tokens: torch.Tensor | None = None,
+                  targets: torch.Tensor | None = None) -> torch.Tensor | None:
+    """One forward + backward of the batch (split along dim 0 into the schedule's microbatches): tokens are
+    used where the first stage is, targets where the last is. Returns the mean of the microbatch losses on
+    the rank with the last stage, None elsewhere. Gradients accumulate into the stage modules' parameters;
+    call `sync_tied_grads` next for a tied model."""
+    first = any(m.first for m in modules)
+    last = any(m.last for m in modules)
+    losses: list[torch.Tensor] = []
+    args = (tokens,) if first else ()
+    if last:
+        schedule.step(*args, target=targets, losses=losses)
+        return torch.stack([l.detach() for l in losses]).mean()
+    schedule.step(*args)
+    return None
+
+
+def sync_tied_grads(modules: list[StageModule], pp) -> None:
+    """Sum the gradients of the two copies of a tied embedding matrix (first stage's `embed.weight`, last
+    stage's `tied_embed_weight`) into both, point to point between their ranks. Every pp rank may call it;
+    ranks holding neither copy do nothing. A no-op for untied models."""
+    group = _pp_group(pp)
+    mine = [(m, m.tied_weight()) for m in modules]
+    mine = [(m, w) for m, w in mine if w is not None]
+    if not mine:
+        return
+    for _, w in mine:
+        if w.grad is None:
+            w.grad = torch.zeros_like(w)
+    if len(mine) == 2:  # V placement: both copies here
+        total = mine[0][1].grad + mine[1][1].grad
+        for _, w in mine:
+            w.grad.copy_(total)
+        return
+    m, w = mine[0]
+    other = torch.empty_like(w.grad)
+    peer = dist.get_global_rank(group, m.tied_peer)
+    ops = [dist.P2POp(dist.isend, w.grad.contiguous(), peer, group),
+           dist.P2POp(dist.irecv, other, peer, group)]
+    if not m.first:
+        ops.reverse()
+    for req in dist.batch_isend_irecv(ops):
+        req.wait()
+    w.grad.add_(other)
+
+
+@torch.no_grad()
+def copy_tied_weight(modules: list[StageModule], pp) -> None:
+    """Make the last stage's replica of a tied embedding equal the first stage's `embed.weight` (after
+    loading a checkpoint into the model): sent from the first stage's rank. Every pp rank may call it."""
+    group = _pp_group(pp)
+    own = dist.get_rank(group)
+    for m in modules:
+        w = m.tied_weight()
+        if w is None or m.tied_peer == own:
+            continue
+        peer = dist.get_global_rank(group, m.tied_peer)
+        if m.first:
+            dist.send(w.detach().contiguous(), peer, group)
+        else:
+            buf = torch.empty_like(w)
+            dist.recv(buf, peer, group)
+            w.copy_(buf)
+    # V placement: both copies on one rank
+    pair = [(m, m.tied_weight()) for m in modules if m.tied_weight() is not None]
+    if len(pair) == 2:
+        src = next(w for m, w in pair if m.first)
+        dst = next(w for m, w in pair if m.last)
+        dst.copy_(src)
