@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from unroll.train import distributed as D
+from unroll.train.tensor_parallel import checkpoint_view
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 STATE_FILE = "train_state.json"
@@ -101,8 +102,8 @@ def save(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torc
         tmp.mkdir()
     D.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    with _quiet_single_process():
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    with _quiet_single_process():  # checkpoint_view: tensor-parallel fused weights in single-device layout
+        dcp.save(checkpoint_view({"model": model_sd, "optim": optim_sd}), checkpoint_id=str(tmp))
     torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
     D.barrier()
     if rank == 0:
@@ -133,7 +134,7 @@ def _dcp_load(state: dict, path: Path) -> None:
         raise CheckpointError(f"checkpoint {path} is incomplete (no .metadata or {STATE_FILE})")
     try:
         with _quiet_single_process():
-            dcp.load(state, checkpoint_id=str(path))
+            dcp.load(checkpoint_view(state), checkpoint_id=str(path))  # fills `state`'s tensors in place
     except (Exception, CheckpointException) as e:  # DCP's own exception derives from BaseException
         raise CheckpointError(f"checkpoint {path} could not be loaded into this model: {_last_line(e)}") from e
 

@@ -87,6 +87,8 @@ def check_model(layout: Layout, model: ModelConfig, seq_len: int | None = None) 
                             f"the M²RNN convolution's reach ({model.m2rnn.conv - 1})")
     kinds = set(model.layers)
     if layout.tp > 1:
+        if seq_len is not None and seq_len % layout.tp:
+            problems.append(f"parallel.tp={layout.tp} must divide data.seq_len={seq_len} (sequence-parallel norms)")
         if "A" in kinds and (model.n_heads % layout.tp or model.kv_heads % layout.tp):
             problems.append(f"parallel.tp={layout.tp} must divide model.n_heads={model.n_heads} and the "
                             f"kv heads {model.kv_heads}")

@@ -1,5 +1,9 @@
 """Applying a parallel layout to the single-device model from outside (torchtitan's order: TP → activation
-checkpointing → compile → FSDP; the first three arrive with the rest of the distributed work).
+checkpointing → compile → FSDP; activation checkpointing and compile arrive with the rest of the
+distributed work).
+
+Tensor parallelism (tp > 1): the declared per-module plans of train/tensor_parallel.py, with sequence
+parallel norms; then FSDP2 over the data-parallel ranks of each tp group.
 
 Context parallelism (cp > 1): every mixer gets the cp process group and works on its slice of the
 sequence (recurrences by sequence-parallel Newton or a state hand-off, attention over gathered keys and
@@ -22,8 +26,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from unroll.models import LM
 from unroll.train.mesh import Layout, LayoutError
+from unroll.train.tensor_parallel import apply_tensor_parallel, fsdp_shard_placement
 
-NOT_YET = ("tp", "pp", "ep")
+NOT_YET = ("pp", "ep")
 
 
 def parallelize(model: LM, mesh: DeviceMesh | None, layout: Layout, *, bf16: bool) -> torch.nn.Module:
@@ -36,6 +41,13 @@ def parallelize(model: LM, mesh: DeviceMesh | None, layout: Layout, *, bf16: boo
                           f"parallel.dp_shard) is")
     if mesh is None:
         return model
+    if layout.tp > 1:
+        if layout.cp > 1:
+            raise LayoutError("parallel.tp with parallel.cp: not available yet (each works alone)")
+        if layout.dp_replicate > 1 and layout.dp_shard == 1:
+            raise LayoutError("parallel.tp with plain replication (DDP) is not supported: shard the data-parallel "
+                              "dimension instead (parallel.dp_shard > 1, HSDP with dp_replicate)")
+        apply_tensor_parallel(model, mesh["tp"], sequence_parallel=True)
     if layout.cp > 1:
         apply_context_parallel(model, mesh["cp"].get_group())
     # cp ranks hold the same weights and compute partial gradients of the same samples: gradients are
@@ -44,11 +56,15 @@ def parallelize(model: LM, mesh: DeviceMesh | None, layout: Layout, *, bf16: boo
     if layout.dp_shard > 1:
         dp_mesh = mesh["dp_replicate", shard_dim] if layout.dp_replicate > 1 else mesh[shard_dim]
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+        # under tp, a weight tp splits along a fused dimension is sharded by FSDP along another one
+        placement = fsdp_shard_placement(layout.dp_shard * layout.cp) if layout.tp > 1 else None
         for block in model.blocks:
-            fully_shard(block, mesh=dp_mesh, mp_policy=mp)
+            fully_shard(block, mesh=dp_mesh, mp_policy=mp, shard_placement_fn=placement)
             register_fsdp_forward_method(block, "step")
-        fully_shard(model, mesh=dp_mesh, mp_policy=mp)
+        fully_shard(model, mesh=dp_mesh, mp_policy=mp, shard_placement_fn=placement)
         register_fsdp_forward_method(model, "step")
+        return model
+    if layout.dp * layout.cp == 1:  # tensor parallel alone
         return model
     return DistributedDataParallel(model, process_group=mesh["dp_cp"].get_group())
 

@@ -215,7 +215,7 @@ def train(cfg: Config) -> dict:
             checkpoint.save(run_dir, step, model, optimizer, train_state(), keep=cfg.checkpoint.keep, rank=dist.rank)
         if val_loss is None and data.valid is not None:  # nothing left to train: report where it stands
             val_loss = evaluate(model, data, cfg, dist, autocast, ranks)
-        summary = finish(cfg, model, data, run_dir, dist, metrics, step, val_loss, initial_val)
+        summary = finish(cfg, model, data, run_dir, dist, metrics, step, val_loss, initial_val, layout)
         clean = True
         return summary
     finally:
@@ -225,13 +225,17 @@ def train(cfg: Config) -> dict:
 
 
 def finish(cfg: Config, model: LM, data: RunData, run_dir: Path, dist: D.DistInfo, metrics: Metrics,
-           step: int, val_loss: float | None, initial_val: float | None) -> dict:
+           step: int, val_loss: float | None, initial_val: float | None, layout) -> dict:
     """The end of a run: loss curve, validation perplexity and a generated sample (rank 0)."""
     summary = {"step": step, "stopped": False}
     sharded = any(isinstance(p, DTensor) for p in model.parameters())
     if not dist.is_main and not sharded:
         return summary
-    if cfg.sample.prompt and cfg.sample.max_new_tokens:  # under FSDP2 every rank runs the forward passes
+    if cfg.sample.prompt and cfg.sample.max_new_tokens and layout.tp > 1:
+        if dist.is_main:
+            metrics.write(f"(no sample: generating under tensor parallelism is not supported; "
+                          f"`unroll generate {run_dir}` samples from the checkpoint in one process)")
+    elif cfg.sample.prompt and cfg.sample.max_new_tokens:  # under FSDP2 every rank runs the forward passes
         gen = torch.Generator().manual_seed(cfg.train.seed)
         with without_context_parallel(model):
             ids = sample(model, data.tokenizer.encode(cfg.sample.prompt), cfg.sample.max_new_tokens,
