@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from unroll.models.attention import Attention
 from unroll.models.config import ModelConfig
@@ -50,11 +51,25 @@ class Block(nn.Module):
         self.mixer = build_mixer(kind, cfg, out_std)
         self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = build_mlp(mlp_kind, cfg, out_std)
+        # Activation checkpointing, set from outside (train/parallelize.py): "full" keeps only the block's
+        # input and recomputes the block in the backward; "mlp" recomputes only the MLP half (whose
+        # hidden activations are usually the widest) and keeps the mixer's.
+        self.recompute = "none"
 
     def forward(self, x: torch.Tensor, state=None):
+        if self.recompute == "full" and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, state, use_reentrant=False)
+        return self._forward(x, state)
+
+    def _forward(self, x: torch.Tensor, state=None):
         y, state = self.mixer(self.mixer_norm(x), state)
         x = x + y
-        return x + self.mlp(self.mlp_norm(x)), state
+        if self.recompute == "mlp" and torch.is_grad_enabled():
+            return x + checkpoint(self._mlp, x, use_reentrant=False), state
+        return x + self._mlp(x), state
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.mlp_norm(x))
 
     def step(self, x: torch.Tensor, state):
         y, state = self.mixer.step(self.mixer_norm(x), state)

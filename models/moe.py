@@ -96,7 +96,8 @@ class MoE(nn.Module):
 
         counts = torch.bincount(idx.flatten(), minlength=self.n_experts)
         self.last_load = counts.detach().float()
-        if self.training:
+        # Not while activation checkpointing recomputes this forward in the backward: counted once per step.
+        if self.training and torch._C._current_graph_task_id() == -1:
             if self.load_since_update.device != counts.device:  # not a buffer, so .to(device) skips it
                 self.load_since_update = torch.zeros_like(counts)
             self.load_since_update += counts

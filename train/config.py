@@ -44,6 +44,8 @@ class TrainConfig:
     batch_size: int = 16  # sequences per optimizer step, over all data-parallel ranks
     micro_batch_size: int = 0  # sequences per forward on one rank; 0 = batch_size / ranks (no accumulation)
     log_every: int = 10
+    activation_checkpoint: str = "none"  # none | full (recompute each block) | mlp (recompute MLPs only)
+    compile: bool = False  # torch.compile each block (in place, names unchanged)
 
 
 @dataclass
@@ -188,6 +190,8 @@ def validate(cfg: Config) -> None:
     need(cfg.train.batch_size > 0, "train.batch_size", f"must be positive, got {cfg.train.batch_size}")
     need(cfg.train.micro_batch_size >= 0, "train.micro_batch_size", f"must be >= 0, got {cfg.train.micro_batch_size}")
     need(cfg.train.log_every > 0, "train.log_every", f"must be positive, got {cfg.train.log_every}")
+    need(cfg.train.activation_checkpoint in ("none", "full", "mlp"), "train.activation_checkpoint",
+         f"must be none, full or mlp, got {cfg.train.activation_checkpoint!r}")
     need(cfg.optim.lr > 0, "optim.lr", f"must be positive, got {cfg.optim.lr}")
     need(cfg.optim.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {cfg.optim.weight_decay}")
     for key in ("beta1", "beta2"):

@@ -31,15 +31,37 @@ from unroll.train.tensor_parallel import apply_tensor_parallel, fsdp_shard_place
 NOT_YET = ("pp", "ep")
 
 
-def parallelize(model: LM, mesh: DeviceMesh | None, layout: Layout, *, bf16: bool) -> torch.nn.Module:
-    """Shards or wraps `model` in place; returns the module the training step calls (the model itself
-    under FSDP2, its DDP wrapper under plain replication). bf16: FSDP2 computes in bfloat16 parameters and
-    reduces gradients in float32 (its MixedPrecisionPolicy; used on GPU)."""
+def apply_activation_checkpointing(model: LM, mode: str, layout: Layout) -> None:
+    """Recompute each block ("full") or each MLP ("mlp") in the backward instead of keeping its activations."""
+    if mode == "none":
+        return
+    if layout.cp > 1 or layout.tp > 1:  # a recomputed state hand-off would send and receive twice
+        raise LayoutError(f"train.activation_checkpoint={mode} with parallel.cp or parallel.tp: not available yet")
+    for block in model.blocks:
+        block.recompute = mode
+
+
+def apply_compile(model: LM) -> None:
+    """torch.compile every block in place (parameter names unchanged, so checkpoints are unaffected). The
+    Newton solver's convergence loop breaks the graph; the projections, norms and MLPs around it compile."""
+    for block in model.blocks:
+        block.compile()
+
+
+def parallelize(model: LM, mesh: DeviceMesh | None, layout: Layout, *, bf16: bool,
+                activation_checkpoint: str = "none", compile: bool = False) -> torch.nn.Module:
+    """Shards or wraps `model` in place, in torchtitan's order (TP → activation checkpointing → compile →
+    context groups → FSDP/DDP); returns the module the training step calls (the model itself under FSDP2,
+    its DDP wrapper under plain replication). bf16: FSDP2 computes in bfloat16 parameters and reduces
+    gradients in float32 (its MixedPrecisionPolicy; used on GPU)."""
     missing = [f"parallel.{d}={getattr(layout, d)}" for d in NOT_YET if getattr(layout, d) > 1]
     if missing:
-        raise LayoutError(f"{', '.join(missing)}: not available yet; data parallelism (parallel.dp_replicate, "
-                          f"parallel.dp_shard) is")
+        raise LayoutError(f"{', '.join(missing)}: not available yet; data, context and tensor parallelism "
+                          f"(parallel.dp_replicate, dp_shard, cp, tp) are")
     if mesh is None:
+        apply_activation_checkpointing(model, activation_checkpoint, layout)
+        if compile:
+            apply_compile(model)
         return model
     if layout.tp > 1:
         if layout.cp > 1:
@@ -48,6 +70,9 @@ def parallelize(model: LM, mesh: DeviceMesh | None, layout: Layout, *, bf16: boo
             raise LayoutError("parallel.tp with plain replication (DDP) is not supported: shard the data-parallel "
                               "dimension instead (parallel.dp_shard > 1, HSDP with dp_replicate)")
         apply_tensor_parallel(model, mesh["tp"], sequence_parallel=True)
+    apply_activation_checkpointing(model, activation_checkpoint, layout)
+    if compile:
+        apply_compile(model)
     if layout.cp > 1:
         apply_context_parallel(model, mesh["cp"].get_group())
     # cp ranks hold the same weights and compute partial gradients of the same samples: gradients are

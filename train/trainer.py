@@ -132,7 +132,8 @@ def train(cfg: Config) -> dict:
     autocast = autocast_for(cfg, dist.device)
     mesh = build_mesh(layout, dist.device.type)
     ranks = data_ranks(mesh, layout)
-    trained = parallelize(model, mesh, layout, bf16=dist.device.type == "cuda" and not isinstance(autocast, contextlib.nullcontext))
+    trained = parallelize(model, mesh, layout, bf16=dist.device.type == "cuda" and not isinstance(autocast, contextlib.nullcontext),
+                          activation_checkpoint=cfg.train.activation_checkpoint, compile=cfg.train.compile)
     optimizer = build_optimizer(model, cfg)  # on the sharded parameters
     state = checkpoint.load_latest(run_dir, model, optimizer, rank=dist.rank)
     step = state["step"] if state else 0
