@@ -73,8 +73,8 @@ def test_layouts_not_built_yet_are_refused_by_name():
     from unroll.train.mesh import Layout
     from unroll.train.parallelize import parallelize
 
-    with pytest.raises(LayoutError, match=r"parallel.tp=2, parallel.pp=2: not available yet"):
-        parallelize(LM(ModelConfig(pattern="GG", d_model=16)), None, Layout(tp=2, pp=2), bf16=False)
+    with pytest.raises(LayoutError, match=r"parallel.pp=2, parallel.ep=2: not available yet"):
+        parallelize(LM(ModelConfig(pattern="GG", d_model=16)), None, Layout(pp=2, ep=2), bf16=False)
 
 
 CP_MODEL = {"pattern": "GAML", "n_heads": 2, "m2rnn": {"k_dim": 8, "v_dim": 4, "v_heads": 4}}
