@@ -1,6 +1,6 @@
-"""Applying a parallel layout to the single-device model from outside (torchtitan's order: TP → activation
-checkpointing → compile → FSDP; activation checkpointing and compile arrive with the rest of the
-distributed work).
+"""Applying a parallel layout to the single-device model from outside, in torchtitan's order: TP →
+activation checkpointing → compile → FSDP. Pipeline and expert parallelism (train/pipeline.py,
+train/expert_parallel.py) are not applied here yet.
 
 Tensor parallelism (tp > 1): the declared per-module plans of train/tensor_parallel.py, with sequence
 parallel norms; then FSDP2 over the data-parallel ranks of each tp group.
@@ -10,8 +10,9 @@ sequence (recurrences by sequence-parallel Newton or a state hand-off, attention
 values); the trainer gives each cp rank its slice of the tokens.
 
 Data parallelism: with dp_shard > 1, FSDP2 `fully_shard` on every block and then on the root (the
-embedding, final norm and head), over the dp_shard mesh dimension, or over (dp_replicate, dp_shard) for
-HSDP (sharded within a group, replicated across groups). With dp_shard = 1 and dp_replicate > 1, DDP.
+embedding, final norm and head), over the dp_shard mesh dimension (dp_shard × cp under context
+parallelism), or over (dp_replicate, that) for HSDP (sharded within a group, replicated across groups).
+With dp_shard = 1, DDP over dp_replicate × cp.
 `step` (token-by-token generation) is registered as a forward method, so generating also gathers the
 sharded parameters.
 """
