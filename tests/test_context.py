@@ -2,13 +2,12 @@
 over 2 and 3 gloo ranks gives the single-process logits and gradients in float64. ParaGRU/ParaLSTM by
 sequence-parallel Newton and by the state hand-off, M²RNN by the hand-off and by Newton (its convolution
 reaching across the split), attention with RoPE, GQA, NoPE and a window, and a hybrid with MoE MLPs."""
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import run_workers
 
 sys.path.insert(0, str(Path(__file__).parent))
 from context_worker import CASES  # noqa: E402
@@ -19,22 +18,7 @@ WORKER = Path(__file__).with_name("context_worker.py")
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda n: f"{n}ranks")
 def ranks(request, tmp_path_factory) -> list[dict]:
     world = request.param
-    out = tmp_path_factory.mktemp(f"context{world}")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
-           str(WORKER), str(out)]
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=200)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"torchrun with {world} ranks timed out:\n{(e.stderr or b'')[-3000:]!r}")
-    results = []
-    for r in range(world):
-        path = out / f"rank{r}.json"
-        assert path.exists(), f"rank {r} wrote nothing (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
-        res = json.loads(path.read_text())
-        assert "error" not in res, f"rank {r}:\n{res['error']}"
-        results.append(res)
-    return results
+    return run_workers(WORKER, world, tmp_path_factory.mktemp(f"context{world}"), timeout=200)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -4,13 +4,12 @@ gradients, the experts' complete gradients, replicated gradients summed over the
 softmax and sigmoid routers, with and without shared experts, a nonzero expert bias, ranks with
 different numbers of tokens (and one with none), routers skewed so every assignment goes to one rank,
 and a two-layer LM through apply_expert_parallel_to_model."""
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import run_workers
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ep_worker import CASES  # noqa: E402
@@ -21,22 +20,7 @@ WORKER = Path(__file__).with_name("ep_worker.py")
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"{n}ranks")
 def ranks(request, tmp_path_factory) -> list[dict]:
     world = request.param
-    out = tmp_path_factory.mktemp(f"ep{world}")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
-           str(WORKER), str(out)]
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"torchrun with {world} ranks timed out:\n{(e.stderr or b'')[-3000:]!r}")
-    results = []
-    for r in range(world):
-        path = out / f"rank{r}.json"
-        assert path.exists(), f"rank {r} wrote nothing (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
-        res = json.loads(path.read_text())
-        assert "error" not in res, f"rank {r}:\n{res['error']}"
-        results.append(res)
-    return results
+    return run_workers(WORKER, world, tmp_path_factory.mktemp(f"ep{world}"), timeout=150)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -2,15 +2,13 @@
 modules that chain to the single-device model, and every schedule (GPipe, 1F1B, Interleaved1F1B, LoopedBFS,
 InterleavedZeroBubble, ZBVZeroBubble, DualPipeV) on 2 gloo ranks giving the single-process loss (mean over
 the microbatches) and gradients in float64, tied and untied embeddings."""
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import run_workers
 from unroll.models import LM, ModelConfig
 from unroll.train.pipeline import (
     SCHEDULES,
@@ -144,22 +142,7 @@ def test_stage_modules_chain_to_the_model(tied):
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("pipeline")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(WORKER), str(out)]
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"torchrun timed out:\n{(e.stderr or b'')[-3000:]!r}")
-    results = []
-    for r in range(2):
-        path = out / f"rank{r}.json"
-        assert path.exists(), f"rank {r} wrote nothing (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
-        res = json.loads(path.read_text())
-        assert "error" not in res, f"rank {r}:\n{res['error']}"
-        results.append(res)
-    return results
+    return run_workers(WORKER, 2, tmp_path_factory.mktemp("pipeline"), timeout=180)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -5,15 +5,12 @@ rank; the tests below read them. Checks: ParaGRU (diag), ParaLSTM (2×2 blocks),
 (3×3 blocks), a dense autodiff cell; resets at random places and exactly at every rank boundary;
 forced sequential fallback for all sequences (max_iters=0) and for one of two (a hard cell);
 a one-rank group, and on 4 ranks two independent 2-rank groups (send/recv by global rank)."""
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import run_workers
 from unroll.kernels.seqpar_newton import bytes_per_iteration
 
 WORKER = Path(__file__).with_name("seqpar_worker.py")
@@ -25,22 +22,7 @@ SOLVES = ["diag", "diag_no_resets", "block2", "m2rnn", "dense", "fallback_all", 
 def ranks(request, tmp_path_factory) -> list[dict]:
     """Per-rank results of one torchrun launch with `param` processes."""
     world = request.param
-    out = tmp_path_factory.mktemp(f"seqpar{world}")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
-           str(WORKER), str(out)]
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"torchrun with {world} ranks timed out:\n{(e.stderr or b'')[-3000:]!r}")
-    results = []
-    for r in range(world):
-        path = out / f"rank{r}.json"
-        assert path.exists(), f"rank {r} wrote nothing (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
-        res = json.loads(path.read_text())
-        assert "error" not in res, f"rank {r}:\n{res['error']}"
-        results.append(res)
-    return results
+    return run_workers(WORKER, world, tmp_path_factory.mktemp(f"seqpar{world}"), timeout=240)
 
 
 def solves(ranks: list[dict], name: str) -> list[dict]:

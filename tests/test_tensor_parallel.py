@@ -6,10 +6,6 @@ replicated, 2: split; sequential and Newton), attention (with and without GQA), 
 shared expert and balancing losses), tied and untied head, each with and without sequence parallelism:
 float64 logits and every parameter's gradient, float32 losses over 3 AdamW steps. Also the placements as
 applied, DCP checkpoints (model and optimizer) between the TP and the single-device layout, and refusals."""
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,6 +14,7 @@ import torch
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
+from conftest import run_workers
 from tp_worker import CASES
 from unroll.train.tensor_parallel import Fused, fsdp_shard_placement
 
@@ -27,20 +24,7 @@ RUNS = [f"{case}/{sp}" for case in CASES for sp in ("sp", "nosp")]
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("tp")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(WORKER), str(out)]
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"torchrun timed out:\n{(e.stderr or b'')[-3000:]!r}")
-    results = []
-    for r in range(2):
-        path = out / f"rank{r}.json"
-        assert path.exists(), f"rank {r} wrote nothing (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
-        results.append(json.loads(path.read_text()))
-    return results
+    return run_workers(WORKER, 2, tmp_path_factory.mktemp("tp"), timeout=240)
 
 
 def result(ranks: list[dict], name: str) -> list[dict]:

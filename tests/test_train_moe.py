@@ -1,13 +1,11 @@
 """Training a hybrid M²RNN + attention model with MoE MLPs: the balancing losses and the per-expert load
 reach the metrics, the auxiliary-loss-free bias moves and is checkpointed (exact resume), and 2 data-
 parallel ranks balance on the all-reduced load exactly like one process."""
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_cli, torchrun_train
 from unroll.models import LM
 from unroll.train import checkpoint
 from unroll.train.config import load_config
@@ -53,10 +51,7 @@ def test_two_ranks_balance_on_the_global_load(tiny_config, offline_env):
     one = tiny_config("one", model=MODEL, train={"steps": 5, "batch_size": 8})
     two = tiny_config("two", model=MODEL, train={"steps": 5, "batch_size": 8})
     run_cli(["train", one], offline_env)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "unroll.launch.cli", "train", str(two)]
-    proc = subprocess.run(cmd, env=offline_env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun_train(2, two, offline_env)
     a, b = rows(one.parent / "one"), rows(two.parent / "two")
     for ra, rb in zip(a, b):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5)

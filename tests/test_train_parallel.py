@@ -2,12 +2,10 @@
 data-parallel training (DDP, FSDP2, HSDP) and context parallelism (alone and under FSDP2) under
 torchrun on gloo match one process. (FSDP2 over two
 ranks, the default layout, is tested with its resume in test_train_run.py.)"""
-import subprocess
-import sys
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, torchrun_train
 from unroll.models import ModelConfig
 from unroll.train.config import ParallelConfig
 from unroll.train.mesh import LayoutError, check_model, resolve_layout
@@ -37,26 +35,18 @@ def test_layout_is_checked_against_the_model():
         check_model(resolve_layout(ParallelConfig(pp=3), 3), ModelConfig(pattern="GG"))
 
 
-def torchrun(nproc: int, config, env, *overrides):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           "-m", "unroll.launch.cli", "train", str(config), *overrides]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
 def test_ddp_hsdp_and_fsdp_with_cp_match_one_process(tiny_config, offline_env):
     sections = dict(model={"pattern": "GA", "mlp_pattern": "DE", "moe": {"experts": 4, "top_k": 2, "hidden": 16}},
                     train={"steps": 5, "batch_size": 8})
     one = tiny_config("one", **sections)
     run_cli(["train", one], offline_env)
     ddp = tiny_config("ddp", **sections)
-    torchrun(2, ddp, offline_env, "parallel.dp_replicate=2", "parallel.dp_shard=1")
+    torchrun_train(2, ddp, offline_env, "parallel.dp_replicate=2", "parallel.dp_shard=1")
     hsdp = tiny_config("hsdp", **sections)
-    out = torchrun(4, hsdp, offline_env, "parallel.dp_replicate=2")
+    out = torchrun_train(4, hsdp, offline_env, "parallel.dp_replicate=2")
     assert "dp_replicate 2 × dp_shard 2" in out.stdout + out.stderr
     fsdp_cp = tiny_config("fsdp_cp", **sections)  # FSDP over dp_shard × cp, the sequence split in two
-    out = torchrun(4, fsdp_cp, offline_env, "parallel.cp=2")
+    out = torchrun_train(4, fsdp_cp, offline_env, "parallel.cp=2")
     assert "dp_shard 2 × cp 2" in out.stdout + out.stderr
     base = read_metrics(one.parent / "one")
     for name in ("ddp", "hsdp", "fsdp_cp"):
@@ -90,7 +80,7 @@ def test_context_parallel_matches_one_process(tiny_config, offline_env, solvers)
     one = tiny_config("one", **sections)
     run_cli(["train", one], offline_env)
     cp = tiny_config("cp", **sections)
-    out = torchrun(2, cp, offline_env, "parallel.cp=2")
+    out = torchrun_train(2, cp, offline_env, "parallel.cp=2")
     assert "cp 2" in out.stdout + out.stderr
     base, rows = read_metrics(one.parent / "one"), read_metrics(one.parent / "cp")
     assert [r["step"] for r in rows] == [r["step"] for r in base]
@@ -108,10 +98,10 @@ def test_tensor_parallel_alone_and_under_fsdp_match_one_process(tiny_config, off
     one = tiny_config("one", **sections)
     run_cli(["train", one], offline_env)
     tp = tiny_config("tp", **sections, sample={"prompt": "ROMEO.", "max_new_tokens": 4})
-    out = torchrun(2, tp, offline_env, "parallel.tp=2")
+    out = torchrun_train(2, tp, offline_env, "parallel.tp=2")
     assert "tp 2" in out.stdout + out.stderr and "no sample: generating under tensor parallelism" in out.stdout
     fsdp_tp = tiny_config("fsdp_tp", **sections)
-    out = torchrun(4, fsdp_tp, offline_env, "parallel.tp=2")
+    out = torchrun_train(4, fsdp_tp, offline_env, "parallel.tp=2")
     assert "dp_shard 2 × tp 2" in out.stdout + out.stderr
     base = read_metrics(one.parent / "one")
     for name in ("tp", "fsdp_tp"):

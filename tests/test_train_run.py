@@ -1,14 +1,12 @@
 """A training run end to end: gradient accumulation, generation, plot, wandb offline, data parallel."""
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_cli, torchrun_train
 from unroll.launch.cli import main
 from unroll.models.generate import sample
 from unroll.train.config import load_config
@@ -83,10 +81,7 @@ def test_two_data_parallel_ranks_match_one_process(tiny_config, offline_env):
     one = tiny_config("one", train={"steps": 6, "batch_size": 8})
     two = tiny_config("two", train={"steps": 6, "batch_size": 8})
     run_cli(["train", one], offline_env)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "unroll.launch.cli", "train", str(two)]
-    proc = subprocess.run(cmd, env=offline_env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun_train(2, two, offline_env)
     a, b = read_metrics(one.parent / "one"), read_metrics(two.parent / "two")
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for ra, rb in zip(a, b):
