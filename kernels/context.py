@@ -9,8 +9,8 @@ contiguous slice), and layers that look back across the split get what they need
                                      from the next rank
 
 The state hand-off is a pipeline: rank r computes after rank r − 1, and in the backward before it. The
-collectives (all_gather, whose backward is a reduce_scatter) need every rank of the group; the point-to-point hand-offs pair each rank with its neighbours only. Everything runs on
-gloo (CPU) and NCCL.
+collectives (all_gather, whose backward is a reduce_scatter) need every rank of the group; the
+point-to-point hand-offs pair each rank with its neighbours only. Tested on gloo (CPU); NCCL not yet run.
 """
 from __future__ import annotations
 
