@@ -28,6 +28,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from torch.distributed.tensor import DTensor, Shard
+
 from unroll.train import distributed as D
 from unroll.train.tensor_parallel import checkpoint_view
 
@@ -103,7 +105,7 @@ def save(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torc
     D.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     with _quiet_single_process():  # checkpoint_view: tensor-parallel fused weights in single-device layout
-        dcp.save(checkpoint_view({"model": model_sd, "optim": optim_sd}), checkpoint_id=str(tmp))
+        dcp.save(checkpoint_view(_expert_view(model, {"model": model_sd, "optim": optim_sd})), checkpoint_id=str(tmp))
     torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
     D.barrier()
     if rank == 0:
@@ -139,11 +141,33 @@ def _dcp_load(state: dict, path: Path) -> None:
         raise CheckpointError(f"checkpoint {path} could not be loaded into this model: {_last_line(e)}") from e
 
 
+def _expert_view(model: torch.nn.Module, state: dict) -> dict:
+    """Expert-parallel experts (plain tensors, different on every ep rank, under the same names) presented
+    to DCP as one tensor sharded over the ep ranks (dim 0: rank r holds experts r·E/ep ...), model and
+    optimizer state alike, sharing storage so that a load lands in place."""
+    meshes = {name: p.ep_mesh for name, p in model.named_parameters() if hasattr(p, "ep_mesh")}
+    if not meshes:
+        return state
+
+    def wrap(t, mesh):
+        if isinstance(t, torch.Tensor) and t.dim() > 0:
+            return DTensor.from_local(t, mesh, [Shard(0)], run_check=False)
+        return t
+
+    out = {"model": dict(state["model"]), "optim": dict(state["optim"])}
+    out["optim"]["state"] = dict(state["optim"]["state"])
+    for name, mesh in meshes.items():
+        out["model"][name] = wrap(state["model"][name], mesh)
+        if name in out["optim"]["state"]:
+            out["optim"]["state"][name] = {k: wrap(v, mesh) for k, v in state["optim"]["state"][name].items()}
+    return out
+
+
 def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, rank: int = 0) -> dict:
     """Restores model, optimizer and this rank's RNG state in place; returns the train state."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    _dcp_load(state, path)
+    _dcp_load(_expert_view(model, state), path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng_file = path / f"rng_rank{rank}.pt"
     if not rng_file.is_file():  # resumed on more ranks than saved: all ranks draw the same in DP

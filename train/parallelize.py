@@ -1,6 +1,9 @@
 """Applying a parallel layout to the single-device model from outside, in torchtitan's order: TP →
-activation checkpointing → compile → FSDP. Pipeline and expert parallelism (train/pipeline.py,
-train/expert_parallel.py) are not applied here yet.
+activation checkpointing → compile → FSDP. Pipeline parallelism (train/pipeline.py) is not applied here yet.
+
+Expert parallelism (ep > 1, for now ep = dp_shard): each rank keeps E/ep experts of every MoE and tokens
+travel to them by all_to_all (train/expert_parallel.py); FSDP2 ignores those expert parameters. Their
+gradients are sums over all ranks' tokens, so the trainer scales them by 1/ep to match FSDP's average.
 
 Tensor parallelism (tp > 1): the declared per-module plans of train/tensor_parallel.py, with sequence
 parallel norms; then FSDP2 over the data-parallel ranks of each tp group.
@@ -26,10 +29,11 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_f
 from torch.nn.parallel import DistributedDataParallel
 
 from unroll.models import LM
+from unroll.train.expert_parallel import apply_expert_parallel_to_model, expert_parameters
 from unroll.train.mesh import Layout, LayoutError
 from unroll.train.tensor_parallel import apply_tensor_parallel, fsdp_shard_placement
 
-NOT_YET = ("pp", "ep")
+NOT_YET = ("pp",)
 
 
 def apply_activation_checkpointing(model: LM, mode: str, layout: Layout) -> None:
@@ -74,6 +78,15 @@ def parallelize(model: LM, mesh: DeviceMesh | None, layout: Layout, *, bf16: boo
     apply_activation_checkpointing(model, activation_checkpoint, layout)
     if compile:
         apply_compile(model)
+    experts = set()
+    if layout.ep > 1:
+        if layout.ep != layout.dp_shard or layout.cp > 1 or layout.tp > 1 or layout.dp_replicate > 1:
+            raise LayoutError(f"parallel.ep={layout.ep}: only ep = dp_shard without cp, tp or dp_replicate is "
+                              f"available yet (got {layout.describe()})")
+        apply_expert_parallel_to_model(model, mesh["dp_shard"].get_group())
+        for _, p in expert_parameters(model):  # checkpoints see them as one tensor sharded over the ep ranks
+            p.ep_mesh = mesh["dp_shard"]
+            experts.add(p)
     if layout.cp > 1:
         apply_context_parallel(model, mesh["cp"].get_group())
     # cp ranks hold the same weights and compute partial gradients of the same samples: gradients are
@@ -84,10 +97,12 @@ def parallelize(model: LM, mesh: DeviceMesh | None, layout: Layout, *, bf16: boo
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
         # under tp, a weight tp splits along a fused dimension is sharded by FSDP along another one
         placement = fsdp_shard_placement(layout.dp_shard * layout.cp) if layout.tp > 1 else None
+        # expert-parallel experts are already distinct per rank: FSDP leaves them alone
+        ignored = experts or None
         for block in model.blocks:
-            fully_shard(block, mesh=dp_mesh, mp_policy=mp, shard_placement_fn=placement)
+            fully_shard(block, mesh=dp_mesh, mp_policy=mp, shard_placement_fn=placement, ignored_params=ignored)
             register_fsdp_forward_method(block, "step")
-        fully_shard(model, mesh=dp_mesh, mp_policy=mp, shard_placement_fn=placement)
+        fully_shard(model, mesh=dp_mesh, mp_policy=mp, shard_placement_fn=placement, ignored_params=ignored)
         register_fsdp_forward_method(model, "step")
         return model
     if layout.dp * layout.cp == 1:  # tensor parallel alone

@@ -17,6 +17,7 @@ from unroll.models.moe import MoE
 from unroll.train import checkpoint, distributed as D
 from unroll.train.config import Config, check_world
 from unroll.train.data_setup import RunData, open_run_data
+from unroll.train.expert_parallel import expert_parameters, scale_expert_grads
 from unroll.train.mesh import build_mesh, check_model, data_ranks, resolve_layout
 from unroll.train.metrics import Metrics
 from unroll.train.parallelize import gradient_sync, parallelize, without_context_parallel
@@ -32,10 +33,13 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
     decay = {id(m.weight) for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
     decay |= {id(p) for m in model.modules() if isinstance(m, MoE) for p in (m.w_gate_up, m.w_down)}
     params = [p for p in model.parameters() if p.requires_grad]
+    experts = {id(p) for _, p in expert_parameters(model)}  # expert parallel: plain tensors beside DTensors
     groups = [
-        {"params": [p for p in params if id(p) in decay], "weight_decay": cfg.optim.weight_decay},
+        {"params": [p for p in params if id(p) in decay and id(p) not in experts], "weight_decay": cfg.optim.weight_decay},
         {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0},
     ]
+    if experts:  # a group of their own: AdamW's foreach kernels do not mix DTensors and tensors
+        groups.append({"params": [p for p in params if id(p) in experts], "weight_decay": cfg.optim.weight_decay})
     return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
 
 
@@ -50,6 +54,26 @@ def solver_metrics(model: LM) -> dict:
             row[f"layer{i}/newton_residual"] = info.residual
             row[f"layer{i}/newton_fallbacks"] = info.fallback_sequences
     return row
+
+
+def clip_gradients(model: LM, max_norm: float) -> torch.Tensor:
+    """torch's clip_grad_norm_; with expert parallelism the norm adds the experts' squares over the ep
+    ranks (each holds different experts, plain tensors beside FSDP's DTensors) and each kind is scaled on
+    its own (foreach kernels do not mix DTensors and tensors)."""
+    experts = expert_parameters(model)
+    if not experts:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    ids = {id(p) for _, p in experts}
+    shared = [p for p in model.parameters() if id(p) not in ids and p.grad is not None]
+    local = [p for _, p in experts if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in shared])
+    norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+    expert_sq = torch.nn.utils.get_total_norm([p.grad for p in local]) ** 2 if local else norm.new_zeros(())
+    D.all_reduce_sum(expert_sq)  # ep = dp_shard = the whole world for now
+    total = (norm ** 2 + expert_sq).sqrt()
+    for group in (shared, local):
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return total
 
 
 def update_expert_bias(model: LM) -> torch.Tensor | None:
@@ -176,8 +200,9 @@ def train(cfg: Config) -> dict:
                 loss_sum += loss.detach()
                 if aux is not None:
                     aux_sum += aux.detach()
-            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                         if cfg.optim.grad_clip > 0 else None)
+            if layout.ep > 1:
+                scale_expert_grads(model, 1 / layout.ep)  # sums over every rank's tokens → FSDP's mean
+            grad_norm = clip_gradients(model, cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else None
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             counts = update_expert_bias(model)
