@@ -36,19 +36,9 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from unroll.kernels.m2rnn_scan import m2rnn_shapes
+from unroll.kernels.triton_scan import _DTYPES, _up  # _up: float64 compute for float64 problems, else float32
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 DEFAULT_CHUNK = 32
-
-
-@triton.jit
-def _up(x, F64: tl.constexpr):
-    """The compute dtype: float64 for float64 problems, float32 otherwise."""
-    if F64:
-        y = x.to(tl.float64)
-    else:
-        y = x.to(tl.float32)
-    return y
 
 
 @triton.jit

@@ -75,49 +75,50 @@ class Attention(nn.Module):
             mask &= k_pos > q_pos - self.window
         return mask, False
 
+    def _project(self, x: torch.Tensor, past: int):
+        """q [B, H, T, hd], k, v [B, KV, T, hd] for tokens at positions past ... past + T − 1 (rotated)."""
+        B, T, _ = x.shape
+        hd, H, KV = self.head_dim, self.n_heads, self.n_kv_heads
+        q, k, v = self.qkv(x).view(B, T, H + 2 * KV, hd).transpose(1, 2).split([H, KV, KV], dim=1)
+        if self.rope:
+            rope_dtype = torch.promote_types(q.dtype, torch.float32)
+            cos, sin = rope_angles(torch.arange(past, past + T, device=x.device), hd, self.rope_theta, rope_dtype)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k, v
+
+    def _attend(self, q, k, v, past: int, cached: int) -> torch.Tensor:
+        """Queries at past ... past + T − 1 over `cached` earlier keys and their own, projected out."""
+        B, H, T, hd = q.shape
+        mask, causal = self._mask(past, cached, T, q.device)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_heads != H)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, H * hd))
+
     def forward(self, x: torch.Tensor, state: KVCache | None = None):
         """x: [B, T, d] → (y [B, T, d], cache of the positions so far; the last `window` with a window)."""
         if self.context_group is not None and state is None:
             return self._forward_context_parallel(x)
-        B, T, _ = x.shape
-        hd, H, KV = self.head_dim, self.n_heads, self.n_kv_heads
-        q, k, v = self.qkv(x).view(B, T, H + 2 * KV, hd).transpose(1, 2).split([H, KV, KV], dim=1)
         past = state.position if state is not None else 0
-        if self.rope:
-            rope_dtype = torch.promote_types(q.dtype, torch.float32)
-            cos, sin = rope_angles(torch.arange(past, past + T, device=x.device), hd, self.rope_theta, rope_dtype)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self._project(x, past)
         cached = state.length if state is not None else 0
         if state is not None:
             k, v = torch.cat([state.k, k], dim=2), torch.cat([state.v, v], dim=2)
-        mask, causal = self._mask(past, cached, T, x.device)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=KV != H)
+        y = self._attend(q, k, v, past, cached)
         if self.window:
             k, v = k[:, :, -self.window:], v[:, :, -self.window:]
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, H * hd)), KVCache(k, v, past + T)
+        return y, KVCache(k, v, past + x.shape[1])
 
     def _forward_context_parallel(self, x: torch.Tensor):
         """This rank's slice of a sequence split over the context group: queries at positions
-        r·T ... r·T + T − 1 against the gathered keys and values of every slice. (All ranks gather all
-        slices, so later ranks do more of the work: ring attention would balance it.)"""
+        r·T ... r·T + T − 1 against the gathered keys and values of the slices up to its own (the later
+        ones are gathered too, the collective being one, but not attended to). Later ranks do more of
+        the work: ring attention would balance it."""
         from unroll.kernels.context import gather_sequence
 
-        B, T, _ = x.shape
-        hd, H, KV = self.head_dim, self.n_heads, self.n_kv_heads
-        q, k, v = self.qkv(x).view(B, T, H + 2 * KV, hd).transpose(1, 2).split([H, KV, KV], dim=1)
-        past = torch.distributed.get_rank(self.context_group) * T
-        if self.rope:
-            rope_dtype = torch.promote_types(q.dtype, torch.float32)
-            cos, sin = rope_angles(torch.arange(past, past + T, device=x.device), hd, self.rope_theta, rope_dtype)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k, v = gather_sequence(k, self.context_group, 2), gather_sequence(v, self.context_group, 2)
-        q_pos = torch.arange(past, past + T, device=x.device)[:, None]
-        k_pos = torch.arange(k.shape[2], device=x.device)[None, :]
-        mask = k_pos <= q_pos
-        if self.window:
-            mask &= k_pos > q_pos - self.window
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=KV != H)
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, H * hd)), None
+        past = torch.distributed.get_rank(self.context_group) * x.shape[1]
+        q, k, v = self._project(x, past)
+        end = past + x.shape[1]
+        k, v = gather_sequence(k, self.context_group, 2)[:, :, :end], gather_sequence(v, self.context_group, 2)[:, :, :end]
+        return self._attend(q, k, v, past, past), None
 
     def step(self, x: torch.Tensor, state: KVCache | None):
         """One token: x [B, d] → (y [B, d], cache)."""

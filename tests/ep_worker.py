@@ -13,14 +13,14 @@ summed over the ranks; the load counts summed over the ranks. Writes OUT_DIR/ran
 "experts": err, "replicated": err, "load": err, "tol": tol, ...}}.
 """
 import faulthandler
-import json
-import os
 import sys
 import traceback
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from unroll.launch.torchrun import finish_rank
 
 D, E, K, H = 8, 8, 2, 6
 
@@ -177,12 +177,7 @@ def main(out_dir: str) -> None:
         results["errors"] = run_errors(group, world)
     except Exception:
         results = {"error": traceback.format_exc()}
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
-        json.dump(results, fh)
-    if "error" in results:
-        os._exit(1)
-    dist.barrier()
-    os._exit(0)
+    finish_rank(out_dir, rank, results)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,6 @@ Writes OUT_DIR/rank{r}.json: {case: {"loss": error or null off the last stage, "
 `copy_tied_weight` from a changed embedding}}.
 """
 import faulthandler
-import json
-import os
 import sys
 import traceback
 from datetime import timedelta
@@ -21,6 +19,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from unroll.launch.torchrun import finish_rank
 
 CASES = {  # name: (schedule, pattern, extra model fields)
     "gpipe_tied": ("GPipe", "GA|LG", {}),
@@ -99,14 +99,7 @@ def main(out_dir: str) -> None:
             results[name] = run_case(schedule, pattern, extra, dist.group.WORLD)
     except Exception:
         results = {"error": traceback.format_exc()}
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
-        json.dump(results, fh)
-    if "error" in results:
-        sys.stdout.flush()
-        os._exit(1)
-    dist.barrier()
-    sys.stdout.flush()
-    os._exit(0)
+    finish_rank(out_dir, rank, results)
 
 
 if __name__ == "__main__":

@@ -8,14 +8,14 @@ Writes OUT_DIR/rank{r}.json: {check: {"fwd": err, "grad_x": err, "grad_h0": err,
 all-reduced over the group before comparing; h0 is deliberately wrong off rank 0 (it must be ignored).
 """
 import faulthandler
-import json
-import os
 import sys
 import traceback
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from unroll.launch.torchrun import finish_rank
 
 F64 = dict(dtype=torch.float64)
 
@@ -149,16 +149,7 @@ def main() -> None:
             results["subgroup_pairs"] = check("hard", pairs[rank // 2], T, 9 + rank // 2, max_iters=3)
     except Exception:
         results = {"error": traceback.format_exc()}
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
-        json.dump(results, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    if "error" in results:
-        sys.stderr.write(results["error"])
-        sys.stderr.flush()
-        os._exit(1)
-    dist.barrier()
-    os._exit(0)
+    finish_rank(out_dir, rank, results)
 
 
 if __name__ == "__main__":

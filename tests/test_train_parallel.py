@@ -35,6 +35,17 @@ def test_layout_is_checked_against_the_model():
         check_model(resolve_layout(ParallelConfig(pp=3), 3), ModelConfig(pattern="GG"))
 
 
+def assert_same_run(base_dir, run_dir, rel: float = 2e-5) -> None:
+    """Every logged step of run_dir has the loss, validation loss and grad norm of base_dir's (float32
+    reduction order differs, hence `rel`)."""
+    base, rows = read_metrics(base_dir), read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [r["step"] for r in base]
+    for ra, rb in zip(base, rows):
+        for key in ("loss", "val_loss", "grad_norm"):
+            if key in ra:
+                assert rb[key] == pytest.approx(ra[key], rel=rel), (run_dir.name, ra["step"], key)
+
+
 def test_ddp_hsdp_and_fsdp_with_cp_match_one_process(tiny_config, offline_env):
     sections = dict(model={"pattern": "GA", "mlp_pattern": "DE", "moe": {"experts": 4, "top_k": 2, "hidden": 16}},
                     train={"steps": 5, "batch_size": 8})
@@ -48,14 +59,8 @@ def test_ddp_hsdp_and_fsdp_with_cp_match_one_process(tiny_config, offline_env):
     fsdp_cp = tiny_config("fsdp_cp", **sections)  # FSDP over dp_shard × cp, the sequence split in two
     out = torchrun_train(4, fsdp_cp, offline_env, "parallel.cp=2")
     assert "dp_shard 2 × cp 2" in out.stdout + out.stderr
-    base = read_metrics(one.parent / "one")
     for name in ("ddp", "hsdp", "fsdp_cp"):
-        rows = read_metrics(one.parent / name)
-        assert [r["step"] for r in rows] == [r["step"] for r in base]
-        for ra, rb in zip(base, rows):
-            for key in ("loss", "val_loss", "grad_norm"):
-                if key in ra:
-                    assert rb[key] == pytest.approx(ra[key], rel=2e-5), (name, ra["step"], key)
+        assert_same_run(one.parent / "one", one.parent / name)
 
 
 def test_layouts_not_built_yet_are_refused_by_name():
@@ -82,12 +87,7 @@ def test_context_parallel_matches_one_process(tiny_config, offline_env, solvers)
     cp = tiny_config("cp", **sections)
     out = torchrun_train(2, cp, offline_env, "parallel.cp=2")
     assert "cp 2" in out.stdout + out.stderr
-    base, rows = read_metrics(one.parent / "one"), read_metrics(one.parent / "cp")
-    assert [r["step"] for r in rows] == [r["step"] for r in base]
-    for ra, rb in zip(base, rows):
-        for key in ("loss", "val_loss", "grad_norm"):
-            if key in ra:
-                assert rb[key] == pytest.approx(ra[key], rel=2e-5), (ra["step"], key)
+    assert_same_run(one.parent / "one", one.parent / "cp")
 
 
 def test_tensor_parallel_alone_and_under_fsdp_match_one_process(tiny_config, offline_env):
@@ -103,14 +103,8 @@ def test_tensor_parallel_alone_and_under_fsdp_match_one_process(tiny_config, off
     fsdp_tp = tiny_config("fsdp_tp", **sections)
     out = torchrun_train(4, fsdp_tp, offline_env, "parallel.tp=2")
     assert "dp_shard 2 × tp 2" in out.stdout + out.stderr
-    base = read_metrics(one.parent / "one")
     for name in ("tp", "fsdp_tp"):
-        rows = read_metrics(one.parent / name)
-        assert [r["step"] for r in rows] == [r["step"] for r in base]
-        for ra, rb in zip(base, rows):
-            for key in ("loss", "val_loss", "grad_norm"):
-                if key in ra:
-                    assert rb[key] == pytest.approx(ra[key], rel=5e-5), (name, ra["step"], key)
+        assert_same_run(one.parent / "one", one.parent / name, rel=5e-5)
     run_cli(["train", fsdp_tp, "train.steps=6"], offline_env)  # 4 ranks (dp 2 × tp 2) → 1 process
     assert len([r for r in read_metrics(one.parent / "fsdp_tp") if "loss" in r]) == 6
 
@@ -126,12 +120,7 @@ def test_expert_parallel_under_fsdp_matches_one_process_and_resumes_in_one(tiny_
     ep = tiny_config("ep", **sections)
     out = torchrun_train(2, ep, offline_env, "parallel.ep=2")
     assert "dp_shard 2 × ep 2" in out.stdout + out.stderr
-    base, rows = read_metrics(one.parent / "one"), read_metrics(one.parent / "ep")
-    assert [r["step"] for r in rows] == [r["step"] for r in base]
-    for ra, rb in zip(base, rows):
-        for key in ("loss", "val_loss", "grad_norm"):
-            if key in ra:
-                assert rb[key] == pytest.approx(ra[key], rel=2e-5), (ra["step"], key)
+    assert_same_run(one.parent / "one", one.parent / "ep")
     run_cli(["train", one, "train.steps=6"], offline_env)
     run_cli(["train", ep, "train.steps=6"], offline_env)  # 2 ranks with ep → 1 process
     a, b = read_metrics(one.parent / "one"), read_metrics(one.parent / "ep")

@@ -15,7 +15,6 @@ Writes OUT_DIR/rank{r}.json: {check: result dict, or {"error": traceback}}:
 """
 import copy
 import faulthandler
-import json
 import os
 import sys
 import traceback
@@ -24,6 +23,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from unroll.launch.torchrun import finish_rank
 
 M2 = dict(k_dim=8, v_dim=4, v_heads=4, conv=4)
 MOE = dict(experts=4, top_k=2, hidden=16, shared_experts=1, shared_hidden=16, aux_loss_coef=0.01, z_loss_coef=1e-3)
@@ -232,12 +233,7 @@ def main() -> None:
     run("placements", placements, mesh)
     run("dcp", check_dcp, mesh, os.path.join(out_dir, "ckpt"))
     run("errors", check_errors, mesh)
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
-        json.dump(results, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    dist.barrier()
-    os._exit(0)
+    finish_rank(out_dir, rank, results)
 
 
 if __name__ == "__main__":

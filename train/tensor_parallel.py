@@ -149,6 +149,14 @@ class Fused:
 Layout = Placement | Fused
 
 
+def _summed(t: torch.Tensor, group) -> torch.Tensor:
+    """The sum of `t` over the group, in a fresh contiguous tensor (one copy; gloo needs contiguous data
+    and the input may be a view autograd still holds)."""
+    t = t.clone(memory_format=torch.contiguous_format)
+    dist.all_reduce(t, group=group)
+    return t
+
+
 class _AllReduceGrad(torch.autograd.Function):
     """Identity; the backward sums the gradient over the group (a weight every rank used for its part)."""
 
@@ -159,9 +167,7 @@ class _AllReduceGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        g = g.contiguous().clone()
-        dist.all_reduce(g, group=ctx.group)
-        return g, None
+        return _summed(g, ctx.group), None
 
 
 class _AllReduce(torch.autograd.Function):
@@ -170,15 +176,11 @@ class _AllReduce(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        x = x.contiguous().clone()
-        dist.all_reduce(x, group=group)
-        return x
+        return _summed(x, group)
 
     @staticmethod
     def backward(ctx, g):
-        g = g.contiguous().clone()
-        dist.all_reduce(g, group=ctx.group)
-        return g, None
+        return _summed(g, ctx.group), None
 
 
 class _ScaleGrad(torch.autograd.Function):

@@ -25,7 +25,6 @@ import faulthandler
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +38,7 @@ import torch
 from unroll.kernels import newton_solve
 from unroll.kernels.seqpar_newton import bytes_per_iteration, newton_solve_seqpar
 from unroll.launch.bench.timing import measure, sync
+from unroll.launch.torchrun import finish_rank, rank_results, run_torchrun
 from unroll.models.paragru import ParaGRU
 from unroll.models.paralstm import ParaLSTM
 
@@ -214,52 +214,22 @@ def worker(spec_path: str) -> int:
         result: dict = {"rows": rows}
     except Exception:
         result = {"error": traceback.format_exc()}
-    with open(Path(spec["out"]) / f"rank{rank}.json", "w") as fh:
-        json.dump(result, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    if "error" in result:
-        sys.stderr.write(result["error"])
-        sys.stderr.flush()
-        os._exit(1)
-    dist.barrier()
-    sys.stdout.flush()
-    os._exit(0)
+    finish_rank(spec["out"], rank, result)
 
 
 # ---------------------------------------------------------------------------------------------- driver
 
 
 def run_ranks(spec: dict, timeout: float) -> list[dict]:
-    """The 2-rank rows (rank 0's, the times being the slower rank's already), or RuntimeError."""
+    """The 2-rank rows (rank 0's, the times being the slower rank's already), or RuntimeError (TorchrunError
+    where the ranks time out or fail)."""
     with tempfile.TemporaryDirectory(prefix="unroll-seqpar-") as tmp:
         spec = dict(spec, out=tmp, timeout=timeout)
         spec_path = Path(tmp) / "spec.json"
         spec_path.write_text(json.dumps(spec))
         env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(RANKS),
-               "-m", "unroll.launch.bench.seqpar", "--worker", str(spec_path)]
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            _, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            # torchrun's workers run in sessions of their own: SIGTERM lets its agent stop them, then SIGKILL
-            proc.terminate()
-            try:
-                _, stderr = proc.communicate(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                _, stderr = proc.communicate()
-            raise RuntimeError(f"the {RANKS}-rank run timed out after {timeout:g} s:\n{stderr[-3000:]}") from None
-        results = []
-        for r in range(RANKS):
-            path = Path(tmp) / f"rank{r}.json"
-            if not path.exists():
-                raise RuntimeError(f"rank {r} wrote no result (torchrun exit {proc.returncode}):\n{stderr[-3000:]}")
-            res = json.loads(path.read_text())
-            if "error" in res:
-                raise RuntimeError(f"rank {r} failed:\n{res['error']}")
-            results.append(res["rows"])
+        proc = run_torchrun(["-m", "unroll.launch.bench.seqpar", "--worker", str(spec_path)], RANKS, env, timeout)
+        results = [res["rows"] for res in rank_results(Path(tmp), RANKS, proc)]
     for mine, other in zip(*results):  # SolveInfo and the all-reduced figures agree across ranks
         for key in ("two_rank_ms", "iterations_2", "max_err", "fallback"):
             if mine[key] != other[key]:
