@@ -2,8 +2,9 @@
 contiguous slice), and layers that look back across the split get what they need, differentiably.
 
     gather_sequence(x, group, dim)   every rank's slice, concatenated (attention's keys and values)
+    sequence_mean(x, group)          a mean over the slice's tokens → over the whole sequence's (MoE balancing)
     previous_tail(tail, first, group) the previous rank's tail (a convolution's last inputs); rank 0 gets `first`
-    receive_state(first, group)      the state handed on by the previous rank (rank 0: `first`)
+    receive_state(first, group, anchor)  the state handed on by the previous rank (rank 0: `first`)
     send_state(h, group)             hands h to the next rank; returns a zero scalar to add to the layer's
                                      output, so that the backward reaches it and receives the gradient of h
                                      from the next rank
@@ -55,6 +56,31 @@ def gather_sequence(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     return _GatherSequence.apply(x, group, dim)
 
 
+class _SequenceMean(torch.autograd.Function):
+    """The mean over the group's ranks, forward; backward the same mean of the gradients. Every cp rank's
+    loss then holds the whole sequence's statistic once, and data parallelism's gradient average over the
+    cp ranks gives its exact gradient."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        out = x.contiguous().clone()
+        dist.all_reduce(out, group=group)
+        return out / dist.get_world_size(group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out = grad.contiguous().clone()
+        dist.all_reduce(out, group=ctx.group)
+        return out / dist.get_world_size(ctx.group), None
+
+
+def sequence_mean(x: torch.Tensor, group) -> torch.Tensor:
+    """A per-slice mean (e.g. MoE routing probabilities averaged over the tokens) → the whole sequence's,
+    given equal slices."""
+    return _SequenceMean.apply(x, group)
+
+
 def previous_tail(tail: torch.Tensor, first: torch.Tensor, group) -> torch.Tensor:
     """The previous rank's `tail` (same shape everywhere); rank 0 gets `first`. One all_gather."""
     r, _ = _rank(group)
@@ -102,8 +128,13 @@ class _Send(torch.autograd.Function):
         return grad, None
 
 
-def receive_state(first: torch.Tensor, group) -> torch.Tensor:
-    if torch.is_grad_enabled() and not first.requires_grad:
+def receive_state(first: torch.Tensor, group, anchor: torch.Tensor | None = None) -> torch.Tensor:
+    """`anchor`, a tensor computed from the layer's input, ties the hand-off into the graph between that
+    input and the output (it contributes 0), so a backward that only asks for the input's gradient — a
+    pipeline schedule's `autograd.grad(outputs, inputs)` — still runs _Receive and sends the gradient back."""
+    if torch.is_grad_enabled() and anchor is not None and anchor.requires_grad:
+        first = first + 0 * anchor.reshape(-1)[:1].sum().to(first.dtype)
+    elif torch.is_grad_enabled() and not first.requires_grad:
         # The output must require grad so that the backward reaches _Receive and sends the gradient
         # back to the previous rank, even where the initial state itself is a constant.
         first = first.detach().requires_grad_()

@@ -134,7 +134,7 @@ class M2RNN(nn.Module):
         if solver == "sequential":
             self.last_solve = SolveInfo(0, 0.0, True)
             if group is not None:  # the previous rank's final state in; ours goes out in forward()
-                h0 = receive_state(h0, group)
+                h0 = receive_state(h0, group, anchor=k)
             return m2rnn_sequential(q, k, v, f, self.W.to(q.dtype), h0)
         B, T, H, V = v.shape
         K, per = self.k_dim, H // self.qk_heads

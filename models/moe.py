@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unroll.kernels.context import sequence_mean
 from unroll.models.mlp import SwiGLU
 
 SCORES = ("softmax", "sigmoid")
@@ -76,6 +77,7 @@ class MoE(nn.Module):
         self.load_since_update = torch.zeros(n_experts, dtype=torch.long)
         self.last_load = torch.zeros(n_experts)
         self.aux_loss = torch.zeros(())
+        self.context_group = None  # context parallelism (set from outside): the ranks sharing the sequence
         self.use_grouped_mm: bool | None = None  # None: decide per call; True/False forces a path (tests)
 
     def inactive_params(self) -> int:
@@ -104,8 +106,10 @@ class MoE(nn.Module):
         aux = logits.new_zeros(())
         if self.aux_loss_coef:
             probs = scores if self.score == "softmax" else scores / scores.sum(-1, keepdim=True)
-            frac = counts.to(dtype) / idx.numel()
-            aux = aux + self.aux_loss_coef * self.n_experts * (frac * probs.mean(0)).sum()
+            frac, mean_probs = counts.to(dtype) / idx.numel(), probs.mean(0)
+            if self.context_group is not None:  # balance over the whole sequence, not this rank's slice
+                frac, mean_probs = sequence_mean(frac, self.context_group), sequence_mean(mean_probs, self.context_group)
+            aux = aux + self.aux_loss_coef * self.n_experts * (frac * mean_probs).sum()
         if self.z_loss_coef:
             aux = aux + self.z_loss_coef * logits.logsumexp(-1).square().mean()
         self.aux_loss = aux

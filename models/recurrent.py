@@ -94,7 +94,7 @@ class RecurrentMixer(nn.Module):
         if group is not None and solver == "newton":
             h, self.last_solve = newton_solve_seqpar(self.make_cell(), u, h0, group=group, structure=self.structure)
         elif group is not None:  # the previous rank's last state in, ours out to the next rank
-            h, self.last_solve = sequential_solve(self.make_cell(), u, receive_state(h0, group), structure=self.structure)
+            h, self.last_solve = sequential_solve(self.make_cell(), u, receive_state(h0, group, anchor=u), structure=self.structure)
             return self.out_proj(self.readout(h)) + send_state(h[:, -1], group), h[:, -1]
         else:
             solve = newton_solve if solver == "newton" else sequential_solve

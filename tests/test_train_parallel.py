@@ -41,7 +41,7 @@ def assert_same_run(base_dir, run_dir, rel: float = 2e-5) -> None:
     base, rows = read_metrics(base_dir), read_metrics(run_dir)
     assert [r["step"] for r in rows] == [r["step"] for r in base]
     for ra, rb in zip(base, rows):
-        for key in ("loss", "val_loss", "grad_norm"):
+        for key in ("loss", "val_loss", "grad_norm", "moe_aux_loss"):
             if key in ra:
                 assert rb[key] == pytest.approx(ra[key], rel=rel), (run_dir.name, ra["step"], key)
 
@@ -63,13 +63,29 @@ def test_ddp_hsdp_and_fsdp_with_cp_match_one_process(tiny_config, offline_env):
         assert_same_run(one.parent / "one", one.parent / name)
 
 
-def test_layouts_not_built_yet_are_refused_by_name():
-    from unroll.models import LM
+def test_pipeline_layouts_are_checked_by_key():
+    from unroll.train.config import Config
     from unroll.train.mesh import Layout
-    from unroll.train.parallelize import parallelize
+    from unroll.train.pipelined import check_pipeline
 
-    with pytest.raises(LayoutError, match=r"parallel.pp=2: not available yet"):
-        parallelize(LM(ModelConfig(pattern="GG", d_model=16)), None, Layout(pp=2), bf16=False)
+    cfg = Config()
+    cfg.model = ModelConfig(pattern="GGGG", d_model=16)
+    cfg.parallel.pp_schedule = "pipedream"
+    with pytest.raises(LayoutError, match="parallel.pp_schedule: unknown pipeline schedule 'pipedream'"):
+        check_pipeline(Layout(pp=2), cfg, n_microbatches=4)
+    cfg.parallel.pp_schedule = "1F1B"
+    with pytest.raises(LayoutError, match="1F1B needs at least as many microbatches as stages.*train.micro_batch_size"):
+        check_pipeline(Layout(pp=2), cfg, n_microbatches=1)
+    cfg.parallel.pp_schedule = "Interleaved1F1B"
+    cfg.model = ModelConfig(pattern="GG|GG", d_model=16)
+    with pytest.raises(LayoutError, match=r"\(4 stages\), model.pattern: pattern 'GG\|GG' has 1 stage mark"):
+        check_pipeline(Layout(pp=2), cfg, n_microbatches=4)
+    cfg.parallel.pp_schedule, cfg.model = "1F1B", ModelConfig(pattern="GGGG", d_model=16)
+    with pytest.raises(LayoutError, match="parallel.pp=2 with parallel.tp: not available yet"):
+        check_pipeline(Layout(pp=2, tp=2), cfg, n_microbatches=4)
+    cfg.parallel.pp_schedule, cfg.model = "ZBVZeroBubble", ModelConfig(pattern="GGGG", d_model=16, tie_embeddings=True)
+    with pytest.raises(LayoutError, match="ZBVZeroBubble places the first and last stage on one rank"):
+        check_pipeline(Layout(pp=2), cfg, n_microbatches=4)
 
 
 CP_MODEL = {"pattern": "GAML", "n_heads": 2, "m2rnn": {"k_dim": 8, "v_dim": 4, "v_heads": 4}}

@@ -74,7 +74,8 @@ class ParallelConfig:
     dp_shard: int = -1  # data-parallel ranks sharding parameters (FSDP2); -1 = the ranks left over
     cp: int = 1  # context parallel: the sequence split over ranks
     tp: int = 1  # tensor parallel
-    pp: int = 1  # pipeline stages
+    pp: int = 1  # pipeline ranks (stages: pp, or 2·pp for the interleaved and V schedules)
+    pp_schedule: str = "1F1B"  # GPipe, 1F1B, Interleaved1F1B, LoopedBFS, InterleavedZeroBubble, ZBVZeroBubble, DualPipeV
     ep: int = 1  # expert parallel (divides dp_shard × cp)
 
 

@@ -1,5 +1,6 @@
 """Applying a parallel layout to the single-device model from outside, in torchtitan's order: TP →
-activation checkpointing → compile → FSDP. Pipeline parallelism (train/pipeline.py) is not applied here yet.
+activation checkpointing → compile → FSDP. Pipeline parallelism (train/pipelined.py) cuts the model into
+stages before this; each stage is then sharded as an FSDP root of its own.
 
 Expert parallelism (ep > 1, for now ep = dp_shard): each rank keeps E/ep experts of every MoE and tokens
 travel to them by all_to_all (train/expert_parallel.py); FSDP2 ignores those expert parameters. Their
@@ -33,7 +34,6 @@ from unroll.train.expert_parallel import apply_expert_parallel_to_model, expert_
 from unroll.train.mesh import Layout, LayoutError
 from unroll.train.tensor_parallel import apply_tensor_parallel, fsdp_shard_placement
 
-NOT_YET = ("pp",)
 
 
 def apply_activation_checkpointing(model: LM, mode: str, layout: Layout) -> None:
@@ -54,15 +54,12 @@ def apply_compile(model: LM) -> None:
 
 
 def parallelize(model: LM, mesh: DeviceMesh | None, layout: Layout, *, bf16: bool,
-                activation_checkpoint: str = "none", compile: bool = False) -> torch.nn.Module:
+                activation_checkpoint: str = "none", compile: bool = False,
+                stages: list[torch.nn.Module] | None = None) -> torch.nn.Module:
     """Shards or wraps `model` in place, in torchtitan's order (TP → activation checkpointing → compile →
     context groups → FSDP/DDP); returns the module the training step calls (the model itself under FSDP2,
     its DDP wrapper under plain replication). bf16: FSDP2 computes in bfloat16 parameters and reduces
     gradients in float32 (its MixedPrecisionPolicy; used on GPU)."""
-    missing = [f"parallel.{d}={getattr(layout, d)}" for d in NOT_YET if getattr(layout, d) > 1]
-    if missing:
-        raise LayoutError(f"{', '.join(missing)}: not available yet; data, context and tensor parallelism "
-                          f"(parallel.dp_replicate, dp_shard, cp, tp) are")
     if mesh is None:
         apply_activation_checkpointing(model, activation_checkpoint, layout)
         if compile:
@@ -92,20 +89,28 @@ def parallelize(model: LM, mesh: DeviceMesh | None, layout: Layout, *, bf16: boo
     # cp ranks hold the same weights and compute partial gradients of the same samples: gradients are
     # averaged over dp × cp, which is the mean loss's gradient since every rank's loss is its slice's mean.
     shard_dim = "dp_shard_cp" if layout.cp > 1 else "dp_shard"
-    if layout.dp_shard > 1:
+    # pipelined stages are always FSDP roots (plain replication is HSDP with a shard dimension of 1):
+    # torch's pipeline schedules drive FSDP's gradient reduction themselves
+    if layout.dp_shard > 1 or (stages and layout.dp * layout.cp > 1):
         dp_mesh = mesh["dp_replicate", shard_dim] if layout.dp_replicate > 1 else mesh[shard_dim]
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
         # under tp, a weight tp splits along a fused dimension is sharded by FSDP along another one
         placement = fsdp_shard_placement(layout.dp_shard * layout.cp) if layout.tp > 1 else None
         # expert-parallel experts are already distinct per rank: FSDP leaves them alone
         ignored = experts or None
+        if stages:  # pipelined: each of this rank's stages is an FSDP root over its own blocks
+            for stage in stages:
+                for block in stage.blocks.values():
+                    fully_shard(block, mesh=dp_mesh, mp_policy=mp)
+                fully_shard(stage, mesh=dp_mesh, mp_policy=mp)
+            return model
         for block in model.blocks:
             fully_shard(block, mesh=dp_mesh, mp_policy=mp, shard_placement_fn=placement, ignored_params=ignored)
             register_fsdp_forward_method(block, "step")
         fully_shard(model, mesh=dp_mesh, mp_policy=mp, shard_placement_fn=placement, ignored_params=ignored)
         register_fsdp_forward_method(model, "step")
         return model
-    if layout.dp * layout.cp == 1:  # tensor parallel alone
+    if layout.dp * layout.cp == 1:  # tensor or pipeline parallel alone
         return model
     return DistributedDataParallel(model, process_group=mesh["dp_cp"].get_group())
 
@@ -114,20 +119,27 @@ def apply_context_parallel(model: LM, group) -> None:
     """Every mixer works on its rank's slice of the sequence (see kernels/context.py and
     kernels/seqpar_newton.py for what each exchanges)."""
     for block in model.blocks:
-        block.mixer.context_group = group
+        for part in _context_parts(block):
+            part.context_group = group
+
+
+def _context_parts(block) -> list[torch.nn.Module]:
+    """The parts of a block that look across the sequence: the mixer, and a MoE's balancing statistics."""
+    return [block.mixer] + ([block.mlp] if hasattr(block.mlp, "context_group") else [])
 
 
 @contextlib.contextmanager
 def without_context_parallel(model: LM):
-    """Generation runs whole sequences on each rank: the mixers' context groups are lifted meanwhile."""
-    groups = [block.mixer.context_group for block in model.blocks]
-    for block in model.blocks:
-        block.mixer.context_group = None
+    """Generation runs whole sequences on each rank: the context groups are lifted meanwhile."""
+    parts = [part for block in model.blocks for part in _context_parts(block)]
+    groups = [part.context_group for part in parts]
+    for part in parts:
+        part.context_group = None
     try:
         yield
     finally:
-        for block, group in zip(model.blocks, groups):
-            block.mixer.context_group = group
+        for part, group in zip(parts, groups):
+            part.context_group = group
 
 
 def gradient_sync(trained: torch.nn.Module, sync: bool):

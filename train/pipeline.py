@@ -31,10 +31,10 @@ Gradients: the schedules' default `scale_grads=True` divides by the number of mi
 mean-reduced `loss_fn` the gradients are those of the loss averaged over the microbatches (equal-size
 microbatches: the mean over the whole batch), as on a single device.
 
+MoE balancing losses (aux and z-loss) computed inside a stage join the backward at that stage's output
+(`_BackwardAlso`), so pipelined gradients equal single-device training on loss + aux.
+
 Not handled yet:
-- MoE auxiliary losses (load balancing, z-loss): each block's `mlp.aux_loss` is computed but not added to the
-  pipelined loss, so with `moe.aux_loss_coef` / `z_loss_coef` > 0 the gradients differ from single-device
-  training. Auxiliary-loss-free balancing (expert bias) is unaffected apart from updates the trainer makes.
 - Recurrent / KV state: stages run whole sequences from a zero state (`state=None`); no state is carried
   between microbatches or steps, and generation (`LM.step`, models/generate.py) is single-device only.
 - Shapes are inferred at the first step; a later step with other microbatch shapes (e.g. a smaller eval
@@ -56,9 +56,11 @@ from torch.distributed.pipelining import (
     ScheduleLoopedBFS,
     ScheduleZBVZeroBubble,
 )
+from torch.distributed.tensor import DTensor
 
 from unroll.models.config import ModelConfig
 from unroll.models.lm import LM, Block
+from unroll.models.moe import MoE
 
 # name: (schedule class, stages per rank, placement)
 SCHEDULES = {
@@ -166,6 +168,22 @@ def stage_layers(cfg: ModelConfig, stages: int) -> list[list[int]]:
     return balance(blocks, stages, embed, head)
 
 
+class _BackwardAlso(torch.autograd.Function):
+    """Identity on the stage's output x; its backward also starts the backward of `aux` (a scalar loss
+    computed inside the stage, e.g. MoE balancing) with gradient 1, as if aux had been added to the final
+    loss: the schedule only backpropagates from the stage outputs. The schedule's division of all gradients
+    by the number of microbatches then gives mean(loss + aux) over microbatches, as on one device."""
+
+    @staticmethod
+    def forward(ctx, x, aux):
+        ctx.aux_shape, ctx.aux_dtype = aux.shape, aux.dtype
+        return x.clone()  # not a view: the zero-bubble schedules detach stage outputs in place
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, torch.ones(ctx.aux_shape, dtype=ctx.aux_dtype, device=g.device)
+
+
 class StageModule(nn.Module):
     """One pipeline stage: the embedding on the first, the LM's own Block objects for `layers` (under their
     LM names, `blocks.<i>`), the final norm and head on the last. forward: tokens or hidden → hidden or
@@ -183,12 +201,23 @@ class StageModule(nn.Module):
         if last and self.tied and not first:
             self.tied_embed_weight = nn.Parameter(model.embed.weight.detach().clone())
         self.tied_peer: int | None = None  # pp-group rank holding the other copy of the tied weight
+        self.aux_losses: list[torch.Tensor] = []  # this stage's MoE losses, one per microbatch (for logging)
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """The MoE balancing losses of this stage's blocks in the last forward (None without MoE layers)."""
+        losses = [b.mlp.aux_loss for b in self.blocks.values() if isinstance(b.mlp, MoE)]
+        return torch.stack(losses).sum() if losses else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.embed is not None:
             x = self.embed(x)
         for block in self.blocks.values():
             x, _ = block(x)
+        aux = self.aux_loss()
+        if aux is not None:
+            self.aux_losses.append(aux.detach())
+            if torch.is_grad_enabled():
+                x = _BackwardAlso.apply(x, aux)
         if self.last:
             x = self.norm(x)
             if self.head is not None:
@@ -221,6 +250,53 @@ def _pp_group(pp) -> dist.ProcessGroup:
     return pp if pp is not None else dist.group.WORLD
 
 
+def build_stage_modules(model: LM, pp, schedule: str) -> list[StageModule]:
+    """This rank's stage modules, in stage order, for `schedule` over the pipeline group `pp` (a process
+    group, a 1-d mesh, or a mesh with a "pp" dimension). Each has `stage_index`, `n_stages` and
+    `tied_peer` set. They hold the model's own blocks, embedding, norm and head: wrap them (FSDP) before
+    `schedule_for`."""
+    _, _, per_rank, placement = schedule_spec(schedule)
+    group = _pp_group(pp)
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    n_stages = size * per_rank
+    layers = stage_layers(model.cfg, n_stages)
+    owner = stage_ranks(n_stages, size, placement)
+    modules = []
+    for s in range(n_stages):
+        if owner[s] != rank:
+            continue
+        m = build_stage_module(model, layers[s], s == 0, s == n_stages - 1)
+        m.stage_index, m.n_stages = s, n_stages
+        m.tied_peer = owner[n_stages - 1] if s == 0 else owner[0]
+        modules.append(m)
+    return modules
+
+
+def check_microbatches(schedule: str, n_microbatches: int, pp_size: int) -> None:
+    """What the schedule needs of the number of microbatches per step (torch checks only at the first step)."""
+    name, _, per_rank, _ = schedule_spec(schedule)
+    n_stages = pp_size * per_rank
+    if n_microbatches < 1:
+        raise ValueError(f"n_microbatches must be positive, got {n_microbatches}")
+    if name in ("1F1B", "DualPipeV") and n_microbatches < n_stages:
+        raise ValueError(f"{name} needs at least as many microbatches as stages ({n_stages}), "
+                         f"got {n_microbatches}")
+    if name in ("Interleaved1F1B", "InterleavedZeroBubble") and n_microbatches % pp_size:
+        raise ValueError(f"{name} needs n_microbatches divisible by the pp size {pp_size}, got {n_microbatches}")
+
+
+def schedule_for(modules: list[StageModule], pp, schedule: str, n_microbatches: int, loss_fn,
+                 device: torch.device | str) -> object:
+    """The schedule running `modules` (from `build_stage_modules`, possibly wrapped by FSDP since)."""
+    _, cls, per_rank, _ = schedule_spec(schedule)
+    group = _pp_group(pp)
+    check_microbatches(schedule, n_microbatches, dist.get_world_size(group))
+    stages = [PipelineStage(m, m.stage_index, m.n_stages, torch.device(device), group=group) for m in modules]
+    if per_rank == 1:
+        return cls(stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn)
+    return cls(stages, n_microbatches=n_microbatches, loss_fn=loss_fn)
+
+
 def build_schedule(model: LM, pp, schedule: str, n_microbatches: int, loss_fn,
                    device: torch.device | str | None = None) -> tuple[object, list[StageModule]]:
     """This rank's part of the pipeline: (the schedule object, its stage modules in stage order).
@@ -230,38 +306,13 @@ def build_schedule(model: LM, pp, schedule: str, n_microbatches: int, loss_fn,
     modules hold the model's own blocks, embedding, norm and head, so an optimizer over the modules'
     parameters trains the model in place (plus, for tied embeddings, the replica `tied_embed_weight`, which
     is not among `model.parameters()`). Every rank still holds the whole `model`; the blocks of other ranks'
-    stages are simply unused here (build the model on the meta device and materialize only the stage
-    modules to save the memory)."""
-    name, cls, per_rank, placement = schedule_spec(schedule)
-    group = _pp_group(pp)
-    rank, size = dist.get_rank(group), dist.get_world_size(group)
-    n_stages = size * per_rank
-    if n_microbatches < 1:
-        raise ValueError(f"n_microbatches must be positive, got {n_microbatches}")
-    if name in ("1F1B", "DualPipeV") and n_microbatches < n_stages:
-        raise ValueError(f"{name} needs at least as many microbatches as stages ({n_stages}), "
-                         f"got {n_microbatches}")
-    if name in ("Interleaved1F1B", "InterleavedZeroBubble") and n_microbatches % size:
-        raise ValueError(f"{name} needs n_microbatches divisible by the pp size {size}, got {n_microbatches}")
-    layers = stage_layers(model.cfg, n_stages)
-    owner = stage_ranks(n_stages, size, placement)
+    stages are simply unused here (the trainer moves them to the meta device)."""
+    schedule_spec(schedule)  # a bad name is reported before any process group is used
+    check_microbatches(schedule, n_microbatches, dist.get_world_size(_pp_group(pp)))
+    modules = build_stage_modules(model, pp, schedule)
     if device is None:
         device = next(model.parameters()).device
-    device = torch.device(device)
-    modules, stages = [], []
-    for s in range(n_stages):
-        if owner[s] != rank:
-            continue
-        m = build_stage_module(model, layers[s], s == 0, s == n_stages - 1)
-        m.stage_index = s
-        m.tied_peer = owner[n_stages - 1] if s == 0 else owner[0]
-        modules.append(m)
-        stages.append(PipelineStage(m, s, n_stages, device, group=group))
-    if per_rank == 1:
-        sched = cls(stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn)
-    else:
-        sched = cls(stages, n_microbatches=n_microbatches, loss_fn=loss_fn)
-    return sched, modules
+    return schedule_for(modules, pp, schedule, n_microbatches, loss_fn, device), modules
 
 
 def pipeline_step(schedule, modules: list[StageModule], tokens: torch.Tensor | None = None,
@@ -299,15 +350,17 @@ def sync_tied_grads(modules: list[StageModule], pp) -> None:
             w.grad.copy_(total)
         return
     m, w = mine[0]
-    other = torch.empty_like(w.grad)
+    # under FSDP both copies are sharded alike over the data-parallel ranks: peers swap their local shards
+    grad = w.grad.to_local() if isinstance(w.grad, DTensor) else w.grad
+    other = torch.empty_like(grad)
     peer = dist.get_global_rank(group, m.tied_peer)
-    ops = [dist.P2POp(dist.isend, w.grad.contiguous(), peer, group),
+    ops = [dist.P2POp(dist.isend, grad.contiguous(), peer, group),
            dist.P2POp(dist.irecv, other, peer, group)]
     if not m.first:
         ops.reverse()
     for req in dist.batch_isend_irecv(ops):
         req.wait()
-    w.grad.add_(other)
+    grad.add_(other)
 
 
 @torch.no_grad()

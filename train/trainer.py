@@ -1,4 +1,4 @@
-"""The training loop: one process or plain data parallel under torchrun; exact resume."""
+"""The training loop: one process, or any layout of train/mesh.py under torchrun; exact resume."""
 from __future__ import annotations
 
 import contextlib
@@ -21,6 +21,7 @@ from unroll.train.expert_parallel import expert_parameters, scale_expert_grads
 from unroll.train.mesh import build_mesh, check_model, data_ranks, resolve_layout
 from unroll.train.metrics import Metrics
 from unroll.train.parallelize import gradient_sync, parallelize, without_context_parallel
+from unroll.train.pipelined import Pipeline, check_pipeline
 from unroll.train.plot import plot_run
 from unroll.train.rundir import prepare_run_dir
 from unroll.train.schedule import lr_at
@@ -32,6 +33,7 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
     never on norms, biases, convolutions or the recurrences' own coefficients."""
     decay = {id(m.weight) for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
     decay |= {id(p) for m in model.modules() if isinstance(m, MoE) for p in (m.w_gate_up, m.w_down)}
+    decay |= {id(p) for name, p in model.named_parameters() if name == "embed.weight"}  # a pipeline's tied replica
     params = [p for p in model.parameters() if p.requires_grad]
     experts = {id(p) for _, p in expert_parameters(model)}  # expert parallel: plain tensors beside DTensors
     groups = [
@@ -76,17 +78,22 @@ def clip_gradients(model: LM, max_norm: float) -> torch.Tensor:
     return total
 
 
-def update_expert_bias(model: LM) -> torch.Tensor | None:
+def update_expert_bias(model: LM, device: torch.device) -> torch.Tensor | None:
     """After an optimizer step: every MoE layer's assignment counts since the last step, summed over the
     data-parallel ranks, move its auxiliary-loss-free expert bias (identically on every rank). Returns
     the counts [MoE layers, experts] for the load metrics."""
     layers = model.moe_layers()
     if not layers:
         return None
-    counts = torch.stack([moe.load_since_update for _, moe in layers]).double()
+    # under pipelining another stage's layers sit on the meta device here: they count zero, their owners
+    # contribute the counts, and only the owners' biases matter
+    here = [moe for _, moe in layers if moe.expert_bias.device.type != "meta"]
+    counts = torch.stack([moe.load_since_update.to(device) if moe in here else
+                          torch.zeros(moe.n_experts, dtype=torch.long, device=device) for _, moe in layers]).double()
     D.all_reduce_sum(counts)
     for (_, moe), c in zip(layers, counts):
-        moe.update_bias(c)
+        if moe in here:
+            moe.update_bias(c)
     return counts
 
 
@@ -110,30 +117,42 @@ def autocast_for(cfg: Config, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def lm_loss(model: torch.nn.Module, batch: torch.Tensor, cp_rank: int = 0, cp: int = 1) -> torch.Tensor:
-    """Mean next-token cross-entropy; batch [B, T+1] holds inputs and the targets shifted by one. Under
-    context parallelism this rank's slice of the T positions: the mean of the cp ranks' losses is the
-    whole sequence's."""
+def split_batch(batch: torch.Tensor, cp_rank: int = 0, cp: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) of a batch [B, T+1] that holds the inputs and the targets shifted by one; under
+    context parallelism this rank's slice of the T positions."""
     inputs, targets = batch[:, :-1], batch[:, 1:]
     if cp > 1:
         T = inputs.shape[1] // cp
         inputs, targets = inputs[:, cp_rank * T:(cp_rank + 1) * T], targets[:, cp_rank * T:(cp_rank + 1) * T]
+    return inputs, targets
+
+
+def lm_loss(model: torch.nn.Module, batch: torch.Tensor, cp_rank: int = 0, cp: int = 1) -> torch.Tensor:
+    """Mean next-token cross-entropy over this rank's slice of the batch (the mean of the cp ranks'
+    losses is the whole sequence's)."""
+    inputs, targets = split_batch(batch, cp_rank, cp)
     logits = model(inputs)
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
 @torch.no_grad()
-def evaluate(model: LM, data: RunData, cfg: Config, dist: D.DistInfo, autocast, ranks: dict) -> float:
+def evaluate(model: LM, data: RunData, cfg: Config, dist: D.DistInfo, autocast, ranks: dict,
+             pipe: Pipeline | None = None) -> float:
     """Mean loss over the first eval.batches × eval.batch_size validation sequences (fixed, in order),
-    split over the data-parallel ranks (cp ranks share a batch, each its slice)."""
+    split over the data-parallel ranks (cp ranks share a batch, each its slice; under pipelining the
+    ranks with the last stage hold the losses)."""
     model.eval()
     n = min(cfg.eval.batches * cfg.eval.batch_size, data.valid.n_samples)
     total = torch.zeros(2, dtype=torch.float64, device=dist.device)
     for start in range(ranks["dp"] * cfg.eval.batch_size, n, ranks["dp_size"] * cfg.eval.batch_size):
         batch = data.valid_batch(start, min(cfg.eval.batch_size, n - start)).to(dist.device)
         with autocast:
-            loss = lm_loss(model, batch, ranks["cp"], ranks["cp_size"])
-        total += torch.stack([loss.double() * batch.shape[0], torch.tensor(batch.shape[0], device=dist.device)])
+            if pipe is None:
+                loss = lm_loss(model, batch, ranks["cp"], ranks["cp_size"])
+            else:
+                loss = pipe.forward_loss(*split_batch(batch, ranks["cp"], ranks["cp_size"]))
+        if loss is not None:
+            total += torch.stack([loss.double() * batch.shape[0], torch.tensor(batch.shape[0], device=dist.device)])
     D.all_reduce_sum(total)
     model.train()
     return (total[0] / total[1]).item()
@@ -147,6 +166,7 @@ def train(cfg: Config) -> dict:
     layout = resolve_layout(cfg.parallel, dist.world)
     check_model(layout, cfg.model, seq_len=cfg.data.seq_len)
     micro, accum = check_world(cfg, layout.dp)
+    check_pipeline(layout, cfg, n_microbatches=accum)
     data = open_run_data(cfg)  # every file checked before any work
     run_dir = prepare_run_dir(cfg, dist.is_main)
     D.barrier()
@@ -156,10 +176,13 @@ def train(cfg: Config) -> dict:
     autocast = autocast_for(cfg, dist.device)
     mesh = build_mesh(layout, dist.device.type)
     ranks = data_ranks(mesh, layout)
+    pipe = Pipeline(model, mesh["pp"], cfg.parallel.pp_schedule) if layout.pp > 1 else None
     trained = parallelize(model, mesh, layout, bf16=dist.device.type == "cuda" and not isinstance(autocast, contextlib.nullcontext),
-                          activation_checkpoint=cfg.train.activation_checkpoint, compile=cfg.train.compile)
-    optimizer = build_optimizer(model, cfg)  # on the sharded parameters
-    state = checkpoint.load_latest(run_dir, model, optimizer, rank=dist.rank)
+                          activation_checkpoint=cfg.train.activation_checkpoint, compile=cfg.train.compile,
+                          stages=pipe.modules if pipe else None)
+    owned = pipe.owned_view() if pipe else model  # what this rank trains and checkpoints, under the LM's names
+    optimizer = build_optimizer(owned, cfg)  # on the sharded parameters
+    state = checkpoint.load_latest(run_dir, owned, optimizer, rank=dist.rank)
     step = state["step"] if state else 0
     samples = state["samples_consumed"] if state else 0
 
@@ -171,7 +194,7 @@ def train(cfg: Config) -> dict:
                   + (f"; resumed at step {step}" if state else ""))
     initial_val = state.get("initial_val_loss") if state else None
     if data.valid is not None and not state:
-        initial_val = evaluate(model, data, cfg, dist, autocast, ranks)
+        initial_val = evaluate(model, data, cfg, dist, autocast, ranks, pipe)
         metrics.log({"step": 0, "val_loss": initial_val, "val_ppl": math.exp(initial_val)})
 
     def train_state() -> dict:
@@ -191,44 +214,60 @@ def train(cfg: Config) -> dict:
             loss_sum = torch.zeros((), device=dist.device)
             aux_sum = torch.zeros((), device=dist.device)
             rank_start = samples + ranks["dp"] * micro * accum
-            for i in range(accum):
-                batch = data.train_batch(rank_start + i * micro, micro).to(dist.device)
-                with gradient_sync(trained, i == accum - 1), autocast:
-                    loss = lm_loss(trained, batch, ranks["cp"], layout.cp)
-                    aux = model.aux_loss()  # MoE balancing losses of this forward (None without MoE)
-                ((loss if aux is None else loss + aux) / accum).backward()
-                loss_sum += loss.detach()
+            if pipe is not None:  # the schedule runs the accum microbatches through the stages
+                inputs, targets = split_batch(data.train_batch(rank_start, micro * accum).to(dist.device),
+                                              ranks["cp"], layout.cp)
+                with autocast:
+                    loss_sum, aux = pipe.step(inputs, targets, accum, dist.device)
                 if aux is not None:
-                    aux_sum += aux.detach()
+                    aux_sum += aux
+            else:
+                for i in range(accum):
+                    batch = data.train_batch(rank_start + i * micro, micro).to(dist.device)
+                    with gradient_sync(trained, i == accum - 1), autocast:
+                        loss = lm_loss(trained, batch, ranks["cp"], layout.cp)
+                        aux = model.aux_loss()  # MoE balancing losses of this forward (None without MoE)
+                    ((loss if aux is None else loss + aux) / accum).backward()
+                    loss_sum += loss.detach()
+                    if aux is not None:
+                        aux_sum += aux.detach()
             if layout.ep > 1:
                 scale_expert_grads(model, 1 / layout.ep)  # sums over every rank's tokens → FSDP's mean
-            grad_norm = clip_gradients(model, cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else None
+            if cfg.optim.grad_clip <= 0:
+                grad_norm = None
+            elif pipe is not None:
+                grad_norm = pipe.clip_gradients(list(owned.parameters()), cfg.optim.grad_clip)
+            else:
+                grad_norm = clip_gradients(model, cfg.optim.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            counts = update_expert_bias(model)
+            counts = update_expert_bias(model, dist.device)
             if counts is not None:
                 load_window = counts if load_window is None else load_window + counts
             step, samples, timed_steps = step + 1, samples + cfg.train.batch_size, timed_steps + 1
             metrics.advance()
 
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                loss_mean = D.all_reduce_sum(loss_sum / accum).item() / dist.world
+                # every rank adds its part; under pipelining only one stage per pipeline holds the loss,
+                # and the stages' MoE losses add up to the model's
+                contributors = dist.world // layout.pp
+                loss_mean = D.all_reduce_sum(loss_sum / accum).item() / contributors
                 elapsed = time.perf_counter() - timer
                 row = {"step": step, "loss": loss_mean, "lr": lr, "tokens_per_s": timed_steps * tokens_per_step / elapsed,
                        "tokens": samples * cfg.data.seq_len}
                 if grad_norm is not None:  # a DTensor under FSDP2
                     row["grad_norm"] = (grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm).item()
                 if load_window is not None:
-                    row["moe_aux_loss"] = D.all_reduce_sum(aux_sum / accum).item() / dist.world
+                    row["moe_aux_loss"] = D.all_reduce_sum(aux_sum / accum).item() / contributors
                     row |= load_metrics(model, load_window)
                     load_window = None
                 metrics.log(row | solver_metrics(model))
             if data.valid is not None and ((cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.steps):
-                val_loss = evaluate(model, data, cfg, dist, autocast, ranks)
+                val_loss = evaluate(model, data, cfg, dist, autocast, ranks, pipe)
                 metrics.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(val_loss)})
             stopping = D.any_rank(stop.requested, dist.device)
             if stopping or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.train.steps:
-                checkpoint.save(run_dir, step, model, optimizer, train_state(), keep=cfg.checkpoint.keep, rank=dist.rank)
+                checkpoint.save(run_dir, step, owned, optimizer, train_state(), keep=cfg.checkpoint.keep, rank=dist.rank)
                 saved_at = step
             if stopping:
                 metrics.write(f"stopped by signal {stop.signum or 'on another rank'} at step {step}; "
@@ -238,9 +277,9 @@ def train(cfg: Config) -> dict:
             if step % cfg.train.log_every == 0:
                 timer, timed_steps = time.perf_counter(), 0
         if saved_at != step:  # e.g. train.steps already reached, or raised to where we stand
-            checkpoint.save(run_dir, step, model, optimizer, train_state(), keep=cfg.checkpoint.keep, rank=dist.rank)
+            checkpoint.save(run_dir, step, owned, optimizer, train_state(), keep=cfg.checkpoint.keep, rank=dist.rank)
         if val_loss is None and data.valid is not None:  # nothing left to train: report where it stands
-            val_loss = evaluate(model, data, cfg, dist, autocast, ranks)
+            val_loss = evaluate(model, data, cfg, dist, autocast, ranks, pipe)
         summary = finish(cfg, model, data, run_dir, dist, metrics, step, val_loss, initial_val, layout)
         clean = True
         return summary
@@ -257,9 +296,9 @@ def finish(cfg: Config, model: LM, data: RunData, run_dir: Path, dist: D.DistInf
     sharded = any(isinstance(p, DTensor) for p in model.parameters())
     if not dist.is_main and not sharded:
         return summary
-    if cfg.sample.prompt and cfg.sample.max_new_tokens and layout.tp > 1:
+    if cfg.sample.prompt and cfg.sample.max_new_tokens and (layout.tp > 1 or layout.pp > 1):
         if dist.is_main:
-            metrics.write(f"(no sample: generating under tensor parallelism is not supported; "
+            metrics.write(f"(no sample: generating under tensor or pipeline parallelism is not supported; "
                           f"`unroll generate {run_dir}` samples from the checkpoint in one process)")
     elif cfg.sample.prompt and cfg.sample.max_new_tokens:  # under FSDP2 every rank runs the forward passes
         gen = torch.Generator().manual_seed(cfg.train.seed)

@@ -29,7 +29,7 @@ def _step_fn(model: LM, tokens: torch.Tensor, optimizer: torch.optim.Optimizer):
         (loss if aux is None else loss + aux).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        update_expert_bias(model)
+        update_expert_bias(model, tokens.device)
     return step
 
 

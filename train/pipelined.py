@@ -1,0 +1,182 @@
+"""The trainer's side of pipeline parallelism (parallel.pp > 1): which parts of the LM this rank keeps, the
+pipelined training step and evaluation, gradient clipping over the stages, and the module checkpoints and
+the optimizer see.
+
+Every rank builds the whole LM (so initialization draws the same random numbers as one process), keeps its
+stages' blocks and moves the others to the meta device (no memory). The stage modules of
+train/pipeline.py hold the model's own blocks under the LM's names, so `owned_view` presents exactly this
+rank's parameters under those names: DCP then writes each stage's tensors from the rank that holds them
+into one checkpoint that any other layout (one process included) reads.
+
+Tied embeddings: the last stage's replica of the embedding matrix appears in `owned_view` as
+`embed.weight` too. Both copies (and their optimizer states) are identical, so DCP writes the one entry
+once, and on load each copy reads it: a checkpoint saved without pipelining fills both.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from unroll.models import LM
+from unroll.train.mesh import Layout, LayoutError
+from unroll.train.pipeline import (
+    StageModule,
+    build_stage_modules,
+    check_microbatches,
+    schedule_for,
+    schedule_spec,
+    stage_layers,
+    stage_ranks,
+    sync_tied_grads,
+)
+
+
+def pipeline_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def check_pipeline(layout: Layout, cfg, n_microbatches: int) -> None:
+    """The schedule, the stage split and the microbatches, and what pipelining does not combine with yet,
+    each by key (before any model is built)."""
+    if layout.pp == 1:
+        return
+    try:
+        name, _, per_rank, placement = schedule_spec(cfg.parallel.pp_schedule)
+    except ValueError as e:
+        raise LayoutError(f"parallel.pp_schedule: {e}") from None
+    try:
+        stage_layers(cfg.model, layout.pp * per_rank)
+    except ValueError as e:
+        raise LayoutError(f"parallel.pp={layout.pp} with parallel.pp_schedule={name} "
+                          f"({layout.pp * per_rank} stages), model.pattern: {e}") from None
+    try:
+        check_microbatches(name, n_microbatches, layout.pp)
+    except ValueError as e:
+        raise LayoutError(f"parallel.pp_schedule={name}: {e}; the microbatches are the per-rank batch over "
+                          f"train.micro_batch_size") from None
+    problems = []
+    if layout.tp > 1:
+        problems.append("parallel.tp")
+    if layout.ep > 1:
+        problems.append("parallel.ep")
+    if problems:
+        raise LayoutError(f"parallel.pp={layout.pp} with {' and '.join(problems)}: not available yet "
+                          f"(pipelining combines with dp_replicate, dp_shard and cp)")
+    if placement == "v" and cfg.model.tie_embeddings:
+        raise LayoutError(f"parallel.pp_schedule={name} places the first and last stage on one rank, which "
+                          f"with model.tie_embeddings=true is not available yet; use a looped schedule "
+                          f"(GPipe, 1F1B, Interleaved1F1B, LoopedBFS, InterleavedZeroBubble)")
+
+
+class _Holder(nn.Module):
+    """A parameter presented under the name `weight` (the tied replica as `embed.weight`)."""
+
+    def __init__(self, weight: nn.Parameter):
+        super().__init__()
+        self.weight = weight
+
+
+class Pipeline:
+    """This rank's stages of the LM and the schedule that runs them."""
+
+    def __init__(self, model: LM, pp_mesh, schedule: str):
+        self.model, self.group, self.schedule_name = model, pp_mesh.get_group(), schedule
+        self.modules: list[StageModule] = build_stage_modules(model, pp_mesh, schedule)
+        self.first = any(m.first for m in self.modules)
+        self.last = any(m.last for m in self.modules)
+        self.owned = sorted(i for m in self.modules for i in m.layers)
+        owned = set(self.owned)
+        for i, block in enumerate(model.blocks):
+            if i not in owned:
+                block.to("meta")  # another pp rank trains it
+        if not self.first:
+            model.embed.to("meta")
+        if not self.last:
+            model.norm.to("meta")
+            if model.head is not None:
+                model.head.to("meta")
+        self.schedule = None
+
+    def owned_view(self) -> nn.Module:
+        """This rank's parameters under the LM's names (call after FSDP has replaced the parameters): the
+        module the optimizer and checkpoints see."""
+        view = nn.Module()
+        if self.first:
+            view.embed = self.model.embed
+        else:
+            replica = next((m.tied_embed_weight for m in self.modules if m.tied_embed_weight is not None), None)
+            if replica is not None:
+                view.embed = _Holder(replica)
+        view.blocks = nn.ModuleDict({str(i): self.model.blocks[i] for i in self.owned})
+        if self.last:
+            view.norm = self.model.norm
+            if self.model.head is not None:
+                view.head = self.model.head
+        return view
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor, n_microbatches: int,
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Forward and backward of this rank's batch split into n_microbatches. Returns (sum of the
+        microbatch losses on the last stage, zero elsewhere; sum of this rank's stages' MoE losses or None).
+        Gradients accumulate into the stage parameters, divided by n_microbatches (the mean)."""
+        if self.schedule is None or self.schedule._n_microbatches != n_microbatches:
+            self.schedule = schedule_for(self.modules, self.group, self.schedule_name, n_microbatches,
+                                         pipeline_loss, device)
+        for m in self.modules:
+            m.aux_losses.clear()
+        losses: list[torch.Tensor] = []
+        args = (inputs,) if self.first else ()
+        if self.last:
+            self.schedule.step(*args, target=targets, losses=losses)
+        else:
+            self.schedule.step(*args)
+        loss_sum = torch.stack([l.detach() for l in losses]).sum() if losses else torch.zeros((), device=device)
+        # each stage ran one forward per microbatch; the first step may add a shape-inference forward first
+        aux = [a for m in self.modules for a in m.aux_losses[-n_microbatches:]]
+        self._sync_tied_grads()
+        return loss_sum, (torch.stack(aux).sum() if aux else None)
+
+    def _sync_tied_grads(self) -> None:
+        sync_tied_grads(self.modules, self.group)
+
+    @torch.no_grad()
+    def forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+        """Evaluation: the batch's mean loss on the rank with the last stage, None elsewhere. Runs the stages
+        in order, sending the hidden state [B, T, d] point to point (float32) between their ranks."""
+        order = sorted(self.modules, key=lambda m: m.stage_index)
+        mine = {m.stage_index: m for m in order}
+        owner = self._owners()
+        x = inputs
+        for s in range(order[-1].stage_index + 1):
+            if s not in mine:
+                continue
+            if s > 0 and owner[s - 1] != owner[s]:
+                x = torch.empty(*inputs.shape, self.model.cfg.d_model, device=inputs.device)
+                dist.recv(x, dist.get_global_rank(self.group, owner[s - 1]), self.group)
+            x = mine[s](x)
+            for m in self.modules:
+                m.aux_losses.clear()
+            if s + 1 < len(owner) and owner[s + 1] != owner[s]:
+                dist.send(x.float().contiguous(), dist.get_global_rank(self.group, owner[s + 1]), self.group)
+        return pipeline_loss(x, targets) if self.last else None
+
+    def _owners(self) -> list[int]:
+        _, _, per_rank, placement = schedule_spec(self.schedule_name)
+        size = dist.get_world_size(self.group)
+        return stage_ranks(size * per_rank, size, placement)
+
+    def clip_gradients(self, params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+        """torch's gradient clipping with the norm over every stage: each rank's squares (FSDP shards
+        summed by DTensor) added over the pp group; the tied replica is counted once, on the first stage."""
+        replicas = {id(m.tied_embed_weight) for m in self.modules if m.tied_embed_weight is not None}
+        grads = [p.grad for p in params if p.grad is not None and id(p) not in replicas]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=params[0].device)
+        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+        sq = norm.double() ** 2
+        dist.all_reduce(sq, group=self.group)
+        total = sq.sqrt().to(norm.dtype)
+        torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, total)
+        return total
