@@ -14,6 +14,7 @@ backend async_save requires when training runs on NCCL).
 """
 from __future__ import annotations
 
+import warnings
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -45,10 +46,12 @@ class CheckpointWriter:
             checkpoint.save(self.run_dir, step, model, optimizer, train_state, keep=self.keep, rank=self.rank)
             return
         group = self._process_group()
+        if group is None:  # DCP warns from its writer thread, outside _quiet_single_process; one process is meant
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
         tmp, final = checkpoint.begin_save(self.run_dir, step, self.rank)
         with checkpoint._quiet_single_process():
             future: Future = dcp.async_save(checkpoint.save_view(model, optimizer), checkpoint_id=str(tmp),
-                                            process_group=group)
+                                            process_group=group, no_dist=group is None)
         # Everything the checkpoint records besides the shards is taken now, at the step it belongs to.
         self._pending = (future, dict(tmp=tmp, final=final, step=step, train_state=dict(train_state),
                                       keep=self.keep, rank=self.rank, rng=checkpoint._rng_state(),
