@@ -139,6 +139,8 @@ def test_bad_input_is_named(tiny_config, tmp_path, capsys):
         grow(src.run.dir, 2, src.run.dir)
     with pytest.raises(ConfigError, match="change the grown model"):
         grow(src.run.dir, 2, tmp_path / "g", ["model.d_model=64"])
+    grow(src.run.dir, 2, tmp_path / "g", ["model.pattern=G|AGA"])  # stage marks elsewhere: the same model
+    assert load_config(str(tmp_path / "g" / "config.yaml")).model.pattern == "G|AGA"
 
 
 def test_fresh_adamw_state_leaves_weights_alone():

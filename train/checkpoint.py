@@ -168,7 +168,7 @@ def _last_line(e: BaseException) -> str:
 
 def _dcp_load(state: dict, path: Path, model_cfg=None) -> None:
     """Fills `state` in place from the checkpoint; any failure names the checkpoint."""
-    reason = integrity.problem(path, model_cfg)
+    reason = integrity.agreed_problem(path, model_cfg)
     if reason:
         raise CheckpointError(f"checkpoint {path} refused: {reason}")
     try:

@@ -5,8 +5,10 @@ g·L-layer one whose block i is the source's block i mod L (the whole stack repe
 `grow(SOURCE, g, OUT)` writes OUT as a run directory:
   OUT/config.yaml      the source run's config with model.pattern (and a per-layer model.mlp_pattern)
                        repeated g times — "GA" → "GAGA" for g=2; a pattern with stage marks keeps them and
-                       gets one between copies ("GG|AA" → "GG|AA|GG|AA") — and run.dir = OUT; `key=value`
-                       overrides apply on top (e.g. train.steps for the grown run)
+                       gets one between copies ("GG|AA" → "GG|AA|GG|AA", g times the pipeline stages) — and
+                       run.dir = OUT; `key=value` overrides apply on top (e.g. train.steps for the grown run,
+                       or model.pattern=GGAA|GGAA to place the stage marks otherwise; overrides that change
+                       the architecture are refused)
   OUT/tokenizer.model  the source run's tokenizer (so `unroll generate OUT` works at once)
   OUT/checkpoints/step_00000000/   a complete checkpoint (manifest included) of the grown model
 Every block's weights (mixer of every kind, norms, dense or MoE MLP with its expert bias) are copied bit for

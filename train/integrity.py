@@ -20,6 +20,8 @@ import os
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
+import torch.distributed as dist
+
 MANIFEST = "manifest.json"
 # Keys a resumed run may change without changing what the weights mean.
 RUNTIME_KEYS = {"solver", "init_std", "m2rnn.solver", "moe.aux_loss_coef", "moe.z_loss_coef",
@@ -104,3 +106,14 @@ def problem(path: Path, model_cfg=None) -> str | None:
                 for k in sorted(set(saved) | set(here)) if saved.get(k) != here.get(k)]
         return "saved from a different model: " + "; ".join(diff)
     return None
+
+
+def agreed_problem(path: Path, model_cfg=None) -> str | None:
+    """`problem`, the same on every rank: each checks the files it sees, and a checkpoint any rank refuses is
+    refused by all, so that no rank enters DCP's collective load alone."""
+    reason = problem(path, model_cfg)
+    if dist.is_available() and dist.is_initialized():
+        seen = [None] * dist.get_world_size()
+        dist.all_gather_object(seen, reason)
+        reason = next((r for r in seen if r), None)
+    return reason
