@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 
 def _train(args) -> int:
@@ -85,8 +86,27 @@ def _plot(args) -> int:
     return 0
 
 
+def _grow(args) -> int:
+    from unroll.train import grow as G
+    from unroll.train.config import ConfigError
+
+    if args.plan:
+        if args.params is None or args.tokens is None:
+            raise ConfigError("--plan needs --params N and --tokens D (e.g. --params 7B --tokens 2T)")
+        print(G.plan_text(G.parse_count(args.params, "--params"), G.parse_count(args.tokens, "--tokens")))
+        return 0
+    if args.checkpoint is None or args.out is None:
+        raise ConfigError("unroll grow CHECKPOINT --factor G --out DIR (or --plan --params N --tokens D)")
+    done = G.grow(args.checkpoint, args.factor, args.out, args.overrides)
+    print(f"grown {done['pattern'][0]!r} → {done['pattern'][1]!r} ({done['params'][0]:,} → {done['params'][1]:,} "
+          f"parameters) from {done['source']} (step {done['source_step']}); fresh optimizer, step 0, data from "
+          f"sample {done['samples_consumed']:,}\ncontinue with: unroll train {Path(args.out) / 'config.yaml'}")
+    return 0
+
+
 BENCHES = {"solver": "unroll.launch.bench.solver", "state-tracking": "unroll.launch.bench.state_tracking",
-           "throughput": "unroll.launch.bench.throughput", "seqpar": "unroll.launch.bench.seqpar"}
+           "throughput": "unroll.launch.bench.throughput", "seqpar": "unroll.launch.bench.seqpar",
+           "growth": "unroll.launch.bench.growth"}
 
 
 def _bench(args) -> int:
@@ -150,6 +170,16 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=_generate)
 
+    gr = sub.add_parser("grow", help="G_stack depth growth of a checkpoint, ready to train on; or --plan when to grow")
+    gr.add_argument("checkpoint", nargs="?", help="a run directory (its newest good checkpoint) or RUN_DIR/checkpoints/step_N")
+    gr.add_argument("overrides", nargs="*", metavar="key=value", help="for the grown run, e.g. train.steps=2000")
+    gr.add_argument("--factor", type=int, default=4, help="depth multiple g (>= 2); block i = source block i mod L")
+    gr.add_argument("--out", help="the grown run directory to write")
+    gr.add_argument("--plan", action="store_true", help="print the paper's growth timing d for --params and --tokens")
+    gr.add_argument("--params", help="--plan: parameters N of the target model, e.g. 7B or 7e9")
+    gr.add_argument("--tokens", help="--plan: training tokens D of the target model, e.g. 2T")
+    gr.set_defaults(func=_grow)
+
     b = sub.add_parser("bench", help="the performance suite (ratios measured side by side)", add_help=False)
     b.add_argument("name", choices=sorted(BENCHES))
     b.add_argument("rest", nargs=argparse.REMAINDER, help="the bench's own options (unroll bench NAME --help)")
@@ -163,7 +193,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    if extra and args.command == "grow":  # key=value after the options: argparse takes positionals in one run
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
     from unroll.data.errors import DataError
     from unroll.train.checkpoint import CheckpointError
     from unroll.train.config import ConfigError

@@ -4,8 +4,10 @@ Layout of RUN_DIR/checkpoints/step_00000100/:
   .metadata, *.distcp   model and optimizer (DCP: each rank writes its shards; reshards on load)
   rng_rank{r}.pt        every RNG state of rank r (python, numpy, torch CPU, CUDA)
   train_state.json      step, global samples consumed, and the rest of the loop's scalar state
+  manifest.json         written last: every file's size, small files' checksums, the model (integrity.py)
 A checkpoint is written under `step_N.tmp` and renamed to `step_N` only once every file is complete, so a
-crash mid-write leaves at worst a `.tmp` directory that is ignored (and removed by the next save).
+crash mid-write leaves at worst a `.tmp` directory that is ignored (and removed by the next save). On
+resume a checkpoint that fails its manifest's checks is refused with the reason, and the previous one used.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -31,6 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor, Shard
 
 from unroll.train import distributed as D
+from unroll.train import integrity
 from unroll.train.tensor_parallel import checkpoint_view
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -46,18 +50,24 @@ def checkpoint_root(run_dir: str | Path) -> Path:
 
 
 def is_complete(path: Path) -> bool:
-    return (path / ".metadata").is_file() and (path / STATE_FILE).is_file()
+    """Finished saving (the manifest is written last); integrity.problem checks the rest before a load."""
+    return all((path / name).is_file() for name in (".metadata", STATE_FILE, integrity.MANIFEST))
 
 
-def complete_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of every complete checkpoint, oldest first; partial writes are skipped."""
+def checkpoint_dirs(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every step_N directory, finished or not, oldest first (`.tmp` writes excluded)."""
     root = checkpoint_root(run_dir)
     found = []
     for path in root.iterdir() if root.is_dir() else ():
         m = STEP_DIR.match(path.name)
-        if m and path.is_dir() and is_complete(path):
+        if m and path.is_dir():
             found.append((int(m.group(1)), path))
     return sorted(found)
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint, oldest first; partial writes are skipped."""
+    return [(step, path) for step, path in checkpoint_dirs(run_dir) if is_complete(path)]
 
 
 def _rng_state() -> dict:
@@ -94,6 +104,15 @@ def _fsync_dir(path: Path) -> None:
 def save(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
          train_state: dict, *, keep: int, rank: int = 0) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint path."""
+    tmp, final = begin_save(run_dir, step, rank)
+    with _quiet_single_process():
+        dcp.save(save_view(model, optimizer), checkpoint_id=str(tmp))
+    return finish_save(run_dir, tmp, final, step, train_state, keep=keep, rank=rank, rng=_rng_state(),
+                       model_cfg=getattr(model, "cfg", None))
+
+
+def begin_save(run_dir: str | Path, step: int, rank: int) -> tuple[Path, Path]:
+    """Collective: (the temporary directory the shards go to, the final name)."""
     root = checkpoint_root(run_dir)
     final = root / f"step_{step:08d}"
     tmp = root / f"{final.name}.tmp"
@@ -103,22 +122,39 @@ def save(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torc
             shutil.rmtree(stale)
         tmp.mkdir()
     D.barrier()
+    return tmp, final
+
+
+def save_view(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """What DCP writes: model and optimizer state (checkpoint_view: tensor-parallel fused weights in
+    single-device layout; _expert_view: expert-parallel experts as one tensor)."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    with _quiet_single_process():  # checkpoint_view: tensor-parallel fused weights in single-device layout
-        dcp.save(checkpoint_view(_expert_view(model, {"model": model_sd, "optim": optim_sd})), checkpoint_id=str(tmp))
-    torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
+    return checkpoint_view(_expert_view(model, {"model": model_sd, "optim": optim_sd}))
+
+
+def finish_save(run_dir: str | Path, tmp: Path, final: Path, step: int, train_state: dict, *, keep: int,
+                rank: int, rng: dict, model_cfg=None) -> Path:
+    """Collective, once DCP has written the shards: RNG states, train state, the manifest (last), the
+    rename to the final name, and the pruning of old checkpoints."""
+    root = checkpoint_root(run_dir)
+    torch.save(rng, tmp / f"rng_rank{rank}.pt")
     D.barrier()
     if rank == 0:
         with open(tmp / STATE_FILE, "w") as f:
             json.dump({**train_state, "step": step}, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
+        integrity.write_manifest(tmp, step, model_cfg)
         _fsync_dir(tmp)
         if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
             shutil.rmtree(final)
         os.rename(tmp, final)
         _fsync_dir(root)
-        for _, old in complete_checkpoints(run_dir)[:-keep]:
+        # Keep the newest `keep` good checkpoints up to this step. Ones that fail their checks are left for
+        # the user (resume skips them), and newer ones left by a resume that fell back do not count.
+        good = [path for s, path in complete_checkpoints(run_dir)
+                if s <= step and (path == final or integrity.problem(path) is None)]
+        for old in good[:-keep]:
             shutil.rmtree(old)
     D.barrier()
     return final
@@ -130,10 +166,11 @@ def _last_line(e: BaseException) -> str:
     return lines[-1].strip() if lines else type(e).__name__
 
 
-def _dcp_load(state: dict, path: Path) -> None:
+def _dcp_load(state: dict, path: Path, model_cfg=None) -> None:
     """Fills `state` in place from the checkpoint; any failure names the checkpoint."""
-    if not is_complete(path):
-        raise CheckpointError(f"checkpoint {path} is incomplete (no .metadata or {STATE_FILE})")
+    reason = integrity.agreed_problem(path, model_cfg)
+    if reason:
+        raise CheckpointError(f"checkpoint {path} refused: {reason}")
     try:
         with _quiet_single_process():
             dcp.load(checkpoint_view(state), checkpoint_id=str(path))  # fills `state`'s tensors in place
@@ -167,7 +204,7 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *
     """Restores model, optimizer and this rank's RNG state in place; returns the train state."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    _dcp_load(_expert_view(model, state), path)
+    _dcp_load(_expert_view(model, state), path, getattr(model, "cfg", None))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng_file = path / f"rng_rank{rank}.pt"
     if not rng_file.is_file():  # resumed on more ranks than saved: all ranks draw the same in DP
@@ -179,15 +216,26 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *
 
 def load_latest(run_dir: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                 *, rank: int = 0) -> dict | None:
-    """Resumes from the newest complete checkpoint in the run directory; None when there is none."""
-    found = complete_checkpoints(run_dir)
-    if not found:
-        return None
-    return load(found[-1][1], model, optimizer, rank=rank)
+    """Resumes from the newest good checkpoint in the run directory; None when there is none. A newer one
+    that is partial, truncated or from another model is refused with the reason (on stderr) and the one
+    before it tried; when there are checkpoints but none is good, it stops (starting afresh would prune
+    them)."""
+    refused = []
+    for _, path in reversed(checkpoint_dirs(run_dir)):
+        try:
+            return load(path, model, optimizer, rank=rank)  # loads every tensor: a failed try leaves no trace
+        except CheckpointError as e:
+            refused.append(str(e))
+            if rank == 0:
+                print(f"unroll: {e}; trying the previous checkpoint", file=sys.stderr, flush=True)
+    if refused:
+        raise CheckpointError(f"no usable checkpoint in {checkpoint_root(run_dir)} (move them away to start "
+                              f"afresh):\n  " + "\n  ".join(refused))
+    return None
 
 
 def load_model_weights(path: Path, model: torch.nn.Module) -> None:
     """Only the model (for generation): DCP reads the requested keys and skips the optimizer."""
     model_sd = get_model_state_dict(model)
-    _dcp_load({"model": model_sd}, path)
+    _dcp_load({"model": model_sd}, path, getattr(model, "cfg", None))
     model.load_state_dict(model_sd)

@@ -89,7 +89,8 @@ class EvalConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 200  # steps between checkpoints; 0 = only at the end and on SIGTERM/SIGINT
-    keep: int = 2  # newest complete checkpoints kept
+    keep: int = 2  # newest complete checkpoints kept (>= 2: a damaged newest one falls back to the one before)
+    async_save: bool = False  # write in a background thread while training goes on (train/checkpoint_writer.py)
 
 
 @dataclass

@@ -8,7 +8,7 @@ import torch
 from unroll.data.tokenizer import Tokenizer
 from unroll.models import LM
 from unroll.models.generate import sample
-from unroll.train import checkpoint
+from unroll.train import checkpoint, integrity
 from unroll.train.checkpoint import CheckpointError
 from unroll.train.config import load_config
 from unroll.train.rundir import CONFIG_FILE, TOKENIZER_FILE
@@ -20,7 +20,8 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[LM, Tokenizer, i
     if not (run_dir / CONFIG_FILE).is_file():
         raise CheckpointError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
     cfg = load_config(str(run_dir / CONFIG_FILE))
-    found = checkpoint.complete_checkpoints(run_dir)
+    found = [(step, path) for step, path in checkpoint.complete_checkpoints(run_dir)
+             if integrity.problem(path, cfg.model) is None]  # a damaged newest one: the one before it
     if not found:
         raise CheckpointError(f"{run_dir}: no complete checkpoint under {checkpoint.checkpoint_root(run_dir)}")
     step, path = found[-1]

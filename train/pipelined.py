@@ -104,6 +104,7 @@ class Pipeline:
         """This rank's parameters under the LM's names (call after FSDP has replaced the parameters): the
         module the optimizer and checkpoints see."""
         view = nn.Module()
+        view.cfg = self.model.cfg  # the checkpoint manifest records the architecture
         if self.first:
             view.embed = self.model.embed
         else:

@@ -15,6 +15,7 @@ from unroll.models import LM
 from unroll.models.generate import sample
 from unroll.models.moe import MoE
 from unroll.train import checkpoint, distributed as D
+from unroll.train.checkpoint_writer import CheckpointWriter
 from unroll.train.config import Config, check_world
 from unroll.train.data_setup import RunData, open_run_data
 from unroll.train.expert_parallel import expert_parameters, scale_expert_grads
@@ -206,6 +207,7 @@ def train(cfg: Config) -> dict:
     timer, timed_steps, saved_at, val_loss = time.perf_counter(), 0, step if state else None, None
     load_window = None  # MoE assignment counts since the last logged step
     clean = False  # on an exception, skip the final barrier: the other ranks may never reach it
+    writer = CheckpointWriter(run_dir, keep=cfg.checkpoint.keep, rank=dist.rank, async_save=cfg.checkpoint.async_save)
     try:
         while step < cfg.train.steps:
             lr = lr_at(step, cfg.optim.lr, cfg.train.steps, cfg.schedule)
@@ -267,9 +269,10 @@ def train(cfg: Config) -> dict:
                 metrics.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(val_loss)})
             stopping = D.any_rank(stop.requested, dist.device)
             if stopping or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.train.steps:
-                checkpoint.save(run_dir, step, owned, optimizer, train_state(), keep=cfg.checkpoint.keep, rank=dist.rank)
+                writer.save(step, owned, optimizer, train_state())
                 saved_at = step
             if stopping:
+                writer.wait()
                 metrics.write(f"stopped by signal {stop.signum or 'on another rank'} at step {step}; "
                               f"checkpoint saved, `unroll train` with the same run.dir resumes")
                 clean = True
@@ -277,13 +280,15 @@ def train(cfg: Config) -> dict:
             if step % cfg.train.log_every == 0:
                 timer, timed_steps = time.perf_counter(), 0
         if saved_at != step:  # e.g. train.steps already reached, or raised to where we stand
-            checkpoint.save(run_dir, step, owned, optimizer, train_state(), keep=cfg.checkpoint.keep, rank=dist.rank)
+            writer.save(step, owned, optimizer, train_state())
+        writer.wait()
         if val_loss is None and data.valid is not None:  # nothing left to train: report where it stands
             val_loss = evaluate(model, data, cfg, dist, autocast, ranks, pipe)
         summary = finish(cfg, model, data, run_dir, dist, metrics, step, val_loss, initial_val, layout)
         clean = True
         return summary
     finally:
+        writer.close(finish=clean)
         stop.restore()
         metrics.close()
         D.shutdown(clean)

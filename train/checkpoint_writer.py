@@ -1,0 +1,84 @@
+"""Saving checkpoints while training goes on (checkpoint.async_save=true), or in line (the default).
+
+With async saving, `save` copies the model and optimizer state to CPU memory (DCP's default stager) and
+returns; a background thread (torch.distributed.checkpoint.async_save) writes the shards while the next
+steps run. The checkpoint is finished (RNG states and train state as they were at the save, the manifest,
+the rename to step_N) when the write is done: at the next save, which waits for it first, or at `wait`,
+which the trainer calls before it returns. A run killed before then leaves a `.tmp` directory that resume
+ignores: the previous checkpoint is used, nothing already saved is lost.
+
+Process groups: in one process async_save needs none (DCP saves as a single process, as the synchronous
+path does). Under torchrun it gets a gloo group of its own, so that its collectives in the background
+thread never interleave with the training's collectives on the default group (and so that it has the CPU
+backend async_save requires when training runs on NCCL).
+"""
+from __future__ import annotations
+
+import warnings
+from concurrent.futures import Future
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+
+from unroll.train import checkpoint
+
+
+class CheckpointWriter:
+    def __init__(self, run_dir: str | Path, *, keep: int, rank: int, async_save: bool):
+        self.run_dir, self.keep, self.rank, self.async_save = run_dir, keep, rank, async_save
+        self._group = None
+        self._pending = None  # (future, finish_save arguments)
+
+    def _process_group(self):
+        if not dist.is_initialized():
+            return None
+        if self._group is None:  # collective: every rank reaches its first save together
+            self._group = dist.new_group(backend="gloo")
+        return self._group
+
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_state: dict) -> None:
+        """Collective. Waits for the previous async save, then saves (in line or in the background)."""
+        self.wait()
+        if not self.async_save:
+            checkpoint.save(self.run_dir, step, model, optimizer, train_state, keep=self.keep, rank=self.rank)
+            return
+        group = self._process_group()
+        if group is None:  # DCP warns from its writer thread, outside _quiet_single_process; one process is meant
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        tmp, final = checkpoint.begin_save(self.run_dir, step, self.rank)
+        with checkpoint._quiet_single_process():
+            future: Future = dcp.async_save(checkpoint.save_view(model, optimizer), checkpoint_id=str(tmp),
+                                            process_group=group, no_dist=group is None)
+        # Everything the checkpoint records besides the shards is taken now, at the step it belongs to.
+        self._pending = (future, dict(tmp=tmp, final=final, step=step, train_state=dict(train_state),
+                                      keep=self.keep, rank=self.rank, rng=checkpoint._rng_state(),
+                                      model_cfg=getattr(model, "cfg", None)))
+
+    def wait(self) -> Path | None:
+        """Collective. Finishes the pending async save, if any; returns its final path."""
+        if self._pending is None:
+            return None
+        future, args = self._pending
+        self._pending = None
+        try:
+            with checkpoint._quiet_single_process():
+                future.result()
+        except (Exception, CheckpointException) as e:  # DCP's own exception derives from BaseException
+            raise checkpoint.CheckpointError(f"async checkpoint {args['tmp']} failed: {e}") from e
+        return checkpoint.finish_save(self.run_dir, **args)
+
+    def close(self, finish: bool) -> None:
+        """At the end of a run. After an error (finish=False) the background write is only joined, not
+        finished: peers may be gone, and the unfinished `.tmp` is ignored on resume."""
+        if finish:
+            self.wait()
+        elif self._pending is not None:
+            future, _ = self._pending
+            self._pending = None
+            try:
+                future.result()
+            except (Exception, CheckpointException):  # the error that ended the run is the one to report
+                pass
