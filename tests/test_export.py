@@ -4,6 +4,7 @@ from it without the training stack and train on after an import; a 2-rank expert
 exports; bad input is refused with its name."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -97,10 +98,20 @@ def test_transformers_loads_the_export_with_unroll_logits(case, tiny_config, tmp
         full.load_state_dict(lm.state_dict())
         assert (full.eval()(tokens) - ours).abs().max() > 1e-3
 
-    run = import_export(tmp_path / "hf", tmp_path / "imported")  # and back: bit for bit
+    run = import_export(tmp_path / "hf", tmp_path / "imported", overrides=["optim.lr=0.001"])  # and back
     assert run["step"] == 5
-    back = weights_of(tmp_path / "imported", load_config(str(tmp_path / "imported" / "config.yaml")))
+    imported = load_config(str(tmp_path / "imported" / "config.yaml"))
+    assert imported.optim.lr == 0.001 and imported.run.dir == str(tmp_path / "imported")
+    back = weights_of(tmp_path / "imported", imported)
     assert back.keys() == lm.state_dict().keys()
+    assert all(torch.equal(back[k], v) for k, v in lm.state_dict().items())
+
+    # a model transformers saved itself (no unroll files, split in shards) imports too, at step 0
+    hf.save_pretrained(tmp_path / "saved", max_shard_size="20KB")
+    assert (tmp_path / "saved" / "model.safetensors.index.json").is_file()
+    shutil.copyfile(tmp_path / "hf" / "tokenizer.model", tmp_path / "saved" / "tokenizer.model")
+    assert import_export(tmp_path / "saved", tmp_path / "foreign")["step"] == 0
+    back = weights_of(tmp_path / "foreign", load_config(str(tmp_path / "foreign" / "config.yaml")))
     assert all(torch.equal(back[k], v) for k, v in lm.state_dict().items())
 
 
@@ -164,6 +175,16 @@ def test_bad_paths_are_named(tiny_config, tmp_path, offline_env):
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
 
 
+def test_dtype_option_writes_rounded_weights(tiny_config, tmp_path):
+    lm, cfg = saved_run(tiny_config, "half", {**ATTENTION, "pattern": "AA"})
+    assert export(cfg.run.dir, tmp_path / "bf16", dtype="bfloat16")["dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert all(t.dtype == torch.bfloat16 for t in read_export(tmp_path / "bf16").state.values())
+    import_export(tmp_path / "bf16", tmp_path / "run")
+    back = weights_of(tmp_path / "run", load_config(str(tmp_path / "run" / "config.yaml")))
+    assert all(torch.equal(back[k], v.to(torch.bfloat16).float()) for k, v in lm.state_dict().items())
+
+
 GENERATE_ALONE = """
 import sys, torch
 from unroll.train.export_format import load_export
@@ -208,6 +229,11 @@ def test_hybrid_round_trip_generates_alone_and_trains_on(tiny_config, tmp_path, 
     assert again.run.dir == str(tmp_path / "again") and again.model == straight.model
     imported = weights_of(again.run.dir, again)
     assert all(torch.equal(imported[k], v) for k, v in at8.state_dict().items())
+    lm = LM(again.model)
+    optimizer = build_optimizer(lm, again)
+    checkpoint.load(checkpoint.complete_checkpoints(again.run.dir)[-1][1], lm, optimizer)
+    assert optimizer.state and all(s["step"].item() == 0 and not s["exp_avg"].any() and not s["exp_avg_sq"].any()
+                                   for s in optimizer.state.values())  # a new optimizer's state
     summary = train(again)
     assert summary["step"] == 12
     a = {r["step"]: r["loss"] for r in read_metrics(straight.run.dir) if "loss" in r}

@@ -34,6 +34,7 @@ from unroll.train.hf_layout import LayoutError, from_hf, model_fields
 
 WEIGHTS, TOKENIZER, CONFIG, META, HF_CONFIG = ("model.safetensors", "tokenizer.model", "unroll_config.yaml",
                                                "unroll_export.json", "config.json")
+SHARD_INDEX = "model.safetensors.index.json"  # transformers' save_pretrained splits large models
 
 
 class ExportError(ValueError):
@@ -51,7 +52,8 @@ class Export:
 
 def is_export(path: str | Path) -> bool:
     path = Path(path)
-    return (path / WEIGHTS).is_file() and ((path / META).is_file() or (path / HF_CONFIG).is_file())
+    weights = (path / WEIGHTS).is_file() or (path / SHARD_INDEX).is_file()
+    return weights and ((path / META).is_file() or (path / HF_CONFIG).is_file())
 
 
 def _read_json(path: Path) -> dict:
@@ -66,13 +68,10 @@ def read_export(path: str | Path) -> Export:
     if not path.is_dir():
         raise ExportError(f"{path}: no such export directory")
     if not is_export(path):
-        raise ExportError(f"{path}: not an export (needs {WEIGHTS} and {META} or {HF_CONFIG})")
+        raise ExportError(f"{path}: not an export (needs {WEIGHTS} or {SHARD_INDEX}, and {META} or {HF_CONFIG})")
     meta = _read_json(path / META) if (path / META).is_file() else {}
     cfg = load_config(str(path / CONFIG)) if (path / CONFIG).is_file() else Config()
-    try:
-        tensors = load_file(path / WEIGHTS)
-    except Exception as e:  # safetensors' errors for a truncated or foreign file
-        raise ExportError(f"{path / WEIGHTS}: cannot be read ({e})") from None
+    tensors = _load_weights(path)
     layout = meta.get("layout") or _read_json(path / HF_CONFIG).get("model_type", "?")
     try:
         if layout == "unroll":
@@ -87,6 +86,20 @@ def read_export(path: str | Path) -> Export:
         raise ExportError(f"{path}: {e}") from None
     tokenizer = path / TOKENIZER
     return Export(cfg, state, layout, meta, tokenizer if tokenizer.is_file() else None)
+
+
+def _load_weights(path: Path) -> dict:
+    """model.safetensors, or every shard that model.safetensors.index.json names."""
+    files = [path / WEIGHTS]
+    if not files[0].is_file():
+        files = [path / f for f in sorted(set(_read_json(path / SHARD_INDEX).get("weight_map", {}).values()))]
+    tensors = {}
+    for file in files:
+        try:
+            tensors |= load_file(file)
+        except Exception as e:  # safetensors' errors for a missing, truncated or foreign file
+            raise ExportError(f"{file}: cannot be read ({e})") from None
+    return tensors
 
 
 def build_model(export: Export, source: str | Path) -> LM:

@@ -180,7 +180,8 @@ def model_fields(config: dict) -> tuple[str, dict, dict]:
                   n_kv_heads=config.get("num_key_value_heads") or H, head_dim=config.get("head_dim") or d // H,
                   rope=True, rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
                   window=window, tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-                  norm_eps=float(config.get("rms_norm_eps", 1e-6)))
+                  norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+                  init_std=float(config.get("initializer_range", 0.02)))
     moe = {}
     if arch in ("llama", "mistral"):
         fields.update(mlp_hidden=_need(config, "intermediate_size"), mlp_pattern="D")
