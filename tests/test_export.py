@@ -19,7 +19,7 @@ from unroll.train import checkpoint
 from unroll.train.config import load_config
 from unroll.train.data_setup import open_run_data
 from unroll.train.export import export, import_export
-from unroll.train.export_format import ExportError, read_export
+from unroll.train.export_format import ExportError, load_export, read_export
 from unroll.train.hf_layout import LayoutError, hf_architecture, model_fields
 from unroll.train.metrics import read_metrics
 from unroll.train.rundir import prepare_run_dir
@@ -98,6 +98,10 @@ def test_transformers_loads_the_export_with_unroll_logits(case, tiny_config, tmp
         full.load_state_dict(lm.state_dict())
         assert (full.eval()(tokens) - ours).abs().max() > 1e-3
 
+    generating, _, _ = load_export(tmp_path / "hf")  # what `unroll generate EXPORT` builds
+    with torch.no_grad():
+        assert torch.equal(generating(tokens), ours)
+
     run = import_export(tmp_path / "hf", tmp_path / "imported", overrides=["optim.lr=0.001"])  # and back
     assert run["step"] == 5
     imported = load_config(str(tmp_path / "imported" / "config.yaml"))
@@ -158,11 +162,13 @@ def test_foreign_configs_unroll_cannot_compute_are_refused():
 def test_bad_paths_are_named(tiny_config, tmp_path, offline_env):
     missing = tmp_path / "nowhere"
     for args, words in [(["export", missing, "--out", tmp_path / "o"], f"{missing}: no such run"),
-                        (["export", tmp_path, "--out", tmp_path / "o"], "not a run directory"),
-                        (["import", missing, "--out", tmp_path / "o"], f"{missing}: no such export"),
-                        (["import", tmp_path, "--out", tmp_path / "o"], "not an export")]:
-        proc = run_cli(args, offline_env, check=False)
+                        (["import", tmp_path, "--out", tmp_path / "o"], f"{tmp_path}: not an export")]:
+        proc = run_cli(args, offline_env, check=False)  # the command line prints the message, exit 2
         assert proc.returncode == 2 and words in proc.stderr, (args, proc.stderr)
+    with pytest.raises(checkpoint.CheckpointError, match="not a run directory"):
+        export(tmp_path, tmp_path / "o")
+    with pytest.raises(ExportError, match=f"{missing}: no such export"):
+        import_export(missing, tmp_path / "o")
     _, cfg = saved_run(tiny_config, "dense", {**ATTENTION, "pattern": "AA"})
     step_dir = checkpoint.complete_checkpoints(cfg.run.dir)[-1][1]
     (step_dir / "train_state.json").unlink()

@@ -3,7 +3,8 @@
 Every export directory holds
   model.safetensors    the weights (float32 unless exported with --dtype)
   tokenizer.model      the sentencepiece model the run trained with (ids: unk 0, bos 1, eos 2)
-  unroll_config.yaml   the run's resolved config (its `model` section builds the LM)
+  unroll_config.yaml   the run's resolved config (its `model` section builds the LM; its data paths are
+                       the run's, which `unroll import EXPORT --out DIR data.train=[...]` can replace)
   unroll_export.json   {"layout", "step", "train_state", "dtype", "source"}: which layout, and where
                        training stood (`unroll import` resumes from there)
 and, by layout:
