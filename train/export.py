@@ -25,7 +25,7 @@ from unroll.train import checkpoint
 from unroll.train.checkpoint import STATE_FILE, CheckpointError
 from unroll.train.config import Config, load_config, to_yaml
 from unroll.train.export_format import CONFIG, META, TOKENIZER, WEIGHTS, ExportError, build_model, read_export
-from unroll.train.hf_layout import LayoutError, hf_architecture, hf_config, to_hf
+from unroll.train.hf_layout import LayoutError, hf_architecture, hf_config, to_hf, tokenizer_config
 from unroll.train.rundir import CONFIG_FILE, TOKENIZER_FILE
 
 FORMATS = ("auto", "hf", "unroll")
@@ -112,6 +112,7 @@ def export(path: str | Path, out: str | Path, *, fmt: str = "auto", dtype: str =
         save_file(to_hf(layout, cfg.model, state), tmp / WEIGHTS, metadata={"format": "pt"})
         config = hf_config(layout, cfg.model, max_positions=cfg.data.seq_len, dtype=dtype)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2) + "\n")
     shutil.copyfile(run_dir / TOKENIZER_FILE, tmp / TOKENIZER)
     (tmp / CONFIG).write_text(to_yaml(cfg))
     meta = {"layout": layout, "step": train_state["step"], "dtype": dtype, "source": str(Path(path).resolve()),

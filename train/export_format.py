@@ -13,7 +13,8 @@ and, by layout:
                        buffer expert_bias included). Any model, recurrent and hybrid ones included; read by
                        unroll only.
   llama, mistral,      transformers' layout (train/hf_layout.py): config.json + model.safetensors under
-  mixtral, qwen2_moe   transformers' names; `AutoModelForCausalLM.from_pretrained(DIR)` loads it.
+  mixtral, qwen2_moe   transformers' names, and tokenizer_config.json; `AutoModelForCausalLM` and
+                       `AutoTokenizer.from_pretrained(DIR)` load them.
 A transformers directory without the unroll files (a model from elsewhere) imports too, when its
 architecture is one of the four and its math is unroll's (see train/hf_layout.py).
 

@@ -104,6 +104,16 @@ def hf_config(arch: str, cfg: ModelConfig, *, max_positions: int, dtype: str) ->
     return out
 
 
+def tokenizer_config() -> dict:
+    """tokenizer_config.json beside unroll's tokenizer.model: transformers' LlamaTokenizer converts the
+    sentencepiece model and, with no prefix space added and no bos/eos inserted, encodes text as unroll
+    does (byte fallback included). One difference: it reads the literal text "<s>", "</s>", "<unk>" as
+    the special tokens, where unroll encodes those characters as text."""
+    return {"tokenizer_class": "LlamaTokenizer", "legacy": False, "add_prefix_space": False,
+            "add_bos_token": False, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
+            "unk_token": "<unk>"}
+
+
 def to_hf(arch: str, cfg: ModelConfig, state: dict) -> dict:
     """unroll state dict → transformers tensors (contiguous, none sharing storage)."""
     H, KV, hd = cfg.n_heads, cfg.kv_heads, cfg.attn_head_dim
