@@ -257,16 +257,27 @@ def test_hybrid_round_trip_generates_alone_and_trains_on(tiny_config, tmp_path, 
     assert all(abs(b[s] - a[s]) < 0.1 for s in (10, 11, 12))  # then a fresh optimizer, close to the original
 
 
-def test_two_rank_expert_parallel_checkpoint_exports_as_mixtral(tiny_config, tmp_path, offline_env, transformers):
-    """Experts sharded over 2 ranks (ep=2) and the rest by FSDP2: the export, loaded by transformers, gives
-    the validation loss the 2-rank run reported."""
-    model = {**ATTENTION, "pattern": "AA", "mlp_pattern": "E", "moe": MOE}
-    path = tiny_config("ep", model=model, train={"steps": 3, "batch_size": 8}, checkpoint={"every": 3})
-    proc = torchrun_train(2, path, offline_env, "parallel.ep=2")
-    assert "(dp_shard 2 × ep 2)" in proc.stdout
+SHARDED = {  # layout → (model, overrides, the launch line's layout, the transformers layout)
+    "ep": ({**ATTENTION, "pattern": "AA", "mlp_pattern": "E", "moe": MOE}, "parallel.ep=2", "(dp_shard 2 × ep 2)",
+           "mixtral"),
+    "tp": ({**ATTENTION, "pattern": "AA", "n_kv_heads": 2, "tie_embeddings": False}, "parallel.tp=2", "(tp 2)",
+           "llama"),
+}
+
+
+@pytest.mark.parametrize("kind", list(SHARDED))
+def test_two_rank_checkpoint_exports_with_the_runs_validation_loss(kind, tiny_config, tmp_path, offline_env,
+                                                                    transformers):
+    """Experts sharded over 2 ranks (ep=2, the rest by FSDP2), or the fused q/k/v and gate/up matrices
+    split by tensor parallelism: the export, loaded by transformers, gives the validation loss the 2-rank
+    run reported."""
+    model, override, described, layout = SHARDED[kind]
+    path = tiny_config(kind, model=model, train={"steps": 3, "batch_size": 8}, checkpoint={"every": 3})
+    proc = torchrun_train(2, path, offline_env, override)
+    assert described in proc.stdout
     cfg = load_config(str(path))
     reported = [r["val_loss"] for r in read_metrics(cfg.run.dir) if "val_loss" in r][-1]
-    assert export(cfg.run.dir, tmp_path / "hf")["layout"] == "mixtral"
+    assert export(cfg.run.dir, tmp_path / "hf")["layout"] == layout
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     batch = open_run_data(cfg).valid_batch(0, cfg.eval.batches * cfg.eval.batch_size)
     with torch.no_grad():
