@@ -177,6 +177,10 @@ def test_bad_paths_are_named(tiny_config, tmp_path, offline_env):
         export(tmp_path, tmp_path / "o")
     with pytest.raises(ExportError, match=f"{missing}: no such export"):
         import_export(missing, tmp_path / "o")
+    _, cfg = saved_run(tiny_config, "small", {**ATTENTION, "pattern": "AA"})
+    export(cfg.run.dir, tmp_path / "small_export")
+    with pytest.raises(ExportError, match=r"small_export: weights do not fit the model of its config: size mismatch for embed.weight.*\(and 13 more\)"):
+        import_export(tmp_path / "small_export", tmp_path / "wide", overrides=["model.d_model=64"])
     _, cfg = saved_run(tiny_config, "dense", {**ATTENTION, "pattern": "AA"})
     step_dir = checkpoint.complete_checkpoints(cfg.run.dir)[-1][1]
     (step_dir / "train_state.json").unlink()

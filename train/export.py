@@ -153,7 +153,7 @@ def import_export(src: str | Path, out: str | Path, *, config: str | None = None
     base = dataclasses.replace(base, model=export.cfg.model)
     base.run.dir, base.data.tokenizer = str(out), str(out / TOKENIZER_FILE)
     cfg = _with_overrides(base, overrides)
-    model = build_model(export, src)
+    model = build_model(export, src, cfg.model)  # overrides may change e.g. model.solver, not the shapes
     optimizer = build_optimizer(model, cfg)
     _fresh_adamw_state(optimizer)
     train_state = {"samples_consumed": 0, "tokens_consumed": 0, "world_size": 1, "initial_val_loss": None}

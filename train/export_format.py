@@ -104,15 +104,18 @@ def _load_weights(path: Path) -> dict:
     return tensors
 
 
-def build_model(export: Export, source: str | Path) -> LM:
-    """The LM of the export's config with its weights (cast to float32), every tensor checked."""
-    model = LM(export.cfg.model)
+def build_model(export: Export, source: str | Path, model_cfg=None) -> LM:
+    """The LM of the export's config (or `model_cfg`) with its weights (cast to float32), every tensor
+    checked."""
+    model = LM(model_cfg or export.cfg.model)
     params = model.state_dict()
     state = {k: v.to(params[k].dtype) if k in params else v for k, v in export.state.items()}
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ExportError(f"{source}: weights do not fit the model of its config: {e}") from None
+    except RuntimeError as e:  # torch lists every mismatch, one per line: the first says enough
+        problems = [line.strip() for line in str(e).splitlines()[1:]] or [str(e)]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ExportError(f"{source}: weights do not fit the model of its config: {problems[0]}{more}") from None
     return model
 
 
