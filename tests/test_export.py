@@ -193,6 +193,20 @@ def test_bad_paths_are_named(tiny_config, tmp_path, offline_env):
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
 
 
+def test_every_layer_kind_round_trips_through_unrolls_layout(tiny_config, tmp_path):
+    model = {"pattern": "GLMA", "mlp_pattern": "DEDE", "d_model": 32, "n_heads": 2, "rope": False, "window": 5,
+             "m2rnn": {"k_dim": 8, "v_dim": 4, "v_heads": 8},
+             "moe": {**MOE, "score": "sigmoid", "shared_experts": 1, "bias_update_rate": 0.01}}
+    lm, cfg = saved_run(tiny_config, "every", model, expert_bias=True)
+    assert export(cfg.run.dir, tmp_path / "exp")["layout"] == "unroll"
+    loaded, _, step = load_export(tmp_path / "exp")
+    assert step == 5 and loaded.state_dict().keys() == lm.state_dict().keys()
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in lm.state_dict().items())
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens), lm(tokens))
+
+
 def test_dtype_option_writes_rounded_weights(tiny_config, tmp_path):
     lm, cfg = saved_run(tiny_config, "half", {**ATTENTION, "pattern": "AA"})
     assert export(cfg.run.dir, tmp_path / "bf16", dtype="bfloat16")["dtype"] == "bfloat16"
