@@ -10,7 +10,8 @@ Which layout, by the model's shape (each one's math equals unroll's exactly, so 
              so the export writes w = 0 (sigmoid(0) = ½ exactly) and the shared down projection × 2 (exact
              in binary floating point); an import refuses a nonzero gate.
 Refused, with the reason: recurrent layers (G, L, M), NoPE (rope: false), sigmoid router scores, a
-nonzero auxiliary-loss-free expert bias (it changes which experts are picked, which no layout models).
+nonzero auxiliary-loss-free expert bias (it changes which experts are picked, which no layout models),
+dense and MoE layers mixed without shared experts (Qwen2-MoE always has a shared expert).
 
 Names: unroll's fused projections are split by rows. qkv.weight [(H + 2·KV)·hd, d] = q_proj ‖ k_proj ‖
 v_proj; gate_up.weight [2h, d] = gate_proj ‖ up_proj; a MoE's stacked w_gate_up [E, d, 2h] and w_down
