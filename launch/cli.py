@@ -79,6 +79,23 @@ def _generate(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from unroll.train.export import export
+
+    meta = export(args.checkpoint, args.out, fmt=args.format, dtype=args.dtype)
+    print(f"exported step {meta['step']} to {meta['out']} ({meta['layout']} layout, {meta['dtype']})")
+    return 0
+
+
+def _import(args) -> int:
+    from unroll.train.export import import_export
+
+    done = import_export(args.export, args.out, config=args.config, overrides=args.overrides, step=args.step)
+    print(f"checkpoint {done['checkpoint']} written; `unroll train {done['out']}/config.yaml` continues from "
+          f"step {done['step']} (fresh optimizer state)")
+    return 0
+
+
 def _plot(args) -> int:
     from unroll.train.plot import plot_run
 
@@ -161,8 +178,8 @@ def parser() -> argparse.ArgumentParser:
     pre.add_argument("--text-key", default="text")
     pre.set_defaults(func=_prepare)
 
-    g = sub.add_parser("generate", help="sample text from a run's newest checkpoint")
-    g.add_argument("run_dir")
+    g = sub.add_parser("generate", help="sample text from a run's newest checkpoint or an export directory")
+    g.add_argument("run_dir", metavar="RUN_DIR_OR_EXPORT")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=200)
     g.add_argument("--temperature", type=float, default=0.8)
@@ -179,6 +196,23 @@ def parser() -> argparse.ArgumentParser:
     gr.add_argument("--params", help="--plan: parameters N of the target model, e.g. 7B or 7e9")
     gr.add_argument("--tokens", help="--plan: training tokens D of the target model, e.g. 2T")
     gr.set_defaults(func=_grow)
+
+    ex = sub.add_parser("export", help="a checkpoint as safetensors + config + tokenizer (a transformers layout where one fits)")
+    ex.add_argument("checkpoint", help="a run directory (its newest checkpoint) or RUN_DIR/checkpoints/step_N")
+    ex.add_argument("--out", required=True, help="a new directory")
+    ex.add_argument("--format", default="auto", choices=["auto", "hf", "unroll"],
+                    help="auto: Llama/Mistral/Mixtral/Qwen2-MoE where the model fits one, else unroll's own layout")
+    ex.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ex.set_defaults(func=_export)
+
+    im = sub.add_parser("import", help="an export (unroll or transformers layout) as a run directory to train on")
+    im.add_argument("export", help="a directory written by `unroll export`, or a Llama/Mistral/Mixtral/Qwen2-MoE one")
+    im.add_argument("--out", required=True, help="the new run directory")
+    im.add_argument("--config", default=None, help="training config (file or preset) for the non-model sections; "
+                                                   "default the export's unroll_config.yaml")
+    im.add_argument("--step", type=int, default=None, help="the step to resume at (default the export's; 0 if unknown)")
+    im.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.train=[...] optim.lr=1e-3")
+    im.set_defaults(func=_import)
 
     b = sub.add_parser("bench", help="the performance suite (ratios measured side by side)", add_help=False)
     b.add_argument("name", choices=sorted(BENCHES))
@@ -202,10 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     from unroll.data.errors import DataError
     from unroll.train.checkpoint import CheckpointError
     from unroll.train.config import ConfigError
+    from unroll.train.export_format import ExportError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, DataError, CheckpointError, ExportError, FileNotFoundError) as e:
         print(f"unroll {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,4 +1,6 @@
-"""Loading a trained model from its run directory alone: config.yaml, tokenizer.model, checkpoints/."""
+"""Loading a trained model for generation: from its run directory alone (config.yaml, tokenizer.model,
+checkpoints/), or from an export directory (train/export_format.py), which needs neither
+torch.distributed.checkpoint nor the training stack."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,17 +10,19 @@ import torch
 from unroll.data.tokenizer import Tokenizer
 from unroll.models import LM
 from unroll.models.generate import sample
-from unroll.train import checkpoint, integrity
-from unroll.train.checkpoint import CheckpointError
-from unroll.train.config import load_config
+from unroll.train.export_format import is_export, load_export
 from unroll.train.rundir import CONFIG_FILE, TOKENIZER_FILE
 
 
 def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[LM, Tokenizer, int]:
     """(model with the newest checkpoint's weights, tokenizer, step)."""
+    from unroll.train import checkpoint, integrity  # DCP: only for run directories
+    from unroll.train.checkpoint import CheckpointError
+    from unroll.train.config import load_config
+
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_FILE).is_file():
-        raise CheckpointError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
+        raise CheckpointError(f"{run_dir}: not a run directory (no {CONFIG_FILE}) nor an export directory")
     cfg = load_config(str(run_dir / CONFIG_FILE))
     found = [(step, path) for step, path in checkpoint.complete_checkpoints(run_dir)
              if integrity.problem(path, cfg.model) is None]  # a damaged newest one: the one before it
@@ -30,9 +34,14 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[LM, Tokenizer, i
     return model.to(device).eval(), Tokenizer(str(run_dir / TOKENIZER_FILE)), step
 
 
+def load_model(path: str | Path, device: str = "cpu") -> tuple[LM, Tokenizer, int]:
+    """A run directory or an export directory → (model, tokenizer, step)."""
+    return load_export(path, device) if is_export(path) else load_run(path, device)
+
+
 def generate_text(run_dir: str | Path, prompt: str, *, max_new_tokens: int = 200, temperature: float = 0.8,
                   top_k: int = 50, seed: int = 0) -> str:
-    model, tokenizer, _ = load_run(run_dir, "cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer, _ = load_model(run_dir, "cuda" if torch.cuda.is_available() else "cpu")
     ids = sample(model, tokenizer.encode(prompt), max_new_tokens, temperature=temperature, top_k=top_k,
                  generator=torch.Generator().manual_seed(seed))
     return prompt + tokenizer.decode(ids)

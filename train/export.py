@@ -1,0 +1,178 @@
+"""`unroll export` (a checkpoint → an export directory) and `unroll import` (an export → a run directory
+whose checkpoint `unroll train` continues from). The directory layouts: train/export_format.py.
+
+Export reads any checkpoint in one process: DCP reassembles what FSDP, tensor or expert parallelism
+sharded (the checkpoints hold the single-device layout), and only the model's keys are read.
+
+Import writes RUN_DIR/config.yaml, tokenizer.model and checkpoints/step_N with the export's weights bit
+for bit, the step and data position the export recorded (0 for a model from elsewhere), and a fresh
+AdamW state (zero moments, step count 0: the first step after it is the first step of a new optimizer;
+the optimizer's own state is not exported). The config's non-model sections come from --config, else
+from the export's unroll_config.yaml, else the defaults; key=value overrides go on top (e.g. data.train).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from unroll.models import LM
+from unroll.train import checkpoint, integrity
+from unroll.train.checkpoint import STATE_FILE, CheckpointError
+from unroll.train.config import Config, load_config, to_yaml
+from unroll.train.export_format import CONFIG, META, TOKENIZER, WEIGHTS, ExportError, build_model, read_export
+from unroll.train.hf_layout import LayoutError, hf_architecture, hf_config, to_hf, tokenizer_config
+from unroll.train.rundir import CONFIG_FILE, TOKENIZER_FILE
+
+FORMATS = ("auto", "hf", "unroll")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
+    """(run directory, checkpoint directory) for a run directory (its newest complete checkpoint) or one
+    checkpoint directory inside a run (RUN_DIR/checkpoints/step_N)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such run or checkpoint directory")
+    if (path / CONFIG_FILE).is_file():
+        found = [(step, ckpt) for step, ckpt in checkpoint.complete_checkpoints(path)
+                 if integrity.problem(ckpt) is None]  # a damaged newest one: the one before it
+        if not found:
+            raise CheckpointError(f"{path}: no complete checkpoint under {checkpoint.checkpoint_root(path)}")
+        return path, found[-1][1]
+    if checkpoint.STEP_DIR.match(path.name) and path.parent.name == "checkpoints":
+        run_dir = path.parent.parent
+        if not (run_dir / CONFIG_FILE).is_file():
+            raise CheckpointError(f"checkpoint {path}: its run directory {run_dir} has no {CONFIG_FILE}")
+        if not checkpoint.is_complete(path):
+            raise CheckpointError(f"checkpoint {path} is incomplete (no .metadata or {STATE_FILE})")
+        return run_dir, path
+    raise CheckpointError(f"{path}: not a run directory (no {CONFIG_FILE}) nor a checkpoint (checkpoints/step_N)")
+
+
+def read_checkpoint(path: str | Path) -> tuple[Config, dict, dict, Path]:
+    """(config, model state dict on the CPU, train state, run directory) of a checkpoint, in one process."""
+    run_dir, ckpt = find_checkpoint(path)
+    cfg = load_config(str(run_dir / CONFIG_FILE))
+    with torch.device("meta"):  # no initialisation: every tensor is then read from the checkpoint
+        model = LM(cfg.model)
+    model.to_empty(device="cpu")
+    checkpoint.load_model_weights(ckpt, model)
+    train_state = json.loads((ckpt / STATE_FILE).read_text())
+    return cfg, {k: v.detach() for k, v in model.state_dict().items()}, train_state, run_dir
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"--out {out}: already exists and is not empty; choose a new directory")
+
+
+def _fresh_dir(out: Path) -> Path:
+    """A temporary sibling of `out` to write into and rename at the end; `out` must not hold anything."""
+    _check_out(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _finish(tmp: Path, out: Path) -> Path:
+    if out.exists():
+        out.rmdir()  # empty, checked in _fresh_dir
+    tmp.rename(out)
+    return out
+
+
+def export(path: str | Path, out: str | Path, *, fmt: str = "auto", dtype: str = "float32") -> dict:
+    """Writes the export directory; returns its unroll_export.json content (with "out")."""
+    if fmt not in FORMATS:
+        raise ExportError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    out = Path(out)
+    _check_out(out)
+    cfg, state, train_state, run_dir = read_checkpoint(path)
+    layout = "unroll"
+    if fmt != "unroll":
+        try:
+            layout = hf_architecture(cfg.model, state)
+        except LayoutError as e:
+            if fmt == "hf":
+                raise ExportError(f"--format hf: the model of {run_dir} (pattern {cfg.model.pattern!r}, "
+                                  f"mlp_pattern {cfg.model.mlp_pattern!r}) fits no transformers layout: {e}; "
+                                  f"--format unroll writes unroll's own layout") from None
+    state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}
+    tmp = _fresh_dir(out)
+    if layout == "unroll":
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp / WEIGHTS, metadata={"format": "pt"})
+    else:
+        save_file(to_hf(layout, cfg.model, state), tmp / WEIGHTS, metadata={"format": "pt"})
+        config = hf_config(layout, cfg.model, max_positions=cfg.data.seq_len, dtype=dtype)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2) + "\n")
+    shutil.copyfile(run_dir / TOKENIZER_FILE, tmp / TOKENIZER)
+    (tmp / CONFIG).write_text(to_yaml(cfg))
+    meta = {"layout": layout, "step": train_state["step"], "dtype": dtype, "source": str(Path(path).resolve()),
+            "train_state": {k: v for k, v in train_state.items() if k != "step"}}
+    (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
+    _finish(tmp, out)
+    return meta | {"out": str(out)}
+
+
+def _fresh_adamw_state(optimizer: torch.optim.Optimizer) -> None:
+    """Creates AdamW's state as a new optimizer's first step would (zero moments) without moving a weight
+    (lr 0, zero gradients), and sets the step counts back to 0."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    for g in optimizer.param_groups:
+        g["lr"] = 0.0
+    optimizer.step()
+    for g, lr in zip(optimizer.param_groups, lrs):
+        g["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    for s in optimizer.state.values():
+        s["step"].zero_()
+
+
+def import_export(src: str | Path, out: str | Path, *, config: str | None = None, overrides: list[str] = (),
+                  step: int | None = None) -> dict:
+    """Writes the run directory `out`; returns {"out", "step", "checkpoint"}."""
+    from unroll.train.trainer import build_optimizer
+
+    out = Path(out).resolve()
+    _check_out(out)
+    export = read_export(src)
+    if export.tokenizer is None:
+        raise ExportError(f"{src}: no {TOKENIZER}; a run needs the sentencepiece model its data was tokenized with")
+    base = load_config(config) if config else export.cfg
+    base = dataclasses.replace(base, model=export.cfg.model)
+    base.run.dir, base.data.tokenizer = str(out), str(out / TOKENIZER_FILE)
+    cfg = _with_overrides(base, overrides)
+    model = build_model(export, src, cfg.model)  # overrides may change e.g. model.solver, not the shapes
+    optimizer = build_optimizer(model, cfg)
+    _fresh_adamw_state(optimizer)
+    train_state = {"samples_consumed": 0, "tokens_consumed": 0, "world_size": 1, "initial_val_loss": None}
+    train_state |= export.meta.get("train_state", {})
+    step = export.meta.get("step", 0) if step is None else step
+    tmp = _fresh_dir(out)
+    shutil.copyfile(export.tokenizer, tmp / TOKENIZER_FILE)
+    (tmp / CONFIG_FILE).write_text(to_yaml(cfg))
+    saved = checkpoint.save(tmp, step, model, optimizer, train_state, keep=1)
+    _finish(tmp, out)
+    return {"out": str(out), "step": step, "checkpoint": str(out / saved.relative_to(tmp))}
+
+
+def _with_overrides(base: Config, overrides: list[str]) -> Config:
+    """`base` with key=value overrides applied and validated (through the YAML the run directory keeps)."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        f.write(to_yaml(base))
+        f.flush()
+        return load_config(f.name, list(overrides))

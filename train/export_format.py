@@ -1,0 +1,130 @@
+"""Export directories: what `unroll export` writes and what `unroll import` / `unroll generate` read.
+
+Every export directory holds
+  model.safetensors    the weights (float32 unless exported with --dtype)
+  tokenizer.model      the sentencepiece model the run trained with (ids: unk 0, bos 1, eos 2)
+  unroll_config.yaml   the run's resolved config (its `model` section builds the LM; its data paths are
+                       the run's, which `unroll import EXPORT --out DIR data.train=[...]` can replace)
+  unroll_export.json   {"layout", "step", "train_state", "dtype", "source"}: which layout, and where
+                       training stood (`unroll import` resumes from there)
+and, by layout:
+  unroll               model.safetensors under unroll's own state-dict names (embed.weight,
+                       blocks.{i}.mixer.*, blocks.{i}.mlp.*, norm.weight, head.weight when untied; the MoE
+                       buffer expert_bias included). Any model, recurrent and hybrid ones included; read by
+                       unroll only.
+  llama, mistral,      transformers' layout (train/hf_layout.py): config.json + model.safetensors under
+  mixtral, qwen2_moe   transformers' names, and tokenizer_config.json; `AutoModelForCausalLM` and
+                       `AutoTokenizer.from_pretrained(DIR)` load them.
+A transformers directory without the unroll files (a model from elsewhere) imports too, when its
+architecture is one of the four and its math is unroll's (see train/hf_layout.py).
+
+Reading needs neither torch.distributed.checkpoint nor the optimizer or trainer: `load_export` builds the
+LM from the files alone (what `unroll generate EXPORT_DIR` calls).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from unroll.models import LM
+from unroll.train.config import Config, ConfigError, load_config, validate
+from unroll.train.hf_layout import LayoutError, from_hf, model_fields
+
+WEIGHTS, TOKENIZER, CONFIG, META, HF_CONFIG = ("model.safetensors", "tokenizer.model", "unroll_config.yaml",
+                                               "unroll_export.json", "config.json")
+SHARD_INDEX = "model.safetensors.index.json"  # transformers' save_pretrained splits large models
+
+
+class ExportError(ValueError):
+    """An export directory that cannot be read or written; the message names it."""
+
+
+@dataclasses.dataclass
+class Export:
+    cfg: Config  # model from the export; the other sections from unroll_config.yaml (defaults without it)
+    state: dict  # unroll state-dict names → tensors
+    layout: str
+    meta: dict  # unroll_export.json ({} for a directory from elsewhere)
+    tokenizer: Path | None
+
+
+def is_export(path: str | Path) -> bool:
+    path = Path(path)
+    weights = (path / WEIGHTS).is_file() or (path / SHARD_INDEX).is_file()
+    return weights and ((path / META).is_file() or (path / HF_CONFIG).is_file())
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{path}: {e}") from None
+
+
+def read_export(path: str | Path) -> Export:
+    path = Path(path)
+    if not path.is_dir():
+        raise ExportError(f"{path}: no such export directory")
+    if not is_export(path):
+        raise ExportError(f"{path}: not an export (needs {WEIGHTS} or {SHARD_INDEX}, and {META} or {HF_CONFIG})")
+    meta = _read_json(path / META) if (path / META).is_file() else {}
+    cfg = load_config(str(path / CONFIG)) if (path / CONFIG).is_file() else Config()
+    tensors = _load_weights(path)
+    layout = meta.get("layout") or _read_json(path / HF_CONFIG).get("model_type", "?")
+    try:
+        if layout == "unroll":
+            state = tensors
+        else:
+            arch, fields, moe = model_fields(_read_json(path / HF_CONFIG))
+            moe_cfg = dataclasses.replace(cfg.model.moe, **moe)
+            cfg.model = dataclasses.replace(cfg.model, **fields, moe=moe_cfg)
+            validate(cfg)
+            state = from_hf(arch, cfg.model, tensors)
+    except (LayoutError, ConfigError) as e:
+        raise ExportError(f"{path}: {e}") from None
+    tokenizer = path / TOKENIZER
+    return Export(cfg, state, layout, meta, tokenizer if tokenizer.is_file() else None)
+
+
+def _load_weights(path: Path) -> dict:
+    """model.safetensors, or every shard that model.safetensors.index.json names."""
+    files = [path / WEIGHTS]
+    if not files[0].is_file():
+        files = [path / f for f in sorted(set(_read_json(path / SHARD_INDEX).get("weight_map", {}).values()))]
+    tensors = {}
+    for file in files:
+        try:
+            tensors |= load_file(file)
+        except Exception as e:  # safetensors' errors for a missing, truncated or foreign file
+            raise ExportError(f"{file}: cannot be read ({e})") from None
+    return tensors
+
+
+def build_model(export: Export, source: str | Path, model_cfg=None) -> LM:
+    """The LM of the export's config (or `model_cfg`) with its weights (cast to float32), every tensor
+    checked."""
+    model = LM(model_cfg or export.cfg.model)
+    params = model.state_dict()
+    state = {k: v.to(params[k].dtype) if k in params else v for k, v in export.state.items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # torch lists every mismatch, one per line: the first says enough
+        problems = [line.strip() for line in str(e).splitlines()[1:]] or [str(e)]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ExportError(f"{source}: weights do not fit the model of its config: {problems[0]}{more}") from None
+    return model
+
+
+def load_export(path: str | Path, device: str = "cpu"):
+    """(LM in eval mode, Tokenizer, step) from an export directory alone."""
+    from unroll.data.tokenizer import Tokenizer
+
+    export = read_export(path)
+    if export.tokenizer is None:
+        raise ExportError(f"{path}: no {TOKENIZER} (the sentencepiece model to encode prompts with)")
+    model = build_model(export, path)
+    return model.to(device).eval(), Tokenizer(str(export.tokenizer)), export.meta.get("step", 0)
