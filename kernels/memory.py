@@ -148,6 +148,7 @@ def chunk_memory(carry: MemoryCarry, q, k, v, theta, log_beta, log_gamma, *, chu
         kn = F.normalize(k, dim=-1)
         x = (q @ kn.mT).tril() @ kn
         sums = kn.mT @ kn  # [N, n, d, d]
+    shortest = T if valid is None else int(valid.min())  # chunks before this one are full in every row
     valid = torch.full((N,), T, device=q.device) if valid is None else valid
     W, S, P = carry.value, carry.momentum, carry.value
     ys = []
@@ -157,20 +158,28 @@ def chunk_memory(carry: MemoryCarry, q, k, v, theta, log_beta, log_gamma, *, chu
         ai, ci = a[:, i], c[:, i]
         bi = None if b is None else b[:, i]
         ys.append(mlp_apply(W, xi) if read == "start" else _read_after(W, S, grads, xi, ai, bi, ci))
-        left = (valid - i * chunk).clamp(0, chunk)  # this chunk's valid tokens per row
-        end = left.clamp_min(1) - 1
-        a_e, c_e = _rows(ai, end), _rows(ci, end)
-        upd = [torch.einsum("nl,nlo,nli->noi", c_e, dl, u) for dl, u in grads]
-        W_new = tuple(a_e[:, None, None] * w - g for w, g in zip(W, upd))
+        full_everywhere = (i + 1) * chunk <= shortest
+        if full_everywhere:  # the chunk's last row; no masking
+            rows = lambda t: t[:, -1]  # noqa: E731
+        else:
+            left = (valid - i * chunk).clamp(0, chunk)  # this chunk's valid tokens per row
+            end = left.clamp_min(1) - 1
+            rows = lambda t: _rows(t, end)  # noqa: E731
+        a_e, c_e = rows(ai), rows(ci)
+        W_new = tuple(a_e[:, None, None] * w - torch.einsum("nl,nlo,nli->noi", c_e, dl, u)
+                      for w, (dl, u) in zip(W, grads))
         S_new = None
         if S is not None:
-            b_e, e_e, e0_e = _rows(bi, end), _rows(e[:, i], end), _rows(e0[:, i], end)
+            b_e, e_e, e0_e = rows(bi), rows(e[:, i]), rows(e0[:, i])
             W_new = tuple(wn + b_e[:, None, None] * s for wn, s in zip(W_new, S))
             S_new = tuple(e0_e[:, None, None] * s - torch.einsum("nl,nlo,nli->noi", e_e, dl, u)
                           for s, (dl, u) in zip(S, grads))
-        has, full = left > 0, left == chunk
-        P = _pick(has, _pick(full, W_new, W), P)
-        W, S = _pick(has, W_new, W), _pick(has, S_new, S)
+        if full_everywhere:
+            P, W, S = W_new, W_new, S_new
+        else:
+            has, full = left > 0, left == chunk
+            P = _pick(has, _pick(full, W_new, W), P)
+            W, S = _pick(has, W_new, W), _pick(has, S_new, S)
         if M is not None:
             M = M + sums[:, i]  # padding keys are zero
     y = torch.cat(ys, 1).view(N, n * chunk, d)[:, :T]

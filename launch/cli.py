@@ -86,7 +86,8 @@ def _plot(args) -> int:
 
 
 BENCHES = {"solver": "unroll.launch.bench.solver", "state-tracking": "unroll.launch.bench.state_tracking",
-           "throughput": "unroll.launch.bench.throughput", "seqpar": "unroll.launch.bench.seqpar"}
+           "throughput": "unroll.launch.bench.throughput", "seqpar": "unroll.launch.bench.seqpar",
+           "tnt": "unroll.launch.bench.tnt"}
 
 
 def _bench(args) -> int:
