@@ -127,19 +127,21 @@ def test_local_resets_equal_independent_shards():
         torch.testing.assert_close(a[n], b[n], rtol=1e-9, atol=1e-11)
 
 
-def titans_chunkwise(m: TNT, x, C: int):
-    """Plain chunkwise Titans written independently: per chunk, every token's gradient at the chunk-start
-    weights by torch.func (vmap of grad), then the momentum/forget recurrence token by token with those
-    fixed gradients, reading each token's weights after its update."""
+def titans_memory(m: TNT, x, C: int, i: int = 0, read: str = "after"):
+    """Memory i as plain chunkwise Titans, written independently: per chunk, every token's gradient at the
+    chunk-start weights by torch.func (vmap of grad), then the momentum/forget recurrence token by token
+    with those fixed gradients, reading each token's weights after its update (read="start": the
+    chunk-start weights). Returns the memory's read [B, T, H, d]."""
     B, T, _ = x.shape
-    q, k, v, g, ((theta, beta, alpha),) = inputs(m, x)
+    q, k, v, g, gates = inputs(m, x)
+    theta, beta, alpha = gates[i]
     names = [str(j) for j in range(m.depth)]
     loss = lambda ws, kk, vv: ((functional_call_mlp(ws, kk) - vv) ** 2).sum()  # noqa: E731
     per_token = vmap(grad(loss), in_dims=(None, 0, 0))
     out = torch.zeros(B, T, m.heads, m.head_dim, dtype=x.dtype)
     for b in range(B):
         for h in range(m.heads):
-            W = {n: w[h] for n, w in zip(names, m._init(0))}
+            W = {n: w[h] for n, w in zip(names, m._init(i))}
             S = {n: torch.zeros_like(w) for n, w in W.items()}
             for c0 in range(0, T, C):
                 P = dict(W)
@@ -147,8 +149,13 @@ def titans_chunkwise(m: TNT, x, C: int):
                 for j, t in enumerate(range(c0, min(c0 + C, T))):
                     S = {n: beta[b, t, h] * S[n] - theta[b, t, h] * G[n][j] for n in names}
                     W = {n: (1 - alpha[b, t, h]) * W[n] + S[n] for n in names}
-                    out[b, t, h] = functional_call_mlp(W, q[b, t, h])
-    return m.out_proj(m.norm(out.flatten(2)) * F.silu(g))
+                    out[b, t, h] = functional_call_mlp(W if read == "after" else P, q[b, t, h])
+    return out
+
+
+def output(m: TNT, x, o):
+    g = inputs(m, x)[3]
+    return m.out_proj(m.norm(o.flatten(2)) * F.silu(g))
 
 
 def functional_call_mlp(ws: dict, x):
@@ -161,7 +168,17 @@ def test_equal_chunks_without_resets_is_plain_chunkwise_titans(C):
     m = make(global_chunk=0, local_chunks=(C,), local_reset=0, qk_project=False)
     x = torch.randn(2, 11, 8, dtype=torch.float64)
     y, _ = m(x)
-    assert_same(m, y, titans_chunkwise(m, x, C), torch.randn_like(y))
+    assert_same(m, y, output(m, x, titans_memory(m, x, C)), torch.randn_like(y))
+
+
+def test_global_and_local_at_one_chunk_size_without_resets_are_two_titans_memories():
+    """C_L = C_G = 4, no reset, no projection: the layer is the sum of two plain chunkwise Titans memories
+    of chunk 4, the global one read at its chunk start, the local one after each token's update."""
+    m = make(global_chunk=4, local_chunks=(4,), local_reset=0, qk_project=False)
+    x = torch.randn(2, 11, 8, dtype=torch.float64)
+    y, _ = m(x)
+    ref = output(m, x, titans_memory(m, x, 4, 0, "start") + titans_memory(m, x, 4, 1, "after"))
+    assert_same(m, y, ref, torch.randn_like(y))
 
 
 def test_global_memory_alone_reads_its_chunk_start():
@@ -244,3 +261,28 @@ def test_bad_tnt_values_name_the_key(kw, key, words):
     with pytest.raises(ConfigError) as err:
         load_config("tiny-tnt", ["model.d_model=16", *over])
     assert key in str(err.value) and words in str(err.value)
+
+
+def test_info_cli_prints_the_tnt_layers(capsys):
+    from unroll.launch.cli import main
+    assert main(["info", "tiny-tnt"]) == 0
+    out = capsys.readouterr().out
+    # per head (d = 48, hidden 96): 2 memories × 3 × (2·48·96) + the local 48×48 projection; 4 heads
+    assert out.count(" tnt ") == 3 and f"{4 * (2 * 3 * 2 * 48 * 96 + 48 * 48):,}" in out
+
+
+@pytest.mark.parametrize("layout,seq_len,words", [
+    (dict(cp=2), 96, "model.tnt.local_reset=64 must be positive and divide the per-rank sequence length 48"),
+    (dict(cp=2), 256, None),
+    (dict(cp=8), 256, "model.tnt.global_chunk=64 must divide the per-rank sequence length 32"),
+    (dict(tp=2), 128, "TNT layers (pattern T): not available yet"),
+])
+def test_layout_checks_for_tnt(layout, seq_len, words):
+    from unroll.train.config import load_config
+    from unroll.train.mesh import Layout, LayoutError, check_model
+    cfg = load_config("tiny-tnt").model
+    if words is None:
+        check_model(Layout(**layout), cfg, seq_len=seq_len)
+        return
+    with pytest.raises(LayoutError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        check_model(Layout(**layout), cfg, seq_len=seq_len)
