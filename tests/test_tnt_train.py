@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_cli, torchrun_train
 from unroll.models import LM
 from unroll.train.checkpoint import CheckpointError
 from unroll.train.config import ConfigError, load_config
@@ -22,6 +22,24 @@ def test_trainer_trains_a_tiny_tnt_model(tiny_config):
     train(cfg)
     val = [r["val_loss"] for r in read_metrics(cfg.run.dir) if "val_loss" in r]
     assert all(math.isfinite(v) for v in val) and val[-1] < val[0] - 0.3, val
+
+
+def test_context_parallel_training_matches_one_process(tiny_config, offline_env):
+    """`unroll train` with the sequence split over 2 gloo ranks (16 tokens each: fresh local memories on
+    each, the global memory's state handed on) logs the one-process losses and gradient norms."""
+    sections = dict(model={"pattern": "TA", "n_heads": 2, "tnt": TNT}, train={"steps": 3, "batch_size": 4},
+                    eval={"every": 3})
+    one = load_config(str(tiny_config("one", **sections)))
+    train(one)
+    cp = tiny_config("cp", **sections)
+    out = torchrun_train(2, cp, offline_env, "parallel.cp=2")
+    assert "cp 2" in out.stdout + out.stderr
+    base, rows = read_metrics(one.run.dir), read_metrics(cp.parent / "cp")
+    assert [r["step"] for r in rows] == [r["step"] for r in base]
+    for ra, rb in zip(base, rows):
+        for key in ("loss", "val_loss", "grad_norm"):
+            if key in ra:
+                assert rb[key] == pytest.approx(ra[key], rel=2e-5), (ra["step"], key)
 
 
 def test_trainable_regex_freezes_the_rest_and_the_optimizer_sees_only_trainable():
