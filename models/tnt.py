@@ -55,6 +55,20 @@ class MemorySpec:
     reset: int  # S_L; 0 = never
     read: str  # "start" | "after"
     project: bool
+    local: int = -1  # index among the local memories; -1 = the global memory
+
+
+def _shards(t: torch.Tensor, size: int, n: int) -> torch.Tensor:
+    """[N, T, ...] → [N·n, size, ...]: the sequence cut into n shards (the last one padded with zeros)."""
+    pad = n * size - t.shape[1]
+    return F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)).unflatten(1, (n, size)).flatten(0, 1)
+
+
+def _last_shard(t, n: int):
+    """Rows [N·n, ...] (or a tuple of them) → the last shard's rows [N, ...]."""
+    if t is None or isinstance(t, tuple):
+        return None if t is None else tuple(_last_shard(x, n) for x in t)
+    return t.unflatten(0, (-1, n))[:, -1]
 
 
 class TNT(nn.Module):
@@ -67,7 +81,7 @@ class TNT(nn.Module):
         self.heads, self.head_dim, self.depth = heads, d, layers
         self.momentum, self.forget, self.max_step = momentum, forget, max_step
         self.specs = ([MemorySpec("global", global_chunk, 0, "start", False)] if global_chunk else []) + [
-            MemorySpec(f"local{i}", c, local_reset, "after", qk_project) for i, c in enumerate(local_chunks)]
+            MemorySpec(f"local{i}", c, local_reset, "after", qk_project, i) for i, c in enumerate(local_chunks)]
         if not self.specs:
             raise ValueError("TNT needs a global memory (global_chunk > 0) or at least one local memory")
         for s in self.specs:
@@ -117,11 +131,8 @@ class TNT(nn.Module):
 
     # ------------------------------------------------------------------------------------------------
     def _init(self, i: int) -> list[torch.Tensor]:
-        spec = self.specs[i]
-        if spec.name == "global":
-            return list(self.global_init)
-        j = int(spec.name[5:]) * self.depth
-        return list(self.local_init[j:j + self.depth])
+        j = self.specs[i].local * self.depth
+        return list(self.global_init) if j < 0 else list(self.local_init[j:j + self.depth])
 
     def _fresh(self, i: int, B: int, dtype, shards: int = 1) -> MemoryCarry:
         """The initial carry for rows (batch, head, shard)."""
@@ -164,16 +175,12 @@ class TNT(nn.Module):
             return chunk_memory(carry or self._fresh(i, B, q.dtype), q, k, v, *gates, chunk=spec.chunk, read=spec.read)
         S_L = spec.reset
         n = -(-T // S_L)
-        pad = n * S_L - T
-        shard = lambda t: F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)).unflatten(1, (n, S_L)).flatten(0, 1)  # noqa: E731
-        gates = [None if g is None else shard(g) for g in gates]
+        gates = [None if g is None else _shards(g, S_L, n) for g in gates]
         valid = (T - torch.arange(n, device=q.device) * S_L).clamp(max=S_L).repeat(N)
-        y, c = chunk_memory(self._fresh(i, B, q.dtype, n), shard(q), shard(k), shard(v), *gates,
-                            chunk=spec.chunk, read=spec.read, valid=valid)
-        last = lambda t: None if t is None else t.unflatten(0, (N, n))[:, -1]  # noqa: E731
-        tup = lambda ts: None if ts is None else tuple(last(t) for t in ts)  # noqa: E731
-        carry = MemoryCarry(tup(c.point), tup(c.value), tup(c.momentum), last(c.proj), T - (n - 1) * S_L)
-        return y.unflatten(0, (N, n)).flatten(1, 2)[:, :T], carry
+        y, c = chunk_memory(self._fresh(i, B, q.dtype, n), _shards(q, S_L, n), _shards(k, S_L, n), _shards(v, S_L, n),
+                            *gates, chunk=spec.chunk, read=spec.read, valid=valid)
+        last = [_last_shard(t, n) for t in (c.point, c.value, c.momentum, c.proj)]
+        return y.unflatten(0, (N, n)).flatten(1, 2)[:, :T], MemoryCarry(*last, T - (n - 1) * S_L)
 
     def _run_global(self, i: int, carry: MemoryCarry | None, q, k, v, gates, B: int):
         spec, group = self.specs[i], self.context_group

@@ -103,9 +103,11 @@ def test_chunk_size_one_is_the_per_token_recurrence(kw):
     assert [c.pos for c in state.memories] == [9, 1, 1]
 
 
-@pytest.mark.parametrize("T", [1, 13, 18])
-def test_chunkwise_equals_the_per_token_reading(T):
-    m = make()  # C_G = 4, C_L = {2, 3}, S_L = 6: partial chunks and shards for T = 13
+@pytest.mark.parametrize("T,kw", [(1, {}), (13, {}), (18, {}), (13, dict(layers=1)), (13, dict(momentum=False)),
+                                  (13, dict(forget=False, qk_project=False))],
+                         ids=["T1", "T13", "T18", "T13-1layer", "T13-no-momentum", "T13-no-forget"])
+def test_chunkwise_equals_the_per_token_reading(T, kw):
+    m = make(**kw)  # C_G = 4, C_L = {2, 3}, S_L = 6: partial chunks and shards for T = 13
     x = torch.randn(2, T, 8, dtype=torch.float64)
     y, _ = m(x)
     assert_same(m, y, reference(m, x), torch.randn_like(y))
