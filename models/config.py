@@ -5,8 +5,8 @@ from dataclasses import dataclass, field
 
 # One character per layer (Megatron's hybrid pattern): G ParaGRU, L ParaLSTM, M M²RNN, A attention.
 # `|` marks a pipeline-stage boundary and is ignored by the single-device model.
-MIXER_CHARS = {"G": "paragru", "L": "paralstm", "M": "m2rnn", "A": "attention"}
-RESERVED_CHARS = {"T": "TNT memory (not built yet)"}
+MIXER_CHARS = {"G": "paragru", "L": "paralstm", "M": "m2rnn", "A": "attention", "T": "tnt"}
+RESERVED_CHARS: dict[str, str] = {}
 # One character per layer for the MLP: D dense SwiGLU, E mixture of experts.
 MLP_CHARS = {"D": "dense", "E": "moe"}
 SOLVERS = ("auto", "newton", "sequential")
@@ -22,6 +22,24 @@ class M2RNNConfig:
     v_heads: int = 0  # value heads; 0 = d_model // v_dim
     conv: int = 4  # causal depthwise convolution width on q, k, v (1 = none)
     solver: str = "auto"  # newton | sequential | auto (sequential: Triton on CUDA, PyTorch on CPU)
+
+
+@dataclass
+class TNTConfig:
+    """TNT hierarchical test-time memory (Li et al., 2025); see models/tnt.py. A global memory on large chunks
+    plus local memories on small chunks, reset every local_reset tokens. Plain chunkwise Titans:
+    global_chunk=0, local_chunks=[C], local_reset=0, qk_project=false."""
+    heads: int = 4
+    head_dim: int = 0  # q/k/v width per head; 0 = d_model // heads
+    layers: int = 2  # memory MLP depth: 1 (linear) or 2 (x + W2 SiLU(W1 x))
+    expansion: int = 2  # 2-layer memory: hidden width = expansion * head_dim
+    global_chunk: int = 64  # C_G; 0 = no global memory
+    local_chunks: list[int] = field(default_factory=lambda: [8])  # C_L of each local memory
+    local_reset: int = 64  # S_L: local memories reset every S_L tokens; 0 = never
+    qk_project: bool = True  # local reads use the query projected onto the keys since the reset
+    momentum: bool = True
+    forget: bool = True
+    max_step: float = 0.1  # the per-token step size is max_step * sigmoid(projection)
 
 
 @dataclass
@@ -56,6 +74,7 @@ class ModelConfig:
     mlp_pattern: str = ""  # MLP kind per layer (D dense, E MoE); "" = all D, one char = every layer
     m2rnn: M2RNNConfig = field(default_factory=M2RNNConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    tnt: TNTConfig = field(default_factory=TNTConfig)
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -134,7 +153,7 @@ class ModelConfig:
             out.append(("norm_eps", f"must be positive, got {self.norm_eps}"))
         if self.init_std <= 0:
             out.append(("init_std", f"must be positive, got {self.init_std}"))
-        return out + self._mlp_problems() + self._m2rnn_problems()
+        return out + self._mlp_problems() + self._m2rnn_problems() + self._tnt_problems()
 
     def _mlp_problems(self) -> list[tuple[str, str]]:
         out = []
@@ -175,4 +194,32 @@ class ModelConfig:
                                          f"of m2rnn.qk_heads={m.qk_heads}"))
         if m.solver not in SOLVERS:
             out.append(("m2rnn.solver", f"must be one of {', '.join(SOLVERS)}, got {m.solver!r}"))
+        return out
+
+    def _tnt_problems(self) -> list[tuple[str, str]]:
+        if "T" not in self.layers:
+            return []
+        out, t = [], self.tnt
+        for key in ("heads", "expansion"):
+            if getattr(t, key) <= 0:
+                out.append((f"tnt.{key}", f"must be positive, got {getattr(t, key)}"))
+        if t.head_dim < 0:
+            out.append(("tnt.head_dim", f"must be >= 0 (0 = d_model // heads), got {t.head_dim}"))
+        elif t.heads > 0 and not t.head_dim and self.d_model % t.heads:
+            out.append(("tnt.heads", f"{t.heads} heads do not divide d_model={self.d_model} (or set tnt.head_dim)"))
+        if t.layers not in (1, 2):
+            out.append(("tnt.layers", f"the memory MLP has 1 or 2 layers, got {t.layers}"))
+        if t.global_chunk < 0:
+            out.append(("tnt.global_chunk", f"must be >= 0 (0 = no global memory), got {t.global_chunk}"))
+        if any(c <= 0 for c in t.local_chunks):
+            out.append(("tnt.local_chunks", f"chunk sizes must be positive, got {list(t.local_chunks)}"))
+        elif t.local_reset > 0 and any(t.local_reset % c for c in t.local_chunks):
+            out.append(("tnt.local_chunks", f"each local chunk must divide tnt.local_reset={t.local_reset}, "
+                                            f"got {list(t.local_chunks)}"))
+        if t.local_reset < 0:
+            out.append(("tnt.local_reset", f"must be >= 0 (0 = never reset), got {t.local_reset}"))
+        if not t.global_chunk and not t.local_chunks:
+            out.append(("tnt.local_chunks", "no memory at all: give tnt.global_chunk > 0 or a local chunk"))
+        if t.max_step <= 0:
+            out.append(("tnt.max_step", f"must be positive, got {t.max_step}"))
         return out

@@ -12,6 +12,7 @@ from unroll.models.mlp import SwiGLU
 from unroll.models.moe import MoE
 from unroll.models.paragru import ParaGRU, scaled_out_std
 from unroll.models.paralstm import ParaLSTM
+from unroll.models.tnt import TNT
 
 RECURRENT = {"G": ParaGRU, "L": ParaLSTM}
 
@@ -24,6 +25,12 @@ def build_mixer(kind: str, cfg: ModelConfig, out_std: float) -> nn.Module:
         m = cfg.m2rnn
         return M2RNN(cfg.d_model, k_dim=m.k_dim, v_dim=m.v_dim, qk_heads=m.qk_heads, v_heads=cfg.m2rnn_v_heads,
                      conv=m.conv, solver=m.solver, norm_eps=cfg.norm_eps, init_std=cfg.init_std, out_std=out_std)
+    if kind == "T":
+        t = cfg.tnt
+        return TNT(cfg.d_model, heads=t.heads, head_dim=t.head_dim, layers=t.layers, expansion=t.expansion,
+                   global_chunk=t.global_chunk, local_chunks=tuple(t.local_chunks), local_reset=t.local_reset,
+                   qk_project=t.qk_project, momentum=t.momentum, forget=t.forget, max_step=t.max_step,
+                   norm_eps=cfg.norm_eps, init_std=cfg.init_std, out_std=out_std)
     if kind == "A":
         return Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.rope_theta, cfg.init_std, out_std,
                          head_dim=cfg.attn_head_dim, rope=cfg.rope, window=cfg.window)

@@ -10,6 +10,7 @@ from unroll.models.lm import LM
 from unroll.models.m2rnn import M2RNN
 from unroll.models.moe import MoE
 from unroll.models.recurrent import RecurrentMixer
+from unroll.models.tnt import TNT
 
 
 def _count(module: torch.nn.Module) -> int:
@@ -23,6 +24,8 @@ def _state(mixer: torch.nn.Module) -> dict:
     if isinstance(mixer, M2RNN):
         return {"state_elements": mixer.state_elements(),
                 "conv_state_elements": mixer.conv_channels * (mixer.conv_width - 1)}
+    if isinstance(mixer, TNT):
+        return {"state_elements": mixer.state_elements()}
     if isinstance(mixer, Attention):
         per_token = 2 * mixer.n_kv_heads * mixer.head_dim
         return {"state_elements": None, "kv_elements_per_token": per_token,

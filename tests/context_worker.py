@@ -28,16 +28,18 @@ CASES = {  # name: (pattern, ParaGRU/LSTM solver, M²RNN solver, extra model fie
     "attention_rope": ("A", "newton", "sequential", {"n_kv_heads": 1}),
     "attention_nope_window": ("A", "newton", "sequential", {"rope": False, "window": 5}),
     "hybrid": ("GAML", "newton", "sequential", {"mlp_pattern": "DEDE"}),
+    "tnt": ("TAT", "newton", "sequential", {}),  # local memories fresh per rank, the global one handed on
 }
 
 
 def run_case(pattern, solver, m_solver, extra, group, rank, world):
     from unroll.models import LM, ModelConfig
-    from unroll.models.config import M2RNNConfig, MoEConfig
+    from unroll.models.config import M2RNNConfig, MoEConfig, TNTConfig
 
     cfg = ModelConfig(pattern=pattern, vocab_size=40, d_model=16, n_heads=2, solver=solver,
                       m2rnn=M2RNNConfig(k_dim=4, v_dim=4, v_heads=4, qk_heads=2, solver=m_solver),
-                      moe=MoEConfig(experts=4, top_k=2, hidden=8), **extra)
+                      moe=MoEConfig(experts=4, top_k=2, hidden=8),
+                      tnt=TNTConfig(heads=2, global_chunk=3, local_chunks=[2, 3], local_reset=6), **extra)
     torch.manual_seed(0)
     model = LM(cfg).double()
     T = 6 * world  # slices of 6 tokens: longer than the convolution's reach (3), not a power of two

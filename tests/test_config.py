@@ -29,7 +29,7 @@ def test_presets_load_and_overrides_apply():
     ("schedule.name=linear", "schedule.name", "cosine, wsd or constant"),
     ("data.weights=[1.0,2.0]", "data.weights", "2 weights for 1 train datasets"),
     ("optim.beta2=1.5", "optim.beta2", "must be in [0, 1)"),
-    ("model.pattern=GGTG", "model.pattern", "T is reserved for TNT"),
+    ("model.pattern=GXTG", "model.pattern", "unknown layer kind(s) ['X']"),  # T is TNT now
     ("model.mlp_pattern=DEX", "model.mlp_pattern", "unknown MLP kind"),
     ("model.mlp_pattern=DE", "model.mlp_pattern", "has 2 layers, pattern 'MMAM' has 4"),
     ("model.moe.top_k=9", "model.moe.top_k", "more than moe.experts=8"),

@@ -1,7 +1,7 @@
 """Context parallelism of every mixer (kernels/context.py, kernels/seqpar_newton.py): the sequence split
 over 2 and 3 gloo ranks gives the single-process logits and gradients in float64. ParaGRU/ParaLSTM by
 sequence-parallel Newton and by the state hand-off, M²RNN by the hand-off and by Newton (its convolution
-reaching across the split), attention with RoPE, GQA, NoPE and a window, and a hybrid with MoE MLPs."""
+reaching across the split), attention with RoPE, GQA, NoPE and a window, a hybrid with MoE MLPs, and TNT (its global memory handed on)."""
 import sys
 from pathlib import Path
 

@@ -80,4 +80,4 @@ def test_info_cli_prints_a_table_and_json(capsys):
 def test_info_cli_names_a_bad_key(capsys):
     assert main(["info", "tiny-gru", "model.pattern=GXT"]) == 2
     err = capsys.readouterr().err
-    assert "model.pattern" in err and "T is reserved" in err
+    assert "model.pattern" in err and "unknown layer kind(s) ['X']" in err and "T (tnt)" in err

@@ -234,6 +234,18 @@ def load_latest(run_dir: str | Path, model: torch.nn.Module, optimizer: torch.op
     return None
 
 
+def resolve_checkpoint(path: str | Path, key: str) -> Path:
+    """A complete checkpoint directory, or the newest complete checkpoint of a run directory; `key` names
+    the setting that gave the path."""
+    p = Path(path)
+    if is_complete(p):
+        return p
+    found = complete_checkpoints(p)
+    if not found:
+        raise CheckpointError(f"{key}={path}: neither a complete checkpoint nor a run directory holding one")
+    return found[-1][1]
+
+
 def load_model_weights(path: Path, model: torch.nn.Module) -> None:
     """Only the model (for generation): DCP reads the requested keys and skips the optimizer."""
     model_sd = get_model_state_dict(model)

@@ -6,6 +6,7 @@ type or an impossible value stops the run before any work with a message naming 
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -46,6 +47,9 @@ class TrainConfig:
     log_every: int = 10
     activation_checkpoint: str = "none"  # none | full (recompute each block) | mlp (recompute MLPs only)
     compile: bool = False  # torch.compile each block (in place, names unchanged)
+    init_from: str = ""  # a new run starts from these model weights (not optimizer, data or step): a run
+    #   directory (its newest checkpoint) or a checkpoint directory; "" = random init. Ignored on resume.
+    trainable: str = ""  # regex over parameter names: only matches are trained, the rest frozen; "" = all
 
 
 @dataclass
@@ -194,6 +198,10 @@ def validate(cfg: Config) -> None:
     need(cfg.train.log_every > 0, "train.log_every", f"must be positive, got {cfg.train.log_every}")
     need(cfg.train.activation_checkpoint in ("none", "full", "mlp"), "train.activation_checkpoint",
          f"must be none, full or mlp, got {cfg.train.activation_checkpoint!r}")
+    try:
+        re.compile(cfg.train.trainable)
+    except re.error as e:
+        need(False, "train.trainable", f"not a regular expression: {e}")
     need(cfg.optim.lr > 0, "optim.lr", f"must be positive, got {cfg.optim.lr}")
     need(cfg.optim.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {cfg.optim.weight_decay}")
     for key in ("beta1", "beta2"):

@@ -85,6 +85,8 @@ def check_model(layout: Layout, model: ModelConfig, seq_len: int | None = None) 
         elif "M" in model.layers and seq_len // layout.cp < model.m2rnn.conv - 1:
             problems.append(f"parallel.cp={layout.cp}: slices of {seq_len // layout.cp} tokens are shorter than "
                             f"the M²RNN convolution's reach ({model.m2rnn.conv - 1})")
+        if "T" in model.layers and seq_len % layout.cp == 0:
+            problems += tnt_context_problems(model, seq_len // layout.cp, layout.cp)
     kinds = set(model.layers)
     if layout.tp > 1:
         if seq_len is not None and seq_len % layout.tp:
@@ -94,6 +96,8 @@ def check_model(layout: Layout, model: ModelConfig, seq_len: int | None = None) 
                             f"kv heads {model.kv_heads}")
         if kinds & {"G", "L"} and model.rnn_dim % layout.tp:
             problems.append(f"parallel.tp={layout.tp} must divide the recurrent width {model.rnn_dim}")
+        if "T" in kinds:
+            problems.append(f"parallel.tp={layout.tp} with TNT layers (pattern T): not available yet")
         if "M" in kinds and (model.m2rnn_v_heads % layout.tp):
             problems.append(f"parallel.tp={layout.tp} must divide the M²RNN value heads {model.m2rnn_v_heads}")
         if "D" in model.mlp_kinds and model.mlp_width % layout.tp:
@@ -105,6 +109,19 @@ def check_model(layout: Layout, model: ModelConfig, seq_len: int | None = None) 
         problems.append(f"parallel.pp={layout.pp} stages for {len(model.layers)} layers")
     if problems:
         raise LayoutError("; ".join(problems))
+
+
+def tnt_context_problems(model: ModelConfig, per_rank: int, cp: int) -> list[str]:
+    """TNT under context parallelism: each rank's slice must start fresh local memories (model.tnt.local_reset
+    divides it) and a global chunk (model.tnt.global_chunk divides it)."""
+    t, out = model.tnt, []
+    if t.local_chunks and (not t.local_reset or per_rank % t.local_reset):
+        out.append(f"parallel.cp={cp}: TNT's model.tnt.local_reset={t.local_reset} must be positive and divide "
+                   f"the per-rank sequence length {per_rank} (local memories are not handed between ranks)")
+    if t.global_chunk and per_rank % t.global_chunk:
+        out.append(f"parallel.cp={cp}: TNT's model.tnt.global_chunk={t.global_chunk} must divide the per-rank "
+                   f"sequence length {per_rank}")
+    return out
 
 
 def build_mesh(layout: Layout, device_type: str) -> DeviceMesh | None:

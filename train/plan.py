@@ -91,7 +91,8 @@ def candidate_layouts(cfg: ModelConfig, world: int, gpus_per_node: int):
         if world % (tp * pp * cp) or pp > len(cfg.layers):
             continue
         if tp > 1 and ("A" in kinds and (cfg.n_heads % tp or cfg.kv_heads % tp)
-                       or "M" in kinds and cfg.m2rnn_v_heads % tp or kinds & {"G", "L"} and cfg.rnn_dim % tp):
+                       or "M" in kinds and cfg.m2rnn_v_heads % tp or kinds & {"G", "L"} and cfg.rnn_dim % tp
+                       or "T" in kinds):  # TNT has no tensor-parallel plan yet
             continue
         shard = world // (tp * pp * cp)
         eps = [e for e in _divisors(shard * cp) if e <= cfg.moe.experts and cfg.moe.experts % e == 0] \

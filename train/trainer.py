@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -16,7 +17,7 @@ from unroll.models.generate import sample
 from unroll.models.moe import MoE
 from unroll.train import checkpoint, distributed as D
 from unroll.train.checkpoint_writer import CheckpointWriter
-from unroll.train.config import Config, check_world
+from unroll.train.config import Config, ConfigError, check_world
 from unroll.train.data_setup import RunData, open_run_data
 from unroll.train.expert_parallel import expert_parameters, scale_expert_grads
 from unroll.train.mesh import build_mesh, check_model, data_ranks, resolve_layout
@@ -44,6 +45,20 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
     if experts:  # a group of their own: AdamW's foreach kernels do not mix DTensors and tensors
         groups.append({"params": [p for p in params if id(p) in experts], "weight_decay": cfg.optim.weight_decay})
     return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+
+
+def apply_trainable(model: torch.nn.Module, pattern: str) -> int:
+    """Freezes every parameter whose name does not match `pattern` (re.search); returns how many elements
+    stay trainable. Frozen parameters are still in the model's checkpoints; the optimizer never sees them."""
+    rx = re.compile(pattern)
+    names = [name for name, _ in model.named_parameters()]
+    for name, p in model.named_parameters():
+        p.requires_grad_(rx.search(name) is not None)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if not trainable:
+        raise ConfigError(f"train.trainable={pattern!r} matches no parameter (names look like {names[0]!r}, "
+                          f"{names[len(names) // 2]!r})")
+    return trainable
 
 
 def solver_metrics(model: LM) -> dict:
@@ -174,6 +189,9 @@ def train(cfg: Config) -> dict:
 
     torch.manual_seed(cfg.train.seed)
     model = LM(cfg.model).to(dist.device)
+    if cfg.train.init_from and not checkpoint.complete_checkpoints(run_dir):  # a new run from other weights
+        checkpoint.load_model_weights(checkpoint.resolve_checkpoint(cfg.train.init_from, "train.init_from"), model)
+    trainable = apply_trainable(model, cfg.train.trainable) if cfg.train.trainable else None
     autocast = autocast_for(cfg, dist.device)
     mesh = build_mesh(layout, dist.device.type)
     ranks = data_ranks(mesh, layout)
@@ -192,6 +210,8 @@ def train(cfg: Config) -> dict:
                       config=asdict(cfg), progress=cfg.logging.progress)
     metrics.write(f"model: {model.num_params():,} parameters, pattern {cfg.model.pattern!r}; "
                   f"{dist.world} rank(s) ({layout.describe()}) × {accum} micro-batch(es) of {micro} × {cfg.data.seq_len} tokens"
+                  + (f"; {trainable:,} trainable (train.trainable={cfg.train.trainable!r})" if trainable else "")
+                  + (f"; weights from {cfg.train.init_from}" if cfg.train.init_from and not state else "")
                   + (f"; resumed at step {step}" if state else ""))
     initial_val = state.get("initial_val_loss") if state else None
     if data.valid is not None and not state:
