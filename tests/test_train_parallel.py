@@ -80,9 +80,6 @@ def test_pipeline_layouts_are_checked_by_key():
     cfg.model = ModelConfig(pattern="GG|GG", d_model=16)
     with pytest.raises(LayoutError, match=r"\(4 stages\), model.pattern: pattern 'GG\|GG' has 1 stage mark"):
         check_pipeline(Layout(pp=2), cfg, n_microbatches=4)
-    cfg.parallel.pp_schedule, cfg.model = "1F1B", ModelConfig(pattern="GGGG", d_model=16)
-    with pytest.raises(LayoutError, match="parallel.pp=2 with parallel.tp: not available yet"):
-        check_pipeline(Layout(pp=2, tp=2), cfg, n_microbatches=4)
     cfg.parallel.pp_schedule, cfg.model = "ZBVZeroBubble", ModelConfig(pattern="GGGG", d_model=16, tie_embeddings=True)
     with pytest.raises(LayoutError, match="ZBVZeroBubble places the first and last stage on one rank"):
         check_pipeline(Layout(pp=2), cfg, n_microbatches=4)
@@ -142,3 +139,37 @@ def test_expert_parallel_under_fsdp_matches_one_process_and_resumes_in_one(tiny_
     a, b = read_metrics(one.parent / "one"), read_metrics(one.parent / "ep")
     assert [r["loss"] for r in b if r["step"] > 4 and "loss" in r] == pytest.approx(
         [r["loss"] for r in a if r["step"] > 4 and "loss" in r], rel=2e-5)
+
+
+def test_not_yet_names_the_keys_and_plan_skips_those_layouts():
+    from unroll.train.mesh import Layout, check_supported, not_yet
+    from unroll.train.plan import candidate_layouts
+    from unroll.train.config import load_config
+
+    assert not_yet(Layout(pp=2, dp_shard=2, cp=2)) == not_yet(Layout(tp=2, cp=2)) == []
+    assert not_yet(Layout(tp=2, dp_replicate=2), "full") == []
+    with pytest.raises(LayoutError, match=r"parallel.ep=2: only ep = dp_shard.*\(got dp_shard 4 × ep 2\)"):
+        check_supported(Layout(dp_shard=4, ep=2))
+    with pytest.raises(LayoutError, match="parallel.pp=2 with parallel.tp=2"):
+        check_supported(Layout(pp=2, tp=2))
+    with pytest.raises(LayoutError, match="train.activation_checkpoint=mlp with parallel.cp=2"):
+        check_supported(Layout(cp=2), "mlp")
+    model = load_config("m2rnn-moe-7b").model
+    layouts = list(candidate_layouts(model, 64, 8, activation_checkpoint="full"))
+    assert layouts and all(not not_yet(Layout(**x), "full") for x in layouts)
+    assert any(x["ep"] > 1 for x in layouts) and not any(x["cp"] > 1 for x in layouts)
+
+
+def test_tensor_parallel_with_context_parallel_and_hsdp_match_one_process(tiny_config, offline_env):
+    """tp 2 × cp 2 (the heads and the sequence split at once; FSDP over the cp ranks) and tp 2 ×
+    dp_replicate 2 with every block recomputed in the backward, on 4 processes."""
+    from test_train_pipeline import SECTIONS
+
+    one = tiny_config("one", **SECTIONS)
+    run_cli(["train", one], offline_env)
+    layouts = {"tp_cp": ["parallel.cp=2"], "tp_hsdp_ac": ["parallel.dp_replicate=2", "train.activation_checkpoint=full"]}
+    for name, overrides in layouts.items():
+        run = tiny_config(name, **SECTIONS)
+        out = torchrun_train(4, run, offline_env, "parallel.tp=2", "parallel.dp_shard=1", *overrides)
+        assert "tp 2" in out.stdout + out.stderr
+        assert_same_run(one.parent / "one", one.parent / name, rel=5e-5)

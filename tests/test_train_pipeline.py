@@ -59,3 +59,11 @@ def test_tied_pipeline_checkpoint_resumes_in_one_process(tiny_config, offline_en
     assert "no sample: generating under tensor or pipeline parallelism" in out.stdout
     run_cli(["train", pp, "train.steps=6"], offline_env)  # pp 2 → one process
     assert_same_run(one.parent / "one", one.parent / "pp")
+
+
+def test_three_dimensional_layout_on_eight_processes(one_process, tiny_config, offline_env):
+    """pp 2 × dp_shard 2 × cp 2: the stages FSDP-sharded over dp × cp and the sequence split inside each."""
+    run = tiny_config("pp_dp_cp", **SECTIONS)
+    out = torchrun_train(8, run, offline_env, "parallel.pp=2", "parallel.dp_shard=2", "parallel.cp=2")
+    assert "pp 2 × dp_shard 2 × cp 2" in out.stdout + out.stderr
+    assert_same_run(one_process, run.parent / "pp_dp_cp")

@@ -8,7 +8,8 @@ the checkpoint, and holds
                       large .distcp shards are checked by size only, which catches a truncated copy
                       without reading hundreds of GB on every resume
   model               the model's architecture (its config, without the keys that may change on resume:
-                      solvers, init scale, MoE loss coefficients; stage marks removed from the patterns)
+                      solvers, init scale, MoE loss coefficients, TNT chunk sizes; stage marks removed
+                      from the patterns)
 A checkpoint is refused, with its directory and the reason, when the manifest is missing (the save did not
 finish), a file is missing or of another size, a checksum differs, or it was saved from another model.
 """
@@ -45,6 +46,12 @@ def architecture(model_cfg) -> dict | None:
                 flat[key] = v
 
     walk("", asdict(model_cfg))
+    # TNT's chunk sizes and reset period change how the memories are trained, not their weights (the
+    # two-stage recipe changes them): only how many local memories there are and whether a global one is
+    if "tnt.local_chunks" in flat:
+        flat["tnt.local_chunks"] = len(flat["tnt.local_chunks"])
+        flat["tnt.global_chunk"] = flat["tnt.global_chunk"] > 0
+        flat.pop("tnt.local_reset", None)
     if hasattr(model_cfg, "layers"):  # "GG|AA" and "GGAA" are the same model staged differently
         flat["pattern"] = "".join(model_cfg.layers)
         flat["mlp_pattern"] = "".join(model_cfg.mlp_kinds)

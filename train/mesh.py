@@ -124,6 +124,26 @@ def tnt_context_problems(model: ModelConfig, per_rank: int, cp: int) -> list[str
     return out
 
 
+def not_yet(layout: Layout, activation_checkpoint: str = "none") -> list[str]:
+    """The combinations the trainer cannot run yet, each naming its keys (empty when it can run). One list
+    for the trainer's refusal and `unroll plan`'s candidates, so a plan never recommends what fails."""
+    missing = []
+    if layout.ep > 1 and (layout.ep != layout.dp_shard or layout.cp > 1 or layout.tp > 1 or layout.dp_replicate > 1
+                          or layout.pp > 1):
+        missing.append(f"parallel.ep={layout.ep}: only ep = dp_shard without cp, tp, pp or dp_replicate")
+    if layout.pp > 1 and layout.tp > 1:
+        missing.append(f"parallel.pp={layout.pp} with parallel.tp={layout.tp}")
+    if activation_checkpoint != "none" and layout.cp > 1:  # a recomputed state hand-off would send twice
+        missing.append(f"train.activation_checkpoint={activation_checkpoint} with parallel.cp={layout.cp}")
+    return missing
+
+
+def check_supported(layout: Layout, activation_checkpoint: str = "none") -> None:
+    missing = not_yet(layout, activation_checkpoint)
+    if missing:
+        raise LayoutError(f"not available yet: {'; '.join(missing)} (got {layout.describe()})")
+
+
 def build_mesh(layout: Layout, device_type: str) -> DeviceMesh | None:
     """The named mesh over all ranks (None for one process), with the flattened views above."""
     if layout.world == 1:

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from unroll.models import LM
 from unroll.train.expert_parallel import apply_expert_parallel_to_model, expert_parameters
-from unroll.train.mesh import Layout, LayoutError
+from unroll.train.mesh import Layout, check_supported
 from unroll.train.tensor_parallel import apply_tensor_parallel, fsdp_shard_placement
 
 
@@ -40,8 +40,7 @@ def apply_activation_checkpointing(model: LM, mode: str, layout: Layout) -> None
     """Recompute each block ("full") or each MLP ("mlp") in the backward instead of keeping its activations."""
     if mode == "none":
         return
-    if layout.cp > 1 or layout.tp > 1:  # a recomputed state hand-off would send and receive twice
-        raise LayoutError(f"train.activation_checkpoint={mode} with parallel.cp or parallel.tp: not available yet")
+    check_supported(layout, mode)
     for block in model.blocks:
         block.recompute = mode
 
@@ -60,26 +59,19 @@ def parallelize(model: LM, mesh: DeviceMesh | None, layout: Layout, *, bf16: boo
     context groups → FSDP/DDP); returns the module the training step calls (the model itself under FSDP2,
     its DDP wrapper under plain replication). bf16: FSDP2 computes in bfloat16 parameters and reduces
     gradients in float32 (its MixedPrecisionPolicy; used on GPU)."""
+    check_supported(layout, activation_checkpoint)
     if mesh is None:
         apply_activation_checkpointing(model, activation_checkpoint, layout)
         if compile:
             apply_compile(model)
         return model
     if layout.tp > 1:
-        if layout.cp > 1:
-            raise LayoutError("parallel.tp with parallel.cp: not available yet (each works alone)")
-        if layout.dp_replicate > 1 and layout.dp_shard == 1:
-            raise LayoutError("parallel.tp with plain replication (DDP) is not supported: shard the data-parallel "
-                              "dimension instead (parallel.dp_shard > 1, HSDP with dp_replicate)")
         apply_tensor_parallel(model, mesh["tp"], sequence_parallel=True)
     apply_activation_checkpointing(model, activation_checkpoint, layout)
     if compile:
         apply_compile(model)
     experts = set()
     if layout.ep > 1:
-        if layout.ep != layout.dp_shard or layout.cp > 1 or layout.tp > 1 or layout.dp_replicate > 1:
-            raise LayoutError(f"parallel.ep={layout.ep}: only ep = dp_shard without cp, tp or dp_replicate is "
-                              f"available yet (got {layout.describe()})")
         apply_expert_parallel_to_model(model, mesh["dp_shard"].get_group())
         for _, p in expert_parameters(model):  # checkpoints see them as one tensor sharded over the ep ranks
             p.ep_mesh = mesh["dp_shard"]
@@ -90,8 +82,8 @@ def parallelize(model: LM, mesh: DeviceMesh | None, layout: Layout, *, bf16: boo
     # averaged over dp × cp, which is the mean loss's gradient since every rank's loss is its slice's mean.
     shard_dim = "dp_shard_cp" if layout.cp > 1 else "dp_shard"
     # pipelined stages are always FSDP roots (plain replication is HSDP with a shard dimension of 1):
-    # torch's pipeline schedules drive FSDP's gradient reduction themselves
-    if layout.dp_shard > 1 or (stages and layout.dp * layout.cp > 1):
+    # torch's pipeline schedules drive FSDP's gradient reduction themselves; DDP cannot hold tp's DTensors
+    if layout.dp_shard > 1 or ((stages or layout.tp > 1) and layout.dp * layout.cp > 1):
         dp_mesh = mesh["dp_replicate", shard_dim] if layout.dp_replicate > 1 else mesh[shard_dim]
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
         # under tp, a weight tp splits along a fused dimension is sharded by FSDP along another one

@@ -57,14 +57,6 @@ def check_pipeline(layout: Layout, cfg, n_microbatches: int) -> None:
     except ValueError as e:
         raise LayoutError(f"parallel.pp_schedule={name}: {e}; the microbatches are the per-rank batch over "
                           f"train.micro_batch_size") from None
-    problems = []
-    if layout.tp > 1:
-        problems.append("parallel.tp")
-    if layout.ep > 1:
-        problems.append("parallel.ep")
-    if problems:
-        raise LayoutError(f"parallel.pp={layout.pp} with {' and '.join(problems)}: not available yet "
-                          f"(pipelining combines with dp_replicate, dp_shard and cp)")
     if placement == "v" and cfg.model.tie_embeddings:
         raise LayoutError(f"parallel.pp_schedule={name} places the first and last stage on one rank, which "
                           f"with model.tie_embeddings=true is not available yet; use a looped schedule "

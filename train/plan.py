@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from unroll.models.config import ModelConfig
 from unroll.models.summary import summarize
+from unroll.train.mesh import Layout, not_yet
 
 GiB = 1024 ** 3
 
@@ -84,8 +85,9 @@ def _divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
 
-def candidate_layouts(cfg: ModelConfig, world: int, gpus_per_node: int):
-    """Every (pp, tp, cp, ep, dp_shard) on `world` GPUs the model's shapes allow, tp within a node."""
+def candidate_layouts(cfg: ModelConfig, world: int, gpus_per_node: int, activation_checkpoint: str = "full"):
+    """Every (pp, tp, cp, ep, dp_shard) on `world` GPUs the model's shapes allow and the trainer runs
+    (train/mesh.py's not_yet), tp within a node."""
     kinds = set(cfg.layers)
     for tp, pp, cp in itertools.product(_divisors(gpus_per_node), _divisors(world), (1, 2, 4, 8)):
         if world % (tp * pp * cp) or pp > len(cfg.layers):
@@ -98,7 +100,9 @@ def candidate_layouts(cfg: ModelConfig, world: int, gpus_per_node: int):
         eps = [e for e in _divisors(shard * cp) if e <= cfg.moe.experts and cfg.moe.experts % e == 0] \
             if "E" in cfg.mlp_kinds else [1]
         for ep in eps:
-            yield {"pp": pp, "dp_replicate": 1, "dp_shard": shard, "cp": cp, "tp": tp, "ep": ep}
+            layout = {"pp": pp, "dp_replicate": 1, "dp_shard": shard, "cp": cp, "tp": tp, "ep": ep}
+            if not not_yet(Layout(**layout), activation_checkpoint):  # only what the trainer can run
+                yield layout
 
 
 def _cost(layout: dict) -> tuple:
@@ -111,7 +115,8 @@ def plan(cfg: ModelConfig, *, nodes: int, gpus_per_node: int, seq_len: int, micr
          gpu_gib: float = 80.0, checkpointing: bool = True, usable: float = 0.9) -> list[Estimate]:
     """The layouts that fit `usable` of each GPU's memory, best first."""
     fits, summary = [], summarize(cfg)
-    for layout in candidate_layouts(cfg, nodes * gpus_per_node, gpus_per_node):
+    for layout in candidate_layouts(cfg, nodes * gpus_per_node, gpus_per_node,
+                                    activation_checkpoint="full" if checkpointing else "none"):
         e = estimate(cfg, layout, seq_len=seq_len, micro_batch=micro_batch, checkpointing=checkpointing,
                      summary=summary)
         if e.total <= usable * gpu_gib * GiB:

@@ -20,7 +20,7 @@ from unroll.train.checkpoint_writer import CheckpointWriter
 from unroll.train.config import Config, ConfigError, check_world
 from unroll.train.data_setup import RunData, open_run_data
 from unroll.train.expert_parallel import expert_parameters, scale_expert_grads
-from unroll.train.mesh import build_mesh, check_model, data_ranks, resolve_layout
+from unroll.train.mesh import build_mesh, check_model, check_supported, data_ranks, resolve_layout
 from unroll.train.metrics import Metrics
 from unroll.train.parallelize import gradient_sync, parallelize, without_context_parallel
 from unroll.train.pipelined import Pipeline, check_pipeline
@@ -181,6 +181,7 @@ def train(cfg: Config) -> dict:
         torch.set_num_threads(cfg.run.threads)
     layout = resolve_layout(cfg.parallel, dist.world)
     check_model(layout, cfg.model, seq_len=cfg.data.seq_len)
+    check_supported(layout, cfg.train.activation_checkpoint)
     micro, accum = check_world(cfg, layout.dp)
     check_pipeline(layout, cfg, n_microbatches=accum)
     data = open_run_data(cfg)  # every file checked before any work
