@@ -21,3 +21,18 @@ def test_first_signal_requests_stop_second_exits(sig):
     finally:
         stop.restore()
     assert signal.getsignal(sig) == before
+
+
+def test_preemption_signal_requests_stop_and_repeats_change_nothing():
+    """SIGUSR1 (the SLURM preemption warning) arrives twice under torchrun: it must not escalate."""
+    before = signal.getsignal(signal.SIGUSR1)
+    stop = StopRequest()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGUSR1)  # default action would end this process
+        assert stop.requested and stop.signum == signal.SIGUSR1
+        os.kill(os.getpid(), signal.SIGTERM)  # a first SIGTERM after it is no second request either
+        assert stop.signum == signal.SIGUSR1
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGUSR1) == before
