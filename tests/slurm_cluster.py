@@ -71,7 +71,8 @@ class SlurmCluster:
             f"SlurmctldLogFile={r / 'log/slurmctld.log'}", f"SlurmdLogFile={r / 'log'}/slurmd-%n.log",
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",  # no cgroups, no systemd
             "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",
-            "SchedulerType=sched/builtin", "SelectType=select/cons_tres",
+            "SchedulerType=sched/builtin", "SchedulerParameters=sched_interval=2",  # a requeued job starts soon
+            "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_Core", "MpiDefault=none", "ReturnToService=2",
             "SlurmdParameters=config_overrides",  # the fake nodes claim the same cores
             "MailProg=/bin/true", "KillWait=5", "MinJobAge=600", "InactiveLimit=0",
