@@ -63,10 +63,11 @@ def _node_command(job: SlurmJob) -> str:
             # the first node hosts the rendezvous store: its hostname may be every node's
             "--rdzv-conf", 'is_host=$([ "$SLURM_NODEID" = 0 ] && echo 1 || echo 0)']
     flags = torchrun_flags("$UNROLL_LOG_DIR/node$SLURM_NODEID", job.shutdown_timeout)
-    words = [shlex.quote(job.python), "-m", "torch.distributed.run"]
-    words += [f'"{w}"' if "$" in w else shlex.quote(w) for w in rdzv + flags]
-    words += [shlex.quote(w) for w in train_args(str(job.config), [])]
-    return "exec " + " ".join(words)
+    quoted = [f'"{w}"' if "$" in w else shlex.quote(w) for w in rdzv + flags]
+    lines = [f"exec {shlex.quote(job.python)} -m torch.distributed.run"]
+    lines += [" ".join(quoted[i:i + 2]) for i in range(0, len(quoted), 2)]  # one option per line
+    lines.append(" ".join(shlex.quote(w) for w in train_args(str(job.config), [])))
+    return " \\\n    ".join(lines)
 
 
 def render(job: SlurmJob) -> str:
@@ -113,15 +114,15 @@ on_preemption() {{  # SLURM's warning: every rank checkpoints at the same step a
 }}
 trap on_preemption USR1
 
-{' '.join(srun)} \\
-  bash -c {shlex.quote(_node_command(job))} &
+{' '.join(srun)} bash -c {shlex.quote(_node_command(job))} &
 srun_pid=$!
 wait "$srun_pid"; status=$?
 while kill -0 "$srun_pid" 2>/dev/null; do wait "$srun_pid"; status=$?; done  # a trap ends `wait` early
 if [ "$preempted" = 1 ] && [ "$status" != 0 ]; then
   echo "unroll: requeueing job $SLURM_JOB_ID; it resumes from $RUN_DIR's newest checkpoint"
-  timeout 60 scontrol requeue "$SLURM_JOB_ID"
-  exit 0
+  timeout 60 scontrol requeue "$SLURM_JOB_ID" && exit 0
+  echo "unroll: the requeue failed; resubmitting resumes the run: sbatch {job.run_dir / 'slurm/job.sbatch'}"
+  exit "$status"
 fi
 echo "unroll: job $SLURM_JOB_ID finished, exit status $status"
 exit "$status"
@@ -181,8 +182,9 @@ def prepare(args) -> SlurmJob:
     config = run_dir / "slurm" / "config.yaml"
     config.write_text(to_yaml(cfg))
     mounts = args.container_mounts
-    if mounts is None:
-        mounts = ",".join(f"{d}:{d}" for d in dict.fromkeys([workdir, run_dir]) if d == workdir or workdir not in d.parents)
+    if mounts is None:  # the working directory (relative data paths) and the run directory, at their own paths
+        inside = run_dir == workdir or workdir in run_dir.parents
+        mounts = ",".join(f"{d}:{d}" for d in ([workdir] if inside else [workdir, run_dir]))
     return SlurmJob(run_dir=run_dir, config=config, nodes=args.nodes,
                     procs_per_node=args.nproc_per_node if args.cpu else args.gpus_per_node,
                     gpus_per_node=0 if args.cpu else args.gpus_per_node,

@@ -53,3 +53,17 @@ def test_a_failing_or_hung_rank_ends_the_job(fault, tiny_config, offline_env, tm
     else:  # rank 0 waited in step 3's collective until run.collective_timeout_s
         assert "Timed out waiting 5000ms" in logs["0"].read_text()
     assert "[rank0]:" in proc.stdout + proc.stderr  # rank 0's output on the console, marked with its rank
+
+
+def test_dry_run_prints_the_torchrun_command_and_bad_keys_stop_first(tiny_config, capsys):
+    from unroll.launch.cli import main
+
+    config = tiny_config("dry")
+    assert main(["launch", "local", str(config), "--nproc", "3", "--dry-run", "train.steps=2"]) == 0
+    out = capsys.readouterr().out
+    for words in ["--standalone --nproc-per-node 3 --max-restarts 0",
+                  "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--redirects 3 --tee 3",
+                  f"-m unroll.launch.cli train {config} train.steps=2"]:
+        assert words in out
+    assert main(["launch", "local", str(config), "--nproc", "2", "run.collective_timeout_s=0"]) == 2
+    assert "run.collective_timeout_s: must be positive, got 0" in capsys.readouterr().err
