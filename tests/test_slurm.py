@@ -41,6 +41,7 @@ def test_dry_run_writes_the_script(tmp_path, small_data, capsys):
                  "#SBATCH --requeue", f"#SBATCH --output={tmp_path}/gpu/slurm/job-%j.out"]:
         assert line + "\n" in script
     assert "--container-image=/images/unroll.sqsh" in script and "/opt/venv/bin/python -m torch.distributed.run" in script
+    assert f"--container-mounts={os.getcwd()}:{os.getcwd()},{tmp_path}/gpu:{tmp_path}/gpu" in script
     for option in ["--nnodes 4", "--nproc-per-node 8", "--rdzv-backend c10d", "--max-restarts 0"]:
         assert f"    {option} \\\n" in script, option
     frozen = yaml.safe_load((tmp_path / "gpu/slurm/config.yaml").read_text())
