@@ -7,6 +7,7 @@ The fake nodes share this machine's hostname, so a job must take a node's addres
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -160,11 +161,15 @@ class SlurmCluster:
     # -- teardown ------------------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Cancels what is left, then stops the daemons' process groups (slurmd first: its job steps
-        run in process groups of its own, so scancel reaches them while slurmctld is still up)."""
+        """Cancels what is left and waits for it, stops the daemons' process groups, then kills whatever
+        still carries this cluster's SLURM_CONF (slurmstepd daemonizes out of slurmd's process group, and
+        job processes inherit the variable from sbatch)."""
         try:
             self.run("scancel", "--user", str(os.getuid()), timeout=10, check=False)
-        except subprocess.TimeoutExpired:
+            self._wait(lambda: not re.search(r"JobState=(RUNNING|COMPLETING|CONFIGURING)",
+                                             self.scontrol("show", "jobs", "-o", check=False).stdout),
+                       30, "the jobs to end")
+        except (subprocess.TimeoutExpired, TimeoutError, RuntimeError):
             pass
         for proc in reversed(self.procs):
             if proc.poll() is None:
@@ -175,3 +180,20 @@ class SlurmCluster:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        for pid in self._leftovers():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def _leftovers(self) -> list[int]:
+        mark = f"SLURM_CONF={self.conf}".encode()
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) != os.getpid():
+                try:
+                    if mark in (entry / "environ").read_bytes().split(b"\0"):
+                        pids.append(int(entry.name))
+                except OSError:
+                    continue
+        return pids
