@@ -1,6 +1,7 @@
 # The two commands a fresh machine needs (see README):
 #   make run    set everything up, prepare the bundled corpus, train the default tiny model on CPU
-#   make test   set everything up, run the test suite
+#   make test   set everything up, run the test suite (tests/test_slurm.py runs a real SLURM when Debian's
+#               slurmctld slurmd slurm-client munge are installed, as .ci/run does as root; else it skips)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

@@ -133,6 +133,15 @@ def _bench(args) -> int:
     return importlib.import_module(BENCHES[args.name]).main(args.rest)
 
 
+LAUNCHERS = {"slurm": "unroll.launch.slurm", "local": "unroll.launch.local"}
+
+
+def _launch(args) -> int:
+    import importlib
+
+    return importlib.import_module(LAUNCHERS[args.where]).main(args.rest)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="unroll", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -219,6 +228,12 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("name", choices=sorted(BENCHES))
     b.add_argument("rest", nargs=argparse.REMAINDER, help="the bench's own options (unroll bench NAME --help)")
     b.set_defaults(func=_bench)
+
+    la = sub.add_parser("launch", help="training under torchrun on this machine, or an sbatch job on SLURM",
+                        add_help=False)
+    la.add_argument("where", choices=sorted(LAUNCHERS))
+    la.add_argument("rest", nargs=argparse.REMAINDER, help="the launcher's own options (unroll launch WHERE --help)")
+    la.set_defaults(func=_launch)
 
     pl = sub.add_parser("plot", help="loss curves of a run as a PNG")
     pl.add_argument("run_dir")

@@ -10,7 +10,7 @@ from unroll.train.signals import StopRequest
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_first_signal_requests_stop_second_exits(sig):
     before = signal.getsignal(sig)
-    stop = StopRequest()
+    stop = StopRequest(repeat_window_s=0)
     try:
         assert not stop.requested
         os.kill(os.getpid(), sig)
@@ -21,3 +21,29 @@ def test_first_signal_requests_stop_second_exits(sig):
     finally:
         stop.restore()
     assert signal.getsignal(sig) == before
+
+
+def test_preemption_signal_requests_stop_and_repeats_change_nothing():
+    """SIGUSR1 (the SLURM preemption warning) arrives twice under torchrun: it must not escalate."""
+    before = signal.getsignal(signal.SIGUSR1)
+    stop = StopRequest()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGUSR1)  # default action would end this process
+        assert stop.requested and stop.signum == signal.SIGUSR1
+        os.kill(os.getpid(), signal.SIGTERM)  # a first SIGTERM after it is no second request either
+        assert stop.signum == signal.SIGUSR1
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGUSR1) == before
+
+
+def test_a_repeat_within_the_window_is_the_same_request():
+    """SLURM and torchrun's agent both deliver one SIGTERM to a rank: no escalation within the window."""
+    stop = StopRequest(repeat_window_s=60)
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested and stop.signum == signal.SIGTERM
+    finally:
+        stop.restore()

@@ -27,6 +27,7 @@ class RunConfig:
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
     dtype: str = "auto"  # autocast: auto (bfloat16 on cuda, float32 on cpu) | float32 | bfloat16
     threads: int = 0  # CPU intra-op threads; 0 = torch's default
+    collective_timeout_s: int = 600  # a collective waiting longer (a dead or hung rank) raises: the job ends
 
 
 @dataclass
@@ -186,6 +187,7 @@ def validate(cfg: Config) -> None:
          f"must be auto, float32 or bfloat16, got {cfg.run.dtype!r}")
     need(cfg.run.threads >= 0, "run.threads", f"must be >= 0, got {cfg.run.threads}")
     need(bool(cfg.run.dir), "run.dir", "must name a directory")
+    need(cfg.run.collective_timeout_s > 0, "run.collective_timeout_s", f"must be positive, got {cfg.run.collective_timeout_s}")
     need(cfg.data.seq_len > 0, "data.seq_len", f"sequence length must be positive, got {cfg.data.seq_len}")
     need(len(cfg.data.train) > 0, "data.train", "needs at least one shard prefix")
     need(not cfg.data.weights or len(cfg.data.weights) == len(cfg.data.train), "data.weights",

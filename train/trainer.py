@@ -176,7 +176,7 @@ def evaluate(model: LM, data: RunData, cfg: Config, dist: D.DistInfo, autocast, 
 
 def train(cfg: Config) -> dict:
     """Runs (or resumes) the configured training; returns the final figures."""
-    dist = D.init(cfg.run.device)
+    dist = D.init(cfg.run.device, cfg.run.collective_timeout_s)
     if cfg.run.threads and dist.device.type == "cpu":
         torch.set_num_threads(cfg.run.threads)
     layout = resolve_layout(cfg.parallel, dist.world)

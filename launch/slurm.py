@@ -1,0 +1,230 @@
+"""`unroll launch slurm CONFIG --nodes N (--gpus-per-node G | --cpu --nproc-per-node P) [key=value ...]`:
+writes RUN_DIR/slurm/job.sbatch and submits it with sbatch (not with --dry-run).
+
+The job runs one srun task per node; each runs torchrun, which meets the others by c10d rendezvous on
+the first node's address (its NodeAddr from `scontrol show node`: several nodes may share a hostname, and
+hostnames need not resolve) on a port derived from the job id, and starts one rank per GPU (or P ranks
+on CPU, gloo). A rank that fails, or a collective that times out (run.collective_timeout_s), ends the
+job: torchrun does not restart (--max-restarts 0) and srun kills the other nodes (--kill-on-bad-exit).
+
+Preemption: SLURM sends the batch shell SIGUSR1 `--signal-lead` seconds before the time limit
+(`--signal=B:USR1@LEAD`; `scancel --batch --signal=USR1 JOB` does the same by hand). The script forwards
+it to every process of the job step (`scancel --signal=USR1`); the ranks agree on a step (an all-reduce
+of the flag), checkpoint and stop, and the script requeues the job (`scontrol requeue`). The requeued
+job runs the same script with the same run directory, so the trainer resumes from that checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from unroll.launch.local import PREFIX_ENV, torchrun_flags, train_args
+
+CONTAINER_PYTHON = "/opt/venv/bin/python"  # docker/Dockerfile's environment
+
+
+class LaunchError(RuntimeError):
+    """sbatch is missing or refused the job; the message carries its stderr."""
+
+
+@dataclass
+class SlurmJob:
+    run_dir: Path  # absolute
+    config: Path  # the frozen, resolved config the job trains from
+    nodes: int
+    procs_per_node: int
+    gpus_per_node: int = 0  # 0: CPU ranks (gloo), no GPU requested
+    job_name: str = "unroll"
+    workdir: Path = field(default_factory=Path.cwd)
+    partition: str = ""
+    account: str = ""
+    time: str = ""
+    signal_lead: int = 120  # seconds before the time limit; 0: no warning signal
+    shutdown_timeout: int = 90  # seconds the ranks get to checkpoint after the signal
+    container_image: str = ""
+    container_mounts: str = ""
+    python: str = sys.executable
+    sbatch_args: list[str] = field(default_factory=list)
+
+    @property
+    def log_file(self) -> Path:
+        return self.run_dir / "slurm" / "job-%j.out"
+
+
+def _node_command(job: SlurmJob) -> str:
+    """The torchrun command each srun task runs; `bash -c` expands the per-node variables there."""
+    rdzv = ["--nnodes", str(job.nodes), "--nproc-per-node", str(job.procs_per_node), "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", "$UNROLL_RDZV_HOST:$UNROLL_RDZV_PORT", "--rdzv-id", "$SLURM_JOB_ID.$UNROLL_RESTART",
+            # the first node hosts the rendezvous store: its hostname may be every node's
+            "--rdzv-conf", 'is_host=$([ "$SLURM_NODEID" = 0 ] && echo 1 || echo 0)']
+    flags = torchrun_flags("$UNROLL_LOG_DIR/node$SLURM_NODEID", job.shutdown_timeout)
+    quoted = [f'"{w}"' if "$" in w else shlex.quote(w) for w in rdzv + flags]
+    lines = [f"exec {shlex.quote(job.python)} -m torch.distributed.run"]
+    lines += [" ".join(quoted[i:i + 2]) for i in range(0, len(quoted), 2)]  # one option per line
+    lines.append(" ".join(shlex.quote(w) for w in train_args(str(job.config), [])))
+    return " \\\n    ".join(lines)
+
+
+def render(job: SlurmJob) -> str:
+    """The sbatch script for `job`."""
+    d = [f"--job-name={job.job_name}", f"--nodes={job.nodes}", "--ntasks-per-node=1",
+         f"--chdir={job.workdir}", f"--output={job.log_file}", "--open-mode=append", "--requeue"]
+    if job.gpus_per_node:
+        d.append(f"--gpus-per-node={job.gpus_per_node}")
+    d += [f"--{key}={value}" for key, value in (("partition", job.partition), ("account", job.account),
+                                                ("time", job.time)) if value]
+    if job.signal_lead:
+        d.append(f"--signal=B:USR1@{job.signal_lead}")
+    d += job.sbatch_args
+    srun = ["srun", "--kill-on-bad-exit=1", f"--nodes={job.nodes}", "--ntasks-per-node=1"]
+    if job.container_image:  # pyxis
+        srun += [f"--container-image={job.container_image}", f"--container-workdir={job.workdir}"]
+        if job.container_mounts:
+            srun.append(f"--container-mounts={job.container_mounts}")
+    prefix = "; ".join(f"export {k}={shlex.quote(v)}" for k, v in PREFIX_ENV.items())
+    return f"""#!/bin/bash
+# Written by `unroll launch slurm`: {job.nodes} node(s) × {job.procs_per_node} rank(s) \
+({f'{job.gpus_per_node} GPU(s) per node' if job.gpus_per_node else 'CPU, gloo'}).
+# Resubmitting it (`sbatch {job.run_dir / 'slurm/job.sbatch'}`) resumes the run from its newest checkpoint.
+{chr(10).join('#SBATCH ' + x for x in d)}
+set -uo pipefail
+
+export RUN_DIR={shlex.quote(str(job.run_dir))}
+export UNROLL_RESTART=${{SLURM_RESTART_COUNT:-0}}
+nodes=($(timeout 60 scontrol show hostnames "$SLURM_JOB_NODELIST"))
+# The first node's address as SLURM knows it: hostnames may not resolve, or may all name one machine.
+export UNROLL_RDZV_HOST=$(timeout 60 scontrol show node "${{nodes[0]}}" | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2)
+export UNROLL_RDZV_PORT=$((20000 + SLURM_JOB_ID % 20000))
+export UNROLL_LOG_DIR="$RUN_DIR/logs/job$SLURM_JOB_ID.$UNROLL_RESTART"
+{prefix}
+echo "unroll: job $SLURM_JOB_ID (restart $UNROLL_RESTART) on ${{nodes[*]}}, rendezvous" \\
+     "$UNROLL_RDZV_HOST:$UNROLL_RDZV_PORT; per-rank logs in $UNROLL_LOG_DIR/node*/"
+
+preempted=0
+on_preemption() {{  # SLURM's warning: every rank checkpoints at the same step and stops
+  [ "$preempted" = 1 ] && return
+  preempted=1
+  echo "unroll: SIGUSR1 at $(date +%FT%T): checkpointing, then requeueing"
+  timeout 60 scancel --signal=USR1 "$SLURM_JOB_ID"  # every process of the job step, on every node
+}}
+trap on_preemption USR1
+
+{' '.join(srun)} bash -c {shlex.quote(_node_command(job))} &
+srun_pid=$!
+wait "$srun_pid"; status=$?
+while kill -0 "$srun_pid" 2>/dev/null; do wait "$srun_pid"; status=$?; done  # a trap ends `wait` early
+if [ "$preempted" = 1 ] && [ "$status" != 0 ]; then
+  echo "unroll: requeueing job $SLURM_JOB_ID; it resumes from $RUN_DIR's newest checkpoint"
+  timeout 60 scontrol requeue "$SLURM_JOB_ID" && exit 0
+  echo "unroll: the requeue failed; resubmitting resumes the run: sbatch {job.run_dir / 'slurm/job.sbatch'}"
+  exit "$status"
+fi
+echo "unroll: job $SLURM_JOB_ID finished, exit status $status"
+exit "$status"
+"""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="unroll launch slurm", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="a YAML config file or a preset name (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--gpus-per-node", type=int, default=0, help="one rank per GPU (NCCL)")
+    p.add_argument("--cpu", action="store_true", help="CPU ranks (gloo): no GPUs requested; needs --nproc-per-node")
+    p.add_argument("--nproc-per-node", type=int, default=0, help="ranks per node with --cpu")
+    p.add_argument("--partition", default="")
+    p.add_argument("--account", default="")
+    p.add_argument("--time", default="", help="time limit, as sbatch takes it (e.g. 24:00:00)")
+    p.add_argument("--job-name", default="", help="default unroll-<run dir name>")
+    p.add_argument("--signal-lead", type=int, default=120,
+                   help="seconds before the time limit SLURM sends SIGUSR1 (checkpoint, stop, requeue); 0: none")
+    p.add_argument("--shutdown-timeout", type=int, default=90,
+                   help="seconds the ranks get to checkpoint after SIGUSR1 before SIGKILL (default 90)")
+    p.add_argument("--container-image", default="", help="pyxis: run each node's torchrun in this image "
+                   "(e.g. a squashfs from `enroot import dockerd://unroll:cuda`)")
+    p.add_argument("--container-mounts", default=None,
+                   help="pyxis mounts, SRC:DST,...; default the working directory and the run directory")
+    p.add_argument("--python", default="", help="the nodes' Python with unroll installed; default this one "
+                   f"({sys.executable}), or {CONTAINER_PYTHON} with --container-image")
+    p.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
+                   help="an extra #SBATCH line, e.g. --sbatch-arg=--exclusive (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="write the script and print it; submit nothing")
+    return p
+
+
+def prepare(args) -> SlurmJob:
+    """Checks the options, resolves the config (a bad key stops here) and freezes it into
+    RUN_DIR/slurm/config.yaml: a requeued job trains from exactly what was submitted."""
+    from unroll.train.config import ConfigError, load_config, to_yaml
+
+    if args.nodes < 1:
+        raise ConfigError(f"--nodes must be at least 1, got {args.nodes}")
+    if args.cpu == bool(args.gpus_per_node):
+        raise ConfigError("give either --gpus-per-node G (one rank per GPU) or --cpu --nproc-per-node P")
+    if args.cpu and args.nproc_per_node < 1:
+        raise ConfigError("--cpu needs --nproc-per-node P (ranks per node), at least 1")
+    if args.gpus_per_node and (args.gpus_per_node < 0 or args.nproc_per_node):
+        raise ConfigError("with --gpus-per-node the ranks per node are the GPUs: leave out --nproc-per-node")
+    if args.signal_lead < 0 or args.shutdown_timeout < 1:
+        raise ConfigError("--signal-lead must be >= 0 and --shutdown-timeout >= 1")
+    workdir = Path.cwd()
+    cfg = load_config(args.config, args.overrides)
+    run_dir = (workdir / cfg.run.dir).resolve()
+    frozen = [f"run.dir={run_dir}"] + (["run.device=cpu"] if args.cpu else [])
+    cfg = load_config(args.config, [*args.overrides, *frozen])
+    (run_dir / "slurm").mkdir(parents=True, exist_ok=True)
+    config = run_dir / "slurm" / "config.yaml"
+    config.write_text(to_yaml(cfg))
+    mounts = args.container_mounts
+    if mounts is None:  # the working directory (relative data paths) and the run directory, at their own paths
+        inside = run_dir == workdir or workdir in run_dir.parents
+        mounts = ",".join(f"{d}:{d}" for d in ([workdir] if inside else [workdir, run_dir]))
+    return SlurmJob(run_dir=run_dir, config=config, nodes=args.nodes,
+                    procs_per_node=args.nproc_per_node if args.cpu else args.gpus_per_node,
+                    gpus_per_node=0 if args.cpu else args.gpus_per_node,
+                    job_name=args.job_name or f"unroll-{run_dir.name}", workdir=workdir, partition=args.partition,
+                    account=args.account, time=args.time, signal_lead=args.signal_lead,
+                    shutdown_timeout=args.shutdown_timeout, container_image=args.container_image,
+                    container_mounts=mounts if args.container_image else "",
+                    python=args.python or (CONTAINER_PYTHON if args.container_image else sys.executable),
+                    sbatch_args=args.sbatch_arg)
+
+
+def submit(script: Path, timeout: float = 60) -> str:
+    """sbatch SCRIPT → the job id. Always under a timeout: sbatch hangs while munged is down."""
+    try:
+        proc = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError:
+        raise LaunchError("sbatch not found: is this a SLURM login node? (--dry-run writes the script only)") from None
+    except subprocess.TimeoutExpired:
+        raise LaunchError(f"sbatch gave no answer in {timeout:g} s (slurmctld or munged down?)") from None
+    if proc.returncode != 0:
+        raise LaunchError(f"sbatch {script} exited {proc.returncode}: {proc.stderr.strip()}")
+    return proc.stdout.strip().split(";")[0]
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_intermixed_args(argv)
+    job = prepare(args)
+    script = job.run_dir / "slurm" / "job.sbatch"
+    script.write_text(render(job))
+    script.chmod(0o755)
+    if args.dry_run:
+        print(script.read_text())
+        print(f"written {script} (not submitted)")
+        return 0
+    try:
+        job_id = submit(script)
+    except LaunchError as e:
+        print(f"unroll launch slurm: error: {e}", file=sys.stderr)
+        return 1
+    print(f"submitted job {job_id}: {script}")
+    print(f"console (rank 0, torchrun): {str(job.log_file).replace('%j', job_id)}")
+    print(f"per-rank logs: {job.run_dir}/logs/job{job_id}.<restart>/node<N>/*/attempt_0/<local rank>/")
+    return 0
