@@ -173,3 +173,14 @@ def test_tensor_parallel_with_context_parallel_and_hsdp_match_one_process(tiny_c
         out = torchrun_train(4, run, offline_env, "parallel.tp=2", "parallel.dp_shard=1", *overrides)
         assert "tp 2" in out.stdout + out.stderr
         assert_same_run(one.parent / "one", one.parent / name, rel=5e-5)
+
+
+def test_ranks_without_a_validation_batch_still_join_the_sharded_forward(tiny_config, offline_env):
+    """4 FSDP ranks, one validation batch of 4: ranks 1-3 have none of their own and run it with weight 0
+    (skipping it left rank 0 waiting in FSDP's all-gather until the collective timeout)."""
+    sections = dict(train={"steps": 2, "batch_size": 8}, eval={"every": 1, "batches": 1, "batch_size": 4})
+    one = tiny_config("one", **sections)
+    run_cli(["train", one], offline_env)
+    fsdp = tiny_config("fsdp", **sections)
+    torchrun_train(4, fsdp, offline_env, "run.collective_timeout_s=60", timeout=200)
+    assert_same_run(one.parent / "one", one.parent / "fsdp")

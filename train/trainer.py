@@ -160,7 +160,13 @@ def evaluate(model: LM, data: RunData, cfg: Config, dist: D.DistInfo, autocast, 
     model.eval()
     n = min(cfg.eval.batches * cfg.eval.batch_size, data.valid.n_samples)
     total = torch.zeros(2, dtype=torch.float64, device=dist.device)
-    for start in range(ranks["dp"] * cfg.eval.batch_size, n, ranks["dp_size"] * cfg.eval.batch_size):
+    # every rank runs the same number of forwards: sharded, expert-parallel and pipelined forwards are
+    # collectives, so a rank past the end runs the first batch again and counts it with weight 0
+    stride = ranks["dp_size"] * cfg.eval.batch_size
+    for first in range(0, n, stride):
+        start = first + ranks["dp"] * cfg.eval.batch_size
+        weight = 1.0 if start < n else 0.0
+        start = start if start < n else 0
         batch = data.valid_batch(start, min(cfg.eval.batch_size, n - start)).to(dist.device)
         with autocast:
             if pipe is None:
@@ -168,7 +174,8 @@ def evaluate(model: LM, data: RunData, cfg: Config, dist: D.DistInfo, autocast, 
             else:
                 loss = pipe.forward_loss(*split_batch(batch, ranks["cp"], ranks["cp_size"]))
         if loss is not None:
-            total += torch.stack([loss.double() * batch.shape[0], torch.tensor(batch.shape[0], device=dist.device)])
+            count = weight * batch.shape[0]
+            total += torch.stack([loss.double() * count, torch.tensor(count, device=dist.device, dtype=torch.float64)])
     D.all_reduce_sum(total)
     model.train()
     return (total[0] / total[1]).item()
