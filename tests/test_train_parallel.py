@@ -35,10 +35,11 @@ def test_layout_is_checked_against_the_model():
         check_model(resolve_layout(ParallelConfig(pp=3), 3), ModelConfig(pattern="GG"))
 
 
-def assert_same_run(base_dir, run_dir, rel: float = 2e-5) -> None:
-    """Every logged step of run_dir has the loss, validation loss and grad norm of base_dir's (float32
-    reduction order differs, hence `rel`)."""
+def assert_same_run(base_dir, run_dir, rel: float = 2e-5, up_to: int | None = None) -> None:
+    """Every logged step of run_dir has the loss, validation loss, grad norm and MoE loss of base_dir's
+    (float32 reduction order differs, hence `rel`); base_dir's steps after `up_to` are not compared."""
     base, rows = read_metrics(base_dir), read_metrics(run_dir)
+    base = [r for r in base if up_to is None or r["step"] <= up_to]
     assert [r["step"] for r in rows] == [r["step"] for r in base]
     for ra, rb in zip(base, rows):
         for key in ("loss", "val_loss", "grad_norm", "moe_aux_loss"):
@@ -148,8 +149,9 @@ def test_not_yet_names_the_keys_and_plan_skips_those_layouts():
 
     assert not_yet(Layout(pp=2, dp_shard=2, cp=2)) == not_yet(Layout(tp=2, cp=2)) == []
     assert not_yet(Layout(tp=2, dp_replicate=2), "full") == []
-    with pytest.raises(LayoutError, match=r"parallel.ep=2: only ep = dp_shard.*\(got dp_shard 4 × ep 2\)"):
-        check_supported(Layout(dp_shard=4, ep=2))
+    assert not_yet(Layout(dp_shard=4, ep=2)) == not_yet(Layout(dp_replicate=2, dp_shard=2, ep=2)) == []
+    with pytest.raises(LayoutError, match=r"parallel.ep=2: only ep dividing dp_shard, without cp.*\(got dp_shard 2 × cp 2 × ep 2\)"):
+        check_supported(Layout(dp_shard=2, cp=2, ep=2))
     with pytest.raises(LayoutError, match="parallel.pp=2 with parallel.tp=2"):
         check_supported(Layout(pp=2, tp=2))
     with pytest.raises(LayoutError, match="train.activation_checkpoint=mlp with parallel.cp=2"):
@@ -184,3 +186,22 @@ def test_ranks_without_a_validation_batch_still_join_the_sharded_forward(tiny_co
     fsdp = tiny_config("fsdp", **sections)
     torchrun_train(4, fsdp, offline_env, "run.collective_timeout_s=60", timeout=200)
     assert_same_run(one.parent / "one", one.parent / "fsdp")
+
+
+def test_expert_parallel_groups_smaller_than_the_data_ranks_match_one_process(tiny_config, offline_env):
+    """ep 2 on 4 data ranks, FSDP (dp_shard 4) and HSDP (dp_replicate 2 × dp_shard 2): two groups of 2 split
+    the experts and replicate each other's, expert gradients summed over the groups; the FSDP run's
+    checkpoint (experts sharded over ep, replicated over the groups) then resumes in one process."""
+    model = {"pattern": "GA", "mlp_pattern": "E", "n_heads": 2,
+             "moe": {"experts": 4, "top_k": 2, "hidden": 16, "aux_loss_coef": 0.01, "bias_update_rate": 0.01}}
+    # micro-batches of 2 everywhere: the balancing loss is a function of the micro-batch
+    sections = dict(model=model, train={"steps": 4, "batch_size": 8, "micro_batch_size": 2}, eval={"every": 2})
+    one = tiny_config("one", **sections)
+    run_cli(["train", one, "train.steps=6"], offline_env)
+    for name, overrides in {"ep_fsdp": [], "ep_hsdp": ["parallel.dp_replicate=2"]}.items():
+        run = tiny_config(name, **sections)
+        out = torchrun_train(4, run, offline_env, "parallel.ep=2", *overrides)
+        assert "ep 2" in out.stdout + out.stderr
+    assert_same_run(one.parent / "one", one.parent / "ep_hsdp", up_to=4)
+    run_cli(["train", one.parent / "ep_fsdp.yaml", "train.steps=6"], offline_env)  # 4 ranks → 1 process
+    assert_same_run(one.parent / "one", one.parent / "ep_fsdp")

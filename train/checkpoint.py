@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from unroll.train import distributed as D
 from unroll.train import integrity
@@ -186,9 +186,9 @@ def _expert_view(model: torch.nn.Module, state: dict) -> dict:
     if not meshes:
         return state
 
-    def wrap(t, mesh):
+    def wrap(t, mesh):  # the last mesh dimension splits the experts; any before it replicates them
         if isinstance(t, torch.Tensor) and t.dim() > 0:
-            return DTensor.from_local(t, mesh, [Shard(0)], run_check=False)
+            return DTensor.from_local(t, mesh, [Replicate()] * (mesh.ndim - 1) + [Shard(0)], run_check=False)
         return t
 
     out = {"model": dict(state["model"]), "optim": dict(state["optim"])}

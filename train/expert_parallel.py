@@ -56,13 +56,14 @@ After backward on rank r (loss_r on its own tokens):
     tokens).
 Convention: the trainer averages replicated gradients over its data ranks, each loss_r being a local
 mean, so the step is on mean_r loss_r. The expert gradients are d(Σ_r loss_r) = ep · d(mean_r loss_r)
-over the ep group, so call `scale_expert_grads(model, 1 / ep)` after backward (before clipping) to put
-them on the same scale; then average them over expert replicas (dp outside ep), if any, as usual: in
-all, an expert gradient is the sum over every data rank's loss divided by the number of data ranks, as a
-replicated one is. If the trainer instead SUMS replicated gradients (loss = Σ_r loss_r), leave the expert
+over the ep group, so sum them over the expert replicas (dp outside ep), if any, and divide by the
+number of data ranks (`average_expert_grads`, after backward, before clipping): an expert gradient is
+then the sum over every data rank's loss divided by the number of data ranks, as a replicated one is
+(`scale_expert_grads(model, 1 / ep)` alone when ep is all the data ranks). If the trainer instead SUMS replicated gradients (loss = Σ_r loss_r), leave the expert
 gradients as they are. A DDP wrapper spanning the ep ranks must not reduce the expert parameters
 (exclude them, e.g. DistributedDataParallel._set_params_and_buffers_to_ignore_for_model with the names
-from `expert_parameters`); FSDP must shard them over the expert-replica group, not over ep.
+from `expert_parameters`); FSDP must not shard them over ep (the trainer has FSDP ignore them and
+averages them itself).
 
 Gradient clipping must take the global norm with the expert part summed over the ep group (each
 rank's experts are distinct) and the replicated part counted once. The aux-loss-free bias update
@@ -202,6 +203,19 @@ def expert_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
         if isinstance(m, ExpertParallelMoE):
             out += [(f"{prefix}.{n}" if prefix else n, getattr(m, n)) for n in EXPERT_PARAMS]
     return out
+
+
+@torch.no_grad()
+def average_expert_grads(model: nn.Module, replica_group, dp: int) -> None:
+    """The expert gradients as FSDP's average over the dp data ranks: each ep group's sum over its
+    tokens, summed over the groups replicating these experts (`replica_group`, None when there are
+    none), divided by dp."""
+    for _, p in expert_parameters(model):
+        if p.grad is None:
+            continue
+        if replica_group is not None:
+            dist.all_reduce(p.grad, group=replica_group)
+        p.grad.div_(dp)
 
 
 @torch.no_grad()

@@ -128,9 +128,8 @@ def not_yet(layout: Layout, activation_checkpoint: str = "none") -> list[str]:
     """The combinations the trainer cannot run yet, each naming its keys (empty when it can run). One list
     for the trainer's refusal and `unroll plan`'s candidates, so a plan never recommends what fails."""
     missing = []
-    if layout.ep > 1 and (layout.ep != layout.dp_shard or layout.cp > 1 or layout.tp > 1 or layout.dp_replicate > 1
-                          or layout.pp > 1):
-        missing.append(f"parallel.ep={layout.ep}: only ep = dp_shard without cp, tp, pp or dp_replicate")
+    if layout.ep > 1 and (layout.dp_shard % layout.ep or layout.cp > 1 or layout.tp > 1 or layout.pp > 1):
+        missing.append(f"parallel.ep={layout.ep}: only ep dividing dp_shard, without cp, tp or pp")
     if layout.pp > 1 and layout.tp > 1:
         missing.append(f"parallel.pp={layout.pp} with parallel.tp={layout.tp}")
     if activation_checkpoint != "none" and layout.cp > 1:  # a recomputed state hand-off would send twice

@@ -2,9 +2,11 @@
 activation checkpointing → compile → FSDP. Pipeline parallelism (train/pipelined.py) cuts the model into
 stages before this; each stage is then sharded as an FSDP root of its own.
 
-Expert parallelism (ep > 1, for now ep = dp_shard): each rank keeps E/ep experts of every MoE and tokens
-travel to them by all_to_all (train/expert_parallel.py); FSDP2 ignores those expert parameters. Their
-gradients are sums over all ranks' tokens, so the trainer scales them by 1/ep to match FSDP's average.
+Expert parallelism (ep > 1, ep dividing dp_shard, without cp, tp or pp for now): each rank keeps E/ep
+experts of every MoE and tokens travel to them by all_to_all within groups of ep consecutive data ranks
+(train/expert_parallel.py); the groups replicate each other's experts, and FSDP2 ignores those expert
+parameters. Their gradients are sums over the group's tokens: the trainer sums them over the replicas and
+divides by dp, FSDP's average (`average_expert_grads`).
 
 Tensor parallelism (tp > 1): the declared per-module plans of train/tensor_parallel.py, with sequence
 parallel norms; then FSDP2 over the data-parallel ranks of each tp group.
@@ -72,9 +74,12 @@ def parallelize(model: LM, mesh: DeviceMesh | None, layout: Layout, *, bf16: boo
         apply_compile(model)
     experts = set()
     if layout.ep > 1:
-        apply_expert_parallel_to_model(model, mesh["dp_shard"].get_group())
+        # the data ranks as (expert replicas, ep): ep consecutive dp_shard ranks split the experts, and
+        # each such group's experts are replicated over the others (dp / ep groups)
+        ep_mesh = mesh["dp"]._unflatten(0, (layout.dp // layout.ep, layout.ep), ("edp", "ep"))
+        apply_expert_parallel_to_model(model, ep_mesh["ep"].get_group())
         for _, p in expert_parameters(model):  # checkpoints see them as one tensor sharded over the ep ranks
-            p.ep_mesh = mesh["dp_shard"]
+            p.ep_mesh = ep_mesh
             experts.add(p)
     if layout.cp > 1:
         apply_context_parallel(model, mesh["cp"].get_group())

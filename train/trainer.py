@@ -19,7 +19,7 @@ from unroll.train import checkpoint, distributed as D
 from unroll.train.checkpoint_writer import CheckpointWriter
 from unroll.train.config import Config, ConfigError, check_world
 from unroll.train.data_setup import RunData, open_run_data
-from unroll.train.expert_parallel import expert_parameters, scale_expert_grads
+from unroll.train.expert_parallel import average_expert_grads, expert_parameters
 from unroll.train.mesh import build_mesh, check_model, check_supported, data_ranks, resolve_layout
 from unroll.train.metrics import Metrics
 from unroll.train.parallelize import gradient_sync, parallelize, without_context_parallel
@@ -87,7 +87,8 @@ def clip_gradients(model: LM, max_norm: float) -> torch.Tensor:
     norm = torch.nn.utils.get_total_norm([p.grad for p in shared])
     norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
     expert_sq = torch.nn.utils.get_total_norm([p.grad for p in local]) ** 2 if local else norm.new_zeros(())
-    D.all_reduce_sum(expert_sq)  # ep = dp_shard = the whole world for now
+    # the ep group holds each expert once (its replicas, identical after averaging, are not counted)
+    torch.distributed.all_reduce(expert_sq, group=experts[0][1].ep_mesh["ep"].get_group())
     total = (norm ** 2 + expert_sq).sqrt()
     for group in (shared, local):
         torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
@@ -261,8 +262,10 @@ def train(cfg: Config) -> dict:
                     loss_sum += loss.detach()
                     if aux is not None:
                         aux_sum += aux.detach()
-            if layout.ep > 1:
-                scale_expert_grads(model, 1 / layout.ep)  # sums over every rank's tokens → FSDP's mean
+            if layout.ep > 1:  # sums over the ep group's tokens → FSDP's mean over the data ranks
+                replicas = mesh["dp"].size() // layout.ep
+                average_expert_grads(model, expert_parameters(model)[0][1].ep_mesh["edp"].get_group()
+                                     if replicas > 1 else None, layout.dp)
             if cfg.optim.grad_clip <= 0:
                 grad_norm = None
             elif pipe is not None:
