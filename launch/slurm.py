@@ -16,7 +16,6 @@ job runs the same script with the same run directory, so the trainer resumes fro
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import subprocess
 import sys

@@ -170,7 +170,7 @@ class TNT(nn.Module):
 
     def _run_local(self, i: int, carry: MemoryCarry | None, q, k, v, gates, B: int):
         """A local memory over the whole slice: with resets, every shard of every sequence as one batch."""
-        spec, (N, T, d) = self.specs[i], q.shape
+        spec, (N, T, _) = self.specs[i], q.shape
         if not spec.reset:
             return chunk_memory(carry or self._fresh(i, B, q.dtype), q, k, v, *gates, chunk=spec.chunk, read=spec.read)
         S_L = spec.reset

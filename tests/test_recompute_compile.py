@@ -6,9 +6,8 @@ import torch
 from unroll.models import LM, ModelConfig
 from unroll.models.config import M2RNNConfig, MoEConfig
 from unroll.train.config import load_config
-from unroll.train.mesh import Layout, LayoutError
 from unroll.train.metrics import read_metrics
-from unroll.train.parallelize import apply_activation_checkpointing, parallelize
+from unroll.train.parallelize import apply_activation_checkpointing
 from unroll.train.trainer import train
 
 CFG = dict(pattern="GAML", vocab_size=40, d_model=16, n_heads=2, mlp_pattern="DEDE",
@@ -18,7 +17,7 @@ CFG = dict(pattern="GAML", vocab_size=40, d_model=16, n_heads=2, mlp_pattern="DE
 def grads(mode: str):
     torch.manual_seed(0)
     model = LM(ModelConfig(**CFG)).double()
-    apply_activation_checkpointing(model, mode, Layout())
+    apply_activation_checkpointing(model, mode)
     tokens = torch.randint(0, 40, (2, 12), generator=torch.Generator().manual_seed(1))
     logits = model(tokens)
     (logits.square().mean() + model.aux_loss()).backward()
@@ -35,12 +34,6 @@ def test_recomputation_changes_nothing(mode):
         assert torch.equal(got[name], ref[name]), name
     for a, b in zip(loads, ref_loads):  # the recomputed forward does not count its tokens again
         assert torch.equal(a, b)
-
-
-def test_recomputation_refused_where_not_built():
-    model = LM(ModelConfig(pattern="G", d_model=8, vocab_size=10))
-    with pytest.raises(LayoutError, match="train.activation_checkpoint=full with parallel.cp"):
-        parallelize(model, object(), Layout(cp=2), bf16=False, activation_checkpoint="full")
 
 
 def test_compiled_blocks_train_like_eager(tiny_config):

@@ -148,32 +148,34 @@ def test_not_yet_names_the_keys_and_plan_skips_those_layouts():
     from unroll.train.config import load_config
 
     assert not_yet(Layout(pp=2, dp_shard=2, cp=2)) == not_yet(Layout(tp=2, cp=2)) == []
-    assert not_yet(Layout(tp=2, dp_replicate=2), "full") == []
+    assert not_yet(Layout(tp=2, dp_replicate=2)) == []
     assert not_yet(Layout(dp_shard=4, ep=2)) == not_yet(Layout(dp_replicate=2, dp_shard=2, ep=2)) == []
     with pytest.raises(LayoutError, match=r"parallel.ep=2: only ep dividing dp_shard, without cp.*\(got dp_shard 2 × cp 2 × ep 2\)"):
         check_supported(Layout(dp_shard=2, cp=2, ep=2))
     with pytest.raises(LayoutError, match="parallel.pp=2 with parallel.tp=2"):
         check_supported(Layout(pp=2, tp=2))
-    with pytest.raises(LayoutError, match="train.activation_checkpoint=mlp with parallel.cp=2"):
-        check_supported(Layout(cp=2), "mlp")
     model = load_config("m2rnn-moe-7b").model
-    layouts = list(candidate_layouts(model, 64, 8, activation_checkpoint="full"))
-    assert layouts and all(not not_yet(Layout(**x), "full") for x in layouts)
-    assert any(x["ep"] > 1 for x in layouts) and not any(x["cp"] > 1 for x in layouts)
+    layouts = list(candidate_layouts(model, 64, 8))
+    assert layouts and all(not not_yet(Layout(**x)) for x in layouts)
+    assert any(x["ep"] > 1 for x in layouts) and not any(x["pp"] > 1 and x["tp"] > 1 for x in layouts)
 
 
-def test_tensor_parallel_with_context_parallel_and_hsdp_match_one_process(tiny_config, offline_env):
-    """tp 2 × cp 2 (the heads and the sequence split at once; FSDP over the cp ranks) and tp 2 ×
-    dp_replicate 2 with every block recomputed in the backward, on 4 processes."""
+def test_tensor_and_context_parallel_combinations_with_recompute_match_one_process(tiny_config, offline_env):
+    """On 4 processes: tp 2 × cp 2 (the heads and the sequence split at once; FSDP over the cp ranks),
+    tp 2 × dp_replicate 2 with every block recomputed in the backward, and cp 4 with every block recomputed
+    (the recomputed state hand-offs, gathers and sequence-parallel Newton solves run again, in the same
+    order on every cp rank)."""
     from test_train_pipeline import SECTIONS
 
     one = tiny_config("one", **SECTIONS)
     run_cli(["train", one], offline_env)
-    layouts = {"tp_cp": ["parallel.cp=2"], "tp_hsdp_ac": ["parallel.dp_replicate=2", "train.activation_checkpoint=full"]}
+    layouts = {"tp_cp": ["parallel.tp=2", "parallel.cp=2"],
+               "tp_hsdp_ac": ["parallel.tp=2", "parallel.dp_replicate=2", "train.activation_checkpoint=full"],
+               "cp_ac": ["parallel.cp=4", "train.activation_checkpoint=full", "model.solver=newton"]}
     for name, overrides in layouts.items():
         run = tiny_config(name, **SECTIONS)
-        out = torchrun_train(4, run, offline_env, "parallel.tp=2", "parallel.dp_shard=1", *overrides)
-        assert "tp 2" in out.stdout + out.stderr
+        out = torchrun_train(4, run, offline_env, "parallel.dp_shard=1", *overrides)
+        assert overrides[0].replace("parallel.", "").replace("=", " ") in out.stdout + out.stderr
         assert_same_run(one.parent / "one", one.parent / name, rel=5e-5)
 
 

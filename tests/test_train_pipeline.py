@@ -7,7 +7,6 @@ import pytest
 
 from conftest import run_cli, torchrun_train
 from test_train_parallel import assert_same_run
-from unroll.train.metrics import read_metrics
 
 MOE = {"experts": 4, "top_k": 2, "hidden": 16, "aux_loss_coef": 0.01, "z_loss_coef": 0.001}
 MODEL = {"pattern": "GAML", "mlp_pattern": "DEDE", "n_heads": 2, "tie_embeddings": False, "moe": MOE,

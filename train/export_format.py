@@ -27,7 +27,6 @@ import dataclasses
 import json
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
 
 from unroll.models import LM

@@ -67,7 +67,7 @@ def resolve_layout(parallel, world: int) -> Layout:
         sizes["dp_shard"] = world // fixed
     layout = Layout(**sizes)
     if layout.world != world:
-        raise LayoutError(f"parallel: pp × dp_replicate × dp_shard × cp × tp = "
+        raise LayoutError("parallel: pp × dp_replicate × dp_shard × cp × tp = "
                           + " × ".join(str(getattr(layout, d)) for d in DIMS)
                           + f" = {layout.world} ranks, but the world size is {world}")
     if (layout.dp_shard * layout.cp) % layout.ep:
@@ -124,7 +124,7 @@ def tnt_context_problems(model: ModelConfig, per_rank: int, cp: int) -> list[str
     return out
 
 
-def not_yet(layout: Layout, activation_checkpoint: str = "none") -> list[str]:
+def not_yet(layout: Layout) -> list[str]:
     """The combinations the trainer cannot run yet, each naming its keys (empty when it can run). One list
     for the trainer's refusal and `unroll plan`'s candidates, so a plan never recommends what fails."""
     missing = []
@@ -132,13 +132,11 @@ def not_yet(layout: Layout, activation_checkpoint: str = "none") -> list[str]:
         missing.append(f"parallel.ep={layout.ep}: only ep dividing dp_shard, without cp, tp or pp")
     if layout.pp > 1 and layout.tp > 1:
         missing.append(f"parallel.pp={layout.pp} with parallel.tp={layout.tp}")
-    if activation_checkpoint != "none" and layout.cp > 1:  # a recomputed state hand-off would send twice
-        missing.append(f"train.activation_checkpoint={activation_checkpoint} with parallel.cp={layout.cp}")
     return missing
 
 
-def check_supported(layout: Layout, activation_checkpoint: str = "none") -> None:
-    missing = not_yet(layout, activation_checkpoint)
+def check_supported(layout: Layout) -> None:
+    missing = not_yet(layout)
     if missing:
         raise LayoutError(f"not available yet: {'; '.join(missing)} (got {layout.describe()})")
 

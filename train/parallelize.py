@@ -38,11 +38,10 @@ from unroll.train.tensor_parallel import apply_tensor_parallel, fsdp_shard_place
 
 
 
-def apply_activation_checkpointing(model: LM, mode: str, layout: Layout) -> None:
+def apply_activation_checkpointing(model: LM, mode: str) -> None:
     """Recompute each block ("full") or each MLP ("mlp") in the backward instead of keeping its activations."""
     if mode == "none":
         return
-    check_supported(layout, mode)
     for block in model.blocks:
         block.recompute = mode
 
@@ -61,15 +60,15 @@ def parallelize(model: LM, mesh: DeviceMesh | None, layout: Layout, *, bf16: boo
     context groups → FSDP/DDP); returns the module the training step calls (the model itself under FSDP2,
     its DDP wrapper under plain replication). bf16: FSDP2 computes in bfloat16 parameters and reduces
     gradients in float32 (its MixedPrecisionPolicy; used on GPU)."""
-    check_supported(layout, activation_checkpoint)
+    check_supported(layout)
     if mesh is None:
-        apply_activation_checkpointing(model, activation_checkpoint, layout)
+        apply_activation_checkpointing(model, activation_checkpoint)
         if compile:
             apply_compile(model)
         return model
     if layout.tp > 1:
         apply_tensor_parallel(model, mesh["tp"], sequence_parallel=True)
-    apply_activation_checkpointing(model, activation_checkpoint, layout)
+    apply_activation_checkpointing(model, activation_checkpoint)
     if compile:
         apply_compile(model)
     experts = set()

@@ -85,7 +85,7 @@ def _divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
 
-def candidate_layouts(cfg: ModelConfig, world: int, gpus_per_node: int, activation_checkpoint: str = "full"):
+def candidate_layouts(cfg: ModelConfig, world: int, gpus_per_node: int):
     """Every (pp, tp, cp, ep, dp_shard) on `world` GPUs the model's shapes allow and the trainer runs
     (train/mesh.py's not_yet), tp within a node."""
     kinds = set(cfg.layers)
@@ -101,7 +101,7 @@ def candidate_layouts(cfg: ModelConfig, world: int, gpus_per_node: int, activati
             if "E" in cfg.mlp_kinds else [1]
         for ep in eps:
             layout = {"pp": pp, "dp_replicate": 1, "dp_shard": shard, "cp": cp, "tp": tp, "ep": ep}
-            if not not_yet(Layout(**layout), activation_checkpoint):  # only what the trainer can run
+            if not not_yet(Layout(**layout)):  # only what the trainer can run
                 yield layout
 
 
@@ -115,8 +115,7 @@ def plan(cfg: ModelConfig, *, nodes: int, gpus_per_node: int, seq_len: int, micr
          gpu_gib: float = 80.0, checkpointing: bool = True, usable: float = 0.9) -> list[Estimate]:
     """The layouts that fit `usable` of each GPU's memory, best first."""
     fits, summary = [], summarize(cfg)
-    for layout in candidate_layouts(cfg, nodes * gpus_per_node, gpus_per_node,
-                                    activation_checkpoint="full" if checkpointing else "none"):
+    for layout in candidate_layouts(cfg, nodes * gpus_per_node, gpus_per_node):
         e = estimate(cfg, layout, seq_len=seq_len, micro_batch=micro_batch, checkpointing=checkpointing,
                      summary=summary)
         if e.total <= usable * gpu_gib * GiB:

@@ -432,7 +432,7 @@ def apply_tensor_parallel(model: LM, tp_mesh: DeviceMesh, *, sequence_parallel: 
     activation checkpointing / compile). Raises TensorParallelError naming what tp does not divide."""
     if tp_mesh.ndim != 1:
         raise TensorParallelError(f"tensor parallelism needs a 1-D mesh, got {tp_mesh.ndim} dimensions")
-    tp, sp = tp_mesh.size(), sequence_parallel
+    sp = sequence_parallel
     seq = Shard(1) if sp else Replicate()  # where the residual stream lives between the blocks
     plans = [(block, _mixer_plan(block.mixer, tp_mesh, seq), _mlp_plan(block.mlp, tp_mesh, seq))
              for block in model.blocks]

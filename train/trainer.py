@@ -189,7 +189,7 @@ def train(cfg: Config) -> dict:
         torch.set_num_threads(cfg.run.threads)
     layout = resolve_layout(cfg.parallel, dist.world)
     check_model(layout, cfg.model, seq_len=cfg.data.seq_len)
-    check_supported(layout, cfg.train.activation_checkpoint)
+    check_supported(layout)
     micro, accum = check_world(cfg, layout.dp)
     check_pipeline(layout, cfg, n_microbatches=accum)
     data = open_run_data(cfg)  # every file checked before any work
