@@ -18,14 +18,14 @@ if os.environ.get("RANK") == "1":
     import unroll.train.trainer as trainer
     steps, original = [0], trainer.update_expert_bias
 
-    def faulty(model):
+    def faulty(*args):
         steps[0] += 1
         if steps[0] == 3:
             if os.environ["FAULT"] == "raise":
                 raise RuntimeError("injected failure on rank 1 at step 3")
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             time.sleep(3600)
-        return original(model)
+        return original(*args)
 
     trainer.update_expert_bias = faulty
 '''

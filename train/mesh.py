@@ -130,8 +130,6 @@ def not_yet(layout: Layout) -> list[str]:
     missing = []
     if layout.ep > 1 and (layout.dp_shard % layout.ep or layout.cp > 1 or layout.tp > 1 or layout.pp > 1):
         missing.append(f"parallel.ep={layout.ep}: only ep dividing dp_shard, without cp, tp or pp")
-    if layout.pp > 1 and layout.tp > 1:
-        missing.append(f"parallel.pp={layout.pp} with parallel.tp={layout.tp}")
     return missing
 
 

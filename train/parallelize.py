@@ -67,7 +67,7 @@ def parallelize(model: LM, mesh: DeviceMesh | None, layout: Layout, *, bf16: boo
             apply_compile(model)
         return model
     if layout.tp > 1:
-        apply_tensor_parallel(model, mesh["tp"], sequence_parallel=True)
+        apply_tensor_parallel(model, mesh["tp"], sequence_parallel=True, stages=stages)
     apply_activation_checkpointing(model, activation_checkpoint)
     if compile:
         apply_compile(model)

@@ -138,7 +138,8 @@ class Pipeline:
     @torch.no_grad()
     def forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
         """Evaluation: the batch's mean loss on the rank with the last stage, None elsewhere. Runs the stages
-        in order, sending the hidden state [B, T, d] point to point (float32) between their ranks."""
+        in order, sending the hidden state [B, T, d] (T/tp under sequence parallelism) point to point
+        (float32, after its shape) between their ranks."""
         order = sorted(self.modules, key=lambda m: m.stage_index)
         mine = {m.stage_index: m for m in order}
         owner = self._owners()
@@ -146,14 +147,19 @@ class Pipeline:
         for s in range(order[-1].stage_index + 1):
             if s not in mine:
                 continue
-            if s > 0 and owner[s - 1] != owner[s]:
-                x = torch.empty(*inputs.shape, self.model.cfg.d_model, device=inputs.device)
-                dist.recv(x, dist.get_global_rank(self.group, owner[s - 1]), self.group)
+            if s > 0 and owner[s - 1] != owner[s]:  # its shape first (sequence-parallel stages hold a slice)
+                src = dist.get_global_rank(self.group, owner[s - 1])
+                shape = torch.empty(3, dtype=torch.int64, device=inputs.device)
+                dist.recv(shape, src, self.group)
+                x = torch.empty(*shape.tolist(), device=inputs.device)
+                dist.recv(x, src, self.group)
             x = mine[s](x)
             for m in self.modules:
                 m.aux_losses.clear()
             if s + 1 < len(owner) and owner[s + 1] != owner[s]:
-                dist.send(x.float().contiguous(), dist.get_global_rank(self.group, owner[s + 1]), self.group)
+                dst = dist.get_global_rank(self.group, owner[s + 1])
+                dist.send(torch.tensor(x.shape, dtype=torch.int64, device=x.device), dst, self.group)
+                dist.send(x.float().contiguous(), dst, self.group)
         return pipeline_loss(x, targets) if self.last else None
 
     def _owners(self) -> list[int]:

@@ -427,15 +427,19 @@ def _mlp_plan(m: nn.Module, mesh: DeviceMesh, output: Placement) -> Sharded:
 
 
 # --- the model ----------------------------------------------------------------------------------------
-def apply_tensor_parallel(model: LM, tp_mesh: DeviceMesh, *, sequence_parallel: bool = True) -> None:
+def apply_tensor_parallel(model: LM, tp_mesh: DeviceMesh, *, sequence_parallel: bool = True,
+                          stages: list[nn.Module] | None = None) -> None:
     """Shards `model` in place over the 1-D mesh `tp_mesh` by the plans above. Call it before FSDP (and
-    activation checkpointing / compile). Raises TensorParallelError naming what tp does not divide."""
+    activation checkpointing / compile). Raises TensorParallelError naming what tp does not divide.
+    Pipelined (`stages`, this rank's train/pipeline.py stage modules): only their blocks are sharded, and
+    each stage, whose forward replaces the LM's, runs on the local views of its embedding, norm and head."""
     if tp_mesh.ndim != 1:
         raise TensorParallelError(f"tensor parallelism needs a 1-D mesh, got {tp_mesh.ndim} dimensions")
     sp = sequence_parallel
     seq = Shard(1) if sp else Replicate()  # where the residual stream lives between the blocks
+    blocks = model.blocks if stages is None else [b for stage in stages for b in stage.blocks.values()]
     plans = [(block, _mixer_plan(block.mixer, tp_mesh, seq), _mlp_plan(block.mlp, tp_mesh, seq))
-             for block in model.blocks]
+             for block in blocks]
     for block, mixer_plan, mlp_plan in plans:  # all checked before anything is changed
         parallelize_module(block.mixer, tp_mesh, mixer_plan)
         parallelize_module(block.mlp, tp_mesh, mlp_plan)
@@ -445,21 +449,35 @@ def apply_tensor_parallel(model: LM, tp_mesh: DeviceMesh, *, sequence_parallel: 
             parallelize_module(block, tp_mesh, Sharded({"mixer_norm.weight": Replicate(),
                                                         "mlp_norm.weight": Replicate()}, row_parallel=False))
 
-    root = {"embed.weight": Replicate()}
-    if model.head is not None:
-        root["head.weight"] = Replicate()
-    if sp:
-        parallelize_module(model.norm, tp_mesh, SequenceParallel())
-        model.embed.register_forward_hook(partial(_to_sequence_shard, mesh=tp_mesh))
-        model.norm.register_forward_hook(_gather_sequence)
-    else:
-        root["norm.weight"] = Replicate()
-    parallelize_module(model, tp_mesh, Sharded(root, row_parallel=False))
+    for root in [model] if stages is None else stages:
+        _shard_root(root, tp_mesh, sp)
     model.step = _no_generation
 
-    plain = [name for name, p in model.named_parameters() if not isinstance(p, DTensor)]
-    if plain:
-        raise AssertionError(f"tensor parallelism left parameters without a layout: {plain}")
+    for owner in [model] if stages is None else stages:
+        plain = [name for name, p in owner.named_parameters() if not isinstance(p, DTensor)]
+        if plain:
+            raise AssertionError(f"tensor parallelism left parameters without a layout: {plain}")
+
+
+def _shard_root(root: nn.Module, tp_mesh: DeviceMesh, sp: bool) -> None:
+    """The embedding, final norm and head of the LM (or of a pipeline stage, where it holds them, and a
+    last stage's replica of a tied embedding), replicated; their forward on the local views."""
+    params = {}
+    if getattr(root, "embed", None) is not None:
+        params["embed.weight"] = Replicate()
+        if sp:
+            root.embed.register_forward_hook(partial(_to_sequence_shard, mesh=tp_mesh))
+    if getattr(root, "head", None) is not None:
+        params["head.weight"] = Replicate()
+    if getattr(root, "tied_embed_weight", None) is not None:
+        params["tied_embed_weight"] = Replicate()
+    if getattr(root, "norm", None) is not None:
+        if sp:
+            parallelize_module(root.norm, tp_mesh, SequenceParallel())
+            root.norm.register_forward_hook(_gather_sequence)
+        else:
+            params["norm.weight"] = Replicate()
+    parallelize_module(root, tp_mesh, Sharded(params, row_parallel=False))
 
 
 def _to_sequence_shard(module, args, out, *, mesh: DeviceMesh):
