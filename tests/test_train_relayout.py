@@ -9,18 +9,19 @@ position is global samples (train_state.json's `samples_consumed`; every rank de
 it and its dp index), so it does not depend on the world size that saved it.
 
 Tested here: PP 2 → FSDP 2 → 1 process → FSDP 2; TP 2 → DDP 2 → TP 2 → 1 process; CP 2 → 1 process → EP 2
-→ 1 process. Elsewhere: PP 2 → 1 process with tied embeddings (test_train_pipeline.py, every figure), EP 2 →
-1 process (test_train_parallel.py, the losses), FSDP 2 × TP 2 → 1 process (test_train_parallel.py) and
-FSDP 2 → 1 process (test_train_run.py), those two by the step count only. The optimizer's groups are
-recorded by index, so build_optimizer gives the MoE experts their own group under every layout (1 process →
-EP 2 failed on a missing optim.param_groups.2 before).
+→ 1 process. Elsewhere: PP 2 → 1 process with tied embeddings (test_train_pipeline.py) and dp_shard 4 × EP 2
+→ 1 process (test_train_parallel.py), every figure; dp_shard 2 × EP 2 → 1 process (test_train_parallel.py),
+the losses; FSDP 2 × TP 2 → 1 process (test_train_parallel.py) and FSDP 2 → 1 process (test_train_run.py),
+the step count only. The optimizer's groups are recorded by index, so build_optimizer gives the MoE experts
+their own group under every layout (1 process → EP 2 failed on a missing optim.param_groups.2 before).
 
 RNG: checkpoints keep every rank's RNG state (rng_rank{r}.pt); on more ranks than saved, the new ranks take
 rank 0's, on fewer the extra files are ignored. A rank's RNG state therefore does not carry over a layout
-change as it would in an uninterrupted run, and that is harmless because a training step draws no random numbers: the model has no
-dropout, routing and Newton solves are deterministic, the data order is a pure function of (seed, global
-sample index) and sampling uses its own seeded generator — test_a_training_step_draws_no_random_numbers
-checks it. (The schedule is `constant`: a cosine's shape depends on train.steps, which each segment sets
+change as it would in an uninterrupted run, and that is harmless because a training step draws no random
+numbers: the model has no dropout, routing and Newton solves are deterministic, the data order is a pure
+function of (seed, global sample index) and sampling uses its own seeded generator —
+test_a_training_step_draws_no_random_numbers checks it.
+(The schedule is `constant`: a cosine's shape depends on train.steps, which each segment sets
 to its own end; the warmup does not.)
 """
 import json
