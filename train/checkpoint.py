@@ -8,6 +8,14 @@ Layout of RUN_DIR/checkpoints/step_00000100/:
 A checkpoint is written under `step_N.tmp` and renamed to `step_N` only once every file is complete, so a
 crash mid-write leaves at worst a `.tmp` directory that is ignored (and removed by the next save). On
 resume a checkpoint that fails its manifest's checks is refused with the reason, and the previous one used.
+
+A checkpoint resumes under another layout and world size: DCP reshards, tensor-parallel fused weights and
+expert-parallel experts are saved in the single-device layout (checkpoint_view, _expert_view), pipeline stages
+under the LM's names (pipelined.owned_view), and the data position is global samples. Tested, with the losses
+continuing as in one uninterrupted run (tests/test_train_relayout.py and the tests it names): PP 2 → FSDP 2 →
+1 process → FSDP 2, TP 2 → DDP 2 → TP 2 → 1 process, CP 2 → 1 process → EP 2 → 1 process, PP 2 → 1 process
+with tied embeddings, dp_shard 4 × EP 2 → 1 process. RNG states are per rank (a rank beyond the saved ones
+takes rank 0's); a training step draws no random numbers, so they do not affect the losses.
 """
 from __future__ import annotations
 

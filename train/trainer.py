@@ -37,12 +37,15 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
     decay |= {id(p) for m in model.modules() if isinstance(m, MoE) for p in (m.w_gate_up, m.w_down)}
     decay |= {id(p) for name, p in model.named_parameters() if name == "embed.weight"}  # a pipeline's tied replica
     params = [p for p in model.parameters() if p.requires_grad]
-    experts = {id(p) for _, p in expert_parameters(model)}  # expert parallel: plain tensors beside DTensors
+    # The experts get a group of their own: under expert parallelism they are plain tensors beside
+    # DTensors, which AdamW's foreach kernels do not mix. They get it under every layout, so that the
+    # groups (which checkpoints record by index) are the same whatever layout saves or resumes.
+    experts = {id(p) for m in model.modules() if isinstance(m, MoE) for p in (m.w_gate_up, m.w_down)}
     groups = [
         {"params": [p for p in params if id(p) in decay and id(p) not in experts], "weight_decay": cfg.optim.weight_decay},
         {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0},
     ]
-    if experts:  # a group of their own: AdamW's foreach kernels do not mix DTensors and tensors
+    if any(id(p) in experts for p in params):
         groups.append({"params": [p for p in params if id(p) in experts], "weight_decay": cfg.optim.weight_decay})
     return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
 
