@@ -147,17 +147,18 @@ def test_not_yet_names_the_keys_and_plan_skips_those_layouts():
     from unroll.train.plan import candidate_layouts
     from unroll.train.config import load_config
 
-    assert not_yet(Layout(pp=2, dp_shard=2, cp=2)) == not_yet(Layout(tp=2, cp=2)) == []
+    assert not_yet(Layout(pp=2, dp_shard=2, cp=2)) == not_yet(Layout(tp=2, cp=2)) == not_yet(Layout(pp=2, tp=2)) == []
     assert not_yet(Layout(tp=2, dp_replicate=2)) == []
     assert not_yet(Layout(dp_shard=4, ep=2)) == not_yet(Layout(dp_replicate=2, dp_shard=2, ep=2)) == []
     with pytest.raises(LayoutError, match=r"parallel.ep=2: only ep dividing dp_shard, without cp.*\(got dp_shard 2 × cp 2 × ep 2\)"):
         check_supported(Layout(dp_shard=2, cp=2, ep=2))
-    with pytest.raises(LayoutError, match="parallel.pp=2 with parallel.tp=2"):
-        check_supported(Layout(pp=2, tp=2))
+    with pytest.raises(LayoutError, match=r"parallel.ep=2: only ep dividing dp_shard.*\(got pp 2 × dp_shard 2 × ep 2\)"):
+        check_supported(Layout(pp=2, dp_shard=2, ep=2))
     model = load_config("m2rnn-moe-7b").model
     layouts = list(candidate_layouts(model, 64, 8))
     assert layouts and all(not not_yet(Layout(**x)) for x in layouts)
-    assert any(x["ep"] > 1 for x in layouts) and not any(x["pp"] > 1 and x["tp"] > 1 for x in layouts)
+    assert any(x["ep"] > 1 for x in layouts) and any(x["cp"] > 1 for x in layouts)
+    assert all(x["cp"] == x["tp"] == x["pp"] == 1 and x["dp_shard"] % x["ep"] == 0 for x in layouts if x["ep"] > 1)
 
 
 def test_tensor_and_context_parallel_combinations_with_recompute_match_one_process(tiny_config, offline_env):
