@@ -69,6 +69,15 @@ def tiny_config_dict(corpus: SimpleNamespace, run_dir: Path, **sections) -> dict
     return cfg
 
 
+def train_one_process(root: Path, corpus: SimpleNamespace, env: dict, **sections) -> Path:
+    """`unroll train` of the tiny config with `sections` in one process, in ROOT/one: a baseline that a
+    module-scoped fixture shares among the parallel runs compared with it."""
+    cfg = root / "one.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config_dict(corpus, root / "one", **sections)))
+    run_cli(["train", cfg], env)
+    return root / "one"
+
+
 @pytest.fixture
 def tiny_config(small_data, tmp_path):
     """tiny_config(name, **sections) → path of a YAML config whose run.dir is tmp_path/name."""

@@ -5,7 +5,7 @@ context and tensor parallelism; a pipelined checkpoint resumes in one process.""
 
 import pytest
 
-from conftest import run_cli, torchrun_train
+from conftest import run_cli, torchrun_train, train_one_process
 from test_train_parallel import assert_same_run
 
 MOE = {"experts": 4, "top_k": 2, "hidden": 16, "aux_loss_coef": 0.01, "z_loss_coef": 0.001}
@@ -17,14 +17,7 @@ SECTIONS = dict(model=MODEL, train={"steps": 4, "batch_size": 8, "micro_batch_si
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory, small_data, offline_env):
-    from conftest import tiny_config_dict
-    import yaml
-
-    root = tmp_path_factory.mktemp("pp_one")
-    cfg = root / "one.yaml"
-    cfg.write_text(yaml.safe_dump(tiny_config_dict(small_data, root / "one", **SECTIONS)))
-    run_cli(["train", cfg], offline_env)
-    return root / "one"
+    return train_one_process(tmp_path_factory.mktemp("pp_one"), small_data, offline_env, **SECTIONS)
 
 
 @pytest.mark.parametrize("schedule", ["1F1B", "Interleaved1F1B", "ZBVZeroBubble"])

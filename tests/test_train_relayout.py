@@ -30,9 +30,8 @@ import random
 import numpy as np
 import pytest
 import torch
-import yaml
 
-from conftest import run_cli, tiny_config_dict, torchrun_train
+from conftest import run_cli, torchrun_train, train_one_process
 from test_train_parallel import assert_same_run
 from test_train_pipeline import MODEL
 from unroll.train.metrics import read_metrics
@@ -56,11 +55,7 @@ LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, small_data, offline_env):
-    root = tmp_path_factory.mktemp("relayout_one")
-    cfg = root / "one.yaml"
-    cfg.write_text(yaml.safe_dump(tiny_config_dict(small_data, root / "one", **SECTIONS)))
-    run_cli(["train", cfg], offline_env)
-    return root / "one"
+    return train_one_process(tmp_path_factory.mktemp("relayout_one"), small_data, offline_env, **SECTIONS)
 
 
 def run_chain(tiny_config, env, name: str, chain: list[str]):

@@ -25,6 +25,7 @@ from unroll.train import checkpoint, integrity
 from unroll.train.checkpoint import STATE_FILE, CheckpointError
 from unroll.train.config import Config, load_config, to_yaml
 from unroll.train.export_format import CONFIG, META, TOKENIZER, WEIGHTS, ExportError, build_model, read_export
+from unroll.train.grow import fresh_adamw_state
 from unroll.train.hf_layout import LayoutError, hf_architecture, hf_config, to_hf, tokenizer_config
 from unroll.train.rundir import CONFIG_FILE, TOKENIZER_FILE
 
@@ -123,23 +124,6 @@ def export(path: str | Path, out: str | Path, *, fmt: str = "auto", dtype: str =
     return meta | {"out": str(out)}
 
 
-def _fresh_adamw_state(optimizer: torch.optim.Optimizer) -> None:
-    """Creates AdamW's state as a new optimizer's first step would (zero moments) without moving a weight
-    (lr 0, zero gradients), and sets the step counts back to 0."""
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    lrs = [g["lr"] for g in optimizer.param_groups]
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    for g in optimizer.param_groups:
-        g["lr"] = 0.0
-    optimizer.step()
-    for g, lr in zip(optimizer.param_groups, lrs):
-        g["lr"] = lr
-    optimizer.zero_grad(set_to_none=True)
-    for s in optimizer.state.values():
-        s["step"].zero_()
-
-
 def import_export(src: str | Path, out: str | Path, *, config: str | None = None, overrides: list[str] = (),
                   step: int | None = None) -> dict:
     """Writes the run directory `out`; returns {"out", "step", "checkpoint"}."""
@@ -156,7 +140,7 @@ def import_export(src: str | Path, out: str | Path, *, config: str | None = None
     cfg = _with_overrides(base, overrides)
     model = build_model(export, src, cfg.model)  # overrides may change e.g. model.solver, not the shapes
     optimizer = build_optimizer(model, cfg)
-    _fresh_adamw_state(optimizer)
+    fresh_adamw_state(optimizer)
     train_state = {"samples_consumed": 0, "tokens_consumed": 0, "world_size": 1, "initial_val_loss": None}
     train_state |= export.meta.get("train_state", {})
     step = export.meta.get("step", 0) if step is None else step
