@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unroll.models.init import init_eagerly, normal
+
 
 def rope_angles(positions: torch.Tensor, head_dim: int, theta: float,
                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,11 +56,14 @@ class Attention(nn.Module):
         self.rope_theta, self.rope, self.window = rope_theta, rope, window
         self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=False)
         self.out_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
-        nn.init.normal_(self.qkv.weight, std=init_std)
-        nn.init.normal_(self.out_proj.weight, std=out_std or init_std)
+        self.init_std, self.out_std = init_std, out_std or init_std
         # Context parallelism (set from outside, train/parallelize.py): the sequence is split over this
         # group; each rank attends from its slice to the keys and values of all slices (all_gather).
         self.context_group = None
+        init_eagerly(self)
+
+    def init_rules(self) -> dict:
+        return {"qkv.weight": normal(self.init_std), "out_proj.weight": normal(self.out_std)}
 
     def _mask(self, past: int, cached: int, T: int, device) -> tuple[torch.Tensor | None, bool]:
         """(attn_mask, is_causal) for T queries at positions past ... past+T−1 over `cached` cached keys

@@ -7,6 +7,7 @@ from torch.utils.checkpoint import checkpoint
 
 from unroll.models.attention import Attention
 from unroll.models.config import ModelConfig
+from unroll.models.init import fresh_seed, init_parameters, normal
 from unroll.models.m2rnn import M2RNN
 from unroll.models.mlp import SwiGLU
 from unroll.models.moe import MoE
@@ -85,16 +86,26 @@ class Block(nn.Module):
 
 
 class LM(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Built on the meta device; then, unless the caller itself builds on meta (`with torch.device("meta")`,
+    to shard before allocating: train/materialize.py), allocated on the default device and initialised
+    from `seed` (None: drawn from torch's global generator). The weights are a function of the seed and
+    the parameter names only (models/init.py), whatever later holds which part of them."""
+
+    def __init__(self, cfg: ModelConfig, seed: int | None = None):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(kind, cfg, mlp) for kind, mlp in zip(cfg.layers, cfg.mlp_kinds))
-        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        nn.init.normal_(self.embed.weight, std=cfg.init_std)
-        if self.head is not None:
-            nn.init.normal_(self.head.weight, std=cfg.init_std)
+        device = torch.get_default_device()
+        with torch.device("meta"):
+            self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+            self.blocks = nn.ModuleList(Block(kind, cfg, mlp) for kind, mlp in zip(cfg.layers, cfg.mlp_kinds))
+            self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+            self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if device.type != "meta":
+            self.to_empty(device=device)
+            init_parameters(self, fresh_seed() if seed is None else seed)
+
+    def init_rules(self) -> dict:
+        return {"embed.weight": normal(self.cfg.init_std), "head.weight": normal(self.cfg.init_std)}
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(x)

@@ -29,6 +29,7 @@ from unroll.kernels.context import previous_tail, receive_state, send_state
 from unroll.kernels.m2rnn_scan import m2rnn_sequential
 from unroll.kernels.newton import SolveInfo
 from unroll.kernels.seqpar_newton import newton_solve_seqpar
+from unroll.models.init import Draws, Rule, constant, identity, init_eagerly, normal, uniform
 
 
 @dataclass
@@ -93,24 +94,28 @@ class M2RNN(nn.Module):
         self.W = nn.Parameter(torch.empty(v_heads, v_dim, v_dim))
         self.norm = nn.RMSNorm(value, eps=norm_eps)
         self.out_proj = nn.Linear(value, d_model, bias=False)
-        nn.init.normal_(self.in_proj.weight, std=init_std)
-        nn.init.normal_(self.out_proj.weight, std=out_std or init_std)
-        self.reset_recurrence()
+        self.init_std, self.out_std = init_std, out_std or init_std
         self.last_solve: SolveInfo | None = None
         # Context parallelism (set from outside, train/parallelize.py): the sequence is split over this
         # group; the convolution takes the previous rank's last inputs, the sequential recurrence its
         # final state (a hand-off pipeline), Newton runs sequence-parallel.
         self.context_group = None
+        init_eagerly(self)
 
-    @torch.no_grad()
-    def reset_recurrence(self) -> None:
+    def init_rules(self) -> dict:
         """The paper's init: W = I, D = 1, A ~ U[0, 16] stored as log A, dt log-uniform in [1e-3, 0.1] with
-        dt_bias = softplus⁻¹(dt) (so f starts between exp(−1.6) and ~1: a spread of memory lengths)."""
-        self.W.copy_(torch.eye(self.v_dim).expand_as(self.W))
-        self.D.fill_(1.0)
-        self.A_log.copy_(torch.empty(self.v_heads).uniform_(0, 16).clamp_min(1e-4).log())
-        dt = torch.exp(torch.empty(self.v_heads).uniform_(math.log(1e-3), math.log(0.1)))
-        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(dt)
+        dt_bias = softplus⁻¹(dt) (so f starts between exp(−1.6) and ~1: a spread of memory lengths). The
+        depthwise convolution as torch's Conv1d default, U(±1/√width)."""
+
+        def dt_bias(d: Draws) -> torch.Tensor:
+            dt = torch.exp(d.uniform(math.log(1e-3), math.log(0.1)))
+            return dt + torch.log(-torch.expm1(-dt))  # softplus⁻¹(dt)
+
+        bound = 1 / math.sqrt(self.conv_width)
+        return {"in_proj.weight": normal(self.init_std), "out_proj.weight": normal(self.out_std),
+                "conv.weight": uniform(-bound, bound), "W": identity(), "D": constant(1.0),
+                "A_log": Rule(lambda d: d.uniform(0.0, 16.0).clamp_min(1e-4).log(), whole=True),
+                "dt_bias": Rule(dt_bias, whole=True)}
 
     def state_elements(self) -> int:
         """Recurrent state per sequence (the H matrices; the convolution's last inputs not counted)."""

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unroll.models.init import init_eagerly, normal
+
 
 class SwiGLU(nn.Module):
     def __init__(self, d_model: int, hidden: int, init_std: float = 0.02, out_std: float | None = None):
@@ -12,8 +14,11 @@ class SwiGLU(nn.Module):
         self.hidden = hidden
         self.gate_up = nn.Linear(d_model, 2 * hidden, bias=False)  # gate and up fused: one matmul
         self.down = nn.Linear(hidden, d_model, bias=False)
-        nn.init.normal_(self.gate_up.weight, std=init_std)
-        nn.init.normal_(self.down.weight, std=out_std or init_std)
+        self.init_std, self.out_std = init_std, out_std or init_std
+        init_eagerly(self)
+
+    def init_rules(self) -> dict:
+        return {"gate_up.weight": normal(self.init_std), "down.weight": normal(self.out_std)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unroll.kernels.context import sequence_mean
+from unroll.models.init import constant, init_eagerly, normal
 from unroll.models.mlp import SwiGLU
 
 SCORES = ("softmax", "sigmoid")
@@ -63,9 +64,7 @@ class MoE(nn.Module):
         # Stacked so expert/tensor parallelism can shard dim 0; gate and up fused as in SwiGLU.
         self.w_gate_up = nn.Parameter(torch.empty(n_experts, d_model, 2 * hidden))
         self.w_down = nn.Parameter(torch.empty(n_experts, hidden, d_model))
-        nn.init.normal_(self.router.weight, std=init_std)
-        nn.init.normal_(self.w_gate_up, std=init_std)
-        nn.init.normal_(self.w_down, std=out_std or init_std)
+        self.init_std, self.out_std = init_std, out_std or init_std
         # Several shared experts side by side are one SwiGLU of the summed width.
         self.shared = SwiGLU(d_model, shared_experts * shared_hidden, init_std, out_std) if shared_experts else None
 
@@ -79,6 +78,11 @@ class MoE(nn.Module):
         self.aux_loss = torch.zeros(())
         self.context_group = None  # context parallelism (set from outside): the ranks sharing the sequence
         self.use_grouped_mm: bool | None = None  # None: decide per call; True/False forces a path (tests)
+        init_eagerly(self)
+
+    def init_rules(self) -> dict:
+        return {"router.weight": normal(self.init_std), "w_gate_up": normal(self.init_std),
+                "w_down": normal(self.out_std), "expert_bias": constant(0.0)}
 
     def inactive_params(self) -> int:
         """Parameters of the routed experts a token is not sent to."""

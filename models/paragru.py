@@ -6,6 +6,7 @@ import math
 import torch
 from torch import nn
 
+from unroll.models.init import Draws, Rule, init_eagerly, uniform
 from unroll.models.recurrent import RecurrentMixer
 
 
@@ -63,19 +64,27 @@ class ParaGRU(RecurrentMixer):
     def __init__(self, d_model: int, width: int, **kw):
         super().__init__(d_model, width, **kw)
         self.a = nn.Parameter(torch.empty(3, width))
-        self.reset_recurrence()
+        init_eagerly(self)
 
-    @torch.no_grad()
-    def reset_recurrence(self) -> None:
+    def init_rules(self) -> dict:
         # Small recurrent coefficients keep the recurrence contractive (and Newton's method convergent).
-        nn.init.uniform_(self.a, -0.5, 0.5)
         # "Chrono" update-gate bias: z ≈ 1/τ with time scales τ ~ U[2, 64], so channels start with a
         # spread of memory lengths instead of all forgetting half their state every token.
-        tau = torch.empty(self.width).uniform_(2.0, 64.0)
-        self.in_proj.bias[0] = -torch.log(tau - 1.0)
+        return super().init_rules() | {"a": uniform(-0.5, 0.5), "in_proj.bias": chrono_bias(sign=-1.0)}
 
     def make_cell(self) -> ParaGRUCell:
         return ParaGRUCell(self.a)
+
+
+def chrono_bias(sign: float) -> Rule:
+    """The input bias [gates, width] of a ParaRNN cell: gate 0's is sign·log(τ − 1), τ ~ U[2, 64] per
+    channel (sign −1: an update gate z ≈ 1/τ; +1: a forget gate f ≈ 1 − 1/τ); the other gates' are 0."""
+
+    def values(d: Draws) -> torch.Tensor:
+        tau = d.uniform(2.0, 64.0)
+        return torch.where(d.coordinate(0) == 0, sign * torch.log(tau - 1.0), 0.0)
+
+    return Rule(values, whole=True)
 
 
 def scaled_out_std(init_std: float, n_layers: int) -> float:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from unroll.models.init import init_eagerly, uniform
+from unroll.models.paragru import chrono_bias
 from unroll.models.recurrent import RecurrentMixer
 
 
@@ -72,15 +74,12 @@ class ParaLSTM(RecurrentMixer):
         super().__init__(d_model, width, **kw)
         self.a = nn.Parameter(torch.empty(3, width))
         self.p = nn.Parameter(torch.empty(2, width))
-        self.reset_recurrence()
+        init_eagerly(self)
 
-    @torch.no_grad()
-    def reset_recurrence(self) -> None:
-        nn.init.uniform_(self.a, -0.5, 0.5)
-        nn.init.uniform_(self.p, -0.5, 0.5)
+    def init_rules(self) -> dict:
         # Chrono forget bias: f ≈ 1 − 1/τ, τ ~ U[2, 64], a spread of memory lengths from the start.
-        tau = torch.empty(self.width).uniform_(2.0, 64.0)
-        self.in_proj.bias[0] = torch.log(tau - 1.0)
+        return super().init_rules() | {"a": uniform(-0.5, 0.5), "p": uniform(-0.5, 0.5),
+                                       "in_proj.bias": chrono_bias(sign=1.0)}
 
     def make_cell(self) -> ParaLSTMCell:
         return ParaLSTMCell(self.a, self.p)

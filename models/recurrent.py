@@ -12,6 +12,7 @@ from unroll.kernels import newton_solve, sequential_solve
 from unroll.kernels.context import receive_state, send_state
 from unroll.kernels.newton import SolveInfo
 from unroll.kernels.seqpar_newton import newton_solve_seqpar
+from unroll.models.init import constant, normal
 
 
 def pick_solver(solver: str, device: torch.device, batch: int, length: int, width: int, state_size: int = 1) -> str:
@@ -32,10 +33,13 @@ class HeadLinear(nn.Module):
 
     def __init__(self, d_model: int, gates: int, width: int, heads: int, init_std: float):
         super().__init__()
-        self.gates, self.width, self.heads = gates, width, heads
+        self.gates, self.width, self.heads, self.init_std = gates, width, heads, init_std
         self.weight = nn.Parameter(torch.empty(heads, gates, width // heads, d_model // heads))
-        self.bias = nn.Parameter(torch.zeros(gates, width))
-        nn.init.normal_(self.weight, std=init_std * heads ** 0.5)  # same output scale as dense
+        self.bias = nn.Parameter(torch.empty(gates, width))
+
+    def init_rules(self) -> dict:
+        return {"weight": normal(self.init_std * self.heads ** 0.5),  # the same output scale as dense
+                "bias": constant(0.0)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.heads == 1:  # one dense matmul (einsum would route through a slower batched path)
@@ -55,11 +59,14 @@ class RecurrentMixer(nn.Module):
         self.width, self.solver = width, solver
         self.in_proj = HeadLinear(d_model, self.gates, width, heads, init_std)
         self.out_proj = nn.Linear(width, d_model, bias=False)
-        nn.init.normal_(self.out_proj.weight, std=out_std or init_std)
+        self.out_std = out_std or init_std
         self.last_solve: SolveInfo | None = None  # how the last forward solved its recurrence (for metrics)
         # Context parallelism (set from outside, train/parallelize.py): the sequence is split over this
         # process group; Newton runs sequence-parallel, the sequential loop as a state hand-off pipeline.
         self.context_group = None
+
+    def init_rules(self) -> dict:
+        return {"out_proj.weight": normal(self.out_std)}
 
     # --- for subclasses ---------------------------------------------------------------------------
     @property

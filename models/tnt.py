@@ -41,6 +41,7 @@ from torch import nn
 
 from unroll.kernels.context import receive_state, send_state
 from unroll.kernels.memory import MemoryCarry, chunk_memory, memory_step
+from unroll.models.init import Rule, constant, init_eagerly, normal
 
 
 @dataclass
@@ -98,30 +99,26 @@ class TNT(nn.Module):
         self.local_init = nn.ParameterList(nn.Parameter(torch.empty(heads, *s)) for _ in range(n_local) for s in shapes)
         self.norm = nn.RMSNorm(width, eps=norm_eps)
         self.out_proj = nn.Linear(width, d_model, bias=False)
-        nn.init.normal_(self.in_proj.weight, std=init_std)
-        nn.init.normal_(self.out_proj.weight, std=out_std or init_std)
-        self.reset_memory_init()
+        self.init_std, self.out_std = init_std, out_std or init_std
         # Context parallelism (set from outside, train/parallelize.py): the sequence is split over this group.
         self.context_group = None
+        init_eagerly(self)
 
-    @torch.no_grad()
-    def reset_memory_init(self) -> None:
+    def init_rules(self) -> dict:
         """Initial memories: 1 layer W = 0 (an empty linear memory); 2 layers W₁ ~ N(0, 1/d), W₂ ~ N(0, 0.1²/h)
         (near the identity through the residual). Gate projections start at zero weight; biases give
-        θ = max_step/2, β = 1/2 and α = σ(−4) ≈ 0.018."""
-        for params in (self.global_init, self.local_init):
+        θ = max_step/2, β = 1/2 and α = σ(−4) ≈ 0.018 (the forget gate is the last of each head's gates)."""
+        rules = {"in_proj.weight": normal(self.init_std), "out_proj.weight": normal(self.out_std)}
+        for prefix, params in (("global_init", self.global_init), ("local_init", self.local_init)):
             for j, p in enumerate(params or ()):
-                if self.depth == 1:
-                    p.zero_()
-                else:
-                    p.normal_(std=(1.0 if j % 2 == 0 else 0.1) / math.sqrt(p.shape[-1]))
-        for gates in (self.global_gates, self.local_gates):
-            if gates is not None:
-                gates.weight.zero_()
-                bias = gates.bias.view(-1, self.heads, self.n_gates)
-                bias.zero_()
-                if self.forget:
-                    bias[..., -1] = -4.0
+                std = (1.0 if j % 2 == 0 else 0.1) / math.sqrt(p.shape[-1])
+                rules[f"{prefix}.{j}"] = constant(0.0) if self.depth == 1 else normal(std)
+        n_gates, forget = self.n_gates, self.forget
+        bias = Rule(lambda d: torch.where((d.coordinate(0) % n_gates == n_gates - 1) & forget, -4.0, 0.0))
+        for name in ("global_gates", "local_gates"):
+            if getattr(self, name) is not None:
+                rules |= {f"{name}.weight": constant(0.0), f"{name}.bias": bias}
+        return rules
 
     def state_elements(self) -> int:
         """Per sequence, what generation carries: each memory's chunk-start and current weights, momentum

@@ -143,7 +143,9 @@ def test_coefficients_of_3_still_give_the_sequential_answer(kind):
 
 @pytest.mark.parametrize("kind", ["G", "L"])
 def test_large_coefficients_fall_back_to_the_exact_sequential_answer(kind):
-    mixer = make(kind, "newton", scale=6.0, seed=1)
+    # Coefficients this large make Newton fail for most seeds, and make some draws chaotic (where no two
+    # loops agree past rounding); seed 7 is one that fails for G and L and stays tame.
+    mixer = make(kind, "newton", scale=6.0, seed=7)
     x = 3 * torch.randn(4, 200, 12, dtype=torch.float64)
     y, _ = mixer(x)
     info = mixer.last_solve

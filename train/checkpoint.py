@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 
@@ -255,7 +256,9 @@ def resolve_checkpoint(path: str | Path, key: str) -> Path:
 
 
 def load_model_weights(path: Path, model: torch.nn.Module) -> None:
-    """Only the model (for generation): DCP reads the requested keys and skips the optimizer."""
+    """Only the model (generation, `train.init_from`): DCP reads the requested keys, skips the optimizer,
+    and reshards into whatever this rank holds (FSDP, tp or ep shards, a pipeline's stages)."""
     model_sd = get_model_state_dict(model)
-    _dcp_load({"model": model_sd}, path, getattr(model, "cfg", None))
-    model.load_state_dict(model_sd)
+    state = {"model": model_sd, "optim": {"state": {}}}
+    _dcp_load({"model": _expert_view(model, state)["model"]}, path, getattr(model, "cfg", None))
+    set_model_state_dict(model, model_sd)

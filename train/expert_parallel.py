@@ -195,6 +195,24 @@ def apply_expert_parallel_to_model(model: nn.Module, ep_group) -> int:
     return len(moes)
 
 
+def tag_expert_parameters(model: nn.Module, ep_mesh=None) -> None:
+    """Marks every expert-parallel MoE's expert tensors with what the rest of training needs to know of
+    them: `ep_mesh` (the 2-D (edp, ep) mesh: clipping, gradient averaging and checkpoints use it) and
+    `global_rows` (experts in the whole tensor, first expert held: initialisation uses it). Given a mesh,
+    the MoEs remember it; without, the tags are renewed from the MoEs (after `to_empty` replaced the
+    parameter objects)."""
+    for m in model.modules():
+        if not isinstance(m, ExpertParallelMoE):
+            continue
+        if ep_mesh is not None:
+            m.ep_mesh = ep_mesh
+        for name in EXPERT_PARAMS:
+            p = getattr(m, name)
+            p.global_rows = (m.n_experts, m.expert_offset)
+            if getattr(m, "ep_mesh", None) is not None:
+                p.ep_mesh = m.ep_mesh
+
+
 def expert_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """(name, parameter) of the per-rank distinct expert weights of every expert-parallel MoE in `model`;
     every other parameter of the model is replicated over the ep group."""

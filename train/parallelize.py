@@ -32,7 +32,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_f
 from torch.nn.parallel import DistributedDataParallel
 
 from unroll.models import LM
-from unroll.train.expert_parallel import apply_expert_parallel_to_model, expert_parameters
+from unroll.train.expert_parallel import apply_expert_parallel_to_model, expert_parameters, tag_expert_parameters
+from unroll.train.materialize import materialize
 from unroll.train.mesh import Layout, check_supported
 from unroll.train.tensor_parallel import apply_tensor_parallel, fsdp_shard_placement
 
@@ -53,19 +54,42 @@ def apply_compile(model: LM) -> None:
         block.compile()
 
 
-def parallelize(model: LM, mesh: DeviceMesh | None, layout: Layout, *, bf16: bool,
-                activation_checkpoint: str = "none", compile: bool = False,
+def parallelize(model: LM, mesh: DeviceMesh | None, layout: Layout, *, device: torch.device, seed: int,
+                bf16: bool, activation_checkpoint: str = "none", compile: bool = False,
                 stages: list[torch.nn.Module] | None = None) -> torch.nn.Module:
-    """Shards or wraps `model` in place, in torchtitan's order (TP → activation checkpointing → compile →
-    context groups → FSDP/DDP); returns the module the training step calls (the model itself under FSDP2,
-    its DDP wrapper under plain replication). bf16: FSDP2 computes in bfloat16 parameters and reduces
-    gradients in float32 (its MixedPrecisionPolicy; used on GPU)."""
+    """Shards or wraps `model` (built on the meta device) in place, in torchtitan's order (TP → activation
+    checkpointing → compile → context groups → FSDP), then allocates and initialises on `device` only what
+    this rank holds (train/materialize.py: the same weights from `seed` whatever the layout), then DDP.
+    Returns the module the training step calls (the model itself under FSDP2, its DDP wrapper under plain
+    replication). Pipelined (`stages`): only this rank's stage modules are materialised; the rest of the
+    model stays on the meta device. bf16: FSDP2 computes in bfloat16 parameters and reduces gradients in
+    float32 (its MixedPrecisionPolicy; used on GPU)."""
     check_supported(layout)
     if mesh is None:
         apply_activation_checkpointing(model, activation_checkpoint)
         if compile:
             apply_compile(model)
+        materialize(model, device, seed)
         return model
+    _shard(model, mesh, layout, bf16=bf16, activation_checkpoint=activation_checkpoint, compile=compile,
+           stages=stages)
+    for part in stages or [model]:
+        materialize(part, device, seed)
+    if layout.dp * layout.cp == 1 or _uses_fsdp(layout, bool(stages)):
+        return model
+    return DistributedDataParallel(model, process_group=mesh["dp_cp"].get_group())
+
+
+def _uses_fsdp(layout: Layout, pipelined: bool) -> bool:
+    """FSDP2 over the data ranks, rather than DDP: with dp_shard > 1, and for pipelined stages (always FSDP
+    roots: plain replication is HSDP with a shard dimension of 1, and torch's pipeline schedules drive
+    FSDP's gradient reduction themselves) and tp (DDP cannot hold DTensors) whenever there are data ranks."""
+    return layout.dp_shard > 1 or ((pipelined or layout.tp > 1) and layout.dp * layout.cp > 1)
+
+
+def _shard(model: LM, mesh: DeviceMesh, layout: Layout, *, bf16: bool, activation_checkpoint: str,
+           compile: bool, stages: list[torch.nn.Module] | None) -> None:
+    """Everything parallelize does before allocating: tp, recomputation, compile, ep, cp, FSDP2."""
     if layout.tp > 1:
         apply_tensor_parallel(model, mesh["tp"], sequence_parallel=True, stages=stages)
     apply_activation_checkpointing(model, activation_checkpoint)
@@ -77,17 +101,14 @@ def parallelize(model: LM, mesh: DeviceMesh | None, layout: Layout, *, bf16: boo
         # each such group's experts are replicated over the others (dp / ep groups)
         ep_mesh = mesh["dp"]._unflatten(0, (layout.dp // layout.ep, layout.ep), ("edp", "ep"))
         apply_expert_parallel_to_model(model, ep_mesh["ep"].get_group())
-        for _, p in expert_parameters(model):  # checkpoints see them as one tensor sharded over the ep ranks
-            p.ep_mesh = ep_mesh
-            experts.add(p)
+        tag_expert_parameters(model, ep_mesh)  # checkpoints see them as one tensor sharded over the ep ranks
+        experts = {p for _, p in expert_parameters(model)}
     if layout.cp > 1:
         apply_context_parallel(model, mesh["cp"].get_group())
     # cp ranks hold the same weights and compute partial gradients of the same samples: gradients are
     # averaged over dp × cp, which is the mean loss's gradient since every rank's loss is its slice's mean.
     shard_dim = "dp_shard_cp" if layout.cp > 1 else "dp_shard"
-    # pipelined stages are always FSDP roots (plain replication is HSDP with a shard dimension of 1):
-    # torch's pipeline schedules drive FSDP's gradient reduction themselves; DDP cannot hold tp's DTensors
-    if layout.dp_shard > 1 or ((stages or layout.tp > 1) and layout.dp * layout.cp > 1):
+    if _uses_fsdp(layout, bool(stages)):
         dp_mesh = mesh["dp_replicate", shard_dim] if layout.dp_replicate > 1 else mesh[shard_dim]
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
         # under tp, a weight tp splits along a fused dimension is sharded by FSDP along another one
@@ -99,16 +120,12 @@ def parallelize(model: LM, mesh: DeviceMesh | None, layout: Layout, *, bf16: boo
                 for block in stage.blocks.values():
                     fully_shard(block, mesh=dp_mesh, mp_policy=mp)
                 fully_shard(stage, mesh=dp_mesh, mp_policy=mp)
-            return model
+            return
         for block in model.blocks:
             fully_shard(block, mesh=dp_mesh, mp_policy=mp, shard_placement_fn=placement, ignored_params=ignored)
             register_fsdp_forward_method(block, "step")
         fully_shard(model, mesh=dp_mesh, mp_policy=mp, shard_placement_fn=placement, ignored_params=ignored)
         register_fsdp_forward_method(model, "step")
-        return model
-    if layout.dp * layout.cp == 1:  # tensor or pipeline parallel alone
-        return model
-    return DistributedDataParallel(model, process_group=mesh["dp_cp"].get_group())
 
 
 def apply_context_parallel(model: LM, group) -> None:

@@ -42,6 +42,8 @@ Not handled yet:
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -201,7 +203,15 @@ class StageModule(nn.Module):
         if last and self.tied and not first:
             self.tied_embed_weight = nn.Parameter(model.embed.weight.detach().clone())
         self.tied_peer: int | None = None  # pp-group rank holding the other copy of the tied weight
+        self.lm_rules = model.init_rules()  # the embedding's and head's initialisation (models/init.py)
         self.aux_losses: list[torch.Tensor] = []  # this stage's MoE losses, one per microbatch (for logging)
+
+    def init_rules(self) -> dict:
+        """The LM's own rules; the tied replica draws the embedding's numbers, so it starts equal to it."""
+        rules = dict(self.lm_rules)
+        if self.tied_embed_weight is not None:
+            rules["tied_embed_weight"] = replace(rules["embed.weight"], key="embed.weight")
+        return rules
 
     def aux_loss(self) -> torch.Tensor | None:
         """The MoE balancing losses of this stage's blocks in the last forward (None without MoE layers)."""

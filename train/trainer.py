@@ -5,8 +5,9 @@ import contextlib
 import math
 import re
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ from unroll.train.checkpoint_writer import CheckpointWriter
 from unroll.train.config import Config, ConfigError, check_world
 from unroll.train.data_setup import RunData, open_run_data
 from unroll.train.expert_parallel import average_expert_grads, expert_parameters
-from unroll.train.mesh import build_mesh, check_model, check_supported, data_ranks, resolve_layout
+from unroll.train.mesh import Layout, build_mesh, check_model, check_supported, data_ranks, resolve_layout
 from unroll.train.metrics import Metrics
 from unroll.train.parallelize import gradient_sync, parallelize, without_context_parallel
 from unroll.train.pipelined import Pipeline, check_pipeline
@@ -185,6 +186,90 @@ def evaluate(model: LM, data: RunData, cfg: Config, dist: D.DistInfo, autocast, 
     return (total[0] / total[1]).item()
 
 
+@dataclass
+class Training:
+    """What one rank trains, built by `build_training`."""
+    model: LM  # the whole LM; under pipelining the other ranks' stages stay on the meta device
+    trained: torch.nn.Module  # what the step calls: the model, or its DDP wrapper
+    owned: torch.nn.Module  # this rank's parameters under the LM's names: what the optimizer and checkpoints see
+    pipe: Pipeline | None
+    optimizer: torch.optim.AdamW
+    mesh: object  # the DeviceMesh, None for one process
+    layout: Layout
+    ranks: dict  # this rank's data coordinates (train/mesh.py data_ranks)
+    autocast: object
+    micro: int  # sequences per forward
+    accum: int  # forwards per step
+    trainable: int | None  # elements left trainable by train.trainable
+
+
+def build_training(cfg: Config, dist: D.DistInfo, layout: Layout, micro: int, accum: int) -> Training:
+    """The model built on the meta device, the layout applied, only this rank's part allocated and
+    initialised from train.seed (the same weights under every layout: models/init.py), the optimizer on it."""
+    with torch.device("meta"):
+        model = LM(cfg.model)
+    trainable = apply_trainable(model, cfg.train.trainable) if cfg.train.trainable else None
+    autocast = autocast_for(cfg, dist.device)
+    mesh = build_mesh(layout, dist.device.type)
+    pipe = Pipeline(model, mesh["pp"], cfg.parallel.pp_schedule) if layout.pp > 1 else None
+    trained = parallelize(model, mesh, layout, device=dist.device, seed=cfg.train.seed,
+                          bf16=dist.device.type == "cuda" and not isinstance(autocast, contextlib.nullcontext),
+                          activation_checkpoint=cfg.train.activation_checkpoint, compile=cfg.train.compile,
+                          stages=pipe.modules if pipe else None)
+    owned = pipe.owned_view() if pipe else model
+    optimizer = build_optimizer(owned, cfg)  # on the sharded parameters
+    return Training(model, trained, owned, pipe, optimizer, mesh, layout, data_ranks(mesh, layout), autocast,
+                    micro, accum, trainable)
+
+
+@dataclass
+class StepResult:
+    loss_sum: torch.Tensor  # this rank's microbatch losses summed (zero on a pipeline's non-last stages)
+    aux_sum: torch.Tensor  # its MoE balancing losses summed
+    grad_norm: torch.Tensor | None
+    counts: torch.Tensor | None  # MoE assignments of the step, [MoE layers, experts], summed over ranks
+
+
+def train_step(t: Training, cfg: Config, batches: Callable[[int, int], torch.Tensor], first: int, lr: float,
+               device: torch.device) -> StepResult:
+    """One optimizer step on this rank's samples first ... first + micro·accum − 1; batches(start, n) gives
+    n sequences of seq_len + 1 tokens from sample `start` on."""
+    model, layout, ranks, micro, accum = t.model, t.layout, t.ranks, t.micro, t.accum
+    for group in t.optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = torch.zeros((), device=device)
+    aux_sum = torch.zeros((), device=device)
+    if t.pipe is not None:  # the schedule runs the accum microbatches through the stages
+        inputs, targets = split_batch(batches(first, micro * accum).to(device), ranks["cp"], layout.cp)
+        with t.autocast:
+            loss_sum, aux = t.pipe.step(inputs, targets, accum, device)
+        if aux is not None:
+            aux_sum += aux
+    else:
+        for i in range(accum):
+            batch = batches(first + i * micro, micro).to(device)
+            with gradient_sync(t.trained, i == accum - 1), t.autocast:
+                loss = lm_loss(t.trained, batch, ranks["cp"], layout.cp)
+                aux = model.aux_loss()  # MoE balancing losses of this forward (None without MoE)
+            ((loss if aux is None else loss + aux) / accum).backward()
+            loss_sum += loss.detach()
+            if aux is not None:
+                aux_sum += aux.detach()
+    if layout.ep > 1:  # sums over the ep group's tokens → FSDP's mean over the data ranks
+        replicas = t.mesh["dp"].size() // layout.ep
+        average_expert_grads(model, expert_parameters(model)[0][1].ep_mesh["edp"].get_group()
+                             if replicas > 1 else None, layout.dp)
+    if cfg.optim.grad_clip <= 0:
+        grad_norm = None
+    elif t.pipe is not None:
+        grad_norm = t.pipe.clip_gradients(list(t.owned.parameters()), cfg.optim.grad_clip)
+    else:
+        grad_norm = clip_gradients(model, cfg.optim.grad_clip)
+    t.optimizer.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss_sum, aux_sum, grad_norm, update_expert_bias(model, device))
+
+
 def train(cfg: Config) -> dict:
     """Runs (or resumes) the configured training; returns the final figures."""
     dist = D.init(cfg.run.device, cfg.run.collective_timeout_s)
@@ -199,20 +284,12 @@ def train(cfg: Config) -> dict:
     run_dir = prepare_run_dir(cfg, dist.is_main)
     D.barrier()
 
-    torch.manual_seed(cfg.train.seed)
-    model = LM(cfg.model).to(dist.device)
+    run = build_training(cfg, dist, layout, micro, accum)
+    model, owned, optimizer, pipe, ranks, autocast = run.model, run.owned, run.optimizer, run.pipe, run.ranks, run.autocast
+    trainable = run.trainable
     if cfg.train.init_from and not checkpoint.complete_checkpoints(run_dir):  # a new run from other weights
-        checkpoint.load_model_weights(checkpoint.resolve_checkpoint(cfg.train.init_from, "train.init_from"), model)
-    trainable = apply_trainable(model, cfg.train.trainable) if cfg.train.trainable else None
-    autocast = autocast_for(cfg, dist.device)
-    mesh = build_mesh(layout, dist.device.type)
-    ranks = data_ranks(mesh, layout)
-    pipe = Pipeline(model, mesh["pp"], cfg.parallel.pp_schedule) if layout.pp > 1 else None
-    trained = parallelize(model, mesh, layout, bf16=dist.device.type == "cuda" and not isinstance(autocast, contextlib.nullcontext),
-                          activation_checkpoint=cfg.train.activation_checkpoint, compile=cfg.train.compile,
-                          stages=pipe.modules if pipe else None)
-    owned = pipe.owned_view() if pipe else model  # what this rank trains and checkpoints, under the LM's names
-    optimizer = build_optimizer(owned, cfg)  # on the sharded parameters
+        # into the sharded model (DCP reshards; a pipeline's tied replica reads embed.weight too)
+        checkpoint.load_model_weights(checkpoint.resolve_checkpoint(cfg.train.init_from, "train.init_from"), owned)
     state = checkpoint.load_latest(run_dir, owned, optimizer, rank=dist.rank)
     step = state["step"] if state else 0
     samples = state["samples_consumed"] if state else 0
@@ -243,41 +320,8 @@ def train(cfg: Config) -> dict:
     try:
         while step < cfg.train.steps:
             lr = lr_at(step, cfg.optim.lr, cfg.train.steps, cfg.schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = torch.zeros((), device=dist.device)
-            aux_sum = torch.zeros((), device=dist.device)
-            rank_start = samples + ranks["dp"] * micro * accum
-            if pipe is not None:  # the schedule runs the accum microbatches through the stages
-                inputs, targets = split_batch(data.train_batch(rank_start, micro * accum).to(dist.device),
-                                              ranks["cp"], layout.cp)
-                with autocast:
-                    loss_sum, aux = pipe.step(inputs, targets, accum, dist.device)
-                if aux is not None:
-                    aux_sum += aux
-            else:
-                for i in range(accum):
-                    batch = data.train_batch(rank_start + i * micro, micro).to(dist.device)
-                    with gradient_sync(trained, i == accum - 1), autocast:
-                        loss = lm_loss(trained, batch, ranks["cp"], layout.cp)
-                        aux = model.aux_loss()  # MoE balancing losses of this forward (None without MoE)
-                    ((loss if aux is None else loss + aux) / accum).backward()
-                    loss_sum += loss.detach()
-                    if aux is not None:
-                        aux_sum += aux.detach()
-            if layout.ep > 1:  # sums over the ep group's tokens → FSDP's mean over the data ranks
-                replicas = mesh["dp"].size() // layout.ep
-                average_expert_grads(model, expert_parameters(model)[0][1].ep_mesh["edp"].get_group()
-                                     if replicas > 1 else None, layout.dp)
-            if cfg.optim.grad_clip <= 0:
-                grad_norm = None
-            elif pipe is not None:
-                grad_norm = pipe.clip_gradients(list(owned.parameters()), cfg.optim.grad_clip)
-            else:
-                grad_norm = clip_gradients(model, cfg.optim.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            counts = update_expert_bias(model, dist.device)
+            result = train_step(run, cfg, data.train_batch, samples + ranks["dp"] * micro * accum, lr, dist.device)
+            loss_sum, aux_sum, grad_norm, counts = result.loss_sum, result.aux_sum, result.grad_norm, result.counts
             if counts is not None:
                 load_window = counts if load_window is None else load_window + counts
             step, samples, timed_steps = step + 1, samples + cfg.train.batch_size, timed_steps + 1
