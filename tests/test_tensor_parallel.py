@@ -104,5 +104,7 @@ def test_fsdp_shards_a_strided_weight_on_another_dimension():
     assert place(param((64, 16), _StridedShard(0, split_factor=2))) == Shard(1)  # gate_up [2h, d]
     assert place(param((8, 16, 64), _StridedShard(2, split_factor=2))) == Shard(0)  # MoE w_gate_up
     assert place(param((48, 1, 4), _StridedShard(0, split_factor=3))) == Shard(2)  # M²RNN conv
-    assert place(param((48, 1, 2), _StridedShard(0, split_factor=3))) is None  # nothing else divides: default
-    assert place(param((16, 64), Shard(1))) is None and place(param((16,), Replicate())) is None
+    assert place(param((48, 1, 2), _StridedShard(0, split_factor=3))) == Shard(2)  # halves beat one rank holding all
+    assert place(param((16, 64), Shard(1))) == Shard(0) and place(param((16,), Replicate())) == Shard(0)
+    assert place(param((1, 3, 8, 16), Replicate())) == Shard(2)  # a ParaRNN input projection with one head
+    assert place(param((6, 16), Replicate())) == Shard(1)  # 2 of 6 rows on the largest rank, 4 of 16 columns

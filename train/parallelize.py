@@ -111,15 +111,16 @@ def _shard(model: LM, mesh: DeviceMesh, layout: Layout, *, bf16: bool, activatio
     if _uses_fsdp(layout, bool(stages)):
         dp_mesh = mesh["dp_replicate", shard_dim] if layout.dp_replicate > 1 else mesh[shard_dim]
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-        # under tp, a weight tp splits along a fused dimension is sharded by FSDP along another one
-        placement = fsdp_shard_placement(layout.dp_shard * layout.cp) if layout.tp > 1 else None
+        # each weight on the dimension that spreads it best (not always dim 0), and under tp never on one
+        # tp strided
+        placement = fsdp_shard_placement(layout.dp_shard * layout.cp)
         # expert-parallel experts are already distinct per rank: FSDP leaves them alone
         ignored = experts or None
         if stages:  # pipelined: each of this rank's stages is an FSDP root over its own blocks
             for stage in stages:
                 for block in stage.blocks.values():
-                    fully_shard(block, mesh=dp_mesh, mp_policy=mp)
-                fully_shard(stage, mesh=dp_mesh, mp_policy=mp)
+                    fully_shard(block, mesh=dp_mesh, mp_policy=mp, shard_placement_fn=placement)
+                fully_shard(stage, mesh=dp_mesh, mp_policy=mp, shard_placement_fn=placement)
             return
         for block in model.blocks:
             fully_shard(block, mesh=dp_mesh, mp_policy=mp, shard_placement_fn=placement, ignored_params=ignored)
