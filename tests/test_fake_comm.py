@@ -123,6 +123,10 @@ def test_functional_collectives_async_and_waited():
         assert w.grad.tolist() == [1.0] * 4
         assert world.traffic.calls("all_to_all") == 3
         assert not world.unknown
+        import torch.distributed._functional_collectives_impl as fci
+
+        received = fci._irecv(torch.full((2,), float("nan")), 0, 0, group.group_name)
+        assert funcol.wait_tensor(received).tolist() == [0.0, 0.0] and world.unknown["recv"] == 1
 
 
 def test_dtensor_redistribute_and_implicit_redistribution():
