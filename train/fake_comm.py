@@ -104,6 +104,8 @@ def _write(dst: torch.Tensor, src: torch.Tensor) -> None:
 
 def _tile(out: torch.Tensor, inp: torch.Tensor, n: int) -> None:
     """out (n slots along dim 0) := inp in every slot."""
+    if out.numel() == 0:
+        return
     src = inp.detach().reshape(1, -1)
     if src.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
         src = src.clone()  # FSDP2 gathers from a view of the output itself
@@ -198,7 +200,7 @@ class SymmetricWorld(TorchDispatchMode):
         n = pg.size()
         for out, inp in zip(outs, inps):
             self._count("reduce_scatter", pg, cb.reduce_scatter_bytes(n, _nbytes(inp)))
-            if self._is_fake(pg):
+            if self._is_fake(pg) and out.numel():
                 _write(out, _reduced(inp.reshape(n, -1)[pg.rank()].reshape(out.shape), op, n))
         if op == "premul_sum" and self._is_fake(pg):
             self.unknown["reduce_scatter premul_sum factor"] += 1
