@@ -51,6 +51,17 @@ def _plan(args) -> int:
     return 0
 
 
+def _rehearse(args) -> int:
+    import json
+
+    from unroll.train.rehearse import format_rehearsal, rehearse, to_json
+
+    r = rehearse(args.config, args.overrides, nodes=args.nodes, gpus_per_node=args.gpus_per_node, rank=args.rank,
+                 steps=args.steps, microbatches=args.microbatches)
+    print(json.dumps(to_json(r), indent=1) if args.json else format_rehearsal(args.config, r))
+    return 0
+
+
 def _tokenizer(args) -> int:
     from unroll.data.tokenizer import train_tokenizer
 
@@ -169,6 +180,20 @@ def parser() -> argparse.ArgumentParser:
     pn.add_argument("--top", type=int, default=5)
     pn.set_defaults(func=_plan)
 
+    rh = sub.add_parser("rehearse", help="one rank of an N×G job run for real on this CPU (fake process group): "
+                                         "memory per component beside unroll plan's, collective bytes, checkpoint size")
+    rh.add_argument("config", help="a YAML config file or a preset name (see configs/)")
+    rh.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.seq_len=256 (figures are "
+                                                                      "extrapolated to the config's own length)")
+    rh.add_argument("--nodes", type=int, required=True)
+    rh.add_argument("--gpus-per-node", type=int, required=True)
+    rh.add_argument("--rank", type=int, default=0, help="which rank's program to run (default 0)")
+    rh.add_argument("--steps", type=int, default=1, help="training steps to run (default 1)")
+    rh.add_argument("--microbatches", type=int, default=0,
+                    help="micro-batches per step (default: 2 at most, or the pipeline schedule's stages)")
+    rh.add_argument("--json", action="store_true", help="print the figures as JSON")
+    rh.set_defaults(func=_rehearse)
+
     d = sub.add_parser("data", help="tokenizer training and corpus preparation").add_subparsers(dest="data", required=True)
     tok = d.add_parser("tokenizer", help="train a sentencepiece BPE tokenizer on raw text")
     tok.add_argument("--input", required=True, help="bundled:shakespeare, or .txt/.jsonl/.parquet file(s), dir or glob")
@@ -245,7 +270,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args, extra = p.parse_known_args(argv)
-    if extra and args.command == "grow":  # key=value after the options: argparse takes positionals in one run
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        # key=value after the options: argparse takes positionals in one run
         args.overrides = [*args.overrides, *extra]
     elif extra:
         p.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -39,12 +39,16 @@ def test_moe_metrics_bias_and_exact_resume(tiny_config):
     train(resumed)
     assert [r["loss"] for r in rows(resumed.run.dir)] == [r["loss"] for r in logged]
 
-    a, b = LM(straight.model), LM(resumed.model)
-    for model, cfg in ((a, straight), (b, resumed)):
-        checkpoint.load_model_weights(checkpoint.complete_checkpoints(cfg.run.dir)[-1][1], model)
-    for (_, ma), (_, mb) in zip(a.moe_layers(), b.moe_layers()):
-        assert ma.expert_bias.abs().sum() > 0  # the bias moved and was saved
-        assert torch.equal(ma.expert_bias, mb.expert_bias)
+    # the sign-driven bias steps by ±rate and may be back at 0 at a given step: every checkpoint compared
+    moved = False
+    for (step, pa), (_, pb) in zip(*(checkpoint.complete_checkpoints(c.run.dir) for c in (straight, resumed))):
+        a, b = LM(straight.model), LM(resumed.model)
+        checkpoint.load_model_weights(pa, a)
+        checkpoint.load_model_weights(pb, b)
+        for (_, ma), (_, mb) in zip(a.moe_layers(), b.moe_layers()):
+            moved |= bool(ma.expert_bias.abs().sum() > 0)
+            assert torch.equal(ma.expert_bias, mb.expert_bias), step
+    assert moved  # the bias moved and was saved
 
 
 def test_two_ranks_balance_on_the_global_load(tiny_config, offline_env):
@@ -53,11 +57,12 @@ def test_two_ranks_balance_on_the_global_load(tiny_config, offline_env):
     run_cli(["train", one], offline_env)
     torchrun_train(2, two, offline_env)
     a, b = rows(one.parent / "one"), rows(two.parent / "two")
-    for ra, rb in zip(a, b):
+    for i, (ra, rb) in enumerate(zip(a, b)):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5)
         # the load is counted over both ranks' tokens; a near-tie in top-k may flip an assignment or two
-        # (of 512 per step), since the two runs' matmuls round differently
-        assert rb["layer0/expert_load"] == pytest.approx(ra["layer0/expert_load"], abs=0.02)
+        # (of 512 per step, 1/128 of a relative load each), since the two runs' matmuls round differently,
+        # and a flip moves the next step's bias, so the few flips grow over the steps (seen: 0, 0, 1, 1, 5)
+        assert rb["layer0/expert_load"] == pytest.approx(ra["layer0/expert_load"], abs=0.02 if i < 3 else 0.06)
 
 
 def test_expert_matrices_get_weight_decay_and_the_bias_none(tiny_config):

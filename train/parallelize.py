@@ -157,10 +157,13 @@ def without_context_parallel(model: LM):
 
 
 def gradient_sync(trained: torch.nn.Module, sync: bool):
-    """A context for one micro-batch: with sync=False gradients accumulate locally (no all-reduce or
-    reduce-scatter), as for every micro-batch but the last."""
+    """A context for one micro-batch; sync=False for every micro-batch but the last. DDP accumulates the
+    gradients locally (no all-reduce) until the last. FSDP2 reduce-scatters every micro-batch and adds
+    the shards: skipping it would keep every block's unsharded gradients until the last micro-batch (the
+    whole model's, in fp32, on every rank: 28 GB at 7B); under HSDP only the all-reduce over the replicas
+    waits for the last."""
     if isinstance(trained, DistributedDataParallel):
         return contextlib.nullcontext() if sync else trained.no_sync()
-    if hasattr(trained, "set_requires_gradient_sync"):  # FSDP2
-        trained.set_requires_gradient_sync(sync)
+    if hasattr(trained, "set_requires_all_reduce"):  # FSDP2
+        trained.set_requires_all_reduce(sync)
     return contextlib.nullcontext()

@@ -203,9 +203,13 @@ class Training:
     trainable: int | None  # elements left trainable by train.trainable
 
 
-def build_training(cfg: Config, dist: D.DistInfo, layout: Layout, micro: int, accum: int) -> Training:
+def build_training(cfg: Config, dist: D.DistInfo, layout: Layout, micro: int, accum: int, *,
+                   gpu_precision: bool = False) -> Training:
     """The model built on the meta device, the layout applied, only this rank's part allocated and
-    initialised from train.seed (the same weights under every layout: models/init.py), the optimizer on it."""
+    initialised from train.seed (the same weights under every layout: models/init.py), the optimizer on it.
+    FSDP2 gathers bf16 parameters where bf16 autocast runs on a GPU (or anywhere with gpu_precision: a
+    rehearsal of a GPU job on the CPU)."""
+    torch.manual_seed(cfg.train.seed)  # the global generators' state is checkpointed: start it known
     with torch.device("meta"):
         model = LM(cfg.model)
     trainable = apply_trainable(model, cfg.train.trainable) if cfg.train.trainable else None
@@ -213,7 +217,8 @@ def build_training(cfg: Config, dist: D.DistInfo, layout: Layout, micro: int, ac
     mesh = build_mesh(layout, dist.device.type)
     pipe = Pipeline(model, mesh["pp"], cfg.parallel.pp_schedule) if layout.pp > 1 else None
     trained = parallelize(model, mesh, layout, device=dist.device, seed=cfg.train.seed,
-                          bf16=dist.device.type == "cuda" and not isinstance(autocast, contextlib.nullcontext),
+                          bf16=(dist.device.type == "cuda" or gpu_precision)
+                          and not isinstance(autocast, contextlib.nullcontext),
                           activation_checkpoint=cfg.train.activation_checkpoint, compile=cfg.train.compile,
                           stages=pipe.modules if pipe else None)
     owned = pipe.owned_view() if pipe else model

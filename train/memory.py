@@ -1,0 +1,122 @@
+"""What one rank's training step holds in memory, measured, by component (used by `unroll rehearse`).
+
+    weights       this rank's parameters and buffers as allocated (local shards; counted from the objects)
+    gradients     their gradients after the step's backward (from the objects)
+    optimizer     the optimizer's state after its step (from the objects)
+    gathered      the largest moment of FSDP's unsharded parameters, all-gather outputs, unsharded gradients
+                  and reduce-scatter inputs (0 without FSDP)
+    activations   the largest moment, inside any block's forward or backward, of the tensors the step
+                  made besides the above: what autograd keeps for the backward, recomputed blocks, the
+                  gradients of activations, the inputs; the loss's logits are not inside a block
+    logits        the chunked loss on its own (models/lm.py, kernels/cross_entropy.py): its largest moment
+                  over the hidden states it starts from
+
+The dynamic ones come from torch's memory tracker (`torch.distributed._tools`, FSDPMemTracker when the
+model is FSDP-sharded, MemTracker otherwise), which records every tensor storage the step allocates
+and the moments around each module's forward and backward; `peak` is its largest total. Tensor storages
+only: no allocator rounding, fragmentation, CUDA context or NCCL buffers (a GPU's own overheads).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPRefType, _FSDPState
+from torch.distributed._tools.mem_tracker import MemTracker
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+from torch.utils.weak import WeakIdKeyDictionary
+
+GATHERED = {"Unsharded Param", "All Gather", "Unsharded Grad", "Reduce Scatter"}
+TRANSIENT = {"Activation", "Temp", "Inputs", "Other"}
+
+
+@dataclass
+class Components:
+    weights: float = 0.0
+    gradients: float = 0.0
+    optimizer: float = 0.0
+    gathered: float = 0.0
+    activations: float = 0.0
+    logits: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def total(self) -> float:
+        return sum(self.as_dict().values())
+
+
+def _storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (local shards of DTensors)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None or t.device.type == "meta":
+            continue
+        t = t.to_local() if isinstance(t, DTensor) else t
+        s = t.untyped_storage()
+        if s.data_ptr() not in seen:
+            seen.add(s.data_ptr())
+            total += s.nbytes()
+    return total
+
+
+def weight_bytes(modules: list[nn.Module]) -> int:
+    return _storage_bytes([t for m in modules for t in list(m.parameters()) + list(m.buffers())])
+
+
+def gradient_bytes(modules: list[nn.Module]) -> int:
+    return _storage_bytes([p.grad for m in modules for p in m.parameters()])
+
+
+def optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return _storage_bytes([v for state in optimizer.state.values() for v in state.values()
+                           if isinstance(v, torch.Tensor)])
+
+
+class _Tracker(FSDPMemTracker):
+    """FSDPMemTracker over several FSDP roots (a pipeline rank's stages), which torch's takes one of."""
+
+    def __init__(self, roots: list[nn.Module], optimizer: torch.optim.Optimizer):
+        MemTracker.__init__(self)
+        self._root_mod = nn.ModuleList(roots)  # walked for the FSDP modules to instrument
+        self._optm = optimizer
+        self._fsdp_mod_to_saved_methods = WeakIdKeyDictionary()
+        self._fsdp_state = _FSDPState.PRE_FW
+        self._ref_class = _FSDPRefType
+
+
+def tracker_for(roots: list[nn.Module], optimizer: torch.optim.Optimizer) -> MemTracker:
+    if any(isinstance(m, FSDPModule) for root in roots for m in root.modules()):
+        return _Tracker(roots, optimizer)
+    tracker = MemTracker()
+    tracker.track_external(*roots, optimizer)
+    return tracker
+
+
+def _category(key) -> str:
+    return key if isinstance(key, str) else key.value
+
+
+def snapshot_sums(snapshot: dict, names: set[str]) -> int:
+    """Bytes of the named categories in a tracker snapshot ({device: {category: bytes}})."""
+    return sum(v for cats in snapshot.values() for k, v in cats.items() if _category(k) in names)
+
+
+def dynamic_peaks(tracker: MemTracker, blocks: list[nn.Module]) -> tuple[int, int, int]:
+    """(gathered, activations, total): the largest gathered bytes at any recorded moment, the largest
+    transient bytes at a moment of one of `blocks`, and the tracker's overall peak."""
+    gathered = activations = 0
+    block_ids = {id(b) for b in blocks}
+    for module, stats in tracker.memory_tracking.items():
+        for snapshots in stats.snapshots.values():
+            for snap in snapshots:
+                gathered = max(gathered, snapshot_sums(snap, GATHERED))
+                if id(module) in block_ids:
+                    activations = max(activations, snapshot_sums(snap, TRANSIENT))
+    peak = tracker.get_tracker_snapshot("peak")
+    gathered = max(gathered, snapshot_sums(peak, GATHERED))
+    total = sum(cats.get("Total", 0) for cats in peak.values())
+    return gathered, activations, total

@@ -1,0 +1,264 @@
+"""`unroll rehearse`: one rank of an N × G job, run for real on this CPU in one process, before the job waits
+in a queue.
+
+The rank's own program, as `unroll train` would run it on a GPU: the config checked, the mesh of all N·G
+ranks, the model built on the meta device at full width and depth, the layout applied (FSDP2, tp, ep, pp
+stages, cp) and only this rank's part allocated and initialised, the optimizer, `steps` real training
+steps (the trainer's own `train_step`) on synthetic tokens of the configured vocabulary (no data shards
+needed), and a checkpoint of this rank's shards into a temporary directory. Precision as on a GPU:
+run.dtype auto or bfloat16 → bf16 autocast, and FSDP2 gathering bf16 parameters and reducing in float32.
+
+The other ranks are torch's fake process group, their collectives answered by train/fake_comm.py's
+symmetric world (every rank holds what this one holds), so MoE split sizes, Newton's convergence, loss sums
+and stop flags see plausible values, never uninitialised memory; every collective's bytes are counted.
+Memory is measured per component by train/memory.py and extrapolated from the rehearsed sequence length to
+the configured one (the config's `data.seq_len` before a `data.seq_len=` override: rehearse short, read
+the figures at the real length): activations in proportion to the tokens, logits to the tokens of one
+loss chunk.
+
+Micro-batches: without pipelining at most 2 run per step (the second shows what accumulation holds; later
+ones allocate nothing new: FSDP reduce-scatters every micro-batch); pipelined, as many as the schedule has
+stages (1F1B-like schedules then hold their most micro-batches in flight), or `microbatches`.
+
+What a rehearsal proves: the layout is accepted, every shape and collective of this rank's program works
+at full size, and how many bytes each part holds and sends. What it does not: speed, NCCL and its buffers,
+the CUDA allocator's fragmentation and the CUDA context (leave a few GiB), the other ranks' programs
+(`rank` another one), the data pipeline.
+"""
+from __future__ import annotations
+
+import resource
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from unroll.train import memory as M
+from unroll.train.config import Config, ConfigError, check_world, load_config
+from unroll.train.distributed import DistInfo
+from unroll.train.fake_comm import SymmetricWorld, fake_process_group
+from unroll.train.fake_pipeline import stage_metadata_answers
+from unroll.train.mesh import Layout, check_model, check_supported, resolve_layout
+from unroll.train.pipeline import schedule_spec
+from unroll.train.pipelined import check_pipeline
+
+
+@dataclass
+class Rehearsal:
+    """What `rehearse` measured on one rank. Bytes; `measured` at the rehearsed length, `at_target` at the
+    configured one."""
+    rank: int
+    world: int
+    layout: Layout
+    tokens: int  # tokens per micro-batch on this rank (micro-batch × sequence / cp) as rehearsed
+    target_tokens: int  # the same at the configured sequence length
+    microbatches: int  # run per step
+    config_microbatches: int  # the config's per step
+    measured: M.Components
+    at_target: M.Components
+    peak: int  # the memory tracker's largest total, as rehearsed
+    traffic: dict  # (kind, group size, group) -> (calls, bytes) of the last step
+    traffic_table: str
+    checkpoint_bytes: int
+    checkpoint_files: int
+    losses: list[float]
+    seconds: dict = field(default_factory=dict)
+    max_rss: int = 0  # this process's peak resident memory, bytes
+    unknown: dict = field(default_factory=dict)  # collective outputs the symmetric world could not know
+
+
+def microbatches_to_run(cfg: Config, layout: Layout, accum: int) -> int:
+    if layout.pp == 1:
+        return min(accum, 2)
+    name, _, per_rank, _ = schedule_spec(cfg.parallel.pp_schedule)
+    want = min(accum, layout.pp * per_rank)
+    while accum % want or (name in ("Interleaved1F1B", "InterleavedZeroBubble") and want % layout.pp):
+        want += 1
+    return want
+
+
+def _gpu_config(cfg: Config) -> Config:
+    """The config as the GPU job runs it (bf16 where run.dtype is auto), on this CPU."""
+    dtype = "bfloat16" if cfg.run.dtype == "auto" else cfg.run.dtype
+    return replace(cfg, run=replace(cfg.run, device="cpu", dtype=dtype))
+
+
+def _output_weight(run) -> torch.Tensor | None:
+    """The [V(/tp), d] matrix this rank computes logits with (None on a pipeline's other stages)."""
+    if run.pipe is None:
+        return run.model.output_weight()
+    stage = next((m for m in run.pipe.modules if m.last), None)
+    if stage is None:
+        return None
+    if stage.head is not None:
+        return stage.head.weight
+    return stage.tied_embed_weight if stage.tied_embed_weight is not None else stage.embed.weight
+
+
+def logits_bytes(run, tokens: int, bf16: bool) -> int:
+    """The loss alone (LM.loss: kernels/cross_entropy.py chunk by chunk) at `tokens` hidden states on this
+    rank's output weight, as the step runs it: its largest moment besides its inputs and the weight's
+    gradient (which the step holds as a gradient)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from torch.distributed.tensor import DTensor
+
+    from unroll.kernels.cross_entropy import chunked_cross_entropy
+
+    weight = _output_weight(run)
+    if weight is None:
+        return 0
+    weight = (weight.to_local() if isinstance(weight, DTensor) else weight).detach()
+    weight = weight.to(torch.bfloat16) if bf16 else weight  # FSDP's gathered parameter
+    hidden = torch.randn(tokens, weight.shape[1], requires_grad=True)
+    targets = torch.randint(0, weight.shape[0], (tokens,))
+    tracker = MemTracker()
+    with tracker, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        chunked_cross_entropy(hidden, weight, targets, chunk=run.model.loss_chunk,
+                              group=run.model.vocab_group).backward()
+    return M.snapshot_sums(tracker.get_tracker_snapshot("peak"), M.TRANSIENT)
+
+
+def _hidden_example(cfg: Config, layout: Layout, micro: int, bf16: bool):
+    """What crosses a pipeline stage boundary: the residual stream [micro, T/cp (/tp under sequence
+    parallelism), d], in bf16 when FSDP gathers bf16 parameters (the embedding's output then is)."""
+    seq = cfg.data.seq_len // layout.cp // layout.tp
+    return torch.empty(micro, seq, cfg.model.d_model, dtype=torch.bfloat16 if bf16 else torch.float32,
+                       device="meta")
+
+
+def rehearse(config: str, overrides: list[str], *, nodes: int, gpus_per_node: int, rank: int = 0, steps: int = 1,
+             microbatches: int = 0) -> Rehearsal:
+    from unroll.train.checkpoint import save_view
+    from unroll.train.schedule import lr_at
+    from unroll.train.trainer import build_training, train_step
+
+    cfg = _gpu_config(load_config(config, overrides))
+    target_seq = load_config(config, [o for o in overrides if not o.startswith("data.seq_len=")]).data.seq_len
+    world = nodes * gpus_per_node
+    if nodes < 1 or gpus_per_node < 1:
+        raise ConfigError(f"--nodes {nodes} --gpus-per-node {gpus_per_node}: both must be positive")
+    if not 0 <= rank < world:
+        raise ConfigError(f"--rank {rank}: a job of {world} ranks has ranks 0 … {world - 1}")
+    if steps < 1:
+        raise ConfigError(f"--steps {steps}: must be positive")
+    layout = resolve_layout(cfg.parallel, world)
+    check_model(layout, cfg.model, seq_len=cfg.data.seq_len)
+    check_supported(layout)
+    micro, accum = check_world(cfg, layout.dp)
+    check_pipeline(layout, cfg, n_microbatches=accum)
+    n_mb = microbatches or microbatches_to_run(cfg, layout, accum)
+    check_pipeline(layout, cfg, n_microbatches=n_mb)
+    bf16 = cfg.run.dtype == "bfloat16"
+    tokens = micro * cfg.data.seq_len // layout.cp
+    target_tokens = micro * target_seq // layout.cp
+    seconds, losses = {}, []
+
+    with fake_process_group(rank, world), SymmetricWorld() as sym, \
+            stage_metadata_answers(_hidden_example(cfg, layout, micro, bf16)):
+        start = time.perf_counter()
+        run = build_training(cfg, DistInfo(rank, world, rank % gpus_per_node, torch.device("cpu")), layout,
+                             micro, n_mb, gpu_precision=True)
+        parts = run.pipe.modules if run.pipe else [run.model]
+        seconds["build"] = time.perf_counter() - start
+        grads = []
+        hook = run.optimizer.register_step_pre_hook(lambda *_: grads.append(M.gradient_bytes(parts)))
+        tracker = M.tracker_for(parts, run.optimizer)
+        batches = _synthetic(cfg, cfg.train.seed)
+        start = time.perf_counter()
+        with tracker:
+            for step in range(steps):
+                sym.reset()  # the last step's traffic is what is reported
+                result = train_step(run, cfg, batches, 0, lr_at(step, cfg.optim.lr, cfg.train.steps, cfg.schedule),
+                                    torch.device("cpu"))
+                losses.append(result.loss_sum.item() / n_mb)
+        hook.remove()
+        seconds["steps"] = time.perf_counter() - start
+        blocks = [b for part in parts for b in (part.blocks.values() if run.pipe else part.blocks)]
+        gathered, activations, peak = M.dynamic_peaks(tracker, blocks)
+        start = time.perf_counter()
+        logits = logits_bytes(run, tokens, bf16)
+        seconds["logits"] = time.perf_counter() - start
+        measured = M.Components(weights=M.weight_bytes(parts), gradients=max(grads), optimizer=M.optimizer_bytes(run.optimizer),
+                                gathered=gathered, activations=activations, logits=logits)
+        traffic = {k: (v.calls, v.bytes) for k, v in sym.traffic.snapshot().items()}
+        traffic_table, unknown = sym.traffic.table(), dict(sym.unknown)
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="unroll-rehearse-") as tmp:
+            dcp.save(save_view(run.owned, run.optimizer), checkpoint_id=tmp, no_dist=True)
+            files = [p for p in Path(tmp).rglob("*") if p.is_file()]
+            ckpt_bytes = sum(p.stat().st_size for p in files)
+        seconds["checkpoint"] = time.perf_counter() - start
+
+    chunk = run.model.loss_chunk or 1 << 62
+    at_target = replace(measured, activations=measured.activations * target_tokens / tokens,
+                        logits=measured.logits * min(target_tokens, chunk) / min(tokens, chunk))
+    return Rehearsal(rank, world, layout, tokens, target_tokens, n_mb, accum, measured, at_target, peak, traffic,
+                     traffic_table, ckpt_bytes, len(files), losses, seconds,
+                     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, unknown)
+
+
+def _synthetic(cfg: Config, seed: int):
+    """batches(start, n): n sequences of seq_len + 1 random tokens of the vocabulary."""
+    gen = torch.Generator().manual_seed(seed)
+    return lambda start, n: torch.randint(0, cfg.model.vocab_size, (n, cfg.data.seq_len + 1), generator=gen)
+
+
+GiB = 1024 ** 3
+
+
+def _gib(b: float) -> str:
+    return f"{b / GiB:9.3f}"
+
+
+def format_rehearsal(name: str, r: Rehearsal, planned=None) -> str:
+    """The report: memory per component (rehearsed, at the configured length, and `unroll plan`'s for the
+    same layout and rank), the collectives of one step, the checkpoint, the time it took."""
+    from unroll.train.plan import estimate_for
+
+    planned = planned or estimate_for(r)
+    lay = r.layout.describe()
+    lines = [f"rehearsal of {name}: rank {r.rank} of {r.world} ({lay}); {r.microbatches} of the step's "
+             f"{r.config_microbatches} micro-batch(es) of {r.tokens:,} tokens on this rank, read at "
+             f"{r.target_tokens:,}; losses {', '.join(f'{x:.4f}' for x in r.losses)}",
+             "",
+             f"  {'memory per GPU, GiB':22}{'rehearsed':>10}{'configured':>11}{'plan':>10}{'plan/meas.':>11}"]
+    for key, value in r.measured.as_dict().items():
+        target, plan = getattr(r.at_target, key), getattr(planned.components, key)
+        ratio = f"{plan / target:10.2f}" if target else f"{'-':>10}"
+        lines.append(f"  {key:22}{_gib(value)} {_gib(target)} {_gib(plan)} {ratio}")
+    lines.append(f"  {'sum':22}{_gib(r.measured.total)} {_gib(r.at_target.total)} {_gib(planned.components.total)}")
+    lines.append(f"  {'peak (one moment)':22}{_gib(r.peak)}")
+    per_token = r.measured.activations / r.tokens if r.tokens else 0
+    lines += [f"  activations: {per_token:,.0f} bytes per token on this rank; logits: one chunk of "
+              f"{min(r.tokens, 1 << 62):,} tokens at most",
+              "",
+              "collectives of one step (bytes this rank sends; ring model, train/comm_bytes.py):",
+              "  " + r.traffic_table.replace("\n", "\n  "),
+              "",
+              f"checkpoint: {r.checkpoint_bytes / GiB:.3f} GiB in {r.checkpoint_files} files from this rank",
+              f"time: build {r.seconds.get('build', 0):.1f} s, steps {r.seconds.get('steps', 0):.1f} s, "
+              f"checkpoint {r.seconds.get('checkpoint', 0):.1f} s; this process's peak memory "
+              f"{r.max_rss / GiB:.2f} GiB"]
+    if r.unknown:
+        lines.append("collective outputs no symmetric world knows (zeros): "
+                     + ", ".join(f"{k} × {v}" for k, v in r.unknown.items()))
+    lines.append("not shown by a rehearsal: speed, NCCL buffers, the CUDA context and allocator (leave a few GiB)")
+    return "\n".join(lines)
+
+
+def to_json(r: Rehearsal, planned=None) -> dict:
+    from unroll.train.plan import estimate_for
+
+    planned = planned or estimate_for(r)
+    return {"rank": r.rank, "world": r.world, "layout": {k: getattr(r.layout, k) for k in
+                                                        ("pp", "dp_replicate", "dp_shard", "cp", "tp", "ep")},
+            "tokens": r.tokens, "target_tokens": r.target_tokens, "microbatches": r.microbatches,
+            "config_microbatches": r.config_microbatches, "measured": r.measured.as_dict(),
+            "at_target": r.at_target.as_dict(), "plan": planned.components.as_dict(), "peak": r.peak,
+            "traffic": [{"kind": k.kind, "group_size": k.group_size, "group": k.group, "calls": c, "bytes": b}
+                        for k, (c, b) in r.traffic.items()],
+            "checkpoint_bytes": r.checkpoint_bytes, "checkpoint_files": r.checkpoint_files, "losses": r.losses,
+            "seconds": r.seconds, "max_rss": r.max_rss, "unknown": r.unknown}
