@@ -9,7 +9,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from unroll.models import LM
@@ -149,10 +148,9 @@ def split_batch(batch: torch.Tensor, cp_rank: int = 0, cp: int = 1) -> tuple[tor
 
 def lm_loss(model: torch.nn.Module, batch: torch.Tensor, cp_rank: int = 0, cp: int = 1) -> torch.Tensor:
     """Mean next-token cross-entropy over this rank's slice of the batch (the mean of the cp ranks'
-    losses is the whole sequence's)."""
+    losses is the whole sequence's), computed by the model without full logits (LM.forward's targets)."""
     inputs, targets = split_batch(batch, cp_rank, cp)
-    logits = model(inputs)
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    return model(inputs, targets=targets)
 
 
 @torch.no_grad()
@@ -201,6 +199,7 @@ def train(cfg: Config) -> dict:
 
     torch.manual_seed(cfg.train.seed)
     model = LM(cfg.model).to(dist.device)
+    model.loss_chunk = cfg.train.loss_chunk
     if cfg.train.init_from and not checkpoint.complete_checkpoints(run_dir):  # a new run from other weights
         checkpoint.load_model_weights(checkpoint.resolve_checkpoint(cfg.train.init_from, "train.init_from"), model)
     trainable = apply_trainable(model, cfg.train.trainable) if cfg.train.trainable else None
