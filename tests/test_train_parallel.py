@@ -33,6 +33,8 @@ def test_layout_is_checked_against_the_model():
         check_model(resolve_layout(ParallelConfig(ep=2), 2), ModelConfig(pattern="G"))
     with pytest.raises(LayoutError, match="parallel.pp=3 stages for 2 layers"):
         check_model(resolve_layout(ParallelConfig(pp=3), 3), ModelConfig(pattern="GG"))
+    with pytest.raises(LayoutError, match="parallel.tp=2 must divide model.vocab_size=2049"):
+        check_model(resolve_layout(ParallelConfig(tp=2), 2), ModelConfig(pattern="G", vocab_size=2049))
 
 
 def assert_same_run(base_dir, run_dir, rel: float = 2e-5, up_to: int | None = None) -> None:
