@@ -9,8 +9,8 @@ The math. With logits z_i = W h_i (one row per vocabulary entry) and target y_i,
 
     loss = (1/N) Σ_i [ log Σ_v exp(z_iv) − z_{i,y_i} ]        ∂loss/∂z_iv = (softmax(z_i)_v − [v = y_i]) / N
 
-and ∂/∂h_i = Σ_v ∂loss/∂z_iv W_v, ∂/∂W_v = Σ_i ∂loss/∂z_iv h_i. Nothing needs all N × V logits at once:
-the tokens are cut into chunks of `chunk` rows, each chunk's loss is summed, and the sum divided by N.
+and ∂/∂h_i = Σ_v ∂loss/∂z_iv W_v, ∂/∂W_v = Σ_i ∂loss/∂z_iv h_i. Nothing needs all N × V logits at
+once: the tokens are cut into chunks of `chunk` rows, each chunk's loss is summed, and the sum divided by N.
 The logits matmul runs in the ambient dtype (bfloat16 under autocast), the softmax and the loss in float32
 (float64 inputs stay float64: the tests' oracle).
 
@@ -19,20 +19,20 @@ Memory. Each chunk runs under torch.utils.checkpoint (non-reentrant): the forwar
 gradient, so forward and backward hold O(chunk × V_local) at a time, at the price of one more logits matmul.
 Checkpointing rather than a hand-written Function over all chunks: the matmul's backward stays autograd's own
 (autocast casts, FSDP's mixed-precision parameters, the zero-bubble schedules' split of the backward into
-input and weight parts all work as for any other layer), and with one chunk (chunk <= 0 or chunk >= N) the
-computation is op for op the plain one, with no recompute.
+input and weight parts all work as for any other layer), and with one chunk (chunk <= 0 or chunk >= N) it
+is the plain computation, nothing recomputed.
 
 Vocabulary parallelism (`group`): rank r of the group holds rows [r·V_local, (r+1)·V_local) of W, so its
 logits are the columns z_i[r·V_local : (r+1)·V_local]. The row maximum m_i and the sum of exp(z_iv − m_i) are
 all-reduced over the group (max, then sum), the target logit is taken by the rank that owns y_i (zero
-elsewhere) and all-reduced, and every rank gets the same loss. The gradient of its logits, softmax_local −
+elsewhere) and all-reduced, and every rank gets the same loss log Σ exp(z_iv − m_i) − (z_{i,y_i} − m_i). The gradient of its logits, softmax_local −
 onehot_local, is complete; its gradient with respect to `hidden`, Σ over its own rows, is PARTIAL: the
 caller must sum it over the group (train/tensor_parallel.py does, where the final norm's output is made
-whole). Two all-reduces per chunk (the max; the sum of exponentials stacked with the target logit), each of
-a few vectors of the chunk's length; inside a checkpointed chunk they run again in the backward's recompute,
-on every rank alike. Written on plain tensors and torch.distributed, not
-torch's loss_parallel context manager: the backward runs inside pipeline schedules and checkpoint
-recomputation, which a context manager around the forward does not reach.
+whole). Two all-reduces per chunk (the max; the sum of exponentials stacked with the target logit), of one
+or two vectors of the chunk's length; inside a checkpointed chunk they run again in the backward's
+recompute, on every rank alike. Written on plain tensors and torch.distributed, not torch's loss_parallel
+context manager: the backward runs inside pipeline schedules and checkpoint recomputation, which a context
+manager around the forward does not reach.
 """
 from __future__ import annotations
 

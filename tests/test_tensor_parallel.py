@@ -5,8 +5,9 @@ read them. Cases: ParaGRU / ParaLSTM (rnn_heads 1, 2 = tp, 4; Newton and sequent
 replicated, 2: split; sequential and Newton), attention (with and without GQA), dense and MoE MLPs (with a
 shared expert and balancing losses), tied and untied head, each with and without sequence parallelism:
 float64 logits and every parameter's gradient (through the model's own chunked, vocabulary-parallel loss and
-through its gathered logits), float32 losses over 3 AdamW steps; the vocabulary-parallel loss kernel alone. Also the placements as
-applied, DCP checkpoints (model and optimizer) between the TP and the single-device layout, and refusals."""
+through its gathered logits), float32 losses over 3 AdamW steps; the vocabulary-parallel loss kernel alone.
+Also the placements as applied, DCP checkpoints (model and optimizer) between the TP and the single-device
+layout, and refusals."""
 from pathlib import Path
 from types import SimpleNamespace
 

@@ -474,12 +474,14 @@ def _shard_root(root: nn.Module, tp_mesh: DeviceMesh, sp: bool) -> None:
     """The embedding, final norm and head of the LM (or of a pipeline stage, where it holds them, and a
     last stage's replica of a tied embedding): embedding and head split over the vocabulary, the loss
     vocabulary-parallel (`root.vocab_group`); their forward on the local views."""
-    params, local = {}, {}
-    for name in ("embed.weight", "head.weight", "tied_embed_weight"):
-        if _has_owner(root, name) and _param(root, name) is not None:
-            params[name] = Shard(0)  # vocabulary rows [r·V/tp, (r+1)·V/tp) on rank r
+    params, local = {}, {}  # the [V, d] matrices: vocabulary rows [r·V/tp, (r+1)·V/tp) on rank r
     if getattr(root, "embed", None) is not None:
+        params["embed.weight"] = Shard(0)
         local["embed.forward"] = partial(_vocab_parallel_embedding, root.embed, tp_mesh, sp)
+    if getattr(root, "head", None) is not None:
+        params["head.weight"] = Shard(0)
+    if getattr(root, "tied_embed_weight", None) is not None:
+        params["tied_embed_weight"] = Shard(0)
     if getattr(root, "norm", None) is not None:
         if sp:
             parallelize_module(root.norm, tp_mesh, SequenceParallel())
@@ -491,16 +493,7 @@ def _shard_root(root: nn.Module, tp_mesh: DeviceMesh, sp: bool) -> None:
     parallelize_module(root, tp_mesh, Sharded(params, local=local, row_parallel=False))
 
 
-def _has_owner(module: nn.Module, name: str) -> bool:
-    *path, _ = name.split(".")
-    for part in path:
-        module = getattr(module, part, None)
-        if module is None:
-            return False
-    return True
-
-
-def _vocab_parallel_embedding(embed: nn.Embedding, mesh: DeviceMesh, sp: bool, tokens: torch.Tensor) -> torch.Tensor:
+def _vocab_parallel_embedding(embed: nn.Embedding, mesh: DeviceMesh, sp: bool, tokens: torch.Tensor):
     """The embedding split over the vocabulary: rank r holds rows [r·V/tp, (r+1)·V/tp) (`embed.weight` is its
     local shard here) and looks up the tokens in that range, zeros for the others; the partial sums are
     reduce-scattered to this rank's sequence shard under sequence parallelism, all-reduced without. In the
