@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from unroll.kernels.cross_entropy import chunked_cross_entropy, gather_vocab
 from unroll.models.attention import Attention
 from unroll.models.config import ModelConfig
 from unroll.models.init import fresh_seed, init_parameters, normal
@@ -91,6 +93,12 @@ class LM(nn.Module):
     from `seed` (None: drawn from torch's global generator). The weights are a function of the seed and
     the parameter names only (models/init.py), whatever later holds which part of them."""
 
+    # Set from outside, like the mixers' context_group: tokens per logits chunk of the loss (train.loss_chunk;
+    # 0 = all at once), and the process group the vocabulary is split over (train/tensor_parallel.py; None =
+    # the embedding and head hold the whole vocabulary).
+    loss_chunk: int = 1024
+    vocab_group = None
+
     def __init__(self, cfg: ModelConfig, seed: int | None = None):
         super().__init__()
         self.cfg = cfg
@@ -107,21 +115,33 @@ class LM(nn.Module):
     def init_rules(self) -> dict:
         return {"embed.weight": normal(self.cfg.init_std), "head.weight": normal(self.cfg.init_std)}
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(x)
-        return x @ self.embed.weight.t() if self.head is None else self.head(x)
+    def output_weight(self) -> torch.Tensor:
+        """The [V, d] matrix that maps the final hidden states to logits: the head's, or the tied embedding."""
+        return self.embed.weight if self.head is None else self.head.weight
 
-    def forward(self, tokens: torch.Tensor, states: list | None = None, return_states: bool = False):
-        """tokens [B, T] → logits [B, T, V]; with return_states also each layer's state after T (the KV
-        cache or the recurrent state), from which `step` or another `forward` continues."""
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(self.norm(x), self.output_weight())
+        return logits if self.vocab_group is None else gather_vocab(logits, self.vocab_group)
+
+    def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy from the last block's output x [B, T, d] and targets [B, T], chunk by
+        chunk (kernels/cross_entropy.py): the [B, T, V] logits are never held whole."""
+        return chunked_cross_entropy(self.norm(x).flatten(0, 1), self.output_weight(), targets.flatten(),
+                                     chunk=self.loss_chunk, group=self.vocab_group)
+
+    def forward(self, tokens: torch.Tensor, states: list | None = None, return_states: bool = False,
+                targets: torch.Tensor | None = None):
+        """tokens [B, T] → logits [B, T, V]; with targets [B, T] the mean cross-entropy loss (a scalar) instead,
+        computed without the full logits; with return_states also each layer's state after T (the KV cache
+        or the recurrent state), from which `step` or another `forward` continues."""
         x = self.embed(tokens)
         states = states or [None] * len(self.blocks)
         new_states = []
         for block, state in zip(self.blocks, states):
             x, state = block(x, state)
             new_states.append(state)
-        logits = self._logits(x)
-        return (logits, new_states) if return_states else logits
+        out = self._logits(x) if targets is None else self.loss(x, targets)
+        return (out, new_states) if return_states else out
 
     def step(self, token: torch.Tensor, states: list | None = None):
         """One token per sequence: token [B] → (logits [B, V], states)."""

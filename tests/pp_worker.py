@@ -3,9 +3,10 @@ one process, float64, loss and gradients.
 
     torchrun --standalone --nproc-per-node 2 tests/pp_worker.py OUT_DIR
 
-Each rank builds the same seeded LM and computes the single-process loss (the mean over the microbatches,
-which is the whole batch's mean: equal-size microbatches) and its gradients; then runs the schedule twice
-(the second step reuses the inferred shapes) and compares, after `sync_tied_grads`, the gradient of every
+Each rank builds the same seeded LM and computes the single-process loss from full logits (the mean over
+the microbatches, which is the whole batch's mean: equal-size microbatches) and its gradients; then runs the
+schedule, whose last stage computes the loss itself (in chunks where a case says so), twice (the second step
+reuses the inferred shapes) and compares, after `sync_tied_grads`, the gradient of every
 parameter its stages hold with the single-process one (the tied replica against `embed.weight`).
 Writes OUT_DIR/rank{r}.json: {case: {"loss": error or null off the last stage, "grads": max error,
 "worst": name, "names": [LM parameter names this rank holds], "copy": error of the tied replica after
@@ -33,11 +34,17 @@ CASES = {  # name: (schedule, pattern, extra model fields)
     "zbv_untied": ("ZBVZeroBubble", "GA|LG|GA|LG", {"tie_embeddings": False}),
     "dualpipev_tied": ("DualPipeV", "GA|LG|GA|LG", {}),
     "gpipe_m2rnn_moe": ("GPipe", "GM|AL", {"mlp_pattern": "DEDE"}),  # no aux-loss coefficients
+    # the last stage's loss in chunks of 5 of a microbatch's 12 tokens (recomputed in the backward), also
+    # under the zero-bubble schedules' separate input and weight backward passes
+    "1f1b_tied_loss_chunks": ("1F1B", "GA|LG", {"loss_chunk": 5}),
+    "interleaved_zb_untied_loss_chunks": ("InterleavedZeroBubble", "GA|LG|GA|LG",
+                                          {"tie_embeddings": False, "loss_chunk": 5}),
+    "zbv_tied_loss_chunks": ("ZBVZeroBubble", "GA|LG|GA|LG", {"loss_chunk": 5}),
 }
 N_MB = 4
 
 
-def loss_fn(logits, targets):
+def reference_loss(logits, targets):
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
@@ -46,6 +53,8 @@ def run_case(schedule, pattern, extra, group):
     from unroll.models.config import M2RNNConfig, MoEConfig
     from unroll.train.pipeline import build_schedule, copy_tied_weight, pipeline_step, sync_tied_grads
 
+    extra = dict(extra)
+    loss_chunk = extra.pop("loss_chunk", 0)
     cfg = ModelConfig(pattern=pattern, vocab_size=40, d_model=16, n_heads=2, solver="newton",
                       m2rnn=M2RNNConfig(k_dim=4, v_dim=4, v_heads=4, qk_heads=2, solver="sequential"),
                       moe=MoEConfig(experts=4, top_k=2, hidden=8), **extra)
@@ -53,12 +62,15 @@ def run_case(schedule, pattern, extra, group):
     model = LM(cfg).double()
     tokens = torch.randint(0, 40, (2 * N_MB, 6))
     targets = torch.randint(0, 40, (2 * N_MB, 6))
-    ref_loss = torch.stack([loss_fn(model(t), y) for t, y in zip(tokens.chunk(N_MB), targets.chunk(N_MB))]).mean()
+    ref_loss = torch.stack([reference_loss(model(t), y)
+                            for t, y in zip(tokens.chunk(N_MB), targets.chunk(N_MB))]).mean()
     ref_loss.backward()
     ref = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
 
-    sched, modules = build_schedule(model, group, schedule, N_MB, loss_fn)
+    model.loss_chunk = loss_chunk  # the stages compute the loss as the model does
+    sched, modules = build_schedule(model, group, schedule, N_MB)
+    assert all(m.loss_chunk == loss_chunk for m in modules)
     out = {"loss": None, "grads": 0.0, "worst": "", "names": []}
     for _ in range(2):
         for m in modules:

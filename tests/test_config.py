@@ -38,6 +38,7 @@ def test_presets_load_and_overrides_apply():
     ("model.m2rnn.solver=fast", "model.m2rnn.solver", "newton, sequential"),
     ("model.window=-1", "model.window", "must be >= 0"),
     ("model.head_dim=-1", "model.head_dim", "must be >= 0"),
+    ("train.loss_chunk=-1", "train.loss_chunk", "must be >= 0"),
 ])
 def test_bad_values_name_the_key(override, key, words):
     with pytest.raises(ConfigError) as err:

@@ -106,7 +106,7 @@ def test_schedule_names():
     with pytest.raises(ValueError, match="unknown pipeline schedule 'pipedream'; choices: GPipe, 1F1B"):
         schedule_spec("pipedream")
     with pytest.raises(ValueError, match="choices: " + ", ".join(SCHEDULES)):
-        build_schedule(LM(tiny("GA|LG")), None, "nope", 4, None)  # checked before any process group is used
+        build_schedule(LM(tiny("GA|LG")), None, "nope", 4)  # checked before any process group is used
 
 
 # --- stage modules in one process ---------------------------------------------------------------------------
@@ -122,6 +122,14 @@ def test_stage_modules_chain_to_the_model(tied):
     for m in mods:
         x = m(x)
     torch.testing.assert_close(x, model(tokens), rtol=0, atol=1e-12)
+    # with targets the last stage returns the loss, shape [1] (the schedules merge outputs along dim 0)
+    targets = torch.randint(0, 40, (2, 5))
+    x = tokens
+    for m in mods[:-1]:
+        x = m(x, targets=targets)  # ignored before the last stage
+    loss = mods[-1](x, targets=targets)
+    assert loss.shape == (1,)
+    torch.testing.assert_close(loss[0], model(tokens, targets=targets), rtol=0, atol=1e-12)
     # the model's own blocks under their LM names
     assert mods[1].blocks["2"] is model.blocks[2]
     names = {n for m in mods for n, _ in m.named_parameters()}

@@ -20,6 +20,15 @@ def test_fsdp_shares_parameters_over_all_ranks_and_adam_costs_16_bytes_each():
     assert tp.params_gpu == pytest.approx(total / 64)
 
 
+def test_tensor_parallel_layouts_need_tp_to_divide_the_vocabulary():
+    from unroll.train.plan import candidate_layouts
+
+    cfg = load_config("paragru-7b").model
+    assert {lay["tp"] for lay in candidate_layouts(cfg, 8, 8)} > {1}
+    cfg.vocab_size += 1  # odd: only tp = 1
+    assert {lay["tp"] for lay in candidate_layouts(cfg, 8, 8)} == {1}
+
+
 def test_experts_are_split_by_expert_parallelism():
     cfg = load_config("m2rnn-moe-7b").model
     base = {"pp": 1, "dp_replicate": 1, "dp_shard": 8, "cp": 1, "tp": 1}

@@ -4,8 +4,10 @@ One torchrun launch (tests/tp_worker.py) runs every check and writes one JSON pe
 read them. Cases: ParaGRU / ParaLSTM (rnn_heads 1, 2 = tp, 4; Newton and sequential), M²RNN (q/k heads 1:
 replicated, 2: split; sequential and Newton), attention (with and without GQA), dense and MoE MLPs (with a
 shared expert and balancing losses), tied and untied head, each with and without sequence parallelism:
-float64 logits and every parameter's gradient, float32 losses over 3 AdamW steps. Also the placements as
-applied, DCP checkpoints (model and optimizer) between the TP and the single-device layout, and refusals."""
+float64 logits and every parameter's gradient (through the model's own chunked, vocabulary-parallel loss and
+through its gathered logits), float32 losses over 3 AdamW steps; the vocabulary-parallel loss kernel alone.
+Also the placements as applied, DCP checkpoints (model and optimizer) between the TP and the single-device
+layout, and refusals."""
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -39,6 +41,12 @@ def test_logits_and_every_gradient_equal_the_single_device_model_float64(ranks, 
         assert res["all_dtensor"] and not res["missing_grads"], res
         assert res["logits"] <= 1e-10 and res["loss"] <= 1e-10, res
         assert res["grad"] <= 1e-10, res  # max over parameters of |grad.full_tensor() − single-device grad|
+        assert res["logits_loss"] <= 1e-10 and res["logits_grad"] <= 1e-10, res  # through the gathered logits
+
+
+def test_vocabulary_parallel_loss_equals_the_plain_loss_float64(ranks):
+    for res in result(ranks, "vocab_parallel_loss"):
+        assert len(res) == 7 and max(res.values()) <= 1e-12, res
 
 
 @pytest.mark.parametrize("run", RUNS)
@@ -50,7 +58,8 @@ def test_adamw_steps_give_the_single_device_losses_float32(ranks, run):
 def test_the_plan_as_applied(ranks):
     placements = result(ranks, "placements")[0]
     expected = {
-        "embed.weight": "R", "norm.weight": "R", "blocks.0.mixer_norm.weight": "R",
+        "embed.weight": "S(0)", "head.weight": "S(0)",  # vocabulary rows (the head: an untied model's)
+        "norm.weight": "R", "blocks.0.mixer_norm.weight": "R",
         "blocks.0.mixer.in_proj.weight": "S(2)", "blocks.0.mixer.in_proj.bias": "S(1)",  # ParaGRU, heads 1
         "blocks.0.mixer.a": "S(1)", "blocks.0.mixer.out_proj.weight": "S(1)",
         "blocks.0.mlp.gate_up.weight": "_S(0, 2)", "blocks.0.mlp.down.weight": "S(1)",  # [gate | up] strided
@@ -77,6 +86,7 @@ def test_what_is_refused(ranks):
     assert res["gqa_kv1"] == "Attention: tp=2 must divide n_heads=4 and the kv heads 1"
     assert res["rnn_heads3"] == "ParaGRU: tp=2 must divide rnn_heads=3 (or rnn_heads=1)"
     assert res["mlp_width33"] == "SwiGLU: tp=2 must divide the MLP width 33"
+    assert res["vocab63"] == "Embedding and LM head: tp=2 must divide the vocabulary size 63"
     assert "not supported" in res["step"]
     assert res["odd_length"] == "sequence parallelism: tp=2 must divide the sequence length 7"
 

@@ -33,6 +33,8 @@ def test_layout_is_checked_against_the_model():
         check_model(resolve_layout(ParallelConfig(ep=2), 2), ModelConfig(pattern="G"))
     with pytest.raises(LayoutError, match="parallel.pp=3 stages for 2 layers"):
         check_model(resolve_layout(ParallelConfig(pp=3), 3), ModelConfig(pattern="GG"))
+    with pytest.raises(LayoutError, match="parallel.tp=2 must divide model.vocab_size=2049"):
+        check_model(resolve_layout(ParallelConfig(tp=2), 2), ModelConfig(pattern="G", vocab_size=2049))
 
 
 def assert_same_run(base_dir, run_dir, rel: float = 2e-5, up_to: int | None = None) -> None:
@@ -105,10 +107,11 @@ def test_context_parallel_matches_one_process(tiny_config, offline_env, solvers)
 
 
 def test_tensor_parallel_alone_and_under_fsdp_match_one_process(tiny_config, offline_env):
-    """tp 2 (2 processes) and dp_shard 2 × tp 2 (4 processes), every mixer kind and a MoE MLP; then the
-    tp checkpoint resumes in one process (its fused weights saved in the single-device layout)."""
+    """tp 2 (2 processes) and dp_shard 2 × tp 2 (4 processes), every mixer kind and a MoE MLP, the loss
+    vocabulary-parallel in chunks of 40 tokens (not dividing the 128 or 64 a rank has); then the tp checkpoint
+    resumes in one process (its fused and vocabulary-split weights saved in the single-device layout)."""
     model = CP_MODEL | {"mlp_pattern": "DEDD", "moe": {"experts": 4, "top_k": 2, "hidden": 16}}
-    sections = dict(model=model, train={"steps": 4, "batch_size": 4}, eval={"every": 2})
+    sections = dict(model=model, train={"steps": 4, "batch_size": 4, "loss_chunk": 40}, eval={"every": 2})
     one = tiny_config("one", **sections)
     run_cli(["train", one], offline_env)
     tp = tiny_config("tp", **sections, sample={"prompt": "ROMEO.", "max_new_tokens": 4})

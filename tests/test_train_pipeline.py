@@ -11,8 +11,10 @@ from test_train_parallel import assert_same_run
 MOE = {"experts": 4, "top_k": 2, "hidden": 16, "aux_loss_coef": 0.01, "z_loss_coef": 0.001}
 MODEL = {"pattern": "GAML", "mlp_pattern": "DEDE", "n_heads": 2, "tie_embeddings": False, "moe": MOE,
          "m2rnn": {"k_dim": 8, "v_dim": 4, "v_heads": 4}}
-# 4 microbatches of 2 per rank: enough for 1F1B over 2 stages and the looped schedules over 4
-SECTIONS = dict(model=MODEL, train={"steps": 4, "batch_size": 8, "micro_batch_size": 2}, eval={"every": 2})
+# 4 microbatches of 2 per rank: enough for 1F1B over 2 stages and the looped schedules over 4; the last stage's
+# loss in chunks of 24 of a microbatch's 64 tokens (recomputed in the backward, inside the schedules)
+SECTIONS = dict(model=MODEL, train={"steps": 4, "batch_size": 8, "micro_batch_size": 2, "loss_chunk": 24},
+                eval={"every": 2})
 
 
 @pytest.fixture(scope="module")

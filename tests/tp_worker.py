@@ -5,9 +5,13 @@ without sequence parallelism.
     torchrun --standalone --nproc-per-node 2 tests/tp_worker.py OUT_DIR
 
 Writes OUT_DIR/rank{r}.json: {check: result dict, or {"error": traceback}}:
-  f64/<case>/<sp|nosp>    float64: max |logits − ref|, |loss − ref|, max over parameters of
-                          |grad.full_tensor() − ref grad| (and which), whether every parameter is a DTensor
-  f32/<case>/<sp|nosp>    float32: the losses of 3 AdamW steps, TP and reference
+  f64/<case>/<sp|nosp>    float64: max |logits − ref|, |loss − ref| (the model's own chunked,
+                          vocabulary-parallel loss against the reference's from full logits), max over
+                          parameters of |grad.full_tensor() − ref grad| (and which); the same for the loss
+                          from the TP model's gathered logits; whether every parameter is a DTensor
+  f32/<case>/<sp|nosp>    float32: the losses of 3 AdamW steps, TP (its own loss, chunks of 5) and reference
+  vocab_parallel_loss     kernels/cross_entropy.py with the vocabulary split over the 2 ranks, float64, against
+                          the plain loss: value, hidden gradient summed over ranks, weight rows' gradient
   placements              each parameter's placement in one model (the plan as applied)
   dcp                     model + AdamW state of a TP run saved with checkpoint_view load into one process's
                           layout, and a single-device save loads into the TP model and optimizer
@@ -62,10 +66,18 @@ def build(cfg, dtype, seed):
 
 
 def loss_of(model, tokens):
+    """The reference's loss: cross-entropy of the full logits (+ MoE losses)."""
     logits = model(tokens[:, :-1])
     loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
     aux = model.aux_loss()
     return logits, (loss + aux if aux is not None else loss)
+
+
+def model_loss(model, tokens):
+    """The training loss: the model's own (chunked, vocabulary-parallel under tp) cross-entropy (+ MoE losses)."""
+    loss = model(tokens[:, :-1], targets=tokens[:, 1:])
+    aux = model.aux_loss()
+    return loss + aux if aux is not None else loss
 
 
 def err(a, b) -> float:
@@ -79,32 +91,74 @@ def parallel(model, mesh, sp):
     return model
 
 
-def check_f64(cfg, mesh, sp, seed) -> dict:
+def check_f64(cfg, mesh, sp, seed, loss_chunk) -> dict:
+    """The reference's loss from full logits against the TP model's own loss (loss_chunk tokens of logits at a
+    time, vocabulary-parallel), and against the cross-entropy of the TP model's (gathered) logits: value and
+    every parameter's gradient."""
     ref = build(cfg, torch.float64, seed)
     tp = parallel(copy.deepcopy(ref), mesh, sp)
+    tp.loss_chunk = loss_chunk
     tokens = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(seed))
     ref_logits, ref_loss = loss_of(ref, tokens)
     ref_loss.backward()
-    logits, loss = loss_of(tp, tokens)
+
+    def grad_error(model) -> tuple[float, str | None, list[str]]:
+        params = dict(model.named_parameters())
+        worst, worst_name, missing = 0.0, None, []
+        for name, p in ref.named_parameters():
+            q = params[name]
+            if q.grad is None:
+                missing.append(name)
+                continue
+            e = err(q.grad.full_tensor(), p.grad)
+            if e >= worst:
+                worst, worst_name = e, name
+        return worst, worst_name, missing
+
+    loss = model_loss(tp, tokens)
     loss.backward()
-    tp_params = dict(tp.named_parameters())
-    worst, worst_name, missing = 0.0, None, []
-    for name, p in ref.named_parameters():
-        q = tp_params[name]
-        if q.grad is None:
-            missing.append(name)
-            continue
-        e = err(q.grad.full_tensor(), p.grad)
-        if e >= worst:
-            worst, worst_name = e, name
+    worst, worst_name, missing = grad_error(tp)
+    tp.zero_grad(set_to_none=True)
+    logits, logits_loss = loss_of(tp, tokens)
+    logits_loss.backward()
+    logits_grad = grad_error(tp)[0]
     return {"logits": err(logits, ref_logits), "loss": err(loss, ref_loss), "grad": worst, "grad_worst": worst_name,
+            "logits_loss": err(logits_loss, ref_loss), "logits_grad": logits_grad,
             "grad_scale": max(float(p.grad.abs().max()) for p in ref.parameters()), "missing_grads": missing,
             "all_dtensor": all(type(p).__name__ == "DTensor" for p in tp.parameters())}
+
+
+def check_vocab_parallel_loss(mesh) -> dict:
+    """kernels/cross_entropy.py's vocabulary-parallel loss, float64, each rank holding its rows of the [V, d]
+    matrix, against the plain loss on the full logits: the loss (on every rank), the gradient with respect to
+    the hidden states summed over the ranks, and this rank's weight rows' gradient against those rows of the
+    full gradient. Per (N, chunk): the largest of the three errors."""
+    from unroll.kernels.cross_entropy import chunked_cross_entropy, cross_entropy_reference
+
+    group, tp, rank = mesh.get_group(), mesh.size(), mesh.get_local_rank()
+    V, d = 10, 6
+    out = {}
+    for N, chunk in [(7, 0), (7, 1), (7, 3), (7, 7), (7, 20), (1, 0), (1, 1)]:
+        g = torch.Generator().manual_seed(N * 10 + chunk)  # the same inputs on every rank
+        hidden = torch.randn(N, d, dtype=torch.float64, generator=g, requires_grad=True)
+        weight = torch.randn(V, d, dtype=torch.float64, generator=g, requires_grad=True)
+        targets = torch.randint(0, V, (N,), generator=g)
+        targets[0] = V - 1  # a target on the last rank's rows
+        ref = cross_entropy_reference(hidden, weight, targets)
+        ref_dh, ref_dw = torch.autograd.grad(ref, (hidden, weight))
+        rows = slice(rank * V // tp, (rank + 1) * V // tp)
+        local = weight.detach()[rows].clone().requires_grad_()
+        loss = chunked_cross_entropy(hidden, local, targets, chunk=chunk, group=group)
+        dh, dw = torch.autograd.grad(loss, (hidden, local))
+        dist.all_reduce(dh, group=group)  # each rank's part: the caller sums it over the group
+        out[f"N{N}/chunk{chunk}"] = max(err(loss, ref), err(dh, ref_dh), err(dw, ref_dw[rows]))
+    return out
 
 
 def check_f32_training(cfg, mesh, sp, seed, steps=3) -> dict:
     ref = build(cfg, torch.float32, seed)
     tp = parallel(copy.deepcopy(ref), mesh, sp)
+    tp.loss_chunk = 5
     out = {}
     for name, model in (("ref", ref), ("tp", tp)):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
@@ -112,7 +166,7 @@ def check_f32_training(cfg, mesh, sp, seed, steps=3) -> dict:
         losses = []
         for _ in range(steps + 1):  # the last loss is after the last step
             tokens = torch.randint(0, cfg.vocab_size, (2, 9), generator=g)
-            _, loss = loss_of(model, tokens)
+            loss = loss_of(model, tokens)[1] if model is ref else model_loss(model, tokens)
             losses.append(loss.item())
             loss.backward()
             opt.step()
@@ -123,7 +177,9 @@ def check_f32_training(cfg, mesh, sp, seed, steps=3) -> dict:
 
 def placements(mesh) -> dict:
     model = parallel(build(config(pattern="GMA", mlp_pattern="DED", rnn_heads=1), torch.float64, 0), mesh, True)
-    return {name: str(p.placements[0]) for name, p in model.named_parameters()}
+    untied = parallel(build(config(pattern="A", tie_embeddings=False), torch.float64, 0), mesh, True)
+    return {name: str(p.placements[0]) for name, p in model.named_parameters()} | {
+        "head.weight": str(untied.head.weight.placements[0])}
 
 
 def check_dcp(mesh, path: str) -> dict:
@@ -187,7 +243,8 @@ def check_errors(mesh) -> dict:
     bad = {"m2rnn_qk3": config(pattern="M", m2rnn=dict(qk_heads=3, v_heads=6)),
            "gqa_kv1": config(pattern="A", n_kv_heads=1),
            "rnn_heads3": config(pattern="G", d_model=12, rnn_heads=3),
-           "mlp_width33": config(pattern="A", mlp_hidden=33)}
+           "mlp_width33": config(pattern="A", mlp_hidden=33),
+           "vocab63": config(pattern="A", vocab_size=63)}
     for name, cfg in bad.items():
         try:
             parallel(build(cfg, torch.float64, 0), mesh, True)
@@ -228,8 +285,10 @@ def main() -> None:
     for i, (case, fields) in enumerate(CASES.items()):
         for sp in (True, False):
             tag = "sp" if sp else "nosp"
-            run(f"f64/{case}/{tag}", check_f64, config(**fields), mesh, sp, 10 + i)
+            # the loss in chunks of 5 of the 16 tokens, or all at once
+            run(f"f64/{case}/{tag}", check_f64, config(**fields), mesh, sp, 10 + i, 5 if i % 2 == 0 else 0)
             run(f"f32/{case}/{tag}", check_f32_training, config(**fields), mesh, sp, 10 + i)
+    run("vocab_parallel_loss", check_vocab_parallel_loss, mesh)
     run("placements", placements, mesh)
     run("dcp", check_dcp, mesh, os.path.join(out_dir, "ckpt"))
     run("errors", check_errors, mesh)

@@ -51,6 +51,7 @@ class TrainConfig:
     init_from: str = ""  # a new run starts from these model weights (not optimizer, data or step): a run
     #   directory (its newest checkpoint) or a checkpoint directory; "" = random init. Ignored on resume.
     trainable: str = ""  # regex over parameter names: only matches are trained, the rest frozen; "" = all
+    loss_chunk: int = 1024  # tokens per logits chunk of the loss (recomputed in the backward); 0 = all at once
 
 
 @dataclass
@@ -197,6 +198,8 @@ def validate(cfg: Config) -> None:
     need(cfg.train.steps >= 0, "train.steps", f"must be >= 0, got {cfg.train.steps}")
     need(cfg.train.batch_size > 0, "train.batch_size", f"must be positive, got {cfg.train.batch_size}")
     need(cfg.train.micro_batch_size >= 0, "train.micro_batch_size", f"must be >= 0, got {cfg.train.micro_batch_size}")
+    need(cfg.train.loss_chunk >= 0, "train.loss_chunk",
+         f"tokens per logits chunk must be >= 0 (0 = all at once), got {cfg.train.loss_chunk}")
     need(cfg.train.log_every > 0, "train.log_every", f"must be positive, got {cfg.train.log_every}")
     need(cfg.train.activation_checkpoint in ("none", "full", "mlp"), "train.activation_checkpoint",
          f"must be none, full or mlp, got {cfg.train.activation_checkpoint!r}")

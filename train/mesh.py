@@ -76,8 +76,8 @@ def resolve_layout(parallel, world: int) -> Layout:
 
 
 def check_model(layout: Layout, model: ModelConfig, seq_len: int | None = None) -> None:
-    """What the model's shapes allow: heads and widths divisible by tp, experts by ep, layers ≥ stages,
-    the sequence by cp."""
+    """What the model's shapes allow: heads, widths and the vocabulary divisible by tp, experts by ep,
+    layers ≥ stages, the sequence by cp."""
     problems = []
     if seq_len is not None and layout.cp > 1:
         if seq_len % layout.cp:
@@ -91,6 +91,9 @@ def check_model(layout: Layout, model: ModelConfig, seq_len: int | None = None) 
     if layout.tp > 1:
         if seq_len is not None and seq_len % layout.tp:
             problems.append(f"parallel.tp={layout.tp} must divide data.seq_len={seq_len} (sequence-parallel norms)")
+        if model.vocab_size % layout.tp:
+            problems.append(f"parallel.tp={layout.tp} must divide model.vocab_size={model.vocab_size} (the embedding "
+                            f"and head are split over the vocabulary)")
         if "A" in kinds and (model.n_heads % layout.tp or model.kv_heads % layout.tp):
             problems.append(f"parallel.tp={layout.tp} must divide model.n_heads={model.n_heads} and the "
                             f"kv heads {model.kv_heads}")

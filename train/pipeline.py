@@ -2,7 +2,7 @@
 
     stage_layers(cfg, stages)                 which block indices each stage holds
     build_stage_module(model, layers, ...)    one stage as a module holding the model's own blocks
-    build_schedule(model, pp, name, n_mb, loss_fn) -> (schedule, stage modules of this rank)
+    build_schedule(model, pp, name, n_mb)     -> (schedule, stage modules of this rank)
     pipeline_step(schedule, modules, tokens, targets) -> mean loss over microbatches (last-stage ranks)
     sync_tied_grads(modules, pp)              after the step, before clipping / the optimizer, tied models only
 
@@ -16,6 +16,11 @@ Placement (which rank runs which stage, ranks counted within the pp group of siz
     ZBVZeroBubble, DualPipeV                       two per rank, V: r and 2P - 1 - r (so rank 0 runs
                                                    both the first and the last stage)
 
+The loss: the last stage computes it itself from its hidden states (`StageModule.forward(x, targets)`, the
+chunked cross-entropy of kernels/cross_entropy.py, as `LM.forward(tokens, targets=...)` does), so the head is
+used inside the stage's forward (where FSDP has gathered it) and the full logits are never held; the targets
+reach it as a keyword argument of `schedule.step`, and the schedule's loss_fn only reduces that output.
+
 Tied embeddings: the last stage computes logits with the embedding matrix that the first stage looks tokens
 up in. The last stage gets its own replica of it (the parameter `tied_embed_weight`, a copy of
 `model.embed.weight` at build time), on every placement, even when both stages are on one rank (a shared
@@ -27,8 +32,8 @@ own (identical to the embedding's); a global gradient norm for clipping must cou
 (skip `tied_embed_weight`); checkpoints should save `embed.weight` only and, on load, copy it into the
 replica (`copy_tied_weight`).
 
-Gradients: the schedules' default `scale_grads=True` divides by the number of microbatches, so with a
-mean-reduced `loss_fn` the gradients are those of the loss averaged over the microbatches (equal-size
+Gradients: the schedules' default `scale_grads=True` divides by the number of microbatches, so with each
+microbatch's mean loss the gradients are those of the loss averaged over the microbatches (equal-size
 microbatches: the mean over the whole batch), as on a single device.
 
 MoE balancing losses (aux and z-loss) computed inside a stage join the backward at that stage's output
@@ -46,6 +51,7 @@ from dataclasses import replace
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import (
@@ -60,6 +66,7 @@ from torch.distributed.pipelining import (
 )
 from torch.distributed.tensor import DTensor
 
+from unroll.kernels.cross_entropy import chunked_cross_entropy, gather_vocab
 from unroll.models.config import ModelConfig
 from unroll.models.lm import LM, Block
 from unroll.models.moe import MoE
@@ -188,8 +195,8 @@ class _BackwardAlso(torch.autograd.Function):
 
 class StageModule(nn.Module):
     """One pipeline stage: the embedding on the first, the LM's own Block objects for `layers` (under their
-    LM names, `blocks.<i>`), the final norm and head on the last. forward: tokens or hidden → hidden or
-    logits."""
+    LM names, `blocks.<i>`), the final norm and head on the last. forward: tokens or hidden → hidden, or on
+    the last stage the loss (given targets) or logits."""
 
     def __init__(self, model: LM, layers: list[int], first: bool, last: bool):
         super().__init__()
@@ -204,6 +211,9 @@ class StageModule(nn.Module):
             self.tied_embed_weight = nn.Parameter(model.embed.weight.detach().clone())
         self.tied_peer: int | None = None  # pp-group rank holding the other copy of the tied weight
         self.lm_rules = model.init_rules()  # the embedding's and head's initialisation (models/init.py)
+        # the loss as the LM computes it (models/lm.py): tokens per logits chunk; the vocabulary's process
+        # group under tensor parallelism (set by train/tensor_parallel.py)
+        self.loss_chunk, self.vocab_group = model.loss_chunk, model.vocab_group
         self.aux_losses: list[torch.Tensor] = []  # this stage's MoE losses, one per microbatch (for logging)
 
     def init_rules(self) -> dict:
@@ -218,7 +228,17 @@ class StageModule(nn.Module):
         losses = [b.mlp.aux_loss for b in self.blocks.values() if isinstance(b.mlp, MoE)]
         return torch.stack(losses).sum() if losses else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def output_weight(self) -> torch.Tensor:
+        """The last stage's [V, d] logits matrix: the head's, or (tied) the replica or the embedding itself."""
+        if self.head is not None:
+            return self.head.weight
+        return self.tied_embed_weight if self.tied_embed_weight is not None else self.embed.weight
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (first stage) or hidden [B, T, d] → hidden [B, T, d]; on the last stage logits [B, T, V], or
+        with targets [B, T] the mean cross-entropy as a tensor of shape [1] (the schedules merge the last
+        stage's outputs along dim 0). Other stages ignore targets: the schedule gives a rank's keyword
+        arguments to each of its stages."""
         if self.embed is not None:
             x = self.embed(x)
         for block in self.blocks.values():
@@ -228,13 +248,16 @@ class StageModule(nn.Module):
             self.aux_losses.append(aux.detach())
             if torch.is_grad_enabled():
                 x = _BackwardAlso.apply(x, aux)
-        if self.last:
-            x = self.norm(x)
-            if self.head is not None:
-                return self.head(x)
-            w = self.tied_embed_weight if self.tied_embed_weight is not None else self.embed.weight
-            return x @ w.t()
-        return x
+        if not self.last:
+            return x
+        x = self.norm(x)
+        if targets is None:
+            logits = F.linear(x, self.output_weight())
+            return logits if self.vocab_group is None else gather_vocab(logits, self.vocab_group)
+        # the head is used here, inside the stage's forward, where FSDP has gathered it
+        loss = chunked_cross_entropy(x.flatten(0, 1), self.output_weight(), targets.flatten(),
+                                     chunk=self.loss_chunk, group=self.vocab_group)
+        return torch.stack([loss])  # not a view: the schedules detach the last stage's outputs in place
 
     def tied_weight(self) -> nn.Parameter | None:
         """This stage's copy of the tied embedding matrix (None if it holds none or the model is untied)."""
@@ -295,7 +318,13 @@ def check_microbatches(schedule: str, n_microbatches: int, pp_size: int) -> None
         raise ValueError(f"{name} needs n_microbatches divisible by the pp size {pp_size}, got {n_microbatches}")
 
 
-def schedule_for(modules: list[StageModule], pp, schedule: str, n_microbatches: int, loss_fn,
+def last_stage_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The schedules' loss_fn: the last stage's output already is its microbatch's mean loss (shape [1], see
+    StageModule.forward, which took the targets as a keyword argument); this only makes it a scalar."""
+    return output.sum()
+
+
+def schedule_for(modules: list[StageModule], pp, schedule: str, n_microbatches: int,
                  device: torch.device | str) -> object:
     """The schedule running `modules` (from `build_stage_modules`, possibly wrapped by FSDP since)."""
     _, cls, per_rank, _ = schedule_spec(schedule)
@@ -303,26 +332,42 @@ def schedule_for(modules: list[StageModule], pp, schedule: str, n_microbatches: 
     check_microbatches(schedule, n_microbatches, dist.get_world_size(group))
     stages = [PipelineStage(m, m.stage_index, m.n_stages, torch.device(device), group=group) for m in modules]
     if per_rank == 1:
-        return cls(stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn)
-    return cls(stages, n_microbatches=n_microbatches, loss_fn=loss_fn)
+        return cls(stages[0], n_microbatches=n_microbatches, loss_fn=last_stage_loss)
+    return cls(stages, n_microbatches=n_microbatches, loss_fn=last_stage_loss)
 
 
-def build_schedule(model: LM, pp, schedule: str, n_microbatches: int, loss_fn,
+def build_schedule(model: LM, pp, schedule: str, n_microbatches: int,
                    device: torch.device | str | None = None) -> tuple[object, list[StageModule]]:
     """This rank's part of the pipeline: (the schedule object, its stage modules in stage order).
 
-    `pp` is the pipeline process group, a 1-d mesh, or a mesh with a "pp" dimension. `loss_fn(logits,
-    targets)` should reduce by mean (the schedule divides the gradients by n_microbatches). The stage
-    modules hold the model's own blocks, embedding, norm and head, so an optimizer over the modules'
-    parameters trains the model in place (plus, for tied embeddings, the replica `tied_embed_weight`, which
-    is not among `model.parameters()`). Every rank still holds the whole `model`; the blocks of other ranks'
-    stages are simply unused here (the trainer moves them to the meta device)."""
+    `pp` is the pipeline process group, a 1-d mesh, or a mesh with a "pp" dimension. The loss is the model's
+    own (the last stage computes each microbatch's mean cross-entropy, `model.loss_chunk` tokens of logits at
+    a time; the schedule divides the gradients by n_microbatches). The stage modules hold the model's own
+    blocks, embedding, norm and head, so an optimizer over the modules' parameters trains the model in place
+    (plus, for tied embeddings, the replica `tied_embed_weight`, which is not among `model.parameters()`).
+    Every rank still holds the whole `model`; the blocks of other ranks' stages are simply unused here (the
+    trainer moves them to the meta device)."""
     schedule_spec(schedule)  # a bad name is reported before any process group is used
     check_microbatches(schedule, n_microbatches, dist.get_world_size(_pp_group(pp)))
     modules = build_stage_modules(model, pp, schedule)
     if device is None:
         device = next(model.parameters()).device
-    return schedule_for(modules, pp, schedule, n_microbatches, loss_fn, device), modules
+    return schedule_for(modules, pp, schedule, n_microbatches, device), modules
+
+
+def run_schedule(schedule, modules: list[StageModule], tokens: torch.Tensor | None,
+                 targets: torch.Tensor | None) -> list[torch.Tensor]:
+    """One forward + backward of the batch through `schedule`; the microbatch losses on the rank with the last
+    stage (empty elsewhere). The targets travel as the keyword argument `targets`, which torch's schedules
+    split into microbatches like the inputs and give to every stage's forward on this rank (the last one
+    uses them); the schedule's own `target` only feeds its loss_fn, which merely reduces the stage's output."""
+    losses: list[torch.Tensor] = []
+    args = (tokens,) if any(m.first for m in modules) else ()
+    if any(m.last for m in modules):
+        schedule.step(*args, target=targets, losses=losses, targets=targets)
+    else:
+        schedule.step(*args)
+    return [loss.detach() for loss in losses]
 
 
 def pipeline_step(schedule, modules: list[StageModule], tokens: torch.Tensor | None = None,
@@ -331,15 +376,8 @@ def pipeline_step(schedule, modules: list[StageModule], tokens: torch.Tensor | N
     used where the first stage is, targets where the last is. Returns the mean of the microbatch losses on
     the rank with the last stage, None elsewhere. Gradients accumulate into the stage modules' parameters;
     call `sync_tied_grads` next for a tied model."""
-    first = any(m.first for m in modules)
-    last = any(m.last for m in modules)
-    losses: list[torch.Tensor] = []
-    args = (tokens,) if first else ()
-    if last:
-        schedule.step(*args, target=targets, losses=losses)
-        return torch.stack([l.detach() for l in losses]).mean()
-    schedule.step(*args)
-    return None
+    losses = run_schedule(schedule, modules, tokens, targets)
+    return torch.stack(losses).mean() if losses else None
 
 
 def sync_tied_grads(modules: list[StageModule], pp) -> None:

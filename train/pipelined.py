@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -26,16 +25,13 @@ from unroll.train.pipeline import (
     StageModule,
     build_stage_modules,
     check_microbatches,
+    run_schedule,
     schedule_for,
     schedule_spec,
     stage_layers,
     stage_ranks,
     sync_tied_grads,
 )
-
-
-def pipeline_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
 def check_pipeline(layout: Layout, cfg, n_microbatches: int) -> None:
@@ -116,17 +112,11 @@ class Pipeline:
         microbatch losses on the last stage, zero elsewhere; sum of this rank's stages' MoE losses or None).
         Gradients accumulate into the stage parameters, divided by n_microbatches (the mean)."""
         if self.schedule is None or self.schedule._n_microbatches != n_microbatches:
-            self.schedule = schedule_for(self.modules, self.group, self.schedule_name, n_microbatches,
-                                         pipeline_loss, device)
+            self.schedule = schedule_for(self.modules, self.group, self.schedule_name, n_microbatches, device)
         for m in self.modules:
             m.aux_losses.clear()
-        losses: list[torch.Tensor] = []
-        args = (inputs,) if self.first else ()
-        if self.last:
-            self.schedule.step(*args, target=targets, losses=losses)
-        else:
-            self.schedule.step(*args)
-        loss_sum = torch.stack([l.detach() for l in losses]).sum() if losses else torch.zeros((), device=device)
+        losses = run_schedule(self.schedule, self.modules, inputs if self.first else None, targets)
+        loss_sum = torch.stack(losses).sum() if losses else torch.zeros((), device=device)
         # each stage ran one forward per microbatch; the first step may add a shape-inference forward first
         aux = [a for m in self.modules for a in m.aux_losses[-n_microbatches:]]
         self._sync_tied_grads()
@@ -137,9 +127,9 @@ class Pipeline:
 
     @torch.no_grad()
     def forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
-        """Evaluation: the batch's mean loss on the rank with the last stage, None elsewhere. Runs the stages
-        in order, sending the hidden state [B, T, d] (T/tp under sequence parallelism) point to point
-        (float32, after its shape) between their ranks."""
+        """Evaluation: the batch's mean loss (computed by the last stage) on the rank with the last stage, None
+        elsewhere. Runs the stages in order, sending the hidden state [B, T, d] (T/tp under sequence
+        parallelism) point to point (float32, after its shape) between their ranks."""
         order = sorted(self.modules, key=lambda m: m.stage_index)
         mine = {m.stage_index: m for m in order}
         owner = self._owners()
@@ -153,14 +143,14 @@ class Pipeline:
                 dist.recv(shape, src, self.group)
                 x = torch.empty(*shape.tolist(), device=inputs.device)
                 dist.recv(x, src, self.group)
-            x = mine[s](x)
+            x = mine[s](x, targets=targets)  # the last stage: the loss, shape [1]; the others ignore targets
             for m in self.modules:
                 m.aux_losses.clear()
             if s + 1 < len(owner) and owner[s + 1] != owner[s]:
                 dst = dist.get_global_rank(self.group, owner[s + 1])
                 dist.send(torch.tensor(x.shape, dtype=torch.int64, device=x.device), dst, self.group)
                 dist.send(x.float().contiguous(), dst, self.group)
-        return pipeline_loss(x, targets) if self.last else None
+        return x.squeeze(0) if self.last else None
 
     def _owners(self) -> list[int]:
         _, _, per_rank, placement = schedule_spec(self.schedule_name)

@@ -94,6 +94,7 @@ def candidate_layouts(cfg: ModelConfig, world: int, gpus_per_node: int):
             continue
         if tp > 1 and ("A" in kinds and (cfg.n_heads % tp or cfg.kv_heads % tp)
                        or "M" in kinds and cfg.m2rnn_v_heads % tp or kinds & {"G", "L"} and cfg.rnn_dim % tp
+                       or cfg.vocab_size % tp  # the embedding and head are split over the vocabulary
                        or "T" in kinds):  # TNT has no tensor-parallel plan yet
             continue
         shard = world // (tp * pp * cp)

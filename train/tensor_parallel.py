@@ -50,7 +50,11 @@ The plans (d = d_model; Shard(k): dimension k in tp equal contiguous parts, rank
     w_down           [E, h, d]             Shard(1)
     shared.*         as SwiGLU, inside the same region (one reduction for routed + shared)
   Norms: SequenceParallel (on sequence shards) with sequence_parallel, else replicated.
-  Embedding, final norm, LM head: replicated (see below).
+  Embedding, LM head and loss (vocabulary-parallel; needs tp | vocab_size; see below)
+    embed.weight       [V, d]              Shard(0)     rank r looks up the tokens in its rows
+    head.weight        [V, d]              Shard(0)     rank r's logits are the columns of its rows
+    tied_embed_weight  [V, d]              Shard(0)     a pipeline's last-stage replica of a tied embedding
+    norm.weight (final) [d]                SequenceParallel, or replicated
 
 Fused dimensions. A fused projection's output rows are segments ([q | k | v], [gate | up], ...); a rank must
 hold the same heads of every segment, which is not a contiguous block. Where the segments are equal and all
@@ -64,12 +68,16 @@ otherwise) no DTensor placement describes the rows a rank needs, so the paramete
 layer kept whole on every tp rank (the MoE experts, most of the model, are split). No weight is permuted:
 checkpoints keep the single-device layout, see `checkpoint_view` for DCP.
 
-Embedding and LM head are replicated: the trainer computes a plain cross-entropy on full logits
-(train/trainer.py), so the model returns full [B, T, V] logits on every rank. A vocabulary-sharded
-embedding (RowwiseParallel) and head with loss_parallel would save memory and the head's redundant compute
-but need the loss computed inside loss_parallel on DTensor logits (a trainer change), and with tied
-embeddings the head would have to share the embedding's vocabulary sharding. Under sequence parallelism the
-embedding output is cut to this rank's sequence shard and the final norm's output gathered before the head.
+Embedding, LM head and loss are split over the vocabulary (Megatron's vocabulary parallelism): rank r holds
+rows [r·V/tp, (r+1)·V/tp) of the embedding and of the head (tied: the embedding is the head, so both uses
+share that split). The embedding looks up the tokens in its rows (zeros for the others) and the partial
+sums are reduce-scattered straight to sequence shards under sequence parallelism, all-reduced without. The
+final norm's output is whole on every rank (gathered from the sequence shards under sequence parallelism);
+each rank computes the logits of its rows only and the loss is vocabulary-parallel (`LM.vocab_group`, the
+tp group; kernels/cross_entropy.py: max and sum of exponentials all-reduced, the target logit from the rank
+that holds it), chunk by chunk, so no rank holds more than chunk × V/tp logits. Each rank's gradient of the
+norm's output is then its rows' part: the backward reduce-scatters it to the sequence shards (all-reduces it
+without sequence parallelism). Without targets the LM returns the logits all-gathered over the vocabulary.
 
 Every parameter becomes a DTensor on the tp mesh (AdamW's foreach kernels and clip_grad_norm_ refuse a mix of
 DTensors and plain tensors). Generation (`step`) under tensor parallelism is not supported.
@@ -91,6 +99,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard, distribute_tensor
@@ -437,6 +446,8 @@ def apply_tensor_parallel(model: LM, tp_mesh: DeviceMesh, *, sequence_parallel: 
         raise TensorParallelError(f"tensor parallelism needs a 1-D mesh, got {tp_mesh.ndim} dimensions")
     sp = sequence_parallel
     seq = Shard(1) if sp else Replicate()  # where the residual stream lives between the blocks
+    vocab, tp = model.cfg.vocab_size, tp_mesh.size()
+    _need(vocab % tp == 0, f"Embedding and LM head: tp={tp} must divide the vocabulary size {vocab}")
     blocks = model.blocks if stages is None else [b for stage in stages for b in stage.blocks.values()]
     plans = [(block, _mixer_plan(block.mixer, tp_mesh, seq), _mlp_plan(block.mlp, tp_mesh, seq))
              for block in blocks]
@@ -461,37 +472,55 @@ def apply_tensor_parallel(model: LM, tp_mesh: DeviceMesh, *, sequence_parallel: 
 
 def _shard_root(root: nn.Module, tp_mesh: DeviceMesh, sp: bool) -> None:
     """The embedding, final norm and head of the LM (or of a pipeline stage, where it holds them, and a
-    last stage's replica of a tied embedding), replicated; their forward on the local views."""
-    params = {}
+    last stage's replica of a tied embedding): embedding and head split over the vocabulary, the loss
+    vocabulary-parallel (`root.vocab_group`); their forward on the local views."""
+    params, local = {}, {}  # the [V, d] matrices: vocabulary rows [r·V/tp, (r+1)·V/tp) on rank r
     if getattr(root, "embed", None) is not None:
-        params["embed.weight"] = Replicate()
-        if sp:
-            root.embed.register_forward_hook(partial(_to_sequence_shard, mesh=tp_mesh))
+        params["embed.weight"] = Shard(0)
+        local["embed.forward"] = partial(_vocab_parallel_embedding, root.embed, tp_mesh, sp)
     if getattr(root, "head", None) is not None:
-        params["head.weight"] = Replicate()
+        params["head.weight"] = Shard(0)
     if getattr(root, "tied_embed_weight", None) is not None:
-        params["tied_embed_weight"] = Replicate()
+        params["tied_embed_weight"] = Shard(0)
     if getattr(root, "norm", None) is not None:
         if sp:
             parallelize_module(root.norm, tp_mesh, SequenceParallel())
             root.norm.register_forward_hook(_gather_sequence)
         else:
             params["norm.weight"] = Replicate()
-    parallelize_module(root, tp_mesh, Sharded(params, row_parallel=False))
+            root.norm.register_forward_hook(partial(_sum_grad_over_ranks, group=tp_mesh.get_group()))
+    root.vocab_group = tp_mesh.get_group()
+    parallelize_module(root, tp_mesh, Sharded(params, local=local, row_parallel=False))
 
 
-def _to_sequence_shard(module, args, out, *, mesh: DeviceMesh):
-    """The (replicated) embedding output → this rank's sequence shard; the backward all-gathers its
-    gradient, so the replicated embedding gets the whole gradient on every rank."""
-    T, tp = out.shape[1], mesh.size()
-    if T % tp:
+def _vocab_parallel_embedding(embed: nn.Embedding, mesh: DeviceMesh, sp: bool, tokens: torch.Tensor):
+    """The embedding split over the vocabulary: rank r holds rows [r·V/tp, (r+1)·V/tp) (`embed.weight` is its
+    local shard here) and looks up the tokens in that range, zeros for the others; the partial sums are
+    reduce-scattered to this rank's sequence shard under sequence parallelism, all-reduced without. In the
+    backward each rank receives the whole gradient (all-gathered from the sequence shards) and its rows take
+    the positions that read them."""
+    T, tp = tokens.shape[1], mesh.size()
+    if sp and T % tp:
         raise TensorParallelError(f"sequence parallelism: tp={tp} must divide the sequence length {T}")
-    return DTensor.from_local(out, mesh, [Replicate()], run_check=False).redistribute(mesh, [Shard(1)]).to_local()
+    rows = embed.weight.shape[0]
+    index = tokens - mesh.get_local_rank() * rows
+    mine = (index >= 0) & (index < rows)
+    out = F.embedding(torch.where(mine, index, 0), embed.weight) * mine.unsqueeze(-1)
+    out = DTensor.from_local(out, mesh, [Partial()], run_check=False)
+    return out.redistribute(mesh, [Shard(1) if sp else Replicate()]).to_local()
 
 
 def _gather_sequence(module, args, out):
-    """The final norm's sequence shards → the whole sequence for the (replicated) head on every rank."""
-    return out.redistribute(out.device_mesh, [Replicate()]).to_local()
+    """The final norm's sequence shards → the whole sequence on every rank, for the vocabulary-parallel head and
+    loss. Each rank's gradient of it is partial (its vocabulary rows' part, see kernels/cross_entropy.py): the
+    backward reduce-scatters it to the sequence shards."""
+    return out.redistribute(out.device_mesh, [Replicate()]).to_local(grad_placements=[Partial()])
+
+
+def _sum_grad_over_ranks(module, args, out, *, group):
+    """Without sequence parallelism: the final norm's (replicated) output, whose gradient each rank computes
+    partially (its vocabulary rows' part), gets the sum over the ranks in the backward."""
+    return _AllReduceGrad.apply(out, group)
 
 
 def _no_generation(*args, **kwargs):

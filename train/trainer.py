@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from unroll.models import LM
@@ -150,10 +149,9 @@ def split_batch(batch: torch.Tensor, cp_rank: int = 0, cp: int = 1) -> tuple[tor
 
 def lm_loss(model: torch.nn.Module, batch: torch.Tensor, cp_rank: int = 0, cp: int = 1) -> torch.Tensor:
     """Mean next-token cross-entropy over this rank's slice of the batch (the mean of the cp ranks'
-    losses is the whole sequence's)."""
+    losses is the whole sequence's), computed by the model without full logits (LM.forward's targets)."""
     inputs, targets = split_batch(batch, cp_rank, cp)
-    logits = model(inputs)
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    return model(inputs, targets=targets)
 
 
 @torch.no_grad()
@@ -212,6 +210,7 @@ def build_training(cfg: Config, dist: D.DistInfo, layout: Layout, micro: int, ac
     torch.manual_seed(cfg.train.seed)  # the global generators' state is checkpointed: start it known
     with torch.device("meta"):
         model = LM(cfg.model)
+    model.loss_chunk = cfg.train.loss_chunk  # before the pipeline's stages copy it
     trainable = apply_trainable(model, cfg.train.trainable) if cfg.train.trainable else None
     autocast = autocast_for(cfg, dist.device)
     mesh = build_mesh(layout, dist.device.type)
