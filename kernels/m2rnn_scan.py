@@ -50,9 +50,31 @@ def m2rnn_reference(q, k, v, f, W, h0=None) -> tuple[torch.Tensor, torch.Tensor]
     return y, h
 
 
+def m2rnn_checkpointed(q, k, v, f, W, h0=None, chunk: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """m2rnn_reference run `chunk` steps at a time, each chunk under activation checkpointing: the forward
+    keeps only the state entering each chunk (T/chunk states per head, as the Triton kernel's
+    checkpoints), the backward recomputes one chunk's steps at a time. The same numbers as the reference;
+    its T saved steps of several K×V tensors per head (gigabytes at 7B scale) become T/chunk."""
+    from torch.utils.checkpoint import checkpoint
+
+    T = q.shape[1]
+    if T <= chunk or not torch.is_grad_enabled():
+        return m2rnn_reference(q, k, v, f, W, h0)
+    B, _, G, K, H, V = m2rnn_shapes(q, k, v, f, W, h0)
+    h = h0 if h0 is not None else v.new_zeros(B, H, K, V, dtype=torch.result_type(v, W))
+    ys = []
+    for s in range(0, T, chunk):
+        part = slice(s, s + chunk)
+        y, h = checkpoint(m2rnn_reference, q[:, part], k[:, part], v[:, part], f[:, part], W, h,
+                          use_reentrant=False, preserve_rng_state=False)
+        ys.append(y)
+    return torch.cat(ys, dim=1), h
+
+
 def m2rnn_sequential(q, k, v, f, W, h0=None, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, h_last) by `impl`: "torch" (m2rnn_reference), "triton" (m2rnn_triton), or "auto" (Triton for
-    CUDA tensors, the reference otherwise). Triton is imported only when used."""
+    """(y, h_last) by `impl`: "torch" (m2rnn_checkpointed: the reference, keeping a state per 32 steps),
+    "triton" (m2rnn_triton), or "auto" (Triton for CUDA tensors, torch otherwise). Triton is imported only
+    when used."""
     if impl not in ("auto", "torch", "triton"):
         raise ValueError(f"m2rnn_sequential: impl must be 'auto', 'torch' or 'triton', got {impl!r}")
     m2rnn_shapes(q, k, v, f, W, h0)
@@ -60,4 +82,4 @@ def m2rnn_sequential(q, k, v, f, W, h0=None, impl: str = "auto") -> tuple[torch.
         from unroll.kernels.triton_m2rnn import m2rnn_triton
 
         return m2rnn_triton(q, k, v, f, W, h0)
-    return m2rnn_reference(q, k, v, f, W, h0)
+    return m2rnn_checkpointed(q, k, v, f, W, h0)

@@ -12,7 +12,7 @@ from unroll.models.config import ModelConfig
 from unroll.models.init import fresh_seed, init_parameters, normal
 from unroll.models.m2rnn import M2RNN
 from unroll.models.mlp import SwiGLU
-from unroll.models.moe import MoE
+from unroll.models.moe import MoE, balancing_loss
 from unroll.models.paragru import ParaGRU, scaled_out_std
 from unroll.models.paralstm import ParaLSTM
 from unroll.models.tnt import TNT
@@ -164,6 +164,6 @@ class LM(nn.Module):
         return [(i, b.mlp) for i, b in enumerate(self.blocks) if isinstance(b.mlp, MoE)]
 
     def aux_loss(self) -> torch.Tensor | None:
-        """The MoE layers' load-balancing and z-losses of the last forward (None without MoE layers)."""
-        losses = [moe.aux_loss for _, moe in self.moe_layers()]
-        return torch.stack(losses).sum() if losses else None
+        """The MoE layers' load-balancing and z-losses of the last forward, to add to the loss (None without
+        MoE layers); each layer's part of its gradient is applied when the backward reaches that layer."""
+        return balancing_loss([moe for _, moe in self.moe_layers()])

@@ -17,6 +17,60 @@ from unroll.models.mlp import SwiGLU
 SCORES = ("softmax", "sigmoid")
 
 
+class _AuxWeight:
+    """The gradient the balancing loss of one MoE forward receives, once the loss's backward has run."""
+    __slots__ = ("weight",)
+
+    def __init__(self):
+        self.weight: torch.Tensor | None = None
+
+
+class _DeferredAux(torch.autograd.Function):
+    """Identity on the MoE's output; when the backward reaches this layer it also starts the backward of
+    the layer's balancing loss, with the gradient the loss gave it (recorded by `balancing_loss`'s node),
+    × scale. Started here rather than where the loss adds it: the loss's backward runs first, and under
+    activation checkpointing the balancing losses' graphs would then recompute every block at once and
+    hold all of them, which is what checkpointing is there to avoid."""
+
+    @staticmethod
+    def forward(ctx, y, aux, box: _AuxWeight, scale: float):
+        ctx.box, ctx.scale, ctx.aux_shape = box, scale, aux.shape
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g):
+        w = ctx.box.weight
+        return g, None if w is None else (w * ctx.scale).expand(ctx.aux_shape), None, None
+
+
+class _BalancingLoss(torch.autograd.Function):
+    """The sum of the layers' balancing losses (its value); its backward only records the gradient it
+    receives in every layer's box, for _DeferredAux to apply when the backward reaches that layer."""
+
+    @staticmethod
+    def forward(ctx, boxes, *losses):
+        ctx.boxes = boxes
+        return torch.stack(losses).sum()
+
+    @staticmethod
+    def backward(ctx, g):
+        for box in ctx.boxes:
+            box.weight = g
+        return (None,) * (1 + len(ctx.boxes))
+
+
+def balancing_loss(moes: list[MoE]) -> torch.Tensor | None:
+    """Σ of the MoEs' balancing losses (aux and z-loss) of their last forward, to add to the training
+    loss: its gradient reaches each layer when the backward does (see _DeferredAux). None without MoEs."""
+    if not moes:
+        return None
+    losses = [m.aux_loss for m in moes]
+    boxes = [m.aux_weight_box for m in moes]
+    if torch.is_grad_enabled() and any(l.requires_grad for l in losses) and all(b is not None for b in boxes):
+        return _BalancingLoss.apply(boxes, *losses)
+    return torch.stack([l.detach() for l in losses]).sum()
+
+
 def _grouped_mm_supported(dtype: torch.dtype, device: torch.device, *row_widths: int) -> bool:
     """Whether torch._grouped_mm can run these expert matmuls, forward and backward, on this device.
 
@@ -78,6 +132,9 @@ class MoE(nn.Module):
         self.aux_loss = torch.zeros(())
         self.context_group = None  # context parallelism (set from outside): the ranks sharing the sequence
         self.use_grouped_mm: bool | None = None  # None: decide per call; True/False forces a path (tests)
+        # Set from outside (tensor parallelism: 1/tp, as every tp rank carries the whole routing)
+        self.aux_grad_scale = 1.0
+        self.aux_weight_box: _AuxWeight | None = None  # the last forward's, see balancing_loss
         init_eagerly(self)
 
     def init_rules(self) -> dict:
@@ -101,9 +158,13 @@ class MoE(nn.Module):
         weights = weights / weights.sum(-1, keepdim=True)
 
         counts = torch.bincount(idx.flatten(), minlength=self.n_experts)
-        self.last_load = counts.detach().float()
-        # Not while activation checkpointing recomputes this forward in the backward: counted once per step.
-        if self.training and torch._C._current_graph_task_id() == -1:
+        # Activation checkpointing recomputes this forward inside the backward: then nothing is recorded (the
+        # load is counted once per step, and a recomputed aux_loss would keep the recomputed block's whole
+        # graph alive on this module until the next forward).
+        recomputing = torch._C._current_graph_task_id() != -1
+        if not recomputing:
+            self.last_load = counts.detach().float()
+        if self.training and not recomputing:
             if self.load_since_update.device != counts.device:  # not a buffer, so .to(device) skips it
                 self.load_since_update = torch.zeros_like(counts)
             self.load_since_update += counts
@@ -116,7 +177,8 @@ class MoE(nn.Module):
             aux = aux + self.aux_loss_coef * self.n_experts * (frac * mean_probs).sum()
         if self.z_loss_coef:
             aux = aux + self.z_loss_coef * logits.logsumexp(-1).square().mean()
-        self.aux_loss = aux
+        if not recomputing:
+            self.aux_loss = aux
         return idx, weights, counts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,7 +209,17 @@ class MoE(nn.Module):
         out = x.new_zeros(x.shape).index_add_(0, token, y)
         if self.shared is not None:
             out = out + self.shared(x)
-        return out.reshape(shape)
+        return self._with_balancing_loss(out.reshape(shape))
+
+    def _with_balancing_loss(self, out: torch.Tensor) -> torch.Tensor:
+        """out, carrying the balancing loss's gradient into this layer's backward (see _DeferredAux)."""
+        if torch._C._current_graph_task_id() != -1:  # recomputed (see _route): the first forward's stays
+            return out
+        self.aux_weight_box = None
+        if torch.is_grad_enabled() and self.aux_loss.requires_grad:
+            self.aux_weight_box = _AuxWeight()
+            out = _DeferredAux.apply(out, self.aux_loss, self.aux_weight_box, self.aux_grad_scale)
+        return out
 
     @torch.no_grad()
     def update_bias(self, counts: torch.Tensor | None = None) -> None:

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from unroll.kernels.m2rnn_scan import m2rnn_reference, m2rnn_sequential
+from unroll.kernels.m2rnn_scan import m2rnn_checkpointed, m2rnn_reference, m2rnn_sequential
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
@@ -123,6 +123,33 @@ def test_reference_two_steps_by_hand():
                            torch.tensor(W, **d).view(1, 2, 2), torch.tensor([[[[0.1, 0.2], [-0.3, 0.4]]]], **d))
     torch.testing.assert_close(y, torch.tensor(ys, **d).view(1, 2, 1, 2), rtol=1e-14, atol=1e-14)
     torch.testing.assert_close(h, torch.tensor(Hs, **d).view(1, 1, 2, 2), rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("T,h0", [(77, True), (64, False), (5, True)])
+def test_checkpointed_equals_the_reference_and_keeps_a_state_per_chunk(T, h0):
+    """Chunks of 8 steps under activation checkpointing: the same outputs and gradients bit for bit (the
+    recompute is the same computation), and what the forward keeps for the backward is the inputs and one
+    state per chunk instead of several K×V tensors per step."""
+    xs = inputs(2, T, 1, 3, 6, 4, seed=T, h0=h0)
+    got = forward_and_grads(lambda *a: m2rnn_checkpointed(*a, chunk=8), xs)
+    want = forward_and_grads(m2rnn_reference, xs)
+    for a, b in zip(list(got[:2]) + list(got[2]), list(want[:2]) + list(want[2])):
+        assert torch.equal(a, b)
+
+    def saved_bytes(fn):
+        seen = {}
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(*xs)
+        return sum(seen.values())
+
+    inputs_bytes = sum(x.untyped_storage().nbytes() for x in xs if x is not None)
+    state = 2 * 3 * 6 * 4 * 8  # B·H·K·V float64
+    if T > 8:
+        assert saved_bytes(lambda *a: m2rnn_checkpointed(*a, chunk=8)) <= inputs_bytes + (T // 8 + 1) * state
+        assert saved_bytes(m2rnn_reference) > inputs_bytes + T * state
 
 
 def test_sequential_dispatch():

@@ -162,7 +162,7 @@ class ExpertParallelMoE(MoE):
         out = x.new_zeros(x.shape).index_add_(0, token, y)
         if self.shared is not None:
             out = out + self.shared(x)
-        return out.reshape(shape)
+        return self._with_balancing_loss(out.reshape(shape))
 
 
 def apply_expert_parallel(moe: MoE, ep_group) -> None:

@@ -140,11 +140,21 @@ class SymmetricWorld(TorchDispatchMode):
             # its sharding propagation inserts inside an op would otherwise run unseen
             return NotImplemented
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        out = func(*self._acceptable(func, args), **kwargs)
         handler = self._handlers.get(func)
         if handler is not None:
             handler(args, kwargs, out)
         return out
+
+    def _acceptable(self, func, args: tuple) -> tuple:
+        """The arguments the fake group is called with. Its all_to_all refuses an empty input beside a
+        non-empty output, which the symmetric world produces where this rank sends nothing to its own
+        experts but, by its split sizes, receives from the others (an expert-parallel MoE's combine step):
+        it gets a stand-in input of the output's shape; the handler still fills the output by the rule."""
+        if func is _C.alltoall_base_.default and args[1].numel() == 0 and args[0].numel() > 0:
+            output, _, pg, out_splits = args[:4]
+            return (output, torch.zeros_like(output), pg, out_splits, out_splits) + tuple(args[5:])
+        return args
 
     def _is_fake(self, pg: dist.ProcessGroup) -> bool:
         name = pg.group_name

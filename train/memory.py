@@ -76,8 +76,20 @@ def optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
                            if isinstance(v, torch.Tensor)])
 
 
+class Tracker(MemTracker):
+    """torch's MemTracker, also for tensor parallelism: inside a tp module's forward its parameters are
+    local views (not leaves: train/tensor_parallel.py swaps them in), on which no gradient hook can be
+    registered; the DTensor leaves behind them were registered when the model's own forward began."""
+
+    def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+        leaves = all(p.is_leaf for p in module.parameters())
+        return super()._track_module_params_and_buffers(module, install_grad_hooks=install_grad_hooks and leaves)
+
+
 class _Tracker(FSDPMemTracker):
-    """FSDPMemTracker over several FSDP roots (a pipeline rank's stages), which torch's takes one of."""
+    """FSDPMemTracker over several FSDP roots (a pipeline rank's stages), which torch's takes one of, and
+    whose roots may run several forwards in a step (micro-batches: torch's refuses a root's second forward
+    as a next iteration); a root's earlier statistics are kept in `archived`."""
 
     def __init__(self, roots: list[nn.Module], optimizer: torch.optim.Optimizer):
         MemTracker.__init__(self)
@@ -86,12 +98,25 @@ class _Tracker(FSDPMemTracker):
         self._fsdp_mod_to_saved_methods = WeakIdKeyDictionary()
         self._fsdp_state = _FSDPState.PRE_FW
         self._ref_class = _FSDPRefType
+        self.archived: list = []
+
+    def _fsdp_state_pre_forward(self, fsdp_mod, orig_fsdp_state_pre_fw):
+        inner = super()._fsdp_state_pre_forward(fsdp_mod, orig_fsdp_state_pre_fw)
+
+        def again(*args, **kwargs):
+            if fsdp_mod in self.memory_tracking and not self._mod_tracker.is_bw:
+                parents = self._mod_tracker.parents - {self._mod_tracker.get_known_fqn(fsdp_mod)}
+                if parents == {"Global"}:  # a root's next micro-batch
+                    self.archived.append((fsdp_mod, self.memory_tracking.pop(fsdp_mod)))
+            return inner(*args, **kwargs)
+
+        return again
 
 
 def tracker_for(roots: list[nn.Module], optimizer: torch.optim.Optimizer) -> MemTracker:
     if any(isinstance(m, FSDPModule) for root in roots for m in root.modules()):
         return _Tracker(roots, optimizer)
-    tracker = MemTracker()
+    tracker = Tracker()
     tracker.track_external(*roots, optimizer)
     return tracker
 
@@ -110,7 +135,7 @@ def dynamic_peaks(tracker: MemTracker, blocks: list[nn.Module]) -> tuple[int, in
     transient bytes at a moment of one of `blocks`, and the tracker's overall peak."""
     gathered = activations = 0
     block_ids = {id(b) for b in blocks}
-    for module, stats in tracker.memory_tracking.items():
+    for module, stats in list(tracker.memory_tracking.items()) + getattr(tracker, "archived", []):
         for snapshots in stats.snapshots.values():
             for snap in snapshots:
                 gathered = max(gathered, snapshot_sums(snap, GATHERED))

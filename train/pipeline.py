@@ -69,7 +69,7 @@ from torch.distributed.tensor import DTensor
 from unroll.kernels.cross_entropy import chunked_cross_entropy, gather_vocab
 from unroll.models.config import ModelConfig
 from unroll.models.lm import LM, Block
-from unroll.models.moe import MoE
+from unroll.models.moe import MoE, balancing_loss
 
 # name: (schedule class, stages per rank, placement)
 SCHEDULES = {
@@ -225,8 +225,7 @@ class StageModule(nn.Module):
 
     def aux_loss(self) -> torch.Tensor | None:
         """The MoE balancing losses of this stage's blocks in the last forward (None without MoE layers)."""
-        losses = [b.mlp.aux_loss for b in self.blocks.values() if isinstance(b.mlp, MoE)]
-        return torch.stack(losses).sum() if losses else None
+        return balancing_loss([b.mlp for b in self.blocks.values() if isinstance(b.mlp, MoE)])
 
     def output_weight(self) -> torch.Tensor:
         """The last stage's [V, d] logits matrix: the head's, or (tied) the replica or the embedding itself."""

@@ -1,84 +1,233 @@
-"""`unroll plan`: per-GPU memory of a config under a parallel layout, on paper, and the layouts that fit.
+"""`unroll plan`: per-GPU memory of a config under the parallel layouts the trainer runs, from the accounting
+the code itself does, and the layouts that fit.
 
-The model (all sizes in bytes, per GPU; P = parameters this GPU holds a share of):
+Per GPU, for the rank holding the first shard of every split (the largest share; rank 0), bytes:
 
-  parameter share   P_gpu = (dense params / (pp · tp) + expert params / (pp · ep · tp)) / (dp_shard · cp)
-                    (pp splits the layers, tp the matrices, ep the experts, and FSDP shards what is left
-                    over dp_shard × cp, the ranks that hold the same weights)
-  weights           4 · P_gpu     fp32 master copy (FSDP2 keeps the sharded parameters in fp32)
-  gradients         4 · P_gpu     fp32, reduce-scattered
-  optimizer         8 · P_gpu     AdamW's two fp32 moments
-  gathered          2 · 2 · (largest block / (tp · ep))   bf16 all-gathered weights of the block being
-                                  computed and the next one (prefetch)
-  activations       tokens_gpu · layers_per_stage · a_layer · in_flight, tokens_gpu = micro_batch · seq_len / cp
-                    a_layer: with per-block activation checkpointing, the block input kept (2·d bytes per
-                    token) plus one block recomputed at a time (its full activations, below);
-                    without, every block's full activations: ~34·d/tp bytes per token for a pre-norm block
-                    (Korthikanti et al., 2022, flash attention: no s² term) plus the mixer's own:
-                    Newton 10·D·4 (states, Jacobians and residuals in fp32), M²RNN sequential
-                    4·H·K·V / 32 (one state checkpoint per 32 steps), MoE 2·top_k·(2·hidden + d).
-                    in_flight: micro-batches whose activations a pipeline stage holds (pp for 1F1B).
+  weights      every parameter this rank holds × 4 (fp32 master weights). Which parts: the model built on
+               the meta device and tensor parallelism applied by its own plans (train/tensor_parallel.py;
+               what tp keeps whole, e.g. M²RNN's input projection at qk_heads=1, counts whole); the blocks
+               of this rank's pipeline stages (train/pipeline.py stage_layers, the embedding on the first,
+               the final norm, head or tied replica on the last); E/ep routed experts (expert parallelism,
+               which FSDP leaves alone); FSDP's split of the rest over dp_shard × cp on the dimension
+               fsdp_shard_placement picks, rank 0's chunk (rounded up). Plus the buffers.
+  gradients    × 4 (fp32: FSDP reduce-scatters in fp32)
+  optimizer    AdamW's two moments, × 8, plus a 4-byte step per tensor
+  gathered     FSDP2's unsharded copies, in the parameter dtype p (2 with bf16 mixed precision, else 4):
+               the root's (embedding, final norm, head) all step long; in a block's backward the block, the
+               next block's all-gather (prefetch) and the block's unsharded gradient, all p, and its
+               reduce-scatter input (4): root·p + largest block·(3p + 4). Pipelined, torch's schedules keep
+               every block of a stage unsharded, with its unsharded gradient, for the whole step
+               (stage·(2p + 4) + the root's). 0 without FSDP.
+  activations  per layer kind, what the real block keeps per token for the backward (train/activation_probe.py:
+               measured once on the block at full width, under this tp and activation checkpointing) × the
+               stage's layers, plus the largest kind's extra at its own peak (Newton's working memory, the
+               backward's gradients, a recomputed block), × tokens per micro-batch on this rank (micro-batch
+               × sequence / cp); a pipeline stage holds up to `in flight` micro-batches
+  logits       one chunk of min(tokens, train.loss_chunk) × V/tp logits at the bytes per logit the loss
+               measures (kernels/cross_entropy.py)
+
+Not counted: the CUDA context, NCCL buffers and the allocator's fragmentation (keep a margin: `usable`).
+`unroll rehearse` runs the same rank's program and prints these figures beside what it measured.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import torch
+from torch.distributed.tensor import DTensor
 
 from unroll.models.config import ModelConfig
-from unroll.models.summary import summarize
+from unroll.train.activation_probe import logit_bytes, probe
+from unroll.train.config import Config
+from unroll.train.memory import Components
 from unroll.train.mesh import Layout, not_yet
+from unroll.train.pipeline import schedule_spec, stage_layers, stage_ranks
 
 GiB = 1024 ** 3
+EXPERTS = ("w_gate_up", "w_down")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter (or buffer) of the model as tensor parallelism leaves it on a tp rank."""
+    name: str
+    block: int | None  # its block, None for the embedding, final norm and head
+    expert: bool  # a routed expert's weights (expert parallelism splits them)
+    shape: tuple[int, ...]  # the whole tensor
+    local: tuple[int, ...]  # after tensor parallelism
+    strided: frozenset[int]  # dimensions tp strides (FSDP shards another)
+    buffer: bool = False
+
+    def numel(self) -> int:
+        n = 1
+        for s in self.local:
+            n *= s
+        return n
+
+
+_TABLES: dict[tuple, list[Param]] = {}
+
+
+def param_table(cfg: ModelConfig, tp: int) -> list[Param]:
+    """Every parameter and buffer with its tp-local shape: the model built on the meta device and tp applied
+    by train/tensor_parallel.py (in a fake process group of tp ranks; nothing is allocated)."""
+    key = (repr(cfg), tp)
+    if key in _TABLES:
+        return _TABLES[key]
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    from unroll.models import LM
+
+    group = contextlib.nullcontext()
+    if tp > 1:
+        from unroll.train.fake_comm import fake_process_group
+
+        group = fake_process_group(0, tp)
+    with group:
+        with torch.device("meta"):
+            model = LM(cfg)
+        if tp > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            from unroll.train.tensor_parallel import apply_tensor_parallel
+
+            apply_tensor_parallel(model, init_device_mesh("cpu", (tp,), mesh_dim_names=("tp",))["tp"])
+        table = []
+        for buffer, named in ((False, model.named_parameters()), (True, model.named_buffers())):
+            for name, p in named:
+                parts = name.split(".")
+                block = int(parts[1]) if parts[0] == "blocks" else None
+                local = tuple(p.to_local().shape) if isinstance(p, DTensor) else tuple(p.shape)
+                strided = frozenset(pl.dim for pl in getattr(p, "placements", ()) if isinstance(pl, _StridedShard))
+                table.append(Param(name, block, parts[-1] in EXPERTS and ".mlp." in name, tuple(p.shape), local,
+                                   strided, buffer))
+    _TABLES[key] = table
+    return table
+
+
+def _fsdp_share(p: Param, dp: int) -> int:
+    """Elements of p on FSDP's rank 0 over dp ranks, on the dimension the trainer shards it (the tp-local
+    extent of that dimension split in dp chunks, the first rounded up)."""
+    from types import SimpleNamespace
+
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    from unroll.train.tensor_parallel import fsdp_shard_placement
+
+    shaped = SimpleNamespace(shape=torch.Size(p.shape), ndim=len(p.shape),
+                             placements=tuple(_StridedShard(d, split_factor=2) for d in p.strided))
+    placement = fsdp_shard_placement(dp)(shaped)
+    if placement is None:
+        return p.numel()
+    d = placement.dim
+    return p.numel() // p.local[d] * -(-p.local[d] // dp) if p.local[d] else 0
 
 
 @dataclass
 class Estimate:
-    layout: dict
-    params_gpu: float
-    weights: float
-    grads: float
-    optimizer: float
-    gathered: float
-    activations: float
+    layout: Layout
+    components: Components
+    params_held: int  # elements of the parameters this rank holds
+    stage_layers: int  # blocks on this rank
+    in_flight: int  # micro-batches whose activations a pipeline stage holds at once
 
     @property
     def total(self) -> float:
-        return self.weights + self.grads + self.optimizer + self.gathered + self.activations
+        return self.components.total
 
 
-def _mixer_bytes_per_token(layer: dict, cfg: ModelConfig, tp: int) -> float:
-    if layer["mixer"] in ("paragru", "paralstm"):
-        return 10 * layer["state_elements"] * 4 / tp
-    if layer["mixer"] == "m2rnn":
-        return 4 * layer["state_elements"] / 32 / tp
-    return 0.0
+def _uses_fsdp(layout: Layout) -> bool:
+    from unroll.train.parallelize import _uses_fsdp as uses
+
+    return uses(layout, layout.pp > 1)
 
 
-def estimate(cfg: ModelConfig, layout: dict, *, seq_len: int, micro_batch: int, checkpointing: bool,
-             summary: dict | None = None) -> Estimate:
-    """summary: summarize(cfg), when the caller already has it (it builds the model on the meta device)."""
-    s = summary or summarize(cfg)
-    pp, tp, ep, cp, shard = layout["pp"], layout["tp"], layout["ep"], layout["cp"], layout["dp_shard"]
-    expert_total = sum(_expert_params(layer, cfg) for layer in s["layers"])
-    dense = s["params_total"] - expert_total
-    params_gpu = (dense / (pp * tp) + expert_total / (pp * ep * tp)) / (shard * cp)
-    largest = max((layer["params"] - _expert_params(layer, cfg)) / tp + _expert_params(layer, cfg) / (tp * ep)
-                  for layer in s["layers"])
-    tokens = micro_batch * seq_len / cp
-    per_stage = -(-len(s["layers"]) // pp)
-    d = cfg.d_model
-    full = [34 * d / tp + _mixer_bytes_per_token(layer, cfg, tp)
-            + (2 * cfg.moe.top_k * (2 * cfg.moe.hidden + d) if layer["mlp"] == "moe" else 0)
-            for layer in s["layers"]]
-    per_layer = (2 * d + max(full) / per_stage) if checkpointing else sum(full) / len(full)
-    activations = tokens * per_stage * per_layer * (pp if pp > 1 else 1)
-    return Estimate(layout, params_gpu, 4 * params_gpu, 4 * params_gpu, 8 * params_gpu, 2 * 2 * largest, activations)
+def _stage_of_rank0(cfg: Config, layout: Layout) -> tuple[set[int], bool, bool, int]:
+    """(blocks, holds the first stage, holds the last, micro-batches in flight) of pipeline rank 0."""
+    if layout.pp == 1:
+        return set(range(len(cfg.model.layers))), True, True, 1
+    name, _, per_rank, placement = schedule_spec(cfg.parallel.pp_schedule)
+    n = layout.pp * per_rank
+    layers = stage_layers(cfg.model, n)
+    mine = [s for s, r in enumerate(stage_ranks(n, layout.pp, placement)) if r == 0]
+    blocks = {b for s in mine for b in layers[s]}
+    micro, accum = _micro_accum(cfg, layout)
+    in_flight = accum if name in ("GPipe", "LoopedBFS") else min(accum, layout.pp * per_rank)
+    return blocks, 0 in mine, n - 1 in mine, in_flight
 
 
-def _expert_params(layer: dict, cfg: ModelConfig) -> float:
-    if layer["mlp"] != "moe":
-        return 0.0
-    return cfg.moe.experts * 3 * cfg.d_model * cfg.moe.hidden
+def _micro_accum(cfg: Config, layout: Layout) -> tuple[int, int]:
+    per_rank = max(cfg.train.batch_size // layout.dp, 1)
+    micro = cfg.train.micro_batch_size or per_rank
+    return micro, max(per_rank // micro, 1)
+
+
+def estimate(cfg: Config, layout: Layout, *, seq_len: int | None = None, micro_batch: int | None = None,
+             bf16: bool | None = None) -> Estimate:
+    """Components of rank 0 of `layout` (module docstring), at the config's sequence length and micro-batch
+    unless given. bf16: the job's precision (default: run.dtype auto or bfloat16, as on a GPU)."""
+    model = cfg.model
+    seq = seq_len or cfg.data.seq_len
+    micro = micro_batch or _micro_accum(cfg, layout)[0]
+    bf16 = cfg.run.dtype in ("auto", "bfloat16") if bf16 is None else bf16
+    table = param_table(model, layout.tp)
+    blocks, first, last, in_flight = _stage_of_rank0(cfg, layout)
+    fsdp = _uses_fsdp(layout)
+    dp = layout.dp_shard * layout.cp
+    p_bytes = 2 if (fsdp and bf16) else 4
+
+    held = buffers = tensors = 0
+    block_size: dict[int, int] = {}  # FSDP-managed elements per block (tp-local), for the gathered copies
+    root = 0
+    for p in table:
+        if p.block is not None and p.block not in blocks:
+            continue
+        if p.block is None and not (first if p.name.startswith("embed") else last):
+            continue
+        if p.buffer:
+            buffers += p.numel() * 4
+            continue
+        tensors += 1
+        if p.expert and layout.ep > 1:
+            held += p.numel() // layout.ep
+            continue
+        held += _fsdp_share(p, dp) if fsdp else p.numel()
+        if p.block is None:
+            root += p.numel()
+        else:
+            block_size[p.block] = block_size.get(p.block, 0) + p.numel()
+    if layout.pp > 1 and model.tie_embeddings and last and not first:  # the last stage's tied replica
+        embed = next(p for p in table if p.name == "embed.weight")
+        held += _fsdp_share(embed, dp) if fsdp else embed.numel()
+        root += embed.numel()
+        tensors += 1
+
+    gathered = 0.0
+    if fsdp:
+        if layout.pp > 1:
+            gathered = sum(block_size.values()) * (2 * p_bytes + 4) + root * p_bytes
+        else:
+            gathered = root * p_bytes + max(block_size.values(), default=0) * (3 * p_bytes + 4)
+
+    tokens = micro * seq // layout.cp
+    costs = probe(model, layout.tp, fsdp and bf16, bf16, seq // layout.cp, cfg.train.activation_checkpoint)
+    mine = [(k, m) for i, (k, m) in enumerate(zip(model.layers, model.mlp_kinds)) if i in blocks]
+    per_token = sum(costs[k].saved for k in mine) + max((costs[k].extra for k in mine), default=0.0)
+    activations = per_token * tokens * in_flight
+    chunk = cfg.train.loss_chunk or tokens
+    rows = min(tokens, chunk)
+    logits = rows * model.vocab_size / layout.tp * logit_bytes(bf16, fsdp and bf16, layout.tp, rows) if last else 0.0
+
+    components = Components(weights=held * 4 + buffers, gradients=held * 4, optimizer=held * 8 + tensors * 4,
+                            gathered=gathered, activations=activations, logits=logits)
+    return Estimate(layout, components, held, len(blocks), in_flight)
+
+
+def estimate_for(rehearsal) -> Estimate:
+    """The plan's figures for a rehearsal's config and layout (rank 0), at the configured length."""
+    return estimate(rehearsal.config, rehearsal.layout, seq_len=rehearsal.target_seq)
 
 
 def _divisors(n: int) -> list[int]:
@@ -106,26 +255,41 @@ def candidate_layouts(cfg: ModelConfig, world: int, gpus_per_node: int):
                 yield layout
 
 
-def _cost(layout: dict) -> tuple:
+def _cost(layout: Layout) -> tuple:
     """Preference among fitting layouts: less model parallelism first (each costs communication or
     bubbles), tp before pp before cp; more expert parallelism is cheap (it shrinks expert memory)."""
-    return (layout["tp"] * layout["pp"] * layout["cp"], layout["pp"], layout["cp"], layout["tp"], -layout["ep"])
+    return (layout.tp * layout.pp * layout.cp, layout.pp, layout.cp, layout.tp, -layout.ep)
 
 
-def plan(cfg: ModelConfig, *, nodes: int, gpus_per_node: int, seq_len: int, micro_batch: int,
-         gpu_gib: float = 80.0, checkpointing: bool = True, usable: float = 0.9) -> list[Estimate]:
-    """The layouts that fit `usable` of each GPU's memory, best first."""
-    fits, summary = [], summarize(cfg)
-    for layout in candidate_layouts(cfg, nodes * gpus_per_node, gpus_per_node):
-        e = estimate(cfg, layout, seq_len=seq_len, micro_batch=micro_batch, checkpointing=checkpointing,
-                     summary=summary)
+def _runs(cfg: Config, layout: Layout) -> bool:
+    """What the trainer would refuse for this config (sequence or batch splits, pipeline micro-batches)."""
+    from unroll.train.config import ConfigError, check_world
+    from unroll.train.mesh import check_model
+    from unroll.train.pipelined import check_pipeline
+
+    try:
+        check_model(layout, cfg.model, seq_len=cfg.data.seq_len)
+        _, accum = check_world(cfg, layout.dp)
+        check_pipeline(layout, cfg, n_microbatches=accum)
+    except (ConfigError, ValueError):
+        return False
+    return True
+
+
+def plan(cfg: Config, *, nodes: int, gpus_per_node: int, gpu_gib: float = 80.0, usable: float = 0.9) -> list[Estimate]:
+    """The layouts that run and fit `usable` of each GPU's memory, best first."""
+    fits = []
+    for lay in candidate_layouts(cfg.model, nodes * gpus_per_node, gpus_per_node):
+        layout = Layout(**lay)
+        if not _runs(cfg, layout):
+            continue
+        e = estimate(cfg, layout)
         if e.total <= usable * gpu_gib * GiB:
             fits.append(e)
     return sorted(fits, key=lambda e: _cost(e.layout))
 
 
 def format_estimate(e: Estimate) -> str:
-    lay = " ".join(f"{k}={v}" for k, v in e.layout.items())
-    parts = ", ".join(f"{name} {getattr(e, name) / GiB:.1f}" for name in
-                      ("weights", "grads", "optimizer", "gathered", "activations"))
-    return f"{lay}: {e.total / GiB:.1f} GiB per GPU ({parts}; {e.params_gpu / 1e6:,.0f}M parameters held)"
+    lay = " ".join(f"{k}={getattr(e.layout, k)}" for k in ("pp", "dp_replicate", "dp_shard", "cp", "tp", "ep"))
+    parts = ", ".join(f"{name} {value / GiB:.1f}" for name, value in e.components.as_dict().items())
+    return f"{lay}: {e.total / GiB:.1f} GiB per GPU ({parts}; {e.params_held / 1e6:,.0f}M parameters held)"

@@ -50,6 +50,8 @@ from unroll.train.pipelined import check_pipeline
 class Rehearsal:
     """What `rehearse` measured on one rank. Bytes; `measured` at the rehearsed length, `at_target` at the
     configured one."""
+    config: Config  # as rehearsed (the GPU's precision; data.seq_len the rehearsed length)
+    target_seq: int  # the configured sequence length the figures are read at
     rank: int
     world: int
     layout: Layout
@@ -81,40 +83,28 @@ def microbatches_to_run(cfg: Config, layout: Layout, accum: int) -> int:
 
 
 def _gpu_config(cfg: Config) -> Config:
-    """The config as the GPU job runs it (bf16 where run.dtype is auto), on this CPU."""
+    """The config as the GPU job runs it, on this CPU: bf16 where run.dtype is auto, and the ParaRNN solver
+    `auto` picks on a GPU (Newton). (M²RNN's sequential recurrence keeps a state per 32 steps on both, the
+    Triton kernel's and the CPU's checkpointed loop alike.)"""
     dtype = "bfloat16" if cfg.run.dtype == "auto" else cfg.run.dtype
-    return replace(cfg, run=replace(cfg.run, device="cpu", dtype=dtype))
+    solver = "newton" if cfg.model.solver == "auto" else cfg.model.solver  # models/recurrent.py on CUDA
+    return replace(cfg, run=replace(cfg.run, device="cpu", dtype=dtype), model=replace(cfg.model, solver=solver))
 
 
-def _output_weight(run) -> torch.Tensor | None:
-    """The [V(/tp), d] matrix this rank computes logits with (None on a pipeline's other stages)."""
-    if run.pipe is None:
-        return run.model.output_weight()
-    stage = next((m for m in run.pipe.modules if m.last), None)
-    if stage is None:
-        return None
-    if stage.head is not None:
-        return stage.head.weight
-    return stage.tied_embed_weight if stage.tied_embed_weight is not None else stage.embed.weight
-
-
-def logits_bytes(run, tokens: int, bf16: bool) -> int:
-    """The loss alone (LM.loss: kernels/cross_entropy.py chunk by chunk) at `tokens` hidden states on this
-    rank's output weight, as the step runs it: its largest moment besides its inputs and the weight's
-    gradient (which the step holds as a gradient)."""
-    from torch.distributed._tools.mem_tracker import MemTracker
-    from torch.distributed.tensor import DTensor
-
+def logits_bytes(cfg: Config, layout: Layout, run, tokens: int, bf16: bool) -> int:
+    """The loss alone (LM.loss: kernels/cross_entropy.py, chunk by chunk) at `tokens` hidden states and this
+    rank's [V/tp, d] output matrix, as the step runs it: its largest moment besides its inputs and the
+    weight's gradient (which the step holds as a gradient). 0 where this rank computes no loss (a
+    pipeline's other stages)."""
     from unroll.kernels.cross_entropy import chunked_cross_entropy
 
-    weight = _output_weight(run)
-    if weight is None:
+    if run.pipe is not None and not run.pipe.last:
         return 0
-    weight = (weight.to_local() if isinstance(weight, DTensor) else weight).detach()
-    weight = weight.to(torch.bfloat16) if bf16 else weight  # FSDP's gathered parameter
-    hidden = torch.randn(tokens, weight.shape[1], requires_grad=True)
-    targets = torch.randint(0, weight.shape[0], (tokens,))
-    tracker = MemTracker()
+    weight = torch.zeros(cfg.model.vocab_size // layout.tp, cfg.model.d_model,
+                         dtype=torch.bfloat16 if bf16 else torch.float32)  # as FSDP gathers it
+    hidden = torch.zeros(tokens, cfg.model.d_model, requires_grad=True)
+    targets = torch.zeros(tokens, dtype=torch.long)
+    tracker = M.Tracker()
     with tracker, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         chunked_cross_entropy(hidden, weight, targets, chunk=run.model.loss_chunk,
                               group=run.model.vocab_group).backward()
@@ -179,7 +169,7 @@ def rehearse(config: str, overrides: list[str], *, nodes: int, gpus_per_node: in
         blocks = [b for part in parts for b in (part.blocks.values() if run.pipe else part.blocks)]
         gathered, activations, peak = M.dynamic_peaks(tracker, blocks)
         start = time.perf_counter()
-        logits = logits_bytes(run, tokens, bf16)
+        logits = logits_bytes(cfg, layout, run, tokens, bf16)
         seconds["logits"] = time.perf_counter() - start
         measured = M.Components(weights=M.weight_bytes(parts), gradients=max(grads), optimizer=M.optimizer_bytes(run.optimizer),
                                 gathered=gathered, activations=activations, logits=logits)
@@ -195,7 +185,7 @@ def rehearse(config: str, overrides: list[str], *, nodes: int, gpus_per_node: in
     chunk = run.model.loss_chunk or 1 << 62
     at_target = replace(measured, activations=measured.activations * target_tokens / tokens,
                         logits=measured.logits * min(target_tokens, chunk) / min(tokens, chunk))
-    return Rehearsal(rank, world, layout, tokens, target_tokens, n_mb, accum, measured, at_target, peak, traffic,
+    return Rehearsal(cfg, target_seq, rank, world, layout, tokens, target_tokens, n_mb, accum, measured, at_target, peak, traffic,
                      traffic_table, ckpt_bytes, len(files), losses, seconds,
                      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, unknown)
 

@@ -192,17 +192,6 @@ class _AllReduce(torch.autograd.Function):
         return _summed(g, ctx.group), None
 
 
-class _ScaleGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scale):
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * ctx.scale, None
-
-
 def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
     *path, leaf = name.split(".")
     for part in path:
@@ -263,14 +252,13 @@ class Sharded(ParallelStyle):
     row_parallel=True (a column → row parallel region): the input (a DTensor, or a plain tensor replicated on
     every rank) is redistributed to `compute` and passed on as a local tensor, the module's output (or the
     first of its outputs) holds partial sums and is reduced to `output`, replicated parameters have their
-    gradient all-reduced. row_parallel=False: replicated compute, only the parameters' local views swapped in.
-    `after(module)` runs after each forward."""
+    gradient all-reduced. row_parallel=False: replicated compute, only the parameters' local views swapped in."""
 
     def __init__(self, params: dict[str, Layout], *, local: dict[str, Any] | None = None, row_parallel: bool = True,
-                 compute: Placement = Replicate(), output: Placement = Replicate(), after=None):
+                 compute: Placement = Replicate(), output: Placement = Replicate()):
         super().__init__()
         self.params, self.local, self.row_parallel = params, local or {}, row_parallel
-        self.compute, self.output, self.after = compute, output, after
+        self.compute, self.output = compute, output
 
     def _local_param(self, p: DTensor, layout: Layout, mesh: DeviceMesh) -> torch.Tensor:
         stored_whole = p.placements[0].is_replicate()
@@ -311,8 +299,6 @@ class Sharded(ParallelStyle):
                 out = inner(x, *args, **kwargs)
             if self.row_parallel:
                 out = (self._leave(out[0], mesh), *out[1:]) if isinstance(out, tuple) else self._leave(out, mesh)
-            if self.after is not None:
-                self.after(module)
             return out
 
         module.forward = forward
@@ -407,14 +393,10 @@ def moe_plan(m: MoE, mesh: DeviceMesh, output: Placement) -> Sharded:
     }
     if m.shared is not None:
         params |= swiglu_params(m.shared, tp, prefix="shared.")
-    return Sharded(params, local={"hidden": h // tp}, output=output, after=partial(_share_aux_loss, tp=tp))
-
-
-def _share_aux_loss(moe: MoE, tp: int) -> None:
-    """The routing, and so the balancing losses, are computed whole on every rank, but inside a region
-    whose gradients are summed over the ranks at its input and its replicated weights: each rank carries
-    1/tp of the losses' gradient so that the sums count it once (the loss's value is unchanged)."""
-    moe.aux_loss = _ScaleGrad.apply(moe.aux_loss, 1.0 / tp)
+    # The routing, and so the balancing losses, are computed whole on every rank, but inside a region whose
+    # gradients are summed over the ranks at its input and its replicated weights: each rank carries 1/tp of
+    # the losses' gradient so that the sums count it once (the loss's value is unchanged).
+    return Sharded(params, local={"hidden": h // tp, "aux_grad_scale": 1.0 / tp}, output=output)
 
 
 MIXER_PLANS = {RecurrentMixer: recurrent_plan, M2RNN: m2rnn_plan, Attention: attention_plan}

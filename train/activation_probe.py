@@ -1,0 +1,139 @@
+"""What one block of each kind keeps per token, measured on the real block: the figures `unroll plan`
+multiplies by the tokens and layers of a layout (train/plan.py).
+
+A language model of one block per distinct (mixer, MLP) kind of the config, at the config's full widths and
+a vocabulary of a few entries, is built on the meta device, tensor parallelism applied with the trainer's
+own plans when tp > 1 (in a fake process group of tp ranks whose collectives train/fake_comm.py answers),
+allocated with zero weights (what memory holds does not depend on the values), and run forward and backward
+on `tokens` tokens under torch's memory tracker, in the precision of the job (bf16 autocast; bf16 weights
+as FSDP2 gathers them, or fp32 weights cast per call). Per kind:
+
+    saved   bytes per token that the block's forward leaves behind for the backward (the tracker's
+            activations after the block's forward, minus before)
+    extra   bytes per token above that at the block's own peak: Newton's or the loss-free transients of
+            its forward, or its backward's gradients and recomputation, whichever is larger
+    inputs  bytes per token of the block's input (what activation checkpointing keeps of it)
+
+and for the loss, bytes per logit of one chunk (kernels/cross_entropy.py on a small vocabulary slice).
+Costs a block's weights once per kind (about 0.4 GB at 7B) and a second or two.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, replace
+
+import torch
+
+from unroll.models.config import ModelConfig
+from unroll.train.memory import TRANSIENT, Tracker, snapshot_sums
+
+MAX_PROBE_TOKENS = 256  # enough chunks for every mixer's per-token cost to settle; ~100 MB per 7B block
+
+
+@dataclass(frozen=True)
+class KindCost:
+    saved: float
+    extra: float
+    inputs: float
+
+
+def kinds(cfg: ModelConfig) -> list[tuple[str, str]]:
+    """The distinct (mixer, MLP) kinds of the config's layers, in first-appearance order."""
+    seen = []
+    for kind in zip(cfg.layers, cfg.mlp_kinds):
+        if kind not in seen:
+            seen.append(kind)
+    return seen
+
+
+_CACHE: dict[tuple, dict] = {}
+
+
+def probe(cfg: ModelConfig, tp: int, bf16_weights: bool, autocast_bf16: bool, tokens: int,
+          recompute: str = "none") -> dict[tuple[str, str], KindCost]:
+    """KindCost of every kind of `cfg` under tp (module docstring), on one sequence of `tokens` tokens
+    (per token it settles once the mixers' chunks are several: M²RNN's 32-step checkpoints, TNT's chunks),
+    with activation checkpointing `recompute` (none | full | mlp); measured once per process."""
+    tokens = min(tokens, MAX_PROBE_TOKENS)
+    key = (repr(cfg), tp, bf16_weights, autocast_bf16, tokens, recompute)
+    if key not in _CACHE:
+        _CACHE[key] = _probe(cfg, tp, bf16_weights, autocast_bf16, tokens, recompute)
+    return _CACHE[key]
+
+
+def _probe(cfg: ModelConfig, tp: int, bf16_weights: bool, autocast_bf16: bool,
+           tokens: int, recompute: str) -> dict[tuple[str, str], KindCost]:
+    from torch.distributed._tools.mem_tracker import _ModState
+
+    from unroll.models import LM
+    from unroll.train.fake_comm import SymmetricWorld, fake_process_group
+
+    found = kinds(cfg)
+    small = replace(cfg, pattern="".join(k for k, _ in found), mlp_pattern="".join(m for _, m in found),
+                    vocab_size=8 * tp)
+    seq = max(tokens, tp) - max(tokens, tp) % tp
+    group = fake_process_group(0, tp) if tp > 1 else contextlib.nullcontext()
+    with group, (SymmetricWorld() if tp > 1 else contextlib.nullcontext()):
+        with torch.device("meta"):
+            model = LM(small)
+        if tp > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            from unroll.train.tensor_parallel import apply_tensor_parallel
+
+            apply_tensor_parallel(model, init_device_mesh("cpu", (tp,), mesh_dim_names=("tp",))["tp"])
+        for block in model.blocks:
+            block.recompute = recompute
+        model.to_empty(device="cpu")
+        with torch.no_grad():
+            for t in list(model.parameters()) + list(model.buffers()):
+                t.zero_()
+        if bf16_weights:
+            model.to(torch.bfloat16)
+        tokens_in = torch.zeros(1, seq, dtype=torch.long)
+        tracker = Tracker()
+        with tracker, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_bf16):
+            loss = model(tokens_in, targets=tokens_in)
+            aux = model.aux_loss()  # as the training step adds it (its graph reaches into the blocks)
+            (loss if aux is None else loss + aux).backward()
+    out = {}
+    for block, kind in zip(model.blocks, found):
+        snaps = tracker.memory_tracking[block].snapshots
+
+        def at(state):
+            return snapshot_sums(snaps[state][-1], TRANSIENT)
+
+        saved = at(_ModState.POST_FW) - at(_ModState.PRE_FW)
+        extra = max(at(_ModState.PEAK_FW) - at(_ModState.POST_FW), at(_ModState.PEAK_BW) - at(_ModState.PRE_BW))
+        # the residual stream: bf16 when the embedding's weights are; under sequence parallelism (tp) a
+        # rank holds T/tp of its tokens
+        inputs = cfg.d_model * (2 if bf16_weights else 4) / tp
+        out[kind] = KindCost(saved / seq, max(extra, 0) / seq, inputs)
+    return out
+
+
+_LOGITS: dict[tuple, float] = {}
+
+
+def logit_bytes(autocast_bf16: bool, bf16_weights: bool, tp: int = 1, tokens: int = 64, vocab: int = 512,
+                d: int = 64) -> float:
+    """Bytes per logit of this rank's vocabulary slice at the loss's peak, measured on
+    kernels/cross_entropy.py (one chunk; under tp its vocabulary-parallel form, in a fake group)."""
+    tokens = max(1, min(tokens, 1024))
+    key = (autocast_bf16, bf16_weights, tp > 1, tokens)
+    if key in _LOGITS:
+        return _LOGITS[key]
+    from unroll.kernels.cross_entropy import chunked_cross_entropy
+    from unroll.train.fake_comm import SymmetricWorld, fake_process_group
+
+    weight = torch.zeros(vocab, d, dtype=torch.bfloat16 if bf16_weights else torch.float32)
+    hidden = torch.zeros(tokens, d, requires_grad=True)
+    targets = torch.zeros(tokens, dtype=torch.long)
+    parallel = tp > 1
+    with fake_process_group(0, 2) if parallel else contextlib.nullcontext() as group, \
+            SymmetricWorld() if parallel else contextlib.nullcontext():
+        tracker = Tracker()
+        with tracker, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_bf16):
+            chunked_cross_entropy(hidden, weight, targets, chunk=0, group=group).backward()
+    _LOGITS[key] = snapshot_sums(tracker.get_tracker_snapshot("peak"), TRANSIENT) / (tokens * vocab)
+    return _LOGITS[key]
