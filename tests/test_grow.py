@@ -96,9 +96,10 @@ def test_grow_hybrid_moe_copies_blocks_and_trains_on(tiny_config, capsys):
     assert [s for s, _ in checkpoint.complete_checkpoints(out)][-1] == 6
 
 
-def test_grow_a_two_rank_fsdp_checkpoint(tiny_config, offline_env):
-    config = tiny_config("fsdp", train={"steps": 4}, checkpoint={"every": 4})
-    torchrun_train(2, config, offline_env, "parallel.dp_shard=2")
+@pytest.mark.parametrize("layout", ["parallel.dp_shard=2", "parallel.tp=2"])  # tp: vocabulary-split embedding
+def test_grow_a_two_rank_fsdp_or_tp_checkpoint(tiny_config, offline_env, layout):
+    config = tiny_config("two", train={"steps": 4}, checkpoint={"every": 4})
+    torchrun_train(2, config, offline_env, layout)
     src_cfg = load_config(str(config))
     step4 = checkpoint.complete_checkpoints(src_cfg.run.dir)[-1][1]
     out = src_cfg.run.dir + "-grown"
