@@ -112,28 +112,37 @@ def _probe(cfg: ModelConfig, tp: int, bf16_weights: bool, autocast_bf16: bool,
     return out
 
 
-_LOGITS: dict[tuple, float] = {}
+_LOGITS: dict[tuple, tuple[float, float]] = {}
 
 
-def logit_bytes(autocast_bf16: bool, bf16_weights: bool, tp: int = 1, tokens: int = 64, vocab: int = 512,
-                d: int = 64) -> float:
-    """Bytes per logit of this rank's vocabulary slice at the loss's peak, measured on
-    kernels/cross_entropy.py (one chunk; under tp its vocabulary-parallel form, in a fake group)."""
-    tokens = max(1, min(tokens, 1024))
-    key = (autocast_bf16, bf16_weights, tp > 1, tokens)
-    if key in _LOGITS:
-        return _LOGITS[key]
+def logit_bytes(autocast_bf16: bool, bf16_weights: bool, tp: int = 1, chunked: bool = False) -> tuple[float, float]:
+    """(bytes per logit, bytes per element of the output matrix) at the loss's peak, measured on
+    kernels/cross_entropy.py at two chunk lengths (one chunk, or with `chunked` two checkpointed chunks,
+    whose backward recomputes one chunk's logits beside the other's gradient); under tp its
+    vocabulary-parallel form, in a fake group. The second figure is a temporary as large as the matrix
+    the backward makes (the chunk's logits' gradient times it)."""
+    key = (autocast_bf16, bf16_weights, tp > 1, chunked)
+    if key not in _LOGITS:
+        vocab, d = 4096, 256
+        (r1, b1), (r2, b2) = [(rows, _loss_peak(autocast_bf16, bf16_weights, tp > 1, chunked, rows, vocab, d))
+                              for rows in (64, 128)]
+        per_logit = (b2 - b1) / ((r2 - r1) * vocab)
+        _LOGITS[key] = (per_logit, max(b1 - per_logit * r1 * vocab, 0.0) / (vocab * d))
+    return _LOGITS[key]
+
+
+def _loss_peak(autocast_bf16: bool, bf16_weights: bool, parallel: bool, chunked: bool, rows: int, vocab: int,
+               d: int) -> int:
     from unroll.kernels.cross_entropy import chunked_cross_entropy
     from unroll.train.fake_comm import SymmetricWorld, fake_process_group
 
     weight = torch.zeros(vocab, d, dtype=torch.bfloat16 if bf16_weights else torch.float32)
+    tokens = 2 * rows if chunked else rows
     hidden = torch.zeros(tokens, d, requires_grad=True)
     targets = torch.zeros(tokens, dtype=torch.long)
-    parallel = tp > 1
     with fake_process_group(0, 2) if parallel else contextlib.nullcontext() as group, \
             SymmetricWorld() if parallel else contextlib.nullcontext():
         tracker = Tracker()
         with tracker, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_bf16):
-            chunked_cross_entropy(hidden, weight, targets, chunk=0, group=group).backward()
-    _LOGITS[key] = snapshot_sums(tracker.get_tracker_snapshot("peak"), TRANSIENT) / (tokens * vocab)
-    return _LOGITS[key]
+            chunked_cross_entropy(hidden, weight, targets, chunk=rows if chunked else 0, group=group).backward()
+    return snapshot_sums(tracker.get_tracker_snapshot("peak"), TRANSIENT)

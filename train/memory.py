@@ -112,6 +112,21 @@ class _Tracker(FSDPMemTracker):
 
         return again
 
+    def _fsdp_param_group_post_backward(self, fsdp_mod, orig_fsdp_param_group_post_backward):
+        inner = super()._fsdp_param_group_post_backward(fsdp_mod, orig_fsdp_param_group_post_backward)
+
+        def also_accumulated(*args, **kwargs):
+            inner(*args, **kwargs)
+            # without a reduction (torch's pipeline schedules until a stage's last micro-batch) FSDP adds
+            # each micro-batch's gradient into an unsharded fp32 copy: a gathered gradient, not a temporary
+            group = fsdp_mod._get_fsdp_state()._fsdp_param_group
+            for fsdp_param in group.fsdp_params if group else ():
+                if fsdp_param.unsharded_accumulated_grad is not None:
+                    self._update_and_maybe_create_winfos(fsdp_param.unsharded_accumulated_grad,
+                                                         _FSDPRefType.UNSHARDED_GRAD)
+
+        return also_accumulated
+
 
 def tracker_for(roots: list[nn.Module], optimizer: torch.optim.Optimizer) -> MemTracker:
     if any(isinstance(m, FSDPModule) for root in roots for m in root.modules()):

@@ -75,12 +75,12 @@ def parallelize(model: LM, mesh: DeviceMesh | None, layout: Layout, *, device: t
            stages=stages)
     for part in stages or [model]:
         materialize(part, device, seed)
-    if layout.dp * layout.cp == 1 or _uses_fsdp(layout, bool(stages)):
+    if layout.dp * layout.cp == 1 or uses_fsdp(layout, bool(stages)):
         return model
     return DistributedDataParallel(model, process_group=mesh["dp_cp"].get_group())
 
 
-def _uses_fsdp(layout: Layout, pipelined: bool) -> bool:
+def uses_fsdp(layout: Layout, pipelined: bool) -> bool:
     """FSDP2 over the data ranks, rather than DDP: with dp_shard > 1, and for pipelined stages (always FSDP
     roots: plain replication is HSDP with a shard dimension of 1, and torch's pipeline schedules drive
     FSDP's gradient reduction themselves) and tp (DDP cannot hold DTensors) whenever there are data ranks."""
@@ -108,7 +108,7 @@ def _shard(model: LM, mesh: DeviceMesh, layout: Layout, *, bf16: bool, activatio
     # cp ranks hold the same weights and compute partial gradients of the same samples: gradients are
     # averaged over dp × cp, which is the mean loss's gradient since every rank's loss is its slice's mean.
     shard_dim = "dp_shard_cp" if layout.cp > 1 else "dp_shard"
-    if _uses_fsdp(layout, bool(stages)):
+    if uses_fsdp(layout, bool(stages)):
         dp_mesh = mesh["dp_replicate", shard_dim] if layout.dp_replicate > 1 else mesh[shard_dim]
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
         # each weight on the dimension that spreads it best (not always dim 0), and under tp never on one

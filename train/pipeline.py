@@ -324,12 +324,19 @@ def last_stage_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def schedule_for(modules: list[StageModule], pp, schedule: str, n_microbatches: int,
-                 device: torch.device | str) -> object:
-    """The schedule running `modules` (from `build_stage_modules`, possibly wrapped by FSDP since)."""
+                 device: torch.device | str, metadata=None) -> object:
+    """The schedule running `modules` (from `build_stage_modules`, possibly wrapped by FSDP since).
+    metadata(module) -> (example input, example output), meta tensors of one microbatch, when the caller
+    knows them: with every stage's given, torch runs no shape-inference forward and backward at the first
+    step (time, and a microbatch of activations held beside the real ones); without, it infers them."""
     _, cls, per_rank, _ = schedule_spec(schedule)
     group = _pp_group(pp)
     check_microbatches(schedule, n_microbatches, dist.get_world_size(group))
-    stages = [PipelineStage(m, m.stage_index, m.n_stages, torch.device(device), group=group) for m in modules]
+    stages = []
+    for m in modules:
+        example_in, example_out = metadata(m) if metadata is not None else (None, None)
+        stages.append(PipelineStage(m, m.stage_index, m.n_stages, torch.device(device), input_args=example_in,
+                                    output_args=example_out, group=group))
     if per_rank == 1:
         return cls(stages[0], n_microbatches=n_microbatches, loss_fn=last_stage_loss)
     return cls(stages, n_microbatches=n_microbatches, loss_fn=last_stage_loss)

@@ -70,8 +70,13 @@ class _Holder(nn.Module):
 class Pipeline:
     """This rank's stages of the LM and the schedule that runs them."""
 
-    def __init__(self, model: LM, pp_mesh, schedule: str):
+    def __init__(self, model: LM, pp_mesh, schedule: str, *, seq_split: int = 1,
+                 hidden_dtype: torch.dtype = torch.float32):
+        """seq_split, hidden_dtype: what crosses a stage boundary, the residual stream [micro-batch, T /
+        seq_split, d] (seq_split = tp under sequence parallelism) in hidden_dtype (bf16 when FSDP gathers
+        bf16 parameters: the embedding's output, and so the stream, is bf16 then)."""
         self.model, self.group, self.schedule_name = model, pp_mesh.get_group(), schedule
+        self.seq_split, self.hidden_dtype = seq_split, hidden_dtype
         self.modules: list[StageModule] = build_stage_modules(model, pp_mesh, schedule)
         self.first = any(m.first for m in self.modules)
         self.last = any(m.last for m in self.modules)
@@ -112,15 +117,29 @@ class Pipeline:
         microbatch losses on the last stage, zero elsewhere; sum of this rank's stages' MoE losses or None).
         Gradients accumulate into the stage parameters, divided by n_microbatches (the mean)."""
         if self.schedule is None or self.schedule._n_microbatches != n_microbatches:
-            self.schedule = schedule_for(self.modules, self.group, self.schedule_name, n_microbatches, device)
+            micro, T = inputs.shape[0] // n_microbatches, inputs.shape[1]
+            self.schedule = schedule_for(self.modules, self.group, self.schedule_name, n_microbatches, device,
+                                         metadata=lambda m: self._metadata(m, micro, T))
         for m in self.modules:
             m.aux_losses.clear()
-        losses = run_schedule(self.schedule, self.modules, inputs if self.first else None, targets)
+        # contiguous, as the stages' static metadata say (a batch's inputs are a strided view of it)
+        losses = run_schedule(self.schedule, self.modules, inputs.contiguous() if self.first else None,
+                              targets.contiguous())
         loss_sum = torch.stack(losses).sum() if losses else torch.zeros((), device=device)
         # each stage ran one forward per microbatch; the first step may add a shape-inference forward first
         aux = [a for m in self.modules for a in m.aux_losses[-n_microbatches:]]
         self._sync_tied_grads()
         return loss_sum, (torch.stack(aux).sum() if aux else None)
+
+    def _metadata(self, stage: StageModule, micro: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input, output) of one microbatch of `stage`, on the meta device: token ids into the first, the
+        residual stream between stages, the loss [1] (float32) out of the last."""
+        # requires_grad: a stage receives its output's gradient and sends its input's (torch reads the flag)
+        hidden = torch.empty(micro, T // self.seq_split, self.model.cfg.d_model, dtype=self.hidden_dtype,
+                             device="meta", requires_grad=True)
+        tokens = torch.empty(micro, T, dtype=torch.long, device="meta")
+        loss = torch.empty(1, dtype=torch.float32, device="meta", requires_grad=True)
+        return (tokens if stage.first else hidden), (loss if stage.last else hidden)
 
     def _sync_tied_grads(self) -> None:
         sync_tied_grads(self.modules, self.group)

@@ -15,7 +15,8 @@ Per GPU, for the rank holding the first shard of every split (the largest share;
   gathered     FSDP2's unsharded copies, in the parameter dtype p (2 with bf16 mixed precision, else 4):
                the root's (embedding, final norm, head) all step long; in a block's backward the block, the
                next block's all-gather (prefetch) and the block's unsharded gradient, all p, and its
-               reduce-scatter input (4): root·p + largest block·(3p + 4). Pipelined, torch's schedules keep
+               reduce-scatter input (4): root·p + largest block·(3p + 4); at the root's own post-backward its
+               gradient too, root·2p + block·4 (the larger of the two). Pipelined, torch's schedules keep
                every block of a stage unsharded, with its unsharded gradient, for the whole step
                (stage·(2p + 4) + the root's). 0 without FSDP.
   activations  per layer kind, what the real block keeps per token for the backward (train/activation_probe.py:
@@ -23,8 +24,9 @@ Per GPU, for the rank holding the first shard of every split (the largest share;
                stage's layers, plus the largest kind's extra at its own peak (Newton's working memory, the
                backward's gradients, a recomputed block), × tokens per micro-batch on this rank (micro-batch
                × sequence / cp); a pipeline stage holds up to `in flight` micro-batches
-  logits       one chunk of min(tokens, train.loss_chunk) × V/tp logits at the bytes per logit the loss
-               measures (kernels/cross_entropy.py)
+  logits       one chunk of min(tokens, train.loss_chunk) × V/tp logits, and a temporary of the output
+               matrix's size, at the bytes per logit and per matrix element the loss itself measures
+               (kernels/cross_entropy.py on a small vocabulary, train/activation_probe.py)
 
 Not counted: the CUDA context, NCCL buffers and the allocator's fragmentation (keep a margin: `usable`).
 `unroll rehearse` runs the same rank's program and prints these figures beside what it measured.
@@ -131,7 +133,7 @@ class Estimate:
     components: Components
     params_held: int  # elements of the parameters this rank holds
     stage_layers: int  # blocks on this rank
-    in_flight: int  # micro-batches whose activations a pipeline stage holds at once
+    in_flight: float  # micro-batches whose activations this rank's stages hold at once
 
     @property
     def total(self) -> float:
@@ -139,7 +141,7 @@ class Estimate:
 
 
 def _uses_fsdp(layout: Layout) -> bool:
-    from unroll.train.parallelize import _uses_fsdp as uses
+    from unroll.train.parallelize import uses_fsdp as uses
 
     return uses(layout, layout.pp > 1)
 
@@ -153,9 +155,21 @@ def _stage_of_rank0(cfg: Config, layout: Layout) -> tuple[set[int], bool, bool, 
     layers = stage_layers(cfg.model, n)
     mine = [s for s, r in enumerate(stage_ranks(n, layout.pp, placement)) if r == 0]
     blocks = {b for s in mine for b in layers[s]}
-    micro, accum = _micro_accum(cfg, layout)
-    in_flight = accum if name in ("GPipe", "LoopedBFS") else min(accum, layout.pp * per_rank)
-    return blocks, 0 in mine, n - 1 in mine, in_flight
+    _, accum = _micro_accum(cfg, layout)
+    return blocks, 0 in mine, n - 1 in mine, in_flight(name, layout.pp, per_rank, accum)
+
+
+def in_flight(schedule: str, pp: int, per_rank: int, microbatches: int) -> float:
+    """Micro-batches whose activations pipeline rank 0 holds at once, in units of all its stages' blocks:
+    GPipe and LoopedBFS run every forward before any backward; 1F1B warms up with pp − 1 forwards and
+    holds one more; the interleaved and zero-bubble schedules warm up with (pp − 1)·2 + (stages per rank −
+    1)·pp forwards of one local stage each (torch's own count), one more in flight."""
+    if schedule in ("GPipe", "LoopedBFS"):
+        return microbatches
+    if per_rank == 1:
+        return min(microbatches, pp)
+    units = (pp - 1) * 2 + (per_rank - 1) * pp + 1  # local-stage forwards, each 1/per_rank of the blocks
+    return min(units / per_rank, microbatches)
 
 
 def _micro_accum(cfg: Config, layout: Layout) -> tuple[int, int]:
@@ -173,7 +187,7 @@ def estimate(cfg: Config, layout: Layout, *, seq_len: int | None = None, micro_b
     micro = micro_batch or _micro_accum(cfg, layout)[0]
     bf16 = cfg.run.dtype in ("auto", "bfloat16") if bf16 is None else bf16
     table = param_table(model, layout.tp)
-    blocks, first, last, in_flight = _stage_of_rank0(cfg, layout)
+    blocks, first, last, flight = _stage_of_rank0(cfg, layout)
     fsdp = _uses_fsdp(layout)
     dp = layout.dp_shard * layout.cp
     p_bytes = 2 if (fsdp and bf16) else 4
@@ -209,20 +223,25 @@ def estimate(cfg: Config, layout: Layout, *, seq_len: int | None = None, micro_b
         if layout.pp > 1:
             gathered = sum(block_size.values()) * (2 * p_bytes + 4) + root * p_bytes
         else:
-            gathered = root * p_bytes + max(block_size.values(), default=0) * (3 * p_bytes + 4)
+            block = max(block_size.values(), default=0)
+            # in a block's backward: the root, the block, the next one's all-gather, the block's gradient
+            # and reduce-scatter input; in the root's own post-backward (a large vocabulary): its
+            # parameters and gradient, and the last block's reduce-scatter input
+            gathered = max(root * p_bytes + block * (3 * p_bytes + 4), root * 2 * p_bytes + block * 4)
 
     tokens = micro * seq // layout.cp
     costs = probe(model, layout.tp, fsdp and bf16, bf16, seq // layout.cp, cfg.train.activation_checkpoint)
     mine = [(k, m) for i, (k, m) in enumerate(zip(model.layers, model.mlp_kinds)) if i in blocks]
-    per_token = sum(costs[k].saved for k in mine) + max((costs[k].extra for k in mine), default=0.0)
-    activations = per_token * tokens * in_flight
+    kept = sum(costs[k].saved for k in mine)  # per micro-batch in flight
+    activations = tokens * (kept * flight + max((costs[k].extra for k in mine), default=0.0))
     chunk = cfg.train.loss_chunk or tokens
     rows = min(tokens, chunk)
-    logits = rows * model.vocab_size / layout.tp * logit_bytes(bf16, fsdp and bf16, layout.tp, rows) if last else 0.0
+    per_logit, per_weight = logit_bytes(bf16, fsdp and bf16, layout.tp, tokens > rows)
+    logits = model.vocab_size / layout.tp * (rows * per_logit + model.d_model * per_weight) if last else 0.0
 
     components = Components(weights=held * 4 + buffers, gradients=held * 4, optimizer=held * 8 + tensors * 4,
                             gathered=gathered, activations=activations, logits=logits)
-    return Estimate(layout, components, held, len(blocks), in_flight)
+    return Estimate(layout, components, held, len(blocks), flight)
 
 
 def estimate_for(rehearsal) -> Estimate:

@@ -11,14 +11,14 @@ run.dtype auto or bfloat16 → bf16 autocast, and FSDP2 gathering bf16 parameter
 The other ranks are torch's fake process group, their collectives answered by train/fake_comm.py's
 symmetric world (every rank holds what this one holds), so MoE split sizes, Newton's convergence, loss sums
 and stop flags see plausible values, never uninitialised memory; every collective's bytes are counted.
-Memory is measured per component by train/memory.py and extrapolated from the rehearsed sequence length to
-the configured one (the config's `data.seq_len` before a `data.seq_len=` override: rehearse short, read
-the figures at the real length): activations in proportion to the tokens, logits to the tokens of one
-loss chunk.
+Memory is measured per component by train/memory.py and read at the configured sequence length too (the
+config's `data.seq_len` before a `data.seq_len=` override: rehearse short, read the figures at the real
+length): activations in proportion to the tokens, the loss measured again on its own at that length.
 
 Micro-batches: without pipelining at most 2 run per step (the second shows what accumulation holds; later
 ones allocate nothing new: FSDP reduce-scatters every micro-batch); pipelined, as many as the schedule has
-stages (1F1B-like schedules then hold their most micro-batches in flight), or `microbatches`.
+stages (1F1B-like schedules then hold their most micro-batches in flight), all of them for GPipe and
+LoopedBFS (which hold all), or `microbatches` (activations then scaled to the configured number in flight).
 
 What a rehearsal proves: the layout is accepted, every shape and collective of this rank's program works
 at full size, and how many bytes each part holds and sends. What it does not: speed, NCCL and its buffers,
@@ -76,6 +76,8 @@ def microbatches_to_run(cfg: Config, layout: Layout, accum: int) -> int:
     if layout.pp == 1:
         return min(accum, 2)
     name, _, per_rank, _ = schedule_spec(cfg.parallel.pp_schedule)
+    if name in ("GPipe", "LoopedBFS"):  # every forward before any backward: all of them count
+        return accum
     want = min(accum, layout.pp * per_rank)
     while accum % want or (name in ("Interleaved1F1B", "InterleavedZeroBubble") and want % layout.pp):
         want += 1
@@ -109,6 +111,15 @@ def logits_bytes(cfg: Config, layout: Layout, run, tokens: int, bf16: bool) -> i
         chunked_cross_entropy(hidden, weight, targets, chunk=run.model.loss_chunk,
                               group=run.model.vocab_group).backward()
     return M.snapshot_sums(tracker.get_tracker_snapshot("peak"), M.TRANSIENT)
+
+
+def _static_stage_vote(buffer: torch.Tensor, src: int, group) -> bool:
+    """torch's pipeline stages agree on static metadata by passing an int32 vote point to point: every stage
+    votes 1 (train/pipelined.py gives each stage its metadata), so that is what any stage receives."""
+    if buffer.dtype == torch.int32 and buffer.numel() == 1:
+        buffer.fill_(1)
+        return True
+    return False
 
 
 def _hidden_example(cfg: Config, layout: Layout, micro: int, bf16: bool):
@@ -146,7 +157,7 @@ def rehearse(config: str, overrides: list[str], *, nodes: int, gpus_per_node: in
     target_tokens = micro * target_seq // layout.cp
     seconds, losses = {}, []
 
-    with fake_process_group(rank, world), SymmetricWorld() as sym, \
+    with fake_process_group(rank, world), SymmetricWorld(recv_fill=_static_stage_vote) as sym, \
             stage_metadata_answers(_hidden_example(cfg, layout, micro, bf16)):
         start = time.perf_counter()
         run = build_training(cfg, DistInfo(rank, world, rank % gpus_per_node, torch.device("cpu")), layout,
@@ -170,6 +181,7 @@ def rehearse(config: str, overrides: list[str], *, nodes: int, gpus_per_node: in
         gathered, activations, peak = M.dynamic_peaks(tracker, blocks)
         start = time.perf_counter()
         logits = logits_bytes(cfg, layout, run, tokens, bf16)
+        logits_target = logits_bytes(cfg, layout, run, target_tokens, bf16)  # its own shape: not a multiple
         seconds["logits"] = time.perf_counter() - start
         measured = M.Components(weights=M.weight_bytes(parts), gradients=max(grads), optimizer=M.optimizer_bytes(run.optimizer),
                                 gathered=gathered, activations=activations, logits=logits)
@@ -182,9 +194,15 @@ def rehearse(config: str, overrides: list[str], *, nodes: int, gpus_per_node: in
             ckpt_bytes = sum(p.stat().st_size for p in files)
         seconds["checkpoint"] = time.perf_counter() - start
 
-    chunk = run.model.loss_chunk or 1 << 62
-    at_target = replace(measured, activations=measured.activations * target_tokens / tokens,
-                        logits=measured.logits * min(target_tokens, chunk) / min(tokens, chunk))
+    # more micro-batches in flight where the schedule holds more of them (GPipe: all)
+    flight = 1.0
+    if layout.pp > 1:
+        from unroll.train.plan import in_flight
+
+        name, _, per_rank, _ = schedule_spec(cfg.parallel.pp_schedule)
+        flight = in_flight(name, layout.pp, per_rank, accum) / in_flight(name, layout.pp, per_rank, n_mb)
+    at_target = replace(measured, activations=measured.activations * target_tokens / tokens * flight,
+                        logits=logits_target)
     return Rehearsal(cfg, target_seq, rank, world, layout, tokens, target_tokens, n_mb, accum, measured, at_target, peak, traffic,
                      traffic_table, ckpt_bytes, len(files), losses, seconds,
                      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, unknown)
@@ -222,8 +240,9 @@ def format_rehearsal(name: str, r: Rehearsal, planned=None) -> str:
     lines.append(f"  {'sum':22}{_gib(r.measured.total)} {_gib(r.at_target.total)} {_gib(planned.components.total)}")
     lines.append(f"  {'peak (one moment)':22}{_gib(r.peak)}")
     per_token = r.measured.activations / r.tokens if r.tokens else 0
-    lines += [f"  activations: {per_token:,.0f} bytes per token on this rank; logits: one chunk of "
-              f"{min(r.tokens, 1 << 62):,} tokens at most",
+    chunk = r.config.train.loss_chunk
+    lines += [f"  activations {per_token:,.0f} bytes per token on this rank; logits in chunks of "
+              + (f"{chunk:,} tokens" if chunk else "all the tokens") + " (train.loss_chunk)",
               "",
               "collectives of one step (bytes this rank sends; ring model, train/comm_bytes.py):",
               "  " + r.traffic_table.replace("\n", "\n  "),

@@ -22,7 +22,7 @@ from unroll.train.data_setup import RunData, open_run_data
 from unroll.train.expert_parallel import average_expert_grads, expert_parameters
 from unroll.train.mesh import Layout, build_mesh, check_model, check_supported, data_ranks, resolve_layout
 from unroll.train.metrics import Metrics
-from unroll.train.parallelize import gradient_sync, parallelize, without_context_parallel
+from unroll.train.parallelize import gradient_sync, parallelize, uses_fsdp, without_context_parallel
 from unroll.train.pipelined import Pipeline, check_pipeline
 from unroll.train.plot import plot_run
 from unroll.train.rundir import prepare_run_dir
@@ -214,10 +214,12 @@ def build_training(cfg: Config, dist: D.DistInfo, layout: Layout, micro: int, ac
     trainable = apply_trainable(model, cfg.train.trainable) if cfg.train.trainable else None
     autocast = autocast_for(cfg, dist.device)
     mesh = build_mesh(layout, dist.device.type)
-    pipe = Pipeline(model, mesh["pp"], cfg.parallel.pp_schedule) if layout.pp > 1 else None
-    trained = parallelize(model, mesh, layout, device=dist.device, seed=cfg.train.seed,
-                          bf16=(dist.device.type == "cuda" or gpu_precision)
-                          and not isinstance(autocast, contextlib.nullcontext),
+    bf16 = (dist.device.type == "cuda" or gpu_precision) and not isinstance(autocast, contextlib.nullcontext)
+    # FSDP gathers bf16 parameters: then the embedding's output, and the stream between stages, is bf16
+    hidden = torch.bfloat16 if bf16 and uses_fsdp(layout, layout.pp > 1) else torch.float32
+    pipe = Pipeline(model, mesh["pp"], cfg.parallel.pp_schedule, seq_split=layout.tp,
+                    hidden_dtype=hidden) if layout.pp > 1 else None
+    trained = parallelize(model, mesh, layout, device=dist.device, seed=cfg.train.seed, bf16=bf16,
                           activation_checkpoint=cfg.train.activation_checkpoint, compile=cfg.train.compile,
                           stages=pipe.modules if pipe else None)
     owned = pipe.owned_view() if pipe else model
