@@ -30,24 +30,33 @@ def _plan(args) -> int:
     from unroll.train import plan as P
     from unroll.train.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
-    seq = args.seq_len or cfg.data.seq_len
+    overrides = list(args.overrides)
+    if args.seq_len:
+        overrides.append(f"data.seq_len={args.seq_len}")
+    if args.micro_batch:
+        overrides.append(f"train.micro_batch_size={args.micro_batch}")
+    cfg = load_config(args.config, overrides)
     world = args.nodes * args.gpus_per_node
     print(P.__doc__.split("\n\n", 1)[1].rstrip())
     print(f"\n{args.config}: {args.nodes} node(s) × {args.gpus_per_node} GPUs of {args.gpu_gib:g} GiB, "
-          f"sequence {seq}, micro-batch {args.micro_batch}, activation checkpointing "
-          f"{'on' if not args.no_checkpointing else 'off'}")
-    fits = P.plan(cfg.model, nodes=args.nodes, gpus_per_node=args.gpus_per_node, seq_len=seq,
-                  micro_batch=args.micro_batch, gpu_gib=args.gpu_gib, checkpointing=not args.no_checkpointing)
+          f"sequence {cfg.data.seq_len}, batch {cfg.train.batch_size}, micro-batch "
+          f"{cfg.train.micro_batch_size or 'batch / data ranks'}, activation checkpointing "
+          f"{cfg.train.activation_checkpoint}, loss chunk {cfg.train.loss_chunk}")
+    fits = P.plan(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_gib=args.gpu_gib)
     if not fits:
-        print(f"no layout on {world} GPUs fits 90% of {args.gpu_gib:g} GiB; more GPUs, a shorter sequence "
-              f"or a smaller micro-batch")
+        print(f"no layout on {world} GPUs fits 90% of {args.gpu_gib:g} GiB; more GPUs, a shorter sequence, "
+              f"a smaller micro-batch or train.activation_checkpoint=full")
         return 1
-    print("layouts that fit 90% of the memory, least model parallelism first:")
+    print("layouts that fit 90% of the memory, least model parallelism first (GiB):")
     for e in fits[:args.top]:
         print("  " + P.format_estimate(e))
     best = fits[0].layout
-    print("recommended: " + " ".join(f"parallel.{k}={v}" for k, v in best.items()))
+    print("recommended: " + " ".join(f"parallel.{k}={getattr(best, k)}" for k in
+                                     ("pp", "dp_replicate", "dp_shard", "cp", "tp", "ep")))
+    print(f"check it before queueing: unroll rehearse {args.config} --nodes {args.nodes} "
+          f"--gpus-per-node {args.gpus_per_node} data.seq_len=256 "
+          + " ".join(f"parallel.{k}={getattr(best, k)}" for k in ("pp", "dp_shard", "cp", "tp", "ep")
+                     if getattr(best, k) > 1))
     return 0
 
 
@@ -175,8 +184,8 @@ def parser() -> argparse.ArgumentParser:
     pn.add_argument("--gpus-per-node", type=int, required=True)
     pn.add_argument("--gpu-gib", type=float, default=80.0)
     pn.add_argument("--seq-len", type=int, default=0, help="default: the config's data.seq_len")
-    pn.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per forward")
-    pn.add_argument("--no-checkpointing", action="store_true", help="estimate without activation checkpointing")
+    pn.add_argument("--micro-batch", type=int, default=0,
+                    help="sequences per GPU per forward (default: the config's train.micro_batch_size)")
     pn.add_argument("--top", type=int, default=5)
     pn.set_defaults(func=_plan)
 

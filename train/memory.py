@@ -18,6 +18,7 @@ only: no allocator rounding, fragmentation, CUDA context or NCCL buffers (a GPU'
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, fields
 
 import torch
@@ -83,7 +84,9 @@ class Tracker(MemTracker):
 
     def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
         leaves = all(p.is_leaf for p in module.parameters())
-        return super()._track_module_params_and_buffers(module, install_grad_hooks=install_grad_hooks and leaves)
+        with warnings.catch_warnings():  # it reads .grad of those views too, which torch warns about
+            warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
+            return super()._track_module_params_and_buffers(module, install_grad_hooks=install_grad_hooks and leaves)
 
 
 class _Tracker(FSDPMemTracker):
