@@ -67,7 +67,11 @@ def _rehearse(args) -> int:
 
     r = rehearse(args.config, args.overrides, nodes=args.nodes, gpus_per_node=args.gpus_per_node, rank=args.rank,
                  steps=args.steps, microbatches=args.microbatches)
-    print(json.dumps(to_json(r), indent=1) if args.json else format_rehearsal(args.config, r))
+    text = json.dumps(to_json(r), indent=1) if args.json else format_rehearsal(args.config, r)
+    if args.out:  # under torchrun every rank rehearses itself: one file each
+        Path(args.out.format(rank=r.rank)).write_text(text + "\n")
+    else:
+        print(text)
     return 0
 
 
@@ -201,6 +205,7 @@ def parser() -> argparse.ArgumentParser:
     rh.add_argument("--microbatches", type=int, default=0,
                     help="micro-batches per step (default: 2 at most, or the pipeline schedule's stages)")
     rh.add_argument("--json", action="store_true", help="print the figures as JSON")
+    rh.add_argument("--out", default="", help="write the report to this file instead ({rank} is replaced)")
     rh.set_defaults(func=_rehearse)
 
     d = sub.add_parser("data", help="tokenizer training and corpus preparation").add_subparsers(dest="data", required=True)

@@ -219,23 +219,24 @@ def test_fsdp2_step_at_world_64_counts_its_gathers_and_scatters():
     ("1F1B", "GA|LG", 0), ("1F1B", "GA|LG", 1), ("GPipe", "GA|LG", 1),
     ("Interleaved1F1B", "GA|LG|GA|LG", 0)])
 def test_pipeline_schedule_steps_on_one_rank(schedule, pattern, rank):
+    """The trainer's pipeline (static stage metadata) steps on one rank; the stages' vote is answered."""
+    from torch.distributed.device_mesh import init_device_mesh
+
     from unroll.models import LM, ModelConfig
-    from unroll.train.fake_pipeline import stage_metadata_answers
-    from unroll.train.pipeline import build_schedule, pipeline_step
+    from unroll.train.fake_comm import static_pipeline_vote
+    from unroll.train.pipelined import Pipeline
 
     n_mb, mb, seq, d = 4, 2, 6, 16
-    with fake_process_group(rank, 2) as group, SymmetricWorld() as world:
-        torch.manual_seed(0)
-        model = LM(ModelConfig(pattern=pattern, vocab_size=40, d_model=d, n_heads=2))
-        sched, modules = build_schedule(
-            model, group, schedule, n_mb, lambda y, t: F.cross_entropy(y.flatten(0, 1), t.flatten()))
+    with fake_process_group(rank, 2), SymmetricWorld(recv_fill=static_pipeline_vote) as world:
+        model = LM(ModelConfig(pattern=pattern, vocab_size=40, d_model=d, n_heads=2, tie_embeddings=False), seed=0)
+        pipe = Pipeline(model, init_device_mesh("cpu", (2,), mesh_dim_names=("pp",))["pp"], schedule)
+        modules = pipe.modules
         tokens, targets = torch.randint(0, 40, (n_mb * mb, seq)), torch.randint(0, 40, (n_mb * mb, seq))
-        with stage_metadata_answers(torch.empty(mb, seq, d, device="meta")):
-            for _ in range(2):  # the first step infers the stages' shapes; the second is a plain step
-                world.reset()
-                loss = pipeline_step(sched, modules, tokens, targets)
+        for _ in range(2):
+            world.reset()
+            loss, _ = pipe.step(tokens, targets, n_mb, torch.device("cpu"))
         if any(m.last for m in modules):
-            assert loss.isfinite()
+            assert loss.isfinite() and loss > 0
         grads = [p.grad for m in modules for p in m.parameters()]
         assert all(g is not None and g.isfinite().all() for g in grads)
         # per microbatch each stage sends its hidden state on (unless last) and its input's gradient back

@@ -1,54 +1,126 @@
-"""`unroll plan`: the per-GPU memory arithmetic and the layouts it recommends for the 7B presets."""
+"""`unroll plan` from the code's own accounting: its parameter shares are what the trainer's layout gives a
+rank (checked at 7B scale on the meta device), its components agree with what `unroll rehearse` measures
+running the same rank's program (tiny and 400M presets, 8 to 64 fake ranks), and the command line."""
+from pathlib import Path
+
 import pytest
+import torch
+import yaml
+from torch.distributed.tensor import DTensor
 
 from unroll.launch.cli import main
-from unroll.models.summary import summarize
 from unroll.train.config import load_config
-from unroll.train.plan import GiB, estimate, plan
+from unroll.train.mesh import Layout
+from unroll.train.plan import GiB, candidate_layouts, estimate, plan
+
+LAYOUTS_7B = [("paragru-7b", dict(dp_shard=64)), ("paragru-7b", dict(dp_shard=16, tp=4)),
+              ("paralstm-7b", dict(pp=2, dp_shard=8, tp=4)), ("m2rnn-moe-7b", dict(dp_shard=64, ep=8)),
+              ("m2rnn-moe-7b", dict(dp_shard=8, tp=8))]
 
 
-def test_fsdp_shares_parameters_over_all_ranks_and_adam_costs_16_bytes_each():
-    cfg = load_config("paragru-7b").model
-    total = summarize(cfg)["params_total"]
-    e = estimate(cfg, {"pp": 1, "dp_replicate": 1, "dp_shard": 64, "cp": 1, "tp": 1, "ep": 1},
-                 seq_len=4096, micro_batch=1, checkpointing=True)
-    assert e.params_gpu == pytest.approx(total / 64)
-    assert e.weights + e.grads + e.optimizer == pytest.approx(16 * total / 64)
-    # tensor parallel 4 × FSDP 16 holds the same share; pipeline halves it again
-    tp = estimate(cfg, {"pp": 2, "dp_replicate": 1, "dp_shard": 8, "cp": 1, "tp": 4, "ep": 1},
-                  seq_len=4096, micro_batch=1, checkpointing=True)
-    assert tp.params_gpu == pytest.approx(total / 64)
+@pytest.mark.parametrize("preset,layout", LAYOUTS_7B, ids=[f"{p}-{'-'.join(f'{k}{v}' for k, v in lay.items())}"
+                                                           for p, lay in LAYOUTS_7B])
+def test_the_plan_holds_exactly_what_the_trainer_gives_rank_0(preset, layout):
+    """The 7B model built on the meta device and sharded by the trainer's own parallelize for rank 0 of 64
+    (torch's fake process group; nothing allocated): the elements it holds are the plan's."""
+    from unroll.models import LM
+    from unroll.train.fake_comm import fake_process_group
+    from unroll.train.mesh import build_mesh
+    from unroll.train.parallelize import _shard
+    from unroll.train.pipelined import Pipeline
+
+    cfg = load_config(preset)
+    lay = Layout(**layout)
+    with fake_process_group(0, 64):
+        mesh = build_mesh(lay, "cpu")
+        with torch.device("meta"):
+            model = LM(cfg.model)
+        pipe = Pipeline(model, mesh["pp"], cfg.parallel.pp_schedule) if lay.pp > 1 else None
+        _shard(model, mesh, lay, bf16=True, activation_checkpoint="full", compile=False,
+               stages=pipe.modules if pipe else None)
+        held = sum((p.to_local() if isinstance(p, DTensor) else p).numel()
+                   for part in (pipe.modules if pipe else [model]) for p in part.parameters())
+    assert estimate(cfg, lay).params_held == held
+
+
+def test_experts_are_split_by_expert_parallelism_and_the_rest_by_fsdp():
+    cfg = load_config("m2rnn-moe-7b")
+    one, eight = (estimate(cfg, Layout(dp_shard=64, ep=ep)) for ep in (1, 8))
+    experts = 40 * 128 * 3 * 1536 * 256
+    # ep = 1: FSDP shards the experts over 64 ranks; ep = 8: each rank keeps its 16 experts whole
+    assert eight.params_held - one.params_held == pytest.approx(experts / 8 - experts / 64, rel=1e-3)
+    c = eight.components
+    assert c.weights == pytest.approx(4 * eight.params_held, rel=1e-4) and c.optimizer > 2 * c.weights
 
 
 def test_tensor_parallel_layouts_need_tp_to_divide_the_vocabulary():
-    from unroll.train.plan import candidate_layouts
-
     cfg = load_config("paragru-7b").model
     assert {lay["tp"] for lay in candidate_layouts(cfg, 8, 8)} > {1}
     cfg.vocab_size += 1  # odd: only tp = 1
     assert {lay["tp"] for lay in candidate_layouts(cfg, 8, 8)} == {1}
 
 
-def test_experts_are_split_by_expert_parallelism():
-    cfg = load_config("m2rnn-moe-7b").model
-    base = {"pp": 1, "dp_replicate": 1, "dp_shard": 8, "cp": 1, "tp": 1}
-    one, eight = (estimate(cfg, base | {"ep": ep}, seq_len=4096, micro_batch=1, checkpointing=True) for ep in (1, 8))
-    experts = 40 * 128 * 3 * 1536 * 256
-    assert one.params_gpu - eight.params_gpu == pytest.approx((experts / 8 - experts / 64))
-
-
 @pytest.mark.parametrize("name", ["paragru-7b", "paralstm-7b", "m2rnn-moe-7b"])
-def test_7b_presets_fit_80gb_h100s_on_one_and_eight_nodes(name):
-    cfg = load_config(name).model
-    for nodes in (1, 8):
-        fits = plan(cfg, nodes=nodes, gpus_per_node=8, seq_len=4096, micro_batch=1)
-        assert fits and fits[0].total <= 0.9 * 80 * GiB
-    assert not plan(cfg, nodes=1, gpus_per_node=1, seq_len=4096, micro_batch=1)  # 16 bytes × 7B > 80 GB
+def test_7b_presets_fit_80gb_gpus_on_eight_nodes_and_not_on_one_gpu(name):
+    cfg = load_config(name)
+    fits = plan(cfg, nodes=8, gpus_per_node=8)
+    assert fits and fits[0].total <= 0.9 * 80 * GiB
+    assert not plan(cfg, nodes=1, gpus_per_node=1)  # 16 bytes × 7B > 80 GB
 
 
-def test_plan_cli_explains_the_formula_and_recommends(capsys):
+def test_plan_cli_explains_the_accounting_and_recommends(capsys):
     assert main(["plan", "m2rnn-moe-7b", "--nodes", "2", "--gpus-per-node", "8"]) == 0
     out = capsys.readouterr().out
-    assert "8 · P_gpu     AdamW" in out and "recommended: parallel.pp=" in out and "GiB per GPU" in out
+    assert "AdamW's two moments" in out and "recommended: parallel.pp=" in out and "GiB per GPU" in out
+    assert "unroll rehearse m2rnn-moe-7b --nodes 2 --gpus-per-node 8" in out
     assert main(["plan", "paragru-7b", "--nodes", "1", "--gpus-per-node", "1"]) == 1
     assert "no layout on 1 GPUs fits" in capsys.readouterr().out
+
+
+# --- the plan against rehearsals of the same rank -----------------------------------------------------------
+TOLERANCE = 0.15
+CASES = [  # preset, GPUs per node (one node), overrides
+    ("tiny-gru", 8, []),
+    ("tiny-gru", 8, ["train.activation_checkpoint=full", "train.micro_batch_size=2"]),
+    ("tiny-lstm", 8, ["parallel.tp=2"]),
+    ("tiny-m2rnn", 8, []),
+    ("tiny-moe", 8, ["parallel.ep=4", "train.activation_checkpoint=full"]),
+    ("tiny-transformer", 8, ["parallel.pp=2", "train.micro_batch_size=2"]),
+    ("tiny-tnt", 8, ["parallel.cp=2"]),
+]
+
+
+def _compare(preset, nodes, gpus, overrides) -> dict:
+    from unroll.train.plan import estimate_for
+    from unroll.train.rehearse import rehearse
+
+    r = rehearse(preset, overrides, nodes=nodes, gpus_per_node=gpus)
+    planned = estimate_for(r).components
+    return {k: (getattr(r.at_target, k), getattr(planned, k)) for k in r.at_target.as_dict()}
+
+
+def _assert_agree(ratios: dict, case) -> None:
+    for key, (measured, planned) in ratios.items():
+        if measured == 0:
+            assert planned == 0, (case, key)
+        else:
+            assert abs(planned / measured - 1) <= TOLERANCE, (case, key, measured, planned)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset,gpus,overrides", CASES, ids=[f"{p}-{'-'.join(o) or 'fsdp'}" for p, _, o in CASES])
+def test_plan_agrees_with_the_rehearsal_of_the_same_rank(preset, gpus, overrides):
+    """Every component within 15% of what the rank's real program holds, at the preset's own length."""
+    _assert_agree(_compare(preset, 1, gpus, overrides), (preset, overrides))
+
+
+@pytest.mark.slow
+def test_plan_agrees_with_the_rehearsal_of_the_400m_hybrid_on_64_ranks(tmp_path):
+    """The 400M hybrid (M²RNN + attention, vocabulary 100352) on 8 nodes × 8 GPUs, at a sequence of 64 (its
+    preset's 4096 is `unroll rehearse`'s to extrapolate; the plan and this test read the same length)."""
+    preset = yaml.safe_load((Path(__file__).parents[1] / "configs" / "m2rnn-hybrid-400m.yaml").read_text())
+    preset["data"]["seq_len"] = 64
+    preset["train"]["micro_batch_size"] = 4  # batch 256 over 64 ranks
+    config = tmp_path / "hybrid-400m-64.yaml"
+    config.write_text(yaml.safe_dump(preset))
+    _assert_agree(_compare(str(config), 8, 8, []), "m2rnn-hybrid-400m")

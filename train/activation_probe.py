@@ -4,8 +4,8 @@ multiplies by the tokens and layers of a layout (train/plan.py).
 A language model of one block per distinct (mixer, MLP) kind of the config, at the config's full widths and
 a vocabulary of a few entries, is built on the meta device, tensor parallelism applied with the trainer's
 own plans when tp > 1 (in a fake process group of tp ranks whose collectives train/fake_comm.py answers),
-allocated with zero weights (what memory holds does not depend on the values), and run forward and backward
-on `tokens` tokens under torch's memory tracker, in the precision of the job (bf16 autocast; bf16 weights
+allocated with small random weights (what memory holds depends on the shapes, and on Newton iterating at
+all, which zero weights would spare it), and run forward and backward on `tokens` tokens under torch's memory tracker, in the precision of the job (bf16 autocast; bf16 weights
 as FSDP2 gathers them, or fp32 weights cast per call). Per kind:
 
     saved   bytes per token that the block's forward leaves behind for the backward (the tracker's
@@ -32,6 +32,9 @@ MAX_PROBE_TOKENS = 256  # enough chunks for every mixer's per-token cost to sett
 
 @dataclass(frozen=True)
 class KindCost:
+    """Bytes per token, measured at the probe's length (a part that does not grow with the tokens, e.g. the
+    bf16 copies autocast keeps of fp32 weights, is spread over them: plans of unsharded fp32 weights at
+    much longer sequences overstate it)."""
     saved: float
     extra: float
     inputs: float
@@ -63,14 +66,26 @@ def probe(cfg: ModelConfig, tp: int, bf16_weights: bool, autocast_bf16: bool, to
 
 def _probe(cfg: ModelConfig, tp: int, bf16_weights: bool, autocast_bf16: bool,
            tokens: int, recompute: str) -> dict[tuple[str, str], KindCost]:
+    out = {}
+    for kind in kinds(cfg):
+        saved, extra = _probe_kind(cfg, kind, tp, bf16_weights, autocast_bf16, tokens, recompute)
+        # the residual stream: bf16 when the embedding's weights are; under sequence parallelism (tp) a
+        # rank holds T/tp of its tokens
+        out[kind] = KindCost(saved / tokens, extra / tokens, cfg.d_model * (2 if bf16_weights else 4) / tp)
+    return out
+
+
+def _probe_kind(cfg: ModelConfig, kind: tuple[str, str], tp: int, bf16_weights: bool, autocast_bf16: bool,
+                tokens: int, recompute: str) -> tuple[float, float]:
+    """Two blocks of one kind in an LM on `tokens` tokens: (what each keeps after its forward, what the step
+    adds above the two at its largest moment outside the loss: memory.Phases), bytes."""
     from torch.distributed._tools.mem_tracker import _ModState
 
     from unroll.models import LM
     from unroll.train.fake_comm import SymmetricWorld, fake_process_group
+    from unroll.train.memory import mark_phases
 
-    found = kinds(cfg)
-    small = replace(cfg, pattern="".join(k for k, _ in found), mlp_pattern="".join(m for _, m in found),
-                    vocab_size=8 * tp)
+    small = replace(cfg, pattern=kind[0] * 2, mlp_pattern=kind[1] * 2, vocab_size=8 * tp)
     seq = max(tokens, tp) - max(tokens, tp) % tp
     group = fake_process_group(0, tp) if tp > 1 else contextlib.nullcontext()
     with group, (SymmetricWorld() if tp > 1 else contextlib.nullcontext()):
@@ -85,31 +100,34 @@ def _probe(cfg: ModelConfig, tp: int, bf16_weights: bool, autocast_bf16: bool,
         for block in model.blocks:
             block.recompute = recompute
         model.to_empty(device="cpu")
-        with torch.no_grad():
-            for t in list(model.parameters()) + list(model.buffers()):
-                t.zero_()
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # small random weights, unit norms: what the bytes depend on is the
+            # shapes, but zero weights would let Newton stop before its first iteration
+            for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+                local = t.to_local() if hasattr(t, "to_local") else t
+                if "norm" in name:
+                    local.fill_(1.0)
+                elif t.dtype.is_floating_point and not name.endswith("expert_bias"):
+                    local.normal_(0.0, 0.02, generator=gen)
+                else:
+                    local.zero_()
         if bf16_weights:
             model.to(torch.bfloat16)
         tokens_in = torch.zeros(1, seq, dtype=torch.long)
         tracker = Tracker()
+        hooks = mark_phases(tracker, [model])
         with tracker, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_bf16):
             loss = model(tokens_in, targets=tokens_in)
             aux = model.aux_loss()  # as the training step adds it (its graph reaches into the blocks)
             (loss if aux is None else loss + aux).backward()
-    out = {}
-    for block, kind in zip(model.blocks, found):
-        snaps = tracker.memory_tracking[block].snapshots
-
-        def at(state):
-            return snapshot_sums(snaps[state][-1], TRANSIENT)
-
-        saved = at(_ModState.POST_FW) - at(_ModState.PRE_FW)
-        extra = max(at(_ModState.PEAK_FW) - at(_ModState.POST_FW), at(_ModState.PEAK_BW) - at(_ModState.PRE_BW))
-        # the residual stream: bf16 when the embedding's weights are; under sequence parallelism (tp) a
-        # rank holds T/tp of its tokens
-        inputs = cfg.d_model * (2 if bf16_weights else 4) / tp
-        out[kind] = KindCost(saved / seq, max(extra, 0) / seq, inputs)
-    return out
+        for h in hooks:
+            h.remove()
+    kept = [snapshot_sums(tracker.memory_tracking[b].snapshots[_ModState.POST_FW][-1], TRANSIENT)
+            - snapshot_sums(tracker.memory_tracking[b].snapshots[_ModState.PRE_FW][-1], TRANSIENT)
+            for b in model.blocks]
+    saved = sum(kept) / len(kept)
+    peak = max(tracker.transient["forward"], tracker.transient["backward"])
+    return saved, max(peak - 2 * saved, 0)  # bytes at `seq` tokens
 
 
 _LOGITS: dict[tuple, tuple[float, float]] = {}

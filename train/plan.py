@@ -13,12 +13,16 @@ Per GPU, for the rank holding the first shard of every split (the largest share;
   gradients    × 4 (fp32: FSDP reduce-scatters in fp32)
   optimizer    AdamW's two moments, × 8, plus a 4-byte step per tensor
   gathered     FSDP2's unsharded copies, in the parameter dtype p (2 with bf16 mixed precision, else 4):
-               the root's (embedding, final norm, head) all step long; in a block's backward the block, the
-               next block's all-gather (prefetch) and the block's unsharded gradient, all p, and its
-               reduce-scatter input (4): root·p + largest block·(3p + 4); at the root's own post-backward its
-               gradient too, root·2p + block·4 (the larger of the two). Pipelined, torch's schedules keep
-               every block of a stage unsharded, with its unsharded gradient, for the whole step
-               (stage·(2p + 4) + the root's). 0 without FSDP.
+               the root's (embedding, final norm, head) all step long, and its gradient from the loss's backward
+               on; in a block's backward the block, the next block's all-gather (prefetch) and the block's
+               unsharded gradient, all p, and its reduce-scatter input (4): root·2p + largest block·(3p + 4).
+               Pipelined, torch's schedules keep every block of a stage unsharded, with its unsharded
+               gradient, for the whole step: stage·(2p + 4) + root·p. Or, if larger, the embedding's
+               backward on the rank that has it: root·p + E·g·p + first block·2p, E the embedding and g
+               its gradients being summed (tied: 3, the output matrix's, which waited through the blocks'
+               backward, the lookup's and their sum; else 1); pipelined, beside the stage held unsharded.
+               Without FSDP, a tied embedding's gradients at that moment, E·5·4 (the output matrix's, its
+               fp32 copy, the lookup's, their sum, the parameter's).
   activations  per layer kind, what the real block keeps per token for the backward (train/activation_probe.py:
                measured once on the block at full width, under this tp and activation checkpointing) × the
                stage's layers, plus the largest kind's extra at its own peak (Newton's working memory, the
@@ -218,22 +222,31 @@ def estimate(cfg: Config, layout: Layout, *, seq_len: int | None = None, micro_b
         root += embed.numel()
         tensors += 1
 
+    embed = next(p for p in table if p.name == "embed.weight").numel()  # this rank's slice under tp
+    tied_here = model.tie_embeddings and first and last
     gathered = 0.0
+    if not fsdp and tied_here:
+        # the embedding's gradient being summed at the end of the backward, in the parameters' fp32: the
+        # output matrix's (which waited through the blocks'), its fp32 copy, the lookup's, their sum
+        gathered = embed * 4 * 5
     if fsdp:
-        if layout.pp > 1:
-            gathered = sum(block_size.values()) * (2 * p_bytes + 4) + root * p_bytes
+        block = max(block_size.values(), default=0)
+        if layout.pp > 1:  # every block of the stage unsharded, with its gradient, the whole step
+            beside = sum(block_size.values()) * (2 * p_bytes + 4)
+            gathered = beside + root * p_bytes
         else:
-            block = max(block_size.values(), default=0)
-            # in a block's backward: the root, the block, the next one's all-gather, the block's gradient
-            # and reduce-scatter input; in the root's own post-backward (a large vocabulary): its
-            # parameters and gradient, and the last block's reduce-scatter input
-            gathered = max(root * p_bytes + block * (3 * p_bytes + 4), root * 2 * p_bytes + block * 4)
+            # in a block's backward: the root and its gradient (the loss's backward made it), the block, the
+            # next one's all-gather, the block's gradient and its reduce-scatter input
+            beside = block_size.get(0, 0) * 2 * p_bytes
+            gathered = root * 2 * p_bytes + block * (3 * p_bytes + 4)
+        if first:  # the embedding's backward, if larger
+            gathered = max(gathered, root * p_bytes + embed * (3 if tied_here else 1) * p_bytes + beside)
 
     tokens = micro * seq // layout.cp
     costs = probe(model, layout.tp, fsdp and bf16, bf16, seq // layout.cp, cfg.train.activation_checkpoint)
     mine = [(k, m) for i, (k, m) in enumerate(zip(model.layers, model.mlp_kinds)) if i in blocks]
-    kept = sum(costs[k].saved for k in mine)  # per micro-batch in flight
-    activations = tokens * (kept * flight + max((costs[k].extra for k in mine), default=0.0))
+    kept = sum(costs[k].saved for k in mine) * tokens  # per micro-batch in flight
+    activations = kept * flight + max((costs[k].extra for k in mine), default=0.0) * tokens
     chunk = cfg.train.loss_chunk or tokens
     rows = min(tokens, chunk)
     per_logit, per_weight = logit_bytes(bf16, fsdp and bf16, layout.tp, tokens > rows)

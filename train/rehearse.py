@@ -27,6 +27,8 @@ the CUDA allocator's fragmentation and the CUDA context (leave a few GiB), the o
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import resource
 import tempfile
 import time
@@ -34,13 +36,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from unroll.train import memory as M
 from unroll.train.config import Config, ConfigError, check_world, load_config
 from unroll.train.distributed import DistInfo
-from unroll.train.fake_comm import SymmetricWorld, fake_process_group
-from unroll.train.fake_pipeline import stage_metadata_answers
+from unroll.train.fake_comm import SymmetricWorld, fake_process_group, static_pipeline_vote
 from unroll.train.mesh import Layout, check_model, check_supported, resolve_layout
 from unroll.train.pipeline import schedule_spec
 from unroll.train.pipelined import check_pipeline
@@ -113,23 +115,6 @@ def logits_bytes(cfg: Config, layout: Layout, run, tokens: int, bf16: bool) -> i
     return M.snapshot_sums(tracker.get_tracker_snapshot("peak"), M.TRANSIENT)
 
 
-def _static_stage_vote(buffer: torch.Tensor, src: int, group) -> bool:
-    """torch's pipeline stages agree on static metadata by passing an int32 vote point to point: every stage
-    votes 1 (train/pipelined.py gives each stage its metadata), so that is what any stage receives."""
-    if buffer.dtype == torch.int32 and buffer.numel() == 1:
-        buffer.fill_(1)
-        return True
-    return False
-
-
-def _hidden_example(cfg: Config, layout: Layout, micro: int, bf16: bool):
-    """What crosses a pipeline stage boundary: the residual stream [micro, T/cp (/tp under sequence
-    parallelism), d], in bf16 when FSDP gathers bf16 parameters (the embedding's output then is)."""
-    seq = cfg.data.seq_len // layout.cp // layout.tp
-    return torch.empty(micro, seq, cfg.model.d_model, dtype=torch.bfloat16 if bf16 else torch.float32,
-                       device="meta")
-
-
 def rehearse(config: str, overrides: list[str], *, nodes: int, gpus_per_node: int, rank: int = 0, steps: int = 1,
              microbatches: int = 0) -> Rehearsal:
     from unroll.train.checkpoint import save_view
@@ -157,8 +142,7 @@ def rehearse(config: str, overrides: list[str], *, nodes: int, gpus_per_node: in
     target_tokens = micro * target_seq // layout.cp
     seconds, losses = {}, []
 
-    with fake_process_group(rank, world), SymmetricWorld(recv_fill=_static_stage_vote) as sym, \
-            stage_metadata_answers(_hidden_example(cfg, layout, micro, bf16)):
+    with _world(rank, world) as rank, SymmetricWorld(recv_fill=static_pipeline_vote) as sym:
         start = time.perf_counter()
         run = build_training(cfg, DistInfo(rank, world, rank % gpus_per_node, torch.device("cpu")), layout,
                              micro, n_mb, gpu_precision=True)
@@ -167,6 +151,7 @@ def rehearse(config: str, overrides: list[str], *, nodes: int, gpus_per_node: in
         grads = []
         hook = run.optimizer.register_step_pre_hook(lambda *_: grads.append(M.gradient_bytes(parts)))
         tracker = M.tracker_for(parts, run.optimizer)
+        phase_hooks = M.mark_phases(tracker, parts)
         batches = _synthetic(cfg, cfg.train.seed)
         start = time.perf_counter()
         with tracker:
@@ -175,10 +160,10 @@ def rehearse(config: str, overrides: list[str], *, nodes: int, gpus_per_node: in
                 result = train_step(run, cfg, batches, 0, lr_at(step, cfg.optim.lr, cfg.train.steps, cfg.schedule),
                                     torch.device("cpu"))
                 losses.append(result.loss_sum.item() / n_mb)
-        hook.remove()
+        for h in [hook, *phase_hooks]:
+            h.remove()
         seconds["steps"] = time.perf_counter() - start
-        blocks = [b for part in parts for b in (part.blocks.values() if run.pipe else part.blocks)]
-        gathered, activations, peak = M.dynamic_peaks(tracker, blocks)
+        gathered, activations, peak = M.dynamic_peaks(tracker)
         start = time.perf_counter()
         logits = logits_bytes(cfg, layout, run, tokens, bf16)
         logits_target = logits_bytes(cfg, layout, run, target_tokens, bf16)  # its own shape: not a multiple
@@ -206,6 +191,25 @@ def rehearse(config: str, overrides: list[str], *, nodes: int, gpus_per_node: in
     return Rehearsal(cfg, target_seq, rank, world, layout, tokens, target_tokens, n_mb, accum, measured, at_target, peak, traffic,
                      traffic_table, ckpt_bytes, len(files), losses, seconds,
                      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, unknown)
+
+
+@contextlib.contextmanager
+def _world(rank: int, world: int):
+    """The other ranks: torch's fake process group; or, under torchrun (WORLD_SIZE set), the real ones, over
+    gloo (the same program on real collectives: what the fake world is checked against). Yields this
+    rank's index."""
+    if "WORLD_SIZE" not in os.environ:
+        with fake_process_group(rank, world):
+            yield rank
+        return
+    if int(os.environ["WORLD_SIZE"]) != world:
+        raise ConfigError(f"--nodes × --gpus-per-node = {world}, but torchrun started {os.environ['WORLD_SIZE']} ranks")
+    dist.init_process_group("gloo")
+    try:
+        yield dist.get_rank()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def _synthetic(cfg: Config, seed: int):
