@@ -137,9 +137,12 @@ class LM(nn.Module):
         x = self.embed(tokens)
         states = states or [None] * len(self.blocks)
         new_states = []
-        for block, state in zip(self.blocks, states):
-            x, state = block(x, state)
-            new_states.append(state)
+        for i, block in enumerate(self.blocks):
+            x, state = block(x, states[i])
+            # kept only when asked, and let go before the next block: a recurrent state is a view of the
+            # layer's whole solution [B, T, ...], a KV cache of its q/k/v projection
+            new_states.append(state if return_states else None)
+            del state
         out = self._logits(x) if targets is None else self.loss(x, targets)
         return (out, new_states) if return_states else out
 

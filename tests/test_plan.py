@@ -15,7 +15,7 @@ from unroll.train.plan import GiB, candidate_layouts, estimate, plan
 
 LAYOUTS_7B = [("paragru-7b", dict(dp_shard=64)), ("paragru-7b", dict(dp_shard=16, tp=4)),
               ("paralstm-7b", dict(pp=2, dp_shard=8, tp=4)), ("m2rnn-moe-7b", dict(dp_shard=64, ep=8)),
-              ("m2rnn-moe-7b", dict(dp_shard=8, tp=8))]
+              ("m2rnn-moe-7b", dict(dp_shard=16, tp=4))]
 
 
 @pytest.mark.parametrize("preset,layout", LAYOUTS_7B, ids=[f"{p}-{'-'.join(f'{k}{v}' for k, v in lay.items())}"
@@ -50,7 +50,7 @@ def test_experts_are_split_by_expert_parallelism_and_the_rest_by_fsdp():
     # ep = 1: FSDP shards the experts over 64 ranks; ep = 8: each rank keeps its 16 experts whole
     assert eight.params_held - one.params_held == pytest.approx(experts / 8 - experts / 64, rel=1e-3)
     c = eight.components
-    assert c.weights == pytest.approx(4 * eight.params_held, rel=1e-4) and c.optimizer > 2 * c.weights
+    assert c.weights == pytest.approx(4 * eight.params_held, rel=1e-4) and c.optimizer == pytest.approx(2 * c.gradients, rel=1e-4)
 
 
 def test_tensor_parallel_layouts_need_tp_to_divide_the_vocabulary():
@@ -83,10 +83,10 @@ CASES = [  # preset, GPUs per node (one node), overrides
     ("tiny-gru", 8, []),
     ("tiny-gru", 8, ["train.activation_checkpoint=full", "train.micro_batch_size=2"]),
     ("tiny-lstm", 8, ["parallel.tp=2"]),
-    ("tiny-m2rnn", 8, []),
+    ("tiny-m2rnn", 8, ["parallel.cp=2"]),
     ("tiny-moe", 8, ["parallel.ep=4", "train.activation_checkpoint=full"]),
     ("tiny-transformer", 8, ["parallel.pp=2", "train.micro_batch_size=2"]),
-    ("tiny-tnt", 8, ["parallel.cp=2"]),
+    ("tiny-tnt", 8, []),
 ]
 
 

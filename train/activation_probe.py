@@ -27,7 +27,9 @@ import torch
 from unroll.models.config import ModelConfig
 from unroll.train.memory import TRANSIENT, Tracker, snapshot_sums
 
-MAX_PROBE_TOKENS = 256  # enough chunks for every mixer's per-token cost to settle; ~100 MB per 7B block
+MAX_PROBE_TOKENS = 256  # per sequence: enough chunks for every mixer's per-token cost to settle
+MAX_PROBE_BATCH_TOKENS = 1024  # sequences × tokens: a per-sequence part (M²RNN's recomputed chunk) scales
+# with the micro-batch's sequences, so they are probed as the job has them, up to this many tokens
 
 
 @dataclass(frozen=True)
@@ -53,32 +55,35 @@ _CACHE: dict[tuple, dict] = {}
 
 
 def probe(cfg: ModelConfig, tp: int, bf16_weights: bool, autocast_bf16: bool, tokens: int,
-          recompute: str = "none") -> dict[tuple[str, str], KindCost]:
-    """KindCost of every kind of `cfg` under tp (module docstring), on one sequence of `tokens` tokens
+          recompute: str = "none", batch: int = 1) -> dict[tuple[str, str], KindCost]:
+    """KindCost of every kind of `cfg` under tp (module docstring), on `batch` sequences of `tokens` tokens
     (per token it settles once the mixers' chunks are several: M²RNN's 32-step checkpoints, TNT's chunks),
     with activation checkpointing `recompute` (none | full | mlp); measured once per process."""
     tokens = min(tokens, MAX_PROBE_TOKENS)
-    key = (repr(cfg), tp, bf16_weights, autocast_bf16, tokens, recompute)
+    batch = max(1, min(batch, MAX_PROBE_BATCH_TOKENS // tokens))
+    key = (repr(cfg), tp, bf16_weights, autocast_bf16, tokens, recompute, batch)
     if key not in _CACHE:
-        _CACHE[key] = _probe(cfg, tp, bf16_weights, autocast_bf16, tokens, recompute)
+        _CACHE[key] = _probe(cfg, tp, bf16_weights, autocast_bf16, tokens, recompute, batch)
     return _CACHE[key]
 
 
 def _probe(cfg: ModelConfig, tp: int, bf16_weights: bool, autocast_bf16: bool,
-           tokens: int, recompute: str) -> dict[tuple[str, str], KindCost]:
+           tokens: int, recompute: str, batch: int) -> dict[tuple[str, str], KindCost]:
     out = {}
     for kind in kinds(cfg):
-        saved, extra = _probe_kind(cfg, kind, tp, bf16_weights, autocast_bf16, tokens, recompute)
+        saved, extra = _probe_kind(cfg, kind, tp, bf16_weights, autocast_bf16, tokens, recompute, batch)
+        tokens_all = batch * tokens
         # the residual stream: bf16 when the embedding's weights are; under sequence parallelism (tp) a
         # rank holds T/tp of its tokens
-        out[kind] = KindCost(saved / tokens, extra / tokens, cfg.d_model * (2 if bf16_weights else 4) / tp)
+        out[kind] = KindCost(saved / tokens_all, extra / tokens_all, cfg.d_model * (2 if bf16_weights else 4) / tp)
     return out
 
 
 def _probe_kind(cfg: ModelConfig, kind: tuple[str, str], tp: int, bf16_weights: bool, autocast_bf16: bool,
-                tokens: int, recompute: str) -> tuple[float, float]:
-    """Two blocks of one kind in an LM on `tokens` tokens: (what each keeps after its forward, what the step
-    adds above the two at its largest moment outside the loss: memory.Phases), bytes."""
+                tokens: int, recompute: str, batch: int) -> tuple[float, float]:
+    """Two blocks of one kind in an LM on `batch` sequences of `tokens` tokens: (what each keeps after its
+    forward, what the step adds above the two at its largest moment outside the loss: memory.Phases),
+    bytes."""
     from torch.distributed._tools.mem_tracker import _ModState
 
     from unroll.models import LM
@@ -113,7 +118,7 @@ def _probe_kind(cfg: ModelConfig, kind: tuple[str, str], tp: int, bf16_weights: 
                     local.zero_()
         if bf16_weights:
             model.to(torch.bfloat16)
-        tokens_in = torch.zeros(1, seq, dtype=torch.long)
+        tokens_in = torch.zeros(batch, seq, dtype=torch.long)
         tracker = Tracker()
         hooks = mark_phases(tracker, [model])
         with tracker, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_bf16):
@@ -122,10 +127,11 @@ def _probe_kind(cfg: ModelConfig, kind: tuple[str, str], tp: int, bf16_weights: 
             (loss if aux is None else loss + aux).backward()
         for h in hooks:
             h.remove()
-    kept = [snapshot_sums(tracker.memory_tracking[b].snapshots[_ModState.POST_FW][-1], TRANSIENT)
-            - snapshot_sums(tracker.memory_tracking[b].snapshots[_ModState.PRE_FW][-1], TRANSIENT)
-            for b in model.blocks]
-    saved = sum(kept) / len(kept)
+    # what the first block leaves behind for the second: its output, what autograd keeps of it (its own
+    # returned state is let go by then)
+    first, second = (snapshot_sums(tracker.memory_tracking[b].snapshots[_ModState.PRE_FW][0], TRANSIENT)
+                     for b in model.blocks)
+    saved = second - first
     peak = max(tracker.transient["forward"], tracker.transient["backward"])
     return saved, max(peak - 2 * saved, 0)  # bytes at `seq` tokens
 

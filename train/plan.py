@@ -15,7 +15,8 @@ Per GPU, for the rank holding the first shard of every split (the largest share;
   gathered     FSDP2's unsharded copies, in the parameter dtype p (2 with bf16 mixed precision, else 4):
                the root's (embedding, final norm, head) all step long, and its gradient from the loss's backward
                on; in a block's backward the block, the next block's all-gather (prefetch) and the block's
-               unsharded gradient, all p, and its reduce-scatter input (4): root·2p + largest block·(3p + 4).
+               unsharded gradient, all p, and its reduce-scatter input (4): root·2p + largest block·(3p + 4);
+               on the rank with the loss, its gradient of the hidden states (tokens × d × 4) too.
                Pipelined, torch's schedules keep every block of a stage unsharded, with its unsharded
                gradient, for the whole step: stage·(2p + 4) + root·p. Or, if larger, the embedding's
                backward on the rank that has it: root·p + E·g·p + first block·2p, E the embedding and g
@@ -183,9 +184,11 @@ def _micro_accum(cfg: Config, layout: Layout) -> tuple[int, int]:
 
 
 def estimate(cfg: Config, layout: Layout, *, seq_len: int | None = None, micro_batch: int | None = None,
-             bf16: bool | None = None) -> Estimate:
+             bf16: bool | None = None, budget: float | None = None) -> Estimate:
     """Components of rank 0 of `layout` (module docstring), at the config's sequence length and micro-batch
-    unless given. bf16: the job's precision (default: run.dtype auto or bfloat16, as on a GPU)."""
+    unless given. bf16: the job's precision (default: run.dtype auto or bfloat16, as on a GPU). budget: bytes
+    beyond which the layout is of no interest: when weights, gradients, optimizer and gathered copies
+    exceed it alone, activations and logits are not probed (left 0)."""
     model = cfg.model
     seq = seq_len or cfg.data.seq_len
     micro = micro_batch or _micro_accum(cfg, layout)[0]
@@ -241,9 +244,15 @@ def estimate(cfg: Config, layout: Layout, *, seq_len: int | None = None, micro_b
             gathered = root * 2 * p_bytes + block * (3 * p_bytes + 4)
         if first:  # the embedding's backward, if larger
             gathered = max(gathered, root * p_bytes + embed * (3 if tied_here else 1) * p_bytes + beside)
-
     tokens = micro * seq // layout.cp
-    costs = probe(model, layout.tp, fsdp and bf16, bf16, seq // layout.cp, cfg.train.activation_checkpoint)
+    if last:  # the loss's gradient of the hidden states waits with the output matrix's
+        gathered += tokens * model.d_model * 4
+
+    static = Components(weights=held * 4 + buffers, gradients=held * 4, optimizer=held * 8 + tensors * 4,
+                        gathered=gathered)
+    if budget is not None and static.total > budget:
+        return Estimate(layout, static, held, len(blocks), flight)
+    costs = probe(model, layout.tp, fsdp and bf16, bf16, seq // layout.cp, cfg.train.activation_checkpoint, micro)
     mine = [(k, m) for i, (k, m) in enumerate(zip(model.layers, model.mlp_kinds)) if i in blocks]
     kept = sum(costs[k].saved for k in mine) * tokens  # per micro-batch in flight
     activations = kept * flight + max((costs[k].extra for k in mine), default=0.0) * tokens
@@ -252,9 +261,7 @@ def estimate(cfg: Config, layout: Layout, *, seq_len: int | None = None, micro_b
     per_logit, per_weight = logit_bytes(bf16, fsdp and bf16, layout.tp, tokens > rows)
     logits = model.vocab_size / layout.tp * (rows * per_logit + model.d_model * per_weight) if last else 0.0
 
-    components = Components(weights=held * 4 + buffers, gradients=held * 4, optimizer=held * 8 + tensors * 4,
-                            gathered=gathered, activations=activations, logits=logits)
-    return Estimate(layout, components, held, len(blocks), flight)
+    return Estimate(layout, replace(static, activations=activations, logits=logits), held, len(blocks), flight)
 
 
 def estimate_for(rehearsal) -> Estimate:
@@ -315,7 +322,7 @@ def plan(cfg: Config, *, nodes: int, gpus_per_node: int, gpu_gib: float = 80.0, 
         layout = Layout(**lay)
         if not _runs(cfg, layout):
             continue
-        e = estimate(cfg, layout)
+        e = estimate(cfg, layout, budget=usable * gpu_gib * GiB)
         if e.total <= usable * gpu_gib * GiB:
             fits.append(e)
     return sorted(fits, key=lambda e: _cost(e.layout))
