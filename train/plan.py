@@ -14,8 +14,10 @@ Per GPU, for the rank holding the first shard of every split (the largest share;
   optimizer    AdamW's two moments, × 8, plus a 4-byte step per tensor
   gathered     FSDP2's unsharded copies, in the parameter dtype p (2 with bf16 mixed precision, else 4):
                the root's (embedding, final norm, head) all step long, and its gradient from the loss's backward
-               on; in a block's backward the block, the next block's all-gather (prefetch) and the block's
-               unsharded gradient, all p, and its reduce-scatter input (4): root·2p + largest block·(3p + 4);
+               on; in a block's backward the block, its unsharded gradient and the next block's all-gather
+               (FSDP's prefetch), all p, and the reduce-scatter input (4): root·2p + largest block·(3p + 4)
+               (on real ranks, whose collectives are asynchronous, FSDP at times has one more all-gather in
+               flight: up to a block·p more);
                on the rank with the loss, its gradient of the hidden states (tokens × d × 4) too.
                Pipelined, torch's schedules keep every block of a stage unsharded, with its unsharded
                gradient, for the whole step: stage·(2p + 4) + root·p. Or, if larger, the embedding's
@@ -238,8 +240,9 @@ def estimate(cfg: Config, layout: Layout, *, seq_len: int | None = None, micro_b
             beside = sum(block_size.values()) * (2 * p_bytes + 4)
             gathered = beside + root * p_bytes
         else:
-            # in a block's backward: the root and its gradient (the loss's backward made it), the block, the
-            # next one's all-gather, the block's gradient and its reduce-scatter input
+            # in a block's backward: the root and its gradient (the loss's backward made it), the block, its
+            # gradient and reduce-scatter input, and the next block's all-gather (FSDP's prefetch; on real
+            # ranks, whose collectives are asynchronous, one more at times: see `unroll rehearse`)
             beside = block_size.get(0, 0) * 2 * p_bytes
             gathered = root * 2 * p_bytes + block * (3 * p_bytes + 4)
         if first:  # the embedding's backward, if larger
