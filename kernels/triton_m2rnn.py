@@ -88,7 +88,9 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, f_ptr, w_ptr, h0_ptr, y_ptr, hT_ptr, ck_ptr
                 C: tl.constexpr, KP: tl.constexpr, VP: tl.constexpr, HAS_H0: tl.constexpr, SAVE: tl.constexpr,
                 F64: tl.constexpr):
     """y, h_last, and (SAVE) the state entering each chunk c into ck[pid, c]."""
-    pid, b, h, g, i, j, kv_offs, kv_mask, tile, _, _, W = _head(w_ptr, T, H, G, K, V, KP, VP, F64)
+    # every value named, none `_`: Triton takes a `_` bound before a loop and again inside it for one
+    # loop-carried variable and refuses its change of type (triton 3.6 on an H200)
+    pid, b, h, g, i, j, kv_offs, kv_mask, tile, vv_offs, vv_mask, W = _head(w_ptr, T, H, G, K, V, KP, VP, F64)
     if HAS_H0:
         S = _up(tl.load(h0_ptr + pid * K * V + kv_offs, mask=kv_mask, other=0.0), F64)
     else:
@@ -98,7 +100,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, f_ptr, w_ptr, h0_ptr, y_ptr, hT_ptr, ck_ptr
             tl.store(ck_ptr + (pid * NC + c) * KP * VP + tile, S)
         for s in range(tl.minimum(C, T - c * C)):
             qt, kt, vt, ft, row = _load_step(q_ptr, k_ptr, v_ptr, f_ptr, b, c * C + s, g, h, T, G, H, K, V, i, j, F64)
-            _, S = _cell(S, W, kt, vt, ft)
+            U, S = _cell(S, W, kt, vt, ft)
             y = tl.sum(qt[:, None] * S, axis=0)
             tl.store(y_ptr + (row * H + h) * V + j, y.to(y_ptr.dtype.element_ty), mask=j < V)
     tl.store(hT_ptr + pid * K * V + kv_offs, S.to(hT_ptr.dtype.element_ty), mask=kv_mask)
@@ -120,7 +122,7 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, f_ptr, w_ptr, ck_ptr, dy_ptr, dhT_ptr, sh_p
         S = tl.load(ck_ptr + (pid * NC + c) * KP * VP + tile)
         tl.store(sh + tile, S)
         for s in range(n):
-            _, kt, vt, ft, _ = _load_step(q_ptr, k_ptr, v_ptr, f_ptr, b, c * C + s, g, h, T, G, H, K, V, i, j, F64)
+            qt, kt, vt, ft, row = _load_step(q_ptr, k_ptr, v_ptr, f_ptr, b, c * C + s, g, h, T, G, H, K, V, i, j, F64)
             U, S = _cell(S, W, kt, vt, ft)
             tl.store(su + s * KP * VP + tile, U)
             tl.store(sh + (s + 1) * KP * VP + tile, S)

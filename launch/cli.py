@@ -203,7 +203,7 @@ def parser() -> argparse.ArgumentParser:
     rh.add_argument("--rank", type=int, default=0, help="which rank's program to run (default 0)")
     rh.add_argument("--steps", type=int, default=1, help="training steps to run (default 1)")
     rh.add_argument("--microbatches", type=int, default=0,
-                    help="micro-batches per step (default: 2 at most, or the pipeline schedule's stages)")
+                    help="micro-batches per step (default: 1, or the pipeline schedule's stages)")
     rh.add_argument("--json", action="store_true", help="print the figures as JSON")
     rh.add_argument("--out", default="", help="write the report to this file instead ({rank} is replaced)")
     rh.set_defaults(func=_rehearse)

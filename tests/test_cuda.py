@@ -5,6 +5,7 @@ On a GPU machine: `pytest -s tests/test_cuda.py`. UNROLL_CUDA_DATA=DIR (holding 
 shards/{train,valid}.bin/.idx) uses prepared data instead of building the small test corpus.
 """
 import math
+import time
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -127,6 +128,64 @@ def test_m2rnn_triton_on_cuda_matches_float64_cpu(K, V, heads):
 
     want = run(m2rnn_reference, [t.double() for t in inputs])
     got = run(m2rnn_triton, [t.cuda() for t in inputs])
-    for name, a, b in zip(["y", "h_last", "dq", "dk", "dv", "df", "dW", "dh0"], want, got):
-        err = ((b.double().cpu() - a).abs().max() / a.abs().max()).item()
-        assert err < 1e-4, f"{name}: max error {err:.2e} relative to the largest value"
+    # the bar: the same loop's own float32 error (W near I + noise lets rounding grow over 300 steps: up to
+    # 1e-2 of the largest value at V 64)
+    own = run(m2rnn_reference, inputs)
+    for name, a, b, c in zip(["y", "h_last", "dq", "dk", "dv", "df", "dW", "dh0"], want, got, own):
+        err, bar = (((x.double().cpu() - a).abs().max() / a.abs().max()).item() for x in (b, c))
+        print(f"{name}: Triton float32 {err:.1e}, PyTorch float32 {bar:.1e} of the largest float64 value")
+        assert err <= 4 * bar + 1e-6, f"{name}: max error {err:.2e}, the float32 loop's {bar:.2e}"
+
+
+@pytest.mark.parametrize("name", ["paragru-1b", "m2rnn-hybrid-400m"])
+def test_plan_matches_what_one_gpu_allocates(name):
+    """`unroll plan`'s figures for one GPU against CUDA's own allocator, in a real training step of the preset
+    at its sequence length and micro-batch (two micro-batches per step, synthetic tokens): weights after the
+    build, weights + optimizer after a step, + gradients just before the step, and the peak of the step
+    (paragru-1b measured 4.24, 12.56, 16.73 and 22.56 GiB on an H200)."""
+    from unroll.train.config import check_world
+    from unroll.train.mesh import Layout
+    from unroll.train.plan import estimate
+    from unroll.train.trainer import build_training, train_step
+
+    probe = load_config(name)
+    cfg = load_config(name, ["run.device=cuda", f"train.batch_size={2 * probe.train.micro_batch_size}"])
+    device, layout = torch.device("cuda"), Layout()
+    micro, accum = check_world(cfg, 1)
+    run = build_training(cfg, D.DistInfo(0, 1, 0, device), layout, micro, accum)
+    weights = torch.cuda.memory_allocated()
+    before_step = []
+    run.optimizer.register_step_pre_hook(lambda *_: before_step.append(torch.cuda.memory_allocated()))
+    gen = torch.Generator(device).manual_seed(0)
+
+    def batches(start, n):
+        return torch.randint(0, cfg.model.vocab_size, (n, cfg.data.seq_len + 1), generator=gen, device=device)
+
+    for step in range(2):  # the second step holds the optimizer's moments from the first
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        train_step(run, cfg, batches, 0, 1e-4, device)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    held, peak = torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
+    plan = estimate(cfg, layout).components
+    measured = {"weights": weights, "weights+optimizer": held, "weights+optimizer+gradients": before_step[-1],
+                "peak of the step": peak}
+    planned = {"weights": plan.weights, "weights+optimizer": plan.weights + plan.optimizer,
+               "weights+optimizer+gradients": plan.weights + plan.optimizer + plan.gradients,
+               "peak of the step": plan.total}
+    GiB = 1024 ** 3
+    print(f"\n{name} on one GPU, {micro} × {cfg.data.seq_len} tokens per micro-batch, {accum} micro-batches: "
+          f"{seconds:.2f} s per step, {accum * micro * cfg.data.seq_len / seconds:,.0f} tokens/s; "
+          f"plan's components (GiB) {', '.join(f'{k} {v / GiB:.2f}' for k, v in plan.as_dict().items())}")
+    for key in measured:
+        print(f"  {key:30} measured {measured[key] / GiB:7.2f} GiB   plan {planned[key] / GiB:7.2f} GiB   "
+              f"plan/measured {planned[key] / measured[key]:.2f}")
+    for key in ("weights", "weights+optimizer", "weights+optimizer+gradients"):
+        assert planned[key] == pytest.approx(measured[key], rel=0.15), key
+    # the plan adds components that peak at different moments (the gathered copies at the end of the
+    # backward, the activations at its start), and probes the recurrences' CPU paths, which keep more than
+    # the Triton kernels (M²RNN's checkpointed loop): an upper bound, and not a loose one (measured on an
+    # H200: 1.22 for paragru-1b, 1.44 for m2rnn-hybrid-400m)
+    assert measured["peak of the step"] <= planned["peak of the step"] <= 1.5 * measured["peak of the step"]

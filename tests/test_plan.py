@@ -71,10 +71,10 @@ def test_7b_presets_do_not_fit_one_gpu(name):
 
 
 def test_plan_cli_explains_the_accounting_and_recommends(capsys):
-    assert main(["plan", "m2rnn-hybrid-400m", "--nodes", "1", "--gpus-per-node", "8"]) == 0
+    assert main(["plan", "tiny-moe", "--nodes", "1", "--gpus-per-node", "8", "--gpu-gib", "1"]) == 0
     out = capsys.readouterr().out
     assert "AdamW's two moments" in out and "recommended: parallel.pp=" in out and "GiB per GPU" in out
-    assert "unroll rehearse m2rnn-hybrid-400m --nodes 1 --gpus-per-node 8" in out
+    assert "unroll rehearse tiny-moe --nodes 1 --gpus-per-node 8" in out
     assert main(["plan", "paragru-7b", "--nodes", "1", "--gpus-per-node", "1"]) == 1
     assert "no layout on 1 GPUs fits" in capsys.readouterr().out
 
@@ -114,6 +114,27 @@ def _assert_agree(ratios: dict, case) -> None:
 def test_plan_agrees_with_the_rehearsal_of_the_same_rank(preset, gpus, overrides):
     """Every component within 15% of what the rank's real program holds, at the preset's own length."""
     _assert_agree(_compare(preset, 1, gpus, overrides), (preset, overrides))
+
+
+@pytest.mark.slow
+def test_fp32_weights_under_autocast_add_bytes_per_block_not_per_token(tmp_path):
+    """DDP (fp32 weights, bf16 autocast): autocast's bf16 copy of each block's weights does not grow with the
+    tokens. Rehearsed at 1024 tokens, the plan at 1024 (its probes stop at 256 tokens and fit the fixed part)
+    and the rehearsal read at the config's 128 (the fixed part kept whole) both agree with what was held."""
+    from unroll.train.plan import estimate_for
+    from unroll.train.rehearse import rehearse
+
+    preset = yaml.safe_load((Path(__file__).parents[1] / "configs" / "tiny-gru.yaml").read_text())
+    preset["model"]["d_model"] = 512  # weights large beside a block's per-token bytes
+    preset["parallel"] = {"dp_replicate": 8, "dp_shard": 1}
+    preset["train"]["micro_batch_size"] = 1
+    config = tmp_path / "ddp.yaml"
+    config.write_text(yaml.safe_dump(preset))
+    r = rehearse(str(config), ["data.seq_len=1024"], nodes=1, gpus_per_node=8)
+    at_1024 = estimate(r.config, r.layout, seq_len=1024).components
+    _assert_agree({k: (getattr(r.measured, k), getattr(at_1024, k)) for k in r.measured.as_dict()}, "at 1024")
+    at_128 = estimate_for(r).components
+    _assert_agree({k: (getattr(r.at_target, k), getattr(at_128, k)) for k in r.at_target.as_dict()}, "at 128")
 
 
 @pytest.mark.slow

@@ -16,6 +16,12 @@ as FSDP2 gathers them, or fp32 weights cast per call). Per kind:
 
 and for the loss, bytes per logit of one chunk (kernels/cross_entropy.py on a small vocabulary slice).
 Costs a block's weights once per kind (about 0.4 GB at 7B) and a second or two.
+
+fp32 weights under bf16 autocast (layouts without FSDP) add a part per block that does not grow with the
+tokens: autocast keeps a bf16 copy of every weight it casts until the forward ends (and the recomputed
+block's in its backward). Spread over the probe's few tokens it would be read as ~10× the per-token cost
+at a real length (paragru-1b on one H200: 2.2× the whole step's peak), so there the block is probed at two
+token counts and the bytes fitted as fixed + per token × tokens (`saved_fixed`, `extra_fixed`).
 """
 from __future__ import annotations
 
@@ -34,12 +40,12 @@ MAX_PROBE_BATCH_TOKENS = 1024  # sequences × tokens: a per-sequence part (M²RN
 
 @dataclass(frozen=True)
 class KindCost:
-    """Bytes per token, measured at the probe's length (a part that does not grow with the tokens, e.g. the
-    bf16 copies autocast keeps of fp32 weights, is spread over them: plans of unsharded fp32 weights at
-    much longer sequences overstate it)."""
+    """Bytes per token, and bytes per block that do not grow with the tokens (module docstring)."""
     saved: float
     extra: float
     inputs: float
+    saved_fixed: float = 0.0
+    extra_fixed: float = 0.0
 
 
 def kinds(cfg: ModelConfig) -> list[tuple[str, str]]:
@@ -70,12 +76,22 @@ def probe(cfg: ModelConfig, tp: int, bf16_weights: bool, autocast_bf16: bool, to
 def _probe(cfg: ModelConfig, tp: int, bf16_weights: bool, autocast_bf16: bool,
            tokens: int, recompute: str, batch: int) -> dict[tuple[str, str], KindCost]:
     out = {}
+    # the residual stream: bf16 when the embedding's weights are; under sequence parallelism (tp) a rank
+    # holds T/tp of its tokens
+    inputs = cfg.d_model * (2 if bf16_weights else 4) / tp
     for kind in kinds(cfg):
         saved, extra = _probe_kind(cfg, kind, tp, bf16_weights, autocast_bf16, tokens, recompute, batch)
-        tokens_all = batch * tokens
-        # the residual stream: bf16 when the embedding's weights are; under sequence parallelism (tp) a
-        # rank holds T/tp of its tokens
-        out[kind] = KindCost(saved / tokens_all, extra / tokens_all, cfg.d_model * (2 if bf16_weights else 4) / tp)
+        n = batch * tokens
+        if not (autocast_bf16 and not bf16_weights):
+            out[kind] = KindCost(saved / n, extra / n, inputs)
+            continue
+        # a second point with half the sequences (or half the tokens of one): the fixed part is the rest
+        batch2, tokens2 = (batch // 2, tokens) if batch > 1 else (1, max(tokens // 2, 2 * tp))
+        saved2, extra2 = _probe_kind(cfg, kind, tp, bf16_weights, autocast_bf16, tokens2, recompute, batch2)
+        n2 = batch2 * tokens2
+        per_saved, per_extra = max(saved - saved2, 0) / (n - n2), max(extra - extra2, 0) / (n - n2)
+        out[kind] = KindCost(per_saved, per_extra, inputs, max(saved - per_saved * n, 0.0),
+                             max(extra - per_extra * n, 0.0))
     return out
 
 

@@ -145,6 +145,15 @@ class Tracker(Phases, MemTracker):
     def __init__(self):
         super().__init__()
         self._start_phases()
+        self.archived: list = []
+
+    def _pre_fw_hook(self, module, inputs):
+        # a root's next micro-batch (torch's refuses it as a next iteration): its earlier statistics archived
+        if module in self.memory_tracking and not self._mod_tracker.is_bw:
+            name = self._mod_tracker.get_known_fqn(module)
+            if set(self._mod_tracker.parents) - {name} == {"Global"}:
+                self.archived.append((module, self.memory_tracking.pop(module)))
+        return super()._pre_fw_hook(module, inputs)
 
     def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
         leaves = all(p.is_leaf for p in module.parameters())
@@ -169,6 +178,7 @@ class _Tracker(Phases, FSDPMemTracker):
         self._fsdp_state = _FSDPState.PRE_FW
         self._ref_class = _FSDPRefType
         self.archived: list = []
+        self._hooked = WeakIdKeyDictionary()  # unsharded parameters → their gradient hook
         self._start_phases()
         self.inside_fsdp: _FSDPRefType | None = None  # set while an FSDP hook runs: what it allocates is this
         # parameters FSDP leaves alone (expert parallelism's experts) get plain gradients: gradients, not
@@ -210,8 +220,24 @@ class _Tracker(Phases, FSDPMemTracker):
         return again
 
     def _fsdp_param_group_pre_backward(self, fsdp_mod, orig_fsdp_param_group_pre_backward):
-        return super()._fsdp_param_group_pre_backward(
+        inner = super()._fsdp_param_group_pre_backward(
             fsdp_mod, self._within(_FSDPRefType.ALL_GATHER, orig_fsdp_param_group_pre_backward))
+
+        def and_gradients(*args, **kwargs):
+            inner(*args, **kwargs)
+            # the block's unsharded gradients, as autograd makes them, are FSDP's (torch's tracker sorts them
+            # only in the post-backward hook; until then a block's worth would count as temporaries)
+            group = fsdp_mod._get_fsdp_state()._fsdp_param_group
+            for fsdp_param in group.fsdp_params if group else ():
+                param = fsdp_param.unsharded_param
+                if param.requires_grad and param not in self._hooked:
+                    self._hooked[param] = param.register_post_accumulate_grad_hook(self._unsharded_gradient)
+
+        return and_gradients
+
+    def _unsharded_gradient(self, param: torch.Tensor) -> None:
+        self._update_and_maybe_create_winfos(param.grad, _FSDPRefType.UNSHARDED_GRAD)
+        self._note_peaks()
 
     def _fsdp_param_group_post_backward(self, fsdp_mod, orig_fsdp_param_group_post_backward):
         inner = super()._fsdp_param_group_post_backward(

@@ -25,12 +25,15 @@ Per GPU, for the rank holding the first shard of every split (the largest share;
                its gradients being summed (tied: 3, the output matrix's, which waited through the blocks'
                backward, the lookup's and their sum; else 1); pipelined, beside the stage held unsharded.
                Without FSDP, a tied embedding's gradients at that moment, E·5·4 (the output matrix's, its
-               fp32 copy, the lookup's, their sum, the parameter's).
+               fp32 copy, the lookup's, their sum, the parameter's); under DDP also its buckets, a copy of
+               the gradients (parameters · 4).
   activations  per layer kind, what the real block keeps per token for the backward (train/activation_probe.py:
                measured once on the block at full width, under this tp and activation checkpointing) × the
                stage's layers, plus the largest kind's extra at its own peak (Newton's working memory, the
                backward's gradients, a recomputed block), × tokens per micro-batch on this rank (micro-batch
-               × sequence / cp); a pipeline stage holds up to `in flight` micro-batches
+               × sequence / cp); a pipeline stage holds up to `in flight` micro-batches. fp32 weights
+               under bf16 autocast (no FSDP) add a part per block that does not grow with the tokens
+               (autocast's bf16 copy of the block's weights), fitted from probes at two lengths
   logits       one chunk of min(tokens, train.loss_chunk) × V/tp logits, and a temporary of the output
                matrix's size, at the bytes per logit and per matrix element the loss itself measures
                (kernels/cross_entropy.py on a small vocabulary, train/activation_probe.py)
@@ -230,10 +233,12 @@ def estimate(cfg: Config, layout: Layout, *, seq_len: int | None = None, micro_b
     embed = next(p for p in table if p.name == "embed.weight").numel()  # this rank's slice under tp
     tied_here = model.tie_embeddings and first and last
     gathered = 0.0
+    ddp = not fsdp and layout.dp * layout.cp > 1
     if not fsdp and tied_here:
         # the embedding's gradient being summed at the end of the backward, in the parameters' fp32: the
-        # output matrix's (which waited through the blocks'), its fp32 copy, the lookup's, their sum
-        gathered = embed * 4 * 5
+        # output matrix's (which waited through the blocks'), its fp32 copy, the lookup's, their sum (and
+        # the parameter's, which under DDP its bucket, counted below, stands in for)
+        gathered = embed * 4 * (4 if ddp else 5)
     if fsdp:
         block = max(block_size.values(), default=0)
         if layout.pp > 1:  # every block of the stage unsharded, with its gradient, the whole step
@@ -247,6 +252,8 @@ def estimate(cfg: Config, layout: Layout, *, seq_len: int | None = None, micro_b
             gathered = root * 2 * p_bytes + block * (3 * p_bytes + 4)
         if first:  # the embedding's backward, if larger
             gathered = max(gathered, root * p_bytes + embed * (3 if tied_here else 1) * p_bytes + beside)
+    if ddp:  # DDP's buckets: a copy of the gradients, for the all-reduce
+        gathered += held * 4
     tokens = micro * seq // layout.cp
     if last:  # the loss's gradient of the hidden states waits with the output matrix's
         gathered += tokens * model.d_model * 4
@@ -258,7 +265,9 @@ def estimate(cfg: Config, layout: Layout, *, seq_len: int | None = None, micro_b
     costs = probe(model, layout.tp, fsdp and bf16, bf16, seq // layout.cp, cfg.train.activation_checkpoint, micro)
     mine = [(k, m) for i, (k, m) in enumerate(zip(model.layers, model.mlp_kinds)) if i in blocks]
     kept = sum(costs[k].saved for k in mine) * tokens  # per micro-batch in flight
-    activations = kept * flight + max((costs[k].extra for k in mine), default=0.0) * tokens
+    fixed = sum(costs[k].saved_fixed for k in mine)  # autocast's bf16 copies of fp32 weights, once
+    activations = (kept * flight + fixed
+                   + max((costs[k].extra * tokens + costs[k].extra_fixed for k in mine), default=0.0))
     chunk = cfg.train.loss_chunk or tokens
     rows = min(tokens, chunk)
     per_logit, per_weight = logit_bytes(bf16, fsdp and bf16, layout.tp, tokens > rows)

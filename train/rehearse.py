@@ -15,8 +15,14 @@ Memory is measured per component by train/memory.py and read at the configured s
 config's `data.seq_len` before a `data.seq_len=` override: rehearse short, read the figures at the real
 length): activations in proportion to the tokens, the loss measured again on its own at that length.
 
-Micro-batches: without pipelining at most 2 run per step (the second shows what accumulation holds; later
-ones allocate nothing new: FSDP reduce-scatters every micro-batch); pipelined, as many as the schedule has
+DDP (dp_shard 1) sends its gradient buckets through a comm hook that takes the bucket itself as the
+all-reduce's result (the fake group's work carries none). Activations read at the configured length grow
+with the tokens except for what does not: autocast's bf16 copies of fp32 weights (layouts without FSDP),
+taken whole from train/activation_probe.py's fit.
+
+Micro-batches: without pipelining one runs per step (later ones allocate nothing new: FSDP reduce-scatters
+every micro-batch, DDP's buckets exist from the first; `microbatches` 2 shows it, at twice the time: a 7B
+step on 2 CPU cores is minutes of matrix products); pipelined, as many as the schedule has
 stages (1F1B-like schedules then hold their most micro-batches in flight), all of them for GPipe and
 LoopedBFS (which hold all), or `microbatches` (activations then scaled to the configured number in flight).
 
@@ -41,6 +47,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.nn.parallel import DistributedDataParallel
 
 from unroll.train import memory as M
 from unroll.train.config import Config, ConfigError, check_world, load_config
@@ -79,7 +86,7 @@ class Rehearsal:
 
 def microbatches_to_run(cfg: Config, layout: Layout, accum: int) -> int:
     if layout.pp == 1:
-        return min(accum, 2)
+        return 1
     name, _, per_rank, _ = schedule_spec(cfg.parallel.pp_schedule)
     if name in ("GPipe", "LoopedBFS"):  # every forward before any backward: all of them count
         return accum
@@ -149,6 +156,8 @@ def rehearse(config: str, overrides: list[str], *, nodes: int, gpus_per_node: in
         run = build_training(cfg, DistInfo(rank, world, rank % gpus_per_node, torch.device("cpu")), layout,
                              micro, n_mb, gpu_precision=True)
         parts = run.pipe.modules if run.pipe else [run.model]
+        if isinstance(run.trained, DistributedDataParallel) and "WORLD_SIZE" not in os.environ:
+            run.trained.register_comm_hook(run.trained.process_group, _fake_world_allreduce)
         seconds["build"] = time.perf_counter() - start
         grads = []
         hook = run.optimizer.register_step_pre_hook(lambda *_: grads.append(M.gradient_bytes(parts)))
@@ -193,11 +202,28 @@ def rehearse(config: str, overrides: list[str], *, nodes: int, gpus_per_node: in
 
         name, _, per_rank, _ = schedule_spec(cfg.parallel.pp_schedule)
         flight = in_flight(name, layout.pp, per_rank, accum) / in_flight(name, layout.pp, per_rank, n_mb)
-    at_target = replace(measured, activations=measured.activations * target_tokens / tokens * flight,
+    # what does not grow with the tokens stays as it is: autocast's bf16 copies of fp32 weights (no FSDP)
+    fixed = _fixed_activations(cfg, layout, micro) if tokens != target_tokens else 0.0
+    fixed = min(fixed, measured.activations)
+    at_target = replace(measured, activations=fixed + (measured.activations - fixed) * target_tokens / tokens * flight,
                         logits=logits_target)
     return Rehearsal(cfg, target_seq, rank, world, layout, tokens, target_tokens, n_mb, accum, measured, at_target, peak, traffic,
                      traffic_table, ckpt_bytes, len(files), losses, seconds,
                      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, unknown)
+
+
+def _fixed_activations(cfg: Config, layout: Layout, micro: int) -> float:
+    """Bytes of the activations that do not grow with the tokens, as train/activation_probe.py fits them
+    (fp32 weights under bf16 autocast, i.e. without FSDP, where every rank holds every block)."""
+    from unroll.train.activation_probe import probe
+    from unroll.train.parallelize import uses_fsdp
+
+    if cfg.run.dtype != "bfloat16" or uses_fsdp(layout, layout.pp > 1):
+        return 0.0
+    costs = probe(cfg.model, layout.tp, False, True, cfg.data.seq_len // layout.cp,
+                  cfg.train.activation_checkpoint, micro)
+    kinds = list(zip(cfg.model.layers, cfg.model.mlp_kinds))
+    return sum(costs[k].saved_fixed for k in kinds) + max(costs[k].extra_fixed for k in kinds)
 
 
 @contextlib.contextmanager
@@ -217,6 +243,13 @@ def _world(rank: int, world: int):
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _fake_world_allreduce(group, bucket):
+    """DDP's gradient all-reduce as its default hook sends it (the mean over the group); the fake process
+    group's work carries no result for DDP to take the reduced gradients from, so the bucket itself is."""
+    buffer = bucket.buffer().div_(dist.get_world_size(group))
+    return dist.all_reduce(buffer, group=group, async_op=True).get_future().then(lambda _: buffer)
 
 
 def _synthetic(cfg: Config, seed: int):
