@@ -56,6 +56,17 @@ def test_activation_checkpointing_keeps_moe_activations_down():
     assert recomputed.measured.activations < 0.7 * plain
 
 
+def test_checkpointed_blocks_keep_their_inputs_until_their_backward():
+    """With every block recomputed, each deeper layer adds exactly its input (bf16, FSDP's parameter dtype)
+    to what the step holds, none of it counted as FSDP's (its hooks view the blocks' outputs; 16 layers held
+    what 2 did while they were)."""
+    base = ["train.activation_checkpoint=full", "train.micro_batch_size=2"]
+    two, sixteen = (rehearse("tiny-gru", base + [f"model.pattern={'G' * n}"], nodes=1, gpus_per_node=8)
+                    for n in (2, 16))
+    assert (sixteen.measured.activations - two.measured.activations) / two.tokens == 14 * 192 * 2
+    assert sixteen.measured.gathered == pytest.approx(two.measured.gathered, rel=0.2)
+
+
 def test_fsdp_gradient_accumulation_keeps_gradients_sharded():
     """A second micro-batch adds nothing gathered: FSDP reduce-scatters each micro-batch's gradients
     instead of keeping every block's unsharded gradient until the last (as skipping the sync would)."""

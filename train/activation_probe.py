@@ -3,7 +3,9 @@ multiplies by the tokens and layers of a layout (train/plan.py).
 
 A language model of one block per distinct (mixer, MLP) kind of the config, at the config's full widths and
 a vocabulary of a few entries, is built on the meta device, tensor parallelism applied with the trainer's
-own plans when tp > 1 (in a fake process group of tp ranks whose collectives train/fake_comm.py answers),
+own plans when tp > 1 and its experts split over ep ranks when ep > 1 (in a fake process group of
+tp × ep ranks whose collectives train/fake_comm.py answers: a MoE's transients, e.g. its experts' weight
+gradients, are of the experts a rank holds),
 allocated with small random weights (what memory holds depends on the shapes, and on Newton iterating at
 all, which zero weights would spare it), and run forward and backward on `tokens` tokens under torch's memory tracker, in the precision of the job (bf16 autocast; bf16 weights
 as FSDP2 gathers them, or fp32 weights cast per call). Per kind:
@@ -61,33 +63,34 @@ _CACHE: dict[tuple, dict] = {}
 
 
 def probe(cfg: ModelConfig, tp: int, bf16_weights: bool, autocast_bf16: bool, tokens: int,
-          recompute: str = "none", batch: int = 1) -> dict[tuple[str, str], KindCost]:
+          recompute: str = "none", batch: int = 1, ep: int = 1) -> dict[tuple[str, str], KindCost]:
     """KindCost of every kind of `cfg` under tp (module docstring), on `batch` sequences of `tokens` tokens
     (per token it settles once the mixers' chunks are several: M²RNN's 32-step checkpoints, TNT's chunks),
     with activation checkpointing `recompute` (none | full | mlp); measured once per process."""
     tokens = min(tokens, MAX_PROBE_TOKENS)
     batch = max(1, min(batch, MAX_PROBE_BATCH_TOKENS // tokens))
-    key = (repr(cfg), tp, bf16_weights, autocast_bf16, tokens, recompute, batch)
+    ep = ep if cfg.mlp_kinds.count("E") else 1
+    key = (repr(cfg), tp, bf16_weights, autocast_bf16, tokens, recompute, batch, ep)
     if key not in _CACHE:
-        _CACHE[key] = _probe(cfg, tp, bf16_weights, autocast_bf16, tokens, recompute, batch)
+        _CACHE[key] = _probe(cfg, tp, bf16_weights, autocast_bf16, tokens, recompute, batch, ep)
     return _CACHE[key]
 
 
 def _probe(cfg: ModelConfig, tp: int, bf16_weights: bool, autocast_bf16: bool,
-           tokens: int, recompute: str, batch: int) -> dict[tuple[str, str], KindCost]:
+           tokens: int, recompute: str, batch: int, ep: int) -> dict[tuple[str, str], KindCost]:
     out = {}
     # the residual stream: bf16 when the embedding's weights are; under sequence parallelism (tp) a rank
     # holds T/tp of its tokens
     inputs = cfg.d_model * (2 if bf16_weights else 4) / tp
     for kind in kinds(cfg):
-        saved, extra = _probe_kind(cfg, kind, tp, bf16_weights, autocast_bf16, tokens, recompute, batch)
+        saved, extra = _probe_kind(cfg, kind, tp, bf16_weights, autocast_bf16, tokens, recompute, batch, ep)
         n = batch * tokens
         if not (autocast_bf16 and not bf16_weights):
             out[kind] = KindCost(saved / n, extra / n, inputs)
             continue
         # a second point with half the sequences (or half the tokens of one): the fixed part is the rest
         batch2, tokens2 = (batch // 2, tokens) if batch > 1 else (1, max(tokens // 2, 2 * tp))
-        saved2, extra2 = _probe_kind(cfg, kind, tp, bf16_weights, autocast_bf16, tokens2, recompute, batch2)
+        saved2, extra2 = _probe_kind(cfg, kind, tp, bf16_weights, autocast_bf16, tokens2, recompute, batch2, ep)
         n2 = batch2 * tokens2
         per_saved, per_extra = max(saved - saved2, 0) / (n - n2), max(extra - extra2, 0) / (n - n2)
         out[kind] = KindCost(per_saved, per_extra, inputs, max(saved - per_saved * n, 0.0),
@@ -96,7 +99,7 @@ def _probe(cfg: ModelConfig, tp: int, bf16_weights: bool, autocast_bf16: bool,
 
 
 def _probe_kind(cfg: ModelConfig, kind: tuple[str, str], tp: int, bf16_weights: bool, autocast_bf16: bool,
-                tokens: int, recompute: str, batch: int) -> tuple[float, float]:
+                tokens: int, recompute: str, batch: int, ep: int = 1) -> tuple[float, float]:
     """Two blocks of one kind in an LM on `batch` sequences of `tokens` tokens: (what each keeps after its
     forward, what the step adds above the two at its largest moment outside the loss: memory.Phases),
     bytes."""
@@ -106,18 +109,26 @@ def _probe_kind(cfg: ModelConfig, kind: tuple[str, str], tp: int, bf16_weights: 
     from unroll.train.fake_comm import SymmetricWorld, fake_process_group
     from unroll.train.memory import mark_phases
 
-    small = replace(cfg, pattern=kind[0] * 2, mlp_pattern=kind[1] * 2, vocab_size=8 * tp)
+    # a vocabulary of a thousand entries: enough different tokens for a MoE's router to spread them (all
+    # alike, they would all go to the same experts, which in a symmetric world of ep ranks is 64× the rows)
+    small = replace(cfg, pattern=kind[0] * 2, mlp_pattern=kind[1] * 2, vocab_size=1024 * tp)
     seq = max(tokens, tp) - max(tokens, tp) % tp
-    group = fake_process_group(0, tp) if tp > 1 else contextlib.nullcontext()
-    with group, (SymmetricWorld() if tp > 1 else contextlib.nullcontext()):
+    ep = ep if kind[1] == "E" else 1
+    group = fake_process_group(0, tp * ep) if tp * ep > 1 else contextlib.nullcontext()
+    with group, (SymmetricWorld() if tp * ep > 1 else contextlib.nullcontext()):
         with torch.device("meta"):
             model = LM(small)
-        if tp > 1:
+        if tp * ep > 1:  # as train/parallelize.py applies them: tensor parallelism, then the experts split
             from torch.distributed.device_mesh import init_device_mesh
 
+            from unroll.train.expert_parallel import apply_expert_parallel_to_model
             from unroll.train.tensor_parallel import apply_tensor_parallel
 
-            apply_tensor_parallel(model, init_device_mesh("cpu", (tp,), mesh_dim_names=("tp",))["tp"])
+            mesh = init_device_mesh("cpu", (ep, tp), mesh_dim_names=("ep", "tp"))
+            if tp > 1:
+                apply_tensor_parallel(model, mesh["tp"])
+            if ep > 1:
+                apply_expert_parallel_to_model(model, mesh["ep"].get_group())
         for block in model.blocks:
             block.recompute = recompute
         model.to_empty(device="cpu")
@@ -134,7 +145,7 @@ def _probe_kind(cfg: ModelConfig, kind: tuple[str, str], tp: int, bf16_weights: 
                     local.zero_()
         if bf16_weights:
             model.to(torch.bfloat16)
-        tokens_in = torch.zeros(batch, seq, dtype=torch.long)
+        tokens_in = torch.randint(0, small.vocab_size, (batch, seq), generator=gen)
         tracker = Tracker()
         hooks = mark_phases(tracker, [model])
         with tracker, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_bf16):

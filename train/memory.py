@@ -115,7 +115,8 @@ class Phases:
         if out is NotImplemented:
             return out
         if getattr(self, "inside_fsdp", None) is not None:  # FSDP's own allocations (see _Tracker)
-            self._allocated_by_fsdp(out)
+            if not _aliases(func):  # not a view or an in-place op: FSDP's hooks view the blocks' outputs
+                self._allocated_by_fsdp(out)
             self._allocated_by_fsdp((kwargs or {}).get("out", []))
         # An empty allocation is a buffer about to be filled: counted at the op that fills it, by then sorted.
         if func not in _ALLOCATIONS:
@@ -130,6 +131,11 @@ class Phases:
         if self.phase == "embedding":
             grown = transient - self._before_embedding
             self.embedding_moment = max(self.embedding_moment, gathered + self.waiting + grown)
+
+
+def _aliases(func) -> bool:
+    """Whether the op returns (a view of) one of its inputs rather than new memory."""
+    return any(r.alias_info is not None for r in func._schema.returns)
 
 
 _A = torch.ops.aten

@@ -28,7 +28,7 @@ Per GPU, for the rank holding the first shard of every split (the largest share;
                fp32 copy, the lookup's, their sum, the parameter's); under DDP also its buckets, a copy of
                the gradients (parameters · 4).
   activations  per layer kind, what the real block keeps per token for the backward (train/activation_probe.py:
-               measured once on the block at full width, under this tp and activation checkpointing) × the
+               measured once on the block at full width, under this tp, ep and activation checkpointing) × the
                stage's layers, plus the largest kind's extra at its own peak (Newton's working memory, the
                backward's gradients, a recomputed block), × tokens per micro-batch on this rank (micro-batch
                × sequence / cp); a pipeline stage holds up to `in flight` micro-batches. fp32 weights
@@ -262,7 +262,8 @@ def estimate(cfg: Config, layout: Layout, *, seq_len: int | None = None, micro_b
                         gathered=gathered)
     if budget is not None and static.total > budget:
         return Estimate(layout, static, held, len(blocks), flight)
-    costs = probe(model, layout.tp, fsdp and bf16, bf16, seq // layout.cp, cfg.train.activation_checkpoint, micro)
+    costs = probe(model, layout.tp, fsdp and bf16, bf16, seq // layout.cp, cfg.train.activation_checkpoint, micro,
+                  ep=layout.ep)
     mine = [(k, m) for i, (k, m) in enumerate(zip(model.layers, model.mlp_kinds)) if i in blocks]
     kept = sum(costs[k].saved for k in mine) * tokens  # per micro-batch in flight
     fixed = sum(costs[k].saved_fixed for k in mine)  # autocast's bf16 copies of fp32 weights, once

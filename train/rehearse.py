@@ -221,7 +221,7 @@ def _fixed_activations(cfg: Config, layout: Layout, micro: int) -> float:
     if cfg.run.dtype != "bfloat16" or uses_fsdp(layout, layout.pp > 1):
         return 0.0
     costs = probe(cfg.model, layout.tp, False, True, cfg.data.seq_len // layout.cp,
-                  cfg.train.activation_checkpoint, micro)
+                  cfg.train.activation_checkpoint, micro, ep=layout.ep)
     kinds = list(zip(cfg.model.layers, cfg.model.mlp_kinds))
     return sum(costs[k].saved_fixed for k in kinds) + max(costs[k].extra_fixed for k in kinds)
 
