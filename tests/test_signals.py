@@ -9,6 +9,8 @@ from unroll.train.signals import StopRequest
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_first_signal_requests_stop_second_exits(sig):
+    # Python's own SIGINT handler beneath, also where the parent left SIGINT ignored (a background job)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
     before = signal.getsignal(sig)
     stop = StopRequest(repeat_window_s=0)
     try:
@@ -20,7 +22,8 @@ def test_first_signal_requests_stop_second_exits(sig):
                 os.kill(os.getpid(), sig)
     finally:
         stop.restore()
-    assert signal.getsignal(sig) == before
+        assert signal.getsignal(sig) == before
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_preemption_signal_requests_stop_and_repeats_change_nothing():
