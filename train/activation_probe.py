@@ -2,7 +2,7 @@
 multiplies by the tokens and layers of a layout (train/plan.py).
 
 A language model of one block per distinct (mixer, MLP) kind of the config, at the config's full widths and
-a vocabulary of a few entries, is built on the meta device, tensor parallelism applied with the trainer's
+a vocabulary of 1024 entries (varied tokens, so a MoE's router spreads them), is built on the meta device, tensor parallelism applied with the trainer's
 own plans when tp > 1 and its experts split over ep ranks when ep > 1 (in a fake process group of
 tp × ep ranks whose collectives train/fake_comm.py answers: a MoE's transients, e.g. its experts' weight
 gradients, are of the experts a rank holds),
