@@ -52,7 +52,7 @@ def finish_rank(out: str | Path, rank: int, result: dict) -> NoReturn:
     """The end of a rank that rank_results reads: writes OUT/rank{rank}.json (`result`, or {"error":
     traceback}) and leaves. After an error it exits 1 at once (its peers may never reach a barrier);
     otherwise it waits at a barrier and exits 0. os._exit skips the interpreter's teardown, where gloo
-    ranks were seen to abort after finishing their work (../shared/CPU-TESTING-NOTES.md)."""
+    ranks were seen to abort after finishing their work."""
     import torch.distributed as dist
 
     with open(Path(out) / f"rank{rank}.json", "w") as fh:

@@ -123,6 +123,14 @@ class Phases:
             self._note_peaks()
         return out
 
+    def _archive_next_micro_batch(self, module) -> None:
+        """A root's next forward in the same step (a micro-batch), which torch's trackers refuse as a next
+        iteration: its earlier per-module statistics are dropped (the phases' running totals are what is read)."""
+        if module in self.memory_tracking and not self._mod_tracker.is_bw:
+            name = self._mod_tracker.get_known_fqn(module)
+            if set(self._mod_tracker.parents) - {name} == {"Global"}:
+                del self.memory_tracking[module]
+
     def _note_peaks(self) -> None:
         transient, gathered, _ = self._sums()
         held = transient - (self.waiting if self.phase == "backward" else 0)
@@ -151,14 +159,9 @@ class Tracker(Phases, MemTracker):
     def __init__(self):
         super().__init__()
         self._start_phases()
-        self.archived: list = []
 
     def _pre_fw_hook(self, module, inputs):
-        # a root's next micro-batch (torch's refuses it as a next iteration): its earlier statistics archived
-        if module in self.memory_tracking and not self._mod_tracker.is_bw:
-            name = self._mod_tracker.get_known_fqn(module)
-            if set(self._mod_tracker.parents) - {name} == {"Global"}:
-                self.archived.append((module, self.memory_tracking.pop(module)))
+        self._archive_next_micro_batch(module)
         return super()._pre_fw_hook(module, inputs)
 
     def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
@@ -171,7 +174,7 @@ class Tracker(Phases, MemTracker):
 class _Tracker(Phases, FSDPMemTracker):
     """FSDPMemTracker over several FSDP roots (a pipeline rank's stages), which torch's takes one of; whose
     roots may run several forwards in a step (micro-batches: torch's refuses a root's second forward as a
-    next iteration; the earlier statistics are kept in `archived`); and for which whatever FSDP allocates
+    next iteration; the earlier per-module statistics are dropped); and for which whatever FSDP allocates
     inside its own hooks (all-gather buffers and the unsharded parameters they are copied into, the
     prefetch of the next block, reduce-scatter inputs, accumulated unsharded gradients) is gathered
     memory from the moment it exists, where torch's sorts part of it only after the hook has returned."""
@@ -183,7 +186,6 @@ class _Tracker(Phases, FSDPMemTracker):
         self._fsdp_mod_to_saved_methods = WeakIdKeyDictionary()
         self._fsdp_state = _FSDPState.PRE_FW
         self._ref_class = _FSDPRefType
-        self.archived: list = []
         self._hooked = WeakIdKeyDictionary()  # unsharded parameters → their gradient hook
         self._start_phases()
         self.inside_fsdp: _FSDPRefType | None = None  # set while an FSDP hook runs: what it allocates is this
@@ -217,10 +219,7 @@ class _Tracker(Phases, FSDPMemTracker):
                                                                          orig_fsdp_state_pre_fw))
 
         def again(*args, **kwargs):
-            if fsdp_mod in self.memory_tracking and not self._mod_tracker.is_bw:
-                parents = self._mod_tracker.parents - {self._mod_tracker.get_known_fqn(fsdp_mod)}
-                if parents == {"Global"}:  # a root's next micro-batch
-                    self.archived.append((fsdp_mod, self.memory_tracking.pop(fsdp_mod)))
+            self._archive_next_micro_batch(fsdp_mod)
             return inner(*args, **kwargs)
 
         return again
@@ -233,8 +232,7 @@ class _Tracker(Phases, FSDPMemTracker):
             inner(*args, **kwargs)
             # the block's unsharded gradients, as autograd makes them, are FSDP's (torch's tracker sorts them
             # only in the post-backward hook; until then a block's worth would count as temporaries)
-            group = fsdp_mod._get_fsdp_state()._fsdp_param_group
-            for fsdp_param in group.fsdp_params if group else ():
+            for fsdp_param in _fsdp_params(fsdp_mod):
                 param = fsdp_param.unsharded_param
                 if param.requires_grad and param not in self._hooked:
                     self._hooked[param] = param.register_post_accumulate_grad_hook(self._unsharded_gradient)
@@ -253,13 +251,18 @@ class _Tracker(Phases, FSDPMemTracker):
             inner(*args, **kwargs)
             # without a reduction (torch's pipeline schedules until a stage's last micro-batch) FSDP adds
             # each micro-batch's gradient into an unsharded fp32 copy: a gathered gradient, not a temporary
-            group = fsdp_mod._get_fsdp_state()._fsdp_param_group
-            for fsdp_param in group.fsdp_params if group else ():
+            for fsdp_param in _fsdp_params(fsdp_mod):
                 if fsdp_param.unsharded_accumulated_grad is not None:
                     self._update_and_maybe_create_winfos(fsdp_param.unsharded_accumulated_grad,
                                                          _FSDPRefType.UNSHARDED_GRAD)
 
         return also_accumulated
+
+
+def _fsdp_params(fsdp_mod) -> list:
+    """The FSDPParams of an FSDP2 module's own parameter group (none without one)."""
+    group = fsdp_mod._get_fsdp_state()._fsdp_param_group
+    return group.fsdp_params if group else []
 
 
 def tracker_for(roots: list[nn.Module], optimizer: torch.optim.Optimizer) -> MemTracker:

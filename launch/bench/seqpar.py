@@ -192,7 +192,8 @@ def _worker_case(cell_name: str, B: int, T: int, D: int, dtype: torch.dtype, dev
 
 def worker(spec_path: str) -> int:
     """One rank of the 2-rank part, under torch.distributed.run: writes OUT/rank{r}.json, {"rows": [...]} or
-    {"error": traceback}, then ends at a barrier (see /work/shared/CPU-TESTING-NOTES.md: no destroy)."""
+    {"error": traceback}, then ends at a barrier without destroying the process group (gloo ranks were seen to abort in
+    its teardown)."""
     import torch.distributed as dist
 
     spec = json.loads(Path(spec_path).read_text())
