@@ -147,8 +147,8 @@ def _grow(args) -> int:
 
 BENCHES = {"solver": "unroll.launch.bench.solver", "state-tracking": "unroll.launch.bench.state_tracking",
            "throughput": "unroll.launch.bench.throughput", "seqpar": "unroll.launch.bench.seqpar",
-           "growth": "unroll.launch.bench.growth",
-           "tnt": "unroll.launch.bench.tnt"}
+           "growth": "unroll.launch.bench.growth", "tnt": "unroll.launch.bench.tnt",
+           "checkpoint": "unroll.launch.bench.checkpoint"}
 
 
 def _bench(args) -> int:

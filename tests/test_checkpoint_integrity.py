@@ -1,6 +1,7 @@
 """Checkpoint integrity and async saving: a damaged newest checkpoint (truncated shard, missing file, no
-manifest, corrupted small file, another model's weights) is refused with its directory and the reason, the
-previous one is used and training continues exactly; an async-saved run equals a synchronous one."""
+manifest, corrupted small file, bytes flipped inside a shard, on one rank of two, another model's weights)
+is refused with its directory and the reason, marked REFUSED and kept, the previous one is used and training
+continues exactly; rotation keeps the newest good ones; an async-saved run equals a synchronous one."""
 import json
 import re
 import shutil
@@ -9,9 +10,12 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
+from pathlib import Path
+
 from conftest import torchrun_train
 from unroll.models import LM
 from unroll.train import checkpoint, integrity
+from unroll.train import checkpoint_storage as storage
 from unroll.train.config import load_config
 from unroll.train.metrics import read_metrics
 from unroll.train.trainer import build_optimizer, train
@@ -33,11 +37,23 @@ def flip_a_byte(step_dir):  # same size, different content
     f.write_bytes(bytes(data))
 
 
+def flip_shard(step_dir, pattern="*.distcp"):
+    """Flips 8 bytes in the middle of the largest shard matching `pattern` (same size: only checksums tell)."""
+    shard = max(step_dir.glob(pattern), key=lambda f: f.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 8] = bytes(b ^ 0xFF for b in data[middle:middle + 8])
+    shard.write_bytes(bytes(data))
+    return shard
+
+
+SHARD_MISMATCH = r"rank {rank} read {shard} bytes \d+\.\.\d+ \(tensor \S+\) do not match their checksum \(corrupted\)"
 DAMAGE = {
     "truncated": (truncate_shard, "is .* bytes, the manifest recorded"),
-    "missing_file": (lambda d: next(d.glob("*.distcp")).unlink(), r"file __0_0\.distcp is missing"),
+    "missing_file": (lambda d: sorted(d.glob("*.distcp"))[0].unlink(), r"file __0_0\.distcp is missing"),
     "no_manifest": (lambda d: (d / integrity.MANIFEST).unlink(), "no manifest.json: the save did not finish"),
     "corrupted": (flip_a_byte, "train_state.json does not match its checksum"),
+    "shard_bytes": (flip_shard, SHARD_MISMATCH.format(rank=0, shard=r"__0_\d\.distcp")),
 }
 
 
@@ -55,7 +71,6 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(straight, tiny_con
     newest = checkpoint.checkpoint_root(cfg.run.dir) / "step_00000012"
     damage, reason = DAMAGE[kind]
     damage(newest)
-    assert integrity.problem(newest) is not None
     capsys.readouterr()
 
     summary = train(cfg)  # refuses step 12, resumes from step 8, trains 9..12 again
@@ -67,6 +82,52 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(straight, tiny_con
     assert losses(cfg.run.dir) == losses(straight.run.dir)  # steps 9..12 redone exactly
     assert integrity.problem(newest, cfg.model) is None  # saved again, whole
     assert [s for s, _ in checkpoint.complete_checkpoints(cfg.run.dir)] == [4, 8, 12]
+    refused = newest.with_name("step_00000012.refused")  # the damaged one, set aside when step 12 was saved again
+    assert re.search(reason, (refused / integrity.REFUSED).read_text())
+
+
+def test_flipped_shard_bytes_are_refused_kept_and_training_continues_exactly(straight, tiny_config, capsys):
+    """Bytes flipped inside the newest checkpoint's largest shard: resume names the file and the tensor, goes
+    back to step 8 and trains on as a run resumed from step 8 does; the refused checkpoint is kept, unchanged,
+    through the saves that follow, and rotation keeps the newest good ones."""
+    longer = {"train": {"steps": 20}}
+    reference = load_config(str(tiny_config("reference", **longer)))
+    shutil.copytree(straight.run.dir, reference.run.dir)
+    shutil.rmtree(checkpoint.checkpoint_root(reference.run.dir) / "step_00000012")
+    train(reference)  # resumed from step 8
+    cfg = load_config(str(tiny_config("flipped", **longer)))
+    shutil.copytree(straight.run.dir, cfg.run.dir)
+    root = checkpoint.checkpoint_root(cfg.run.dir)
+    shard = flip_shard(root / "step_00000012")
+    damaged = {f.name: f.read_bytes() for f in (root / "step_00000012").iterdir()}
+    capsys.readouterr()
+
+    train(cfg)
+    out, err = capsys.readouterr()
+    assert "resumed at step 8" in out
+    assert re.search(f"checkpoint {root / 'step_00000012'} refused: " + SHARD_MISMATCH.format(rank=0, shard=shard.name), err)
+    assert losses(cfg.run.dir) == losses(reference.run.dir)  # steps 9..20
+    refused = root / "step_00000012.refused"
+    assert {f.name: f.read_bytes() for f in refused.iterdir() if f.name != integrity.REFUSED} == damaged
+    assert [s for s, _ in checkpoint.checkpoint_dirs(cfg.run.dir)] == [12, 16, 20]  # keep 3: 4 and 8 pruned
+    assert [s for s, _ in checkpoint.good_checkpoints(cfg.run.dir, cfg.model)] == [12, 16, 20]
+
+
+def test_a_checkpoint_marked_refused_is_skipped_everywhere(straight):
+    """Resume, export, generation, growth and train.init_from all take the newest good checkpoint."""
+    from unroll.train import export, grow, inference
+
+    run_dir = straight.run.dir
+    newest, previous = (checkpoint.checkpoint_root(run_dir) / f"step_{s:08d}" for s in (12, 8))
+    integrity.mark_refused(newest, "flipped bytes, as a resume found them")
+    assert integrity.problem(newest) == f"marked {integrity.REFUSED} by an earlier load (flipped bytes, as a resume found them)"
+    assert checkpoint.good_checkpoints(run_dir)[-1][1] == previous
+    assert checkpoint.resolve_checkpoint(run_dir, "train.init_from") == previous
+    assert export.find_checkpoint(run_dir)[1] == previous
+    assert inference.load_run(run_dir)[2] == 8
+    assert grow._pick_checkpoint(Path(run_dir), straight) == previous
+    model = LM(straight.model)
+    assert checkpoint.load_latest(run_dir, model, build_optimizer(model, straight))["step"] == 8
 
 
 def test_checkpoint_of_another_model_with_the_same_shapes_is_refused(straight, tiny_config, capsys):
@@ -101,7 +162,10 @@ def test_manifest_records_every_file_and_the_model(straight):
     manifest = integrity.read_manifest(path)
     on_disk = {f.name for f in path.iterdir()} - {integrity.MANIFEST}
     assert set(manifest["files"]) == on_disk and manifest["step"] == 12
-    assert {".metadata", "train_state.json", "rng_rank0.pt"} <= set(manifest["sha256"])
+    shards = {name: size for name, size in manifest["files"].items() if name.endswith(".distcp")}
+    assert set(manifest["xxh3_128"]) == on_disk - set(shards) == {".metadata", "train_state.json", "rng_rank0.pt",
+                                                                   "checksums.json"}
+    assert storage.untiled(storage.read_checksums(path), shards) is None  # every shard byte in an item
     assert manifest["model"]["pattern"] == "GA" and manifest["model"]["d_model"] == 32
     assert "solver" not in manifest["model"]  # may change on resume
 
@@ -157,3 +221,22 @@ def test_async_save_on_two_fsdp_ranks_equals_sync(tiny_config, offline_env):
         assert integrity.problem(pb, b.model) is None
         assert {f.name for f in pb.iterdir()} >= {"rng_rank0.pt", "rng_rank1.pt", "__1_0.distcp"}
         assert_same_checkpoint(a, pa, pb)  # loaded in one process
+
+
+def test_two_fsdp_ranks_refuse_one_ranks_corrupted_shard_together(tiny_config, offline_env):
+    """Rank 1 finds its shard corrupted inside DCP's collective load: both ranks refuse the checkpoint with
+    the same error and resume together from the one before, exactly."""
+    config = tiny_config("fsdp_flip", train={"steps": 8})
+    torchrun_train(2, config, offline_env, "parallel.dp_shard=2")
+    cfg = load_config(str(config))
+    uninterrupted = losses(cfg.run.dir)
+    root = checkpoint.checkpoint_root(cfg.run.dir)
+    shard = flip_shard(root / "step_00000008", "__1_*.distcp")
+
+    proc = torchrun_train(2, config, offline_env, "parallel.dp_shard=2")
+    assert re.search(f"checkpoint {root / 'step_00000008'} refused: " + SHARD_MISMATCH.format(rank=1, shard=shard.name),
+                     proc.stderr), proc.stderr[-3000:]
+    assert "resumed at step 4" in proc.stdout
+    assert losses(cfg.run.dir) == uninterrupted  # steps 5..8 again, exactly
+    assert (root / "step_00000008.refused" / integrity.REFUSED).is_file()
+    assert integrity.problem(root / "step_00000008", cfg.model) is None

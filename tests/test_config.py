@@ -26,6 +26,7 @@ def test_presets_load_and_overrides_apply():
     ("data.seq_len=0", "data.seq_len", "must be positive"),
     ("model.pattern=GXA", "model.pattern", "unknown layer kind"),
     ("checkpoint.keep=0", "checkpoint.keep", "at least 1"),
+    ("checkpoint.io_threads=0", "checkpoint.io_threads", "between 1 and 64, got 0"),
     ("schedule.name=linear", "schedule.name", "cosine, wsd or constant"),
     ("data.weights=[1.0,2.0]", "data.weights", "2 weights for 1 train datasets"),
     ("optim.beta2=1.5", "optim.beta2", "must be in [0, 1)"),

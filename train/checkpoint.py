@@ -1,13 +1,22 @@
 """Checkpoints with torch.distributed.checkpoint (DCP), in one process or many.
 
 Layout of RUN_DIR/checkpoints/step_00000100/:
-  .metadata, *.distcp   model and optimizer (DCP: each rank writes its shards; reshards on load)
+  .metadata, *.distcp   model and optimizer (DCP: each rank writes checkpoint.io_threads shard files at once;
+                        reshards on load)
+  checksums.json        a checksum of every item (tensor chunk) of every shard, taken as it was written and
+                        checked as it is read (checkpoint_storage.py)
   rng_rank{r}.pt        every RNG state of rank r (python, numpy, torch CPU, CUDA)
   train_state.json      step, global samples consumed, and the rest of the loop's scalar state
-  manifest.json         written last: every file's size, small files' checksums, the model (integrity.py)
+  manifest.json         written last: every file's size, every other file's checksum, the model (integrity.py)
+  REFUSED               only in a checkpoint a resume found damaged: the reason (integrity.py)
 A checkpoint is written under `step_N.tmp` and renamed to `step_N` only once every file is complete, so a
 crash mid-write leaves at worst a `.tmp` directory that is ignored (and removed by the next save). On
-resume a checkpoint that fails its manifest's checks is refused with the reason, and the previous one used.
+resume a checkpoint that fails its checks (before the load, or an item's checksum during it, on any rank)
+is refused with the reason on every rank, and the previous one loaded whole; a damaged one is marked REFUSED.
+Good checkpoints are the complete ones that pass their checks (`good_checkpoints`): resume, rotation, export,
+generation, growth and `train.init_from` all take the newest of them. Rotation (`keep`) counts only those,
+so it never deletes the newest good checkpoint for one that is not, and it reads no shard to decide; a
+refused checkpoint stays for the user (set aside as `step_N.refused` when its step is saved again).
 
 A checkpoint resumes under another layout and world size: DCP reshards, tensor-parallel fused weights and
 expert-parallel experts are saved in the single-device layout (checkpoint_view, _expert_view), pipeline stages
@@ -42,6 +51,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from unroll.train import checkpoint_storage as storage
 from unroll.train import distributed as D
 from unroll.train import integrity
 from unroll.train.tensor_parallel import checkpoint_view
@@ -51,7 +61,12 @@ STATE_FILE = "train_state.json"
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names its path."""
+    """A checkpoint that cannot be used; the message names its path. `damaged`: its bytes are not the ones
+    saved (as opposed to a checkpoint of another model), which a resume marks in it."""
+
+    def __init__(self, message: str, *, damaged: bool = False):
+        super().__init__(message)
+        self.damaged = damaged
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -77,6 +92,12 @@ def checkpoint_dirs(run_dir: str | Path) -> list[tuple[int, Path]]:
 def complete_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     """(step, path) of every complete checkpoint, oldest first; partial writes are skipped."""
     return [(step, path) for step, path in checkpoint_dirs(run_dir) if is_complete(path)]
+
+
+def good_checkpoints(run_dir: str | Path, model_cfg=None) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint that passes its checks (integrity.check: files, checksums of
+    the small ones, no REFUSED mark, the model if given), oldest first. Reads no shard."""
+    return [(step, path) for step, path in complete_checkpoints(run_dir) if integrity.problem(path, model_cfg) is None]
 
 
 def _rng_state() -> dict:
@@ -111,11 +132,12 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         train_state: dict, *, keep: int, rank: int = 0) -> Path:
+         train_state: dict, *, keep: int, rank: int = 0, io_threads: int = storage.IO_THREADS) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint path."""
     tmp, final = begin_save(run_dir, step, rank)
     with _quiet_single_process():
-        dcp.save(save_view(model, optimizer), checkpoint_id=str(tmp))
+        dcp.save(save_view(model, optimizer), checkpoint_id=str(tmp),
+                 storage_writer=storage.ChecksummingWriter(tmp, thread_count=io_threads))
     return finish_save(run_dir, tmp, final, step, train_state, keep=keep, rank=rank, rng=_rng_state(),
                        model_cfg=getattr(model, "cfg", None))
 
@@ -155,18 +177,35 @@ def finish_save(run_dir: str | Path, tmp: Path, final: Path, step: int, train_st
             os.fsync(f.fileno())
         integrity.write_manifest(tmp, step, model_cfg)
         _fsync_dir(tmp)
-        if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
-            shutil.rmtree(final)
+        _make_room(final)
         os.rename(tmp, final)
         _fsync_dir(root)
-        # Keep the newest `keep` good checkpoints up to this step. Ones that fail their checks are left for
-        # the user (resume skips them), and newer ones left by a resume that fell back do not count.
-        good = [path for s, path in complete_checkpoints(run_dir)
-                if s <= step and (path == final or integrity.problem(path) is None)]
+        # Keep the newest `keep` good checkpoints up to this step, this one only if it passes its checks too.
+        # Ones that fail them are left for the user (resume skips them), and newer ones left by a resume that
+        # fell back do not count.
+        good = [path for s, path in good_checkpoints(run_dir) if s <= step]
         for old in good[:-keep]:
             shutil.rmtree(old)
     D.barrier()
     return final
+
+
+def _make_room(final: Path) -> None:
+    """Before `final` is saved again (e.g. a signal right after a periodic save, or the step of a checkpoint a
+    resume refused): a refused one is set aside as step_N.refused, for the user; anything else is replaced."""
+    if not final.exists():
+        return
+    if not (final / integrity.REFUSED).is_file():
+        shutil.rmtree(final)
+        return
+    aside = final.with_name(f"{final.name}.refused")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = final.with_name(f"{final.name}.refused{n}")
+    os.rename(final, aside)
+    print(f"unroll: the refused checkpoint {final} is kept as {aside} (delete it when done with it)",
+          file=sys.stderr, flush=True)
 
 
 def _last_line(e: BaseException) -> str:
@@ -175,15 +214,23 @@ def _last_line(e: BaseException) -> str:
     return lines[-1].strip() if lines else type(e).__name__
 
 
-def _dcp_load(state: dict, path: Path, model_cfg=None) -> None:
-    """Fills `state` in place from the checkpoint; any failure names the checkpoint."""
-    reason = integrity.agreed_problem(path, model_cfg)
-    if reason:
-        raise CheckpointError(f"checkpoint {path} refused: {reason}")
+def _dcp_load(state: dict, path: Path, model_cfg=None, io_threads: int = storage.IO_THREADS) -> None:
+    """Fills `state` in place from the checkpoint, every item read verified against its checksum; any failure
+    names the checkpoint, the same on every rank."""
+    refusal = integrity.agreed_check(path, model_cfg)
+    if refusal:
+        raise CheckpointError(f"checkpoint {path} refused: {refusal.reason}", damaged=refusal.damaged)
+    checksums = integrity.item_checksums(path)
+    if checksums is None:
+        warnings.warn(f"checkpoint {path} was saved before per-item checksums: its shards are read unverified")
+    reader = storage.VerifyingReader(path, checksums, thread_count=io_threads)
     try:
         with _quiet_single_process():
-            dcp.load(checkpoint_view(state), checkpoint_id=str(path))  # fills `state`'s tensors in place
+            dcp.load(checkpoint_view(state), checkpoint_id=str(path), storage_reader=reader)  # in place
     except (Exception, CheckpointException) as e:  # DCP's own exception derives from BaseException
+        corrupt = storage.corruption(e) if isinstance(e, CheckpointException) else None
+        if corrupt:  # raised by one rank's reader; DCP hands every rank the same failures
+            raise CheckpointError(f"checkpoint {path} refused: {corrupt}", damaged=True) from e
         raise CheckpointError(f"checkpoint {path} could not be loaded into this model: {_last_line(e)}") from e
 
 
@@ -209,11 +256,12 @@ def _expert_view(model: torch.nn.Module, state: dict) -> dict:
     return out
 
 
-def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, rank: int = 0) -> dict:
+def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, rank: int = 0,
+         io_threads: int = storage.IO_THREADS) -> dict:
     """Restores model, optimizer and this rank's RNG state in place; returns the train state."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    _dcp_load(_expert_view(model, state), path, getattr(model, "cfg", None))
+    _dcp_load(_expert_view(model, state), path, getattr(model, "cfg", None), io_threads)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng_file = path / f"rng_rank{rank}.pt"
     if not rng_file.is_file():  # resumed on more ranks than saved: all ranks draw the same in DP
@@ -224,18 +272,21 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *
 
 
 def load_latest(run_dir: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                *, rank: int = 0) -> dict | None:
+                *, rank: int = 0, io_threads: int = storage.IO_THREADS) -> dict | None:
     """Resumes from the newest good checkpoint in the run directory; None when there is none. A newer one
-    that is partial, truncated or from another model is refused with the reason (on stderr) and the one
-    before it tried; when there are checkpoints but none is good, it stops (starting afresh would prune
-    them)."""
+    that is partial, damaged (a checksum differs, here or in any rank's share) or from another model is
+    refused with the reason (on stderr), a damaged one marked REFUSED, and the one before it tried; when there
+    are checkpoints but none is good, it stops (starting afresh would prune them)."""
     refused = []
     for _, path in reversed(checkpoint_dirs(run_dir)):
         try:
-            return load(path, model, optimizer, rank=rank)  # loads every tensor: a failed try leaves no trace
+            # every tensor of model and optimizer is loaded: what a failed try left is overwritten
+            return load(path, model, optimizer, rank=rank, io_threads=io_threads)
         except CheckpointError as e:
             refused.append(str(e))
             if rank == 0:
+                if e.damaged:
+                    _mark_refused(path, str(e))
                 print(f"unroll: {e}; trying the previous checkpoint", file=sys.stderr, flush=True)
     if refused:
         raise CheckpointError(f"no usable checkpoint in {checkpoint_root(run_dir)} (move them away to start "
@@ -243,15 +294,22 @@ def load_latest(run_dir: str | Path, model: torch.nn.Module, optimizer: torch.op
     return None
 
 
+def _mark_refused(path: Path, reason: str) -> None:
+    try:
+        integrity.mark_refused(path, reason)
+    except OSError as e:  # a read-only copy: the refusal stands, later resumes check it again
+        print(f"unroll: could not mark {path} {integrity.REFUSED} ({e})", file=sys.stderr, flush=True)
+
+
 def resolve_checkpoint(path: str | Path, key: str) -> Path:
-    """A complete checkpoint directory, or the newest complete checkpoint of a run directory; `key` names
-    the setting that gave the path."""
+    """A complete checkpoint directory, or the newest good checkpoint of a run directory; `key` names the
+    setting that gave the path."""
     p = Path(path)
     if is_complete(p):
         return p
-    found = complete_checkpoints(p)
+    found = good_checkpoints(p)
     if not found:
-        raise CheckpointError(f"{key}={path}: neither a complete checkpoint nor a run directory holding one")
+        raise CheckpointError(f"{key}={path}: neither a complete checkpoint nor a run directory holding a good one")
     return found[-1][1]
 
 

@@ -97,6 +97,9 @@ class CheckpointConfig:
     every: int = 200  # steps between checkpoints; 0 = only at the end and on SIGTERM/SIGINT
     keep: int = 2  # newest complete checkpoints kept (>= 2: a damaged newest one falls back to the one before)
     async_save: bool = False  # write in a background thread while training goes on (train/checkpoint_writer.py)
+    # Threads per rank that write shard files (one file each) and read them back, so that storage that needs
+    # several requests in flight to reach its speed (NVMe, parallel file systems) gets them.
+    io_threads: int = 4
 
 
 @dataclass
@@ -226,6 +229,8 @@ def validate(cfg: Config) -> None:
     need(cfg.eval.batch_size > 0, "eval.batch_size", f"must be positive, got {cfg.eval.batch_size}")
     need(cfg.checkpoint.every >= 0, "checkpoint.every", f"must be >= 0, got {cfg.checkpoint.every}")
     need(cfg.checkpoint.keep >= 1, "checkpoint.keep", f"must keep at least 1 checkpoint, got {cfg.checkpoint.keep}")
+    need(1 <= cfg.checkpoint.io_threads <= 64, "checkpoint.io_threads",
+         f"must be between 1 and 64, got {cfg.checkpoint.io_threads}")
     need(cfg.logging.wandb in ("offline", "online", "disabled"), "logging.wandb",
          f"must be offline, online or disabled, got {cfg.logging.wandb!r}")
     need(cfg.sample.max_new_tokens >= 0, "sample.max_new_tokens", f"must be >= 0, got {cfg.sample.max_new_tokens}")

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from unroll.models import LM
-from unroll.train import checkpoint, integrity
+from unroll.train import checkpoint
 from unroll.train.checkpoint import STATE_FILE, CheckpointError
 from unroll.train.config import Config, load_config, to_yaml
 from unroll.train.export_format import CONFIG, META, TOKENIZER, WEIGHTS, ExportError, build_model, read_export
@@ -40,8 +40,7 @@ def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such run or checkpoint directory")
     if (path / CONFIG_FILE).is_file():
-        found = [(step, ckpt) for step, ckpt in checkpoint.complete_checkpoints(path)
-                 if integrity.problem(ckpt) is None]  # a damaged newest one: the one before it
+        found = checkpoint.good_checkpoints(path)  # a damaged or refused newest one: the one before it
         if not found:
             raise CheckpointError(f"{path}: no complete checkpoint under {checkpoint.checkpoint_root(path)}")
         return path, found[-1][1]

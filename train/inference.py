@@ -16,7 +16,7 @@ from unroll.train.rundir import CONFIG_FILE, TOKENIZER_FILE
 
 def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[LM, Tokenizer, int]:
     """(model with the newest checkpoint's weights, tokenizer, step)."""
-    from unroll.train import checkpoint, integrity  # DCP: only for run directories
+    from unroll.train import checkpoint  # DCP: only for run directories
     from unroll.train.checkpoint import CheckpointError
     from unroll.train.config import load_config
 
@@ -24,8 +24,7 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[LM, Tokenizer, i
     if not (run_dir / CONFIG_FILE).is_file():
         raise CheckpointError(f"{run_dir}: not a run directory (no {CONFIG_FILE}) nor an export directory")
     cfg = load_config(str(run_dir / CONFIG_FILE))
-    found = [(step, path) for step, path in checkpoint.complete_checkpoints(run_dir)
-             if integrity.problem(path, cfg.model) is None]  # a damaged newest one: the one before it
+    found = checkpoint.good_checkpoints(run_dir, cfg.model)  # a damaged or refused newest one: the one before it
     if not found:
         raise CheckpointError(f"{run_dir}: no complete checkpoint under {checkpoint.checkpoint_root(run_dir)}")
     step, path = found[-1]

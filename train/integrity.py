@@ -1,33 +1,42 @@
-"""Checkpoint integrity: a manifest written last, and the checks that refuse a checkpoint before loading it.
+"""Checkpoint integrity: a manifest written last, the checks that refuse a checkpoint before loading it, and
+the REFUSED mark a load leaves on a checkpoint whose bytes are not the ones saved.
 
 RUN_DIR/checkpoints/step_N/manifest.json is the completion marker. It is written after every other file of
 the checkpoint, and holds
   step                the optimizer step saved
   files               every other file's size in bytes (DCP's .distcp shards, .metadata, RNG states, ...)
-  sha256              checksums of the small files (.metadata, train_state.json, the RNG states); the
-                      large .distcp shards are checked by size only, which catches a truncated copy
-                      without reading hundreds of GB on every resume
+  xxh3_128            a checksum of every file but the shards: .metadata, train_state.json, the RNG states and
+                      checksums.json, which holds a checksum of every item of every shard, taken as the shards
+                      were written and checked as the load reads them (checkpoint_storage.py); so every byte
+                      of a checkpoint is covered, and the checks before a load read only the small files
   model               the model's architecture (its config, without the keys that may change on resume:
                       solvers, init scale, MoE loss coefficients, TNT chunk sizes; stage marks removed
                       from the patterns)
 A checkpoint is refused, with its directory and the reason, when the manifest is missing (the save did not
-finish), a file is missing or of another size, a checksum differs, or it was saved from another model.
+finish), a file is missing or of another size, a checksum differs, it was saved from another model, or it
+is marked REFUSED. A resume that finds a checkpoint's bytes damaged (here, or an item inside DCP's load)
+writes REFUSED into it, a line with the reason, and touches nothing else: later resumes and every save's
+rotation then know it is bad without reading its shards again. Delete REFUSED to have it tried again.
+Manifests of checkpoints saved before checksums.json (a `sha256` of the small files only) still load, their
+shards unverified.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 
 import torch.distributed as dist
 
+from unroll.train import checkpoint_storage as storage
+
 MANIFEST = "manifest.json"
+REFUSED = "REFUSED"
 # Keys a resumed run may change without changing what the weights mean.
 RUNTIME_KEYS = {"solver", "init_std", "m2rnn.solver", "moe.aux_loss_coef", "moe.z_loss_coef",
                 "moe.bias_update_rate"}
-CHECKSUM_MAX_BYTES = 1 << 20  # files up to this size get a sha256 beside their size
 
 
 def architecture(model_cfg) -> dict | None:
@@ -58,7 +67,7 @@ def architecture(model_cfg) -> dict | None:
     return flat
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Path) -> str:  # manifests written before checksums.json
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -73,9 +82,9 @@ def write_manifest(path: Path, step: int, model_cfg=None) -> None:
         if f.name == MANIFEST or not f.is_file():
             continue
         files[f.name] = f.stat().st_size
-        if files[f.name] <= CHECKSUM_MAX_BYTES:
-            sums[f.name] = _sha256(f)
-    manifest = {"step": step, "files": files, "sha256": sums, "model": architecture(model_cfg)}
+        if not f.name.endswith(storage.SHARD_SUFFIX):  # shards: per item, in checksums.json
+            sums[f.name] = storage.file_digest(f)
+    manifest = {"step": step, "files": files, "xxh3_128": sums, "model": architecture(model_cfg)}
     tmp = path / (MANIFEST + ".tmp")
     with open(tmp, "w") as f:
         json.dump(manifest, f, indent=1)
@@ -89,38 +98,73 @@ def read_manifest(path: Path) -> dict:
         return json.load(f)
 
 
-def problem(path: Path, model_cfg=None) -> str | None:
-    """Why the checkpoint at `path` must not be loaded (into a model of `model_cfg`), or None if it is good."""
+def item_checksums(path: Path) -> dict | None:
+    """Every shard item's checksum ({file: {offset: (length, digest)}}), or None for a checkpoint saved before
+    them. Call it once `check` has passed (checksums.json then matches the manifest)."""
+    return storage.read_checksums(path) if storage.CHECKSUMS in read_manifest(path)["files"] else None
+
+
+@dataclass(frozen=True)
+class Refusal:
+    reason: str
+    damaged: bool  # its files are not the ones saved (not: another model's, or marked REFUSED already)
+
+
+def check(path: Path, model_cfg=None) -> Refusal | None:
+    """Why the checkpoint at `path` must not be loaded (into a model of `model_cfg`), or None if it may. Reads
+    the manifest and the small files, never the shards."""
+    if (path / REFUSED).is_file():
+        text = (path / REFUSED).read_text(errors="replace").strip()
+        return Refusal(f"marked {REFUSED} by an earlier load ({text})", damaged=False)
     if not (path / MANIFEST).is_file():
-        return f"no {MANIFEST}: the save did not finish (a partial checkpoint)"
+        return Refusal(f"no {MANIFEST}: the save did not finish (a partial checkpoint)", damaged=True)
     try:
         manifest = read_manifest(path)
-        files, sums = dict(manifest["files"]), dict(manifest.get("sha256", {}))
+        files = dict(manifest["files"])
+        sums, summed = ((dict(manifest["xxh3_128"]), storage.file_digest) if "xxh3_128" in manifest
+                        else (dict(manifest.get("sha256", {})), _sha256))
     except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"{MANIFEST} is unreadable ({e})"
+        return Refusal(f"{MANIFEST} is unreadable ({e})", damaged=True)
     for name, size in files.items():
         f = path / name
         if not f.is_file():
-            return f"file {name} is missing"
+            return Refusal(f"file {name} is missing", damaged=True)
         actual = f.stat().st_size
         if actual != size:
-            return f"file {name} is {actual} bytes, the manifest recorded {size} (truncated or overwritten)"
-        if name in sums and _sha256(f) != sums[name]:
-            return f"file {name} does not match its checksum (corrupted)"
+            return Refusal(f"file {name} is {actual} bytes, the manifest recorded {size} (truncated or "
+                           f"overwritten)", damaged=True)
+        if name in sums and summed(f) != sums[name]:
+            return Refusal(f"file {name} does not match its checksum (corrupted)", damaged=True)
     saved, here = manifest.get("model"), architecture(model_cfg)
     if saved is not None and here is not None and saved != here:
         diff = [f"{k}={saved.get(k)!r} in the checkpoint, {here.get(k)!r} here"
                 for k in sorted(set(saved) | set(here)) if saved.get(k) != here.get(k)]
-        return "saved from a different model: " + "; ".join(diff)
+        return Refusal("saved from a different model: " + "; ".join(diff), damaged=False)
     return None
 
 
-def agreed_problem(path: Path, model_cfg=None) -> str | None:
-    """`problem`, the same on every rank: each checks the files it sees, and a checkpoint any rank refuses is
+def problem(path: Path, model_cfg=None) -> str | None:
+    """`check`'s reason, or None if the checkpoint is good."""
+    refusal = check(path, model_cfg)
+    return refusal.reason if refusal else None
+
+
+def agreed_check(path: Path, model_cfg=None) -> Refusal | None:
+    """`check`, the same on every rank: each checks the files it sees, and a checkpoint any rank refuses is
     refused by all, so that no rank enters DCP's collective load alone."""
-    reason = problem(path, model_cfg)
+    refusal = check(path, model_cfg)
     if dist.is_available() and dist.is_initialized():
         seen = [None] * dist.get_world_size()
-        dist.all_gather_object(seen, reason)
-        reason = next((r for r in seen if r), None)
-    return reason
+        dist.all_gather_object(seen, refusal)
+        refusal = next((r for r in seen if r), None)
+    return refusal
+
+
+def mark_refused(path: Path, reason: str) -> None:
+    """Leaves REFUSED (the reason) in a checkpoint whose bytes are damaged; its other files stay as they are."""
+    tmp = path / (REFUSED + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(reason.replace("\n", " ") + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path / REFUSED)

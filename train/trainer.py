@@ -296,7 +296,7 @@ def train(cfg: Config) -> dict:
     if cfg.train.init_from and not checkpoint.complete_checkpoints(run_dir):  # a new run from other weights
         # into the sharded model (DCP reshards; a pipeline's tied replica reads embed.weight too)
         checkpoint.load_model_weights(checkpoint.resolve_checkpoint(cfg.train.init_from, "train.init_from"), owned)
-    state = checkpoint.load_latest(run_dir, owned, optimizer, rank=dist.rank)
+    state = checkpoint.load_latest(run_dir, owned, optimizer, rank=dist.rank, io_threads=cfg.checkpoint.io_threads)
     step = state["step"] if state else 0
     samples = state["samples_consumed"] if state else 0
 
@@ -322,7 +322,8 @@ def train(cfg: Config) -> dict:
     timer, timed_steps, saved_at, val_loss = time.perf_counter(), 0, step if state else None, None
     load_window = None  # MoE assignment counts since the last logged step
     clean = False  # on an exception, skip the final barrier: the other ranks may never reach it
-    writer = CheckpointWriter(run_dir, keep=cfg.checkpoint.keep, rank=dist.rank, async_save=cfg.checkpoint.async_save)
+    writer = CheckpointWriter(run_dir, keep=cfg.checkpoint.keep, rank=dist.rank, async_save=cfg.checkpoint.async_save,
+                              io_threads=cfg.checkpoint.io_threads)
     try:
         while step < cfg.train.steps:
             lr = lr_at(step, cfg.optim.lr, cfg.train.steps, cfg.schedule)

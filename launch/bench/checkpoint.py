@@ -1,0 +1,190 @@
+"""`unroll bench checkpoint`: unroll's checkpoints against the disk's own speed, side by side in one run.
+
+Builds a model (a preset with key=value overrides; by default tiny-gru widened to 103M parameters, 1.24 GB of
+weights and AdamW state, the optimizer state filled with random numbers) and, in a directory on the disk
+under test (--dir), times in turn, round after round:
+
+    save    checkpoint.save: DCP shards written by checkpoint.io_threads threads with every item checksummed,
+            checksums.json, RNG and train state, the manifest, the rename (the checkpoint's bytes / time)
+    dd      `dd if=/dev/zero of=FILE bs=1M count=N conv=fdatasync` with N MiB the checkpoint's size
+    load    checkpoint.load into the model and optimizer, every item verified, from a cold page cache
+    read    every file of the checkpoint read back in 16 MiB pieces by plain Python, from a cold page cache
+    async   the trainer's async path (CheckpointWriter, checkpoint.async_save=true): how long `save` holds
+            the training loop, and how long --steps training steps take while the write goes on, against the
+            same steps with no save (the foreground cost of the background write)
+
+A cold page cache: every file of the checkpoint is fsynced and then posix_fadvise(POSIX_FADV_DONTNEED)'d,
+which evicts its clean pages without root (a file mapped by another process would stay cached; none is).
+One untimed round comes first (the first save faults in fresh memory). The paths alternate within each of
+--repeat rounds, as timing on a shared machine must; printed are the best (shortest time) and the median
+bandwidth of each, and the ratios save/dd and load/read of the medians (targets: >= 0.8 and >= 0.5).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from unroll.models import LM
+from unroll.train import checkpoint
+from unroll.train.checkpoint_writer import CheckpointWriter
+from unroll.train.config import load_config
+from unroll.train.trainer import build_optimizer
+
+DEFAULT_MODEL = ["model.d_model=1024", "model.pattern=GGGGGGGG"]
+TARGETS = {"save/dd": 0.8, "load/read": 0.5}
+
+
+def drop_from_page_cache(files: list[Path]) -> None:
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def read_files(files: list[Path]) -> None:
+    buf = bytearray(16 << 20)
+    for f in files:
+        with open(f, "rb", buffering=0) as stream:
+            while stream.readinto(buf):
+                pass
+
+
+def dd(path: Path, mib: int) -> float:
+    start = time.perf_counter()
+    subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={mib}", "conv=fdatasync"],
+                   check=True, capture_output=True)
+    seconds = time.perf_counter() - start
+    path.unlink()
+    return seconds
+
+
+def build(preset: str, overrides: list[str]):
+    cfg = load_config(preset, overrides)
+    torch.manual_seed(0)
+    model = LM(cfg.model)
+    optimizer = build_optimizer(model, cfg)
+    checkpoint.save_view(model, optimizer)  # creates AdamW's state, as a resumed run has it
+    for state in optimizer.state.values():  # random, not zeros: nothing a file system could compress away
+        for value in state.values():
+            if value.is_floating_point() and value.dim():
+                value.copy_(torch.rand_like(value) * 1e-3)
+    return cfg, model, optimizer
+
+
+def training_steps(model: LM, optimizer, tokens: torch.Tensor, n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        logits = model(tokens[:, :-1])
+        F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def run(preset: str, overrides: list[str], *, root: Path, repeat: int, io_threads: int, steps: int,
+        seq_len: int) -> dict:
+    cfg, model, optimizer = build(preset, overrides)
+    tokens = torch.randint(0, cfg.model.vocab_size, (1, seq_len + 1), generator=torch.Generator().manual_seed(0))
+    times: dict[str, list[float]] = {k: [] for k in ("save", "dd", "load", "read", "async_blocked",
+                                                   "async_written", "steps_alone", "steps_during_save")}
+    size = files = None
+    for round_ in range(repeat + 1):
+        run_dir = root / f"round{round_}"
+        start = time.perf_counter()
+        path = checkpoint.save(run_dir, 1, model, optimizer, {"samples_consumed": 0}, keep=1, io_threads=io_threads)
+        save_s = time.perf_counter() - start
+        ckpt_files = sorted(f for f in path.iterdir() if f.is_file())
+        size = sum(f.stat().st_size for f in ckpt_files)
+        files = len(ckpt_files)
+        dd_s = dd(root / "dd.bin", max(1, size >> 20)) * size / (max(1, size >> 20) << 20)  # to the same bytes
+        drop_from_page_cache(ckpt_files)
+        start = time.perf_counter()
+        checkpoint.load(path, model, optimizer, io_threads=io_threads)
+        load_s = time.perf_counter() - start
+        drop_from_page_cache(ckpt_files)
+        start = time.perf_counter()
+        read_files(ckpt_files)
+        read_s = time.perf_counter() - start
+        shutil.rmtree(run_dir)
+
+        alone_s = training_steps(model, optimizer, tokens, steps)
+        writer = CheckpointWriter(root / f"async{round_}", keep=1, rank=0, async_save=True, io_threads=io_threads)
+        start = time.perf_counter()
+        writer.save(1, model, optimizer, {"samples_consumed": 0})
+        blocked_s = time.perf_counter() - start
+        during_s = training_steps(model, optimizer, tokens, steps)
+        writer.wait()
+        written_s = time.perf_counter() - start
+        writer.close(finish=True)
+        shutil.rmtree(root / f"async{round_}")
+        if round_:  # the first round warms up
+            for key, value in zip(times, (save_s, dd_s, load_s, read_s, blocked_s, written_s, alone_s, during_s)):
+                times[key].append(value)
+
+    def bandwidth(key: str) -> dict:
+        return {"best_gbps": size / min(times[key]) / 1e9, "median_gbps": size / statistics.median(times[key]) / 1e9,
+                "seconds": times[key]}
+
+    rows = {key: bandwidth(key) for key in ("save", "dd", "load", "read")}
+    ratios = {"save/dd": rows["save"]["median_gbps"] / rows["dd"]["median_gbps"],
+              "load/read": rows["load"]["median_gbps"] / rows["read"]["median_gbps"]}
+    async_ = {"blocked_s": times["async_blocked"], "written_s": times["async_written"],
+              "steps": steps, "steps_alone_s": times["steps_alone"], "steps_during_save_s": times["steps_during_save"],
+              "blocked_vs_save": statistics.median(times["async_blocked"]) / statistics.median(times["save"]),
+              "steps_slowdown": statistics.median(times["steps_during_save"]) / statistics.median(times["steps_alone"])}
+    return {"preset": preset, "overrides": overrides, "params": model.num_params(), "bytes": size, "files": files,
+            "io_threads": io_threads, "repeat": repeat, "dir": str(root), "rows": rows, "ratios": ratios,
+            "targets": TARGETS, "async": async_}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="unroll bench checkpoint", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("preset", nargs="?", default="tiny-gru", help="a preset or YAML config (default tiny-gru)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help=f"model overrides (default with tiny-gru: {' '.join(DEFAULT_MODEL)})")
+    p.add_argument("--dir", default=None, help="a directory on the disk to test (default: the system's temp dir)")
+    p.add_argument("--repeat", type=int, default=3, help="timed rounds, after one warm-up round")
+    p.add_argument("--io-threads", type=int, default=4, help="checkpoint.io_threads")
+    p.add_argument("--steps", type=int, default=2, help="training steps timed with and without an async save")
+    p.add_argument("--seq-len", type=int, default=64, help="tokens per training step (batch 1)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0 = torch's default)")
+    p.add_argument("--json", default=None, help="also write the figures to this file")
+    args = p.parse_args(argv)
+    if args.repeat < 1 or args.steps < 1 or args.io_threads < 1:
+        p.error("--repeat, --steps and --io-threads must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = args.overrides or (DEFAULT_MODEL if args.preset == "tiny-gru" else [])
+    with tempfile.TemporaryDirectory(prefix="unroll-bench-checkpoint-", dir=args.dir) as root:
+        result = run(args.preset, overrides, root=Path(root), repeat=args.repeat, io_threads=args.io_threads,
+                     steps=args.steps, seq_len=args.seq_len)
+    print(f"checkpoint of {args.preset} {' '.join(overrides)}: {result['params']:,} parameters, "
+          f"{result['bytes'] / 1e9:.3f} GB in {result['files']} files, io_threads {args.io_threads}, "
+          f"{args.repeat} rounds alternating, in {result['dir']}")
+    print(f"{'':6} {'best GB/s':>10} {'median GB/s':>12}")
+    for key, row in result["rows"].items():
+        print(f"{key:6} {row['best_gbps']:10.3f} {row['median_gbps']:12.3f}")
+    for key, ratio in result["ratios"].items():
+        print(f"{key:9} {ratio:6.2f} (medians; target >= {TARGETS[key]})")
+    a = result["async"]
+    print(f"async save: blocks the loop {statistics.median(a['blocked_s']):.3f} s "
+          f"({a['blocked_vs_save']:.2f} of a synchronous save), written in {statistics.median(a['written_s']):.3f} s; "
+          f"{a['steps']} training steps during it took {a['steps_slowdown']:.2f}x their time alone")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
