@@ -145,6 +145,7 @@ def test_checkpoint_of_another_model_with_the_same_shapes_is_refused(straight, t
     err = capsys.readouterr().err
     assert state["step"] == 8
     assert f"checkpoint {newest} refused: saved from a different model: n_heads=4 in the checkpoint, 2 here" in err
+    assert not (newest / integrity.REFUSED).exists()  # not damaged: the right model may still resume from it
 
 
 def test_no_good_checkpoint_stops_and_deletes_nothing(straight, tiny_config):

@@ -37,6 +37,8 @@ import io
 import json
 import mmap
 import os
+import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +56,8 @@ from torch.futures import Future
 CHECKSUMS = "checksums.json"
 SHARD_SUFFIX = ".distcp"
 IO_THREADS = 4  # the default of checkpoint.io_threads
+BACKGROUND_NICE = 19  # an async save's threads: they use the CPU time training leaves
+_MAIN = threading.main_thread()
 
 
 class CorruptItem(Exception):
@@ -147,12 +151,13 @@ class _HashedInfo(_StorageInfo):
 class ChecksummingWriter(FileSystemWriter):
     """DCP's FileSystemWriter (`thread_count` files per rank written at once, each fsynced) that hashes every
     item as it writes it; the coordinator writes the digests to `checksums.json` before `.metadata`. For
-    async saves, `cache_staged_state_dict` keeps the CPU copy between saves (no new allocation each time)."""
+    async saves (`background`) it keeps the staged CPU copy between saves (no new allocation each time) and
+    writes at the lowest CPU priority."""
 
-    def __init__(self, path: str | os.PathLike, *, thread_count: int = IO_THREADS,
-                 cache_staged_state_dict: bool = False):
-        super().__init__(path, thread_count=thread_count, cache_staged_state_dict=cache_staged_state_dict)
+    def __init__(self, path: str | os.PathLike, *, thread_count: int = IO_THREADS, background: bool = False):
+        super().__init__(path, thread_count=thread_count, cache_staged_state_dict=background)
         self.fs = _HashingFileSystem()
+        self.background = background
 
     def stage(self, state_dict):
         """The async save's CPU copy. DCP's cached copy is always pinned, which needs a GPU; pinned memory
@@ -165,6 +170,11 @@ class ChecksummingWriter(FileSystemWriter):
         return _copy_state_dict(state_dict, self.state_dict_cache)
 
     def write_data(self, plan, planner):
+        if self.background and sys.platform.startswith("linux") and threading.current_thread() is not _MAIN:
+            # Linux keeps a nice value per thread: this one (DCP's async thread, made for this save) and the
+            # writer threads it starts give way to training's threads (never the main thread's own)
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
         self.fs.items = {}
         with _no_record_crc32():
             results = super().write_data(plan, planner).wait()

@@ -16,8 +16,11 @@ under test (--dir), times in turn, round after round:
 A cold page cache: every file of the checkpoint is fsynced and then posix_fadvise(POSIX_FADV_DONTNEED)'d,
 which evicts its clean pages without root (a file mapped by another process would stay cached; none is).
 One untimed round comes first (the first save faults in fresh memory). The paths alternate within each of
---repeat rounds, as timing on a shared machine must; printed are the best (shortest time) and the median
-bandwidth of each, and the ratios save/dd and load/read of the medians (targets: >= 0.8 and >= 0.5).
+--repeat rounds, as timing on a shared machine must, and each pair swaps its order from round to round, so
+that neither always follows the other's writes or reads. Printed are the best (shortest time) and the median
+bandwidth of each, and the ratios save/dd and load/read of the medians (targets: >= 0.8 and >= 0.5). On a
+virtual disk the host's own caching shows through: on the one this was written on, dd alone swung between
+0.35 and 2.2 GB/s from one run to the next, so compare bests as well as medians, over several runs.
 """
 from __future__ import annotations
 
@@ -100,39 +103,56 @@ def run(preset: str, overrides: list[str], *, root: Path, repeat: int, io_thread
     tokens = torch.randint(0, cfg.model.vocab_size, (1, seq_len + 1), generator=torch.Generator().manual_seed(0))
     times: dict[str, list[float]] = {k: [] for k in ("save", "dd", "load", "read", "async_blocked",
                                                    "async_written", "steps_alone", "steps_during_save")}
-    size = files = None
+    size = files = path = None
+    # one writer for every round, as for a whole run: from the second save on, its staging buffers are reused
+    writer = CheckpointWriter(root / "async", keep=1, rank=0, async_save=True, io_threads=io_threads)
     for round_ in range(repeat + 1):
         run_dir = root / f"round{round_}"
-        start = time.perf_counter()
-        path = checkpoint.save(run_dir, 1, model, optimizer, {"samples_consumed": 0}, keep=1, io_threads=io_threads)
-        save_s = time.perf_counter() - start
-        ckpt_files = sorted(f for f in path.iterdir() if f.is_file())
-        size = sum(f.stat().st_size for f in ckpt_files)
-        files = len(ckpt_files)
-        dd_s = dd(root / "dd.bin", max(1, size >> 20)) * size / (max(1, size >> 20) << 20)  # to the same bytes
-        drop_from_page_cache(ckpt_files)
-        start = time.perf_counter()
-        checkpoint.load(path, model, optimizer, io_threads=io_threads)
-        load_s = time.perf_counter() - start
-        drop_from_page_cache(ckpt_files)
-        start = time.perf_counter()
-        read_files(ckpt_files)
-        read_s = time.perf_counter() - start
+        measured: dict[str, float] = {}
+
+        def save() -> None:
+            nonlocal path, size, files
+            start = time.perf_counter()
+            path = checkpoint.save(run_dir, 1, model, optimizer, {"samples_consumed": 0}, keep=1,
+                                   io_threads=io_threads)
+            measured["save"] = time.perf_counter() - start
+            size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+            files = sum(1 for f in path.iterdir() if f.is_file())
+
+        def dd_same_bytes() -> None:  # whole MiB, its time scaled to the checkpoint's bytes
+            mib = max(1, size >> 20)
+            measured["dd"] = dd(root / "dd.bin", mib) * size / (mib << 20)
+
+        def load() -> None:
+            drop_from_page_cache(sorted(f for f in path.iterdir() if f.is_file()))
+            start = time.perf_counter()
+            checkpoint.load(path, model, optimizer, io_threads=io_threads)
+            measured["load"] = time.perf_counter() - start
+
+        def read() -> None:
+            ckpt_files = sorted(f for f in path.iterdir() if f.is_file())
+            drop_from_page_cache(ckpt_files)
+            start = time.perf_counter()
+            read_files(ckpt_files)
+            measured["read"] = time.perf_counter() - start
+
+        # A B in one round, B A in the next
+        for step in ((dd_same_bytes, save, read, load) if round_ % 2 else (save, dd_same_bytes, load, read)):
+            step()
+        save_s, dd_s, load_s, read_s = (measured[k] for k in ("save", "dd", "load", "read"))
         shutil.rmtree(run_dir)
 
         alone_s = training_steps(model, optimizer, tokens, steps)
-        writer = CheckpointWriter(root / f"async{round_}", keep=1, rank=0, async_save=True, io_threads=io_threads)
         start = time.perf_counter()
-        writer.save(1, model, optimizer, {"samples_consumed": 0})
+        writer.save(round_ + 1, model, optimizer, {"samples_consumed": 0})
         blocked_s = time.perf_counter() - start
         during_s = training_steps(model, optimizer, tokens, steps)
         writer.wait()
         written_s = time.perf_counter() - start
-        writer.close(finish=True)
-        shutil.rmtree(root / f"async{round_}")
-        if round_:  # the first round warms up
+        if round_:  # the first round warms up (and allocates the async save's buffers)
             for key, value in zip(times, (save_s, dd_s, load_s, read_s, blocked_s, written_s, alone_s, during_s)):
                 times[key].append(value)
+    writer.close(finish=True)
 
     def bandwidth(key: str) -> dict:
         return {"best_gbps": size / min(times[key]) / 1e9, "median_gbps": size / statistics.median(times[key]) / 1e9,
