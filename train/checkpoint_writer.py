@@ -8,8 +8,9 @@ background write takes the GIL only to pickle each item's small header (hashing,
 it), costs less CPU than DCP's own (no CRC-32 pass: checkpoint_storage.py), and runs at the lowest CPU
 priority (nice 19, its threads only, on Linux), so that on a CPU-bound run it takes the time training leaves
 rather than slowing its steps. `unroll bench checkpoint` measured on a shared 2-core machine, 1.24 GB of
-state, torch on both cores: `save` held the loop 0.09 s against 0.7-0.9 s for a synchronous save; two
-training steps during the write took 1.72x their time alone at normal priority, 0.87-1.0x at nice 19. The checkpoint is finished
+state, torch on both cores: `save` held the loop 0.07-0.1 s against 0.6-0.9 s for a synchronous save; two
+training steps during the write took 1.7x their time alone at normal priority, 0.9-1.2x at nice 19 (five
+runs; noisy, the machine being shared). The checkpoint is finished
 (RNG states and train state as they were at the save, the manifest, the rename to step_N) when the write is
 done: at the next save, which waits for it first, or at `wait`, which the trainer calls before it returns. A run killed before then leaves a `.tmp` directory that resume
 ignores: the previous checkpoint is used, nothing already saved is lost.
