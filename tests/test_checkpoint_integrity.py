@@ -101,7 +101,7 @@ def test_manifest_records_every_file_and_the_model(straight):
     manifest = integrity.read_manifest(path)
     on_disk = {f.name for f in path.iterdir()} - {integrity.MANIFEST}
     assert set(manifest["files"]) == on_disk and manifest["step"] == 12
-    assert {".metadata", "train_state.json", "rng_rank0.pt"} <= set(manifest["sha256"])
+    assert {".metadata", "train_state.json", "rng_rank0.json"} <= set(manifest["sha256"])
     assert manifest["model"]["pattern"] == "GA" and manifest["model"]["d_model"] == 32
     assert "solver" not in manifest["model"]  # may change on resume
 
@@ -155,5 +155,5 @@ def test_async_save_on_two_fsdp_ranks_equals_sync(tiny_config, offline_env):
     for step in (4, 8):
         pa, pb = (checkpoint.checkpoint_root(c.run.dir) / f"step_{step:08d}" for c in (a, b))
         assert integrity.problem(pb, b.model) is None
-        assert {f.name for f in pb.iterdir()} >= {"rng_rank0.pt", "rng_rank1.pt", "__1_0.distcp"}
+        assert {f.name for f in pb.iterdir()} >= {"rng_rank0.json", "rng_rank1.json", "__1_0.distcp"}
         assert_same_checkpoint(a, pa, pb)  # loaded in one process

@@ -64,6 +64,16 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def first_reported(message: str | None) -> str | None:
+    """Collective: the first message any rank reported (in rank order), on every rank; None when none did.
+    A failure one rank sees (a file it could not write) thus stops every rank at the same point."""
+    if not dist.is_initialized():
+        return message
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, message)
+    return next((m for m in seen if m), None)
+
+
 def shutdown(clean: bool = True) -> None:
     """Ends the process group; after an error, without the barrier that peers may never reach."""
     if dist.is_initialized():

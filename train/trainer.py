@@ -352,6 +352,7 @@ def train(cfg: Config) -> dict:
                 val_loss = evaluate(model, data, cfg, dist, autocast, ranks, pipe)
                 metrics.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(val_loss)})
             stopping = D.any_rank(stop.requested, dist.device)
+            writer.poll(dist.device)  # an async save done everywhere is finished now; its failure stops every rank
             if stopping or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.train.steps:
                 writer.save(step, owned, optimizer, train_state())
                 saved_at = step
