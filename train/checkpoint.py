@@ -53,6 +53,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from unroll.train import distributed as D
 from unroll.train import integrity, rng_state
 from unroll.train.dcp_safe_load import SafePlanner, SafeReader
+from unroll.train.dcp_writer import ErrnoKeepingWriter
 from unroll.train.finite import agreed_non_finite
 from unroll.train.tensor_parallel import checkpoint_view
 
@@ -116,7 +117,8 @@ def save(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torc
     refuse_non_finite(run_dir, step, view)
     tmp, final = begin_save(run_dir, step, rank)
     with _quiet_single_process():
-        _agreed(tmp, final, rank, lambda: dcp.save(view, checkpoint_id=str(tmp)))
+        writer = ErrnoKeepingWriter(tmp)
+        _agreed(tmp, final, rank, lambda: dcp.save(view, checkpoint_id=str(tmp), storage_writer=writer))
     return finish_save(run_dir, tmp, final, step, train_state, keep=keep, rank=rank, rng=_rng_state(),
                        model_cfg=getattr(model, "cfg", None))
 
@@ -201,10 +203,10 @@ def _agreed(tmp: Path, final: Path, rank: int, write, *args):
     try:
         result = write(*args)
     except OSError as e:
-        error = _on_rank(rank, e)
+        error = _describe(e, rank, tmp)
     except CheckpointException as e:  # DCP's own exception derives from BaseException
         failed, (cause, _) = min(e.failures.items(), key=lambda item: item[0])
-        error = _on_rank(failed, cause)
+        error = _describe(cause, failed, tmp)
     error = D.first_reported(error)
     if error is None:
         return result
@@ -214,13 +216,17 @@ def _agreed(tmp: Path, final: Path, rank: int, write, *args):
             shutil.rmtree(tmp)
         except OSError as e:
             cleanup = f"the partial {tmp.name} could not be removed ({e}); the next save removes it"
-    raise CheckpointError(f"checkpoint {final} not saved: writing {tmp} failed: {error}; {cleanup}, and the "
-                          f"checkpoints saved before are kept (resume uses the newest)")
+    raise CheckpointError(f"checkpoint {final} not saved: {error}; {cleanup}, and the checkpoints saved before "
+                          f"are kept (resume uses the newest)")
 
 
-def _on_rank(rank: int, e: BaseException) -> str:
-    text = str(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"  # "[Errno 28] No space left ..."
-    return f"rank {rank}: {text}" if torch.distributed.is_initialized() else text
+def _describe(e: BaseException, rank: int, tmp: Path) -> str:
+    """"[Errno 28] No space left on device: 'PATH'" (on rank R), PATH the file or else the directory."""
+    if isinstance(e, OSError):
+        text = str(e if e.filename else OSError(e.errno, e.strerror or str(e), str(tmp)))
+    else:
+        text = f"writing {tmp}: {type(e).__name__}: {e}"
+    return f"{text} on rank {rank}" if torch.distributed.is_initialized() else text
 
 
 def _last_line(e: BaseException) -> str:

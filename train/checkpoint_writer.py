@@ -27,6 +27,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from unroll.train import checkpoint, distributed as D
+from unroll.train.dcp_writer import ErrnoKeepingWriter
 
 
 def _result(future: Future):
@@ -66,7 +67,8 @@ class CheckpointWriter:
         checkpoint.refuse_non_finite(self.run_dir, step, view)  # before staging: nothing is copied or written
         tmp, final = checkpoint.begin_save(self.run_dir, step, self.rank)
         with checkpoint._quiet_single_process():
-            future: Future = dcp.async_save(view, checkpoint_id=str(tmp), process_group=group, no_dist=group is None)
+            future: Future = dcp.async_save(view, checkpoint_id=str(tmp), storage_writer=ErrnoKeepingWriter(tmp),
+                                            process_group=group, no_dist=group is None)
         # Everything the checkpoint records besides the shards is taken now, at the step it belongs to.
         self._pending = (future, dict(tmp=tmp, final=final, step=step, train_state=dict(train_state),
                                       keep=self.keep, rank=self.rank, rng=checkpoint._rng_state(),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import re
 
 import torch
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
@@ -76,8 +77,15 @@ class SafePlanner(DefaultLoadPlanner):
     otherwise)."""
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        obj = torch.load(value, weights_only=True)
+        name = read_item.dest_index.fqn
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:  # torch's message: the global it refused, among advice on one line each
+            found = re.search(r"GLOBAL (\S+)|(Unsupported operand \d+)", str(e))
+            what = found.group(1) or found.group(2) if found else type(e).__name__
+            raise UnsafeCheckpointError(f"the value {name} asks for {what}, which a checkpoint's values never hold; "
+                                        f"not loaded (unpickling it could run code)") from None
         if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            set_element(self.original_state_dict, self.mappings[name], obj)
         else:
-            self.state_dict[read_item.dest_index.fqn] = obj
+            self.state_dict[name] = obj

@@ -1,0 +1,142 @@
+"""A save that cannot write (a full disk, a read-only one, a denied permission), in any file and on any
+rank, stops the run naming the path and the OS error, removes its partial `.tmp` directory and leaves
+the checkpoints before it intact: resuming from them continues exactly as an uninterrupted run. An async
+save's failure stops the run at the step after it, not at the next save."""
+import errno
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+import fault_injection
+from unroll.train import checkpoint, integrity
+from unroll.train.metrics import read_metrics
+from unroll.train.trainer import train
+
+
+def losses(run_dir) -> dict:
+    """step → loss, the last one logged for each step (a resumed run logs the redone steps again)."""
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def last_step(run_dir) -> int:
+    return max(losses(run_dir))
+
+
+@pytest.fixture(scope="module")
+def straight(config_at, tmp_path_factory):
+    """12 steps, checkpoints at 4, 8 and 12."""
+    cfg = config_at(tmp_path_factory.mktemp("straight"), "straight")
+    train(cfg)
+    return cfg
+
+
+def assert_intact(cfg, steps: list[int]) -> None:
+    root = checkpoint.checkpoint_root(cfg.run.dir)
+    assert [s for s, _ in checkpoint.complete_checkpoints(cfg.run.dir)] == steps
+    assert not list(root.glob("*.tmp")), "the partial directory was left behind"
+    for _, path in checkpoint.complete_checkpoints(cfg.run.dir):
+        assert integrity.problem(path, cfg.model) is None
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_a_full_disk_stops_the_run_and_the_previous_checkpoint_resumes_exactly(straight, config_at, tmp_path,
+                                                                               monkeypatch, async_save):
+    cfg = config_at(tmp_path, "full", checkpoint={"async_save": async_save})
+    with monkeypatch.context() as m:
+        fault_injection.install("full_disk@8", m.setattr)
+        with pytest.raises(checkpoint.CheckpointError) as raised:
+            train(cfg)
+    root = checkpoint.checkpoint_root(cfg.run.dir)
+    assert str(raised.value).startswith(f"checkpoint {root}/step_00000008 not saved: [Errno {errno.ENOSPC}] "
+                                        f"{os.strerror(errno.ENOSPC)}: '{root}/step_00000008.tmp'; the partial "
+                                        f"step_00000008.tmp is removed, and the checkpoints saved before are kept")
+    # in line, the save at step 8 fails; in the background, the step after it sees the failure
+    assert last_step(cfg.run.dir) == (9 if async_save else 8)
+    assert_intact(cfg, [4])
+
+    assert train(cfg)["step"] == 12  # resumes from step 4
+    assert losses(cfg.run.dir) == losses(straight.run.dir)
+    assert_intact(cfg, [4, 8, 12])
+
+
+def small_save(run_dir, step: int):
+    torch.manual_seed(step)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    return checkpoint.save(run_dir, step, model, optimizer, {"samples_consumed": step}, keep=3), model
+
+
+def make_read_only(m, tmp_dir_name: str):
+    real = os.mkdir
+
+    def mkdir(path, *args, **kwargs):
+        if os.fspath(path).endswith(tmp_dir_name):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(path))
+        return real(path, *args, **kwargs)
+
+    m.setattr(os, "mkdir", mkdir)
+
+
+# where the save at step 2 fails: each phase of a save, each way a disk refuses a write
+WRITE_FAULTS = {
+    "read_only_tmp_dir": (lambda m: make_read_only(m, "step_00000002.tmp"), errno.EROFS, "step_00000002.tmp"),
+    "full_disk_in_shards": (lambda m: fault_injection.full_disk(m.setattr, 2), errno.ENOSPC, ""),
+    "denied_rng_file": (lambda m: fault_injection.denied(m.setattr, 2, "rng_rank0.json"), errno.EACCES,
+                        "rng_rank0.json"),
+    "denied_manifest": (lambda m: fault_injection.denied(m.setattr, 2, "manifest.json.tmp"), errno.EACCES,
+                        "manifest.json.tmp"),
+}
+
+
+@pytest.mark.parametrize("where", sorted(WRITE_FAULTS))
+def test_every_write_of_a_save_fails_cleanly(where, tmp_path, monkeypatch):
+    first, model = small_save(tmp_path, 1)
+    before = {f.name: f.read_bytes() for f in first.iterdir()}
+    inject, code, named = WRITE_FAULTS[where]
+    with monkeypatch.context() as m:
+        inject(m)
+        with pytest.raises(checkpoint.CheckpointError, match=rf"step_00000002 not saved: .*\[Errno {code}\] "
+                                                             rf"{os.strerror(code)}.*{named}"):
+            small_save(tmp_path, 2)
+    assert [s for s, _ in checkpoint.checkpoint_dirs(tmp_path)] == [1]
+    assert not list(checkpoint.checkpoint_root(tmp_path).glob("*.tmp"))
+    assert {f.name: f.read_bytes() for f in first.iterdir()} == before  # untouched
+    loaded = torch.nn.Linear(4, 3)
+    assert checkpoint.load(first, loaded, torch.optim.AdamW(loaded.parameters()))["step"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"), reason="mounting a tmpfs needs root")
+def test_a_real_full_tmpfs(straight, config_at, tmp_path):
+    """The straight run's checkpoints up to step 8 on a tmpfs mounted for the test, filled up to less than a
+    checkpoint's size: training on from step 8 meets the full disk at the save of step 12."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"mount -t tmpfs failed: {mounted.stderr.decode().strip()}")
+    try:
+        cfg = config_at(disk, "run")
+        shutil.copytree(straight.run.dir, cfg.run.dir)
+        newest = checkpoint.checkpoint_root(cfg.run.dir) / "step_00000012"
+        checkpoint_bytes = sum(f.stat().st_size for f in newest.iterdir())
+        shutil.rmtree(newest)
+        with open(disk / "filler", "wb") as f:  # leaves half a checkpoint free: room for the log, not a save
+            st = os.statvfs(disk)
+            f.write(b"\0" * (st.f_bavail * st.f_frsize - checkpoint_bytes // 2))
+        with pytest.raises(checkpoint.CheckpointError,
+                           match=rf"step_00000012 not saved: .*\[Errno {errno.ENOSPC}\] {os.strerror(errno.ENOSPC)}"):
+            train(cfg)
+        assert last_step(cfg.run.dir) == 12
+        assert_intact(cfg, [4, 8])
+        (disk / "filler").unlink()
+        train(cfg)  # space again: resumes from step 8
+        assert losses(cfg.run.dir) == losses(straight.run.dir)
+        assert_intact(cfg, [4, 8, 12])
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
