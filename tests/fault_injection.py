@@ -21,17 +21,19 @@ import torch
 
 HOOK = '''
 import os
-if os.environ.get("FAULT") and os.environ.get("RANK") == os.environ.get("FAULT_RANK", "1"):
+if os.environ.get("FAULT") and os.environ.get("RANK") is not None:  # the ranks, not torchrun's agent
     import sys
     sys.path.insert(0, {tests!r})
     import fault_injection
-    fault_injection.install(os.environ["FAULT"], setattr)
+    faulty = os.environ["RANK"] == os.environ.get("FAULT_RANK", "1")
+    fault_injection.install(os.environ["FAULT"], setattr, faulty=faulty)
 '''
 
 
 def write_hook(directory: Path) -> Path:
     """A sitecustomize.py in `directory` that installs the faults of $FAULT in the rank $FAULT_RANK (1) of
-    a torchrun job; returns the directory, to put first on PYTHONPATH."""
+    a torchrun job (and the wait for async writes in every rank); returns the directory, to put first on
+    PYTHONPATH."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "sitecustomize.py").write_text(HOOK.format(tests=str(Path(__file__).parent)))
     return directory
@@ -133,10 +135,11 @@ def finish_async_writes_before_each_step(patch) -> None:
     patch(trainer, "train_step", train_step)
 
 
-def install(spec: str, patch) -> None:
-    """Installs the faults of `spec`: comma-separated KIND@STEP[:ARG] (see the module docstring)."""
+def install(spec: str, patch, faulty: bool = True) -> None:
+    """Installs the faults of `spec`: comma-separated KIND@STEP[:ARG] (see the module docstring); with
+    faulty=False only the wait for async writes."""
     finish_async_writes_before_each_step(patch)
-    for fault in spec.split(","):
+    for fault in spec.split(",") if faulty else ():
         kind, _, rest = fault.partition("@")
         step, _, arg = rest.partition(":")
         {"full_disk": lambda: full_disk(patch, int(step)), "denied": lambda: denied(patch, int(step), arg),

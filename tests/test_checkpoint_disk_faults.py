@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import fault_injection
+from conftest import torchrun_train
+from unroll.launch.torchrun import run_torchrun as torchrun
 from unroll.train import checkpoint, integrity
 from unroll.train.metrics import read_metrics
 from unroll.train.trainer import train
@@ -140,3 +142,39 @@ def test_a_real_full_tmpfs(straight, config_at, tmp_path):
         assert_intact(cfg, [4, 8, 12])
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_faults_on_one_of_two_fsdp_ranks_stop_both_and_the_run_resumes_exactly(tiny_config, offline_env, tmp_path):
+    """Two FSDP ranks, a fault on rank 1 only, one per run: an async write on a full disk (seen at the next
+    step), a write on a full disk, the RNG file denied, a NaN in rank 1's shard. Each run stops on both
+    ranks with the message (exit 2), keeps the checkpoints before it, and the next one resumes from them;
+    the chain ends with every step's loss as in an uninterrupted 2-rank run."""
+    sections = dict(train={"steps": 12}, checkpoint={"every": 2, "keep": 10}, eval={"every": 0})
+    straight, chain = tiny_config("straight2", **sections), tiny_config("chain", **sections)
+    torchrun_train(2, straight, offline_env, "parallel.dp_shard=2")
+    hook = fault_injection.write_hook(tmp_path / "hook")
+    env = dict(offline_env, PYTHONPATH=os.pathsep.join(p for p in (str(hook), offline_env.get("PYTHONPATH")) if p))
+    run_dir = tmp_path / "chain"
+    root = checkpoint.checkpoint_root(run_dir)
+    weight = "blocks.0.mixer.out_proj.weight"
+    for fault, async_save, stopped_at, words in [
+        ("full_disk@4", "true", 5, f"{root}/step_00000004 not saved: [Errno {errno.ENOSPC}] "
+                                   f"{os.strerror(errno.ENOSPC)}: '{root}/step_00000004.tmp' on rank 1"),
+        ("full_disk@6", "false", 6, f"{root}/step_00000006 not saved: [Errno {errno.ENOSPC}]"),
+        ("denied@8:rng_rank1.json", "false", 8, f"{root}/step_00000008 not saved: [Errno {errno.EACCES}] "
+                                                f"{os.strerror(errno.EACCES)}: '{root}/step_00000008.tmp/rng_rank1.json' on rank 1"),
+        (f"nan@10:{weight}", "false", 10, f"checkpoint of step 10 refused: model.{weight} on rank 1 holds NaN"),
+    ]:
+        proc = torchrun(["-m", "unroll.launch.cli", "train", str(chain), "parallel.dp_shard=2",
+                         f"checkpoint.async_save={async_save}"], 2, dict(env, FAULT=fault), timeout=400)
+        assert proc.returncode != 0, fault
+        # each rank reports the failure (the same one) and ends
+        assert proc.stderr.count(f"unroll train: error: {'' if 'nan' in fault else 'checkpoint '}") == 2, proc.stderr[-4000:]
+        assert proc.stderr.count(words) == 2, (fault, proc.stderr[-4000:])
+        assert last_step(run_dir) == stopped_at, fault
+        failed_save = int(fault.split("@")[1].split(":")[0])
+        assert [s for s, _ in checkpoint.complete_checkpoints(run_dir)] == list(range(2, failed_save, 2)), fault
+        assert not list(root.glob("*.tmp")), fault
+    torchrun_train(2, chain, offline_env, "parallel.dp_shard=2")  # no fault: from step 8 to the end
+    assert losses(run_dir) == losses(straight.parent / "straight2") and last_step(run_dir) == 12
+    assert [s for s, _ in checkpoint.complete_checkpoints(run_dir)] == list(range(2, 14, 2))

@@ -216,6 +216,7 @@ def _agreed(tmp: Path, final: Path, rank: int, write, *args):
             shutil.rmtree(tmp)
         except OSError as e:
             cleanup = f"the partial {tmp.name} could not be removed ({e}); the next save removes it"
+    D.barrier()  # no rank ends (and has torchrun stop the others) before rank 0 has removed it
     raise CheckpointError(f"checkpoint {final} not saved: {error}; {cleanup}, and the checkpoints saved before "
                           f"are kept (resume uses the newest)")
 
