@@ -100,10 +100,16 @@ def adam_steps(cfg) -> set[int]:
 BATCH = 4  # tiny_config's train.batch_size: step k (1-based) reads samples 4(k-1) ...
 
 
-def test_a_nan_gradient_is_not_applied_and_training_goes_on(tiny_config, monkeypatch, capsys):
-    clean = load_config(str(tiny_config("clean")))
+MOE = {"pattern": "MA", "mlp_pattern": "E", "n_heads": 2, "rope": False,
+       "m2rnn": {"k_dim": 8, "v_dim": 4, "v_heads": 8},
+       "moe": {"experts": 4, "top_k": 2, "hidden": 16, "bias_update_rate": 0.01}}
+
+
+@pytest.mark.parametrize("model", [{}, MOE], ids=["gru_attention", "m2rnn_moe"])
+def test_a_nan_gradient_is_not_applied_and_training_goes_on(model, tiny_config, monkeypatch, capsys):
+    clean = load_config(str(tiny_config("clean", model=model)))
     train(clean)
-    cfg = load_config(str(tiny_config("nan")))
+    cfg = load_config(str(tiny_config("nan", model=model)))
     seen = inject(monkeypatch, {BATCH * 5: "nan_grad"})  # step 6
     train(cfg)
     assert "step 6 not applied (gradient norm is nan): skipped, 1 so far" in capsys.readouterr().out
@@ -114,7 +120,10 @@ def test_a_nan_gradient_is_not_applied_and_training_goes_on(tiny_config, monkeyp
     assert [after[s]["loss"] for s in range(1, 6)] == [before[s] for s in range(1, 6)]
     assert 6 not in after and after[12]["skipped_steps"] == 1
     assert seen[6][1].keys() == seen[5][1].keys()
-    assert all(torch.equal(seen[6][1][k], seen[5][1][k]) for k in seen[5][1])  # weights untouched by step 6
+    # weights (and a MoE's expert biases) untouched by step 6
+    assert all(torch.equal(seen[6][1][k], seen[5][1][k]) for k in seen[5][1])
+    biases = [k for k in seen[5][1] if "expert_bias" in k]
+    assert bool(biases) == bool(model) and all(not torch.equal(seen[5][1][k], seen[4][1][k]) for k in biases)
     assert adam_steps(cfg) == {11}  # 12 steps, 11 applied
 
 
