@@ -126,9 +126,11 @@ def _checked(state: dict, path: Path) -> dict:
     for key, check in (("python", lambda s: random.Random().setstate(s)),
                        ("numpy", lambda s: np.random.RandomState().set_state(s)),
                        ("torch", lambda s: torch.Generator().set_state(s))):
+        if key not in state:
+            raise RNGStateError(f"{path}: no {key} RNG state")
         try:
             check(state[key])
-        except (TypeError, ValueError, OverflowError, RuntimeError, KeyError) as e:
+        except (TypeError, ValueError, OverflowError, RuntimeError) as e:
             raise RNGStateError(f"{path}: {key} is not a valid {key} RNG state ({e})") from None
     return state
 
@@ -152,9 +154,11 @@ def _read_legacy(path: Path) -> dict:
         why = (f"it asks for {found.group(1)}, which an RNG state never holds" if found and found.group(1) else
                f"not a torch.save file of RNG states ({found.group(2) if found else type(e).__name__})")
         raise RNGStateError(f"{path}: refused, not loaded (loading it could run code): {why}") from None
-    if not isinstance(state, dict):
-        raise RNGStateError(f"{path}: holds a {type(state).__name__}, not the dict of RNG states")
-    return _checked({k: tuple(v) if k in ("python", "numpy") else v for k, v in state.items()}, path)
+    try:
+        state = {k: tuple(v) if k in ("python", "numpy") else v for k, v in state.items()}
+    except (AttributeError, TypeError):
+        raise RNGStateError(f"{path}: not a dict of RNG states (python, numpy, torch)") from None
+    return _checked(state, path)
 
 
 def read(directory: Path, rank: int) -> dict:
