@@ -1,4 +1,5 @@
-"""Process-group setup for plain data parallelism under torchrun (gloo on CPU, NCCL on GPU)."""
+"""Process-group setup for plain data parallelism under torchrun (gloo on CPU, NCCL on GPU), and which
+of torchrun's restarts this is."""
 from __future__ import annotations
 
 import os
@@ -42,6 +43,13 @@ def init(device_pref: str, timeout_s: int = 600) -> DistInfo:
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
                                 device_id=device if device.type == "cuda" else None)
     return DistInfo(rank, world, local_rank, device)
+
+
+def restart_note() -> str:
+    """The trainer's `; restart R of N` when torchrun may restart the ranks (`--max-restarts N`): its agent
+    starts each attempt's ranks with the attempt in TORCHELASTIC_RESTART_COUNT (0 first); "" otherwise."""
+    allowed = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    return f"; restart {os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')} of {allowed}" if allowed else ""
 
 
 def barrier() -> None:

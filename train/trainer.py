@@ -339,7 +339,7 @@ def train(cfg: Config) -> dict:
                   f"{dist.world} rank(s) ({layout.describe()}) × {accum} micro-batch(es) of {micro} × {cfg.data.seq_len} tokens"
                   + (f"; {trainable:,} trainable (train.trainable={cfg.train.trainable!r})" if trainable else "")
                   + (f"; weights from {cfg.train.init_from}" if cfg.train.init_from and not state else "")
-                  + (f"; resumed at step {step}" if state else ""))
+                  + (f"; resumed at step {step}" if state else "") + D.restart_note())
     initial_val = state.get("initial_val_loss") if state else None
     if data.valid is not None and not state:
         initial_val = evaluate(model, data, cfg, dist, autocast, ranks, pipe)
