@@ -3,56 +3,14 @@ time (collective timeouts), with the rank's error in its own log file, once `--m
 rank killed while restarts remain makes torchrun restart every rank, which resume from the newest
 checkpoint to the very losses of an uninterrupted run; a signal torchrun forwards stops the job without
 a restart."""
-import os
 import re
 import time
 
 import pytest
 
 from conftest import run_cli
+from fault_hook import fault_env
 from unroll.train.metrics import read_metrics
-
-# Loaded by every process through PYTHONPATH; acts only in the worker of global rank 1 (torchrun's agent
-# has no RANK), on the attempt FAULT_ATTEMPT names (TORCHELASTIC_RESTART_COUNT; unset: every attempt). At
-# its FAULT_STEP-th optimizer step it raises, SIGKILLs itself, sends torchrun's agent SIGTERM (as Ctrl-C
-# or scancel would), or hangs outside any collective. The hung rank lets SIGTERM end it: otherwise
-# torchrun waits its fixed 30 s before SIGKILL, which only slows the test.
-FAULT = '''
-import os
-attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-if os.environ.get("RANK") == "1" and os.environ.get("FAULT_ATTEMPT", attempt) == attempt:
-    import signal
-    import time
-    import unroll.train.trainer as trainer
-    steps, original = [0], trainer.update_expert_bias
-
-    def faulty(*args):
-        steps[0] += 1
-        if steps[0] == int(os.environ["FAULT_STEP"]):
-            fault = os.environ["FAULT"]
-            if fault == "raise":
-                raise RuntimeError(f"injected failure on rank 1 at step {steps[0]}")
-            if fault == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
-            if fault == "signal":
-                os.kill(os.getppid(), signal.SIGTERM)
-            if fault == "hang":
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                time.sleep(3600)
-        return original(*args)
-
-    trainer.update_expert_bias = faulty
-'''
-
-
-def fault_env(tmp_path, offline_env, fault: str, step: int, attempt: str | None = None) -> dict:
-    """The environment that loads FAULT, ahead of what PYTHONPATH already holds (this checkout)."""
-    hook = tmp_path / "hook"
-    hook.mkdir(exist_ok=True)
-    (hook / "sitecustomize.py").write_text(FAULT)
-    env = dict(offline_env, PYTHONPATH=os.pathsep.join(filter(None, [str(hook), offline_env.get("PYTHONPATH")])),
-               FAULT=fault, FAULT_STEP=str(step))
-    return env if attempt is None else dict(env, FAULT_ATTEMPT=attempt)
 
 
 def launch(config, env, *flags, check: bool = False):
@@ -67,7 +25,7 @@ def rank_logs(run_dir) -> dict[tuple[str, str], str]:
 
 
 def trained(run_dir) -> dict:
-    """step → the figures a rerun must reproduce (the last row logged for each step)."""
+    """(step, validation row?) → the figures a rerun must reproduce (the last row logged for each)."""
     keys = ("loss", "grad_norm", "val_loss")
     return {(r["step"], "val_loss" in r): {k: r[k] for k in keys if k in r} for r in read_metrics(run_dir)}
 
