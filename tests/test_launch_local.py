@@ -4,7 +4,6 @@ rank killed while restarts remain makes torchrun restart every rank, which resum
 checkpoint to the very losses of an uninterrupted run; a signal torchrun forwards stops the job without
 a restart."""
 import re
-import time
 
 import pytest
 
@@ -34,9 +33,7 @@ def trained(run_dir) -> dict:
 def test_a_failing_or_hung_rank_ends_the_job(fault, restarts, tiny_config, offline_env, tmp_path):
     env = fault_env(tmp_path, offline_env, fault, step=3)  # on every attempt: a restart fails the same way
     config = tiny_config(fault, train={"steps": 500}, eval={"every": 0}, checkpoint={"every": 0})
-    start = time.monotonic()
     proc = launch(config, env, "--max-restarts", restarts, "run.collective_timeout_s=5")
-    elapsed = time.monotonic() - start
     assert proc.returncode != 0, proc.stdout[-2000:]
     rows = read_metrics(tmp_path / fault)
     # a step's loss is agreed before its optimizer step, where rank 1 fails: rank 0 logged 1-3, then stopped
@@ -47,8 +44,7 @@ def test_a_failing_or_hung_rank_ends_the_job(fault, restarts, tiny_config, offli
         for a in range(restarts + 1):
             assert "RuntimeError: injected failure on rank 1 at step 3" in logs[f"attempt_{a}", "1"]
         assert f"restart {restarts} of {restarts}" in proc.stdout
-    else:  # rank 0 waited in a collective after step 3 until run.collective_timeout_s
-        assert elapsed < 60, f"the job took {elapsed:.0f} s to end"
+    else:  # rank 0 waited in a collective after step 3 until run.collective_timeout_s ended the job
         assert "Timed out waiting 5000ms" in logs["attempt_0", "0"]
     assert "[rank0]:" in proc.stdout + proc.stderr  # rank 0's output on the console, marked with its rank
 
