@@ -293,12 +293,16 @@ def main(argv: list[str] | None = None) -> int:
     from unroll.train.checkpoint import CheckpointError
     from unroll.train.config import ConfigError
     from unroll.train.export_format import ExportError
+    from unroll.train.step_guard import TrainingDiverged
 
     try:
         return args.func(args)
     except (ConfigError, DataError, CheckpointError, ExportError, FileNotFoundError) as e:
         print(f"unroll {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"unroll {args.command}: stopped: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -4,14 +4,23 @@ writes RUN_DIR/slurm/job.sbatch and submits it with sbatch (not with --dry-run).
 The job runs one srun task per node; each runs torchrun, which meets the others by c10d rendezvous on
 the first node's address (its NodeAddr from `scontrol show node`: several nodes may share a hostname, and
 hostnames need not resolve) on a port derived from the job id, and starts one rank per GPU (or P ranks
-on CPU, gloo). A rank that fails, or a collective that times out (run.collective_timeout_s), ends the
-job: torchrun does not restart (--max-restarts 0) and srun kills the other nodes (--kill-on-bad-exit).
+on CPU, gloo).
+
+Failures: a rank that fails, or a collective that times out (run.collective_timeout_s), makes its node's
+torchrun restart its ranks, up to `--max-restarts` times (default 0), without leaving the allocation: the
+agent stops its ranks and joins a new round of the same c10d rendezvous (its id holds the requeue count,
+not the attempt), where the other nodes' agents follow, theirs failing too or, while still running,
+stopped as the rendezvous re-forms; every rank then resumes from the newest good checkpoint. Each
+node's agent counts only the failures it saw itself (TORCHELASTIC_RESTART_COUNT, the logs' attempt_N):
+a node restarted for another's failure keeps its count and rewrites its attempt_N logs. Once a node's
+torchrun has no restarts left it exits non-zero, and srun kills the other nodes (--kill-on-bad-exit).
 
 Preemption: SLURM sends the batch shell SIGUSR1 `--signal-lead` seconds before the time limit
 (`--signal=B:USR1@LEAD`; `scancel --batch --signal=USR1 JOB` does the same by hand). The script forwards
 it to every process of the job step (`scancel --signal=USR1`); the ranks agree on a step (an all-reduce
 of the flag), checkpoint and stop, and the script requeues the job (`scontrol requeue`). The requeued
-job runs the same script with the same run directory, so the trainer resumes from that checkpoint.
+job runs the same script with the same run directory, so the trainer resumes from that checkpoint. The
+signal reaches every node's torchrun too, which then shuts down rather than restarting its ranks.
 """
 from __future__ import annotations
 
@@ -22,7 +31,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from unroll.launch.local import PREFIX_ENV, torchrun_flags, train_args
+from unroll.launch.local import TORCHRUN_ENV, torchrun_flags, train_args
 
 CONTAINER_PYTHON = "/opt/venv/bin/python"  # docker/Dockerfile's environment
 
@@ -45,6 +54,7 @@ class SlurmJob:
     time: str = ""
     signal_lead: int = 120  # seconds before the time limit; 0: no warning signal
     shutdown_timeout: int = 90  # seconds the ranks get to checkpoint after the signal
+    max_restarts: int = 0  # in-job restarts of a node's ranks after a failure (torchrun --max-restarts)
     container_image: str = ""
     container_mounts: str = ""
     python: str = sys.executable
@@ -61,7 +71,7 @@ def _node_command(job: SlurmJob) -> str:
             "--rdzv-endpoint", "$UNROLL_RDZV_HOST:$UNROLL_RDZV_PORT", "--rdzv-id", "$SLURM_JOB_ID.$UNROLL_RESTART",
             # the first node hosts the rendezvous store: its hostname may be every node's
             "--rdzv-conf", 'is_host=$([ "$SLURM_NODEID" = 0 ] && echo 1 || echo 0)']
-    flags = torchrun_flags("$UNROLL_LOG_DIR/node$SLURM_NODEID", job.shutdown_timeout)
+    flags = torchrun_flags("$UNROLL_LOG_DIR/node$SLURM_NODEID", job.shutdown_timeout, job.max_restarts)
     quoted = [f'"{w}"' if "$" in w else shlex.quote(w) for w in rdzv + flags]
     lines = [f"exec {shlex.quote(job.python)} -m torch.distributed.run"]
     lines += [" ".join(quoted[i:i + 2]) for i in range(0, len(quoted), 2)]  # one option per line
@@ -85,7 +95,7 @@ def render(job: SlurmJob) -> str:
         srun += [f"--container-image={job.container_image}", f"--container-workdir={job.workdir}"]
         if job.container_mounts:
             srun.append(f"--container-mounts={job.container_mounts}")
-    prefix = "; ".join(f"export {k}={shlex.quote(v)}" for k, v in PREFIX_ENV.items())
+    exports = "; ".join(f"export {k}={shlex.quote(v)}" for k, v in TORCHRUN_ENV.items())
     return f"""#!/bin/bash
 # Written by `unroll launch slurm`: {job.nodes} node(s) × {job.procs_per_node} rank(s) \
 ({f'{job.gpus_per_node} GPU(s) per node' if job.gpus_per_node else 'CPU, gloo'}).
@@ -94,14 +104,14 @@ def render(job: SlurmJob) -> str:
 set -uo pipefail
 
 export RUN_DIR={shlex.quote(str(job.run_dir))}
-export UNROLL_RESTART=${{SLURM_RESTART_COUNT:-0}}
+export UNROLL_RESTART=${{SLURM_RESTART_COUNT:-0}}  # requeues; torchrun counts its in-job restarts itself
 nodes=($(timeout 60 scontrol show hostnames "$SLURM_JOB_NODELIST"))
 # The first node's address as SLURM knows it: hostnames may not resolve, or may all name one machine.
 export UNROLL_RDZV_HOST=$(timeout 60 scontrol show node "${{nodes[0]}}" | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2)
 export UNROLL_RDZV_PORT=$((20000 + SLURM_JOB_ID % 20000))
 export UNROLL_LOG_DIR="$RUN_DIR/logs/job$SLURM_JOB_ID.$UNROLL_RESTART"
-{prefix}
-echo "unroll: job $SLURM_JOB_ID (restart $UNROLL_RESTART) on ${{nodes[*]}}, rendezvous" \\
+{exports}
+echo "unroll: job $SLURM_JOB_ID (requeue $UNROLL_RESTART) on ${{nodes[*]}}, rendezvous" \\
      "$UNROLL_RDZV_HOST:$UNROLL_RDZV_PORT; per-rank logs in $UNROLL_LOG_DIR/node*/"
 
 preempted=0
@@ -145,6 +155,8 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds before the time limit SLURM sends SIGUSR1 (checkpoint, stop, requeue); 0: none")
     p.add_argument("--shutdown-timeout", type=int, default=90,
                    help="seconds the ranks get to checkpoint after SIGUSR1 before SIGKILL (default 90)")
+    p.add_argument("--max-restarts", type=int, default=0, help="times each node's torchrun restarts its ranks "
+                   "after a failure, within the job, resuming from the newest checkpoint (default 0)")
     p.add_argument("--container-image", default="", help="pyxis: run each node's torchrun in this image "
                    "(e.g. a squashfs from `enroot import dockerd://unroll:cuda`)")
     p.add_argument("--container-mounts", default=None,
@@ -172,6 +184,8 @@ def prepare(args) -> SlurmJob:
         raise ConfigError("with --gpus-per-node the ranks per node are the GPUs: leave out --nproc-per-node")
     if args.signal_lead < 0 or args.shutdown_timeout < 1:
         raise ConfigError("--signal-lead must be >= 0 and --shutdown-timeout >= 1")
+    if args.max_restarts < 0:
+        raise ConfigError(f"--max-restarts must be 0 or more, got {args.max_restarts}")
     workdir = Path.cwd()
     cfg = load_config(args.config, args.overrides)
     run_dir = (workdir / cfg.run.dir).resolve()
@@ -189,7 +203,8 @@ def prepare(args) -> SlurmJob:
                     gpus_per_node=0 if args.cpu else args.gpus_per_node,
                     job_name=args.job_name or f"unroll-{run_dir.name}", workdir=workdir, partition=args.partition,
                     account=args.account, time=args.time, signal_lead=args.signal_lead,
-                    shutdown_timeout=args.shutdown_timeout, container_image=args.container_image,
+                    shutdown_timeout=args.shutdown_timeout, max_restarts=args.max_restarts,
+                    container_image=args.container_image,
                     container_mounts=mounts if args.container_image else "",
                     python=args.python or (CONTAINER_PYTHON if args.container_image else sys.executable),
                     sbatch_args=args.sbatch_arg)
@@ -225,5 +240,5 @@ def main(argv: list[str]) -> int:
         return 1
     print(f"submitted job {job_id}: {script}")
     print(f"console (rank 0, torchrun): {str(job.log_file).replace('%j', job_id)}")
-    print(f"per-rank logs: {job.run_dir}/logs/job{job_id}.<restart>/node<N>/*/attempt_0/<local rank>/")
+    print(f"per-rank logs: {job.run_dir}/logs/job{job_id}.<requeue>/node<N>/*/attempt_<restart>/<local rank>/")
     return 0

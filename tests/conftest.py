@@ -90,6 +90,21 @@ def tiny_config(small_data, tmp_path):
     return make
 
 
+@pytest.fixture(scope="module")
+def config_at(small_data):
+    """config_at(root, name, **sections) → the tiny config (as a Config) with run.dir ROOT/NAME, for fixtures
+    wider than one test."""
+
+    def make(root: Path, name: str, **sections):
+        from unroll.train.config import load_config
+
+        path = root / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(tiny_config_dict(small_data, root / name, **sections)))
+        return load_config(str(path))
+
+    return make
+
+
 def run_cli(args: list[str], env: dict, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(UNROLL + [str(a) for a in args], env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

@@ -105,7 +105,8 @@ def test_flipped_shard_bytes_are_refused_kept_and_training_continues_exactly(str
     train(cfg)
     out, err = capsys.readouterr()
     assert "resumed at step 8" in out
-    assert re.search(f"checkpoint {root / 'step_00000012'} refused: " + SHARD_MISMATCH.format(rank=0, shard=shard.name), err)
+    refusal = f"checkpoint {root / 'step_00000012'} refused: " + SHARD_MISMATCH.format(rank=0, shard=shard.name)
+    assert re.search(refusal, err), err
     assert losses(cfg.run.dir) == losses(reference.run.dir)  # steps 9..20
     refused = root / "step_00000012.refused"
     assert {f.name: f.read_bytes() for f in refused.iterdir() if f.name != integrity.REFUSED} == damaged
@@ -120,7 +121,8 @@ def test_a_checkpoint_marked_refused_is_skipped_everywhere(straight):
     run_dir = straight.run.dir
     newest, previous = (checkpoint.checkpoint_root(run_dir) / f"step_{s:08d}" for s in (12, 8))
     integrity.mark_refused(newest, "flipped bytes, as a resume found them")
-    assert integrity.problem(newest) == f"marked {integrity.REFUSED} by an earlier load (flipped bytes, as a resume found them)"
+    marked = f"marked {integrity.REFUSED} by an earlier load (flipped bytes, as a resume found them)"
+    assert integrity.problem(newest) == marked
     assert checkpoint.good_checkpoints(run_dir)[-1][1] == previous
     assert checkpoint.resolve_checkpoint(run_dir, "train.init_from") == previous
     assert export.find_checkpoint(run_dir)[1] == previous
@@ -164,7 +166,7 @@ def test_manifest_records_every_file_and_the_model(straight):
     on_disk = {f.name for f in path.iterdir()} - {integrity.MANIFEST}
     assert set(manifest["files"]) == on_disk and manifest["step"] == 12
     shards = {name: size for name, size in manifest["files"].items() if name.endswith(".distcp")}
-    assert set(manifest["xxh3_128"]) == on_disk - set(shards) == {".metadata", "train_state.json", "rng_rank0.pt",
+    assert set(manifest["xxh3_128"]) == on_disk - set(shards) == {".metadata", "train_state.json", "rng_rank0.json",
                                                                    "checksums.json"}
     assert storage.untiled(storage.read_checksums(path), shards) is None  # every shard byte in an item
     assert manifest["model"]["pattern"] == "GA" and manifest["model"]["d_model"] == 32
@@ -220,7 +222,7 @@ def test_async_save_on_two_fsdp_ranks_equals_sync(tiny_config, offline_env):
     for step in (4, 8):
         pa, pb = (checkpoint.checkpoint_root(c.run.dir) / f"step_{step:08d}" for c in (a, b))
         assert integrity.problem(pb, b.model) is None
-        assert {f.name for f in pb.iterdir()} >= {"rng_rank0.pt", "rng_rank1.pt", "__1_0.distcp"}
+        assert {f.name for f in pb.iterdir()} >= {"rng_rank0.json", "rng_rank1.json", "__1_0.distcp"}
         assert_same_checkpoint(a, pa, pb)  # loaded in one process
 
 

@@ -2,9 +2,13 @@
 (train/checkpoint_storage.py), in one process: each kind of file corrupted is refused, named, marked REFUSED,
 and the previous checkpoint loaded whole; rotation never keeps a checkpoint that fails its checks in place of
 the newest good one, nor deletes a refused one; checkpoints saved before checksums still load."""
+import contextlib
+import errno
 import hashlib
 import json
+import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,8 +80,9 @@ DAMAGE = {
                               r"checksum \(corrupted\)"),
     "metadata": (flip_middle(".metadata"), r"file \.metadata does not match its checksum \(corrupted\)"),
     "checksums": (flip_middle("checksums.json"), r"file checksums\.json does not match its checksum \(corrupted\)"),
-    "rng": (flip_middle("rng_rank0.pt"), r"file rng_rank0\.pt does not match its checksum \(corrupted\)"),
-    "train_state": (flip_middle("train_state.json"), r"file train_state\.json does not match its checksum \(corrupted\)"),
+    "rng": (flip_middle("rng_rank0.json"), r"file rng_rank0\.json does not match its checksum \(corrupted\)"),
+    "train_state": (flip_middle("train_state.json"),
+                    r"file train_state\.json does not match its checksum \(corrupted\)"),
 }
 
 
@@ -164,3 +169,35 @@ def test_a_checkpoint_saved_before_checksums_still_loads_unverified(two_saves):
     assert equal(snapshot(model, optimizer), at_4)
     flip(path / checkpoint.STATE_FILE, 2)  # its small files are still checked
     assert "train_state.json does not match its checksum" in integrity.problem(path)
+
+
+def test_a_failed_write_in_any_writer_thread_fails_the_save(two_saves, monkeypatch):
+    """DCP writes io_threads files per rank on as many threads and reports only its own thread's failure;
+    a full disk under any one of the files stops the save, naming the file, and leaves nothing behind."""
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    run_dir, _ = two_saves
+    real = FileSystem.create_stream
+
+    class Full:
+        def __init__(self, raw):
+            self.raw = raw
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.raw.name))
+
+        def __getattr__(self, name):
+            return getattr(self.raw, name)
+
+    @contextlib.contextmanager
+    def create_stream(self, path, mode):
+        with real(self, path, mode) as raw:
+            yield Full(raw) if Path(path).name == "__0_3.distcp" else raw
+
+    monkeypatch.setattr(FileSystem, "create_stream", create_stream)
+    model, optimizer = fresh()
+    with pytest.raises(checkpoint.CheckpointError, match=r"step_00000012 not saved: \[Errno 28\] No space left on "
+                                                         r"device: '.*step_00000012\.tmp/__0_3\.distcp'"):
+        checkpoint.save(run_dir, 12, model, optimizer, {"samples_consumed": 48}, keep=5)
+    left = sorted(p.name for p in checkpoint.checkpoint_root(run_dir).iterdir())
+    assert left == ["step_00000004", "step_00000008"]

@@ -1,7 +1,9 @@
 """`unroll launch slurm` against a real SLURM (tests/slurm_cluster.py: munged, slurmctld and two slurmd
 on this host): a 2-node × 2-rank CPU job trains to completion; a job warned of preemption (SIGUSR1 to
 its batch shell, as `--signal=B:USR1@LEAD` sends it) checkpoints, is requeued and resumes to the very
-losses of the uninterrupted job. The script itself is checked without SLURM."""
+losses of the uninterrupted job; a rank killed mid-job with `--max-restarts 1` is restarted within the
+allocation, with every other rank, and they too reach those losses. The script itself is checked without
+SLURM."""
 import os
 import re
 import time
@@ -10,6 +12,7 @@ import pytest
 import yaml
 
 from conftest import run_cli, tiny_config_dict
+from fault_hook import fault_env
 from slurm_cluster import SlurmCluster, missing_binaries
 from unroll.launch.cli import main
 from unroll.train.metrics import read_metrics
@@ -44,18 +47,22 @@ def test_dry_run_writes_the_script(tmp_path, small_data, capsys):
     assert f"--container-mounts={os.getcwd()}:{os.getcwd()},{tmp_path}/gpu:{tmp_path}/gpu" in script
     for option in ["--nnodes 4", "--nproc-per-node 8", "--rdzv-backend c10d", "--max-restarts 0"]:
         assert f"    {option} \\\n" in script, option
+    assert "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in script  # each attempt's rank 0 hosts a fresh store
     frozen = yaml.safe_load((tmp_path / "gpu/slurm/config.yaml").read_text())
     assert frozen["train"]["steps"] == 7 and frozen["run"]["dir"] == str(tmp_path / "gpu")
     assert frozen["run"]["device"] == "auto"
 
-    code, out, _ = launch([config, "--nodes", "2", "--cpu", "--nproc-per-node", "3", "--dry-run",
-                           "run.dir=" + str(tmp_path / "cpu")], capsys)
+    code, out, _ = launch([config, "--nodes", "2", "--cpu", "--nproc-per-node", "3", "--max-restarts", "2",
+                           "--dry-run", "run.dir=" + str(tmp_path / "cpu")], capsys)
     assert "--gpus-per-node" not in out and "--container" not in out and "--nproc-per-node 3" in out
+    assert "    --max-restarts 2 \\\n" in out
     assert yaml.safe_load((tmp_path / "cpu/slurm/config.yaml").read_text())["run"]["device"] == "cpu"
 
     for bad, message in [(["--nodes", "2"], "either --gpus-per-node G"),
                          (["--nodes", "2", "--cpu"], "--cpu needs --nproc-per-node"),
                          (["--nodes", "0", "--cpu", "--nproc-per-node", "1"], "--nodes must be at least 1"),
+                         (["--nodes", "1", "--cpu", "--nproc-per-node", "1", "--max-restarts", "-1"],
+                          "--max-restarts must be 0 or more, got -1"),
                          (["--nodes", "1", "--cpu", "--nproc-per-node", "1", "train.stepz=3"], "train.stepz")]:
         code, _, err = launch([config, *bad, "--dry-run"], capsys)
         assert code == 2 and message in err, (bad, err)
@@ -77,9 +84,9 @@ def slurm(tmp_path_factory):
         cluster.stop()
 
 
-def submit(slurm, config, env) -> str:
+def submit(slurm, config, env, *flags) -> str:
     out = run_cli(["launch", "slurm", config, "--nodes", "2", "--cpu", "--nproc-per-node", "2",
-                   "--shutdown-timeout", "30"], dict(env, SLURM_CONF=str(slurm.conf)), timeout=120).stdout
+                   "--shutdown-timeout", "30", *flags], dict(env, SLURM_CONF=str(slurm.conf)), timeout=120).stdout
     return re.search(r"submitted job (\d+)", out).group(1)
 
 
@@ -142,4 +149,24 @@ def test_preempted_job_is_requeued_and_resumes_to_the_same_losses(slurm, uninter
     assert f"resumed at step {stopped}" in out  # from the checkpoint the signal made (no periodic ones)
     assert "requeueing job" in out and f"job {job_id} finished, exit status 0" in out
     assert (run_dir / "logs" / f"job{job_id}.1").is_dir()  # the requeued run: same run directory
+    assert losses(run_dir) == losses(straight)  # bit for bit
+
+
+def test_a_killed_rank_is_restarted_within_the_job_to_the_same_losses(slurm, uninterrupted, small_data,
+                                                                       offline_env, tmp_path):
+    straight, _ = uninterrupted
+    run_dir = tmp_path / "run"
+    config = tmp_path / "killed.yaml"
+    # checkpoints every 4 steps (the uninterrupted job's losses do not depend on them); rank 1 dies at
+    # step 6 of the first attempt. It shares a node with rank 0, whose torchrun therefore counts the restart.
+    sections = SECTIONS | {"checkpoint": {"every": 4}}
+    config.write_text(yaml.safe_dump(tiny_config_dict(small_data, run_dir, **sections)))
+    env = fault_env(tmp_path, offline_env, "kill", step=6, attempt="0")
+    job_id = submit(slurm, config, env, "--max-restarts", "1")
+    info = slurm.wait_job(job_id, timeout=240)
+    out = console(run_dir, job_id)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", (info, out)  # not requeued
+    assert re.search(r"\[rank0\]:model: .*; restart 0 of 1\n", out), out
+    assert "; resumed at step 4; restart 1 of 1\n" in out
+    assert list((run_dir / "logs" / f"job{job_id}.0").glob("node*/*/attempt_1/1/stderr.log"))
     assert losses(run_dir) == losses(straight)  # bit for bit

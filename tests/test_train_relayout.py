@@ -15,7 +15,7 @@ the losses; FSDP 2 × TP 2 → 1 process (test_train_parallel.py) and FSDP 2 →
 the step count only. The optimizer's groups are recorded by index, so build_optimizer gives the MoE experts
 their own group under every layout (1 process → EP 2 failed on a missing optim.param_groups.2 before).
 
-RNG: checkpoints keep every rank's RNG state (rng_rank{r}.pt); on more ranks than saved, the new ranks take
+RNG: checkpoints keep every rank's RNG state (rng_rank{r}.json); on more ranks than saved, the new ranks take
 rank 0's, on fewer the extra files are ignored. A rank's RNG state therefore does not carry over a layout
 change as it would in an uninterrupted run, and that is harmless because a training step draws no random
 numbers: the model has no dropout, routing and Newton solves are deterministic, the data order is a pure

@@ -5,7 +5,8 @@ Layout of RUN_DIR/checkpoints/step_00000100/:
                         reshards on load)
   checksums.json        a checksum of every item (tensor chunk) of every shard, taken as it was written and
                         checked as it is read (checkpoint_storage.py)
-  rng_rank{r}.pt        every RNG state of rank r (python, numpy, torch CPU, CUDA)
+  rng_rank{r}.json      every RNG state of rank r (python, numpy, torch CPU, CUDA): train/rng_state.py
+                        (checkpoints written before it hold rng_rank{r}.pt, still read, without running code)
   train_state.json      step, global samples consumed, and the rest of the loop's scalar state
   manifest.json         written last: every file's size, every other file's checksum, the model (integrity.py)
   REFUSED               only in a checkpoint a resume found damaged: the reason (integrity.py)
@@ -17,6 +18,15 @@ Good checkpoints are the complete ones that pass their checks (`good_checkpoints
 generation, growth and `train.init_from` all take the newest of them. Rotation (`keep`) counts only those,
 so it never deletes the newest good checkpoint for one that is not, and it reads no shard to decide; a
 refused checkpoint stays for the user (set aside as `step_N.refused` when its step is saved again).
+
+What a save refuses, on every rank at once (the ranks agree before going on, so none is left waiting):
+  non-finite state   before anything is written, each rank checks the tensors it would save (finite.py); a
+                     NaN or inf stops the save naming the tensor and the step, nothing is written
+  a failed write     a full or read-only disk, a denied permission, on any rank and in any file (DCP's
+                     shards, an RNG file, the manifest): the save stops naming the path and the OS error,
+                     its `.tmp` directory is removed, the checkpoints before it are untouched
+Loading runs no code from the checkpoint: DCP's pickled metadata and values through allowlists
+(dcp_safe_load.py), the RNG states and train state as JSON.
 
 A checkpoint resumes under another layout and world size: DCP reshards, tensor-parallel fused weights and
 expert-parallel experts are saved in the single-device layout (checkpoint_view, _expert_view), pipeline stages
@@ -31,14 +41,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import re
 import shutil
 import sys
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
@@ -53,7 +61,9 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from unroll.train import checkpoint_storage as storage
 from unroll.train import distributed as D
-from unroll.train import integrity
+from unroll.train import integrity, rng_state
+from unroll.train.dcp_safe_load import SafePlanner
+from unroll.train.finite import agreed_non_finite
 from unroll.train.tensor_parallel import checkpoint_view
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -101,18 +111,7 @@ def good_checkpoints(run_dir: str | Path, model_cfg=None) -> list[tuple[int, Pat
 
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    return rng_state.capture()
 
 
 @contextlib.contextmanager
@@ -134,12 +133,23 @@ def _fsync_dir(path: Path) -> None:
 def save(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
          train_state: dict, *, keep: int, rank: int = 0, io_threads: int = storage.IO_THREADS) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint path."""
+    view = save_view(model, optimizer)
+    refuse_non_finite(run_dir, step, view)
     tmp, final = begin_save(run_dir, step, rank)
     with _quiet_single_process():
-        dcp.save(save_view(model, optimizer), checkpoint_id=str(tmp),
-                 storage_writer=storage.ChecksummingWriter(tmp, thread_count=io_threads))
+        writer = storage.ChecksummingWriter(tmp, thread_count=io_threads)
+        _agreed(tmp, final, rank, lambda: dcp.save(view, checkpoint_id=str(tmp), storage_writer=writer))
     return finish_save(run_dir, tmp, final, step, train_state, keep=keep, rank=rank, rng=_rng_state(),
                        model_cfg=getattr(model, "cfg", None))
+
+
+def refuse_non_finite(run_dir: str | Path, step: int, view: dict) -> None:
+    """Collective, before anything is written: a NaN or inf in any rank's part of `view` (save_view's
+    result) refuses the save on every rank, naming the first such tensor."""
+    bad = agreed_non_finite(view)
+    if bad:
+        raise CheckpointError(f"checkpoint of step {step} refused: {bad} holds NaN or inf values; nothing was "
+                              f"written, the checkpoints in {checkpoint_root(run_dir)} are as they were")
 
 
 def begin_save(run_dir: str | Path, step: int, rank: int) -> tuple[Path, Path]:
@@ -147,12 +157,15 @@ def begin_save(run_dir: str | Path, step: int, rank: int) -> tuple[Path, Path]:
     root = checkpoint_root(run_dir)
     final = root / f"step_{step:08d}"
     tmp = root / f"{final.name}.tmp"
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob("*.tmp"):  # left by an interrupted save
-            shutil.rmtree(stale)
-        tmp.mkdir()
-    D.barrier()
+
+    def make_tmp():
+        if rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            for stale in root.glob("*.tmp"):  # left by an interrupted save
+                shutil.rmtree(stale)
+            tmp.mkdir()
+
+    _agreed(tmp, final, rank, make_tmp)
     return tmp, final
 
 
@@ -167,27 +180,73 @@ def finish_save(run_dir: str | Path, tmp: Path, final: Path, step: int, train_st
                 rank: int, rng: dict, model_cfg=None) -> Path:
     """Collective, once DCP has written the shards: RNG states, train state, the manifest (last), the
     rename to the final name, and the pruning of old checkpoints."""
-    root = checkpoint_root(run_dir)
-    torch.save(rng, tmp / f"rng_rank{rank}.pt")
-    D.barrier()
+    _agreed(tmp, final, rank, rng_state.write, tmp / rng_state.file_name(rank), rng)
+
+    def complete():
+        if rank == 0:
+            with open(tmp / STATE_FILE, "w") as f:
+                json.dump({**train_state, "step": step}, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            integrity.write_manifest(tmp, step, model_cfg)
+            _fsync_dir(tmp)
+            _make_room(final)
+            os.rename(tmp, final)
+            _fsync_dir(final.parent)
+
+    _agreed(tmp, final, rank, complete)
     if rank == 0:
-        with open(tmp / STATE_FILE, "w") as f:
-            json.dump({**train_state, "step": step}, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        integrity.write_manifest(tmp, step, model_cfg)
-        _fsync_dir(tmp)
-        _make_room(final)
-        os.rename(tmp, final)
-        _fsync_dir(root)
-        # Keep the newest `keep` good checkpoints up to this step, this one only if it passes its checks too.
-        # Ones that fail them are left for the user (resume skips them), and newer ones left by a resume that
-        # fell back do not count.
-        good = [path for s, path in good_checkpoints(run_dir) if s <= step]
-        for old in good[:-keep]:
-            shutil.rmtree(old)
-    D.barrier()
+        _prune(run_dir, step, keep)
     return final
+
+
+def _prune(run_dir: str | Path, step: int, keep: int) -> None:
+    """Keeps the newest `keep` good checkpoints up to `step`, the one just saved only if it passes its checks
+    too. Ones that fail them are left for the user (resume skips them), and newer ones left by a resume that
+    fell back do not count. One that cannot be removed is reported and left: the checkpoint just saved is
+    complete."""
+    good = [path for s, path in good_checkpoints(run_dir) if s <= step]
+    for old in good[:-keep]:
+        try:
+            shutil.rmtree(old)
+        except OSError as e:
+            print(f"unroll: old checkpoint {old} not removed: {e}", file=sys.stderr, flush=True)
+
+
+def _agreed(tmp: Path, final: Path, rank: int, write, *args):
+    """Collective: this rank's part of writing checkpoint `final` into `tmp` (write(*args)). A failed write
+    on any rank (a full or read-only disk, a denied permission: an OSError, also inside DCP, which reports
+    every rank's failure to all of them) stops every rank with a CheckpointError naming the path and the
+    error, once rank 0 has removed the partial `tmp`; the checkpoints saved before are not touched."""
+    error, result = None, None
+    try:
+        result = write(*args)
+    except OSError as e:
+        error = _describe(e, rank, tmp)
+    except CheckpointException as e:  # DCP's own exception derives from BaseException
+        failed, (cause, _) = min(e.failures.items(), key=lambda item: item[0])
+        error = _describe(cause, failed, tmp)
+    error = D.first_reported(error)
+    if error is None:
+        return result
+    cleanup = f"the partial {tmp.name} is removed"
+    if rank == 0 and tmp.exists():
+        try:
+            shutil.rmtree(tmp)
+        except OSError as e:
+            cleanup = f"the partial {tmp.name} could not be removed ({e}); the next save removes it"
+    D.barrier()  # no rank ends (and has torchrun stop the others) before rank 0 has removed it
+    raise CheckpointError(f"checkpoint {final} not saved: {error}; {cleanup}, and the checkpoints saved before "
+                          f"are kept (resume uses the newest)")
+
+
+def _describe(e: BaseException, rank: int, tmp: Path) -> str:
+    """"[Errno 28] No space left on device: 'PATH'" (on rank R), PATH the file or else the directory."""
+    if isinstance(e, OSError):
+        text = str(e if e.filename else OSError(e.errno, e.strerror or str(e), str(tmp)))
+    else:
+        text = f"writing {tmp}: {type(e).__name__}: {e}"
+    return f"{text} on rank {rank}" if torch.distributed.is_initialized() else text
 
 
 def _make_room(final: Path) -> None:
@@ -226,7 +285,8 @@ def _dcp_load(state: dict, path: Path, model_cfg=None, io_threads: int = storage
     reader = storage.VerifyingReader(path, checksums, thread_count=io_threads)
     try:
         with _quiet_single_process():
-            dcp.load(checkpoint_view(state), checkpoint_id=str(path), storage_reader=reader)  # in place
+            dcp.load(checkpoint_view(state), checkpoint_id=str(path),  # fills `state`'s tensors in place
+                     storage_reader=reader, planner=SafePlanner())  # runs no code from it
     except (Exception, CheckpointException) as e:  # DCP's own exception derives from BaseException
         corrupt = storage.corruption(e) if isinstance(e, CheckpointException) else None
         if corrupt:  # raised by one rank's reader; DCP hands every rank the same failures
@@ -262,13 +322,29 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     _dcp_load(_expert_view(model, state), path, getattr(model, "cfg", None), io_threads)
+    rng, train_state = _read_small_files(path, rank)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    rng_file = path / f"rng_rank{rank}.pt"
-    if not rng_file.is_file():  # resumed on more ranks than saved: all ranks draw the same in DP
-        rng_file = path / "rng_rank0.pt"
-    _set_rng_state(torch.load(rng_file, weights_only=False))
-    with open(path / STATE_FILE) as f:
-        return json.load(f)
+    rng_state.restore(rng)
+    return train_state
+
+
+def _read_small_files(path: Path, rank: int) -> tuple[dict, dict]:
+    """Collective: (this rank's RNG states, the train state), read as JSON (a legacy RNG .pt file without
+    running code); refused on every rank when any rank cannot use its files."""
+    reason, found = None, ({}, {})
+    try:
+        train_state = json.loads((path / STATE_FILE).read_text())
+        if not isinstance(train_state, dict) or not isinstance(train_state.get("step"), int):
+            raise ValueError("no integer step")
+        found = (rng_state.read(path, rank), train_state)
+    except rng_state.RNGStateError as e:
+        reason = str(e)
+    except (OSError, ValueError) as e:
+        reason = f"{path / STATE_FILE}: unreadable ({e})"
+    reason = D.first_reported(reason)
+    if reason:
+        raise CheckpointError(f"checkpoint {path} refused: {reason}")
+    return found
 
 
 def load_latest(run_dir: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -49,9 +49,12 @@ import xxhash
 from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemReader, FileSystemWriter, _StorageInfo
+from torch.distributed.checkpoint.filesystem import FileSystem, _StorageInfo
 from torch.distributed.checkpoint.planner import LoadItemType
 from torch.futures import Future
+
+from unroll.train.dcp_safe_load import SafeReader
+from unroll.train.dcp_writer import ErrnoKeepingWriter, _keeping_os_error
 
 CHECKSUMS = "checksums.json"
 SHARD_SUFFIX = ".distcp"
@@ -125,17 +128,20 @@ class _HashingStream:
 class _HashingFileSystem(FileSystem):
     def __init__(self):
         self.items: dict[str, dict[int, tuple[int, str]]] = {}  # file name → {offset: (length, digest)}
+        self.errors: list[BaseException] = []  # failures while writing a file, whichever thread wrote it
 
     @contextlib.contextmanager
     def create_stream(self, path, mode):
-        if "w" not in mode:
-            with super().create_stream(path, mode) as stream:
-                yield stream
-            return
-        with open(path, mode) as raw:
+        with super().create_stream(path, mode) as raw:
+            if "w" not in mode:
+                yield raw
+                return
             stream = _HashingStream(raw)
             try:
                 yield stream
+            except BaseException as e:
+                self.errors.append(e)
+                raise
             finally:
                 stream.end_item()
                 self.items[Path(path).name] = stream.items
@@ -148,8 +154,9 @@ class _HashedInfo(_StorageInfo):
     xxh3_128: str = ""
 
 
-class ChecksummingWriter(FileSystemWriter):
-    """DCP's FileSystemWriter (`thread_count` files per rank written at once, each fsynced) that hashes every
+class ChecksummingWriter(ErrnoKeepingWriter):
+    """DCP's FileSystemWriter (`thread_count` files per rank written at once, each fsynced; a failed write
+    raised as the OSError behind it: dcp_writer.py) that hashes every
     item as it writes it; the coordinator writes the digests to `checksums.json` before `.metadata`. For
     async saves (`background`) it keeps the staged CPU copy between saves (no new allocation each time) and
     writes at the lowest CPU priority."""
@@ -175,9 +182,14 @@ class ChecksummingWriter(FileSystemWriter):
             # writer threads it starts give way to training's threads (never the main thread's own)
             with contextlib.suppress(OSError):
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
-        self.fs.items = {}
-        with _no_record_crc32():
+        self.fs.items, self.fs.errors = {}, []
+        with _no_record_crc32(), _keeping_os_error(self.path):
             results = super().write_data(plan, planner).wait()
+            if self.fs.errors:  # DCP reports only its calling thread's failure, not its other writer threads'
+                raise self.fs.errors[0]
+        if len(results) != len(plan.items):
+            raise RuntimeError(f"{self.path}: {len(plan.items) - len(results)} of the {len(plan.items)} items of "
+                               f"this rank were not written")
         hashed = []
         for result in results:
             info = result.storage_data
@@ -263,9 +275,11 @@ class _MemoryFile(io.RawIOBase):
         return self.pos
 
 
-class VerifyingReader(FileSystemReader):
-    """DCP's FileSystemReader with every item verified against `checksums` ({file: {offset: (length,
-    digest)}}; None for a checkpoint saved before checksums, read unverified), `thread_count` items at once."""
+class VerifyingReader(SafeReader):
+    """DCP's FileSystemReader (`.metadata` unpickled through an allowlist: dcp_safe_load.py) with every item
+    verified against `checksums` ({file: {offset: (length, digest)}}; None for a checkpoint saved before
+    checksums, read unverified) and `thread_count` items read at once. Pair it with SafePlanner, which reads
+    the non-tensor values without running code."""
 
     def __init__(self, path: str | os.PathLike, checksums: dict | None, *, thread_count: int = IO_THREADS):
         super().__init__(path)

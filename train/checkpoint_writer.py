@@ -1,18 +1,22 @@
 """Saving checkpoints while training goes on (checkpoint.async_save=true), or in line (the default).
 
-With async saving, `save` copies the model and optimizer state to CPU memory and returns; a background
-thread (torch.distributed.checkpoint.async_save) writes the shards while the next steps run. The copy goes
-into buffers kept from the previous save (one ChecksummingWriter for the run, staging with
-cache_staged_state_dict), so after the first save it is a memcpy without allocation or page faults. The
-background write takes the GIL only to pickle each item's small header (hashing, writes and fsyncs release
-it), costs less CPU than DCP's own (no CRC-32 pass: checkpoint_storage.py), and runs at the lowest CPU
-priority (nice 19, its threads only, on Linux), so that on a CPU-bound run it takes the time training leaves
-rather than slowing its steps. `unroll bench checkpoint` measured on a shared 2-core machine, 1.24 GB of
-state, torch on both cores: `save` held the loop 0.07-0.1 s against 0.6-0.9 s for a synchronous save; two
-training steps during the write took 1.7x their time alone at normal priority, 0.9-1.2x at nice 19 (five
-runs; noisy, the machine being shared). The checkpoint is finished
-(RNG states and train state as they were at the save, the manifest, the rename to step_N) when the write is
-done: at the next save, which waits for it first, or at `wait`, which the trainer calls before it returns. A run killed before then leaves a `.tmp` directory that resume
+With async saving, `save` checks the model and optimizer state for NaN and inf (as a synchronous save
+does), copies it to CPU memory and returns; a background thread (torch.distributed.checkpoint.async_save)
+writes the shards while the next steps run. The copy goes into buffers kept from the previous save (one
+ChecksummingWriter for the run, staging with cache_staged_state_dict), so after the first save it is a
+memcpy without allocation or page faults. The background write takes the GIL only to pickle each item's
+small header (hashing, writes and fsyncs release it), costs less CPU than DCP's own (no CRC-32 pass:
+checkpoint_storage.py), and runs at the lowest CPU priority (nice 19, its threads only, on Linux), so that on
+a CPU-bound run it takes the time training leaves rather than slowing its steps. `unroll bench checkpoint`
+measured on a shared 2-core machine, 1.24 GB of state, torch on both cores: `save` held the loop 0.07-0.1 s
+against 0.6-0.9 s for a synchronous save; two training steps during the write took 1.7x their time alone at
+normal priority, 0.9-1.2x at nice 19 (five runs; noisy, the machine being shared).
+
+The checkpoint is finished (RNG states and train state as they were at the save, the manifest, the rename
+to step_N) as soon as the write is done on every rank: `poll`, which the trainer calls once per step, sees it
+(one tiny all-reduce while a write is pending) and finishes it, or raises the write's failure (a full disk,
+on any rank) on every rank at that step, not only at the next save; the next save and `wait`, which the
+trainer calls before it returns, finish it too. A run killed before then leaves a `.tmp` directory that resume
 ignores: the previous checkpoint is used, nothing already saved is lost.
 
 Process groups: in one process async_save needs none (DCP saves as a single process, as the synchronous
@@ -31,8 +35,19 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from unroll.train import checkpoint
+from unroll.train import checkpoint, distributed as D
 from unroll.train import checkpoint_storage as storage
+
+
+def _result(future: Future):
+    """The background write's outcome; any failure as DCP's CheckpointException, which _agreed reports."""
+    try:
+        return future.result()
+    except CheckpointException:
+        raise
+    except Exception as e:  # not a DCP-wrapped failure: keep it, with the rank that saw it
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        raise CheckpointException(f"async checkpoint write failed: {e}", {rank: (e, None)}) from e
 
 
 class CheckpointWriter:
@@ -61,29 +76,37 @@ class CheckpointWriter:
         group = self._process_group()
         if group is None:  # DCP warns from its writer thread, outside _quiet_single_process; one process is meant
             warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        view = checkpoint.save_view(model, optimizer)
+        checkpoint.refuse_non_finite(self.run_dir, step, view)  # before staging: nothing is copied or written
         tmp, final = checkpoint.begin_save(self.run_dir, step, self.rank)
         if self._storage is None:
             self._storage = storage.ChecksummingWriter(tmp, thread_count=self.io_threads, background=True)
         with checkpoint._quiet_single_process():
-            future: Future = dcp.async_save(checkpoint.save_view(model, optimizer), checkpoint_id=str(tmp),
-                                            storage_writer=self._storage, process_group=group,
-                                            no_dist=group is None)
+            future: Future = dcp.async_save(view, checkpoint_id=str(tmp), storage_writer=self._storage,
+                                            process_group=group, no_dist=group is None)
         # Everything the checkpoint records besides the shards is taken now, at the step it belongs to.
         self._pending = (future, dict(tmp=tmp, final=final, step=step, train_state=dict(train_state),
                                       keep=self.keep, rank=self.rank, rng=checkpoint._rng_state(),
                                       model_cfg=getattr(model, "cfg", None)))
 
+    def poll(self, device: torch.device) -> Path | None:
+        """Collective, once per step, returns at once while a background write goes on anywhere: once it
+        is done on every rank, finishes the checkpoint (returns its path) or raises its failure on every
+        rank as a CheckpointError."""
+        if self._pending is None or D.any_rank(not self._pending[0].done(), device):
+            return None
+        return self.wait()
+
     def wait(self) -> Path | None:
-        """Collective. Finishes the pending async save, if any; returns its final path."""
+        """Collective. Finishes the pending async save, if any; returns its final path. A failed write
+        (on any rank) raises a CheckpointError on every rank, naming the path and the error, once its
+        `.tmp` directory is removed."""
         if self._pending is None:
             return None
         future, args = self._pending
         self._pending = None
-        try:
-            with checkpoint._quiet_single_process():
-                future.result()
-        except (Exception, CheckpointException) as e:  # DCP's own exception derives from BaseException
-            raise checkpoint.CheckpointError(f"async checkpoint {args['tmp']} failed: {e}") from e
+        with checkpoint._quiet_single_process():
+            checkpoint._agreed(args["tmp"], args["final"], self.rank, _result, future)
         return checkpoint.finish_save(self.run_dir, **args)
 
     def close(self, finish: bool) -> None:

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from unroll.models.config import ModelConfig
+from unroll.train.step_guard import SPIKE_POLICIES
 
 
 class ConfigError(ValueError):
@@ -28,6 +29,8 @@ class RunConfig:
     dtype: str = "auto"  # autocast: auto (bfloat16 on cuda, float32 on cpu) | float32 | bfloat16
     threads: int = 0  # CPU intra-op threads; 0 = torch's default
     collective_timeout_s: int = 600  # a collective waiting longer (a dead or hung rank) raises: the job ends
+    step_timeout_s: int = 1800  # an iteration of the loop (step, logging, validation, checkpoint) running longer
+    #   dumps every thread's stack into the rank's log and ends the rank (train/watchdog.py); 0 = off
 
 
 @dataclass
@@ -52,6 +55,12 @@ class TrainConfig:
     #   directory (its newest checkpoint) or a checkpoint directory; "" = random init. Ignored on resume.
     trainable: str = ""  # regex over parameter names: only matches are trained, the rest frozen; "" = all
     loss_chunk: int = 1024  # tokens per logits chunk of the loss (recomputed in the backward); 0 = all at once
+    # Steps not applied (train/step_guard.py): a non-finite loss or gradient norm always; a loss spike optionally
+    max_bad_steps: int = 10  # this many in a row stop the run with an error (its checkpoints kept)
+    spike_factor: float = 0.0  # a loss above this × the median of the last spike_window applied steps' is a spike; 0 = off
+    spike_window: int = 100  # applied steps whose median loss is the reference (no verdict until it is full)
+    spike_policy: str = "skip"  # skip: the step is not applied | rollback: reload the newest checkpoint, go on
+    #   with the data after the spike's batch
 
 
 @dataclass
@@ -204,6 +213,13 @@ def validate(cfg: Config) -> None:
     need(cfg.train.loss_chunk >= 0, "train.loss_chunk",
          f"tokens per logits chunk must be >= 0 (0 = all at once), got {cfg.train.loss_chunk}")
     need(cfg.train.log_every > 0, "train.log_every", f"must be positive, got {cfg.train.log_every}")
+    need(cfg.train.max_bad_steps >= 1, "train.max_bad_steps", f"must be >= 1, got {cfg.train.max_bad_steps}")
+    need(cfg.train.spike_factor == 0 or cfg.train.spike_factor > 1, "train.spike_factor",
+         f"must be 0 (off) or above 1 (a multiple of the median loss), got {cfg.train.spike_factor}")
+    need(cfg.train.spike_window >= 1, "train.spike_window", f"must be >= 1, got {cfg.train.spike_window}")
+    need(cfg.train.spike_policy in SPIKE_POLICIES, "train.spike_policy",
+         f"must be one of {', '.join(SPIKE_POLICIES)}, got {cfg.train.spike_policy!r}")
+    need(cfg.run.step_timeout_s >= 0, "run.step_timeout_s", f"must be >= 0 (0 = off), got {cfg.run.step_timeout_s}")
     need(cfg.train.activation_checkpoint in ("none", "full", "mlp"), "train.activation_checkpoint",
          f"must be none, full or mlp, got {cfg.train.activation_checkpoint!r}")
     try:

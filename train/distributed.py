@@ -1,4 +1,5 @@
-"""Process-group setup for plain data parallelism under torchrun (gloo on CPU, NCCL on GPU)."""
+"""Process-group setup for plain data parallelism under torchrun (gloo on CPU, NCCL on GPU), and which
+of torchrun's restarts this is."""
 from __future__ import annotations
 
 import os
@@ -44,6 +45,13 @@ def init(device_pref: str, timeout_s: int = 600) -> DistInfo:
     return DistInfo(rank, world, local_rank, device)
 
 
+def restart_note() -> str:
+    """The trainer's `; restart R of N` when torchrun may restart the ranks (`--max-restarts N`): its agent
+    starts each attempt's ranks with the attempt in TORCHELASTIC_RESTART_COUNT (0 first); "" otherwise."""
+    allowed = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    return f"; restart {os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')} of {allowed}" if allowed else ""
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -62,6 +70,16 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def first_reported(message: str | None) -> str | None:
+    """Collective: the first message any rank reported (in rank order), on every rank; None when none did.
+    A failure one rank sees (a file it could not write) thus stops every rank at the same point."""
+    if not dist.is_initialized():
+        return message
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, message)
+    return next((m for m in seen if m), None)
 
 
 def shutdown(clean: bool = True) -> None:

@@ -19,7 +19,10 @@ A transformers directory without the unroll files (a model from elsewhere) impor
 architecture is one of the four and its math is unroll's (see train/hf_layout.py).
 
 Reading needs neither torch.distributed.checkpoint nor the optimizer or trainer: `load_export` builds the
-LM from the files alone (what `unroll generate EXPORT_DIR` calls).
+LM from the files alone (what `unroll generate EXPORT_DIR` calls). It reads only safetensors, JSON and
+YAML, none of which can run code: a directory whose weights are pickled (transformers' pytorch_model.bin,
+a torch.save .pt/.pth/.ckpt) is refused, naming the file, and a shard index may name only .safetensors
+files beside it.
 """
 from __future__ import annotations
 
@@ -36,6 +39,8 @@ from unroll.train.hf_layout import LayoutError, from_hf, model_fields
 WEIGHTS, TOKENIZER, CONFIG, META, HF_CONFIG = ("model.safetensors", "tokenizer.model", "unroll_config.yaml",
                                                "unroll_export.json", "config.json")
 SHARD_INDEX = "model.safetensors.index.json"  # transformers' save_pretrained splits large models
+# weights saved with pickle (torch.save, transformers' older default): loading them can run code
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
 
 
 class ExportError(ValueError):
@@ -57,6 +62,14 @@ def is_export(path: str | Path) -> bool:
     return weights and ((path / META).is_file() or (path / HF_CONFIG).is_file())
 
 
+def pickled_weights(path: str | Path) -> Path | None:
+    """A pickle-format weights file in the directory `path`, if it holds one and no safetensors weights."""
+    path = Path(path)
+    if (path / WEIGHTS).is_file() or (path / SHARD_INDEX).is_file() or not path.is_dir():
+        return None
+    return next((f for pattern in PICKLED_WEIGHTS for f in sorted(path.glob(pattern)) if f.is_file()), None)
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -68,6 +81,11 @@ def read_export(path: str | Path) -> Export:
     path = Path(path)
     if not path.is_dir():
         raise ExportError(f"{path}: no such export directory")
+    pickled = pickled_weights(path)
+    if pickled is not None:
+        raise ExportError(f"{pickled}: pickled weights, not read (unpickling can run code); unroll reads only "
+                          f"{WEIGHTS} (or {SHARD_INDEX} and its shards): save them as safetensors, e.g. "
+                          f"transformers' save_pretrained(DIR, safe_serialization=True)")
     if not is_export(path):
         raise ExportError(f"{path}: not an export (needs {WEIGHTS} or {SHARD_INDEX}, and {META} or {HF_CONFIG})")
     meta = _read_json(path / META) if (path / META).is_file() else {}
@@ -93,7 +111,12 @@ def _load_weights(path: Path) -> dict:
     """model.safetensors, or every shard that model.safetensors.index.json names."""
     files = [path / WEIGHTS]
     if not files[0].is_file():
-        files = [path / f for f in sorted(set(_read_json(path / SHARD_INDEX).get("weight_map", {}).values()))]
+        names = sorted(set(_read_json(path / SHARD_INDEX).get("weight_map", {}).values()))
+        odd = [n for n in names if not isinstance(n, str) or Path(n).name != n or not n.endswith(".safetensors")]
+        if odd:
+            raise ExportError(f"{path / SHARD_INDEX}: names {odd[0]!r}; its shards must be .safetensors files "
+                              f"beside it")
+        files = [path / f for f in names]
     tensors = {}
     for file in files:
         try:

@@ -10,7 +10,7 @@ import torch
 from unroll.data.tokenizer import Tokenizer
 from unroll.models import LM
 from unroll.models.generate import sample
-from unroll.train.export_format import is_export, load_export
+from unroll.train.export_format import is_export, load_export, pickled_weights
 from unroll.train.rundir import CONFIG_FILE, TOKENIZER_FILE
 
 
@@ -34,8 +34,10 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[LM, Tokenizer, i
 
 
 def load_model(path: str | Path, device: str = "cpu") -> tuple[LM, Tokenizer, int]:
-    """A run directory or an export directory → (model, tokenizer, step)."""
-    return load_export(path, device) if is_export(path) else load_run(path, device)
+    """A run directory or an export directory → (model, tokenizer, step); a directory of pickled weights
+    is taken as an export, which load_export refuses naming the file."""
+    export = is_export(path) or (not (Path(path) / CONFIG_FILE).is_file() and pickled_weights(path))
+    return load_export(path, device) if export else load_run(path, device)
 
 
 def generate_text(run_dir: str | Path, prompt: str, *, max_new_tokens: int = 200, temperature: float = 0.8,

@@ -15,8 +15,9 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The run's rows, one per (kind, step); where a resumed run logged a step again (it re-does the
-    steps after its checkpoint), the later row wins."""
+    """The run's rows, one per (kind, step): train, val, and each kind of event (a step not applied, a
+    rollback); where a resumed or rolled-back run logged a step again (it re-does the steps after its
+    checkpoint), the later row wins."""
     path = Path(run_dir) / METRICS_FILE
     rows: dict[tuple[str, int], dict] = {}
     if path.is_file():
@@ -29,8 +30,9 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
                     row = json.loads(line)
                 except json.JSONDecodeError:  # a line cut short by a kill mid-write
                     continue
-                rows[("val" if "val_loss" in row else "train", row["step"])] = row
-    return sorted(rows.values(), key=lambda r: (r["step"], "val_loss" in r))
+                kind = row.get("event") or ("val" if "val_loss" in row else "train")
+                rows[(kind, row["step"])] = row
+    return sorted(rows.values(), key=lambda r: (r["step"], "event" in r, "val_loss" in r))
 
 
 class Metrics:
@@ -66,14 +68,20 @@ class Metrics:
         self.file.flush()
         if self.wandb is not None:
             # per-expert lists stay in metrics.jsonl; wandb gets the scalars
-            self.wandb.log({k: v for k, v in row.items() if k != "step" and not isinstance(v, list)}, step=row["step"])
-        if "loss" in row:
+            self.wandb.log({k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))},
+                           step=row["step"])
+        if "loss" in row and "event" not in row:
             self.bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
         if "val_loss" in row:
             self.write(f"step {row['step']}: val_loss {row['val_loss']:.4f}  val_ppl {row['val_ppl']:.2f}")
 
     def advance(self, steps: int = 1) -> None:
         self.bar.update(steps)
+
+    def rewind(self, step: int) -> None:
+        """After a rollback: the bar stands at the step the run went back to."""
+        self.bar.n = step
+        self.bar.refresh()
 
     def write(self, text: str) -> None:
         """A message to stdout (the bar, on stderr, is cleared and redrawn around it)."""

@@ -14,7 +14,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r and "event" not in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     if not train and not val:
         raise FileNotFoundError(f"{run_dir / 'metrics.jsonl'}: no metrics to plot")

@@ -28,6 +28,8 @@ from unroll.train.plot import plot_run
 from unroll.train.rundir import prepare_run_dir
 from unroll.train.schedule import lr_at
 from unroll.train.signals import StopRequest
+from unroll.train.step_guard import StepGuard, TrainingDiverged, Verdict
+from unroll.train.watchdog import Watchdog
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
@@ -234,12 +236,17 @@ class StepResult:
     aux_sum: torch.Tensor  # its MoE balancing losses summed
     grad_norm: torch.Tensor | None
     counts: torch.Tensor | None  # MoE assignments of the step, [MoE layers, experts], summed over ranks
+    loss: float | None = None  # with a guard: the step's mean loss over every rank, and its MoE balancing loss
+    aux: float | None = None
+    verdict: Verdict | None = None  # with a guard: why the step was not applied; None when it was
 
 
 def train_step(t: Training, cfg: Config, batches: Callable[[int, int], torch.Tensor], first: int, lr: float,
-               device: torch.device) -> StepResult:
+               device: torch.device, guard: StepGuard | None = None) -> StepResult:
     """One optimizer step on this rank's samples first ... first + micro·accum − 1; batches(start, n) gives
-    n sequences of seq_len + 1 tokens from sample `start` on."""
+    n sequences of seq_len + 1 tokens from sample `start` on. With a guard the step is judged before the
+    optimizer (train/step_guard.py) on the loss all-reduced over the ranks and the global gradient norm, so
+    that every rank applies it, or none does."""
     model, layout, ranks, micro, accum = t.model, t.layout, t.ranks, t.micro, t.accum
     for group in t.optimizer.param_groups:
         group["lr"] = lr
@@ -265,15 +272,40 @@ def train_step(t: Training, cfg: Config, batches: Callable[[int, int], torch.Ten
         replicas = t.mesh["dp"].size() // layout.ep
         average_expert_grads(model, expert_parameters(model)[0][1].ep_mesh["edp"].get_group()
                              if replicas > 1 else None, layout.dp)
-    if cfg.optim.grad_clip <= 0:
+    # the guard needs the norm also without clipping: an infinite bound leaves the gradients as they are
+    max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+    if cfg.optim.grad_clip <= 0 and guard is None:
         grad_norm = None
     elif t.pipe is not None:
-        grad_norm = t.pipe.clip_gradients(list(t.owned.parameters()), cfg.optim.grad_clip)
+        grad_norm = t.pipe.clip_gradients(list(t.owned.parameters()), max_norm)
     else:
-        grad_norm = clip_gradients(model, cfg.optim.grad_clip)
-    t.optimizer.step()
-    t.optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss_sum, aux_sum, grad_norm, update_expert_bias(model, device))
+        grad_norm = clip_gradients(model, max_norm)
+    result = StepResult(loss_sum, aux_sum, grad_norm, None)
+    if guard is not None:
+        judge_step(result, layout, accum, guard)
+    if result.verdict is None:
+        t.optimizer.step()
+        t.optimizer.zero_grad(set_to_none=True)
+        result.counts = update_expert_bias(model, device)
+    else:  # nothing of this step reaches the weights, the optimizer state or the experts' biases
+        t.optimizer.zero_grad(set_to_none=True)
+        for _, moe in model.moe_layers():
+            moe.load_since_update.zero_()
+    return result
+
+
+def judge_step(result: StepResult, layout: Layout, accum: int, guard: StepGuard) -> None:
+    """Fills result.loss, .aux and .verdict from one all-reduce: every rank adds its mean over its
+    microbatches (under pipelining only the last stage holds the loss, and the stages' MoE losses add up to
+    the model's) and a flag for a gradient norm that is not finite where this rank computed it."""
+    norm = result.grad_norm.full_tensor() if isinstance(result.grad_norm, DTensor) else result.grad_norm
+    means = torch.stack([result.loss_sum, result.aux_sum]).float() / accum
+    stats = torch.cat([means, (~torch.isfinite(norm)).float().reshape(1)])
+    D.all_reduce_sum(stats)
+    contributors = (torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1) // layout.pp
+    loss_sum, aux_sum, bad_norm, norm_value = torch.cat([stats, norm.float().reshape(1)]).tolist()
+    result.loss, result.aux = loss_sum / contributors, aux_sum / contributors
+    result.verdict = guard.judge(result.loss, math.nan if bad_norm else norm_value)
 
 
 def train(cfg: Config) -> dict:
@@ -307,17 +339,22 @@ def train(cfg: Config) -> dict:
                   f"{dist.world} rank(s) ({layout.describe()}) × {accum} micro-batch(es) of {micro} × {cfg.data.seq_len} tokens"
                   + (f"; {trainable:,} trainable (train.trainable={cfg.train.trainable!r})" if trainable else "")
                   + (f"; weights from {cfg.train.init_from}" if cfg.train.init_from and not state else "")
-                  + (f"; resumed at step {step}" if state else ""))
+                  + (f"; resumed at step {step}" if state else "") + D.restart_note())
     initial_val = state.get("initial_val_loss") if state else None
     if data.valid is not None and not state:
         initial_val = evaluate(model, data, cfg, dist, autocast, ranks, pipe)
         metrics.log({"step": 0, "val_loss": initial_val, "val_ppl": math.exp(initial_val)})
 
+    guard = StepGuard(max_bad_steps=cfg.train.max_bad_steps, spike_factor=cfg.train.spike_factor,
+                      spike_window=cfg.train.spike_window, spike_policy=cfg.train.spike_policy)
+    guard.load_state_dict(state.get("guard") if state else None)
+
     def train_state() -> dict:
         return {"samples_consumed": samples, "tokens_consumed": samples * cfg.data.seq_len,
-                "world_size": dist.world, "initial_val_loss": initial_val}
+                "world_size": dist.world, "initial_val_loss": initial_val, "guard": guard.state_dict()}
 
     stop = StopRequest()
+    watchdog = Watchdog(cfg.run.step_timeout_s, dist.rank)
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     timer, timed_steps, saved_at, val_loss = time.perf_counter(), 0, step if state else None, None
     load_window = None  # MoE assignment counts since the last logged step
@@ -326,34 +363,45 @@ def train(cfg: Config) -> dict:
                               io_threads=cfg.checkpoint.io_threads)
     try:
         while step < cfg.train.steps:
+            watchdog.arm(step + 1)
             lr = lr_at(step, cfg.optim.lr, cfg.train.steps, cfg.schedule)
-            result = train_step(run, cfg, data.train_batch, samples + ranks["dp"] * micro * accum, lr, dist.device)
-            loss_sum, aux_sum, grad_norm, counts = result.loss_sum, result.aux_sum, result.grad_norm, result.counts
-            if counts is not None:
-                load_window = counts if load_window is None else load_window + counts
+            result = train_step(run, cfg, data.train_batch, samples + ranks["dp"] * micro * accum, lr, dist.device,
+                                guard)
+            if result.counts is not None:
+                load_window = result.counts if load_window is None else load_window + result.counts
             step, samples, timed_steps = step + 1, samples + cfg.train.batch_size, timed_steps + 1
             metrics.advance()
+            applied = result.verdict is None
+            if applied:
+                guard.applied(step, result.loss)
+            else:
+                back = not_applied(step, samples, result, guard, metrics,
+                                   lambda: checkpoint_to_roll_back_to(run_dir, owned, optimizer, writer, dist.rank))
+                if back is not None:  # rolled back: the weights of that step, the data from here on
+                    step, saved_at, load_window = back, back, None
+                    metrics.rewind(step)
+                    continue
 
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                # every rank adds its part; under pipelining only one stage per pipeline holds the loss,
-                # and the stages' MoE losses add up to the model's
-                contributors = dist.world // layout.pp
-                loss_mean = D.all_reduce_sum(loss_sum / accum).item() / contributors
                 elapsed = time.perf_counter() - timer
-                row = {"step": step, "loss": loss_mean, "lr": lr, "tokens_per_s": timed_steps * tokens_per_step / elapsed,
-                       "tokens": samples * cfg.data.seq_len}
-                if grad_norm is not None:  # a DTensor under FSDP2
-                    row["grad_norm"] = (grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm).item()
+                row = {"step": step, "loss": result.loss, "lr": lr, "tokens_per_s": timed_steps * tokens_per_step / elapsed,
+                       "tokens": samples * cfg.data.seq_len, "skipped_steps": guard.skipped}
+                if result.grad_norm is not None:  # a DTensor under FSDP2
+                    norm = result.grad_norm
+                    row["grad_norm"] = (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
                 if load_window is not None:
-                    row["moe_aux_loss"] = D.all_reduce_sum(aux_sum / accum).item() / contributors
+                    row["moe_aux_loss"] = result.aux
                     row |= load_metrics(model, load_window)
                     load_window = None
-                metrics.log(row | solver_metrics(model))
+                if applied:  # a step not applied has its event row instead
+                    metrics.log(row | solver_metrics(model))
             if data.valid is not None and ((cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.steps):
                 val_loss = evaluate(model, data, cfg, dist, autocast, ranks, pipe)
                 metrics.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(val_loss)})
             stopping = D.any_rank(stop.requested, dist.device)
-            if stopping or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.train.steps:
+            writer.poll(dist.device)  # an async save done everywhere is finished now; its failure stops every rank
+            periodic = cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and applied
+            if stopping or periodic or step == cfg.train.steps:
                 writer.save(step, owned, optimizer, train_state())
                 saved_at = step
             if stopping:
@@ -364,6 +412,7 @@ def train(cfg: Config) -> dict:
                 return {"step": step, "stopped": True}
             if step % cfg.train.log_every == 0:
                 timer, timed_steps = time.perf_counter(), 0
+        watchdog.disarm()
         if saved_at != step:  # e.g. train.steps already reached, or raised to where we stand
             writer.save(step, owned, optimizer, train_state())
         writer.wait()
@@ -372,11 +421,54 @@ def train(cfg: Config) -> dict:
         summary = finish(cfg, model, data, run_dir, dist, metrics, step, val_loss, initial_val, layout)
         clean = True
         return summary
+    except TrainingDiverged:
+        # every rank reached this verdict at the same step: the pending checkpoint (good) is finished
+        watchdog.disarm()
+        writer.wait()
+        clean = True
+        if dist.is_main:
+            with contextlib.suppress(FileNotFoundError):
+                plot_run(run_dir)
+        raise
     finally:
+        watchdog.disarm()
         writer.close(finish=clean)
         stop.restore()
         metrics.close()
         D.shutdown(clean)
+
+
+def not_applied(step: int, samples: int, result: StepResult, guard: StepGuard, metrics: Metrics,
+                rollback: Callable[[], dict | None]) -> int | None:
+    """A step the guard did not apply: counted (TrainingDiverged at train.max_bad_steps in a row), logged as
+    an event in metrics.jsonl and on the console; for a rollback, the newest good checkpoint loaded. Returns
+    the step rolled back to, or None (the run goes on from here)."""
+    verdict = result.verdict
+    norm = result.grad_norm.full_tensor() if isinstance(result.grad_norm, DTensor) else result.grad_norm
+    metrics.log({"step": step, "event": "step_not_applied", "reason": verdict.reason, "action": verdict.action,
+                 "loss": result.loss, "grad_norm": norm.item(), "skipped_steps": guard.skipped + 1})
+    guard.rejected(step, verdict)
+    if verdict.action == "rollback":
+        saved = rollback()
+        if saved is not None:
+            guard.rolled_back(saved.get("guard"))
+            metrics.log({"step": step, "event": "rollback", "to_step": saved["step"],
+                         "samples_skipped": [saved["samples_consumed"], samples]})
+            metrics.write(f"step {step} not applied ({verdict.reason}): rolled back to step {saved['step']}; "
+                          f"samples {saved['samples_consumed']}-{samples - 1} are not trained on again")
+            return saved["step"]
+        metrics.write(f"step {step} not applied ({verdict.reason}): no checkpoint to roll back to yet, skipped")
+        return None
+    metrics.write(f"step {step} not applied ({verdict.reason}): skipped, {guard.skipped} so far")
+    return None
+
+
+def checkpoint_to_roll_back_to(run_dir: Path, owned: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                               writer: CheckpointWriter, rank: int) -> dict | None:
+    """Collective: the newest good checkpoint loaded into the model and optimizer (a pending async save
+    finished first: it is the newest); its train state, or None when the run has none yet."""
+    writer.wait()
+    return checkpoint.load_latest(run_dir, owned, optimizer, rank=rank, io_threads=writer.io_threads)
 
 
 def finish(cfg: Config, model: LM, data: RunData, run_dir: Path, dist: D.DistInfo, metrics: Metrics,
