@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._shards_wrapper import LocalShardsWrapper
 
 from unroll.train import distributed as D
 
@@ -27,8 +28,11 @@ def named_tensors(state, prefix: str = ""):
             yield from named_tensors(value, f"{prefix}{i}.")
     elif isinstance(state, torch.Tensor):
         local = state.to_local() if isinstance(state, DTensor) else state
-        if local.is_floating_point() or local.is_complex():
-            yield prefix[:-1], local
+        # tensor parallelism's fused weights in single-device layout (checkpoint_view) hold several local
+        # shards, on which no reduction is defined: each is checked on its own
+        for shard in local.local_shards() if isinstance(local, LocalShardsWrapper) else [local]:
+            if shard.is_floating_point() or shard.is_complex():
+                yield prefix[:-1], shard
 
 
 def first_non_finite(state) -> str | None:
