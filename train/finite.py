@@ -27,7 +27,8 @@ def named_tensors(state, prefix: str = ""):
         for i, value in enumerate(state):
             yield from named_tensors(value, f"{prefix}{i}.")
     elif isinstance(state, torch.Tensor):
-        local = state.to_local() if isinstance(state, DTensor) else state
+        # _local_tensor, not to_local(): to_local takes a view, which LocalShardsWrapper refuses above 2-D
+        local = state._local_tensor if isinstance(state, DTensor) else state
         # tensor parallelism's fused weights in single-device layout (checkpoint_view) hold several local
         # shards, on which no reduction is defined: each is checked on its own
         for shard in local.local_shards() if isinstance(local, LocalShardsWrapper) else [local]:
