@@ -150,3 +150,20 @@ def run_workers(worker: Path, nproc: int, out: Path, timeout: float = 240) -> li
         return rank_results(out, nproc, proc)
     except TorchrunError as e:
         pytest.fail(str(e))
+
+
+def losses(run_dir) -> dict:
+    """step → training loss as logged in RUN_DIR/metrics.jsonl (the last row of each step)."""
+    from unroll.train.metrics import read_metrics
+
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def straight(config_at, tmp_path_factory):
+    """An uninterrupted run of the tiny config, shared by a module's tests: 12 steps, checkpoints at 4, 8, 12."""
+    from unroll.train.trainer import train
+
+    cfg = config_at(tmp_path_factory.mktemp("straight"), "straight")
+    train(cfg)
+    return cfg

@@ -5,22 +5,10 @@ import pytest
 import torch
 
 import fault_injection
+from conftest import losses
 from unroll.train import checkpoint, integrity
 from unroll.train.finite import first_non_finite
-from unroll.train.metrics import read_metrics
 from unroll.train.trainer import train
-
-
-def losses(run_dir) -> dict:
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
-
-
-@pytest.fixture(scope="module")
-def straight(config_at, tmp_path_factory):
-    """12 steps, checkpoints at 4, 8 and 12."""
-    cfg = config_at(tmp_path_factory.mktemp("straight"), "straight")
-    train(cfg)
-    return cfg
 
 
 @pytest.mark.parametrize("async_save,target,name", [

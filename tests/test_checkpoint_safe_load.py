@@ -15,14 +15,13 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from conftest import run_cli
+from conftest import losses, run_cli
 from unroll.models import LM
 from unroll.train import checkpoint, integrity, rng_state
 from unroll.train import checkpoint_storage as storage
 from unroll.train.export import export, import_export
 from unroll.train.export_format import ExportError
 from unroll.train.inference import load_model
-from unroll.train.metrics import read_metrics
 from unroll.train.trainer import build_optimizer, train
 
 
@@ -44,18 +43,6 @@ def torch_saved(marker) -> bytes:
     buffer = io.BytesIO()
     torch.save({"python": RunsCode(marker), "torch": torch.get_rng_state()}, buffer)
     return buffer.getvalue()
-
-
-def losses(run_dir) -> dict:
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
-
-
-@pytest.fixture(scope="module")
-def straight(config_at, tmp_path_factory):
-    """12 steps, checkpoints at 4, 8 and 12."""
-    cfg = config_at(tmp_path_factory.mktemp("straight"), "straight")
-    train(cfg)
-    return cfg
 
 
 def copy_run(straight, tmp_path):
