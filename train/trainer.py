@@ -238,6 +238,7 @@ class StepResult:
     counts: torch.Tensor | None  # MoE assignments of the step, [MoE layers, experts], summed over ranks
     loss: float | None = None  # with a guard: the step's mean loss over every rank, and its MoE balancing loss
     aux: float | None = None
+    grad_norm_value: float | None = None  # with a guard: the global norm, as judged
     verdict: Verdict | None = None  # with a guard: why the step was not applied; None when it was
 
 
@@ -305,7 +306,8 @@ def judge_step(result: StepResult, layout: Layout, accum: int, guard: StepGuard)
     contributors = (torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1) // layout.pp
     loss_sum, aux_sum, bad_norm, norm_value = torch.cat([stats, norm.float().reshape(1)]).tolist()
     result.loss, result.aux = loss_sum / contributors, aux_sum / contributors
-    result.verdict = guard.judge(result.loss, math.nan if bad_norm else norm_value)
+    result.grad_norm_value = math.nan if bad_norm else norm_value
+    result.verdict = guard.judge(result.loss, result.grad_norm_value)
 
 
 def train(cfg: Config) -> dict:
@@ -386,9 +388,7 @@ def train(cfg: Config) -> dict:
                 elapsed = time.perf_counter() - timer
                 row = {"step": step, "loss": result.loss, "lr": lr, "tokens_per_s": timed_steps * tokens_per_step / elapsed,
                        "tokens": samples * cfg.data.seq_len, "skipped_steps": guard.skipped}
-                if result.grad_norm is not None:  # a DTensor under FSDP2
-                    norm = result.grad_norm
-                    row["grad_norm"] = (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
+                row["grad_norm"] = result.grad_norm_value  # taken by the guard: no second sync
                 if load_window is not None:
                     row["moe_aux_loss"] = result.aux
                     row |= load_metrics(model, load_window)
@@ -444,9 +444,8 @@ def not_applied(step: int, samples: int, result: StepResult, guard: StepGuard, m
     an event in metrics.jsonl and on the console; for a rollback, the newest good checkpoint loaded. Returns
     the step rolled back to, or None (the run goes on from here)."""
     verdict = result.verdict
-    norm = result.grad_norm.full_tensor() if isinstance(result.grad_norm, DTensor) else result.grad_norm
     metrics.log({"step": step, "event": "step_not_applied", "reason": verdict.reason, "action": verdict.action,
-                 "loss": result.loss, "grad_norm": norm.item(), "skipped_steps": guard.skipped + 1})
+                 "loss": result.loss, "grad_norm": result.grad_norm_value, "skipped_steps": guard.skipped + 1})
     guard.rejected(step, verdict)
     if verdict.action == "rollback":
         saved = rollback()
