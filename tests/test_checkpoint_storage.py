@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -201,3 +202,67 @@ def test_a_failed_write_in_any_writer_thread_fails_the_save(two_saves, monkeypat
         checkpoint.save(run_dir, 12, model, optimizer, {"samples_consumed": 48}, keep=5)
     left = sorted(p.name for p in checkpoint.checkpoint_root(run_dir).iterdir())
     assert left == ["step_00000004", "step_00000008"]
+
+
+def test_tensors_of_every_form_load_straight_from_the_mapped_file(tmp_path, monkeypatch):
+    """The reader copies each saved tensor from the mapped shard into its target without torch.load's own
+    allocation: dtypes, a scalar, a transposed tensor and a view into a larger storage come back bit for bit,
+    and none of them takes the torch.load path."""
+    import torch.distributed.checkpoint as dcp
+
+    base = torch.randn(6, 40, dtype=torch.float64)
+    saved = {"f32": torch.randn(33, 17), "bf16": torch.randn(5, 9).to(torch.bfloat16), "i64": torch.arange(-7, 50),
+             "scalar": torch.tensor(3.5), "transposed": torch.randn(8, 12).t(), "view": base[2:5, 3:30],
+             "u8": torch.randint(0, 255, (1001,), dtype=torch.uint8)}
+    with checkpoint._quiet_single_process():
+        dcp.save(saved, storage_writer=storage.ChecksummingWriter(tmp_path, thread_count=2))
+    took_torch_load = []
+    real_load = torch.load
+
+    def spying_load(f, *args, map_location=None, **kwargs):
+        if map_location != "meta":
+            took_torch_load.append(f)
+        return real_load(f, *args, map_location=map_location, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spying_load)
+    loaded = {k: torch.zeros_like(v) for k, v in saved.items()}
+    with checkpoint._quiet_single_process():
+        dcp.load(loaded, storage_reader=storage.VerifyingReader(tmp_path, storage.read_checksums(tmp_path)))
+    assert not took_torch_load
+    for key, value in saved.items():
+        assert loaded[key].dtype == value.dtype and torch.equal(loaded[key], value), key
+
+
+def _record(tensor: torch.Tensor, byteorder: bytes | None) -> bytes:
+    """A torch.save record of `tensor` with its `byteorder` entry replaced (None: removed, as older torch
+    wrote them)."""
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    torch.save(tensor, buffer)
+    out = io.BytesIO()
+    with zipfile.ZipFile(buffer) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+        for entry in src.infolist():
+            if entry.filename.endswith("/byteorder"):
+                if byteorder is not None:
+                    dst.writestr(entry.filename, byteorder)
+            else:
+                dst.writestr(entry.filename, src.read(entry.filename))
+    return out.getvalue()
+
+
+def test_a_record_in_the_other_byte_order_is_left_to_torch_load():
+    """A record saved on a machine of the other byte order needs its bytes swapped, which torch.load does: the
+    in-place copy declines it, and takes records that declare this machine's order or none."""
+    from types import SimpleNamespace
+
+    tensor = torch.randn(4, 5)
+    req = SimpleNamespace(storage_offsets=torch.Size([0, 0]), lengths=tensor.shape, storage_index="x")
+    other = "big" if sys.byteorder == "little" else "little"
+    for order, in_place in ((sys.byteorder, True), (None, sys.byteorder == "little"), (other, False)):
+        item = memoryview(bytearray(_record(tensor, None if order is None else order.encode())))
+        assert storage._byte_order(item) == (order or "little")
+        target = torch.zeros_like(tensor)
+        assert storage._copy_in_place(item, req, target) is in_place, order
+        assert torch.equal(target, tensor if in_place else torch.zeros_like(tensor)), order
