@@ -52,7 +52,7 @@ from torch.distributed.tensor import DTensor
 
 from unroll.models.config import ModelConfig
 from unroll.train.activation_probe import logit_bytes, probe
-from unroll.train.config import Config
+from unroll.train.config import Config, ConfigError
 from unroll.train.memory import Components
 from unroll.train.mesh import Layout, not_yet
 from unroll.train.pipeline import schedule_spec, stage_layers, stage_ranks
@@ -183,6 +183,12 @@ def in_flight(schedule: str, pp: int, per_rank: int, microbatches: int) -> float
 
 
 def _micro_accum(cfg: Config, layout: Layout) -> tuple[int, int]:
+    from unroll.train.preflight import micro_batches
+
+    try:
+        return micro_batches(cfg, layout)  # as the trainer splits the batch (pipelining's default too)
+    except ConfigError:
+        pass  # a layout the trainer refuses: _runs leaves it out; estimate() still reads a figure
     per_rank = max(cfg.train.batch_size // layout.dp, 1)
     micro = cfg.train.micro_batch_size or per_rank
     return micro, max(per_rank // micro, 1)
@@ -315,14 +321,10 @@ def _cost(layout: Layout) -> tuple:
 
 def _runs(cfg: Config, layout: Layout) -> bool:
     """What the trainer would refuse for this config (sequence or batch splits, pipeline micro-batches)."""
-    from unroll.train.config import ConfigError, check_world
-    from unroll.train.mesh import check_model
-    from unroll.train.pipelined import check_pipeline
+    from unroll.train.preflight import check_shape
 
     try:
-        check_model(layout, cfg.model, seq_len=cfg.data.seq_len)
-        _, accum = check_world(cfg, layout.dp)
-        check_pipeline(layout, cfg, n_microbatches=accum)
+        check_shape(cfg, layout)
     except (ConfigError, ValueError):
         return False
     return True

@@ -50,12 +50,13 @@ import torch.distributed.checkpoint as dcp
 from torch.nn.parallel import DistributedDataParallel
 
 from unroll.train import memory as M
-from unroll.train.config import Config, ConfigError, check_world, load_config
+from unroll.train.config import Config, ConfigError, load_config
 from unroll.train.distributed import DistInfo
 from unroll.train.fake_comm import SymmetricWorld, fake_process_group, static_pipeline_vote
-from unroll.train.mesh import Layout, check_model, check_supported, resolve_layout
+from unroll.train.mesh import Layout
 from unroll.train.pipeline import schedule_spec
 from unroll.train.pipelined import check_pipeline
+from unroll.train.preflight import check_layout
 
 
 @dataclass
@@ -139,11 +140,8 @@ def rehearse(config: str, overrides: list[str], *, nodes: int, gpus_per_node: in
         raise ConfigError(f"--rank {rank}: a job of {world} ranks has ranks 0 … {world - 1}")
     if steps < 1:
         raise ConfigError(f"--steps {steps}: must be positive")
-    layout = resolve_layout(cfg.parallel, world)
-    check_model(layout, cfg.model, seq_len=cfg.data.seq_len)
-    check_supported(layout)
-    micro, accum = check_world(cfg, layout.dp)
-    check_pipeline(layout, cfg, n_microbatches=accum)
+    shape = check_layout(cfg, world)
+    layout, micro, accum = shape.layout, shape.micro, shape.accum
     n_mb = microbatches or microbatches_to_run(cfg, layout, accum)
     check_pipeline(layout, cfg, n_microbatches=n_mb)
     bf16 = cfg.run.dtype == "bfloat16"

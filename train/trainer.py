@@ -17,14 +17,15 @@ from unroll.models.generate import sample
 from unroll.models.moe import MoE
 from unroll.train import checkpoint, distributed as D
 from unroll.train.checkpoint_writer import CheckpointWriter
-from unroll.train.config import Config, ConfigError, check_world
+from unroll.train.config import Config, ConfigError
 from unroll.train.data_setup import RunData, open_run_data
 from unroll.train.expert_parallel import average_expert_grads, expert_parameters
-from unroll.train.mesh import Layout, build_mesh, check_model, check_supported, data_ranks, resolve_layout
+from unroll.train.mesh import Layout, build_mesh, data_ranks
 from unroll.train.metrics import Metrics
 from unroll.train.parallelize import gradient_sync, parallelize, uses_fsdp, without_context_parallel
-from unroll.train.pipelined import Pipeline, check_pipeline
+from unroll.train.pipelined import Pipeline
 from unroll.train.plot import plot_run
+from unroll.train.preflight import check_layout
 from unroll.train.rundir import prepare_run_dir
 from unroll.train.schedule import lr_at
 from unroll.train.signals import StopRequest
@@ -315,11 +316,8 @@ def train(cfg: Config) -> dict:
     dist = D.init(cfg.run.device, cfg.run.collective_timeout_s)
     if cfg.run.threads and dist.device.type == "cpu":
         torch.set_num_threads(cfg.run.threads)
-    layout = resolve_layout(cfg.parallel, dist.world)
-    check_model(layout, cfg.model, seq_len=cfg.data.seq_len)
-    check_supported(layout)
-    micro, accum = check_world(cfg, layout.dp)
-    check_pipeline(layout, cfg, n_microbatches=accum)
+    shape = check_layout(cfg, dist.world)  # the launchers ran these checks (train/preflight.py) already
+    layout, micro, accum = shape.layout, shape.micro, shape.accum
     data = open_run_data(cfg)  # every file checked before any work
     run_dir = prepare_run_dir(cfg, dist.is_main)
     D.barrier()
