@@ -1,5 +1,9 @@
 """Running a command under `torchrun --standalone` on this machine and collecting per-rank results: used
-by the benchmarks that launch their own ranks and by the multi-process tests."""
+by the benchmarks that launch their own ranks and by the multi-process tests.
+
+`python -m unroll.launch.torchrun ARGS` is torchrun itself (`torch.distributed.run`, same options) whose
+agent, when a signal stops it (it forwards the signal to the ranks, which checkpoint and stop), exits
+128 + the signal's number with one line instead of torchrun's traceback: `unroll launch local` runs it."""
 from __future__ import annotations
 
 import json
@@ -66,3 +70,21 @@ def finish_rank(out: str | Path, rank: int, result: dict) -> NoReturn:
     dist.barrier()
     sys.stdout.flush()
     os._exit(0)
+
+
+def main(argv: list[str]) -> int:
+    """torchrun ARGV; a stopping signal ends it with 128 + its number (a failed rank: torchrun's own error)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.run import main as torchrun
+
+    try:
+        torchrun(argv)
+    except SignalException as e:
+        print(f"torchrun: stopped by {e.sigval.name} (handed to the ranks: checkpoint and stop)", file=sys.stderr,
+              flush=True)
+        return 128 + int(e.sigval)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

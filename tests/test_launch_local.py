@@ -4,10 +4,13 @@ rank killed while restarts remain makes torchrun restart every rank, which resum
 checkpoint to the very losses of an uninterrupted run; a signal torchrun forwards stops the job without
 a restart."""
 import re
+import signal
+import subprocess
+import time
 
 import pytest
 
-from conftest import run_cli
+from conftest import UNROLL, run_cli
 from fault_hook import fault_env
 from unroll.train.metrics import read_metrics
 
@@ -79,9 +82,9 @@ def test_dry_run_prints_the_torchrun_command_and_bad_keys_stop_first(tiny_config
     from unroll.launch.cli import main
 
     config = tiny_config("dry")
-    assert main(["launch", "local", str(config), "--nproc", "3", "--dry-run", "train.steps=2"]) == 0
+    assert main(["launch", "local", str(config), "--nproc", "4", "--dry-run", "train.steps=2"]) == 0
     out = capsys.readouterr().out
-    for words in ["--standalone --nproc-per-node 3 --max-restarts 0",
+    for words in ["-m unroll.launch.torchrun --standalone --nproc-per-node 4 --max-restarts 0",
                   "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--redirects 3 --tee 3",
                   f"-m unroll.launch.cli train {config} train.steps=2"]:
         assert words in out
@@ -91,3 +94,66 @@ def test_dry_run_prints_the_torchrun_command_and_bad_keys_stop_first(tiny_config
     assert "--max-restarts must be 0 or more, got -1" in capsys.readouterr().err
     assert main(["launch", "local", str(config), "--nproc", "2", "run.collective_timeout_s=0"]) == 2
     assert "run.collective_timeout_s: must be positive, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--nproc", "3"], "train.batch_size=4 is not divisible by the 3 data-parallel ranks"),
+    (["--nproc", "2", "parallel.tp=2", "parallel.dp_shard=2"],
+     "parallel: pp × dp_replicate × dp_shard × cp × tp = 1 × 1 × 2 × 1 × 2 = 4 ranks, but the world size is 2"),
+    (["--nproc", "3", "parallel.tp=3"], "parallel.tp=3 must divide model.vocab_size=320"),
+    (["--nproc", "4", "parallel.pp=2", "train.batch_size=2"],
+     "parallel.pp=2 with parallel.pp_schedule=1F1B runs 2 stages: each data rank's share of the batch is split into "
+     "at least 2 micro-batches that 1F1B accepts, but train.batch_size=2 over 2 data rank(s) is 1 sequence(s) each; "
+     "set train.batch_size=4"),
+    (["--nproc", "2", "data.train=[/nowhere/train]"], "config key 'data.train[0]': token shard file missing: "
+                                                      "'/nowhere/train.idx'"),
+])
+def test_the_launcher_checks_layout_batch_and_data_before_any_process_starts(flags, message, tiny_config, capsys):
+    from unroll.launch.cli import main
+
+    config = tiny_config("checked")
+    assert main(["launch", "local", str(config), *flags, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("unroll launch: error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_a_refused_layout_starts_no_process(tiny_config, offline_env, tmp_path):
+    proc = launch(tiny_config("refused"), offline_env, "parallel.pp=2", "train.batch_size=2", "--nproc", "4")
+    assert proc.returncode == 2 and "set train.batch_size=4" in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert not (tmp_path / "refused").exists()  # no rank started: no run directory, no logs
+
+
+def test_pipelining_splits_the_batch_into_micro_batches_by_default(tiny_config, offline_env):
+    """parallel.pp=2 with train.micro_batch_size at its default 0: 1F1B needs a micro-batch per stage."""
+    config = tiny_config("piped", train={"steps": 2}, eval={"every": 0}, checkpoint={"every": 0})
+    proc = launch(config, offline_env, "parallel.pp=2", check=True)
+    assert "2 rank(s) (pp 2) × 2 micro-batch(es) of 2 × 32 tokens" in proc.stdout, proc.stdout[-3000:]
+    assert [r["step"] for r in read_metrics(config.parent / "piped") if "loss" in r] == [1, 2]
+
+
+def test_ctrl_c_checkpoints_stops_the_ranks_and_exits_130(tiny_config, offline_env, tmp_path):
+    """SIGINT to the launcher (a terminal's Ctrl-C reaches only it: torchrun runs in a session of its own),
+    sent once training is under way: the ranks checkpoint and stop, the launcher says so and exits 130."""
+    run_dir = tmp_path / "interrupted"
+    config = tiny_config("interrupted", train={"steps": 100000}, eval={"every": 0}, checkpoint={"every": 0})
+    console = tmp_path / "console.txt"
+    with open(console, "w") as out:
+        proc = subprocess.Popen([*UNROLL, "launch", "local", str(config), "--nproc", "2", "--shutdown-timeout", "120"],
+                                env=offline_env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while not any("loss" in r for r in read_metrics(run_dir)):  # the ranks' signal handlers are in place
+            assert proc.poll() is None and time.monotonic() < deadline, console.read_text()[-3000:]
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=240) == 130, console.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:  # the launcher hands this on and waits: the ranks are not left behind
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=240)
+    text = console.read_text()
+    assert "Traceback" not in text, text[-3000:]
+    assert text.rstrip().endswith("unroll launch: interrupted"), text[-3000:]
+    stopped = int(re.search(r"stopped by signal 2 at step (\d+)", text).group(1))
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == [f"step_{stopped:08d}"]
