@@ -1,5 +1,22 @@
 """`unroll launch slurm CONFIG --nodes N (--gpus-per-node G | --cpu --nproc-per-node P) [key=value ...]`:
-writes RUN_DIR/slurm/job.sbatch and submits it with sbatch (not with --dry-run).
+checks the run, freezes its config into RUN_DIR/slurm/config.yaml, writes RUN_DIR/slurm/job.sbatch and
+submits it with sbatch.
+
+Before anything is written or queued, every check that needs no process group runs here for the job's
+N × G ranks (train/preflight.py: layout, batch and micro-batches, pipeline schedule, and the data files,
+which `--skip-data-check` leaves to the ranks where this machine does not see them): a mistake is one
+line naming the key, exit 2.
+
+The frozen config is what the job, and every requeue of it, trains from: a later launch never changes it
+under a queued job. A submission whose resolved config differs from the frozen one is refused, naming
+the keys that differ, unless `--replace-config` (then the old one is kept as config.<time>.yaml; only
+when no job of this run is queued or running); one that is identical is submitted. `--dry-run` submits
+nothing and writes its script and config under RUN_DIR/slurm/dry-run/, leaving RUN_DIR/slurm/ as it is.
+
+Resources: one task per node, given all of the node (`--exclusive`, default; `--no-exclusive` shares the
+node and then needs `--cpus-per-task`), all its memory (`--mem 0`, SLURM's "all of each node's memory")
+and all its CPUs: `srun --cpus-per-task=$SLURM_CPUS_ON_NODE` (or `--cpus-per-task C`), so the ranks are
+not bound to the one CPU a task gets by default.
 
 The job runs one srun task per node; each runs torchrun, which meets the others by c10d rendezvous on
 the first node's address (its NodeAddr from `scontrol show node`: several nodes may share a hostname, and
@@ -31,6 +48,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from unroll.launch import frozen_config
 from unroll.launch.local import TORCHRUN_ENV, torchrun_flags, train_args
 
 CONTAINER_PYTHON = "/opt/venv/bin/python"  # docker/Dockerfile's environment
@@ -55,6 +73,9 @@ class SlurmJob:
     signal_lead: int = 120  # seconds before the time limit; 0: no warning signal
     shutdown_timeout: int = 90  # seconds the ranks get to checkpoint after the signal
     max_restarts: int = 0  # in-job restarts of a node's ranks after a failure (torchrun --max-restarts)
+    exclusive: bool = True  # the whole node for the job
+    cpus_per_task: int = 0  # CPUs of each node's one task; 0: all of the node's (needs exclusive)
+    mem: str = "0"  # memory per node as sbatch takes it; "0": all of it; "": the cluster's default
     container_image: str = ""
     container_mounts: str = ""
     python: str = sys.executable
@@ -85,12 +106,20 @@ def render(job: SlurmJob) -> str:
          f"--chdir={job.workdir}", f"--output={job.log_file}", "--open-mode=append", "--requeue"]
     if job.gpus_per_node:
         d.append(f"--gpus-per-node={job.gpus_per_node}")
+    if job.exclusive:
+        d.append("--exclusive")
+    if job.cpus_per_task:
+        d.append(f"--cpus-per-task={job.cpus_per_task}")
+    if job.mem:
+        d.append(f"--mem={job.mem}")
     d += [f"--{key}={value}" for key, value in (("partition", job.partition), ("account", job.account),
                                                 ("time", job.time)) if value]
     if job.signal_lead:
         d.append(f"--signal=B:USR1@{job.signal_lead}")
     d += job.sbatch_args
-    srun = ["srun", "--kill-on-bad-exit=1", f"--nodes={job.nodes}", "--ntasks-per-node=1"]
+    # srun does not take the job's --cpus-per-task (SLURM 22.05 on): a task would get one CPU for all its ranks
+    cpus = job.cpus_per_task or '"$SLURM_CPUS_ON_NODE"'
+    srun = ["srun", "--kill-on-bad-exit=1", f"--nodes={job.nodes}", "--ntasks-per-node=1", f"--cpus-per-task={cpus}"]
     if job.container_image:  # pyxis
         srun += [f"--container-image={job.container_image}", f"--container-workdir={job.workdir}"]
         if job.container_mounts:
@@ -157,6 +186,19 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds the ranks get to checkpoint after SIGUSR1 before SIGKILL (default 90)")
     p.add_argument("--max-restarts", type=int, default=0, help="times each node's torchrun restarts its ranks "
                    "after a failure, within the job, resuming from the newest checkpoint (default 0)")
+    p.add_argument("--exclusive", action=argparse.BooleanOptionalAction, default=True,
+                   help="the whole of each node for the job (default); --no-exclusive shares nodes and needs "
+                        "--cpus-per-task")
+    p.add_argument("--cpus-per-task", type=int, default=0, metavar="C",
+                   help="CPUs for each node's task (torchrun and its ranks); default all of the node's "
+                        "($SLURM_CPUS_ON_NODE of the exclusive node)")
+    p.add_argument("--mem", default="0", help="memory per node as sbatch takes it, e.g. 480G; default 0, "
+                   "SLURM's 'all of each node's memory'; '' leaves it to the cluster's default")
+    p.add_argument("--skip-data-check", action="store_true", help="leave the data files' check to the ranks "
+                   "(this machine does not see them, e.g. they are only inside the container image)")
+    p.add_argument("--replace-config", action="store_true",
+                   help="submit even though RUN_DIR/slurm/config.yaml, frozen by an earlier submission, differs "
+                        "(it is kept as config.<time>.yaml); only when no job of this run is queued or running")
     p.add_argument("--container-image", default="", help="pyxis: run each node's torchrun in this image "
                    "(e.g. a squashfs from `enroot import dockerd://unroll:cuda`)")
     p.add_argument("--container-mounts", default=None,
@@ -164,15 +206,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--python", default="", help="the nodes' Python with unroll installed; default this one "
                    f"({sys.executable}), or {CONTAINER_PYTHON} with --container-image")
     p.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
-                   help="an extra #SBATCH line, e.g. --sbatch-arg=--exclusive (repeatable)")
-    p.add_argument("--dry-run", action="store_true", help="write the script and print it; submit nothing")
+                   help="an extra #SBATCH line, e.g. --sbatch-arg=--qos=high (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="check, print the script and write it with its config "
+                   "under RUN_DIR/slurm/dry-run/; submit nothing, change nothing in RUN_DIR/slurm/")
     return p
 
 
-def prepare(args) -> SlurmJob:
-    """Checks the options, resolves the config (a bad key stops here) and freezes it into
-    RUN_DIR/slurm/config.yaml: a requeued job trains from exactly what was submitted."""
+def prepare(args) -> tuple[SlurmJob, str]:
+    """Checks the options and the run on its ranks (train/preflight.py) and resolves the config: the job,
+    and the YAML to freeze into RUN_DIR/slurm/config.yaml (a requeued job trains from exactly what was
+    submitted). Writes nothing."""
     from unroll.train.config import ConfigError, load_config, to_yaml
+    from unroll.train.preflight import preflight
 
     if args.nodes < 1:
         raise ConfigError(f"--nodes must be at least 1, got {args.nodes}")
@@ -186,28 +231,33 @@ def prepare(args) -> SlurmJob:
         raise ConfigError("--signal-lead must be >= 0 and --shutdown-timeout >= 1")
     if args.max_restarts < 0:
         raise ConfigError(f"--max-restarts must be 0 or more, got {args.max_restarts}")
+    if args.cpus_per_task < 0:
+        raise ConfigError(f"--cpus-per-task must be 1 or more (0: all of the node's), got {args.cpus_per_task}")
+    if not args.exclusive and not args.cpus_per_task:
+        raise ConfigError("--no-exclusive needs --cpus-per-task C: sharing the node, the job gets only the CPUs "
+                          "it asks for (one per node by default)")
     workdir = Path.cwd()
     cfg = load_config(args.config, args.overrides)
     run_dir = (workdir / cfg.run.dir).resolve()
     frozen = [f"run.dir={run_dir}"] + (["run.device=cpu"] if args.cpu else [])
     cfg = load_config(args.config, [*args.overrides, *frozen])
-    (run_dir / "slurm").mkdir(parents=True, exist_ok=True)
-    config = run_dir / "slurm" / "config.yaml"
-    config.write_text(to_yaml(cfg))
+    procs_per_node = args.nproc_per_node if args.cpu else args.gpus_per_node
+    preflight(cfg, args.nodes * procs_per_node, data=not args.skip_data_check)  # before anything is queued
     mounts = args.container_mounts
     if mounts is None:  # the working directory (relative data paths) and the run directory, at their own paths
         inside = run_dir == workdir or workdir in run_dir.parents
         mounts = ",".join(f"{d}:{d}" for d in ([workdir] if inside else [workdir, run_dir]))
-    return SlurmJob(run_dir=run_dir, config=config, nodes=args.nodes,
-                    procs_per_node=args.nproc_per_node if args.cpu else args.gpus_per_node,
-                    gpus_per_node=0 if args.cpu else args.gpus_per_node,
-                    job_name=args.job_name or f"unroll-{run_dir.name}", workdir=workdir, partition=args.partition,
-                    account=args.account, time=args.time, signal_lead=args.signal_lead,
-                    shutdown_timeout=args.shutdown_timeout, max_restarts=args.max_restarts,
-                    container_image=args.container_image,
-                    container_mounts=mounts if args.container_image else "",
-                    python=args.python or (CONTAINER_PYTHON if args.container_image else sys.executable),
-                    sbatch_args=args.sbatch_arg)
+    job = SlurmJob(run_dir=run_dir, config=run_dir / "slurm" / "config.yaml", nodes=args.nodes,
+                   procs_per_node=procs_per_node, gpus_per_node=0 if args.cpu else args.gpus_per_node,
+                   job_name=args.job_name or f"unroll-{run_dir.name}", workdir=workdir, partition=args.partition,
+                   account=args.account, time=args.time, signal_lead=args.signal_lead,
+                   shutdown_timeout=args.shutdown_timeout, max_restarts=args.max_restarts,
+                   exclusive=args.exclusive, cpus_per_task=args.cpus_per_task, mem=args.mem,
+                   container_image=args.container_image,
+                   container_mounts=mounts if args.container_image else "",
+                   python=args.python or (CONTAINER_PYTHON if args.container_image else sys.executable),
+                   sbatch_args=args.sbatch_arg)
+    return job, to_yaml(cfg)
 
 
 def submit(script: Path, timeout: float = 60) -> str:
@@ -224,21 +274,51 @@ def submit(script: Path, timeout: float = 60) -> str:
 
 
 def main(argv: list[str]) -> int:
+    from unroll.train.config import ConfigError
+
     args = parser().parse_intermixed_args(argv)
-    job = prepare(args)
-    script = job.run_dir / "slurm" / "job.sbatch"
-    script.write_text(render(job))
-    script.chmod(0o755)
+    job, config_text = prepare(args)
+    script_text = render(job)
+    changed = frozen_config.differences(job.config, config_text) if job.config.exists() else []
     if args.dry_run:
-        print(script.read_text())
-        print(f"written {script} (not submitted)")
-        return 0
+        return _dry_run(job, config_text, script_text, changed, args.replace_config)
+    if changed and not args.replace_config:
+        raise ConfigError(frozen_config.refusal(job.config, changed))
+    job.config.parent.mkdir(parents=True, exist_ok=True)
+    kept = frozen_config.keep_aside(job.config) if changed else None
+    created = not job.config.exists()
+    if created:
+        frozen_config.write_atomically(job.config, config_text)
+    script = job.config.parent / "job.sbatch"
+    frozen_config.write_atomically(script, script_text)  # sbatch keeps its own copy for requeues
+    script.chmod(0o755)
     try:
         job_id = submit(script)
     except LaunchError as e:
+        if created:  # no job reads it: a corrected submission must not be refused for it
+            job.config.unlink()
+            if kept:
+                kept.rename(job.config)
         print(f"unroll launch slurm: error: {e}", file=sys.stderr)
         return 1
-    print(f"submitted job {job_id}: {script}")
+    if kept:
+        print(f"replaced the frozen config; the earlier one is kept as {kept}")
+    print(f"submitted job {job_id}: {script} (config {job.config})")
     print(f"console (rank 0, torchrun): {str(job.log_file).replace('%j', job_id)}")
     print(f"per-rank logs: {job.run_dir}/logs/job{job_id}.<requeue>/node<N>/*/attempt_<restart>/<local rank>/")
+    return 0
+
+
+def _dry_run(job: SlurmJob, config_text: str, script_text: str, changed: list[str], replace: bool) -> int:
+    """The script printed, and written with the config it would freeze under RUN_DIR/slurm/dry-run/: the
+    frozen config and script a queued job uses stay as they are."""
+    out = job.config.parent / "dry-run"
+    out.mkdir(parents=True, exist_ok=True)
+    frozen_config.write_atomically(out / "config.yaml", config_text)
+    frozen_config.write_atomically(out / "job.sbatch", script_text)
+    print(script_text)
+    print(f"dry run, nothing submitted: the script and the config it would freeze are in {out}/ "
+          f"(job.sbatch, config.yaml); {job.config.parent}/ is left as it is")
+    if changed and not replace:
+        print(f"note: submitting now would be refused: {frozen_config.refusal(job.config, changed)}")
     return 0

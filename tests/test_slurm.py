@@ -7,6 +7,7 @@ SLURM."""
 import os
 import re
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -35,37 +36,127 @@ def test_dry_run_writes_the_script(tmp_path, small_data, capsys):
     config.write_text(yaml.safe_dump(tiny_config_dict(small_data, tmp_path / "gpu")))
     code, out, _ = launch([config, "--nodes", "4", "--gpus-per-node", "8", "--partition", "big",
                    "--time", "2:00:00", "--signal-lead", "300", "--container-image", "/images/unroll.sqsh",
-                           "--dry-run", "train.steps=7"], capsys)
+                           "--dry-run", "train.steps=7", "train.batch_size=32"], capsys)
     assert code == 0
-    script = (tmp_path / "gpu/slurm/job.sbatch").read_text()
+    script = (tmp_path / "gpu/slurm/dry-run/job.sbatch").read_text()
     assert script in out
     for line in ["#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --partition=big", "#SBATCH --time=2:00:00", "#SBATCH --signal=B:USR1@300",
-                 "#SBATCH --requeue", f"#SBATCH --output={tmp_path}/gpu/slurm/job-%j.out"]:
+                 "#SBATCH --requeue", f"#SBATCH --output={tmp_path}/gpu/slurm/job-%j.out",
+                 "#SBATCH --exclusive", "#SBATCH --mem=0"]:  # the whole node: all its memory and CPUs
         assert line + "\n" in script
+    assert "--cpus-per-task" not in script.split("set -uo")[0]  # an exclusive node's: all of them, as srun says
+    assert 'srun --kill-on-bad-exit=1 --nodes=4 --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_ON_NODE"' in script
     assert "--container-image=/images/unroll.sqsh" in script and "/opt/venv/bin/python -m torch.distributed.run" in script
     assert f"--container-mounts={os.getcwd()}:{os.getcwd()},{tmp_path}/gpu:{tmp_path}/gpu" in script
     for option in ["--nnodes 4", "--nproc-per-node 8", "--rdzv-backend c10d", "--max-restarts 0"]:
         assert f"    {option} \\\n" in script, option
     assert "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in script  # each attempt's rank 0 hosts a fresh store
-    frozen = yaml.safe_load((tmp_path / "gpu/slurm/config.yaml").read_text())
+    frozen = yaml.safe_load((tmp_path / "gpu/slurm/dry-run/config.yaml").read_text())
     assert frozen["train"]["steps"] == 7 and frozen["run"]["dir"] == str(tmp_path / "gpu")
     assert frozen["run"]["device"] == "auto"
+    assert f"train {tmp_path}/gpu/slurm/config.yaml" in script  # the path a submission freezes it at
 
     code, out, _ = launch([config, "--nodes", "2", "--cpu", "--nproc-per-node", "3", "--max-restarts", "2",
-                           "--dry-run", "run.dir=" + str(tmp_path / "cpu")], capsys)
+                           "--no-exclusive", "--cpus-per-task", "6", "--mem", "16G",
+                           "--dry-run", "run.dir=" + str(tmp_path / "cpu"), "train.batch_size=6"], capsys)
     assert "--gpus-per-node" not in out and "--container" not in out and "--nproc-per-node 3" in out
     assert "    --max-restarts 2 \\\n" in out
-    assert yaml.safe_load((tmp_path / "cpu/slurm/config.yaml").read_text())["run"]["device"] == "cpu"
+    assert "#SBATCH --exclusive" not in out and "#SBATCH --cpus-per-task=6\n" in out and "#SBATCH --mem=16G\n" in out
+    assert "--ntasks-per-node=1 --cpus-per-task=6 bash -c" in out
+    assert yaml.safe_load((tmp_path / "cpu/slurm/dry-run/config.yaml").read_text())["run"]["device"] == "cpu"
 
     for bad, message in [(["--nodes", "2"], "either --gpus-per-node G"),
                          (["--nodes", "2", "--cpu"], "--cpu needs --nproc-per-node"),
                          (["--nodes", "0", "--cpu", "--nproc-per-node", "1"], "--nodes must be at least 1"),
                          (["--nodes", "1", "--cpu", "--nproc-per-node", "1", "--max-restarts", "-1"],
                           "--max-restarts must be 0 or more, got -1"),
-                         (["--nodes", "1", "--cpu", "--nproc-per-node", "1", "train.stepz=3"], "train.stepz")]:
+                         (["--nodes", "1", "--cpu", "--nproc-per-node", "1", "train.stepz=3"], "train.stepz"),
+                         (["--nodes", "1", "--cpu", "--nproc-per-node", "1", "--no-exclusive"],
+                          "--no-exclusive needs --cpus-per-task C")]:
         code, _, err = launch([config, *bad, "--dry-run"], capsys)
         assert code == 2 and message in err, (bad, err)
+
+
+def test_the_run_is_checked_on_the_jobs_ranks_before_anything_is_written(tmp_path, small_data, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(tiny_config_dict(small_data, tmp_path / "run")))  # train.batch_size 4
+    for flags, message in [(["--cpu", "--nproc-per-node", "3"], "train.batch_size=4 is not divisible by the 6 "
+                                                                "data-parallel ranks"),
+                           (["--gpus-per-node", "2", "parallel.pp=2", "train.batch_size=2"],
+                            "parallel.pp=2 with parallel.pp_schedule=1F1B runs 2 stages"),
+                           (["--gpus-per-node", "1", "data.valid=" + str(tmp_path / "nowhere")],
+                            f"config key 'data.valid': token shard file missing: '{tmp_path}/nowhere.idx'")]:
+        for dry in ([], ["--dry-run"]):
+            code, out, err = launch([config, "--nodes", "2", *flags, *dry], capsys)
+            assert code == 2 and message in err and len(err.splitlines()) == 1, (flags, err)
+            assert not (tmp_path / "run").exists()  # nothing written, nothing queued
+    code, _, _ = launch([config, "--nodes", "2", "--gpus-per-node", "1", "--skip-data-check", "--dry-run",
+                         "data.valid=" + str(tmp_path / "nowhere")], capsys)
+    assert code == 0  # left to the ranks: this machine may not see the data
+
+
+def fake_sbatch(tmp_path, monkeypatch) -> Path:
+    """An `sbatch` on PATH that records its calls in the returned file and answers job 4242."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "sbatch-calls"
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\necho "$@" >> {calls}\necho 4242\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return calls
+
+
+def test_a_submitted_jobs_frozen_config_is_never_changed_under_it(tmp_path, small_data, capsys, monkeypatch):
+    calls = fake_sbatch(tmp_path, monkeypatch)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(tiny_config_dict(small_data, tmp_path / "run")))
+    job = [config, "--nodes", "1", "--cpu", "--nproc-per-node", "2"]
+    code, out, _ = launch([*job, "train.steps=7"], capsys)
+    assert code == 0 and "submitted job 4242" in out and len(calls.read_text().splitlines()) == 1
+    slurm_dir = tmp_path / "run" / "slurm"
+    frozen = {name: (slurm_dir / name).read_text() for name in ("config.yaml", "job.sbatch")}
+    assert yaml.safe_load(frozen["config.yaml"])["train"]["steps"] == 7
+
+    # a dry run writes beside them, says where, and that a submission would be refused
+    code, out, _ = launch([*job, "train.steps=9", "optim.lr=0.001", "--time", "1:00:00", "--dry-run"], capsys)
+    assert code == 0
+    assert {name: (slurm_dir / name).read_text() for name in frozen} == frozen
+    assert yaml.safe_load((slurm_dir / "dry-run" / "config.yaml").read_text())["train"]["steps"] == 9
+    assert "#SBATCH --time=1:00:00" in (slurm_dir / "dry-run" / "job.sbatch").read_text()
+    assert f"{slurm_dir}/dry-run/" in out and "optim.lr: 0.003 → 0.001, train.steps: 7 → 9" in out
+
+    # a submission that differs is refused, naming the keys; nothing is written or queued
+    code, _, err = launch([*job, "train.steps=9", "optim.lr=0.001"], capsys)
+    assert code == 2 and "optim.lr: 0.003 → 0.001, train.steps: 7 → 9" in err and "--replace-config" in err, err
+    assert {name: (slurm_dir / name).read_text() for name in frozen} == frozen
+    assert len(calls.read_text().splitlines()) == 1
+
+    # the same config again (a resubmission that resumes the run) goes ahead, the frozen file untouched
+    code, out, _ = launch([*job, "train.steps=7", "--time", "2:00:00"], capsys)
+    assert code == 0 and "submitted job 4242" in out and len(calls.read_text().splitlines()) == 2
+    assert (slurm_dir / "config.yaml").read_text() == frozen["config.yaml"]
+    assert "#SBATCH --time=2:00:00" in (slurm_dir / "job.sbatch").read_text()
+
+    # replaced on request, the earlier one kept
+    code, out, _ = launch([*job, "train.steps=9", "--replace-config"], capsys)
+    assert code == 0 and "submitted job 4242" in out
+    assert yaml.safe_load((slurm_dir / "config.yaml").read_text())["train"]["steps"] == 9
+    kept = [p for p in slurm_dir.glob("config.*.yaml")]
+    assert len(kept) == 1 and kept[0].read_text() == frozen["config.yaml"] and str(kept[0]) in out
+
+
+def test_a_failed_submission_freezes_nothing(tmp_path, small_data, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(tiny_config_dict(small_data, tmp_path / "run")))
+    job = [config, "--nodes", "1", "--cpu", "--nproc-per-node", "2"]
+    code, _, err = launch([*job, "train.steps=7"], capsys)
+    assert code == 1 and "sbatch not found" in err
+    assert not (tmp_path / "run" / "slurm" / "config.yaml").exists()  # a corrected config is not refused for it
+    calls = fake_sbatch(tmp_path, monkeypatch)
+    code, out, _ = launch([*job, "train.steps=8"], capsys)
+    assert code == 0 and "submitted job 4242" in out and calls.exists()
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +220,8 @@ def test_two_nodes_of_two_ranks_train_to_completion(slurm, uninterrupted):
         logs = sorted((run_dir / "logs" / f"job{job_id}.0" / f"node{node}").glob("*/attempt_0/*/stderr.log"))
         assert [p.parent.name for p in logs] == ["0", "1"], node
     assert (run_dir / "checkpoints").is_dir()
+    job = slurm.job(job_id)  # every CPU of both nodes, not one per node (--exclusive; --cpus-per-task for srun)
+    assert (job["NumCPUs"], job["OverSubscribe"]) == ("4", "NO"), job
 
 
 def test_preempted_job_is_requeued_and_resumes_to_the_same_losses(slurm, uninterrupted, small_data,
