@@ -16,9 +16,17 @@ SHOWN = 6  # differing keys named in a refusal; the rest are counted
 
 
 def differences(frozen: Path, text: str) -> list[str]:
-    """'key: frozen → new' for every key whose value in the frozen file differs from `text` (both YAML)."""
+    """'key: frozen → new' for every key whose value in the frozen file differs from `text` (a resolved
+    config's YAML). The frozen file is read as a config, so a key this version added, at its default, is
+    no difference."""
+    from unroll.train.config import ConfigError, load_config, to_yaml
+
     try:
-        old = _flat(OmegaConf.to_container(OmegaConf.create(frozen.read_text())))
+        try:
+            frozen_text = to_yaml(load_config(str(frozen)))
+        except ConfigError:  # a key this version no longer has: compared as written
+            frozen_text = frozen.read_text()
+        old = _flat(OmegaConf.to_container(OmegaConf.create(frozen_text)))
     except Exception as e:  # unreadable or not YAML: it cannot be shown to match
         return [f"(the file cannot be read: {str(e).splitlines()[0] if str(e) else type(e).__name__})"]
     new = _flat(OmegaConf.to_container(OmegaConf.create(text)))

@@ -146,6 +146,26 @@ def test_a_submitted_jobs_frozen_config_is_never_changed_under_it(tmp_path, smal
     assert len(kept) == 1 and kept[0].read_text() == frozen["config.yaml"] and str(kept[0]) in out
 
 
+def test_a_frozen_config_is_read_as_a_config(tmp_path, small_data, capsys, monkeypatch):
+    """Written by an earlier version: a key added since, at its default, is no difference; one since
+    removed is."""
+    fake_sbatch(tmp_path, monkeypatch)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(tiny_config_dict(small_data, tmp_path / "run")))
+    job = [config, "--nodes", "1", "--cpu", "--nproc-per-node", "2"]
+    assert launch(job, capsys)[0] == 0
+    frozen = tmp_path / "run" / "slurm" / "config.yaml"
+    older = yaml.safe_load(frozen.read_text())
+    del older["train"]["spike_window"]
+    frozen.write_text(yaml.safe_dump(older))
+    code, out, err = launch(job, capsys)
+    assert code == 0 and "submitted job 4242" in out, err
+    older["train"]["old_key"] = 1
+    frozen.write_text(yaml.safe_dump(older))
+    code, _, err = launch(job, capsys)
+    assert code == 2 and "differs: train.old_key: 1 → (absent)" in err, err
+
+
 def test_a_failed_submission_freezes_nothing(tmp_path, small_data, capsys, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch
     config = tmp_path / "c.yaml"

@@ -47,7 +47,8 @@ class TrainConfig:
     steps: int = 1000  # optimizer steps
     seed: int = 0
     batch_size: int = 16  # sequences per optimizer step, over all data-parallel ranks
-    micro_batch_size: int = 0  # sequences per forward on one rank; 0 = batch_size / ranks (no accumulation)
+    micro_batch_size: int = 0  # sequences per forward on one rank; 0 = batch_size / data ranks (no accumulation),
+    #   under pipelining that share split into a micro-batch per stage (train/preflight.py)
     log_every: int = 10
     activation_checkpoint: str = "none"  # none | full (recompute each block) | mlp (recompute MLPs only)
     compile: bool = False  # torch.compile each block (in place, names unchanged)
