@@ -19,8 +19,8 @@ def test_presets_load_and_overrides_apply():
 
 
 @pytest.mark.parametrize("override,key,words", [
-    ("train.stpes=3", "train.stpes", "Did you mean: 'steps'"),
-    ("trian.steps=3", "trian", "not in"),
+    ("train.stpes=3", "unknown key 'train.stpes'", "did you mean train.steps?"),
+    ("trian.steps=3", "unknown key 'trian.steps'", "did you mean train.steps?"),
     ("train.steps=abc", "train.steps", "could not be converted"),
     ("model.n_heads=5", "model.n_heads", "do not divide d_model=192"),
     ("data.seq_len=0", "data.seq_len", "must be positive"),

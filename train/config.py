@@ -12,9 +12,10 @@ from importlib import resources
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from unroll.models.config import ModelConfig
+from unroll.train.config_keys import closest_keys, config_keys, sections
 from unroll.train.step_guard import SPIKE_POLICIES
 
 
@@ -158,13 +159,23 @@ def resolve_config_path(name_or_path: str) -> Path:
     raise ConfigError(f"config {name_or_path!r}: no such file or preset{hint}")
 
 
-def _merge(base: DictConfig, other, source: str) -> DictConfig:
+def _merge(base: DictConfig, other, source: str, key: str | None = None) -> DictConfig:
+    """base ← other (a file's contents, or the override of `key`)."""
     try:
         return OmegaConf.merge(base, other)
+    except ConfigKeyError as e:
+        where = "" if key else f" {source}"  # an override's key is the one typed; a file's, the first unknown
+        key = key or getattr(e, "full_key", None) or "?"
+        keys = config_keys(Config())
+        near = closest_keys(key, [k.name for k in keys] + sections(keys))
+        hint = f"did you mean {' or '.join(near)}?" if near else "`unroll train --keys` lists every key"
+        raise ConfigError(f"unknown key '{key}'{where} ({hint})") from None
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or "?"
+        key = getattr(e, "full_key", None) or key or "?"
         reason = str(e).splitlines()[0]
         raise ConfigError(f"config key '{key}' ({source}): {reason}") from None
+    except TypeError:  # OmegaConf refuses e.g. data.train[0]=x: an item into a list
+        raise ConfigError(f"config key '{key}' ({source}): give the whole value, e.g. data.train=[a,b]") from None
 
 
 def load_config(name_or_path: str | None, overrides: list[str] = ()) -> Config:
@@ -180,9 +191,12 @@ def load_config(name_or_path: str | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"config file {path}: expected a mapping of sections, got {type(loaded).__name__}")
         cfg = _merge(cfg, loaded, f"in {path}")
     for item in overrides:
-        if "=" not in item:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
             raise ConfigError(f"override {item!r}: expected key=value")
-        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {item!r}")
+        # from_dotlist reads the value as YAML, where nothing is null: `sample.prompt=` means the empty string
+        dotted = OmegaConf.from_dotlist([item if value else f"{key}=''"])
+        cfg = _merge(cfg, dotted, f"override {item!r}", key)
     typed: Config = OmegaConf.to_object(cfg)
     validate(typed)
     return typed
