@@ -7,18 +7,34 @@ import sys
 from pathlib import Path
 
 
+def _emit(text: str) -> None:
+    """print() for listings that are often piped into `head`: a reader that leaves early is no error."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit does not fail too
+
+
 class UsageError(Exception):
     """A command line that parses but cannot run (e.g. no config); printed with the command's usage."""
 
 
-def _train(args) -> int:
+def _print_keys(args) -> int:
+    """Every config key with its type and default, or with the value CONFIG and the overrides give it."""
     from unroll.train.config import Config, load_config
     from unroll.train.config_keys import config_keys, format_keys
 
+    given = bool(args.config or args.overrides)
+    _emit(format_keys(config_keys(load_config(args.config, args.overrides) if given else Config()),
+                      "value" if given else "default"))
+    return 0
+
+
+def _train(args) -> int:
+    from unroll.train.config import load_config
+
     if args.keys:
-        cfg = load_config(args.config, args.overrides) if args.config or args.overrides else Config()
-        print(format_keys(config_keys(cfg), "value" if args.config or args.overrides else "default"))
-        return 0
+        return _print_keys(args)
     if not args.config:
         raise UsageError("the following arguments are required: config (a preset or YAML file; `unroll presets`)")
     from unroll.train.trainer import train
@@ -60,7 +76,7 @@ def _presets(args) -> int:
     from unroll.launch.presets import format_presets, preset_rows
 
     rows = preset_rows()
-    print(json.dumps(rows, indent=2) if args.json else format_presets(rows))
+    _emit(json.dumps(rows, indent=2) if args.json else format_presets(rows))
     return 0
 
 
@@ -70,10 +86,12 @@ def _info(args) -> int:
     from unroll.models.summary import format_summary, summarize
     from unroll.train.config import load_config
 
+    if args.keys:
+        return _print_keys(args)
     if not args.config:
         return _presets(args)
     summary = summarize(load_config(args.config, args.overrides).model)
-    print(json.dumps(summary, indent=2) if args.json else format_summary(args.config, summary))
+    _emit(json.dumps(summary, indent=2) if args.json else format_summary(args.config, summary))
     return 0
 
 
@@ -263,6 +281,7 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("config", nargs="?", help="a YAML config file or a preset name; none: `unroll presets`")
     i.add_argument("overrides", nargs="*", default=[], metavar="key=value")
     i.add_argument("--json", action="store_true", help="print the figures as JSON")
+    i.add_argument("--keys", action="store_true", help="as `unroll train --keys`")
     i.set_defaults(func=_info)
 
     ps = sub.add_parser("presets", help="the bundled presets: parameters, shape and intended hardware")

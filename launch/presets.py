@@ -5,6 +5,7 @@ config.yaml, growth and export, where it would no longer be true."""
 from __future__ import annotations
 
 import re
+from importlib import resources
 from pathlib import Path
 
 HARDWARE_LINE = re.compile(r"^#\s*hardware:\s*(.+?)\s*$", re.MULTILINE)
@@ -18,16 +19,16 @@ def hardware(path: Path) -> str:
 
 def preset_rows() -> list[dict]:
     from unroll.models.summary import summarize
-    from unroll.train.config import load_config, preset_names, resolve_config_path
+    from unroll.train.config import load_config, preset_names
 
     rows = []
     for name in preset_names():
-        cfg = load_config(name)
+        path = Path(str(resources.files("unroll.configs") / f"{name}.yaml"))  # not a same-named local file
+        cfg = load_config(str(path))
         summary = summarize(cfg.model)
         rows.append({"preset": name, "params_total": summary["params_total"],
                      "params_active": summary["params_active"], "pattern": cfg.model.pattern,
-                     "d_model": cfg.model.d_model, "seq_len": cfg.data.seq_len,
-                     "hardware": hardware(resolve_config_path(name))})
+                     "d_model": cfg.model.d_model, "seq_len": cfg.data.seq_len, "hardware": hardware(path)})
     return rows
 
 

@@ -3,10 +3,11 @@ choices, the presets table, every config key, and one-line errors that say what 
 import importlib.metadata
 import json
 import re
+import subprocess
 
 import pytest
 
-from conftest import run_cli
+from conftest import UNROLL, run_cli
 from unroll.launch import cli
 from unroll.models.summary import summarize
 from unroll.train.config import Config, load_config, preset_names, resolve_config_path
@@ -96,6 +97,22 @@ def test_train_keys_lists_every_key_with_its_type_and_default(offline_env):
     assert re.search(r"^train\.steps +int +7$", out, re.MULTILINE) and re.search(r"^model\.pattern +str +GGGG$", out,
                                                                               re.MULTILINE)
     assert re.search(r'^sample\.prompt +str +""$', out, re.MULTILINE), out
+
+
+def test_info_keys_is_train_keys(capsys):
+    assert cli.main(["train", "tiny-moe", "--keys", "model.d_model=64"]) == 0
+    listing = capsys.readouterr().out
+    assert cli.main(["info", "tiny-moe", "--keys", "model.d_model=64"]) == 0
+    assert capsys.readouterr().out == listing and re.search(r"^model\.d_model +int +64$", listing, re.MULTILINE)
+
+
+def test_a_listing_piped_into_head_ends_quietly(offline_env):
+    """`unroll train --keys | head`: the reader leaves before the listing is written; no traceback."""
+    proc = subprocess.Popen([*UNROLL, "train", "--keys"], env=offline_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before the command has imported anything, so before it writes
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 0 and err == "", err
 
 
 def test_presets_table_from_the_preset_files(offline_env, capsys):
