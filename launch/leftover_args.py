@@ -29,15 +29,16 @@ def _hint(option: str, value: str | None, options: list[str], takes_overrides: b
 
         keys = {k.name: k for k in config_keys(Config())}
         near = closest_keys(leaf, list(keys))
-        exact = [k for k in near if k.endswith("." + leaf)]
-        near = exact or ([] if own else near)  # a config key by name beats a close option; a close option, a close key
+        exact = [k for k in near if k.rsplit(".", 1)[-1] == leaf]
+        near = exact or ([] if own else near)  # a key by name beats a close option; a close option, a close key
     if near:
         shown = [f"{k}={value if value is not None else 'true' if keys[k].type == 'bool' else 'VALUE'}" for k in near]
         return f" (did you mean {' or '.join(shown)}?)"
     return f" (did you mean {own[0]}?)" if own else ""
 
 
-def take_leftovers(command: argparse.ArgumentParser, extra: list[str], takes_overrides: bool) -> tuple[list[str], str]:
+def take_leftovers(command: argparse.ArgumentParser, extra: list[str],
+                   takes_overrides: bool) -> tuple[list[str], str]:
     """(the overrides among `extra`, "" or a one-line error naming every other leftover)."""
     # argparse offers no public list of a parser's options
     options = [s for action in command._actions for s in action.option_strings if s.startswith("--")]

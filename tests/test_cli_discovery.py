@@ -145,8 +145,9 @@ def test_presets_table_from_the_preset_files(offline_env, capsys):
     (["train", "tiny-gru", "model.moe.expert=4"],
      "unroll train: error: unknown key 'model.moe.expert' (did you mean model.moe.experts?)"),
     (["info", "tiny-gru", "--jsn"], "unroll info: error: unrecognized option --jsn (did you mean --json?)"),
-    (["info", "tiny-gru", "data.train[0]=x"], "unroll info: error: config key 'data.train[0]' "
-                                              "(override 'data.train[0]=x'): give the whole value, e.g. data.train=[a,b]"),
+    (["info", "tiny-gru", "data.train[0]=x"],
+     "unroll info: error: config key 'data.train[0]' (override 'data.train[0]=x'): give the whole value, "
+     "e.g. data.train=[a,b]"),
 ])
 def test_common_mistakes_get_one_line_that_says_what_was_meant(argv, message, offline_env):
     proc = run_cli(argv, offline_env, check=False)
@@ -162,7 +163,8 @@ def test_common_mistakes_get_one_line_that_says_what_was_meant(argv, message, of
 ])
 def test_a_missing_argument_is_argparse_usage_and_one_error_line(argv, missing, offline_env):
     proc = run_cli(argv, offline_env, check=False)
-    assert proc.returncode == 2 and proc.stderr.startswith(f"usage: unroll {argv[0]}") and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.startswith(f"usage: unroll {argv[0]}")
+    assert "Traceback" not in proc.stderr
     error = proc.stderr.strip().splitlines()[-1]
     assert error.startswith(f"unroll {argv[0]}: error: the following arguments are required: {missing}"), error
     assert "key=value" not in error

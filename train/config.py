@@ -175,7 +175,7 @@ def _merge(base: DictConfig, other, source: str, key: str | None = None) -> Dict
         reason = str(e).splitlines()[0]
         raise ConfigError(f"config key '{key}' ({source}): {reason}") from None
     except TypeError:  # OmegaConf refuses e.g. data.train[0]=x: an item into a list
-        raise ConfigError(f"config key '{key}' ({source}): give the whole value, e.g. data.train=[a,b]") from None
+        raise ConfigError(f"config key '{key or '?'}' ({source}): give the whole value, e.g. data.train=[a,b]") from None
 
 
 def load_config(name_or_path: str | None, overrides: list[str] = ()) -> Config:
