@@ -330,19 +330,19 @@ def check_vocab(prefix_or_shard: str | TokenShard, vocab_size: int, tokenizer: T
     shard = prefix_or_shard
     if not isinstance(shard, TokenShard):
         shard = TokenShard(shard)
-    tokens = tokenizer.vocab_size if tokenizer is not None else vocab_size
+    n_ids = tokenizer.vocab_size if tokenizer is not None else vocab_size
     top = np.iinfo(shard.dtype).max
-    if tokens - 1 > top:
+    if n_ids - 1 > top:
         raise DataError(
             f"token shard {shard.prefix!r} stores {shard.dtype} (ids up to {top}): "
-            f"it cannot hold a vocabulary of vocab_size {tokens}"
+            f"it cannot hold a vocabulary of vocab_size {n_ids}"
         )
     meta_path, meta = _meta_beside(shard)
     if meta is not None:
-        if meta.get("vocab_size", tokens) != tokens:
+        if meta.get("vocab_size", n_ids) != n_ids:
             raise DataError(
                 f"token shard {shard.prefix!r} was tokenized with vocab_size {meta['vocab_size']} "
-                f"({meta.get('tokenizer')}, per {meta_path}), not vocab_size {tokens}"
+                f"({meta.get('tokenizer')}, per {meta_path}), not vocab_size {n_ids}"
             )
         made_by = meta.get("tokenizer_sha256")
         if tokenizer is not None and made_by and made_by != tokenizer.sha256:
