@@ -184,8 +184,11 @@ def _import(args) -> int:
     from unroll.train.export import import_export
 
     done = import_export(args.export, args.out, config=args.config, overrides=args.overrides, step=args.step)
+    raised = done["steps_raised_from"]
+    why = (f"; train.steps raised from {raised}, which the export had reached: add train.steps=N to choose "
+           f"another end" if raised is not None else "")
     print(f"checkpoint {done['checkpoint']} written; `unroll train {done['out']}/config.yaml` continues from "
-          f"step {done['step']} (fresh optimizer state)")
+          f"step {done['step']} to step {done['steps']} (fresh optimizer state{why})")
     return 0
 
 

@@ -65,7 +65,7 @@ def test_unknown_key_in_yaml_names_file_and_key(tmp_path):
 def test_data_problems_name_the_key_and_nothing_is_written(tiny_config, tmp_path):
     cases = [
         ({"data": {"tokenizer": str(tmp_path / "missing.model")}}, "data.tokenizer", "missing.model"),
-        ({"model": {"vocab_size": 999}}, "model.vocab_size", "320 tokens"),
+        ({"model": {"vocab_size": 300}}, "model.vocab_size", "320 tokens"),  # more rows than ids would do
         ({"data": {"train": [str(tmp_path / "nope")]}}, "data.train[0]", "nope"),
         ({"data": {"seq_len": 100_000}}, "data.valid", "seq_len 100000"),  # train is longer, valid too short
         ({"data": {"seq_len": 10_000_000}}, "data.train[0]", "seq_len 10000000"),
