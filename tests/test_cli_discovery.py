@@ -145,6 +145,8 @@ def test_presets_table_from_the_preset_files(offline_env, capsys):
     (["train", "tiny-gru", "model.moe.expert=4"],
      "unroll train: error: unknown key 'model.moe.expert' (did you mean model.moe.experts?)"),
     (["info", "tiny-gru", "--jsn"], "unroll info: error: unrecognized option --jsn (did you mean --json?)"),
+    (["train", "train.steps=5"], "unroll train: error: config 'train.steps=5': no such file or preset; the config "
+                                 f"comes first, then key=value overrides (presets: {', '.join(preset_names())})"),
     (["info", "tiny-gru", "data.train[0]=x"],
      "unroll info: error: config key 'data.train[0]' (override 'data.train[0]=x'): give the whole value, "
      "e.g. data.train=[a,b]"),

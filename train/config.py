@@ -156,6 +156,8 @@ def resolve_config_path(name_or_path: str) -> Path:
         return Path(str(preset))
     near = difflib.get_close_matches(name_or_path, preset_names(), n=1)
     hint = f" (did you mean preset {near[0]!r}?)" if near else f"; presets: {', '.join(preset_names())}"
+    if "=" in name_or_path:  # an override where the config goes
+        hint = f"; the config comes first, then key=value overrides (presets: {', '.join(preset_names())})"
     raise ConfigError(f"config {name_or_path!r}: no such file or preset{hint}")
 
 
