@@ -240,13 +240,13 @@ def _run_module(args) -> int:
     return importlib.import_module(args.table[args.name][0]).main(args.rest)
 
 
-def _add_module_command(sub, command: str, help: str, table: dict) -> None:
+def _add_module_command(sub, command: str, summary: str, table: dict) -> None:
     """`unroll launch|bench NAME ...`: everything after NAME, --help included, goes to that module's own
     parser (argparse's REMAINDER takes it before this parser's -h can); `unroll launch|bench --help` lists
     the names, one line each."""
     width = max(map(len, table))
     listing = "\n".join(f"  {name:<{width}}  {line}" for name, (_, line) in table.items())
-    one = sub.add_parser(command, help=help, formatter_class=argparse.RawDescriptionHelpFormatter,
+    one = sub.add_parser(command, help=summary, formatter_class=argparse.RawDescriptionHelpFormatter,
                          epilog=f"NAME, one of:\n{listing}")
     one.add_argument("name", choices=list(table), metavar="NAME", help="one of those listed below")
     one.add_argument("rest", nargs=argparse.REMAINDER, help=f"its own options (`unroll {command} NAME --help`)")
