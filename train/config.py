@@ -48,7 +48,7 @@ class TrainConfig:
     seed: int = 0
     batch_size: int = 16  # sequences per optimizer step, over all data-parallel ranks
     micro_batch_size: int = 0  # sequences per forward on one rank; 0 = batch_size / ranks (no accumulation)
-    log_every: int = 10
+    log_every: int = 10  # steps between metrics rows (metrics.jsonl, wandb) and console lines (stdout)
     activation_checkpoint: str = "none"  # none | full (recompute each block) | mlp (recompute MLPs only)
     compile: bool = False  # torch.compile each block (in place, names unchanged)
     init_from: str = ""  # a new run starts from these model weights (not optimizer, data or step): a run
@@ -115,7 +115,7 @@ class CheckpointConfig:
 class LoggingConfig:
     wandb: str = "offline"  # offline | online | disabled
     wandb_project: str = "unroll"
-    progress: bool = True  # progress bar on rank 0
+    progress: bool = True  # progress bar on rank 0, drawn only where stderr is a terminal
 
 
 @dataclass
