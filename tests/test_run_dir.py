@@ -26,7 +26,8 @@ def test_a_refused_train_leaves_the_run_as_it_was(tiny_config, offline_env):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr  # one line
     assert proc.stderr.startswith(f"unroll train: error: run.dir={run_dir} holds a run of another model "
-                                  f"(pattern='GA' in the checkpoint, 'GG' here)"), proc.stderr
+                                  f"(pattern='GA' in the checkpoint, 'GG' here; newest checkpoint "
+                                  f"{run_dir / 'checkpoints' / 'step_00000006'})"), proc.stderr
     assert snapshot(run_dir) == before  # config.yaml byte for byte, no config.<time>.yaml beside it
 
     assert run_cli(["generate", run_dir, "--prompt", "KING.", "--max-new-tokens", "4"], offline_env).stdout.startswith("KING.")

@@ -451,9 +451,11 @@ def check_same_model(run_dir: Path, cfg: Config) -> None:
     another model's (a run directory reused by mistake); reads only their manifests."""
     found = checkpoint.good_checkpoints(run_dir)
     if found and not checkpoint.good_checkpoints(run_dir, cfg.model):
-        reason = integrity.problem(found[-1][1], cfg.model).removeprefix("saved from a different model: ")
-        raise ConfigError(f"run.dir={run_dir} holds a run of another model ({reason}); continue it with "
-                          f"`unroll train {run_dir / CONFIG_FILE}`, or give this model another run.dir")
+        newest = found[-1][1]
+        reason = integrity.problem(newest, cfg.model).removeprefix("saved from a different model: ")
+        raise checkpoint.CheckpointError(f"run.dir={run_dir} holds a run of another model ({reason}; newest "
+                                         f"checkpoint {newest}); continue it with `unroll train "
+                                         f"{run_dir / CONFIG_FILE}`, or give this model another run.dir")
 
 
 def nothing_to_train(run_dir: Path, step: int, steps: int) -> str:
