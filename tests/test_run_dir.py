@@ -30,7 +30,8 @@ def test_a_refused_train_leaves_the_run_as_it_was(tiny_config, offline_env):
                                   f"{run_dir / 'checkpoints' / 'step_00000006'})"), proc.stderr
     assert snapshot(run_dir) == before  # config.yaml byte for byte, no config.<time>.yaml beside it
 
-    assert run_cli(["generate", run_dir, "--prompt", "KING.", "--max-new-tokens", "4"], offline_env).stdout.startswith("KING.")
+    generated = run_cli(["generate", run_dir, "--prompt", "KING.", "--max-new-tokens", "4"], offline_env)
+    assert generated.stdout.startswith("KING.")
     resumed = run_cli(["train", run_dir / "config.yaml", "train.steps=8"], offline_env)
     assert "resumed at step 6" in resumed.stdout
     assert [s for s, _ in checkpoint.complete_checkpoints(run_dir)] == [4, 6, 8]
@@ -74,7 +75,8 @@ def test_relative_data_paths_follow_the_config_file(small_data, offline_env, tmp
 
     resumed = unroll("train", run_dir / "config.yaml", "train.steps=6", cwd=elsewhere)
     assert "resumed at step 4" in resumed.stdout
-    assert unroll("generate", run_dir, "--prompt", "KING.", "--max-new-tokens", "4", cwd=elsewhere).stdout.startswith("KING.")
+    generated = unroll("generate", run_dir, "--prompt", "KING.", "--max-new-tokens", "4", cwd=elsewhere)
+    assert generated.stdout.startswith("KING.")
     assert not list(elsewhere.iterdir())  # nothing landed in the current directory
 
 

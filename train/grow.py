@@ -23,8 +23,8 @@ after the ones the small model trained on, and the `tokens` the run logs count t
 too (the paper's accounting of G_stack's cost). `unroll train OUT/config.yaml` continues; on any number of
 ranks and any layout, since DCP reshards on load. Like a new run, it validates before its first step (the
 step-0 row of metrics.jsonl: the grown model's loss as stacked), and its first line names the checkpoint it
-was grown from. The source may be a checkpoint of a multi-rank (FSDP,
-TP, EP) run: DCP reads it in one process without a process group.
+was grown from. The source may be a checkpoint of a multi-rank (FSDP, TP, EP) run: DCP reads it in one
+process without a process group.
 """
 from __future__ import annotations
 

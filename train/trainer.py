@@ -311,7 +311,10 @@ def judge_step(result: StepResult, layout: Layout, accum: int, guard: StepGuard)
 
 
 def train(cfg: Config) -> dict:
-    """Runs (or resumes) the configured training; returns the final figures."""
+    """Runs (or resumes) the configured training; returns the final figures. RUN_DIR/config.yaml is written
+    once every check has passed, so a refused run leaves the directory as it was. A run whose newest
+    checkpoint is already at train.steps is left alone too: one line says which train.steps to raise, and
+    it ends as a success (exit 0), since nothing failed and a rerun of a finished job is not an error."""
     dist = D.init(cfg.run.device, cfg.run.collective_timeout_s)
     if cfg.run.threads and dist.device.type == "cpu":
         torch.set_num_threads(cfg.run.threads)
@@ -468,8 +471,8 @@ def starting_note(state: dict) -> str:
     grown = state.get("grown_from")
     if state["step"] == 0 and grown:
         layers = grown.get("layers", ["?", "?"])
-        return (f"; starts from a grown checkpoint ({layers[0]} → {layers[1]} layers, G_stack ×{grown.get('factor')} "
-                f"of {grown.get('checkpoint')}, step {grown.get('step')})")
+        return (f"; starts from a grown checkpoint ({layers[0]} → {layers[1]} layers, G_stack "
+                f"×{grown.get('factor')} of {grown.get('checkpoint')}, step {grown.get('step')})")
     return f"; resumed at step {state['step']}"
 
 
