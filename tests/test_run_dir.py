@@ -6,6 +6,7 @@ from pathlib import Path
 
 import yaml
 
+import unroll.configs
 from conftest import UNROLL, run_cli, tiny_config_dict
 from unroll.train import checkpoint
 from unroll.train.config import load_config
@@ -88,7 +89,5 @@ def test_presets_and_overrides_resolve_against_the_current_directory(tmp_path, m
     assert preset.data.tokenizer == str(tmp_path / "runs/data/shakespeare-bpe2048.model")
     assert preset.data.train == [str(tmp_path / "runs/data/shakespeare/train")]
     assert preset.run.dir == str(tmp_path / "runs/tiny-gru")
-    import unroll.configs
-
     by_path = load_config(str(Path(unroll.configs.__file__).parent / "tiny-gru.yaml"), ["data.valid=v", "data.valid=w"])
     assert by_path.data.train == preset.data.train and by_path.data.valid == str(tmp_path / "w")
