@@ -14,7 +14,8 @@ def test_presets_load_and_overrides_apply():
     cfg = load_config("tiny-gru", ["train.steps=7", "run.dir=/tmp/x", "train.seed=5", "checkpoint.every=3",
                                    "checkpoint.keep=4", "data.train=[a,b]", "data.weights=[0.25,0.75]"])
     assert (cfg.train.steps, cfg.run.dir, cfg.train.seed, cfg.checkpoint.every, cfg.checkpoint.keep) == (7, "/tmp/x", 5, 3, 4)
-    assert cfg.data.train == ["a", "b"] and cfg.data.weights == [0.25, 0.75]
+    assert cfg.data.train == [str(Path("a").absolute()), str(Path("b").absolute())]  # an override's: from here
+    assert cfg.data.weights == [0.25, 0.75]
     assert cfg.model.pattern == "GGGG"
 
 

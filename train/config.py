@@ -2,10 +2,20 @@
 
 Every key a run reads is declared here with its type and default; an unknown key, a value of the wrong
 type or an impossible value stops the run before any work with a message naming the key.
+
+Paths. The inputs a config names (data.train, data.valid, data.tokenizer, train.init_from), when relative,
+are relative to the YAML file that names them, so a config and its data can move together and be used from
+any directory. A bundled preset (named, or given by its path in the package) and `key=value` overrides are
+the exceptions: theirs are relative to the current directory (the presets' `runs/data/...` is where
+`make run` prepares the data, under the directory it runs in). run.dir, an output, is relative to the
+current directory wherever it is written. Every one of these paths is made absolute as the config is
+loaded, so the config.yaml a run keeps names its data and itself from anywhere: `unroll train
+RUN_DIR/config.yaml`, generate and export work from any directory.
 """
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -49,7 +59,7 @@ class TrainConfig:
     seed: int = 0
     batch_size: int = 16  # sequences per optimizer step, over all data-parallel ranks
     micro_batch_size: int = 0  # sequences per forward on one rank; 0 = batch_size / ranks (no accumulation)
-    log_every: int = 10
+    log_every: int = 10  # steps between metrics rows (metrics.jsonl, wandb) and console lines (stdout)
     activation_checkpoint: str = "none"  # none | full (recompute each block) | mlp (recompute MLPs only)
     compile: bool = False  # torch.compile each block (in place, names unchanged)
     init_from: str = ""  # a new run starts from these model weights (not optimizer, data or step): a run
@@ -116,7 +126,7 @@ class CheckpointConfig:
 class LoggingConfig:
     wandb: str = "offline"  # offline | online | disabled
     wandb_project: str = "unroll"
-    progress: bool = True  # progress bar on rank 0
+    progress: bool = True  # progress bar on rank 0, drawn only where stderr is a terminal
 
 
 @dataclass
@@ -180,8 +190,45 @@ def _merge(base: DictConfig, other, source: str, key: str | None = None) -> Dict
         raise ConfigError(f"config key '{key or '?'}' ({source}): give the whole value, e.g. data.train=[a,b]") from None
 
 
+# (section, key) of the input paths that a config file's own directory anchors (see the module docstring)
+INPUT_PATHS = (("data", "train"), ("data", "valid"), ("data", "tokenizer"), ("train", "init_from"))
+
+
+def _absolute(value, base: str):
+    """A path (or a list of them) made absolute against `base`; "" and interpolations are left as they are,
+    and values of another type for the schema to refuse."""
+    if isinstance(value, list):
+        return [_absolute(v, base) for v in value]
+    if not isinstance(value, str) or not value or "${" in value:
+        return value
+    return os.path.abspath(os.path.join(base, os.path.expanduser(value)))
+
+
+def _is_preset(path: Path) -> bool:
+    return path.resolve().parent == Path(str(resources.files("unroll.configs"))).resolve()
+
+
+def _anchor_inputs(loaded: DictConfig, path: Path) -> DictConfig:
+    """The file's relative input paths made absolute against its directory (a preset's: the current one)."""
+    base = os.getcwd() if _is_preset(path) else os.path.dirname(os.path.abspath(path))
+    raw = OmegaConf.to_container(loaded, resolve=False)
+    for section, key in INPUT_PATHS:
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            raw[section][key] = _absolute(raw[section][key], base)
+    return OmegaConf.create(raw)
+
+
+def _absolute_paths(cfg: Config) -> None:
+    """What is still relative (schema defaults, overrides, run.dir) made absolute against the current directory."""
+    here = os.getcwd()
+    cfg.data.train = _absolute(list(cfg.data.train), here)
+    cfg.data.valid, cfg.data.tokenizer = _absolute(cfg.data.valid, here), _absolute(cfg.data.tokenizer, here)
+    cfg.train.init_from, cfg.run.dir = _absolute(cfg.train.init_from, here), _absolute(cfg.run.dir, here)
+
+
 def load_config(name_or_path: str | None, overrides: list[str] = ()) -> Config:
-    """Schema defaults ← YAML file ← `key=value` overrides, then validated. Returns the typed object."""
+    """Schema defaults ← YAML file ← `key=value` overrides, paths made absolute (the module docstring says
+    against which directory), then validated. Returns the typed object."""
     cfg = OmegaConf.structured(Config)
     if name_or_path:
         path = resolve_config_path(name_or_path)
@@ -191,7 +238,7 @@ def load_config(name_or_path: str | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"config file {path}: {e}") from None
         if not isinstance(loaded, DictConfig):
             raise ConfigError(f"config file {path}: expected a mapping of sections, got {type(loaded).__name__}")
-        cfg = _merge(cfg, loaded, f"in {path}")
+        cfg = _merge(cfg, _anchor_inputs(loaded, path), f"in {path}")
     for item in overrides:
         key, eq, value = item.partition("=")
         if not eq or not key:
@@ -200,6 +247,7 @@ def load_config(name_or_path: str | None, overrides: list[str] = ()) -> Config:
         dotted = OmegaConf.from_dotlist([item if value else f"{key}=''"])
         cfg = _merge(cfg, dotted, f"override {item!r}", key)
     typed: Config = OmegaConf.to_object(cfg)
+    _absolute_paths(typed)
     validate(typed)
     return typed
 
