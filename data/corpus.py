@@ -14,6 +14,7 @@ import glob
 import json
 import os
 import shutil
+import sys
 import tempfile
 from importlib import resources
 from typing import TYPE_CHECKING
@@ -179,12 +180,19 @@ def _load(builder: str, files: list[str], source: str, text_key: str, cache_dir:
     kwargs = {"sample_by": "document"} if builder == "text" else {}
     if builder == "parquet":
         kwargs["columns"] = [text_key]  # read only the text column of a wide table
+    # datasets' bars while it loads local files say "Downloading data", which alarms offline; one line instead
+    print(f"reading {len(files)} file(s) of {source}", file=sys.stderr, flush=True)
+    bars_were_on = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
     try:
         return datasets.load_dataset(
             builder, data_files=files, split="train", cache_dir=cache_dir, **kwargs
         )
     except Exception as e:  # malformed JSON, undecodable text, ...: name the source, keep the cause
         raise DataError(f"cannot read corpus {source!r}: {type(e).__name__}: {e}") from e
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
 
 
 def _check_text(ds: datasets.Dataset, source: str, key: str) -> None:

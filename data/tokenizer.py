@@ -166,7 +166,10 @@ class Tokenizer:
         return self._sp.encode(texts, out_type=int)
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self._sp.decode([int(i) for i in ids])
+        """Text of `ids`. An id past the vocabulary (a model's padding rows, or a special token another tool
+        appended, such as Megatron's legacy <EOD>) decodes to nothing, as <s> and </s> do."""
+        n = self.vocab_size
+        return self._sp.decode([int(i) for i in ids if 0 <= int(i) < n])
 
     @property
     def sha256(self) -> str:

@@ -7,12 +7,77 @@ import sys
 from pathlib import Path
 
 
+def _emit(text: str) -> None:
+    """print() for listings that are often piped into `head`: a reader that leaves early is no error."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit does not fail too
+
+
+class UsageError(Exception):
+    """A command line that parses but cannot run (e.g. no config); printed with the command's usage."""
+
+
+def _print_keys(args) -> int:
+    """Every config key with its type and default, or with the value CONFIG and the overrides give it."""
+    from unroll.train.config import Config, load_config
+    from unroll.train.config_keys import config_keys, format_keys
+
+    given = bool(args.config or args.overrides)
+    _emit(format_keys(config_keys(load_config(args.config, args.overrides) if given else Config()),
+                      "value" if given else "default"))
+    return 0
+
+
 def _train(args) -> int:
     from unroll.train.config import load_config
+
+    if args.keys:
+        return _print_keys(args)
+    if not args.config:
+        raise UsageError("the following arguments are required: config (a preset or YAML file; `unroll presets`)")
     from unroll.train.trainer import train
 
     summary = train(load_config(args.config, args.overrides))
     return 128 + 15 if summary.get("stopped") else 0
+
+
+def _train_epilog() -> str:
+    """The presets and the config's sections (imported only for --help: the schema pulls in torch)."""
+    import dataclasses
+    import textwrap
+
+    from unroll.train.config import Config, preset_names
+
+    fill = dict(width=100, subsequent_indent="  ", break_on_hyphens=False)
+    return "\n".join([
+        textwrap.fill("presets: " + ", ".join(preset_names()) + " (`unroll presets`: sizes and hardware)", **fill),
+        textwrap.fill("config sections: " + ", ".join(f.name for f in dataclasses.fields(Config)), **fill),
+        textwrap.fill("every key with its type and default: `unroll train --keys`; a config's values: "
+                      "`unroll train CONFIG [key=value ...] --keys`", **fill)])
+
+
+class _TrainHelp(argparse.Action):
+    """-h/--help for train: the usual help, then the presets and the config's sections."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help="show this help and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.epilog = _train_epilog()
+        parser.print_help()
+        parser.exit()
+
+
+def _presets(args) -> int:
+    import json
+
+    from unroll.launch.presets import format_presets, preset_rows
+
+    rows = preset_rows()
+    _emit(json.dumps(rows, indent=2) if args.json else format_presets(rows))
+    return 0
 
 
 def _info(args) -> int:
@@ -21,8 +86,12 @@ def _info(args) -> int:
     from unroll.models.summary import format_summary, summarize
     from unroll.train.config import load_config
 
+    if args.keys:
+        return _print_keys(args)
+    if not args.config:
+        return _presets(args)
     summary = summarize(load_config(args.config, args.overrides).model)
-    print(json.dumps(summary, indent=2) if args.json else format_summary(args.config, summary))
+    _emit(json.dumps(summary, indent=2) if args.json else format_summary(args.config, summary))
     return 0
 
 
@@ -115,8 +184,11 @@ def _import(args) -> int:
     from unroll.train.export import import_export
 
     done = import_export(args.export, args.out, config=args.config, overrides=args.overrides, step=args.step)
+    raised = done["steps_raised_from"]
+    why = (f"; train.steps raised from {raised}, which the export had reached: add train.steps=N to choose "
+           f"another end" if raised is not None else "")
     print(f"checkpoint {done['checkpoint']} written; `unroll train {done['out']}/config.yaml` continues from "
-          f"step {done['step']} (fresh optimizer state)")
+          f"step {done['step']} to step {done['steps']} (fresh optimizer state{why})")
     return 0
 
 
@@ -145,45 +217,83 @@ def _grow(args) -> int:
     return 0
 
 
-BENCHES = {"solver": "unroll.launch.bench.solver", "state-tracking": "unroll.launch.bench.state_tracking",
-           "throughput": "unroll.launch.bench.throughput", "seqpar": "unroll.launch.bench.seqpar",
-           "growth": "unroll.launch.bench.growth", "tnt": "unroll.launch.bench.tnt",
-           "checkpoint": "unroll.launch.bench.checkpoint"}
+# name: (module whose main(argv) runs it, one line for `unroll bench --help`)
+BENCHES = {
+    "checkpoint": ("unroll.launch.bench.checkpoint", "checkpoint save and load against the disk's own speed"),
+    "growth": ("unroll.launch.bench.growth", "G_stack growth and training on against the deep model from scratch"),
+    "seqpar": ("unroll.launch.bench.seqpar", "sequence-parallel Newton on 2 ranks against 1 rank, weak scaling"),
+    "solver": ("unroll.launch.bench.solver", "sequential loop vs Newton (PyTorch and Triton scans) on recurrences"),
+    "state-tracking": ("unroll.launch.bench.state_tracking",
+                       "parity and S5 past the trained length: each model family against attention"),
+    "throughput": ("unroll.launch.bench.throughput", "training tokens/s of presets as ratios to a baseline preset"),
+    "tnt": ("unroll.launch.bench.tnt", "a TNT memory layer's throughput against chunkwise Titans"),
+}
+LAUNCHERS = {
+    "local": ("unroll.launch.local", "`unroll train` under torchrun on this machine: per-rank logs, restarts"),
+    "slurm": ("unroll.launch.slurm", "write (and submit) an sbatch job: torchrun on every node"),
+}
 
 
-def _bench(args) -> int:
+def _run_module(args) -> int:
     import importlib
 
-    return importlib.import_module(BENCHES[args.name]).main(args.rest)
+    return importlib.import_module(args.table[args.name][0]).main(args.rest)
 
 
-LAUNCHERS = {"slurm": "unroll.launch.slurm", "local": "unroll.launch.local"}
+def _add_module_command(sub, command: str, summary: str, table: dict) -> None:
+    """`unroll launch|bench NAME ...`: everything after NAME, --help included, goes to that module's own
+    parser (argparse's REMAINDER takes it before this parser's -h can); `unroll launch|bench --help` lists
+    the names, one line each."""
+    width = max(map(len, table))
+    listing = "\n".join(f"  {name:<{width}}  {line}" for name, (_, line) in table.items())
+    one = sub.add_parser(command, help=summary, formatter_class=argparse.RawDescriptionHelpFormatter,
+                         epilog=f"NAME, one of:\n{listing}")
+    one.add_argument("name", choices=list(table), metavar="NAME", help="one of those listed below")
+    one.add_argument("rest", nargs=argparse.REMAINDER, help=f"its own options (`unroll {command} NAME --help`)")
+    one.set_defaults(func=_run_module, table=table)
 
 
-def _launch(args) -> int:
-    import importlib
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
 
-    return importlib.import_module(LAUNCHERS[args.where]).main(args.rest)
+    try:
+        return version("unroll")
+    except PackageNotFoundError:
+        return "(not installed)"
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="unroll", description=__doc__)
+    p = argparse.ArgumentParser(prog="unroll", description=__doc__, epilog=(
+        "start with `unroll presets`, then `unroll train tiny-gru` (`make run` prepares its data first); "
+        "`unroll COMMAND --help` for each command, `unroll train --keys` for every config key"))
+    p.add_argument("--version", action="version", version=f"unroll {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train (or resume) a model; also under torchrun")
-    t.add_argument("config", help="a YAML config file or a preset name (see configs/)")
-    t.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.steps=100 run.dir=runs/x")
+    t = sub.add_parser("train", help="train (or resume) a model; also under torchrun", add_help=False,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("-h", "--help", action=_TrainHelp)
+    t.add_argument("config", nargs="?", help="a YAML config file or a preset name (`unroll presets`)")
+    t.add_argument("overrides", nargs="*", default=[], metavar="key=value",
+                   help="e.g. train.steps=100 run.dir=runs/x")
+    t.add_argument("--keys", action="store_true",
+                   help="print every config key with its type and default (with CONFIG: its value) and exit")
     t.set_defaults(func=_train)
 
-    i = sub.add_parser("info", help="parameter counts (total, active) and per-layer state of a config")
-    i.add_argument("config", help="a YAML config file or a preset name (see configs/)")
-    i.add_argument("overrides", nargs="*", metavar="key=value")
+    i = sub.add_parser("info", help="parameter counts (total, active) and per-layer state of a config; "
+                                    "without one, the presets")
+    i.add_argument("config", nargs="?", help="a YAML config file or a preset name; none: `unroll presets`")
+    i.add_argument("overrides", nargs="*", default=[], metavar="key=value")
     i.add_argument("--json", action="store_true", help="print the figures as JSON")
+    i.add_argument("--keys", action="store_true", help="as `unroll train --keys`")
     i.set_defaults(func=_info)
+
+    ps = sub.add_parser("presets", help="the bundled presets: parameters, shape and intended hardware")
+    ps.add_argument("--json", action="store_true", help="print the table as JSON")
+    ps.set_defaults(func=_presets)
 
     pn = sub.add_parser("plan", help="per-GPU memory on paper and the parallel layouts that fit")
     pn.add_argument("config", help="a YAML config file or a preset name (see configs/)")
-    pn.add_argument("overrides", nargs="*", metavar="key=value")
+    pn.add_argument("overrides", nargs="*", default=[], metavar="key=value")
     pn.add_argument("--nodes", type=int, required=True)
     pn.add_argument("--gpus-per-node", type=int, required=True)
     pn.add_argument("--gpu-gib", type=float, default=80.0)
@@ -196,8 +306,8 @@ def parser() -> argparse.ArgumentParser:
     rh = sub.add_parser("rehearse", help="one rank of an N×G job run for real on this CPU (fake process group): "
                                          "memory per component beside unroll plan's, collective bytes, checkpoint size")
     rh.add_argument("config", help="a YAML config file or a preset name (see configs/)")
-    rh.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.seq_len=256 (figures are "
-                                                                      "extrapolated to the config's own length)")
+    rh.add_argument("overrides", nargs="*", default=[], metavar="key=value",
+                    help="e.g. data.seq_len=256 (figures are extrapolated to the config's own length)")
     rh.add_argument("--nodes", type=int, required=True)
     rh.add_argument("--gpus-per-node", type=int, required=True)
     rh.add_argument("--rank", type=int, default=0, help="which rank's program to run (default 0)")
@@ -238,7 +348,8 @@ def parser() -> argparse.ArgumentParser:
 
     gr = sub.add_parser("grow", help="G_stack depth growth of a checkpoint, ready to train on; or --plan when to grow")
     gr.add_argument("checkpoint", nargs="?", help="a run directory (its newest good checkpoint) or RUN_DIR/checkpoints/step_N")
-    gr.add_argument("overrides", nargs="*", metavar="key=value", help="for the grown run, e.g. train.steps=2000")
+    gr.add_argument("overrides", nargs="*", default=[], metavar="key=value",
+                    help="for the grown run, e.g. train.steps=2000")
     gr.add_argument("--factor", type=int, default=4, help="depth multiple g (>= 2); block i = source block i mod L")
     gr.add_argument("--out", help="the grown run directory to write")
     gr.add_argument("--plan", action="store_true", help="print the paper's growth timing d for --params and --tokens")
@@ -260,35 +371,35 @@ def parser() -> argparse.ArgumentParser:
     im.add_argument("--config", default=None, help="training config (file or preset) for the non-model sections; "
                                                    "default the export's unroll_config.yaml")
     im.add_argument("--step", type=int, default=None, help="the step to resume at (default the export's; 0 if unknown)")
-    im.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.train=[...] optim.lr=1e-3")
+    im.add_argument("overrides", nargs="*", default=[], metavar="key=value",
+                    help="e.g. data.train=[...] optim.lr=1e-3")
     im.set_defaults(func=_import)
 
-    b = sub.add_parser("bench", help="the performance suite (ratios measured side by side)", add_help=False)
-    b.add_argument("name", choices=sorted(BENCHES))
-    b.add_argument("rest", nargs=argparse.REMAINDER, help="the bench's own options (unroll bench NAME --help)")
-    b.set_defaults(func=_bench)
-
-    la = sub.add_parser("launch", help="training under torchrun on this machine, or an sbatch job on SLURM",
-                        add_help=False)
-    la.add_argument("where", choices=sorted(LAUNCHERS))
-    la.add_argument("rest", nargs=argparse.REMAINDER, help="the launcher's own options (unroll launch WHERE --help)")
-    la.set_defaults(func=_launch)
+    _add_module_command(sub, "bench", "the performance suite (ratios measured side by side)", BENCHES)
+    _add_module_command(sub, "launch", "training under torchrun on this machine, or an sbatch job on SLURM",
+                        LAUNCHERS)
 
     pl = sub.add_parser("plot", help="loss curves of a run as a PNG")
     pl.add_argument("run_dir")
     pl.add_argument("--out", default=None, help="default RUN_DIR/loss.png")
     pl.set_defaults(func=_plot)
+    for command in [*sub.choices.values(), *d.choices.values()]:  # the innermost one wins: `unroll data tokenizer`
+        command.set_defaults(command_parser=command)  # whose usage and options an error after parsing names
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from unroll.launch.leftover_args import take_leftovers
+
     p = parser()
     args, extra = p.parse_known_args(argv)
-    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
-        # key=value after the options: argparse takes positionals in one run
-        args.overrides = [*args.overrides, *extra]
-    elif extra:
-        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        command = args.command_parser
+        overrides, problem = take_leftovers(command, extra, hasattr(args, "overrides"))
+        if problem:  # one line, no usage: the hint is the point
+            print(f"{command.prog}: error: {problem}", file=sys.stderr)
+            return 2
+        args.overrides = [*args.overrides, *overrides]
     from unroll.data.errors import DataError
     from unroll.train.checkpoint import CheckpointError
     from unroll.train.config import ConfigError
@@ -297,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
+    except UsageError as e:
+        args.command_parser.error(str(e))
     except (ConfigError, DataError, CheckpointError, ExportError, FileNotFoundError) as e:
         print(f"unroll {args.command}: error: {e}", file=sys.stderr)
         return 2

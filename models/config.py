@@ -59,7 +59,7 @@ class MoEConfig:
 @dataclass
 class ModelConfig:
     pattern: str = "GG"  # layer pattern string, e.g. "GGAG" or "GG|GG"
-    vocab_size: int = 2048  # must equal the tokenizer's vocabulary size
+    vocab_size: int = 2048  # at least the tokenizer's vocabulary size (more rows: padding, e.g. to a multiple of 64)
     d_model: int = 256
     mlp_hidden: int = 0  # SwiGLU hidden width; 0 = 8/3 * d_model rounded up to a multiple of 64
     rnn_width: int = 0  # ParaGRU/ParaLSTM channels; 0 = d_model

@@ -50,8 +50,8 @@ def test_keep_prunes_oldest_complete_checkpoints(tiny_config):
     cfg = load_config(str(tiny_config("keep", checkpoint={"every": 2, "keep": 2})))
     first = train(cfg)
     assert [s for s, _ in checkpoint.complete_checkpoints(cfg.run.dir)] == [10, 12]
-    again = train(cfg)  # a finished run started again trains nothing and reports where it stands
-    assert again["step"] == 12 and again["val_loss"] == first["val_loss"]
+    again = train(cfg)  # a finished run started again trains nothing and says so (tests/test_run_dir.py)
+    assert first["step"] == again["step"] == 12 and again["finished"]
     assert [s for s, _ in checkpoint.complete_checkpoints(cfg.run.dir)] == [10, 12]
 
 

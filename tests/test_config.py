@@ -14,13 +14,14 @@ def test_presets_load_and_overrides_apply():
     cfg = load_config("tiny-gru", ["train.steps=7", "run.dir=/tmp/x", "train.seed=5", "checkpoint.every=3",
                                    "checkpoint.keep=4", "data.train=[a,b]", "data.weights=[0.25,0.75]"])
     assert (cfg.train.steps, cfg.run.dir, cfg.train.seed, cfg.checkpoint.every, cfg.checkpoint.keep) == (7, "/tmp/x", 5, 3, 4)
-    assert cfg.data.train == ["a", "b"] and cfg.data.weights == [0.25, 0.75]
+    assert cfg.data.train == [str(Path("a").absolute()), str(Path("b").absolute())]  # an override's: from here
+    assert cfg.data.weights == [0.25, 0.75]
     assert cfg.model.pattern == "GGGG"
 
 
 @pytest.mark.parametrize("override,key,words", [
-    ("train.stpes=3", "train.stpes", "Did you mean: 'steps'"),
-    ("trian.steps=3", "trian", "not in"),
+    ("train.stpes=3", "unknown key 'train.stpes'", "did you mean train.steps?"),
+    ("trian.steps=3", "unknown key 'trian.steps'", "did you mean train.steps?"),
     ("train.steps=abc", "train.steps", "could not be converted"),
     ("model.n_heads=5", "model.n_heads", "do not divide d_model=192"),
     ("data.seq_len=0", "data.seq_len", "must be positive"),
@@ -65,7 +66,7 @@ def test_unknown_key_in_yaml_names_file_and_key(tmp_path):
 def test_data_problems_name_the_key_and_nothing_is_written(tiny_config, tmp_path):
     cases = [
         ({"data": {"tokenizer": str(tmp_path / "missing.model")}}, "data.tokenizer", "missing.model"),
-        ({"model": {"vocab_size": 999}}, "model.vocab_size", "320 tokens"),
+        ({"model": {"vocab_size": 300}}, "model.vocab_size", "320 tokens"),  # more rows than ids would do
         ({"data": {"train": [str(tmp_path / "nope")]}}, "data.train[0]", "nope"),
         ({"data": {"seq_len": 100_000}}, "data.valid", "seq_len 100000"),  # train is longer, valid too short
         ({"data": {"seq_len": 10_000_000}}, "data.train[0]", "seq_len 10000000"),

@@ -85,8 +85,12 @@ def test_grow_hybrid_moe_copies_blocks_and_trains_on(tiny_config, capsys):
     for (name, a), b in zip(model.state_dict().items(), fresh_model.state_dict().values()):
         assert torch.equal(a, b), name
 
+    capsys.readouterr()
     summary = train(cfg)  # `unroll train OUT/config.yaml`
     assert summary["step"] == 6
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "; starts from a grown checkpoint (4 → 12 layers, G_stack ×3 of " in first and "resumed" not in first
+    assert [r["step"] for r in read_metrics(out) if "val_loss" in r][0] == 0  # its loss before any step
     rows = [r for r in read_metrics(out) if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert [r["tokens"] for r in rows] == [(16 + 4 * s) * 32 for s in range(1, 7)]  # data continues

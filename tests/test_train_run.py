@@ -100,10 +100,13 @@ def test_shortened_default_run_lowers_validation_perplexity(offline_env, tmp_pat
     """The README's default (tiny-gru on the bundled corpus), shortened: validation perplexity must fall
     far below its initial value (≈ the vocabulary size for an untrained model)."""
     data = tmp_path / "data"
-    run_cli(["data", "tokenizer", "--input", "bundled:shakespeare", "--vocab-size", "2048",
-             "--out", data / "sp"], offline_env)
-    run_cli(["data", "prepare", "--input", "bundled:shakespeare", "--tokenizer", data / "sp.model",
-             "--out", data / "shards"], offline_env)
+    made = [run_cli(["data", "tokenizer", "--input", "bundled:shakespeare", "--vocab-size", "2048",
+                     "--out", data / "sp"], offline_env),
+            run_cli(["data", "prepare", "--input", "bundled:shakespeare", "--tokenizer", data / "sp.model",
+                     "--out", data / "shards"], offline_env)]
+    for proc in made:  # the bundled corpus is read offline: nothing may say it is downloading
+        assert "reading 42 file(s) of bundled:shakespeare" in proc.stderr
+        assert "Downloading" not in proc.stdout + proc.stderr
     env = dict(offline_env, OMP_NUM_THREADS="2")
     proc = run_cli(["train", "tiny-gru", f"run.dir={tmp_path / 'run'}", f"data.tokenizer={data / 'sp.model'}",
                     f"data.train=[{data / 'shards/train'}]", f"data.valid={data / 'shards/valid'}",

@@ -2,19 +2,30 @@
 
 Every key a run reads is declared here with its type and default; an unknown key, a value of the wrong
 type or an impossible value stops the run before any work with a message naming the key.
+
+Paths. The inputs a config names (data.train, data.valid, data.tokenizer, train.init_from), when relative,
+are relative to the YAML file that names them, so a config and its data can move together and be used from
+any directory. A bundled preset (named, or given by its path in the package) and `key=value` overrides are
+the exceptions: theirs are relative to the current directory (the presets' `runs/data/...` is where
+`make run` prepares the data, under the directory it runs in). run.dir, an output, is relative to the
+current directory wherever it is written. Every one of these paths is made absolute as the config is
+loaded, so the config.yaml a run keeps names its data and itself from anywhere: `unroll train
+RUN_DIR/config.yaml`, generate and export work from any directory.
 """
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from unroll.models.config import ModelConfig
+from unroll.train.config_keys import closest_keys, config_keys, sections
 from unroll.train.step_guard import SPIKE_POLICIES
 
 
@@ -49,7 +60,7 @@ class TrainConfig:
     batch_size: int = 16  # sequences per optimizer step, over all data-parallel ranks
     micro_batch_size: int = 0  # sequences per forward on one rank; 0 = batch_size / data ranks (no accumulation),
     #   under pipelining that share split into a micro-batch per stage (train/preflight.py)
-    log_every: int = 10
+    log_every: int = 10  # steps between metrics rows (metrics.jsonl, wandb) and console lines (stdout)
     activation_checkpoint: str = "none"  # none | full (recompute each block) | mlp (recompute MLPs only)
     compile: bool = False  # torch.compile each block (in place, names unchanged)
     init_from: str = ""  # a new run starts from these model weights (not optimizer, data or step): a run
@@ -116,7 +127,7 @@ class CheckpointConfig:
 class LoggingConfig:
     wandb: str = "offline"  # offline | online | disabled
     wandb_project: str = "unroll"
-    progress: bool = True  # progress bar on rank 0
+    progress: bool = True  # progress bar on rank 0, drawn only where stderr is a terminal
 
 
 @dataclass
@@ -156,20 +167,69 @@ def resolve_config_path(name_or_path: str) -> Path:
         return Path(str(preset))
     near = difflib.get_close_matches(name_or_path, preset_names(), n=1)
     hint = f" (did you mean preset {near[0]!r}?)" if near else f"; presets: {', '.join(preset_names())}"
+    if "=" in name_or_path:  # an override where the config goes
+        hint = f"; the config comes first, then key=value overrides (presets: {', '.join(preset_names())})"
     raise ConfigError(f"config {name_or_path!r}: no such file or preset{hint}")
 
 
-def _merge(base: DictConfig, other, source: str) -> DictConfig:
+def _merge(base: DictConfig, other, source: str, key: str | None = None) -> DictConfig:
+    """base ← other (a file's contents, or the override of `key`)."""
     try:
         return OmegaConf.merge(base, other)
+    except ConfigKeyError as e:
+        where = "" if key else f" {source}"  # an override's key is the one typed; a file's, the first unknown
+        key = key or getattr(e, "full_key", None) or "?"
+        keys = config_keys(Config())
+        near = closest_keys(key, [k.name for k in keys] + sections(keys))
+        hint = f"did you mean {' or '.join(near)}?" if near else "`unroll train --keys` lists every key"
+        raise ConfigError(f"unknown key '{key}'{where} ({hint})") from None
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or "?"
+        key = getattr(e, "full_key", None) or key or "?"
         reason = str(e).splitlines()[0]
         raise ConfigError(f"config key '{key}' ({source}): {reason}") from None
+    except TypeError:  # OmegaConf refuses e.g. data.train[0]=x: an item into a list
+        raise ConfigError(f"config key '{key or '?'}' ({source}): give the whole value, e.g. data.train=[a,b]") from None
+
+
+# (section, key) of the input paths that a config file's own directory anchors (see the module docstring)
+INPUT_PATHS = (("data", "train"), ("data", "valid"), ("data", "tokenizer"), ("train", "init_from"))
+
+
+def _absolute(value, base: str):
+    """A path (or a list of them) made absolute against `base`; "" and interpolations are left as they are,
+    and values of another type for the schema to refuse."""
+    if isinstance(value, list):
+        return [_absolute(v, base) for v in value]
+    if not isinstance(value, str) or not value or "${" in value:
+        return value
+    return os.path.abspath(os.path.join(base, os.path.expanduser(value)))
+
+
+def _is_preset(path: Path) -> bool:
+    return path.resolve().parent == Path(str(resources.files("unroll.configs"))).resolve()
+
+
+def _anchor_inputs(loaded: DictConfig, path: Path) -> DictConfig:
+    """The file's relative input paths made absolute against its directory (a preset's: the current one)."""
+    base = os.getcwd() if _is_preset(path) else os.path.dirname(os.path.abspath(path))
+    raw = OmegaConf.to_container(loaded, resolve=False)
+    for section, key in INPUT_PATHS:
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            raw[section][key] = _absolute(raw[section][key], base)
+    return OmegaConf.create(raw)
+
+
+def _absolute_paths(cfg: Config) -> None:
+    """What is still relative (schema defaults, overrides, run.dir) made absolute against the current directory."""
+    here = os.getcwd()
+    cfg.data.train = _absolute(list(cfg.data.train), here)
+    cfg.data.valid, cfg.data.tokenizer = _absolute(cfg.data.valid, here), _absolute(cfg.data.tokenizer, here)
+    cfg.train.init_from, cfg.run.dir = _absolute(cfg.train.init_from, here), _absolute(cfg.run.dir, here)
 
 
 def load_config(name_or_path: str | None, overrides: list[str] = ()) -> Config:
-    """Schema defaults ← YAML file ← `key=value` overrides, then validated. Returns the typed object."""
+    """Schema defaults ← YAML file ← `key=value` overrides, paths made absolute (the module docstring says
+    against which directory), then validated. Returns the typed object."""
     cfg = OmegaConf.structured(Config)
     if name_or_path:
         path = resolve_config_path(name_or_path)
@@ -179,12 +239,16 @@ def load_config(name_or_path: str | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"config file {path}: {e}") from None
         if not isinstance(loaded, DictConfig):
             raise ConfigError(f"config file {path}: expected a mapping of sections, got {type(loaded).__name__}")
-        cfg = _merge(cfg, loaded, f"in {path}")
+        cfg = _merge(cfg, _anchor_inputs(loaded, path), f"in {path}")
     for item in overrides:
-        if "=" not in item:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
             raise ConfigError(f"override {item!r}: expected key=value")
-        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {item!r}")
+        # from_dotlist reads the value as YAML, where nothing is null: `sample.prompt=` means the empty string
+        dotted = OmegaConf.from_dotlist([item if value else f"{key}=''"])
+        cfg = _merge(cfg, dotted, f"override {item!r}", key)
     typed: Config = OmegaConf.to_object(cfg)
+    _absolute_paths(typed)
     validate(typed)
     return typed
 

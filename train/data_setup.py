@@ -8,7 +8,7 @@ import torch
 
 from unroll.data.errors import DataError
 from unroll.data.loader import PackedDataset, TokenLoader
-from unroll.data.shards import TokenShard, check_vocab
+from unroll.data.shards import TokenShard, check_token_ids, check_vocab
 from unroll.data.tokenizer import Tokenizer
 from unroll.train.config import Config, ConfigError
 
@@ -32,6 +32,7 @@ def _open(prefix: str, key: str, cfg: Config, tokenizer: Tokenizer) -> PackedDat
     try:
         shard = TokenShard(prefix)
         check_vocab(shard, cfg.model.vocab_size, tokenizer)
+        check_token_ids([shard], cfg.model.vocab_size)
         return PackedDataset(shard, cfg.data.seq_len)
     except DataError as e:
         raise ConfigError(f"config key '{key}': {e}") from None
@@ -42,9 +43,9 @@ def open_run_data(cfg: Config) -> RunData:
         tokenizer = Tokenizer(cfg.data.tokenizer)
     except DataError as e:
         raise ConfigError(f"config key 'data.tokenizer': {e}") from None
-    if tokenizer.vocab_size != cfg.model.vocab_size:
+    if cfg.model.vocab_size < tokenizer.vocab_size:  # more rows is a padded vocabulary: fine
         raise ConfigError(f"config key 'model.vocab_size': {cfg.model.vocab_size}, but the tokenizer "
-                          f"{cfg.data.tokenizer} has {tokenizer.vocab_size} tokens")
+                          f"{cfg.data.tokenizer} has {tokenizer.vocab_size} tokens (it needs at least that)")
     train = [_open(p, f"data.train[{i}]", cfg, tokenizer) for i, p in enumerate(cfg.data.train)]
     weights = list(cfg.data.weights) or [1.0] * len(train)
     loader = TokenLoader(train, weights, seed=cfg.train.seed, shuffle=True)

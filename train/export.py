@@ -8,7 +8,9 @@ Import writes RUN_DIR/config.yaml, tokenizer.model and checkpoints/step_N with t
 for bit, the step and data position the export recorded (0 for a model from elsewhere), and a fresh
 AdamW state (zero moments, step count 0: the first step after it is the first step of a new optimizer;
 the optimizer's own state is not exported). The config's non-model sections come from --config, else
-from the export's unroll_config.yaml, else the defaults; key=value overrides go on top (e.g. data.train).
+from the export's unroll_config.yaml, else the defaults; key=value overrides go on top (e.g. data.train). A
+train.steps that the export's step has already reached is raised by that step (`_train_past`), so that the
+written config trains. A model with fewer vocabulary rows than its tokenizer has ids is refused (read_export).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from safetensors.torch import save_file
 from unroll.models import LM
 from unroll.train import checkpoint
 from unroll.train.checkpoint import STATE_FILE, CheckpointError
-from unroll.train.config import Config, load_config, to_yaml
+from unroll.train.config import Config, ConfigError, load_config, to_yaml
 from unroll.train.export_format import CONFIG, META, TOKENIZER, WEIGHTS, ExportError, build_model, read_export
 from unroll.train.grow import fresh_adamw_state
 from unroll.train.hf_layout import LayoutError, hf_architecture, hf_config, to_hf, tokenizer_config
@@ -143,12 +145,27 @@ def import_export(src: str | Path, out: str | Path, *, config: str | None = None
     train_state = {"samples_consumed": 0, "tokens_consumed": 0, "world_size": 1, "initial_val_loss": None}
     train_state |= export.meta.get("train_state", {})
     step = export.meta.get("step", 0) if step is None else step
+    steps_raised_from = _train_past(cfg, step, overrides)
     tmp = _fresh_dir(out)
     shutil.copyfile(export.tokenizer, tmp / TOKENIZER_FILE)
     (tmp / CONFIG_FILE).write_text(to_yaml(cfg))
     saved = checkpoint.save(tmp, step, model, optimizer, train_state, keep=1)
     _finish(tmp, out)
-    return {"out": str(out), "step": step, "checkpoint": str(out / saved.relative_to(tmp))}
+    return {"out": str(out), "step": step, "checkpoint": str(out / saved.relative_to(tmp)),
+            "steps": cfg.train.steps, "steps_raised_from": steps_raised_from}
+
+
+def _train_past(cfg: Config, step: int, overrides: list[str]) -> int | None:
+    """A run that resumes at `step` trains while step < train.steps. A train.steps the export's (or --config's)
+    run had already reached becomes step + train.steps, so that `unroll train` trains (it returns the old
+    value); one given as an override is the user's choice, refused if it trains nothing."""
+    if step < cfg.train.steps:
+        return None
+    if any(o.split("=", 1)[0].strip() == "train.steps" for o in overrides):
+        raise ConfigError(f"train.steps={cfg.train.steps}: the import resumes at step {step}, so `unroll train` "
+                          f"would train no step; set train.steps above {step}")
+    old, cfg.train.steps = cfg.train.steps, step + cfg.train.steps
+    return old
 
 
 def _with_overrides(base: Config, overrides: list[str]) -> Config:

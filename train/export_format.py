@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 
 from unroll.models import LM
 from unroll.train.config import Config, ConfigError, load_config, validate
-from unroll.train.hf_layout import LayoutError, from_hf, model_fields
+from unroll.train.hf_layout import LayoutError, from_hf, hf_aux_loss_coef, model_fields
 
 WEIGHTS, TOKENIZER, CONFIG, META, HF_CONFIG = ("model.safetensors", "tokenizer.model", "unroll_config.yaml",
                                                "unroll_export.json", "config.json")
@@ -96,7 +96,10 @@ def read_export(path: str | Path) -> Export:
         if layout == "unroll":
             state = tensors
         else:
-            arch, fields, moe = model_fields(_read_json(path / HF_CONFIG))
+            hf = _read_json(path / HF_CONFIG)
+            arch, fields, moe = model_fields(hf)
+            if (path / CONFIG).is_file() and hf.get("router_aux_loss_coef") == hf_aux_loss_coef(cfg.model):
+                moe.pop("aux_loss_coef", None)  # unroll's export, unedited: its exact value, not one converted back
             moe_cfg = dataclasses.replace(cfg.model.moe, **moe)
             cfg.model = dataclasses.replace(cfg.model, **fields, moe=moe_cfg)
             validate(cfg)
@@ -104,7 +107,24 @@ def read_export(path: str | Path) -> Export:
     except (LayoutError, ConfigError) as e:
         raise ExportError(f"{path}: {e}") from None
     tokenizer = path / TOKENIZER
+    if tokenizer.is_file():
+        unroll = layout == "unroll"
+        check_vocab_fits(cfg.model.vocab_size, tokenizer, path / (CONFIG if unroll else HF_CONFIG),
+                         "model.vocab_size" if unroll else "vocab_size")
     return Export(cfg, state, layout, meta, tokenizer if tokenizer.is_file() else None)
+
+
+def check_vocab_fits(vocab_size: int, tokenizer: Path, model_file: Path, key: str, error=ExportError) -> None:
+    """A model with fewer embedding rows than its tokenizer has ids cannot take the ids past its vocabulary
+    (IndexError in the first forward that meets one): refused, naming both numbers and both files. More rows
+    than ids is a padded vocabulary, which is fine."""
+    from unroll.data.tokenizer import Tokenizer
+
+    n = Tokenizer(str(tokenizer)).vocab_size
+    if vocab_size < n:
+        raise error(f"{model_file}: {key} {vocab_size} is smaller than the {n} tokens of the tokenizer {tokenizer} "
+                    f"(ids {vocab_size}-{n - 1} have no embedding row): the model and tokenizer do not belong "
+                    f"together; use the tokenizer the model was trained with")
 
 
 def _load_weights(path: Path) -> dict:

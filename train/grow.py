@@ -21,8 +21,10 @@ new function; the paper likewise trains the grown model with its own schedule). 
 start over: `samples_consumed` continues from the source checkpoint, so the grown model sees the samples
 after the ones the small model trained on, and the `tokens` the run logs count the small model's tokens
 too (the paper's accounting of G_stack's cost). `unroll train OUT/config.yaml` continues; on any number of
-ranks and any layout, since DCP reshards on load. The source may be a checkpoint of a multi-rank (FSDP,
-TP, EP) run: DCP reads it in one process without a process group.
+ranks and any layout, since DCP reshards on load. Like a new run, it validates before its first step (the
+step-0 row of metrics.jsonl: the grown model's loss as stacked), and its first line names the checkpoint it
+was grown from. The source may be a checkpoint of a multi-rank (FSDP, TP, EP) run: DCP reads it in one
+process without a process group.
 """
 from __future__ import annotations
 
@@ -125,7 +127,7 @@ def grow(source: str | Path, factor: int, out: str | Path, overrides: list[str] 
     samples = source_state.get("samples_consumed", 0)
     state = {"samples_consumed": samples, "tokens_consumed": samples * grown_cfg.data.seq_len, "world_size": 1,
              "initial_val_loss": None,
-             "grown_from": {"checkpoint": str(ckpt), "step": source_state.get("step"), "factor": factor,
+             "grown_from": {"checkpoint": str(ckpt.absolute()), "step": source_state.get("step"), "factor": factor,
                             "layers": [n_layers, n_layers * factor]}}
     final = checkpoint.save(out, 0, model, optimizer, state, keep=grown_cfg.checkpoint.keep)
     tokenizer = config_path.parent / TOKENIZER_FILE

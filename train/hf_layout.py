@@ -13,6 +13,10 @@ Refused, with the reason: recurrent layers (G, L, M), NoPE (rope: false), sigmoi
 nonzero auxiliary-loss-free expert bias (it changes which experts are picked, which no layout models),
 dense and MoE layers mixed without shared experts (Qwen2-MoE always has a shared expert).
 
+Training settings: transformers' router_aux_loss_coef is unroll's moe.aux_loss_coef, rescaled (see
+hf_aux_loss_coef); transformers adds that loss only when output_router_logits is set. The router z-loss has no
+transformers field (it stays in unroll_config.yaml).
+
 Names: unroll's fused projections are split by rows. qkv.weight [(H + 2·KV)·hd, d] = q_proj ‖ k_proj ‖
 v_proj; gate_up.weight [2h, d] = gate_proj ‖ up_proj; a MoE's stacked w_gate_up [E, d, 2h] and w_down
 [E, h, d] are per expert the transposes of w1 ‖ w3 (gate_proj ‖ up_proj) and w2 (down_proj). RoPE is
@@ -74,6 +78,16 @@ def _expert_names(arch: str) -> tuple[str, str, str]:
     return ("w1", "w3", "w2") if arch == "mixtral" else ("gate_proj", "up_proj", "down_proj")
 
 
+def hf_aux_loss_coef(cfg: ModelConfig) -> float:
+    """transformers' router_aux_loss_coef for unroll's moe.aux_loss_coef c. unroll adds, per MoE layer,
+    c·E·Σ_e f_e·P_e (f_e: the layer's share of the top-k assignments going to expert e, summing to 1; P_e: its
+    mean router probability) and sums over the N MoE layers. transformers' load_balancing_loss_func pools the
+    N layers first and counts assignments per token (summing to top_k): E·Σ_e k·f̄_e·P̄_e. With the same
+    routing statistics in every layer the two losses agree, in value and in gradient, when
+    c_hf = c·N / k (exactly, whatever the statistics, for one MoE layer)."""
+    return cfg.moe.aux_loss_coef * cfg.mlp_kinds.count("E") / cfg.moe.top_k
+
+
 def hf_config(arch: str, cfg: ModelConfig, *, max_positions: int, dtype: str) -> dict:
     """transformers' config.json for the model (every field that shapes the computation set explicitly)."""
     L = len(cfg.layers)
@@ -92,14 +106,14 @@ def hf_config(arch: str, cfg: ModelConfig, *, max_positions: int, dtype: str) ->
         out["sliding_window"] = cfg.window or None
     if arch == "mixtral":
         out.update(intermediate_size=cfg.moe.hidden, num_local_experts=cfg.moe.experts,
-                   num_experts_per_tok=cfg.moe.top_k, router_aux_loss_coef=cfg.moe.aux_loss_coef)
+                   num_experts_per_tok=cfg.moe.top_k, router_aux_loss_coef=hf_aux_loss_coef(cfg))
     if arch == "qwen2_moe":
         m = cfg.moe
         out.update(intermediate_size=cfg.mlp_width, moe_intermediate_size=m.hidden, num_experts=m.experts,
                    num_experts_per_tok=m.top_k, norm_topk_prob=True, decoder_sparse_step=1,
                    shared_expert_intermediate_size=m.shared_experts * (m.shared_hidden or m.hidden),
                    mlp_only_layers=[i for i, k in enumerate(cfg.mlp_kinds) if k != "E"], qkv_bias=False,
-                   router_aux_loss_coef=m.aux_loss_coef, use_sliding_window=bool(cfg.window),
+                   router_aux_loss_coef=hf_aux_loss_coef(cfg), use_sliding_window=bool(cfg.window),
                    sliding_window=cfg.window or None, max_window_layers=L,
                    layer_types=["sliding_attention" if cfg.window else "full_attention"] * L)
     return out
@@ -209,6 +223,9 @@ def model_fields(config: dict) -> tuple[str, dict, dict]:
         moe = dict(experts=_need(config, "num_experts"), top_k=_need(config, "num_experts_per_tok"),
                    hidden=_need(config, "moe_intermediate_size"), shared_experts=1 if shared else 0,
                    shared_hidden=shared, score="softmax", bias_update_rate=0.0)
+    n_moe = L if fields["mlp_pattern"] == "E" else fields["mlp_pattern"].count("E")
+    if n_moe and "router_aux_loss_coef" in config:  # hf_aux_loss_coef, inverted
+        moe["aux_loss_coef"] = float(config["router_aux_loss_coef"]) * moe["top_k"] / n_moe
     return arch, fields, moe
 
 

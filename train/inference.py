@@ -10,7 +10,7 @@ import torch
 from unroll.data.tokenizer import Tokenizer
 from unroll.models import LM
 from unroll.models.generate import sample
-from unroll.train.export_format import is_export, load_export, pickled_weights
+from unroll.train.export_format import check_vocab_fits, is_export, load_export, pickled_weights
 from unroll.train.rundir import CONFIG_FILE, TOKENIZER_FILE
 
 
@@ -18,12 +18,14 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[LM, Tokenizer, i
     """(model with the newest checkpoint's weights, tokenizer, step)."""
     from unroll.train import checkpoint  # DCP: only for run directories
     from unroll.train.checkpoint import CheckpointError
-    from unroll.train.config import load_config
+    from unroll.train.config import ConfigError, load_config
 
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_FILE).is_file():
         raise CheckpointError(f"{run_dir}: not a run directory (no {CONFIG_FILE}) nor an export directory")
     cfg = load_config(str(run_dir / CONFIG_FILE))
+    check_vocab_fits(cfg.model.vocab_size, run_dir / TOKENIZER_FILE, run_dir / CONFIG_FILE, "model.vocab_size",
+                     ConfigError)
     found = checkpoint.good_checkpoints(run_dir, cfg.model)  # a damaged or refused newest one: the one before it
     if not found:
         raise CheckpointError(f"{run_dir}: no complete checkpoint under {checkpoint.checkpoint_root(run_dir)}")

@@ -16,6 +16,7 @@ over cp, whose ranks see the same samples), and "ep" is carved out of dp_shard Ã
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -147,6 +148,11 @@ def build_mesh(layout: Layout, device_type: str) -> DeviceMesh | None:
     if layout.world == 1:
         return None
     mesh = init_device_mesh(device_type, tuple(getattr(layout, d) for d in DIMS), mesh_dim_names=DIMS)
+    # torch 2.13 warns, on every slice of a flattened dimension ("dp", "dp_shard_cp", "dp_cp") from the root
+    # mesh, that such slicing is to be deprecated. It still returns the flattened group, and nothing a user
+    # runs can act on the warning; if torch drops the slicing, it fails loudly rather than silently.
+    warnings.filterwarnings("ignore", message=r"Slicing a flattened dim from root mesh", category=UserWarning,
+                            module=r"torch\.distributed\.device_mesh")
     mesh["dp_replicate", "dp_shard"]._flatten("dp")
     mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
     mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")  # where gradients are reduced

@@ -1,5 +1,9 @@
-"""Where a run's numbers go: RUN_DIR/metrics.jsonl (always), wandb (offline unless configured), and a
-progress bar. Only rank 0 writes."""
+"""Where a run's numbers go: RUN_DIR/metrics.jsonl (always), wandb (offline unless configured), one plain
+line on stdout per logged step, and a progress bar on a terminal. Only rank 0 writes.
+
+The step lines are the console's record of the run: they read the same in a terminal, a file, a pipe or a
+SLURM job's output. The bar is drawn only where stderr is a terminal: elsewhere its `\r` redraws would make a
+log one long line."""
 from __future__ import annotations
 
 import json
@@ -35,12 +39,25 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return sorted(rows.values(), key=lambda r: (r["step"], "event" in r, "val_loss" in r))
 
 
+def format_step(row: dict, total_steps: int) -> str:
+    """A training row as one console line, e.g. `step 20/600: loss 5.1234  lr 3.00e-03  grad_norm 0.812
+    tokens/s 41,230`; `mfu` is shown only when the row carries one (a fraction of the peak)."""
+    grad = row.get("grad_norm")
+    text = (f"step {row['step']}/{total_steps}: loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
+            f"grad_norm {'-' if grad is None else f'{grad:.3f}'}  tokens/s {row['tokens_per_s']:,.0f}")
+    if row.get("mfu") is not None:
+        text += f"  mfu {100 * row['mfu']:.1f}%"
+    return text
+
+
 class Metrics:
     def __init__(self, run_dir: Path, *, enabled: bool, total_steps: int, start_step: int,
                  wandb_mode: str, wandb_project: str, config: dict, progress: bool):
         self.enabled = enabled
         self.file = open(run_dir / METRICS_FILE, "a") if enabled else None
-        self.bar = tqdm(total=total_steps, initial=start_step, disable=not (enabled and progress),
+        self.total_steps = total_steps
+        bar = enabled and progress and sys.stderr.isatty()
+        self.bar = tqdm(total=total_steps, initial=start_step, disable=not bar,
                         dynamic_ncols=True, unit="step", file=sys.stderr, mininterval=0.5)
         self.wandb = self._init_wandb(run_dir, wandb_mode, wandb_project, config) if enabled else None
 
@@ -72,6 +89,7 @@ class Metrics:
                            step=row["step"])
         if "loss" in row and "event" not in row:
             self.bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
+            self.write(format_step(row, self.total_steps))
         if "val_loss" in row:
             self.write(f"step {row['step']}: val_loss {row['val_loss']:.4f}  val_ppl {row['val_ppl']:.2f}")
 

@@ -25,6 +25,7 @@ sharded parameters.
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
@@ -109,6 +110,11 @@ def _shard(model: LM, mesh: DeviceMesh, layout: Layout, *, bf16: bool, activatio
     # averaged over dp × cp, which is the mean loss's gradient since every rank's loss is its slice's mean.
     shard_dim = "dp_shard_cp" if layout.cp > 1 else "dp_shard"
     if uses_fsdp(layout, bool(stages)):
+        # FSDP2 warns when a wrapped block returns a view: a recurrent block returns its state beside its
+        # output, a view of the solution at the last position. The warning guards against in-place ops on
+        # such a view; the LM never changes a state in place (training drops it, generation only reads it).
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPBlock\) returned a view tensor",
+                                category=UserWarning, module=r"torch\.distributed\.fsdp\.")
         dp_mesh = mesh["dp_replicate", shard_dim] if layout.dp_replicate > 1 else mesh[shard_dim]
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
         # each weight on the dimension that spreads it best (not always dim 0), and under tp never on one

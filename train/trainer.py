@@ -15,7 +15,7 @@ from torch.distributed.tensor import DTensor
 from unroll.models import LM
 from unroll.models.generate import sample
 from unroll.models.moe import MoE
-from unroll.train import checkpoint, distributed as D
+from unroll.train import checkpoint, distributed as D, integrity
 from unroll.train.checkpoint_writer import CheckpointWriter
 from unroll.train.config import Config, ConfigError
 from unroll.train.data_setup import RunData, open_run_data
@@ -26,7 +26,7 @@ from unroll.train.parallelize import gradient_sync, parallelize, uses_fsdp, with
 from unroll.train.pipelined import Pipeline
 from unroll.train.plot import plot_run
 from unroll.train.preflight import check_layout
-from unroll.train.rundir import prepare_run_dir
+from unroll.train.rundir import CONFIG_FILE, prepare_run_dir
 from unroll.train.schedule import lr_at
 from unroll.train.signals import StopRequest
 from unroll.train.step_guard import StepGuard, TrainingDiverged, Verdict
@@ -312,15 +312,18 @@ def judge_step(result: StepResult, layout: Layout, accum: int, guard: StepGuard)
 
 
 def train(cfg: Config) -> dict:
-    """Runs (or resumes) the configured training; returns the final figures."""
+    """Runs (or resumes) the configured training; returns the final figures. RUN_DIR/config.yaml is written
+    once every check has passed, so a refused run leaves the directory as it was. A run whose newest
+    checkpoint is already at train.steps is left alone too: one line says which train.steps to raise, and
+    it ends as a success (exit 0), since nothing failed and a rerun of a finished job is not an error."""
     dist = D.init(cfg.run.device, cfg.run.collective_timeout_s)
     if cfg.run.threads and dist.device.type == "cpu":
         torch.set_num_threads(cfg.run.threads)
     shape = check_layout(cfg, dist.world)  # the launchers ran these checks (train/preflight.py) already
     layout, micro, accum = shape.layout, shape.micro, shape.accum
     data = open_run_data(cfg)  # every file checked before any work
-    run_dir = prepare_run_dir(cfg, dist.is_main)
-    D.barrier()
+    run_dir = Path(cfg.run.dir)
+    check_same_model(run_dir, cfg)
 
     run = build_training(cfg, dist, layout, micro, accum)
     model, owned, optimizer, pipe, ranks, autocast = run.model, run.owned, run.optimizer, run.pipe, run.ranks, run.autocast
@@ -331,6 +334,14 @@ def train(cfg: Config) -> dict:
     state = checkpoint.load_latest(run_dir, owned, optimizer, rank=dist.rank, io_threads=cfg.checkpoint.io_threads)
     step = state["step"] if state else 0
     samples = state["samples_consumed"] if state else 0
+    if state and step >= cfg.train.steps:  # the run directory is left as it is
+        if dist.is_main:
+            print(nothing_to_train(run_dir, step, cfg.train.steps), flush=True)
+        D.shutdown()
+        return {"step": step, "stopped": False, "finished": True}
+    # every check has passed: only now is the run's config.yaml written (a refused run leaves the earlier one)
+    prepare_run_dir(cfg, dist.is_main)
+    D.barrier()
 
     metrics = Metrics(run_dir, enabled=dist.is_main, total_steps=cfg.train.steps, start_step=step,
                       wandb_mode=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
@@ -339,9 +350,9 @@ def train(cfg: Config) -> dict:
                   f"{dist.world} rank(s) ({layout.describe()}) × {accum} micro-batch(es) of {micro} × {cfg.data.seq_len} tokens"
                   + (f"; {trainable:,} trainable (train.trainable={cfg.train.trainable!r})" if trainable else "")
                   + (f"; weights from {cfg.train.init_from}" if cfg.train.init_from and not state else "")
-                  + (f"; resumed at step {step}" if state else "") + D.restart_note())
+                  + (starting_note(state) if state else "") + D.restart_note())
     initial_val = state.get("initial_val_loss") if state else None
-    if data.valid is not None and not state:
+    if data.valid is not None and (not state or (step == 0 and initial_val is None)):  # e.g. a grown run
         initial_val = evaluate(model, data, cfg, dist, autocast, ranks, pipe)
         metrics.log({"step": 0, "val_loss": initial_val, "val_ppl": math.exp(initial_val)})
 
@@ -411,10 +422,10 @@ def train(cfg: Config) -> dict:
             if step % cfg.train.log_every == 0:
                 timer, timed_steps = time.perf_counter(), 0
         watchdog.disarm()
-        if saved_at != step:  # e.g. train.steps already reached, or raised to where we stand
+        if saved_at != step:  # a new run of train.steps=0
             writer.save(step, owned, optimizer, train_state())
         writer.wait()
-        if val_loss is None and data.valid is not None:  # nothing left to train: report where it stands
+        if val_loss is None and data.valid is not None:  # train.steps=0: report where it stands
             val_loss = evaluate(model, data, cfg, dist, autocast, ranks, pipe)
         summary = finish(cfg, model, data, run_dir, dist, metrics, step, val_loss, initial_val, layout)
         clean = True
@@ -434,6 +445,33 @@ def train(cfg: Config) -> dict:
         stop.restore()
         metrics.close()
         D.shutdown(clean)
+
+
+def check_same_model(run_dir: Path, cfg: Config) -> None:
+    """Refuses, in one line and before anything in it is written, a run directory whose checkpoints are all
+    another model's (a run directory reused by mistake); reads only their manifests."""
+    found = checkpoint.good_checkpoints(run_dir)
+    if found and not checkpoint.good_checkpoints(run_dir, cfg.model):
+        newest = found[-1][1]
+        reason = integrity.problem(newest, cfg.model).removeprefix("saved from a different model: ")
+        raise checkpoint.CheckpointError(f"run.dir={run_dir} holds a run of another model ({reason}; newest "
+                                         f"checkpoint {newest}); continue it with `unroll train "
+                                         f"{run_dir / CONFIG_FILE}`, or give this model another run.dir")
+
+
+def nothing_to_train(run_dir: Path, step: int, steps: int) -> str:
+    return (f"run {run_dir} already at step {step} of train.steps={steps}: nothing to train; to continue, "
+            f"raise train.steps (e.g. train.steps={max(2 * step, step + 1)})")
+
+
+def starting_note(state: dict) -> str:
+    """How the first line names the checkpoint a run starts from: a resume, or step 0 of a grown run."""
+    grown = state.get("grown_from")
+    if state["step"] == 0 and grown:
+        layers = grown.get("layers", ["?", "?"])
+        return (f"; starts from a grown checkpoint ({layers[0]} → {layers[1]} layers, G_stack "
+                f"×{grown.get('factor')} of {grown.get('checkpoint')}, step {grown.get('step')})")
+    return f"; resumed at step {state['step']}"
 
 
 def not_applied(step: int, samples: int, result: StepResult, guard: StepGuard, metrics: Metrics,
