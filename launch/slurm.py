@@ -117,7 +117,7 @@ def render(job: SlurmJob) -> str:
     if job.signal_lead:
         d.append(f"--signal=B:USR1@{job.signal_lead}")
     d += job.sbatch_args
-    # srun does not take the job's --cpus-per-task (SLURM 22.05 on): a task would get one CPU for all its ranks
+    # srun's own: from SLURM 22.05 it need not take the job's, and a task may get one CPU for all its ranks
     cpus = job.cpus_per_task or '"$SLURM_CPUS_ON_NODE"'
     srun = ["srun", "--kill-on-bad-exit=1", f"--nodes={job.nodes}", "--ntasks-per-node=1", f"--cpus-per-task={cpus}"]
     if job.container_image:  # pyxis
@@ -318,7 +318,7 @@ def _dry_run(job: SlurmJob, config_text: str, script_text: str, changed: list[st
     frozen_config.write_atomically(out / "job.sbatch", script_text)
     print(script_text)
     print(f"dry run, nothing submitted: the script and the config it would freeze are in {out}/ "
-          f"(job.sbatch, config.yaml); {job.config.parent}/ is left as it is")
+          f"(job.sbatch, config.yaml); the job's own files in {job.config.parent}/ are left as they are")
     if changed and not replace:
         print(f"note: submitting now would be refused: {frozen_config.refusal(job.config, changed)}")
     return 0

@@ -11,7 +11,8 @@ What is checked, for a config on `world` ranks:
   batch       train.batch_size divisible by the data ranks, train.micro_batch_size dividing each one's
               share (train/config.py check_world); under pipelining the default micro-batch (below)
   pipeline    the schedule, the stage split and its micro-batches (train/pipelined.py check_pipeline)
-  data        the tokenizer and every shard open, and match model.vocab_size (train/data_setup.py)
+  data        the tokenizer and every shard open and match model.vocab_size, their token ids below it
+              (train/data_setup.py open_run_data, and the data/ checks it calls)
 
 Pipelining's default micro-batch: with parallel.pp > 1 and train.micro_batch_size=0, each data rank's
 share of the batch is split into the fewest micro-batches that are at least the schedule's stages and
@@ -84,8 +85,8 @@ def micro_batches(cfg: Config, layout: Layout) -> tuple[int, int]:
     n = _fewest_microbatches(name, layout.pp, stages, share)
     if n is None:
         batch = cfg.train.batch_size
-        fits = next(s for s in range(share + 1, share + 2 * stages * layout.pp + 1)
-                    if _fewest_microbatches(name, layout.pp, stages, s))
+        # a multiple of the stage count always splits (every schedule accepts as many micro-batches as stages)
+        fits = next(s for s in range(share + 1, share + stages + 1) if _fewest_microbatches(name, layout.pp, stages, s))
         raise LayoutError(f"parallel.pp={layout.pp} with parallel.pp_schedule={name} runs {stages} stages: each "
                           f"data rank's share of the batch is split into at least {stages} micro-batches that "
                           f"{name} accepts, but train.batch_size={batch} over {layout.dp} data rank(s) is "
