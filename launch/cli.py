@@ -109,8 +109,8 @@ def _plan(args) -> int:
     print(P.__doc__.split("\n\n", 1)[1].rstrip())
     print(f"\n{args.config}: {args.nodes} node(s) × {args.gpus_per_node} GPUs of {args.gpu_gib:g} GiB, "
           f"sequence {cfg.data.seq_len}, batch {cfg.train.batch_size}, micro-batch "
-          f"{cfg.train.micro_batch_size or 'batch / data ranks'}, activation checkpointing "
-          f"{cfg.train.activation_checkpoint}, loss chunk {cfg.train.loss_chunk}")
+          f"{cfg.train.micro_batch_size or 'batch / data ranks (split per pipeline stage when pp > 1)'}, "
+          f"activation checkpointing {cfg.train.activation_checkpoint}, loss chunk {cfg.train.loss_chunk}")
     fits = P.plan(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_gib=args.gpu_gib)
     if not fits:
         print(f"no layout on {world} GPUs fits 90% of {args.gpu_gib:g} GiB; more GPUs, a shorter sequence, "
