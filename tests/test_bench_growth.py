@@ -29,7 +29,9 @@ def test_bench_growth_reports_measured_tokens_and_ratio(small_data, offline_env,
         return [(offset + row["step"] * per_step, row["val_loss"]) for row in read_metrics(work / name) if "val_loss" in row]
 
     scratch, small = curve("scratch"), curve("small")
-    stacked = small + curve("stacked", offset=6 * per_step)
+    grown = curve("stacked", offset=6 * per_step)
+    assert grown[0][0] == small[-1][0]  # the grown run validates at its step 0, where the small run ended
+    stacked = small + grown[1:]
     assert [t for t, _ in scratch] == [i * 2 * per_step for i in range(7)]  # steps 0, 2, ..., 12
     assert [t for t, _ in stacked] == [i * 2 * per_step for i in range(7)]
     target = scratch[-1][1]

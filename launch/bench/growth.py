@@ -102,7 +102,11 @@ def run(args) -> dict:
         train(scratch)
 
     small_curve = val_curve(work / "small", per_step)
-    stacked_curve = small_curve + val_curve(work / "stacked", per_step, offset=args.small_steps * per_step)
+    # the grown run validates at its step 0 too, at the token count of the small run's last validation: one
+    # point per token count (the curve the small model trained on up to the growth, the grown one after it)
+    grown_at = args.small_steps * per_step
+    grown_curve = [p for p in val_curve(work / "stacked", per_step, offset=grown_at) if p[0] > grown_at]
+    stacked_curve = small_curve + grown_curve
     scratch_curve = val_curve(work / "scratch", per_step)
     target = scratch_curve[-1][1]
     t_scratch, t_stack = tokens_to_reach(scratch_curve, target), tokens_to_reach(stacked_curve, target)
