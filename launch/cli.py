@@ -96,7 +96,7 @@ def _info(args) -> int:
 
 
 def _plan(args) -> int:
-    from unroll.train import plan as P
+    from unroll.train.planning import plan as P
     from unroll.train.config import load_config
 
     overrides = list(args.overrides)
@@ -132,7 +132,7 @@ def _plan(args) -> int:
 def _rehearse(args) -> int:
     import json
 
-    from unroll.train.rehearse import format_rehearsal, rehearse, to_json
+    from unroll.train.planning.rehearse import format_rehearsal, rehearse, to_json
 
     r = rehearse(args.config, args.overrides, nodes=args.nodes, gpus_per_node=args.gpus_per_node, rank=args.rank,
                  steps=args.steps, microbatches=args.microbatches)
@@ -165,7 +165,7 @@ def _prepare(args) -> int:
 
 
 def _generate(args) -> int:
-    from unroll.train.inference import generate_text
+    from unroll.train.lifecycle.inference import generate_text
 
     print(generate_text(args.run_dir, args.prompt, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, top_k=args.top_k, seed=args.seed))
@@ -173,7 +173,7 @@ def _generate(args) -> int:
 
 
 def _export(args) -> int:
-    from unroll.train.export import export
+    from unroll.train.lifecycle.export import export
 
     meta = export(args.checkpoint, args.out, fmt=args.format, dtype=args.dtype)
     print(f"exported step {meta['step']} to {meta['out']} ({meta['layout']} layout, {meta['dtype']})")
@@ -181,7 +181,7 @@ def _export(args) -> int:
 
 
 def _import(args) -> int:
-    from unroll.train.export import import_export
+    from unroll.train.lifecycle.export import import_export
 
     done = import_export(args.export, args.out, config=args.config, overrides=args.overrides, step=args.step)
     raised = done["steps_raised_from"]
@@ -200,7 +200,7 @@ def _plot(args) -> int:
 
 
 def _grow(args) -> int:
-    from unroll.train import grow as G
+    from unroll.train.lifecycle import grow as G
     from unroll.train.config import ConfigError
 
     if args.plan:
@@ -401,9 +401,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         args.overrides = [*args.overrides, *overrides]
     from unroll.data.errors import DataError
-    from unroll.train.checkpoint import CheckpointError
+    from unroll.train.checkpoint.dcp import CheckpointError
     from unroll.train.config import ConfigError
-    from unroll.train.export_format import ExportError
+    from unroll.train.lifecycle.export_format import ExportError
     from unroll.train.step_guard import TrainingDiverged
 
     try:

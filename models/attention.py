@@ -57,7 +57,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=False)
         self.out_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
         self.init_std, self.out_std = init_std, out_std or init_std
-        # Context parallelism (set from outside, train/parallelize.py): the sequence is split over this
+        # Context parallelism (set from outside, train/parallel/parallelize.py): the sequence is split over this
         # group; each rank attends from its slice to the keys and values of all slices (all_gather).
         self.context_group = None
         init_eagerly(self)

@@ -180,7 +180,7 @@ def fill(t: torch.Tensor, rule: Rule, key: list[int], shape, index: list[torch.T
 def init_parameters(module: nn.Module, seed: int, index_of=full_index) -> None:
     """Initialises every parameter and buffer of `module` (not on the meta device) by its rule, under its
     name in `module`. index_of(tensor) → (global shape, per-dimension global indices, local tensor): what
-    part of the whole tensor this process holds (train/materialize.py answers it for shards)."""
+    part of the whole tensor this process holds (train/parallel/materialize.py answers it for shards)."""
     rules = collect_rules(module)
     named = list(module.named_parameters()) + list(module.named_buffers())
     missing = [name for name, _ in named if name not in rules and _default(module, name) is None]
@@ -202,7 +202,7 @@ def fresh_seed() -> int:
 
 def init_eagerly(module: nn.Module) -> None:
     """The end of a module's __init__: initialise it unless it was built on the meta device (then whoever
-    materialises it initialises it, see train/materialize.py)."""
+    materialises it initialises it, see train/parallel/materialize.py)."""
     if any(t.device.type == "meta" for t in module.parameters()):
         return
     init_parameters(module, fresh_seed())

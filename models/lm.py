@@ -61,7 +61,7 @@ class Block(nn.Module):
         self.mixer = build_mixer(kind, cfg, out_std)
         self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = build_mlp(mlp_kind, cfg, out_std)
-        # Activation checkpointing, set from outside (train/parallelize.py): "full" keeps only the block's
+        # Activation checkpointing, set from outside (train/parallel/parallelize.py): "full" keeps only the block's
         # input and recomputes the block in the backward; "mlp" recomputes only the MLP half (whose
         # hidden activations are usually the widest) and keeps the mixer's.
         self.recompute = "none"
@@ -89,12 +89,12 @@ class Block(nn.Module):
 
 class LM(nn.Module):
     """Built on the meta device; then, unless the caller itself builds on meta (`with torch.device("meta")`,
-    to shard before allocating: train/materialize.py), allocated on the default device and initialised
+    to shard before allocating: train/parallel/materialize.py), allocated on the default device and initialised
     from `seed` (None: drawn from torch's global generator). The weights are a function of the seed and
     the parameter names only (models/init.py), whatever later holds which part of them."""
 
     # Set from outside, like the mixers' context_group: tokens per logits chunk of the loss (train.loss_chunk;
-    # 0 = all at once), and the process group the vocabulary is split over (train/tensor_parallel.py; None =
+    # 0 = all at once), and the process group the vocabulary is split over (train/parallel/tensor_parallel.py; None =
     # the embedding and head hold the whole vocabulary).
     loss_chunk: int = 1024
     vocab_group = None

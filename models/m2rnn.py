@@ -96,7 +96,7 @@ class M2RNN(nn.Module):
         self.out_proj = nn.Linear(value, d_model, bias=False)
         self.init_std, self.out_std = init_std, out_std or init_std
         self.last_solve: SolveInfo | None = None
-        # Context parallelism (set from outside, train/parallelize.py): the sequence is split over this
+        # Context parallelism (set from outside, train/parallel/parallelize.py): the sequence is split over this
         # group; the convolution takes the previous rank's last inputs, the sequential recurrence its
         # final state (a hand-off pipeline), Newton runs sequence-parallel.
         self.context_group = None

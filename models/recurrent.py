@@ -61,7 +61,7 @@ class RecurrentMixer(nn.Module):
         self.out_proj = nn.Linear(width, d_model, bias=False)
         self.out_std = out_std or init_std
         self.last_solve: SolveInfo | None = None  # how the last forward solved its recurrence (for metrics)
-        # Context parallelism (set from outside, train/parallelize.py): the sequence is split over this
+        # Context parallelism (set from outside, train/parallel/parallelize.py): the sequence is split over this
         # process group; Newton runs sequence-parallel, the sequential loop as a state hand-off pipeline.
         self.context_group = None
 

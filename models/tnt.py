@@ -100,7 +100,7 @@ class TNT(nn.Module):
         self.norm = nn.RMSNorm(width, eps=norm_eps)
         self.out_proj = nn.Linear(width, d_model, bias=False)
         self.init_std, self.out_std = init_std, out_std or init_std
-        # Context parallelism (set from outside, train/parallelize.py): the sequence is split over this group.
+        # Context parallelism (set from outside, train/parallel/parallelize.py): the sequence is split over this group.
         self.context_group = None
         init_eagerly(self)
 

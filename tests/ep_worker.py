@@ -1,5 +1,5 @@
 """Run by tests/test_expert_parallel.py under torchrun: the MoE made expert-parallel over all ranks
-(train/expert_parallel.py) against the single-device MoE on the concatenation of every rank's tokens.
+(train/parallel/expert_parallel.py) against the single-device MoE on the concatenation of every rank's tokens.
 
     torchrun --standalone --nproc-per-node R tests/ep_worker.py OUT_DIR
 
@@ -47,7 +47,7 @@ def max_err(a, b) -> float:
 
 def run_moe_case(kw, opt, group, rank, world):
     from unroll.models.moe import MoE
-    from unroll.train.expert_parallel import apply_expert_parallel
+    from unroll.train.parallel.expert_parallel import apply_expert_parallel
 
     dtype = opt.get("dtype", torch.float64)
     torch.manual_seed(0)
@@ -102,7 +102,7 @@ def run_lm_case(group, rank, world):
     and scale_expert_grads."""
     from unroll.models import LM, ModelConfig
     from unroll.models.config import MoEConfig
-    from unroll.train.expert_parallel import (apply_expert_parallel_to_model, expert_parameters,
+    from unroll.train.parallel.expert_parallel import (apply_expert_parallel_to_model, expert_parameters,
                                               scale_expert_grads)
 
     cfg = ModelConfig(pattern="AA", mlp_pattern="E", vocab_size=40, d_model=16, n_heads=2,
@@ -145,7 +145,7 @@ def run_lm_case(group, rank, world):
 
 def run_errors(group, world):
     from unroll.models.moe import MoE
-    from unroll.train.expert_parallel import apply_expert_parallel
+    from unroll.train.parallel.expert_parallel import apply_expert_parallel
 
     out = {}
     try:

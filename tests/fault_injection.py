@@ -99,7 +99,7 @@ def denied(patch, step: int, name: str) -> None:
 
 
 def nan(patch, step: int, target: str) -> None:
-    from unroll.train.checkpoint_writer import CheckpointWriter
+    from unroll.train.checkpoint.writer import CheckpointWriter
 
     real = CheckpointWriter.save
     param, _, key = target.partition(":")

@@ -39,8 +39,8 @@ def whole(name: str, p: torch.Tensor) -> torch.Tensor:
 def check(preset: str, overrides: list[str], rank: int) -> dict:
     from unroll.models import LM
     from unroll.train.config import load_config
-    from unroll.train.distributed import DistInfo
-    from unroll.train.mesh import LayoutError, check_model, check_supported, resolve_layout
+    from unroll.train.parallel.distributed import DistInfo
+    from unroll.train.parallel.mesh import LayoutError, check_model, check_supported, resolve_layout
     from unroll.train.trainer import build_training
 
     cfg = load_config(preset, overrides + ["train.seed=11"])

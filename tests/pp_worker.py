@@ -1,4 +1,4 @@
-"""Run by tests/test_pipeline.py under torchrun (2 ranks): every pipeline schedule of train/pipeline.py against
+"""Run by tests/test_pipeline.py under torchrun (2 ranks): every pipeline schedule of train/parallel/pipeline.py against
 one process, float64, loss and gradients.
 
     torchrun --standalone --nproc-per-node 2 tests/pp_worker.py OUT_DIR
@@ -51,7 +51,7 @@ def reference_loss(logits, targets):
 def run_case(schedule, pattern, extra, group):
     from unroll.models import LM, ModelConfig
     from unroll.models.config import M2RNNConfig, MoEConfig
-    from unroll.train.pipeline import build_schedule, copy_tied_weight, pipeline_step, sync_tied_grads
+    from unroll.train.parallel.pipeline import build_schedule, copy_tied_weight, pipeline_step, sync_tied_grads
 
     extra = dict(extra)
     loss_chunk = extra.pop("loss_chunk", 0)

@@ -1,7 +1,7 @@
 """Checkpoints: an interrupted write is ignored and the previous one used; nothing else is lost."""
 import pytest
 
-from unroll.train import checkpoint
+from unroll.train.checkpoint import dcp as checkpoint
 from unroll.train.config import load_config
 from unroll.train.metrics import read_metrics
 from unroll.train.trainer import train

@@ -13,7 +13,8 @@ import torch
 import fault_injection
 from conftest import torchrun_train
 from unroll.launch.torchrun import run_torchrun as torchrun
-from unroll.train import checkpoint, integrity
+from unroll.train.checkpoint import dcp as checkpoint
+from unroll.train.checkpoint import integrity
 from unroll.train.metrics import read_metrics
 from unroll.train.trainer import train
 

@@ -6,8 +6,9 @@ import torch
 
 import fault_injection
 from conftest import losses
-from unroll.train import checkpoint, integrity
-from unroll.train.finite import first_non_finite
+from unroll.train.checkpoint import dcp as checkpoint
+from unroll.train.checkpoint import integrity
+from unroll.train.checkpoint.finite import first_non_finite
 from unroll.train.trainer import train
 
 

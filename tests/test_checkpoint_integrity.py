@@ -14,8 +14,9 @@ from pathlib import Path
 
 from conftest import torchrun_train
 from unroll.models import LM
-from unroll.train import checkpoint, integrity
-from unroll.train import checkpoint_storage as storage
+from unroll.train.checkpoint import dcp as checkpoint
+from unroll.train.checkpoint import integrity
+from unroll.train.checkpoint import storage
 from unroll.train.config import load_config
 from unroll.train.metrics import read_metrics
 from unroll.train.trainer import build_optimizer, train
@@ -116,7 +117,9 @@ def test_flipped_shard_bytes_are_refused_kept_and_training_continues_exactly(str
 
 def test_a_checkpoint_marked_refused_is_skipped_everywhere(straight):
     """Resume, export, generation, growth and train.init_from all take the newest good checkpoint."""
-    from unroll.train import export, grow, inference
+    from unroll.train.lifecycle import export
+    from unroll.train.lifecycle import grow
+    from unroll.train.lifecycle import inference
 
     run_dir = straight.run.dir
     newest, previous = (checkpoint.checkpoint_root(run_dir) / f"step_{s:08d}" for s in (12, 8))

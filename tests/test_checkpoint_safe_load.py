@@ -17,11 +17,13 @@ import torch.distributed.checkpoint as dcp
 
 from conftest import losses, run_cli
 from unroll.models import LM
-from unroll.train import checkpoint, integrity, rng_state
-from unroll.train import checkpoint_storage as storage
-from unroll.train.export import export, import_export
-from unroll.train.export_format import ExportError
-from unroll.train.inference import load_model
+from unroll.train.checkpoint import dcp as checkpoint
+from unroll.train.checkpoint import integrity
+from unroll.train.checkpoint import rng_state
+from unroll.train.checkpoint import storage
+from unroll.train.lifecycle.export import export, import_export
+from unroll.train.lifecycle.export_format import ExportError
+from unroll.train.lifecycle.inference import load_model
 from unroll.train.trainer import build_optimizer, train
 
 

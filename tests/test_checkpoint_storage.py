@@ -1,5 +1,5 @@
 """Every byte of a checkpoint checksummed as it is written and verified as it is read
-(train/checkpoint_storage.py), in one process: each kind of file corrupted is refused, named, marked REFUSED,
+(train/checkpoint/storage.py), in one process: each kind of file corrupted is refused, named, marked REFUSED,
 and the previous checkpoint loaded whole; rotation never keeps a checkpoint that fails its checks in place of
 the newest good one, nor deletes a refused one; checkpoints saved before checksums still load."""
 import contextlib
@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from unroll.models import LM
-from unroll.train import checkpoint, integrity
-from unroll.train import checkpoint_storage as storage
+from unroll.train.checkpoint import dcp as checkpoint
+from unroll.train.checkpoint import integrity
+from unroll.train.checkpoint import storage
 from unroll.train.config import load_config
 from unroll.train.trainer import build_optimizer
 

@@ -17,7 +17,7 @@ from unroll.train.config_keys import config_keys
 @pytest.fixture(scope="module")
 def run_and_export(config_at, tmp_path_factory):
     """A trained run (one step, a checkpoint) and its export: what `unroll grow` and `unroll import` read."""
-    from unroll.train.export import export
+    from unroll.train.lifecycle.export import export
     from unroll.train.trainer import train
 
     root = tmp_path_factory.mktemp("source")

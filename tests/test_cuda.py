@@ -17,7 +17,7 @@ import yaml
 from conftest import tiny_config_dict
 from unroll.kernels import newton_solve, sequential_solve
 from unroll.models.paragru import ParaGRUCell
-from unroll.train import distributed as D
+from unroll.train.parallel import distributed as D
 from unroll.train.config import load_config
 from unroll.train.metrics import read_metrics
 from unroll.train.trainer import train
@@ -144,8 +144,8 @@ def test_plan_matches_what_one_gpu_allocates(name):
     build, weights + optimizer after a step, + gradients just before the step, and the peak of the step
     (paragru-1b measured 4.24, 12.56, 16.73 and 22.56 GiB on an H200)."""
     from unroll.train.config import check_world
-    from unroll.train.mesh import Layout
-    from unroll.train.plan import estimate
+    from unroll.train.parallel.mesh import Layout
+    from unroll.train.planning.plan import estimate
     from unroll.train.trainer import build_training, train_step
 
     probe = load_config(name)

@@ -1,4 +1,4 @@
-"""Expert parallelism (train/expert_parallel.py) on 2 and 4 gloo ranks against the single-device MoE on the
+"""Expert parallelism (train/parallel/expert_parallel.py) on 2 and 4 gloo ranks against the single-device MoE on the
 concatenation of every rank's tokens, float64 (one float32 torch._grouped_mm case): outputs, input
 gradients, the experts' complete gradients, replicated gradients summed over the ranks, load counts;
 softmax and sigmoid routers, with and without shared experts, a nonzero expert bias, ranks with

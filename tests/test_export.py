@@ -16,14 +16,14 @@ import torch.nn.functional as F
 from conftest import run_cli, torchrun_train
 from unroll.models import LM
 from unroll.models.generate import sample
-from unroll.train import checkpoint
+from unroll.train.checkpoint import dcp as checkpoint
 from unroll.train.config import load_config
 from unroll.train.data_setup import open_run_data
-from unroll.train.export import export, import_export
-from unroll.train.export_format import ExportError, load_export, read_export
-from unroll.train.hf_layout import LayoutError, hf_architecture, model_fields
+from unroll.train.lifecycle.export import export, import_export
+from unroll.train.lifecycle.export_format import ExportError, load_export, read_export
+from unroll.train.lifecycle.hf_layout import LayoutError, hf_architecture, model_fields
 from unroll.train.metrics import read_metrics
-from unroll.train.rundir import prepare_run_dir
+from unroll.train.checkpoint.rundir import prepare_run_dir
 from unroll.train.trainer import build_optimizer, train
 
 ATTENTION = {"d_model": 32, "n_heads": 4, "rope_theta": 5000.0, "norm_eps": 1e-6}
@@ -219,11 +219,11 @@ def test_dtype_option_writes_rounded_weights(tiny_config, tmp_path):
 
 GENERATE_ALONE = """
 import sys, torch
-from unroll.train.export_format import load_export
+from unroll.train.lifecycle.export_format import load_export
 from unroll.models.generate import sample
 model, tok, step = load_export(sys.argv[1])
 ids = sample(model, tok.encode("To be"), 12, temperature=0)
-heavy = [m for m in ("torch.distributed.checkpoint", "unroll.train.checkpoint", "unroll.train.trainer") if m in sys.modules]
+heavy = [m for m in ("torch.distributed.checkpoint", "unroll.train.checkpoint.dcp", "unroll.train.trainer") if m in sys.modules]
 print(step, ids, heavy)
 """
 

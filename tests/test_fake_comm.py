@@ -1,4 +1,4 @@
-"""SymmetricWorld (train/fake_comm.py) in one process under torch's fake process group: the collectives'
+"""SymmetricWorld (train/planning/fake_comm.py) in one process under torch's fake process group: the collectives'
 values in a symmetric world, their byte counts, DTensor, FSDP2 at world 64, pipeline schedules,
 expert-parallel MoE, object collectives and DCP."""
 import math
@@ -13,9 +13,9 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
-from unroll.train import comm_bytes as cb
-from unroll.train.fake_comm import SymmetricWorld, fake_process_group
-from unroll.train.fake_objects import FakeWorldError
+from unroll.train.planning import comm_bytes as cb
+from unroll.train.planning.fake_comm import SymmetricWorld, fake_process_group
+from unroll.train.planning.fake_objects import FakeWorldError
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -29,7 +29,7 @@ def test_all_reduce_sum_avg_max():
             t = torch.tensor([1.0, -2.0])
             dist.all_reduce(t, op=op)
             assert t.tolist() == [1.0, -2.0]
-        flag = torch.tensor([1.0])  # train/distributed.py any_rank's stop flag
+        flag = torch.tensor([1.0])  # train/parallel/distributed.py any_rank's stop flag
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         assert flag.item() == 1.0
         assert world.traffic.calls("all_reduce", 4) == 5
@@ -223,8 +223,8 @@ def test_pipeline_schedule_steps_on_one_rank(schedule, pattern, rank):
     from torch.distributed.device_mesh import init_device_mesh
 
     from unroll.models import LM, ModelConfig
-    from unroll.train.fake_comm import static_pipeline_vote
-    from unroll.train.pipelined import Pipeline
+    from unroll.train.planning.fake_comm import static_pipeline_vote
+    from unroll.train.parallel.pipelined import Pipeline
 
     n_mb, mb, seq, d = 4, 2, 6, 16
     with fake_process_group(rank, 2), SymmetricWorld(recv_fill=static_pipeline_vote) as world:
@@ -249,7 +249,7 @@ def test_pipeline_schedule_steps_on_one_rank(schedule, pattern, rank):
 
 def test_expert_parallel_moe_at_ep_8_exchanges_symmetric_splits():
     from unroll.models.moe import MoE
-    from unroll.train.expert_parallel import apply_expert_parallel
+    from unroll.train.parallel.expert_parallel import apply_expert_parallel
 
     ep, rank, d, n_experts = 8, 3, 16, 16
     with fake_process_group(rank, ep) as group, SymmetricWorld() as world:

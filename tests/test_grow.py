@@ -9,10 +9,10 @@ import torch
 from conftest import torchrun_train
 from unroll.launch import cli
 from unroll.models import LM
-from unroll.train import checkpoint
-from unroll.train.checkpoint import CheckpointError
+from unroll.train.checkpoint import dcp as checkpoint
+from unroll.train.checkpoint.dcp import CheckpointError
 from unroll.train.config import ConfigError, load_config
-from unroll.train.grow import (fresh_adamw_state, grow, grow_pattern, grown_model_config, growth_tokens,
+from unroll.train.lifecycle.grow import (fresh_adamw_state, grow, grow_pattern, grown_model_config, growth_tokens,
                                parse_count)
 from unroll.train.metrics import read_metrics
 from unroll.train.trainer import build_optimizer, train

@@ -12,8 +12,8 @@ from conftest import run_cli
 from test_export import ATTENTION, MOE, saved_run, transformers  # noqa: F401 (transformers is a fixture)
 from unroll.data.tokenizer import Tokenizer
 from unroll.train.config import load_config
-from unroll.train.export import export, import_export
-from unroll.train.export_format import read_export
+from unroll.train.lifecycle.export import export, import_export
+from unroll.train.lifecycle.export_format import read_export
 from unroll.train.metrics import read_metrics
 
 PROMPT = "To be, or not to be, that is the question"

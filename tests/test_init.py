@@ -1,4 +1,4 @@
-"""Layout-independent initialisation (models/init.py, train/materialize.py): every element a function of
+"""Layout-independent initialisation (models/init.py, train/parallel/materialize.py): every element a function of
 the seed, the parameter's name and its global index, so a rank that builds on the meta device and
 allocates only its shards holds exactly the one-process weights."""
 import pytest
@@ -97,10 +97,10 @@ def test_every_rank_of_a_fake_world_holds_its_part_of_the_one_process_weights(pr
     """Each rank in turn, in one process (torch's fake process group: nothing is communicated, and
     initialisation needs nothing): its local tensors equal the one-process weights at the indices it holds,
     uneven shards (3 ranks) included."""
-    from unroll.train.materialize import shard_index
-    from unroll.train.mesh import build_mesh, resolve_layout
-    from unroll.train.parallelize import parallelize
-    from unroll.train.pipelined import Pipeline
+    from unroll.train.parallel.materialize import shard_index
+    from unroll.train.parallel.mesh import build_mesh, resolve_layout
+    from unroll.train.parallel.parallelize import parallelize
+    from unroll.train.parallel.pipelined import Pipeline
 
     cfg = load_config(preset, overrides)
     full = LM(cfg.model, seed=5).state_dict()

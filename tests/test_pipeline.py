@@ -1,4 +1,4 @@
-"""Pipeline parallelism (train/pipeline.py): stage splits from `|` marks or balanced by parameter count, stage
+"""Pipeline parallelism (train/parallel/pipeline.py): stage splits from `|` marks or balanced by parameter count, stage
 modules that chain to the single-device model, and every schedule (GPipe, 1F1B, Interleaved1F1B, LoopedBFS,
 InterleavedZeroBubble, ZBVZeroBubble, DualPipeV) on 2 gloo ranks giving the single-process loss (mean over
 the microbatches) and gradients in float64, tied and untied embeddings."""
@@ -10,7 +10,7 @@ import torch
 
 from conftest import run_workers
 from unroll.models import LM, ModelConfig
-from unroll.train.pipeline import (
+from unroll.train.parallel.pipeline import (
     SCHEDULES,
     balance,
     build_schedule,

@@ -10,8 +10,8 @@ from torch.distributed.tensor import DTensor
 
 from unroll.launch.cli import main
 from unroll.train.config import load_config
-from unroll.train.mesh import Layout
-from unroll.train.plan import GiB, candidate_layouts, estimate, plan
+from unroll.train.parallel.mesh import Layout
+from unroll.train.planning.plan import GiB, candidate_layouts, estimate, plan
 
 LAYOUTS_7B = [("paragru-7b", dict(dp_shard=64)), ("paragru-7b", dict(dp_shard=16, tp=4)),
               ("paralstm-7b", dict(pp=2, dp_shard=8, tp=4)), ("m2rnn-moe-7b", dict(dp_shard=64, ep=8)),
@@ -24,10 +24,10 @@ def test_the_plan_holds_exactly_what_the_trainer_gives_rank_0(preset, layout):
     """The 7B model built on the meta device and sharded by the trainer's own parallelize for rank 0 of 64
     (torch's fake process group; nothing allocated): the elements it holds are the plan's."""
     from unroll.models import LM
-    from unroll.train.fake_comm import fake_process_group
-    from unroll.train.mesh import build_mesh
-    from unroll.train.parallelize import _shard
-    from unroll.train.pipelined import Pipeline
+    from unroll.train.planning.fake_comm import fake_process_group
+    from unroll.train.parallel.mesh import build_mesh
+    from unroll.train.parallel.parallelize import _shard
+    from unroll.train.parallel.pipelined import Pipeline
 
     cfg = load_config(preset)
     lay = Layout(**layout)
@@ -93,8 +93,8 @@ CASES = [  # preset, GPUs per node (one node), overrides
 
 
 def _compare(preset, nodes, gpus, overrides) -> dict:
-    from unroll.train.plan import estimate_for
-    from unroll.train.rehearse import rehearse
+    from unroll.train.planning.plan import estimate_for
+    from unroll.train.planning.rehearse import rehearse
 
     r = rehearse(preset, overrides, nodes=nodes, gpus_per_node=gpus)
     planned = estimate_for(r).components
@@ -121,8 +121,8 @@ def test_fp32_weights_under_autocast_add_bytes_per_block_not_per_token(tmp_path)
     """DDP (fp32 weights, bf16 autocast): autocast's bf16 copy of each block's weights does not grow with the
     tokens. Rehearsed at 1024 tokens, the plan at 1024 (its probes stop at 256 tokens and fit the fixed part)
     and the rehearsal read at the config's 128 (the fixed part kept whole) both agree with what was held."""
-    from unroll.train.plan import estimate_for
-    from unroll.train.rehearse import rehearse
+    from unroll.train.planning.plan import estimate_for
+    from unroll.train.planning.rehearse import rehearse
 
     preset = yaml.safe_load((Path(__file__).parents[1] / "configs" / "tiny-gru.yaml").read_text())
     preset["model"]["d_model"] = 512  # weights large beside a block's per-token bytes

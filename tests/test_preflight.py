@@ -4,7 +4,7 @@ tests/test_launch_local.py and tests/test_slurm.py."""
 import pytest
 
 from unroll.train.config import load_config
-from unroll.train.mesh import LayoutError
+from unroll.train.parallel.mesh import LayoutError
 from unroll.train.preflight import check_layout, preflight
 
 

@@ -7,7 +7,7 @@ from unroll.models import LM, ModelConfig
 from unroll.models.config import M2RNNConfig, MoEConfig
 from unroll.train.config import load_config
 from unroll.train.metrics import read_metrics
-from unroll.train.parallelize import apply_activation_checkpointing
+from unroll.train.parallel.parallelize import apply_activation_checkpointing
 from unroll.train.trainer import train
 
 CFG = dict(pattern="GAML", vocab_size=40, d_model=16, n_heads=2, mlp_pattern="DEDE",

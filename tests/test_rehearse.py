@@ -11,7 +11,7 @@ import pytest
 from conftest import _torchrun
 from unroll.launch.cli import main
 from unroll.models import LM
-from unroll.train.rehearse import rehearse
+from unroll.train.planning.rehearse import rehearse
 
 
 def test_cli_reports_memory_collectives_and_the_checkpoint_as_json(tmp_path, capsys):

@@ -8,7 +8,7 @@ import yaml
 
 import unroll.configs
 from conftest import UNROLL, run_cli, tiny_config_dict
-from unroll.train import checkpoint
+from unroll.train.checkpoint import dcp as checkpoint
 from unroll.train.config import load_config
 
 

@@ -35,7 +35,7 @@ def test_the_progress_bar_is_drawn_only_on_a_terminal(tmp_path, monkeypatch):
 
 def test_a_two_rank_fsdp_run_prints_no_torch_warnings(tiny_config, offline_env):
     """The two that every sharded run printed: a DeviceMesh deprecation and FSDP2's view-tensor caution
-    (train/mesh.py and train/parallelize.py say why each is safe to ignore)."""
+    (train/parallel/mesh.py and train/parallel/parallelize.py say why each is safe to ignore)."""
     config = tiny_config("fsdp", train={"steps": 2})
     proc = torchrun_train(2, config, offline_env, "parallel.dp_shard=2")
     for text in ("Slicing a flattened dim from root mesh", "returned a view tensor"):

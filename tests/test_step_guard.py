@@ -9,7 +9,8 @@ import torch
 
 from conftest import run_cli, torchrun_train
 from unroll.models import LM
-from unroll.train import checkpoint, trainer
+from unroll.train import trainer
+from unroll.train.checkpoint import dcp as checkpoint
 from unroll.train.config import load_config
 from unroll.train.metrics import read_metrics
 from unroll.train.step_guard import StepGuard, TrainingDiverged, Verdict

@@ -281,7 +281,7 @@ def test_info_cli_prints_the_tnt_layers(capsys):
 ])
 def test_layout_checks_for_tnt(layout, seq_len, words):
     from unroll.train.config import load_config
-    from unroll.train.mesh import Layout, LayoutError, check_model
+    from unroll.train.parallel.mesh import Layout, LayoutError, check_model
     cfg = load_config("tiny-tnt").model
     if words is None:
         check_model(Layout(**layout), cfg, seq_len=seq_len)

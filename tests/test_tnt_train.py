@@ -8,9 +8,9 @@ import torch
 
 from conftest import run_cli, torchrun_train
 from unroll.models import LM
-from unroll.train.checkpoint import CheckpointError
+from unroll.train.checkpoint.dcp import CheckpointError
 from unroll.train.config import ConfigError, load_config
-from unroll.train.inference import load_run
+from unroll.train.lifecycle.inference import load_run
 from unroll.train.metrics import read_metrics
 from unroll.train.trainer import apply_trainable, build_optimizer, train
 

@@ -8,7 +8,7 @@ import pytest
 from conftest import run_cli, torchrun_train
 from unroll.models import ModelConfig
 from unroll.train.config import ParallelConfig
-from unroll.train.mesh import LayoutError, check_model, resolve_layout
+from unroll.train.parallel.mesh import LayoutError, check_model, resolve_layout
 from unroll.train.metrics import read_metrics
 
 
@@ -68,8 +68,8 @@ def test_ddp_hsdp_and_fsdp_with_cp_match_one_process(tiny_config, offline_env):
 
 def test_pipeline_layouts_are_checked_by_key():
     from unroll.train.config import Config
-    from unroll.train.mesh import Layout
-    from unroll.train.pipelined import check_pipeline
+    from unroll.train.parallel.mesh import Layout
+    from unroll.train.parallel.pipelined import check_pipeline
 
     cfg = Config()
     cfg.model = ModelConfig(pattern="GGGG", d_model=16)
@@ -146,8 +146,8 @@ def test_expert_parallel_under_fsdp_matches_one_process_and_resumes_in_one(tiny_
 
 
 def test_not_yet_names_the_keys_and_plan_skips_those_layouts():
-    from unroll.train.mesh import Layout, check_supported, not_yet
-    from unroll.train.plan import candidate_layouts
+    from unroll.train.parallel.mesh import Layout, check_supported, not_yet
+    from unroll.train.planning.plan import candidate_layouts
     from unroll.train.config import load_config
 
     assert not_yet(Layout(pp=2, dp_shard=2, cp=2)) == not_yet(Layout(tp=2, cp=2)) == not_yet(Layout(pp=2, tp=2)) == []

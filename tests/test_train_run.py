@@ -10,7 +10,7 @@ from conftest import run_cli, torchrun_train
 from unroll.launch.cli import main
 from unroll.models.generate import sample
 from unroll.train.config import load_config
-from unroll.train.inference import load_run
+from unroll.train.lifecycle.inference import load_run
 from unroll.train.metrics import read_metrics
 from unroll.train.trainer import train
 

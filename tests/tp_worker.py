@@ -85,7 +85,7 @@ def err(a, b) -> float:
 
 
 def parallel(model, mesh, sp):
-    from unroll.train.tensor_parallel import apply_tensor_parallel
+    from unroll.train.parallel.tensor_parallel import apply_tensor_parallel
 
     apply_tensor_parallel(model, mesh, sequence_parallel=sp)
     return model
@@ -184,13 +184,13 @@ def placements(mesh) -> dict:
 
 def check_dcp(mesh, path: str) -> dict:
     """Model and AdamW state, TP → single-device layout and back, through get_state_dict / DCP /
-    set_state_dict as train/checkpoint.py does, with checkpoint_view in front of DCP on the TP side."""
+    set_state_dict as train/checkpoint/dcp.py does, with checkpoint_view in front of DCP on the TP side."""
     import warnings
 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    from unroll.train.tensor_parallel import checkpoint_view
+    from unroll.train.parallel.tensor_parallel import checkpoint_view
 
     warnings.filterwarnings("ignore")
     cfg = config(pattern="GMA", mlp_pattern="DED", m2rnn=dict(qk_heads=2, solver="sequential"))
@@ -237,7 +237,7 @@ def check_dcp(mesh, path: str) -> dict:
 
 
 def check_errors(mesh) -> dict:
-    from unroll.train.tensor_parallel import TensorParallelError
+    from unroll.train.parallel.tensor_parallel import TensorParallelError
 
     out = {}
     bad = {"m2rnn_qk3": config(pattern="M", m2rnn=dict(qk_heads=3, v_heads=6)),

@@ -95,7 +95,7 @@ class ScheduleConfig:
 
 @dataclass
 class ParallelConfig:
-    """The device mesh (train/mesh.py). The product of pp, dp_replicate, dp_shard, cp and tp is the world
+    """The device mesh (train/parallel/mesh.py). The product of pp, dp_replicate, dp_shard, cp and tp is the world
     size; expert parallelism borrows ranks from dp_shard × cp."""
     dp_replicate: int = 1  # data-parallel replicas (DDP; HSDP's outer dimension when dp_shard > 1)
     dp_shard: int = -1  # data-parallel ranks sharding parameters (FSDP2); -1 = the ranks left over
@@ -117,7 +117,7 @@ class EvalConfig:
 class CheckpointConfig:
     every: int = 200  # steps between checkpoints; 0 = only at the end and on SIGTERM/SIGINT
     keep: int = 2  # newest complete checkpoints kept (>= 2: a damaged newest one falls back to the one before)
-    async_save: bool = False  # write in a background thread while training goes on (train/checkpoint_writer.py)
+    async_save: bool = False  # write in a background thread while training goes on (train/checkpoint/writer.py)
     # Threads per rank that write shard files (one file each) and read them back, so that storage that needs
     # several requests in flight to reach its speed (NVMe, parallel file systems) gets them.
     io_threads: int = 4

@@ -5,12 +5,12 @@ data mistake is one line naming the key in the launcher's terminal, not a traceb
 
 What is checked, for a config on `world` ranks:
   layout      pp × dp_replicate × dp_shard × cp × tp is the world size, ep divides dp_shard × cp
-              (train/mesh.py resolve_layout), and the combination is one the trainer runs (check_supported)
+              (train/parallel/mesh.py resolve_layout), and the combination is one the trainer runs (check_supported)
   model       heads, widths and the vocabulary divisible by tp, experts by ep, the sequence by cp and tp,
-              layers ≥ stages (train/mesh.py check_model)
+              layers ≥ stages (train/parallel/mesh.py check_model)
   batch       train.batch_size divisible by the data ranks, train.micro_batch_size dividing each one's
               share (train/config.py check_world); under pipelining the default micro-batch (below)
-  pipeline    the schedule, the stage split and its micro-batches (train/pipelined.py check_pipeline)
+  pipeline    the schedule, the stage split and its micro-batches (train/parallel/pipelined.py check_pipeline)
   data        the tokenizer and every shard open and match model.vocab_size, their token ids below it
               (train/data_setup.py open_run_data, and the data/ checks it calls)
 
@@ -24,9 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from unroll.train.config import Config, check_world
-from unroll.train.mesh import Layout, LayoutError, check_model, check_supported, resolve_layout
-from unroll.train.pipeline import check_microbatches, schedule_spec
-from unroll.train.pipelined import check_pipeline
+from unroll.train.parallel.mesh import Layout, LayoutError, check_model, check_supported, resolve_layout
+from unroll.train.parallel.pipeline import check_microbatches, schedule_spec
+from unroll.train.parallel.pipelined import check_pipeline
 
 
 @dataclass(frozen=True)

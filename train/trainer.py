@@ -1,4 +1,4 @@
-"""The training loop: one process, or any layout of train/mesh.py under torchrun; exact resume."""
+"""The training loop: one process, or any layout of train/parallel/mesh.py under torchrun; exact resume."""
 from __future__ import annotations
 
 import contextlib
@@ -15,18 +15,20 @@ from torch.distributed.tensor import DTensor
 from unroll.models import LM
 from unroll.models.generate import sample
 from unroll.models.moe import MoE
-from unroll.train import checkpoint, distributed as D, integrity
-from unroll.train.checkpoint_writer import CheckpointWriter
+from unroll.train.checkpoint import dcp as checkpoint
+from unroll.train.parallel import distributed as D
+from unroll.train.checkpoint import integrity
+from unroll.train.checkpoint.writer import CheckpointWriter
 from unroll.train.config import Config, ConfigError
 from unroll.train.data_setup import RunData, open_run_data
-from unroll.train.expert_parallel import average_expert_grads, expert_parameters
-from unroll.train.mesh import Layout, build_mesh, data_ranks
+from unroll.train.parallel.expert_parallel import average_expert_grads, expert_parameters
+from unroll.train.parallel.mesh import Layout, build_mesh, data_ranks
 from unroll.train.metrics import Metrics
-from unroll.train.parallelize import gradient_sync, parallelize, uses_fsdp, without_context_parallel
-from unroll.train.pipelined import Pipeline
+from unroll.train.parallel.parallelize import gradient_sync, parallelize, uses_fsdp, without_context_parallel
+from unroll.train.parallel.pipelined import Pipeline
 from unroll.train.plot import plot_run
 from unroll.train.preflight import check_layout
-from unroll.train.rundir import CONFIG_FILE, prepare_run_dir
+from unroll.train.checkpoint.rundir import CONFIG_FILE, prepare_run_dir
 from unroll.train.schedule import lr_at
 from unroll.train.signals import StopRequest
 from unroll.train.step_guard import StepGuard, TrainingDiverged, Verdict
@@ -197,7 +199,7 @@ class Training:
     optimizer: torch.optim.AdamW
     mesh: object  # the DeviceMesh, None for one process
     layout: Layout
-    ranks: dict  # this rank's data coordinates (train/mesh.py data_ranks)
+    ranks: dict  # this rank's data coordinates (train/parallel/mesh.py data_ranks)
     autocast: object
     micro: int  # sequences per forward
     accum: int  # forwards per step

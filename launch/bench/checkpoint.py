@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from unroll.models import LM
-from unroll.train import checkpoint
-from unroll.train.checkpoint_writer import CheckpointWriter
+from unroll.train.checkpoint import dcp as checkpoint
+from unroll.train.checkpoint.writer import CheckpointWriter
 from unroll.train.config import load_config
 from unroll.train.trainer import build_optimizer
 

@@ -28,7 +28,7 @@ import json
 from pathlib import Path
 
 from unroll.train.config import load_config
-from unroll.train.grow import grow, grow_pattern
+from unroll.train.lifecycle.grow import grow, grow_pattern
 from unroll.train.metrics import read_metrics
 
 MAKE_RUN_DATA = ("runs/data/shakespeare/train", "runs/data/shakespeare/valid", "runs/data/shakespeare-bpe2048.model")

@@ -12,11 +12,11 @@ and, by layout:
                        blocks.{i}.mixer.*, blocks.{i}.mlp.*, norm.weight, head.weight when untied; the MoE
                        buffer expert_bias included). Any model, recurrent and hybrid ones included; read by
                        unroll only.
-  llama, mistral,      transformers' layout (train/hf_layout.py): config.json + model.safetensors under
+  llama, mistral,      transformers' layout (train/lifecycle/hf_layout.py): config.json + model.safetensors under
   mixtral, qwen2_moe   transformers' names, and tokenizer_config.json; `AutoModelForCausalLM` and
                        `AutoTokenizer.from_pretrained(DIR)` load them.
 A transformers directory without the unroll files (a model from elsewhere) imports too, when its
-architecture is one of the four and its math is unroll's (see train/hf_layout.py).
+architecture is one of the four and its math is unroll's (see train/lifecycle/hf_layout.py).
 
 Reading needs neither torch.distributed.checkpoint nor the optimizer or trainer: `load_export` builds the
 LM from the files alone (what `unroll generate EXPORT_DIR` calls). It reads only safetensors, JSON and
@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 
 from unroll.models import LM
 from unroll.train.config import Config, ConfigError, load_config, validate
-from unroll.train.hf_layout import LayoutError, from_hf, hf_aux_loss_coef, model_fields
+from unroll.train.lifecycle.hf_layout import LayoutError, from_hf, hf_aux_loss_coef, model_fields
 
 WEIGHTS, TOKENIZER, CONFIG, META, HF_CONFIG = ("model.safetensors", "tokenizer.model", "unroll_config.yaml",
                                                "unroll_export.json", "config.json")

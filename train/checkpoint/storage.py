@@ -58,8 +58,8 @@ from torch.distributed.checkpoint.filesystem import FileSystem, _StorageInfo
 from torch.distributed.checkpoint.planner import LoadItemType
 from torch.futures import Future
 
-from unroll.train.dcp_safe_load import SafeReader
-from unroll.train.dcp_writer import ErrnoKeepingWriter, _keeping_os_error
+from unroll.train.checkpoint.safe_load import SafeReader
+from unroll.train.checkpoint.dcp_writer import ErrnoKeepingWriter, _keeping_os_error
 
 CHECKSUMS = "checksums.json"
 SHARD_SUFFIX = ".distcp"

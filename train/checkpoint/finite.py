@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._shards_wrapper import LocalShardsWrapper
 
-from unroll.train import distributed as D
+from unroll.train.parallel import distributed as D
 
 
 def named_tensors(state, prefix: str = ""):

@@ -1,4 +1,4 @@
-"""Object collectives in a fake world, the part of SymmetricWorld (train/fake_comm.py) above the tensor ops.
+"""Object collectives in a fake world, the part of SymmetricWorld (train/planning/fake_comm.py) above the tensor ops.
 
 An object collective pickles, exchanges the pickled sizes, then the bytes. With the tensor rules:
 
@@ -18,7 +18,7 @@ replaced, on fake groups only:
 
 The error is deliberate: DCP's planning sends each rank its part of the coordinator's plan this way, and
 a None plan lets `dcp.save` finish having written nothing. Save with `no_dist=True` in a fake world;
-pipeline stages are given their metadata (train/pipelined.py), so none is received.
+pipeline stages are given their metadata (train/parallel/pipelined.py), so none is received.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class FakeWorldError(RuntimeError):
 
 
 _HINT = ("in a fake world save checkpoints with torch.distributed.checkpoint's no_dist=True, and answer "
-         "pipeline stages with static metadata (train/pipelined.py)")
+         "pipeline stages with static metadata (train/parallel/pipelined.py)")
 
 
 def _src_group_rank(group, src, group_src) -> tuple[dist.ProcessGroup, int]:

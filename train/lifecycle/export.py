@@ -1,5 +1,5 @@
 """`unroll export` (a checkpoint → an export directory) and `unroll import` (an export → a run directory
-whose checkpoint `unroll train` continues from). The directory layouts: train/export_format.py.
+whose checkpoint `unroll train` continues from). The directory layouts: train/lifecycle/export_format.py.
 
 Export reads any checkpoint in one process: DCP reassembles what FSDP, tensor or expert parallelism
 sharded (the checkpoints hold the single-device layout), and only the model's keys are read.
@@ -23,13 +23,13 @@ import torch
 from safetensors.torch import save_file
 
 from unroll.models import LM
-from unroll.train import checkpoint
-from unroll.train.checkpoint import STATE_FILE, CheckpointError
+from unroll.train.checkpoint import dcp as checkpoint
+from unroll.train.checkpoint.dcp import STATE_FILE, CheckpointError
 from unroll.train.config import Config, ConfigError, load_config, to_yaml
-from unroll.train.export_format import CONFIG, META, TOKENIZER, WEIGHTS, ExportError, build_model, read_export
-from unroll.train.grow import fresh_adamw_state
-from unroll.train.hf_layout import LayoutError, hf_architecture, hf_config, to_hf, tokenizer_config
-from unroll.train.rundir import CONFIG_FILE, TOKENIZER_FILE
+from unroll.train.lifecycle.export_format import CONFIG, META, TOKENIZER, WEIGHTS, ExportError, build_model, read_export
+from unroll.train.lifecycle.grow import fresh_adamw_state
+from unroll.train.lifecycle.hf_layout import LayoutError, hf_architecture, hf_config, to_hf, tokenizer_config
+from unroll.train.checkpoint.rundir import CONFIG_FILE, TOKENIZER_FILE
 
 FORMATS = ("auto", "hf", "unroll")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

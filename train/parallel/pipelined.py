@@ -4,7 +4,7 @@ the optimizer see.
 
 Every rank builds the whole LM (so initialization draws the same random numbers as one process), keeps its
 stages' blocks and moves the others to the meta device (no memory). The stage modules of
-train/pipeline.py hold the model's own blocks under the LM's names, so `owned_view` presents exactly this
+train/parallel/pipeline.py hold the model's own blocks under the LM's names, so `owned_view` presents exactly this
 rank's parameters under those names: DCP then writes each stage's tensors from the rank that holds them
 into one checkpoint that any other layout (one process included) reads.
 
@@ -20,8 +20,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from unroll.models import LM
-from unroll.train.mesh import Layout, LayoutError
-from unroll.train.pipeline import (
+from unroll.train.parallel.mesh import Layout, LayoutError
+from unroll.train.parallel.pipeline import (
     StageModule,
     build_stage_modules,
     check_microbatches,

@@ -1,14 +1,14 @@
 """Applying a parallel layout to the single-device model from outside, in torchtitan's order: TP →
-activation checkpointing → compile → FSDP. Pipeline parallelism (train/pipelined.py) cuts the model into
+activation checkpointing → compile → FSDP. Pipeline parallelism (train/parallel/pipelined.py) cuts the model into
 stages before this; each stage is then sharded as an FSDP root of its own.
 
 Expert parallelism (ep > 1, ep dividing dp_shard, without cp, tp or pp for now): each rank keeps E/ep
 experts of every MoE and tokens travel to them by all_to_all within groups of ep consecutive data ranks
-(train/expert_parallel.py); the groups replicate each other's experts, and FSDP2 ignores those expert
+(train/parallel/expert_parallel.py); the groups replicate each other's experts, and FSDP2 ignores those expert
 parameters. Their gradients are sums over the group's tokens: the trainer sums them over the replicas and
 divides by dp, FSDP's average (`average_expert_grads`).
 
-Tensor parallelism (tp > 1): the declared per-module plans of train/tensor_parallel.py, with sequence
+Tensor parallelism (tp > 1): the declared per-module plans of train/parallel/tensor_parallel.py, with sequence
 parallel norms; then FSDP2 over the data-parallel ranks of each tp group.
 
 Context parallelism (cp > 1): every mixer gets the cp process group and works on its slice of the
@@ -33,10 +33,10 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_f
 from torch.nn.parallel import DistributedDataParallel
 
 from unroll.models import LM
-from unroll.train.expert_parallel import apply_expert_parallel_to_model, expert_parameters, tag_expert_parameters
-from unroll.train.materialize import materialize
-from unroll.train.mesh import Layout, check_supported
-from unroll.train.tensor_parallel import apply_tensor_parallel, fsdp_shard_placement
+from unroll.train.parallel.expert_parallel import apply_expert_parallel_to_model, expert_parameters, tag_expert_parameters
+from unroll.train.parallel.materialize import materialize
+from unroll.train.parallel.mesh import Layout, check_supported
+from unroll.train.parallel.tensor_parallel import apply_tensor_parallel, fsdp_shard_placement
 
 
 
@@ -60,7 +60,7 @@ def parallelize(model: LM, mesh: DeviceMesh | None, layout: Layout, *, device: t
                 stages: list[torch.nn.Module] | None = None) -> torch.nn.Module:
     """Shards or wraps `model` (built on the meta device) in place, in torchtitan's order (TP → activation
     checkpointing → compile → context groups → FSDP), then allocates and initialises on `device` only what
-    this rank holds (train/materialize.py: the same weights from `seed` whatever the layout), then DDP.
+    this rank holds (train/parallel/materialize.py: the same weights from `seed` whatever the layout), then DDP.
     Returns the module the training step calls (the model itself under FSDP2, its DDP wrapper under plain
     replication). Pipelined (`stages`): only this rank's stage modules are materialised; the rest of the
     model stays on the meta device. bf16: FSDP2 computes in bfloat16 parameters and reduces gradients in

@@ -39,10 +39,11 @@ from pathlib import Path
 import torch
 
 from unroll.models import LM
-from unroll.train import checkpoint, integrity
-from unroll.train.checkpoint import CheckpointError
+from unroll.train.checkpoint import dcp as checkpoint
+from unroll.train.checkpoint import integrity
+from unroll.train.checkpoint.dcp import CheckpointError
 from unroll.train.config import Config, ConfigError, load_config, to_yaml
-from unroll.train.rundir import CONFIG_FILE, TOKENIZER_FILE
+from unroll.train.checkpoint.rundir import CONFIG_FILE, TOKENIZER_FILE
 
 BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
 

@@ -422,7 +422,7 @@ def apply_tensor_parallel(model: LM, tp_mesh: DeviceMesh, *, sequence_parallel: 
                           stages: list[nn.Module] | None = None) -> None:
     """Shards `model` in place over the 1-D mesh `tp_mesh` by the plans above. Call it before FSDP (and
     activation checkpointing / compile). Raises TensorParallelError naming what tp does not divide.
-    Pipelined (`stages`, this rank's train/pipeline.py stage modules): only their blocks are sharded, and
+    Pipelined (`stages`, this rank's train/parallel/pipeline.py stage modules): only their blocks are sharded, and
     each stage, whose forward replaces the LM's, runs on the local views of its embedding, norm and head."""
     if tp_mesh.ndim != 1:
         raise TensorParallelError(f"tensor parallelism needs a 1-D mesh, got {tp_mesh.ndim} dimensions")

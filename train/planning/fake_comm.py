@@ -29,16 +29,16 @@ Only groups whose backend is "fake" are written to; on a real group the mode onl
 functional collectives (`_c10d_functional.*`, which DTensor and FSDP2 use) are filled when they return:
 the fake group completes them at once, so a later `wait_tensor` finds the values in place.
 
-Object collectives (train/fake_objects.py): all_gather_object and gather_object come out right from the
+Object collectives (train/planning/fake_objects.py): all_gather_object and gather_object come out right from the
 tensor rules; a rank receiving an object it cannot know (broadcast_object_list or scatter_object_list off
 the source, recv_object_list) keeps the objects its list already holds and raises FakeWorldError where it
 holds None. So DCP's planning cannot run plausibly: save with `no_dist=True` (each rank writes its own
-shards and a metadata file describing only them). Pipeline stages: train/pipelined.py gives every stage
+shards and a metadata file describing only them). Pipeline stages: train/parallel/pipelined.py gives every stage
 its metadata, and torch's stages then vote (point to point) that all of them have it: `static_pipeline_vote`
 is the recv_fill that answers that vote as every stage casts it.
 
 Every collective is also counted, with the bytes this rank sends under the ring model of
-train/comm_bytes.py, in `world.traffic` (a TrafficLog keyed by kind, group size and group).
+train/planning/comm_bytes.py, in `world.traffic` (a TrafficLog keyed by kind, group size and group).
 
     with SymmetricWorld() as world:
         loss = step(...)
@@ -56,8 +56,8 @@ from torch._C._distributed_c10d import _resolve_process_group
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from unroll.train import comm_bytes as cb
-from unroll.train.fake_objects import patch_object_collectives
+from unroll.train.planning import comm_bytes as cb
+from unroll.train.planning.fake_objects import patch_object_collectives
 
 _C = torch.ops.c10d
 _F = torch.ops._c10d_functional
@@ -375,7 +375,7 @@ class SymmetricWorld(TorchDispatchMode):
         h[_FA.all_to_all_single.default] = h[_F.all_to_all_single.default]
         return h
 
-    # ---- object collectives: patched for the duration of the mode (train/fake_objects.py) --------
+    # ---- object collectives: patched for the duration of the mode (train/planning/fake_objects.py) --------
     def __enter__(self):
         self._patched = patch_object_collectives(self)
         return super().__enter__()
@@ -387,7 +387,7 @@ class SymmetricWorld(TorchDispatchMode):
 
 def static_pipeline_vote(buffer: torch.Tensor, src: int, group) -> bool:
     """A recv_fill for torch's pipeline stages' warm-up vote (an int32 [1] passed stage to stage: 1 where
-    every stage was given static metadata, as train/pipelined.py gives them): what every stage casts."""
+    every stage was given static metadata, as train/parallel/pipelined.py gives them): what every stage casts."""
     if buffer.dtype == torch.int32 and buffer.numel() == 1:
         buffer.fill_(1)
         return True

@@ -1,10 +1,10 @@
 """What one block of each kind keeps per token, measured on the real block: the figures `unroll plan`
-multiplies by the tokens and layers of a layout (train/plan.py).
+multiplies by the tokens and layers of a layout (train/planning/plan.py).
 
 A language model of one block per distinct (mixer, MLP) kind of the config, at the config's full widths and
 a vocabulary of 1024 entries (varied tokens, so a MoE's router spreads them), is built on the meta device, tensor parallelism applied with the trainer's
 own plans when tp > 1 and its experts split over ep ranks when ep > 1 (in a fake process group of
-tp × ep ranks whose collectives train/fake_comm.py answers: a MoE's transients, e.g. its experts' weight
+tp × ep ranks whose collectives train/planning/fake_comm.py answers: a MoE's transients, e.g. its experts' weight
 gradients, are of the experts a rank holds),
 allocated with small random weights (what memory holds depends on the shapes, and on Newton iterating at
 all, which zero weights would spare it), and run forward and backward on `tokens` tokens under torch's memory tracker, in the precision of the job (bf16 autocast; bf16 weights
@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from unroll.models.config import ModelConfig
-from unroll.train.memory import TRANSIENT, Tracker, snapshot_sums
+from unroll.train.planning.memory import TRANSIENT, Tracker, snapshot_sums
 
 MAX_PROBE_TOKENS = 256  # per sequence: enough chunks for every mixer's per-token cost to settle
 MAX_PROBE_BATCH_TOKENS = 1024  # sequences × tokens: a per-sequence part (M²RNN's recomputed chunk) scales
@@ -106,8 +106,8 @@ def _probe_kind(cfg: ModelConfig, kind: tuple[str, str], tp: int, bf16_weights: 
     from torch.distributed._tools.mem_tracker import _ModState
 
     from unroll.models import LM
-    from unroll.train.fake_comm import SymmetricWorld, fake_process_group
-    from unroll.train.memory import mark_phases
+    from unroll.train.planning.fake_comm import SymmetricWorld, fake_process_group
+    from unroll.train.planning.memory import mark_phases
 
     # a vocabulary of a thousand entries: enough different tokens for a MoE's router to spread them (all
     # alike, they would all go to the same experts, which in a symmetric world of ep ranks is 64× the rows)
@@ -118,11 +118,11 @@ def _probe_kind(cfg: ModelConfig, kind: tuple[str, str], tp: int, bf16_weights: 
     with group, (SymmetricWorld() if tp * ep > 1 else contextlib.nullcontext()):
         with torch.device("meta"):
             model = LM(small)
-        if tp * ep > 1:  # as train/parallelize.py applies them: tensor parallelism, then the experts split
+        if tp * ep > 1:  # as train/parallel/parallelize.py applies them: tensor parallelism, then the experts split
             from torch.distributed.device_mesh import init_device_mesh
 
-            from unroll.train.expert_parallel import apply_expert_parallel_to_model
-            from unroll.train.tensor_parallel import apply_tensor_parallel
+            from unroll.train.parallel.expert_parallel import apply_expert_parallel_to_model
+            from unroll.train.parallel.tensor_parallel import apply_tensor_parallel
 
             mesh = init_device_mesh("cpu", (ep, tp), mesh_dim_names=("ep", "tp"))
             if tp > 1:
@@ -185,7 +185,7 @@ def logit_bytes(autocast_bf16: bool, bf16_weights: bool, tp: int = 1, chunked: b
 def _loss_peak(autocast_bf16: bool, bf16_weights: bool, parallel: bool, chunked: bool, rows: int, vocab: int,
                d: int) -> int:
     from unroll.kernels.cross_entropy import chunked_cross_entropy
-    from unroll.train.fake_comm import SymmetricWorld, fake_process_group
+    from unroll.train.planning.fake_comm import SymmetricWorld, fake_process_group
 
     weight = torch.zeros(vocab, d, dtype=torch.bfloat16 if bf16_weights else torch.float32)
     tokens = 2 * rows if chunked else rows

@@ -1,5 +1,5 @@
 """Loading a trained model for generation: from its run directory alone (config.yaml, tokenizer.model,
-checkpoints/), or from an export directory (train/export_format.py), which needs neither
+checkpoints/), or from an export directory (train/lifecycle/export_format.py), which needs neither
 torch.distributed.checkpoint nor the training stack."""
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import torch
 from unroll.data.tokenizer import Tokenizer
 from unroll.models import LM
 from unroll.models.generate import sample
-from unroll.train.export_format import check_vocab_fits, is_export, load_export, pickled_weights
-from unroll.train.rundir import CONFIG_FILE, TOKENIZER_FILE
+from unroll.train.lifecycle.export_format import check_vocab_fits, is_export, load_export, pickled_weights
+from unroll.train.checkpoint.rundir import CONFIG_FILE, TOKENIZER_FILE
 
 
 def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[LM, Tokenizer, int]:
     """(model with the newest checkpoint's weights, tokenizer, step)."""
-    from unroll.train import checkpoint  # DCP: only for run directories
-    from unroll.train.checkpoint import CheckpointError
+    from unroll.train.checkpoint import dcp as checkpoint  # DCP: only for run directories
+    from unroll.train.checkpoint.dcp import CheckpointError
     from unroll.train.config import ConfigError, load_config
 
     run_dir = Path(run_dir)

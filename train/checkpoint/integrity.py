@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from unroll.train import checkpoint_storage as storage
+from unroll.train.checkpoint import storage
 
 MANIFEST = "manifest.json"
 REFUSED = "REFUSED"

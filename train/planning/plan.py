@@ -4,9 +4,9 @@ the code itself does, and the layouts that fit.
 Per GPU, for the rank holding the first shard of every split (the largest share; rank 0), bytes:
 
   weights      every parameter this rank holds × 4 (fp32 master weights). Which parts: the model built on
-               the meta device and tensor parallelism applied by its own plans (train/tensor_parallel.py;
+               the meta device and tensor parallelism applied by its own plans (train/parallel/tensor_parallel.py;
                what tp keeps whole, e.g. M²RNN's input projection at qk_heads=1, counts whole); the blocks
-               of this rank's pipeline stages (train/pipeline.py stage_layers, the embedding on the first,
+               of this rank's pipeline stages (train/parallel/pipeline.py stage_layers, the embedding on the first,
                the final norm, head or tied replica on the last); E/ep routed experts (expert parallelism,
                which FSDP leaves alone); FSDP's split of the rest over dp_shard × cp on the dimension
                fsdp_shard_placement picks, rank 0's chunk (rounded up). Plus the buffers.
@@ -27,7 +27,7 @@ Per GPU, for the rank holding the first shard of every split (the largest share;
                Without FSDP, a tied embedding's gradients at that moment, E·5·4 (the output matrix's, its
                fp32 copy, the lookup's, their sum, the parameter's); under DDP also its buckets, a copy of
                the gradients (parameters · 4).
-  activations  per layer kind, what the real block keeps per token for the backward (train/activation_probe.py:
+  activations  per layer kind, what the real block keeps per token for the backward (train/planning/activation_probe.py:
                measured once on the block at full width, under this tp, ep and activation checkpointing) × the
                stage's layers, plus the largest kind's extra at its own peak (Newton's working memory, the
                backward's gradients, a recomputed block), × tokens per micro-batch on this rank (micro-batch
@@ -36,7 +36,7 @@ Per GPU, for the rank holding the first shard of every split (the largest share;
                (autocast's bf16 copy of the block's weights), fitted from probes at two lengths
   logits       one chunk of min(tokens, train.loss_chunk) × V/tp logits, and a temporary of the output
                matrix's size, at the bytes per logit and per matrix element the loss itself measures
-               (kernels/cross_entropy.py on a small vocabulary, train/activation_probe.py)
+               (kernels/cross_entropy.py on a small vocabulary, train/planning/activation_probe.py)
 
 Not counted: the CUDA context, NCCL buffers and the allocator's fragmentation (keep a margin: `usable`).
 `unroll rehearse` runs the same rank's program and prints these figures beside what it measured.
@@ -51,11 +51,11 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from unroll.models.config import ModelConfig
-from unroll.train.activation_probe import logit_bytes, probe
+from unroll.train.planning.activation_probe import logit_bytes, probe
 from unroll.train.config import Config, ConfigError
-from unroll.train.memory import Components
-from unroll.train.mesh import Layout, not_yet
-from unroll.train.pipeline import schedule_spec, stage_layers, stage_ranks
+from unroll.train.planning.memory import Components
+from unroll.train.parallel.mesh import Layout, not_yet
+from unroll.train.parallel.pipeline import schedule_spec, stage_layers, stage_ranks
 
 GiB = 1024 ** 3
 EXPERTS = ("w_gate_up", "w_down")
@@ -84,7 +84,7 @@ _TABLES: dict[tuple, list[Param]] = {}
 
 def param_table(cfg: ModelConfig, tp: int) -> list[Param]:
     """Every parameter and buffer with its tp-local shape: the model built on the meta device and tp applied
-    by train/tensor_parallel.py (in a fake process group of tp ranks; nothing is allocated)."""
+    by train/parallel/tensor_parallel.py (in a fake process group of tp ranks; nothing is allocated)."""
     key = (repr(cfg), tp)
     if key in _TABLES:
         return _TABLES[key]
@@ -94,7 +94,7 @@ def param_table(cfg: ModelConfig, tp: int) -> list[Param]:
 
     group = contextlib.nullcontext()
     if tp > 1:
-        from unroll.train.fake_comm import fake_process_group
+        from unroll.train.planning.fake_comm import fake_process_group
 
         group = fake_process_group(0, tp)
     with group:
@@ -103,7 +103,7 @@ def param_table(cfg: ModelConfig, tp: int) -> list[Param]:
         if tp > 1:
             from torch.distributed.device_mesh import init_device_mesh
 
-            from unroll.train.tensor_parallel import apply_tensor_parallel
+            from unroll.train.parallel.tensor_parallel import apply_tensor_parallel
 
             apply_tensor_parallel(model, init_device_mesh("cpu", (tp,), mesh_dim_names=("tp",))["tp"])
         table = []
@@ -126,7 +126,7 @@ def _fsdp_share(p: Param, dp: int) -> int:
 
     from torch.distributed.tensor.placement_types import _StridedShard
 
-    from unroll.train.tensor_parallel import fsdp_shard_placement
+    from unroll.train.parallel.tensor_parallel import fsdp_shard_placement
 
     shaped = SimpleNamespace(shape=torch.Size(p.shape), ndim=len(p.shape),
                              placements=tuple(_StridedShard(d, split_factor=2) for d in p.strided))
@@ -151,7 +151,7 @@ class Estimate:
 
 
 def _uses_fsdp(layout: Layout) -> bool:
-    from unroll.train.parallelize import uses_fsdp as uses
+    from unroll.train.parallel.parallelize import uses_fsdp as uses
 
     return uses(layout, layout.pp > 1)
 
@@ -294,7 +294,7 @@ def _divisors(n: int) -> list[int]:
 
 def candidate_layouts(cfg: ModelConfig, world: int, gpus_per_node: int):
     """Every (pp, tp, cp, ep, dp_shard) on `world` GPUs the model's shapes allow and the trainer runs
-    (train/mesh.py's not_yet), tp within a node."""
+    (train/parallel/mesh.py's not_yet), tp within a node."""
     kinds = set(cfg.layers)
     for tp, pp, cp in itertools.product(_divisors(gpus_per_node), _divisors(world), (1, 2, 4, 8)):
         if world % (tp * pp * cp) or pp > len(cfg.layers):

@@ -8,17 +8,17 @@ steps (the trainer's own `train_step`) on synthetic tokens of the configured voc
 needed), and a checkpoint of this rank's shards into a temporary directory. Precision as on a GPU:
 run.dtype auto or bfloat16 → bf16 autocast, and FSDP2 gathering bf16 parameters and reducing in float32.
 
-The other ranks are torch's fake process group, their collectives answered by train/fake_comm.py's
+The other ranks are torch's fake process group, their collectives answered by train/planning/fake_comm.py's
 symmetric world (every rank holds what this one holds), so MoE split sizes, Newton's convergence, loss sums
 and stop flags see plausible values, never uninitialised memory; every collective's bytes are counted.
-Memory is measured per component by train/memory.py and read at the configured sequence length too (the
+Memory is measured per component by train/planning/memory.py and read at the configured sequence length too (the
 config's `data.seq_len` before a `data.seq_len=` override: rehearse short, read the figures at the real
 length): activations in proportion to the tokens, the loss measured again on its own at that length.
 
 DDP (dp_shard 1) sends its gradient buckets through a comm hook that takes the bucket itself as the
 all-reduce's result (the fake group's work carries none). Activations read at the configured length grow
 with the tokens except for what does not: autocast's bf16 copies of fp32 weights (layouts without FSDP),
-taken whole from train/activation_probe.py's fit.
+taken whole from train/planning/activation_probe.py's fit.
 
 Micro-batches: without pipelining one runs per step (later ones allocate nothing new: FSDP reduce-scatters
 every micro-batch, DDP's buckets exist from the first; `microbatches` 2 shows it, at twice the time: a 7B
@@ -49,13 +49,13 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.nn.parallel import DistributedDataParallel
 
-from unroll.train import memory as M
+from unroll.train.planning import memory as M
 from unroll.train.config import Config, ConfigError, load_config
-from unroll.train.distributed import DistInfo
-from unroll.train.fake_comm import SymmetricWorld, fake_process_group, static_pipeline_vote
-from unroll.train.mesh import Layout
-from unroll.train.pipeline import schedule_spec
-from unroll.train.pipelined import check_pipeline
+from unroll.train.parallel.distributed import DistInfo
+from unroll.train.planning.fake_comm import SymmetricWorld, fake_process_group, static_pipeline_vote
+from unroll.train.parallel.mesh import Layout
+from unroll.train.parallel.pipeline import schedule_spec
+from unroll.train.parallel.pipelined import check_pipeline
 from unroll.train.preflight import check_layout
 
 
@@ -127,7 +127,7 @@ def logits_bytes(cfg: Config, layout: Layout, loss_rank: bool, chunk: int, group
 
 def rehearse(config: str, overrides: list[str], *, nodes: int, gpus_per_node: int, rank: int = 0, steps: int = 1,
              microbatches: int = 0) -> Rehearsal:
-    from unroll.train.checkpoint import save_view
+    from unroll.train.checkpoint.dcp import save_view
     from unroll.train.schedule import lr_at
     from unroll.train.trainer import build_training, train_step
 
@@ -196,7 +196,7 @@ def rehearse(config: str, overrides: list[str], *, nodes: int, gpus_per_node: in
     # more micro-batches in flight where the schedule holds more of them (GPipe: all)
     flight = 1.0
     if layout.pp > 1:
-        from unroll.train.plan import in_flight
+        from unroll.train.planning.plan import in_flight
 
         name, _, per_rank, _ = schedule_spec(cfg.parallel.pp_schedule)
         flight = in_flight(name, layout.pp, per_rank, accum) / in_flight(name, layout.pp, per_rank, n_mb)
@@ -211,10 +211,10 @@ def rehearse(config: str, overrides: list[str], *, nodes: int, gpus_per_node: in
 
 
 def _fixed_activations(cfg: Config, layout: Layout, micro: int) -> float:
-    """Bytes of the activations that do not grow with the tokens, as train/activation_probe.py fits them
+    """Bytes of the activations that do not grow with the tokens, as train/planning/activation_probe.py fits them
     (fp32 weights under bf16 autocast, i.e. without FSDP, where every rank holds every block)."""
-    from unroll.train.activation_probe import probe
-    from unroll.train.parallelize import uses_fsdp
+    from unroll.train.planning.activation_probe import probe
+    from unroll.train.parallel.parallelize import uses_fsdp
 
     if cfg.run.dtype != "bfloat16" or uses_fsdp(layout, layout.pp > 1):
         return 0.0
@@ -266,7 +266,7 @@ def _gib(b: float) -> str:
 def format_rehearsal(name: str, r: Rehearsal, planned=None) -> str:
     """The report: memory per component (rehearsed, at the configured length, and `unroll plan`'s for the
     same layout and rank), the collectives of one step, the checkpoint, the time it took."""
-    from unroll.train.plan import estimate_for
+    from unroll.train.planning.plan import estimate_for
 
     planned = planned or estimate_for(r)
     lay = r.layout.describe()
@@ -286,7 +286,7 @@ def format_rehearsal(name: str, r: Rehearsal, planned=None) -> str:
     lines += [f"  activations {per_token:,.0f} bytes per token on this rank; logits in chunks of "
               + (f"{chunk:,} tokens" if chunk else "all the tokens") + " (train.loss_chunk)",
               "",
-              "collectives of one step (bytes this rank sends; ring model, train/comm_bytes.py):",
+              "collectives of one step (bytes this rank sends; ring model, train/planning/comm_bytes.py):",
               "  " + r.traffic_table.replace("\n", "\n  "),
               "",
               f"checkpoint: {r.checkpoint_bytes / GiB:.3f} GiB in {r.checkpoint_files} files from this rank",
@@ -301,7 +301,7 @@ def format_rehearsal(name: str, r: Rehearsal, planned=None) -> str:
 
 
 def to_json(r: Rehearsal, planned=None) -> dict:
-    from unroll.train.plan import estimate_for
+    from unroll.train.planning.plan import estimate_for
 
     planned = planned or estimate_for(r)
     return {"rank": r.rank, "world": r.world, "layout": {k: getattr(r.layout, k) for k in

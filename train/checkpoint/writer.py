@@ -35,8 +35,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from unroll.train import checkpoint, distributed as D
-from unroll.train import checkpoint_storage as storage
+from unroll.train.checkpoint import dcp as checkpoint
+from unroll.train.parallel import distributed as D
+from unroll.train.checkpoint import storage
 
 
 def _result(future: Future):

@@ -9,7 +9,7 @@ What a rank holds of a parameter, per dimension, as the global indices of its lo
                  segments and keeps chunk r of each (tensor parallelism's fused [gate | up] weights, and
                  FSDP2 sharding a dimension tensor parallelism has already split); Replicate and Partial
                  keep everything.
-  an expert-parallel expert tensor (train/expert_parallel.py) its `global_rows` attribute: (experts in
+  an expert-parallel expert tensor (train/parallel/expert_parallel.py) its `global_rows` attribute: (experts in
                  the whole tensor, first expert held); dimension 0 holds that contiguous block.
   anything else  the whole tensor.
 """
@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from unroll.models.init import init_parameters
-from unroll.train.expert_parallel import tag_expert_parameters
+from unroll.train.parallel.expert_parallel import tag_expert_parameters
 
 
 def _take(indices: torch.Tensor, parts: int, rank: int) -> torch.Tensor:

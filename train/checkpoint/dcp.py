@@ -5,7 +5,7 @@ Layout of RUN_DIR/checkpoints/step_00000100/:
                         reshards on load)
   checksums.json        a checksum of every item (tensor chunk) of every shard, taken as it was written and
                         checked as it is read (checkpoint_storage.py)
-  rng_rank{r}.json      every RNG state of rank r (python, numpy, torch CPU, CUDA): train/rng_state.py
+  rng_rank{r}.json      every RNG state of rank r (python, numpy, torch CPU, CUDA): train/checkpoint/rng_state.py
                         (checkpoints written before it hold rng_rank{r}.pt, still read, without running code)
   train_state.json      step, global samples consumed, and the rest of the loop's scalar state
   manifest.json         written last: every file's size, every other file's checksum, the model (integrity.py)
@@ -59,12 +59,13 @@ from torch.distributed.checkpoint.state_dict import (
 
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from unroll.train import checkpoint_storage as storage
-from unroll.train import distributed as D
-from unroll.train import integrity, rng_state
-from unroll.train.dcp_safe_load import SafePlanner
-from unroll.train.finite import agreed_non_finite
-from unroll.train.tensor_parallel import checkpoint_view
+from unroll.train.checkpoint import storage
+from unroll.train.parallel import distributed as D
+from unroll.train.checkpoint import integrity
+from unroll.train.checkpoint import rng_state
+from unroll.train.checkpoint.safe_load import SafePlanner
+from unroll.train.checkpoint.finite import agreed_non_finite
+from unroll.train.parallel.tensor_parallel import checkpoint_view
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 STATE_FILE = "train_state.json"

@@ -1,0 +1,1 @@
+"""Checkpoints: DCP save/load, shard storage and integrity, the run directory."""
