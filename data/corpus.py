@@ -80,9 +80,7 @@ def read_documents(
     ds = _load(builder, files, source, text_key, cache_dir or default_cache_dir())
     key = "text" if builder == "text" else text_key
     if key not in ds.column_names:
-        raise DataError(
-            f"text key {key!r} not found in {source!r}: columns found are {ds.column_names}"
-        )
+        raise DataError(f"text key {key!r} not found in {source!r}: columns found are {ds.column_names}")
     ds = ds.select_columns([key])
     if key != "text":
         ds = ds.rename_column(key, "text")
@@ -118,9 +116,7 @@ def _resolve_files(source: str) -> list[str]:
             if not name.startswith(".") and os.path.splitext(name)[1] in BUILDERS
         )
         if not files:
-            raise DataError(
-                f"directory {source!r} holds no corpus files (extensions {sorted(BUILDERS)})"
-            )
+            raise DataError(f"directory {source!r} holds no corpus files (extensions {sorted(BUILDERS)})")
         return [os.path.abspath(f) for f in files]
     if os.path.isfile(source):
         return [os.path.abspath(source)]
@@ -136,8 +132,7 @@ def _builder_for(files: list[str], source: str) -> str:
     unsupported = [f for f in files if os.path.splitext(f)[1] not in BUILDERS]
     if unsupported:
         raise DataError(
-            f"unsupported file type in {source!r}: {unsupported[0]!r} "
-            f"(supported extensions: {sorted(BUILDERS)})"
+            f"unsupported file type in {source!r}: {unsupported[0]!r} (supported extensions: {sorted(BUILDERS)})"
         )
     kinds = {BUILDERS[os.path.splitext(f)[1]] for f in files}
     if len(kinds) > 1:
@@ -158,9 +153,7 @@ def _check_jsonl_key(path: str, text_key: str) -> None:
                 raise DataError(f"{path!r} is not JSON lines: first record: {e}") from None
             if not isinstance(record, dict) or text_key not in record:
                 found = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise DataError(
-                    f"text key {text_key!r} not found in {path!r}: first record has {found}"
-                )
+                raise DataError(f"text key {text_key!r} not found in {path!r}: first record has {found}")
             return
 
 
@@ -185,9 +178,7 @@ def _load(builder: str, files: list[str], source: str, text_key: str, cache_dir:
     bars_were_on = not datasets.are_progress_bars_disabled()
     datasets.disable_progress_bars()
     try:
-        return datasets.load_dataset(
-            builder, data_files=files, split="train", cache_dir=cache_dir, **kwargs
-        )
+        return datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir, **kwargs)
     except Exception as e:  # malformed JSON, undecodable text, ...: name the source, keep the cause
         raise DataError(f"cannot read corpus {source!r}: {type(e).__name__}: {e}") from e
     finally:

@@ -50,9 +50,7 @@ class PackedDataset:
     def sample(self, i: int) -> np.ndarray:
         """Window i: int64 tokens [i * seq_len, i * seq_len + seq_len + 1)."""
         if not 0 <= i < self.n_samples:
-            raise IndexError(
-                f"sample {i} out of range for {self.shard.prefix!r} ({self.n_samples} samples)"
-            )
+            raise IndexError(f"sample {i} out of range for {self.shard.prefix!r} ({self.n_samples} samples)")
         return self.shard.tokens(i * self.seq_len, self.seq_len + 1)
 
 

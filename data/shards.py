@@ -261,9 +261,7 @@ class TokenShard:
     def doc(self, i: int) -> np.ndarray:
         """Document i's tokens (int64)."""
         if not 0 <= i < self.n_docs:
-            raise IndexError(
-                f"document {i} out of range for {self.prefix!r} ({self.n_docs} documents)"
-            )
+            raise IndexError(f"document {i} out of range for {self.prefix!r} ({self.n_docs} documents)")
         first, last = self._seq_start[self._doc_index[i]], self._seq_start[self._doc_index[i + 1]]
         return self.tokens(int(first), int(last - first))
 
@@ -271,8 +269,7 @@ class TokenShard:
         """Tokens [start, start + length) of the shard's token stream, as int64."""
         if start < 0 or length < 0 or start + length > self.n_tokens:
             raise IndexError(
-                f"tokens [{start}, {start + length}) out of range for {self.prefix!r} "
-                f"({self.n_tokens} tokens)"
+                f"tokens [{start}, {start + length}) out of range for {self.prefix!r} ({self.n_tokens} tokens)"
             )
         if length == 0:
             return np.zeros(0, dtype=np.int64)
@@ -292,9 +289,7 @@ class TokenShard:
         return out
 
     def __repr__(self) -> str:
-        return (
-            f"TokenShard({self.prefix!r}, docs={self.n_docs}, tokens={self.n_tokens}, {self.dtype})"
-        )
+        return f"TokenShard({self.prefix!r}, docs={self.n_docs}, tokens={self.n_tokens}, {self.dtype})"
 
 
 # The .idx starts with this magic, a uint64 version (1) and a uint8 dtype code (megatron's DType).
@@ -407,8 +402,10 @@ def check_token_ids(shards: Iterable[str | TokenShard], vocab_size: int) -> int:
         lo, hi, source = token_id_range(shard)
         where = " (per the meta.json beside it)" if source == "meta.json" else ""
         if lo < 0:
-            raise DataError(f"token shard {shard.prefix + '.bin'!r} holds token id {lo}: token ids cannot be "
-                            f"negative (not a shard of token ids?)")
+            raise DataError(
+                f"token shard {shard.prefix + '.bin'!r} holds token id {lo}: token ids cannot be "
+                f"negative (not a shard of token ids?)"
+            )
         if hi >= vocab_size:
             padded = -(-(hi + 1) // 64) * 64
             raise DataError(

@@ -13,6 +13,7 @@ The state hand-off is a pipeline: rank r computes after rank r − 1, and in the
 collectives (all_gather, whose backward is a reduce_scatter) need every rank of the group; the
 point-to-point hand-offs pair each rank with its neighbours only. Tested on gloo (CPU); NCCL not yet run.
 """
+
 from __future__ import annotations
 
 import torch

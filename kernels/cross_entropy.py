@@ -34,6 +34,7 @@ recompute, on every rank alike. Written on plain tensors and torch.distributed, 
 context manager: the backward runs inside pipeline schedules and checkpoint recomputation, which a context
 manager around the forward does not reach.
 """
+
 from __future__ import annotations
 
 import torch
@@ -89,8 +90,9 @@ def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return _VocabParallelCrossEntropy.apply(logits, targets, group).sum()
 
 
-def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, chunk: int,
-                          group=None) -> torch.Tensor:
+def chunked_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, chunk: int, group=None
+) -> torch.Tensor:
     """Mean cross-entropy of the logits hidden @ weight.T against `targets`, chunk by chunk.
 
     hidden [N, d], weight [V_local, d], targets [N] int64 → a float32 scalar (float64 for float64 inputs).
@@ -101,8 +103,10 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     the caller must complete (see the module docstring)."""
     N = hidden.shape[0]
     if hidden.ndim != 2 or weight.ndim != 2 or targets.shape != (N,) or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"chunked_cross_entropy: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, "
-                         f"targets {tuple(targets.shape)}; expected [N, d], [V, d], [N]")
+        raise ValueError(
+            f"chunked_cross_entropy: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, "
+            f"targets {tuple(targets.shape)}; expected [N, d], [V, d], [N]"
+        )
     if chunk <= 0 or chunk >= N:
         return _chunk_loss_sum(hidden, weight, targets, group) / N
     total = None

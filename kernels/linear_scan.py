@@ -12,6 +12,7 @@ chunks, then a sequential pass over the T/C chunk summaries, then one vectorised
 work (O(T k³) for blocks) in 2√T Python steps. The backward is the same scan run the other way with
 transposed coefficients (the adjoint), so autograd stores nothing per chunk.
 """
+
 from __future__ import annotations
 
 import math
@@ -97,8 +98,10 @@ def _check(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, resets) ->
     elif b.dim() == 4 and a.dim() == 5 and a.shape[:-1] == b.shape and a.shape[-1] == b.shape[-1]:
         block = True
     else:
-        raise ValueError(f"linear_scan: a {tuple(a.shape)} and b {tuple(b.shape)} are neither diagonal "
-                         "([B, T, D] both) nor block-diagonal ([B, T, D, k, k] and [B, T, D, k])")
+        raise ValueError(
+            f"linear_scan: a {tuple(a.shape)} and b {tuple(b.shape)} are neither diagonal "
+            "([B, T, D] both) nor block-diagonal ([B, T, D, k, k] and [B, T, D, k])"
+        )
     if h0 is not None and (h0.shape[0] != b.shape[0] or h0.shape[1:] != b.shape[2:]):
         raise ValueError(f"linear_scan: h0 {tuple(h0.shape)} does not match the state {tuple(b.shape[2:])}")
     if resets is not None and resets.shape != b.shape[:2]:
@@ -123,8 +126,15 @@ def default_impl(t: torch.Tensor):
     return scan_triton
 
 
-def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None, *, reverse: bool = False,
-                resets: torch.Tensor | None = None, impl=None) -> torch.Tensor:
+def linear_scan(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    h0: torch.Tensor | None = None,
+    *,
+    reverse: bool = False,
+    resets: torch.Tensor | None = None,
+    impl=None,
+) -> torch.Tensor:
     """h_t = a_t h_{t−1} + b_t (see the module docstring for shapes); differentiable in a, b and h0.
 
     impl(a, b, h0, block) -> h is the forward-scan kernel: by default the Triton kernels on CUDA

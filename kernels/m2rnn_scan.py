@@ -8,6 +8,7 @@ Shapes: q, k [B, T, G, K]; v [B, T, H, V]; f [B, T, H] (the forget gate, in (0, 
 h0 [B, H, K, V] or None (zeros). Both functions return (y [B, T, H, V], h_last [B, H, K, V]), h_last = the
 state after the last step (h0 when T = 0).
 """
+
 from __future__ import annotations
 
 import torch
@@ -65,8 +66,17 @@ def m2rnn_checkpointed(q, k, v, f, W, h0=None, chunk: int = 32) -> tuple[torch.T
     ys = []
     for s in range(0, T, chunk):
         part = slice(s, s + chunk)
-        y, h = checkpoint(m2rnn_reference, q[:, part], k[:, part], v[:, part], f[:, part], W, h,
-                          use_reentrant=False, preserve_rng_state=False)
+        y, h = checkpoint(
+            m2rnn_reference,
+            q[:, part],
+            k[:, part],
+            v[:, part],
+            f[:, part],
+            W,
+            h,
+            use_reentrant=False,
+            preserve_rng_state=False,
+        )
         ys.append(y)
     return torch.cat(ys, dim=1), h
 

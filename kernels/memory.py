@@ -30,6 +30,7 @@ layer by layer (the second layer's input is SiLU of the first layer's read). Rea
 Optionally the read input is the query projected onto the keys seen so far (TNT's local memories):
 x_t = M_t q_t with M_t = M_0 + Σ_{τ≤t} k_τ k_τᵀ/‖k_τ‖², carried chunk to chunk.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ Weights = tuple[torch.Tensor, ...]  # per layer [N, out, in]
 class MemoryCarry:
     """One memory's state between tokens, per row: the weights gradients are taken at (the current chunk's
     start), the current weights, the momentum, the query projection, and tokens seen since the last reset."""
+
     point: Weights
     value: Weights
     momentum: Weights | None
@@ -121,8 +123,9 @@ def _rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return t[torch.arange(t.shape[0], device=t.device), idx]
 
 
-def chunk_memory(carry: MemoryCarry, q, k, v, theta, log_beta, log_gamma, *, chunk: int, read: str,
-                 valid: torch.Tensor | None = None) -> tuple[torch.Tensor, MemoryCarry]:
+def chunk_memory(
+    carry: MemoryCarry, q, k, v, theta, log_beta, log_gamma, *, chunk: int, read: str, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, MemoryCarry]:
     """The memory over q, k, v [N, T, d] with gates θ, log β, log γ [N, T] (log β None: no momentum;
     log γ None: no forgetting), starting from `carry` at a chunk boundary (its weights are its point).
     read: "after" (y_t = M_{W_t}(x_t)) or "start" (y_t = M_P(x_t), P the chunk-start weights).
@@ -140,8 +143,9 @@ def chunk_memory(carry: MemoryCarry, q, k, v, theta, log_beta, log_gamma, *, chu
         theta, log_gamma = F.pad(theta, (0, pad)), F.pad(log_gamma, (0, pad))
         log_beta = None if log_beta is None else F.pad(log_beta, (0, pad))
     q, k, v = (t.view(N, n, chunk, d) for t in (q, k, v))
-    a, b, c, e, e0 = chunk_coefficients(theta.view(N, n, chunk), None if log_beta is None else log_beta.view(N, n, chunk),
-                                        log_gamma.view(N, n, chunk))
+    a, b, c, e, e0 = chunk_coefficients(
+        theta.view(N, n, chunk), None if log_beta is None else log_beta.view(N, n, chunk), log_gamma.view(N, n, chunk)
+    )
     x = q
     M = carry.proj
     if M is not None:  # x_t = M_t q_t: the chunk's causal part now, the carried M_0 in the loop
@@ -166,14 +170,16 @@ def chunk_memory(carry: MemoryCarry, q, k, v, theta, log_beta, log_gamma, *, chu
             end = left.clamp_min(1) - 1
             rows = lambda t: _rows(t, end)  # noqa: E731
         a_e, c_e = rows(ai), rows(ci)
-        W_new = tuple(a_e[:, None, None] * w - torch.einsum("nl,nlo,nli->noi", c_e, dl, u)
-                      for w, (dl, u) in zip(W, grads))
+        W_new = tuple(
+            a_e[:, None, None] * w - torch.einsum("nl,nlo,nli->noi", c_e, dl, u) for w, (dl, u) in zip(W, grads)
+        )
         S_new = None
         if S is not None:
             b_e, e_e, e0_e = rows(bi), rows(e[:, i]), rows(e0[:, i])
             W_new = tuple(wn + b_e[:, None, None] * s for wn, s in zip(W_new, S))
-            S_new = tuple(e0_e[:, None, None] * s - torch.einsum("nl,nlo,nli->noi", e_e, dl, u)
-                          for s, (dl, u) in zip(S, grads))
+            S_new = tuple(
+                e0_e[:, None, None] * s - torch.einsum("nl,nlo,nli->noi", e_e, dl, u) for s, (dl, u) in zip(S, grads)
+            )
         if full_everywhere:
             P, W, S = W_new, W_new, S_new
         else:
@@ -186,8 +192,9 @@ def chunk_memory(carry: MemoryCarry, q, k, v, theta, log_beta, log_gamma, *, chu
     return y, MemoryCarry(P, W, S, M, carry.pos + T)
 
 
-def memory_step(carry: MemoryCarry, q, k, v, theta, log_beta, log_gamma, *, chunk: int,
-                read: str) -> tuple[torch.Tensor, MemoryCarry]:
+def memory_step(
+    carry: MemoryCarry, q, k, v, theta, log_beta, log_gamma, *, chunk: int, read: str
+) -> tuple[torch.Tensor, MemoryCarry]:
     """One token (q, k, v [N, d], gates [N]): the per-token recurrence with the gradient at the chunk-start
     point, the read after (or before, read="start") the update; the point moves at chunk ends."""
     P, W, S, M = carry.point, carry.value, carry.momentum, carry.proj

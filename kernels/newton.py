@@ -14,6 +14,7 @@ Gradients (both solvers) come from the adjoint at the solution H*: with g = ∂L
 then one batched VJP of f(shift(H*), x) with λ gives ∂L/∂x, ∂L/∂params and ∂L/∂h0. Only the inputs and
 the solution are kept for the backward; no Newton iterate is stored.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,8 +38,13 @@ class SolveInfo:
     fallback_sequences: int = 0
 
     def as_dict(self) -> dict:
-        return {"iterations": self.iterations, "residual": self.residual, "converged": self.converged,
-                "fallback": self.fallback, "fallback_sequences": self.fallback_sequences}
+        return {
+            "iterations": self.iterations,
+            "residual": self.residual,
+            "converged": self.converged,
+            "fallback": self.fallback,
+            "fallback_sequences": self.fallback_sequences,
+        }
 
 
 def shift(h: torch.Tensor, h0: torch.Tensor, resets: torch.Tensor | None) -> torch.Tensor:
@@ -96,7 +102,7 @@ def _sequential(cell, x: torch.Tensor, h0: torch.Tensor, resets: torch.Tensor | 
     for t in range(T):
         if resets is not None:
             h = h.masked_fill(resets[:, t].view(-1, *([1] * (h.dim() - 1))), 0)
-        h = cell(h.unsqueeze(1), x[:, t:t + 1]).squeeze(1)
+        h = cell(h.unsqueeze(1), x[:, t : t + 1]).squeeze(1)
         out[:, t] = h
     return out
 
@@ -111,8 +117,9 @@ def _checked(structure, x: torch.Tensor, h0: torch.Tensor, resets: torch.Tensor 
     return st
 
 
-def sequential_solve(cell, x: torch.Tensor, h0: torch.Tensor, *, structure="diag",
-                     resets: torch.Tensor | None = None, scan_impl=None) -> tuple[torch.Tensor, SolveInfo]:
+def sequential_solve(
+    cell, x: torch.Tensor, h0: torch.Tensor, *, structure="diag", resets: torch.Tensor | None = None, scan_impl=None
+) -> tuple[torch.Tensor, SolveInfo]:
     """The linear-time sequential solve: a loop without autograd, then the same adjoint gradient as
     Newton's (so the backward is one reverse scan, not a graph of T steps)."""
     st = _checked(structure, x, h0, resets)
@@ -121,8 +128,17 @@ def sequential_solve(cell, x: torch.Tensor, h0: torch.Tensor, *, structure="diag
     return _attach_gradient(cell, x, h0, h, st, resets, scan_impl), SolveInfo(0, 0.0, True)
 
 
-def newton_solve(cell, x: torch.Tensor, h0: torch.Tensor, *, structure="diag", resets: torch.Tensor | None = None,
-                 tol: float | None = None, max_iters: int | None = None, scan_impl=None) -> tuple[torch.Tensor, SolveInfo]:
+def newton_solve(
+    cell,
+    x: torch.Tensor,
+    h0: torch.Tensor,
+    *,
+    structure="diag",
+    resets: torch.Tensor | None = None,
+    tol: float | None = None,
+    max_iters: int | None = None,
+    scan_impl=None,
+) -> tuple[torch.Tensor, SolveInfo]:
     """h: [B, T, *state] solving h_t = cell(h_{t−1}, x_t) for all t, and how it was solved.
 
     cell(h_prev, x) -> h is applied to all timesteps at once (h_prev, h: [B, T, *state], x: [B, T, ...]);
@@ -159,6 +175,7 @@ def newton_solve(cell, x: torch.Tensor, h0: torch.Tensor, *, structure="diag", r
             rows = bad.nonzero().squeeze(1)
             h[rows] = _sequential(cell, x[rows], h0[rows], resets[rows] if resets is not None else None)
             res = residual(cell(shift(h, h0, resets), x), h)
-            info = SolveInfo(iterations, float(res.max()), False,
-                             f"sequential for {len(rows)} of {B} sequences", len(rows))
+            info = SolveInfo(
+                iterations, float(res.max()), False, f"sequential for {len(rows)} of {B} sequences", len(rows)
+            )
     return _attach_gradient(cell, x, h0, h, st, resets, scan_impl), info

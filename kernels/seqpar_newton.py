@@ -41,6 +41,7 @@ off rank 0) are per-rank partial sums: the caller all-reduces (sums) them over t
 Every rank must run the backward through its output once (it holds one collective), so requires_grad
 must agree across the group.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -55,18 +56,24 @@ from unroll.kernels.newton import MAX_ITERS, TOLERANCE, SolveInfo, Structure, _c
 @dataclass(frozen=True)
 class SeqparComm:
     """Communication of one Newton iteration of newton_solve_seqpar (one all_gather)."""
+
     sent_per_rank: int  # bytes each rank contributes
     received_per_rank: int  # bytes each rank receives: (R − 1)·sent
     collectives: int = 1
     setup_per_rank: int = 0  # bytes each rank contributes once per solve (the first boundary exchange)
 
     def as_dict(self) -> dict:
-        return {"sent_per_rank": self.sent_per_rank, "received_per_rank": self.received_per_rank,
-                "collectives": self.collectives, "setup_per_rank": self.setup_per_rank}
+        return {
+            "sent_per_rank": self.sent_per_rank,
+            "received_per_rank": self.received_per_rank,
+            "collectives": self.collectives,
+            "setup_per_rank": self.setup_per_rank,
+        }
 
 
-def bytes_per_iteration(batch: int, width: int, world_size: int, *, structure="diag",
-                        dtype: torch.dtype = torch.float32) -> SeqparComm:
+def bytes_per_iteration(
+    batch: int, width: int, world_size: int, *, structure="diag", dtype: torch.dtype = torch.float32
+) -> SeqparComm:
     """Bytes of one iteration for B = batch sequences, D = width (the number of k-vectors for blocks,
     the state size for "dense"), R = world_size ranks."""
     st = Structure.parse(structure)
@@ -130,9 +137,18 @@ class _SeqparAdjoint(torch.autograd.Function):
         return lam, grad_h0, None, None, None, None, None, None, None
 
 
-def newton_solve_seqpar(cell, x: torch.Tensor, h0: torch.Tensor, *, group=None, structure="diag",
-                        resets: torch.Tensor | None = None, tol: float | None = None, max_iters: int | None = None,
-                        scan_impl=None) -> tuple[torch.Tensor, SolveInfo]:
+def newton_solve_seqpar(
+    cell,
+    x: torch.Tensor,
+    h0: torch.Tensor,
+    *,
+    group=None,
+    structure="diag",
+    resets: torch.Tensor | None = None,
+    tol: float | None = None,
+    max_iters: int | None = None,
+    scan_impl=None,
+) -> tuple[torch.Tensor, SolveInfo]:
     """This rank's slice [B, T_local, *state] of newton_solve(cell, x_full, h0, ...) and how it was solved.
 
     x [B, T_local, ...] and resets [B, T_local] are this rank's contiguous time slice (rank r of `group`
@@ -195,8 +211,9 @@ def newton_solve_seqpar(cell, x: torch.Tensor, h0: torch.Tensor, *, group=None, 
                 dist.send(h[rows, -1].contiguous(), dst=_peer(group, r + 1), group=group)
             res = residual(cell(shift(h, boundary, resets), x), h)
             dist.all_reduce(res, op=dist.ReduceOp.MAX, group=group)
-            info = SolveInfo(iterations, float(res.max()), False,
-                             f"sequential for {len(rows)} of {B} sequences", len(rows))
+            info = SolveInfo(
+                iterations, float(res.max()), False, f"sequential for {len(rows)} of {B} sequences", len(rows)
+            )
     return _attach_gradient(cell, x, h0, boundary, h, st, resets, scan_impl, group, r), info
 
 

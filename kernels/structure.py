@@ -9,6 +9,7 @@ Jacobians come from the cell's own `value_and_jacobian` / `jacobian(h_prev, x)` 
 form), else from forward-mode autodiff: one jvp with a ones vector for "diag" (exact because each output
 depends on its own input only), one per basis vector of the block for ("block", k) and "dense".
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ class Structure:
     k: int = 1
 
     @staticmethod
-    def parse(spec) -> "Structure":
+    def parse(spec) -> Structure:
         if spec == "diag":
             return Structure("diag")
         if spec == "dense":

@@ -25,6 +25,7 @@ scratch during the backward; C = 32 (DEFAULT_CHUNK) is near the optimum √(T/2)
 their dtype; float64 stays float64. Triton is imported here; without a GPU set TRITON_INTERPRET=1 before
 importing this module.
 """
+
 from __future__ import annotations
 
 import functools
@@ -84,9 +85,29 @@ def _head(w_ptr, T, H, G, K, V, KP: tl.constexpr, VP: tl.constexpr, F64: tl.cons
 
 
 @triton.jit
-def _fwd_kernel(q_ptr, k_ptr, v_ptr, f_ptr, w_ptr, h0_ptr, y_ptr, hT_ptr, ck_ptr, T, H, G, K, V, NC,
-                C: tl.constexpr, KP: tl.constexpr, VP: tl.constexpr, HAS_H0: tl.constexpr, SAVE: tl.constexpr,
-                F64: tl.constexpr):
+def _fwd_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    f_ptr,
+    w_ptr,
+    h0_ptr,
+    y_ptr,
+    hT_ptr,
+    ck_ptr,
+    T,
+    H,
+    G,
+    K,
+    V,
+    NC,
+    C: tl.constexpr,
+    KP: tl.constexpr,
+    VP: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    SAVE: tl.constexpr,
+    F64: tl.constexpr,
+):
     """y, h_last, and (SAVE) the state entering each chunk c into ck[pid, c]."""
     # every value named, none `_`: Triton takes a `_` bound before a loop and again inside it for one
     # loop-carried variable and refuses its change of type (triton 3.6 on an H200)
@@ -107,9 +128,34 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, f_ptr, w_ptr, h0_ptr, y_ptr, hT_ptr, ck_ptr
 
 
 @triton.jit
-def _bwd_kernel(q_ptr, k_ptr, v_ptr, f_ptr, w_ptr, ck_ptr, dy_ptr, dhT_ptr, sh_ptr, su_ptr,
-                dq_ptr, dk_ptr, dv_ptr, df_ptr, dw_ptr, dh0_ptr, T, H, G, K, V, NC,
-                C: tl.constexpr, KP: tl.constexpr, VP: tl.constexpr, F64: tl.constexpr):
+def _bwd_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    f_ptr,
+    w_ptr,
+    ck_ptr,
+    dy_ptr,
+    dhT_ptr,
+    sh_ptr,
+    su_ptr,
+    dq_ptr,
+    dk_ptr,
+    dv_ptr,
+    df_ptr,
+    dw_ptr,
+    dh0_ptr,
+    T,
+    H,
+    G,
+    K,
+    V,
+    NC,
+    C: tl.constexpr,
+    KP: tl.constexpr,
+    VP: tl.constexpr,
+    F64: tl.constexpr,
+):
     """Gradients per (b, h): dq, dk [B, T, H, K], dv [B, T, H, V], df [B, T, H], dW [B, H, V, V], dh0."""
     pid, b, h, g, i, j, kv_offs, kv_mask, tile, vv_offs, vv_mask, W = _head(w_ptr, T, H, G, K, V, KP, VP, F64)
     dS = _up(tl.load(dhT_ptr + pid * K * V + kv_offs, mask=kv_mask, other=0.0), F64)
@@ -180,8 +226,30 @@ class _M2RNN(torch.autograd.Function):
         hT = torch.empty((B, H, K, V), dtype=dtype, device=v.device)
         h0c = h0.contiguous() if h0 is not None else hT  # (a dummy pointer when HAS_H0 is off)
         if B * H:
-            _fwd_kernel[(B * H,)](q, k, v, f, W, h0c, y, hT, ck, T, H, G, K, V, NC, C=chunk, KP=KP, VP=VP,
-                                  HAS_H0=h0 is not None, SAVE=save, F64=f64, num_warps=_warps(KP, VP))
+            _fwd_kernel[(B * H,)](
+                q,
+                k,
+                v,
+                f,
+                W,
+                h0c,
+                y,
+                hT,
+                ck,
+                T,
+                H,
+                G,
+                K,
+                V,
+                NC,
+                C=chunk,
+                KP=KP,
+                VP=VP,
+                HAS_H0=h0 is not None,
+                SAVE=save,
+                F64=f64,
+                num_warps=_warps(KP, VP),
+            )
         ctx.save_for_backward(q, k, v, f, W, ck)
         ctx.meta = (chunk, h0 is not None, h0.dtype if h0 is not None else None, f64)
         return y, hT
@@ -203,12 +271,45 @@ class _M2RNN(torch.autograd.Function):
         if T and B * H:
             sh = torch.empty((B * H, chunk + 1, KP, VP), dtype=cdt, device=dev)
             su = torch.empty((B * H, chunk, KP, VP), dtype=cdt, device=dev)
-            _bwd_kernel[(B * H,)](q, k, v, f, W, ck, dy.contiguous(), dhT.contiguous(), sh, su, dq, dk, dv, df,
-                                  dW, dh0, T, H, G, K, V, NC, C=chunk, KP=KP, VP=VP, F64=f64,
-                                  num_warps=_warps(KP, VP))
+            _bwd_kernel[(B * H,)](
+                q,
+                k,
+                v,
+                f,
+                W,
+                ck,
+                dy.contiguous(),
+                dhT.contiguous(),
+                sh,
+                su,
+                dq,
+                dk,
+                dv,
+                df,
+                dW,
+                dh0,
+                T,
+                H,
+                G,
+                K,
+                V,
+                NC,
+                C=chunk,
+                KP=KP,
+                VP=VP,
+                F64=f64,
+                num_warps=_warps(KP, VP),
+            )
         per = H // G
-        return (dq.view(B, T, G, per, K).sum(3).to(q.dtype), dk.view(B, T, G, per, K).sum(3).to(k.dtype),
-                dv.to(v.dtype), df.to(f.dtype), dW.sum(0).to(W.dtype), dh0.to(h0_dtype) if has_h0 else None, None)
+        return (
+            dq.view(B, T, G, per, K).sum(3).to(q.dtype),
+            dk.view(B, T, G, per, K).sum(3).to(k.dtype),
+            dv.to(v.dtype),
+            df.to(f.dtype),
+            dW.sum(0).to(W.dtype),
+            dh0.to(h0_dtype) if has_h0 else None,
+            None,
+        )
 
 
 def m2rnn_triton(q, k, v, f, W, h0=None, *, chunk: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,8 +325,10 @@ def m2rnn_triton(q, k, v, f, W, h0=None, *, chunk: int = DEFAULT_CHUNK) -> tuple
         if x.device != v.device:
             raise ValueError(f"m2rnn_triton: {name} is on {x.device}, v on {v.device}")
     if v.device.type != "cuda" and not _interpreted():
-        raise RuntimeError("Triton kernels need a CUDA device or TRITON_INTERPRET=1 (set before "
-                           f"unroll.kernels.triton_m2rnn is imported); got tensors on {v.device}")
+        raise RuntimeError(
+            "Triton kernels need a CUDA device or TRITON_INTERPRET=1 (set before "
+            f"unroll.kernels.triton_m2rnn is imported); got tensors on {v.device}"
+        )
     if chunk < 1 or chunk & (chunk - 1):
         raise ValueError(f"m2rnn_triton: chunk must be a power of two, got {chunk}")
     return _M2RNN.apply(q, k, v, f, W, h0, chunk)

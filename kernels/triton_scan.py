@@ -18,6 +18,7 @@ When T ≤ C there is one chunk and only step 3 runs, from h0.
 16-bit inputs are computed in float32 (summaries included) and returned in their dtype; float64 stays
 float64. Triton is imported here; without a GPU set TRITON_INTERPRET=1 before importing this module.
 """
+
 from __future__ import annotations
 
 import math
@@ -63,8 +64,9 @@ def _diag_tile(a_ptr, b_ptr, pid_b, c, db, T, D, C: tl.constexpr, BLOCK_D: tl.co
 
 
 @triton.jit
-def _diag_summary_kernel(a_ptr, b_ptr, A_ptr, H_ptr, T, D, M,
-                         C: tl.constexpr, BLOCK_D: tl.constexpr, F64: tl.constexpr):
+def _diag_summary_kernel(
+    a_ptr, b_ptr, A_ptr, H_ptr, T, D, M, C: tl.constexpr, BLOCK_D: tl.constexpr, F64: tl.constexpr
+):
     """Chunks 0..M−1 (all full): A_n = Π a, H_n = the chunk's end state from 0, into [B, M, D]."""
     pid, pid_b = tl.program_id(0), tl.program_id(1)
     n_db = tl.cdiv(D, BLOCK_D)
@@ -78,8 +80,9 @@ def _diag_summary_kernel(a_ptr, b_ptr, A_ptr, H_ptr, T, D, M,
 
 
 @triton.jit
-def _diag_chunk_kernel(a_ptr, b_ptr, h0_ptr, S_ptr, out_ptr, T, D, M,
-                       C: tl.constexpr, BLOCK_D: tl.constexpr, F64: tl.constexpr):
+def _diag_chunk_kernel(
+    a_ptr, b_ptr, h0_ptr, S_ptr, out_ptr, T, D, M, C: tl.constexpr, BLOCK_D: tl.constexpr, F64: tl.constexpr
+):
     """Chunk c from its entry state (h0 for c = 0, else S[:, c−1] of [B, M, D]): h = H + A·entry."""
     pid, pid_b = tl.program_id(0), tl.program_id(1)
     n_db = tl.cdiv(D, BLOCK_D)
@@ -119,8 +122,9 @@ def _block_offsets(db, D, K, BD: tl.constexpr, KP: tl.constexpr):
 
 
 @triton.jit
-def _block_summary_kernel(a_ptr, b_ptr, A_ptr, H_ptr, T, D, K, M,
-                          C: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr, F64: tl.constexpr):
+def _block_summary_kernel(
+    a_ptr, b_ptr, A_ptr, H_ptr, T, D, K, M, C: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr, F64: tl.constexpr
+):
     """Chunks 0..M−1 (all full), C sequential steps each: H_n (end state from 0) into [B, M, D, k] and the
     transfer A_n = a_{last} ··· a_{first} into [B, M, D, k, k]."""
     pid, pid_b = tl.program_id(0), tl.program_id(1)
@@ -152,8 +156,21 @@ def _block_summary_kernel(a_ptr, b_ptr, A_ptr, H_ptr, T, D, K, M,
 
 
 @triton.jit
-def _block_chunk_kernel(a_ptr, b_ptr, h0_ptr, S_ptr, out_ptr, T, D, K, M,
-                        C: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr, F64: tl.constexpr):
+def _block_chunk_kernel(
+    a_ptr,
+    b_ptr,
+    h0_ptr,
+    S_ptr,
+    out_ptr,
+    T,
+    D,
+    K,
+    M,
+    C: tl.constexpr,
+    BD: tl.constexpr,
+    KP: tl.constexpr,
+    F64: tl.constexpr,
+):
     """Chunk c stepped from its entry state (h0 for c = 0, else S[:, c−1] of [B, M, D, k]), written out."""
     pid, pid_b = tl.program_id(0), tl.program_id(1)
     n_db = tl.cdiv(D, BD)
@@ -202,14 +219,19 @@ def default_chunk(T: int, block: bool) -> int:
 # (channels per program, warps) for the summary (k³ per step) and chunk (k² per step) kernels, by the
 # padded k: the fastest of a sweep on an H200 (B=1, T=16384, D=64, C=32; k=2 with D=256). One warp per
 # program is best for the k³ products up to k=16; the chunk kernel is bandwidth-bound from k=8 up.
-_BLOCK_LAUNCH = {1: ((128, 4), (128, 4)), 2: ((128, 4), (128, 4)), 4: ((8, 1), (16, 1)),
-                 8: ((4, 1), (8, 1)), 16: ((1, 1), (8, 4))}
+_BLOCK_LAUNCH = {
+    1: ((128, 4), (128, 4)),
+    2: ((128, 4), (128, 4)),
+    4: ((8, 1), (16, 1)),
+    8: ((4, 1), (8, 1)),
+    16: ((1, 1), (8, 4)),
+}
 
 
 def _block_launch(KP: int):
     if KP in _BLOCK_LAUNCH:
         return _BLOCK_LAUNCH[KP]
-    return (1, min(8, KP ** 3 // 4096)), (max(1, 2048 // KP ** 2), 4)  # untuned: ≤ 128 products a thread
+    return (1, min(8, KP**3 // 4096)), (max(1, 2048 // KP**2), 4)  # untuned: ≤ 128 products a thread
 
 
 def _interpreted() -> bool:
@@ -232,11 +254,13 @@ def _scan(a, b, h0, out, block: bool, C: int, f64: bool) -> None:
             A = torch.empty((B, M, D, K, K), dtype=cdt, device=b.device)
             H = torch.empty((B, M, D, K), dtype=cdt, device=b.device)
             _block_summary_kernel[(M * triton.cdiv(D, bd1), B)](
-                a, b, A, H, T, D, K, M, C=C, BD=bd1, KP=KP, F64=f64, num_warps=w1)
+                a, b, A, H, T, D, K, M, C=C, BD=bd1, KP=KP, F64=f64, num_warps=w1
+            )
             S = torch.empty_like(H)
             _scan(A, H, h0, S, block, C, f64)
         _block_chunk_kernel[(N * triton.cdiv(D, bd3), B)](
-            a, b, h0, S, out, T, D, K, M, C=C, BD=bd3, KP=KP, F64=f64, num_warps=w3)
+            a, b, h0, S, out, T, D, K, M, C=C, BD=bd3, KP=KP, F64=f64, num_warps=w3
+        )
     else:
         block_d = min(_pow2(D), max(16, 8192 // C))
         warps = 8 if C * block_d >= 8192 else 4
@@ -245,15 +269,18 @@ def _scan(a, b, h0, out, block: bool, C: int, f64: bool) -> None:
             A = torch.empty((B, M, D), dtype=cdt, device=b.device)
             H = torch.empty((B, M, D), dtype=cdt, device=b.device)
             _diag_summary_kernel[(M * triton.cdiv(D, block_d), B)](
-                a, b, A, H, T, D, M, C=C, BLOCK_D=block_d, F64=f64, num_warps=warps)
+                a, b, A, H, T, D, M, C=C, BLOCK_D=block_d, F64=f64, num_warps=warps
+            )
             S = torch.empty_like(H)
             _scan(A, H, h0, S, block, C, f64)
         _diag_chunk_kernel[(N * triton.cdiv(D, block_d), B)](
-            a, b, h0, S, out, T, D, M, C=C, BLOCK_D=block_d, F64=f64, num_warps=warps)
+            a, b, h0, S, out, T, D, M, C=C, BLOCK_D=block_d, F64=f64, num_warps=warps
+        )
 
 
-def scan_triton(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, block: bool, *,
-                chunk: int | None = None) -> torch.Tensor:
+def scan_triton(
+    a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, block: bool, *, chunk: int | None = None
+) -> torch.Tensor:
     """Forward scan h_t = a_t h_{t−1} + b_t from h0, as `scan_reference` (a drop-in `impl` for linear_scan).
 
     chunk: steps per chunk, a power of two (default: `default_chunk(T, block)`); small values force the
@@ -265,13 +292,17 @@ def scan_triton(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, block: bool,
     if not (a.device == b.device == h0.device):
         raise ValueError(f"scan_triton: a, b, h0 on different devices ({a.device}, {b.device}, {h0.device})")
     if b.device.type != "cuda" and not _interpreted():
-        raise RuntimeError("Triton kernels need a CUDA device or TRITON_INTERPRET=1 (set before "
-                           f"unroll.kernels.triton_scan is imported); got tensors on {b.device}")
+        raise RuntimeError(
+            "Triton kernels need a CUDA device or TRITON_INTERPRET=1 (set before "
+            f"unroll.kernels.triton_scan is imported); got tensors on {b.device}"
+        )
     B, T = b.shape[:2]
     state = b.shape[2:]
     if a.shape != ((B, T) + state + state[-1:] if block else b.shape) or h0.shape != (B,) + state:
-        raise ValueError(f"scan_triton: a {tuple(a.shape)}, b {tuple(b.shape)}, h0 {tuple(h0.shape)} do not "
-                         f"form a {'block-diagonal' if block else 'diagonal'} scan")
+        raise ValueError(
+            f"scan_triton: a {tuple(a.shape)}, b {tuple(b.shape)}, h0 {tuple(h0.shape)} do not "
+            f"form a {'block-diagonal' if block else 'diagonal'} scan"
+        )
     C = chunk or default_chunk(T, block)
     if C < 1 or C & (C - 1):
         raise ValueError(f"scan_triton: chunk must be a power of two, got {C}")

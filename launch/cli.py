@@ -1,4 +1,5 @@
 """The `unroll` command line."""
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,12 @@ def _print_keys(args) -> int:
     from unroll.train.config_keys import config_keys, format_keys
 
     given = bool(args.config or args.overrides)
-    _emit(format_keys(config_keys(load_config(args.config, args.overrides) if given else Config()),
-                      "value" if given else "default"))
+    _emit(
+        format_keys(
+            config_keys(load_config(args.config, args.overrides) if given else Config()),
+            "value" if given else "default",
+        )
+    )
     return 0
 
 
@@ -51,11 +56,17 @@ def _train_epilog() -> str:
     from unroll.train.config import Config, preset_names
 
     fill = dict(width=100, subsequent_indent="  ", break_on_hyphens=False)
-    return "\n".join([
-        textwrap.fill("presets: " + ", ".join(preset_names()) + " (`unroll presets`: sizes and hardware)", **fill),
-        textwrap.fill("config sections: " + ", ".join(f.name for f in dataclasses.fields(Config)), **fill),
-        textwrap.fill("every key with its type and default: `unroll train --keys`; a config's values: "
-                      "`unroll train CONFIG [key=value ...] --keys`", **fill)])
+    return "\n".join(
+        [
+            textwrap.fill("presets: " + ", ".join(preset_names()) + " (`unroll presets`: sizes and hardware)", **fill),
+            textwrap.fill("config sections: " + ", ".join(f.name for f in dataclasses.fields(Config)), **fill),
+            textwrap.fill(
+                "every key with its type and default: `unroll train --keys`; a config's values: "
+                "`unroll train CONFIG [key=value ...] --keys`",
+                **fill,
+            ),
+        ]
+    )
 
 
 class _TrainHelp(argparse.Action):
@@ -96,8 +107,8 @@ def _info(args) -> int:
 
 
 def _plan(args) -> int:
-    from unroll.train.planning import plan as P
     from unroll.train.config import load_config
+    from unroll.train.planning import plan as P
 
     overrides = list(args.overrides)
     if args.seq_len:
@@ -107,25 +118,34 @@ def _plan(args) -> int:
     cfg = load_config(args.config, overrides)
     world = args.nodes * args.gpus_per_node
     print(P.__doc__.split("\n\n", 1)[1].rstrip())
-    print(f"\n{args.config}: {args.nodes} node(s) × {args.gpus_per_node} GPUs of {args.gpu_gib:g} GiB, "
-          f"sequence {cfg.data.seq_len}, batch {cfg.train.batch_size}, micro-batch "
-          f"{cfg.train.micro_batch_size or 'batch / data ranks (split per pipeline stage when pp > 1)'}, "
-          f"activation checkpointing {cfg.train.activation_checkpoint}, loss chunk {cfg.train.loss_chunk}")
+    print(
+        f"\n{args.config}: {args.nodes} node(s) × {args.gpus_per_node} GPUs of {args.gpu_gib:g} GiB, "
+        f"sequence {cfg.data.seq_len}, batch {cfg.train.batch_size}, micro-batch "
+        f"{cfg.train.micro_batch_size or 'batch / data ranks (split per pipeline stage when pp > 1)'}, "
+        f"activation checkpointing {cfg.train.activation_checkpoint}, loss chunk {cfg.train.loss_chunk}"
+    )
     fits = P.plan(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_gib=args.gpu_gib)
     if not fits:
-        print(f"no layout on {world} GPUs fits 90% of {args.gpu_gib:g} GiB; more GPUs, a shorter sequence, "
-              f"a smaller micro-batch or train.activation_checkpoint=full")
+        print(
+            f"no layout on {world} GPUs fits 90% of {args.gpu_gib:g} GiB; more GPUs, a shorter sequence, "
+            f"a smaller micro-batch or train.activation_checkpoint=full"
+        )
         return 1
     print("layouts that fit 90% of the memory, least model parallelism first (GiB):")
-    for e in fits[:args.top]:
+    for e in fits[: args.top]:
         print("  " + P.format_estimate(e))
     best = fits[0].layout
-    print("recommended: " + " ".join(f"parallel.{k}={getattr(best, k)}" for k in
-                                     ("pp", "dp_replicate", "dp_shard", "cp", "tp", "ep")))
-    print(f"check it before queueing: unroll rehearse {args.config} --nodes {args.nodes} "
-          f"--gpus-per-node {args.gpus_per_node} data.seq_len=256 "
-          + " ".join(f"parallel.{k}={getattr(best, k)}" for k in ("pp", "dp_shard", "cp", "tp", "ep")
-                     if getattr(best, k) > 1))
+    print(
+        "recommended: "
+        + " ".join(f"parallel.{k}={getattr(best, k)}" for k in ("pp", "dp_replicate", "dp_shard", "cp", "tp", "ep"))
+    )
+    print(
+        f"check it before queueing: unroll rehearse {args.config} --nodes {args.nodes} "
+        f"--gpus-per-node {args.gpus_per_node} data.seq_len=256 "
+        + " ".join(
+            f"parallel.{k}={getattr(best, k)}" for k in ("pp", "dp_shard", "cp", "tp", "ep") if getattr(best, k) > 1
+        )
+    )
     return 0
 
 
@@ -134,8 +154,15 @@ def _rehearse(args) -> int:
 
     from unroll.train.planning.rehearse import format_rehearsal, rehearse, to_json
 
-    r = rehearse(args.config, args.overrides, nodes=args.nodes, gpus_per_node=args.gpus_per_node, rank=args.rank,
-                 steps=args.steps, microbatches=args.microbatches)
+    r = rehearse(
+        args.config,
+        args.overrides,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        rank=args.rank,
+        steps=args.steps,
+        microbatches=args.microbatches,
+    )
     text = json.dumps(to_json(r), indent=1) if args.json else format_rehearsal(args.config, r)
     if args.out:  # under torchrun every rank rehearses itself: one file each
         Path(args.out.format(rank=r.rank)).write_text(text + "\n")
@@ -147,8 +174,9 @@ def _rehearse(args) -> int:
 def _tokenizer(args) -> int:
     from unroll.data.tokenizer import train_tokenizer
 
-    path = train_tokenizer(args.input, args.out, args.vocab_size, model_type=args.model_type,
-                           text_key=args.text_key, seed=args.seed)
+    path = train_tokenizer(
+        args.input, args.out, args.vocab_size, model_type=args.model_type, text_key=args.text_key, seed=args.seed
+    )
     print(f"tokenizer written to {path}")
     return 0
 
@@ -156,19 +184,38 @@ def _tokenizer(args) -> int:
 def _prepare(args) -> int:
     from unroll.data.shards import prepare_shards
 
-    result = prepare_shards(args.input, args.tokenizer, args.out, valid_fraction=args.valid_fraction,
-                            seed=args.seed, num_proc=args.num_proc, text_key=args.text_key)
+    result = prepare_shards(
+        args.input,
+        args.tokenizer,
+        args.out,
+        valid_fraction=args.valid_fraction,
+        seed=args.seed,
+        num_proc=args.num_proc,
+        text_key=args.text_key,
+    )
     meta = result["meta"]
-    print(f"shards written to {args.out}: " + ", ".join(
-        f"{split} {meta[split]['docs']} docs / {meta[split]['tokens']:,} tokens" for split in ("train", "valid")))
+    print(
+        f"shards written to {args.out}: "
+        + ", ".join(
+            f"{split} {meta[split]['docs']} docs / {meta[split]['tokens']:,} tokens" for split in ("train", "valid")
+        )
+    )
     return 0
 
 
 def _generate(args) -> int:
     from unroll.train.lifecycle.inference import generate_text
 
-    print(generate_text(args.run_dir, args.prompt, max_new_tokens=args.max_new_tokens,
-                        temperature=args.temperature, top_k=args.top_k, seed=args.seed))
+    print(
+        generate_text(
+            args.run_dir,
+            args.prompt,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            seed=args.seed,
+        )
+    )
     return 0
 
 
@@ -185,10 +232,15 @@ def _import(args) -> int:
 
     done = import_export(args.export, args.out, config=args.config, overrides=args.overrides, step=args.step)
     raised = done["steps_raised_from"]
-    why = (f"; train.steps raised from {raised}, which the export had reached: add train.steps=N to choose "
-           f"another end" if raised is not None else "")
-    print(f"checkpoint {done['checkpoint']} written; `unroll train {done['out']}/config.yaml` continues from "
-          f"step {done['step']} to step {done['steps']} (fresh optimizer state{why})")
+    why = (
+        f"; train.steps raised from {raised}, which the export had reached: add train.steps=N to choose another end"
+        if raised is not None
+        else ""
+    )
+    print(
+        f"checkpoint {done['checkpoint']} written; `unroll train {done['out']}/config.yaml` continues from "
+        f"step {done['step']} to step {done['steps']} (fresh optimizer state{why})"
+    )
     return 0
 
 
@@ -200,8 +252,8 @@ def _plot(args) -> int:
 
 
 def _grow(args) -> int:
-    from unroll.train.lifecycle import grow as G
     from unroll.train.config import ConfigError
+    from unroll.train.lifecycle import grow as G
 
     if args.plan:
         if args.params is None or args.tokens is None:
@@ -211,9 +263,11 @@ def _grow(args) -> int:
     if args.checkpoint is None or args.out is None:
         raise ConfigError("unroll grow CHECKPOINT --factor G --out DIR (or --plan --params N --tokens D)")
     done = G.grow(args.checkpoint, args.factor, args.out, args.overrides)
-    print(f"grown {done['pattern'][0]!r} → {done['pattern'][1]!r} ({done['params'][0]:,} → {done['params'][1]:,} "
-          f"parameters) from {done['source']} (step {done['source_step']}); fresh optimizer, step 0, data from "
-          f"sample {done['samples_consumed']:,}\ncontinue with: unroll train {Path(args.out) / 'config.yaml'}")
+    print(
+        f"grown {done['pattern'][0]!r} → {done['pattern'][1]!r} ({done['params'][0]:,} → {done['params'][1]:,} "
+        f"parameters) from {done['source']} (step {done['source_step']}); fresh optimizer, step 0, data from "
+        f"sample {done['samples_consumed']:,}\ncontinue with: unroll train {Path(args.out) / 'config.yaml'}"
+    )
     return 0
 
 
@@ -223,8 +277,10 @@ BENCHES = {
     "growth": ("unroll.launch.bench.growth", "G_stack growth and training on against the deep model from scratch"),
     "seqpar": ("unroll.launch.bench.seqpar", "sequence-parallel Newton on 2 ranks against 1 rank, weak scaling"),
     "solver": ("unroll.launch.bench.solver", "sequential loop vs Newton (PyTorch and Triton scans) on recurrences"),
-    "state-tracking": ("unroll.launch.bench.state_tracking",
-                       "parity and S5 past the trained length: each model family against attention"),
+    "state-tracking": (
+        "unroll.launch.bench.state_tracking",
+        "parity and S5 past the trained length: each model family against attention",
+    ),
     "throughput": ("unroll.launch.bench.throughput", "training tokens/s of presets as ratios to a baseline preset"),
     "tnt": ("unroll.launch.bench.tnt", "a TNT memory layer's throughput against chunkwise Titans"),
 }
@@ -246,8 +302,9 @@ def _add_module_command(sub, command: str, summary: str, table: dict) -> None:
     the names, one line each."""
     width = max(map(len, table))
     listing = "\n".join(f"  {name:<{width}}  {line}" for name, (_, line) in table.items())
-    one = sub.add_parser(command, help=summary, formatter_class=argparse.RawDescriptionHelpFormatter,
-                         epilog=f"NAME, one of:\n{listing}")
+    one = sub.add_parser(
+        command, help=summary, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=f"NAME, one of:\n{listing}"
+    )
     one.add_argument("name", choices=list(table), metavar="NAME", help="one of those listed below")
     one.add_argument("rest", nargs=argparse.REMAINDER, help=f"its own options (`unroll {command} NAME --help`)")
     one.set_defaults(func=_run_module, table=table)
@@ -263,24 +320,36 @@ def _version() -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="unroll", description=__doc__, epilog=(
-        "start with `unroll presets`, then `unroll train tiny-gru` (`make run` prepares its data first); "
-        "`unroll COMMAND --help` for each command, `unroll train --keys` for every config key"))
+    p = argparse.ArgumentParser(
+        prog="unroll",
+        description=__doc__,
+        epilog=(
+            "start with `unroll presets`, then `unroll train tiny-gru` (`make run` prepares its data first); "
+            "`unroll COMMAND --help` for each command, `unroll train --keys` for every config key"
+        ),
+    )
     p.add_argument("--version", action="version", version=f"unroll {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train (or resume) a model; also under torchrun", add_help=False,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    t = sub.add_parser(
+        "train",
+        help="train (or resume) a model; also under torchrun",
+        add_help=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     t.add_argument("-h", "--help", action=_TrainHelp)
     t.add_argument("config", nargs="?", help="a YAML config file or a preset name (`unroll presets`)")
-    t.add_argument("overrides", nargs="*", default=[], metavar="key=value",
-                   help="e.g. train.steps=100 run.dir=runs/x")
-    t.add_argument("--keys", action="store_true",
-                   help="print every config key with its type and default (with CONFIG: its value) and exit")
+    t.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="e.g. train.steps=100 run.dir=runs/x")
+    t.add_argument(
+        "--keys",
+        action="store_true",
+        help="print every config key with its type and default (with CONFIG: its value) and exit",
+    )
     t.set_defaults(func=_train)
 
-    i = sub.add_parser("info", help="parameter counts (total, active) and per-layer state of a config; "
-                                    "without one, the presets")
+    i = sub.add_parser(
+        "info", help="parameter counts (total, active) and per-layer state of a config; without one, the presets"
+    )
     i.add_argument("config", nargs="?", help="a YAML config file or a preset name; none: `unroll presets`")
     i.add_argument("overrides", nargs="*", default=[], metavar="key=value")
     i.add_argument("--json", action="store_true", help="print the figures as JSON")
@@ -298,27 +367,45 @@ def parser() -> argparse.ArgumentParser:
     pn.add_argument("--gpus-per-node", type=int, required=True)
     pn.add_argument("--gpu-gib", type=float, default=80.0)
     pn.add_argument("--seq-len", type=int, default=0, help="default: the config's data.seq_len")
-    pn.add_argument("--micro-batch", type=int, default=0,
-                    help="sequences per GPU per forward (default: the config's train.micro_batch_size)")
+    pn.add_argument(
+        "--micro-batch",
+        type=int,
+        default=0,
+        help="sequences per GPU per forward (default: the config's train.micro_batch_size)",
+    )
     pn.add_argument("--top", type=int, default=5)
     pn.set_defaults(func=_plan)
 
-    rh = sub.add_parser("rehearse", help="one rank of an N×G job run for real on this CPU (fake process group): "
-                                         "memory per component beside unroll plan's, collective bytes, checkpoint size")
+    rh = sub.add_parser(
+        "rehearse",
+        help="one rank of an N×G job run for real on this CPU (fake process group): "
+        "memory per component beside unroll plan's, collective bytes, checkpoint size",
+    )
     rh.add_argument("config", help="a YAML config file or a preset name (see configs/)")
-    rh.add_argument("overrides", nargs="*", default=[], metavar="key=value",
-                    help="e.g. data.seq_len=256 (figures are extrapolated to the config's own length)")
+    rh.add_argument(
+        "overrides",
+        nargs="*",
+        default=[],
+        metavar="key=value",
+        help="e.g. data.seq_len=256 (figures are extrapolated to the config's own length)",
+    )
     rh.add_argument("--nodes", type=int, required=True)
     rh.add_argument("--gpus-per-node", type=int, required=True)
     rh.add_argument("--rank", type=int, default=0, help="which rank's program to run (default 0)")
     rh.add_argument("--steps", type=int, default=1, help="training steps to run (default 1)")
-    rh.add_argument("--microbatches", type=int, default=0,
-                    help="micro-batches per step (default: 1, or the pipeline schedule's stages)")
+    rh.add_argument(
+        "--microbatches",
+        type=int,
+        default=0,
+        help="micro-batches per step (default: 1, or the pipeline schedule's stages)",
+    )
     rh.add_argument("--json", action="store_true", help="print the figures as JSON")
     rh.add_argument("--out", default="", help="write the report to this file instead ({rank} is replaced)")
     rh.set_defaults(func=_rehearse)
 
-    d = sub.add_parser("data", help="tokenizer training and corpus preparation").add_subparsers(dest="data", required=True)
+    d = sub.add_parser("data", help="tokenizer training and corpus preparation").add_subparsers(
+        dest="data", required=True
+    )
     tok = d.add_parser("tokenizer", help="train a sentencepiece BPE tokenizer on raw text")
     tok.add_argument("--input", required=True, help="bundled:shakespeare, or .txt/.jsonl/.parquet file(s), dir or glob")
     tok.add_argument("--out", required=True, help="output prefix: writes PREFIX.model and PREFIX.vocab")
@@ -347,9 +434,12 @@ def parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_generate)
 
     gr = sub.add_parser("grow", help="G_stack depth growth of a checkpoint, ready to train on; or --plan when to grow")
-    gr.add_argument("checkpoint", nargs="?", help="a run directory (its newest good checkpoint) or RUN_DIR/checkpoints/step_N")
-    gr.add_argument("overrides", nargs="*", default=[], metavar="key=value",
-                    help="for the grown run, e.g. train.steps=2000")
+    gr.add_argument(
+        "checkpoint", nargs="?", help="a run directory (its newest good checkpoint) or RUN_DIR/checkpoints/step_N"
+    )
+    gr.add_argument(
+        "overrides", nargs="*", default=[], metavar="key=value", help="for the grown run, e.g. train.steps=2000"
+    )
     gr.add_argument("--factor", type=int, default=4, help="depth multiple g (>= 2); block i = source block i mod L")
     gr.add_argument("--out", help="the grown run directory to write")
     gr.add_argument("--plan", action="store_true", help="print the paper's growth timing d for --params and --tokens")
@@ -357,27 +447,34 @@ def parser() -> argparse.ArgumentParser:
     gr.add_argument("--tokens", help="--plan: training tokens D of the target model, e.g. 2T")
     gr.set_defaults(func=_grow)
 
-    ex = sub.add_parser("export", help="a checkpoint as safetensors + config + tokenizer (a transformers layout where one fits)")
+    ex = sub.add_parser(
+        "export", help="a checkpoint as safetensors + config + tokenizer (a transformers layout where one fits)"
+    )
     ex.add_argument("checkpoint", help="a run directory (its newest checkpoint) or RUN_DIR/checkpoints/step_N")
     ex.add_argument("--out", required=True, help="a new directory")
-    ex.add_argument("--format", default="auto", choices=["auto", "hf", "unroll"],
-                    help="auto: Llama/Mistral/Mixtral/Qwen2-MoE where the model fits one, else unroll's own layout")
+    ex.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "hf", "unroll"],
+        help="auto: Llama/Mistral/Mixtral/Qwen2-MoE where the model fits one, else unroll's own layout",
+    )
     ex.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ex.set_defaults(func=_export)
 
     im = sub.add_parser("import", help="an export (unroll or transformers layout) as a run directory to train on")
     im.add_argument("export", help="a directory written by `unroll export`, or a Llama/Mistral/Mixtral/Qwen2-MoE one")
     im.add_argument("--out", required=True, help="the new run directory")
-    im.add_argument("--config", default=None, help="training config (file or preset) for the non-model sections; "
-                                                   "default the export's unroll_config.yaml")
+    im.add_argument(
+        "--config",
+        default=None,
+        help="training config (file or preset) for the non-model sections; default the export's unroll_config.yaml",
+    )
     im.add_argument("--step", type=int, default=None, help="the step to resume at (default the export's; 0 if unknown)")
-    im.add_argument("overrides", nargs="*", default=[], metavar="key=value",
-                    help="e.g. data.train=[...] optim.lr=1e-3")
+    im.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="e.g. data.train=[...] optim.lr=1e-3")
     im.set_defaults(func=_import)
 
     _add_module_command(sub, "bench", "the performance suite (ratios measured side by side)", BENCHES)
-    _add_module_command(sub, "launch", "training under torchrun on this machine, or an sbatch job on SLURM",
-                        LAUNCHERS)
+    _add_module_command(sub, "launch", "training under torchrun on this machine, or an sbatch job on SLURM", LAUNCHERS)
 
     pl = sub.add_parser("plot", help="loss curves of a run as a PNG")
     pl.add_argument("run_dir")

@@ -5,6 +5,7 @@ The rule (unroll.launch.slurm applies it): a submission whose resolved config is
 ahead; one that differs is refused with the keys that differ, unless the operator replaces the frozen
 config (the old one is kept beside it as config.<time>.yaml). A dry run writes elsewhere.
 """
+
 from __future__ import annotations
 
 import time
@@ -31,15 +32,20 @@ def differences(frozen: Path, text: str) -> list[str]:
         return [f"(the file cannot be read: {str(e).splitlines()[0] if str(e) else type(e).__name__})"]
     new = _flat(OmegaConf.to_container(OmegaConf.create(text)))
     absent = "(absent)"
-    return [f"{key}: {old.get(key, absent)} → {new.get(key, absent)}" for key in sorted(old.keys() | new.keys())
-            if old.get(key, absent) != new.get(key, absent)]
+    return [
+        f"{key}: {old.get(key, absent)} → {new.get(key, absent)}"
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key, absent) != new.get(key, absent)
+    ]
 
 
 def refusal(frozen: Path, changed: list[str]) -> str:
     shown = ", ".join(changed[:SHOWN]) + (f" and {len(changed) - SHOWN} more" if len(changed) > SHOWN else "")
-    return (f"{frozen} is the config an earlier submission of this run froze (its queued or requeued job "
-            f"trains from it), and this one differs: {shown}; use another run.dir, or --replace-config once no "
-            f"job of this run is queued or running")
+    return (
+        f"{frozen} is the config an earlier submission of this run froze (its queued or requeued job "
+        f"trains from it), and this one differs: {shown}; use another run.dir, or --replace-config once no "
+        f"job of this run is queued or running"
+    )
 
 
 def keep_aside(path: Path) -> Path:

@@ -2,6 +2,7 @@
 (argparse takes a command's positionals in one run, so later ones come back unparsed), and unknown options,
 each named with what was probably meant: one of the command's own options (`--jsn` → --json) or, for a
 command that takes overrides, a config key (`--steps 10` → train.steps=10)."""
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,7 @@ def _hint(option: str, value: str | None, options: list[str], takes_overrides: b
     return f" (did you mean {own[0]}?)" if own else ""
 
 
-def take_leftovers(command: argparse.ArgumentParser, extra: list[str],
-                   takes_overrides: bool) -> tuple[list[str], str]:
+def take_leftovers(command: argparse.ArgumentParser, extra: list[str], takes_overrides: bool) -> tuple[list[str], str]:
     """(the overrides among `extra`, "" or a one-line error naming every other leftover)."""
     # argparse offers no public list of a parser's options
     options = [s for action in command._actions for s in action.option_strings if s.startswith("--")]

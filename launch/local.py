@@ -18,6 +18,7 @@ the agent gives it to the ranks, which checkpoint and stop (or are killed after 
 Once they have, this prints `unroll launch: interrupted` and exits 128 + the signal (130 for Ctrl-C). A
 repeated Ctrl-C is not passed on: it would cut short the agent's wait for the ranks' checkpoint.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,9 +51,22 @@ def torchrun_flags(log_dir: str, shutdown_timeout: int, max_restarts: int) -> li
     forwarded signal leaves the ranks `shutdown_timeout` seconds to checkpoint before SIGKILL. Every
     rank's stdout and stderr go to LOG_DIR/<run id>_<random>/attempt_<restart>/<local rank>/{stdout,stderr}.log;
     local rank 0's are also copied to the console (the trainer prints only from global rank 0)."""
-    return ["--max-restarts", str(max_restarts), "--signals-to-handle", FORWARDED_SIGNALS,
-            "--shutdown-timeout", str(shutdown_timeout), "--log-dir", log_dir,
-            "--redirects", "3", "--tee", "3", "--local-ranks-filter", "0"]
+    return [
+        "--max-restarts",
+        str(max_restarts),
+        "--signals-to-handle",
+        FORWARDED_SIGNALS,
+        "--shutdown-timeout",
+        str(shutdown_timeout),
+        "--log-dir",
+        log_dir,
+        "--redirects",
+        "3",
+        "--tee",
+        "3",
+        "--local-ranks-filter",
+        "0",
+    ]
 
 
 def train_args(config: str, overrides: list[str]) -> list[str]:
@@ -65,10 +79,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--nproc", type=int, required=True, help="processes (ranks) on this machine")
     p.add_argument("--log-dir", default=None, help="per-rank logs; default RUN_DIR/logs/local-<time>")
-    p.add_argument("--shutdown-timeout", type=int, default=60,
-                   help="seconds the ranks get to checkpoint after a signal before SIGKILL (default 60)")
-    p.add_argument("--max-restarts", type=int, default=0, help="times torchrun restarts every rank after one "
-                   "fails, resuming from the newest checkpoint, before the job fails (default 0)")
+    p.add_argument(
+        "--shutdown-timeout",
+        type=int,
+        default=60,
+        help="seconds the ranks get to checkpoint after a signal before SIGKILL (default 60)",
+    )
+    p.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        help="times torchrun restarts every rank after one "
+        "fails, resuming from the newest checkpoint, before the job fails (default 0)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the torchrun command, run nothing")
     return p
 
@@ -85,8 +108,16 @@ def main(argv: list[str]) -> int:
     cfg = load_config(args.config, args.overrides)  # a bad key stops here, before any process starts
     preflight(cfg, args.nproc)  # and a layout, batch or data mistake
     log_dir = args.log_dir or str(Path(cfg.run.dir) / "logs" / f"local-{time.strftime('%Y%m%d-%H%M%S')}")
-    cmd = [sys.executable, "-m", "unroll.launch.torchrun", "--standalone", "--nproc-per-node", str(args.nproc),
-           *torchrun_flags(log_dir, args.shutdown_timeout, args.max_restarts), *train_args(args.config, args.overrides)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "unroll.launch.torchrun",
+        "--standalone",
+        "--nproc-per-node",
+        str(args.nproc),
+        *torchrun_flags(log_dir, args.shutdown_timeout, args.max_restarts),
+        *train_args(args.config, args.overrides),
+    ]
     print(shlex.join(cmd))
     if args.dry_run:
         return 0
@@ -110,8 +141,11 @@ def supervise(cmd: list[str], env: dict) -> int:
     if relay.signum is None:
         return status
     name = signal.Signals(relay.signum).name
-    print("unroll launch: interrupted" if relay.signum == signal.SIGINT else f"unroll launch: stopped by {name}",
-          file=sys.stderr, flush=True)
+    print(
+        "unroll launch: interrupted" if relay.signum == signal.SIGINT else f"unroll launch: stopped by {name}",
+        file=sys.stderr,
+        flush=True,
+    )
     return 128 + relay.signum
 
 
@@ -125,8 +159,11 @@ class _SignalRelay:
 
     def received(self, signum, frame) -> None:
         if self.signum is not None:
-            print("unroll launch: still waiting for the ranks to checkpoint and stop (--shutdown-timeout)",
-                  file=sys.stderr, flush=True)
+            print(
+                "unroll launch: still waiting for the ranks to checkpoint and stop (--shutdown-timeout)",
+                file=sys.stderr,
+                flush=True,
+            )
             return
         self.signum = signum
         self.hand_on()

@@ -39,6 +39,7 @@ of the flag), checkpoint and stop, and the script requeues the job (`scontrol re
 job runs the same script with the same run directory, so the trainer resumes from that checkpoint. The
 signal reaches every node's torchrun too, which then shuts down rather than restarting its ranks.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -88,22 +89,40 @@ class SlurmJob:
 
 def _node_command(job: SlurmJob) -> str:
     """The torchrun command each srun task runs; `bash -c` expands the per-node variables there."""
-    rdzv = ["--nnodes", str(job.nodes), "--nproc-per-node", str(job.procs_per_node), "--rdzv-backend", "c10d",
-            "--rdzv-endpoint", "$UNROLL_RDZV_HOST:$UNROLL_RDZV_PORT", "--rdzv-id", "$SLURM_JOB_ID.$UNROLL_RESTART",
-            # the first node hosts the rendezvous store: its hostname may be every node's
-            "--rdzv-conf", 'is_host=$([ "$SLURM_NODEID" = 0 ] && echo 1 || echo 0)']
+    rdzv = [
+        "--nnodes",
+        str(job.nodes),
+        "--nproc-per-node",
+        str(job.procs_per_node),
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        "$UNROLL_RDZV_HOST:$UNROLL_RDZV_PORT",
+        "--rdzv-id",
+        "$SLURM_JOB_ID.$UNROLL_RESTART",
+        # the first node hosts the rendezvous store: its hostname may be every node's
+        "--rdzv-conf",
+        'is_host=$([ "$SLURM_NODEID" = 0 ] && echo 1 || echo 0)',
+    ]
     flags = torchrun_flags("$UNROLL_LOG_DIR/node$SLURM_NODEID", job.shutdown_timeout, job.max_restarts)
     quoted = [f'"{w}"' if "$" in w else shlex.quote(w) for w in rdzv + flags]
     lines = [f"exec {shlex.quote(job.python)} -m torch.distributed.run"]
-    lines += [" ".join(quoted[i:i + 2]) for i in range(0, len(quoted), 2)]  # one option per line
+    lines += [" ".join(quoted[i : i + 2]) for i in range(0, len(quoted), 2)]  # one option per line
     lines.append(" ".join(shlex.quote(w) for w in train_args(str(job.config), [])))
     return " \\\n    ".join(lines)
 
 
 def render(job: SlurmJob) -> str:
     """The sbatch script for `job`."""
-    d = [f"--job-name={job.job_name}", f"--nodes={job.nodes}", "--ntasks-per-node=1",
-         f"--chdir={job.workdir}", f"--output={job.log_file}", "--open-mode=append", "--requeue"]
+    d = [
+        f"--job-name={job.job_name}",
+        f"--nodes={job.nodes}",
+        "--ntasks-per-node=1",
+        f"--chdir={job.workdir}",
+        f"--output={job.log_file}",
+        "--open-mode=append",
+        "--requeue",
+    ]
     if job.gpus_per_node:
         d.append(f"--gpus-per-node={job.gpus_per_node}")
     if job.exclusive:
@@ -112,8 +131,11 @@ def render(job: SlurmJob) -> str:
         d.append(f"--cpus-per-task={job.cpus_per_task}")
     if job.mem:
         d.append(f"--mem={job.mem}")
-    d += [f"--{key}={value}" for key, value in (("partition", job.partition), ("account", job.account),
-                                                ("time", job.time)) if value]
+    d += [
+        f"--{key}={value}"
+        for key, value in (("partition", job.partition), ("account", job.account), ("time", job.time))
+        if value
+    ]
     if job.signal_lead:
         d.append(f"--signal=B:USR1@{job.signal_lead}")
     d += job.sbatch_args
@@ -127,9 +149,9 @@ def render(job: SlurmJob) -> str:
     exports = "; ".join(f"export {k}={shlex.quote(v)}" for k, v in TORCHRUN_ENV.items())
     return f"""#!/bin/bash
 # Written by `unroll launch slurm`: {job.nodes} node(s) × {job.procs_per_node} rank(s) \
-({f'{job.gpus_per_node} GPU(s) per node' if job.gpus_per_node else 'CPU, gloo'}).
-# Resubmitting it (`sbatch {job.run_dir / 'slurm/job.sbatch'}`) resumes the run from its newest checkpoint.
-{chr(10).join('#SBATCH ' + x for x in d)}
+({f"{job.gpus_per_node} GPU(s) per node" if job.gpus_per_node else "CPU, gloo"}).
+# Resubmitting it (`sbatch {job.run_dir / "slurm/job.sbatch"}`) resumes the run from its newest checkpoint.
+{chr(10).join("#SBATCH " + x for x in d)}
 set -uo pipefail
 
 export RUN_DIR={shlex.quote(str(job.run_dir))}
@@ -152,14 +174,14 @@ on_preemption() {{  # SLURM's warning: every rank checkpoints at the same step a
 }}
 trap on_preemption USR1
 
-{' '.join(srun)} bash -c {shlex.quote(_node_command(job))} &
+{" ".join(srun)} bash -c {shlex.quote(_node_command(job))} &
 srun_pid=$!
 wait "$srun_pid"; status=$?
 while kill -0 "$srun_pid" 2>/dev/null; do wait "$srun_pid"; status=$?; done  # a trap ends `wait` early
 if [ "$preempted" = 1 ] && [ "$status" != 0 ]; then
   echo "unroll: requeueing job $SLURM_JOB_ID; it resumes from $RUN_DIR's newest checkpoint"
   timeout 60 scontrol requeue "$SLURM_JOB_ID" && exit 0
-  echo "unroll: the requeue failed; resubmitting resumes the run: sbatch {job.run_dir / 'slurm/job.sbatch'}"
+  echo "unroll: the requeue failed; resubmitting resumes the run: sbatch {job.run_dir / "slurm/job.sbatch"}"
   exit "$status"
 fi
 echo "unroll: job $SLURM_JOB_ID finished, exit status $status"
@@ -168,8 +190,9 @@ exit "$status"
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="unroll launch slurm", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="unroll launch slurm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("config", help="a YAML config file or a preset name (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--nodes", type=int, required=True)
@@ -180,35 +203,87 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--account", default="")
     p.add_argument("--time", default="", help="time limit, as sbatch takes it (e.g. 24:00:00)")
     p.add_argument("--job-name", default="", help="default unroll-<run dir name>")
-    p.add_argument("--signal-lead", type=int, default=120,
-                   help="seconds before the time limit SLURM sends SIGUSR1 (checkpoint, stop, requeue); 0: none")
-    p.add_argument("--shutdown-timeout", type=int, default=90,
-                   help="seconds the ranks get to checkpoint after SIGUSR1 before SIGKILL (default 90)")
-    p.add_argument("--max-restarts", type=int, default=0, help="times each node's torchrun restarts its ranks "
-                   "after a failure, within the job, resuming from the newest checkpoint (default 0)")
-    p.add_argument("--exclusive", action=argparse.BooleanOptionalAction, default=True,
-                   help="the whole of each node for the job (default); --no-exclusive shares nodes and needs "
-                        "--cpus-per-task")
-    p.add_argument("--cpus-per-task", type=int, default=0, metavar="C",
-                   help="CPUs for each node's task (torchrun and its ranks); default all of the node's "
-                        "($SLURM_CPUS_ON_NODE of the exclusive node)")
-    p.add_argument("--mem", default="0", help="memory per node as sbatch takes it, e.g. 480G; default 0, "
-                   "SLURM's 'all of each node's memory'; '' leaves it to the cluster's default")
-    p.add_argument("--skip-data-check", action="store_true", help="leave the data files' check to the ranks "
-                   "(this machine does not see them, e.g. they are only inside the container image)")
-    p.add_argument("--replace-config", action="store_true",
-                   help="submit even though RUN_DIR/slurm/config.yaml, frozen by an earlier submission, differs "
-                        "(it is kept as config.<time>.yaml); only when no job of this run is queued or running")
-    p.add_argument("--container-image", default="", help="pyxis: run each node's torchrun in this image "
-                   "(e.g. a squashfs from `enroot import dockerd://unroll:cuda`)")
-    p.add_argument("--container-mounts", default=None,
-                   help="pyxis mounts, SRC:DST,...; default the working directory and the run directory")
-    p.add_argument("--python", default="", help="the nodes' Python with unroll installed; default this one "
-                   f"({sys.executable}), or {CONTAINER_PYTHON} with --container-image")
-    p.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
-                   help="an extra #SBATCH line, e.g. --sbatch-arg=--qos=high (repeatable)")
-    p.add_argument("--dry-run", action="store_true", help="check, print the script and write it with its config "
-                   "under RUN_DIR/slurm/dry-run/; submit nothing, change nothing in RUN_DIR/slurm/")
+    p.add_argument(
+        "--signal-lead",
+        type=int,
+        default=120,
+        help="seconds before the time limit SLURM sends SIGUSR1 (checkpoint, stop, requeue); 0: none",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=int,
+        default=90,
+        help="seconds the ranks get to checkpoint after SIGUSR1 before SIGKILL (default 90)",
+    )
+    p.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        help="times each node's torchrun restarts its ranks "
+        "after a failure, within the job, resuming from the newest checkpoint (default 0)",
+    )
+    p.add_argument(
+        "--exclusive",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the whole of each node for the job (default); --no-exclusive shares nodes and needs --cpus-per-task",
+    )
+    p.add_argument(
+        "--cpus-per-task",
+        type=int,
+        default=0,
+        metavar="C",
+        help="CPUs for each node's task (torchrun and its ranks); default all of the node's "
+        "($SLURM_CPUS_ON_NODE of the exclusive node)",
+    )
+    p.add_argument(
+        "--mem",
+        default="0",
+        help="memory per node as sbatch takes it, e.g. 480G; default 0, "
+        "SLURM's 'all of each node's memory'; '' leaves it to the cluster's default",
+    )
+    p.add_argument(
+        "--skip-data-check",
+        action="store_true",
+        help="leave the data files' check to the ranks "
+        "(this machine does not see them, e.g. they are only inside the container image)",
+    )
+    p.add_argument(
+        "--replace-config",
+        action="store_true",
+        help="submit even though RUN_DIR/slurm/config.yaml, frozen by an earlier submission, differs "
+        "(it is kept as config.<time>.yaml); only when no job of this run is queued or running",
+    )
+    p.add_argument(
+        "--container-image",
+        default="",
+        help="pyxis: run each node's torchrun in this image "
+        "(e.g. a squashfs from `enroot import dockerd://unroll:cuda`)",
+    )
+    p.add_argument(
+        "--container-mounts",
+        default=None,
+        help="pyxis mounts, SRC:DST,...; default the working directory and the run directory",
+    )
+    p.add_argument(
+        "--python",
+        default="",
+        help="the nodes' Python with unroll installed; default this one "
+        f"({sys.executable}), or {CONTAINER_PYTHON} with --container-image",
+    )
+    p.add_argument(
+        "--sbatch-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="an extra #SBATCH line, e.g. --sbatch-arg=--qos=high (repeatable)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check, print the script and write it with its config "
+        "under RUN_DIR/slurm/dry-run/; submit nothing, change nothing in RUN_DIR/slurm/",
+    )
     return p
 
 
@@ -234,8 +309,10 @@ def prepare(args) -> tuple[SlurmJob, str]:
     if args.cpus_per_task < 0:
         raise ConfigError(f"--cpus-per-task must be 1 or more (0: all of the node's), got {args.cpus_per_task}")
     if not args.exclusive and not args.cpus_per_task:
-        raise ConfigError("--no-exclusive needs --cpus-per-task C: sharing the node, the job gets only the CPUs "
-                          "it asks for (one per node by default)")
+        raise ConfigError(
+            "--no-exclusive needs --cpus-per-task C: sharing the node, the job gets only the CPUs "
+            "it asks for (one per node by default)"
+        )
     workdir = Path.cwd()
     cfg = load_config(args.config, args.overrides)
     run_dir = (workdir / cfg.run.dir).resolve()
@@ -247,16 +324,28 @@ def prepare(args) -> tuple[SlurmJob, str]:
     if mounts is None:  # the working directory (relative data paths) and the run directory, at their own paths
         inside = run_dir == workdir or workdir in run_dir.parents
         mounts = ",".join(f"{d}:{d}" for d in ([workdir] if inside else [workdir, run_dir]))
-    job = SlurmJob(run_dir=run_dir, config=run_dir / "slurm" / "config.yaml", nodes=args.nodes,
-                   procs_per_node=procs_per_node, gpus_per_node=0 if args.cpu else args.gpus_per_node,
-                   job_name=args.job_name or f"unroll-{run_dir.name}", workdir=workdir, partition=args.partition,
-                   account=args.account, time=args.time, signal_lead=args.signal_lead,
-                   shutdown_timeout=args.shutdown_timeout, max_restarts=args.max_restarts,
-                   exclusive=args.exclusive, cpus_per_task=args.cpus_per_task, mem=args.mem,
-                   container_image=args.container_image,
-                   container_mounts=mounts if args.container_image else "",
-                   python=args.python or (CONTAINER_PYTHON if args.container_image else sys.executable),
-                   sbatch_args=args.sbatch_arg)
+    job = SlurmJob(
+        run_dir=run_dir,
+        config=run_dir / "slurm" / "config.yaml",
+        nodes=args.nodes,
+        procs_per_node=procs_per_node,
+        gpus_per_node=0 if args.cpu else args.gpus_per_node,
+        job_name=args.job_name or f"unroll-{run_dir.name}",
+        workdir=workdir,
+        partition=args.partition,
+        account=args.account,
+        time=args.time,
+        signal_lead=args.signal_lead,
+        shutdown_timeout=args.shutdown_timeout,
+        max_restarts=args.max_restarts,
+        exclusive=args.exclusive,
+        cpus_per_task=args.cpus_per_task,
+        mem=args.mem,
+        container_image=args.container_image,
+        container_mounts=mounts if args.container_image else "",
+        python=args.python or (CONTAINER_PYTHON if args.container_image else sys.executable),
+        sbatch_args=args.sbatch_arg,
+    )
     return job, to_yaml(cfg)
 
 
@@ -317,8 +406,10 @@ def _dry_run(job: SlurmJob, config_text: str, script_text: str, changed: list[st
     frozen_config.write_atomically(out / "config.yaml", config_text)
     frozen_config.write_atomically(out / "job.sbatch", script_text)
     print(script_text)
-    print(f"dry run, nothing submitted: the script and the config it would freeze are in {out}/ "
-          f"(job.sbatch, config.yaml); the job's own files in {job.config.parent}/ are left as they are")
+    print(
+        f"dry run, nothing submitted: the script and the config it would freeze are in {out}/ "
+        f"(job.sbatch, config.yaml); the job's own files in {job.config.parent}/ are left as they are"
+    )
     if changed and not replace:
         print(f"note: submitting now would be refused: {frozen_config.refusal(job.config, changed)}")
     return 0

@@ -4,6 +4,7 @@ by the benchmarks that launch their own ranks and by the multi-process tests.
 `python -m unroll.launch.torchrun ARGS` is torchrun itself (`torch.distributed.run`, same options) whose
 agent, when a signal stops it (it forwards the signal to the ranks, which checkpoint and stop), exits
 128 + the signal's number with one line instead of torchrun's traceback: `unroll launch local` runs it."""
+
 from __future__ import annotations
 
 import json
@@ -80,8 +81,11 @@ def main(argv: list[str]) -> int:
     try:
         torchrun(argv)
     except SignalException as e:
-        print(f"torchrun: stopped by {e.sigval.name} (handed to the ranks: checkpoint and stop)", file=sys.stderr,
-              flush=True)
+        print(
+            f"torchrun: stopped by {e.sigval.name} (handed to the ranks: checkpoint and stop)",
+            file=sys.stderr,
+            flush=True,
+        )
         return 128 + int(e.sigval)
     return 0
 

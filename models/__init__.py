@@ -1,4 +1,5 @@
 """Single-device models, written as if no parallelism existed."""
+
 from unroll.models.config import ModelConfig
 from unroll.models.lm import LM
 

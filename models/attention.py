@@ -1,5 +1,6 @@
 """Causal self-attention: RoPE (rotate-half, as HF Llama) or none, grouped-query heads, optional sliding
 window, SDPA, a KV cache."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,8 +12,9 @@ from torch import nn
 from unroll.models.init import init_eagerly, normal
 
 
-def rope_angles(positions: torch.Tensor, head_dim: int, theta: float,
-                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_angles(
+    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape [T, head_dim] for rotate-half RoPE (frequency i used by dims i and i + hd/2),
     computed in at least float32 whatever the activations' dtype."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=dtype) / head_dim)
@@ -47,9 +49,19 @@ class Attention(nn.Module):
     keys t − window + 1 ... t, and the cache keeps only the last `window` keys (O(window) memory when
     generating)."""
 
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, rope_theta: float,
-                 init_std: float = 0.02, out_std: float | None = None, *, head_dim: int | None = None,
-                 rope: bool = True, window: int = 0):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int,
+        rope_theta: float,
+        init_std: float = 0.02,
+        out_std: float | None = None,
+        *,
+        head_dim: int | None = None,
+        rope: bool = True,
+        window: int = 0,
+    ):
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = head_dim or d_model // n_heads
@@ -109,7 +121,7 @@ class Attention(nn.Module):
             k, v = torch.cat([state.k, k], dim=2), torch.cat([state.v, v], dim=2)
         y = self._attend(q, k, v, past, cached)
         if self.window:
-            k, v = k[:, :, -self.window:], v[:, :, -self.window:]
+            k, v = k[:, :, -self.window :], v[:, :, -self.window :]
         return y, KVCache(k, v, past + x.shape[1])
 
     def _forward_context_parallel(self, x: torch.Tensor):
@@ -122,7 +134,10 @@ class Attention(nn.Module):
         past = torch.distributed.get_rank(self.context_group) * x.shape[1]
         q, k, v = self._project(x, past)
         end = past + x.shape[1]
-        k, v = gather_sequence(k, self.context_group, 2)[:, :, :end], gather_sequence(v, self.context_group, 2)[:, :, :end]
+        k, v = (
+            gather_sequence(k, self.context_group, 2)[:, :, :end],
+            gather_sequence(v, self.context_group, 2)[:, :, :end],
+        )
         return self._attend(q, k, v, past, past), None
 
     def step(self, x: torch.Tensor, state: KVCache | None):
@@ -131,5 +146,7 @@ class Attention(nn.Module):
         return y[:, 0], cache
 
     def extra_repr(self) -> str:
-        return (f"heads={self.n_heads}, kv_heads={self.n_kv_heads}, head_dim={self.head_dim}, "
-                f"rope={self.rope}, window={self.window or 'full'}")
+        return (
+            f"heads={self.n_heads}, kv_heads={self.n_kv_heads}, head_dim={self.head_dim}, "
+            f"rope={self.rope}, window={self.window or 'full'}"
+        )

@@ -1,4 +1,5 @@
 """The model's shape: everything needed to build an LM, nothing about how it is trained."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ MOE_SCORES = ("softmax", "sigmoid")
 @dataclass
 class M2RNNConfig:
     """The M²RNN mixer (Mishra et al., 2026): per value head a K×V matrix state."""
+
     k_dim: int = 64  # K: query/key width per q/k head, the state's rows
     v_dim: int = 16  # V: value width per value head, the state's columns (W is V×V)
     qk_heads: int = 1  # q/k heads, each shared by v_heads / qk_heads value heads
@@ -29,6 +31,7 @@ class TNTConfig:
     """TNT hierarchical test-time memory (Li et al., 2025); see models/tnt.py. A global memory on large chunks
     plus local memories on small chunks, reset every local_reset tokens. Plain chunkwise Titans:
     global_chunk=0, local_chunks=[C], local_reset=0, qk_project=false."""
+
     heads: int = 4
     head_dim: int = 0  # q/k/v width per head; 0 = d_model // heads
     layers: int = 2  # memory MLP depth: 1 (linear) or 2 (x + W2 SiLU(W1 x))
@@ -45,6 +48,7 @@ class TNTConfig:
 @dataclass
 class MoEConfig:
     """Token-choice top-k MoE MLPs for the layers marked E in mlp_pattern."""
+
     experts: int = 8
     top_k: int = 2
     hidden: int = 256  # SwiGLU width of one routed expert
@@ -122,8 +126,14 @@ class ModelConfig:
         if reserved:
             out.append(("pattern", ", ".join(f"{c} is reserved for {RESERVED_CHARS[c]}" for c in reserved)))
         if bad:
-            out.append(("pattern", f"unknown layer kind(s) {bad} in {self.pattern!r}; known: "
-                        + ", ".join(f"{k} ({v})" for k, v in MIXER_CHARS.items()) + ", | (stage mark)"))
+            out.append(
+                (
+                    "pattern",
+                    f"unknown layer kind(s) {bad} in {self.pattern!r}; known: "
+                    + ", ".join(f"{k} ({v})" for k, v in MIXER_CHARS.items())
+                    + ", | (stage mark)",
+                )
+            )
         if not self.layers:
             out.append(("pattern", f"{self.pattern!r} has no layers"))
         for key in ("vocab_size", "d_model", "n_heads"):
@@ -145,8 +155,12 @@ class ModelConfig:
         if self.rnn_heads <= 0:
             out.append(("rnn_heads", f"must be positive, got {self.rnn_heads}"))
         elif self.d_model % self.rnn_heads or self.rnn_dim % self.rnn_heads:
-            out.append(("rnn_heads", f"{self.rnn_heads} heads must divide d_model={self.d_model} "
-                                     f"and the recurrent width {self.rnn_dim}"))
+            out.append(
+                (
+                    "rnn_heads",
+                    f"{self.rnn_heads} heads must divide d_model={self.d_model} and the recurrent width {self.rnn_dim}",
+                )
+            )
         if self.solver not in SOLVERS:
             out.append(("solver", f"must be one of {', '.join(SOLVERS)}, got {self.solver!r}"))
         if self.norm_eps <= 0:
@@ -160,11 +174,21 @@ class ModelConfig:
         p = self.mlp_pattern.replace("|", "")
         bad = sorted({c for c in p if c not in MLP_CHARS})
         if bad:
-            out.append(("mlp_pattern", f"unknown MLP kind(s) {bad} in {self.mlp_pattern!r}; known: "
-                        + ", ".join(f"{k} ({v})" for k, v in MLP_CHARS.items())))
+            out.append(
+                (
+                    "mlp_pattern",
+                    f"unknown MLP kind(s) {bad} in {self.mlp_pattern!r}; known: "
+                    + ", ".join(f"{k} ({v})" for k, v in MLP_CHARS.items()),
+                )
+            )
         elif len(p) > 1 and len(p) != len(self.layers):
-            out.append(("mlp_pattern", f"{self.mlp_pattern!r} has {len(p)} layers, pattern {self.pattern!r} "
-                                       f"has {len(self.layers)} (or give one character for all)"))
+            out.append(
+                (
+                    "mlp_pattern",
+                    f"{self.mlp_pattern!r} has {len(p)} layers, pattern {self.pattern!r} "
+                    f"has {len(self.layers)} (or give one character for all)",
+                )
+            )
         if "E" not in p:
             return out
         m = self.moe
@@ -190,8 +214,12 @@ class ModelConfig:
         if m.v_heads < 0:
             out.append(("m2rnn.v_heads", f"must be >= 0 (0 = d_model // v_dim), got {m.v_heads}"))
         elif m.v_dim > 0 and m.qk_heads > 0 and (self.m2rnn_v_heads <= 0 or self.m2rnn_v_heads % m.qk_heads):
-            out.append(("m2rnn.v_heads", f"{self.m2rnn_v_heads} value heads must be a positive multiple "
-                                         f"of m2rnn.qk_heads={m.qk_heads}"))
+            out.append(
+                (
+                    "m2rnn.v_heads",
+                    f"{self.m2rnn_v_heads} value heads must be a positive multiple of m2rnn.qk_heads={m.qk_heads}",
+                )
+            )
         if m.solver not in SOLVERS:
             out.append(("m2rnn.solver", f"must be one of {', '.join(SOLVERS)}, got {m.solver!r}"))
         return out
@@ -214,8 +242,12 @@ class ModelConfig:
         if any(c <= 0 for c in t.local_chunks):
             out.append(("tnt.local_chunks", f"chunk sizes must be positive, got {list(t.local_chunks)}"))
         elif t.local_reset > 0 and any(t.local_reset % c for c in t.local_chunks):
-            out.append(("tnt.local_chunks", f"each local chunk must divide tnt.local_reset={t.local_reset}, "
-                                            f"got {list(t.local_chunks)}"))
+            out.append(
+                (
+                    "tnt.local_chunks",
+                    f"each local chunk must divide tnt.local_reset={t.local_reset}, got {list(t.local_chunks)}",
+                )
+            )
         if t.local_reset < 0:
             out.append(("tnt.local_reset", f"must be >= 0 (0 = never reset), got {t.local_reset}"))
         if not t.global_chunk and not t.local_chunks:

@@ -1,5 +1,6 @@
 """Sampling: prefill the prompt in one forward, then one `step` per new token (O(1) state for
 recurrent layers, a growing KV cache for attention)."""
+
 from __future__ import annotations
 
 import torch
@@ -8,8 +9,16 @@ from unroll.models.lm import LM
 
 
 @torch.no_grad()
-def sample(model: LM, prompt: list[int], max_new_tokens: int, *, temperature: float = 1.0,
-           top_k: int = 0, stop_id: int | None = None, generator: torch.Generator | None = None) -> list[int]:
+def sample(
+    model: LM,
+    prompt: list[int],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    stop_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> list[int]:
     """Returns the new token ids (not the prompt). temperature 0 = greedy."""
     if not prompt:
         raise ValueError("the prompt must hold at least one token")

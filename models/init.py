@@ -26,12 +26,13 @@ Modules declare their rules (`init_rules()`: parameter or buffer name relative t
 parent's rule for a child's tensor overrides the child's. RMSNorm weights default to ones; any other
 tensor without a rule is an error, so a new module cannot silently start from uninitialised memory.
 """
+
 from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -51,7 +52,7 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
 
 def _key(seed: int, name: str) -> list[int]:
     digest = hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=32).digest()
-    return [int.from_bytes(digest[4 * i:4 * i + 4], "little") for i in range(8)]
+    return [int.from_bytes(digest[4 * i : 4 * i + 4], "little") for i in range(8)]
 
 
 class Draws:
@@ -113,6 +114,7 @@ class Rule:
     """fn(draws) → the values of those elements (float32). whole: evaluate over the entire tensor, then
     index (for transcendental functions, see the module docstring). key: draw from the stream of another
     parameter's name (a pipeline's replica of the tied embedding draws what `embed.weight` draws)."""
+
     fn: Callable[[Draws], torch.Tensor]
     whole: bool = False
     key: str | None = None
@@ -173,8 +175,8 @@ def fill(t: torch.Tensor, rule: Rule, key: list[int], shape, index: list[torch.T
         return
     rows = max(1, _BLOCK // max(1, t[0].numel() if t.shape[0] else 1))  # blocks along the first dimension
     for start in range(0, len(index[0]), rows):
-        part = [index[0][start:start + rows]] + index[1:]
-        t[start:start + rows].copy_(rule.fn(Draws(key, shape, part, device)))
+        part = [index[0][start : start + rows]] + index[1:]
+        t[start : start + rows].copy_(rule.fn(Draws(key, shape, part, device)))
 
 
 def init_parameters(module: nn.Module, seed: int, index_of=full_index) -> None:
@@ -197,7 +199,7 @@ def init_parameters(module: nn.Module, seed: int, index_of=full_index) -> None:
 def fresh_seed() -> int:
     """A seed drawn from torch's global generator: a module built eagerly after torch.manual_seed(s) is
     a function of s, as with torch's own initialisers."""
-    return int(torch.randint(0, 2 ** 62, (1,)).item())
+    return int(torch.randint(0, 2**62, (1,)).item())
 
 
 def init_eagerly(module: nn.Module) -> None:

@@ -1,4 +1,5 @@
 """The language model: embedding → pre-norm residual blocks from the layer pattern → norm → LM head."""
+
 from __future__ import annotations
 
 import torch
@@ -22,31 +23,74 @@ RECURRENT = {"G": ParaGRU, "L": ParaLSTM}
 
 def build_mixer(kind: str, cfg: ModelConfig, out_std: float) -> nn.Module:
     if kind in RECURRENT:
-        return RECURRENT[kind](cfg.d_model, cfg.rnn_dim, heads=cfg.rnn_heads, solver=cfg.solver,
-                               init_std=cfg.init_std, out_std=out_std)
+        return RECURRENT[kind](
+            cfg.d_model, cfg.rnn_dim, heads=cfg.rnn_heads, solver=cfg.solver, init_std=cfg.init_std, out_std=out_std
+        )
     if kind == "M":
         m = cfg.m2rnn
-        return M2RNN(cfg.d_model, k_dim=m.k_dim, v_dim=m.v_dim, qk_heads=m.qk_heads, v_heads=cfg.m2rnn_v_heads,
-                     conv=m.conv, solver=m.solver, norm_eps=cfg.norm_eps, init_std=cfg.init_std, out_std=out_std)
+        return M2RNN(
+            cfg.d_model,
+            k_dim=m.k_dim,
+            v_dim=m.v_dim,
+            qk_heads=m.qk_heads,
+            v_heads=cfg.m2rnn_v_heads,
+            conv=m.conv,
+            solver=m.solver,
+            norm_eps=cfg.norm_eps,
+            init_std=cfg.init_std,
+            out_std=out_std,
+        )
     if kind == "T":
         t = cfg.tnt
-        return TNT(cfg.d_model, heads=t.heads, head_dim=t.head_dim, layers=t.layers, expansion=t.expansion,
-                   global_chunk=t.global_chunk, local_chunks=tuple(t.local_chunks), local_reset=t.local_reset,
-                   qk_project=t.qk_project, momentum=t.momentum, forget=t.forget, max_step=t.max_step,
-                   norm_eps=cfg.norm_eps, init_std=cfg.init_std, out_std=out_std)
+        return TNT(
+            cfg.d_model,
+            heads=t.heads,
+            head_dim=t.head_dim,
+            layers=t.layers,
+            expansion=t.expansion,
+            global_chunk=t.global_chunk,
+            local_chunks=tuple(t.local_chunks),
+            local_reset=t.local_reset,
+            qk_project=t.qk_project,
+            momentum=t.momentum,
+            forget=t.forget,
+            max_step=t.max_step,
+            norm_eps=cfg.norm_eps,
+            init_std=cfg.init_std,
+            out_std=out_std,
+        )
     if kind == "A":
-        return Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.rope_theta, cfg.init_std, out_std,
-                         head_dim=cfg.attn_head_dim, rope=cfg.rope, window=cfg.window)
+        return Attention(
+            cfg.d_model,
+            cfg.n_heads,
+            cfg.kv_heads,
+            cfg.rope_theta,
+            cfg.init_std,
+            out_std,
+            head_dim=cfg.attn_head_dim,
+            rope=cfg.rope,
+            window=cfg.window,
+        )
     raise ValueError(f"unknown layer kind {kind!r}")
 
 
 def build_mlp(kind: str, cfg: ModelConfig, out_std: float) -> nn.Module:
     if kind == "E":
         m = cfg.moe
-        return MoE(cfg.d_model, m.experts, m.top_k, m.hidden, shared_experts=m.shared_experts,
-                   shared_hidden=m.shared_hidden or m.hidden, score=m.score, aux_loss_coef=m.aux_loss_coef,
-                   z_loss_coef=m.z_loss_coef, bias_update_rate=m.bias_update_rate, init_std=cfg.init_std,
-                   out_std=out_std)
+        return MoE(
+            cfg.d_model,
+            m.experts,
+            m.top_k,
+            m.hidden,
+            shared_experts=m.shared_experts,
+            shared_hidden=m.shared_hidden or m.hidden,
+            score=m.score,
+            aux_loss_coef=m.aux_loss_coef,
+            z_loss_coef=m.z_loss_coef,
+            bias_update_rate=m.bias_update_rate,
+            init_std=cfg.init_std,
+            out_std=out_std,
+        )
     return SwiGLU(cfg.d_model, cfg.mlp_width, cfg.init_std, out_std)
 
 
@@ -126,11 +170,21 @@ class LM(nn.Module):
     def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy from the last block's output x [B, T, d] and targets [B, T], chunk by
         chunk (kernels/cross_entropy.py): the [B, T, V] logits are never held whole."""
-        return chunked_cross_entropy(self.norm(x).flatten(0, 1), self.output_weight(), targets.flatten(),
-                                     chunk=self.loss_chunk, group=self.vocab_group)
+        return chunked_cross_entropy(
+            self.norm(x).flatten(0, 1),
+            self.output_weight(),
+            targets.flatten(),
+            chunk=self.loss_chunk,
+            group=self.vocab_group,
+        )
 
-    def forward(self, tokens: torch.Tensor, states: list | None = None, return_states: bool = False,
-                targets: torch.Tensor | None = None):
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        states: list | None = None,
+        return_states: bool = False,
+        targets: torch.Tensor | None = None,
+    ):
         """tokens [B, T] → logits [B, T, V]; with targets [B, T] the mean cross-entropy loss (a scalar) instead,
         computed without the full logits; with return_states also each layer's state after T (the KV cache
         or the recurrent state), from which `step` or another `forward` continues."""

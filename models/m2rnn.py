@@ -14,6 +14,7 @@ Newton solver. For Newton, the K rows of each head's H are independent V-vectors
 k_t v_tᵀ depends on row i of H_{t−1} only), so the state is [B, H·K, V] with V×V Jacobian blocks
     ∂h_i,t/∂h_i,t−1 = f·I + (1 − f)·diag(1 − u_i²)·Wᵀ,   u = tanh(H_{t−1}W + k_t v_tᵀ).
 """
+
 from __future__ import annotations
 
 import math
@@ -75,9 +76,20 @@ def pick_m2rnn_solver(solver: str) -> str:
 
 
 class M2RNN(nn.Module):
-    def __init__(self, d_model: int, *, k_dim: int = 64, v_dim: int = 16, qk_heads: int = 1, v_heads: int = 0,
-                 conv: int = 4, solver: str = "auto", norm_eps: float = 1e-5, init_std: float = 0.02,
-                 out_std: float | None = None):
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        k_dim: int = 64,
+        v_dim: int = 16,
+        qk_heads: int = 1,
+        v_heads: int = 0,
+        conv: int = 4,
+        solver: str = "auto",
+        norm_eps: float = 1e-5,
+        init_std: float = 0.02,
+        out_std: float | None = None,
+    ):
         super().__init__()
         v_heads = v_heads or d_model // v_dim
         if v_heads % qk_heads:
@@ -112,10 +124,15 @@ class M2RNN(nn.Module):
             return dt + torch.log(-torch.expm1(-dt))  # softplus⁻¹(dt)
 
         bound = 1 / math.sqrt(self.conv_width)
-        return {"in_proj.weight": normal(self.init_std), "out_proj.weight": normal(self.out_std),
-                "conv.weight": uniform(-bound, bound), "W": identity(), "D": constant(1.0),
-                "A_log": Rule(lambda d: d.uniform(0.0, 16.0).clamp_min(1e-4).log(), whole=True),
-                "dt_bias": Rule(dt_bias, whole=True)}
+        return {
+            "in_proj.weight": normal(self.init_std),
+            "out_proj.weight": normal(self.out_std),
+            "conv.weight": uniform(-bound, bound),
+            "W": identity(),
+            "D": constant(1.0),
+            "A_log": Rule(lambda d: d.uniform(0.0, 16.0).clamp_min(1e-4).log(), whole=True),
+            "dt_bias": Rule(dt_bias, whole=True),
+        }
 
     def state_elements(self) -> int:
         """Recurrent state per sequence (the H matrices; the convolution's last inputs not counted)."""
@@ -128,10 +145,10 @@ class M2RNN(nn.Module):
         if past is None:
             past = xt.new_zeros(xt.shape[0], xt.shape[1], self.conv_width - 1)
             if self.context_group is not None:
-                past = previous_tail(xt[:, :, xt.shape[2] - (self.conv_width - 1):], past, self.context_group)
+                past = previous_tail(xt[:, :, xt.shape[2] - (self.conv_width - 1) :], past, self.context_group)
         full = torch.cat([past.to(xt.dtype), xt], dim=2)
         out = F.conv1d(full, self.conv.weight, groups=self.conv_channels)
-        return F.silu(out).transpose(1, 2), full[:, :, full.shape[2] - (self.conv_width - 1):]
+        return F.silu(out).transpose(1, 2), full[:, :, full.shape[2] - (self.conv_width - 1) :]
 
     def _recurrence(self, q, k, v, f, h0):
         """(y [B, T, H, V], H_last) by the configured solver."""
@@ -144,8 +161,13 @@ class M2RNN(nn.Module):
         B, T, H, V = v.shape
         K, per = self.k_dim, H // self.qk_heads
         kh = k.repeat_interleave(per, dim=2)  # [B, T, H, K]: each value head's key
-        u = torch.cat([(kh.unsqueeze(-1) * v.unsqueeze(-2)).flatten(2, 3),
-                       f[..., None, None].expand(B, T, H, K, 1).flatten(2, 3)], dim=-1)
+        u = torch.cat(
+            [
+                (kh.unsqueeze(-1) * v.unsqueeze(-2)).flatten(2, 3),
+                f[..., None, None].expand(B, T, H, K, 1).flatten(2, 3),
+            ],
+            dim=-1,
+        )
         solve = newton_solve if group is None else partial(newton_solve_seqpar, group=group)
         rows, self.last_solve = solve(M2RNNCell(self.W.to(q.dtype), K), u, h0.flatten(1, 2), structure=("block", V))
         states = rows.unflatten(2, (H, K))  # [B, T, H, K, V]
@@ -177,5 +199,7 @@ class M2RNN(nn.Module):
         return y[:, 0], state
 
     def extra_repr(self) -> str:
-        return (f"k_dim={self.k_dim}, v_dim={self.v_dim}, qk_heads={self.qk_heads}, v_heads={self.v_heads}, "
-                f"conv={self.conv_width}, solver={self.solver}")
+        return (
+            f"k_dim={self.k_dim}, v_dim={self.v_dim}, qk_heads={self.qk_heads}, v_heads={self.v_heads}, "
+            f"conv={self.conv_width}, solver={self.solver}"
+        )

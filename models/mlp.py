@@ -1,4 +1,5 @@
 """SwiGLU MLP (Shazeer, 2020): y = W_down (SiLU(W_gate x) ⊙ W_up x)."""
+
 from __future__ import annotations
 
 import torch

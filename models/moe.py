@@ -4,6 +4,7 @@ Balancing: the Switch/DeepSeek auxiliary loss and router z-loss (in `aux_loss` a
 trainer to add), and DeepSeek-V3's auxiliary-loss-free expert bias, which shifts selection only and is
 stepped by `update_bias` from the load counted since the last call.
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,6 +20,7 @@ SCORES = ("softmax", "sigmoid")
 
 class _AuxWeight:
     """The gradient the balancing loss of one MoE forward receives, once the loss's backward has run."""
+
     __slots__ = ("weight",)
 
     def __init__(self):
@@ -66,9 +68,9 @@ def balancing_loss(moes: list[MoE]) -> torch.Tensor | None:
         return None
     losses = [m.aux_loss for m in moes]
     boxes = [m.aux_weight_box for m in moes]
-    if torch.is_grad_enabled() and any(l.requires_grad for l in losses) and all(b is not None for b in boxes):
+    if torch.is_grad_enabled() and any(loss.requires_grad for loss in losses) and all(b is not None for b in boxes):
         return _BalancingLoss.apply(boxes, *losses)
-    return torch.stack([l.detach() for l in losses]).sum()
+    return torch.stack([loss.detach() for loss in losses]).sum()
 
 
 def _grouped_mm_supported(dtype: torch.dtype, device: torch.device, *row_widths: int) -> bool:
@@ -91,19 +93,35 @@ def _grouped_mm_supported(dtype: torch.dtype, device: torch.device, *row_widths:
 
 
 class MoE(nn.Module):
-    def __init__(self, d_model: int, n_experts: int, top_k: int, hidden: int, *, shared_experts: int = 0,
-                 shared_hidden: int = 0, score: str = "softmax", aux_loss_coef: float = 0.0,
-                 z_loss_coef: float = 0.0, bias_update_rate: float = 0.0, init_std: float = 0.02,
-                 out_std: float | None = None):
+    def __init__(
+        self,
+        d_model: int,
+        n_experts: int,
+        top_k: int,
+        hidden: int,
+        *,
+        shared_experts: int = 0,
+        shared_hidden: int = 0,
+        score: str = "softmax",
+        aux_loss_coef: float = 0.0,
+        z_loss_coef: float = 0.0,
+        bias_update_rate: float = 0.0,
+        init_std: float = 0.02,
+        out_std: float | None = None,
+    ):
         super().__init__()
         for name, value in (("d_model", d_model), ("n_experts", n_experts), ("top_k", top_k), ("hidden", hidden)):
             if value < 1:
                 raise ValueError(f"{name} must be positive, got {value}")
         if top_k > n_experts:
             raise ValueError(f"top_k={top_k} is more than n_experts={n_experts}")
-        for name, value in (("shared_experts", shared_experts), ("shared_hidden", shared_hidden),
-                            ("aux_loss_coef", aux_loss_coef), ("z_loss_coef", z_loss_coef),
-                            ("bias_update_rate", bias_update_rate)):
+        for name, value in (
+            ("shared_experts", shared_experts),
+            ("shared_hidden", shared_hidden),
+            ("aux_loss_coef", aux_loss_coef),
+            ("z_loss_coef", z_loss_coef),
+            ("bias_update_rate", bias_update_rate),
+        ):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
         if shared_experts and not shared_hidden:
@@ -138,8 +156,12 @@ class MoE(nn.Module):
         init_eagerly(self)
 
     def init_rules(self) -> dict:
-        return {"router.weight": normal(self.init_std), "w_gate_up": normal(self.init_std),
-                "w_down": normal(self.out_std), "expert_bias": constant(0.0)}
+        return {
+            "router.weight": normal(self.init_std),
+            "w_gate_up": normal(self.init_std),
+            "w_down": normal(self.out_std),
+            "expert_bias": constant(0.0),
+        }
 
     def inactive_params(self) -> int:
         """Parameters of the routed experts a token is not sent to."""
@@ -173,7 +195,10 @@ class MoE(nn.Module):
             probs = scores if self.score == "softmax" else scores / scores.sum(-1, keepdim=True)
             frac, mean_probs = counts.to(dtype) / idx.numel(), probs.mean(0)
             if self.context_group is not None:  # balance over the whole sequence, not this rank's slice
-                frac, mean_probs = sequence_mean(frac, self.context_group), sequence_mean(mean_probs, self.context_group)
+                frac, mean_probs = (
+                    sequence_mean(frac, self.context_group),
+                    sequence_mean(mean_probs, self.context_group),
+                )
             aux = aux + self.aux_loss_coef * self.n_experts * (frac * mean_probs).sum()
         if self.z_loss_coef:
             aux = aux + self.z_loss_coef * logits.logsumexp(-1).square().mean()

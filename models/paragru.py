@@ -1,4 +1,5 @@
 """ParaGRU: the ParaRNN paper's GRU with diagonal recurrence (Danieli et al., 2025)."""
+
 from __future__ import annotations
 
 import math
@@ -27,7 +28,7 @@ def paragru_cell(h_prev: torch.Tensor, u: torch.Tensor, a: torch.Tensor) -> torc
 
 class ParaGRUCell:
     """paragru_cell with its parameters, and its closed-form (diagonal) Jacobian:
-        ∂h/∂h₋ = 1 − z + z'·(c − h₋) + z·c',  z' = z(1−z)a_z,  r' = r(1−r)a_r,  c' = (1−c²)·a_c·(r + h₋r')
+    ∂h/∂h₋ = 1 − z + z'·(c − h₋) + z·c',  z' = z(1−z)a_z,  r' = r(1−r)a_r,  c' = (1−c²)·a_c·(r + h₋r')
     """
 
     def __init__(self, a: torch.Tensor):

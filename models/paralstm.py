@@ -1,5 +1,6 @@
 """ParaLSTM: the ParaRNN paper's LSTM — coupled input and forget gates (CIFG), peepholes, diagonal
 recurrent weights — whose state per channel is the pair (c, h), so its Jacobian is 2×2 per channel."""
+
 from __future__ import annotations
 
 import torch
@@ -78,8 +79,11 @@ class ParaLSTM(RecurrentMixer):
 
     def init_rules(self) -> dict:
         # Chrono forget bias: f ≈ 1 − 1/τ, τ ~ U[2, 64], a spread of memory lengths from the start.
-        return super().init_rules() | {"a": uniform(-0.5, 0.5), "p": uniform(-0.5, 0.5),
-                                       "in_proj.bias": chrono_bias(sign=1.0)}
+        return super().init_rules() | {
+            "a": uniform(-0.5, 0.5),
+            "p": uniform(-0.5, 0.5),
+            "in_proj.bias": chrono_bias(sign=1.0),
+        }
 
     def make_cell(self) -> ParaLSTMCell:
         return ParaLSTMCell(self.a, self.p)

@@ -3,6 +3,7 @@ sequence, a recurrence solved by Newton or sequentially, an output projection, a
 
 Subclasses give the cell (`make_cell`), its Jacobian structure and its per-channel state size.
 """
+
 from __future__ import annotations
 
 import torch
@@ -38,12 +39,17 @@ class HeadLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(gates, width))
 
     def init_rules(self) -> dict:
-        return {"weight": normal(self.init_std * self.heads ** 0.5),  # the same output scale as dense
-                "bias": constant(0.0)}
+        return {
+            "weight": normal(self.init_std * self.heads**0.5),  # the same output scale as dense
+            "bias": constant(0.0),
+        }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.heads == 1:  # one dense matmul (einsum would route through a slower batched path)
-            return torch.nn.functional.linear(x, self.weight.flatten(0, 2)).unflatten(-1, (self.gates, self.width)) + self.bias
+            return (
+                torch.nn.functional.linear(x, self.weight.flatten(0, 2)).unflatten(-1, (self.gates, self.width))
+                + self.bias
+            )
         xh = x.unflatten(-1, (self.heads, -1))  # [..., H, d/H]
         y = torch.einsum("...hi,hgji->...ghj", xh, self.weight)  # [..., gates, H, width/H]
         return y.flatten(-2) + self.bias
@@ -53,8 +59,16 @@ class RecurrentMixer(nn.Module):
     gates: int  # input pre-activations per channel
     state_size: int  # 1 for a scalar state per channel ("diag"), k for k-vectors (("block", k))
 
-    def __init__(self, d_model: int, width: int, *, heads: int = 1, solver: str = "auto",
-                 init_std: float = 0.02, out_std: float | None = None):
+    def __init__(
+        self,
+        d_model: int,
+        width: int,
+        *,
+        heads: int = 1,
+        solver: str = "auto",
+        init_std: float = 0.02,
+        out_std: float | None = None,
+    ):
         super().__init__()
         self.width, self.solver = width, solver
         self.in_proj = HeadLinear(d_model, self.gates, width, heads, init_std)
@@ -101,7 +115,9 @@ class RecurrentMixer(nn.Module):
         if group is not None and solver == "newton":
             h, self.last_solve = newton_solve_seqpar(self.make_cell(), u, h0, group=group, structure=self.structure)
         elif group is not None:  # the previous rank's last state in, ours out to the next rank
-            h, self.last_solve = sequential_solve(self.make_cell(), u, receive_state(h0, group, anchor=u), structure=self.structure)
+            h, self.last_solve = sequential_solve(
+                self.make_cell(), u, receive_state(h0, group, anchor=u), structure=self.structure
+            )
             return self.out_proj(self.readout(h)) + send_state(h[:, -1], group), h[:, -1]
         else:
             solve = newton_solve if solver == "newton" else sequential_solve

@@ -30,6 +30,7 @@ rank's slice starts with fresh local memories (nothing exchanged) and at a globa
 global memory's state (weights and momentum) is handed rank to rank (kernels/context.py). Each rank runs
 its local memories first, so only the global pass waits on the previous rank.
 """
+
 from __future__ import annotations
 
 import math
@@ -73,16 +74,32 @@ def _last_shard(t, n: int):
 
 
 class TNT(nn.Module):
-    def __init__(self, d_model: int, *, heads: int = 4, head_dim: int = 0, layers: int = 2, expansion: int = 2,
-                 global_chunk: int = 64, local_chunks: tuple[int, ...] = (8,), local_reset: int = 64,
-                 qk_project: bool = True, momentum: bool = True, forget: bool = True, max_step: float = 0.1,
-                 norm_eps: float = 1e-5, init_std: float = 0.02, out_std: float | None = None):
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        heads: int = 4,
+        head_dim: int = 0,
+        layers: int = 2,
+        expansion: int = 2,
+        global_chunk: int = 64,
+        local_chunks: tuple[int, ...] = (8,),
+        local_reset: int = 64,
+        qk_project: bool = True,
+        momentum: bool = True,
+        forget: bool = True,
+        max_step: float = 0.1,
+        norm_eps: float = 1e-5,
+        init_std: float = 0.02,
+        out_std: float | None = None,
+    ):
         super().__init__()
         d = head_dim or d_model // heads
         self.heads, self.head_dim, self.depth = heads, d, layers
         self.momentum, self.forget, self.max_step = momentum, forget, max_step
         self.specs = ([MemorySpec("global", global_chunk, 0, "start", False)] if global_chunk else []) + [
-            MemorySpec(f"local{i}", c, local_reset, "after", qk_project, i) for i, c in enumerate(local_chunks)]
+            MemorySpec(f"local{i}", c, local_reset, "after", qk_project, i) for i, c in enumerate(local_chunks)
+        ]
         if not self.specs:
             raise ValueError("TNT needs a global memory (global_chunk > 0) or at least one local memory")
         for s in self.specs:
@@ -95,7 +112,9 @@ class TNT(nn.Module):
         self.global_gates = nn.Linear(d_model, heads * self.n_gates) if global_chunk else None
         self.local_gates = nn.Linear(d_model, n_local * heads * self.n_gates) if n_local else None
         shapes = [(d, d)] if layers == 1 else [(expansion * d, d), (d, expansion * d)]
-        self.global_init = nn.ParameterList(nn.Parameter(torch.empty(heads, *s)) for s in shapes) if global_chunk else None
+        self.global_init = (
+            nn.ParameterList(nn.Parameter(torch.empty(heads, *s)) for s in shapes) if global_chunk else None
+        )
         self.local_init = nn.ParameterList(nn.Parameter(torch.empty(heads, *s)) for _ in range(n_local) for s in shapes)
         self.norm = nn.RMSNorm(width, eps=norm_eps)
         self.out_proj = nn.Linear(width, d_model, bias=False)
@@ -123,13 +142,13 @@ class TNT(nn.Module):
     def state_elements(self) -> int:
         """Per sequence, what generation carries: each memory's chunk-start and current weights, momentum
         and (local memories) the d×d query projection, for every head."""
-        d, per = self.head_dim, sum(p[0].numel() for p in (self.global_init or self.local_init)[:self.depth])
+        d, per = self.head_dim, sum(p[0].numel() for p in (self.global_init or self.local_init)[: self.depth])
         return self.heads * sum((2 + self.momentum) * per + (d * d if s.project else 0) for s in self.specs)
 
     # ------------------------------------------------------------------------------------------------
     def _init(self, i: int) -> list[torch.Tensor]:
         j = self.specs[i].local * self.depth
-        return list(self.global_init) if j < 0 else list(self.local_init[j:j + self.depth])
+        return list(self.global_init) if j < 0 else list(self.local_init[j : j + self.depth])
 
     def _fresh(self, i: int, B: int, dtype, shards: int = 1) -> MemoryCarry:
         """The initial carry for rows (batch, head, shard)."""
@@ -174,8 +193,16 @@ class TNT(nn.Module):
         n = -(-T // S_L)
         gates = [None if g is None else _shards(g, S_L, n) for g in gates]
         valid = (T - torch.arange(n, device=q.device) * S_L).clamp(max=S_L).repeat(N)
-        y, c = chunk_memory(self._fresh(i, B, q.dtype, n), _shards(q, S_L, n), _shards(k, S_L, n), _shards(v, S_L, n),
-                            *gates, chunk=spec.chunk, read=spec.read, valid=valid)
+        y, c = chunk_memory(
+            self._fresh(i, B, q.dtype, n),
+            _shards(q, S_L, n),
+            _shards(k, S_L, n),
+            _shards(v, S_L, n),
+            *gates,
+            chunk=spec.chunk,
+            read=spec.read,
+            valid=valid,
+        )
         last = [_last_shard(t, n) for t in (c.point, c.value, c.momentum, c.proj)]
         return y.unflatten(0, (N, n)).flatten(1, 2)[:, :T], MemoryCarry(*last, T - (n - 1) * S_L)
 
@@ -188,19 +215,25 @@ class TNT(nn.Module):
         parts = carry.value + (carry.momentum or ())
         packed = receive_state(torch.cat([p.flatten(1) for p in parts], 1), group)
         parts = tuple(t.view_as(p) for t, p in zip(packed.split([p[0].numel() for p in parts], 1), parts))
-        w, s = parts[:self.depth], parts[self.depth:] or None
-        y, carry = chunk_memory(MemoryCarry(w, w, s, None, carry.pos), q, k, v, *gates, chunk=spec.chunk, read=spec.read)
+        w, s = parts[: self.depth], parts[self.depth :] or None
+        y, carry = chunk_memory(
+            MemoryCarry(w, w, s, None, carry.pos), q, k, v, *gates, chunk=spec.chunk, read=spec.read
+        )
         out_parts = carry.value + (carry.momentum or ())
         return (y, carry), send_state(torch.cat([p.flatten(1) for p in out_parts], 1), group)
 
     def _check_context(self, T: int, state) -> None:
         for s in self.specs:
             if s.name == "global" and T % s.chunk:
-                raise ValueError(f"TNT under context parallelism: the global chunk {s.chunk} must divide the "
-                                 f"per-rank sequence length {T}")
+                raise ValueError(
+                    f"TNT under context parallelism: the global chunk {s.chunk} must divide the "
+                    f"per-rank sequence length {T}"
+                )
             if s.name != "global" and (not s.reset or T % s.reset):
-                raise ValueError(f"TNT under context parallelism: the local reset period {s.reset} must be "
-                                 f"positive and divide the per-rank sequence length {T}")
+                raise ValueError(
+                    f"TNT under context parallelism: the local reset period {s.reset} must be "
+                    f"positive and divide the per-rank sequence length {T}"
+                )
         if state is not None:
             raise ValueError("TNT under context parallelism starts from the initial state only")
 
@@ -215,7 +248,8 @@ class TNT(nn.Module):
         carries = state.memories if state is not None else [None] * len(self.specs)
         o, new, handoff = 0, [None] * len(self.specs), None
         order = [i for i, s in enumerate(self.specs) if s.name != "global"] + [
-            i for i, s in enumerate(self.specs) if s.name == "global"]  # locals first: no waiting on other ranks
+            i for i, s in enumerate(self.specs) if s.name == "global"
+        ]  # locals first: no waiting on other ranks
         for i in order:
             if self.specs[i].name == "global":
                 (y, new[i]), handoff = self._run_global(i, carries[i], q, k, v, gates[i], B)
@@ -234,7 +268,9 @@ class TNT(nn.Module):
     def _tokens(self, x, q, k, v, g, gates, state: TNTState | None):
         """The per-token recurrence over the slice, from `state` (None: the initial memories)."""
         B, T = x.shape[:2]
-        carries = list(state.memories) if state is not None else [self._fresh(i, B, q.dtype) for i in range(len(self.specs))]
+        carries = (
+            list(state.memories) if state is not None else [self._fresh(i, B, q.dtype) for i in range(len(self.specs))]
+        )
         outs = []
         for t in range(T):
             o = 0
@@ -242,8 +278,9 @@ class TNT(nn.Module):
                 if spec.reset and carries[i].pos == spec.reset:
                     carries[i] = self._fresh(i, B, q.dtype)
                 th, lb, lg = (None if z is None else z[:, t] for z in gates[i])
-                y, carries[i] = memory_step(carries[i], q[:, t], k[:, t], v[:, t], th, lb, lg,
-                                            chunk=spec.chunk, read=spec.read)
+                y, carries[i] = memory_step(
+                    carries[i], q[:, t], k[:, t], v[:, t], th, lb, lg, chunk=spec.chunk, read=spec.read
+                )
                 o = o + y
             outs.append(o)
         o = torch.stack(outs, 1) if outs else q.new_zeros(q.shape)
@@ -257,7 +294,14 @@ class TNT(nn.Module):
         return y[:, 0], state
 
     def extra_repr(self) -> str:
-        mems = ", ".join(f"{s.name}(C={s.chunk}" + (f", reset={s.reset}" if s.reset else "")
-                         + (", qk-proj" if s.project else "") + ")" for s in self.specs)
-        return (f"heads={self.heads}, head_dim={self.head_dim}, layers={self.depth}, momentum={self.momentum}, "
-                f"forget={self.forget}, memories=[{mems}]")
+        mems = ", ".join(
+            f"{s.name}(C={s.chunk}"
+            + (f", reset={s.reset}" if s.reset else "")
+            + (", qk-proj" if s.project else "")
+            + ")"
+            for s in self.specs
+        )
+        return (
+            f"heads={self.heads}, head_dim={self.head_dim}, layers={self.depth}, momentum={self.momentum}, "
+            f"forget={self.forget}, memories=[{mems}]"
+        )

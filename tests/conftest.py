@@ -1,5 +1,6 @@
 """Shared fixtures: a small real corpus (a few Shakespeare plays) tokenized once per session, and a
 tiny model config that trains in well under a second per step."""
+
 import importlib.resources
 import os
 import subprocess
@@ -25,8 +26,15 @@ UNROLL = [sys.executable, "-m", "unroll.launch.cli"]
 def offline_env(tmp_path_factory) -> dict:
     """Environment for subprocesses: offline HF, private HF cache, one thread (bit-exact comparisons
     between processes need the same thread count)."""
-    env = dict(os.environ, HF_HOME=str(tmp_path_factory.mktemp("hf")), HF_DATASETS_OFFLINE="1",
-               HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_SILENT="true")
+    env = dict(
+        os.environ,
+        HF_HOME=str(tmp_path_factory.mktemp("hf")),
+        HF_DATASETS_OFFLINE="1",
+        HF_HUB_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        WANDB_SILENT="true",
+    )
     return env
 
 
@@ -118,7 +126,7 @@ def scan_inputs(T: int, k: int, seed: int, *, B: int = 2, D: int = 3, reset_rate
     g = torch.Generator().manual_seed(seed)
     f64 = dict(generator=g, dtype=torch.float64)
     if k:
-        a = torch.randn(B, T, D, k, k, **f64) / (1.3 * k ** 0.5)
+        a = torch.randn(B, T, D, k, k, **f64) / (1.3 * k**0.5)
         b, h0 = torch.randn(B, T, D, k, **f64), torch.randn(B, D, k, **f64)
     else:
         a = torch.empty(B, T, D, dtype=torch.float64).uniform_(-1.05, 1.05, generator=g)

@@ -8,6 +8,7 @@ sequence, then its slice's loss with the mixers' context group set; the slices' 
 summed over the ranks (the loss is a sum over positions, so the sum of the slices' losses is the whole's).
 Writes OUT_DIR/rank{r}.json: {case: {"logits": max error of this slice, "grads": max error, "worst": name}}.
 """
+
 import faulthandler
 import sys
 import traceback
@@ -36,10 +37,17 @@ def run_case(pattern, solver, m_solver, extra, group, rank, world):
     from unroll.models import LM, ModelConfig
     from unroll.models.config import M2RNNConfig, MoEConfig, TNTConfig
 
-    cfg = ModelConfig(pattern=pattern, vocab_size=40, d_model=16, n_heads=2, solver=solver,
-                      m2rnn=M2RNNConfig(k_dim=4, v_dim=4, v_heads=4, qk_heads=2, solver=m_solver),
-                      moe=MoEConfig(experts=4, top_k=2, hidden=8),
-                      tnt=TNTConfig(heads=2, global_chunk=3, local_chunks=[2, 3], local_reset=6), **extra)
+    cfg = ModelConfig(
+        pattern=pattern,
+        vocab_size=40,
+        d_model=16,
+        n_heads=2,
+        solver=solver,
+        m2rnn=M2RNNConfig(k_dim=4, v_dim=4, v_heads=4, qk_heads=2, solver=m_solver),
+        moe=MoEConfig(experts=4, top_k=2, hidden=8),
+        tnt=TNTConfig(heads=2, global_chunk=3, local_chunks=[2, 3], local_reset=6),
+        **extra,
+    )
     torch.manual_seed(0)
     model = LM(cfg).double()
     T = 6 * world  # slices of 6 tokens: longer than the convolution's reach (3), not a power of two

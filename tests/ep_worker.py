@@ -12,6 +12,7 @@ summed over the ranks; the load counts summed over the ranks. Writes OUT_DIR/ran
 {case: {"received": rows this rank's experts got, "expert_grad_norm": ..., "out": err, "x_grad": err,
 "experts": err, "replicated": err, "load": err, "tol": tol, ...}}.
 """
+
 import faulthandler
 import sys
 import traceback
@@ -82,7 +83,7 @@ def run_moe_case(kw, opt, group, rank, world):
         g = p.grad if p.grad is not None else torch.zeros_like(p)
         if n in ("w_gate_up", "w_down"):
             assert p.shape[0] == n_local, (n, p.shape)
-            experts = max(experts, max_err(g, ref[n][rank * n_local:(rank + 1) * n_local]))
+            experts = max(experts, max_err(g, ref[n][rank * n_local : (rank + 1) * n_local]))
         else:
             g = g.clone().contiguous()
             dist.all_reduce(g, group=group)
@@ -90,11 +91,16 @@ def run_moe_case(kw, opt, group, rank, world):
     load = moe.last_load.clone()
     dist.all_reduce(load, group=group)
     expert_norm = moe.w_gate_up.grad.norm().item() + moe.w_down.grad.norm().item()
-    return {"received": load[rank * n_local:(rank + 1) * n_local].sum().item(),
-            "expert_grad_norm": expert_norm, "out": max_err(out.reshape(-1, D), out_all[rows].detach()),
-            "x_grad": max_err(x.grad.reshape(-1, D), x_all.grad[rows]),
-            "experts": experts, "replicated": replicated, "load": max_err(load, ref_load),
-            "tol": opt.get("tol", 1e-10)}
+    return {
+        "received": load[rank * n_local : (rank + 1) * n_local].sum().item(),
+        "expert_grad_norm": expert_norm,
+        "out": max_err(out.reshape(-1, D), out_all[rows].detach()),
+        "x_grad": max_err(x.grad.reshape(-1, D), x_all.grad[rows]),
+        "experts": experts,
+        "replicated": replicated,
+        "load": max_err(load, ref_load),
+        "tol": opt.get("tol", 1e-10),
+    }
 
 
 def run_lm_case(group, rank, world):
@@ -102,11 +108,20 @@ def run_lm_case(group, rank, world):
     and scale_expert_grads."""
     from unroll.models import LM, ModelConfig
     from unroll.models.config import MoEConfig
-    from unroll.train.parallel.expert_parallel import (apply_expert_parallel_to_model, expert_parameters,
-                                              scale_expert_grads)
+    from unroll.train.parallel.expert_parallel import (
+        apply_expert_parallel_to_model,
+        expert_parameters,
+        scale_expert_grads,
+    )
 
-    cfg = ModelConfig(pattern="AA", mlp_pattern="E", vocab_size=40, d_model=16, n_heads=2,
-                      moe=MoEConfig(experts=4, top_k=2, hidden=8, shared_experts=1, score="sigmoid"))
+    cfg = ModelConfig(
+        pattern="AA",
+        mlp_pattern="E",
+        vocab_size=40,
+        d_model=16,
+        n_heads=2,
+        moe=MoEConfig(experts=4, top_k=2, hidden=8, shared_experts=1, score="sigmoid"),
+    )
     torch.manual_seed(0)
     model = LM(cfg).double()
     with torch.no_grad():
@@ -122,7 +137,7 @@ def run_lm_case(group, rank, world):
     model.zero_grad(set_to_none=True)
 
     converted = apply_expert_parallel_to_model(model, group)
-    rows = slice(sum(batches[:rank]), sum(batches[:rank + 1]))
+    rows = slice(sum(batches[:rank]), sum(batches[: rank + 1]))
     local = model(tokens[rows])
     (local * weights[rows]).sum().backward()
     names = {n for n, _ in expert_parameters(model)}
@@ -131,7 +146,7 @@ def run_lm_case(group, rank, world):
     for n, p in model.named_parameters():
         g = p.grad if p.grad is not None else torch.zeros_like(p)
         if n in names:
-            experts = max(experts, max_err(g, ref[n][rank * n_local:(rank + 1) * n_local]))
+            experts = max(experts, max_err(g, ref[n][rank * n_local : (rank + 1) * n_local]))
         else:
             g = g.clone().contiguous()
             dist.all_reduce(g, group=group)
@@ -139,8 +154,15 @@ def run_lm_case(group, rank, world):
     before = {n: p.grad.clone() for n, p in expert_parameters(model)}
     scale_expert_grads(model, 0.5)
     scaled = max(max_err(p.grad, 0.5 * before[n]) for n, p in expert_parameters(model))
-    return {"out": max_err(local, full[rows].detach()), "experts": experts, "replicated": replicated,
-            "tol": 1e-10, "converted": converted, "expert_names": sorted(names), "scaled": scaled}
+    return {
+        "out": max_err(local, full[rows].detach()),
+        "experts": experts,
+        "replicated": replicated,
+        "tol": 1e-10,
+        "converted": converted,
+        "expert_names": sorted(names),
+        "scaled": scaled,
+    }
 
 
 def run_errors(group, world):

@@ -5,10 +5,11 @@ names (TORCHELASTIC_RESTART_COUNT; unset: every attempt). At its FAULT_STEP-th o
 SIGKILLs itself, sends torchrun's agent SIGTERM (as Ctrl-C or scancel would), or hangs outside any
 collective. The hung rank lets SIGTERM end it: otherwise torchrun waits its fixed 30 s before SIGKILL,
 which only slows a test."""
+
 import os
 from pathlib import Path
 
-FAULT = '''
+FAULT = """
 import os
 attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
 if os.environ.get("RANK") == "1" and os.environ.get("FAULT_ATTEMPT", attempt) == attempt:
@@ -33,7 +34,7 @@ if os.environ.get("RANK") == "1" and os.environ.get("FAULT_ATTEMPT", attempt) ==
         return original(*args)
 
     trainer.update_expert_bias = faulty
-'''
+"""
 
 
 def fault_env(root: Path, env: dict, fault: str, step: int, attempt: str | None = None) -> dict:
@@ -41,6 +42,10 @@ def fault_env(root: Path, env: dict, fault: str, step: int, attempt: str | None 
     hook = root / "hook"
     hook.mkdir(exist_ok=True)
     (hook / "sitecustomize.py").write_text(FAULT)
-    env = dict(env, PYTHONPATH=os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")])),
-               FAULT=fault, FAULT_STEP=str(step))
+    env = dict(
+        env,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")])),
+        FAULT=fault,
+        FAULT_STEP=str(step),
+    )
     return env if attempt is None else dict(env, FAULT_ATTEMPT=attempt)

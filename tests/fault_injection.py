@@ -11,6 +11,7 @@ Every fault spec also makes each training step wait until the async saves starte
 the background, so that a background failure is there to be seen by the step right after the save (in a
 real run it is seen by the first step after the write fails).
 """
+
 import builtins
 import concurrent.futures
 import errno
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-HOOK = '''
+HOOK = """
 import os
 if os.environ.get("FAULT") and os.environ.get("RANK") is not None:  # the ranks, not torchrun's agent
     import sys
@@ -27,7 +28,7 @@ if os.environ.get("FAULT") and os.environ.get("RANK") is not None:  # the ranks,
     import fault_injection
     faulty = os.environ["RANK"] == os.environ.get("FAULT_RANK", "1")
     fault_injection.install(os.environ["FAULT"], setattr, faulty=faulty)
-'''
+"""
 
 
 def write_hook(directory: Path) -> Path:
@@ -54,7 +55,7 @@ class _FillingStream:
         if len(view) <= self._room:
             self._room -= len(view)
             return self._stream.write(view)
-        self._stream.write(view[:self._room])
+        self._stream.write(view[: self._room])
         self._room = 0
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
@@ -142,5 +143,8 @@ def install(spec: str, patch, faulty: bool = True) -> None:
     for fault in spec.split(",") if faulty else ():
         kind, _, rest = fault.partition("@")
         step, _, arg = rest.partition(":")
-        {"full_disk": lambda: full_disk(patch, int(step)), "denied": lambda: denied(patch, int(step), arg),
-         "nan": lambda: nan(patch, int(step), arg)}[kind]()
+        {
+            "full_disk": lambda: full_disk(patch, int(step)),
+            "denied": lambda: denied(patch, int(step), arg),
+            "nan": lambda: nan(patch, int(step), arg),
+        }[kind]()

@@ -7,6 +7,7 @@ pp 2 and ep 2, gathered back to whole tensors and compared bit for bit with the 
 Writes OUT_DIR/rank{r}.json: {"<preset>/<layout>": {"tensors": n, "mismatched": [names], "missing": [names],
 "local_elements": elements this rank allocated, "total_elements": the model's} or {"refused": message}}.
 """
+
 import faulthandler
 import os
 import sys
@@ -19,8 +20,12 @@ from torch.distributed.tensor import DTensor
 
 from unroll.launch.torchrun import finish_rank
 
-LAYOUTS = {"dp_shard2": [], "tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2", "parallel.pp_schedule=GPipe"],
-           "ep2": ["parallel.ep=2"]}
+LAYOUTS = {
+    "dp_shard2": [],
+    "tp2": ["parallel.tp=2"],
+    "pp2": ["parallel.pp=2", "parallel.pp_schedule=GPipe"],
+    "ep2": ["parallel.ep=2"],
+}
 PRESETS = ["tiny-gru", "tiny-lstm", "tiny-m2rnn", "tiny-moe", "tiny-transformer", "tiny-tnt"]
 
 
@@ -66,8 +71,13 @@ def check(preset: str, overrides: list[str], rank: int) -> dict:
             seen.add(name)
             if not torch.equal(t, reference[name]):
                 mismatched.append(shown)
-    return {"tensors": len(seen), "mismatched": sorted(set(mismatched)), "missing": sorted(set(reference) - seen),
-            "local_elements": local, "total_elements": sum(t.numel() for t in reference.values())}
+    return {
+        "tensors": len(seen),
+        "mismatched": sorted(set(mismatched)),
+        "missing": sorted(set(reference) - seen),
+        "local_elements": local,
+        "total_elements": sum(t.numel() for t in reference.values()),
+    }
 
 
 def main() -> None:

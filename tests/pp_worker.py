@@ -12,6 +12,7 @@ Writes OUT_DIR/rank{r}.json: {case: {"loss": error or null off the last stage, "
 "worst": name, "names": [LM parameter names this rank holds], "copy": error of the tied replica after
 `copy_tied_weight` from a changed embedding}}.
 """
+
 import faulthandler
 import sys
 import traceback
@@ -37,8 +38,11 @@ CASES = {  # name: (schedule, pattern, extra model fields)
     # the last stage's loss in chunks of 5 of a microbatch's 12 tokens (recomputed in the backward), also
     # under the zero-bubble schedules' separate input and weight backward passes
     "1f1b_tied_loss_chunks": ("1F1B", "GA|LG", {"loss_chunk": 5}),
-    "interleaved_zb_untied_loss_chunks": ("InterleavedZeroBubble", "GA|LG|GA|LG",
-                                          {"tie_embeddings": False, "loss_chunk": 5}),
+    "interleaved_zb_untied_loss_chunks": (
+        "InterleavedZeroBubble",
+        "GA|LG|GA|LG",
+        {"tie_embeddings": False, "loss_chunk": 5},
+    ),
     "zbv_tied_loss_chunks": ("ZBVZeroBubble", "GA|LG|GA|LG", {"loss_chunk": 5}),
 }
 N_MB = 4
@@ -55,15 +59,23 @@ def run_case(schedule, pattern, extra, group):
 
     extra = dict(extra)
     loss_chunk = extra.pop("loss_chunk", 0)
-    cfg = ModelConfig(pattern=pattern, vocab_size=40, d_model=16, n_heads=2, solver="newton",
-                      m2rnn=M2RNNConfig(k_dim=4, v_dim=4, v_heads=4, qk_heads=2, solver="sequential"),
-                      moe=MoEConfig(experts=4, top_k=2, hidden=8), **extra)
+    cfg = ModelConfig(
+        pattern=pattern,
+        vocab_size=40,
+        d_model=16,
+        n_heads=2,
+        solver="newton",
+        m2rnn=M2RNNConfig(k_dim=4, v_dim=4, v_heads=4, qk_heads=2, solver="sequential"),
+        moe=MoEConfig(experts=4, top_k=2, hidden=8),
+        **extra,
+    )
     torch.manual_seed(0)
     model = LM(cfg).double()
     tokens = torch.randint(0, 40, (2 * N_MB, 6))
     targets = torch.randint(0, 40, (2 * N_MB, 6))
-    ref_loss = torch.stack([reference_loss(model(t), y)
-                            for t, y in zip(tokens.chunk(N_MB), targets.chunk(N_MB))]).mean()
+    ref_loss = torch.stack(
+        [reference_loss(model(t), y) for t, y in zip(tokens.chunk(N_MB), targets.chunk(N_MB))]
+    ).mean()
     ref_loss.backward()
     ref = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
@@ -95,8 +107,10 @@ def run_case(schedule, pattern, extra, group):
         if any(m.first for m in modules):
             model.embed.weight.copy_(loaded)
         copy_tied_weight(modules, group)
-        out["copy"] = max([(m.tied_embed_weight - loaded).abs().max().item()
-                           for m in modules if m.tied_embed_weight is not None], default=0.0)
+        out["copy"] = max(
+            [(m.tied_embed_weight - loaded).abs().max().item() for m in modules if m.tied_embed_weight is not None],
+            default=0.0,
+        )
     return out
 
 

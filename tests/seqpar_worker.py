@@ -7,6 +7,7 @@ Writes OUT_DIR/rank{r}.json: {check: {"fwd": err, "grad_x": err, "grad_h0": err,
 "info": SolveInfo dict, "ref_info": ...}} or {"error": traceback}. Gradients of h0 and the parameters are
 all-reduced over the group before comparing; h0 is deliberately wrong off rank 0 (it must be ignored).
 """
+
 import faulthandler
 import sys
 import traceback
@@ -51,9 +52,9 @@ def problem(kind: str, T: int, seed: int, boundaries: list[int]):
         x = torch.cat([kv, f], dim=-1)
         make, structure, h0 = (lambda p: M2RNNCell(p[0], D)), ("block", V), torch.randn(B, D, V, generator=g, **F64)
     elif kind == "dense":  # no closed-form Jacobian: forward-mode autodiff, one D×D block
-        params = [torch.randn(D, D, generator=g, **F64) * 0.8 / D ** 0.5]
+        params = [torch.randn(D, D, generator=g, **F64) * 0.8 / D**0.5]
         x = torch.randn(B, T, D, generator=g, **F64)
-        make, structure = (lambda p: (lambda h, xx: torch.tanh(h @ p[0] + xx))), "dense"
+        make, structure = (lambda p: lambda h, xx: torch.tanh(h @ p[0] + xx)), "dense"
         h0 = torch.randn(B, D, generator=g, **F64)
     else:
         raise ValueError(kind)
@@ -75,16 +76,27 @@ def check(kind: str, group, T: int, seed: int, *, with_resets=True, max_iters=No
     gout = torch.randn(x.shape[0], T, *h0.shape[1:], generator=torch.Generator().manual_seed(seed + 1), **F64)
 
     leaves = [x.clone().requires_grad_(), h0.clone().requires_grad_(), *[p.clone().requires_grad_() for p in params]]
-    ref, ref_info = newton_solve(make(leaves[2:]), leaves[0], leaves[1], structure=structure, resets=resets,
-                                 max_iters=max_iters)
+    ref, ref_info = newton_solve(
+        make(leaves[2:]), leaves[0], leaves[1], structure=structure, resets=resets, max_iters=max_iters
+    )
     ref_grads = torch.autograd.grad((ref * gout).sum(), leaves)
 
     sl = slice(r * L, (r + 1) * L)
     h0_here = h0 if r == 0 else h0 + 100.0  # only rank 0's h0 may matter
-    mine = [x[:, sl].clone().requires_grad_(), h0_here.clone().requires_grad_(),
-            *[p.clone().requires_grad_() for p in params]]
-    h, info = newton_solve_seqpar(make(mine[2:]), mine[0], mine[1], group=group, structure=structure,
-                                  resets=resets[:, sl] if resets is not None else None, max_iters=max_iters)
+    mine = [
+        x[:, sl].clone().requires_grad_(),
+        h0_here.clone().requires_grad_(),
+        *[p.clone().requires_grad_() for p in params],
+    ]
+    h, info = newton_solve_seqpar(
+        make(mine[2:]),
+        mine[0],
+        mine[1],
+        group=group,
+        structure=structure,
+        resets=resets[:, sl] if resets is not None else None,
+        max_iters=max_iters,
+    )
     grads = [gr.contiguous() for gr in torch.autograd.grad((h * gout[:, sl]).sum(), mine)]
     for gr in grads[1:]:  # (a gradient may be a strided view, which all_reduce would not write back into)
         dist.all_reduce(gr, group=group)
@@ -92,10 +104,14 @@ def check(kind: str, group, T: int, seed: int, *, with_resets=True, max_iters=No
     def err(a, b):
         return float((a - b).detach().abs().max())
 
-    return {"fwd": err(h, ref[:, sl]), "grad_x": err(grads[0], ref_grads[0][:, sl]),
-            "grad_h0": err(grads[1], ref_grads[1]),
-            "grad_params": max(err(a, b) for a, b in zip(grads[2:], ref_grads[2:])),
-            "info": info.as_dict(), "ref_info": ref_info.as_dict()}
+    return {
+        "fwd": err(h, ref[:, sl]),
+        "grad_x": err(grads[0], ref_grads[0][:, sl]),
+        "grad_h0": err(grads[1], ref_grads[1]),
+        "grad_params": max(err(a, b) for a, b in zip(grads[2:], ref_grads[2:])),
+        "info": info.as_dict(),
+        "ref_info": ref_info.as_dict(),
+    }
 
 
 def communication(kind: str, T: int, seed: int) -> dict:
@@ -114,13 +130,16 @@ def communication(kind: str, T: int, seed: int) -> dict:
     dist.all_gather_single = counting
     try:
         with torch.no_grad():
-            _, info = newton_solve_seqpar(make(params), x[:, r * L:(r + 1) * L], h0, structure=structure,
-                                          resets=resets[:, r * L:(r + 1) * L])
+            _, info = newton_solve_seqpar(
+                make(params), x[:, r * L : (r + 1) * L], h0, structure=structure, resets=resets[:, r * L : (r + 1) * L]
+            )
     finally:
         dist.all_gather_single = real
-    return {"sent": sent, "iterations": info.iterations,
-            "expected": bytes_per_iteration(h0.shape[0], h0.shape[1], R,
-                                            structure=structure, dtype=x.dtype).as_dict()}
+    return {
+        "sent": sent,
+        "iterations": info.iterations,
+        "expected": bytes_per_iteration(h0.shape[0], h0.shape[1], R, structure=structure, dtype=x.dtype).as_dict(),
+    }
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ on this one host. Debian's `slurmctld slurmd slurm-client munge` packages (see .
 
 The fake nodes share this machine's hostname, so a job must take a node's address from NodeAddr
 (`scontrol show node`), as the sbatch scripts of unroll.launch.slurm do."""
+
 from __future__ import annotations
 
 import os
@@ -61,44 +62,69 @@ class SlurmCluster:
             "ClusterName=unrolltest",
             f"SlurmctldHost={host}(127.0.0.1)",
             f"SlurmctldPort={ctld_port}",
-            "SlurmUser=root", "SlurmdUser=root",
+            "SlurmUser=root",
+            "SlurmdUser=root",
             "AuthType=auth/munge",
             # cred_expire: a requeued job becomes eligible cred_expire + 1 s later (default 120 s)
             f"AuthInfo=socket={r / 'munge.sock'},cred_expire=5",
             "CredType=cred/munge",
             f"StateSaveLocation={r / 'state'}",
             f"SlurmdSpoolDir={r / 'spool'}/%n",
-            f"SlurmctldPidFile={r / 'slurmctld.pid'}", f"SlurmdPidFile={r / 'spool'}/slurmd-%n.pid",
-            f"SlurmctldLogFile={r / 'log/slurmctld.log'}", f"SlurmdLogFile={r / 'log'}/slurmd-%n.log",
-            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",  # no cgroups, no systemd
-            "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",
-            "SchedulerType=sched/builtin", "SchedulerParameters=sched_interval=2",  # a requeued job starts soon
+            f"SlurmctldPidFile={r / 'slurmctld.pid'}",
+            f"SlurmdPidFile={r / 'spool'}/slurmd-%n.pid",
+            f"SlurmctldLogFile={r / 'log/slurmctld.log'}",
+            f"SlurmdLogFile={r / 'log'}/slurmd-%n.log",
+            "ProctrackType=proctrack/linuxproc",
+            "TaskPlugin=task/none",  # no cgroups, no systemd
+            "JobAcctGatherType=jobacct_gather/none",
+            "AccountingStorageType=accounting_storage/none",
+            "SchedulerType=sched/builtin",
+            "SchedulerParameters=sched_interval=2",  # a requeued job starts soon
             "SelectType=select/cons_tres",
-            "SelectTypeParameters=CR_Core", "MpiDefault=none", "ReturnToService=2",
+            "SelectTypeParameters=CR_Core",
+            "MpiDefault=none",
+            "ReturnToService=2",
             "SlurmdParameters=config_overrides",  # the fake nodes claim the same cores
-            "MailProg=/bin/true", "KillWait=5", "MinJobAge=600", "InactiveLimit=0",
-            "SlurmctldDebug=info", "SlurmdDebug=info",
+            "MailProg=/bin/true",
+            "KillWait=5",
+            "MinJobAge=600",
+            "InactiveLimit=0",
+            "SlurmctldDebug=info",
+            "SlurmdDebug=info",
         ]
         for name, port in zip(self.nodes, node_ports):
-            lines.append(f"NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} "
-                         f"CPUs={self._cpus} Sockets=1 CoresPerSocket={self._cpus} ThreadsPerCore=1 "
-                         f"RealMemory={self._memory} State=UNKNOWN")
+            lines.append(
+                f"NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} "
+                f"CPUs={self._cpus} Sockets=1 CoresPerSocket={self._cpus} ThreadsPerCore=1 "
+                f"RealMemory={self._memory} State=UNKNOWN"
+            )
         lines.append(f"PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP")
         self.conf.write_text("\n".join(lines) + "\n")
 
     def _spawn(self, cmd: list[str], name: str) -> None:
         log = open(self.root / "log" / f"{name}.console", "w")
-        self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                           start_new_session=True))
+        self.procs.append(
+            subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        )
 
-    def start(self, timeout: float = 60) -> "SlurmCluster":
+    def start(self, timeout: float = 60) -> SlurmCluster:
         self._write_config()
         key = self.root / "munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o600)
-        self._spawn([_binary("munged"), "-F", "--force", f"--socket={self.root / 'munge.sock'}",
-                     f"--key-file={key}", f"--pid-file={self.root / 'munged.pid'}",
-                     f"--log-file={self.root / 'log/munged.log'}", f"--seed-file={self.root / 'munged.seed'}"], "munged")
+        self._spawn(
+            [
+                _binary("munged"),
+                "-F",
+                "--force",
+                f"--socket={self.root / 'munge.sock'}",
+                f"--key-file={key}",
+                f"--pid-file={self.root / 'munged.pid'}",
+                f"--log-file={self.root / 'log/munged.log'}",
+                f"--seed-file={self.root / 'munged.seed'}",
+            ],
+            "munged",
+        )
         self._wait(lambda: (self.root / "munge.sock").exists(), timeout, "munged's socket")
         self._spawn([_binary("slurmctld"), "-D", "-i", "-f", str(self.conf)], "slurmctld")
         self._wait(lambda: self.scontrol("ping", check=False).stdout.count("UP") > 0, timeout, "slurmctld")
@@ -117,12 +143,16 @@ class SlurmCluster:
         while time.monotonic() < deadline:
             dead = [p for p in self.procs if p.poll() is not None]
             if dead:
-                raise RuntimeError(f"{dead[0].args[0]} exited {dead[0].returncode} while waiting for {what}; "
-                                   f"logs in {self.root / 'log'}:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"{dead[0].args[0]} exited {dead[0].returncode} while waiting for {what}; "
+                    f"logs in {self.root / 'log'}:\n{self.log_tail()}"
+                )
             if ready():
                 return
             time.sleep(0.3)
-        raise TimeoutError(f"gave up after {timeout:g} s waiting for {what}; logs in {self.root / 'log'}:\n{self.log_tail()}")
+        raise TimeoutError(
+            f"gave up after {timeout:g} s waiting for {what}; logs in {self.root / 'log'}:\n{self.log_tail()}"
+        )
 
     # -- use -----------------------------------------------------------------------------------------
 
@@ -141,8 +171,12 @@ class SlurmCluster:
         out = self.scontrol("show", "job", "-o", str(job_id)).stdout
         return dict(f.split("=", 1) for f in out.split() if "=" in f)
 
-    def wait_job(self, job_id: str, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
-                                             "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"), timeout: float = 180) -> dict:
+    def wait_job(
+        self,
+        job_id: str,
+        states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"),
+        timeout: float = 180,
+    ) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             info = self.job(job_id)
@@ -166,9 +200,16 @@ class SlurmCluster:
         job processes inherit the variable from sbatch)."""
         try:
             self.run("scancel", "--user", str(os.getuid()), timeout=10, check=False)
-            self._wait(lambda: not re.search(r"JobState=(RUNNING|COMPLETING|CONFIGURING)",
-                                             self.scontrol("show", "jobs", "-o", check=False).stdout),
-                       30, "the jobs to end")
+            self._wait(
+                lambda: (
+                    not re.search(
+                        r"JobState=(RUNNING|COMPLETING|CONFIGURING)",
+                        self.scontrol("show", "jobs", "-o", check=False).stdout,
+                    )
+                ),
+                30,
+                "the jobs to end",
+            )
         except (subprocess.TimeoutExpired, TimeoutError, RuntimeError):
             pass
         for proc in reversed(self.procs):

@@ -1,5 +1,6 @@
 """`unroll bench checkpoint` runs end to end on a small model: save, dd, load and read timed side by side,
 the async save's figures beside them (figures live in its output; no speed is asserted)."""
+
 import json
 
 from unroll.launch.cli import main
@@ -7,8 +8,29 @@ from unroll.launch.cli import main
 
 def test_bench_checkpoint_prints_bandwidths_and_ratios(tmp_path, capsys):
     out = tmp_path / "figures.json"
-    assert main(["bench", "checkpoint", "tiny-gru", "model.d_model=64", "--dir", str(tmp_path), "--repeat", "2",
-                 "--steps", "1", "--seq-len", "8", "--io-threads", "2", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "checkpoint",
+                "tiny-gru",
+                "model.d_model=64",
+                "--dir",
+                str(tmp_path),
+                "--repeat",
+                "2",
+                "--steps",
+                "1",
+                "--seq-len",
+                "8",
+                "--io-threads",
+                "2",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     for label in ("save ", "dd ", "load ", "read ", "save/dd ", "load/read ", "async save: blocks the loop"):
         assert label in printed, printed

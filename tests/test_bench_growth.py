@@ -1,9 +1,11 @@
 """`unroll bench growth` at toy size: it runs the three trainings, and every printed figure is the one the
 runs' own metrics give (recomputed here from their metrics.jsonl)."""
+
 import json
 import re
 
 from conftest import run_cli
+
 from unroll.launch.bench.growth import tokens_to_reach
 from unroll.train.metrics import read_metrics
 
@@ -17,16 +19,52 @@ def test_tokens_to_reach_interpolates_between_validations():
 
 def test_bench_growth_reports_measured_tokens_and_ratio(small_data, offline_env, tmp_path):
     work, out = tmp_path / "work", tmp_path / "growth.json"
-    proc = run_cli(["bench", "growth", "--work", work, "--train", small_data.train, "--valid", small_data.valid,
-                    "--tokenizer", small_data.tokenizer, "--pattern", "GA", "--factor", "2", "--d-model", "16",
-                    "--seq-len", "16", "--batch", "4", "--small-steps", "6", "--grown-steps", "6",
-                    "--eval-every", "2", "--eval-batches", "2", "--lr", "1e-2", "--warmup", "1", "--json", out],
-                   offline_env)
+    proc = run_cli(
+        [
+            "bench",
+            "growth",
+            "--work",
+            work,
+            "--train",
+            small_data.train,
+            "--valid",
+            small_data.valid,
+            "--tokenizer",
+            small_data.tokenizer,
+            "--pattern",
+            "GA",
+            "--factor",
+            "2",
+            "--d-model",
+            "16",
+            "--seq-len",
+            "16",
+            "--batch",
+            "4",
+            "--small-steps",
+            "6",
+            "--grown-steps",
+            "6",
+            "--eval-every",
+            "2",
+            "--eval-batches",
+            "2",
+            "--lr",
+            "1e-2",
+            "--warmup",
+            "1",
+            "--json",
+            out,
+        ],
+        offline_env,
+    )
     r = json.loads(out.read_text())
     per_step = 4 * 16
 
     def curve(name, offset=0):
-        return [(offset + row["step"] * per_step, row["val_loss"]) for row in read_metrics(work / name) if "val_loss" in row]
+        return [
+            (offset + row["step"] * per_step, row["val_loss"]) for row in read_metrics(work / name) if "val_loss" in row
+        ]
 
     scratch, small = curve("scratch"), curve("small")
     grown = curve("stacked", offset=6 * per_step)

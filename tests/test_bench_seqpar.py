@@ -1,5 +1,6 @@
 """`unroll bench seqpar` runs end to end (its own 2-rank torchrun launch included) and its numerics and
 communication columns are sound (no timing is asserted: speed figures live in the benchmark's output)."""
+
 import json
 
 import torch

@@ -1,5 +1,6 @@
 """`unroll bench solver` runs end to end and its numerics columns are sound (no timing is asserted:
 speed figures live in the benchmark's output, not in tests)."""
+
 import json
 
 from unroll.launch.cli import main

@@ -1,5 +1,6 @@
 """`unroll bench state-tracking`: its task generators are right, and it runs end to end (no accuracy is
 asserted: a few steps learn nothing; the numbers live in the benchmark's output)."""
+
 import json
 
 import torch
@@ -50,8 +51,22 @@ def _targets(x: torch.Tensor) -> torch.Tensor:
 
 def test_bench_quick_runs_and_writes_json(tmp_path, capsys):
     out = tmp_path / "st.json"
-    assert main(["--quick", "--families", "gru,transformer", "--eval-lengths", "64,128", "--threads", "1",
-                 "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--quick",
+                "--families",
+                "gru,transformer",
+                "--eval-lengths",
+                "64,128",
+                "--threads",
+                "1",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "acc/last@64*" in printed and "acc/last@128" in printed and "transformer" in printed
     result = json.loads(out.read_text())
@@ -78,15 +93,42 @@ def test_curriculum_grows_the_length_then_holds_it():
 def test_curriculum_keeps_tokens_per_step_and_is_announced(monkeypatch, tmp_path, capsys):
     shapes = []
     make, classes = state_tracking.TASKS["parity"]
+
     def recording(batch, length, g):
         shapes.append((batch, length))
         return make(batch, length, g)
 
     monkeypatch.setitem(state_tracking.TASKS, "parity", (recording, classes))
     out = tmp_path / "st.json"
-    assert main(["--families", "gru", "--tasks", "parity", "--steps", "4", "--batch", "2", "--length", "16",
-                 "--curriculum", "4", "--ramp", "0.5", "--eval-lengths", "16", "--eval-samples", "2",
-                 "--threads", "1", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--families",
+                "gru",
+                "--tasks",
+                "parity",
+                "--steps",
+                "4",
+                "--batch",
+                "2",
+                "--length",
+                "16",
+                "--curriculum",
+                "4",
+                "--ramp",
+                "0.5",
+                "--eval-lengths",
+                "16",
+                "--eval-samples",
+                "2",
+                "--threads",
+                "1",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "length curriculum 4→16" in capsys.readouterr().out
     # the eval set first, then the training batches: batch × length stays 2 × 16 (rounded down)
     assert shapes == [(2, 16), (8, 4), (3, 10), (2, 16), (2, 16)]
@@ -94,8 +136,26 @@ def test_curriculum_keeps_tokens_per_step_and_is_announced(monkeypatch, tmp_path
 
 
 def test_cli_registers_the_bench(capsys):
-    assert cli_main(["bench", "state-tracking", "--quick", "--families", "lstm", "--tasks", "parity",
-                     "--eval-lengths", "32", "--length", "16", "--threads", "1"]) == 0
+    assert (
+        cli_main(
+            [
+                "bench",
+                "state-tracking",
+                "--quick",
+                "--families",
+                "lstm",
+                "--tasks",
+                "parity",
+                "--eval-lengths",
+                "32",
+                "--length",
+                "16",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert "lstm" in capsys.readouterr().out
 
 

@@ -1,5 +1,6 @@
 """`unroll bench throughput` runs end to end on the tiny presets (figures live in its output, no timing
 is asserted)."""
+
 import json
 
 from unroll.launch.cli import main
@@ -8,8 +9,25 @@ from unroll.launch.cli import main
 def test_bench_throughput_runs_every_tiny_family(tmp_path, capsys):
     out = tmp_path / "rows.json"
     presets = "tiny-transformer,tiny-gru,tiny-lstm,tiny-m2rnn,tiny-moe"
-    assert main(["bench", "throughput", "--presets", presets, "--batch", "2", "--seq-len", "16",
-                 "--repeat", "1", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "throughput",
+                "--presets",
+                presets,
+                "--batch",
+                "2",
+                "--seq-len",
+                "16",
+                "--repeat",
+                "1",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "tokens/s" in printed and "tiny-moe" in printed
     rows = json.loads(out.read_text())

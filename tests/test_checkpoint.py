@@ -1,4 +1,5 @@
 """Checkpoints: an interrupted write is ignored and the previous one used; nothing else is lost."""
+
 import pytest
 
 from unroll.train.checkpoint import dcp as checkpoint
@@ -35,7 +36,7 @@ def test_checkpoint_interrupted_mid_write_is_ignored(tiny_config, monkeypatch):
     fake.mkdir()
     (fake / ".metadata").write_bytes(b"truncated")
     assert [s for s, _ in checkpoint.complete_checkpoints(cfg.run.dir)] == [4, 8]
-    saved_metrics = (cfg.run.dir and (root.parent / "metrics.jsonl").read_text())
+    saved_metrics = cfg.run.dir and (root.parent / "metrics.jsonl").read_text()
 
     monkeypatch.setattr(checkpoint, "_rng_state", real_rng_state)
     summary = train(cfg)

@@ -2,16 +2,17 @@
 rank, stops the run naming the path and the OS error, removes its partial `.tmp` directory and leaves
 the checkpoints before it intact: resuming from them continues exactly as an uninterrupted run. An async
 save's failure stops the run at the step after it, not at the next save."""
+
 import errno
 import os
 import shutil
 import subprocess
 
+import fault_injection
 import pytest
 import torch
-
-import fault_injection
 from conftest import torchrun_train
+
 from unroll.launch.torchrun import run_torchrun as torchrun
 from unroll.train.checkpoint import dcp as checkpoint
 from unroll.train.checkpoint import integrity
@@ -45,17 +46,20 @@ def assert_intact(cfg, steps: list[int]) -> None:
 
 
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
-def test_a_full_disk_stops_the_run_and_the_previous_checkpoint_resumes_exactly(straight, config_at, tmp_path,
-                                                                               monkeypatch, async_save):
+def test_a_full_disk_stops_the_run_and_the_previous_checkpoint_resumes_exactly(
+    straight, config_at, tmp_path, monkeypatch, async_save
+):
     cfg = config_at(tmp_path, "full", checkpoint={"async_save": async_save})
     with monkeypatch.context() as m:
         fault_injection.install("full_disk@8", m.setattr)
         with pytest.raises(checkpoint.CheckpointError) as raised:
             train(cfg)
     root = checkpoint.checkpoint_root(cfg.run.dir)
-    assert str(raised.value).startswith(f"checkpoint {root}/step_00000008 not saved: [Errno {errno.ENOSPC}] "
-                                        f"{os.strerror(errno.ENOSPC)}: '{root}/step_00000008.tmp'; the partial "
-                                        f"step_00000008.tmp is removed, and the checkpoints saved before are kept")
+    assert str(raised.value).startswith(
+        f"checkpoint {root}/step_00000008 not saved: [Errno {errno.ENOSPC}] "
+        f"{os.strerror(errno.ENOSPC)}: '{root}/step_00000008.tmp'; the partial "
+        f"step_00000008.tmp is removed, and the checkpoints saved before are kept"
+    )
     # in line, the save at step 8 fails; in the background, the step after it sees the failure
     assert last_step(cfg.run.dir) == (9 if async_save else 8)
     assert_intact(cfg, [4])
@@ -89,10 +93,16 @@ def make_read_only(m, tmp_dir_name: str):
 WRITE_FAULTS = {
     "read_only_tmp_dir": (lambda m: make_read_only(m, "step_00000002.tmp"), errno.EROFS, "step_00000002.tmp"),
     "full_disk_in_shards": (lambda m: fault_injection.full_disk(m.setattr, 2), errno.ENOSPC, ""),
-    "denied_rng_file": (lambda m: fault_injection.denied(m.setattr, 2, "rng_rank0.json"), errno.EACCES,
-                        "rng_rank0.json"),
-    "denied_manifest": (lambda m: fault_injection.denied(m.setattr, 2, "manifest.json.tmp"), errno.EACCES,
-                        "manifest.json.tmp"),
+    "denied_rng_file": (
+        lambda m: fault_injection.denied(m.setattr, 2, "rng_rank0.json"),
+        errno.EACCES,
+        "rng_rank0.json",
+    ),
+    "denied_manifest": (
+        lambda m: fault_injection.denied(m.setattr, 2, "manifest.json.tmp"),
+        errno.EACCES,
+        "manifest.json.tmp",
+    ),
 }
 
 
@@ -103,8 +113,11 @@ def test_every_write_of_a_save_fails_cleanly(where, tmp_path, monkeypatch):
     inject, code, named = WRITE_FAULTS[where]
     with monkeypatch.context() as m:
         inject(m)
-        with pytest.raises(checkpoint.CheckpointError, match=rf"step_00000002 not saved: .*\[Errno {code}\] "
-                                                             rf"{os.strerror(code)}.*{named}"):
+        with pytest.raises(
+            checkpoint.CheckpointError,
+            match=rf"step_00000002 not saved: .*\[Errno {code}\] "
+            rf"{os.strerror(code)}.*{named}",
+        ):
             small_save(tmp_path, 2)
     assert [s for s, _ in checkpoint.checkpoint_dirs(tmp_path)] == [1]
     assert not list(checkpoint.checkpoint_root(tmp_path).glob("*.tmp"))
@@ -132,8 +145,10 @@ def test_a_real_full_tmpfs(straight, config_at, tmp_path):
         with open(disk / "filler", "wb") as f:  # leaves half a checkpoint free: room for the log, not a save
             st = os.statvfs(disk)
             f.write(b"\0" * (st.f_bavail * st.f_frsize - checkpoint_bytes // 2))
-        with pytest.raises(checkpoint.CheckpointError,
-                           match=rf"step_00000012 not saved: .*\[Errno {errno.ENOSPC}\] {os.strerror(errno.ENOSPC)}"):
+        with pytest.raises(
+            checkpoint.CheckpointError,
+            match=rf"step_00000012 not saved: .*\[Errno {errno.ENOSPC}\] {os.strerror(errno.ENOSPC)}",
+        ):
             train(cfg)
         assert last_step(cfg.run.dir) == 12
         assert_intact(cfg, [4, 8])
@@ -162,12 +177,27 @@ def test_faults_on_one_of_two_fsdp_ranks_stop_both_and_the_run_resumes_exactly(t
     for fault, async_save, stopped_at, words in [
         ("full_disk@4", "true", 5, f"{root}/step_00000004 not saved: {full}: '{root}/step_00000004.tmp' on rank 1"),
         ("full_disk@6", "false", 6, f"{root}/step_00000006 not saved: {full}: '{root}/step_00000006.tmp' on rank 1"),
-        ("denied@8:rng_rank1.json", "false", 8,
-         f"{root}/step_00000008 not saved: {denied}: '{root}/step_00000008.tmp/rng_rank1.json' on rank 1"),
+        (
+            "denied@8:rng_rank1.json",
+            "false",
+            8,
+            f"{root}/step_00000008 not saved: {denied}: '{root}/step_00000008.tmp/rng_rank1.json' on rank 1",
+        ),
         (f"nan@10:{weight}", "false", 10, f"checkpoint of step 10 refused: model.{weight} on rank 1 holds NaN"),
     ]:
-        proc = torchrun(["-m", "unroll.launch.cli", "train", str(chain), "parallel.dp_shard=2",
-                         f"checkpoint.async_save={async_save}"], 2, dict(env, FAULT=fault), timeout=400)
+        proc = torchrun(
+            [
+                "-m",
+                "unroll.launch.cli",
+                "train",
+                str(chain),
+                "parallel.dp_shard=2",
+                f"checkpoint.async_save={async_save}",
+            ],
+            2,
+            dict(env, FAULT=fault),
+            timeout=400,
+        )
         assert proc.returncode != 0, fault
         # each rank reports the same failure and ends
         assert proc.stderr.count("unroll train: error: checkpoint") == 2, (fault, proc.stderr[-4000:])

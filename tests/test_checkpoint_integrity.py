@@ -2,21 +2,20 @@
 manifest, corrupted small file, bytes flipped inside a shard, on one rank of two, another model's weights)
 is refused with its directory and the reason, marked REFUSED and kept, the previous one is used and training
 continues exactly; rotation keeps the newest good ones; an async-saved run equals a synchronous one."""
+
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-
-from pathlib import Path
-
 from conftest import torchrun_train
+
 from unroll.models import LM
 from unroll.train.checkpoint import dcp as checkpoint
-from unroll.train.checkpoint import integrity
-from unroll.train.checkpoint import storage
+from unroll.train.checkpoint import integrity, storage
 from unroll.train.config import load_config
 from unroll.train.metrics import read_metrics
 from unroll.train.trainer import build_optimizer, train
@@ -43,7 +42,7 @@ def flip_shard(step_dir, pattern="*.distcp"):
     shard = max(step_dir.glob(pattern), key=lambda f: f.stat().st_size)
     data = bytearray(shard.read_bytes())
     middle = len(data) // 2
-    data[middle:middle + 8] = bytes(b ^ 0xFF for b in data[middle:middle + 8])
+    data[middle : middle + 8] = bytes(b ^ 0xFF for b in data[middle : middle + 8])
     shard.write_bytes(bytes(data))
     return shard
 
@@ -117,9 +116,7 @@ def test_flipped_shard_bytes_are_refused_kept_and_training_continues_exactly(str
 
 def test_a_checkpoint_marked_refused_is_skipped_everywhere(straight):
     """Resume, export, generation, growth and train.init_from all take the newest good checkpoint."""
-    from unroll.train.lifecycle import export
-    from unroll.train.lifecycle import grow
-    from unroll.train.lifecycle import inference
+    from unroll.train.lifecycle import export, grow, inference
 
     run_dir = straight.run.dir
     newest, previous = (checkpoint.checkpoint_root(run_dir) / f"step_{s:08d}" for s in (12, 8))
@@ -169,8 +166,11 @@ def test_manifest_records_every_file_and_the_model(straight):
     on_disk = {f.name for f in path.iterdir()} - {integrity.MANIFEST}
     assert set(manifest["files"]) == on_disk and manifest["step"] == 12
     shards = {name: size for name, size in manifest["files"].items() if name.endswith(".distcp")}
-    assert set(manifest["xxh3_128"]) == on_disk - set(shards) == {".metadata", "train_state.json", "rng_rank0.json",
-                                                                   "checksums.json"}
+    assert (
+        set(manifest["xxh3_128"])
+        == on_disk - set(shards)
+        == {".metadata", "train_state.json", "rng_rank0.json", "checksums.json"}
+    )
     assert storage.untiled(storage.read_checksums(path), shards) is None  # every shard byte in an item
     assert manifest["model"]["pattern"] == "GA" and manifest["model"]["d_model"] == 32
     assert "solver" not in manifest["model"]  # may change on resume
@@ -240,8 +240,9 @@ def test_two_fsdp_ranks_refuse_one_ranks_corrupted_shard_together(tiny_config, o
     shard = flip_shard(root / "step_00000008", "__1_*.distcp")
 
     proc = torchrun_train(2, config, offline_env, "parallel.dp_shard=2")
-    assert re.search(f"checkpoint {root / 'step_00000008'} refused: " + SHARD_MISMATCH.format(rank=1, shard=shard.name),
-                     proc.stderr), proc.stderr[-3000:]
+    assert re.search(
+        f"checkpoint {root / 'step_00000008'} refused: " + SHARD_MISMATCH.format(rank=1, shard=shard.name), proc.stderr
+    ), proc.stderr[-3000:]
     assert "resumed at step 4" in proc.stdout
     assert losses(cfg.run.dir) == uninterrupted  # steps 5..8 again, exactly
     assert (root / "step_00000008.refused" / integrity.REFUSED).is_file()

@@ -3,6 +3,7 @@ file, its DCP metadata, or a value in its shards), with the manifest rewritten t
 would, is refused naming the file, and what unpickling it would have run never runs; so is an export
 whose weights are pickled. Checkpoints written before the RNG states became JSON (rng_rank{r}.pt) still
 resume exactly."""
+
 import io
 import json
 import os
@@ -14,13 +15,11 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-
 from conftest import losses, run_cli
+
 from unroll.models import LM
 from unroll.train.checkpoint import dcp as checkpoint
-from unroll.train.checkpoint import integrity
-from unroll.train.checkpoint import rng_state
-from unroll.train.checkpoint import storage
+from unroll.train.checkpoint import integrity, rng_state, storage
 from unroll.train.lifecycle.export import export, import_export
 from unroll.train.lifecycle.export_format import ExportError
 from unroll.train.lifecycle.inference import load_model
@@ -69,8 +68,11 @@ def test_a_crafted_rng_file_is_refused_and_runs_nothing(straight, tmp_path, craf
     integrity.write_manifest(newest, 12, straight.model)  # the attacker makes the manifest match
     assert integrity.problem(newest, straight.model) is None
 
-    with pytest.raises(checkpoint.CheckpointError, match=rf"checkpoint {newest} refused: {newest}/rng_rank0\.pt: "
-                                                         r"refused, not loaded \(loading it could run code\)"):
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=rf"checkpoint {newest} refused: {newest}/rng_rank0\.pt: "
+        r"refused, not loaded \(loading it could run code\)",
+    ):
         checkpoint.load(newest, *fresh(straight))
     capsys.readouterr()
     state = checkpoint.load_latest(run_dir, *fresh(straight))  # the one before it is used
@@ -84,8 +86,11 @@ def test_crafted_dcp_metadata_and_values_are_refused(straight, tmp_path):
     marker = tmp_path / "marker"
     (newest / ".metadata").write_bytes(pickle.dumps(RunsCode(marker)))
     integrity.write_manifest(newest, 12, straight.model)
-    with pytest.raises(checkpoint.CheckpointError, match=rf"{newest}/\.metadata asks for \w+\.system, which DCP "
-                                                         r"metadata never holds; not loaded"):
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=rf"{newest}/\.metadata asks for \w+\.system, which DCP "
+        r"metadata never holds; not loaded",
+    ):
         checkpoint.load(newest, *fresh(straight))
     assert not marker.exists()
 
@@ -100,8 +105,11 @@ def test_crafted_dcp_metadata_and_values_are_refused(straight, tmp_path):
     with checkpoint._quiet_single_process():
         dcp.save(view, checkpoint_id=str(step8), no_dist=True, storage_writer=storage.ChecksummingWriter(step8))
     integrity.write_manifest(step8, 8, straight.model)  # and the checksums, written with the shards
-    with pytest.raises(checkpoint.CheckpointError, match=r"the value optim\.param_groups\.0\.lr asks for "
-                                                         r"\w+\.system, which a checkpoint's values never hold"):
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=r"the value optim\.param_groups\.0\.lr asks for "
+        r"\w+\.system, which a checkpoint's values never hold",
+    ):
         checkpoint.load(step8, *fresh(straight))
     assert not marker.exists()
 
@@ -113,8 +121,10 @@ def test_legacy_pt_rng_files_resume_exactly(straight, config_at, tmp_path, capsy
     step8 = checkpoint.checkpoint_root(run_dir) / "step_00000008"
     saved = rng_state.read(step8, 0)
     (step8 / rng_state.file_name(0)).unlink()
-    torch.save({"python": saved["python"], "numpy": saved["numpy"], "torch": saved["torch"]},
-               step8 / rng_state.legacy_file_name(0))
+    torch.save(
+        {"python": saved["python"], "numpy": saved["numpy"], "torch": saved["torch"]},
+        step8 / rng_state.legacy_file_name(0),
+    )
     shutil.rmtree(checkpoint.checkpoint_root(run_dir) / "step_00000012")
     integrity.write_manifest(step8, 8, straight.model)
 
@@ -166,13 +176,16 @@ def test_rng_states_round_trip_through_json_exactly(tmp_path):
     assert draws() == expected
 
 
-@pytest.mark.parametrize("damage,words", [
-    (lambda d: d.pop("numpy"), "numpy is missing"),
-    (lambda d: d["python"]["state"].pop(), "python.state must be 625 integers"),
-    (lambda d: d["numpy"].__setitem__("key", ["x"] * 624), "numpy.key must be 624 integers"),
-    (lambda d: d.__setitem__("torch", d["torch"][:-8]), "torch is not a valid torch RNG state"),
-    (lambda d: d.__setitem__("torch", "not base64!"), "torch is not base64"),
-])
+@pytest.mark.parametrize(
+    "damage,words",
+    [
+        (lambda d: d.pop("numpy"), "numpy is missing"),
+        (lambda d: d["python"]["state"].pop(), "python.state must be 625 integers"),
+        (lambda d: d["numpy"].__setitem__("key", ["x"] * 624), "numpy.key must be 624 integers"),
+        (lambda d: d.__setitem__("torch", d["torch"][:-8]), "torch is not a valid torch RNG state"),
+        (lambda d: d.__setitem__("torch", "not base64!"), "torch is not base64"),
+    ],
+)
 def test_a_malformed_rng_file_is_refused_naming_the_key(tmp_path, damage, words):
     doc = rng_state.to_json(rng_state.capture())
     damage(doc)

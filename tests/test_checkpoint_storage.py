@@ -2,6 +2,7 @@
 (train/checkpoint/storage.py), in one process: each kind of file corrupted is refused, named, marked REFUSED,
 and the previous checkpoint loaded whole; rotation never keeps a checkpoint that fails its checks in place of
 the newest good one, nor deletes a refused one; checkpoints saved before checksums still load."""
+
 import contextlib
 import errno
 import hashlib
@@ -16,8 +17,7 @@ import torch
 
 from unroll.models import LM
 from unroll.train.checkpoint import dcp as checkpoint
-from unroll.train.checkpoint import integrity
-from unroll.train.checkpoint import storage
+from unroll.train.checkpoint import integrity, storage
 from unroll.train.config import load_config
 from unroll.train.trainer import build_optimizer
 
@@ -31,8 +31,9 @@ def fresh():
 
 def snapshot(model, optimizer) -> list[torch.Tensor]:
     optim = optimizer.state_dict()["state"]
-    return [t.clone() for t in model.state_dict().values()] + [optim[p][k].clone() for p in sorted(optim) for k in
-                                                              sorted(optim[p])]
+    return [t.clone() for t in model.state_dict().values()] + [
+        optim[p][k].clone() for p in sorted(optim) for k in sorted(optim[p])
+    ]
 
 
 def equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
@@ -78,13 +79,18 @@ def flip_middle(name):
 
 
 DAMAGE = {
-    "shard": (flip_last_item, r"rank 0 read __0_\d\.distcp bytes \d+\.\.\d+ \(tensor \S+\) do not match their "
-                              r"checksum \(corrupted\)"),
+    "shard": (
+        flip_last_item,
+        r"rank 0 read __0_\d\.distcp bytes \d+\.\.\d+ \(tensor \S+\) do not match their "
+        r"checksum \(corrupted\)",
+    ),
     "metadata": (flip_middle(".metadata"), r"file \.metadata does not match its checksum \(corrupted\)"),
     "checksums": (flip_middle("checksums.json"), r"file checksums\.json does not match its checksum \(corrupted\)"),
     "rng": (flip_middle("rng_rank0.json"), r"file rng_rank0\.json does not match its checksum \(corrupted\)"),
-    "train_state": (flip_middle("train_state.json"),
-                    r"file train_state\.json does not match its checksum \(corrupted\)"),
+    "train_state": (
+        flip_middle("train_state.json"),
+        r"file train_state\.json does not match its checksum \(corrupted\)",
+    ),
 }
 
 
@@ -126,10 +132,14 @@ def test_untiled_names_gaps_overlaps_and_a_short_cover():
     sums = {"a.distcp": {0: (10, "x"), 10: (5, "y")}}
     assert storage.untiled(sums, {"a.distcp": 15}) is None
     assert storage.untiled(sums, {"a.distcp": 20}) == "a.distcp: bytes 15..20 have no checksum"
-    assert storage.untiled({"a.distcp": {0: (10, "x"), 12: (3, "y")}}, {"a.distcp": 15}) == \
-        "a.distcp: bytes 10..12 have no checksum"
-    assert storage.untiled({"a.distcp": {0: (10, "x"), 8: (7, "y")}}, {"a.distcp": 15}) == \
-        "a.distcp: items overlap at byte 8"
+    assert (
+        storage.untiled({"a.distcp": {0: (10, "x"), 12: (3, "y")}}, {"a.distcp": 15})
+        == "a.distcp: bytes 10..12 have no checksum"
+    )
+    assert (
+        storage.untiled({"a.distcp": {0: (10, "x"), 8: (7, "y")}}, {"a.distcp": 15})
+        == "a.distcp: items overlap at byte 8"
+    )
 
 
 def test_rotation_keeps_the_newest_good_checkpoint_and_every_refused_one(two_saves, monkeypatch):
@@ -160,8 +170,9 @@ def test_a_checkpoint_saved_before_checksums_still_loads_unverified(two_saves):
     path = checkpoint.checkpoint_root(run_dir) / "step_00000004"
     (path / storage.CHECKSUMS).unlink()  # as an older unroll wrote it: sha256 of the files up to 1 MiB
     files = {f.name: f.stat().st_size for f in sorted(path.iterdir()) if f.name != integrity.MANIFEST}
-    sha = {name: hashlib.sha256((path / name).read_bytes()).hexdigest() for name, size in files.items()
-           if size <= 1 << 20}
+    sha = {
+        name: hashlib.sha256((path / name).read_bytes()).hexdigest() for name, size in files.items() if size <= 1 << 20
+    }
     model_arch = integrity.read_manifest(path)["model"]
     (path / integrity.MANIFEST).write_text(json.dumps({"step": 4, "files": files, "sha256": sha, "model": model_arch}))
     assert integrity.problem(path, CFG.model) is None
@@ -198,8 +209,11 @@ def test_a_failed_write_in_any_writer_thread_fails_the_save(two_saves, monkeypat
 
     monkeypatch.setattr(FileSystem, "create_stream", create_stream)
     model, optimizer = fresh()
-    with pytest.raises(checkpoint.CheckpointError, match=r"step_00000012 not saved: \[Errno 28\] No space left on "
-                                                         r"device: '.*step_00000012\.tmp/__0_3\.distcp'"):
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=r"step_00000012 not saved: \[Errno 28\] No space left on "
+        r"device: '.*step_00000012\.tmp/__0_3\.distcp'",
+    ):
         checkpoint.save(run_dir, 12, model, optimizer, {"samples_consumed": 48}, keep=5)
     left = sorted(p.name for p in checkpoint.checkpoint_root(run_dir).iterdir())
     assert left == ["step_00000004", "step_00000008"]
@@ -212,9 +226,15 @@ def test_tensors_of_every_form_load_straight_from_the_mapped_file(tmp_path, monk
     import torch.distributed.checkpoint as dcp
 
     base = torch.randn(6, 40, dtype=torch.float64)
-    saved = {"f32": torch.randn(33, 17), "bf16": torch.randn(5, 9).to(torch.bfloat16), "i64": torch.arange(-7, 50),
-             "scalar": torch.tensor(3.5), "transposed": torch.randn(8, 12).t(), "view": base[2:5, 3:30],
-             "u8": torch.randint(0, 255, (1001,), dtype=torch.uint8)}
+    saved = {
+        "f32": torch.randn(33, 17),
+        "bf16": torch.randn(5, 9).to(torch.bfloat16),
+        "i64": torch.arange(-7, 50),
+        "scalar": torch.tensor(3.5),
+        "transposed": torch.randn(8, 12).t(),
+        "view": base[2:5, 3:30],
+        "u8": torch.randint(0, 255, (1001,), dtype=torch.uint8),
+    }
     with checkpoint._quiet_single_process():
         dcp.save(saved, storage_writer=storage.ChecksummingWriter(tmp_path, thread_count=2))
     took_torch_load = []

@@ -1,13 +1,14 @@
 """The command line a newcomer meets: overrides wherever they are typed, --version, every command's help and
 choices, the presets table, every config key, and one-line errors that say what was meant."""
+
 import importlib.metadata
 import json
 import re
 import subprocess
 
 import pytest
-
 from conftest import UNROLL, run_cli
+
 from unroll.launch import cli
 from unroll.models.summary import summarize
 from unroll.train.config import Config, load_config, preset_names, resolve_config_path
@@ -32,10 +33,26 @@ def run_and_export(config_at, tmp_path_factory):
 COMMANDS = {
     "train": lambda src, exp, out: ["train", "tiny-gru", "model.d_model=64", "--keys", "model.n_heads=5"],
     "info": lambda src, exp, out: ["info", "tiny-gru", "model.d_model=64", "--json", "model.n_heads=5"],
-    "plan": lambda src, exp, out: ["plan", "tiny-gru", "model.d_model=64", "--nodes", "1", "--gpus-per-node", "8",
-                                   "model.n_heads=5"],
-    "rehearse": lambda src, exp, out: ["rehearse", "tiny-gru", "model.d_model=64", "--nodes", "1",
-                                       "--gpus-per-node", "2", "model.n_heads=5"],
+    "plan": lambda src, exp, out: [
+        "plan",
+        "tiny-gru",
+        "model.d_model=64",
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        "8",
+        "model.n_heads=5",
+    ],
+    "rehearse": lambda src, exp, out: [
+        "rehearse",
+        "tiny-gru",
+        "model.d_model=64",
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        "2",
+        "model.n_heads=5",
+    ],
     "grow": lambda src, exp, out: ["grow", src, "model.d_model=64", "--factor", "2", "--out", out, "model.n_heads=5"],
     "import": lambda src, exp, out: ["import", exp, "model.d_model=64", "--out", out, "model.n_heads=5"],
 }
@@ -67,8 +84,9 @@ def test_launch_and_bench_help_list_their_choices(command, table, offline_env):
         assert re.search(rf"^  {re.escape(name)} +{re.escape(line)}$", out, re.MULTILINE), (name, out)
 
 
-@pytest.mark.parametrize("argv,own_option", [(["launch", "local", "--help"], "--nproc"),
-                                             (["bench", "solver", "--help"], "--grid")])
+@pytest.mark.parametrize(
+    "argv,own_option", [(["launch", "local", "--help"], "--nproc"), (["bench", "solver", "--help"], "--grid")]
+)
 def test_a_launcher_or_bench_still_gets_its_own_help(argv, own_option, offline_env):
     out = run_cli(argv, offline_env).stdout
     assert out.startswith(f"usage: unroll {argv[0]} {argv[1]}") and own_option in out
@@ -87,15 +105,15 @@ def test_train_keys_lists_every_key_with_its_type_and_default(offline_env):
     keys = config_keys(Config())
     assert len(keys) > 80 and len(rows) == len(keys) + 1  # and the header
     for key in keys:
-        shown = ('""' if key.value == "" else str(key.value).lower() if isinstance(key.value, bool)
-                 else str(key.value))
+        shown = '""' if key.value == "" else str(key.value).lower() if isinstance(key.value, bool) else str(key.value)
         assert rows[key.name] == [key.type, shown], key
     assert rows["train.steps"] == ["int", "1000"] and rows["sample.prompt"] == ["str", "ROMEO."]
 
     # with a config: its values, overrides included; an empty value is the empty string ("no sample")
     out = run_cli(["train", "tiny-gru", "train.steps=7", "--keys", "sample.prompt="], offline_env).stdout
-    assert re.search(r"^train\.steps +int +7$", out, re.MULTILINE) and re.search(r"^model\.pattern +str +GGGG$", out,
-                                                                              re.MULTILINE)
+    assert re.search(r"^train\.steps +int +7$", out, re.MULTILINE) and re.search(
+        r"^model\.pattern +str +GGGG$", out, re.MULTILINE
+    )
     assert re.search(r'^sample\.prompt +str +""$', out, re.MULTILINE), out
 
 
@@ -108,8 +126,9 @@ def test_info_keys_is_train_keys(capsys):
 
 def test_a_listing_piped_into_head_ends_quietly(offline_env):
     """`unroll train --keys | head`: the reader leaves before the listing is written; no traceback."""
-    proc = subprocess.Popen([*UNROLL, "train", "--keys"], env=offline_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*UNROLL, "train", "--keys"], env=offline_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     proc.stdout.close()  # before the command has imported anything, so before it writes
     err = proc.stderr.read()
     assert proc.wait(timeout=300) == 0 and err == "", err
@@ -122,8 +141,11 @@ def test_presets_table_from_the_preset_files(offline_env, capsys):
         cfg = load_config(row["preset"])
         figures = summarize(cfg.model)
         assert (row["params_total"], row["params_active"]) == (figures["params_total"], figures["params_active"])
-        assert (row["pattern"], row["d_model"], row["seq_len"]) == (cfg.model.pattern, cfg.model.d_model,
-                                                                    cfg.data.seq_len)
+        assert (row["pattern"], row["d_model"], row["seq_len"]) == (
+            cfg.model.pattern,
+            cfg.model.d_model,
+            cfg.data.seq_len,
+        )
         header = resolve_config_path(row["preset"]).read_text().split("\nrun:")[0]
         assert row["hardware"] and f"\n# hardware: {row['hardware']}\n" in f"\n{header}\n", row
     assert {r["hardware"] for r in rows if r["preset"].startswith("tiny-")} >= {"laptop CPU"}
@@ -137,32 +159,50 @@ def test_presets_table_from_the_preset_files(offline_env, capsys):
     assert re.search(r"^m2rnn-moe-7b +6\.95B +1\.29B +1536 +4096 +multi-node GPU cluster +M+A", table, re.MULTILINE)
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["train", "tiny-gru", "--steps", "10"], "unroll train: error: unrecognized option --steps "
-                                             "(did you mean train.steps=10?)"),
-    (["train", "tiny-gru", "--lr=1e-3"], "unroll train: error: unrecognized option --lr (did you mean optim.lr=1e-3?)"),
-    (["train", "tiny-gru", "steps=10"], "unroll train: error: unknown key 'steps' (did you mean train.steps?)"),
-    (["train", "tiny-gru", "model.moe.expert=4"],
-     "unroll train: error: unknown key 'model.moe.expert' (did you mean model.moe.experts?)"),
-    (["info", "tiny-gru", "--jsn"], "unroll info: error: unrecognized option --jsn (did you mean --json?)"),
-    (["train", "train.steps=5"], "unroll train: error: config 'train.steps=5': no such file or preset; the config "
-                                 f"comes first, then key=value overrides (presets: {', '.join(preset_names())})"),
-    (["info", "tiny-gru", "data.train[0]=x"],
-     "unroll info: error: config key 'data.train[0]' (override 'data.train[0]=x'): give the whole value, "
-     "e.g. data.train=[a,b]"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (
+            ["train", "tiny-gru", "--steps", "10"],
+            "unroll train: error: unrecognized option --steps (did you mean train.steps=10?)",
+        ),
+        (
+            ["train", "tiny-gru", "--lr=1e-3"],
+            "unroll train: error: unrecognized option --lr (did you mean optim.lr=1e-3?)",
+        ),
+        (["train", "tiny-gru", "steps=10"], "unroll train: error: unknown key 'steps' (did you mean train.steps?)"),
+        (
+            ["train", "tiny-gru", "model.moe.expert=4"],
+            "unroll train: error: unknown key 'model.moe.expert' (did you mean model.moe.experts?)",
+        ),
+        (["info", "tiny-gru", "--jsn"], "unroll info: error: unrecognized option --jsn (did you mean --json?)"),
+        (
+            ["train", "train.steps=5"],
+            "unroll train: error: config 'train.steps=5': no such file or preset; the config "
+            f"comes first, then key=value overrides (presets: {', '.join(preset_names())})",
+        ),
+        (
+            ["info", "tiny-gru", "data.train[0]=x"],
+            "unroll info: error: config key 'data.train[0]' (override 'data.train[0]=x'): give the whole value, "
+            "e.g. data.train=[a,b]",
+        ),
+    ],
+)
 def test_common_mistakes_get_one_line_that_says_what_was_meant(argv, message, offline_env):
     proc = run_cli(argv, offline_env, check=False)
     assert proc.returncode == 2 and proc.stderr.strip() == message, proc.stderr
 
 
-@pytest.mark.parametrize("argv,missing", [
-    (["generate", "runs/x"], "--prompt"),
-    (["export", "runs/x"], "--out"),
-    (["import"], "export, --out"),  # overrides are optional, and not listed as required
-    (["train"], "config"),
-    (["launch"], "NAME"),
-])
+@pytest.mark.parametrize(
+    "argv,missing",
+    [
+        (["generate", "runs/x"], "--prompt"),
+        (["export", "runs/x"], "--out"),
+        (["import"], "export, --out"),  # overrides are optional, and not listed as required
+        (["train"], "config"),
+        (["launch"], "NAME"),
+    ],
+)
 def test_a_missing_argument_is_argparse_usage_and_one_error_line(argv, missing, offline_env):
     proc = run_cli(argv, offline_env, check=False)
     assert proc.returncode == 2 and proc.stderr.startswith(f"usage: unroll {argv[0]}")

@@ -1,47 +1,67 @@
 """Config: presets, overrides, and bad values stopped before any work with a message naming the key."""
+
 from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import run_cli
+
 from unroll.train.config import ConfigError, load_config, preset_names, to_yaml
 from unroll.train.trainer import train
 
 
 def test_presets_load_and_overrides_apply():
     assert {"tiny-gru", "tiny-transformer"} <= set(preset_names())
-    cfg = load_config("tiny-gru", ["train.steps=7", "run.dir=/tmp/x", "train.seed=5", "checkpoint.every=3",
-                                   "checkpoint.keep=4", "data.train=[a,b]", "data.weights=[0.25,0.75]"])
-    assert (cfg.train.steps, cfg.run.dir, cfg.train.seed, cfg.checkpoint.every, cfg.checkpoint.keep) == (7, "/tmp/x", 5, 3, 4)
+    cfg = load_config(
+        "tiny-gru",
+        [
+            "train.steps=7",
+            "run.dir=/tmp/x",
+            "train.seed=5",
+            "checkpoint.every=3",
+            "checkpoint.keep=4",
+            "data.train=[a,b]",
+            "data.weights=[0.25,0.75]",
+        ],
+    )
+    assert (cfg.train.steps, cfg.run.dir, cfg.train.seed, cfg.checkpoint.every, cfg.checkpoint.keep) == (
+        7,
+        "/tmp/x",
+        5,
+        3,
+        4,
+    )
     assert cfg.data.train == [str(Path("a").absolute()), str(Path("b").absolute())]  # an override's: from here
     assert cfg.data.weights == [0.25, 0.75]
     assert cfg.model.pattern == "GGGG"
 
 
-@pytest.mark.parametrize("override,key,words", [
-    ("train.stpes=3", "unknown key 'train.stpes'", "did you mean train.steps?"),
-    ("trian.steps=3", "unknown key 'trian.steps'", "did you mean train.steps?"),
-    ("train.steps=abc", "train.steps", "could not be converted"),
-    ("model.n_heads=5", "model.n_heads", "do not divide d_model=192"),
-    ("data.seq_len=0", "data.seq_len", "must be positive"),
-    ("model.pattern=GXA", "model.pattern", "unknown layer kind"),
-    ("checkpoint.keep=0", "checkpoint.keep", "at least 1"),
-    ("checkpoint.io_threads=0", "checkpoint.io_threads", "between 1 and 64, got 0"),
-    ("schedule.name=linear", "schedule.name", "cosine, wsd or constant"),
-    ("data.weights=[1.0,2.0]", "data.weights", "2 weights for 1 train datasets"),
-    ("optim.beta2=1.5", "optim.beta2", "must be in [0, 1)"),
-    ("model.pattern=GXTG", "model.pattern", "unknown layer kind(s) ['X']"),  # T is TNT now
-    ("model.mlp_pattern=DEX", "model.mlp_pattern", "unknown MLP kind"),
-    ("model.mlp_pattern=DE", "model.mlp_pattern", "has 2 layers, pattern 'MMAM' has 4"),
-    ("model.moe.top_k=9", "model.moe.top_k", "more than moe.experts=8"),
-    ("model.moe.score=relu", "model.moe.score", "softmax, sigmoid"),
-    ("model.m2rnn.qk_heads=3", "model.m2rnn.v_heads", "multiple of m2rnn.qk_heads=3"),
-    ("model.m2rnn.solver=fast", "model.m2rnn.solver", "newton, sequential"),
-    ("model.window=-1", "model.window", "must be >= 0"),
-    ("model.head_dim=-1", "model.head_dim", "must be >= 0"),
-    ("train.loss_chunk=-1", "train.loss_chunk", "must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "override,key,words",
+    [
+        ("train.stpes=3", "unknown key 'train.stpes'", "did you mean train.steps?"),
+        ("trian.steps=3", "unknown key 'trian.steps'", "did you mean train.steps?"),
+        ("train.steps=abc", "train.steps", "could not be converted"),
+        ("model.n_heads=5", "model.n_heads", "do not divide d_model=192"),
+        ("data.seq_len=0", "data.seq_len", "must be positive"),
+        ("model.pattern=GXA", "model.pattern", "unknown layer kind"),
+        ("checkpoint.keep=0", "checkpoint.keep", "at least 1"),
+        ("checkpoint.io_threads=0", "checkpoint.io_threads", "between 1 and 64, got 0"),
+        ("schedule.name=linear", "schedule.name", "cosine, wsd or constant"),
+        ("data.weights=[1.0,2.0]", "data.weights", "2 weights for 1 train datasets"),
+        ("optim.beta2=1.5", "optim.beta2", "must be in [0, 1)"),
+        ("model.pattern=GXTG", "model.pattern", "unknown layer kind(s) ['X']"),  # T is TNT now
+        ("model.mlp_pattern=DEX", "model.mlp_pattern", "unknown MLP kind"),
+        ("model.mlp_pattern=DE", "model.mlp_pattern", "has 2 layers, pattern 'MMAM' has 4"),
+        ("model.moe.top_k=9", "model.moe.top_k", "more than moe.experts=8"),
+        ("model.moe.score=relu", "model.moe.score", "softmax, sigmoid"),
+        ("model.m2rnn.qk_heads=3", "model.m2rnn.v_heads", "multiple of m2rnn.qk_heads=3"),
+        ("model.m2rnn.solver=fast", "model.m2rnn.solver", "newton, sequential"),
+        ("model.window=-1", "model.window", "must be >= 0"),
+        ("model.head_dim=-1", "model.head_dim", "must be >= 0"),
+        ("train.loss_chunk=-1", "train.loss_chunk", "must be >= 0"),
+    ],
+)
 def test_bad_values_name_the_key(override, key, words):
     with pytest.raises(ConfigError) as err:
         load_config("tiny-moe", [override])
@@ -80,8 +100,9 @@ def test_data_problems_name_the_key_and_nothing_is_written(tiny_config, tmp_path
 
 
 def test_cli_reports_config_error_and_exit_code(offline_env, tmp_path):
-    proc = run_cli(["train", "tiny-gru", "model.d_model=100", "model.n_heads=3", f"run.dir={tmp_path}/r"],
-                   offline_env, check=False)
+    proc = run_cli(
+        ["train", "tiny-gru", "model.d_model=100", "model.n_heads=3", f"run.dir={tmp_path}/r"], offline_env, check=False
+    )
     assert proc.returncode == 2
     assert "model.n_heads: 3 heads do not divide d_model=100" in proc.stderr
     assert not (tmp_path / "r").exists()

@@ -2,11 +2,11 @@
 over 2 and 3 gloo ranks gives the single-process logits and gradients in float64. ParaGRU/ParaLSTM by
 sequence-parallel Newton and by the state hand-off, M²RNN by the hand-off and by Newton (its convolution
 reaching across the split), attention with RoPE, GQA, NoPE and a window, a hybrid with MoE MLPs, and TNT (its global memory handed on)."""
+
 import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import run_workers
 
 sys.path.insert(0, str(Path(__file__).parent))

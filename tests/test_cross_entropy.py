@@ -2,6 +2,7 @@
 gradients (hidden and weight), over awkward sizes; `LM(tokens, targets=...)` against the cross-entropy of
 `LM(tokens)`'s logits for a tied and an untied model, value and every parameter's gradient. The
 vocabulary-parallel variant runs on 2 ranks in tests/tp_worker.py (tests/test_tensor_parallel.py)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -56,8 +57,9 @@ def test_chunks_recompute_their_logits_in_the_backward():
 def test_no_grad_and_bad_shapes():
     hidden, weight, targets = torch.randn(10, 4), torch.randn(7, 4), torch.randint(0, 7, (10,))
     with torch.no_grad():
-        torch.testing.assert_close(chunked_cross_entropy(hidden, weight, targets, chunk=3),
-                                   cross_entropy_reference(hidden, weight, targets))
+        torch.testing.assert_close(
+            chunked_cross_entropy(hidden, weight, targets, chunk=3), cross_entropy_reference(hidden, weight, targets)
+        )
     with pytest.raises(ValueError, match=r"hidden \(10, 4\), weight \(7, 5\)"):
         chunked_cross_entropy(hidden, torch.randn(7, 5), targets, chunk=3)
 

@@ -4,22 +4,23 @@ resume, generation, and the adjoint recurrence against float64 on the CPU.
 On a GPU machine: `pytest -s tests/test_cuda.py`. UNROLL_CUDA_DATA=DIR (holding tokenizer.model and
 shards/{train,valid}.bin/.idx) uses prepared data instead of building the small test corpus.
 """
+
 import math
-import time
 import os
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
-
 from conftest import tiny_config_dict
+
 from unroll.kernels import newton_solve, sequential_solve
 from unroll.models.paragru import ParaGRUCell
-from unroll.train.parallel import distributed as D
 from unroll.train.config import load_config
 from unroll.train.metrics import read_metrics
+from unroll.train.parallel import distributed as D
 from unroll.train.trainer import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -31,16 +32,25 @@ def cuda_data(request):
     if root:
         from unroll.data.tokenizer import Tokenizer
 
-        return SimpleNamespace(tokenizer=f"{root}/tokenizer.model", train=f"{root}/shards/train",
-                               valid=f"{root}/shards/valid", vocab=Tokenizer(f"{root}/tokenizer.model").vocab_size)
+        return SimpleNamespace(
+            tokenizer=f"{root}/tokenizer.model",
+            train=f"{root}/shards/train",
+            valid=f"{root}/shards/valid",
+            vocab=Tokenizer(f"{root}/tokenizer.model").vocab_size,
+        )
     return request.getfixturevalue("small_data")
 
 
 def config(data, run_dir: Path, **sections) -> str:
-    base = dict(model={"pattern": "GGGG", "d_model": 192, "n_heads": 4},
-                run={"device": "cuda", "dtype": "auto", "threads": 0}, data={"seq_len": 128},
-                train={"batch_size": 32, "steps": 60, "log_every": 1}, checkpoint={"every": 20},
-                eval={"every": 20, "batches": 4, "batch_size": 32}, sample={"prompt": "KING.", "max_new_tokens": 40})
+    base = dict(
+        model={"pattern": "GGGG", "d_model": 192, "n_heads": 4},
+        run={"device": "cuda", "dtype": "auto", "threads": 0},
+        data={"seq_len": 128},
+        train={"batch_size": 32, "steps": 60, "log_every": 1},
+        checkpoint={"every": 20},
+        eval={"every": 20, "batches": 4, "batch_size": 32},
+        sample={"prompt": "KING.", "max_new_tokens": 40},
+    )
     for section, values in sections.items():
         base[section] = {**base.get(section, {}), **values}
     cfg = tiny_config_dict(data, run_dir, **base)
@@ -55,8 +65,10 @@ def test_bf16_training_checkpoint_resume_and_sample_on_cuda(cuda_data, tmp_path,
     rows = read_metrics(straight.run.dir)
     val = [r["val_loss"] for r in rows if "val_loss" in r]
     tok_s = [r["tokens_per_s"] for r in rows if "loss" in r][5:]
-    print(f"\ncuda bf16 ParaGRU d=192: val ppl {math.exp(val[0]):.1f} -> {math.exp(val[-1]):.1f}, "
-          f"median {sorted(tok_s)[len(tok_s) // 2]:,.0f} tokens/s")
+    print(
+        f"\ncuda bf16 ParaGRU d=192: val ppl {math.exp(val[0]):.1f} -> {math.exp(val[-1]):.1f}, "
+        f"median {sorted(tok_s)[len(tok_s) // 2]:,.0f} tokens/s"
+    )
     assert val[-1] < val[0] - 1.0 and summary["sample"].startswith("KING.")
 
     # the same run stopped at step 40 (as by SIGTERM) and resumed: CUDA tensors and CUDA RNG through DCP
@@ -75,8 +87,10 @@ def test_bf16_training_checkpoint_resume_and_sample_on_cuda(cuda_data, tmp_path,
     b = {r["step"]: r["loss"] for r in read_metrics(resumed.run.dir) if "loss" in r}
     assert a.keys() == b.keys()
     worst = max(abs(a[s] - b[s]) / abs(a[s]) for s in a)
-    print(f"resume on cuda at step 40: max relative loss difference over 60 steps {worst:.2e} "
-          f"({'bit-exact' if worst == 0 else 'not bit-exact'})")
+    print(
+        f"resume on cuda at step 40: max relative loss difference over 60 steps {worst:.2e} "
+        f"({'bit-exact' if worst == 0 else 'not bit-exact'})"
+    )
     assert worst < 1e-3
 
 
@@ -115,9 +129,14 @@ def test_m2rnn_triton_on_cuda_matches_float64_cpu(K, V, heads):
 
     g = torch.Generator().manual_seed(0)
     B, T, G = 2, 300, 2
-    inputs = [torch.randn(B, T, G, K, generator=g) / K ** 0.5, torch.randn(B, T, G, K, generator=g) / K ** 0.5,
-              torch.randn(B, T, heads, V, generator=g), torch.rand(B, T, heads, generator=g) * 0.5 + 0.5,
-              torch.eye(V) + 0.1 * torch.randn(heads, V, V, generator=g), 0.1 * torch.randn(B, heads, K, V, generator=g)]
+    inputs = [
+        torch.randn(B, T, G, K, generator=g) / K**0.5,
+        torch.randn(B, T, G, K, generator=g) / K**0.5,
+        torch.randn(B, T, heads, V, generator=g),
+        torch.rand(B, T, heads, generator=g) * 0.5 + 0.5,
+        torch.eye(V) + 0.1 * torch.randn(heads, V, V, generator=g),
+        0.1 * torch.randn(B, heads, K, V, generator=g),
+    ]
     w_y, w_h = torch.randn(B, T, heads, V, generator=g), torch.randn(B, heads, K, V, generator=g)
 
     def run(fn, tensors):
@@ -161,7 +180,7 @@ def test_plan_matches_what_one_gpu_allocates(name):
     def batches(start, n):
         return torch.randint(0, cfg.model.vocab_size, (n, cfg.data.seq_len + 1), generator=gen, device=device)
 
-    for step in range(2):  # the second step holds the optimizer's moments from the first
+    for _ in range(2):  # the second step holds the optimizer's moments from the first
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
         start = time.perf_counter()
@@ -170,18 +189,29 @@ def test_plan_matches_what_one_gpu_allocates(name):
         seconds = time.perf_counter() - start
     held, peak = torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
     plan = estimate(cfg, layout).components
-    measured = {"weights": weights, "weights+optimizer": held, "weights+optimizer+gradients": before_step[-1],
-                "peak of the step": peak}
-    planned = {"weights": plan.weights, "weights+optimizer": plan.weights + plan.optimizer,
-               "weights+optimizer+gradients": plan.weights + plan.optimizer + plan.gradients,
-               "peak of the step": plan.total}
-    GiB = 1024 ** 3
-    print(f"\n{name} on one GPU, {micro} × {cfg.data.seq_len} tokens per micro-batch, {accum} micro-batches: "
-          f"{seconds:.2f} s per step, {accum * micro * cfg.data.seq_len / seconds:,.0f} tokens/s; "
-          f"plan's components (GiB) {', '.join(f'{k} {v / GiB:.2f}' for k, v in plan.as_dict().items())}")
+    measured = {
+        "weights": weights,
+        "weights+optimizer": held,
+        "weights+optimizer+gradients": before_step[-1],
+        "peak of the step": peak,
+    }
+    planned = {
+        "weights": plan.weights,
+        "weights+optimizer": plan.weights + plan.optimizer,
+        "weights+optimizer+gradients": plan.weights + plan.optimizer + plan.gradients,
+        "peak of the step": plan.total,
+    }
+    GiB = 1024**3
+    print(
+        f"\n{name} on one GPU, {micro} × {cfg.data.seq_len} tokens per micro-batch, {accum} micro-batches: "
+        f"{seconds:.2f} s per step, {accum * micro * cfg.data.seq_len / seconds:,.0f} tokens/s; "
+        f"plan's components (GiB) {', '.join(f'{k} {v / GiB:.2f}' for k, v in plan.as_dict().items())}"
+    )
     for key in measured:
-        print(f"  {key:30} measured {measured[key] / GiB:7.2f} GiB   plan {planned[key] / GiB:7.2f} GiB   "
-              f"plan/measured {planned[key] / measured[key]:.2f}")
+        print(
+            f"  {key:30} measured {measured[key] / GiB:7.2f} GiB   plan {planned[key] / GiB:7.2f} GiB   "
+            f"plan/measured {planned[key] / measured[key]:.2f}"
+        )
     for key in ("weights", "weights+optimizer", "weights+optimizer+gradients"):
         assert planned[key] == pytest.approx(measured[key], rel=0.15), key
     # the plan adds components that peak at different moments (the gathered copies at the end of the

@@ -28,8 +28,7 @@ def write_shard(prefix, n_tokens, first=0, doc_len=37):
 def shards(tmp_path):
     """Three shards of 81, 41 and 21 samples; dataset d's tokens start at d * 1_000_000."""
     return [
-        write_shard(str(tmp_path / f"d{d}"), n * SEQ + 1 + d, first=d * 1_000_000)
-        for d, n in enumerate([81, 41, 21])
+        write_shard(str(tmp_path / f"d{d}"), n * SEQ + 1 + d, first=d * 1_000_000) for d, n in enumerate([81, 41, 21])
     ]
 
 

@@ -166,10 +166,7 @@ def write_megatron_style(prefix, docs, append_eod, eod=2):
 @pytest.mark.parametrize("contiguous", [True, False])
 def test_reads_megatron_multi_sequence_documents(tmp_path, append_eod, contiguous):
     rng = np.random.default_rng(0)
-    docs = [
-        [rng.integers(3, 99_000, size=rng.integers(1, 20)) for _ in range(rng.integers(1, 6))]
-        for _ in range(30)
-    ]
+    docs = [[rng.integers(3, 99_000, size=rng.integers(1, 20)) for _ in range(rng.integers(1, 6))] for _ in range(30)]
     docs.insert(7, [])  # a document with no sequences at all (preprocess_data.py writes these too)
     prefix = str(tmp_path / "mega_text_sentence")
     expected = write_megatron_style(prefix, docs, append_eod)
@@ -222,15 +219,15 @@ def test_prepare_from_a_script_without_main_guard(corpus_and_tokenizer, tmp_path
     HF_HOME and HOME in temporary directories that must stay free of caches."""
     corpus, model = corpus_and_tokenizer
     script = tmp_path / "prep.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         from unroll.data.shards import TokenShard, prepare_shards
         out = prepare_shards({corpus!r}, {model!r}, {str(tmp_path / "out")!r}, num_proc=2)
         print("DOCS", TokenShard(out["train"]).n_docs + TokenShard(out["valid"]).n_docs)
-    """))
-    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HOME=str(tmp_path / "home"))
-    result = subprocess.run(
-        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120
+    """)
     )
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HOME=str(tmp_path / "home"))
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "DOCS 40" in result.stdout
     for cache in [tmp_path / "hf", tmp_path / "home"]:

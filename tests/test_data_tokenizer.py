@@ -66,8 +66,12 @@ def test_seed_decides_the_model(corpus, tmp_path, model_type):
     # 150 of the corpus's ~360 lines are sampled, so the seed matters
     def train(name, seed):
         path = train_tokenizer(
-            corpus, str(tmp_path / name), 400,
-            model_type=model_type, input_sentence_size=150, seed=seed,
+            corpus,
+            str(tmp_path / name),
+            400,
+            model_type=model_type,
+            input_sentence_size=150,
+            seed=seed,
         )
         tok = Tokenizer(path)
         return [tok._sp.id_to_piece(i) for i in range(tok.vocab_size)]

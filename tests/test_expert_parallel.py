@@ -4,11 +4,11 @@ gradients, the experts' complete gradients, replicated gradients summed over the
 softmax and sigmoid routers, with and without shared experts, a nonzero expert bias, ranks with
 different numbers of tokens (and one with none), routers skewed so every assignment goes to one rank,
 and a two-layer LM through apply_expert_parallel_to_model."""
+
 import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import run_workers
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -2,6 +2,7 @@
 attention models with unroll's logits; recurrent models round-trip through unroll's own layout, generate
 from it without the training stack and train on after an import; a 2-rank expert-parallel checkpoint
 exports; bad input is refused with its name."""
+
 import importlib.resources
 import json
 import os
@@ -12,29 +13,39 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import run_cli, torchrun_train
+
 from unroll.models import LM
 from unroll.models.generate import sample
 from unroll.train.checkpoint import dcp as checkpoint
+from unroll.train.checkpoint.rundir import prepare_run_dir
 from unroll.train.config import load_config
 from unroll.train.data_setup import open_run_data
 from unroll.train.lifecycle.export import export, import_export
 from unroll.train.lifecycle.export_format import ExportError, load_export, read_export
 from unroll.train.lifecycle.hf_layout import LayoutError, hf_architecture, model_fields
 from unroll.train.metrics import read_metrics
-from unroll.train.checkpoint.rundir import prepare_run_dir
 from unroll.train.trainer import build_optimizer, train
 
 ATTENTION = {"d_model": 32, "n_heads": 4, "rope_theta": 5000.0, "norm_eps": 1e-6}
 MOE = {"experts": 4, "top_k": 2, "hidden": 48}
 HF_CASES = {  # name: (model section, the layout auto picks)
-    "llama_gqa_untied": ({**ATTENTION, "pattern": "AAA", "n_kv_heads": 2, "head_dim": 16, "tie_embeddings": False,
-                          "mlp_hidden": 80}, "llama"),
+    "llama_gqa_untied": (
+        {**ATTENTION, "pattern": "AAA", "n_kv_heads": 2, "head_dim": 16, "tie_embeddings": False, "mlp_hidden": 80},
+        "llama",
+    ),
     "mistral_window": ({**ATTENTION, "pattern": "AA", "window": 7}, "mistral"),
     "mixtral": ({**ATTENTION, "pattern": "AA", "mlp_pattern": "E", "n_kv_heads": 2, "moe": MOE}, "mixtral"),
-    "qwen2_moe_shared_mixed": ({**ATTENTION, "pattern": "AAA", "mlp_pattern": "DEE", "window": 9,
-                                "moe": {**MOE, "shared_experts": 2, "shared_hidden": 16}}, "qwen2_moe"),
+    "qwen2_moe_shared_mixed": (
+        {
+            **ATTENTION,
+            "pattern": "AAA",
+            "mlp_pattern": "DEE",
+            "window": 9,
+            "moe": {**MOE, "shared_experts": 2, "shared_hidden": 16},
+        },
+        "qwen2_moe",
+    ),
 }
 
 
@@ -83,13 +94,25 @@ def test_transformers_loads_the_export_with_unroll_logits(case, tiny_config, tmp
     assert meta["layout"] == layout and meta["step"] == 5
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     m = cfg.model
-    assert (config["num_key_value_heads"], config["head_dim"], config["rms_norm_eps"], config["rope_theta"],
-            config["tie_word_embeddings"], config["vocab_size"]) == (
-        m.kv_heads, m.attn_head_dim, m.norm_eps, m.rope_theta, m.tie_embeddings, m.vocab_size)
+    assert (
+        config["num_key_value_heads"],
+        config["head_dim"],
+        config["rms_norm_eps"],
+        config["rope_theta"],
+        config["tie_word_embeddings"],
+        config["vocab_size"],
+    ) == (m.kv_heads, m.attn_head_dim, m.norm_eps, m.rope_theta, m.tie_embeddings, m.vocab_size)
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
-    assert type(hf).__name__ == {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                                 "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}[layout]
+    assert (
+        type(hf).__name__
+        == {
+            "llama": "LlamaForCausalLM",
+            "mistral": "MistralForCausalLM",
+            "mixtral": "MixtralForCausalLM",
+            "qwen2_moe": "Qwen2MoeForCausalLM",
+        }[layout]
+    )
     tokens = torch.randint(0, m.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours, theirs = lm(tokens), hf(tokens).logits
@@ -134,7 +157,9 @@ def test_layouts_that_do_not_fit_are_refused_with_the_reason(tiny_config, tmp_pa
     nope = load_config(str(tiny_config("n", model={**ATTENTION, "pattern": "AA", "rope": False}))).model
     with pytest.raises(LayoutError, match="NoPE"):
         hf_architecture(nope, {})
-    mixed = load_config(str(tiny_config("m", model={**ATTENTION, "pattern": "AA", "mlp_pattern": "DE", "moe": MOE}))).model
+    mixed = load_config(
+        str(tiny_config("m", model={**ATTENTION, "pattern": "AA", "mlp_pattern": "DE", "moe": MOE}))
+    ).model
     with pytest.raises(LayoutError, match="without shared experts"):
         hf_architecture(mixed, {})
 
@@ -151,16 +176,31 @@ def test_layouts_that_do_not_fit_are_refused_with_the_reason(tiny_config, tmp_pa
 
 
 def test_foreign_configs_unroll_cannot_compute_are_refused():
-    base = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
-            "vocab_size": 300, "intermediate_size": 64}
+    base = {
+        "model_type": "llama",
+        "num_hidden_layers": 2,
+        "hidden_size": 32,
+        "num_attention_heads": 4,
+        "vocab_size": 300,
+        "intermediate_size": 64,
+    }
     assert model_fields(base)[1]["pattern"] == "AA"
-    for extra, words in [({"hidden_act": "gelu"}, "hidden_act='gelu'"), ({"attention_bias": True}, "attention_bias"),
-                         ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}}, "rope type 'llama3'"),
-                         ({"model_type": "gpt2"}, "model_type 'gpt2'")]:
+    for extra, words in [
+        ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+        ({"attention_bias": True}, "attention_bias"),
+        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}}, "rope type 'llama3'"),
+        ({"model_type": "gpt2"}, "model_type 'gpt2'"),
+    ]:
         with pytest.raises(LayoutError, match=words):
             model_fields({**base, **extra})
-    qwen = {**base, "model_type": "qwen2_moe", "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 8,
-            "shared_expert_intermediate_size": 8}
+    qwen = {
+        **base,
+        "model_type": "qwen2_moe",
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 8,
+        "shared_expert_intermediate_size": 8,
+    }
     with pytest.raises(LayoutError, match="qkv_bias"):  # Qwen2-MoE's default
         model_fields(qwen)
     with pytest.raises(LayoutError, match="norm_topk_prob"):
@@ -169,8 +209,10 @@ def test_foreign_configs_unroll_cannot_compute_are_refused():
 
 def test_bad_paths_are_named(tiny_config, tmp_path, offline_env):
     missing = tmp_path / "nowhere"
-    for args, words in [(["export", missing, "--out", tmp_path / "o"], f"{missing}: no such run"),
-                        (["import", tmp_path, "--out", tmp_path / "o"], f"{tmp_path}: not an export")]:
+    for args, words in [
+        (["export", missing, "--out", tmp_path / "o"], f"{missing}: no such run"),
+        (["import", tmp_path, "--out", tmp_path / "o"], f"{tmp_path}: not an export"),
+    ]:
         proc = run_cli(args, offline_env, check=False)  # the command line prints the message, exit 2
         assert proc.returncode == 2 and words in proc.stderr, (args, proc.stderr)
     with pytest.raises(checkpoint.CheckpointError, match="not a run directory"):
@@ -179,7 +221,10 @@ def test_bad_paths_are_named(tiny_config, tmp_path, offline_env):
         import_export(missing, tmp_path / "o")
     _, cfg = saved_run(tiny_config, "small", {**ATTENTION, "pattern": "AA"})
     export(cfg.run.dir, tmp_path / "small_export")
-    with pytest.raises(ExportError, match=r"small_export: weights do not fit the model of its config: size mismatch for embed.weight.*\(and 13 more\)"):
+    with pytest.raises(
+        ExportError,
+        match=r"small_export: weights do not fit the model of its config: size mismatch for embed.weight.*\(and 13 more\)",
+    ):
         import_export(tmp_path / "small_export", tmp_path / "wide", overrides=["model.d_model=64"])
     _, cfg = saved_run(tiny_config, "dense", {**ATTENTION, "pattern": "AA"})
     step_dir = checkpoint.complete_checkpoints(cfg.run.dir)[-1][1]
@@ -194,9 +239,16 @@ def test_bad_paths_are_named(tiny_config, tmp_path, offline_env):
 
 
 def test_every_layer_kind_round_trips_through_unrolls_layout(tiny_config, tmp_path):
-    model = {"pattern": "GLMA", "mlp_pattern": "DEDE", "d_model": 32, "n_heads": 2, "rope": False, "window": 5,
-             "m2rnn": {"k_dim": 8, "v_dim": 4, "v_heads": 8},
-             "moe": {**MOE, "score": "sigmoid", "shared_experts": 1, "bias_update_rate": 0.01}}
+    model = {
+        "pattern": "GLMA",
+        "mlp_pattern": "DEDE",
+        "d_model": 32,
+        "n_heads": 2,
+        "rope": False,
+        "window": 5,
+        "m2rnn": {"k_dim": 8, "v_dim": 4, "v_heads": 8},
+        "moe": {**MOE, "score": "sigmoid", "shared_experts": 1, "bias_update_rate": 0.01},
+    }
     lm, cfg = saved_run(tiny_config, "every", model, expert_bias=True)
     assert export(cfg.run.dir, tmp_path / "exp")["layout"] == "unroll"
     loaded, _, step = load_export(tmp_path / "exp")
@@ -236,8 +288,12 @@ def test_hybrid_round_trip_generates_alone_and_trains_on(tiny_config, tmp_path, 
     out = tmp_path / "exp"
     meta = json.loads((out / "unroll_export.json").read_text())
     assert meta["layout"] == "unroll" and meta["step"] == 8 and meta["train_state"]["samples_consumed"] == 32
-    assert {p.name for p in out.iterdir()} == {"model.safetensors", "tokenizer.model", "unroll_config.yaml",
-                                               "unroll_export.json"}
+    assert {p.name for p in out.iterdir()} == {
+        "model.safetensors",
+        "tokenizer.model",
+        "unroll_config.yaml",
+        "unroll_export.json",
+    }
 
     at8 = LM(straight.model)
     checkpoint.load_model_weights(step8, at8)
@@ -247,12 +303,14 @@ def test_hybrid_round_trip_generates_alone_and_trains_on(tiny_config, tmp_path, 
 
     tok = open_run_data(straight).tokenizer
     expect = sample(at8.eval(), tok.encode("To be"), 12, temperature=0)
-    proc = subprocess.run([sys.executable, "-c", GENERATE_ALONE, str(out)], env=offline_env, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", GENERATE_ALONE, str(out)], env=offline_env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == f"8 {expect} []"  # same tokens; no checkpoint/trainer module imported
-    text = run_cli(["generate", out, "--prompt", "To be", "--max-new-tokens", "12", "--temperature", "0"],
-                   offline_env).stdout
+    text = run_cli(
+        ["generate", out, "--prompt", "To be", "--max-new-tokens", "12", "--temperature", "0"], offline_env
+    ).stdout
     assert text.strip() == "To be" + tok.decode(expect)
 
     proc = run_cli(["import", out, "--out", tmp_path / "again"], offline_env)
@@ -264,8 +322,9 @@ def test_hybrid_round_trip_generates_alone_and_trains_on(tiny_config, tmp_path, 
     lm = LM(again.model)
     optimizer = build_optimizer(lm, again)
     checkpoint.load(checkpoint.complete_checkpoints(again.run.dir)[-1][1], lm, optimizer)
-    assert optimizer.state and all(s["step"].item() == 0 and not s["exp_avg"].any() and not s["exp_avg_sq"].any()
-                                   for s in optimizer.state.values())  # a new optimizer's state
+    assert optimizer.state and all(
+        s["step"].item() == 0 and not s["exp_avg"].any() and not s["exp_avg_sq"].any() for s in optimizer.state.values()
+    )  # a new optimizer's state
     summary = train(again)
     assert summary["step"] == 12
     a = {r["step"]: r["loss"] for r in read_metrics(straight.run.dir) if "loss" in r}
@@ -276,16 +335,25 @@ def test_hybrid_round_trip_generates_alone_and_trains_on(tiny_config, tmp_path, 
 
 
 SHARDED = {  # layout → (model, overrides, the launch line's layout, the transformers layout)
-    "ep": ({**ATTENTION, "pattern": "AA", "mlp_pattern": "E", "moe": MOE}, "parallel.ep=2", "(dp_shard 2 × ep 2)",
-           "mixtral"),
-    "tp": ({**ATTENTION, "pattern": "AA", "n_kv_heads": 2, "tie_embeddings": False}, "parallel.tp=2", "(tp 2)",
-           "llama"),
+    "ep": (
+        {**ATTENTION, "pattern": "AA", "mlp_pattern": "E", "moe": MOE},
+        "parallel.ep=2",
+        "(dp_shard 2 × ep 2)",
+        "mixtral",
+    ),
+    "tp": (
+        {**ATTENTION, "pattern": "AA", "n_kv_heads": 2, "tie_embeddings": False},
+        "parallel.tp=2",
+        "(tp 2)",
+        "llama",
+    ),
 }
 
 
 @pytest.mark.parametrize("kind", list(SHARDED))
-def test_two_rank_checkpoint_exports_with_the_runs_validation_loss(kind, tiny_config, tmp_path, offline_env,
-                                                                    transformers):
+def test_two_rank_checkpoint_exports_with_the_runs_validation_loss(
+    kind, tiny_config, tmp_path, offline_env, transformers
+):
     """Experts sharded over 2 ranks (ep=2, the rest by FSDP2), or the fused q/k/v and gate/up matrices
     split by tensor parallelism: the export, loaded by transformers, gives the validation loss the 2-rank
     run reported."""

@@ -1,6 +1,7 @@
 """SymmetricWorld (train/planning/fake_comm.py) in one process under torch's fake process group: the collectives'
 values in a symmetric world, their byte counts, DTensor, FSDP2 at world 64, pipeline schedules,
 expert-parallel MoE, object collectives and DCP."""
+
 import math
 import os
 
@@ -8,7 +9,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
@@ -56,17 +56,17 @@ def test_all_gather_and_reduce_scatter():
 
 def test_all_to_all_uneven_symmetric_splits():
     with fake_process_group(1, 4), SymmetricWorld() as world:
-        inp = torch.arange(7.0)                    # rank 1 sends [0] [1 2] [3] [4 5 6]: keeps [1 2]
-        out = torch.empty(8)                       # ... and receives 2 rows from every rank
+        inp = torch.arange(7.0)  # rank 1 sends [0] [1 2] [3] [4 5 6]: keeps [1 2]
+        out = torch.empty(8)  # ... and receives 2 rows from every rank
         dist.all_to_all_single(out, inp, [2, 2, 2, 2], [1, 2, 1, 3])
         assert out.tolist() == [1.0, 2.0] * 4
         assert world.traffic.total("all_to_all") == (7 - 2) * 4
         assert not world.unknown
-        out = torch.full((9,), float("nan"))       # split sizes no symmetric world gives
+        out = torch.full((9,), float("nan"))  # split sizes no symmetric world gives
         dist.all_to_all_single(out, inp, [2, 3, 2, 2], [1, 2, 1, 3])
         assert out.tolist() == [1.0, 2.0, 0.0, 0.0, 0.0, 1.0, 2.0, 1.0, 2.0]
         assert world.unknown["all_to_all split size"] == 1
-        counts = torch.arange(8)                   # equal splits: chunk `rank` in every slot
+        counts = torch.arange(8)  # equal splits: chunk `rank` in every slot
         recv = torch.empty_like(counts)
         dist.all_to_all_single(recv, counts)
         assert recv.tolist() == [2, 3] * 4
@@ -89,11 +89,11 @@ def test_broadcast_recv_and_send():
 
 def test_recv_mirrors_what_this_rank_sends_the_other_way():
     with fake_process_group(1, 4), SymmetricWorld(mirror_p2p=True) as world:
-        dist.send(torch.tensor([7.0, 8.0]), dst=2)   # to rank + 1: rank 0 sends rank 1 the like
+        dist.send(torch.tensor([7.0, 8.0]), dst=2)  # to rank + 1: rank 0 sends rank 1 the like
         buf = torch.empty(2)
         dist.recv(buf, src=0)
         assert buf.tolist() == [7.0, 8.0]
-        dist.recv(buf, src=2)                         # from rank + 1: nothing sent to rank - 1 yet
+        dist.recv(buf, src=2)  # from rank + 1: nothing sent to rank - 1 yet
         assert buf.tolist() == [0.0, 0.0] and world.unknown["recv"] == 1
 
 
@@ -168,8 +168,9 @@ def test_object_collectives():
 
 
 def _mlp_blocks(n: int, width: int, hidden: int) -> nn.Sequential:
-    return nn.Sequential(*[nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
-                           for _ in range(n)])
+    return nn.Sequential(
+        *[nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width)) for _ in range(n)]
+    )
 
 
 def _fsdp(model: nn.Module, blocks, mesh) -> nn.Module:
@@ -215,16 +216,17 @@ def test_fsdp2_step_at_world_64_counts_its_gathers_and_scatters():
         assert not world.unknown
 
 
-@pytest.mark.parametrize("schedule,pattern,rank", [
-    ("1F1B", "GA|LG", 0), ("1F1B", "GA|LG", 1), ("GPipe", "GA|LG", 1),
-    ("Interleaved1F1B", "GA|LG|GA|LG", 0)])
+@pytest.mark.parametrize(
+    "schedule,pattern,rank",
+    [("1F1B", "GA|LG", 0), ("1F1B", "GA|LG", 1), ("GPipe", "GA|LG", 1), ("Interleaved1F1B", "GA|LG|GA|LG", 0)],
+)
 def test_pipeline_schedule_steps_on_one_rank(schedule, pattern, rank):
     """The trainer's pipeline (static stage metadata) steps on one rank; the stages' vote is answered."""
     from torch.distributed.device_mesh import init_device_mesh
 
     from unroll.models import LM, ModelConfig
-    from unroll.train.planning.fake_comm import static_pipeline_vote
     from unroll.train.parallel.pipelined import Pipeline
+    from unroll.train.planning.fake_comm import static_pipeline_vote
 
     n_mb, mb, seq, d = 4, 2, 6, 16
     with fake_process_group(rank, 2), SymmetricWorld(recv_fill=static_pipeline_vote) as world:
@@ -273,9 +275,9 @@ def test_expert_parallel_moe_at_ep_8_exchanges_symmetric_splits():
         moe(x).square().sum().backward()
         assert x.grad.isfinite().all() and moe.w_gate_up.grad.isfinite().all()
 
-        mine = seen["counts"][2 * rank:2 * rank + 2]   # assignments to this rank's two experts
+        mine = seen["counts"][2 * rank : 2 * rank + 2]  # assignments to this rank's two experts
         own = int(mine.sum())
-        assert seen["sizes"] == (ep * mine).tolist()    # every source routed like this rank
+        assert seen["sizes"] == (ep * mine).tolist()  # every source routed like this rank
         assert seen["rows"] == ep * own
         # The experts' outputs return in the sizes this rank sent to each rank: chunks of another size than
         # its own are what no symmetric world can say (zeros, counted), in the combine's forward and in the
@@ -314,10 +316,10 @@ def test_dcp_save_writes_this_ranks_shards(tmp_path):
     assert set(files) == {".metadata", "__0_0.distcp"}
     meta = dcp.FileSystemReader(str(tmp_path / "local")).read_metadata()
     local_bytes = 0
-    for key, md in meta.state_dict_metadata.items():
+    for md in meta.state_dict_metadata.values():
         if not isinstance(md, TensorStorageMetadata):
             continue
-        (chunk,) = md.chunks                              # one chunk per tensor: this rank's
+        (chunk,) = md.chunks  # one chunk per tensor: this rank's
         rows = md.size[0] // n if len(md.size) else 0
         assert tuple(chunk.offsets) == ((rank * rows,) + (0,) * (len(md.size) - 1) if md.size else ())
         assert tuple(chunk.sizes) == ((rows,) + tuple(md.size[1:]) if md.size else ())

@@ -1,25 +1,37 @@
 """G_stack growth: block i of the grown model is the source's block i mod L bit for bit (every mixer kind,
 dense and MoE MLPs, stage marks), embedding/norm/head copied, a fresh optimizer, and `unroll train`
 continues from the grown run directory; the paper's growth-timing figures; bad input named."""
+
 import math
 
 import pytest
 import torch
-
 from conftest import torchrun_train
+
 from unroll.launch import cli
 from unroll.models import LM
 from unroll.train.checkpoint import dcp as checkpoint
 from unroll.train.checkpoint.dcp import CheckpointError
 from unroll.train.config import ConfigError, load_config
-from unroll.train.lifecycle.grow import (fresh_adamw_state, grow, grow_pattern, grown_model_config, growth_tokens,
-                               parse_count)
+from unroll.train.lifecycle.grow import (
+    fresh_adamw_state,
+    grow,
+    grow_pattern,
+    grown_model_config,
+    growth_tokens,
+    parse_count,
+)
 from unroll.train.metrics import read_metrics
 from unroll.train.trainer import build_optimizer, train
 
-HYBRID = {"pattern": "GL|MA", "mlp_pattern": "DE|ED", "tie_embeddings": False, "rope": False,
-          "m2rnn": {"k_dim": 8, "v_dim": 8, "v_heads": 4},
-          "moe": {"experts": 4, "top_k": 2, "hidden": 32, "shared_experts": 1, "bias_update_rate": 0.01}}
+HYBRID = {
+    "pattern": "GL|MA",
+    "mlp_pattern": "DE|ED",
+    "tie_embeddings": False,
+    "rope": False,
+    "m2rnn": {"k_dim": 8, "v_dim": 8, "v_heads": 4},
+    "moe": {"experts": 4, "top_k": 2, "hidden": 32, "shared_experts": 1, "bias_update_rate": 0.01},
+}
 
 
 def weights(run_or_ckpt, cfg_model, step_dir=None):

@@ -1,15 +1,16 @@
 """`unroll import` / `unroll generate` inputs: a model with fewer vocabulary rows than its tokenizer has ids is
 refused with one line; transformers' router_aux_loss_coef maps to moe.aux_loss_coef both ways (the same loss);
 an import of a run that reached its train.steps writes and prints a command that trains."""
+
 import json
 import re
 import shutil
 
 import pytest
 import torch
-
 from conftest import run_cli
 from test_export import ATTENTION, MOE, saved_run, transformers  # noqa: F401 (transformers is a fixture)
+
 from unroll.data.tokenizer import Tokenizer
 from unroll.train.config import load_config
 from unroll.train.lifecycle.export import export, import_export
@@ -43,8 +44,10 @@ def test_import_and_generate_refuse_a_vocabulary_smaller_than_the_tokenizer(tiny
         assert named in message and "ids 300-319 have no embedding row" in message, message
     run_dir = cfg.run.dir
     message = one_line_error(run_cli(["generate", run_dir, "--prompt", PROMPT], offline_env, check=False))
-    assert f"{run_dir}/config.yaml: model.vocab_size 300 is smaller than the 320 tokens of the tokenizer " \
-           f"{run_dir}/tokenizer.model" in message, message
+    assert (
+        f"{run_dir}/config.yaml: model.vocab_size 300 is smaller than the 320 tokens of the tokenizer "
+        f"{run_dir}/tokenizer.model" in message
+    ), message
 
 
 def test_router_aux_loss_coef_is_transformers_balancing_loss(tiny_config, tmp_path, transformers):  # noqa: F811
@@ -55,8 +58,9 @@ def test_router_aux_loss_coef_is_transformers_balancing_loss(tiny_config, tmp_pa
     assert config["model_type"] == "mixtral" and config["router_aux_loss_coef"] == pytest.approx(0.01 / 2)
 
     # the same balancing loss: transformers' (with output_router_logits) times its coefficient is unroll's
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32,
-                                                           output_router_logits=True).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "hf", dtype=torch.float32, output_router_logits=True
+    ).eval()
     tokens = torch.randint(0, cfg.model.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         theirs = hf(tokens).aux_loss * hf.config.router_aux_loss_coef
@@ -74,8 +78,12 @@ def test_router_aux_loss_coef_is_transformers_balancing_loss(tiny_config, tmp_pa
     (foreign / "config.json").write_text(json.dumps({**config, "router_aux_loss_coef": 0.02}))
     assert read_export(foreign).cfg.model.moe.aux_loss_coef == pytest.approx(0.02 * 2 / 1)  # × top_k / MoE layers
 
-    three = {**ATTENTION, "pattern": "AAA", "mlp_pattern": "DEE",  # Qwen2-MoE, 2 MoE layers of 3
-             "moe": {**MOE, "top_k": 1, "shared_experts": 1, "shared_hidden": 16, "aux_loss_coef": 0.01}}
+    three = {
+        **ATTENTION,
+        "pattern": "AAA",
+        "mlp_pattern": "DEE",  # Qwen2-MoE, 2 MoE layers of 3
+        "moe": {**MOE, "top_k": 1, "shared_experts": 1, "shared_hidden": 16, "aux_loss_coef": 0.01},
+    }
     _, cfg = saved_run(tiny_config, "qwen", three)
     export(cfg.run.dir, tmp_path / "qwen_hf")
     config = json.loads((tmp_path / "qwen_hf" / "config.json").read_text())
@@ -89,8 +97,9 @@ def test_import_of_a_run_past_its_steps_writes_and_prints_a_command_that_trains(
     assert cfg.train.steps == 12
     export(cfg.run.dir, tmp_path / "exp")
 
-    proc = run_cli(["import", tmp_path / "exp", "--out", tmp_path / "again", "train.steps=12"], offline_env,
-                   check=False)
+    proc = run_cli(
+        ["import", tmp_path / "exp", "--out", tmp_path / "again", "train.steps=12"], offline_env, check=False
+    )
     message = one_line_error(proc)  # the user's own train.steps is theirs: refused if it trains nothing
     assert "train.steps=12: the import resumes at step 12" in message and not (tmp_path / "again").exists()
 

@@ -1,22 +1,28 @@
 """Layout-independent initialisation (models/init.py, train/parallel/materialize.py): every element a function of
 the seed, the parameter's name and its global index, so a rank that builds on the meta device and
 allocates only its shards holds exactly the one-process weights."""
+
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import run_workers
 from torch import nn
 from torch.testing._internal.distributed.fake_pg import FakeStore
-
-from conftest import run_workers
-from pathlib import Path
 
 from unroll.models import LM
 from unroll.models.init import Draws, _key, constant, fill, identity, init_parameters, normal, uniform
 from unroll.models.paragru import chrono_bias
 from unroll.train.config import load_config
 
-RULES = {"normal": normal(0.5), "uniform": uniform(-2.0, 3.0), "identity": identity(), "constant": constant(7.0),
-         "chrono": chrono_bias(-1.0)}
+RULES = {
+    "normal": normal(0.5),
+    "uniform": uniform(-2.0, 3.0),
+    "identity": identity(),
+    "constant": constant(7.0),
+    "chrono": chrono_bias(-1.0),
+}
 
 
 def values(rule, shape, index=None, seed=0, name="w"):
@@ -32,7 +38,7 @@ def test_any_subset_of_elements_gets_the_values_of_the_whole_tensor(rule):
     whole = values(RULES[rule], shape)
     g = torch.Generator().manual_seed(0)
     for _ in range(5):  # arbitrary index sets along every dimension (shards, strided shards, reorderings)
-        index = [torch.randperm(n, generator=g)[:int(torch.randint(1, n + 1, (), generator=g))] for n in shape]
+        index = [torch.randperm(n, generator=g)[: int(torch.randint(1, n + 1, (), generator=g))] for n in shape]
         want = whole
         for d, idx in enumerate(index):
             want = want.index_select(d, idx)
@@ -86,10 +92,15 @@ def test_a_tensor_without_a_rule_is_refused_by_name():
         init_parameters(Undeclared(), 0)
 
 
-LAYOUTS = [("tiny-gru", 3, []), ("tiny-m2rnn", 4, ["parallel.tp=2"]), ("tiny-moe", 4, ["parallel.ep=4"]),
-           ("tiny-transformer", 4, ["parallel.pp=2", "parallel.tp=2", "model.tie_embeddings=false"]),
-           ("tiny-lstm", 4, ["parallel.pp=2", "parallel.pp_schedule=Interleaved1F1B"]),
-           ("tiny-tnt", 4, ["parallel.cp=2"]), ("tiny-gru", 4, ["parallel.dp_replicate=2"])]
+LAYOUTS = [
+    ("tiny-gru", 3, []),
+    ("tiny-m2rnn", 4, ["parallel.tp=2"]),
+    ("tiny-moe", 4, ["parallel.ep=4"]),
+    ("tiny-transformer", 4, ["parallel.pp=2", "parallel.tp=2", "model.tie_embeddings=false"]),
+    ("tiny-lstm", 4, ["parallel.pp=2", "parallel.pp_schedule=Interleaved1F1B"]),
+    ("tiny-tnt", 4, ["parallel.cp=2"]),
+    ("tiny-gru", 4, ["parallel.dp_replicate=2"]),
+]
 
 
 @pytest.mark.parametrize("preset,world,overrides", LAYOUTS, ids=[f"{p}-{w}-{'-'.join(o)}" for p, w, o in LAYOUTS])
@@ -112,8 +123,15 @@ def test_every_rank_of_a_fake_world_holds_its_part_of_the_one_process_weights(pr
             with torch.device("meta"):
                 model = LM(cfg.model)
             pipe = Pipeline(model, mesh["pp"], cfg.parallel.pp_schedule) if layout.pp > 1 else None
-            parallelize(model, mesh, layout, device=torch.device("cpu"), seed=5, bf16=False,
-                        stages=pipe.modules if pipe else None)
+            parallelize(
+                model,
+                mesh,
+                layout,
+                device=torch.device("cpu"),
+                seed=5,
+                bf16=False,
+                stages=pipe.modules if pipe else None,
+            )
             held = 0
             for part in pipe.modules if pipe else [model]:
                 for name, t in list(part.named_parameters()) + list(part.named_buffers()):
@@ -135,8 +153,10 @@ def test_meta_build_under_every_layout_equals_the_one_process_build(tmp_path):
     results = run_workers(Path(__file__).parent / "init_worker.py", 2, tmp_path)
     for r in results:
         assert {k for k, v in r.items() if "refused" not in v} >= {
-            f"{p}/{lay}" for p in ("tiny-gru", "tiny-lstm", "tiny-m2rnn", "tiny-moe", "tiny-transformer")
-            for lay in ("dp_shard2", "tp2", "pp2")} | {"tiny-moe/ep2", "tiny-tnt/dp_shard2", "tiny-tnt/pp2"}
+            f"{p}/{lay}"
+            for p in ("tiny-gru", "tiny-lstm", "tiny-m2rnn", "tiny-moe", "tiny-transformer")
+            for lay in ("dp_shard2", "tp2", "pp2")
+        } | {"tiny-moe/ep2", "tiny-tnt/dp_shard2", "tiny-tnt/pp2"}
         for case, v in r.items():
             if "refused" in v:
                 assert case == "tiny-tnt/tp2"

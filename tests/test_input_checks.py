@@ -1,5 +1,6 @@
 """Inputs checked where they enter: a shard's token ids against model.vocab_size before training starts (Megatron
 shards are scanned once per process, unroll's record their largest id), a padded model vocabulary trains."""
+
 import json
 import os
 import shutil
@@ -7,8 +8,8 @@ import shutil
 import numpy as np
 import pytest
 import yaml
-
 from conftest import run_cli, tiny_config_dict
+
 from unroll.data import shards as S
 from unroll.data.errors import DataError
 from unroll.data.shards import TokenShard, check_token_ids, check_vocab, indexed_dataset_module
@@ -33,8 +34,9 @@ def legacy_eod_docs(small_data, eod):
     return [np.append(shard.doc(i)[:-1], eod).tolist() for i in range(shard.n_docs)]
 
 
-def test_train_refuses_a_shard_id_past_the_vocabulary_before_step_1_and_trains_once_padded(small_data, tmp_path,
-                                                                                          offline_env):
+def test_train_refuses_a_shard_id_past_the_vocabulary_before_step_1_and_trains_once_padded(
+    small_data, tmp_path, offline_env
+):
     vocab = small_data.vocab
     (tmp_path / "megatron").mkdir()
     prefix = write_megatron(tmp_path / "megatron" / "text_document", legacy_eod_docs(small_data, eod=vocab))
@@ -48,8 +50,14 @@ def test_train_refuses_a_shard_id_past_the_vocabulary_before_step_1_and_trains_o
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     message = proc.stderr.strip()
-    for words in (f"'{prefix}.bin'", f"token id {vocab}", f"model.vocab_size is {vocab}", f"at least {vocab + 1}",
-                  "model.vocab_size=384", "data.train[0]"):
+    for words in (
+        f"'{prefix}.bin'",
+        f"token id {vocab}",
+        f"model.vocab_size is {vocab}",
+        f"at least {vocab + 1}",
+        "model.vocab_size=384",
+        "data.train[0]",
+    ):
         assert words in message, (words, message)
     assert not (tmp_path / "run").exists()  # refused before the run directory, let alone step 1
     assert sorted(os.listdir(tmp_path / "megatron")) == ["text_document.bin", "text_document.idx"]
@@ -71,11 +79,15 @@ def test_recorded_largest_id_is_used_without_a_scan(small_data, tmp_path, monkey
 
     monkeypatch.setattr(S, "_scan_ids", no_scan)
     assert check_token_ids([shards / "train", shards / "valid"], small_data.vocab) == max(
-        meta["train"]["max_token_id"], meta["valid"]["max_token_id"])
+        meta["train"]["max_token_id"], meta["valid"]["max_token_id"]
+    )
     meta["train"]["max_token_id"] = 999  # the recorded value is the one judged
     (shards / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(DataError, match=r"train\.bin' holds token id 999 \(per the meta.json beside it\).*"
-                                        r"at least 1000 \(e\.g\. model\.vocab_size=1024"):
+    with pytest.raises(
+        DataError,
+        match=r"train\.bin' holds token id 999 \(per the meta.json beside it\).*"
+        r"at least 1000 \(e\.g\. model\.vocab_size=1024",
+    ):
         check_token_ids([shards / "train"], small_data.vocab)
 
 
@@ -89,8 +101,11 @@ def test_foreign_shards_are_scanned_once_per_process_in_bounded_windows(tmp_path
     monkeypatch.setattr(S, "_scan_ids", lambda *a: scans.append(a) or real_scan(*a))
     monkeypatch.setattr(S, "_SCAN_CHUNK", 7)  # many windows, the last one partial
     S._scanned.clear()
-    with pytest.raises(DataError, match=r"mega\.bin' holds token id 2050, but model.vocab_size is 2048.*"
-                                        r"at least 2051 \(e\.g\. model\.vocab_size=2112"):
+    with pytest.raises(
+        DataError,
+        match=r"mega\.bin' holds token id 2050, but model.vocab_size is 2048.*"
+        r"at least 2051 \(e\.g\. model\.vocab_size=2112",
+    ):
         check_token_ids([prefix], 2048)
     assert check_token_ids([prefix, TokenShard(prefix)], 2051) == 2050
     assert len(scans) == 1  # the same file is read once per process

@@ -3,27 +3,31 @@ time (collective timeouts), with the rank's error in its own log file, once `--m
 rank killed while restarts remain makes torchrun restart every rank, which resume from the newest
 checkpoint to the very losses of an uninterrupted run; a signal torchrun forwards stops the job without
 a restart."""
+
 import re
 import signal
 import subprocess
 import time
 
 import pytest
-
 from conftest import UNROLL, run_cli
 from fault_hook import fault_env
+
 from unroll.train.metrics import read_metrics
 
 
 def launch(config, env, *flags, check: bool = False):
-    return run_cli(["launch", "local", config, "--nproc", "2", "--shutdown-timeout", "5", *flags], env,
-                   timeout=240, check=check)
+    return run_cli(
+        ["launch", "local", config, "--nproc", "2", "--shutdown-timeout", "5", *flags], env, timeout=240, check=check
+    )
 
 
 def rank_logs(run_dir) -> dict[tuple[str, str], str]:
     """(attempt_N, local rank) → that rank's stderr.log."""
-    return {(p.parent.parent.name, p.parent.name): p.read_text()
-            for p in (run_dir / "logs").glob("local-*/*/attempt_*/*/stderr.log")}
+    return {
+        (p.parent.parent.name, p.parent.name): p.read_text()
+        for p in (run_dir / "logs").glob("local-*/*/attempt_*/*/stderr.log")
+    }
 
 
 def trained(run_dir) -> dict:
@@ -84,9 +88,12 @@ def test_dry_run_prints_the_torchrun_command_and_bad_keys_stop_first(tiny_config
     config = tiny_config("dry")
     assert main(["launch", "local", str(config), "--nproc", "4", "--dry-run", "train.steps=2"]) == 0
     out = capsys.readouterr().out
-    for words in ["-m unroll.launch.torchrun --standalone --nproc-per-node 4 --max-restarts 0",
-                  "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--redirects 3 --tee 3",
-                  f"-m unroll.launch.cli train {config} train.steps=2"]:
+    for words in [
+        "-m unroll.launch.torchrun --standalone --nproc-per-node 4 --max-restarts 0",
+        "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+        "--redirects 3 --tee 3",
+        f"-m unroll.launch.cli train {config} train.steps=2",
+    ]:
         assert words in out
     assert main(["launch", "local", str(config), "--nproc", "2", "--max-restarts", "3", "--dry-run"]) == 0
     assert "--max-restarts 3" in capsys.readouterr().out
@@ -96,18 +103,27 @@ def test_dry_run_prints_the_torchrun_command_and_bad_keys_stop_first(tiny_config
     assert "run.collective_timeout_s: must be positive, got 0" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--nproc", "3"], "train.batch_size=4 is not divisible by the 3 data-parallel ranks"),
-    (["--nproc", "2", "parallel.tp=2", "parallel.dp_shard=2"],
-     "parallel: pp × dp_replicate × dp_shard × cp × tp = 1 × 1 × 2 × 1 × 2 = 4 ranks, but the world size is 2"),
-    (["--nproc", "3", "parallel.tp=3"], "parallel.tp=3 must divide model.vocab_size=320"),
-    (["--nproc", "4", "parallel.pp=2", "train.batch_size=2"],
-     "parallel.pp=2 with parallel.pp_schedule=1F1B runs 2 stages: each data rank's share of the batch is split into "
-     "at least 2 micro-batches that 1F1B accepts, but train.batch_size=2 over 2 data rank(s) is 1 sequence(s) each; "
-     "set train.batch_size=4"),
-    (["--nproc", "2", "data.train=[/nowhere/train]"], "config key 'data.train[0]': token shard file missing: "
-                                                      "'/nowhere/train.idx'"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--nproc", "3"], "train.batch_size=4 is not divisible by the 3 data-parallel ranks"),
+        (
+            ["--nproc", "2", "parallel.tp=2", "parallel.dp_shard=2"],
+            "parallel: pp × dp_replicate × dp_shard × cp × tp = 1 × 1 × 2 × 1 × 2 = 4 ranks, but the world size is 2",
+        ),
+        (["--nproc", "3", "parallel.tp=3"], "parallel.tp=3 must divide model.vocab_size=320"),
+        (
+            ["--nproc", "4", "parallel.pp=2", "train.batch_size=2"],
+            "parallel.pp=2 with parallel.pp_schedule=1F1B runs 2 stages: each data rank's share of the batch is split into "
+            "at least 2 micro-batches that 1F1B accepts, but train.batch_size=2 over 2 data rank(s) is 1 sequence(s) each; "
+            "set train.batch_size=4",
+        ),
+        (
+            ["--nproc", "2", "data.train=[/nowhere/train]"],
+            "config key 'data.train[0]': token shard file missing: '/nowhere/train.idx'",
+        ),
+    ],
+)
 def test_the_launcher_checks_layout_batch_and_data_before_any_process_starts(flags, message, tiny_config, capsys):
     from unroll.launch.cli import main
 
@@ -139,8 +155,12 @@ def test_ctrl_c_checkpoints_stops_the_ranks_and_exits_130(tiny_config, offline_e
     config = tiny_config("interrupted", train={"steps": 100000}, eval={"every": 0}, checkpoint={"every": 0})
     console = tmp_path / "console.txt"
     with open(console, "w") as out:
-        proc = subprocess.Popen([*UNROLL, "launch", "local", str(config), "--nproc", "2", "--shutdown-timeout", "120"],
-                                env=offline_env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [*UNROLL, "launch", "local", str(config), "--nproc", "2", "--shutdown-timeout", "120"],
+            env=offline_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 240
         while not any("loss" in r for r in read_metrics(run_dir)):  # the ranks' signal handlers are in place

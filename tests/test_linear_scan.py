@@ -1,8 +1,9 @@
 """linear_scan (the chunked PyTorch reference) against a plain loop, forward and backward, in float64."""
+
 import pytest
 import torch
-
 from conftest import scan_inputs
+
 from unroll.kernels import linear_scan
 
 
@@ -12,7 +13,7 @@ def loop(a, b, h0, block, reverse=False, resets=None):
     T, h, out = b.shape[1], h0, [None] * b.shape[1]
     a_t, b_t = a.unbind(1), b.unbind(1)
     keep = (~resets).to(a.dtype).unbind(1) if resets is not None else None
-    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+    for t in range(T - 1, -1, -1) if reverse else range(T):
         at = a_t[t] if keep is None else a_t[t] * keep[t].view(-1, *([1] * (a.dim() - 2)))
         h = ((at @ h.unsqueeze(-1)).squeeze(-1) if block else at * h) + b_t[t]
         out[t] = h
@@ -43,9 +44,11 @@ def test_matches_loop_forward_and_backward(T, k, reverse):
 def test_gradcheck(k):
     a, b, h0, resets = inputs(11, k, seed=5)
     assert torch.autograd.gradcheck(
-        lambda a_, b_, h_: linear_scan(a_, b_, h_, resets=resets), [x.requires_grad_() for x in (a, b, h0)])
+        lambda a_, b_, h_: linear_scan(a_, b_, h_, resets=resets), [x.requires_grad_() for x in (a, b, h0)]
+    )
     assert torch.autograd.gradcheck(
-        lambda a_, b_, h_: linear_scan(a_, b_, h_, reverse=True), [x.detach().requires_grad_() for x in (a, b, h0)])
+        lambda a_, b_, h_: linear_scan(a_, b_, h_, reverse=True), [x.detach().requires_grad_() for x in (a, b, h0)]
+    )
 
 
 def test_default_h0_is_zero_and_shapes_are_checked():

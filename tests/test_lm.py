@@ -1,4 +1,5 @@
 """The LM: generation by steps equals the full-sequence forward; attention against an explicit reference."""
+
 import math
 
 import pytest
@@ -19,13 +20,22 @@ M2 = {"m2rnn": M2RNNConfig(k_dim=4, v_dim=4, qk_heads=2, v_heads=4)}
 MOE = {"mlp_pattern": "E", "moe": MoEConfig(experts=4, top_k=2, hidden=16, shared_experts=1, bias_update_rate=0.1)}
 
 
-@pytest.mark.parametrize("pattern,kw", [
-    ("GG", {}), ("LL", {"rnn_heads": 2}), ("AA", {}), ("GA|AL", {"n_kv_heads": 2}),
-    ("AG", {"tie_embeddings": False, "rnn_width": 24}),
-    ("MM", M2), ("MA", M2 | {"m2rnn": M2RNNConfig(k_dim=4, v_dim=4, qk_heads=1, v_heads=4, solver="newton")}),
-    ("AA", {"window": 4}), ("AA", {"window": 6, "rope": False, "n_kv_heads": 2, "head_dim": 6}),
-    ("MAGL", M2 | MOE | {"window": 3}), ("GA", {"mlp_pattern": "DE", "moe": MOE["moe"]}),
-])
+@pytest.mark.parametrize(
+    "pattern,kw",
+    [
+        ("GG", {}),
+        ("LL", {"rnn_heads": 2}),
+        ("AA", {}),
+        ("GA|AL", {"n_kv_heads": 2}),
+        ("AG", {"tie_embeddings": False, "rnn_width": 24}),
+        ("MM", M2),
+        ("MA", M2 | {"m2rnn": M2RNNConfig(k_dim=4, v_dim=4, qk_heads=1, v_heads=4, solver="newton")}),
+        ("AA", {"window": 4}),
+        ("AA", {"window": 6, "rope": False, "n_kv_heads": 2, "head_dim": 6}),
+        ("MAGL", M2 | MOE | {"window": 3}),
+        ("GA", {"mlp_pattern": "DE", "moe": MOE["moe"]}),
+    ],
+)
 def test_step_by_step_equals_full_forward(pattern, kw):
     model = tiny(pattern, **kw)
     tokens = torch.randint(0, 50, (3, 13))

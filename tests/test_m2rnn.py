@@ -1,6 +1,7 @@
 """The M²RNN mixer: its solvers agree (Newton, the PyTorch sequential loop, the Triton sequential kernel),
 in float64, forward and gradients; the Newton cell's closed-form Jacobian; the paper's initialisation;
 and the 7B preset's layer size."""
+
 import math
 
 import pytest
@@ -28,7 +29,7 @@ def explicit(m: M2RNN, x: torch.Tensor) -> torch.Tensor:
     qkv, a, g = m.in_proj(x).split([m.conv_channels, H, H * V], dim=-1)
     w = m.conv.weight[:, 0]  # [C, width]
     padded = F.pad(qkv, (0, 0, m.conv_width - 1, 0))
-    conv = torch.stack([(padded[:, t:t + m.conv_width] * w.t()).sum(1) for t in range(T)], 1)
+    conv = torch.stack([(padded[:, t : t + m.conv_width] * w.t()).sum(1) for t in range(T)], 1)
     q, k, v = F.silu(conv).split([G * K, G * K, H * V], dim=-1)
     q, k, v = q.view(B, T, G, K), k.view(B, T, G, K), v.view(B, T, H, V)
     A = m.A_log.exp()
@@ -41,7 +42,9 @@ def explicit(m: M2RNN, x: torch.Tensor) -> torch.Tensor:
             for h in range(H):
                 grp = h // (H // G)
                 f = torch.exp(-A[h] * F.softplus(a[b, t, h] + m.dt_bias[h]))
-                state[h] = f * state[h] + (1 - f) * torch.tanh(state[h] @ m.W[h] + torch.outer(k[b, t, grp], v[b, t, h]))
+                state[h] = f * state[h] + (1 - f) * torch.tanh(
+                    state[h] @ m.W[h] + torch.outer(k[b, t, grp], v[b, t, h])
+                )
                 ys.append(q[b, t, grp] @ state[h] + m.D[h] * v[b, t, h])
             y = torch.cat(ys) * F.silu(g[b, t])
             rows.append(m.out_proj(m.norm(y)))
@@ -72,8 +75,9 @@ def test_newton_torch_and_triton_sequential_agree_forward_and_gradients(monkeypa
     for path in ("newton", "torch", "triton"):
         m = mixer("newton" if path == "newton" else "sequential", qk_heads=qk_heads, conv=conv)
         impl = "triton" if path == "triton" else "torch"
-        monkeypatch.setattr(m2rnn_module, "m2rnn_sequential",
-                            lambda *a, impl=impl, **k: m2rnn_sequential(*a, impl=impl, **k))
+        monkeypatch.setattr(
+            m2rnn_module, "m2rnn_sequential", lambda *a, impl=impl, **k: m2rnn_sequential(*a, impl=impl, **k)
+        )
         xi = x.clone().requires_grad_()
         y, state = m(xi)
         ((y * w_out).sum() + state.h.square().sum()).backward()
@@ -91,8 +95,9 @@ def test_closed_form_jacobian_matches_autograd():
     H, K, V = 3, 4, 5
     cell = M2RNNCell(torch.randn(H, V, V, dtype=torch.float64), K)
     h = torch.randn(2, 3, H * K, V, dtype=torch.float64)
-    u = torch.cat([torch.randn(2, 3, H * K, V, dtype=torch.float64),
-                   torch.rand(2, 3, H * K, 1, dtype=torch.float64)], dim=-1)
+    u = torch.cat(
+        [torch.randn(2, 3, H * K, V, dtype=torch.float64), torch.rand(2, 3, H * K, 1, dtype=torch.float64)], dim=-1
+    )
     value, J = cell.value_and_jacobian(h, u)
     torch.testing.assert_close(value, cell(h, u))
     full = jacrev(lambda s: cell(s, u))(h)  # [2, 3, HK, V, 2, 3, HK, V]

@@ -2,6 +2,7 @@
 Python, and m2rnn_triton (kernels/triton_m2rnn.py) against it, forward and all six gradients. Without a GPU
 the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1): sizes stay small, and chunks of
 2-4 steps stand in for long sequences (several checkpoints, a short last chunk)."""
+
 import importlib.util
 import math
 
@@ -29,7 +30,7 @@ def inputs(B, T, G, H, K, V, seed, *, f_range=(0.05, 0.95), h0=True, dtype=torch
     else:
         q, k, v = r(B, T, G, K), r(B, T, G, K), r(B, T, H, V)
     f = torch.empty(B, T, H, dtype=torch.float64).uniform_(*f_range, generator=g)
-    xs = [q, k * 0.7, v * 0.7, f, r(H, V, V) / V ** 0.5, r(B, H, K, V) * 0.5 if h0 else None]
+    xs = [q, k * 0.7, v * 0.7, f, r(H, V, V) / V**0.5, r(B, H, K, V) * 0.5 if h0 else None]
     return [None if x is None else x.to(DEVICE, dtype).requires_grad_() for x in xs]
 
 
@@ -110,7 +111,7 @@ def test_reference_two_steps_by_hand():
     Hs = [[0.1, 0.2], [-0.3, 0.4]]
     ys = []
     for t in range(2):
-        z = [[sum(Hs[i][l] * W[l][j] for l in range(2)) + k[t][i] * v[t][j] for j in range(2)] for i in range(2)]
+        z = [[sum(Hs[i][m] * W[m][j] for m in range(2)) + k[t][i] * v[t][j] for j in range(2)] for i in range(2)]
         Hs = [[f[t] * Hs[i][j] + (1 - f[t]) * math.tanh(z[i][j]) for j in range(2)] for i in range(2)]
         ys.append([sum(q[t][i] * Hs[i][j] for i in range(2)) for j in range(2)])
     # the loop spot-checked by hand at step 0, column 0: z = (0.1·0.5 + 0.2·0.1 + 0.5·1, −0.3·0.5 + 0.4·0.1 − 1·1)
@@ -118,9 +119,14 @@ def test_reference_two_steps_by_hand():
     by_hand = 0.03 + 0.7 * math.tanh(0.57) + 2 * (-0.09 + 0.7 * math.tanh(-1.11))
     assert math.isclose(ys[0][0], by_hand, abs_tol=1e-15)
     d = dict(dtype=torch.float64)
-    y, h = m2rnn_reference(torch.tensor(q, **d).view(1, 2, 1, 2), torch.tensor(k, **d).view(1, 2, 1, 2),
-                           torch.tensor(v, **d).view(1, 2, 1, 2), torch.tensor(f, **d).view(1, 2, 1),
-                           torch.tensor(W, **d).view(1, 2, 2), torch.tensor([[[[0.1, 0.2], [-0.3, 0.4]]]], **d))
+    y, h = m2rnn_reference(
+        torch.tensor(q, **d).view(1, 2, 1, 2),
+        torch.tensor(k, **d).view(1, 2, 1, 2),
+        torch.tensor(v, **d).view(1, 2, 1, 2),
+        torch.tensor(f, **d).view(1, 2, 1),
+        torch.tensor(W, **d).view(1, 2, 2),
+        torch.tensor([[[[0.1, 0.2], [-0.3, 0.4]]]], **d),
+    )
     torch.testing.assert_close(y, torch.tensor(ys, **d).view(1, 2, 1, 2), rtol=1e-14, atol=1e-14)
     torch.testing.assert_close(h, torch.tensor(Hs, **d).view(1, 1, 2, 2), rtol=1e-14, atol=1e-14)
 
@@ -138,9 +144,11 @@ def test_checkpointed_equals_the_reference_and_keeps_a_state_per_chunk(T, h0):
 
     def saved_bytes(fn):
         seen = {}
+
         def pack(t):
             seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
+
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             fn(*xs)
         return sum(seen.values())

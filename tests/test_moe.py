@@ -1,5 +1,6 @@
 """MoE MLP: dropless top-k routing against a dense reference, grouped vs looped experts, balancing losses,
 the aux-loss-free bias, parameter accounting."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -216,10 +217,18 @@ def test_bf16_autocast(hidden):
     assert all(p.grad.isfinite().all() for p in moe.parameters())
 
 
-@pytest.mark.parametrize("kw, name", [
-    ({"top_k": 7}, "top_k"), ({"top_k": 0}, "top_k"), ({"score": "relu"}, "score"), ({"hidden": 0}, "hidden"),
-    ({"shared_experts": 1}, "shared_hidden"), ({"aux_loss_coef": -1}, "aux_loss_coef"),
-    ({"bias_update_rate": -0.1}, "bias_update_rate")])
+@pytest.mark.parametrize(
+    "kw, name",
+    [
+        ({"top_k": 7}, "top_k"),
+        ({"top_k": 0}, "top_k"),
+        ({"score": "relu"}, "score"),
+        ({"hidden": 0}, "hidden"),
+        ({"shared_experts": 1}, "shared_hidden"),
+        ({"aux_loss_coef": -1}, "aux_loss_coef"),
+        ({"bias_update_rate": -0.1}, "bias_update_rate"),
+    ],
+)
 def test_validation(kw, name):
     with pytest.raises(ValueError, match=name):
         MoE(D, **({"n_experts": E, "top_k": K, "hidden": H} | kw))

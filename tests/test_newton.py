@@ -1,5 +1,6 @@
 """newton_solve and sequential_solve against a step-by-step loop in float64: diagonal, 2×2, 16×16 blocks
 and dense Jacobians (all by autodiff here), long and awkward lengths, resets, non-zero h0, gradients."""
+
 import pytest
 import torch
 
@@ -31,7 +32,7 @@ def make_problem(structure, T, seed, scale=0.9):
 
         x, h0, params = torch.randn(B, T, 2, D, generator=g, **opts), torch.randn(B, D, generator=g, **opts), [w]
     elif structure == "dense":
-        W = torch.randn(D, D, generator=g, **opts) * scale / D ** 0.5
+        W = torch.randn(D, D, generator=g, **opts) * scale / D**0.5
 
         def cell(h, x):
             return torch.tanh(h @ W + x)
@@ -39,7 +40,7 @@ def make_problem(structure, T, seed, scale=0.9):
         x, h0, params = torch.randn(B, T, D, generator=g, **opts), torch.randn(B, D, generator=g, **opts), [W]
     else:
         k = structure[1]
-        W = torch.randn(D, k, k, generator=g, **opts) * scale / k ** 0.5
+        W = torch.randn(D, k, k, generator=g, **opts) * scale / k**0.5
 
         def cell(h, x):  # D independent k-vectors, each mixed by its own k×k matrix
             return torch.tanh(torch.einsum("dij,...dj->...di", W, h) + x) * (1 - 0.1 * torch.sigmoid(h))
@@ -88,13 +89,17 @@ def test_gradcheck(structure):
     resets[1, 3] = True
 
     # x and h0 through newton_solve as it is; the parameter through a cell that takes it as an argument
-    assert torch.autograd.gradcheck(lambda x_, h0_: newton_solve(cell, x_, h0_, structure=structure,
-                                                                 resets=resets)[0],
-                                    (x.requires_grad_(), h0.requires_grad_()))
+    assert torch.autograd.gradcheck(
+        lambda x_, h0_: newton_solve(cell, x_, h0_, structure=structure, resets=resets)[0],
+        (x.requires_grad_(), h0.requires_grad_()),
+    )
     p = params[0].requires_grad_()
-    assert torch.autograd.gradcheck(lambda p_: newton_solve(
-        lambda h, xx: cell_with(structure, p_, h, xx), x.detach(), h0.detach(), structure=structure,
-        resets=resets)[0], (p,))
+    assert torch.autograd.gradcheck(
+        lambda p_: newton_solve(
+            lambda h, xx: cell_with(structure, p_, h, xx), x.detach(), h0.detach(), structure=structure, resets=resets
+        )[0],
+        (p,),
+    )
 
 
 def cell_with(structure, p, h, x):

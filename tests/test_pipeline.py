@@ -2,13 +2,14 @@
 modules that chain to the single-device model, and every schedule (GPipe, 1F1B, Interleaved1F1B, LoopedBFS,
 InterleavedZeroBubble, ZBVZeroBubble, DualPipeV) on 2 gloo ranks giving the single-process loss (mean over
 the microbatches) and gradients in float64, tied and untied embeddings."""
+
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_workers
+
 from unroll.models import LM, ModelConfig
 from unroll.train.parallel.pipeline import (
     SCHEDULES,
@@ -32,6 +33,7 @@ def tiny(pattern: str, **kw) -> ModelConfig:
 
 
 # --- stage splits -------------------------------------------------------------------------------------------
+
 
 def test_marks_are_respected():
     assert stage_layers(tiny("GA|LG"), 2) == [[0, 1], [2, 3]]
@@ -92,6 +94,7 @@ def test_balance_minimizes_the_largest_stage():
 
 # --- placement and names ------------------------------------------------------------------------------------
 
+
 def test_stage_placement():
     assert stage_ranks(2, 2, "loop") == [0, 1]
     assert stage_ranks(4, 2, "loop") == [0, 1, 0, 1]
@@ -110,6 +113,7 @@ def test_schedule_names():
 
 
 # --- stage modules in one process ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_stage_modules_chain_to_the_model(tied):
@@ -147,6 +151,7 @@ def test_stage_modules_chain_to_the_model(tied):
 
 
 # --- every schedule on 2 ranks ------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:

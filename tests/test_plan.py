@@ -1,6 +1,7 @@
 """`unroll plan` from the code's own accounting: its parameter shares are what the trainer's layout gives a
 rank (checked at 7B scale on the meta device), its components agree with what `unroll rehearse` measures
 running the same rank's program (tiny and 400M presets, 8 to 64 fake ranks), and the command line."""
+
 from pathlib import Path
 
 import pytest
@@ -13,21 +14,26 @@ from unroll.train.config import load_config
 from unroll.train.parallel.mesh import Layout
 from unroll.train.planning.plan import GiB, candidate_layouts, estimate, plan
 
-LAYOUTS_7B = [("paragru-7b", dict(dp_shard=64)), ("paragru-7b", dict(dp_shard=16, tp=4)),
-              ("paralstm-7b", dict(pp=2, dp_shard=8, tp=4)), ("m2rnn-moe-7b", dict(dp_shard=64, ep=8)),
-              ("m2rnn-moe-7b", dict(dp_shard=16, tp=4))]
+LAYOUTS_7B = [
+    ("paragru-7b", dict(dp_shard=64)),
+    ("paragru-7b", dict(dp_shard=16, tp=4)),
+    ("paralstm-7b", dict(pp=2, dp_shard=8, tp=4)),
+    ("m2rnn-moe-7b", dict(dp_shard=64, ep=8)),
+    ("m2rnn-moe-7b", dict(dp_shard=16, tp=4)),
+]
 
 
-@pytest.mark.parametrize("preset,layout", LAYOUTS_7B, ids=[f"{p}-{'-'.join(f'{k}{v}' for k, v in lay.items())}"
-                                                           for p, lay in LAYOUTS_7B])
+@pytest.mark.parametrize(
+    "preset,layout", LAYOUTS_7B, ids=[f"{p}-{'-'.join(f'{k}{v}' for k, v in lay.items())}" for p, lay in LAYOUTS_7B]
+)
 def test_the_plan_holds_exactly_what_the_trainer_gives_rank_0(preset, layout):
     """The 7B model built on the meta device and sharded by the trainer's own parallelize for rank 0 of 64
     (torch's fake process group; nothing allocated): the elements it holds are the plan's."""
     from unroll.models import LM
-    from unroll.train.planning.fake_comm import fake_process_group
     from unroll.train.parallel.mesh import build_mesh
     from unroll.train.parallel.parallelize import _shard
     from unroll.train.parallel.pipelined import Pipeline
+    from unroll.train.planning.fake_comm import fake_process_group
 
     cfg = load_config(preset)
     lay = Layout(**layout)
@@ -36,10 +42,20 @@ def test_the_plan_holds_exactly_what_the_trainer_gives_rank_0(preset, layout):
         with torch.device("meta"):
             model = LM(cfg.model)
         pipe = Pipeline(model, mesh["pp"], cfg.parallel.pp_schedule) if lay.pp > 1 else None
-        _shard(model, mesh, lay, bf16=True, activation_checkpoint="full", compile=False,
-               stages=pipe.modules if pipe else None)
-        held = sum((p.to_local() if isinstance(p, DTensor) else p).numel()
-                   for part in (pipe.modules if pipe else [model]) for p in part.parameters())
+        _shard(
+            model,
+            mesh,
+            lay,
+            bf16=True,
+            activation_checkpoint="full",
+            compile=False,
+            stages=pipe.modules if pipe else None,
+        )
+        held = sum(
+            (p.to_local() if isinstance(p, DTensor) else p).numel()
+            for part in (pipe.modules if pipe else [model])
+            for p in part.parameters()
+        )
     assert estimate(cfg, lay).params_held == held
 
 
@@ -50,7 +66,9 @@ def test_experts_are_split_by_expert_parallelism_and_the_rest_by_fsdp():
     # ep = 1: FSDP shards the experts over 64 ranks; ep = 8: each rank keeps its 16 experts whole
     assert eight.params_held - one.params_held == pytest.approx(experts / 8 - experts / 64, rel=1e-3)
     c = eight.components
-    assert c.weights == pytest.approx(4 * eight.params_held, rel=1e-4) and c.optimizer == pytest.approx(2 * c.gradients, rel=1e-4)
+    assert c.weights == pytest.approx(4 * eight.params_held, rel=1e-4) and c.optimizer == pytest.approx(
+        2 * c.gradients, rel=1e-4
+    )
 
 
 def test_tensor_parallel_layouts_need_tp_to_divide_the_vocabulary():

@@ -1,6 +1,7 @@
 """train/preflight.py: the checks a launcher runs before any process starts (the ranks run the same), and
 pipelining's default micro-batches. The launchers' use of it is tested through their entry points in
 tests/test_launch_local.py and tests/test_slurm.py."""
+
 import pytest
 
 from unroll.train.config import load_config
@@ -9,21 +10,32 @@ from unroll.train.preflight import check_layout, preflight
 
 
 def config(*overrides: str):
-    return load_config(None, ["model.pattern=GAGAGAGA", "model.vocab_size=320", "model.d_model=32",
-                              "model.n_heads=2", *overrides])
+    return load_config(
+        None, ["model.pattern=GAGAGAGA", "model.vocab_size=320", "model.d_model=32", "model.n_heads=2", *overrides]
+    )
 
 
-@pytest.mark.parametrize("schedule, batch, world, micro, accum", [
-    ("1F1B", 8, 2, 4, 2),  # 2 stages: a micro-batch per stage
-    ("GPipe", 8, 4, 2, 2),  # 2 data ranks, a share of 4 each
-    ("1F1B", 9, 2, 3, 3),  # the fewest that divide the share: 3
-    ("Interleaved1F1B", 8, 2, 2, 4),  # 2 stages per rank
-    ("Interleaved1F1B", 6, 2, 1, 6),  # at least 4, a multiple of pp, dividing 6
-    ("ZBVZeroBubble", 4, 2, 1, 4),
-])
+@pytest.mark.parametrize(
+    "schedule, batch, world, micro, accum",
+    [
+        ("1F1B", 8, 2, 4, 2),  # 2 stages: a micro-batch per stage
+        ("GPipe", 8, 4, 2, 2),  # 2 data ranks, a share of 4 each
+        ("1F1B", 9, 2, 3, 3),  # the fewest that divide the share: 3
+        ("Interleaved1F1B", 8, 2, 2, 4),  # 2 stages per rank
+        ("Interleaved1F1B", 6, 2, 1, 6),  # at least 4, a multiple of pp, dividing 6
+        ("ZBVZeroBubble", 4, 2, 1, 4),
+    ],
+)
 def test_pipelining_splits_each_share_into_a_micro_batch_per_stage_by_default(schedule, batch, world, micro, accum):
-    shape = check_layout(config("parallel.pp=2", f"parallel.pp_schedule={schedule}", f"train.batch_size={batch}",
-                                "model.tie_embeddings=false"), world)
+    shape = check_layout(
+        config(
+            "parallel.pp=2",
+            f"parallel.pp_schedule={schedule}",
+            f"train.batch_size={batch}",
+            "model.tie_embeddings=false",
+        ),
+        world,
+    )
     assert (shape.micro, shape.accum) == (micro, accum)
     assert shape.layout.pp == 2 and shape.layout.dp == world // 2
 
@@ -35,11 +47,14 @@ def test_an_explicit_micro_batch_and_no_pipelining_are_left_as_they_were():
     assert (plain.micro, plain.accum) == (4, 1)
 
 
-@pytest.mark.parametrize("schedule, batch, world, fix", [
-    ("1F1B", 2, 4, "train.batch_size=4"),  # a share of 1 for 2 stages
-    ("Interleaved1F1B", 10, 4, "train.batch_size=12"),  # a share of 5: no even divisor >= 4 (stages)
-    ("1F1B", 1, 2, "train.batch_size=2"),
-])
+@pytest.mark.parametrize(
+    "schedule, batch, world, fix",
+    [
+        ("1F1B", 2, 4, "train.batch_size=4"),  # a share of 1 for 2 stages
+        ("Interleaved1F1B", 10, 4, "train.batch_size=12"),  # a share of 5: no even divisor >= 4 (stages)
+        ("1F1B", 1, 2, "train.batch_size=2"),
+    ],
+)
 def test_a_share_too_small_to_split_names_the_batch_that_would_do(schedule, batch, world, fix):
     with pytest.raises(LayoutError, match=f"parallel.pp=2 with parallel.pp_schedule={schedule} runs .*; set {fix} "):
         check_layout(config("parallel.pp=2", f"parallel.pp_schedule={schedule}", f"train.batch_size={batch}"), world)

@@ -1,5 +1,6 @@
 """The bundled presets as registry data: every one loads and builds; `unroll info` counts the papers'
 sizes (the 7B MoE's total, active, per-layer and state figures are the issue's exact targets)."""
+
 import json
 
 import pytest
@@ -12,9 +13,12 @@ from unroll.train.config import load_config, preset_names
 
 TINY = ["tiny-gru", "tiny-lstm", "tiny-m2rnn", "tiny-moe", "tiny-transformer"]
 SIZES = {  # preset: (low, high) total parameters
-    "paragru-1b": (0.9e9, 1.2e9), "paralstm-1b": (0.9e9, 1.2e9),
-    "paragru-7b": (6.5e9, 7.5e9), "paralstm-7b": (6.5e9, 7.5e9),
-    "m2rnn-hybrid-400m": (0.38e9, 0.45e9), "m2rnn-moe-7b": (6.9e9, 7.0e9),
+    "paragru-1b": (0.9e9, 1.2e9),
+    "paralstm-1b": (0.9e9, 1.2e9),
+    "paragru-7b": (6.5e9, 7.5e9),
+    "paralstm-7b": (6.5e9, 7.5e9),
+    "m2rnn-hybrid-400m": (0.38e9, 0.45e9),
+    "m2rnn-moe-7b": (6.9e9, 7.0e9),
 }
 
 

@@ -1,5 +1,6 @@
 """Activation checkpointing changes no number: full-block and MLP-only recomputation give the same loss,
 gradients and MoE load counts as keeping the activations; per-block torch.compile trains like eager."""
+
 import pytest
 import torch
 
@@ -10,8 +11,15 @@ from unroll.train.metrics import read_metrics
 from unroll.train.parallel.parallelize import apply_activation_checkpointing
 from unroll.train.trainer import train
 
-CFG = dict(pattern="GAML", vocab_size=40, d_model=16, n_heads=2, mlp_pattern="DEDE",
-           m2rnn=M2RNNConfig(k_dim=4, v_dim=4, v_heads=4), moe=MoEConfig(experts=4, top_k=2, hidden=8))
+CFG = dict(
+    pattern="GAML",
+    vocab_size=40,
+    d_model=16,
+    n_heads=2,
+    mlp_pattern="DEDE",
+    m2rnn=M2RNNConfig(k_dim=4, v_dim=4, v_heads=4),
+    moe=MoEConfig(experts=4, top_k=2, hidden=8),
+)
 
 
 def grads(mode: str):
@@ -39,8 +47,13 @@ def test_recomputation_changes_nothing(mode):
 def test_compiled_blocks_train_like_eager(tiny_config):
     runs = {}
     for name, flag in (("eager", False), ("compiled", True)):
-        cfg = load_config(str(tiny_config(name, train={"steps": 3, "compile": flag, "activation_checkpoint": "mlp"},
-                                          eval={"every": 0})))
+        cfg = load_config(
+            str(
+                tiny_config(
+                    name, train={"steps": 3, "compile": flag, "activation_checkpoint": "mlp"}, eval={"every": 0}
+                )
+            )
+        )
         train(cfg)
         runs[name] = [r["loss"] for r in read_metrics(cfg.run.dir) if "loss" in r]
     assert runs["compiled"] == pytest.approx(runs["eager"], rel=1e-5)

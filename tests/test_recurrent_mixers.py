@@ -1,6 +1,7 @@
 """ParaGRU and ParaLSTM against independent step-by-step implementations of their equations (float64,
 forward and gradients, both solvers), closed-form Jacobians against autograd, Newton's iteration count
 at initialisation, and the fallback when Newton does not converge."""
+
 import pytest
 import torch
 from torch.func import jacrev
@@ -15,7 +16,7 @@ def dense_input(mixer, x):
     H, G, Wh, dh = proj.weight.shape
     dense = x.new_zeros(G, Wh * H, dh * H)
     for h in range(H):
-        dense[:, h * Wh:(h + 1) * Wh, h * dh:(h + 1) * dh] = proj.weight[h]
+        dense[:, h * Wh : (h + 1) * Wh, h * dh : (h + 1) * dh] = proj.weight[h]
     return torch.einsum("gwd,btd->btgw", dense, x) + proj.bias
 
 

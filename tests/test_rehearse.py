@@ -1,22 +1,35 @@
 """`unroll rehearse`: one rank of a multi-rank job run on this CPU in a fake world, against the same program on
 real gloo ranks; what it reports, and what it caught (activation checkpointing with MoE balancing losses,
 gradient accumulation under FSDP)."""
+
 import json
 import os
-import sys
-from pathlib import Path
 
 import pytest
-
 from conftest import _torchrun
+
 from unroll.launch.cli import main
 from unroll.models import LM
 from unroll.train.planning.rehearse import rehearse
 
 
 def test_cli_reports_memory_collectives_and_the_checkpoint_as_json(tmp_path, capsys):
-    assert main(["rehearse", "tiny-moe", "--nodes", "1", "--gpus-per-node", "8", "--json", "parallel.ep=4",
-                 "data.seq_len=64"]) == 0
+    assert (
+        main(
+            [
+                "rehearse",
+                "tiny-moe",
+                "--nodes",
+                "1",
+                "--gpus-per-node",
+                "8",
+                "--json",
+                "parallel.ep=4",
+                "data.seq_len=64",
+            ]
+        )
+        == 0
+    )
     r = json.loads(capsys.readouterr().out)
     assert r["world"] == 8 and r["layout"]["ep"] == 4 and r["layout"]["dp_shard"] == 8
     assert all(0 < x < 20 for x in r["losses"])  # ln 2048 ≈ 7.6 at the start
@@ -35,8 +48,14 @@ def test_cli_reports_memory_collectives_and_the_checkpoint_as_json(tmp_path, cap
 def test_cli_text_report_and_bad_layouts_named_by_key(capsys):
     assert main(["rehearse", "tiny-gru", "--nodes", "1", "--gpus-per-node", "4", "data.seq_len=32"]) == 0
     out = capsys.readouterr().out
-    for line in ("memory per GPU", "gathered", "logits", "collectives of one step", "checkpoint:",
-                 "not shown by a rehearsal"):
+    for line in (
+        "memory per GPU",
+        "gathered",
+        "logits",
+        "collectives of one step",
+        "checkpoint:",
+        "not shown by a rehearsal",
+    ):
         assert line in out
     assert main(["rehearse", "tiny-moe", "--nodes", "1", "--gpus-per-node", "4", "parallel.ep=3"]) == 2
     assert "parallel.ep=3 must divide" in capsys.readouterr().err
@@ -61,8 +80,9 @@ def test_checkpointed_blocks_keep_their_inputs_until_their_backward():
     to what the step holds, none of it counted as FSDP's (its hooks view the blocks' outputs; 16 layers held
     what 2 did while they were)."""
     base = ["train.activation_checkpoint=full", "train.micro_batch_size=2"]
-    two, sixteen = (rehearse("tiny-gru", base + [f"model.pattern={'G' * n}"], nodes=1, gpus_per_node=8)
-                    for n in (2, 16))
+    two, sixteen = (
+        rehearse("tiny-gru", base + [f"model.pattern={'G' * n}"], nodes=1, gpus_per_node=8) for n in (2, 16)
+    )
     residual = two.config.model.d_model * 2  # bytes per token of a block's bf16 input
     assert (sixteen.measured.activations - two.measured.activations) / two.tokens == 14 * residual
     assert sixteen.measured.gathered == pytest.approx(two.measured.gathered, rel=0.2)
@@ -81,10 +101,10 @@ def test_the_fake_world_measures_what_two_real_gloo_ranks_hold(tmp_path):
     """The same rehearsal under torchrun on 2 real gloo ranks (real collectives, real peers) and in the fake
     world: the same bytes held per component and sent per collective."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    args = ["tiny-gru", "--nodes", "1", "--gpus-per-node", "2", "--json", "data.seq_len=64",
-            "train.micro_batch_size=4"]
-    proc = _torchrun(["-m", "unroll.launch.cli", "rehearse", *args, "--out", str(tmp_path / "rank{rank}.json")],
-                     2, env, timeout=300)
+    args = ["tiny-gru", "--nodes", "1", "--gpus-per-node", "2", "--json", "data.seq_len=64", "train.micro_batch_size=4"]
+    proc = _torchrun(
+        ["-m", "unroll.launch.cli", "rehearse", *args, "--out", str(tmp_path / "rank{rank}.json")], 2, env, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     real = json.loads((tmp_path / "rank0.json").read_text())
     fake = rehearse("tiny-gru", ["data.seq_len=64", "train.micro_batch_size=4"], nodes=1, gpus_per_node=2)

@@ -1,13 +1,14 @@
 """The run directory: a refused `unroll train` leaves it as it was, a finished run says what to change, and
 relative data paths follow the config file that names them, so a run works from any directory."""
+
 import os
 import subprocess
 from pathlib import Path
 
 import yaml
+from conftest import UNROLL, run_cli, tiny_config_dict
 
 import unroll.configs
-from conftest import UNROLL, run_cli, tiny_config_dict
 from unroll.train.checkpoint import dcp as checkpoint
 from unroll.train.config import load_config
 
@@ -26,9 +27,11 @@ def test_a_refused_train_leaves_the_run_as_it_was(tiny_config, offline_env):
     proc = run_cli(["train", config, "model.pattern=GG"], offline_env, check=False)  # another model, same run.dir
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr  # one line
-    assert proc.stderr.startswith(f"unroll train: error: run.dir={run_dir} holds a run of another model "
-                                  f"(pattern='GA' in the checkpoint, 'GG' here; newest checkpoint "
-                                  f"{run_dir / 'checkpoints' / 'step_00000006'})"), proc.stderr
+    assert proc.stderr.startswith(
+        f"unroll train: error: run.dir={run_dir} holds a run of another model "
+        f"(pattern='GA' in the checkpoint, 'GG' here; newest checkpoint "
+        f"{run_dir / 'checkpoints' / 'step_00000006'})"
+    ), proc.stderr
     assert snapshot(run_dir) == before  # config.yaml byte for byte, no config.<time>.yaml beside it
 
     generated = run_cli(["generate", run_dir, "--prompt", "KING.", "--max-new-tokens", "4"], offline_env)
@@ -45,8 +48,10 @@ def test_a_finished_run_says_what_to_change_and_touches_nothing(tiny_config, off
     before = snapshot(run_dir)
 
     proc = run_cli(["train", config], offline_env)  # exit 0: nothing failed, the run is complete
-    assert proc.stdout.strip() == (f"run {run_dir} already at step 4 of train.steps=4: nothing to train; "
-                                   f"to continue, raise train.steps (e.g. train.steps=8)"), proc.stdout
+    assert proc.stdout.strip() == (
+        f"run {run_dir} already at step 4 of train.steps=4: nothing to train; "
+        f"to continue, raise train.steps (e.g. train.steps=8)"
+    ), proc.stdout
     assert snapshot(run_dir) == before
     assert [s for s, _ in checkpoint.complete_checkpoints(run_dir)] == [4]
 
@@ -58,13 +63,17 @@ def test_relative_data_paths_follow_the_config_file(small_data, offline_env, tmp
     for d in (conf, work, elsewhere):
         d.mkdir(parents=True)
     cfg = tiny_config_dict(small_data, Path("runs/rel"), train={"steps": 4})  # run.dir: from the current directory
-    cfg["data"].update(train=[os.path.relpath(small_data.train, conf)], valid=os.path.relpath(small_data.valid, conf),
-                       tokenizer=os.path.relpath(small_data.tokenizer, conf))
+    cfg["data"].update(
+        train=[os.path.relpath(small_data.train, conf)],
+        valid=os.path.relpath(small_data.valid, conf),
+        tokenizer=os.path.relpath(small_data.tokenizer, conf),
+    )
     (conf / "exp.yaml").write_text(yaml.safe_dump(cfg))
 
     def unroll(*args, cwd):
-        proc = subprocess.run(UNROLL + [str(a) for a in args], cwd=cwd, env=offline_env, capture_output=True,
-                              text=True, timeout=300)
+        proc = subprocess.run(
+            UNROLL + [str(a) for a in args], cwd=cwd, env=offline_env, capture_output=True, text=True, timeout=300
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc
 

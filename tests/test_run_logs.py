@@ -1,10 +1,12 @@
 """What a run prints: one plain line per logged step on stdout, readable in a file, a pipe or a SLURM log;
 the progress bar only on a terminal; no torch warnings that ask nothing of the user."""
+
 import io
 import re
 import sys
 
 from conftest import run_cli, torchrun_train
+
 from unroll.train.metrics import Metrics
 
 STEP_LINE = re.compile(r"^step (\d+)/6: loss \d+\.\d{4}  lr \d\.\d\de-\d\d  grad_norm \d+\.\d{3}  tokens/s [\d,]+$")
@@ -26,8 +28,16 @@ class Terminal(io.StringIO):
 def test_the_progress_bar_is_drawn_only_on_a_terminal(tmp_path, monkeypatch):
     for stream, drawn in ((Terminal(), True), (io.StringIO(), False)):
         monkeypatch.setattr(sys, "stderr", stream)
-        metrics = Metrics(tmp_path, enabled=True, total_steps=4, start_step=0, wandb_mode="disabled",
-                          wandb_project="x", config={}, progress=True)
+        metrics = Metrics(
+            tmp_path,
+            enabled=True,
+            total_steps=4,
+            start_step=0,
+            wandb_mode="disabled",
+            wandb_project="x",
+            config={},
+            progress=True,
+        )
         metrics.advance(4)
         metrics.close()
         assert ("4/4" in stream.getvalue()) == drawn, stream.getvalue()

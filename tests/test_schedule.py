@@ -1,4 +1,5 @@
 """Learning-rate schedules: warmup, cosine, warmup-stable-decay."""
+
 import math
 
 import pytest

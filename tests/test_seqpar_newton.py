@@ -5,17 +5,28 @@ rank; the tests below read them. Checks: ParaGRU (diag), ParaLSTM (2×2 blocks),
 (3×3 blocks), a dense autodiff cell; resets at random places and exactly at every rank boundary;
 forced sequential fallback for all sequences (max_iters=0) and for one of two (a hard cell);
 a one-rank group, and on 4 ranks two independent 2-rank groups (send/recv by global rank)."""
+
 from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_workers
+
 from unroll.kernels.seqpar_newton import bytes_per_iteration
 
 WORKER = Path(__file__).with_name("seqpar_worker.py")
-SOLVES = ["diag", "diag_no_resets", "block2", "m2rnn", "dense", "fallback_all", "fallback_partial",
-          "converges_hard", "one_rank_group", "subgroup_pairs"]
+SOLVES = [
+    "diag",
+    "diag_no_resets",
+    "block2",
+    "m2rnn",
+    "dense",
+    "fallback_all",
+    "fallback_partial",
+    "converges_hard",
+    "one_rank_group",
+    "subgroup_pairs",
+]
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"{n}ranks")
@@ -43,8 +54,13 @@ def test_forward_and_gradients_equal_the_single_process_solve(ranks, name):
 @pytest.mark.parametrize("name", SOLVES)
 def test_solve_info_is_identical_on_every_rank_and_equals_the_single_process_one(ranks, name):
     results = solves(ranks, name)
-    groups = [results[:2], results[2:]] if name == "subgroup_pairs" else [[res] for res in results] \
-        if name == "one_rank_group" else [results]  # each group solves its own problem
+    groups = (
+        [results[:2], results[2:]]
+        if name == "subgroup_pairs"
+        else [[res] for res in results]
+        if name == "one_rank_group"
+        else [results]
+    )  # each group solves its own problem
     for group in groups:
         infos = [res["info"] for res in group]
         assert all(info == infos[0] for info in infos), infos
@@ -57,8 +73,13 @@ def test_solve_info_is_identical_on_every_rank_and_equals_the_single_process_one
 
 def test_forced_fallback_is_exact_and_reported(ranks):
     everything, partial = solves(ranks, "fallback_all")[0]["info"], solves(ranks, "fallback_partial")[0]["info"]
-    assert everything == {"iterations": 0, "residual": everything["residual"], "converged": False,
-                          "fallback": "sequential for 2 of 2 sequences", "fallback_sequences": 2}
+    assert everything == {
+        "iterations": 0,
+        "residual": everything["residual"],
+        "converged": False,
+        "fallback": "sequential for 2 of 2 sequences",
+        "fallback_sequences": 2,
+    }
     assert partial["iterations"] == 3 and not partial["converged"]
     assert partial["fallback"] == "sequential for 1 of 2 sequences" and partial["fallback_sequences"] == 1
 

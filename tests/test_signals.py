@@ -1,4 +1,5 @@
 """SIGTERM and SIGINT ask for a checkpoint-and-stop; a second signal gives up at once."""
+
 import os
 import signal
 

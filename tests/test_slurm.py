@@ -4,6 +4,7 @@ its batch shell, as `--signal=B:USR1@LEAD` sends it) checkpoints, is requeued an
 losses of the uninterrupted job; a rank killed mid-job with `--max-restarts 1` is restarted within the
 allocation, with every other rank, and they too reach those losses. The script itself is checked without
 SLURM."""
+
 import os
 import re
 import time
@@ -11,18 +12,19 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import run_cli, tiny_config_dict
 from fault_hook import fault_env
 from slurm_cluster import SlurmCluster, missing_binaries
+
 from unroll.launch.cli import main
 from unroll.train.metrics import read_metrics
 
 STEPS = 12
 # 12 steps of 4 ranks; checkpoints only at the end or on a signal: the requeued job must resume from the
 # checkpoint the signal made, not from a periodic one. Validation: one batch of 2 per rank.
-SECTIONS = dict(train={"steps": STEPS, "batch_size": 8}, eval={"every": 6, "batches": 4, "batch_size": 2},
-                checkpoint={"every": 0})
+SECTIONS = dict(
+    train={"steps": STEPS, "batch_size": 8}, eval={"every": 6, "batches": 4, "batch_size": 2}, checkpoint={"every": 0}
+)
 
 
 def launch(args: list, capsys) -> tuple[int, str, str]:
@@ -34,20 +36,48 @@ def launch(args: list, capsys) -> tuple[int, str, str]:
 def test_dry_run_writes_the_script(tmp_path, small_data, capsys):
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(tiny_config_dict(small_data, tmp_path / "gpu")))
-    code, out, _ = launch([config, "--nodes", "4", "--gpus-per-node", "8", "--partition", "big",
-                   "--time", "2:00:00", "--signal-lead", "300", "--container-image", "/images/unroll.sqsh",
-                           "--dry-run", "train.steps=7", "train.batch_size=32"], capsys)
+    code, out, _ = launch(
+        [
+            config,
+            "--nodes",
+            "4",
+            "--gpus-per-node",
+            "8",
+            "--partition",
+            "big",
+            "--time",
+            "2:00:00",
+            "--signal-lead",
+            "300",
+            "--container-image",
+            "/images/unroll.sqsh",
+            "--dry-run",
+            "train.steps=7",
+            "train.batch_size=32",
+        ],
+        capsys,
+    )
     assert code == 0
     script = (tmp_path / "gpu/slurm/dry-run/job.sbatch").read_text()
     assert script in out
-    for line in ["#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --partition=big", "#SBATCH --time=2:00:00", "#SBATCH --signal=B:USR1@300",
-                 "#SBATCH --requeue", f"#SBATCH --output={tmp_path}/gpu/slurm/job-%j.out",
-                 "#SBATCH --exclusive", "#SBATCH --mem=0"]:  # the whole node: all its memory and CPUs
+    for line in [
+        "#SBATCH --nodes=4",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --partition=big",
+        "#SBATCH --time=2:00:00",
+        "#SBATCH --signal=B:USR1@300",
+        "#SBATCH --requeue",
+        f"#SBATCH --output={tmp_path}/gpu/slurm/job-%j.out",
+        "#SBATCH --exclusive",
+        "#SBATCH --mem=0",
+    ]:  # the whole node: all its memory and CPUs
         assert line + "\n" in script
     assert "--cpus-per-task" not in script.split("set -uo")[0]  # an exclusive node's: all of them, as srun says
     assert 'srun --kill-on-bad-exit=1 --nodes=4 --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_ON_NODE"' in script
-    assert "--container-image=/images/unroll.sqsh" in script and "/opt/venv/bin/python -m torch.distributed.run" in script
+    assert (
+        "--container-image=/images/unroll.sqsh" in script and "/opt/venv/bin/python -m torch.distributed.run" in script
+    )
     assert f"--container-mounts={os.getcwd()}:{os.getcwd()},{tmp_path}/gpu:{tmp_path}/gpu" in script
     for option in ["--nnodes 4", "--nproc-per-node 8", "--rdzv-backend c10d", "--max-restarts 0"]:
         assert f"    {option} \\\n" in script, option
@@ -57,23 +87,47 @@ def test_dry_run_writes_the_script(tmp_path, small_data, capsys):
     assert frozen["run"]["device"] == "auto"
     assert f"train {tmp_path}/gpu/slurm/config.yaml" in script  # the path a submission freezes it at
 
-    code, out, _ = launch([config, "--nodes", "2", "--cpu", "--nproc-per-node", "3", "--max-restarts", "2",
-                           "--no-exclusive", "--cpus-per-task", "6", "--mem", "16G",
-                           "--dry-run", "run.dir=" + str(tmp_path / "cpu"), "train.batch_size=6"], capsys)
+    code, out, _ = launch(
+        [
+            config,
+            "--nodes",
+            "2",
+            "--cpu",
+            "--nproc-per-node",
+            "3",
+            "--max-restarts",
+            "2",
+            "--no-exclusive",
+            "--cpus-per-task",
+            "6",
+            "--mem",
+            "16G",
+            "--dry-run",
+            "run.dir=" + str(tmp_path / "cpu"),
+            "train.batch_size=6",
+        ],
+        capsys,
+    )
     assert "--gpus-per-node" not in out and "--container" not in out and "--nproc-per-node 3" in out
     assert "    --max-restarts 2 \\\n" in out
     assert "#SBATCH --exclusive" not in out and "#SBATCH --cpus-per-task=6\n" in out and "#SBATCH --mem=16G\n" in out
     assert "--ntasks-per-node=1 --cpus-per-task=6 bash -c" in out
     assert yaml.safe_load((tmp_path / "cpu/slurm/dry-run/config.yaml").read_text())["run"]["device"] == "cpu"
 
-    for bad, message in [(["--nodes", "2"], "either --gpus-per-node G"),
-                         (["--nodes", "2", "--cpu"], "--cpu needs --nproc-per-node"),
-                         (["--nodes", "0", "--cpu", "--nproc-per-node", "1"], "--nodes must be at least 1"),
-                         (["--nodes", "1", "--cpu", "--nproc-per-node", "1", "--max-restarts", "-1"],
-                          "--max-restarts must be 0 or more, got -1"),
-                         (["--nodes", "1", "--cpu", "--nproc-per-node", "1", "train.stepz=3"], "train.stepz"),
-                         (["--nodes", "1", "--cpu", "--nproc-per-node", "1", "--no-exclusive"],
-                          "--no-exclusive needs --cpus-per-task C")]:
+    for bad, message in [
+        (["--nodes", "2"], "either --gpus-per-node G"),
+        (["--nodes", "2", "--cpu"], "--cpu needs --nproc-per-node"),
+        (["--nodes", "0", "--cpu", "--nproc-per-node", "1"], "--nodes must be at least 1"),
+        (
+            ["--nodes", "1", "--cpu", "--nproc-per-node", "1", "--max-restarts", "-1"],
+            "--max-restarts must be 0 or more, got -1",
+        ),
+        (["--nodes", "1", "--cpu", "--nproc-per-node", "1", "train.stepz=3"], "train.stepz"),
+        (
+            ["--nodes", "1", "--cpu", "--nproc-per-node", "1", "--no-exclusive"],
+            "--no-exclusive needs --cpus-per-task C",
+        ),
+    ]:
         code, _, err = launch([config, *bad, "--dry-run"], capsys)
         assert code == 2 and message in err, (bad, err)
 
@@ -81,18 +135,34 @@ def test_dry_run_writes_the_script(tmp_path, small_data, capsys):
 def test_the_run_is_checked_on_the_jobs_ranks_before_anything_is_written(tmp_path, small_data, capsys):
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(tiny_config_dict(small_data, tmp_path / "run")))  # train.batch_size 4
-    for flags, message in [(["--cpu", "--nproc-per-node", "3"], "train.batch_size=4 is not divisible by the 6 "
-                                                                "data-parallel ranks"),
-                           (["--gpus-per-node", "2", "parallel.pp=2", "train.batch_size=2"],
-                            "parallel.pp=2 with parallel.pp_schedule=1F1B runs 2 stages"),
-                           (["--gpus-per-node", "1", "data.valid=" + str(tmp_path / "nowhere")],
-                            f"config key 'data.valid': token shard file missing: '{tmp_path}/nowhere.idx'")]:
+    for flags, message in [
+        (["--cpu", "--nproc-per-node", "3"], "train.batch_size=4 is not divisible by the 6 data-parallel ranks"),
+        (
+            ["--gpus-per-node", "2", "parallel.pp=2", "train.batch_size=2"],
+            "parallel.pp=2 with parallel.pp_schedule=1F1B runs 2 stages",
+        ),
+        (
+            ["--gpus-per-node", "1", "data.valid=" + str(tmp_path / "nowhere")],
+            f"config key 'data.valid': token shard file missing: '{tmp_path}/nowhere.idx'",
+        ),
+    ]:
         for dry in ([], ["--dry-run"]):
             code, out, err = launch([config, "--nodes", "2", *flags, *dry], capsys)
             assert code == 2 and message in err and len(err.splitlines()) == 1, (flags, err)
             assert not (tmp_path / "run").exists()  # nothing written, nothing queued
-    code, _, _ = launch([config, "--nodes", "2", "--gpus-per-node", "1", "--skip-data-check", "--dry-run",
-                         "data.valid=" + str(tmp_path / "nowhere")], capsys)
+    code, _, _ = launch(
+        [
+            config,
+            "--nodes",
+            "2",
+            "--gpus-per-node",
+            "1",
+            "--skip-data-check",
+            "--dry-run",
+            "data.valid=" + str(tmp_path / "nowhere"),
+        ],
+        capsys,
+    )
     assert code == 0  # left to the ranks: this machine may not see the data
 
 
@@ -183,8 +253,10 @@ def test_a_failed_submission_freezes_nothing(tmp_path, small_data, capsys, monke
 def slurm(tmp_path_factory):
     missing = missing_binaries()
     if missing:
-        pytest.skip(f"no SLURM here ({', '.join(missing)} missing): .ci/run installs Debian's "
-                    f"slurmctld slurmd slurm-client munge")
+        pytest.skip(
+            f"no SLURM here ({', '.join(missing)} missing): .ci/run installs Debian's "
+            f"slurmctld slurmd slurm-client munge"
+        )
     if os.geteuid() != 0:
         pytest.skip("slurmd starts job steps as their user: the test cluster needs root")
     cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"), nodes=2)
@@ -196,8 +268,23 @@ def slurm(tmp_path_factory):
 
 
 def submit(slurm, config, env, *flags) -> str:
-    out = run_cli(["launch", "slurm", config, "--nodes", "2", "--cpu", "--nproc-per-node", "2",
-                   "--shutdown-timeout", "30", *flags], dict(env, SLURM_CONF=str(slurm.conf)), timeout=120).stdout
+    out = run_cli(
+        [
+            "launch",
+            "slurm",
+            config,
+            "--nodes",
+            "2",
+            "--cpu",
+            "--nproc-per-node",
+            "2",
+            "--shutdown-timeout",
+            "30",
+            *flags,
+        ],
+        dict(env, SLURM_CONF=str(slurm.conf)),
+        timeout=120,
+    ).stdout
     return re.search(r"submitted job (\d+)", out).group(1)
 
 
@@ -244,8 +331,9 @@ def test_two_nodes_of_two_ranks_train_to_completion(slurm, uninterrupted):
     assert (job["NumCPUs"], job["OverSubscribe"]) == ("4", "NO"), job
 
 
-def test_preempted_job_is_requeued_and_resumes_to_the_same_losses(slurm, uninterrupted, small_data,
-                                                                   offline_env, tmp_path):
+def test_preempted_job_is_requeued_and_resumes_to_the_same_losses(
+    slurm, uninterrupted, small_data, offline_env, tmp_path
+):
     straight, _ = uninterrupted
     run_dir = tmp_path / "run"
     config = tmp_path / "preempted.yaml"
@@ -265,8 +353,9 @@ def test_preempted_job_is_requeued_and_resumes_to_the_same_losses(slurm, uninter
     assert losses(run_dir) == losses(straight)  # bit for bit
 
 
-def test_a_killed_rank_is_restarted_within_the_job_to_the_same_losses(slurm, uninterrupted, small_data,
-                                                                       offline_env, tmp_path):
+def test_a_killed_rank_is_restarted_within_the_job_to_the_same_losses(
+    slurm, uninterrupted, small_data, offline_env, tmp_path
+):
     straight, _ = uninterrupted
     run_dir = tmp_path / "run"
     config = tmp_path / "killed.yaml"

@@ -1,13 +1,14 @@
 """Steps not applied (train/step_guard.py): a non-finite loss or gradient norm is skipped, a loss spike is
 skipped or rolled back to the newest checkpoint with its data window left behind, the guard's figures resume
 exactly, and a diverging run stops with its checkpoints kept."""
+
 import math
 import os
 
 import pytest
 import torch
-
 from conftest import run_cli, torchrun_train
+
 from unroll.models import LM
 from unroll.train import trainer
 from unroll.train.checkpoint import dcp as checkpoint
@@ -39,8 +40,11 @@ def test_guard_stops_after_max_bad_steps_in_a_row_and_a_rollback_does_not_reset_
     guard.rolled_back({"recent": [1.0]})
     guard.applied(2, 1.0)  # a step redone after the rollback is not progress
     guard.rejected(4, bad)
-    with pytest.raises(TrainingDiverged, match=r"3 steps in a row not applied \(train.max_bad_steps=3\), "
-                                               r"from step 4 to step 5; the last: loss is nan"):
+    with pytest.raises(
+        TrainingDiverged,
+        match=r"3 steps in a row not applied \(train.max_bad_steps=3\), "
+        r"from step 4 to step 5; the last: loss is nan",
+    ):
         guard.rejected(5, bad)
     restored = StepGuard(max_bad_steps=3, spike_window=2)
     restored.load_state_dict(guard.state_dict())
@@ -101,9 +105,14 @@ def adam_steps(cfg) -> set[int]:
 BATCH = 4  # tiny_config's train.batch_size: step k (1-based) reads samples 4(k-1) ...
 
 
-MOE = {"pattern": "MA", "mlp_pattern": "E", "n_heads": 2, "rope": False,
-       "m2rnn": {"k_dim": 8, "v_dim": 4, "v_heads": 8},
-       "moe": {"experts": 4, "top_k": 2, "hidden": 16, "bias_update_rate": 0.01}}
+MOE = {
+    "pattern": "MA",
+    "mlp_pattern": "E",
+    "n_heads": 2,
+    "rope": False,
+    "m2rnn": {"k_dim": 8, "v_dim": 4, "v_heads": 8},
+    "moe": {"experts": 4, "top_k": 2, "hidden": 16, "bias_update_rate": 0.01},
+}
 
 
 @pytest.mark.parametrize("model", [{}, MOE], ids=["gru_attention", "m2rnn_moe"])
@@ -114,7 +123,7 @@ def test_a_nan_gradient_is_not_applied_and_training_goes_on(model, tiny_config, 
     seen = inject(monkeypatch, {BATCH * 5: "nan_grad"})  # step 6
     train(cfg)
     assert "step 6 not applied (gradient norm is nan): skipped, 1 so far" in capsys.readouterr().out
-    event, = rows(cfg.run.dir, "step_not_applied")
+    (event,) = rows(cfg.run.dir, "step_not_applied")
     assert event["step"] == 6 and event["action"] == "skip" and math.isfinite(event["loss"])
     before = {r["step"]: r["loss"] for r in rows(clean.run.dir)}
     after = {r["step"]: r for r in rows(cfg.run.dir)}
@@ -130,13 +139,15 @@ def test_a_nan_gradient_is_not_applied_and_training_goes_on(model, tiny_config, 
 
 @pytest.mark.parametrize("policy", ["skip", "rollback"])
 def test_a_loss_spike_is_skipped_or_rolled_back_and_resumes_exactly(policy, tiny_config, monkeypatch, capsys):
-    spike = dict(train={"spike_factor": 3.0, "spike_window": 3, "spike_policy": policy, "steps": 16},
-                 checkpoint={"every": 4, "keep": 10})
+    spike = dict(
+        train={"spike_factor": 3.0, "spike_window": 3, "spike_policy": policy, "steps": 16},
+        checkpoint={"every": 4, "keep": 10},
+    )
     straight = load_config(str(tiny_config("straight", **spike)))
     seen = inject(monkeypatch, {BATCH * 9: "spike"})  # step 10; the newest checkpoint then is step 8
     train(straight)
     out = capsys.readouterr().out
-    event, = rows(straight.run.dir, "step_not_applied")
+    (event,) = rows(straight.run.dir, "step_not_applied")
     assert event["step"] == 10 and event["action"] == policy and "loss spike" in event["reason"]
     firsts = [first for first, _ in seen]
     assert firsts == sorted(set(firsts))  # no sample trained on twice
@@ -144,7 +155,7 @@ def test_a_loss_spike_is_skipped_or_rolled_back_and_resumes_exactly(policy, tiny
         assert firsts == [BATCH * i for i in range(16)]
     else:
         assert "step 10 not applied" in out and "rolled back to step 8; samples 32-39" in out
-        back, = rows(straight.run.dir, "rollback")
+        (back,) = rows(straight.run.dir, "rollback")
         assert back["to_step"] == 8 and back["samples_skipped"] == [BATCH * 8, BATCH * 10]
         assert firsts == [BATCH * i for i in range(10)] + [BATCH * i for i in range(10, 18)]
         # the step after the rollback starts from the weights of checkpoint 8
@@ -170,7 +181,9 @@ def test_a_loss_spike_is_skipped_or_rolled_back_and_resumes_exactly(policy, tiny
     monkeypatch.setattr(trainer, "train_step", crash_step)
     train(crashed)
     assert "resumed at step 12" in capsys.readouterr().out
-    assert {r["step"]: r["loss"] for r in rows(crashed.run.dir)} == {r["step"]: r["loss"] for r in rows(straight.run.dir)}
+    assert {r["step"]: r["loss"] for r in rows(crashed.run.dir)} == {
+        r["step"]: r["loss"] for r in rows(straight.run.dir)
+    }
     assert newest(crashed)[0]["guard"] == newest(straight)[0]["guard"]
 
 
@@ -190,7 +203,7 @@ def test_a_diverging_run_stops_with_its_checkpoints_and_plot(tiny_config, offlin
 
 # Loaded by every rank through PYTHONPATH: rank 1's gradients of its 5th step turn NaN (its loss stays
 # finite); every rank counts the optimizer steps it really takes.
-NAN_ON_RANK_1 = '''
+NAN_ON_RANK_1 = """
 import math, os
 import torch
 import unroll.train.trainer as trainer
@@ -212,15 +225,18 @@ def step(self, *args, **kwargs):
     return adam_step(self, *args, **kwargs)
 
 trainer.lm_loss, torch.optim.AdamW.step = lm_loss, step
-'''
+"""
 
 
 def test_a_nan_in_one_ranks_gradient_is_skipped_by_both_fsdp_ranks(tiny_config, offline_env, tmp_path):
     hook, counts = tmp_path / "hook", tmp_path / "counts"
     hook.mkdir(), counts.mkdir()
     (hook / "sitecustomize.py").write_text(NAN_ON_RANK_1)
-    env = dict(offline_env, COUNTS=str(counts),
-               PYTHONPATH=os.pathsep.join(p for p in (str(hook), offline_env.get("PYTHONPATH")) if p))
+    env = dict(
+        offline_env,
+        COUNTS=str(counts),
+        PYTHONPATH=os.pathsep.join(p for p in (str(hook), offline_env.get("PYTHONPATH")) if p),
+    )
     clean = tiny_config("clean", eval={"every": 0})
     torchrun_train(2, clean, offline_env, "parallel.dp_shard=2")
     faulty = tiny_config("faulty", eval={"every": 0})

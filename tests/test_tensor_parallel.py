@@ -8,16 +8,17 @@ float64 logits and every parameter's gradient (through the model's own chunked, 
 through its gathered logits), float32 losses over 3 AdamW steps; the vocabulary-parallel loss kernel alone.
 Also the placements as applied, DCP checkpoints (model and optimizer) between the TP and the single-device
 layout, and refusals."""
+
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import run_workers
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
-
-from conftest import run_workers
 from tp_worker import CASES
+
 from unroll.train.parallel.tensor_parallel import Fused, fsdp_shard_placement
 
 WORKER = Path(__file__).with_name("tp_worker.py")
@@ -58,17 +59,29 @@ def test_adamw_steps_give_the_single_device_losses_float32(ranks, run):
 def test_the_plan_as_applied(ranks):
     placements = result(ranks, "placements")[0]
     expected = {
-        "embed.weight": "S(0)", "head.weight": "S(0)",  # vocabulary rows (the head: an untied model's)
-        "norm.weight": "R", "blocks.0.mixer_norm.weight": "R",
-        "blocks.0.mixer.in_proj.weight": "S(2)", "blocks.0.mixer.in_proj.bias": "S(1)",  # ParaGRU, heads 1
-        "blocks.0.mixer.a": "S(1)", "blocks.0.mixer.out_proj.weight": "S(1)",
-        "blocks.0.mlp.gate_up.weight": "_S(0, 2)", "blocks.0.mlp.down.weight": "S(1)",  # [gate | up] strided
-        "blocks.1.mixer.in_proj.weight": "R", "blocks.1.mixer.conv.weight": "R",  # M²RNN q/k replicated: whole
-        "blocks.1.mixer.W": "S(0)", "blocks.1.mixer.D": "S(0)", "blocks.1.mixer.A_log": "S(0)",
-        "blocks.1.mixer.norm.weight": "S(0)", "blocks.1.mixer.out_proj.weight": "S(1)",
-        "blocks.1.mlp.router.weight": "R", "blocks.1.mlp.w_gate_up": "_S(2, 2)", "blocks.1.mlp.w_down": "S(1)",
+        "embed.weight": "S(0)",
+        "head.weight": "S(0)",  # vocabulary rows (the head: an untied model's)
+        "norm.weight": "R",
+        "blocks.0.mixer_norm.weight": "R",
+        "blocks.0.mixer.in_proj.weight": "S(2)",
+        "blocks.0.mixer.in_proj.bias": "S(1)",  # ParaGRU, heads 1
+        "blocks.0.mixer.a": "S(1)",
+        "blocks.0.mixer.out_proj.weight": "S(1)",
+        "blocks.0.mlp.gate_up.weight": "_S(0, 2)",
+        "blocks.0.mlp.down.weight": "S(1)",  # [gate | up] strided
+        "blocks.1.mixer.in_proj.weight": "R",
+        "blocks.1.mixer.conv.weight": "R",  # M²RNN q/k replicated: whole
+        "blocks.1.mixer.W": "S(0)",
+        "blocks.1.mixer.D": "S(0)",
+        "blocks.1.mixer.A_log": "S(0)",
+        "blocks.1.mixer.norm.weight": "S(0)",
+        "blocks.1.mixer.out_proj.weight": "S(1)",
+        "blocks.1.mlp.router.weight": "R",
+        "blocks.1.mlp.w_gate_up": "_S(2, 2)",
+        "blocks.1.mlp.w_down": "S(1)",
         "blocks.1.mlp.shared.gate_up.weight": "_S(0, 2)",
-        "blocks.2.mixer.qkv.weight": "_S(0, 3)", "blocks.2.mixer.out_proj.weight": "S(1)",  # [q | k | v] strided
+        "blocks.2.mixer.qkv.weight": "_S(0, 3)",
+        "blocks.2.mixer.out_proj.weight": "S(1)",  # [q | k | v] strided
     }
     assert {k: placements[k] for k in expected} == expected
 

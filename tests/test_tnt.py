@@ -3,6 +3,7 @@ equations, in float64, forward and gradients: chunk size 1 is the per-token recu
 autograd), any chunk sizes match the per-token reading of the paper, local resets equal independent
 shards, the Titans special case matches a torch.func chunkwise Titans, generation by `step` equals the
 full forward, and `unroll info` counts the layer's parameters and state."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -33,13 +34,18 @@ def inputs(m: TNT, x):
     q, k, v = (t.unflatten(-1, (H, d)) for t in (q, k, v))
     q, k = q / q.norm(dim=-1, keepdim=True), k / k.norm(dim=-1, keepdim=True)
     raw = ([m.global_gates(x)] if m.global_gates is not None else []) + (
-        list(m.local_gates(x).chunk(len(m.local_init) // m.depth, -1)) if m.local_gates is not None else [])
+        list(m.local_gates(x).chunk(len(m.local_init) // m.depth, -1)) if m.local_gates is not None else []
+    )
     gates = []
     for r in raw:
         r = r.unflatten(-1, (H, m.n_gates))
-        gates.append((m.max_step * torch.sigmoid(r[..., 0]),
-                      torch.sigmoid(r[..., 1]) if m.momentum else None,
-                      torch.sigmoid(r[..., -1]) if m.forget else None))
+        gates.append(
+            (
+                m.max_step * torch.sigmoid(r[..., 0]),
+                torch.sigmoid(r[..., 1]) if m.momentum else None,
+                torch.sigmoid(r[..., -1]) if m.forget else None,
+            )
+        )
     return q, k, v, g, gates
 
 
@@ -93,8 +99,11 @@ def assert_same(m, y, ref, w):
         torch.testing.assert_close(a[n], b[n], rtol=1e-8, atol=1e-10, msg=n)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(layers=1), dict(momentum=False), dict(forget=False, qk_project=False)],
-                         ids=["2layer", "1layer", "no-momentum", "no-forget"])
+@pytest.mark.parametrize(
+    "kw",
+    [dict(), dict(layers=1), dict(momentum=False), dict(forget=False, qk_project=False)],
+    ids=["2layer", "1layer", "no-momentum", "no-forget"],
+)
 def test_chunk_size_one_is_the_per_token_recurrence(kw):
     m = make(global_chunk=1, local_chunks=(1, 1), local_reset=4, **kw)
     x = torch.randn(2, 9, 8, dtype=torch.float64)
@@ -103,9 +112,18 @@ def test_chunk_size_one_is_the_per_token_recurrence(kw):
     assert [c.pos for c in state.memories] == [9, 1, 1]
 
 
-@pytest.mark.parametrize("T,kw", [(1, {}), (13, {}), (18, {}), (13, dict(layers=1)), (13, dict(momentum=False)),
-                                  (13, dict(forget=False, qk_project=False))],
-                         ids=["T1", "T13", "T18", "T13-1layer", "T13-no-momentum", "T13-no-forget"])
+@pytest.mark.parametrize(
+    "T,kw",
+    [
+        (1, {}),
+        (13, {}),
+        (18, {}),
+        (13, dict(layers=1)),
+        (13, dict(momentum=False)),
+        (13, dict(forget=False, qk_project=False)),
+    ],
+    ids=["T1", "T13", "T18", "T13-1layer", "T13-no-momentum", "T13-no-forget"],
+)
 def test_chunkwise_equals_the_per_token_reading(T, kw):
     m = make(**kw)  # C_G = 4, C_L = {2, 3}, S_L = 6: partial chunks and shards for T = 13
     x = torch.randn(2, T, 8, dtype=torch.float64)
@@ -121,7 +139,7 @@ def test_local_resets_equal_independent_shards():
     alone.load_state_dict(resets.state_dict())
     x = torch.randn(2, 14, 8, dtype=torch.float64)
     y, _ = resets(x)
-    ys = torch.cat([alone(x[:, s:s + 4])[0] for s in range(0, 14, 4)], 1)
+    ys = torch.cat([alone(x[:, s : s + 4])[0] for s in range(0, 14, 4)], 1)
     torch.testing.assert_close(y, ys, rtol=1e-10, atol=1e-12)
     w = torch.randn_like(y)
     a, b = grads_of(resets, y, w), grads_of(alone, ys, w)
@@ -147,7 +165,7 @@ def titans_memory(m: TNT, x, C: int, i: int = 0, read: str = "after"):
             S = {n: torch.zeros_like(w) for n, w in W.items()}
             for c0 in range(0, T, C):
                 P = dict(W)
-                G = per_token(P, k[b, c0:c0 + C, h], v[b, c0:c0 + C, h])
+                G = per_token(P, k[b, c0 : c0 + C, h], v[b, c0 : c0 + C, h])
                 for j, t in enumerate(range(c0, min(c0 + C, T))):
                     S = {n: beta[b, t, h] * S[n] - theta[b, t, h] * G[n][j] for n in names}
                     W = {n: (1 - alpha[b, t, h]) * W[n] + S[n] for n in names}
@@ -251,14 +269,18 @@ def test_info_counts_parameters_and_state():
     assert layer["state_elements"] == 2 * (3 * 3 * 64 + 2 * 16)
 
 
-@pytest.mark.parametrize("kw,key,words", [
-    (dict(local_chunks=[3], local_reset=8), "model.tnt.local_chunks", "must divide tnt.local_reset=8"),
-    (dict(layers=3), "model.tnt.layers", "1 or 2 layers"),
-    (dict(global_chunk=0, local_chunks=[]), "model.tnt.local_chunks", "no memory at all"),
-    (dict(heads=3), "model.tnt.heads", "do not divide d_model=16"),
-])
+@pytest.mark.parametrize(
+    "kw,key,words",
+    [
+        (dict(local_chunks=[3], local_reset=8), "model.tnt.local_chunks", "must divide tnt.local_reset=8"),
+        (dict(layers=3), "model.tnt.layers", "1 or 2 layers"),
+        (dict(global_chunk=0, local_chunks=[]), "model.tnt.local_chunks", "no memory at all"),
+        (dict(heads=3), "model.tnt.heads", "do not divide d_model=16"),
+    ],
+)
 def test_bad_tnt_values_name_the_key(kw, key, words):
     from unroll.train.config import ConfigError, load_config
+
     over = [f"model.tnt.{k}={v}".replace(" ", "") for k, v in kw.items()]
     with pytest.raises(ConfigError) as err:
         load_config("tiny-tnt", ["model.d_model=16", *over])
@@ -267,21 +289,26 @@ def test_bad_tnt_values_name_the_key(kw, key, words):
 
 def test_info_cli_prints_the_tnt_layers(capsys):
     from unroll.launch.cli import main
+
     assert main(["info", "tiny-tnt"]) == 0
     out = capsys.readouterr().out
     # per head (d = 48, hidden 96): 2 memories × 3 × (2·48·96) + the local 48×48 projection; 4 heads
     assert out.count(" tnt ") == 3 and f"{4 * (2 * 3 * 2 * 48 * 96 + 48 * 48):,}" in out
 
 
-@pytest.mark.parametrize("layout,seq_len,words", [
-    (dict(cp=2), 96, "model.tnt.local_reset=64 must be positive and divide the per-rank sequence length 48"),
-    (dict(cp=2), 256, None),
-    (dict(cp=8), 256, "model.tnt.global_chunk=64 must divide the per-rank sequence length 32"),
-    (dict(tp=2), 128, "TNT layers (pattern T): not available yet"),
-])
+@pytest.mark.parametrize(
+    "layout,seq_len,words",
+    [
+        (dict(cp=2), 96, "model.tnt.local_reset=64 must be positive and divide the per-rank sequence length 48"),
+        (dict(cp=2), 256, None),
+        (dict(cp=8), 256, "model.tnt.global_chunk=64 must divide the per-rank sequence length 32"),
+        (dict(tp=2), 128, "TNT layers (pattern T): not available yet"),
+    ],
+)
 def test_layout_checks_for_tnt(layout, seq_len, words):
     from unroll.train.config import load_config
     from unroll.train.parallel.mesh import Layout, LayoutError, check_model
+
     cfg = load_config("tiny-tnt").model
     if words is None:
         check_model(Layout(**layout), cfg, seq_len=seq_len)

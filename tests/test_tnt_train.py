@@ -1,12 +1,13 @@
 """TNT in the trainer: a tiny T model learns; the two-stage recipe runs end to end through `unroll train`
 with the bundled tiny-tnt and tiny-tnt-stage2 presets shrunk to tiny settings (stage 2 starts from stage
 1's checkpoint, trains only the local memories, saves everything, and resumes from its own checkpoint)."""
+
 import math
 
 import pytest
 import torch
-
 from conftest import run_cli, torchrun_train
+
 from unroll.models import LM
 from unroll.train.checkpoint.dcp import CheckpointError
 from unroll.train.config import ConfigError, load_config
@@ -27,8 +28,9 @@ def test_trainer_trains_a_tiny_tnt_model(tiny_config):
 def test_context_parallel_training_matches_one_process(tiny_config, offline_env):
     """`unroll train` with the sequence split over 2 gloo ranks (16 tokens each: fresh local memories on
     each, the global memory's state handed on) logs the one-process losses and gradient norms."""
-    sections = dict(model={"pattern": "TA", "n_heads": 2, "tnt": TNT}, train={"steps": 3, "batch_size": 4},
-                    eval={"every": 3})
+    sections = dict(
+        model={"pattern": "TA", "n_heads": 2, "tnt": TNT}, train={"steps": 3, "batch_size": 4}, eval={"every": 3}
+    )
     one = load_config(str(tiny_config("one", **sections)))
     train(one)
     cp = tiny_config("cp", **sections)
@@ -43,8 +45,9 @@ def test_context_parallel_training_matches_one_process(tiny_config, offline_env)
 
 
 def test_trainable_regex_freezes_the_rest_and_the_optimizer_sees_only_trainable():
-    cfg = load_config("tiny-tnt", ["model.d_model=32", "model.n_heads=2", "model.tnt.heads=2",
-                                   r"train.trainable=mixer\.local_"])
+    cfg = load_config(
+        "tiny-tnt", ["model.d_model=32", "model.n_heads=2", "model.tnt.heads=2", r"train.trainable=mixer\.local_"]
+    )
     model = LM(cfg.model)
     n = apply_trainable(model, cfg.train.trainable)
     names = [name for name, p in model.named_parameters() if p.requires_grad]
@@ -59,12 +62,31 @@ def test_trainable_regex_freezes_the_rest_and_the_optimizer_sees_only_trainable(
 
 
 def tiny_overrides(small_data, run_dir, steps):
-    return [f"run.dir={run_dir}", "run.threads=1", f"data.train=[{small_data.train}]", f"data.valid={small_data.valid}",
-            f"data.tokenizer={small_data.tokenizer}", f"model.vocab_size={small_data.vocab}", "data.seq_len=32",
-            "model.d_model=32", "model.n_heads=2", "model.tnt.heads=2", "model.tnt.global_chunk=16",
-            "model.tnt.local_reset=16", f"train.steps={steps}", "train.batch_size=4", "train.log_every=1",
-            "schedule.warmup_steps=1", "eval.every=0", "eval.batches=1", "eval.batch_size=4",
-            "checkpoint.every=0", "logging.wandb=disabled", "logging.progress=false", "sample.max_new_tokens=0"]
+    return [
+        f"run.dir={run_dir}",
+        "run.threads=1",
+        f"data.train=[{small_data.train}]",
+        f"data.valid={small_data.valid}",
+        f"data.tokenizer={small_data.tokenizer}",
+        f"model.vocab_size={small_data.vocab}",
+        "data.seq_len=32",
+        "model.d_model=32",
+        "model.n_heads=2",
+        "model.tnt.heads=2",
+        "model.tnt.global_chunk=16",
+        "model.tnt.local_reset=16",
+        f"train.steps={steps}",
+        "train.batch_size=4",
+        "train.log_every=1",
+        "schedule.warmup_steps=1",
+        "eval.every=0",
+        "eval.batches=1",
+        "eval.batch_size=4",
+        "checkpoint.every=0",
+        "logging.wandb=disabled",
+        "logging.progress=false",
+        "sample.max_new_tokens=0",
+    ]
 
 
 def test_stage2_starts_from_the_stage1_checkpoint(small_data, offline_env, tmp_path, capsys):
@@ -72,8 +94,9 @@ def test_stage2_starts_from_the_stage1_checkpoint(small_data, offline_env, tmp_p
     (local chunks of 1, init_from stage 1, only the local memories trained), then stage 2 resumed."""
     stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
     train(load_config("tiny-tnt", tiny_overrides(small_data, stage1, 3) + ["model.tnt.local_chunks=[8]"]))
-    proc = run_cli(["train", "tiny-tnt-stage2", *tiny_overrides(small_data, stage2, 2),
-                    f"train.init_from={stage1}"], offline_env)
+    proc = run_cli(
+        ["train", "tiny-tnt-stage2", *tiny_overrides(small_data, stage2, 2), f"train.init_from={stage1}"], offline_env
+    )
     head = proc.stdout.splitlines()[0]
     assert f"weights from {stage1}" in head and "trainable (train.trainable='mixer\\\\.local_')" in head, head
     first, _, _ = load_run(stage1)
@@ -93,7 +116,8 @@ def test_stage2_starts_from_the_stage1_checkpoint(small_data, offline_env, tmp_p
 
 
 def test_init_from_names_a_bad_path(small_data, tmp_path):
-    cfg = load_config("tiny-tnt-stage2", tiny_overrides(small_data, tmp_path / "s2", 1)
-                      + [f"train.init_from={tmp_path / 'nowhere'}"])
+    cfg = load_config(
+        "tiny-tnt-stage2", tiny_overrides(small_data, tmp_path / "s2", 1) + [f"train.init_from={tmp_path / 'nowhere'}"]
+    )
     with pytest.raises(CheckpointError, match="train.init_from=.*nowhere: neither a complete checkpoint"):
         train(cfg)

@@ -4,18 +4,30 @@ parallel ranks balance on the all-reduced load exactly like one process."""
 
 import pytest
 import torch
-
 from conftest import run_cli, torchrun_train
+
 from unroll.models import LM
 from unroll.train.checkpoint import dcp as checkpoint
 from unroll.train.config import load_config
 from unroll.train.metrics import read_metrics
 from unroll.train.trainer import train
 
-MODEL = {"pattern": "MA", "mlp_pattern": "E", "n_heads": 2, "rope": False,
-         "m2rnn": {"k_dim": 8, "v_dim": 4, "v_heads": 8},
-         "moe": {"experts": 4, "top_k": 2, "hidden": 16, "shared_experts": 1, "aux_loss_coef": 0.01,
-                 "z_loss_coef": 0.001, "bias_update_rate": 0.01}}
+MODEL = {
+    "pattern": "MA",
+    "mlp_pattern": "E",
+    "n_heads": 2,
+    "rope": False,
+    "m2rnn": {"k_dim": 8, "v_dim": 4, "v_heads": 8},
+    "moe": {
+        "experts": 4,
+        "top_k": 2,
+        "hidden": 16,
+        "shared_experts": 1,
+        "aux_loss_coef": 0.01,
+        "z_loss_coef": 0.001,
+        "bias_update_rate": 0.01,
+    },
+}
 CONSTANT = {"name": "constant", "warmup_steps": 3}  # lr independent of train.steps, so a run can be extended
 
 

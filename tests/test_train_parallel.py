@@ -4,12 +4,12 @@ torchrun on gloo match one process. (FSDP2 over two
 ranks, the default layout, is tested with its resume in test_train_run.py.)"""
 
 import pytest
-
 from conftest import run_cli, torchrun_train
+
 from unroll.models import ModelConfig
 from unroll.train.config import ParallelConfig
-from unroll.train.parallel.mesh import LayoutError, check_model, resolve_layout
 from unroll.train.metrics import read_metrics
+from unroll.train.parallel.mesh import LayoutError, check_model, resolve_layout
 
 
 def test_layout_fills_dp_shard_and_names_bad_keys():
@@ -50,8 +50,10 @@ def assert_same_run(base_dir, run_dir, rel: float = 2e-5, up_to: int | None = No
 
 
 def test_ddp_hsdp_and_fsdp_with_cp_match_one_process(tiny_config, offline_env):
-    sections = dict(model={"pattern": "GA", "mlp_pattern": "DE", "moe": {"experts": 4, "top_k": 2, "hidden": 16}},
-                    train={"steps": 5, "batch_size": 8})
+    sections = dict(
+        model={"pattern": "GA", "mlp_pattern": "DE", "moe": {"experts": 4, "top_k": 2, "hidden": 16}},
+        train={"steps": 5, "batch_size": 8},
+    )
     one = tiny_config("one", **sections)
     run_cli(["train", one], offline_env)
     ddp = tiny_config("ddp", **sections)
@@ -91,8 +93,10 @@ def test_pipeline_layouts_are_checked_by_key():
 CP_MODEL = {"pattern": "GAML", "n_heads": 2, "m2rnn": {"k_dim": 8, "v_dim": 4, "v_heads": 4}}
 
 
-@pytest.mark.parametrize("solvers", [{"solver": "newton", "m2rnn": {"solver": "sequential"}},
-                                     {"solver": "sequential", "m2rnn": {"solver": "newton"}}])
+@pytest.mark.parametrize(
+    "solvers",
+    [{"solver": "newton", "m2rnn": {"solver": "sequential"}}, {"solver": "sequential", "m2rnn": {"solver": "newton"}}],
+)
 def test_context_parallel_matches_one_process(tiny_config, offline_env, solvers):
     """The sequence split over 2 ranks: recurrences by sequence-parallel Newton or by the state hand-off,
     the M²RNN convolution across the split, attention over gathered keys and values."""
@@ -116,7 +120,9 @@ def test_tensor_parallel_alone_and_under_fsdp_match_one_process(tiny_config, off
     run_cli(["train", one], offline_env)
     tp = tiny_config("tp", **sections, sample={"prompt": "ROMEO.", "max_new_tokens": 4})
     out = torchrun_train(2, tp, offline_env, "parallel.tp=2")
-    assert "tp 2" in out.stdout + out.stderr and "no sample: generating under tensor or pipeline parallelism" in out.stdout
+    assert (
+        "tp 2" in out.stdout + out.stderr and "no sample: generating under tensor or pipeline parallelism" in out.stdout
+    )
     fsdp_tp = tiny_config("fsdp_tp", **sections)
     out = torchrun_train(4, fsdp_tp, offline_env, "parallel.tp=2")
     assert "dp_shard 2 × tp 2" in out.stdout + out.stderr
@@ -129,8 +135,12 @@ def test_tensor_parallel_alone_and_under_fsdp_match_one_process(tiny_config, off
 def test_expert_parallel_under_fsdp_matches_one_process_and_resumes_in_one(tiny_config, offline_env):
     """ep 2 = dp_shard 2: each rank keeps half the experts (FSDP ignores them), tokens travel by all_to_all;
     then the 2-rank checkpoint, its experts saved as one tensor sharded over the ranks, resumes in one process."""
-    model = {"pattern": "GA", "mlp_pattern": "E", "n_heads": 2, "moe": {"experts": 4, "top_k": 2, "hidden": 16,
-                                                                         "shared_experts": 1}}
+    model = {
+        "pattern": "GA",
+        "mlp_pattern": "E",
+        "n_heads": 2,
+        "moe": {"experts": 4, "top_k": 2, "hidden": 16, "shared_experts": 1},
+    }
     sections = dict(model=model, train={"steps": 4, "batch_size": 8}, eval={"every": 2})
     one = tiny_config("one", **sections)
     run_cli(["train", one], offline_env)
@@ -142,20 +152,25 @@ def test_expert_parallel_under_fsdp_matches_one_process_and_resumes_in_one(tiny_
     run_cli(["train", ep, "train.steps=6"], offline_env)  # 2 ranks with ep → 1 process
     a, b = read_metrics(one.parent / "one"), read_metrics(one.parent / "ep")
     assert [r["loss"] for r in b if r["step"] > 4 and "loss" in r] == pytest.approx(
-        [r["loss"] for r in a if r["step"] > 4 and "loss" in r], rel=2e-5)
+        [r["loss"] for r in a if r["step"] > 4 and "loss" in r], rel=2e-5
+    )
 
 
 def test_not_yet_names_the_keys_and_plan_skips_those_layouts():
+    from unroll.train.config import load_config
     from unroll.train.parallel.mesh import Layout, check_supported, not_yet
     from unroll.train.planning.plan import candidate_layouts
-    from unroll.train.config import load_config
 
     assert not_yet(Layout(pp=2, dp_shard=2, cp=2)) == not_yet(Layout(tp=2, cp=2)) == not_yet(Layout(pp=2, tp=2)) == []
     assert not_yet(Layout(tp=2, dp_replicate=2)) == []
     assert not_yet(Layout(dp_shard=4, ep=2)) == not_yet(Layout(dp_replicate=2, dp_shard=2, ep=2)) == []
-    with pytest.raises(LayoutError, match=r"parallel.ep=2: only ep dividing dp_shard, without cp.*\(got dp_shard 2 × cp 2 × ep 2\)"):
+    with pytest.raises(
+        LayoutError, match=r"parallel.ep=2: only ep dividing dp_shard, without cp.*\(got dp_shard 2 × cp 2 × ep 2\)"
+    ):
         check_supported(Layout(dp_shard=2, cp=2, ep=2))
-    with pytest.raises(LayoutError, match=r"parallel.ep=2: only ep dividing dp_shard.*\(got pp 2 × dp_shard 2 × ep 2\)"):
+    with pytest.raises(
+        LayoutError, match=r"parallel.ep=2: only ep dividing dp_shard.*\(got pp 2 × dp_shard 2 × ep 2\)"
+    ):
         check_supported(Layout(pp=2, dp_shard=2, ep=2))
     model = load_config("m2rnn-moe-7b").model
     layouts = list(candidate_layouts(model, 64, 8))
@@ -173,9 +188,11 @@ def test_tensor_and_context_parallel_combinations_with_recompute_match_one_proce
 
     one = tiny_config("one", **SECTIONS)
     run_cli(["train", one], offline_env)
-    layouts = {"tp_cp": ["parallel.tp=2", "parallel.cp=2"],
-               "tp_hsdp_ac": ["parallel.tp=2", "parallel.dp_replicate=2", "train.activation_checkpoint=full"],
-               "cp_ac": ["parallel.cp=4", "train.activation_checkpoint=full", "model.solver=newton"]}
+    layouts = {
+        "tp_cp": ["parallel.tp=2", "parallel.cp=2"],
+        "tp_hsdp_ac": ["parallel.tp=2", "parallel.dp_replicate=2", "train.activation_checkpoint=full"],
+        "cp_ac": ["parallel.cp=4", "train.activation_checkpoint=full", "model.solver=newton"],
+    }
     for name, overrides in layouts.items():
         run = tiny_config(name, **SECTIONS)
         out = torchrun_train(4, run, offline_env, "parallel.dp_shard=1", *overrides)
@@ -198,8 +215,12 @@ def test_expert_parallel_groups_smaller_than_the_data_ranks_match_one_process(ti
     """ep 2 on 4 data ranks, FSDP (dp_shard 4) and HSDP (dp_replicate 2 × dp_shard 2): two groups of 2 split
     the experts and replicate each other's, expert gradients summed over the groups; the FSDP run's
     checkpoint (experts sharded over ep, replicated over the groups) then resumes in one process."""
-    model = {"pattern": "GA", "mlp_pattern": "E", "n_heads": 2,
-             "moe": {"experts": 4, "top_k": 2, "hidden": 16, "aux_loss_coef": 0.01, "bias_update_rate": 0.01}}
+    model = {
+        "pattern": "GA",
+        "mlp_pattern": "E",
+        "n_heads": 2,
+        "moe": {"experts": 4, "top_k": 2, "hidden": 16, "aux_loss_coef": 0.01, "bias_update_rate": 0.01},
+    }
     # micro-batches of 2 everywhere: the balancing loss is a function of the micro-batch
     sections = dict(model=model, train={"steps": 4, "batch_size": 8, "micro_batch_size": 2}, eval={"every": 2})
     one = tiny_config("one", **sections)

@@ -4,17 +4,23 @@ with one and two stages per rank, MoE balancing losses included, alone and combi
 context and tensor parallelism; a pipelined checkpoint resumes in one process."""
 
 import pytest
-
 from conftest import run_cli, torchrun_train, train_one_process
 from test_train_parallel import assert_same_run
 
 MOE = {"experts": 4, "top_k": 2, "hidden": 16, "aux_loss_coef": 0.01, "z_loss_coef": 0.001}
-MODEL = {"pattern": "GAML", "mlp_pattern": "DEDE", "n_heads": 2, "tie_embeddings": False, "moe": MOE,
-         "m2rnn": {"k_dim": 8, "v_dim": 4, "v_heads": 4}}
+MODEL = {
+    "pattern": "GAML",
+    "mlp_pattern": "DEDE",
+    "n_heads": 2,
+    "tie_embeddings": False,
+    "moe": MOE,
+    "m2rnn": {"k_dim": 8, "v_dim": 4, "v_heads": 4},
+}
 # 4 microbatches of 2 per rank: enough for 1F1B over 2 stages and the looped schedules over 4; the last stage's
 # loss in chunks of 24 of a microbatch's 64 tokens (recomputed in the backward, inside the schedules)
-SECTIONS = dict(model=MODEL, train={"steps": 4, "batch_size": 8, "micro_batch_size": 2, "loss_chunk": 24},
-                eval={"every": 2})
+SECTIONS = dict(
+    model=MODEL, train={"steps": 4, "batch_size": 8, "micro_batch_size": 2, "loss_chunk": 24}, eval={"every": 2}
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +40,12 @@ def test_pipeline_with_fsdp_hsdp_context_and_tensor_parallel_matches_one_process
     """2-D layouts on 4 processes: pp 2 × dp_shard 2 (each stage an FSDP root), pp 2 × dp_replicate 2
     (HSDP with shards of one), pp 2 × cp 2 (the sequence split inside every stage) and pp 2 × tp 2 (each
     stage's blocks sharded, sequence-parallel hidden states between the stages)."""
-    layouts = {"pp_fsdp": ["parallel.dp_shard=2"], "pp_hsdp": ["parallel.dp_replicate=2", "parallel.dp_shard=1"],
-               "pp_cp": ["parallel.cp=2", "parallel.dp_shard=1"], "pp_tp": ["parallel.tp=2", "parallel.dp_shard=1"]}
+    layouts = {
+        "pp_fsdp": ["parallel.dp_shard=2"],
+        "pp_hsdp": ["parallel.dp_replicate=2", "parallel.dp_shard=1"],
+        "pp_cp": ["parallel.cp=2", "parallel.dp_shard=1"],
+        "pp_tp": ["parallel.tp=2", "parallel.dp_shard=1"],
+    }
     for name, overrides in layouts.items():
         run = tiny_config(name, **SECTIONS)
         out = torchrun_train(4, run, offline_env, "parallel.pp=2", *overrides)

@@ -24,22 +24,27 @@ test_a_training_step_draws_no_random_numbers checks it.
 (The schedule is `constant`: a cosine's shape depends on train.steps, which each segment sets
 to its own end; the warmup does not.)
 """
+
 import json
 import random
 
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_cli, torchrun_train, train_one_process
 from test_train_parallel import assert_same_run
 from test_train_pipeline import MODEL
+
 from unroll.train.metrics import read_metrics
 
 SEGMENT = 2  # steps per segment
-SECTIONS = dict(model=MODEL, train={"steps": 4 * SEGMENT, "batch_size": 8, "micro_batch_size": 2},
-                schedule={"name": "constant", "warmup_steps": 3}, eval={"every": SEGMENT},
-                checkpoint={"every": SEGMENT, "keep": 2})
+SECTIONS = dict(
+    model=MODEL,
+    train={"steps": 4 * SEGMENT, "batch_size": 8, "micro_batch_size": 2},
+    schedule={"name": "constant", "warmup_steps": 3},
+    eval={"every": SEGMENT},
+    checkpoint={"every": SEGMENT, "keep": 2},
+)
 
 # (name, processes, overrides, what the startup line says)
 LAYOUTS = {

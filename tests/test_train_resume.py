@@ -1,12 +1,13 @@
 """Exact resume: N steps straight equals k steps, SIGKILL, resume, SIGTERM, resume to N — every logged
 figure and the final weights and optimizer state bit for bit (CPU, float32)."""
+
 import signal
 import subprocess
 import time
 
 import torch
-
 from conftest import UNROLL, run_cli
+
 from unroll.models import LM
 from unroll.train.checkpoint import dcp as checkpoint
 from unroll.train.config import load_config
@@ -18,8 +19,9 @@ SECTIONS = dict(train={"steps": STEPS}, checkpoint={"every": 8, "keep": 2}, eval
 
 
 def start(config, env):
-    return subprocess.Popen(UNROLL + ["train", str(config)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        UNROLL + ["train", str(config)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def wait_for_step(run_dir, proc, at_least: int, timeout: float = 120) -> int:

@@ -1,12 +1,13 @@
 """A training run end to end: gradient accumulation, generation, plot, wandb offline, data parallel."""
+
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_cli, torchrun_train
+
 from unroll.launch.cli import main
 from unroll.models.generate import sample
 from unroll.train.config import load_config
@@ -48,8 +49,9 @@ def test_newton_solver_metrics_are_logged(tiny_config):
 
 
 def test_generate_plot_and_wandb_offline(tiny_config, capsys):
-    cfg = load_config(str(tiny_config("gen", logging={"wandb": "offline"},
-                                      sample={"prompt": "KING.", "max_new_tokens": 20})))
+    cfg = load_config(
+        str(tiny_config("gen", logging={"wandb": "offline"}, sample={"prompt": "KING.", "max_new_tokens": 20}))
+    )
     summary = train(cfg)
     run_dir = Path(cfg.run.dir)
     assert summary["sample"].startswith("KING.") and len(summary["sample"]) > len("KING.")
@@ -74,7 +76,7 @@ def test_generate_plot_and_wandb_offline(tiny_config, capsys):
     with torch.no_grad():
         for _ in range(15):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    assert fast == ids[len(prompt):len(prompt) + len(fast)] and len(fast) > 0
+    assert fast == ids[len(prompt) : len(prompt) + len(fast)] and len(fast) > 0
 
 
 def test_two_data_parallel_ranks_match_one_process(tiny_config, offline_env):
@@ -100,18 +102,46 @@ def test_shortened_default_run_lowers_validation_perplexity(offline_env, tmp_pat
     """The README's default (tiny-gru on the bundled corpus), shortened: validation perplexity must fall
     far below its initial value (≈ the vocabulary size for an untrained model)."""
     data = tmp_path / "data"
-    made = [run_cli(["data", "tokenizer", "--input", "bundled:shakespeare", "--vocab-size", "2048",
-                     "--out", data / "sp"], offline_env),
-            run_cli(["data", "prepare", "--input", "bundled:shakespeare", "--tokenizer", data / "sp.model",
-                     "--out", data / "shards"], offline_env)]
+    made = [
+        run_cli(
+            ["data", "tokenizer", "--input", "bundled:shakespeare", "--vocab-size", "2048", "--out", data / "sp"],
+            offline_env,
+        ),
+        run_cli(
+            [
+                "data",
+                "prepare",
+                "--input",
+                "bundled:shakespeare",
+                "--tokenizer",
+                data / "sp.model",
+                "--out",
+                data / "shards",
+            ],
+            offline_env,
+        ),
+    ]
     for proc in made:  # the bundled corpus is read offline: nothing may say it is downloading
         assert "reading 42 file(s) of bundled:shakespeare" in proc.stderr
         assert "Downloading" not in proc.stdout + proc.stderr
     env = dict(offline_env, OMP_NUM_THREADS="2")
-    proc = run_cli(["train", "tiny-gru", f"run.dir={tmp_path / 'run'}", f"data.tokenizer={data / 'sp.model'}",
-                    f"data.train=[{data / 'shards/train'}]", f"data.valid={data / 'shards/valid'}",
-                    "train.steps=60", "schedule.warmup_steps=10", "eval.every=0", "checkpoint.every=0",
-                    "logging.wandb=disabled"], env, timeout=900)
+    proc = run_cli(
+        [
+            "train",
+            "tiny-gru",
+            f"run.dir={tmp_path / 'run'}",
+            f"data.tokenizer={data / 'sp.model'}",
+            f"data.train=[{data / 'shards/train'}]",
+            f"data.valid={data / 'shards/valid'}",
+            "train.steps=60",
+            "schedule.warmup_steps=10",
+            "eval.every=0",
+            "checkpoint.every=0",
+            "logging.wandb=disabled",
+        ],
+        env,
+        timeout=900,
+    )
     val = [r for r in read_metrics(tmp_path / "run") if "val_loss" in r]
     initial, final = val[0]["val_ppl"], val[-1]["val_ppl"]
     print(f"validation perplexity {initial:.1f} -> {final:.1f} after 60 steps")

@@ -4,14 +4,16 @@ forward and backward against the default impl. Without a GPU the kernels run in 
 stand in for long sequences (T=129 in chunks of 4 recurses four levels deep, as blocks at T≈10⁶ do by
 default). Failing-test checks done by hand: an off-by-one in the chunk carry, the summary taken one row
 early, a chunk one step short, a transposed k×k product, no float32 upcast, no .contiguous() — each fails."""
+
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
 from conftest import scan_inputs  # noqa: E402
-from unroll.kernels.linear_scan import linear_scan, scan_reference  # noqa: E402
+
 from unroll.kernels import triton_scan as ts  # noqa: E402
+from unroll.kernels.linear_scan import linear_scan, scan_reference  # noqa: E402
 from unroll.kernels.triton_scan import scan_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -26,7 +28,8 @@ def inputs(T, k, seed, dtype=torch.float64, B=2, D=3):
 
 # float64 on the whole grid; float32 (the same kernels, other casts) on a part of it, for interpreter time
 FORWARD = [(k, T, "float64") for k in (0, 1, 2, 3, 16) for T in (1, 7, 64, 129)] + [
-    (k, T, "float32") for k in (0, 1, 2, 3, 16) for T in (1, 7, 129) if T < 129 or k in (0, 2, 16)]
+    (k, T, "float32") for k in (0, 1, 2, 3, 16) for T in (1, 7, 129) if T < 129 or k in (0, 2, 16)
+]
 
 
 @pytest.mark.parametrize("k,T,dtype", FORWARD)  # k = 0: diagonal
@@ -45,12 +48,20 @@ def test_forward_matches_reference(k, T, dtype):
 def test_small_chunks_recurse(k, T, chunk):
     """Chunks much shorter than T: several levels of chunk summaries, a short last chunk at every level."""
     a, b, h0, _ = inputs(T, k, seed=T + chunk + k, B=1 if k else 2, D=5)
-    torch.testing.assert_close(scan_triton(a, b, h0, bool(k), chunk=chunk), scan_reference(a, b, h0, bool(k)),
-                               **TOL[torch.float64])
+    torch.testing.assert_close(
+        scan_triton(a, b, h0, bool(k), chunk=chunk), scan_reference(a, b, h0, bool(k)), **TOL[torch.float64]
+    )
 
 
-GRADS = [(0, 129, None, "float64"), (0, 129, None, "float32"), (0, 64, 4, "float64"), (2, 65, None, "float64"),
-         (2, 65, None, "float32"), (3, 33, 4, "float64"), (16, 9, 4, "float64")]
+GRADS = [
+    (0, 129, None, "float64"),
+    (0, 129, None, "float32"),
+    (0, 64, 4, "float64"),
+    (2, 65, None, "float64"),
+    (2, 65, None, "float32"),
+    (3, 33, 4, "float64"),
+    (16, 9, 4, "float64"),
+]
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -96,11 +107,13 @@ def test_non_contiguous_inputs(k):
     # the same values laid out [D, B, T, ...] and viewed back as [B, T, D, ...]
     def strided(x, dims):
         return x.permute(*dims).contiguous().permute(*[dims.index(i) for i in range(len(dims))])
+
     a2 = strided(a, (2, 0, 1, 3, 4) if k else (2, 0, 1))
     b2, h02 = strided(b, (2, 0, 1, 3) if k else (2, 0, 1)), h0.transpose(0, 1).contiguous().transpose(0, 1)
     assert not (a2.is_contiguous() or b2.is_contiguous() or h02.is_contiguous())
-    torch.testing.assert_close(scan_triton(a2, b2, h02, bool(k), chunk=4), scan_reference(a, b, h0, bool(k)),
-                               **TOL[torch.float64])
+    torch.testing.assert_close(
+        scan_triton(a2, b2, h02, bool(k), chunk=4), scan_reference(a, b, h0, bool(k)), **TOL[torch.float64]
+    )
 
 
 def test_empty_and_bad_arguments():
@@ -124,8 +137,20 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
         scan_triton(a, b, h0, False)
 
 
-@pytest.mark.parametrize("T,block", [(1, False), (129, False), (16384, False), (4097, False), (1, True),
-                                     (8, True), (9, True), (4097, True), (16384, True)])
+@pytest.mark.parametrize(
+    "T,block",
+    [
+        (1, False),
+        (129, False),
+        (16384, False),
+        (4097, False),
+        (1, True),
+        (8, True),
+        (9, True),
+        (4097, True),
+        (16384, True),
+    ],
+)
 def test_default_chunk(T, block):
     C = ts.default_chunk(T, block)
     assert C & (C - 1) == 0

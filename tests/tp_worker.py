@@ -17,6 +17,7 @@ Writes OUT_DIR/rank{r}.json: {check: result dict, or {"error": traceback}}:
                           layout, and a single-device save loads into the TP model and optimizer
   errors                  what apply_tensor_parallel refuses, by message; generation refused
 """
+
 import copy
 import faulthandler
 import os
@@ -39,8 +40,9 @@ BASE = dict(vocab_size=64, d_model=16, mlp_hidden=32, n_heads=4)
 CASES = {
     "GA-dense-newton": dict(pattern="GA", solver="newton"),
     "GA-moe-seq-heads2": dict(pattern="GA", solver="sequential", rnn_heads=2, mlp_pattern="E"),
-    "GA-dense-newton-heads4-gqa-untied": dict(pattern="GA", solver="newton", rnn_heads=4, n_kv_heads=2,
-                                              tie_embeddings=False),
+    "GA-dense-newton-heads4-gqa-untied": dict(
+        pattern="GA", solver="newton", rnn_heads=4, n_kv_heads=2, tie_embeddings=False
+    ),
     "LA-moe-newton": dict(pattern="LA", solver="newton", mlp_pattern="E"),
     "LA-dense-seq-heads2": dict(pattern="LA", solver="sequential", rnn_heads=2),
     "MA-dense-qk1": dict(pattern="MA", m2rnn=dict(qk_heads=1, solver="sequential")),
@@ -122,10 +124,17 @@ def check_f64(cfg, mesh, sp, seed, loss_chunk) -> dict:
     logits, logits_loss = loss_of(tp, tokens)
     logits_loss.backward()
     logits_grad = grad_error(tp)[0]
-    return {"logits": err(logits, ref_logits), "loss": err(loss, ref_loss), "grad": worst, "grad_worst": worst_name,
-            "logits_loss": err(logits_loss, ref_loss), "logits_grad": logits_grad,
-            "grad_scale": max(float(p.grad.abs().max()) for p in ref.parameters()), "missing_grads": missing,
-            "all_dtensor": all(type(p).__name__ == "DTensor" for p in tp.parameters())}
+    return {
+        "logits": err(logits, ref_logits),
+        "loss": err(loss, ref_loss),
+        "grad": worst,
+        "grad_worst": worst_name,
+        "logits_loss": err(logits_loss, ref_loss),
+        "logits_grad": logits_grad,
+        "grad_scale": max(float(p.grad.abs().max()) for p in ref.parameters()),
+        "missing_grads": missing,
+        "all_dtensor": all(type(p).__name__ == "DTensor" for p in tp.parameters()),
+    }
 
 
 def check_vocab_parallel_loss(mesh) -> dict:
@@ -179,7 +188,8 @@ def placements(mesh) -> dict:
     model = parallel(build(config(pattern="GMA", mlp_pattern="DED", rnn_heads=1), torch.float64, 0), mesh, True)
     untied = parallel(build(config(pattern="A", tie_embeddings=False), torch.float64, 0), mesh, True)
     return {name: str(p.placements[0]) for name, p in model.named_parameters()} | {
-        "head.weight": str(untied.head.weight.placements[0])}
+        "head.weight": str(untied.head.weight.placements[0])
+    }
 
 
 def check_dcp(mesh, path: str) -> dict:
@@ -208,8 +218,9 @@ def check_dcp(mesh, path: str) -> dict:
     def compare(a, a_opt, b, b_opt) -> tuple[float, float]:
         pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
         params = max(err(full(pa[n]), full(pb[n])) for n in pa)
-        states = max(err(full(a_opt.state[pa[n]][k]), full(b_opt.state[pb[n]][k]))
-                     for n in pa for k in ("exp_avg", "exp_avg_sq"))
+        states = max(
+            err(full(a_opt.state[pa[n]][k]), full(b_opt.state[pb[n]][k])) for n in pa for k in ("exp_avg", "exp_avg_sq")
+        )
         return params, states
 
     ref, ref_opt = trained(build(cfg, torch.float64, 5))
@@ -231,20 +242,26 @@ def check_dcp(mesh, path: str) -> dict:
     dcp.load(checkpoint_view(sd), checkpoint_id=os.path.join(path, "single"))
     set_state_dict(tp2, tp2_opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     to_tp = compare(tp2, tp2_opt, ref, ref_opt)
-    return {"tp_to_single_params": to_single[0], "tp_to_single_optim": to_single[1],
-            "single_to_tp_params": to_tp[0], "single_to_tp_optim": to_tp[1],
-            "logits_after_load": err(tp2(tokens[:, :-1]), ref(tokens[:, :-1]))}
+    return {
+        "tp_to_single_params": to_single[0],
+        "tp_to_single_optim": to_single[1],
+        "single_to_tp_params": to_tp[0],
+        "single_to_tp_optim": to_tp[1],
+        "logits_after_load": err(tp2(tokens[:, :-1]), ref(tokens[:, :-1])),
+    }
 
 
 def check_errors(mesh) -> dict:
     from unroll.train.parallel.tensor_parallel import TensorParallelError
 
     out = {}
-    bad = {"m2rnn_qk3": config(pattern="M", m2rnn=dict(qk_heads=3, v_heads=6)),
-           "gqa_kv1": config(pattern="A", n_kv_heads=1),
-           "rnn_heads3": config(pattern="G", d_model=12, rnn_heads=3),
-           "mlp_width33": config(pattern="A", mlp_hidden=33),
-           "vocab63": config(pattern="A", vocab_size=63)}
+    bad = {
+        "m2rnn_qk3": config(pattern="M", m2rnn=dict(qk_heads=3, v_heads=6)),
+        "gqa_kv1": config(pattern="A", n_kv_heads=1),
+        "rnn_heads3": config(pattern="G", d_model=12, rnn_heads=3),
+        "mlp_width33": config(pattern="A", mlp_hidden=33),
+        "vocab63": config(pattern="A", vocab_size=63),
+    }
     for name, cfg in bad.items():
         try:
             parallel(build(cfg, torch.float64, 0), mesh, True)

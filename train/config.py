@@ -12,6 +12,7 @@ current directory wherever it is written. Every one of these paths is made absol
 loaded, so the config.yaml a run keeps names its data and itself from anywhere: `unroll train
 RUN_DIR/config.yaml`, generate and export work from any directory.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -69,7 +70,9 @@ class TrainConfig:
     loss_chunk: int = 1024  # tokens per logits chunk of the loss (recomputed in the backward); 0 = all at once
     # Steps not applied (train/step_guard.py): a non-finite loss or gradient norm always; a loss spike optionally
     max_bad_steps: int = 10  # this many in a row stop the run with an error (its checkpoints kept)
-    spike_factor: float = 0.0  # a loss above this × the median of the last spike_window applied steps' is a spike; 0 = off
+    spike_factor: float = (
+        0.0  # a loss above this × the median of the last spike_window applied steps' is a spike; 0 = off
+    )
     spike_window: int = 100  # applied steps whose median loss is the reference (no verdict until it is full)
     spike_policy: str = "skip"  # skip: the step is not applied | rollback: reload the newest checkpoint, go on
     #   with the data after the spike's batch
@@ -97,12 +100,15 @@ class ScheduleConfig:
 class ParallelConfig:
     """The device mesh (train/parallel/mesh.py). The product of pp, dp_replicate, dp_shard, cp and tp is the world
     size; expert parallelism borrows ranks from dp_shard × cp."""
+
     dp_replicate: int = 1  # data-parallel replicas (DDP; HSDP's outer dimension when dp_shard > 1)
     dp_shard: int = -1  # data-parallel ranks sharding parameters (FSDP2); -1 = the ranks left over
     cp: int = 1  # context parallel: the sequence split over ranks
     tp: int = 1  # tensor parallel
     pp: int = 1  # pipeline ranks (stages: pp, or 2·pp for the interleaved and V schedules)
-    pp_schedule: str = "1F1B"  # GPipe, 1F1B, Interleaved1F1B, LoopedBFS, InterleavedZeroBubble, ZBVZeroBubble, DualPipeV
+    pp_schedule: str = (
+        "1F1B"  # GPipe, 1F1B, Interleaved1F1B, LoopedBFS, InterleavedZeroBubble, ZBVZeroBubble, DualPipeV
+    )
     ep: int = 1  # expert parallel (divides dp_shard × cp)
 
 
@@ -188,7 +194,9 @@ def _merge(base: DictConfig, other, source: str, key: str | None = None) -> Dict
         reason = str(e).splitlines()[0]
         raise ConfigError(f"config key '{key}' ({source}): {reason}") from None
     except TypeError:  # OmegaConf refuses e.g. data.train[0]=x: an item into a list
-        raise ConfigError(f"config key '{key or '?'}' ({source}): give the whole value, e.g. data.train=[a,b]") from None
+        raise ConfigError(
+            f"config key '{key or '?'}' ({source}): give the whole value, e.g. data.train=[a,b]"
+        ) from None
 
 
 # (section, key) of the input paths that a config file's own directory anchors (see the module docstring)
@@ -261,32 +269,54 @@ def validate(cfg: Config) -> None:
             problems.append((key, msg))
 
     need(cfg.run.device in ("auto", "cpu", "cuda"), "run.device", f"must be auto, cpu or cuda, got {cfg.run.device!r}")
-    need(cfg.run.dtype in ("auto", "float32", "bfloat16"), "run.dtype",
-         f"must be auto, float32 or bfloat16, got {cfg.run.dtype!r}")
+    need(
+        cfg.run.dtype in ("auto", "float32", "bfloat16"),
+        "run.dtype",
+        f"must be auto, float32 or bfloat16, got {cfg.run.dtype!r}",
+    )
     need(cfg.run.threads >= 0, "run.threads", f"must be >= 0, got {cfg.run.threads}")
     need(bool(cfg.run.dir), "run.dir", "must name a directory")
-    need(cfg.run.collective_timeout_s > 0, "run.collective_timeout_s", f"must be positive, got {cfg.run.collective_timeout_s}")
+    need(
+        cfg.run.collective_timeout_s > 0,
+        "run.collective_timeout_s",
+        f"must be positive, got {cfg.run.collective_timeout_s}",
+    )
     need(cfg.data.seq_len > 0, "data.seq_len", f"sequence length must be positive, got {cfg.data.seq_len}")
     need(len(cfg.data.train) > 0, "data.train", "needs at least one shard prefix")
-    need(not cfg.data.weights or len(cfg.data.weights) == len(cfg.data.train), "data.weights",
-         f"{len(cfg.data.weights)} weights for {len(cfg.data.train)} train datasets")
+    need(
+        not cfg.data.weights or len(cfg.data.weights) == len(cfg.data.train),
+        "data.weights",
+        f"{len(cfg.data.weights)} weights for {len(cfg.data.train)} train datasets",
+    )
     need(all(w > 0 for w in cfg.data.weights), "data.weights", f"weights must be positive, got {cfg.data.weights}")
     need(bool(cfg.data.tokenizer), "data.tokenizer", "must name a sentencepiece .model file")
     need(cfg.train.steps >= 0, "train.steps", f"must be >= 0, got {cfg.train.steps}")
     need(cfg.train.batch_size > 0, "train.batch_size", f"must be positive, got {cfg.train.batch_size}")
     need(cfg.train.micro_batch_size >= 0, "train.micro_batch_size", f"must be >= 0, got {cfg.train.micro_batch_size}")
-    need(cfg.train.loss_chunk >= 0, "train.loss_chunk",
-         f"tokens per logits chunk must be >= 0 (0 = all at once), got {cfg.train.loss_chunk}")
+    need(
+        cfg.train.loss_chunk >= 0,
+        "train.loss_chunk",
+        f"tokens per logits chunk must be >= 0 (0 = all at once), got {cfg.train.loss_chunk}",
+    )
     need(cfg.train.log_every > 0, "train.log_every", f"must be positive, got {cfg.train.log_every}")
     need(cfg.train.max_bad_steps >= 1, "train.max_bad_steps", f"must be >= 1, got {cfg.train.max_bad_steps}")
-    need(cfg.train.spike_factor == 0 or cfg.train.spike_factor > 1, "train.spike_factor",
-         f"must be 0 (off) or above 1 (a multiple of the median loss), got {cfg.train.spike_factor}")
+    need(
+        cfg.train.spike_factor == 0 or cfg.train.spike_factor > 1,
+        "train.spike_factor",
+        f"must be 0 (off) or above 1 (a multiple of the median loss), got {cfg.train.spike_factor}",
+    )
     need(cfg.train.spike_window >= 1, "train.spike_window", f"must be >= 1, got {cfg.train.spike_window}")
-    need(cfg.train.spike_policy in SPIKE_POLICIES, "train.spike_policy",
-         f"must be one of {', '.join(SPIKE_POLICIES)}, got {cfg.train.spike_policy!r}")
+    need(
+        cfg.train.spike_policy in SPIKE_POLICIES,
+        "train.spike_policy",
+        f"must be one of {', '.join(SPIKE_POLICIES)}, got {cfg.train.spike_policy!r}",
+    )
     need(cfg.run.step_timeout_s >= 0, "run.step_timeout_s", f"must be >= 0 (0 = off), got {cfg.run.step_timeout_s}")
-    need(cfg.train.activation_checkpoint in ("none", "full", "mlp"), "train.activation_checkpoint",
-         f"must be none, full or mlp, got {cfg.train.activation_checkpoint!r}")
+    need(
+        cfg.train.activation_checkpoint in ("none", "full", "mlp"),
+        "train.activation_checkpoint",
+        f"must be none, full or mlp, got {cfg.train.activation_checkpoint!r}",
+    )
     try:
         re.compile(cfg.train.trainable)
     except re.error as e:
@@ -298,22 +328,37 @@ def validate(cfg: Config) -> None:
         need(0 <= value < 1, f"optim.{key}", f"must be in [0, 1), got {value}")
     need(cfg.optim.eps > 0, "optim.eps", f"must be positive, got {cfg.optim.eps}")
     need(cfg.optim.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {cfg.optim.grad_clip}")
-    need(cfg.schedule.name in ("cosine", "wsd", "constant"), "schedule.name",
-         f"must be cosine, wsd or constant, got {cfg.schedule.name!r}")
+    need(
+        cfg.schedule.name in ("cosine", "wsd", "constant"),
+        "schedule.name",
+        f"must be cosine, wsd or constant, got {cfg.schedule.name!r}",
+    )
     need(cfg.schedule.warmup_steps >= 0, "schedule.warmup_steps", f"must be >= 0, got {cfg.schedule.warmup_steps}")
-    need(0 <= cfg.schedule.min_lr_ratio <= 1, "schedule.min_lr_ratio",
-         f"must be in [0, 1], got {cfg.schedule.min_lr_ratio}")
-    need(0 < cfg.schedule.decay_fraction <= 1, "schedule.decay_fraction",
-         f"must be in (0, 1], got {cfg.schedule.decay_fraction}")
+    need(
+        0 <= cfg.schedule.min_lr_ratio <= 1,
+        "schedule.min_lr_ratio",
+        f"must be in [0, 1], got {cfg.schedule.min_lr_ratio}",
+    )
+    need(
+        0 < cfg.schedule.decay_fraction <= 1,
+        "schedule.decay_fraction",
+        f"must be in (0, 1], got {cfg.schedule.decay_fraction}",
+    )
     need(cfg.eval.every >= 0, "eval.every", f"must be >= 0, got {cfg.eval.every}")
     need(cfg.eval.batches > 0, "eval.batches", f"must be positive, got {cfg.eval.batches}")
     need(cfg.eval.batch_size > 0, "eval.batch_size", f"must be positive, got {cfg.eval.batch_size}")
     need(cfg.checkpoint.every >= 0, "checkpoint.every", f"must be >= 0, got {cfg.checkpoint.every}")
     need(cfg.checkpoint.keep >= 1, "checkpoint.keep", f"must keep at least 1 checkpoint, got {cfg.checkpoint.keep}")
-    need(1 <= cfg.checkpoint.io_threads <= 64, "checkpoint.io_threads",
-         f"must be between 1 and 64, got {cfg.checkpoint.io_threads}")
-    need(cfg.logging.wandb in ("offline", "online", "disabled"), "logging.wandb",
-         f"must be offline, online or disabled, got {cfg.logging.wandb!r}")
+    need(
+        1 <= cfg.checkpoint.io_threads <= 64,
+        "checkpoint.io_threads",
+        f"must be between 1 and 64, got {cfg.checkpoint.io_threads}",
+    )
+    need(
+        cfg.logging.wandb in ("offline", "online", "disabled"),
+        "logging.wandb",
+        f"must be offline, online or disabled, got {cfg.logging.wandb!r}",
+    )
     need(cfg.sample.max_new_tokens >= 0, "sample.max_new_tokens", f"must be >= 0, got {cfg.sample.max_new_tokens}")
     need(cfg.sample.temperature >= 0, "sample.temperature", f"must be >= 0, got {cfg.sample.temperature}")
     need(cfg.sample.top_k >= 0, "sample.top_k", f"must be >= 0, got {cfg.sample.top_k}")
@@ -330,8 +375,10 @@ def check_world(cfg: Config, world: int) -> tuple[int, int]:
     per_rank = batch // world
     micro = cfg.train.micro_batch_size or per_rank
     if per_rank % micro:
-        raise ConfigError(f"train.micro_batch_size={micro} does not divide the per-rank batch {per_rank} "
-                          f"(train.batch_size={batch} over {world} ranks)")
+        raise ConfigError(
+            f"train.micro_batch_size={micro} does not divide the per-rank batch {per_rank} "
+            f"(train.batch_size={batch} over {world} ranks)"
+        )
     return micro, per_rank // micro
 
 

@@ -1,6 +1,7 @@
 """Every key of a config, read from its dataclasses: for `unroll train --keys` and for the hint an unknown
 key gets (`steps` → did you mean train.steps?). Generic over dataclasses, so the schema itself
 (train/config.py) stays the one place keys are declared."""
+
 from __future__ import annotations
 
 import dataclasses

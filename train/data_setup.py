@@ -1,5 +1,6 @@
 """Opens what a run reads (tokenizer, train and validation shards) and checks it against the config
 before any work, so a wrong path or a vocabulary mismatch names the key at fault."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -44,8 +45,10 @@ def open_run_data(cfg: Config) -> RunData:
     except DataError as e:
         raise ConfigError(f"config key 'data.tokenizer': {e}") from None
     if cfg.model.vocab_size < tokenizer.vocab_size:  # more rows is a padded vocabulary: fine
-        raise ConfigError(f"config key 'model.vocab_size': {cfg.model.vocab_size}, but the tokenizer "
-                          f"{cfg.data.tokenizer} has {tokenizer.vocab_size} tokens (it needs at least that)")
+        raise ConfigError(
+            f"config key 'model.vocab_size': {cfg.model.vocab_size}, but the tokenizer "
+            f"{cfg.data.tokenizer} has {tokenizer.vocab_size} tokens (it needs at least that)"
+        )
     train = [_open(p, f"data.train[{i}]", cfg, tokenizer) for i, p in enumerate(cfg.data.train)]
     weights = list(cfg.data.weights) or [1.0] * len(train)
     loader = TokenLoader(train, weights, seed=cfg.train.seed, shuffle=True)

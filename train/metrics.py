@@ -4,6 +4,7 @@ line on stdout per logged step, and a progress bar on a terminal. Only rank 0 wr
 The step lines are the console's record of the run: they read the same in a terminal, a file, a pipe or a
 SLURM job's output. The bar is drawn only where stderr is a terminal: elsewhere its `\r` redraws would make a
 log one long line."""
+
 from __future__ import annotations
 
 import json
@@ -43,22 +44,41 @@ def format_step(row: dict, total_steps: int) -> str:
     """A training row as one console line, e.g. `step 20/600: loss 5.1234  lr 3.00e-03  grad_norm 0.812
     tokens/s 41,230`; `mfu` is shown only when the row carries one (a fraction of the peak)."""
     grad = row.get("grad_norm")
-    text = (f"step {row['step']}/{total_steps}: loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
-            f"grad_norm {'-' if grad is None else f'{grad:.3f}'}  tokens/s {row['tokens_per_s']:,.0f}")
+    text = (
+        f"step {row['step']}/{total_steps}: loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
+        f"grad_norm {'-' if grad is None else f'{grad:.3f}'}  tokens/s {row['tokens_per_s']:,.0f}"
+    )
     if row.get("mfu") is not None:
         text += f"  mfu {100 * row['mfu']:.1f}%"
     return text
 
 
 class Metrics:
-    def __init__(self, run_dir: Path, *, enabled: bool, total_steps: int, start_step: int,
-                 wandb_mode: str, wandb_project: str, config: dict, progress: bool):
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        enabled: bool,
+        total_steps: int,
+        start_step: int,
+        wandb_mode: str,
+        wandb_project: str,
+        config: dict,
+        progress: bool,
+    ):
         self.enabled = enabled
         self.file = open(run_dir / METRICS_FILE, "a") if enabled else None
         self.total_steps = total_steps
         bar = enabled and progress and sys.stderr.isatty()
-        self.bar = tqdm(total=total_steps, initial=start_step, disable=not bar,
-                        dynamic_ncols=True, unit="step", file=sys.stderr, mininterval=0.5)
+        self.bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            disable=not bar,
+            dynamic_ncols=True,
+            unit="step",
+            file=sys.stderr,
+            mininterval=0.5,
+        )
         self.wandb = self._init_wandb(run_dir, wandb_mode, wandb_project, config) if enabled else None
 
     @staticmethod
@@ -72,10 +92,18 @@ class Metrics:
             run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
             id_file.write_text(run_id)
             os.environ.setdefault("WANDB_SILENT", "true")
-            return wandb.init(project=project, id=run_id, resume="allow", mode=mode, dir=str(run_dir),
-                              config=config, name=run_dir.name, settings=wandb.Settings(init_timeout=60))
+            return wandb.init(
+                project=project,
+                id=run_id,
+                resume="allow",
+                mode=mode,
+                dir=str(run_dir),
+                config=config,
+                name=run_dir.name,
+                settings=wandb.Settings(init_timeout=60),
+            )
         except Exception as e:  # logging must never stop training
-            warnings.warn(f"wandb disabled: {e}")
+            warnings.warn(f"wandb disabled: {e}", stacklevel=2)
             return None
 
     def log(self, row: dict) -> None:
@@ -85,8 +113,9 @@ class Metrics:
         self.file.flush()
         if self.wandb is not None:
             # per-expert lists stay in metrics.jsonl; wandb gets the scalars
-            self.wandb.log({k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))},
-                           step=row["step"])
+            self.wandb.log(
+                {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}, step=row["step"]
+            )
         if "loss" in row and "event" not in row:
             self.bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
             self.write(format_step(row, self.total_steps))

@@ -1,4 +1,5 @@
 """`unroll plot RUN_DIR`: training and validation loss against step, as a PNG."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -19,6 +19,7 @@ share of the batch is split into the fewest micro-batches that are at least the 
 that the schedule accepts (1F1B on 2 stages: a share of 8 runs as 2 micro-batches of 4). A share too
 small for that is refused with the train.batch_size that would do.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from unroll.train.parallel.pipelined import check_pipeline
 @dataclass(frozen=True)
 class RunShape:
     """How a config runs on its ranks."""
+
     layout: Layout
     micro: int  # sequences per forward on one data rank
     accum: int  # forwards (micro-batches) per optimizer step on one data rank
@@ -87,11 +89,13 @@ def micro_batches(cfg: Config, layout: Layout) -> tuple[int, int]:
         batch = cfg.train.batch_size
         # a multiple of the stage count always splits (every schedule accepts as many micro-batches as stages)
         fits = next(s for s in range(share + 1, share + stages + 1) if _fewest_microbatches(name, layout.pp, stages, s))
-        raise LayoutError(f"parallel.pp={layout.pp} with parallel.pp_schedule={name} runs {stages} stages: each "
-                          f"data rank's share of the batch is split into at least {stages} micro-batches that "
-                          f"{name} accepts, but train.batch_size={batch} over {layout.dp} data rank(s) is "
-                          f"{share} sequence(s) each; set train.batch_size={fits * layout.dp} (the next that "
-                          f"splits)")
+        raise LayoutError(
+            f"parallel.pp={layout.pp} with parallel.pp_schedule={name} runs {stages} stages: each "
+            f"data rank's share of the batch is split into at least {stages} micro-batches that "
+            f"{name} accepts, but train.batch_size={batch} over {layout.dp} data rank(s) is "
+            f"{share} sequence(s) each; set train.batch_size={fits * layout.dp} (the next that "
+            f"splits)"
+        )
     return share // n, n
 
 

@@ -1,4 +1,5 @@
 """Learning-rate schedules as a pure function of the step, so resuming needs only the step number."""
+
 from __future__ import annotations
 
 import math

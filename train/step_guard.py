@@ -17,6 +17,7 @@ rollback do not end the count: only an applied step past the furthest step reach
 The guard's figures (the window, the counts) travel in the checkpoint's train state, so that a resumed run
 judges its steps as the uninterrupted run would have.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,8 +39,9 @@ class Verdict:
 
 
 class StepGuard:
-    def __init__(self, *, max_bad_steps: int, spike_factor: float = 0.0, spike_window: int = 100,
-                 spike_policy: str = "skip"):
+    def __init__(
+        self, *, max_bad_steps: int, spike_factor: float = 0.0, spike_window: int = 100, spike_policy: str = "skip"
+    ):
         self.max_bad_steps, self.spike_factor, self.spike_policy = max_bad_steps, spike_factor, spike_policy
         self.recent: deque[float] = deque(maxlen=spike_window)  # losses of the last applied steps
         self.streak = 0  # steps not applied since the last applied step past `furthest`
@@ -57,8 +59,11 @@ class StepGuard:
         if self.spike_factor and len(self.recent) == self.recent.maxlen:
             median = statistics.median(self.recent)
             if loss > self.spike_factor * median:
-                return Verdict(f"loss spike: {loss:.4f} > {self.spike_factor:g} × {median:.4f} (the median of the "
-                               f"last {len(self.recent)} applied steps)", self.spike_policy)
+                return Verdict(
+                    f"loss spike: {loss:.4f} > {self.spike_factor:g} × {median:.4f} (the median of the "
+                    f"last {len(self.recent)} applied steps)",
+                    self.spike_policy,
+                )
         return None
 
     def applied(self, step: int, loss: float) -> None:
@@ -78,17 +83,24 @@ class StepGuard:
                 f"{self.streak} steps in a row not applied (train.max_bad_steps={self.max_bad_steps}), from step "
                 f"{self.first_bad} to step {step}; the last: {verdict.reason}. The run stops; its checkpoints are "
                 f"kept, and resuming (with a lower optim.lr, a longer warmup, or stronger clipping) starts from the "
-                f"newest one")
+                f"newest one"
+            )
 
     def state_dict(self) -> dict:
-        return {"recent": list(self.recent), "streak": self.streak, "first_bad": self.first_bad,
-                "furthest": self.furthest, "skipped": self.skipped, "rollbacks": self.rollbacks}
+        return {
+            "recent": list(self.recent),
+            "streak": self.streak,
+            "first_bad": self.first_bad,
+            "furthest": self.furthest,
+            "skipped": self.skipped,
+            "rollbacks": self.rollbacks,
+        }
 
     def load_state_dict(self, state: dict | None) -> None:
         if not state:  # a checkpoint from before the guard: nothing was skipped then
             return
         self.recent.clear()
-        self.recent.extend(state["recent"][-self.recent.maxlen:])
+        self.recent.extend(state["recent"][-self.recent.maxlen :])
         self.streak, self.first_bad, self.furthest = state["streak"], state["first_bad"], state["furthest"]
         self.skipped, self.rollbacks = state["skipped"], state["rollbacks"]
 
@@ -98,4 +110,4 @@ class StepGuard:
         self.rollbacks += 1
         self.recent.clear()
         if saved:
-            self.recent.extend(saved["recent"][-self.recent.maxlen:])
+            self.recent.extend(saved["recent"][-self.recent.maxlen :])

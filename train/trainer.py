@@ -1,13 +1,14 @@
 """The training loop: one process, or any layout of train/parallel/mesh.py under torchrun; exact resume."""
+
 from __future__ import annotations
 
 import contextlib
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -16,19 +17,19 @@ from unroll.models import LM
 from unroll.models.generate import sample
 from unroll.models.moe import MoE
 from unroll.train.checkpoint import dcp as checkpoint
-from unroll.train.parallel import distributed as D
 from unroll.train.checkpoint import integrity
+from unroll.train.checkpoint.rundir import CONFIG_FILE, prepare_run_dir
 from unroll.train.checkpoint.writer import CheckpointWriter
 from unroll.train.config import Config, ConfigError
 from unroll.train.data_setup import RunData, open_run_data
+from unroll.train.metrics import Metrics
+from unroll.train.parallel import distributed as D
 from unroll.train.parallel.expert_parallel import average_expert_grads, expert_parameters
 from unroll.train.parallel.mesh import Layout, build_mesh, data_ranks
-from unroll.train.metrics import Metrics
 from unroll.train.parallel.parallelize import gradient_sync, parallelize, uses_fsdp, without_context_parallel
 from unroll.train.parallel.pipelined import Pipeline
 from unroll.train.plot import plot_run
 from unroll.train.preflight import check_layout
-from unroll.train.checkpoint.rundir import CONFIG_FILE, prepare_run_dir
 from unroll.train.schedule import lr_at
 from unroll.train.signals import StopRequest
 from unroll.train.step_guard import StepGuard, TrainingDiverged, Verdict
@@ -47,7 +48,10 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
     # groups (which checkpoints record by index) are the same whatever layout saves or resumes.
     experts = {id(p) for m in model.modules() if isinstance(m, MoE) for p in (m.w_gate_up, m.w_down)}
     groups = [
-        {"params": [p for p in params if id(p) in decay and id(p) not in experts], "weight_decay": cfg.optim.weight_decay},
+        {
+            "params": [p for p in params if id(p) in decay and id(p) not in experts],
+            "weight_decay": cfg.optim.weight_decay,
+        },
         {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0},
     ]
     if any(id(p) in experts for p in params):
@@ -64,8 +68,10 @@ def apply_trainable(model: torch.nn.Module, pattern: str) -> int:
         p.requires_grad_(rx.search(name) is not None)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if not trainable:
-        raise ConfigError(f"train.trainable={pattern!r} matches no parameter (names look like {names[0]!r}, "
-                          f"{names[len(names) // 2]!r})")
+        raise ConfigError(
+            f"train.trainable={pattern!r} matches no parameter (names look like {names[0]!r}, "
+            f"{names[len(names) // 2]!r})"
+        )
     return trainable
 
 
@@ -97,7 +103,7 @@ def clip_gradients(model: LM, max_norm: float) -> torch.Tensor:
     expert_sq = torch.nn.utils.get_total_norm([p.grad for p in local]) ** 2 if local else norm.new_zeros(())
     # the ep group holds each expert once (its replicas, identical after averaging, are not counted)
     torch.distributed.all_reduce(expert_sq, group=experts[0][1].ep_mesh["ep"].get_group())
-    total = (norm ** 2 + expert_sq).sqrt()
+    total = (norm**2 + expert_sq).sqrt()
     for group in (shared, local):
         torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
     return total
@@ -113,8 +119,14 @@ def update_expert_bias(model: LM, device: torch.device) -> torch.Tensor | None:
     # under pipelining another stage's layers sit on the meta device here: they count zero, their owners
     # contribute the counts, and only the owners' biases matter
     here = [moe for _, moe in layers if moe.expert_bias.device.type != "meta"]
-    counts = torch.stack([moe.load_since_update.to(device) if moe in here else
-                          torch.zeros(moe.n_experts, dtype=torch.long, device=device) for _, moe in layers]).double()
+    counts = torch.stack(
+        [
+            moe.load_since_update.to(device)
+            if moe in here
+            else torch.zeros(moe.n_experts, dtype=torch.long, device=device)
+            for _, moe in layers
+        ]
+    ).double()
     D.all_reduce_sum(counts)
     for (_, moe), c in zip(layers, counts):
         if moe in here:
@@ -148,7 +160,7 @@ def split_batch(batch: torch.Tensor, cp_rank: int = 0, cp: int = 1) -> tuple[tor
     inputs, targets = batch[:, :-1], batch[:, 1:]
     if cp > 1:
         T = inputs.shape[1] // cp
-        inputs, targets = inputs[:, cp_rank * T:(cp_rank + 1) * T], targets[:, cp_rank * T:(cp_rank + 1) * T]
+        inputs, targets = inputs[:, cp_rank * T : (cp_rank + 1) * T], targets[:, cp_rank * T : (cp_rank + 1) * T]
     return inputs, targets
 
 
@@ -160,8 +172,9 @@ def lm_loss(model: torch.nn.Module, batch: torch.Tensor, cp_rank: int = 0, cp: i
 
 
 @torch.no_grad()
-def evaluate(model: LM, data: RunData, cfg: Config, dist: D.DistInfo, autocast, ranks: dict,
-             pipe: Pipeline | None = None) -> float:
+def evaluate(
+    model: LM, data: RunData, cfg: Config, dist: D.DistInfo, autocast, ranks: dict, pipe: Pipeline | None = None
+) -> float:
     """Mean loss over the first eval.batches × eval.batch_size validation sequences (fixed, in order),
     split over the data-parallel ranks (cp ranks share a batch, each its slice; under pipelining the
     ranks with the last stage hold the losses)."""
@@ -192,6 +205,7 @@ def evaluate(model: LM, data: RunData, cfg: Config, dist: D.DistInfo, autocast, 
 @dataclass
 class Training:
     """What one rank trains, built by `build_training`."""
+
     model: LM  # the whole LM; under pipelining the other ranks' stages stay on the meta device
     trained: torch.nn.Module  # what the step calls: the model, or its DDP wrapper
     owned: torch.nn.Module  # this rank's parameters under the LM's names: what the optimizer and checkpoints see
@@ -206,8 +220,9 @@ class Training:
     trainable: int | None  # elements left trainable by train.trainable
 
 
-def build_training(cfg: Config, dist: D.DistInfo, layout: Layout, micro: int, accum: int, *,
-                   gpu_precision: bool = False) -> Training:
+def build_training(
+    cfg: Config, dist: D.DistInfo, layout: Layout, micro: int, accum: int, *, gpu_precision: bool = False
+) -> Training:
     """The model built on the meta device, the layout applied, only this rank's part allocated and
     initialised from train.seed (the same weights under every layout: models/init.py), the optimizer on it.
     FSDP2 gathers bf16 parameters where bf16 autocast runs on a GPU (or anywhere with gpu_precision: a
@@ -222,15 +237,38 @@ def build_training(cfg: Config, dist: D.DistInfo, layout: Layout, micro: int, ac
     bf16 = (dist.device.type == "cuda" or gpu_precision) and not isinstance(autocast, contextlib.nullcontext)
     # FSDP gathers bf16 parameters: then the embedding's output, and the stream between stages, is bf16
     hidden = torch.bfloat16 if bf16 and uses_fsdp(layout, layout.pp > 1) else torch.float32
-    pipe = Pipeline(model, mesh["pp"], cfg.parallel.pp_schedule, seq_split=layout.tp,
-                    hidden_dtype=hidden) if layout.pp > 1 else None
-    trained = parallelize(model, mesh, layout, device=dist.device, seed=cfg.train.seed, bf16=bf16,
-                          activation_checkpoint=cfg.train.activation_checkpoint, compile=cfg.train.compile,
-                          stages=pipe.modules if pipe else None)
+    pipe = (
+        Pipeline(model, mesh["pp"], cfg.parallel.pp_schedule, seq_split=layout.tp, hidden_dtype=hidden)
+        if layout.pp > 1
+        else None
+    )
+    trained = parallelize(
+        model,
+        mesh,
+        layout,
+        device=dist.device,
+        seed=cfg.train.seed,
+        bf16=bf16,
+        activation_checkpoint=cfg.train.activation_checkpoint,
+        compile=cfg.train.compile,
+        stages=pipe.modules if pipe else None,
+    )
     owned = pipe.owned_view() if pipe else model
     optimizer = build_optimizer(owned, cfg)  # on the sharded parameters
-    return Training(model, trained, owned, pipe, optimizer, mesh, layout, data_ranks(mesh, layout), autocast,
-                    micro, accum, trainable)
+    return Training(
+        model,
+        trained,
+        owned,
+        pipe,
+        optimizer,
+        mesh,
+        layout,
+        data_ranks(mesh, layout),
+        autocast,
+        micro,
+        accum,
+        trainable,
+    )
 
 
 @dataclass
@@ -245,8 +283,15 @@ class StepResult:
     verdict: Verdict | None = None  # with a guard: why the step was not applied; None when it was
 
 
-def train_step(t: Training, cfg: Config, batches: Callable[[int, int], torch.Tensor], first: int, lr: float,
-               device: torch.device, guard: StepGuard | None = None) -> StepResult:
+def train_step(
+    t: Training,
+    cfg: Config,
+    batches: Callable[[int, int], torch.Tensor],
+    first: int,
+    lr: float,
+    device: torch.device,
+    guard: StepGuard | None = None,
+) -> StepResult:
     """One optimizer step on this rank's samples first ... first + micro·accum − 1; batches(start, n) gives
     n sequences of seq_len + 1 tokens from sample `start` on. With a guard the step is judged before the
     optimizer (train/step_guard.py) on the loss all-reduced over the ranks and the global gradient norm, so
@@ -274,8 +319,9 @@ def train_step(t: Training, cfg: Config, batches: Callable[[int, int], torch.Ten
                 aux_sum += aux.detach()
     if layout.ep > 1:  # sums over the ep group's tokens → FSDP's mean over the data ranks
         replicas = t.mesh["dp"].size() // layout.ep
-        average_expert_grads(model, expert_parameters(model)[0][1].ep_mesh["edp"].get_group()
-                             if replicas > 1 else None, layout.dp)
+        average_expert_grads(
+            model, expert_parameters(model)[0][1].ep_mesh["edp"].get_group() if replicas > 1 else None, layout.dp
+        )
     # the guard needs the norm also without clipping: an infinite bound leaves the gradients as they are
     max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
     if cfg.optim.grad_clip <= 0 and guard is None:
@@ -328,7 +374,14 @@ def train(cfg: Config) -> dict:
     check_same_model(run_dir, cfg)
 
     run = build_training(cfg, dist, layout, micro, accum)
-    model, owned, optimizer, pipe, ranks, autocast = run.model, run.owned, run.optimizer, run.pipe, run.ranks, run.autocast
+    model, owned, optimizer, pipe, ranks, autocast = (
+        run.model,
+        run.owned,
+        run.optimizer,
+        run.pipe,
+        run.ranks,
+        run.autocast,
+    )
     trainable = run.trainable
     if cfg.train.init_from and not checkpoint.complete_checkpoints(run_dir):  # a new run from other weights
         # into the sharded model (DCP reshards; a pipeline's tied replica reads embed.weight too)
@@ -345,26 +398,45 @@ def train(cfg: Config) -> dict:
     prepare_run_dir(cfg, dist.is_main)
     D.barrier()
 
-    metrics = Metrics(run_dir, enabled=dist.is_main, total_steps=cfg.train.steps, start_step=step,
-                      wandb_mode=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
-                      config=asdict(cfg), progress=cfg.logging.progress)
-    metrics.write(f"model: {model.num_params():,} parameters, pattern {cfg.model.pattern!r}; "
-                  f"{dist.world} rank(s) ({layout.describe()}) × {accum} micro-batch(es) of {micro} × {cfg.data.seq_len} tokens"
-                  + (f"; {trainable:,} trainable (train.trainable={cfg.train.trainable!r})" if trainable else "")
-                  + (f"; weights from {cfg.train.init_from}" if cfg.train.init_from and not state else "")
-                  + (starting_note(state) if state else "") + D.restart_note())
+    metrics = Metrics(
+        run_dir,
+        enabled=dist.is_main,
+        total_steps=cfg.train.steps,
+        start_step=step,
+        wandb_mode=cfg.logging.wandb,
+        wandb_project=cfg.logging.wandb_project,
+        config=asdict(cfg),
+        progress=cfg.logging.progress,
+    )
+    metrics.write(
+        f"model: {model.num_params():,} parameters, pattern {cfg.model.pattern!r}; "
+        f"{dist.world} rank(s) ({layout.describe()}) × {accum} micro-batch(es) of {micro} × {cfg.data.seq_len} tokens"
+        + (f"; {trainable:,} trainable (train.trainable={cfg.train.trainable!r})" if trainable else "")
+        + (f"; weights from {cfg.train.init_from}" if cfg.train.init_from and not state else "")
+        + (starting_note(state) if state else "")
+        + D.restart_note()
+    )
     initial_val = state.get("initial_val_loss") if state else None
     if data.valid is not None and (not state or (step == 0 and initial_val is None)):  # e.g. a grown run
         initial_val = evaluate(model, data, cfg, dist, autocast, ranks, pipe)
         metrics.log({"step": 0, "val_loss": initial_val, "val_ppl": math.exp(initial_val)})
 
-    guard = StepGuard(max_bad_steps=cfg.train.max_bad_steps, spike_factor=cfg.train.spike_factor,
-                      spike_window=cfg.train.spike_window, spike_policy=cfg.train.spike_policy)
+    guard = StepGuard(
+        max_bad_steps=cfg.train.max_bad_steps,
+        spike_factor=cfg.train.spike_factor,
+        spike_window=cfg.train.spike_window,
+        spike_policy=cfg.train.spike_policy,
+    )
     guard.load_state_dict(state.get("guard") if state else None)
 
     def train_state() -> dict:
-        return {"samples_consumed": samples, "tokens_consumed": samples * cfg.data.seq_len,
-                "world_size": dist.world, "initial_val_loss": initial_val, "guard": guard.state_dict()}
+        return {
+            "samples_consumed": samples,
+            "tokens_consumed": samples * cfg.data.seq_len,
+            "world_size": dist.world,
+            "initial_val_loss": initial_val,
+            "guard": guard.state_dict(),
+        }
 
     stop = StopRequest()
     watchdog = Watchdog(cfg.run.step_timeout_s, dist.rank)
@@ -372,14 +444,20 @@ def train(cfg: Config) -> dict:
     timer, timed_steps, saved_at, val_loss = time.perf_counter(), 0, step if state else None, None
     load_window = None  # MoE assignment counts since the last logged step
     clean = False  # on an exception, skip the final barrier: the other ranks may never reach it
-    writer = CheckpointWriter(run_dir, keep=cfg.checkpoint.keep, rank=dist.rank, async_save=cfg.checkpoint.async_save,
-                              io_threads=cfg.checkpoint.io_threads)
+    writer = CheckpointWriter(
+        run_dir,
+        keep=cfg.checkpoint.keep,
+        rank=dist.rank,
+        async_save=cfg.checkpoint.async_save,
+        io_threads=cfg.checkpoint.io_threads,
+    )
     try:
         while step < cfg.train.steps:
             watchdog.arm(step + 1)
             lr = lr_at(step, cfg.optim.lr, cfg.train.steps, cfg.schedule)
-            result = train_step(run, cfg, data.train_batch, samples + ranks["dp"] * micro * accum, lr, dist.device,
-                                guard)
+            result = train_step(
+                run, cfg, data.train_batch, samples + ranks["dp"] * micro * accum, lr, dist.device, guard
+            )
             if result.counts is not None:
                 load_window = result.counts if load_window is None else load_window + result.counts
             step, samples, timed_steps = step + 1, samples + cfg.train.batch_size, timed_steps + 1
@@ -388,8 +466,14 @@ def train(cfg: Config) -> dict:
             if applied:
                 guard.applied(step, result.loss)
             else:
-                back = not_applied(step, samples, result, guard, metrics,
-                                   lambda: checkpoint_to_roll_back_to(run_dir, owned, optimizer, writer, dist.rank))
+                back = not_applied(
+                    step,
+                    samples,
+                    result,
+                    guard,
+                    metrics,
+                    lambda: checkpoint_to_roll_back_to(run_dir, owned, optimizer, writer, dist.rank),
+                )
                 if back is not None:  # rolled back: the weights of that step, the data from here on
                     step, saved_at, load_window = back, back, None
                     metrics.rewind(step)
@@ -397,8 +481,14 @@ def train(cfg: Config) -> dict:
 
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 elapsed = time.perf_counter() - timer
-                row = {"step": step, "loss": result.loss, "lr": lr, "tokens_per_s": timed_steps * tokens_per_step / elapsed,
-                       "tokens": samples * cfg.data.seq_len, "skipped_steps": guard.skipped}
+                row = {
+                    "step": step,
+                    "loss": result.loss,
+                    "lr": lr,
+                    "tokens_per_s": timed_steps * tokens_per_step / elapsed,
+                    "tokens": samples * cfg.data.seq_len,
+                    "skipped_steps": guard.skipped,
+                }
                 row["grad_norm"] = result.grad_norm_value  # taken by the guard: no second sync
                 if load_window is not None:
                     row["moe_aux_loss"] = result.aux
@@ -417,8 +507,10 @@ def train(cfg: Config) -> dict:
                 saved_at = step
             if stopping:
                 writer.wait()
-                metrics.write(f"stopped by signal {stop.signum or 'on another rank'} at step {step}; "
-                              f"checkpoint saved, `unroll train` with the same run.dir resumes")
+                metrics.write(
+                    f"stopped by signal {stop.signum or 'on another rank'} at step {step}; "
+                    f"checkpoint saved, `unroll train` with the same run.dir resumes"
+                )
                 clean = True
                 return {"step": step, "stopped": True}
             if step % cfg.train.log_every == 0:
@@ -456,14 +548,18 @@ def check_same_model(run_dir: Path, cfg: Config) -> None:
     if found and not checkpoint.good_checkpoints(run_dir, cfg.model):
         newest = found[-1][1]
         reason = integrity.problem(newest, cfg.model).removeprefix("saved from a different model: ")
-        raise checkpoint.CheckpointError(f"run.dir={run_dir} holds a run of another model ({reason}; newest "
-                                         f"checkpoint {newest}); continue it with `unroll train "
-                                         f"{run_dir / CONFIG_FILE}`, or give this model another run.dir")
+        raise checkpoint.CheckpointError(
+            f"run.dir={run_dir} holds a run of another model ({reason}; newest "
+            f"checkpoint {newest}); continue it with `unroll train "
+            f"{run_dir / CONFIG_FILE}`, or give this model another run.dir"
+        )
 
 
 def nothing_to_train(run_dir: Path, step: int, steps: int) -> str:
-    return (f"run {run_dir} already at step {step} of train.steps={steps}: nothing to train; to continue, "
-            f"raise train.steps (e.g. train.steps={max(2 * step, step + 1)})")
+    return (
+        f"run {run_dir} already at step {step} of train.steps={steps}: nothing to train; to continue, "
+        f"raise train.steps (e.g. train.steps={max(2 * step, step + 1)})"
+    )
 
 
 def starting_note(state: dict) -> str:
@@ -471,28 +567,48 @@ def starting_note(state: dict) -> str:
     grown = state.get("grown_from")
     if state["step"] == 0 and grown:
         layers = grown.get("layers", ["?", "?"])
-        return (f"; starts from a grown checkpoint ({layers[0]} → {layers[1]} layers, G_stack "
-                f"×{grown.get('factor')} of {grown.get('checkpoint')}, step {grown.get('step')})")
+        return (
+            f"; starts from a grown checkpoint ({layers[0]} → {layers[1]} layers, G_stack "
+            f"×{grown.get('factor')} of {grown.get('checkpoint')}, step {grown.get('step')})"
+        )
     return f"; resumed at step {state['step']}"
 
 
-def not_applied(step: int, samples: int, result: StepResult, guard: StepGuard, metrics: Metrics,
-                rollback: Callable[[], dict | None]) -> int | None:
+def not_applied(
+    step: int, samples: int, result: StepResult, guard: StepGuard, metrics: Metrics, rollback: Callable[[], dict | None]
+) -> int | None:
     """A step the guard did not apply: counted (TrainingDiverged at train.max_bad_steps in a row), logged as
     an event in metrics.jsonl and on the console; for a rollback, the newest good checkpoint loaded. Returns
     the step rolled back to, or None (the run goes on from here)."""
     verdict = result.verdict
-    metrics.log({"step": step, "event": "step_not_applied", "reason": verdict.reason, "action": verdict.action,
-                 "loss": result.loss, "grad_norm": result.grad_norm_value, "skipped_steps": guard.skipped + 1})
+    metrics.log(
+        {
+            "step": step,
+            "event": "step_not_applied",
+            "reason": verdict.reason,
+            "action": verdict.action,
+            "loss": result.loss,
+            "grad_norm": result.grad_norm_value,
+            "skipped_steps": guard.skipped + 1,
+        }
+    )
     guard.rejected(step, verdict)
     if verdict.action == "rollback":
         saved = rollback()
         if saved is not None:
             guard.rolled_back(saved.get("guard"))
-            metrics.log({"step": step, "event": "rollback", "to_step": saved["step"],
-                         "samples_skipped": [saved["samples_consumed"], samples]})
-            metrics.write(f"step {step} not applied ({verdict.reason}): rolled back to step {saved['step']}; "
-                          f"samples {saved['samples_consumed']}-{samples - 1} are not trained on again")
+            metrics.log(
+                {
+                    "step": step,
+                    "event": "rollback",
+                    "to_step": saved["step"],
+                    "samples_skipped": [saved["samples_consumed"], samples],
+                }
+            )
+            metrics.write(
+                f"step {step} not applied ({verdict.reason}): rolled back to step {saved['step']}; "
+                f"samples {saved['samples_consumed']}-{samples - 1} are not trained on again"
+            )
             return saved["step"]
         metrics.write(f"step {step} not applied ({verdict.reason}): no checkpoint to roll back to yet, skipped")
         return None
@@ -500,16 +616,27 @@ def not_applied(step: int, samples: int, result: StepResult, guard: StepGuard, m
     return None
 
 
-def checkpoint_to_roll_back_to(run_dir: Path, owned: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                               writer: CheckpointWriter, rank: int) -> dict | None:
+def checkpoint_to_roll_back_to(
+    run_dir: Path, owned: torch.nn.Module, optimizer: torch.optim.Optimizer, writer: CheckpointWriter, rank: int
+) -> dict | None:
     """Collective: the newest good checkpoint loaded into the model and optimizer (a pending async save
     finished first: it is the newest); its train state, or None when the run has none yet."""
     writer.wait()
     return checkpoint.load_latest(run_dir, owned, optimizer, rank=rank, io_threads=writer.io_threads)
 
 
-def finish(cfg: Config, model: LM, data: RunData, run_dir: Path, dist: D.DistInfo, metrics: Metrics,
-           step: int, val_loss: float | None, initial_val: float | None, layout) -> dict:
+def finish(
+    cfg: Config,
+    model: LM,
+    data: RunData,
+    run_dir: Path,
+    dist: D.DistInfo,
+    metrics: Metrics,
+    step: int,
+    val_loss: float | None,
+    initial_val: float | None,
+    layout,
+) -> dict:
     """The end of a run: loss curve, validation perplexity and a generated sample (rank 0)."""
     summary = {"step": step, "stopped": False}
     sharded = any(isinstance(p, DTensor) for p in model.parameters())
@@ -517,13 +644,21 @@ def finish(cfg: Config, model: LM, data: RunData, run_dir: Path, dist: D.DistInf
         return summary
     if cfg.sample.prompt and cfg.sample.max_new_tokens and (layout.tp > 1 or layout.pp > 1):
         if dist.is_main:
-            metrics.write(f"(no sample: generating under tensor or pipeline parallelism is not supported; "
-                          f"`unroll generate {run_dir}` samples from the checkpoint in one process)")
+            metrics.write(
+                f"(no sample: generating under tensor or pipeline parallelism is not supported; "
+                f"`unroll generate {run_dir}` samples from the checkpoint in one process)"
+            )
     elif cfg.sample.prompt and cfg.sample.max_new_tokens:  # under FSDP2 every rank runs the forward passes
         gen = torch.Generator().manual_seed(cfg.train.seed)
         with without_context_parallel(model):
-            ids = sample(model, data.tokenizer.encode(cfg.sample.prompt), cfg.sample.max_new_tokens,
-                         temperature=cfg.sample.temperature, top_k=cfg.sample.top_k, generator=gen)
+            ids = sample(
+                model,
+                data.tokenizer.encode(cfg.sample.prompt),
+                cfg.sample.max_new_tokens,
+                temperature=cfg.sample.temperature,
+                top_k=cfg.sample.top_k,
+                generator=gen,
+            )
         summary["sample"] = cfg.sample.prompt + data.tokenizer.decode(ids)
     if not dist.is_main:
         return summary

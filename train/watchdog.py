@@ -11,6 +11,7 @@ Two timers, because a hang may hold the GIL: a Python thread that writes a line 
 step before the stacks, and faulthandler's C-level timer, which needs no GIL, a grace period later as the
 backstop.
 """
+
 from __future__ import annotations
 
 import faulthandler
@@ -46,7 +47,10 @@ class Watchdog:
 
     def _expire(self, step: int) -> None:
         sys.stderr.flush()
-        os.write(STDERR_FD, f"unroll: rank {self.rank}: step {step} has run longer than run.step_timeout_s="
-                 f"{self.timeout_s:g} s; the stack of every thread follows, then this rank exits {EXIT_CODE}\n".encode())
+        os.write(
+            STDERR_FD,
+            f"unroll: rank {self.rank}: step {step} has run longer than run.step_timeout_s="
+            f"{self.timeout_s:g} s; the stack of every thread follows, then this rank exits {EXIT_CODE}\n".encode(),
+        )
         faulthandler.dump_traceback(file=STDERR_FD, all_threads=True)
         os._exit(EXIT_CODE)

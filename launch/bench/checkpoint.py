@@ -22,6 +22,7 @@ bandwidth of each, and the ratios save/dd and load/read of the medians (targets:
 virtual disk the host's own caching shows through: on the one this was written on, dd alone swung between
 0.35 and 2.2 GB/s from one run to the next, so compare bests as well as medians, over several runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,8 +68,9 @@ def read_files(files: list[Path]) -> None:
 
 def dd(path: Path, mib: int) -> float:
     start = time.perf_counter()
-    subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={mib}", "conv=fdatasync"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={mib}", "conv=fdatasync"], check=True, capture_output=True
+    )
     seconds = time.perf_counter() - start
     path.unlink()
     return seconds
@@ -97,12 +99,15 @@ def training_steps(model: LM, optimizer, tokens: torch.Tensor, n: int) -> float:
     return time.perf_counter() - start
 
 
-def run(preset: str, overrides: list[str], *, root: Path, repeat: int, io_threads: int, steps: int,
-        seq_len: int) -> dict:
+def run(
+    preset: str, overrides: list[str], *, root: Path, repeat: int, io_threads: int, steps: int, seq_len: int
+) -> dict:
     cfg, model, optimizer = build(preset, overrides)
     tokens = torch.randint(0, cfg.model.vocab_size, (1, seq_len + 1), generator=torch.Generator().manual_seed(0))
-    times: dict[str, list[float]] = {k: [] for k in ("save", "dd", "load", "read", "async_blocked",
-                                                   "async_written", "steps_alone", "steps_during_save")}
+    times: dict[str, list[float]] = {
+        k: []
+        for k in ("save", "dd", "load", "read", "async_blocked", "async_written", "steps_alone", "steps_during_save")
+    }
     size = files = path = None
     # one writer for every round, as for a whole run: from the second save on, its staging buffers are reused
     writer = CheckpointWriter(root / "async", keep=1, rank=0, async_save=True, io_threads=io_threads)
@@ -113,8 +118,7 @@ def run(preset: str, overrides: list[str], *, root: Path, repeat: int, io_thread
         def save() -> None:
             nonlocal path, size, files
             start = time.perf_counter()
-            path = checkpoint.save(run_dir, 1, model, optimizer, {"samples_consumed": 0}, keep=1,
-                                   io_threads=io_threads)
+            path = checkpoint.save(run_dir, 1, model, optimizer, {"samples_consumed": 0}, keep=1, io_threads=io_threads)
             measured["save"] = time.perf_counter() - start
             size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
             files = sum(1 for f in path.iterdir() if f.is_file())
@@ -137,7 +141,7 @@ def run(preset: str, overrides: list[str], *, root: Path, repeat: int, io_thread
             measured["read"] = time.perf_counter() - start
 
         # A B in one round, B A in the next
-        for step in ((dd_same_bytes, save, read, load) if round_ % 2 else (save, dd_same_bytes, load, read)):
+        for step in (dd_same_bytes, save, read, load) if round_ % 2 else (save, dd_same_bytes, load, read):
             step()
         save_s, dd_s, load_s, read_s = (measured[k] for k in ("save", "dd", "load", "read"))
         shutil.rmtree(run_dir)
@@ -155,27 +159,53 @@ def run(preset: str, overrides: list[str], *, root: Path, repeat: int, io_thread
     writer.close(finish=True)
 
     def bandwidth(key: str) -> dict:
-        return {"best_gbps": size / min(times[key]) / 1e9, "median_gbps": size / statistics.median(times[key]) / 1e9,
-                "seconds": times[key]}
+        return {
+            "best_gbps": size / min(times[key]) / 1e9,
+            "median_gbps": size / statistics.median(times[key]) / 1e9,
+            "seconds": times[key],
+        }
 
     rows = {key: bandwidth(key) for key in ("save", "dd", "load", "read")}
-    ratios = {"save/dd": rows["save"]["median_gbps"] / rows["dd"]["median_gbps"],
-              "load/read": rows["load"]["median_gbps"] / rows["read"]["median_gbps"]}
-    async_ = {"blocked_s": times["async_blocked"], "written_s": times["async_written"],
-              "steps": steps, "steps_alone_s": times["steps_alone"], "steps_during_save_s": times["steps_during_save"],
-              "blocked_vs_save": statistics.median(times["async_blocked"]) / statistics.median(times["save"]),
-              "steps_slowdown": statistics.median(times["steps_during_save"]) / statistics.median(times["steps_alone"])}
-    return {"preset": preset, "overrides": overrides, "params": model.num_params(), "bytes": size, "files": files,
-            "io_threads": io_threads, "repeat": repeat, "dir": str(root), "rows": rows, "ratios": ratios,
-            "targets": TARGETS, "async": async_}
+    ratios = {
+        "save/dd": rows["save"]["median_gbps"] / rows["dd"]["median_gbps"],
+        "load/read": rows["load"]["median_gbps"] / rows["read"]["median_gbps"],
+    }
+    async_ = {
+        "blocked_s": times["async_blocked"],
+        "written_s": times["async_written"],
+        "steps": steps,
+        "steps_alone_s": times["steps_alone"],
+        "steps_during_save_s": times["steps_during_save"],
+        "blocked_vs_save": statistics.median(times["async_blocked"]) / statistics.median(times["save"]),
+        "steps_slowdown": statistics.median(times["steps_during_save"]) / statistics.median(times["steps_alone"]),
+    }
+    return {
+        "preset": preset,
+        "overrides": overrides,
+        "params": model.num_params(),
+        "bytes": size,
+        "files": files,
+        "io_threads": io_threads,
+        "repeat": repeat,
+        "dir": str(root),
+        "rows": rows,
+        "ratios": ratios,
+        "targets": TARGETS,
+        "async": async_,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="unroll bench checkpoint", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="unroll bench checkpoint", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("preset", nargs="?", default="tiny-gru", help="a preset or YAML config (default tiny-gru)")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help=f"model overrides (default with tiny-gru: {' '.join(DEFAULT_MODEL)})")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help=f"model overrides (default with tiny-gru: {' '.join(DEFAULT_MODEL)})",
+    )
     p.add_argument("--dir", default=None, help="a directory on the disk to test (default: the system's temp dir)")
     p.add_argument("--repeat", type=int, default=3, help="timed rounds, after one warm-up round")
     p.add_argument("--io-threads", type=int, default=4, help="checkpoint.io_threads")
@@ -190,20 +220,31 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     overrides = args.overrides or (DEFAULT_MODEL if args.preset == "tiny-gru" else [])
     with tempfile.TemporaryDirectory(prefix="unroll-bench-checkpoint-", dir=args.dir) as root:
-        result = run(args.preset, overrides, root=Path(root), repeat=args.repeat, io_threads=args.io_threads,
-                     steps=args.steps, seq_len=args.seq_len)
-    print(f"checkpoint of {args.preset} {' '.join(overrides)}: {result['params']:,} parameters, "
-          f"{result['bytes'] / 1e9:.3f} GB in {result['files']} files, io_threads {args.io_threads}, "
-          f"{args.repeat} rounds alternating, in {result['dir']}")
+        result = run(
+            args.preset,
+            overrides,
+            root=Path(root),
+            repeat=args.repeat,
+            io_threads=args.io_threads,
+            steps=args.steps,
+            seq_len=args.seq_len,
+        )
+    print(
+        f"checkpoint of {args.preset} {' '.join(overrides)}: {result['params']:,} parameters, "
+        f"{result['bytes'] / 1e9:.3f} GB in {result['files']} files, io_threads {args.io_threads}, "
+        f"{args.repeat} rounds alternating, in {result['dir']}"
+    )
     print(f"{'':6} {'best GB/s':>10} {'median GB/s':>12}")
     for key, row in result["rows"].items():
         print(f"{key:6} {row['best_gbps']:10.3f} {row['median_gbps']:12.3f}")
     for key, ratio in result["ratios"].items():
         print(f"{key:9} {ratio:6.2f} (medians; target >= {TARGETS[key]})")
     a = result["async"]
-    print(f"async save: blocks the loop {statistics.median(a['blocked_s']):.3f} s "
-          f"({a['blocked_vs_save']:.2f} of a synchronous save), written in {statistics.median(a['written_s']):.3f} s; "
-          f"{a['steps']} training steps during it took {a['steps_slowdown']:.2f}x their time alone")
+    print(
+        f"async save: blocks the loop {statistics.median(a['blocked_s']):.3f} s "
+        f"({a['blocked_vs_save']:.2f} of a synchronous save), written in {statistics.median(a['written_s']):.3f} s; "
+        f"{a['steps']} training steps during it took {a['steps_slowdown']:.2f}x their time alone"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -20,6 +20,7 @@ That run printed: small 4.2388, stacked 3.8993, scratch 3.9189 final validation 
 3.9189: scratch 153,600, G_stack 146,441; ratio 1.049, compute ratio 1.358 — one seed, at a scale far
 below the paper's, so it says only that the pipeline works end to end, not how much growth saves.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,14 +71,31 @@ def _overrides(args, run_dir: Path, data: tuple[str, str, str], pattern: str, st
     from unroll.data.tokenizer import Tokenizer
 
     train, valid, tokenizer = data
-    return [f"run.dir={run_dir}", f"run.threads={args.threads}", f"model.pattern={pattern}",
-            f"model.d_model={args.d_model}", f"model.n_heads={args.n_heads}",
-            f"model.vocab_size={Tokenizer(tokenizer).vocab_size}", f"data.train=[{train}]", f"data.valid={valid}",
-            f"data.tokenizer={tokenizer}", f"data.seq_len={args.seq_len}", f"train.steps={steps}",
-            f"train.batch_size={args.batch}", f"train.seed={args.seed}", f"train.log_every={args.eval_every}",
-            f"optim.lr={args.lr}", f"schedule.warmup_steps={args.warmup}", f"eval.every={args.eval_every}",
-            f"eval.batches={args.eval_batches}", f"eval.batch_size={args.batch}", "checkpoint.every=0",
-            "logging.wandb=disabled", "logging.progress=false", "sample.max_new_tokens=0"]
+    return [
+        f"run.dir={run_dir}",
+        f"run.threads={args.threads}",
+        f"model.pattern={pattern}",
+        f"model.d_model={args.d_model}",
+        f"model.n_heads={args.n_heads}",
+        f"model.vocab_size={Tokenizer(tokenizer).vocab_size}",
+        f"data.train=[{train}]",
+        f"data.valid={valid}",
+        f"data.tokenizer={tokenizer}",
+        f"data.seq_len={args.seq_len}",
+        f"train.steps={steps}",
+        f"train.batch_size={args.batch}",
+        f"train.seed={args.seed}",
+        f"train.log_every={args.eval_every}",
+        f"optim.lr={args.lr}",
+        f"schedule.warmup_steps={args.warmup}",
+        f"eval.every={args.eval_every}",
+        f"eval.batches={args.eval_batches}",
+        f"eval.batch_size={args.batch}",
+        "checkpoint.every=0",
+        "logging.wandb=disabled",
+        "logging.progress=false",
+        "sample.max_new_tokens=0",
+    ]
 
 
 def run(args) -> dict:
@@ -112,41 +130,60 @@ def run(args) -> dict:
     t_scratch, t_stack = tokens_to_reach(scratch_curve, target), tokens_to_reach(stacked_curve, target)
     n_small, n_big = LM(small.model).num_params(), LM(scratch.model).num_params()
     small_tokens = args.small_steps * per_step
-    flops_stack = None if t_stack is None else 6 * (n_small * min(t_stack, small_tokens)
-                                                  + n_big * max(0.0, t_stack - small_tokens))
-    return {"pattern": args.pattern, "factor": args.factor, "grown_pattern": big, "params": [n_small, n_big],
-            "small_steps": args.small_steps, "grown_steps": args.grown_steps, "tokens_per_step": per_step,
-            "final_val_loss": {"small": small_curve[-1][1], "stacked": stacked_curve[-1][1], "scratch": target},
-            "target_val_loss": target, "tokens_scratch": t_scratch, "tokens_stacked": t_stack,
-            "small_tokens": small_tokens,
-            "ratio": None if t_stack is None else t_scratch / t_stack,
-            "compute_ratio": None if t_stack is None else 6 * n_big * t_scratch / flops_stack,
-            "curves": {"stacked": stacked_curve, "scratch": scratch_curve}}
+    flops_stack = (
+        None
+        if t_stack is None
+        else 6 * (n_small * min(t_stack, small_tokens) + n_big * max(0.0, t_stack - small_tokens))
+    )
+    return {
+        "pattern": args.pattern,
+        "factor": args.factor,
+        "grown_pattern": big,
+        "params": [n_small, n_big],
+        "small_steps": args.small_steps,
+        "grown_steps": args.grown_steps,
+        "tokens_per_step": per_step,
+        "final_val_loss": {"small": small_curve[-1][1], "stacked": stacked_curve[-1][1], "scratch": target},
+        "target_val_loss": target,
+        "tokens_scratch": t_scratch,
+        "tokens_stacked": t_stack,
+        "small_tokens": small_tokens,
+        "ratio": None if t_stack is None else t_scratch / t_stack,
+        "compute_ratio": None if t_stack is None else 6 * n_big * t_scratch / flops_stack,
+        "curves": {"stacked": stacked_curve, "scratch": scratch_curve},
+    }
 
 
 def report(r: dict) -> str:
     s, g = r["small_steps"], r["grown_steps"]
-    lines = [f"G_stack growth vs scratch: {r['pattern']!r} ×{r['factor']} → {r['grown_pattern']!r} "
-             f"({r['params'][0]:,} → {r['params'][1]:,} parameters), {r['tokens_per_step']:,} tokens per step",
-             f"{'run':10} {'steps':>12} {'tokens':>12} {'final val loss':>15}",
-             f"{'small':10} {s:12d} {s * r['tokens_per_step']:12,d} {r['final_val_loss']['small']:15.4f}",
-             f"{'stacked':10} {f'{s} + {g}':>12} {(s + g) * r['tokens_per_step']:12,d} {r['final_val_loss']['stacked']:15.4f}",
-             f"{'scratch':10} {s + g:12d} {(s + g) * r['tokens_per_step']:12,d} {r['final_val_loss']['scratch']:15.4f}",
-             f"target val loss (scratch's final): {r['target_val_loss']:.4f}",
-             f"tokens to reach it: scratch {r['tokens_scratch']:,.0f}, G_stack "
-             + ("not reached" if r["tokens_stacked"] is None else
-                f"{r['tokens_stacked']:,.0f} (incl. {r['small_tokens']:,} of the small model)")]
+    lines = [
+        f"G_stack growth vs scratch: {r['pattern']!r} ×{r['factor']} → {r['grown_pattern']!r} "
+        f"({r['params'][0]:,} → {r['params'][1]:,} parameters), {r['tokens_per_step']:,} tokens per step",
+        f"{'run':10} {'steps':>12} {'tokens':>12} {'final val loss':>15}",
+        f"{'small':10} {s:12d} {s * r['tokens_per_step']:12,d} {r['final_val_loss']['small']:15.4f}",
+        f"{'stacked':10} {f'{s} + {g}':>12} {(s + g) * r['tokens_per_step']:12,d} {r['final_val_loss']['stacked']:15.4f}",
+        f"{'scratch':10} {s + g:12d} {(s + g) * r['tokens_per_step']:12,d} {r['final_val_loss']['scratch']:15.4f}",
+        f"target val loss (scratch's final): {r['target_val_loss']:.4f}",
+        f"tokens to reach it: scratch {r['tokens_scratch']:,.0f}, G_stack "
+        + (
+            "not reached"
+            if r["tokens_stacked"] is None
+            else f"{r['tokens_stacked']:,.0f} (incl. {r['small_tokens']:,} of the small model)"
+        ),
+    ]
     if r["ratio"] is None:
         lines.append("ratio (scratch / G_stack tokens): n/a (G_stack did not reach the target)")
     else:
-        lines.append(f"ratio (scratch / G_stack tokens): {r['ratio']:.3f}; compute ratio (6·N·tokens): "
-                     f"{r['compute_ratio']:.3f}")
+        lines.append(
+            f"ratio (scratch / G_stack tokens): {r['ratio']:.3f}; compute ratio (6·N·tokens): {r['compute_ratio']:.3f}"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="unroll bench growth", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="unroll bench growth", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--pattern", default="GA", help="the small model's layers")
     p.add_argument("--factor", type=int, default=2)
     p.add_argument("--d-model", type=int, default=64)

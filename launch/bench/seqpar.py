@@ -18,6 +18,7 @@ per residual check; forward+backward adds the backward's all_gather and the grad
 The error column is the max abs difference of the 2-rank solution from newton_solve on the full
 2·T_local sequence in one process.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -121,6 +122,7 @@ def _all_reduce_grads(params: list[torch.Tensor]) -> None:
 
 class _Counting:
     """Counts the collectives (and the bytes this rank contributes to them) made inside the block."""
+
     NAMES = ("all_gather_single", "all_gather_into_tensor", "all_reduce", "send")
 
     def __enter__(self):
@@ -137,6 +139,7 @@ class _Counting:
             self.calls += 1
             self.bytes += t.numel() * t.element_size()
             return real(*args, **kw)
+
         return counted
 
     def __exit__(self, *exc):
@@ -166,27 +169,40 @@ def _time_ranks(fn, device: torch.device, repeat: int) -> tuple[float, _Counting
     return statistics.median(slowest.tolist()), counted
 
 
-def _worker_case(cell_name: str, B: int, T: int, D: int, dtype: torch.dtype, device: torch.device,
-                 repeat: int) -> list[dict]:
+def _worker_case(
+    cell_name: str, B: int, T: int, D: int, dtype: torch.dtype, device: torch.device, repeat: int
+) -> list[dict]:
     import torch.distributed as dist
 
     r = dist.get_rank()
     mixer, u_full, h0 = _problem(cell_name, B, RANKS * T, D, dtype, device)
-    u = u_full[:, r * T:(r + 1) * T].contiguous()
+    u = u_full[:, r * T : (r + 1) * T].contiguous()
     with torch.no_grad():
         ref, ref_info = newton_solve(mixer.make_cell(), u_full, h0, structure=mixer.structure)
         h, info = newton_solve_seqpar(mixer.make_cell(), u, h0, structure=mixer.structure)
-    err = torch.tensor([float((h - ref[:, r * T:(r + 1) * T]).abs().max())], dtype=torch.float64, device=device)
+    err = torch.tensor([float((h - ref[:, r * T : (r + 1) * T]).abs().max())], dtype=torch.float64, device=device)
     dist.all_reduce(err, op=dist.ReduceOp.MAX)
     out = []
     for backward in (False, True):
-        seconds, counted = _time_ranks(lambda: _pass(newton_solve_seqpar, mixer, u, h0, backward, _all_reduce_grads),
-                                       device, repeat)
-        out.append({"cell": cell_name, "batch": B, "t_local": T, "width": D, "pass_": PASSES[backward],
-                    "two_rank_ms": seconds * 1e3, "iterations_2": info.iterations,
-                    "ref_iterations": ref_info.iterations,
-                    "bytes_per_solve": counted.bytes, "collectives_per_solve": counted.calls,
-                    "max_err": float(err), "fallback": info.fallback})
+        seconds, counted = _time_ranks(
+            lambda: _pass(newton_solve_seqpar, mixer, u, h0, backward, _all_reduce_grads), device, repeat
+        )
+        out.append(
+            {
+                "cell": cell_name,
+                "batch": B,
+                "t_local": T,
+                "width": D,
+                "pass_": PASSES[backward],
+                "two_rank_ms": seconds * 1e3,
+                "iterations_2": info.iterations,
+                "ref_iterations": ref_info.iterations,
+                "bytes_per_solve": counted.bytes,
+                "collectives_per_solve": counted.calls,
+                "max_err": float(err),
+                "fallback": info.fallback,
+            }
+        )
     return out
 
 
@@ -238,25 +254,35 @@ def run_ranks(spec: dict, timeout: float) -> list[dict]:
     return results[0]
 
 
-def run_one_rank(cell_name: str, B: int, T: int, D: int, dtype: torch.dtype, device: torch.device,
-                 repeat: int) -> list[dict]:
+def run_one_rank(
+    cell_name: str, B: int, T: int, D: int, dtype: torch.dtype, device: torch.device, repeat: int
+) -> list[dict]:
     mixer, u_full, h0 = _problem(cell_name, B, RANKS * T, D, dtype, device)
     u = u_full[:, :T].contiguous()  # rank 0's slice: what one rank alone solves
     _, info = _pass(newton_solve, mixer, u, h0, False)
-    return [{"one_rank_ms": measure(lambda: _pass(newton_solve, mixer, u, h0, backward), device, repeat) * 1e3,
-             "iterations_1": info.iterations} for backward in (False, True)]
+    return [
+        {
+            "one_rank_ms": measure(lambda: _pass(newton_solve, mixer, u, h0, backward), device, repeat) * 1e3,
+            "iterations_1": info.iterations,
+        }
+        for backward in (False, True)
+    ]
 
 
 def format_table(rows: list[Row]) -> str:
-    head = (f"{'cell':5} {'B':>3} {'T/rank':>6} {'D':>5} {'pass':8} {'1-rank ms':>10} {'2-rank ms':>10} "
-            f"{'effic.':>7} {'it 1r':>5} {'it 2r':>5} {'B/iter/rank':>11} {'B/solve/rank':>12} {'coll':>4} "
-            f"{'max |Δ|':>8}")
+    head = (
+        f"{'cell':5} {'B':>3} {'T/rank':>6} {'D':>5} {'pass':8} {'1-rank ms':>10} {'2-rank ms':>10} "
+        f"{'effic.':>7} {'it 1r':>5} {'it 2r':>5} {'B/iter/rank':>11} {'B/solve/rank':>12} {'coll':>4} "
+        f"{'max |Δ|':>8}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.cell:5} {r.batch:3d} {r.t_local:6d} {r.width:5d} {r.pass_:8} {r.one_rank_ms:10.2f} "
-                     f"{r.two_rank_ms:10.2f} {r.efficiency:7.2f} {r.iterations_1:5d} {r.iterations_2:5d} "
-                     f"{r.bytes_per_iteration:11,d} {r.bytes_per_solve:12,d} {r.collectives_per_solve:4d} "
-                     f"{r.max_err:8.1e}" + (f"  {r.fallback}" if r.fallback else ""))
+        lines.append(
+            f"{r.cell:5} {r.batch:3d} {r.t_local:6d} {r.width:5d} {r.pass_:8} {r.one_rank_ms:10.2f} "
+            f"{r.two_rank_ms:10.2f} {r.efficiency:7.2f} {r.iterations_1:5d} {r.iterations_2:5d} "
+            f"{r.bytes_per_iteration:11,d} {r.bytes_per_solve:12,d} {r.collectives_per_solve:4d} "
+            f"{r.max_err:8.1e}" + (f"  {r.fallback}" if r.fallback else "")
+        )
     return "\n".join(lines)
 
 
@@ -264,8 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:
         return worker(argv[1])
-    p = argparse.ArgumentParser(prog="unroll bench seqpar", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="unroll bench seqpar", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: nccl, one GPU per rank")
     p.add_argument("--grid", choices=sorted(GRIDS), default=None, help="default: gpu on CUDA, cpu otherwise")
     p.add_argument("--cells", default="gru,lstm")
@@ -277,8 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and torch.cuda.device_count() < RANKS:
-        print(f"unroll bench seqpar: --device cuda needs {RANKS} GPUs (one per rank), "
-              f"found {torch.cuda.device_count()}", file=sys.stderr)
+        print(
+            f"unroll bench seqpar: --device cuda needs {RANKS} GPUs (one per rank), found {torch.cuda.device_count()}",
+            file=sys.stderr,
+        )
         return 2
     grid = GRIDS[args.grid or ("gpu" if device.type == "cuda" else "cpu")]
     cells = args.cells.split(",")
@@ -287,46 +316,84 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype)
     cores = os.cpu_count() or 1
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device: {name}, torch {torch.__version__}, "
-          f"{cores} cores; {RANKS} ranks × {args.threads} thread(s) vs 1 rank × {args.threads} thread(s); "
-          f"weak scaling: T/rank steps per rank (2 ranks solve 2·T/rank); effic. = 1-rank ms / 2-rank ms")
+    print(
+        f"device: {name}, torch {torch.__version__}, "
+        f"{cores} cores; {RANKS} ranks × {args.threads} thread(s) vs 1 rank × {args.threads} thread(s); "
+        f"weak scaling: T/rank steps per rank (2 ranks solve 2·T/rank); effic. = 1-rank ms / 2-rank ms"
+    )
     if device.type == "cpu" and RANKS * args.threads >= cores:
-        print(f"note: {RANKS} ranks × {args.threads} thread(s) on {cores} cores: the ranks share the cores with each "
-              f"other (and with gloo's threads and anything else running), so the efficiency here understates what "
-              f"ranks on separate machines would reach")
+        print(
+            f"note: {RANKS} ranks × {args.threads} thread(s) on {cores} cores: the ranks share the cores with each "
+            f"other (and with gloo's threads and anything else running), so the efficiency here understates what "
+            f"ranks on separate machines would reach"
+        )
     elif device.type == "cpu":
-        print(f"note: the {RANKS} ranks share one machine (memory bandwidth, gloo over loopback); other processes "
-              f"on it add noise")
+        print(
+            f"note: the {RANKS} ranks share one machine (memory bandwidth, gloo over loopback); other processes "
+            f"on it add noise"
+        )
 
-    spec = {"cells": cells, "grid": grid, "repeat": args.repeat, "threads": args.threads, "dtype": args.dtype,
-            "device": device.type, "collective_timeout": min(300.0, args.timeout)}
+    spec = {
+        "cells": cells,
+        "grid": grid,
+        "repeat": args.repeat,
+        "threads": args.threads,
+        "dtype": args.dtype,
+        "device": device.type,
+        "collective_timeout": min(300.0, args.timeout),
+    }
     start = time.perf_counter()
     try:
         two = run_ranks(spec, args.timeout)
     except RuntimeError as e:
         print(f"unroll bench seqpar: {e}", file=sys.stderr)
         return 1
-    print(f"{RANKS}-rank runs done in {time.perf_counter() - start:.1f} s (including the launch); "
-          f"1-rank baseline here", flush=True)
+    print(
+        f"{RANKS}-rank runs done in {time.perf_counter() - start:.1f} s (including the launch); 1-rank baseline here",
+        flush=True,
+    )
 
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        one = [row for cell_name in cells for B, T, D in grid
-               for row in run_one_rank(cell_name, B, T, D, dtype, device, args.repeat)]
+        one = [
+            row
+            for cell_name in cells
+            for B, T, D in grid
+            for row in run_one_rank(cell_name, B, T, D, dtype, device, args.repeat)
+        ]
     finally:
         torch.set_num_threads(threads)
 
     rows = []
     for w, b in zip(two, one):
         comm = bytes_per_iteration(w["batch"], w["width"], RANKS, structure=_structure(w["cell"]), dtype=dtype)
-        rows.append(Row(w["cell"], w["batch"], w["t_local"], w["width"], args.dtype, w["pass_"], args.threads,
-                        b["one_rank_ms"], w["two_rank_ms"], b["one_rank_ms"] / w["two_rank_ms"], b["iterations_1"],
-                        w["iterations_2"], comm.sent_per_rank, w["bytes_per_solve"], w["collectives_per_solve"],
-                        w["max_err"], w["fallback"]))
+        rows.append(
+            Row(
+                w["cell"],
+                w["batch"],
+                w["t_local"],
+                w["width"],
+                args.dtype,
+                w["pass_"],
+                args.threads,
+                b["one_rank_ms"],
+                w["two_rank_ms"],
+                b["one_rank_ms"] / w["two_rank_ms"],
+                b["iterations_1"],
+                w["iterations_2"],
+                comm.sent_per_rank,
+                w["bytes_per_solve"],
+                w["collectives_per_solve"],
+                w["max_err"],
+                w["fallback"],
+            )
+        )
     print(format_table(rows))
-    print(f"median of {args.repeat} repeat(s) after one warm-up; 2-rank time = the slower rank's; B/solve/rank and "
-          f"coll(ectives) counted on the warm-up call")
+    print(
+        f"median of {args.repeat} repeat(s) after one warm-up; 2-rank time = the slower rank's; B/solve/rank and "
+        f"coll(ectives) counted on the warm-up call"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in rows], f, indent=1)

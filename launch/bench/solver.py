@@ -5,6 +5,7 @@ The recurrence's inputs come from the real mixer (its input projection of RMS-no
 the Newton iteration counts are those of training at initialisation. Ratios are sequential time over
 each solver's time, measured in the same run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,36 +69,58 @@ def _run(solve, mixer, u, h0, backward: bool, **kw):
     return h, info
 
 
-def bench_case(cell_name: str, B: int, T: int, D: int, dtype: torch.dtype, device: torch.device,
-               triton_impl, repeat: int) -> list[Row]:
+def bench_case(
+    cell_name: str, B: int, T: int, D: int, dtype: torch.dtype, device: torch.device, triton_impl, repeat: int
+) -> list[Row]:
     mixer, u, h0 = _problem(cell_name, B, T, D, dtype, device)
     auto = pick_solver("auto", device, B, T, D, mixer.state_size)
     rows = []
     for backward in (False, True):
         seq = measure(lambda: _run(sequential_solve, mixer, u, h0, backward), device, repeat)
         newton = measure(lambda: _run(newton_solve, mixer, u, h0, backward, scan_impl=scan_reference), device, repeat)
-        triton = (measure(lambda: _run(newton_solve, mixer, u, h0, backward, scan_impl=triton_impl), device, repeat)
-                  if triton_impl is not None else None)
+        triton = (
+            measure(lambda: _run(newton_solve, mixer, u, h0, backward, scan_impl=triton_impl), device, repeat)
+            if triton_impl is not None
+            else None
+        )
         h_seq, _ = _run(sequential_solve, mixer, u, h0, False)
         h_new, info = _run(newton_solve, mixer, u, h0, False, scan_impl=scan_reference)
         # what auto runs: Newton's scans are the Triton kernels on CUDA (linear_scan's default there)
         auto_time = seq if auto == "sequential" else (triton if triton is not None else newton)
         best = min(t for t in (seq, newton, triton) if t is not None)
-        rows.append(Row(cell_name, B, T, D, str(dtype).removeprefix("torch."), "fwd+bwd" if backward else "fwd",
-                        seq * 1e3, newton * 1e3, triton * 1e3 if triton else None, info.iterations,
-                        float((h_seq - h_new).abs().max()), auto, auto_time / best))
+        rows.append(
+            Row(
+                cell_name,
+                B,
+                T,
+                D,
+                str(dtype).removeprefix("torch."),
+                "fwd+bwd" if backward else "fwd",
+                seq * 1e3,
+                newton * 1e3,
+                triton * 1e3 if triton else None,
+                info.iterations,
+                float((h_seq - h_new).abs().max()),
+                auto,
+                auto_time / best,
+            )
+        )
     return rows
 
 
 def format_table(rows: list[Row]) -> str:
-    head = (f"{'cell':5} {'B':>3} {'T':>6} {'D':>5} {'dtype':8} {'pass':8} {'seq ms':>9} {'newton ms':>10} "
-            f"{'ratio':>7} {'triton ms':>10} {'ratio':>7} {'iters':>5} {'max err':>8} {'auto':>10} {'auto/best':>9}")
+    head = (
+        f"{'cell':5} {'B':>3} {'T':>6} {'D':>5} {'dtype':8} {'pass':8} {'seq ms':>9} {'newton ms':>10} "
+        f"{'ratio':>7} {'triton ms':>10} {'ratio':>7} {'iters':>5} {'max err':>8} {'auto':>10} {'auto/best':>9}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         tri = f"{r.triton_ms:10.2f} {r.sequential_ms / r.triton_ms:7.1f}x" if r.triton_ms else f"{'n/a':>10} {'':>8}"
-        lines.append(f"{r.cell:5} {r.batch:3d} {r.length:6d} {r.width:5d} {r.dtype:8} {r.pass_:8} "
-                     f"{r.sequential_ms:9.2f} {r.newton_ms:10.2f} {r.sequential_ms / r.newton_ms:6.1f}x "
-                     f"{tri} {r.iterations:5d} {r.max_err:8.1e} {r.auto:>10} {r.auto_slowdown:8.2f}x")
+        lines.append(
+            f"{r.cell:5} {r.batch:3d} {r.length:6d} {r.width:5d} {r.dtype:8} {r.pass_:8} "
+            f"{r.sequential_ms:9.2f} {r.newton_ms:10.2f} {r.sequential_ms / r.newton_ms:6.1f}x "
+            f"{tri} {r.iterations:5d} {r.max_err:8.1e} {r.auto:>10} {r.auto_slowdown:8.2f}x"
+        )
     return "\n".join(lines)
 
 
@@ -117,8 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         from unroll.kernels.triton_scan import scan_triton
 
         triton_impl = scan_triton
-    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
-          f"threads {torch.get_num_threads()}, torch {torch.__version__}")
+    print(
+        f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
+        f"threads {torch.get_num_threads()}, torch {torch.__version__}"
+    )
     rows = []
     for cell_name in args.cells.split(","):
         for B, T, D in grid:

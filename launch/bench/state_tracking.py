@@ -35,6 +35,7 @@ and the header line says which was used.
 S5: tokens are the 120 permutations of range(5) in itertools.permutations order (token 0 = identity).
 The target at t is the product P_t = g_t ∘ … ∘ g_1 ∘ g_0 (g_0 applied first), where (g ∘ h)(i) = g[h[i]].
 """
+
 from __future__ import annotations
 
 import argparse
@@ -115,8 +116,17 @@ def length_at(step: int, steps: int, length: int, start: int = 0, ramp: float = 
     return start + (length - start) * step // ramp_steps
 
 
-def train(model: LM, task: str, steps: int, batch: int, length: int, lr: float, seed: int,
-          curriculum: int = 0, ramp: float = 0.5) -> float:
+def train(
+    model: LM,
+    task: str,
+    steps: int,
+    batch: int,
+    length: int,
+    lr: float,
+    seed: int,
+    curriculum: int = 0,
+    ramp: float = 0.5,
+) -> float:
     """AdamW on fresh batches each step (their length by `length_at`); returns the mean loss of the last
     10 steps."""
     make, classes = TASKS[task]
@@ -144,7 +154,7 @@ def train(model: LM, task: str, steps: int, batch: int, length: int, lr: float, 
 def evaluate(model: LM, x: torch.Tensor, y: torch.Tensor, classes: int, chunk: int = 64) -> tuple[float, float]:
     """(accuracy over all positions, accuracy at the last position)."""
     model.eval()
-    pred = torch.cat([model(x[i:i + chunk])[..., :classes].argmax(-1) for i in range(0, len(x), chunk)])
+    pred = torch.cat([model(x[i : i + chunk])[..., :classes].argmax(-1) for i in range(0, len(x), chunk)])
     hit = pred == y
     return hit.float().mean().item(), hit[:, -1].float().mean().item()
 
@@ -160,14 +170,17 @@ def format_table(rows: list[dict], lengths: list[int], train_length: int) -> str
     lines = [head, "-" * len(head)]
     for r in rows:
         accs = " ".join(f"{r['acc'][str(L)]:>9.3f}/{r['last_acc'][str(L)]:.2f}" for L in lengths)
-        lines.append(f"{r['family']:12} {r['task']:7} {r['steps']:6d} {r['loss']:7.4f} {r['train_seconds']:8.1f} "
-                     f"{r['eval_seconds']:7.1f} {accs}")
+        lines.append(
+            f"{r['family']:12} {r['task']:7} {r['steps']:6d} {r['loss']:7.4f} {r['train_seconds']:8.1f} "
+            f"{r['eval_seconds']:7.1f} {accs}"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="unroll bench state-tracking", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="unroll bench state-tracking", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated, of {', '.join(FAMILIES)}")
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {', '.join(TASKS)}")
     p.add_argument("--steps", type=int, default=None, help="training steps per (family, task); default 1000, quick 3")
@@ -176,8 +189,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-samples", type=int, default=None, help="sequences per eval length; default 256, quick 8")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--curriculum", type=int, default=0, metavar="START",
-                   help="grow the training length from START to --length (constant tokens per step); 0 = off")
+    p.add_argument(
+        "--curriculum",
+        type=int,
+        default=0,
+        metavar="START",
+        help="grow the training length from START to --length (constant tokens per step); 0 = off",
+    )
     p.add_argument("--ramp", type=float, default=0.5, help="fraction of the steps the curriculum takes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -195,12 +213,18 @@ def main(argv: list[str] | None = None) -> int:
     old_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        curriculum = (f"length curriculum {args.curriculum}→{args.length} over the first {args.ramp:g} of the "
-                      f"steps at {args.batch * args.length} tokens/step" if 0 < args.curriculum < args.length
-                      else "no length curriculum")
-        print(f"state tracking: train length {args.length}, {steps} steps × batch {args.batch}, lr {args.lr}, "
-              f"{curriculum}, eval {n_eval} sequences at {lengths}, threads {args.threads}, "
-              f"torch {torch.__version__}", flush=True)
+        curriculum = (
+            f"length curriculum {args.curriculum}→{args.length} over the first {args.ramp:g} of the "
+            f"steps at {args.batch * args.length} tokens/step"
+            if 0 < args.curriculum < args.length
+            else "no length curriculum"
+        )
+        print(
+            f"state tracking: train length {args.length}, {steps} steps × batch {args.batch}, lr {args.lr}, "
+            f"{curriculum}, eval {n_eval} sequences at {lengths}, threads {args.threads}, "
+            f"torch {torch.__version__}",
+            flush=True,
+        )
         rows, skipped = [], {}
         evals = {(t, L): eval_set(t, L, n_eval, args.seed) for t in tasks for L in lengths}
         for family in families:
@@ -214,24 +238,56 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"skipping {family}: {why}", flush=True)
                         break
                     start = time.perf_counter()
-                    loss = train(model, task, steps, args.batch, args.length, args.lr, args.seed,
-                                 args.curriculum, args.ramp)
+                    loss = train(
+                        model, task, steps, args.batch, args.length, args.lr, args.seed, args.curriculum, args.ramp
+                    )
                     trained = time.perf_counter()
                     acc, last = {}, {}
                     for L in lengths:
                         acc[str(L)], last[str(L)] = evaluate(model, *evals[task, L], classes)
-                rows.append(dict(family=family, pattern=model.cfg.pattern, task=task, steps=steps, loss=loss,
-                                 params=model.num_params(), train_seconds=trained - start,
-                                 eval_seconds=time.perf_counter() - trained, acc=acc, last_acc=last))
-                print(format_table(rows, lengths, args.length).splitlines()[-1] if len(rows) > 1
-                      else format_table(rows, lengths, args.length), flush=True)
+                rows.append(
+                    dict(
+                        family=family,
+                        pattern=model.cfg.pattern,
+                        task=task,
+                        steps=steps,
+                        loss=loss,
+                        params=model.num_params(),
+                        train_seconds=trained - start,
+                        eval_seconds=time.perf_counter() - trained,
+                        acc=acc,
+                        last_acc=last,
+                    )
+                )
+                print(
+                    format_table(rows, lengths, args.length).splitlines()[-1]
+                    if len(rows) > 1
+                    else format_table(rows, lengths, args.length),
+                    flush=True,
+                )
     finally:
         torch.set_num_threads(old_threads)
-    print(f"(acc over all positions / at the last position; * = training length; chance: parity 0.5, s5 "
-          f"{1 / len(PERMS):.3f})")
+    print(
+        f"(acc over all positions / at the last position; * = training length; chance: parity 0.5, s5 "
+        f"{1 / len(PERMS):.3f})"
+    )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(train_length=args.length, eval_lengths=lengths, steps=steps, batch=args.batch,
-                           lr=args.lr, curriculum=args.curriculum, ramp=args.ramp, seed=args.seed,
-                           eval_samples=n_eval, rows=rows, skipped=skipped), f, indent=1)
+            json.dump(
+                dict(
+                    train_length=args.length,
+                    eval_lengths=lengths,
+                    steps=steps,
+                    batch=args.batch,
+                    lr=args.lr,
+                    curriculum=args.curriculum,
+                    ramp=args.ramp,
+                    seed=args.seed,
+                    eval_samples=n_eval,
+                    rows=rows,
+                    skipped=skipped,
+                ),
+                f,
+                indent=1,
+            )
     return 0

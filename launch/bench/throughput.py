@@ -5,6 +5,7 @@ Each preset's model trains for a few steps (forward, backward and AdamW step, wi
 random tokens of its own sequence length and a fixed batch; the median step time after a warm-up gives
 tokens/s. Random tokens make the timing independent of the corpus; the work per step is the real one.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,6 +31,7 @@ def _step_fn(model: LM, tokens: torch.Tensor, optimizer: torch.optim.Optimizer):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         update_expert_bias(model, tokens.device)
+
     return step
 
 
@@ -43,9 +45,18 @@ def run(presets: list[str], batch: int, seq_len: int | None, repeat: int, device
         tokens = torch.randint(0, cfg.vocab_size, (batch, T + 1), device=device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         seconds = measure(_step_fn(model, tokens, optimizer), device, repeat=repeat, warmup=1)
-        rows.append({"preset": name, "pattern": cfg.pattern, "params": model.num_params(),
-                     "params_active": model.active_params(), "batch": batch, "seq_len": T,
-                     "step_ms": seconds * 1e3, "tokens_per_s": batch * T / seconds})
+        rows.append(
+            {
+                "preset": name,
+                "pattern": cfg.pattern,
+                "params": model.num_params(),
+                "params_active": model.active_params(),
+                "batch": batch,
+                "seq_len": T,
+                "step_ms": seconds * 1e3,
+                "tokens_per_s": batch * T / seconds,
+            }
+        )
     base = rows[0]["tokens_per_s"]
     for r in rows:
         r["vs_baseline"] = r["tokens_per_s"] / base
@@ -53,8 +64,9 @@ def run(presets: list[str], batch: int, seq_len: int | None, repeat: int, device
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="unroll bench throughput", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="unroll bench throughput", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--presets", default=",".join(TINY), help="comma-separated; the first is the baseline")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=None, help="default: each preset's data.seq_len")
@@ -66,12 +78,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = run(args.presets.split(","), args.batch, args.seq_len, args.repeat, torch.device(args.device))
-    print(f"training step (fwd+bwd+AdamW), batch {args.batch}, {args.device}, {torch.get_num_threads()} threads; "
-          f"ratio = tokens/s over {rows[0]['preset']}'s")
-    print(f"{'preset':18} {'pattern':10} {'params':>11} {'active':>11} {'T':>5} {'step ms':>9} {'tokens/s':>10} {'ratio':>6}")
+    print(
+        f"training step (fwd+bwd+AdamW), batch {args.batch}, {args.device}, {torch.get_num_threads()} threads; "
+        f"ratio = tokens/s over {rows[0]['preset']}'s"
+    )
+    print(
+        f"{'preset':18} {'pattern':10} {'params':>11} {'active':>11} {'T':>5} {'step ms':>9} {'tokens/s':>10} {'ratio':>6}"
+    )
     for r in rows:
-        print(f"{r['preset']:18} {r['pattern']:10} {r['params']:11,} {r['params_active']:11,} {r['seq_len']:5d} "
-              f"{r['step_ms']:9.1f} {r['tokens_per_s']:10,.0f} {r['vs_baseline']:6.2f}")
+        print(
+            f"{r['preset']:18} {r['pattern']:10} {r['params']:11,} {r['params_active']:11,} {r['seq_len']:5d} "
+            f"{r['step_ms']:9.1f} {r['tokens_per_s']:10,.0f} {r['vs_baseline']:6.2f}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

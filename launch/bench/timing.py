@@ -1,9 +1,10 @@
 """Wall-clock timing that is honest on CPU and GPU: warm-up, device synchronisation, median of repeats."""
+
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

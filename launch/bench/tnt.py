@@ -10,6 +10,7 @@ random input; only the memory layout differs:
 
 The timed step is forward + backward (median of --repeat after a warm-up); tokens/s = batch · T / time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,12 @@ from unroll.models.tnt import TNT
 
 def layouts(titans: list[int], global_chunk: int, local_chunk: int, reset: int) -> list[tuple[str, dict]]:
     rows = [(f"titans C={c}", dict(global_chunk=0, local_chunks=(c,), local_reset=0, qk_project=False)) for c in titans]
-    rows.append((f"tnt C_G={global_chunk} C_L={local_chunk} S_L={reset}",
-                 dict(global_chunk=global_chunk, local_chunks=(local_chunk,), local_reset=reset, qk_project=True)))
+    rows.append(
+        (
+            f"tnt C_G={global_chunk} C_L={local_chunk} S_L={reset}",
+            dict(global_chunk=global_chunk, local_chunks=(local_chunk,), local_reset=reset, qk_project=True),
+        )
+    )
     return rows
 
 
@@ -33,8 +38,16 @@ def sequential_steps(m: TNT, T: int) -> int:
     return sum(-(-min(T, s.reset or T) // s.chunk) for s in m.specs)
 
 
-def run(rows: list[tuple[str, dict]], *, batch: int, seq_len: int, d_model: int, heads: int, repeat: int,
-        device: torch.device) -> list[dict]:
+def run(
+    rows: list[tuple[str, dict]],
+    *,
+    batch: int,
+    seq_len: int,
+    d_model: int,
+    heads: int,
+    repeat: int,
+    device: torch.device,
+) -> list[dict]:
     out = []
     for name, layout in rows:
         torch.manual_seed(0)
@@ -47,8 +60,16 @@ def run(rows: list[tuple[str, dict]], *, batch: int, seq_len: int, d_model: int,
             m.zero_grad(set_to_none=True)
 
         seconds = measure(step, device, repeat=repeat, warmup=1)
-        out.append({"layout": name, "sequential_steps": sequential_steps(m, seq_len), "batch": batch,
-                    "seq_len": seq_len, "step_ms": seconds * 1e3, "tokens_per_s": batch * seq_len / seconds})
+        out.append(
+            {
+                "layout": name,
+                "sequential_steps": sequential_steps(m, seq_len),
+                "batch": batch,
+                "seq_len": seq_len,
+                "step_ms": seconds * 1e3,
+                "tokens_per_s": batch * seq_len / seconds,
+            }
+        )
     base = out[0]["tokens_per_s"]
     for r in out:
         r["vs_baseline"] = r["tokens_per_s"] / base
@@ -56,9 +77,12 @@ def run(rows: list[tuple[str, dict]], *, batch: int, seq_len: int, d_model: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="unroll bench tnt", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--titans-chunks", default="8,64", help="comma-separated Titans chunk sizes; the first is the baseline")
+    p = argparse.ArgumentParser(
+        prog="unroll bench tnt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--titans-chunks", default="8,64", help="comma-separated Titans chunk sizes; the first is the baseline"
+    )
     p.add_argument("--global-chunk", type=int, default=64)
     p.add_argument("--local-chunk", type=int, default=8)
     p.add_argument("--reset", type=int, default=64, help="S_L: local memory reset period")
@@ -75,15 +99,25 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.reset % args.local_chunk:
         p.error(f"--local-chunk {args.local_chunk} must divide --reset {args.reset}")
-    rows = run(layouts([int(c) for c in args.titans_chunks.split(",")], args.global_chunk, args.local_chunk, args.reset),
-               batch=args.batch, seq_len=args.seq_len, d_model=args.d_model, heads=args.heads, repeat=args.repeat,
-               device=torch.device(args.device))
-    print(f"one TNT layer, forward + backward, batch {args.batch} × {args.seq_len} tokens, d_model {args.d_model}, "
-          f"{args.heads} heads, {args.device}, {torch.get_num_threads()} threads; ratio = tokens/s over {rows[0]['layout']}")
+    rows = run(
+        layouts([int(c) for c in args.titans_chunks.split(",")], args.global_chunk, args.local_chunk, args.reset),
+        batch=args.batch,
+        seq_len=args.seq_len,
+        d_model=args.d_model,
+        heads=args.heads,
+        repeat=args.repeat,
+        device=torch.device(args.device),
+    )
+    print(
+        f"one TNT layer, forward + backward, batch {args.batch} × {args.seq_len} tokens, d_model {args.d_model}, "
+        f"{args.heads} heads, {args.device}, {torch.get_num_threads()} threads; ratio = tokens/s over {rows[0]['layout']}"
+    )
     print(f"{'layout':34} {'seq steps':>9} {'step ms':>9} {'tokens/s':>10} {'ratio':>6}")
     for r in rows:
-        print(f"{r['layout']:34} {r['sequential_steps']:9d} {r['step_ms']:9.1f} {r['tokens_per_s']:10,.0f} "
-              f"{r['vs_baseline']:6.2f}")
+        print(
+            f"{r['layout']:34} {r['sequential_steps']:9d} {r['step_ms']:9.1f} {r['tokens_per_s']:10,.0f} "
+            f"{r['vs_baseline']:6.2f}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -36,6 +36,7 @@ continuing as in one uninterrupted run (tests/test_train_relayout.py and the tes
 with tied embeddings, dp_shard 4 × EP 2 → 1 process. RNG states are per rank (a rank beyond the saved ones
 takes rank 0's); a training step draws no random numbers, so they do not affect the losses.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -56,15 +57,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_state_dict,
 )
-
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from unroll.train.checkpoint import storage
-from unroll.train.parallel import distributed as D
-from unroll.train.checkpoint import integrity
-from unroll.train.checkpoint import rng_state
-from unroll.train.checkpoint.safe_load import SafePlanner
+from unroll.train.checkpoint import integrity, rng_state, storage
 from unroll.train.checkpoint.finite import agreed_non_finite
+from unroll.train.checkpoint.safe_load import SafePlanner
+from unroll.train.parallel import distributed as D
 from unroll.train.parallel.tensor_parallel import checkpoint_view
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -131,8 +129,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         train_state: dict, *, keep: int, rank: int = 0, io_threads: int = storage.IO_THREADS) -> Path:
+def save(
+    run_dir: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_state: dict,
+    *,
+    keep: int,
+    rank: int = 0,
+    io_threads: int = storage.IO_THREADS,
+) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint path."""
     view = save_view(model, optimizer)
     refuse_non_finite(run_dir, step, view)
@@ -140,8 +147,17 @@ def save(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torc
     with _quiet_single_process():
         writer = storage.ChecksummingWriter(tmp, thread_count=io_threads)
         _agreed(tmp, final, rank, lambda: dcp.save(view, checkpoint_id=str(tmp), storage_writer=writer))
-    return finish_save(run_dir, tmp, final, step, train_state, keep=keep, rank=rank, rng=_rng_state(),
-                       model_cfg=getattr(model, "cfg", None))
+    return finish_save(
+        run_dir,
+        tmp,
+        final,
+        step,
+        train_state,
+        keep=keep,
+        rank=rank,
+        rng=_rng_state(),
+        model_cfg=getattr(model, "cfg", None),
+    )
 
 
 def refuse_non_finite(run_dir: str | Path, step: int, view: dict) -> None:
@@ -149,8 +165,10 @@ def refuse_non_finite(run_dir: str | Path, step: int, view: dict) -> None:
     result) refuses the save on every rank, naming the first such tensor."""
     bad = agreed_non_finite(view)
     if bad:
-        raise CheckpointError(f"checkpoint of step {step} refused: {bad} holds NaN or inf values; nothing was "
-                              f"written, the checkpoints in {checkpoint_root(run_dir)} are as they were")
+        raise CheckpointError(
+            f"checkpoint of step {step} refused: {bad} holds NaN or inf values; nothing was "
+            f"written, the checkpoints in {checkpoint_root(run_dir)} are as they were"
+        )
 
 
 def begin_save(run_dir: str | Path, step: int, rank: int) -> tuple[Path, Path]:
@@ -177,8 +195,18 @@ def save_view(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     return checkpoint_view(_expert_view(model, {"model": model_sd, "optim": optim_sd}))
 
 
-def finish_save(run_dir: str | Path, tmp: Path, final: Path, step: int, train_state: dict, *, keep: int,
-                rank: int, rng: dict, model_cfg=None) -> Path:
+def finish_save(
+    run_dir: str | Path,
+    tmp: Path,
+    final: Path,
+    step: int,
+    train_state: dict,
+    *,
+    keep: int,
+    rank: int,
+    rng: dict,
+    model_cfg=None,
+) -> Path:
     """Collective, once DCP has written the shards: RNG states, train state, the manifest (last), the
     rename to the final name, and the pruning of old checkpoints."""
     _agreed(tmp, final, rank, rng_state.write, tmp / rng_state.file_name(rank), rng)
@@ -237,12 +265,14 @@ def _agreed(tmp: Path, final: Path, rank: int, write, *args):
         except OSError as e:
             cleanup = f"the partial {tmp.name} could not be removed ({e}); the next save removes it"
     D.barrier()  # no rank ends (and has torchrun stop the others) before rank 0 has removed it
-    raise CheckpointError(f"checkpoint {final} not saved: {error}; {cleanup}, and the checkpoints saved before "
-                          f"are kept (resume uses the newest)")
+    raise CheckpointError(
+        f"checkpoint {final} not saved: {error}; {cleanup}, and the checkpoints saved before "
+        f"are kept (resume uses the newest)"
+    )
 
 
 def _describe(e: BaseException, rank: int, tmp: Path) -> str:
-    """"[Errno 28] No space left on device: 'PATH'" (on rank R), PATH the file or else the directory."""
+    """ "[Errno 28] No space left on device: 'PATH'" (on rank R), PATH the file or else the directory."""
     if isinstance(e, OSError):
         text = str(e if e.filename else OSError(e.errno, e.strerror or str(e), str(tmp)))
     else:
@@ -264,8 +294,11 @@ def _make_room(final: Path) -> None:
         n += 1
         aside = final.with_name(f"{final.name}.refused{n}")
     os.rename(final, aside)
-    print(f"unroll: the refused checkpoint {final} is kept as {aside} (delete it when done with it)",
-          file=sys.stderr, flush=True)
+    print(
+        f"unroll: the refused checkpoint {final} is kept as {aside} (delete it when done with it)",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _last_line(e: BaseException) -> str:
@@ -282,12 +315,18 @@ def _dcp_load(state: dict, path: Path, model_cfg=None, io_threads: int = storage
         raise CheckpointError(f"checkpoint {path} refused: {refusal.reason}", damaged=refusal.damaged)
     checksums = integrity.item_checksums(path)
     if checksums is None:
-        warnings.warn(f"checkpoint {path} was saved before per-item checksums: its shards are read unverified")
+        warnings.warn(
+            f"checkpoint {path} was saved before per-item checksums: its shards are read unverified", stacklevel=2
+        )
     reader = storage.VerifyingReader(path, checksums, thread_count=io_threads)
     try:
         with _quiet_single_process():
-            dcp.load(checkpoint_view(state), checkpoint_id=str(path),  # fills `state`'s tensors in place
-                     storage_reader=reader, planner=SafePlanner())  # runs no code from it
+            dcp.load(
+                checkpoint_view(state),
+                checkpoint_id=str(path),  # fills `state`'s tensors in place
+                storage_reader=reader,
+                planner=SafePlanner(),
+            )  # runs no code from it
     except (Exception, CheckpointException) as e:  # DCP's own exception derives from BaseException
         corrupt = storage.corruption(e) if isinstance(e, CheckpointException) else None
         if corrupt:  # raised by one rank's reader; DCP hands every rank the same failures
@@ -317,8 +356,14 @@ def _expert_view(model: torch.nn.Module, state: dict) -> dict:
     return out
 
 
-def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, rank: int = 0,
-         io_threads: int = storage.IO_THREADS) -> dict:
+def load(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    rank: int = 0,
+    io_threads: int = storage.IO_THREADS,
+) -> dict:
     """Restores model, optimizer and this rank's RNG state in place; returns the train state."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
@@ -348,8 +393,14 @@ def _read_small_files(path: Path, rank: int) -> tuple[dict, dict]:
     return found
 
 
-def load_latest(run_dir: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                *, rank: int = 0, io_threads: int = storage.IO_THREADS) -> dict | None:
+def load_latest(
+    run_dir: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    rank: int = 0,
+    io_threads: int = storage.IO_THREADS,
+) -> dict | None:
     """Resumes from the newest good checkpoint in the run directory; None when there is none. A newer one
     that is partial, damaged (a checksum differs, here or in any rank's share) or from another model is
     refused with the reason (on stderr), a damaged one marked REFUSED, and the one before it tried; when there
@@ -366,8 +417,10 @@ def load_latest(run_dir: str | Path, model: torch.nn.Module, optimizer: torch.op
                     _mark_refused(path, str(e))
                 print(f"unroll: {e}; trying the previous checkpoint", file=sys.stderr, flush=True)
     if refused:
-        raise CheckpointError(f"no usable checkpoint in {checkpoint_root(run_dir)} (move them away to start "
-                              f"afresh):\n  " + "\n  ".join(refused))
+        raise CheckpointError(
+            f"no usable checkpoint in {checkpoint_root(run_dir)} (move them away to start "
+            f"afresh):\n  " + "\n  ".join(refused)
+        )
     return None
 
 

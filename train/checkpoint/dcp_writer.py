@@ -6,6 +6,7 @@ __context__; DCP then sends each rank's failure to every rank by pickling it, wh
 This writer re-raises such a failure as the OSError itself (errno, message, the file or the checkpoint
 directory), which pickles whole, so that every rank can name the path and the error.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -8,6 +8,7 @@ finite is then checked exactly (torch.isfinite) before it is called bad. The ran
 all-reduce of a flag; only when some rank found a bad tensor are the names gathered, so that every rank
 reports the same first one (in rank order).
 """
+
 from __future__ import annotations
 
 import torch
@@ -43,7 +44,7 @@ def first_non_finite(state) -> str | None:
     for i, (_, t) in enumerate(named):
         by_device.setdefault(t.device, []).append(i)
     suspects = []
-    for device, indices in by_device.items():  # one synchronisation per device
+    for indices in by_device.values():  # one synchronisation per device
         sums = torch.stack([_sum(named[i][1]) for i in indices])
         suspects += [indices[j] for j in torch.nonzero(~torch.isfinite(sums)).flatten().tolist()]
     for i in sorted(suspects):

@@ -20,6 +20,7 @@ rotation then know it is bad without reading its shards again. Delete REFUSED to
 Manifests of checkpoints saved before checksums.json (a `sha256` of the small files only) still load, their
 shards unverified.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -35,8 +36,7 @@ from unroll.train.checkpoint import storage
 MANIFEST = "manifest.json"
 REFUSED = "REFUSED"
 # Keys a resumed run may change without changing what the weights mean.
-RUNTIME_KEYS = {"solver", "init_std", "m2rnn.solver", "moe.aux_loss_coef", "moe.z_loss_coef",
-                "moe.bias_update_rate"}
+RUNTIME_KEYS = {"solver", "init_std", "m2rnn.solver", "moe.aux_loss_coef", "moe.z_loss_coef", "moe.bias_update_rate"}
 
 
 def architecture(model_cfg) -> dict | None:
@@ -121,8 +121,11 @@ def check(path: Path, model_cfg=None) -> Refusal | None:
     try:
         manifest = read_manifest(path)
         files = dict(manifest["files"])
-        sums, summed = ((dict(manifest["xxh3_128"]), storage.file_digest) if "xxh3_128" in manifest
-                        else (dict(manifest.get("sha256", {})), _sha256))
+        sums, summed = (
+            (dict(manifest["xxh3_128"]), storage.file_digest)
+            if "xxh3_128" in manifest
+            else (dict(manifest.get("sha256", {})), _sha256)
+        )
     except (OSError, ValueError, KeyError, TypeError) as e:
         return Refusal(f"{MANIFEST} is unreadable ({e})", damaged=True)
     for name, size in files.items():
@@ -131,14 +134,18 @@ def check(path: Path, model_cfg=None) -> Refusal | None:
             return Refusal(f"file {name} is missing", damaged=True)
         actual = f.stat().st_size
         if actual != size:
-            return Refusal(f"file {name} is {actual} bytes, the manifest recorded {size} (truncated or "
-                           f"overwritten)", damaged=True)
+            return Refusal(
+                f"file {name} is {actual} bytes, the manifest recorded {size} (truncated or overwritten)", damaged=True
+            )
         if name in sums and summed(f) != sums[name]:
             return Refusal(f"file {name} does not match its checksum (corrupted)", damaged=True)
     saved, here = manifest.get("model"), architecture(model_cfg)
     if saved is not None and here is not None and saved != here:
-        diff = [f"{k}={saved.get(k)!r} in the checkpoint, {here.get(k)!r} here"
-                for k in sorted(set(saved) | set(here)) if saved.get(k) != here.get(k)]
+        diff = [
+            f"{k}={saved.get(k)!r} in the checkpoint, {here.get(k)!r} here"
+            for k in sorted(set(saved) | set(here))
+            if saved.get(k) != here.get(k)
+        ]
         return Refusal("saved from a different model: " + "; ".join(diff), damaged=False)
     return None
 

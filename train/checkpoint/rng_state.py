@@ -13,6 +13,7 @@ Checkpoints written before this format hold rng_rank{r}.pt (torch.save of the sa
 numpy objects). They are read with torch.load(weights_only=True) and an allowlist of exactly the numpy
 types a pickled numpy array needs, so a crafted file is refused rather than run.
 """
+
 from __future__ import annotations
 
 import base64
@@ -63,10 +64,17 @@ def _b64(t: torch.Tensor) -> str:
 def to_json(state: dict) -> dict:
     version, mt, gauss = state["python"]
     name, key, pos, has_gauss, cached = state["numpy"]
-    out = {"python": {"version": version, "state": list(mt), "gauss_next": gauss},
-           "numpy": {"bit_generator": name, "key": [int(k) for k in key], "pos": int(pos),
-                     "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-           "torch": _b64(state["torch"])}
+    out = {
+        "python": {"version": version, "state": list(mt), "gauss_next": gauss},
+        "numpy": {
+            "bit_generator": name,
+            "key": [int(k) for k in key],
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": _b64(state["torch"]),
+    }
     if "cuda" in state:
         out["cuda"] = [_b64(t) for t in state["cuda"]]
     return out
@@ -109,12 +117,18 @@ def from_json(doc: dict, path: Path) -> dict:
     if gauss is not None and type(gauss) is not float:
         raise RNGStateError(f"{path}: python.gauss_next must be a float or null")
     mt = _words(_need(py, "state", list, path, "python."), 625, path, "python.state")
-    numpy = (_need(npy, "bit_generator", str, path, "numpy."),
-             np.array(_words(_need(npy, "key", list, path, "numpy."), 624, path, "numpy.key"), dtype=np.uint32),
-             _need(npy, "pos", int, path, "numpy."), _need(npy, "has_gauss", int, path, "numpy."),
-             _need(npy, "cached_gaussian", float, path, "numpy."))
-    state = {"python": (_need(py, "version", int, path, "python."), tuple(mt), gauss), "numpy": numpy,
-             "torch": _bytes(_need(doc, "torch", str, path), path, "torch")}
+    numpy = (
+        _need(npy, "bit_generator", str, path, "numpy."),
+        np.array(_words(_need(npy, "key", list, path, "numpy."), 624, path, "numpy.key"), dtype=np.uint32),
+        _need(npy, "pos", int, path, "numpy."),
+        _need(npy, "has_gauss", int, path, "numpy."),
+        _need(npy, "cached_gaussian", float, path, "numpy."),
+    )
+    state = {
+        "python": (_need(py, "version", int, path, "python."), tuple(mt), gauss),
+        "numpy": numpy,
+        "torch": _bytes(_need(doc, "torch", str, path), path, "torch"),
+    }
     if "cuda" in doc:
         state["cuda"] = [_bytes(s, path, f"cuda[{i}]") for i, s in enumerate(_need(doc, "cuda", list, path))]
     return _checked(state, path)
@@ -123,9 +137,11 @@ def from_json(doc: dict, path: Path) -> dict:
 def _checked(state: dict, path: Path) -> dict:
     """`state`, once each part has been set on a throwaway generator of its kind (each checks its own state
     whole), so that `restore` cannot fail half-way."""
-    for key, check in (("python", lambda s: random.Random().setstate(s)),
-                       ("numpy", lambda s: np.random.RandomState().set_state(s)),
-                       ("torch", lambda s: torch.Generator().set_state(s))):
+    for key, check in (
+        ("python", lambda s: random.Random().setstate(s)),
+        ("numpy", lambda s: np.random.RandomState().set_state(s)),
+        ("torch", lambda s: torch.Generator().set_state(s)),
+    ):
         if key not in state:
             raise RNGStateError(f"{path}: no {key} RNG state")
         try:
@@ -140,8 +156,13 @@ def _numpy_array_globals() -> list:
     reconstructor under its numpy 1 and numpy 2 module names, the array and dtype types."""
     core = importlib.import_module("numpy._core.multiarray" if hasattr(np, "_core") else "numpy.core.multiarray")
     rebuild = core._reconstruct
-    return [(rebuild, "numpy.core.multiarray._reconstruct"), (rebuild, "numpy._core.multiarray._reconstruct"),
-            np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    return [
+        (rebuild, "numpy.core.multiarray._reconstruct"),
+        (rebuild, "numpy._core.multiarray._reconstruct"),
+        np.ndarray,
+        np.dtype,
+        type(np.dtype(np.uint32)),
+    ]
 
 
 def _read_legacy(path: Path) -> dict:
@@ -151,8 +172,11 @@ def _read_legacy(path: Path) -> dict:
             state = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:  # torch's UnpicklingError: the global a crafted file asked for, or the opcode
         found = re.search(r"GLOBAL (\S+)|(Unsupported operand \d+)", str(e))
-        why = (f"it asks for {found.group(1)}, which an RNG state never holds" if found and found.group(1) else
-               f"not a torch.save file of RNG states ({found.group(2) if found else type(e).__name__})")
+        why = (
+            f"it asks for {found.group(1)}, which an RNG state never holds"
+            if found and found.group(1)
+            else f"not a torch.save file of RNG states ({found.group(2) if found else type(e).__name__})"
+        )
         raise RNGStateError(f"{path}: refused, not loaded (loading it could run code): {why}") from None
     try:
         state = {k: tuple(v) if k in ("python", "numpy") else v for k, v in state.items()}

@@ -1,4 +1,5 @@
 """The run directory and the resolved config written into it."""
+
 from __future__ import annotations
 
 import shutil

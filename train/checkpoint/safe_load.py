@@ -9,6 +9,7 @@ Either could name any function for unpickling to call. Here both are read with a
   values       torch.load(weights_only=True): numbers, strings, tuples, lists, dicts, tensors
 Tensors were already read by DCP with weights_only=True.
 """
+
 from __future__ import annotations
 
 import io
@@ -23,17 +24,32 @@ from torch.distributed.checkpoint.planner import ReadItem
 
 # (module, name) → what unpickling may resolve. A checkpoint written by another torch version that needs
 # more fails loudly here, naming the global; extend the set after reading what that global does.
-SAFE_METADATA_GLOBALS = {
-    ("torch.distributed.checkpoint.metadata", name) for name in (
-        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
-        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
-} | {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),  # torch.strided & co., looked up by name
-    ("collections", "OrderedDict"),
-} | {(module, cls) for module in ("pathlib", "pathlib._local")  # StorageMeta's checkpoint_id
-     for cls in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")}
+SAFE_METADATA_GLOBALS = (
+    {
+        ("torch.distributed.checkpoint.metadata", name)
+        for name in (
+            "Metadata",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "ChunkStorageMetadata",
+            "TensorProperties",
+            "MetadataIndex",
+            "StorageMeta",
+            "_MEM_FORMAT_ENCODING",
+        )
+    }
+    | {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),  # torch.strided & co., looked up by name
+        ("collections", "OrderedDict"),
+    }
+    | {
+        (module, cls)
+        for module in ("pathlib", "pathlib._local")  # StorageMeta's checkpoint_id
+        for cls in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")
+    }
+)
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
@@ -50,8 +66,10 @@ class _MetadataUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):  # torch.float32 & co.
             return getattr(torch, name)
-        raise UnsafeCheckpointError(f"{self.source} asks for {module}.{name}, which DCP metadata never holds; "
-                                    f"not loaded (unpickling it could run code)")
+        raise UnsafeCheckpointError(
+            f"{self.source} asks for {module}.{name}, which DCP metadata never holds; "
+            f"not loaded (unpickling it could run code)"
+        )
 
     def persistent_load(self, pid):
         raise UnsafeCheckpointError(f"{self.source} holds a persistent reference, which DCP metadata never does")
@@ -83,8 +101,10 @@ class SafePlanner(DefaultLoadPlanner):
         except pickle.UnpicklingError as e:  # torch's message: the global it refused, among advice on one line each
             found = re.search(r"GLOBAL (\S+)|(Unsupported operand \d+)", str(e))
             what = found.group(1) or found.group(2) if found else type(e).__name__
-            raise UnsafeCheckpointError(f"the value {name} asks for {what}, which a checkpoint's values never hold; "
-                                        f"not loaded (unpickling it could run code)") from None
+            raise UnsafeCheckpointError(
+                f"the value {name} asks for {what}, which a checkpoint's values never hold; "
+                f"not loaded (unpickling it could run code)"
+            ) from None
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[name], obj)
         else:

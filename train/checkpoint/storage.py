@@ -32,6 +32,7 @@ mapped file 2.5x slower than letting page faults drive the kernel's own read-ahe
 core), which torch.load never checks; it cost a third of the save (0.96 vs 1.47 GB/s for 1.24 GB), so the
 writer switches it off while it writes (torch's switch is process-wide; nothing reads those CRCs).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -58,8 +59,8 @@ from torch.distributed.checkpoint.filesystem import FileSystem, _StorageInfo
 from torch.distributed.checkpoint.planner import LoadItemType
 from torch.futures import Future
 
-from unroll.train.checkpoint.safe_load import SafeReader
 from unroll.train.checkpoint.dcp_writer import ErrnoKeepingWriter, _keeping_os_error
+from unroll.train.checkpoint.safe_load import SafeReader
 
 CHECKSUMS = "checksums.json"
 SHARD_SUFFIX = ".distcp"
@@ -193,17 +194,27 @@ class ChecksummingWriter(ErrnoKeepingWriter):
             if self.fs.errors:  # DCP reports only its calling thread's failure, not its other writer threads'
                 raise self.fs.errors[0]
         if len(results) != len(plan.items):
-            raise RuntimeError(f"{self.path}: {len(plan.items) - len(results)} of the {len(plan.items)} items of "
-                               f"this rank were not written")
+            raise RuntimeError(
+                f"{self.path}: {len(plan.items) - len(results)} of the {len(plan.items)} items of "
+                f"this rank were not written"
+            )
         hashed = []
         for result in results:
             info = result.storage_data
             length, item_digest = self.fs.items.get(info.relative_path, {}).get(info.offset, (None, ""))
             if length != info.length:  # DCP wrote an item in a way this writer does not know: do not guess
-                raise RuntimeError(f"{info.relative_path}: the item {result.index.fqn} at byte {info.offset} "
-                                   f"({info.length} bytes) was not hashed as one item")
-            hashed.append(dataclasses.replace(result, storage_data=_HashedInfo(
-                info.relative_path, info.offset, info.length, info.transform_descriptors, item_digest)))
+                raise RuntimeError(
+                    f"{info.relative_path}: the item {result.index.fqn} at byte {info.offset} "
+                    f"({info.length} bytes) was not hashed as one item"
+                )
+            hashed.append(
+                dataclasses.replace(
+                    result,
+                    storage_data=_HashedInfo(
+                        info.relative_path, info.offset, info.length, info.transform_descriptors, item_digest
+                    ),
+                )
+            )
         future: Future = Future()
         future.set_result(hashed)
         return future
@@ -216,8 +227,14 @@ class ChecksummingWriter(ErrnoKeepingWriter):
             for result in rank_results:
                 info = result.storage_data
                 sums.setdefault(info.relative_path, {})[info.offset] = (info.length, info.xxh3_128)
-                plain[-1].append(dataclasses.replace(result, storage_data=_StorageInfo(
-                    info.relative_path, info.offset, info.length, info.transform_descriptors)))
+                plain[-1].append(
+                    dataclasses.replace(
+                        result,
+                        storage_data=_StorageInfo(
+                            info.relative_path, info.offset, info.length, info.transform_descriptors
+                        ),
+                    )
+                )
         root = Path(self.path)
         gap = untiled(sums, {name: (root / name).stat().st_size for name in sums})
         if gap:
@@ -241,8 +258,11 @@ def untiled(sums: dict[str, dict[int, tuple[int, str]]], sizes: dict[str, int]) 
         end = 0
         for offset, (length, _) in sorted(sums.get(name, {}).items()):
             if offset != end:
-                return (f"{name}: bytes {end}..{offset} have no checksum" if offset > end
-                        else f"{name}: items overlap at byte {offset}")
+                return (
+                    f"{name}: bytes {end}..{offset} have no checksum"
+                    if offset > end
+                    else f"{name}: items overlap at byte {offset}"
+                )
             end = offset + length
         if end != size:
             return f"{name}: bytes {end}..{size} have no checksum"
@@ -266,9 +286,9 @@ class _MemoryFile(io.RawIOBase):
     def readinto(self, b) -> int:
         n = max(0, min(len(b), len(self.data) - self.pos))
         if n >= 1 << 16:
-            np.copyto(np.frombuffer(b, np.uint8, n), np.frombuffer(self.data[self.pos:self.pos + n], np.uint8))
+            np.copyto(np.frombuffer(b, np.uint8, n), np.frombuffer(self.data[self.pos : self.pos + n], np.uint8))
         else:
-            b[:n] = self.data[self.pos:self.pos + n]
+            b[:n] = self.data[self.pos : self.pos + n]
         self.pos += n
         return n
 
@@ -315,7 +335,7 @@ def _byte_order(item: memoryview) -> str:
             if entry.filename.rsplit("/", 1)[-1] == "byteorder":
                 name_length, extra_length = struct.unpack_from("<HH", item, entry.header_offset + 26)
                 start = entry.header_offset + 30 + name_length + extra_length
-                return bytes(item[start:start + entry.file_size]).decode("ascii", "replace")
+                return bytes(item[start : start + entry.file_size]).decode("ascii", "replace")
     return "little"
 
 
@@ -344,8 +364,7 @@ class VerifyingReader(SafeReader):
         try:
             target = planner.resolve_tensor(req).detach()
             if info.transform_descriptors or not _copy_in_place(view, req, target):
-                stream = self.transforms.transform_load_stream(req, info.transform_descriptors or (),
-                                                               _MemoryFile(view))
+                stream = self.transforms.transform_load_stream(req, info.transform_descriptors or (), _MemoryFile(view))
                 _copy_checked(req, torch.load(stream, map_location="cpu", weights_only=True), target)
         finally:
             with contextlib.suppress(BufferError):  # a tensor on the mapped bytes still held by a traceback
@@ -355,9 +374,11 @@ class VerifyingReader(SafeReader):
     def _verified(self, mapped: mmap.mmap, info, what: str) -> memoryview:
         """The item's bytes, a view of the mapped file, once they match their checksum (release it after use)."""
         if info.offset + info.length > len(mapped):
-            raise CorruptItem(f"{info.relative_path} bytes {info.offset}..{info.offset + info.length} ({what}) "
-                              f"lie past its end at byte {len(mapped)} (truncated)")
-        view = memoryview(mapped)[info.offset:info.offset + info.length]
+            raise CorruptItem(
+                f"{info.relative_path} bytes {info.offset}..{info.offset + info.length} ({what}) "
+                f"lie past its end at byte {len(mapped)} (truncated)"
+            )
+        view = memoryview(mapped)[info.offset : info.offset + info.length]
         try:
             self._verify(info, view, what)
         except BaseException:
@@ -366,8 +387,10 @@ class VerifyingReader(SafeReader):
         return view
 
     def read_data(self, plan, planner):
-        places = sorted(((self.storage_data[r.storage_index], r) for r in plan.items),
-                        key=lambda p: (p[0].relative_path, p[0].offset))
+        places = sorted(
+            ((self.storage_data[r.storage_index], r) for r in plan.items),
+            key=lambda p: (p[0].relative_path, p[0].offset),
+        )
         maps: dict[str, mmap.mmap] = {}
         try:
             for name in sorted({info.relative_path for info, _ in places}):
@@ -381,15 +404,19 @@ class VerifyingReader(SafeReader):
                 if req.type == LoadItemType.BYTE_IO:
                     view = self._verified(maps[info.relative_path], info, f"object {req.storage_index.fqn}")
                     try:
-                        stream = self.transforms.transform_load_stream(req, info.transform_descriptors or (),
-                                                                       _MemoryFile(view))
+                        stream = self.transforms.transform_load_stream(
+                            req, info.transform_descriptors or (), _MemoryFile(view)
+                        )
                         planner.load_bytes(req, io.BytesIO(stream.read()))
                     finally:
                         view.release()
             pool = ThreadPoolExecutor(self.thread_count, thread_name_prefix="unroll-checkpoint-read")
             try:
-                for done in [pool.submit(self._load_tensor, maps[info.relative_path], info, req, planner)
-                             for info, req in places if req.type != LoadItemType.BYTE_IO]:
+                for done in [
+                    pool.submit(self._load_tensor, maps[info.relative_path], info, req, planner)
+                    for info, req in places
+                    if req.type != LoadItemType.BYTE_IO
+                ]:
                     done.result()  # the first failure; the items not yet started are cancelled
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)

@@ -24,6 +24,7 @@ path does). Under torchrun it gets a gloo group of its own, so that its collecti
 thread never interleave with the training's collectives on the default group (and so that it has the CPU
 backend async_save requires when training runs on NCCL).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -36,8 +37,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from unroll.train.checkpoint import dcp as checkpoint
-from unroll.train.parallel import distributed as D
 from unroll.train.checkpoint import storage
+from unroll.train.parallel import distributed as D
 
 
 def _result(future: Future):
@@ -52,8 +53,9 @@ def _result(future: Future):
 
 
 class CheckpointWriter:
-    def __init__(self, run_dir: str | Path, *, keep: int, rank: int, async_save: bool,
-                 io_threads: int = storage.IO_THREADS):
+    def __init__(
+        self, run_dir: str | Path, *, keep: int, rank: int, async_save: bool, io_threads: int = storage.IO_THREADS
+    ):
         self.run_dir, self.keep, self.rank, self.async_save = run_dir, keep, rank, async_save
         self.io_threads = io_threads
         self._group = None
@@ -71,8 +73,16 @@ class CheckpointWriter:
         """Collective. Waits for the previous async save, then saves (in line or in the background)."""
         self.wait()
         if not self.async_save:
-            checkpoint.save(self.run_dir, step, model, optimizer, train_state, keep=self.keep, rank=self.rank,
-                            io_threads=self.io_threads)
+            checkpoint.save(
+                self.run_dir,
+                step,
+                model,
+                optimizer,
+                train_state,
+                keep=self.keep,
+                rank=self.rank,
+                io_threads=self.io_threads,
+            )
             return
         group = self._process_group()
         if group is None:  # DCP warns from its writer thread, outside _quiet_single_process; one process is meant
@@ -83,12 +93,23 @@ class CheckpointWriter:
         if self._storage is None:
             self._storage = storage.ChecksummingWriter(tmp, thread_count=self.io_threads, background=True)
         with checkpoint._quiet_single_process():
-            future: Future = dcp.async_save(view, checkpoint_id=str(tmp), storage_writer=self._storage,
-                                            process_group=group, no_dist=group is None)
+            future: Future = dcp.async_save(
+                view, checkpoint_id=str(tmp), storage_writer=self._storage, process_group=group, no_dist=group is None
+            )
         # Everything the checkpoint records besides the shards is taken now, at the step it belongs to.
-        self._pending = (future, dict(tmp=tmp, final=final, step=step, train_state=dict(train_state),
-                                      keep=self.keep, rank=self.rank, rng=checkpoint._rng_state(),
-                                      model_cfg=getattr(model, "cfg", None)))
+        self._pending = (
+            future,
+            dict(
+                tmp=tmp,
+                final=final,
+                step=step,
+                train_state=dict(train_state),
+                keep=self.keep,
+                rank=self.rank,
+                rng=checkpoint._rng_state(),
+                model_cfg=getattr(model, "cfg", None),
+            ),
+        )
 
     def poll(self, device: torch.device) -> Path | None:
         """Collective, once per step, returns at once while a background write goes on anywhere: once it

@@ -12,6 +12,7 @@ from the export's unroll_config.yaml, else the defaults; key=value overrides go 
 train.steps that the export's step has already reached is raised by that step (`_train_past`), so that the
 written config trains. A model with fewer vocabulary rows than its tokenizer has ids is refused (read_export).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,11 +26,11 @@ from safetensors.torch import save_file
 from unroll.models import LM
 from unroll.train.checkpoint import dcp as checkpoint
 from unroll.train.checkpoint.dcp import STATE_FILE, CheckpointError
+from unroll.train.checkpoint.rundir import CONFIG_FILE, TOKENIZER_FILE
 from unroll.train.config import Config, ConfigError, load_config, to_yaml
 from unroll.train.lifecycle.export_format import CONFIG, META, TOKENIZER, WEIGHTS, ExportError, build_model, read_export
 from unroll.train.lifecycle.grow import fresh_adamw_state
 from unroll.train.lifecycle.hf_layout import LayoutError, hf_architecture, hf_config, to_hf, tokenizer_config
-from unroll.train.checkpoint.rundir import CONFIG_FILE, TOKENIZER_FILE
 
 FORMATS = ("auto", "hf", "unroll")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -104,9 +105,11 @@ def export(path: str | Path, out: str | Path, *, fmt: str = "auto", dtype: str =
             layout = hf_architecture(cfg.model, state)
         except LayoutError as e:
             if fmt == "hf":
-                raise ExportError(f"--format hf: the model of {run_dir} (pattern {cfg.model.pattern!r}, "
-                                  f"mlp_pattern {cfg.model.mlp_pattern!r}) fits no transformers layout: {e}; "
-                                  f"--format unroll writes unroll's own layout") from None
+                raise ExportError(
+                    f"--format hf: the model of {run_dir} (pattern {cfg.model.pattern!r}, "
+                    f"mlp_pattern {cfg.model.mlp_pattern!r}) fits no transformers layout: {e}; "
+                    f"--format unroll writes unroll's own layout"
+                ) from None
     state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}
     tmp = _fresh_dir(out)
     if layout == "unroll":
@@ -118,15 +121,21 @@ def export(path: str | Path, out: str | Path, *, fmt: str = "auto", dtype: str =
         (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2) + "\n")
     shutil.copyfile(run_dir / TOKENIZER_FILE, tmp / TOKENIZER)
     (tmp / CONFIG).write_text(to_yaml(cfg))
-    meta = {"layout": layout, "step": train_state["step"], "dtype": dtype, "source": str(Path(path).resolve()),
-            "train_state": {k: v for k, v in train_state.items() if k != "step"}}
+    meta = {
+        "layout": layout,
+        "step": train_state["step"],
+        "dtype": dtype,
+        "source": str(Path(path).resolve()),
+        "train_state": {k: v for k, v in train_state.items() if k != "step"},
+    }
     (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
     _finish(tmp, out)
     return meta | {"out": str(out)}
 
 
-def import_export(src: str | Path, out: str | Path, *, config: str | None = None, overrides: list[str] = (),
-                  step: int | None = None) -> dict:
+def import_export(
+    src: str | Path, out: str | Path, *, config: str | None = None, overrides: list[str] = (), step: int | None = None
+) -> dict:
     """Writes the run directory `out`; returns {"out", "step", "checkpoint"}."""
     from unroll.train.trainer import build_optimizer
 
@@ -151,8 +160,13 @@ def import_export(src: str | Path, out: str | Path, *, config: str | None = None
     (tmp / CONFIG_FILE).write_text(to_yaml(cfg))
     saved = checkpoint.save(tmp, step, model, optimizer, train_state, keep=1)
     _finish(tmp, out)
-    return {"out": str(out), "step": step, "checkpoint": str(out / saved.relative_to(tmp)),
-            "steps": cfg.train.steps, "steps_raised_from": steps_raised_from}
+    return {
+        "out": str(out),
+        "step": step,
+        "checkpoint": str(out / saved.relative_to(tmp)),
+        "steps": cfg.train.steps,
+        "steps_raised_from": steps_raised_from,
+    }
 
 
 def _train_past(cfg: Config, step: int, overrides: list[str]) -> int | None:
@@ -162,8 +176,10 @@ def _train_past(cfg: Config, step: int, overrides: list[str]) -> int | None:
     if step < cfg.train.steps:
         return None
     if any(o.split("=", 1)[0].strip() == "train.steps" for o in overrides):
-        raise ConfigError(f"train.steps={cfg.train.steps}: the import resumes at step {step}, so `unroll train` "
-                          f"would train no step; set train.steps above {step}")
+        raise ConfigError(
+            f"train.steps={cfg.train.steps}: the import resumes at step {step}, so `unroll train` "
+            f"would train no step; set train.steps above {step}"
+        )
     old, cfg.train.steps = cfg.train.steps, step + cfg.train.steps
     return old
 

@@ -24,6 +24,7 @@ YAML, none of which can run code: a directory whose weights are pickled (transfo
 a torch.save .pt/.pth/.ckpt) is refused, naming the file, and a shard index may name only .safetensors
 files beside it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,8 +37,13 @@ from unroll.models import LM
 from unroll.train.config import Config, ConfigError, load_config, validate
 from unroll.train.lifecycle.hf_layout import LayoutError, from_hf, hf_aux_loss_coef, model_fields
 
-WEIGHTS, TOKENIZER, CONFIG, META, HF_CONFIG = ("model.safetensors", "tokenizer.model", "unroll_config.yaml",
-                                               "unroll_export.json", "config.json")
+WEIGHTS, TOKENIZER, CONFIG, META, HF_CONFIG = (
+    "model.safetensors",
+    "tokenizer.model",
+    "unroll_config.yaml",
+    "unroll_export.json",
+    "config.json",
+)
 SHARD_INDEX = "model.safetensors.index.json"  # transformers' save_pretrained splits large models
 # weights saved with pickle (torch.save, transformers' older default): loading them can run code
 PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
@@ -83,9 +89,11 @@ def read_export(path: str | Path) -> Export:
         raise ExportError(f"{path}: no such export directory")
     pickled = pickled_weights(path)
     if pickled is not None:
-        raise ExportError(f"{pickled}: pickled weights, not read (unpickling can run code); unroll reads only "
-                          f"{WEIGHTS} (or {SHARD_INDEX} and its shards): save them as safetensors, e.g. "
-                          f"transformers' save_pretrained(DIR, safe_serialization=True)")
+        raise ExportError(
+            f"{pickled}: pickled weights, not read (unpickling can run code); unroll reads only "
+            f"{WEIGHTS} (or {SHARD_INDEX} and its shards): save them as safetensors, e.g. "
+            f"transformers' save_pretrained(DIR, safe_serialization=True)"
+        )
     if not is_export(path):
         raise ExportError(f"{path}: not an export (needs {WEIGHTS} or {SHARD_INDEX}, and {META} or {HF_CONFIG})")
     meta = _read_json(path / META) if (path / META).is_file() else {}
@@ -109,8 +117,12 @@ def read_export(path: str | Path) -> Export:
     tokenizer = path / TOKENIZER
     if tokenizer.is_file():
         unroll = layout == "unroll"
-        check_vocab_fits(cfg.model.vocab_size, tokenizer, path / (CONFIG if unroll else HF_CONFIG),
-                         "model.vocab_size" if unroll else "vocab_size")
+        check_vocab_fits(
+            cfg.model.vocab_size,
+            tokenizer,
+            path / (CONFIG if unroll else HF_CONFIG),
+            "model.vocab_size" if unroll else "vocab_size",
+        )
     return Export(cfg, state, layout, meta, tokenizer if tokenizer.is_file() else None)
 
 
@@ -122,9 +134,11 @@ def check_vocab_fits(vocab_size: int, tokenizer: Path, model_file: Path, key: st
 
     n = Tokenizer(str(tokenizer)).vocab_size
     if vocab_size < n:
-        raise error(f"{model_file}: {key} {vocab_size} is smaller than the {n} tokens of the tokenizer {tokenizer} "
-                    f"(ids {vocab_size}-{n - 1} have no embedding row): the model and tokenizer do not belong "
-                    f"together; use the tokenizer the model was trained with")
+        raise error(
+            f"{model_file}: {key} {vocab_size} is smaller than the {n} tokens of the tokenizer {tokenizer} "
+            f"(ids {vocab_size}-{n - 1} have no embedding row): the model and tokenizer do not belong "
+            f"together; use the tokenizer the model was trained with"
+        )
 
 
 def _load_weights(path: Path) -> dict:
@@ -134,8 +148,9 @@ def _load_weights(path: Path) -> dict:
         names = sorted(set(_read_json(path / SHARD_INDEX).get("weight_map", {}).values()))
         odd = [n for n in names if not isinstance(n, str) or Path(n).name != n or not n.endswith(".safetensors")]
         if odd:
-            raise ExportError(f"{path / SHARD_INDEX}: names {odd[0]!r}; its shards must be .safetensors files "
-                              f"beside it")
+            raise ExportError(
+                f"{path / SHARD_INDEX}: names {odd[0]!r}; its shards must be .safetensors files beside it"
+            )
         files = [path / f for f in names]
     tensors = {}
     for file in files:

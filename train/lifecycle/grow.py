@@ -26,6 +26,7 @@ step-0 row of metrics.jsonl: the grown model's loss as stacked), and its first l
 was grown from. The source may be a checkpoint of a multi-rank (FSDP, TP, EP) run: DCP reads it in one
 process without a process group.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,8 @@ from unroll.models import LM
 from unroll.train.checkpoint import dcp as checkpoint
 from unroll.train.checkpoint import integrity
 from unroll.train.checkpoint.dcp import CheckpointError
-from unroll.train.config import Config, ConfigError, load_config, to_yaml
 from unroll.train.checkpoint.rundir import CONFIG_FILE, TOKENIZER_FILE
+from unroll.train.config import Config, ConfigError, load_config, to_yaml
 
 BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
@@ -80,8 +81,9 @@ def resolve_source(source: str | Path) -> tuple[Path, Path]:
         return path / CONFIG_FILE, path  # the checkpoint is chosen below, once the config is loaded
     if checkpoint.STEP_DIR.match(path.name) and (path.parent.parent / CONFIG_FILE).is_file():
         return path.parent.parent / CONFIG_FILE, path
-    raise CheckpointError(f"{path}: neither a run directory (with {CONFIG_FILE}) nor a checkpoint "
-                          f"RUN_DIR/checkpoints/step_N")
+    raise CheckpointError(
+        f"{path}: neither a run directory (with {CONFIG_FILE}) nor a checkpoint RUN_DIR/checkpoints/step_N"
+    )
 
 
 def _pick_checkpoint(path: Path, cfg: Config) -> Path:
@@ -126,10 +128,18 @@ def grow(source: str | Path, factor: int, out: str | Path, overrides: list[str] 
     optimizer = build_optimizer(model, grown_cfg)
     fresh_adamw_state(optimizer)
     samples = source_state.get("samples_consumed", 0)
-    state = {"samples_consumed": samples, "tokens_consumed": samples * grown_cfg.data.seq_len, "world_size": 1,
-             "initial_val_loss": None,
-             "grown_from": {"checkpoint": str(ckpt.absolute()), "step": source_state.get("step"), "factor": factor,
-                            "layers": [n_layers, n_layers * factor]}}
+    state = {
+        "samples_consumed": samples,
+        "tokens_consumed": samples * grown_cfg.data.seq_len,
+        "world_size": 1,
+        "initial_val_loss": None,
+        "grown_from": {
+            "checkpoint": str(ckpt.absolute()),
+            "step": source_state.get("step"),
+            "factor": factor,
+            "layers": [n_layers, n_layers * factor],
+        },
+    }
     final = checkpoint.save(out, 0, model, optimizer, state, keep=grown_cfg.checkpoint.keep)
     tokenizer = config_path.parent / TOKENIZER_FILE
     if tokenizer.is_file():
@@ -137,9 +147,15 @@ def grow(source: str | Path, factor: int, out: str | Path, overrides: list[str] 
     tmp = out / (CONFIG_FILE + ".tmp")
     tmp.write_text(to_yaml(grown_cfg))
     tmp.replace(out / CONFIG_FILE)  # last: a directory with config.yaml is a finished grow
-    return {"source": str(ckpt), "source_step": source_state.get("step"), "out": str(out), "checkpoint": str(final),
-            "pattern": [cfg.model.pattern, grown_cfg.model.pattern], "params": [small.num_params(), model.num_params()],
-            "samples_consumed": samples}
+    return {
+        "source": str(ckpt),
+        "source_step": source_state.get("step"),
+        "out": str(out),
+        "checkpoint": str(final),
+        "pattern": [cfg.model.pattern, grown_cfg.model.pattern],
+        "params": [small.num_params(), model.num_params()],
+        "samples_consumed": samples,
+    }
 
 
 def _grown_config(cfg: Config, factor: int, out: Path, overrides: list[str]) -> Config:
@@ -150,8 +166,10 @@ def _grown_config(cfg: Config, factor: int, out: Path, overrides: list[str]) -> 
         path.write_text(to_yaml(grown))
         final = load_config(str(path), [*overrides, f"run.dir={out}"])
     if integrity.architecture(final.model) != integrity.architecture(grown.model):
-        raise ConfigError(f"overrides {list(overrides)} change the grown model's architecture; grow first, "
-                          f"then start a new run if a different model is meant")
+        raise ConfigError(
+            f"overrides {list(overrides)} change the grown model's architecture; grow first, "
+            f"then start a new run if a different model is meant"
+        )
     return final
 
 
@@ -215,11 +233,13 @@ def format_count(x: float) -> str:
 
 def plan_text(params: float, tokens: float) -> str:
     d = growth_tokens(params, tokens)
-    return "\n".join([
-        "G_stack growth timing (Du et al., 2024): log10(d) = 0.88·log10(N) + 163.27/log10(C) − 5.74, C = 6·N·D",
-        f"N = {format_count(params)} parameters, D = {format_count(tokens)} tokens, C = {6 * params * tokens:.3e} FLOPs",
-        f"grow after d = {format_count(d)} tokens ({d:.4g}; {100 * d / tokens:.2f}% of D)",
-        f"growth factor g = {RECOMMENDED_FACTOR} (recommended): train the 1/{RECOMMENDED_FACTOR}-depth model (about "
-        f"{format_count(params / RECOMMENDED_FACTOR)} parameters) for d tokens, then "
-        f"`unroll grow RUN_DIR --factor {RECOMMENDED_FACTOR} --out DIR` and train on",
-    ])
+    return "\n".join(
+        [
+            "G_stack growth timing (Du et al., 2024): log10(d) = 0.88·log10(N) + 163.27/log10(C) − 5.74, C = 6·N·D",
+            f"N = {format_count(params)} parameters, D = {format_count(tokens)} tokens, C = {6 * params * tokens:.3e} FLOPs",
+            f"grow after d = {format_count(d)} tokens ({d:.4g}; {100 * d / tokens:.2f}% of D)",
+            f"growth factor g = {RECOMMENDED_FACTOR} (recommended): train the 1/{RECOMMENDED_FACTOR}-depth model (about "
+            f"{format_count(params / RECOMMENDED_FACTOR)} parameters) for d tokens, then "
+            f"`unroll grow RUN_DIR --factor {RECOMMENDED_FACTOR} --out DIR` and train on",
+        ]
+    )

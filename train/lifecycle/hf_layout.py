@@ -22,14 +22,19 @@ v_proj; gate_up.weight [2h, d] = gate_proj ‖ up_proj; a MoE's stacked w_gate_u
 [E, h, d] are per expert the transposes of w1 ‖ w3 (gate_proj ‖ up_proj) and w2 (down_proj). RoPE is
 rotate-half in both (models/attention.py), so q and k rows need no permutation.
 """
+
 from __future__ import annotations
 
 import torch
 
 from unroll.models.config import ModelConfig
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                 "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+}
 BOS_ID, EOS_ID = 1, 2  # data/tokenizer.py: unk=0, bos=1, eos=2
 
 
@@ -46,8 +51,10 @@ def hf_architecture(cfg: ModelConfig, state: dict) -> str:
     reasons = []
     recurrent = sorted({c for c in cfg.layers if c != "A"})
     if recurrent:
-        reasons.append(f"layer kinds {recurrent} in pattern {cfg.pattern!r} are recurrent (transformers "
-                       f"layouts hold attention layers only)")
+        reasons.append(
+            f"layer kinds {recurrent} in pattern {cfg.pattern!r} are recurrent (transformers "
+            f"layouts hold attention layers only)"
+        )
     if not cfg.rope:
         reasons.append("rope: false (NoPE); the Llama-family layouts always rotate q and k")
     kinds = cfg.mlp_kinds
@@ -56,8 +63,10 @@ def hf_architecture(cfg: ModelConfig, state: dict) -> str:
             reasons.append(f"moe.score={cfg.moe.score!r}; Mixtral and Qwen2-MoE route by softmax")
         biased = _expert_biases(state)
         if biased:
-            reasons.append(f"the expert bias ({biased[0]}, moe.bias_update_rate={cfg.moe.bias_update_rate}) "
-                           f"changes expert selection; no transformers MoE layout with this attention has one")
+            reasons.append(
+                f"the expert bias ({biased[0]}, moe.bias_update_rate={cfg.moe.bias_update_rate}) "
+                f"changes expert selection; no transformers MoE layout with this attention has one"
+            )
     if reasons:
         raise LayoutError("; ".join(reasons))
     if "E" not in kinds:
@@ -65,8 +74,10 @@ def hf_architecture(cfg: ModelConfig, state: dict) -> str:
     if all(k == "E" for k in kinds) and not cfg.moe.shared_experts:
         return "mixtral"
     if not cfg.moe.shared_experts:  # Qwen2-MoE always has a shared expert; a width-0 one is not loadable
-        raise LayoutError(f"mlp_pattern {cfg.mlp_pattern!r} mixes dense and MoE layers without shared experts: "
-                          f"Mixtral needs every layer MoE, Qwen2-MoE a shared expert")
+        raise LayoutError(
+            f"mlp_pattern {cfg.mlp_pattern!r} mixes dense and MoE layers without shared experts: "
+            f"Mixtral needs every layer MoE, Qwen2-MoE a shared expert"
+        )
     return "qwen2_moe"
 
 
@@ -92,30 +103,55 @@ def hf_config(arch: str, cfg: ModelConfig, *, max_positions: int, dtype: str) ->
     """transformers' config.json for the model (every field that shapes the computation set explicitly)."""
     L = len(cfg.layers)
     out = {
-        "architectures": [ARCHITECTURES[arch]], "model_type": arch,
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": L,
-        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.attn_head_dim,
-        "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
-        "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "max_position_embeddings": max_positions, "initializer_range": cfg.init_std,
-        "attention_dropout": 0.0, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "dtype": dtype,
+        "architectures": [ARCHITECTURES[arch]],
+        "model_type": arch,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": L,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.attn_head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "max_position_embeddings": max_positions,
+        "initializer_range": cfg.init_std,
+        "attention_dropout": 0.0,
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,
+        "dtype": dtype,
     }
     if arch in ("llama", "mistral"):
         out.update(intermediate_size=cfg.mlp_width, attention_bias=False, mlp_bias=False)
     if arch in ("mistral", "mixtral"):
         out["sliding_window"] = cfg.window or None
     if arch == "mixtral":
-        out.update(intermediate_size=cfg.moe.hidden, num_local_experts=cfg.moe.experts,
-                   num_experts_per_tok=cfg.moe.top_k, router_aux_loss_coef=hf_aux_loss_coef(cfg))
+        out.update(
+            intermediate_size=cfg.moe.hidden,
+            num_local_experts=cfg.moe.experts,
+            num_experts_per_tok=cfg.moe.top_k,
+            router_aux_loss_coef=hf_aux_loss_coef(cfg),
+        )
     if arch == "qwen2_moe":
         m = cfg.moe
-        out.update(intermediate_size=cfg.mlp_width, moe_intermediate_size=m.hidden, num_experts=m.experts,
-                   num_experts_per_tok=m.top_k, norm_topk_prob=True, decoder_sparse_step=1,
-                   shared_expert_intermediate_size=m.shared_experts * (m.shared_hidden or m.hidden),
-                   mlp_only_layers=[i for i, k in enumerate(cfg.mlp_kinds) if k != "E"], qkv_bias=False,
-                   router_aux_loss_coef=hf_aux_loss_coef(cfg), use_sliding_window=bool(cfg.window),
-                   sliding_window=cfg.window or None, max_window_layers=L,
-                   layer_types=["sliding_attention" if cfg.window else "full_attention"] * L)
+        out.update(
+            intermediate_size=cfg.mlp_width,
+            moe_intermediate_size=m.hidden,
+            num_experts=m.experts,
+            num_experts_per_tok=m.top_k,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            shared_expert_intermediate_size=m.shared_experts * (m.shared_hidden or m.hidden),
+            mlp_only_layers=[i for i, k in enumerate(cfg.mlp_kinds) if k != "E"],
+            qkv_bias=False,
+            router_aux_loss_coef=hf_aux_loss_coef(cfg),
+            use_sliding_window=bool(cfg.window),
+            sliding_window=cfg.window or None,
+            max_window_layers=L,
+            layer_types=["sliding_attention" if cfg.window else "full_attention"] * L,
+        )
     return out
 
 
@@ -124,9 +160,16 @@ def tokenizer_config() -> dict:
     sentencepiece model and, with no prefix space added and no bos/eos inserted, encodes text as unroll
     does (byte fallback included). One difference: it reads the literal text "<s>", "</s>", "<unk>" as
     the special tokens, where unroll encodes those characters as text."""
-    return {"tokenizer_class": "LlamaTokenizer", "legacy": False, "add_prefix_space": False,
-            "add_bos_token": False, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
-            "unk_token": "<unk>"}
+    return {
+        "tokenizer_class": "LlamaTokenizer",
+        "legacy": False,
+        "add_prefix_space": False,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+    }
 
 
 def to_hf(arch: str, cfg: ModelConfig, state: dict) -> dict:
@@ -138,28 +181,41 @@ def to_hf(arch: str, cfg: ModelConfig, state: dict) -> dict:
     for i, kind in enumerate(cfg.mlp_kinds):
         b, t = f"blocks.{i}", f"model.layers.{i}"
         q, k, v = state[f"{b}.mixer.qkv.weight"].split([H * hd, KV * hd, KV * hd])
-        out |= {f"{t}.input_layernorm.weight": state[f"{b}.mixer_norm.weight"],
-                f"{t}.post_attention_layernorm.weight": state[f"{b}.mlp_norm.weight"],
-                f"{t}.self_attn.q_proj.weight": q, f"{t}.self_attn.k_proj.weight": k,
-                f"{t}.self_attn.v_proj.weight": v, f"{t}.self_attn.o_proj.weight": state[f"{b}.mixer.out_proj.weight"]}
+        out |= {
+            f"{t}.input_layernorm.weight": state[f"{b}.mixer_norm.weight"],
+            f"{t}.post_attention_layernorm.weight": state[f"{b}.mlp_norm.weight"],
+            f"{t}.self_attn.q_proj.weight": q,
+            f"{t}.self_attn.k_proj.weight": k,
+            f"{t}.self_attn.v_proj.weight": v,
+            f"{t}.self_attn.o_proj.weight": state[f"{b}.mixer.out_proj.weight"],
+        }
         if kind == "D":
             gate, up = state[f"{b}.mlp.gate_up.weight"].chunk(2)
-            out |= {f"{t}.mlp.gate_proj.weight": gate, f"{t}.mlp.up_proj.weight": up,
-                    f"{t}.mlp.down_proj.weight": state[f"{b}.mlp.down.weight"]}
+            out |= {
+                f"{t}.mlp.gate_proj.weight": gate,
+                f"{t}.mlp.up_proj.weight": up,
+                f"{t}.mlp.down_proj.weight": state[f"{b}.mlp.down.weight"],
+            }
             continue
         p, (n_gate, n_up, n_down) = _moe_prefix(arch, i), _expert_names(arch)
         out[f"{p}.gate.weight"] = state[f"{b}.mlp.router.weight"]
         w_gate_up, w_down = state[f"{b}.mlp.w_gate_up"], state[f"{b}.mlp.w_down"]
         for e in range(cfg.moe.experts):
             gate, up = w_gate_up[e].t().chunk(2)
-            out |= {f"{p}.experts.{e}.{n_gate}.weight": gate, f"{p}.experts.{e}.{n_up}.weight": up,
-                    f"{p}.experts.{e}.{n_down}.weight": w_down[e].t()}
+            out |= {
+                f"{p}.experts.{e}.{n_gate}.weight": gate,
+                f"{p}.experts.{e}.{n_up}.weight": up,
+                f"{p}.experts.{e}.{n_down}.weight": w_down[e].t(),
+            }
         if cfg.moe.shared_experts:
             gate, up = state[f"{b}.mlp.shared.gate_up.weight"].chunk(2)
             down = state[f"{b}.mlp.shared.down.weight"]
-            out |= {f"{p}.shared_expert.gate_proj.weight": gate, f"{p}.shared_expert.up_proj.weight": up,
-                    f"{p}.shared_expert.down_proj.weight": down * 2,  # × sigmoid(0) = ½ in the model
-                    f"{p}.shared_expert_gate.weight": down.new_zeros(1, cfg.d_model)}
+            out |= {
+                f"{p}.shared_expert.gate_proj.weight": gate,
+                f"{p}.shared_expert.up_proj.weight": up,
+                f"{p}.shared_expert.down_proj.weight": down * 2,  # × sigmoid(0) = ½ in the model
+                f"{p}.shared_expert_gate.weight": down.new_zeros(1, cfg.d_model),
+            }
     return {name: t.contiguous().clone() for name, t in out.items()}
 
 
@@ -201,28 +257,48 @@ def model_fields(config: dict) -> tuple[str, dict, dict]:
     window = config.get("sliding_window") or 0
     if arch == "qwen2_moe" and not config.get("use_sliding_window"):
         window = 0
-    fields = dict(pattern="A" * L, vocab_size=_need(config, "vocab_size"), d_model=d, n_heads=H,
-                  n_kv_heads=config.get("num_key_value_heads") or H, head_dim=config.get("head_dim") or d // H,
-                  rope=True, rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
-                  window=window, tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-                  norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-                  init_std=float(config.get("initializer_range", 0.02)))
+    fields = dict(
+        pattern="A" * L,
+        vocab_size=_need(config, "vocab_size"),
+        d_model=d,
+        n_heads=H,
+        n_kv_heads=config.get("num_key_value_heads") or H,
+        head_dim=config.get("head_dim") or d // H,
+        rope=True,
+        rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
+        window=window,
+        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+        norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        init_std=float(config.get("initializer_range", 0.02)),
+    )
     moe = {}
     if arch in ("llama", "mistral"):
         fields.update(mlp_hidden=_need(config, "intermediate_size"), mlp_pattern="D")
     elif arch == "mixtral":
         fields.update(mlp_pattern="E")
-        moe = dict(experts=_need(config, "num_local_experts"), top_k=_need(config, "num_experts_per_tok"),
-                   hidden=_need(config, "intermediate_size"), shared_experts=0, shared_hidden=0, score="softmax",
-                   bias_update_rate=0.0)
+        moe = dict(
+            experts=_need(config, "num_local_experts"),
+            top_k=_need(config, "num_experts_per_tok"),
+            hidden=_need(config, "intermediate_size"),
+            shared_experts=0,
+            shared_hidden=0,
+            score="softmax",
+            bias_update_rate=0.0,
+        )
     else:
         step, dense = config.get("decoder_sparse_step", 1), set(config.get("mlp_only_layers") or [])
         kinds = "".join("E" if i not in dense and (i + 1) % step == 0 else "D" for i in range(L))
         shared = _need(config, "shared_expert_intermediate_size")
         fields.update(mlp_hidden=_need(config, "intermediate_size"), mlp_pattern=kinds)
-        moe = dict(experts=_need(config, "num_experts"), top_k=_need(config, "num_experts_per_tok"),
-                   hidden=_need(config, "moe_intermediate_size"), shared_experts=1 if shared else 0,
-                   shared_hidden=shared, score="softmax", bias_update_rate=0.0)
+        moe = dict(
+            experts=_need(config, "num_experts"),
+            top_k=_need(config, "num_experts_per_tok"),
+            hidden=_need(config, "moe_intermediate_size"),
+            shared_experts=1 if shared else 0,
+            shared_hidden=shared,
+            score="softmax",
+            bias_update_rate=0.0,
+        )
     n_moe = L if fields["mlp_pattern"] == "E" else fields["mlp_pattern"].count("E")
     if n_moe and "router_aux_loss_coef" in config:  # hf_aux_loss_coef, inverted
         moe["aux_loss_coef"] = float(config["router_aux_loss_coef"]) * moe["top_k"] / n_moe
@@ -247,28 +323,36 @@ def from_hf(arch: str, cfg: ModelConfig, tensors: dict) -> dict:
         state["head.weight"] = take("lm_head.weight")
     for i, kind in enumerate(cfg.mlp_kinds):
         b, t = f"blocks.{i}", f"model.layers.{i}"
-        state |= {f"{b}.mixer_norm.weight": take(f"{t}.input_layernorm.weight"),
-                  f"{b}.mlp_norm.weight": take(f"{t}.post_attention_layernorm.weight"),
-                  f"{b}.mixer.qkv.weight": torch.cat([take(f"{t}.self_attn.{n}_proj.weight") for n in "qkv"]),
-                  f"{b}.mixer.out_proj.weight": take(f"{t}.self_attn.o_proj.weight")}
+        state |= {
+            f"{b}.mixer_norm.weight": take(f"{t}.input_layernorm.weight"),
+            f"{b}.mlp_norm.weight": take(f"{t}.post_attention_layernorm.weight"),
+            f"{b}.mixer.qkv.weight": torch.cat([take(f"{t}.self_attn.{n}_proj.weight") for n in "qkv"]),
+            f"{b}.mixer.out_proj.weight": take(f"{t}.self_attn.o_proj.weight"),
+        }
         if kind == "D":
-            state[f"{b}.mlp.gate_up.weight"] = torch.cat([take(f"{t}.mlp.gate_proj.weight"), take(f"{t}.mlp.up_proj.weight")])
+            state[f"{b}.mlp.gate_up.weight"] = torch.cat(
+                [take(f"{t}.mlp.gate_proj.weight"), take(f"{t}.mlp.up_proj.weight")]
+            )
             state[f"{b}.mlp.down.weight"] = take(f"{t}.mlp.down_proj.weight")
             continue
         p, (n_gate, n_up, n_down) = _moe_prefix(arch, i), _expert_names(arch)
         state[f"{b}.mlp.router.weight"] = take(f"{p}.gate.weight")
         experts = range(cfg.moe.experts)
-        state[f"{b}.mlp.w_gate_up"] = torch.stack([
-            torch.cat([take(f"{p}.experts.{e}.{n_gate}.weight"), take(f"{p}.experts.{e}.{n_up}.weight")]).t()
-            for e in experts])
+        state[f"{b}.mlp.w_gate_up"] = torch.stack(
+            [
+                torch.cat([take(f"{p}.experts.{e}.{n_gate}.weight"), take(f"{p}.experts.{e}.{n_up}.weight")]).t()
+                for e in experts
+            ]
+        )
         state[f"{b}.mlp.w_down"] = torch.stack([take(f"{p}.experts.{e}.{n_down}.weight").t() for e in experts])
         state[f"{b}.mlp.expert_bias"] = torch.zeros(cfg.moe.experts)
         if cfg.moe.shared_experts:
             gate_w = take(f"{p}.shared_expert_gate.weight")
             if bool(gate_w.ne(0).any()):
                 raise LayoutError(f"{p}.shared_expert_gate.weight is not zero: unroll's shared experts are ungated")
-            state[f"{b}.mlp.shared.gate_up.weight"] = torch.cat([take(f"{p}.shared_expert.gate_proj.weight"),
-                                                                 take(f"{p}.shared_expert.up_proj.weight")])
+            state[f"{b}.mlp.shared.gate_up.weight"] = torch.cat(
+                [take(f"{p}.shared_expert.gate_proj.weight"), take(f"{p}.shared_expert.up_proj.weight")]
+            )
             state[f"{b}.mlp.shared.down.weight"] = take(f"{p}.shared_expert.down_proj.weight") / 2
     if tensors:
         raise LayoutError(f"model.safetensors holds tensors unroll has no place for: {sorted(tensors)[:5]}")

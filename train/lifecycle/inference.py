@@ -1,6 +1,7 @@
 """Loading a trained model for generation: from its run directory alone (config.yaml, tokenizer.model,
 checkpoints/), or from an export directory (train/lifecycle/export_format.py), which needs neither
 torch.distributed.checkpoint nor the training stack."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,8 +11,8 @@ import torch
 from unroll.data.tokenizer import Tokenizer
 from unroll.models import LM
 from unroll.models.generate import sample
-from unroll.train.lifecycle.export_format import check_vocab_fits, is_export, load_export, pickled_weights
 from unroll.train.checkpoint.rundir import CONFIG_FILE, TOKENIZER_FILE
+from unroll.train.lifecycle.export_format import check_vocab_fits, is_export, load_export, pickled_weights
 
 
 def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[LM, Tokenizer, int]:
@@ -24,8 +25,9 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[LM, Tokenizer, i
     if not (run_dir / CONFIG_FILE).is_file():
         raise CheckpointError(f"{run_dir}: not a run directory (no {CONFIG_FILE}) nor an export directory")
     cfg = load_config(str(run_dir / CONFIG_FILE))
-    check_vocab_fits(cfg.model.vocab_size, run_dir / TOKENIZER_FILE, run_dir / CONFIG_FILE, "model.vocab_size",
-                     ConfigError)
+    check_vocab_fits(
+        cfg.model.vocab_size, run_dir / TOKENIZER_FILE, run_dir / CONFIG_FILE, "model.vocab_size", ConfigError
+    )
     found = checkpoint.good_checkpoints(run_dir, cfg.model)  # a damaged or refused newest one: the one before it
     if not found:
         raise CheckpointError(f"{run_dir}: no complete checkpoint under {checkpoint.checkpoint_root(run_dir)}")
@@ -42,9 +44,22 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[LM, Tokenizer, in
     return load_export(path, device) if export else load_run(path, device)
 
 
-def generate_text(run_dir: str | Path, prompt: str, *, max_new_tokens: int = 200, temperature: float = 0.8,
-                  top_k: int = 50, seed: int = 0) -> str:
+def generate_text(
+    run_dir: str | Path,
+    prompt: str,
+    *,
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int = 50,
+    seed: int = 0,
+) -> str:
     model, tokenizer, _ = load_model(run_dir, "cuda" if torch.cuda.is_available() else "cpu")
-    ids = sample(model, tokenizer.encode(prompt), max_new_tokens, temperature=temperature, top_k=top_k,
-                 generator=torch.Generator().manual_seed(seed))
+    ids = sample(
+        model,
+        tokenizer.encode(prompt),
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        generator=torch.Generator().manual_seed(seed),
+    )
     return prompt + tokenizer.decode(ids)

@@ -1,5 +1,6 @@
 """Process-group setup for plain data parallelism under torchrun (gloo on CPU, NCCL on GPU), and which
 of torchrun's restarts this is."""
+
 from __future__ import annotations
 
 import os
@@ -40,8 +41,9 @@ def init(device_pref: str, timeout_s: int = 600) -> DistInfo:
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         # A timeout turns a dead or stuck peer into an error instead of a hang.
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            backend, timeout=timedelta(seconds=timeout_s), device_id=device if device.type == "cuda" else None
+        )
     return DistInfo(rank, world, local_rank, device)
 
 

@@ -69,6 +69,7 @@ Gradient clipping must take the global norm with the expert part summed over the
 rank's experts are distinct) and the replicated part counted once. The aux-loss-free bias update
 should use load_since_update all-reduced over every rank that routes tokens (ep included), as under DP.
 """
+
 from __future__ import annotations
 
 import torch
@@ -146,12 +147,15 @@ class ExpertParallelMoE(MoE):
         recv = recv.view(ep, n_local)
         local_counts = recv.sum(0)
         host = torch.cat([counts.view(ep, n_local).sum(1), recv.sum(1), local_counts]).tolist()  # one sync
-        in_splits, out_splits, sizes = host[:ep], host[ep:2 * ep], host[2 * ep:]
+        in_splits, out_splits, sizes = host[:ep], host[ep : 2 * ep], host[2 * ep :]
 
         rows = all_to_all_rows(x[token].to(dtype), out_splits, in_splits, group)
         # Received rows are [source][local expert]; the experts want [local expert][source].
-        expert_of_row = torch.arange(n_local, device=x.device).repeat(ep).repeat_interleave(
-            recv.flatten(), output_size=sum(out_splits))
+        expert_of_row = (
+            torch.arange(n_local, device=x.device)
+            .repeat(ep)
+            .repeat_interleave(recv.flatten(), output_size=sum(out_splits))
+        )
         perm = expert_of_row.argsort(stable=True)
         inv = torch.empty_like(perm)
         inv[perm] = torch.arange(perm.numel(), device=perm.device)
@@ -180,7 +184,7 @@ def apply_expert_parallel(moe: MoE, ep_group) -> None:
     lo = rank * n_local
     for name in EXPERT_PARAMS:
         full = getattr(moe, name)
-        local = nn.Parameter(full.detach()[lo:lo + n_local].clone(), requires_grad=full.requires_grad)
+        local = nn.Parameter(full.detach()[lo : lo + n_local].clone(), requires_grad=full.requires_grad)
         setattr(moe, name, local)
     moe.__class__ = ExpertParallelMoE
     moe.ep_group, moe.ep_rank, moe.ep_size = ep_group, rank, ep

@@ -13,6 +13,7 @@ What a rank holds of a parameter, per dimension, as the global indices of its lo
                  the whole tensor, first expert held); dimension 0 holds that contiguous block.
   anything else  the whole tensor.
 """
+
 from __future__ import annotations
 
 import torch
@@ -46,8 +47,10 @@ def dtensor_index(t: DTensor) -> list[torch.Tensor]:
             index[placement.dim] = _take(index[placement.dim], n, r)
     local = tuple(t.to_local().shape)
     if tuple(len(i) for i in index) != local:
-        raise AssertionError(f"placements {t.placements} of {tuple(t.shape)}: the computed local shape "
-                             f"{tuple(len(i) for i in index)} is not the local tensor's {local}")
+        raise AssertionError(
+            f"placements {t.placements} of {tuple(t.shape)}: the computed local shape "
+            f"{tuple(len(i) for i in index)} is not the local tensor's {local}"
+        )
     return index
 
 

@@ -13,6 +13,7 @@ Flattened views for the collectives that span several dimensions: "dp" (dp_repli
 ranks that see different samples), "dp_shard_cp" (where FSDP shards: parameters are also replicated
 over cp, whose ranks see the same samples), and "ep" is carved out of dp_shard × cp.
 """
+
 from __future__ import annotations
 
 import math
@@ -63,14 +64,18 @@ def resolve_layout(parallel, world: int) -> Layout:
     fixed = math.prod(v for k, v in sizes.items() if k in DIMS and k != "dp_shard")
     if sizes["dp_shard"] == -1:
         if world % fixed:
-            raise LayoutError(f"parallel: the world size {world} is not divisible by pp × dp_replicate × cp × tp "
-                              f"= {fixed}, so parallel.dp_shard=-1 cannot fill it")
+            raise LayoutError(
+                f"parallel: the world size {world} is not divisible by pp × dp_replicate × cp × tp "
+                f"= {fixed}, so parallel.dp_shard=-1 cannot fill it"
+            )
         sizes["dp_shard"] = world // fixed
     layout = Layout(**sizes)
     if layout.world != world:
-        raise LayoutError("parallel: pp × dp_replicate × dp_shard × cp × tp = "
-                          + " × ".join(str(getattr(layout, d)) for d in DIMS)
-                          + f" = {layout.world} ranks, but the world size is {world}")
+        raise LayoutError(
+            "parallel: pp × dp_replicate × dp_shard × cp × tp = "
+            + " × ".join(str(getattr(layout, d)) for d in DIMS)
+            + f" = {layout.world} ranks, but the world size is {world}"
+        )
     if (layout.dp_shard * layout.cp) % layout.ep:
         raise LayoutError(f"parallel.ep={layout.ep} must divide dp_shard × cp = {layout.dp_shard * layout.cp}")
     return layout
@@ -84,8 +89,10 @@ def check_model(layout: Layout, model: ModelConfig, seq_len: int | None = None) 
         if seq_len % layout.cp:
             problems.append(f"parallel.cp={layout.cp} must divide data.seq_len={seq_len}")
         elif "M" in model.layers and seq_len // layout.cp < model.m2rnn.conv - 1:
-            problems.append(f"parallel.cp={layout.cp}: slices of {seq_len // layout.cp} tokens are shorter than "
-                            f"the M²RNN convolution's reach ({model.m2rnn.conv - 1})")
+            problems.append(
+                f"parallel.cp={layout.cp}: slices of {seq_len // layout.cp} tokens are shorter than "
+                f"the M²RNN convolution's reach ({model.m2rnn.conv - 1})"
+            )
         if "T" in model.layers and seq_len % layout.cp == 0:
             problems += tnt_context_problems(model, seq_len // layout.cp, layout.cp)
     kinds = set(model.layers)
@@ -93,11 +100,14 @@ def check_model(layout: Layout, model: ModelConfig, seq_len: int | None = None) 
         if seq_len is not None and seq_len % layout.tp:
             problems.append(f"parallel.tp={layout.tp} must divide data.seq_len={seq_len} (sequence-parallel norms)")
         if model.vocab_size % layout.tp:
-            problems.append(f"parallel.tp={layout.tp} must divide model.vocab_size={model.vocab_size} (the embedding "
-                            f"and head are split over the vocabulary)")
+            problems.append(
+                f"parallel.tp={layout.tp} must divide model.vocab_size={model.vocab_size} (the embedding "
+                f"and head are split over the vocabulary)"
+            )
         if "A" in kinds and (model.n_heads % layout.tp or model.kv_heads % layout.tp):
-            problems.append(f"parallel.tp={layout.tp} must divide model.n_heads={model.n_heads} and the "
-                            f"kv heads {model.kv_heads}")
+            problems.append(
+                f"parallel.tp={layout.tp} must divide model.n_heads={model.n_heads} and the kv heads {model.kv_heads}"
+            )
         if kinds & {"G", "L"} and model.rnn_dim % layout.tp:
             problems.append(f"parallel.tp={layout.tp} must divide the recurrent width {model.rnn_dim}")
         if "T" in kinds:
@@ -107,8 +117,9 @@ def check_model(layout: Layout, model: ModelConfig, seq_len: int | None = None) 
         if "D" in model.mlp_kinds and model.mlp_width % layout.tp:
             problems.append(f"parallel.tp={layout.tp} must divide the MLP width {model.mlp_width}")
     if layout.ep > 1 and ("E" not in model.mlp_kinds or model.moe.experts % layout.ep):
-        problems.append(f"parallel.ep={layout.ep} needs MoE layers whose model.moe.experts "
-                        f"({model.moe.experts}) it divides")
+        problems.append(
+            f"parallel.ep={layout.ep} needs MoE layers whose model.moe.experts ({model.moe.experts}) it divides"
+        )
     if layout.pp > len(model.layers):
         problems.append(f"parallel.pp={layout.pp} stages for {len(model.layers)} layers")
     if problems:
@@ -120,11 +131,15 @@ def tnt_context_problems(model: ModelConfig, per_rank: int, cp: int) -> list[str
     divides it) and a global chunk (model.tnt.global_chunk divides it)."""
     t, out = model.tnt, []
     if t.local_chunks and (not t.local_reset or per_rank % t.local_reset):
-        out.append(f"parallel.cp={cp}: TNT's model.tnt.local_reset={t.local_reset} must be positive and divide "
-                   f"the per-rank sequence length {per_rank} (local memories are not handed between ranks)")
+        out.append(
+            f"parallel.cp={cp}: TNT's model.tnt.local_reset={t.local_reset} must be positive and divide "
+            f"the per-rank sequence length {per_rank} (local memories are not handed between ranks)"
+        )
     if t.global_chunk and per_rank % t.global_chunk:
-        out.append(f"parallel.cp={cp}: TNT's model.tnt.global_chunk={t.global_chunk} must divide the per-rank "
-                   f"sequence length {per_rank}")
+        out.append(
+            f"parallel.cp={cp}: TNT's model.tnt.global_chunk={t.global_chunk} must divide the per-rank "
+            f"sequence length {per_rank}"
+        )
     return out
 
 
@@ -151,8 +166,12 @@ def build_mesh(layout: Layout, device_type: str) -> DeviceMesh | None:
     # torch 2.13 warns, on every slice of a flattened dimension ("dp", "dp_shard_cp", "dp_cp") from the root
     # mesh, that such slicing is to be deprecated. It still returns the flattened group, and nothing a user
     # runs can act on the warning; if torch drops the slicing, it fails loudly rather than silently.
-    warnings.filterwarnings("ignore", message=r"Slicing a flattened dim from root mesh", category=UserWarning,
-                            module=r"torch\.distributed\.device_mesh")
+    warnings.filterwarnings(
+        "ignore",
+        message=r"Slicing a flattened dim from root mesh",
+        category=UserWarning,
+        module=r"torch\.distributed\.device_mesh",
+    )
     mesh["dp_replicate", "dp_shard"]._flatten("dp")
     mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
     mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")  # where gradients are reduced
@@ -170,8 +189,12 @@ def data_ranks(mesh: DeviceMesh | None, layout: Layout) -> dict[str, int]:
     """Which samples this rank trains on (its index among the dp ranks) and which slice of them (cp)."""
     if mesh is None:
         return {"dp": 0, "dp_size": 1, "cp": 0, "cp_size": 1}
-    return {"dp": mesh["dp"].get_local_rank(), "dp_size": layout.dp,
-            "cp": mesh["cp"].get_local_rank(), "cp_size": layout.cp}
+    return {
+        "dp": mesh["dp"].get_local_rank(),
+        "dp_size": layout.dp,
+        "cp": mesh["cp"].get_local_rank(),
+        "cp_size": layout.cp,
+    }
 
 
 def device_type_of(device: torch.device) -> str:

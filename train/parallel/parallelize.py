@@ -22,6 +22,7 @@ With dp_shard = 1, DDP over dp_replicate × cp.
 `step` (token-by-token generation) is registered as a forward method, so generating also gathers the
 sharded parameters.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,11 +34,14 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_f
 from torch.nn.parallel import DistributedDataParallel
 
 from unroll.models import LM
-from unroll.train.parallel.expert_parallel import apply_expert_parallel_to_model, expert_parameters, tag_expert_parameters
+from unroll.train.parallel.expert_parallel import (
+    apply_expert_parallel_to_model,
+    expert_parameters,
+    tag_expert_parameters,
+)
 from unroll.train.parallel.materialize import materialize
 from unroll.train.parallel.mesh import Layout, check_supported
 from unroll.train.parallel.tensor_parallel import apply_tensor_parallel, fsdp_shard_placement
-
 
 
 def apply_activation_checkpointing(model: LM, mode: str) -> None:
@@ -55,9 +59,18 @@ def apply_compile(model: LM) -> None:
         block.compile()
 
 
-def parallelize(model: LM, mesh: DeviceMesh | None, layout: Layout, *, device: torch.device, seed: int,
-                bf16: bool, activation_checkpoint: str = "none", compile: bool = False,
-                stages: list[torch.nn.Module] | None = None) -> torch.nn.Module:
+def parallelize(
+    model: LM,
+    mesh: DeviceMesh | None,
+    layout: Layout,
+    *,
+    device: torch.device,
+    seed: int,
+    bf16: bool,
+    activation_checkpoint: str = "none",
+    compile: bool = False,
+    stages: list[torch.nn.Module] | None = None,
+) -> torch.nn.Module:
     """Shards or wraps `model` (built on the meta device) in place, in torchtitan's order (TP → activation
     checkpointing → compile → context groups → FSDP), then allocates and initialises on `device` only what
     this rank holds (train/parallel/materialize.py: the same weights from `seed` whatever the layout), then DDP.
@@ -72,8 +85,7 @@ def parallelize(model: LM, mesh: DeviceMesh | None, layout: Layout, *, device: t
             apply_compile(model)
         materialize(model, device, seed)
         return model
-    _shard(model, mesh, layout, bf16=bf16, activation_checkpoint=activation_checkpoint, compile=compile,
-           stages=stages)
+    _shard(model, mesh, layout, bf16=bf16, activation_checkpoint=activation_checkpoint, compile=compile, stages=stages)
     for part in stages or [model]:
         materialize(part, device, seed)
     if layout.dp * layout.cp == 1 or uses_fsdp(layout, bool(stages)):
@@ -88,8 +100,16 @@ def uses_fsdp(layout: Layout, pipelined: bool) -> bool:
     return layout.dp_shard > 1 or ((pipelined or layout.tp > 1) and layout.dp * layout.cp > 1)
 
 
-def _shard(model: LM, mesh: DeviceMesh, layout: Layout, *, bf16: bool, activation_checkpoint: str,
-           compile: bool, stages: list[torch.nn.Module] | None) -> None:
+def _shard(
+    model: LM,
+    mesh: DeviceMesh,
+    layout: Layout,
+    *,
+    bf16: bool,
+    activation_checkpoint: str,
+    compile: bool,
+    stages: list[torch.nn.Module] | None,
+) -> None:
     """Everything parallelize does before allocating: tp, recomputation, compile, ep, cp, FSDP2."""
     if layout.tp > 1:
         apply_tensor_parallel(model, mesh["tp"], sequence_parallel=True, stages=stages)
@@ -113,10 +133,18 @@ def _shard(model: LM, mesh: DeviceMesh, layout: Layout, *, bf16: bool, activatio
         # FSDP2 warns when a wrapped block returns a view: a recurrent block returns its state beside its
         # output, a view of the solution at the last position. The warning guards against in-place ops on
         # such a view; the LM never changes a state in place (training drops it, generation only reads it).
-        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPBlock\) returned a view tensor",
-                                category=UserWarning, module=r"torch\.distributed\.fsdp\.")
+        warnings.filterwarnings(
+            "ignore",
+            message=r"FSDP2-wrapped module \(FSDPBlock\) returned a view tensor",
+            category=UserWarning,
+            module=r"torch\.distributed\.fsdp\.",
+        )
         dp_mesh = mesh["dp_replicate", shard_dim] if layout.dp_replicate > 1 else mesh[shard_dim]
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+        mp = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if bf16
+            else MixedPrecisionPolicy()
+        )
         # each weight on the dimension that spreads it best (not always dim 0), and under tp never on one
         # tp strided
         placement = fsdp_shard_placement(layout.dp_shard * layout.cp)

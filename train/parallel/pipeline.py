@@ -45,6 +45,7 @@ Not handled yet:
 - Shapes are inferred at the first step; a later step with other microbatch shapes (e.g. a smaller eval
   batch) needs a new schedule.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -113,8 +114,9 @@ def layer_costs(cfg: ModelConfig) -> tuple[list[int], int, int]:
     """Parameter count of each block, of the embedding and of the head (the last stage's logits matrix,
     counted also when tied), from a meta-device build: no memory, no initialization cost."""
     with torch.device("meta"):
-        blocks = [sum(p.numel() for p in Block(kind, cfg, mlp).parameters())
-                  for kind, mlp in zip(cfg.layers, cfg.mlp_kinds)]
+        blocks = [
+            sum(p.numel() for p in Block(kind, cfg, mlp).parameters()) for kind, mlp in zip(cfg.layers, cfg.mlp_kinds)
+        ]
     embed = cfg.vocab_size * cfg.d_model
     head = cfg.vocab_size * cfg.d_model + cfg.d_model  # + the final norm
     return blocks, embed, head
@@ -159,19 +161,23 @@ def stage_layers(cfg: ModelConfig, stages: int) -> list[list[int]]:
     if stages < 1:
         raise ValueError(f"pipeline stages must be positive, got {stages}")
     if stages > n:
-        raise ValueError(f"{stages} pipeline stages for {n} layers (pattern {cfg.pattern!r}): "
-                         f"every stage needs at least one layer")
+        raise ValueError(
+            f"{stages} pipeline stages for {n} layers (pattern {cfg.pattern!r}): every stage needs at least one layer"
+        )
     marks = cfg.pattern.count("|")
     if marks:
         if marks + 1 != stages:
-            raise ValueError(f"pattern {cfg.pattern!r} has {marks} stage mark(s) '|', i.e. {marks + 1} stages, "
-                             f"but the pipeline needs {stages} (pp × stages per rank); move the marks or "
-                             f"remove them all for an automatic split")
+            raise ValueError(
+                f"pattern {cfg.pattern!r} has {marks} stage mark(s) '|', i.e. {marks + 1} stages, "
+                f"but the pipeline needs {stages} (pp × stages per rank); move the marks or "
+                f"remove them all for an automatic split"
+            )
         split = _marked_stages(cfg.pattern)
         empty = [s for s, layers in enumerate(split) if not layers]
         if empty:
-            raise ValueError(f"pattern {cfg.pattern!r}: stage(s) {empty} have no layers (a '|' at an end or "
-                             f"two in a row)")
+            raise ValueError(
+                f"pattern {cfg.pattern!r}: stage(s) {empty} have no layers (a '|' at an end or two in a row)"
+            )
         return split
     blocks, embed, head = layer_costs(cfg)
     return balance(blocks, stages, embed, head)
@@ -254,8 +260,9 @@ class StageModule(nn.Module):
             logits = F.linear(x, self.output_weight())
             return logits if self.vocab_group is None else gather_vocab(logits, self.vocab_group)
         # the head is used here, inside the stage's forward, where FSDP has gathered it
-        loss = chunked_cross_entropy(x.flatten(0, 1), self.output_weight(), targets.flatten(),
-                                     chunk=self.loss_chunk, group=self.vocab_group)
+        loss = chunked_cross_entropy(
+            x.flatten(0, 1), self.output_weight(), targets.flatten(), chunk=self.loss_chunk, group=self.vocab_group
+        )
         return torch.stack([loss])  # not a view: the schedules detach the last stage's outputs in place
 
     def tied_weight(self) -> nn.Parameter | None:
@@ -311,8 +318,7 @@ def check_microbatches(schedule: str, n_microbatches: int, pp_size: int) -> None
     if n_microbatches < 1:
         raise ValueError(f"n_microbatches must be positive, got {n_microbatches}")
     if name in ("1F1B", "DualPipeV") and n_microbatches < n_stages:
-        raise ValueError(f"{name} needs at least as many microbatches as stages ({n_stages}), "
-                         f"got {n_microbatches}")
+        raise ValueError(f"{name} needs at least as many microbatches as stages ({n_stages}), got {n_microbatches}")
     if name in ("Interleaved1F1B", "InterleavedZeroBubble") and n_microbatches % pp_size:
         raise ValueError(f"{name} needs n_microbatches divisible by the pp size {pp_size}, got {n_microbatches}")
 
@@ -323,8 +329,9 @@ def last_stage_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return output.sum()
 
 
-def schedule_for(modules: list[StageModule], pp, schedule: str, n_microbatches: int,
-                 device: torch.device | str, metadata=None) -> object:
+def schedule_for(
+    modules: list[StageModule], pp, schedule: str, n_microbatches: int, device: torch.device | str, metadata=None
+) -> object:
     """The schedule running `modules` (from `build_stage_modules`, possibly wrapped by FSDP since).
     metadata(module) -> (example input, example output), meta tensors of one microbatch, when the caller
     knows them: with every stage's given, torch runs no shape-inference forward and backward at the first
@@ -335,15 +342,25 @@ def schedule_for(modules: list[StageModule], pp, schedule: str, n_microbatches: 
     stages = []
     for m in modules:
         example_in, example_out = metadata(m) if metadata is not None else (None, None)
-        stages.append(PipelineStage(m, m.stage_index, m.n_stages, torch.device(device), input_args=example_in,
-                                    output_args=example_out, group=group))
+        stages.append(
+            PipelineStage(
+                m,
+                m.stage_index,
+                m.n_stages,
+                torch.device(device),
+                input_args=example_in,
+                output_args=example_out,
+                group=group,
+            )
+        )
     if per_rank == 1:
         return cls(stages[0], n_microbatches=n_microbatches, loss_fn=last_stage_loss)
     return cls(stages, n_microbatches=n_microbatches, loss_fn=last_stage_loss)
 
 
-def build_schedule(model: LM, pp, schedule: str, n_microbatches: int,
-                   device: torch.device | str | None = None) -> tuple[object, list[StageModule]]:
+def build_schedule(
+    model: LM, pp, schedule: str, n_microbatches: int, device: torch.device | str | None = None
+) -> tuple[object, list[StageModule]]:
     """This rank's part of the pipeline: (the schedule object, its stage modules in stage order).
 
     `pp` is the pipeline process group, a 1-d mesh, or a mesh with a "pp" dimension. The loss is the model's
@@ -361,8 +378,9 @@ def build_schedule(model: LM, pp, schedule: str, n_microbatches: int,
     return schedule_for(modules, pp, schedule, n_microbatches, device), modules
 
 
-def run_schedule(schedule, modules: list[StageModule], tokens: torch.Tensor | None,
-                 targets: torch.Tensor | None) -> list[torch.Tensor]:
+def run_schedule(
+    schedule, modules: list[StageModule], tokens: torch.Tensor | None, targets: torch.Tensor | None
+) -> list[torch.Tensor]:
     """One forward + backward of the batch through `schedule`; the microbatch losses on the rank with the last
     stage (empty elsewhere). The targets travel as the keyword argument `targets`, which torch's schedules
     split into microbatches like the inputs and give to every stage's forward on this rank (the last one
@@ -376,8 +394,9 @@ def run_schedule(schedule, modules: list[StageModule], tokens: torch.Tensor | No
     return [loss.detach() for loss in losses]
 
 
-def pipeline_step(schedule, modules: list[StageModule], tokens: torch.Tensor | None = None,
-                  targets: torch.Tensor | None = None) -> torch.Tensor | None:
+def pipeline_step(
+    schedule, modules: list[StageModule], tokens: torch.Tensor | None = None, targets: torch.Tensor | None = None
+) -> torch.Tensor | None:
     """One forward + backward of the batch (split along dim 0 into the schedule's microbatches): tokens are
     used where the first stage is, targets where the last is. Returns the mean of the microbatch losses on
     the rank with the last stage, None elsewhere. Gradients accumulate into the stage modules' parameters;
@@ -408,8 +427,7 @@ def sync_tied_grads(modules: list[StageModule], pp) -> None:
     grad = w.grad.to_local() if isinstance(w.grad, DTensor) else w.grad
     other = torch.empty_like(grad)
     peer = dist.get_global_rank(group, m.tied_peer)
-    ops = [dist.P2POp(dist.isend, grad.contiguous(), peer, group),
-           dist.P2POp(dist.irecv, other, peer, group)]
+    ops = [dist.P2POp(dist.isend, grad.contiguous(), peer, group), dist.P2POp(dist.irecv, other, peer, group)]
     if not m.first:
         ops.reverse()
     for req in dist.batch_isend_irecv(ops):

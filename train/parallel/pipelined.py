@@ -12,6 +12,7 @@ Tied embeddings: the last stage's replica of the embedding matrix appears in `ow
 `embed.weight` too. Both copies (and their optimizer states) are identical, so DCP writes the one entry
 once, and on load each copy reads it: a checkpoint saved without pipelining fills both.
 """
+
 from __future__ import annotations
 
 import torch
@@ -46,17 +47,22 @@ def check_pipeline(layout: Layout, cfg, n_microbatches: int) -> None:
     try:
         stage_layers(cfg.model, layout.pp * per_rank)
     except ValueError as e:
-        raise LayoutError(f"parallel.pp={layout.pp} with parallel.pp_schedule={name} "
-                          f"({layout.pp * per_rank} stages), model.pattern: {e}") from None
+        raise LayoutError(
+            f"parallel.pp={layout.pp} with parallel.pp_schedule={name} "
+            f"({layout.pp * per_rank} stages), model.pattern: {e}"
+        ) from None
     try:
         check_microbatches(name, n_microbatches, layout.pp)
     except ValueError as e:
-        raise LayoutError(f"parallel.pp_schedule={name}: {e}; the microbatches are the per-rank batch over "
-                          f"train.micro_batch_size") from None
+        raise LayoutError(
+            f"parallel.pp_schedule={name}: {e}; the microbatches are the per-rank batch over train.micro_batch_size"
+        ) from None
     if placement == "v" and cfg.model.tie_embeddings:
-        raise LayoutError(f"parallel.pp_schedule={name} places the first and last stage on one rank, which "
-                          f"with model.tie_embeddings=true is not available yet; use a looped schedule "
-                          f"(GPipe, 1F1B, Interleaved1F1B, LoopedBFS, InterleavedZeroBubble)")
+        raise LayoutError(
+            f"parallel.pp_schedule={name} places the first and last stage on one rank, which "
+            f"with model.tie_embeddings=true is not available yet; use a looped schedule "
+            f"(GPipe, 1F1B, Interleaved1F1B, LoopedBFS, InterleavedZeroBubble)"
+        )
 
 
 class _Holder(nn.Module):
@@ -70,8 +76,9 @@ class _Holder(nn.Module):
 class Pipeline:
     """This rank's stages of the LM and the schedule that runs them."""
 
-    def __init__(self, model: LM, pp_mesh, schedule: str, *, seq_split: int = 1,
-                 hidden_dtype: torch.dtype = torch.float32):
+    def __init__(
+        self, model: LM, pp_mesh, schedule: str, *, seq_split: int = 1, hidden_dtype: torch.dtype = torch.float32
+    ):
         """seq_split, hidden_dtype: what crosses a stage boundary, the residual stream [micro-batch, T /
         seq_split, d] (seq_split = tp under sequence parallelism) in hidden_dtype (bf16 when FSDP gathers
         bf16 parameters: the embedding's output, and so the stream, is bf16 then)."""
@@ -111,20 +118,28 @@ class Pipeline:
                 view.head = self.model.head
         return view
 
-    def step(self, inputs: torch.Tensor, targets: torch.Tensor, n_microbatches: int,
-             device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def step(
+        self, inputs: torch.Tensor, targets: torch.Tensor, n_microbatches: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Forward and backward of this rank's batch split into n_microbatches. Returns (sum of the
         microbatch losses on the last stage, zero elsewhere; sum of this rank's stages' MoE losses or None).
         Gradients accumulate into the stage parameters, divided by n_microbatches (the mean)."""
         if self.schedule is None or self.schedule._n_microbatches != n_microbatches:
             micro, T = inputs.shape[0] // n_microbatches, inputs.shape[1]
-            self.schedule = schedule_for(self.modules, self.group, self.schedule_name, n_microbatches, device,
-                                         metadata=lambda m: self._metadata(m, micro, T))
+            self.schedule = schedule_for(
+                self.modules,
+                self.group,
+                self.schedule_name,
+                n_microbatches,
+                device,
+                metadata=lambda m: self._metadata(m, micro, T),
+            )
         for m in self.modules:
             m.aux_losses.clear()
         # contiguous, as the stages' static metadata say (a batch's inputs are a strided view of it)
-        losses = run_schedule(self.schedule, self.modules, inputs.contiguous() if self.first else None,
-                              targets.contiguous())
+        losses = run_schedule(
+            self.schedule, self.modules, inputs.contiguous() if self.first else None, targets.contiguous()
+        )
         loss_sum = torch.stack(losses).sum() if losses else torch.zeros((), device=device)
         # each stage ran one forward per microbatch; the first step may add a shape-inference forward first
         aux = [a for m in self.modules for a in m.aux_losses[-n_microbatches:]]
@@ -135,8 +150,14 @@ class Pipeline:
         """(input, output) of one microbatch of `stage`, on the meta device: token ids into the first, the
         residual stream between stages, the loss [1] (float32) out of the last."""
         # requires_grad: a stage receives its output's gradient and sends its input's (torch reads the flag)
-        hidden = torch.empty(micro, T // self.seq_split, self.model.cfg.d_model, dtype=self.hidden_dtype,
-                             device="meta", requires_grad=True)
+        hidden = torch.empty(
+            micro,
+            T // self.seq_split,
+            self.model.cfg.d_model,
+            dtype=self.hidden_dtype,
+            device="meta",
+            requires_grad=True,
+        )
         tokens = torch.empty(micro, T, dtype=torch.long, device="meta")
         loss = torch.empty(1, dtype=torch.float32, device="meta", requires_grad=True)
         return (tokens if stage.first else hidden), (loss if stage.last else hidden)

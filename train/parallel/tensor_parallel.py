@@ -89,6 +89,7 @@ exactly but labels them so that full_tensor() and checkpoints of them are wrong)
 as its blocks, and the checkpoint is then in the single-device layout (loads into one process, FSDP,
 another tp).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -140,8 +141,7 @@ class Fused:
 
     def check(self, shape: torch.Size, tp: int, name: str) -> None:
         if sum(size for size, _ in self.segments) != shape[self.dim]:
-            raise AssertionError(f"{name}: segments {self.segments} do not add up to dim {self.dim} "
-                                 f"of {tuple(shape)}")
+            raise AssertionError(f"{name}: segments {self.segments} do not add up to dim {self.dim} of {tuple(shape)}")
         for size, parts in self.segments:
             if size % parts or (tp % parts and parts % tp):
                 raise AssertionError(f"{name}: segment of {size} in {parts} parts on {tp} ranks")
@@ -240,8 +240,9 @@ def _distribute(module: nn.Module, name: str, layout: Layout, mesh: DeviceMesh) 
         placement = layout.placement(tp)
     else:
         placement = layout
-    owner._parameters[leaf] = nn.Parameter(distribute_tensor(param.data, mesh, [placement]),
-                                           requires_grad=param.requires_grad)
+    owner._parameters[leaf] = nn.Parameter(
+        distribute_tensor(param.data, mesh, [placement]), requires_grad=param.requires_grad
+    )
 
 
 # --- the style ----------------------------------------------------------------------------------------
@@ -254,8 +255,15 @@ class Sharded(ParallelStyle):
     first of its outputs) holds partial sums and is reduced to `output`, replicated parameters have their
     gradient all-reduced. row_parallel=False: replicated compute, only the parameters' local views swapped in."""
 
-    def __init__(self, params: dict[str, Layout], *, local: dict[str, Any] | None = None, row_parallel: bool = True,
-                 compute: Placement = Replicate(), output: Placement = Replicate()):
+    def __init__(
+        self,
+        params: dict[str, Layout],
+        *,
+        local: dict[str, Any] | None = None,
+        row_parallel: bool = True,
+        compute: Placement = Replicate(),  # noqa: B008 -- placements are immutable values
+        output: Placement = Replicate(),  # noqa: B008
+    ):
         super().__init__()
         self.params, self.local, self.row_parallel = params, local or {}, row_parallel
         self.compute, self.output = compute, output
@@ -293,8 +301,9 @@ class Sharded(ParallelStyle):
         def forward(x, *args, **kwargs):
             if self.row_parallel:
                 x = self._enter(x, mesh)
-            local = {name: self._local_param(_param(module, name), layout, mesh)
-                     for name, layout in self.params.items()}
+            local = {
+                name: self._local_param(_param(module, name), layout, mesh) for name, layout in self.params.items()
+            }
             with _swapped(module, local, self.local):
                 out = inner(x, *args, **kwargs)
             if self.row_parallel:
@@ -316,8 +325,7 @@ def recurrent_plan(m: RecurrentMixer, mesh: DeviceMesh, output: Placement) -> Sh
     tp = mesh.size()
     heads, width = m.in_proj.heads, m.width
     _need(width % tp == 0, f"{type(m).__name__}: tp={tp} must divide the recurrent width {width}")
-    _need(heads == 1 or heads % tp == 0,
-          f"{type(m).__name__}: tp={tp} must divide rnn_heads={heads} (or rnn_heads=1)")
+    _need(heads == 1 or heads % tp == 0, f"{type(m).__name__}: tp={tp} must divide rnn_heads={heads} (or rnn_heads=1)")
     params = {
         "in_proj.weight": Shard(2) if heads == 1 else Shard(0),  # [heads, gates, width/heads, d/heads]
         "in_proj.bias": Shard(1),  # [gates, width]
@@ -341,12 +349,19 @@ def m2rnn_plan(m: M2RNN, mesh: DeviceMesh, output: Placement) -> Sharded:
     params = {
         "in_proj.weight": Fused(0, ((G * K, qk), (G * K, qk), (H * V, tp), (H, tp), (H * V, tp))),  # q k v | a | g
         "conv.weight": Fused(0, ((G * K, qk), (G * K, qk), (H * V, tp))),  # depthwise over q k v channels
-        "A_log": Shard(0), "dt_bias": Shard(0), "D": Shard(0), "W": Shard(0),  # per value head
+        "A_log": Shard(0),
+        "dt_bias": Shard(0),
+        "D": Shard(0),
+        "W": Shard(0),  # per value head
         "norm.weight": Shard(0),  # [H·V]
         "out_proj.weight": Shard(1),  # row-parallel
     }
-    local = {"qk_heads": G_local, "v_heads": H_local, "conv_channels": 2 * G_local * K + H_local * V,
-             "norm.forward": partial(_rms_norm_over_ranks, m.norm, mesh.get_group())}
+    local = {
+        "qk_heads": G_local,
+        "v_heads": H_local,
+        "conv_channels": 2 * G_local * K + H_local * V,
+        "norm.forward": partial(_rms_norm_over_ranks, m.norm, mesh.get_group()),
+    }
     return Sharded(params, local=local, output=output)
 
 
@@ -418,8 +433,9 @@ def _mlp_plan(m: nn.Module, mesh: DeviceMesh, output: Placement) -> Sharded:
 
 
 # --- the model ----------------------------------------------------------------------------------------
-def apply_tensor_parallel(model: LM, tp_mesh: DeviceMesh, *, sequence_parallel: bool = True,
-                          stages: list[nn.Module] | None = None) -> None:
+def apply_tensor_parallel(
+    model: LM, tp_mesh: DeviceMesh, *, sequence_parallel: bool = True, stages: list[nn.Module] | None = None
+) -> None:
     """Shards `model` in place over the 1-D mesh `tp_mesh` by the plans above. Call it before FSDP (and
     activation checkpointing / compile). Raises TensorParallelError naming what tp does not divide.
     Pipelined (`stages`, this rank's train/parallel/pipeline.py stage modules): only their blocks are sharded, and
@@ -431,16 +447,18 @@ def apply_tensor_parallel(model: LM, tp_mesh: DeviceMesh, *, sequence_parallel: 
     vocab, tp = model.cfg.vocab_size, tp_mesh.size()
     _need(vocab % tp == 0, f"Embedding and LM head: tp={tp} must divide the vocabulary size {vocab}")
     blocks = model.blocks if stages is None else [b for stage in stages for b in stage.blocks.values()]
-    plans = [(block, _mixer_plan(block.mixer, tp_mesh, seq), _mlp_plan(block.mlp, tp_mesh, seq))
-             for block in blocks]
+    plans = [(block, _mixer_plan(block.mixer, tp_mesh, seq), _mlp_plan(block.mlp, tp_mesh, seq)) for block in blocks]
     for block, mixer_plan, mlp_plan in plans:  # all checked before anything is changed
         parallelize_module(block.mixer, tp_mesh, mixer_plan)
         parallelize_module(block.mlp, tp_mesh, mlp_plan)
         if sp:
             parallelize_module(block, tp_mesh, {"mixer_norm": SequenceParallel(), "mlp_norm": SequenceParallel()})
         else:
-            parallelize_module(block, tp_mesh, Sharded({"mixer_norm.weight": Replicate(),
-                                                        "mlp_norm.weight": Replicate()}, row_parallel=False))
+            parallelize_module(
+                block,
+                tp_mesh,
+                Sharded({"mixer_norm.weight": Replicate(), "mlp_norm.weight": Replicate()}, row_parallel=False),
+            )
 
     for root in [model] if stages is None else stages:
         _shard_root(root, tp_mesh, sp)
@@ -506,8 +524,9 @@ def _sum_grad_over_ranks(module, args, out, *, group):
 
 
 def _no_generation(*args, **kwargs):
-    raise NotImplementedError("LM.step (generation) under tensor parallelism is not supported: "
-                              "generate from a checkpoint in one process")
+    raise NotImplementedError(
+        "LM.step (generation) under tensor parallelism is not supported: generate from a checkpoint in one process"
+    )
 
 
 # --- checkpoints and FSDP -----------------------------------------------------------------------------
@@ -536,8 +555,9 @@ def checkpoint_view(state_dict: dict) -> dict:
             continue
         n, coord = t.device_mesh.size(mesh_dim), t.device_mesh.get_local_rank(mesh_dim)
         if runs[p.dim] != [(0, t.shape[p.dim])] or t.shape[p.dim] % n:
-            raise NotImplementedError(f"checkpoint_view: {t.placements} on shape {tuple(t.shape)}: dimension "
-                                      f"{p.dim} split twice or unevenly")
+            raise NotImplementedError(
+                f"checkpoint_view: {t.placements} on shape {tuple(t.shape)}: dimension {p.dim} split twice or unevenly"
+            )
         if isinstance(p, _StridedShard):
             seg = t.shape[p.dim] // p.split_factor
             runs[p.dim] = [(s * seg + coord * (seg // n), seg // n) for s in range(p.split_factor)]
@@ -545,8 +565,12 @@ def checkpoint_view(state_dict: dict) -> dict:
         else:
             runs[p.dim] = [(coord * (t.shape[p.dim] // n), t.shape[p.dim] // n)]
     local, pieces, offsets = t.to_local(), [], []
-    for box in itertools.product(*[[(off, length, sum(l for _, l in dim_runs[:i]))
-                                    for i, (off, length) in enumerate(dim_runs)] for dim_runs in runs]):
+    for box in itertools.product(
+        *[
+            [(off, length, sum(n for _, n in dim_runs[:i])) for i, (off, length) in enumerate(dim_runs)]
+            for dim_runs in runs
+        ]
+    ):
         piece = local
         for d, (_, length, start) in enumerate(box):
             piece = piece.narrow(d, start, length)

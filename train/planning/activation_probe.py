@@ -25,6 +25,7 @@ block's in its backward). Spread over the probe's few tokens it would be read as
 at a real length (paragru-1b on one H200: 2.2× the whole step's peak), so there the block is probed at two
 token counts and the bytes fitted as fixed + per token × tokens (`saved_fixed`, `extra_fixed`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -43,6 +44,7 @@ MAX_PROBE_BATCH_TOKENS = 1024  # sequences × tokens: a per-sequence part (M²RN
 @dataclass(frozen=True)
 class KindCost:
     """Bytes per token, and bytes per block that do not grow with the tokens (module docstring)."""
+
     saved: float
     extra: float
     inputs: float
@@ -62,8 +64,16 @@ def kinds(cfg: ModelConfig) -> list[tuple[str, str]]:
 _CACHE: dict[tuple, dict] = {}
 
 
-def probe(cfg: ModelConfig, tp: int, bf16_weights: bool, autocast_bf16: bool, tokens: int,
-          recompute: str = "none", batch: int = 1, ep: int = 1) -> dict[tuple[str, str], KindCost]:
+def probe(
+    cfg: ModelConfig,
+    tp: int,
+    bf16_weights: bool,
+    autocast_bf16: bool,
+    tokens: int,
+    recompute: str = "none",
+    batch: int = 1,
+    ep: int = 1,
+) -> dict[tuple[str, str], KindCost]:
     """KindCost of every kind of `cfg` under tp (module docstring), on `batch` sequences of `tokens` tokens
     (per token it settles once the mixers' chunks are several: M²RNN's 32-step checkpoints, TNT's chunks),
     with activation checkpointing `recompute` (none | full | mlp); measured once per process."""
@@ -76,8 +86,9 @@ def probe(cfg: ModelConfig, tp: int, bf16_weights: bool, autocast_bf16: bool, to
     return _CACHE[key]
 
 
-def _probe(cfg: ModelConfig, tp: int, bf16_weights: bool, autocast_bf16: bool,
-           tokens: int, recompute: str, batch: int, ep: int) -> dict[tuple[str, str], KindCost]:
+def _probe(
+    cfg: ModelConfig, tp: int, bf16_weights: bool, autocast_bf16: bool, tokens: int, recompute: str, batch: int, ep: int
+) -> dict[tuple[str, str], KindCost]:
     out = {}
     # the residual stream: bf16 when the embedding's weights are; under sequence parallelism (tp) a rank
     # holds T/tp of its tokens
@@ -93,13 +104,23 @@ def _probe(cfg: ModelConfig, tp: int, bf16_weights: bool, autocast_bf16: bool,
         saved2, extra2 = _probe_kind(cfg, kind, tp, bf16_weights, autocast_bf16, tokens2, recompute, batch2, ep)
         n2 = batch2 * tokens2
         per_saved, per_extra = max(saved - saved2, 0) / (n - n2), max(extra - extra2, 0) / (n - n2)
-        out[kind] = KindCost(per_saved, per_extra, inputs, max(saved - per_saved * n, 0.0),
-                             max(extra - per_extra * n, 0.0))
+        out[kind] = KindCost(
+            per_saved, per_extra, inputs, max(saved - per_saved * n, 0.0), max(extra - per_extra * n, 0.0)
+        )
     return out
 
 
-def _probe_kind(cfg: ModelConfig, kind: tuple[str, str], tp: int, bf16_weights: bool, autocast_bf16: bool,
-                tokens: int, recompute: str, batch: int, ep: int = 1) -> tuple[float, float]:
+def _probe_kind(
+    cfg: ModelConfig,
+    kind: tuple[str, str],
+    tp: int,
+    bf16_weights: bool,
+    autocast_bf16: bool,
+    tokens: int,
+    recompute: str,
+    batch: int,
+    ep: int = 1,
+) -> tuple[float, float]:
     """Two blocks of one kind in an LM on `batch` sequences of `tokens` tokens: (what each keeps after its
     forward, what the step adds above the two at its largest moment outside the loss: memory.Phases),
     bytes."""
@@ -115,7 +136,7 @@ def _probe_kind(cfg: ModelConfig, kind: tuple[str, str], tp: int, bf16_weights: 
     seq = max(tokens, tp) - max(tokens, tp) % tp
     ep = ep if kind[1] == "E" else 1
     group = fake_process_group(0, tp * ep) if tp * ep > 1 else contextlib.nullcontext()
-    with group, (SymmetricWorld() if tp * ep > 1 else contextlib.nullcontext()):
+    with group, SymmetricWorld() if tp * ep > 1 else contextlib.nullcontext():
         with torch.device("meta"):
             model = LM(small)
         if tp * ep > 1:  # as train/parallel/parallelize.py applies them: tensor parallelism, then the experts split
@@ -156,8 +177,9 @@ def _probe_kind(cfg: ModelConfig, kind: tuple[str, str], tp: int, bf16_weights: 
             h.remove()
     # what the first block leaves behind for the second: its output, what autograd keeps of it (its own
     # returned state is let go by then)
-    first, second = (snapshot_sums(tracker.memory_tracking[b].snapshots[_ModState.PRE_FW][0], TRANSIENT)
-                     for b in model.blocks)
+    first, second = (
+        snapshot_sums(tracker.memory_tracking[b].snapshots[_ModState.PRE_FW][0], TRANSIENT) for b in model.blocks
+    )
     saved = second - first
     peak = max(tracker.transient["forward"], tracker.transient["backward"])
     return saved, max(peak - 2 * saved, 0)  # bytes at `seq` tokens
@@ -175,15 +197,17 @@ def logit_bytes(autocast_bf16: bool, bf16_weights: bool, tp: int = 1, chunked: b
     key = (autocast_bf16, bf16_weights, tp > 1, chunked)
     if key not in _LOGITS:
         vocab, d = 4096, 256
-        (r1, b1), (r2, b2) = [(rows, _loss_peak(autocast_bf16, bf16_weights, tp > 1, chunked, rows, vocab, d))
-                              for rows in (64, 128)]
+        (r1, b1), (r2, b2) = [
+            (rows, _loss_peak(autocast_bf16, bf16_weights, tp > 1, chunked, rows, vocab, d)) for rows in (64, 128)
+        ]
         per_logit = (b2 - b1) / ((r2 - r1) * vocab)
         _LOGITS[key] = (per_logit, max(b1 - per_logit * r1 * vocab, 0.0) / (vocab * d))
     return _LOGITS[key]
 
 
-def _loss_peak(autocast_bf16: bool, bf16_weights: bool, parallel: bool, chunked: bool, rows: int, vocab: int,
-               d: int) -> int:
+def _loss_peak(
+    autocast_bf16: bool, bf16_weights: bool, parallel: bool, chunked: bool, rows: int, vocab: int, d: int
+) -> int:
     from unroll.kernels.cross_entropy import chunked_cross_entropy
     from unroll.train.planning.fake_comm import SymmetricWorld, fake_process_group
 
@@ -191,8 +215,10 @@ def _loss_peak(autocast_bf16: bool, bf16_weights: bool, parallel: bool, chunked:
     tokens = 2 * rows if chunked else rows
     hidden = torch.zeros(tokens, d, requires_grad=True)
     targets = torch.zeros(tokens, dtype=torch.long)
-    with fake_process_group(0, 2) if parallel else contextlib.nullcontext() as group, \
-            SymmetricWorld() if parallel else contextlib.nullcontext():
+    with (
+        fake_process_group(0, 2) if parallel else contextlib.nullcontext() as group,
+        SymmetricWorld() if parallel else contextlib.nullcontext(),
+    ):
         tracker = Tracker()
         with tracker, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_bf16):
             chunked_cross_entropy(hidden, weight, targets, chunk=rows if chunked else 0, group=group).backward()

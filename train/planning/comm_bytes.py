@@ -22,13 +22,25 @@ traffic a ring implementation puts on this rank's links, which is what NCCL's bu
     log.snapshot()                 {CommKey(kind, group_size, group): Traffic(calls, bytes)}
     log.total(kind=..., group_size=...)   summed bytes; log.reset() starts the next step
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import NamedTuple
 
-KINDS = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all", "broadcast", "reduce", "gather",
-         "scatter", "send", "recv", "barrier")
+KINDS = (
+    "all_gather",
+    "reduce_scatter",
+    "all_reduce",
+    "all_to_all",
+    "broadcast",
+    "reduce",
+    "gather",
+    "scatter",
+    "send",
+    "recv",
+    "barrier",
+)
 
 
 def all_gather_bytes(n: int, output_bytes: int) -> int:
@@ -53,15 +65,15 @@ def all_to_all_bytes(input_bytes: int, own_chunk_bytes: int) -> int:
 
 
 class CommKey(NamedTuple):
-    kind: str        # one of KINDS
+    kind: str  # one of KINDS
     group_size: int
-    group: str       # the process group's description ("default_pg", DeviceMesh's "mesh_<dim>", ...)
+    group: str  # the process group's description ("default_pg", DeviceMesh's "mesh_<dim>", ...)
 
 
 @dataclass
 class Traffic:
     calls: int = 0
-    bytes: int = 0   # sent by this rank
+    bytes: int = 0  # sent by this rank
 
 
 class TrafficLog:
@@ -84,12 +96,18 @@ class TrafficLog:
         return {k: Traffic(v.calls, v.bytes) for k, v in self._t.items()}
 
     def total(self, kind: str | None = None, group_size: int | None = None) -> int:
-        return sum(t.bytes for k, t in self._t.items()
-                   if (kind is None or k.kind == kind) and (group_size is None or k.group_size == group_size))
+        return sum(
+            t.bytes
+            for k, t in self._t.items()
+            if (kind is None or k.kind == kind) and (group_size is None or k.group_size == group_size)
+        )
 
     def calls(self, kind: str | None = None, group_size: int | None = None) -> int:
-        return sum(t.calls for k, t in self._t.items()
-                   if (kind is None or k.kind == kind) and (group_size is None or k.group_size == group_size))
+        return sum(
+            t.calls
+            for k, t in self._t.items()
+            if (kind is None or k.kind == kind) and (group_size is None or k.group_size == group_size)
+        )
 
     def table(self) -> str:
         """One line per (kind, group size, group), largest traffic first."""

@@ -44,11 +44,12 @@ train/planning/comm_bytes.py, in `world.traffic` (a TrafficLog keyed by kind, gr
         loss = step(...)
     print(world.traffic.table()); world.traffic.reset()
 """
+
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -93,7 +94,7 @@ def _reduced(t: torch.Tensor, op: str, n: int) -> torch.Tensor:
     if op in ("sum", "premul_sum"):
         return t * n
     if op == "product":
-        return t ** n
+        return t**n
     if op == "bxor":
         return t if n % 2 else torch.zeros_like(t)
     raise ValueError(f"unknown reduce op {op!r}")
@@ -303,8 +304,7 @@ class SymmetricWorld(TorchDispatchMode):
             g_src = dist.get_global_rank(pg, src) if src is not None else -1
             if self.recv_fill is not None and self.recv_fill(t, g_src, pg):
                 continue
-            key = (pg.group_name, (pg.rank() - src) % pg.size() if src is not None else None,
-                   tuple(t.shape), t.dtype)
+            key = (pg.group_name, (pg.rank() - src) % pg.size() if src is not None else None, tuple(t.shape), t.dtype)
             if key in self._sent:
                 _write(t, self._sent[key])
             else:
@@ -333,10 +333,10 @@ class SymmetricWorld(TorchDispatchMode):
             _C.allgather_into_tensor_coalesced_.default: lambda a, k, o: self._all_gather(a[0], a[1], a[2]),
             _C.allgather_.default: lambda a, k, o: self._all_gather_lists(a[0], a[1], a[2]),
             _C.allgather_coalesced_.default: lambda a, k, o: self._all_gather_lists(
-                [list(s) for s in zip(*a[0])], a[1], a[2]),
+                [list(s) for s in zip(*a[0])], a[1], a[2]
+            ),
             _C._reduce_scatter_base_.default: lambda a, k, o: self._reduce_scatter([a[0]], [a[1]], a[2], a[3]),
-            _C.reduce_scatter_tensor_coalesced_.default: lambda a, k, o: self._reduce_scatter(
-                a[0], a[1], a[2], a[3]),
+            _C.reduce_scatter_tensor_coalesced_.default: lambda a, k, o: self._reduce_scatter(a[0], a[1], a[2], a[3]),
             _C.reduce_scatter_.default: lambda a, k, o: self._reduce_scatter_lists(a[0], a[1], a[2], a[3]),
             _C.alltoall_base_.default: lambda a, k, o: self._all_to_all(a[0], a[1], a[3], a[4], a[2]),
             _C.alltoall_.default: lambda a, k, o: self._all_to_all_lists(a[0], a[1], a[2]),
@@ -356,8 +356,7 @@ class SymmetricWorld(TorchDispatchMode):
             _F.all_gather_into_tensor_out.default: lambda a, k, o: self._all_gather([k["out"]], [a[0]], a[2]),
             _F.all_gather_into_tensor_coalesced.default: lambda a, k, o: self._all_gather(o, a[0], a[2]),
             _F.reduce_scatter_tensor.default: lambda a, k, o: self._reduce_scatter([o], [a[0]], a[3], a[1]),
-            _F.reduce_scatter_tensor_out.default: lambda a, k, o: self._reduce_scatter(
-                [k["out"]], [a[0]], a[3], a[1]),
+            _F.reduce_scatter_tensor_out.default: lambda a, k, o: self._reduce_scatter([k["out"]], [a[0]], a[3], a[1]),
             _F.reduce_scatter_tensor_coalesced.default: lambda a, k, o: self._reduce_scatter(o, a[0], a[3], a[1]),
             _F.all_to_all_single.default: lambda a, k, o: self._all_to_all(o, a[0], a[1], a[2], a[3]),
             _F.broadcast.default: lambda a, k, o: self._broadcast([o], a[2]),
@@ -366,7 +365,8 @@ class SymmetricWorld(TorchDispatchMode):
             _F.irecv.default: lambda a, k, o: self._recv([o], a[3], a[1]),
             _F.batch_p2p_ops.default: lambda a, k, o: self._batch_p2p(a[0], a[1], a[3], a[4], o),
             torch.ops._dtensor.shard_dim_alltoall.default: lambda a, k, o: self._shard_dim_all_to_all(
-                o, a[0], a[1], a[2], a[3]),
+                o, a[0], a[1], a[2], a[3]
+            ),
         }
         # the autograd variants decompose into the plain functional ops below autograd; should one be
         # seen whole, it is filled alike

@@ -20,6 +20,7 @@ The error is deliberate: DCP's planning sends each rank its part of the coordina
 a None plan lets `dcp.save` finish having written nothing. Save with `no_dist=True` in a fake world;
 pipeline stages are given their metadata (train/parallel/pipelined.py), so none is received.
 """
+
 from __future__ import annotations
 
 import functools
@@ -32,8 +33,10 @@ class FakeWorldError(RuntimeError):
     """A value only another rank has, asked for in a fake world."""
 
 
-_HINT = ("in a fake world save checkpoints with torch.distributed.checkpoint's no_dist=True, and answer "
-         "pipeline stages with static metadata (train/parallel/pipelined.py)")
+_HINT = (
+    "in a fake world save checkpoints with torch.distributed.checkpoint's no_dist=True, and answer "
+    "pipeline stages with static metadata (train/parallel/pipelined.py)"
+)
 
 
 def _src_group_rank(group, src, group_src) -> tuple[dist.ProcessGroup, int]:
@@ -45,8 +48,10 @@ def _src_group_rank(group, src, group_src) -> tuple[dist.ProcessGroup, int]:
 
 def _keep_or_refuse(world, name: str, kind: str, pg, objects: list, group_src: int) -> None:
     if any(o is None for o in objects):
-        raise FakeWorldError(f"{name} on rank {dist.get_rank()}: the object comes from group rank {group_src}, "
-                             f"which this process does not run; {_HINT}")
+        raise FakeWorldError(
+            f"{name} on rank {dist.get_rank()}: the object comes from group rank {group_src}, "
+            f"which this process does not run; {_HINT}"
+        )
     world._count(kind, pg, 0)
     world.unknown[f"{name} (kept the caller's objects)"] += 1
 
@@ -62,20 +67,20 @@ def patch_object_collectives(world) -> ExitStack:
             return original(object_list, src=src, group=group, device=device, group_src=group_src)
         _keep_or_refuse(world, "broadcast_object_list", "broadcast", pg, object_list, root)
 
-    def scatter_object_list(original, scatter_object_output_list, scatter_object_input_list=None, src=None,
-                            group=None, group_src=None):
+    def scatter_object_list(
+        original, scatter_object_output_list, scatter_object_input_list=None, src=None, group=None, group_src=None
+    ):
         pg, root = _src_group_rank(group, src, group_src)
         if pg.rank() == root or not world._is_fake(pg):
-            return original(scatter_object_output_list, scatter_object_input_list, src=src, group=group,
-                            group_src=group_src)
+            return original(
+                scatter_object_output_list, scatter_object_input_list, src=src, group=group, group_src=group_src
+            )
         _keep_or_refuse(world, "scatter_object_list", "scatter", pg, scatter_object_output_list[:1], root)
 
-    def recv_object_list(original, object_list, src=None, group=None, device=None, group_src=None,
-                         use_batch=False):
+    def recv_object_list(original, object_list, src=None, group=None, device=None, group_src=None, use_batch=False):
         pg, peer = _src_group_rank(group, src, group_src)
         if not world._is_fake(pg):
-            return original(object_list, src=src, group=group, device=device, group_src=group_src,
-                            use_batch=use_batch)
+            return original(object_list, src=src, group=group, device=device, group_src=group_src, use_batch=use_batch)
         _keep_or_refuse(world, "recv_object_list", "recv", pg, object_list, peer)
         return dist.get_global_rank(pg, peer)
 

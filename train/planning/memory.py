@@ -18,6 +18,7 @@ sorts it by kind; `Phases` follows its running totals through the step's phases 
 backward: hooks on the model mark them) and keeps each phase's largest. `peak` is the tracker's largest
 total. Tensor storages only: no allocator rounding, fragmentation, CUDA context or NCCL buffers.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -75,8 +76,9 @@ def gradient_bytes(modules: list[nn.Module]) -> int:
 
 
 def optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return _storage_bytes([v for state in optimizer.state.values() for v in state.values()
-                           if isinstance(v, torch.Tensor)])
+    return _storage_bytes(
+        [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    )
 
 
 class Phases:
@@ -85,7 +87,7 @@ class Phases:
     (the embedding's backward, after the first block's). Entering the backward from the loss notes the
     temporaries the loss leaves behind (`waiting`), which the backward's transient peak does not count and
     the gathered peak does; the embedding's backward is the root's gradient being summed (the output
-    matrix's, waiting, and the lookup's): gathered memory too.""" 
+    matrix's, waiting, and the lookup's): gathered memory too."""
 
     def _start_phases(self) -> None:
         self.phase = "forward"
@@ -147,8 +149,7 @@ def _aliases(func) -> bool:
 
 
 _A = torch.ops.aten
-_ALLOCATIONS = {_A.empty.memory_format, _A.empty_strided.default, _A.new_empty.default,
-                _A.new_empty_strided.default}
+_ALLOCATIONS = {_A.empty.memory_format, _A.empty_strided.default, _A.new_empty.default, _A.new_empty_strided.default}
 
 
 class Tracker(Phases, MemTracker):
@@ -212,11 +213,11 @@ class _Tracker(Phases, FSDPMemTracker):
                 return hook(*args, **kwargs)
             finally:
                 self.inside_fsdp = outer
+
         return run
 
     def _fsdp_state_pre_forward(self, fsdp_mod, orig_fsdp_state_pre_fw):
-        inner = super()._fsdp_state_pre_forward(fsdp_mod, self._within(_FSDPRefType.ALL_GATHER,
-                                                                         orig_fsdp_state_pre_fw))
+        inner = super()._fsdp_state_pre_forward(fsdp_mod, self._within(_FSDPRefType.ALL_GATHER, orig_fsdp_state_pre_fw))
 
         def again(*args, **kwargs):
             self._archive_next_micro_batch(fsdp_mod)
@@ -226,7 +227,8 @@ class _Tracker(Phases, FSDPMemTracker):
 
     def _fsdp_param_group_pre_backward(self, fsdp_mod, orig_fsdp_param_group_pre_backward):
         inner = super()._fsdp_param_group_pre_backward(
-            fsdp_mod, self._within(_FSDPRefType.ALL_GATHER, orig_fsdp_param_group_pre_backward))
+            fsdp_mod, self._within(_FSDPRefType.ALL_GATHER, orig_fsdp_param_group_pre_backward)
+        )
 
         def and_gradients(*args, **kwargs):
             inner(*args, **kwargs)
@@ -245,7 +247,8 @@ class _Tracker(Phases, FSDPMemTracker):
 
     def _fsdp_param_group_post_backward(self, fsdp_mod, orig_fsdp_param_group_post_backward):
         inner = super()._fsdp_param_group_post_backward(
-            fsdp_mod, self._within(_FSDPRefType.REDUCE_SCATTER, orig_fsdp_param_group_post_backward))
+            fsdp_mod, self._within(_FSDPRefType.REDUCE_SCATTER, orig_fsdp_param_group_post_backward)
+        )
 
         def also_accumulated(*args, **kwargs):
             inner(*args, **kwargs)
@@ -253,8 +256,9 @@ class _Tracker(Phases, FSDPMemTracker):
             # each micro-batch's gradient into an unsharded fp32 copy: a gathered gradient, not a temporary
             for fsdp_param in _fsdp_params(fsdp_mod):
                 if fsdp_param.unsharded_accumulated_grad is not None:
-                    self._update_and_maybe_create_winfos(fsdp_param.unsharded_accumulated_grad,
-                                                         _FSDPRefType.UNSHARDED_GRAD)
+                    self._update_and_maybe_create_winfos(
+                        fsdp_param.unsharded_accumulated_grad, _FSDPRefType.UNSHARDED_GRAD
+                    )
 
         return also_accumulated
 

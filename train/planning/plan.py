@@ -41,6 +41,7 @@ Per GPU, for the rank holding the first shard of every split (the largest share;
 Not counted: the CUDA context, NCCL buffers and the allocator's fragmentation (keep a margin: `usable`).
 `unroll rehearse` runs the same rank's program and prints these figures beside what it measured.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,19 +52,20 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from unroll.models.config import ModelConfig
-from unroll.train.planning.activation_probe import logit_bytes, probe
 from unroll.train.config import Config, ConfigError
-from unroll.train.planning.memory import Components
 from unroll.train.parallel.mesh import Layout, not_yet
 from unroll.train.parallel.pipeline import schedule_spec, stage_layers, stage_ranks
+from unroll.train.planning.activation_probe import logit_bytes, probe
+from unroll.train.planning.memory import Components
 
-GiB = 1024 ** 3
+GiB = 1024**3
 EXPERTS = ("w_gate_up", "w_down")
 
 
 @dataclass(frozen=True)
 class Param:
     """One parameter (or buffer) of the model as tensor parallelism leaves it on a tp rank."""
+
     name: str
     block: int | None  # its block, None for the embedding, final norm and head
     expert: bool  # a routed expert's weights (expert parallelism splits them)
@@ -113,8 +115,9 @@ def param_table(cfg: ModelConfig, tp: int) -> list[Param]:
                 block = int(parts[1]) if parts[0] == "blocks" else None
                 local = tuple(p.to_local().shape) if isinstance(p, DTensor) else tuple(p.shape)
                 strided = frozenset(pl.dim for pl in getattr(p, "placements", ()) if isinstance(pl, _StridedShard))
-                table.append(Param(name, block, parts[-1] in EXPERTS and ".mlp." in name, tuple(p.shape), local,
-                                   strided, buffer))
+                table.append(
+                    Param(name, block, parts[-1] in EXPERTS and ".mlp." in name, tuple(p.shape), local, strided, buffer)
+                )
     _TABLES[key] = table
     return table
 
@@ -128,8 +131,11 @@ def _fsdp_share(p: Param, dp: int) -> int:
 
     from unroll.train.parallel.tensor_parallel import fsdp_shard_placement
 
-    shaped = SimpleNamespace(shape=torch.Size(p.shape), ndim=len(p.shape),
-                             placements=tuple(_StridedShard(d, split_factor=2) for d in p.strided))
+    shaped = SimpleNamespace(
+        shape=torch.Size(p.shape),
+        ndim=len(p.shape),
+        placements=tuple(_StridedShard(d, split_factor=2) for d in p.strided),
+    )
     placement = fsdp_shard_placement(dp)(shaped)
     if placement is None:
         return p.numel()
@@ -194,8 +200,15 @@ def _micro_accum(cfg: Config, layout: Layout) -> tuple[int, int]:
     return micro, max(per_rank // micro, 1)
 
 
-def estimate(cfg: Config, layout: Layout, *, seq_len: int | None = None, micro_batch: int | None = None,
-             bf16: bool | None = None, budget: float | None = None) -> Estimate:
+def estimate(
+    cfg: Config,
+    layout: Layout,
+    *,
+    seq_len: int | None = None,
+    micro_batch: int | None = None,
+    bf16: bool | None = None,
+    budget: float | None = None,
+) -> Estimate:
     """Components of rank 0 of `layout` (module docstring), at the config's sequence length and micro-batch
     unless given. bf16: the job's precision (default: run.dtype auto or bfloat16, as on a GPU). budget: bytes
     beyond which the layout is of no interest: when weights, gradients, optimizer and gathered copies
@@ -264,17 +277,20 @@ def estimate(cfg: Config, layout: Layout, *, seq_len: int | None = None, micro_b
     if last:  # the loss's gradient of the hidden states waits with the output matrix's
         gathered += tokens * model.d_model * 4
 
-    static = Components(weights=held * 4 + buffers, gradients=held * 4, optimizer=held * 8 + tensors * 4,
-                        gathered=gathered)
+    static = Components(
+        weights=held * 4 + buffers, gradients=held * 4, optimizer=held * 8 + tensors * 4, gathered=gathered
+    )
     if budget is not None and static.total > budget:
         return Estimate(layout, static, held, len(blocks), flight)
-    costs = probe(model, layout.tp, fsdp and bf16, bf16, seq // layout.cp, cfg.train.activation_checkpoint, micro,
-                  ep=layout.ep)
+    costs = probe(
+        model, layout.tp, fsdp and bf16, bf16, seq // layout.cp, cfg.train.activation_checkpoint, micro, ep=layout.ep
+    )
     mine = [(k, m) for i, (k, m) in enumerate(zip(model.layers, model.mlp_kinds)) if i in blocks]
     kept = sum(costs[k].saved for k in mine) * tokens  # per micro-batch in flight
     fixed = sum(costs[k].saved_fixed for k in mine)  # autocast's bf16 copies of fp32 weights, once
-    activations = (kept * flight + fixed
-                   + max((costs[k].extra * tokens + costs[k].extra_fixed for k in mine), default=0.0))
+    activations = (
+        kept * flight + fixed + max((costs[k].extra * tokens + costs[k].extra_fixed for k in mine), default=0.0)
+    )
     chunk = cfg.train.loss_chunk or tokens
     rows = min(tokens, chunk)
     per_logit, per_weight = logit_bytes(bf16, fsdp and bf16, layout.tp, tokens > rows)
@@ -299,14 +315,23 @@ def candidate_layouts(cfg: ModelConfig, world: int, gpus_per_node: int):
     for tp, pp, cp in itertools.product(_divisors(gpus_per_node), _divisors(world), (1, 2, 4, 8)):
         if world % (tp * pp * cp) or pp > len(cfg.layers):
             continue
-        if tp > 1 and ("A" in kinds and (cfg.n_heads % tp or cfg.kv_heads % tp)
-                       or "M" in kinds and cfg.m2rnn_v_heads % tp or kinds & {"G", "L"} and cfg.rnn_dim % tp
-                       or cfg.vocab_size % tp  # the embedding and head are split over the vocabulary
-                       or "T" in kinds):  # TNT has no tensor-parallel plan yet
+        if tp > 1 and (
+            "A" in kinds
+            and (cfg.n_heads % tp or cfg.kv_heads % tp)
+            or "M" in kinds
+            and cfg.m2rnn_v_heads % tp
+            or kinds & {"G", "L"}
+            and cfg.rnn_dim % tp
+            or cfg.vocab_size % tp  # the embedding and head are split over the vocabulary
+            or "T" in kinds
+        ):  # TNT has no tensor-parallel plan yet
             continue
         shard = world // (tp * pp * cp)
-        eps = [e for e in _divisors(shard * cp) if e <= cfg.moe.experts and cfg.moe.experts % e == 0] \
-            if "E" in cfg.mlp_kinds else [1]
+        eps = (
+            [e for e in _divisors(shard * cp) if e <= cfg.moe.experts and cfg.moe.experts % e == 0]
+            if "E" in cfg.mlp_kinds
+            else [1]
+        )
         for ep in eps:
             layout = {"pp": pp, "dp_replicate": 1, "dp_shard": shard, "cp": cp, "tp": tp, "ep": ep}
             if not not_yet(Layout(**layout)):  # only what the trainer can run

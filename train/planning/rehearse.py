@@ -33,6 +33,7 @@ the CUDA allocator's fragmentation and the CUDA context (leave a few GiB), the o
 are asynchronous and FSDP at times holds one more block's all-gather (2 gloo ranks of tiny-gru: 7.3-8.2 MB
 gathered against 6.4 MB rehearsed).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,13 +50,13 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.nn.parallel import DistributedDataParallel
 
-from unroll.train.planning import memory as M
 from unroll.train.config import Config, ConfigError, load_config
 from unroll.train.parallel.distributed import DistInfo
-from unroll.train.planning.fake_comm import SymmetricWorld, fake_process_group, static_pipeline_vote
 from unroll.train.parallel.mesh import Layout
 from unroll.train.parallel.pipeline import schedule_spec
 from unroll.train.parallel.pipelined import check_pipeline
+from unroll.train.planning import memory as M
+from unroll.train.planning.fake_comm import SymmetricWorld, fake_process_group, static_pipeline_vote
 from unroll.train.preflight import check_layout
 
 
@@ -63,6 +64,7 @@ from unroll.train.preflight import check_layout
 class Rehearsal:
     """What `rehearse` measured on one rank. Bytes; `measured` at the rehearsed length, `at_target` at the
     configured one."""
+
     config: Config  # as rehearsed (the GPU's precision; data.seq_len the rehearsed length)
     target_seq: int  # the configured sequence length the figures are read at
     rank: int
@@ -115,8 +117,9 @@ def logits_bytes(cfg: Config, layout: Layout, loss_rank: bool, chunk: int, group
 
     if not loss_rank:
         return 0
-    weight = torch.zeros(cfg.model.vocab_size // layout.tp, cfg.model.d_model,
-                         dtype=torch.bfloat16 if bf16 else torch.float32)  # as FSDP gathers it
+    weight = torch.zeros(
+        cfg.model.vocab_size // layout.tp, cfg.model.d_model, dtype=torch.bfloat16 if bf16 else torch.float32
+    )  # as FSDP gathers it
     hidden = torch.zeros(tokens, cfg.model.d_model, requires_grad=True)
     targets = torch.zeros(tokens, dtype=torch.long)
     tracker = M.Tracker()
@@ -125,8 +128,16 @@ def logits_bytes(cfg: Config, layout: Layout, loss_rank: bool, chunk: int, group
     return M.snapshot_sums(tracker.get_tracker_snapshot("peak"), M.TRANSIENT)
 
 
-def rehearse(config: str, overrides: list[str], *, nodes: int, gpus_per_node: int, rank: int = 0, steps: int = 1,
-             microbatches: int = 0) -> Rehearsal:
+def rehearse(
+    config: str,
+    overrides: list[str],
+    *,
+    nodes: int,
+    gpus_per_node: int,
+    rank: int = 0,
+    steps: int = 1,
+    microbatches: int = 0,
+) -> Rehearsal:
     from unroll.train.checkpoint.dcp import save_view
     from unroll.train.schedule import lr_at
     from unroll.train.trainer import build_training, train_step
@@ -151,8 +162,14 @@ def rehearse(config: str, overrides: list[str], *, nodes: int, gpus_per_node: in
 
     with _world(rank, world) as rank, SymmetricWorld(recv_fill=static_pipeline_vote) as sym:
         start = time.perf_counter()
-        run = build_training(cfg, DistInfo(rank, world, rank % gpus_per_node, torch.device("cpu")), layout,
-                             micro, n_mb, gpu_precision=True)
+        run = build_training(
+            cfg,
+            DistInfo(rank, world, rank % gpus_per_node, torch.device("cpu")),
+            layout,
+            micro,
+            n_mb,
+            gpu_precision=True,
+        )
         parts = run.pipe.modules if run.pipe else [run.model]
         if isinstance(run.trained, DistributedDataParallel) and "WORLD_SIZE" not in os.environ:
             run.trained.register_comm_hook(run.trained.process_group, _fake_world_allreduce)
@@ -166,8 +183,9 @@ def rehearse(config: str, overrides: list[str], *, nodes: int, gpus_per_node: in
         with tracker:
             for step in range(steps):
                 sym.reset()  # the last step's traffic is what is reported
-                result = train_step(run, cfg, batches, 0, lr_at(step, cfg.optim.lr, cfg.train.steps, cfg.schedule),
-                                    torch.device("cpu"))
+                result = train_step(
+                    run, cfg, batches, 0, lr_at(step, cfg.optim.lr, cfg.train.steps, cfg.schedule), torch.device("cpu")
+                )
                 losses.append(result.loss_sum.item() / n_mb)
         for h in [hook, *phase_hooks]:
             h.remove()
@@ -185,11 +203,13 @@ def rehearse(config: str, overrides: list[str], *, nodes: int, gpus_per_node: in
         # the loss alone, with the model let go first: this process then holds one or the other, not both
         loss_rank = run.pipe is None or run.pipe.last
         chunk, vocab_group = run.model.loss_chunk, run.model.vocab_group
-        del run, parts, tracker, result, hook, phase_hooks
+        del run, tracker, result, hook, phase_hooks
+        parts = None  # the hook's closure still names it; dropping the modules is what frees them
         gc.collect()
         start = time.perf_counter()
-        logits, logits_target = (logits_bytes(cfg, layout, loss_rank, chunk, vocab_group, n, bf16)
-                                 for n in (tokens, target_tokens))
+        logits, logits_target = (
+            logits_bytes(cfg, layout, loss_rank, chunk, vocab_group, n, bf16) for n in (tokens, target_tokens)
+        )
         seconds["logits"] = time.perf_counter() - start
         measured = M.Components(*held, gathered=gathered, activations=activations, logits=logits)
 
@@ -203,23 +223,53 @@ def rehearse(config: str, overrides: list[str], *, nodes: int, gpus_per_node: in
     # what does not grow with the tokens stays as it is: autocast's bf16 copies of fp32 weights (no FSDP)
     fixed = _fixed_activations(cfg, layout, micro) if tokens != target_tokens else 0.0
     fixed = min(fixed, measured.activations)
-    at_target = replace(measured, activations=fixed + (measured.activations - fixed) * target_tokens / tokens * flight,
-                        logits=logits_target)
-    return Rehearsal(cfg, target_seq, rank, world, layout, tokens, target_tokens, n_mb, accum, measured, at_target, peak, traffic,
-                     traffic_table, ckpt_bytes, len(files), losses, seconds,
-                     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, unknown)
+    at_target = replace(
+        measured,
+        activations=fixed + (measured.activations - fixed) * target_tokens / tokens * flight,
+        logits=logits_target,
+    )
+    return Rehearsal(
+        cfg,
+        target_seq,
+        rank,
+        world,
+        layout,
+        tokens,
+        target_tokens,
+        n_mb,
+        accum,
+        measured,
+        at_target,
+        peak,
+        traffic,
+        traffic_table,
+        ckpt_bytes,
+        len(files),
+        losses,
+        seconds,
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        unknown,
+    )
 
 
 def _fixed_activations(cfg: Config, layout: Layout, micro: int) -> float:
     """Bytes of the activations that do not grow with the tokens, as train/planning/activation_probe.py fits them
     (fp32 weights under bf16 autocast, i.e. without FSDP, where every rank holds every block)."""
-    from unroll.train.planning.activation_probe import probe
     from unroll.train.parallel.parallelize import uses_fsdp
+    from unroll.train.planning.activation_probe import probe
 
     if cfg.run.dtype != "bfloat16" or uses_fsdp(layout, layout.pp > 1):
         return 0.0
-    costs = probe(cfg.model, layout.tp, False, True, cfg.data.seq_len // layout.cp,
-                  cfg.train.activation_checkpoint, micro, ep=layout.ep)
+    costs = probe(
+        cfg.model,
+        layout.tp,
+        False,
+        True,
+        cfg.data.seq_len // layout.cp,
+        cfg.train.activation_checkpoint,
+        micro,
+        ep=layout.ep,
+    )
     kinds = list(zip(cfg.model.layers, cfg.model.mlp_kinds))
     return sum(costs[k].saved_fixed for k in kinds) + max(costs[k].extra_fixed for k in kinds)
 
@@ -256,7 +306,7 @@ def _synthetic(cfg: Config, seed: int):
     return lambda start, n: torch.randint(0, cfg.model.vocab_size, (n, cfg.data.seq_len + 1), generator=gen)
 
 
-GiB = 1024 ** 3
+GiB = 1024**3
 
 
 def _gib(b: float) -> str:
@@ -270,11 +320,13 @@ def format_rehearsal(name: str, r: Rehearsal, planned=None) -> str:
 
     planned = planned or estimate_for(r)
     lay = r.layout.describe()
-    lines = [f"rehearsal of {name}: rank {r.rank} of {r.world} ({lay}); {r.microbatches} of the step's "
-             f"{r.config_microbatches} micro-batch(es) of {r.tokens:,} tokens on this rank, read at "
-             f"{r.target_tokens:,}; losses {', '.join(f'{x:.4f}' for x in r.losses)}",
-             "",
-             f"  {'memory per GPU, GiB':22}{'rehearsed':>10}{'configured':>11}{'plan':>10}{'plan/meas.':>11}"]
+    lines = [
+        f"rehearsal of {name}: rank {r.rank} of {r.world} ({lay}); {r.microbatches} of the step's "
+        f"{r.config_microbatches} micro-batch(es) of {r.tokens:,} tokens on this rank, read at "
+        f"{r.target_tokens:,}; losses {', '.join(f'{x:.4f}' for x in r.losses)}",
+        "",
+        f"  {'memory per GPU, GiB':22}{'rehearsed':>10}{'configured':>11}{'plan':>10}{'plan/meas.':>11}",
+    ]
     for key, value in r.measured.as_dict().items():
         target, plan = getattr(r.at_target, key), getattr(planned.components, key)
         ratio = f"{plan / target:10.2f}" if target else f"{'-':>10}"
@@ -283,19 +335,24 @@ def format_rehearsal(name: str, r: Rehearsal, planned=None) -> str:
     lines.append(f"  {'peak (one moment)':22}{_gib(r.peak)}")
     per_token = r.measured.activations / r.tokens if r.tokens else 0
     chunk = r.config.train.loss_chunk
-    lines += [f"  activations {per_token:,.0f} bytes per token on this rank; logits in chunks of "
-              + (f"{chunk:,} tokens" if chunk else "all the tokens") + " (train.loss_chunk)",
-              "",
-              "collectives of one step (bytes this rank sends; ring model, train/planning/comm_bytes.py):",
-              "  " + r.traffic_table.replace("\n", "\n  "),
-              "",
-              f"checkpoint: {r.checkpoint_bytes / GiB:.3f} GiB in {r.checkpoint_files} files from this rank",
-              f"time: build {r.seconds.get('build', 0):.1f} s, steps {r.seconds.get('steps', 0):.1f} s, "
-              f"checkpoint {r.seconds.get('checkpoint', 0):.1f} s; this process's peak memory "
-              f"{r.max_rss / GiB:.2f} GiB"]
+    lines += [
+        f"  activations {per_token:,.0f} bytes per token on this rank; logits in chunks of "
+        + (f"{chunk:,} tokens" if chunk else "all the tokens")
+        + " (train.loss_chunk)",
+        "",
+        "collectives of one step (bytes this rank sends; ring model, train/planning/comm_bytes.py):",
+        "  " + r.traffic_table.replace("\n", "\n  "),
+        "",
+        f"checkpoint: {r.checkpoint_bytes / GiB:.3f} GiB in {r.checkpoint_files} files from this rank",
+        f"time: build {r.seconds.get('build', 0):.1f} s, steps {r.seconds.get('steps', 0):.1f} s, "
+        f"checkpoint {r.seconds.get('checkpoint', 0):.1f} s; this process's peak memory "
+        f"{r.max_rss / GiB:.2f} GiB",
+    ]
     if r.unknown:
-        lines.append("collective outputs no symmetric world knows (zeros): "
-                     + ", ".join(f"{k} × {v}" for k, v in r.unknown.items()))
+        lines.append(
+            "collective outputs no symmetric world knows (zeros): "
+            + ", ".join(f"{k} × {v}" for k, v in r.unknown.items())
+        )
     lines.append("not shown by a rehearsal: speed, NCCL buffers, the CUDA context and allocator (leave a few GiB)")
     return "\n".join(lines)
 
@@ -304,12 +361,26 @@ def to_json(r: Rehearsal, planned=None) -> dict:
     from unroll.train.planning.plan import estimate_for
 
     planned = planned or estimate_for(r)
-    return {"rank": r.rank, "world": r.world, "layout": {k: getattr(r.layout, k) for k in
-                                                        ("pp", "dp_replicate", "dp_shard", "cp", "tp", "ep")},
-            "tokens": r.tokens, "target_tokens": r.target_tokens, "microbatches": r.microbatches,
-            "config_microbatches": r.config_microbatches, "measured": r.measured.as_dict(),
-            "at_target": r.at_target.as_dict(), "plan": planned.components.as_dict(), "peak": r.peak,
-            "traffic": [{"kind": k.kind, "group_size": k.group_size, "group": k.group, "calls": c, "bytes": b}
-                        for k, (c, b) in r.traffic.items()],
-            "checkpoint_bytes": r.checkpoint_bytes, "checkpoint_files": r.checkpoint_files, "losses": r.losses,
-            "seconds": r.seconds, "max_rss": r.max_rss, "unknown": r.unknown}
+    return {
+        "rank": r.rank,
+        "world": r.world,
+        "layout": {k: getattr(r.layout, k) for k in ("pp", "dp_replicate", "dp_shard", "cp", "tp", "ep")},
+        "tokens": r.tokens,
+        "target_tokens": r.target_tokens,
+        "microbatches": r.microbatches,
+        "config_microbatches": r.config_microbatches,
+        "measured": r.measured.as_dict(),
+        "at_target": r.at_target.as_dict(),
+        "plan": planned.components.as_dict(),
+        "peak": r.peak,
+        "traffic": [
+            {"kind": k.kind, "group_size": k.group_size, "group": k.group, "calls": c, "bytes": b}
+            for k, (c, b) in r.traffic.items()
+        ],
+        "checkpoint_bytes": r.checkpoint_bytes,
+        "checkpoint_files": r.checkpoint_files,
+        "losses": r.losses,
+        "seconds": r.seconds,
+        "max_rss": r.max_rss,
+        "unknown": r.unknown,
+    }
