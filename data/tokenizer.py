@@ -144,7 +144,7 @@ class Tokenizer:
         return {"path": self.path}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["path"])
+        self.__init__(state["path"])  # type: ignore[misc]  # rebuilds this exact class from its path
 
     @property
     def vocab_size(self) -> int:

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def _emit(text: str) -> None:
@@ -55,7 +56,7 @@ def _train_epilog() -> str:
 
     from unroll.train.config import Config, preset_names
 
-    fill = dict(width=100, subsequent_indent="  ", break_on_hyphens=False)
+    fill: dict[str, Any] = dict(width=100, subsequent_indent="  ", break_on_hyphens=False)
     return "\n".join(
         [
             textwrap.fill("presets: " + ", ".join(preset_names()) + " (`unroll presets`: sizes and hardware)", **fill),
@@ -506,7 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UsageError as e:
-        args.command_parser.error(str(e))
+        args.command_parser.error(str(e))  # exits 2
+        raise
     except (ConfigError, DataError, CheckpointError, ExportError, FileNotFoundError) as e:
         print(f"unroll {args.command}: error: {e}", file=sys.stderr)
         return 2

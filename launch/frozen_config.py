@@ -68,7 +68,7 @@ def write_atomically(path: Path, text: str) -> None:
 def _flat(tree, prefix: str = "") -> dict:
     if not isinstance(tree, dict):
         return {prefix: tree}
-    out = {}
+    out: dict = {}
     for key, value in tree.items():
         out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
     return out

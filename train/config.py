@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -178,10 +179,12 @@ def resolve_config_path(name_or_path: str) -> Path:
     raise ConfigError(f"config {name_or_path!r}: no such file or preset{hint}")
 
 
-def _merge(base: DictConfig, other, source: str, key: str | None = None) -> DictConfig:
+def _merge(base: DictConfig, other: DictConfig, source: str, key: str | None = None) -> DictConfig:
     """base ← other (a file's contents, or the override of `key`)."""
     try:
-        return OmegaConf.merge(base, other)
+        merged = OmegaConf.merge(base, other)
+        assert isinstance(merged, DictConfig)  # a mapping merged into a mapping
+        return merged
     except ConfigKeyError as e:
         where = "" if key else f" {source}"  # an override's key is the one typed; a file's, the first unknown
         key = key or getattr(e, "full_key", None) or "?"
@@ -221,10 +224,11 @@ def _anchor_inputs(loaded: DictConfig, path: Path) -> DictConfig:
     """The file's relative input paths made absolute against its directory (a preset's: the current one)."""
     base = os.getcwd() if _is_preset(path) else os.path.dirname(os.path.abspath(path))
     raw = OmegaConf.to_container(loaded, resolve=False)
+    assert isinstance(raw, dict)  # load_config refused anything but a mapping
     for section, key in INPUT_PATHS:
         if isinstance(raw.get(section), dict) and key in raw[section]:
             raw[section][key] = _absolute(raw[section][key], base)
-    return OmegaConf.create(raw)
+    return OmegaConf.create(raw)  # type: ignore[return-value]  # a dict gives a DictConfig
 
 
 def _absolute_paths(cfg: Config) -> None:
@@ -235,7 +239,7 @@ def _absolute_paths(cfg: Config) -> None:
     cfg.train.init_from, cfg.run.dir = _absolute(cfg.train.init_from, here), _absolute(cfg.run.dir, here)
 
 
-def load_config(name_or_path: str | None, overrides: list[str] = ()) -> Config:
+def load_config(name_or_path: str | None, overrides: Sequence[str] = ()) -> Config:
     """Schema defaults ← YAML file ← `key=value` overrides, paths made absolute (the module docstring says
     against which directory), then validated. Returns the typed object."""
     cfg = OmegaConf.structured(Config)
@@ -255,7 +259,8 @@ def load_config(name_or_path: str | None, overrides: list[str] = ()) -> Config:
         # from_dotlist reads the value as YAML, where nothing is null: `sample.prompt=` means the empty string
         dotted = OmegaConf.from_dotlist([item if value else f"{key}=''"])
         cfg = _merge(cfg, dotted, f"override {item!r}", key)
-    typed: Config = OmegaConf.to_object(cfg)
+    typed = OmegaConf.to_object(cfg)
+    assert isinstance(typed, Config)
     _absolute_paths(typed)
     validate(typed)
     return typed

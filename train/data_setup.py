@@ -26,6 +26,7 @@ class RunData:
         return self.train.get(start, count)
 
     def valid_batch(self, start: int, count: int) -> torch.Tensor:
+        assert self.valid_loader is not None, "no validation data (data.valid) to read"
         return self.valid_loader.get(start, count)
 
 

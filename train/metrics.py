@@ -96,7 +96,7 @@ class Metrics:
                 project=project,
                 id=run_id,
                 resume="allow",
-                mode=mode,
+                mode=mode,  # type: ignore[arg-type]  # config.validate admits only wandb's modes
                 dir=str(run_dir),
                 config=config,
                 name=run_dir.name,
@@ -109,6 +109,7 @@ class Metrics:
     def log(self, row: dict) -> None:
         if not self.enabled:
             return
+        assert self.file is not None  # enabled: opened in __init__
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
         if self.wandb is not None:

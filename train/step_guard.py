@@ -43,6 +43,7 @@ class StepGuard:
         self, *, max_bad_steps: int, spike_factor: float = 0.0, spike_window: int = 100, spike_policy: str = "skip"
     ):
         self.max_bad_steps, self.spike_factor, self.spike_policy = max_bad_steps, spike_factor, spike_policy
+        self.window = spike_window
         self.recent: deque[float] = deque(maxlen=spike_window)  # losses of the last applied steps
         self.streak = 0  # steps not applied since the last applied step past `furthest`
         self.first_bad: int | None = None  # the step that began the streak
@@ -100,7 +101,7 @@ class StepGuard:
         if not state:  # a checkpoint from before the guard: nothing was skipped then
             return
         self.recent.clear()
-        self.recent.extend(state["recent"][-self.recent.maxlen :])
+        self.recent.extend(state["recent"][-self.window :])
         self.streak, self.first_bad, self.furthest = state["streak"], state["first_bad"], state["furthest"]
         self.skipped, self.rollbacks = state["skipped"], state["rollbacks"]
 
@@ -110,4 +111,4 @@ class StepGuard:
         self.rollbacks += 1
         self.recent.clear()
         if saved:
-            self.recent.extend(saved["recent"][-self.recent.maxlen :])
+            self.recent.extend(saved["recent"][-self.window :])
