@@ -51,10 +51,15 @@ def ratio(a: Timing, b: Timing) -> float:
 
 
 def alternate(
-    paths: Mapping[Hashable, Callable[[], object]], device: torch.device, rounds: int = ROUNDS, warmup: int = 1
+    paths: Mapping[Hashable, Callable[[], object]],
+    device: torch.device,
+    rounds: int = ROUNDS,
+    warmup: int = 1,
+    before: Callable[[], object] | None = None,
 ) -> dict[Hashable, Timing]:
     """Each path's seconds over `rounds` rounds; within a round every path runs once, in the given order, so
-    the calls go A B A B ... Each path first runs `warmup` untimed times, interleaved the same way."""
+    the calls go A B A B ... Each path first runs `warmup` untimed times, interleaved the same way.
+    `before` (e.g. a barrier between ranks) runs untimed before every timed call."""
     for _ in range(warmup):
         for fn in paths.values():
             fn()
@@ -62,6 +67,8 @@ def alternate(
     seconds: dict[Hashable, list[float]] = {name: [] for name in paths}
     for _ in range(rounds):
         for name, fn in paths.items():
+            if before is not None:
+                before()
             start = time.perf_counter()
             fn()
             sync(device)
@@ -98,7 +105,9 @@ def _at_least_one(text: str) -> int:
     return n
 
 
-def add_arguments(p: argparse.ArgumentParser, *, threads_default: int = 0, rounds: bool = True) -> None:
+def add_arguments(
+    p: argparse.ArgumentParser, *, threads_default: int = 0, rounds: bool = True, threads_help: str = "torch threads"
+) -> None:
     """--threads, and (for benches that time paths against each other) --rounds with --repeat as its old name."""
     if rounds:
         p.add_argument(
@@ -110,7 +119,7 @@ def add_arguments(p: argparse.ArgumentParser, *, threads_default: int = 0, round
             help=f"timed rounds, the compared paths alternating in each (default {ROUNDS}); min and median over them",
         )
     keep = "0 = torch's default" if threads_default == 0 else f"default {threads_default}"
-    p.add_argument("--threads", type=int, default=threads_default, help=f"torch threads ({keep})")
+    p.add_argument("--threads", type=int, default=threads_default, help=f"{threads_help} ({keep})")
 
 
 @contextmanager
