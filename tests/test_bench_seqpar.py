@@ -33,3 +33,19 @@ def test_bench_seqpar_quick_grid(tmp_path, capsys):
             assert r["bytes_per_solve"] == forward and r["collectives_per_solve"] == r["iterations_2"] + 2, r
         else:  # + the backward's all_gather and the all-reduce of the parameter gradients
             assert r["bytes_per_solve"] > forward and r["collectives_per_solve"] == r["iterations_2"] + 4, r
+
+
+def test_two_ranks_and_one_rank_alternate_inside_the_launch():
+    """_time_both on a 1-process gloo group: rank 0 runs both paths, A B A B after one warm-up of each."""
+    import torch.distributed as dist
+
+    from unroll.launch.bench.seqpar import _time_both
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        calls = []
+        times = _time_both(lambda: calls.append("two"), lambda: calls.append("one"), torch.device("cpu"), 3)
+    finally:
+        dist.destroy_process_group()
+    assert calls == ["two", "one"] * 4
+    assert set(times) == {"two", "one"} and all(len(t.seconds) == 3 for t in times.values())
