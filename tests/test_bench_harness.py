@@ -81,3 +81,12 @@ def test_rounds_flag_defaults_to_five_and_keeps_repeat_as_its_old_name():
     assert p.parse_args(["--repeat", "3"]).rounds == 3 and p.parse_args(["--rounds", "7"]).rounds == 7
     with pytest.raises(SystemExit):
         p.parse_args(["--rounds", "0"])
+
+
+@pytest.mark.parametrize("timed", [True, False])
+def test_the_warning_advises_minima_only_where_rounds_are_timed(monkeypatch, capsys, timed):
+    _machine(monkeypatch, 9.0, 2)
+    with harness.session(0, timed=timed):
+        pass
+    err = capsys.readouterr().err
+    assert "oversubscribed" in err and ("compare minima" in err) == timed

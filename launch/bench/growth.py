@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--train needs --valid and --tokenizer")
     if args.factor < 2 or args.small_steps < 1 or args.grown_steps < 1 or args.eval_every < 1:
         p.error("--factor must be >= 2; --small-steps, --grown-steps and --eval-every >= 1")
-    with harness.session(args.threads, prog="unroll bench growth"):
+    with harness.session(args.threads, prog="unroll bench growth", timed=False):
         result = run(args)
     print(report(result))
     if args.json:

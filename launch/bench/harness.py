@@ -123,9 +123,10 @@ def add_arguments(
 
 
 @contextmanager
-def session(threads: int, processes: int = 1, prog: str = "unroll bench") -> Iterator[None]:
+def session(threads: int, processes: int = 1, prog: str = "unroll bench", timed: bool = True) -> Iterator[None]:
     """Sets torch's thread count (`threads`; 0 keeps it), prints the machine line, warns on stderr when the
-    machine is oversubscribed, and restores the thread count on exit (benches also run in-process)."""
+    machine is oversubscribed, and restores the thread count on exit (benches also run in-process).
+    `timed`: the bench reports minima and medians of timed rounds (the warning then says to compare minima)."""
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -133,10 +134,11 @@ def session(threads: int, processes: int = 1, prog: str = "unroll bench") -> Ite
         now = torch.get_num_threads()
         print(machine_line(now, processes), flush=True)
         if why := oversubscription(now, processes):
-            fewer = ", use --threads 1" if now > 1 else ""
+            advice = ["compare minima"] if timed else []
+            advice += ["use --threads 1"] if now > 1 else []
             print(
-                f"{prog}: warning: the machine is oversubscribed ({'; '.join(why)}): the figures are noisy and "
-                f"slow; compare minima{fewer}, or run when the machine is idle",
+                f"{prog}: warning: the machine is oversubscribed ({'; '.join(why)}): timings are noisy and slow; "
+                f"{', '.join(advice + ['or run when the machine is idle'])}",
                 file=sys.stderr,
                 flush=True,
             )

@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         return 1
 
-    with harness.session(args.threads, prog="unroll bench state-tracking"):
+    with harness.session(args.threads, prog="unroll bench state-tracking", timed=False):
         curriculum = (
             f"length curriculum {args.curriculum}→{args.length} over the first {args.ramp:g} of the "
             f"steps at {args.batch * args.length} tokens/step"
