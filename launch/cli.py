@@ -474,7 +474,9 @@ def parser() -> argparse.ArgumentParser:
     im.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="e.g. data.train=[...] optim.lr=1e-3")
     im.set_defaults(func=_import)
 
-    _add_module_command(sub, "bench", "the performance suite (ratios measured side by side)", BENCHES)
+    _add_module_command(
+        sub, "bench", "the performance suite (compared paths alternating round by round; min and median)", BENCHES
+    )
     _add_module_command(sub, "launch", "training under torchrun on this machine, or an sbatch job on SLURM", LAUNCHERS)
 
     pl = sub.add_parser("plot", help="loss curves of a run as a PNG")

@@ -32,7 +32,8 @@ def test_bench_checkpoint_prints_bandwidths_and_ratios(tmp_path, capsys):
         == 0
     )
     printed = capsys.readouterr().out
-    for label in ("save ", "dd ", "load ", "read ", "save/dd ", "load/read ", "async save: blocks the loop"):
+    labels = ("machine: load average", "save ", "dd ", "load ", "read ", "save/dd ", "load/read ", "(of the medians;")
+    for label in (*labels, "async save: blocks the loop"):
         assert label in printed, printed
     result = json.loads(out.read_text())
     assert result["io_threads"] == 2 and result["overrides"] == ["model.d_model=64"]

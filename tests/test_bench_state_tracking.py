@@ -159,13 +159,25 @@ def test_cli_registers_the_bench(capsys):
     assert "lstm" in capsys.readouterr().out
 
 
-def test_unbuildable_families_are_skipped_with_a_line(monkeypatch, capsys, tmp_path):
-    # what the M family looks like on a checkout without M²RNN: an unknown pattern char or config field
+def test_a_family_that_does_not_build_fails_the_bench_by_name(monkeypatch, capsys, tmp_path):
+    # what a family looks like on a checkout that cannot build it: an unknown pattern char or config field
     monkeypatch.setitem(state_tracking.FAMILIES, "bad-char", dict(pattern="QQ"))
     monkeypatch.setitem(state_tracking.FAMILIES, "bad-field", dict(pattern="GG", no_such_field=1))
     out = tmp_path / "st.json"
-    assert main(["--quick", "--families", "bad-char,bad-field", "--json", str(out)]) == 0
+    assert main(["--quick", "--families", "gru,bad-char,bad-field", "--json", str(out)]) == 1
+    printed = capsys.readouterr()
+    assert "family bad-char does not build: pattern: unknown layer kind" in printed.err
+    assert "family bad-field does not build: ModelConfig rejects" in printed.err
+    assert "--exclude bad-char" in printed.err and "family gru" not in printed.err
+    assert "acc/last@" not in printed.out and not out.exists()  # nothing trained
+
+
+def test_excluded_families_are_listed_and_left_out(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(state_tracking.FAMILIES, "bad-char", dict(pattern="QQ"))
+    out = tmp_path / "st.json"
+    argv = ["--quick", "--families", "gru,bad-char", "--exclude", "bad-char", "--tasks", "parity"]
+    assert main([*argv, "--eval-lengths", "64", "--threads", "1", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "skipping bad-char: pattern: unknown layer kind" in printed and "skipping bad-field:" in printed
+    assert "excluded bad-char (--exclude)" in printed and "machine: load average" in printed
     result = json.loads(out.read_text())
-    assert result["rows"] == [] and set(result["skipped"]) == {"bad-char", "bad-field"}
+    assert [r["family"] for r in result["rows"]] == ["gru"] and set(result["skipped"]) == {"bad-char"}

@@ -29,9 +29,11 @@ def test_bench_throughput_runs_every_tiny_family(tmp_path, capsys):
         == 0
     )
     printed = capsys.readouterr().out
-    assert "tokens/s" in printed and "tiny-moe" in printed
+    assert "tokens/s" in printed and "tiny-moe" in printed and "machine: load average" in printed
+    assert "1 rounds, the presets alternating" in printed and "(of the medians)" in printed
     rows = json.loads(out.read_text())
     assert [r["preset"] for r in rows] == presets.split(",")
     assert rows[0]["vs_baseline"] == 1.0 and all(r["tokens_per_s"] > 0 for r in rows)
+    assert all(0 < r["step_min_ms"] <= r["step_ms"] for r in rows)
     moe = rows[-1]
     assert moe["params_active"] < moe["params"]

@@ -1,8 +1,8 @@
 """`unroll bench checkpoint`: unroll's checkpoints against the disk's own speed, side by side in one run.
 
-Builds a model (a preset with key=value overrides; by default tiny-gru widened to 103M parameters, 1.24 GB of
-weights and AdamW state, the optimizer state filled with random numbers) and, in a directory on the disk
-under test (--dir), times in turn, round after round:
+Builds a model (a preset with key=value overrides; by default tiny-gru widened to d_model 1024 and 8
+layers, about 1.2 GB of weights and AdamW state, the optimizer state filled with random numbers) and, in a
+directory on the disk under test (--dir), times in turn, round after round:
 
     save    checkpoint.save: DCP shards written by checkpoint.io_threads threads with every item checksummed,
             checksums.json, RNG and train state, the manifest, the rename (the checkpoint's bytes / time)
@@ -15,12 +15,15 @@ under test (--dir), times in turn, round after round:
 
 A cold page cache: every file of the checkpoint is fsynced and then posix_fadvise(POSIX_FADV_DONTNEED)'d,
 which evicts its clean pages without root (a file mapped by another process would stay cached; none is).
-One untimed round comes first (the first save faults in fresh memory). The paths alternate within each of
---repeat rounds, as timing on a shared machine must, and each pair swaps its order from round to round, so
-that neither always follows the other's writes or reads. Printed are the best (shortest time) and the median
-bandwidth of each, and the ratios save/dd and load/read of the medians (targets: >= 0.8 and >= 0.5). On a
-virtual disk the host's own caching shows through: on the one this was written on, dd alone swung between
-0.35 and 2.2 GB/s from one run to the next, so compare bests as well as medians, over several runs.
+
+Alternation: a load needs the save before it, and the plain read needs its files, so the unit that
+alternates is the round, not the single call: each round runs save and dd, then load and read, back to
+back, and each pair swaps its order from round to round so that neither always follows the other's
+writes or reads; the async save and the steps without it follow in the same round. One untimed round
+comes first (the first save faults in fresh memory). Printed are the best (the minimum time) and the
+median bandwidth of each over --rounds, and the ratios save/dd and load/read of the medians (targets:
+>= 0.8 and >= 0.5). On a virtual disk the host's own caching shows through and dd alone can swing
+several-fold between runs, so compare bests as well as medians, over several runs.
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import tempfile
 import time
@@ -38,6 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from unroll.launch.bench import harness
 from unroll.models import LM
 from unroll.train.checkpoint import dcp as checkpoint
 from unroll.train.checkpoint.writer import CheckpointWriter
@@ -100,7 +103,7 @@ def training_steps(model: LM, optimizer, tokens: torch.Tensor, n: int) -> float:
 
 
 def run(
-    preset: str, overrides: list[str], *, root: Path, repeat: int, io_threads: int, steps: int, seq_len: int
+    preset: str, overrides: list[str], *, root: Path, rounds: int, io_threads: int, steps: int, seq_len: int
 ) -> dict:
     cfg, model, optimizer = build(preset, overrides)
     tokens = torch.randint(0, cfg.model.vocab_size, (1, seq_len + 1), generator=torch.Generator().manual_seed(0))
@@ -111,7 +114,7 @@ def run(
     size = files = path = None
     # one writer for every round, as for a whole run: from the second save on, its staging buffers are reused
     writer = CheckpointWriter(root / "async", keep=1, rank=0, async_save=True, io_threads=io_threads)
-    for round_ in range(repeat + 1):
+    for round_ in range(rounds + 1):
         run_dir = root / f"round{round_}"
         measured: dict[str, float] = {}
 
@@ -158,17 +161,19 @@ def run(
                 times[key].append(value)
     writer.close(finish=True)
 
+    timed = {key: harness.Timing(seconds) for key, seconds in times.items()}
+
     def bandwidth(key: str) -> dict:
         return {
-            "best_gbps": size / min(times[key]) / 1e9,
-            "median_gbps": size / statistics.median(times[key]) / 1e9,
+            "best_gbps": size / timed[key].min / 1e9,
+            "median_gbps": size / timed[key].median / 1e9,
             "seconds": times[key],
         }
 
     rows = {key: bandwidth(key) for key in ("save", "dd", "load", "read")}
     ratios = {
-        "save/dd": rows["save"]["median_gbps"] / rows["dd"]["median_gbps"],
-        "load/read": rows["load"]["median_gbps"] / rows["read"]["median_gbps"],
+        "save/dd": harness.ratio(timed["dd"], timed["save"]),  # bandwidths: the inverse of the times' ratio
+        "load/read": harness.ratio(timed["read"], timed["load"]),
     }
     async_ = {
         "blocked_s": times["async_blocked"],
@@ -176,8 +181,8 @@ def run(
         "steps": steps,
         "steps_alone_s": times["steps_alone"],
         "steps_during_save_s": times["steps_during_save"],
-        "blocked_vs_save": statistics.median(times["async_blocked"]) / statistics.median(times["save"]),
-        "steps_slowdown": statistics.median(times["steps_during_save"]) / statistics.median(times["steps_alone"]),
+        "blocked_vs_save": harness.ratio(timed["async_blocked"], timed["save"]),
+        "steps_slowdown": harness.ratio(timed["steps_during_save"], timed["steps_alone"]),
     }
     return {
         "preset": preset,
@@ -186,7 +191,7 @@ def run(
         "bytes": size,
         "files": files,
         "io_threads": io_threads,
-        "repeat": repeat,
+        "rounds": rounds,
         "dir": str(root),
         "rows": rows,
         "ratios": ratios,
@@ -207,24 +212,24 @@ def main(argv: list[str] | None = None) -> int:
         help=f"model overrides (default with tiny-gru: {' '.join(DEFAULT_MODEL)})",
     )
     p.add_argument("--dir", default=None, help="a directory on the disk to test (default: the system's temp dir)")
-    p.add_argument("--repeat", type=int, default=3, help="timed rounds, after one warm-up round")
     p.add_argument("--io-threads", type=int, default=4, help="checkpoint.io_threads")
     p.add_argument("--steps", type=int, default=2, help="training steps timed with and without an async save")
     p.add_argument("--seq-len", type=int, default=64, help="tokens per training step (batch 1)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0 = torch's default)")
+    harness.add_arguments(p)
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args(argv)
-    if args.repeat < 1 or args.steps < 1 or args.io_threads < 1:
-        p.error("--repeat, --steps and --io-threads must be >= 1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.steps < 1 or args.io_threads < 1:
+        p.error("--steps and --io-threads must be >= 1")
     overrides = args.overrides or (DEFAULT_MODEL if args.preset == "tiny-gru" else [])
-    with tempfile.TemporaryDirectory(prefix="unroll-bench-checkpoint-", dir=args.dir) as root:
+    with (
+        harness.session(args.threads, prog="unroll bench checkpoint"),
+        tempfile.TemporaryDirectory(prefix="unroll-bench-checkpoint-", dir=args.dir) as root,
+    ):
         result = run(
             args.preset,
             overrides,
             root=Path(root),
-            repeat=args.repeat,
+            rounds=args.rounds,
             io_threads=args.io_threads,
             steps=args.steps,
             seq_len=args.seq_len,
@@ -232,18 +237,18 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"checkpoint of {args.preset} {' '.join(overrides)}: {result['params']:,} parameters, "
         f"{result['bytes'] / 1e9:.3f} GB in {result['files']} files, io_threads {args.io_threads}, "
-        f"{args.repeat} rounds alternating, in {result['dir']}"
+        f"{args.rounds} rounds alternating, in {result['dir']}"
     )
     print(f"{'':6} {'best GB/s':>10} {'median GB/s':>12}")
     for key, row in result["rows"].items():
         print(f"{key:6} {row['best_gbps']:10.3f} {row['median_gbps']:12.3f}")
     for key, ratio in result["ratios"].items():
-        print(f"{key:9} {ratio:6.2f} (medians; target >= {TARGETS[key]})")
+        print(f"{key:9} {ratio:6.2f} (of the {harness.RATIOS_OF}; target >= {TARGETS[key]})")
     a = result["async"]
     print(
-        f"async save: blocks the loop {statistics.median(a['blocked_s']):.3f} s "
-        f"({a['blocked_vs_save']:.2f} of a synchronous save), written in {statistics.median(a['written_s']):.3f} s; "
-        f"{a['steps']} training steps during it took {a['steps_slowdown']:.2f}x their time alone"
+        f"async save: blocks the loop {harness.Timing(a['blocked_s']).median:.3f} s "
+        f"({a['blocked_vs_save']:.2f} of a synchronous save), written in {harness.Timing(a['written_s']).median:.3f} s; "
+        f"{a['steps']} training steps during it took {a['steps_slowdown']:.2f}x their time alone (medians)"
     )
     if args.json:
         with open(args.json, "w") as f:

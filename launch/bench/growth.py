@@ -12,13 +12,13 @@ tokens count the small model's) and the ratio scratch / G_stack (> 1: growth sav
 ratio weighs each phase's tokens by its model's parameters (6·N·tokens). "not reached" when the stacked
 run never gets to the target: then there is no ratio.
 
+What is measured is tokens and losses, not time, so a load change on the machine cannot tilt it and
+nothing alternates (the harness's part is the machine line, the oversubscription warning and --threads).
+At the defaults it is one seed at a scale far below the paper's: it shows that the pipeline works end to
+end, not how much growth saves.
+
 Data: --train/--valid/--tokenizer (prepared shards and a tokenizer), else the `make run` corpus under
 runs/data when it exists, else the bundled Shakespeare plays tokenized into --work (cached there).
-Defaults (pattern GA, d_model 64, 150 + 150 steps of 8 × 64 tokens): 4 min 33 s wall, 2 min 10 s CPU, on 2
-CPU cores shared with other jobs (corpus already tokenized; tokenizing it takes ~20 s more the first time).
-That run printed: small 4.2388, stacked 3.8993, scratch 3.9189 final validation loss; tokens to reach
-3.9189: scratch 153,600, G_stack 146,441; ratio 1.049, compute ratio 1.358 — one seed, at a scale far
-below the paper's, so it says only that the pipeline works end to end, not how much growth saves.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import contextlib
 import json
 from pathlib import Path
 
+from unroll.launch.bench import harness
 from unroll.train.config import load_config
 from unroll.train.lifecycle.grow import grow, grow_pattern
 from unroll.train.metrics import read_metrics
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=15)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0 = torch's default)")
+    harness.add_arguments(p, rounds=False, threads_help="torch threads, here and in the runs' run.threads")
     p.add_argument("--train", default=None, help="train shard prefix (with --valid and --tokenizer)")
     p.add_argument("--valid", default=None)
     p.add_argument("--tokenizer", default=None)
@@ -208,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--train needs --valid and --tokenizer")
     if args.factor < 2 or args.small_steps < 1 or args.grown_steps < 1 or args.eval_every < 1:
         p.error("--factor must be >= 2; --small-steps, --grown-steps and --eval-every >= 1")
-    result = run(args)
+    with harness.session(args.threads, prog="unroll bench growth", timed=False):
+        result = run(args)
     print(report(result))
     if args.json:
         with open(args.json, "w") as f:

@@ -2,21 +2,23 @@
 1 rank, weak scaling, on ParaGRU (diagonal) and ParaLSTM (2×2 blocks), forward and forward+backward.
 
 Weak scaling: every rank holds the same T_local steps, so the 1-rank run solves T_local steps and the
-2-rank run a sequence of 2·T_local. Efficiency = 1-rank ms / 2-rank ms (1.0 = perfect; it includes any
-extra Newton iterations the longer sequence needs). The recurrence's inputs come from the real mixer (its
-input projection of RMS-normed activations), as in `unroll bench solver`; the 1-rank baseline solves the
-first T_local steps of the same problem, in this process, with the same number of threads per process.
+2-rank run a sequence of 2·T_local. Efficiency = 1-rank ms / 2-rank ms, of the medians (1.0 = perfect; it
+includes any extra Newton iterations the longer sequence needs). The recurrence's inputs come from the
+real mixer (its input projection of RMS-normed activations), as in `unroll bench solver`; the 1-rank
+baseline solves the first T_local steps of the same problem with the same number of threads per process.
 
-`main` launches the 2-rank part itself (torch.distributed.run on this module's worker, gloo on CPU, nccl
-with one GPU per rank on CUDA) and reads its results from one JSON file per rank. Each timed 2-rank
-repetition starts at a barrier and counts as the slower rank's time; the median over repetitions is
-reported. The forward+backward pass includes the backward's own all_gather and one all-reduce (sum) of
-the cell's parameter gradients, as training would do. Bytes are what each rank contributes: per Newton
-iteration from bytes_per_iteration (with 2 ranks each rank also receives that much), per solve counted
-on the collectives of the untimed warm-up call (forward: the first boundary exchange plus one all_gather
-per residual check; forward+backward adds the backward's all_gather and the gradient all-reduce).
-The error column is the max abs difference of the 2-rank solution from newton_solve on the full
-2·T_local sequence in one process.
+`main` launches the ranks itself (torch.distributed.run on this module's worker, gloo on CPU, nccl with one
+GPU per rank on CUDA) and reads their results from one JSON file per rank. Launching ranks costs seconds,
+so the two paths alternate inside that one launch: each round times one 2-rank solve, then the 1-rank
+baseline on rank 0 while rank 1 waits at a barrier, every timed call starting at a barrier. A 2-rank
+round counts as the slower rank's time; each time is printed as the minimum / median over --rounds. The
+forward+backward pass includes the backward's own all_gather and one all-reduce (sum) of the cell's
+parameter gradients, as training would do. Bytes are what each rank contributes: per Newton iteration
+from bytes_per_iteration (with 2 ranks each rank also receives that much), per solve counted on the
+collectives of the untimed warm-up call (forward: the first boundary exchange plus one all_gather per
+residual check; forward+backward adds the backward's all_gather and the gradient all-reduce). The error
+column is the max abs difference of the 2-rank solution from newton_solve on the full 2·T_local sequence
+in one process.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import argparse
 import faulthandler
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -38,7 +39,7 @@ import torch
 
 from unroll.kernels import newton_solve
 from unroll.kernels.seqpar_newton import bytes_per_iteration, newton_solve_seqpar
-from unroll.launch.bench.timing import measure, sync
+from unroll.launch.bench import harness
 from unroll.launch.torchrun import finish_rank, rank_results, run_torchrun
 from unroll.models.paragru import ParaGRU
 from unroll.models.paralstm import ParaLSTM
@@ -64,8 +65,10 @@ class Row:
     dtype: str
     pass_: str  # fwd | fwd+bwd
     threads: int  # per process, 1-rank and 2-rank alike
-    one_rank_ms: float  # newton_solve on t_local steps
-    two_rank_ms: float  # newton_solve_seqpar on 2·t_local steps, the slower rank, median over repeats
+    one_rank_ms: float  # newton_solve on t_local steps, median over the rounds
+    two_rank_ms: float  # newton_solve_seqpar on 2·t_local steps, the slower rank, median over the rounds
+    one_rank_min_ms: float  # minimum over the rounds
+    two_rank_min_ms: float
     efficiency: float  # one_rank_ms / two_rank_ms
     iterations_1: int  # Newton iterations, 1 rank (t_local steps)
     iterations_2: int  # Newton iterations, 2 ranks (2·t_local steps; newton_solve's count on the full sequence)
@@ -149,43 +152,44 @@ class _Counting:
             setattr(dist, name, real)
 
 
-def _time_ranks(fn, device: torch.device, repeat: int) -> tuple[float, _Counting]:
-    """Median over `repeat` of the slower rank's seconds (each repetition starts at a barrier), after one
-    untimed warm-up whose collectives are counted."""
+def _time_both(two_ranks, one_rank, device: torch.device, rounds: int) -> dict[str, harness.Timing]:
+    """The 2-rank pass and the 1-rank pass (on rank 0; the other ranks wait) alternating round by round,
+    every timed call starting at a barrier, after one untimed warm-up of each. Per round, each path's time is
+    the slowest rank's (the ranks idle in the 1-rank path take none), so every rank returns the same."""
     import torch.distributed as dist
 
-    with _Counting() as counted:
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeat):
-        dist.barrier()
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    slowest = torch.tensor(times, dtype=torch.float64, device=device)
+    alone = dist.get_rank() == 0
+    paths = {"two": two_ranks, "one": one_rank if alone else lambda: None}
+    times = harness.alternate(paths, device, rounds, warmup=1, before=dist.barrier)
+    slowest = torch.tensor([times["two"].seconds, times["one"].seconds], dtype=torch.float64, device=device)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-    return statistics.median(slowest.tolist()), counted
+    return {name: harness.Timing(row) for name, row in zip(paths, slowest.tolist())}
 
 
 def _worker_case(
-    cell_name: str, B: int, T: int, D: int, dtype: torch.dtype, device: torch.device, repeat: int
+    cell_name: str, B: int, T: int, D: int, dtype: torch.dtype, device: torch.device, rounds: int
 ) -> list[dict]:
     import torch.distributed as dist
 
     r = dist.get_rank()
     mixer, u_full, h0 = _problem(cell_name, B, RANKS * T, D, dtype, device)
     u = u_full[:, r * T : (r + 1) * T].contiguous()
+    first = u_full[:, :T].contiguous()  # rank 0's slice: what one rank alone solves
     with torch.no_grad():
         ref, ref_info = newton_solve(mixer.make_cell(), u_full, h0, structure=mixer.structure)
         h, info = newton_solve_seqpar(mixer.make_cell(), u, h0, structure=mixer.structure)
+        _, one_info = newton_solve(mixer.make_cell(), first, h0, structure=mixer.structure)
     err = torch.tensor([float((h - ref[:, r * T : (r + 1) * T]).abs().max())], dtype=torch.float64, device=device)
     dist.all_reduce(err, op=dist.ReduceOp.MAX)
     out = []
     for backward in (False, True):
-        seconds, counted = _time_ranks(
-            lambda: _pass(newton_solve_seqpar, mixer, u, h0, backward, _all_reduce_grads), device, repeat
+        with _Counting() as counted:  # the warm-up's collectives; _time_both's own warm-up follows
+            _pass(newton_solve_seqpar, mixer, u, h0, backward, _all_reduce_grads)
+        times = _time_both(
+            lambda: _pass(newton_solve_seqpar, mixer, u, h0, backward, _all_reduce_grads),
+            lambda: _pass(newton_solve, mixer, first, h0, backward),
+            device,
+            rounds,
         )
         out.append(
             {
@@ -194,7 +198,11 @@ def _worker_case(
                 "t_local": T,
                 "width": D,
                 "pass_": PASSES[backward],
-                "two_rank_ms": seconds * 1e3,
+                "two_rank_ms": times["two"].median * 1e3,
+                "two_rank_min_ms": times["two"].min * 1e3,
+                "one_rank_ms": times["one"].median * 1e3,
+                "one_rank_min_ms": times["one"].min * 1e3,
+                "iterations_1": one_info.iterations,
                 "iterations_2": info.iterations,
                 "ref_iterations": ref_info.iterations,
                 "bytes_per_solve": counted.bytes,
@@ -227,7 +235,7 @@ def worker(spec_path: str) -> int:
         rows = []
         for cell_name in spec["cells"]:
             for B, T, D in spec["grid"]:
-                rows.extend(_worker_case(cell_name, B, T, D, getattr(torch, spec["dtype"]), device, spec["repeat"]))
+                rows.extend(_worker_case(cell_name, B, T, D, getattr(torch, spec["dtype"]), device, spec["rounds"]))
         result: dict = {"rows": rows}
     except Exception:
         result = {"error": traceback.format_exc()}
@@ -238,8 +246,8 @@ def worker(spec_path: str) -> int:
 
 
 def run_ranks(spec: dict, timeout: float) -> list[dict]:
-    """The 2-rank rows (rank 0's, the times being the slower rank's already), or RuntimeError (TorchrunError
-    where the ranks time out or fail)."""
+    """The rows (rank 0's, the times being the slower rank's already), or RuntimeError (TorchrunError where
+    the ranks time out or fail)."""
     with tempfile.TemporaryDirectory(prefix="unroll-seqpar-") as tmp:
         spec = dict(spec, out=tmp, timeout=timeout)
         spec_path = Path(tmp) / "spec.json"
@@ -248,72 +256,32 @@ def run_ranks(spec: dict, timeout: float) -> list[dict]:
         proc = run_torchrun(["-m", "unroll.launch.bench.seqpar", "--worker", str(spec_path)], RANKS, env, timeout)
         results = [res["rows"] for res in rank_results(Path(tmp), RANKS, proc)]
     for mine, other in zip(*results):  # SolveInfo and the all-reduced figures agree across ranks
-        for key in ("two_rank_ms", "iterations_2", "max_err", "fallback"):
+        for key in ("two_rank_ms", "one_rank_ms", "iterations_2", "max_err", "fallback"):
             if mine[key] != other[key]:
                 raise RuntimeError(f"ranks disagree on {key}: {mine} vs {other}")
     return results[0]
 
 
-def run_one_rank(
-    cell_name: str, B: int, T: int, D: int, dtype: torch.dtype, device: torch.device, repeat: int
-) -> list[dict]:
-    mixer, u_full, h0 = _problem(cell_name, B, RANKS * T, D, dtype, device)
-    u = u_full[:, :T].contiguous()  # rank 0's slice: what one rank alone solves
-    _, info = _pass(newton_solve, mixer, u, h0, False)
-    return [
-        {
-            "one_rank_ms": measure(lambda: _pass(newton_solve, mixer, u, h0, backward), device, repeat) * 1e3,
-            "iterations_1": info.iterations,
-        }
-        for backward in (False, True)
-    ]
-
-
 def format_table(rows: list[Row]) -> str:
     head = (
-        f"{'cell':5} {'B':>3} {'T/rank':>6} {'D':>5} {'pass':8} {'1-rank ms':>10} {'2-rank ms':>10} "
+        f"{'cell':5} {'B':>3} {'T/rank':>6} {'D':>5} {'pass':8} {'1-rank ms':>15} {'2-rank ms':>15} "
         f"{'effic.':>7} {'it 1r':>5} {'it 2r':>5} {'B/iter/rank':>11} {'B/solve/rank':>12} {'coll':>4} "
         f"{'max |Δ|':>8}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r.cell:5} {r.batch:3d} {r.t_local:6d} {r.width:5d} {r.pass_:8} {r.one_rank_ms:10.2f} "
-            f"{r.two_rank_ms:10.2f} {r.efficiency:7.2f} {r.iterations_1:5d} {r.iterations_2:5d} "
+            f"{r.cell:5} {r.batch:3d} {r.t_local:6d} {r.width:5d} {r.pass_:8} "
+            f"{f'{r.one_rank_min_ms:.2f}/{r.one_rank_ms:.2f}':>15} {f'{r.two_rank_min_ms:.2f}/{r.two_rank_ms:.2f}':>15} "
+            f"{r.efficiency:7.2f} {r.iterations_1:5d} {r.iterations_2:5d} "
             f"{r.bytes_per_iteration:11,d} {r.bytes_per_solve:12,d} {r.collectives_per_solve:4d} "
             f"{r.max_err:8.1e}" + (f"  {r.fallback}" if r.fallback else "")
         )
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--worker"]:
-        return worker(argv[1])
-    p = argparse.ArgumentParser(
-        prog="unroll bench seqpar", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: nccl, one GPU per rank")
-    p.add_argument("--grid", choices=sorted(GRIDS), default=None, help="default: gpu on CUDA, cpu otherwise")
-    p.add_argument("--cells", default="gru,lstm")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1, help="threads per process (each rank and the 1-rank baseline)")
-    p.add_argument("--timeout", type=float, default=1200.0, help="seconds for the whole 2-rank run")
-    p.add_argument("--json", default=None, help="also write the rows here")
-    args = p.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and torch.cuda.device_count() < RANKS:
-        print(
-            f"unroll bench seqpar: --device cuda needs {RANKS} GPUs (one per rank), found {torch.cuda.device_count()}",
-            file=sys.stderr,
-        )
-        return 2
-    grid = GRIDS[args.grid or ("gpu" if device.type == "cuda" else "cpu")]
-    cells = args.cells.split(",")
-    if not set(cells) <= set(CELLS):
-        p.error(f"--cells: choose from {','.join(CELLS)}")
-    dtype = getattr(torch, args.dtype)
+def _launch(args, device: torch.device, grid: list, cells: list[str]) -> list[dict] | None:
+    """Prints the header and notes, runs the ranks; their rows, or None after printing why they failed."""
     cores = os.cpu_count() or 1
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(
@@ -332,11 +300,10 @@ def main(argv: list[str] | None = None) -> int:
             f"note: the {RANKS} ranks share one machine (memory bandwidth, gloo over loopback); other processes "
             f"on it add noise"
         )
-
     spec = {
         "cells": cells,
         "grid": grid,
-        "repeat": args.repeat,
+        "rounds": args.rounds,
         "threads": args.threads,
         "dtype": args.dtype,
         "device": device.type,
@@ -344,29 +311,47 @@ def main(argv: list[str] | None = None) -> int:
     }
     start = time.perf_counter()
     try:
-        two = run_ranks(spec, args.timeout)
+        rows = run_ranks(spec, args.timeout)
     except RuntimeError as e:
         print(f"unroll bench seqpar: {e}", file=sys.stderr)
-        return 1
-    print(
-        f"{RANKS}-rank runs done in {time.perf_counter() - start:.1f} s (including the launch); 1-rank baseline here",
-        flush=True,
+        return None
+    print(f"the ranks' runs done in {time.perf_counter() - start:.1f} s (including the launch)", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:
+        return worker(argv[1])
+    p = argparse.ArgumentParser(
+        prog="unroll bench seqpar", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
-        one = [
-            row
-            for cell_name in cells
-            for B, T, D in grid
-            for row in run_one_rank(cell_name, B, T, D, dtype, device, args.repeat)
-        ]
-    finally:
-        torch.set_num_threads(threads)
-
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: nccl, one GPU per rank")
+    p.add_argument("--grid", choices=sorted(GRIDS), default=None, help="default: gpu on CUDA, cpu otherwise")
+    p.add_argument("--cells", default="gru,lstm")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    harness.add_arguments(p, threads_default=1, threads_help="torch threads per rank (the 1-rank baseline alike)")
+    p.add_argument("--timeout", type=float, default=1200.0, help="seconds for the whole 2-rank run")
+    p.add_argument("--json", default=None, help="also write the rows here")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and torch.cuda.device_count() < RANKS:
+        print(
+            f"unroll bench seqpar: --device cuda needs {RANKS} GPUs (one per rank), found {torch.cuda.device_count()}",
+            file=sys.stderr,
+        )
+        return 2
+    grid = GRIDS[args.grid or ("gpu" if device.type == "cuda" else "cpu")]
+    cells = args.cells.split(",")
+    if not set(cells) <= set(CELLS):
+        p.error(f"--cells: choose from {','.join(CELLS)}")
+    dtype = getattr(torch, args.dtype)
+    with harness.session(args.threads, RANKS, prog="unroll bench seqpar"):
+        two = _launch(args, device, grid, cells)
+    if two is None:
+        return 1
     rows = []
-    for w, b in zip(two, one):
+    for w in two:
         comm = bytes_per_iteration(w["batch"], w["width"], RANKS, structure=_structure(w["cell"]), dtype=dtype)
         rows.append(
             Row(
@@ -377,10 +362,12 @@ def main(argv: list[str] | None = None) -> int:
                 args.dtype,
                 w["pass_"],
                 args.threads,
-                b["one_rank_ms"],
+                w["one_rank_ms"],
                 w["two_rank_ms"],
-                b["one_rank_ms"] / w["two_rank_ms"],
-                b["iterations_1"],
+                w["one_rank_min_ms"],
+                w["two_rank_min_ms"],
+                w["one_rank_ms"] / w["two_rank_ms"],
+                w["iterations_1"],
                 w["iterations_2"],
                 comm.sent_per_rank,
                 w["bytes_per_solve"],
@@ -391,8 +378,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(format_table(rows))
     print(
-        f"median of {args.repeat} repeat(s) after one warm-up; 2-rank time = the slower rank's; B/solve/rank and "
-        f"coll(ectives) counted on the warm-up call"
+        f"ms = min/median over {args.rounds} round(s), 2 ranks and 1 rank alternating, after one warm-up; 2-rank "
+        f"time = the slower rank's; effic. of the {harness.RATIOS_OF}; B/solve/rank and coll(ectives) counted on "
+        f"the warm-up call"
     )
     if args.json:
         with open(args.json, "w") as f:

@@ -2,8 +2,10 @@
 on ParaGRU and ParaLSTM recurrences, forward and forward+backward, over a grid of shapes.
 
 The recurrence's inputs come from the real mixer (its input projection of RMS-normed activations), so
-the Newton iteration counts are those of training at initialisation. Ratios are sequential time over
-each solver's time, measured in the same run.
+the Newton iteration counts are those of training at initialisation. For each shape and pass the solvers
+alternate round by round (sequential, Newton, Triton, sequential, ...); each time is printed as the
+minimum / median over --rounds, and each ratio is sequential time over that solver's time, of the medians.
+"auto" is what solver="auto" picks for the shape; auto/best is its median time over the fastest median.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 
 from unroll.kernels import newton_solve, sequential_solve
 from unroll.kernels.linear_scan import scan_reference
-from unroll.launch.bench.timing import measure
+from unroll.launch.bench import harness
 from unroll.models.paragru import ParaGRU
 from unroll.models.paralstm import ParaLSTM
 from unroll.models.recurrent import pick_solver
@@ -40,9 +42,12 @@ class Row:
     width: int
     dtype: str
     pass_: str  # fwd | fwd+bwd
-    sequential_ms: float
+    sequential_ms: float  # median over the rounds
     newton_ms: float
     triton_ms: float | None
+    sequential_min_ms: float  # minimum over the rounds
+    newton_min_ms: float
+    triton_min_ms: float | None
     iterations: int
     max_err: float  # Newton (torch scan) vs sequential, max abs over the output
     auto: str  # what solver="auto" picks here
@@ -70,24 +75,25 @@ def _run(solve, mixer, u, h0, backward: bool, **kw):
 
 
 def bench_case(
-    cell_name: str, B: int, T: int, D: int, dtype: torch.dtype, device: torch.device, triton_impl, repeat: int
+    cell_name: str, B: int, T: int, D: int, dtype: torch.dtype, device: torch.device, triton_impl, rounds: int
 ) -> list[Row]:
     mixer, u, h0 = _problem(cell_name, B, T, D, dtype, device)
     auto = pick_solver("auto", device, B, T, D, mixer.state_size)
     rows = []
     for backward in (False, True):
-        seq = measure(lambda: _run(sequential_solve, mixer, u, h0, backward), device, repeat)
-        newton = measure(lambda: _run(newton_solve, mixer, u, h0, backward, scan_impl=scan_reference), device, repeat)
-        triton = (
-            measure(lambda: _run(newton_solve, mixer, u, h0, backward, scan_impl=triton_impl), device, repeat)
-            if triton_impl is not None
-            else None
-        )
+        paths = {
+            "sequential": lambda: _run(sequential_solve, mixer, u, h0, backward),
+            "newton": lambda: _run(newton_solve, mixer, u, h0, backward, scan_impl=scan_reference),
+        }
+        if triton_impl is not None:
+            paths["triton"] = lambda: _run(newton_solve, mixer, u, h0, backward, scan_impl=triton_impl)
+        t = harness.alternate(paths, device, rounds)
+        seq, newton, triton = t["sequential"], t["newton"], t.get("triton")
         h_seq, _ = _run(sequential_solve, mixer, u, h0, False)
         h_new, info = _run(newton_solve, mixer, u, h0, False, scan_impl=scan_reference)
         # what auto runs: Newton's scans are the Triton kernels on CUDA (linear_scan's default there)
-        auto_time = seq if auto == "sequential" else (triton if triton is not None else newton)
-        best = min(t for t in (seq, newton, triton) if t is not None)
+        auto_time = seq if auto == "sequential" else (triton or newton)
+        best = min((x for x in (seq, newton, triton) if x is not None), key=lambda x: x.median)
         rows.append(
             Row(
                 cell_name,
@@ -96,41 +102,55 @@ def bench_case(
                 D,
                 str(dtype).removeprefix("torch."),
                 "fwd+bwd" if backward else "fwd",
-                seq * 1e3,
-                newton * 1e3,
-                triton * 1e3 if triton else None,
+                seq.median * 1e3,
+                newton.median * 1e3,
+                triton.median * 1e3 if triton else None,
+                seq.min * 1e3,
+                newton.min * 1e3,
+                triton.min * 1e3 if triton else None,
                 info.iterations,
                 float((h_seq - h_new).abs().max()),
                 auto,
-                auto_time / best,
+                harness.ratio(auto_time, best),
             )
         )
     return rows
 
 
+def _ms(low: float, mid: float) -> str:
+    return f"{low:.2f}/{mid:.2f}"
+
+
 def format_table(rows: list[Row]) -> str:
     head = (
-        f"{'cell':5} {'B':>3} {'T':>6} {'D':>5} {'dtype':8} {'pass':8} {'seq ms':>9} {'newton ms':>10} "
-        f"{'ratio':>7} {'triton ms':>10} {'ratio':>7} {'iters':>5} {'max err':>8} {'auto':>10} {'auto/best':>9}"
+        f"{'cell':5} {'B':>3} {'T':>6} {'D':>5} {'dtype':8} {'pass':8} {'seq ms':>15} {'newton ms':>15} "
+        f"{'ratio':>7} {'triton ms':>15} {'ratio':>7} {'iters':>5} {'max err':>8} {'auto':>10} {'auto/best':>9}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
-        tri = f"{r.triton_ms:10.2f} {r.sequential_ms / r.triton_ms:7.1f}x" if r.triton_ms else f"{'n/a':>10} {'':>8}"
+        tri = (
+            f"{_ms(r.triton_min_ms, r.triton_ms):>15} {r.sequential_ms / r.triton_ms:6.1f}x"
+            if r.triton_ms
+            else f"{'n/a':>15} {'':>7}"
+        )
         lines.append(
             f"{r.cell:5} {r.batch:3d} {r.length:6d} {r.width:5d} {r.dtype:8} {r.pass_:8} "
-            f"{r.sequential_ms:9.2f} {r.newton_ms:10.2f} {r.sequential_ms / r.newton_ms:6.1f}x "
-            f"{tri} {r.iterations:5d} {r.max_err:8.1e} {r.auto:>10} {r.auto_slowdown:8.2f}x"
+            f"{_ms(r.sequential_min_ms, r.sequential_ms):>15} {_ms(r.newton_min_ms, r.newton_ms):>15} "
+            f"{r.sequential_ms / r.newton_ms:6.1f}x {tri} {r.iterations:5d} {r.max_err:8.1e} {r.auto:>10} "
+            f"{r.auto_slowdown:8.2f}x"
         )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="unroll bench solver", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="unroll bench solver", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--grid", choices=sorted(GRIDS), default=None, help="default: gpu on CUDA, cpu otherwise")
     p.add_argument("--cells", default="gru,lstm")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    p.add_argument("--repeat", type=int, default=3)
+    harness.add_arguments(p)
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -140,16 +160,18 @@ def main(argv: list[str] | None = None) -> int:
         from unroll.kernels.triton_scan import scan_triton
 
         triton_impl = scan_triton
-    print(
-        f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
-        f"threads {torch.get_num_threads()}, torch {torch.__version__}"
-    )
-    rows = []
-    for cell_name in args.cells.split(","):
-        for B, T, D in grid:
-            rows.extend(bench_case(cell_name, B, T, D, getattr(torch, args.dtype), device, triton_impl, args.repeat))
-            lines = format_table(rows).splitlines()
-            print("\n".join(lines[:2] + lines[-2:]) if len(rows) == 2 else "\n".join(lines[-2:]), flush=True)
+    with harness.session(args.threads, prog="unroll bench solver"):
+        print(
+            f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}; "
+            f"ms = min/median over {args.rounds} rounds, the solvers alternating; ratios of the {harness.RATIOS_OF}"
+        )
+        rows = []
+        for cell_name in args.cells.split(","):
+            for B, T, D in grid:
+                dtype = getattr(torch, args.dtype)
+                rows.extend(bench_case(cell_name, B, T, D, dtype, device, triton_impl, args.rounds))
+                lines = format_table(rows).splitlines()
+                print("\n".join(lines[:2] + lines[-2:]) if len(rows) == 2 else "\n".join(lines[-2:]), flush=True)
     worst = max(r.auto_slowdown for r in rows)
     print(f"auto vs the fastest path: worst {worst:.2f}x over {len(rows)} rows")
     if args.json:

@@ -8,7 +8,9 @@ random input; only the memory layout differs:
     tnt           a global memory on chunks of C_G plus a local memory on chunks of C_L reset every S_L
                   tokens: the shards of every sequence run as one batch, so T / C_G + S_L / C_L steps
 
-The timed step is forward + backward (median of --repeat after a warm-up); tokens/s = batch · T / time.
+The timed step is forward + backward. All layouts are built first, then they alternate step by step, one
+step each per round, after one warm-up step each; printed are the step time's minimum and median over
+--rounds, tokens/s = batch · T / median, and the ratio of tokens/s to the first layout's (of the medians).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import json
 
 import torch
 
-from unroll.launch.bench.timing import measure
+from unroll.launch.bench import harness
 from unroll.models.tnt import TNT
 
 
@@ -45,30 +47,30 @@ def run(
     seq_len: int,
     d_model: int,
     heads: int,
-    repeat: int,
+    rounds: int,
     device: torch.device,
 ) -> list[dict]:
-    out = []
-    for name, layout in rows:
+    out, steps = [], {}
+    for i, (name, layout) in enumerate(rows):
         torch.manual_seed(0)
         m = TNT(d_model, heads=heads, **layout).to(device)
         x = torch.randn(batch, seq_len, d_model, device=device)
 
-        def step():
+        def step(m=m, x=x):
             y, _ = m(x)
             y.square().mean().backward()
             m.zero_grad(set_to_none=True)
 
-        seconds = measure(step, device, repeat=repeat, warmup=1)
+        steps[i] = step
         out.append(
-            {
-                "layout": name,
-                "sequential_steps": sequential_steps(m, seq_len),
-                "batch": batch,
-                "seq_len": seq_len,
-                "step_ms": seconds * 1e3,
-                "tokens_per_s": batch * seq_len / seconds,
-            }
+            {"layout": name, "sequential_steps": sequential_steps(m, seq_len), "batch": batch, "seq_len": seq_len}
+        )
+    times = harness.alternate(steps, device, rounds)
+    for i, r in enumerate(out):
+        r.update(
+            step_ms=times[i].median * 1e3,
+            step_min_ms=times[i].min * 1e3,
+            tokens_per_s=batch * seq_len / times[i].median,
         )
     base = out[0]["tokens_per_s"]
     for r in out:
@@ -90,33 +92,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--repeat", type=int, default=3, help="timed steps (median)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0 = torch's default)")
+    harness.add_arguments(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None, help="also write the rows to this file")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.reset % args.local_chunk:
         p.error(f"--local-chunk {args.local_chunk} must divide --reset {args.reset}")
-    rows = run(
-        layouts([int(c) for c in args.titans_chunks.split(",")], args.global_chunk, args.local_chunk, args.reset),
-        batch=args.batch,
-        seq_len=args.seq_len,
-        d_model=args.d_model,
-        heads=args.heads,
-        repeat=args.repeat,
-        device=torch.device(args.device),
-    )
+    with harness.session(args.threads, prog="unroll bench tnt"):
+        rows = run(
+            layouts([int(c) for c in args.titans_chunks.split(",")], args.global_chunk, args.local_chunk, args.reset),
+            batch=args.batch,
+            seq_len=args.seq_len,
+            d_model=args.d_model,
+            heads=args.heads,
+            rounds=args.rounds,
+            device=torch.device(args.device),
+        )
     print(
         f"one TNT layer, forward + backward, batch {args.batch} × {args.seq_len} tokens, d_model {args.d_model}, "
-        f"{args.heads} heads, {args.device}, {torch.get_num_threads()} threads; ratio = tokens/s over {rows[0]['layout']}"
+        f"{args.heads} heads, {args.device}, {args.rounds} rounds, the layouts alternating; tokens/s of the median "
+        f"step; ratio = tokens/s over {rows[0]['layout']} (of the {harness.RATIOS_OF})"
     )
-    print(f"{'layout':34} {'seq steps':>9} {'step ms':>9} {'tokens/s':>10} {'ratio':>6}")
+    print(f"{'layout':34} {'seq steps':>9} {'step ms min/med':>17} {'tokens/s':>10} {'ratio':>6}")
     for r in rows:
+        step = f"{r['step_min_ms']:.1f}/{r['step_ms']:.1f}"
         print(
-            f"{r['layout']:34} {r['sequential_steps']:9d} {r['step_ms']:9.1f} {r['tokens_per_s']:10,.0f} "
-            f"{r['vs_baseline']:6.2f}"
+            f"{r['layout']:34} {r['sequential_steps']:9d} {step:>17} {r['tokens_per_s']:10,.0f} {r['vs_baseline']:6.2f}"
         )
     if args.json:
         with open(args.json, "w") as f:
