@@ -6,7 +6,7 @@ import re
 
 from conftest import run_cli
 
-from unroll.launch.bench.growth import tokens_to_reach
+from unroll.launch.bench.growth import growth_ratios, tokens_to_reach
 from unroll.train.metrics import read_metrics
 
 
@@ -15,6 +15,16 @@ def test_tokens_to_reach_interpolates_between_validations():
     assert tokens_to_reach(curve, 4.5) == 150
     assert tokens_to_reach(curve, 6.5) == 0 and tokens_to_reach(curve, 4.0) == 200
     assert tokens_to_reach(curve, 3.9) is None
+
+
+def test_growth_ratios_say_why_there_is_none():
+    # scratch reached its target at 600 tokens, G_stack at 300 (200 of them the small model's, half the size)
+    ratio, compute, why = growth_ratios(600.0, 300.0, n_small=50, n_big=100, small_tokens=200)
+    assert (ratio, why) == (2.0, None) and compute == 6 * 100 * 600 / (6 * (50 * 200 + 100 * 100))
+    assert growth_ratios(600.0, None, 50, 100, 200) == (None, None, "G_stack did not reach the target")
+    # the stacked curve starts at the target: scratch learnt nothing (once a ZeroDivisionError)
+    assert growth_ratios(600.0, 0.0, 50, 100, 200)[:2] == (None, None)
+    assert "train longer" in growth_ratios(600.0, 0.0, 50, 100, 200)[2]
 
 
 def test_bench_growth_reports_measured_tokens_and_ratio(small_data, offline_env, tmp_path):

@@ -47,6 +47,20 @@ def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> float | No
     return None
 
 
+def growth_ratios(
+    t_scratch: float | None, t_stack: float | None, n_small: int, n_big: int, small_tokens: int
+) -> tuple[float | None, float | None, str | None]:
+    """(tokens ratio scratch / G_stack, compute ratio by 6·N·tokens, why there is none). G_stack's tokens are 0
+    when the curve starts at the target: scratch's final loss is no lower than the untrained small model's, so
+    scratch learnt nothing to compare against (too few steps)."""
+    if t_stack is None or t_scratch is None:
+        return None, None, "G_stack did not reach the target"
+    if t_stack == 0:
+        return None, None, "scratch ended no lower than the untrained model: train longer"
+    flops_stack = 6 * (n_small * min(t_stack, small_tokens) + n_big * max(0.0, t_stack - small_tokens))
+    return t_scratch / t_stack, 6 * n_big * t_scratch / flops_stack, None
+
+
 def val_curve(run_dir: Path, tokens_per_step: int, offset: int = 0) -> list[tuple[int, float]]:
     return [(offset + r["step"] * tokens_per_step, r["val_loss"]) for r in read_metrics(run_dir) if "val_loss" in r]
 
@@ -131,11 +145,7 @@ def run(args) -> dict:
     t_scratch, t_stack = tokens_to_reach(scratch_curve, target), tokens_to_reach(stacked_curve, target)
     n_small, n_big = LM(small.model).num_params(), LM(scratch.model).num_params()
     small_tokens = args.small_steps * per_step
-    flops_stack = (
-        None
-        if t_stack is None
-        else 6 * (n_small * min(t_stack, small_tokens) + n_big * max(0.0, t_stack - small_tokens))
-    )
+    ratio, compute_ratio, no_ratio = growth_ratios(t_scratch, t_stack, n_small, n_big, small_tokens)
     return {
         "pattern": args.pattern,
         "factor": args.factor,
@@ -149,8 +159,9 @@ def run(args) -> dict:
         "tokens_scratch": t_scratch,
         "tokens_stacked": t_stack,
         "small_tokens": small_tokens,
-        "ratio": None if t_stack is None else t_scratch / t_stack,
-        "compute_ratio": None if t_stack is None else 6 * n_big * t_scratch / flops_stack,
+        "ratio": ratio,
+        "compute_ratio": compute_ratio,
+        "no_ratio": no_ratio,
         "curves": {"stacked": stacked_curve, "scratch": scratch_curve},
     }
 
@@ -173,7 +184,7 @@ def report(r: dict) -> str:
         ),
     ]
     if r["ratio"] is None:
-        lines.append("ratio (scratch / G_stack tokens): n/a (G_stack did not reach the target)")
+        lines.append(f"ratio (scratch / G_stack tokens): n/a ({r['no_ratio']})")
     else:
         lines.append(
             f"ratio (scratch / G_stack tokens): {r['ratio']:.3f}; compute ratio (6·N·tokens): {r['compute_ratio']:.3f}"
