@@ -4,7 +4,9 @@ unroll.launch.slurm's batch script).
 
 Under torchrun on SLURM one request arrives twice: SLURM signals every process of the job step and
 torchrun's agent forwards what it receives to its ranks. So a second SIGTERM / SIGINT within
-`repeat_window_s` of the first is the same request, not an order to give up on the checkpoint."""
+`repeat_window_s` of the first is the same request, not an order to give up on the checkpoint.
+
+`pause_for_signal` is a hook for tests only: it holds a run at a named step until a signal comes."""
 
 from __future__ import annotations
 
