@@ -2,9 +2,9 @@
 process of a launch loads through PYTHONPATH (torchrun's agent, srun and sbatch pass the environment on).
 It acts only in the worker of global rank 1 (torchrun's agent has no RANK), on the attempt FAULT_ATTEMPT
 names (TORCHELASTIC_RESTART_COUNT; unset: every attempt). At its FAULT_STEP-th optimizer step it raises,
-SIGKILLs itself, sends torchrun's agent SIGTERM (as Ctrl-C or scancel would), or hangs outside any
-collective. The hung rank lets SIGTERM end it: otherwise torchrun waits its fixed 30 s before SIGKILL,
-which only slows a test."""
+SIGKILLs itself, or hangs outside any collective. The hung rank lets SIGTERM end it: otherwise torchrun
+waits its fixed 30 s before SIGKILL, which only slows a test. (A signal from outside at a known step is
+the trainer's own test hook, UNROLL_PAUSE_AT_STEP: tests/paused_run.py.)"""
 
 import os
 from pathlib import Path
@@ -26,8 +26,6 @@ if os.environ.get("RANK") == "1" and os.environ.get("FAULT_ATTEMPT", attempt) ==
                 raise RuntimeError(f"injected failure on rank 1 at step {steps[0]}")
             if fault == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
-            if fault == "signal":
-                os.kill(os.getppid(), signal.SIGTERM)
             if fault == "hang":
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 time.sleep(3600)

@@ -2,16 +2,17 @@
 time (collective timeouts), with the rank's error in its own log file, once `--max-restarts` is spent; a
 rank killed while restarts remain makes torchrun restart every rank, which resume from the newest
 checkpoint to the very losses of an uninterrupted run; a signal torchrun forwards stops the job without
-a restart."""
+a restart. Signals come once the ranks have paused at a known step (UNROLL_PAUSE_AT_STEP)."""
 
+import os
 import re
 import signal
 import subprocess
-import time
 
 import pytest
 from conftest import UNROLL, run_cli
 from fault_hook import fault_env
+from paused_run import parent_pid, pause_env, wait_for_pause
 
 from unroll.train.metrics import read_metrics
 
@@ -20,6 +21,20 @@ def launch(config, env, *flags, check: bool = False):
     return run_cli(
         ["launch", "local", config, "--nproc", "2", "--shutdown-timeout", "5", *flags], env, timeout=240, check=check
     )
+
+
+def start(config, env, *flags, stdout) -> subprocess.Popen:
+    """`launch` in the background, its stderr with its stdout; `*flags` after the defaults override them."""
+    args = [*UNROLL, "launch", "local", str(config), "--nproc", "2", "--shutdown-timeout", "5", *flags]
+    return subprocess.Popen(args, env=env, stdout=stdout, stderr=subprocess.STDOUT, text=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Ends a launcher a failed check left running: it hands SIGTERM on and waits, so the ranks are not
+    left behind."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=240)
 
 
 def rank_logs(run_dir) -> dict[tuple[str, str], str]:
@@ -72,14 +87,21 @@ def test_a_killed_rank_restarts_the_job_which_resumes_to_the_same_losses(tiny_co
 
 
 def test_a_forwarded_signal_checkpoints_and_stops_without_a_restart(tiny_config, offline_env, tmp_path):
-    env = fault_env(tmp_path, offline_env, "signal", step=3)
+    """SIGTERM to torchrun's agent (as scancel sends it), once both ranks have paused after step 3: the agent
+    forwards it, both ranks checkpoint step 3 and stop, and the agent does not restart them."""
+    run_dir = tmp_path / "signalled"
     config = tiny_config("signalled", train={"steps": 500}, eval={"every": 0}, checkpoint={"every": 0})
-    proc = launch(config, env, "--max-restarts", "1")
-    assert proc.returncode != 0, proc.stdout[-2000:]
-    stopped = int(re.search(r"stopped by signal 15 at step (\d+)", proc.stdout).group(1))
-    assert stopped >= 3
-    assert [p.name for p in (tmp_path / "signalled" / "checkpoints").iterdir()] == [f"step_{stopped:08d}"]
-    assert sorted(rank_logs(tmp_path / "signalled")) == [("attempt_0", "0"), ("attempt_0", "1")]
+    proc = start(config, pause_env(offline_env, 3), "--max-restarts", "1", stdout=subprocess.PIPE)
+    try:
+        pids = wait_for_pause(run_dir, 3, ranks=2, running=lambda: proc.poll() is None)
+        os.kill(parent_pid(pids[0]), signal.SIGTERM)
+        out, err = proc.communicate(timeout=240)
+    finally:
+        stop(proc)
+    assert proc.returncode != 0, out[-2000:]
+    assert "stopped by signal 15 at step 3" in out, out[-3000:]
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_00000003"]
+    assert sorted(rank_logs(run_dir)) == [("attempt_0", "0"), ("attempt_0", "1")]
 
 
 def test_dry_run_prints_the_torchrun_command_and_bad_keys_stop_first(tiny_config, capsys):
@@ -150,30 +172,21 @@ def test_pipelining_splits_the_batch_into_micro_batches_by_default(tiny_config, 
 
 def test_ctrl_c_checkpoints_stops_the_ranks_and_exits_130(tiny_config, offline_env, tmp_path):
     """SIGINT to the launcher (a terminal's Ctrl-C reaches only it: torchrun runs in a session of its own),
-    sent once training is under way: the ranks checkpoint and stop, the launcher says so and exits 130."""
+    sent once both ranks have paused after step 2: the ranks checkpoint step 2 and stop, the launcher says
+    so and exits 130."""
     run_dir = tmp_path / "interrupted"
     config = tiny_config("interrupted", train={"steps": 100000}, eval={"every": 0}, checkpoint={"every": 0})
     console = tmp_path / "console.txt"
     with open(console, "w") as out:
-        proc = subprocess.Popen(
-            [*UNROLL, "launch", "local", str(config), "--nproc", "2", "--shutdown-timeout", "120"],
-            env=offline_env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+        proc = start(config, pause_env(offline_env, 2), "--shutdown-timeout", "120", stdout=out)
     try:
-        deadline = time.monotonic() + 240
-        while not any("loss" in r for r in read_metrics(run_dir)):  # the ranks' signal handlers are in place
-            assert proc.poll() is None and time.monotonic() < deadline, console.read_text()[-3000:]
-            time.sleep(0.5)
+        wait_for_pause(run_dir, 2, ranks=2, running=lambda: proc.poll() is None)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=240) == 130, console.read_text()[-3000:]
     finally:
-        if proc.poll() is None:  # the launcher hands this on and waits: the ranks are not left behind
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=240)
+        stop(proc)
     text = console.read_text()
     assert "Traceback" not in text, text[-3000:]
     assert text.rstrip().endswith("unroll launch: interrupted"), text[-3000:]
-    stopped = int(re.search(r"stopped by signal 2 at step (\d+)", text).group(1))
-    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == [f"step_{stopped:08d}"]
+    assert "stopped by signal 2 at step 2" in text, text[-3000:]
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_00000002"]

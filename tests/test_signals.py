@@ -1,11 +1,14 @@
-"""SIGTERM and SIGINT ask for a checkpoint-and-stop; a second signal gives up at once."""
+"""SIGTERM and SIGINT ask for a checkpoint-and-stop; a second signal gives up at once. The test hook
+UNROLL_PAUSE_AT_STEP holds a rank at a known step until a signal comes."""
 
 import os
 import signal
+import threading
+import time
 
 import pytest
 
-from unroll.train.signals import StopRequest
+from unroll.train.signals import PAUSE_AT_STEP, StopRequest, pause_for_signal, pause_marker
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -51,3 +54,41 @@ def test_a_repeat_within_the_window_is_the_same_request():
         assert stop.requested and stop.signum == signal.SIGTERM
     finally:
         stop.restore()
+
+
+def test_pause_hook_does_nothing_unless_its_step_is_named(monkeypatch, tmp_path):
+    stop = StopRequest()
+    try:
+        monkeypatch.delenv(PAUSE_AT_STEP, raising=False)
+        pause_for_signal(3, tmp_path, stop, rank=0)
+        monkeypatch.setenv(PAUSE_AT_STEP, "4")
+        pause_for_signal(3, tmp_path, stop, rank=0)
+        pause_for_signal(5, tmp_path, stop, rank=0)
+    finally:
+        stop.restore()
+    assert list(tmp_path.iterdir()) == [] and not stop.requested
+
+
+def test_pause_hook_marks_the_step_and_waits_for_a_signal(monkeypatch, tmp_path):
+    monkeypatch.setenv(PAUSE_AT_STEP, "3")
+    marker = pause_marker(tmp_path, 3, rank=1)
+    seen = []
+
+    def signal_once_paused():
+        deadline = time.monotonic() + 60  # bounds the wait only: a pause that never comes fails the test
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen.append(marker.exists() and marker.read_text())
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    stop = StopRequest()
+    signaller = threading.Thread(target=signal_once_paused)
+    try:
+        signaller.start()
+        pause_for_signal(3, tmp_path, stop, rank=1)  # returns only once the signal has come
+        assert stop.requested and stop.signum == signal.SIGUSR1
+    finally:
+        signaller.join()
+        stop.restore()
+    assert seen == [str(os.getpid())]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["paused-at-step-3.rank1"]

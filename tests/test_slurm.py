@@ -7,13 +7,13 @@ SLURM."""
 
 import os
 import re
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import run_cli, tiny_config_dict
 from fault_hook import fault_env
+from paused_run import pause_env, wait_for_pause
 from slurm_cluster import SlurmCluster, missing_binaries
 
 from unroll.launch.cli import main
@@ -288,14 +288,6 @@ def submit(slurm, config, env, *flags) -> str:
     return re.search(r"submitted job (\d+)", out).group(1)
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"gave up waiting for {what}")
-        time.sleep(0.2)
-
-
 def console(run_dir, job_id) -> str:
     return (run_dir / "slurm" / f"job-{job_id}.out").read_text()
 
@@ -338,16 +330,17 @@ def test_preempted_job_is_requeued_and_resumes_to_the_same_losses(
     run_dir = tmp_path / "run"
     config = tmp_path / "preempted.yaml"
     config.write_text(yaml.safe_dump(tiny_config_dict(small_data, run_dir, **SECTIONS)))
-    job_id = submit(slurm, config, offline_env)
-    wait_for(lambda: any(s >= 2 for s in losses(run_dir)), 180, "step 2 of the first run")
+    job_id = submit(slurm, config, pause_env(offline_env, 2))  # every rank waits after step 2 for a signal
+    wait_for_pause(
+        run_dir, 2, ranks=4, running=lambda: slurm.job(job_id)["JobState"] in ("PENDING", "CONFIGURING", "RUNNING")
+    )
     # what `--signal=B:USR1@LEAD` does LEAD seconds before the time limit
     slurm.run("scancel", "--batch", "--signal=USR1", job_id)
     info = slurm.wait_job(job_id, timeout=240)
     out = console(run_dir, job_id)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, out)
-    stopped = int(re.search(r"stopped by signal 10 at step (\d+)", out).group(1))
-    assert 2 <= stopped < STEPS
-    assert f"resumed at step {stopped}" in out  # from the checkpoint the signal made (no periodic ones)
+    assert "stopped by signal 10 at step 2" in out, out
+    assert "resumed at step 2" in out  # from the checkpoint the signal made (no periodic ones)
     assert "requeueing job" in out and f"job {job_id} finished, exit status 0" in out
     assert (run_dir / "logs" / f"job{job_id}.1").is_dir()  # the requeued run: same run directory
     assert losses(run_dir) == losses(straight)  # bit for bit

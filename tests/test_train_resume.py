@@ -1,12 +1,13 @@
 """Exact resume: N steps straight equals k steps, SIGKILL, resume, SIGTERM, resume to N — every logged
-figure and the final weights and optimizer state bit for bit (CPU, float32)."""
+figure and the final weights and optimizer state bit for bit (CPU, float32). The signals come at known
+steps: the runs pause there (UNROLL_PAUSE_AT_STEP) until signalled."""
 
 import signal
 import subprocess
-import time
 
 import torch
 from conftest import UNROLL, run_cli
+from paused_run import pause_env, wait_for_pause
 
 from unroll.models import LM
 from unroll.train.checkpoint import dcp as checkpoint
@@ -14,8 +15,10 @@ from unroll.train.config import load_config
 from unroll.train.metrics import read_metrics
 from unroll.train.trainer import build_optimizer
 
-STEPS = 60
+STEPS = 30
 SECTIONS = dict(train={"steps": STEPS}, checkpoint={"every": 8, "keep": 2}, eval={"every": 10})
+# the first run is killed at step 10, past the step-8 checkpoint; the resumed run stops on SIGTERM at step 22
+KILLED_AT, LAST_CHECKPOINT_BEFORE_KILL, STOPPED_AT = 10, 8, 22
 
 
 def start(config, env):
@@ -24,17 +27,8 @@ def start(config, env):
     )
 
 
-def wait_for_step(run_dir, proc, at_least: int, timeout: float = 120) -> int:
-    """Polls metrics.jsonl until a training row with step >= at_least appears; returns that step."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
-        if steps and max(steps) >= at_least:
-            return max(steps)
-        if proc.poll() is not None:
-            raise AssertionError(f"training ended early ({proc.returncode}):\n{proc.stderr.read()[-3000:]}")
-        time.sleep(0.005)
-    raise AssertionError(f"no step {at_least} within {timeout} s")
+def running(proc):
+    return lambda: proc.poll() is None
 
 
 def final_state(config):
@@ -51,24 +45,23 @@ def test_exact_resume_after_sigkill_and_sigterm(tiny_config, offline_env):
 
     interrupted = tiny_config("interrupted", **SECTIONS)
     run_dir = interrupted.parent / "interrupted"
-    proc = start(interrupted, offline_env)
-    wait_for_step(run_dir, proc, 10)  # past the first checkpoint (step 8)
-    proc.send_signal(signal.SIGKILL)  # wherever it is: mid-step, mid-log or mid-checkpoint
+    proc = start(interrupted, pause_env(offline_env, KILLED_AT))
+    wait_for_pause(run_dir, KILLED_AT, running=running(proc))  # logged and validated, not yet checkpointed
+    proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL
-    killed_at = max(r["step"] for r in read_metrics(run_dir) if "loss" in r)
-    assert killed_at < STEPS
+    assert max(r["step"] for r in read_metrics(run_dir) if "loss" in r) == KILLED_AT
 
-    proc = start(interrupted, offline_env)
-    resumed = wait_for_step(run_dir, proc, killed_at + 12)
+    proc = start(interrupted, pause_env(offline_env, STOPPED_AT))
+    wait_for_pause(run_dir, STOPPED_AT, running=running(proc))
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
-    assert "resumed at step" in err + out
-    stopped_at = max(step for step, _ in checkpoint.complete_checkpoints(run_dir))
-    assert resumed <= stopped_at < STEPS  # the SIGTERM checkpoint is the step it stopped at
-    assert f"stopped by signal {int(signal.SIGTERM)} at step {stopped_at}" in out + err
+    assert f"resumed at step {LAST_CHECKPOINT_BEFORE_KILL}" in err + out  # the steps after it are redone
+    assert f"stopped by signal {int(signal.SIGTERM)} at step {STOPPED_AT}" in out + err
+    assert max(step for step, _ in checkpoint.complete_checkpoints(run_dir)) == STOPPED_AT
 
-    run_cli(["train", interrupted], offline_env)
+    proc = run_cli(["train", interrupted], offline_env)
+    assert f"resumed at step {STOPPED_AT}" in proc.stdout + proc.stderr
 
     a, b = read_metrics(interrupted.parent / "straight"), read_metrics(run_dir)
     assert [r["step"] for r in a] == [r["step"] for r in b]

@@ -31,7 +31,7 @@ from unroll.train.parallel.pipelined import Pipeline
 from unroll.train.plot import plot_run
 from unroll.train.preflight import check_layout
 from unroll.train.schedule import lr_at
-from unroll.train.signals import StopRequest
+from unroll.train.signals import StopRequest, pause_for_signal
 from unroll.train.step_guard import StepGuard, TrainingDiverged, Verdict
 from unroll.train.watchdog import Watchdog
 
@@ -499,6 +499,7 @@ def train(cfg: Config) -> dict:
             if data.valid is not None and ((cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.steps):
                 val_loss = evaluate(model, data, cfg, dist, autocast, ranks, pipe)
                 metrics.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(val_loss)})
+            pause_for_signal(step, run_dir, stop, dist.rank)  # a test hook; nothing unless UNROLL_PAUSE_AT_STEP
             stopping = D.any_rank(stop.requested, dist.device)
             writer.poll(dist.device)  # an async save done everywhere is finished now; its failure stops every rank
             periodic = cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and applied
