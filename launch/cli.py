@@ -43,14 +43,15 @@ def _train(args) -> int:
         return _print_keys(args)
     if not args.config:
         raise UsageError("the following arguments are required: config (a preset or YAML file; `unroll presets`)")
+    cfg = load_config(args.config, args.overrides)  # a config's mistakes answer before torch is imported
     from unroll.train.trainer import train
 
-    summary = train(load_config(args.config, args.overrides))
+    summary = train(cfg)
     return 128 + 15 if summary.get("stopped") else 0
 
 
 def _train_epilog() -> str:
-    """The presets and the config's sections (imported only for --help: the schema pulls in torch)."""
+    """The presets and the config's sections (for --help only)."""
     import dataclasses
     import textwrap
 
@@ -501,9 +502,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         args.overrides = [*args.overrides, *overrides]
     from unroll.data.errors import DataError
-    from unroll.train.checkpoint.dcp import CheckpointError
     from unroll.train.config import ConfigError
-    from unroll.train.lifecycle.export_format import ExportError
     from unroll.train.step_guard import TrainingDiverged
 
     try:
@@ -511,12 +510,26 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         args.command_parser.error(str(e))  # exits 2
         raise
-    except (ConfigError, DataError, CheckpointError, ExportError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileNotFoundError, *_raised_from_loaded_modules()) as e:
         print(f"unroll {args.command}: error: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:
         print(f"unroll {args.command}: stopped: {e}", file=sys.stderr)
         return 3
+
+
+# Errors a user can cause, in modules that import torch: importing them up front would cost every command,
+# `--keys` and `presets` included, seconds. An exception's class is in a loaded module, so whatever was raised
+# is among those already imported.
+USER_ERRORS_BEHIND_TORCH = (
+    ("unroll.train.checkpoint.dcp", "CheckpointError"),
+    ("unroll.train.lifecycle.export_format", "ExportError"),
+)
+
+
+def _raised_from_loaded_modules() -> tuple[type[BaseException], ...]:
+    loaded = (getattr(sys.modules.get(module), name, None) for module, name in USER_ERRORS_BEHIND_TORCH)
+    return tuple(cls for cls in loaded if isinstance(cls, type))
 
 
 if __name__ == "__main__":

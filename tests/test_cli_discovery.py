@@ -210,3 +210,19 @@ def test_a_missing_argument_is_argparse_usage_and_one_error_line(argv, missing, 
     error = proc.stderr.strip().splitlines()[-1]
     assert error.startswith(f"unroll {argv[0]}: error: the following arguments are required: {missing}"), error
     assert "key=value" not in error
+
+
+NO_TORCH_FOR_CONFIG_MISTAKES = """
+import sys
+from unroll.launch.cli import main
+codes = [main(argv) for argv in (["train", "--keys"], ["train", "no-such-preset"], ["train", "tiny-gru", "no.key=1"])]
+print(codes, "torch" in sys.modules)
+"""
+
+
+def test_keys_and_config_mistakes_answer_without_importing_torch(offline_env):
+    # torch's import takes seconds: the schema, `--keys` and a config's errors must not need it
+    out = subprocess.run(
+        [UNROLL[0], "-c", NO_TORCH_FOR_CONFIG_MISTAKES], capture_output=True, text=True, env=offline_env, timeout=120
+    )
+    assert out.stdout.strip().splitlines()[-1] == "[0, 2, 2] False", out.stdout[-2000:] + out.stderr[-2000:]
