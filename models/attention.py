@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unroll.models.context_parallel import ContextParallel
 from unroll.models.init import init_eagerly, normal
 
 
@@ -41,13 +42,16 @@ class KVCache:
         return self.k.shape[2]
 
 
-class Attention(nn.Module):
+class Attention(ContextParallel, nn.Module):
     """y = W_o · softmax(q kᵀ/√d + mask) v, with kv heads shared by n_heads / n_kv_heads query heads each.
 
     rope: rotate q and k by their absolute positions (False: no positional encoding, "NoPE", as in
     hybrids where the recurrent layers carry order). window > 0: sliding-window attention, query t sees
     keys t − window + 1 ... t, and the cache keeps only the last `window` keys (O(window) memory when
-    generating)."""
+    generating).
+
+    Context parallelism: each rank attends from its slice to the keys and values of all slices up to its
+    own (all_gather over the context group)."""
 
     def __init__(
         self,
@@ -69,9 +73,6 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=False)
         self.out_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
         self.init_std, self.out_std = init_std, out_std or init_std
-        # Context parallelism (set from outside, train/parallel/parallelize.py): the sequence is split over this
-        # group; each rank attends from its slice to the keys and values of all slices (all_gather).
-        self.context_group = None
         init_eagerly(self)
 
     def init_rules(self) -> dict:

@@ -137,9 +137,9 @@ class LM(nn.Module):
     from `seed` (None: drawn from torch's global generator). The weights are a function of the seed and
     the parameter names only (models/init.py), whatever later holds which part of them."""
 
-    # Set from outside, like the mixers' context_group: tokens per logits chunk of the loss (train.loss_chunk;
-    # 0 = all at once), and the process group the vocabulary is split over (train/parallel/tensor_parallel.py; None =
-    # the embedding and head hold the whole vocabulary).
+    # Set from outside, like the mixers' context group (models/context_parallel.py): tokens per logits chunk
+    # of the loss (train.loss_chunk; 0 = all at once), and the process group the vocabulary is split over
+    # (train/parallel/tensor_parallel.py; None = the embedding and head hold the whole vocabulary).
     loss_chunk: int = 1024
     vocab_group = None
 

@@ -30,6 +30,7 @@ from unroll.kernels.context import previous_tail, receive_state, send_state
 from unroll.kernels.m2rnn_scan import m2rnn_sequential
 from unroll.kernels.newton import SolveInfo
 from unroll.kernels.seqpar_newton import newton_solve_seqpar
+from unroll.models.context_parallel import ContextParallel
 from unroll.models.init import Draws, Rule, constant, identity, init_eagerly, normal, uniform
 
 
@@ -75,7 +76,10 @@ def pick_m2rnn_solver(solver: str) -> str:
     return "sequential" if solver == "auto" else solver
 
 
-class M2RNN(nn.Module):
+class M2RNN(ContextParallel, nn.Module):
+    """Context parallelism: the convolution takes the previous rank's last inputs, the sequential
+    recurrence its final state (a hand-off pipeline); Newton runs sequence-parallel."""
+
     def __init__(
         self,
         d_model: int,
@@ -108,10 +112,6 @@ class M2RNN(nn.Module):
         self.out_proj = nn.Linear(value, d_model, bias=False)
         self.init_std, self.out_std = init_std, out_std or init_std
         self.last_solve: SolveInfo | None = None
-        # Context parallelism (set from outside, train/parallel/parallelize.py): the sequence is split over this
-        # group; the convolution takes the previous rank's last inputs, the sequential recurrence its
-        # final state (a hand-off pipeline), Newton runs sequence-parallel.
-        self.context_group = None
         init_eagerly(self)
 
     def init_rules(self) -> dict:

@@ -13,6 +13,7 @@ from unroll.kernels import newton_solve, sequential_solve
 from unroll.kernels.context import receive_state, send_state
 from unroll.kernels.newton import SolveInfo
 from unroll.kernels.seqpar_newton import newton_solve_seqpar
+from unroll.models.context_parallel import ContextParallel
 from unroll.models.init import constant, normal
 
 
@@ -55,7 +56,10 @@ class HeadLinear(nn.Module):
         return y.flatten(-2) + self.bias
 
 
-class RecurrentMixer(nn.Module):
+class RecurrentMixer(ContextParallel, nn.Module):
+    """Context parallelism: Newton runs sequence-parallel over the context group, the sequential loop as a
+    state hand-off pipeline (the previous rank's last state in, this rank's out)."""
+
     gates: int  # input pre-activations per channel
     state_size: int  # 1 for a scalar state per channel ("diag"), k for k-vectors (("block", k))
 
@@ -75,9 +79,6 @@ class RecurrentMixer(nn.Module):
         self.out_proj = nn.Linear(width, d_model, bias=False)
         self.out_std = out_std or init_std
         self.last_solve: SolveInfo | None = None  # how the last forward solved its recurrence (for metrics)
-        # Context parallelism (set from outside, train/parallel/parallelize.py): the sequence is split over this
-        # process group; Newton runs sequence-parallel, the sequential loop as a state hand-off pipeline.
-        self.context_group = None
 
     def init_rules(self) -> dict:
         return {"out_proj.weight": normal(self.out_std)}

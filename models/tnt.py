@@ -42,6 +42,7 @@ from torch import nn
 
 from unroll.kernels.context import receive_state, send_state
 from unroll.kernels.memory import MemoryCarry, chunk_memory, memory_step
+from unroll.models.context_parallel import ContextParallel
 from unroll.models.init import Rule, constant, init_eagerly, normal
 
 
@@ -73,7 +74,9 @@ def _last_shard(t, n: int):
     return t.unflatten(0, (-1, n))[:, -1]
 
 
-class TNT(nn.Module):
+class TNT(ContextParallel, nn.Module):
+    """Context parallelism: see the module docstring (the global memory's state is handed rank to rank)."""
+
     def __init__(
         self,
         d_model: int,
@@ -119,8 +122,6 @@ class TNT(nn.Module):
         self.norm = nn.RMSNorm(width, eps=norm_eps)
         self.out_proj = nn.Linear(width, d_model, bias=False)
         self.init_std, self.out_std = init_std, out_std or init_std
-        # Context parallelism (set from outside, train/parallel/parallelize.py): the sequence is split over this group.
-        self.context_group = None
         init_eagerly(self)
 
     def init_rules(self) -> dict:
