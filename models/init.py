@@ -50,7 +50,8 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x.bitwise_xor_(x >> 16)
 
 
-def _key(seed: int, name: str) -> list[int]:
+def name_key(seed: int, name: str) -> list[int]:
+    """The 8 32-bit words every draw of the tensor `name` under `seed` derives from."""
     digest = hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=32).digest()
     return [int.from_bytes(digest[4 * i : 4 * i + 4], "little") for i in range(8)]
 
@@ -193,7 +194,7 @@ def init_parameters(module: nn.Module, seed: int, index_of=full_index) -> None:
             continue
         rule = rules.get(name) or _default(module, name)
         shape, index, local = index_of(t)
-        fill(local, rule, _key(seed, rule.key or name), shape, index)
+        fill(local, rule, name_key(seed, rule.key or name), shape, index)
 
 
 def fresh_seed() -> int:

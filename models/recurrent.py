@@ -97,20 +97,22 @@ class RecurrentMixer(ContextParallel, nn.Module):
         return h
 
     # --- shared -------------------------------------------------------------------------------------
-    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
+    def recurrence_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., d_model] -> the recurrence's inputs u [..., gates, width], in at least float32."""
         # The recurrence runs in at least float32 even under bf16 autocast: rounding errors compound
         # over the sequence, while the projections around it are where low precision pays.
         u = self.in_proj(x)
         return u.to(torch.promote_types(u.dtype, torch.float32))
 
-    def _initial(self, state: torch.Tensor | None, u: torch.Tensor) -> torch.Tensor:
+    def initial_state(self, state: torch.Tensor | None, u: torch.Tensor) -> torch.Tensor:
+        """`state` in u's dtype, or zeros [B, width] ([B, width, k] for k-vector states) when None."""
         shape = (u.shape[0], self.width) + ((self.state_size,) if self.state_size > 1 else ())
         return state.to(u.dtype) if state is not None else u.new_zeros(shape)
 
     def forward(self, x: torch.Tensor, state: torch.Tensor | None = None):
         """x: [B, T, d_model] → (y [B, T, d_model], state after the last step)."""
-        u = self._inputs(x)
-        h0 = self._initial(state, u)
+        u = self.recurrence_inputs(x)
+        h0 = self.initial_state(state, u)
         solver = pick_solver(self.solver, x.device, x.shape[0], x.shape[1], self.width, self.state_size)
         group = self.context_group
         if group is not None and solver == "newton":
@@ -128,8 +130,8 @@ class RecurrentMixer(ContextParallel, nn.Module):
 
     def step(self, x: torch.Tensor, state: torch.Tensor | None):
         """One token: x [B, d_model] → (y [B, d_model], state)."""
-        u = self._inputs(x)
-        h = self.make_cell()(self._initial(state, u).unsqueeze(1), u.unsqueeze(1)).squeeze(1)
+        u = self.recurrence_inputs(x)
+        h = self.make_cell()(self.initial_state(state, u).unsqueeze(1), u.unsqueeze(1)).squeeze(1)
         return self.out_proj(self.readout(h)), h
 
     def extra_repr(self) -> str:

@@ -147,13 +147,16 @@ class TNT(ContextParallel, nn.Module):
         return self.heads * sum((2 + self.momentum) * per + (d * d if s.project else 0) for s in self.specs)
 
     # ------------------------------------------------------------------------------------------------
-    def _init(self, i: int) -> list[torch.Tensor]:
+    def initial_weights(self, i: int) -> list[torch.Tensor]:
+        """The learned initial weights of memory i (self.specs[i]), one [heads, ...] tensor per MLP layer."""
         j = self.specs[i].local * self.depth
         return list(self.global_init) if j < 0 else list(self.local_init[j : j + self.depth])
 
     def _fresh(self, i: int, B: int, dtype, shards: int = 1) -> MemoryCarry:
         """The initial carry for rows (batch, head, shard)."""
-        w = tuple(p.to(dtype)[None, :, None].expand(B, -1, shards, -1, -1).flatten(0, 2) for p in self._init(i))
+        w = tuple(
+            p.to(dtype)[None, :, None].expand(B, -1, shards, -1, -1).flatten(0, 2) for p in self.initial_weights(i)
+        )
         S = tuple(torch.zeros_like(t) for t in w) if self.momentum else None
         d = self.head_dim
         M = w[0].new_zeros(w[0].shape[0], d, d) if self.specs[i].project else None
