@@ -7,7 +7,7 @@ stepped by `update_bias` from the load counted since the last call.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,7 @@ from torch import nn
 
 from unroll.kernels.context import sequence_mean
 from unroll.models.context_parallel import ContextParallel
-from unroll.models.init import constant, init_eagerly, normal
+from unroll.models.init import Rule, constant, init_eagerly, normal
 from unroll.models.mlp import SwiGLU
 
 SCORES = ("softmax", "sigmoid")
@@ -26,7 +26,7 @@ class _AuxWeight:
 
     __slots__ = ("weight",)
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.weight: torch.Tensor | None = None
 
 
@@ -38,12 +38,12 @@ class _DeferredAux(torch.autograd.Function):
     hold all of them, which is what checkpointing is there to avoid."""
 
     @staticmethod
-    def forward(ctx, y, aux, box: _AuxWeight, scale: float):
+    def forward(ctx: Any, y: torch.Tensor, aux: torch.Tensor, box: _AuxWeight, scale: float) -> torch.Tensor:
         ctx.box, ctx.scale, ctx.aux_shape = box, scale, aux.shape
         return y.view_as(y)
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None, None]:
         w = ctx.box.weight
         return g, None if w is None else (w * ctx.scale).expand(ctx.aux_shape), None, None
 
@@ -53,12 +53,12 @@ class _BalancingLoss(torch.autograd.Function):
     receives in every layer's box, for _DeferredAux to apply when the backward reaches that layer."""
 
     @staticmethod
-    def forward(ctx, boxes, *losses):
+    def forward(ctx: Any, boxes: list[_AuxWeight], *losses: torch.Tensor) -> torch.Tensor:
         ctx.boxes = boxes
         return torch.stack(losses).sum()
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[None, ...]:
         for box in ctx.boxes:
             box.weight = g
         return (None,) * (1 + len(ctx.boxes))
@@ -72,7 +72,9 @@ def balancing_loss(moes: list[MoE]) -> torch.Tensor | None:
     losses = [m.aux_loss for m in moes]
     boxes = [m.aux_weight_box for m in moes]
     if torch.is_grad_enabled() and any(loss.requires_grad for loss in losses) and all(b is not None for b in boxes):
-        return _BalancingLoss.apply(boxes, *losses)
+        # (the ignore: torch leaves Function.apply unannotated)
+        total: torch.Tensor = _BalancingLoss.apply(boxes, *losses)  # type: ignore[no-untyped-call]
+        return total
     return torch.stack([loss.detach() for loss in losses]).sum()
 
 
@@ -112,6 +114,8 @@ class MoE(ContextParallel, nn.Module):
     the expert compute. Context parallelism: the auxiliary loss balances over the whole sequence (its
     statistics averaged over the context group), not this rank's slice."""
 
+    expert_bias: torch.Tensor  # a buffer
+
     def __init__(
         self,
         d_model: int,
@@ -129,6 +133,7 @@ class MoE(ContextParallel, nn.Module):
         out_std: float | None = None,
     ):
         super().__init__()
+        value: float
         for name, value in (("d_model", d_model), ("n_experts", n_experts), ("top_k", top_k), ("hidden", hidden)):
             if value < 1:
                 raise ValueError(f"{name} must be positive, got {value}")
@@ -174,7 +179,7 @@ class MoE(ContextParallel, nn.Module):
         self.aux_weight_box: _AuxWeight | None = None  # the last forward's, see balancing_loss
         init_eagerly(self)
 
-    def init_rules(self) -> dict:
+    def init_rules(self) -> dict[str, Rule]:
         return {
             "router.weight": normal(self.init_std),
             "w_gate_up": normal(self.init_std),
@@ -248,7 +253,7 @@ class MoE(ContextParallel, nn.Module):
             split = counts.tolist() if sizes is None else sizes
 
             def mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-                return torch.cat([a_e @ w[e] for e, a_e in enumerate(a.split(split))])
+                return torch.cat([a_e @ w[e] for e, a_e in enumerate(torch.split(a, split))])
 
         gate, up = mm(rows, self.w_gate_up.to(rows.dtype)).chunk(2, dim=-1)
         return mm(F.silu(gate) * up, self.w_down.to(rows.dtype))
@@ -281,7 +286,9 @@ class MoE(ContextParallel, nn.Module):
         self.aux_weight_box = None
         if torch.is_grad_enabled() and self.aux_loss.requires_grad:
             self.aux_weight_box = _AuxWeight()
-            out = _DeferredAux.apply(out, self.aux_loss, self.aux_weight_box, self.aux_grad_scale)
+            # (the ignore: torch leaves Function.apply unannotated)
+            box, scale = self.aux_weight_box, self.aux_grad_scale
+            out = _DeferredAux.apply(out, self.aux_loss, box, scale)  # type: ignore[no-untyped-call]
         return out
 
     @torch.no_grad()
