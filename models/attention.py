@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unroll.models.init import init_eagerly, normal
+from unroll.models.context_parallel import ContextParallel
+from unroll.models.init import Rule, init_eagerly, normal
 
 
 def rope_angles(
@@ -41,13 +42,16 @@ class KVCache:
         return self.k.shape[2]
 
 
-class Attention(nn.Module):
+class Attention(ContextParallel, nn.Module):
     """y = W_o · softmax(q kᵀ/√d + mask) v, with kv heads shared by n_heads / n_kv_heads query heads each.
 
     rope: rotate q and k by their absolute positions (False: no positional encoding, "NoPE", as in
     hybrids where the recurrent layers carry order). window > 0: sliding-window attention, query t sees
     keys t − window + 1 ... t, and the cache keeps only the last `window` keys (O(window) memory when
-    generating)."""
+    generating).
+
+    Context parallelism: each rank attends from its slice to the keys and values of all slices up to its
+    own (all_gather over the context group)."""
 
     def __init__(
         self,
@@ -69,15 +73,12 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=False)
         self.out_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
         self.init_std, self.out_std = init_std, out_std or init_std
-        # Context parallelism (set from outside, train/parallel/parallelize.py): the sequence is split over this
-        # group; each rank attends from its slice to the keys and values of all slices (all_gather).
-        self.context_group = None
         init_eagerly(self)
 
-    def init_rules(self) -> dict:
+    def init_rules(self) -> dict[str, Rule]:
         return {"qkv.weight": normal(self.init_std), "out_proj.weight": normal(self.out_std)}
 
-    def _mask(self, past: int, cached: int, T: int, device) -> tuple[torch.Tensor | None, bool]:
+    def _mask(self, past: int, cached: int, T: int, device: torch.device) -> tuple[torch.Tensor | None, bool]:
         """(attn_mask, is_causal) for T queries at positions past ... past+T−1 over `cached` cached keys
         followed by the T new ones; SDPA's own causal flag where it suffices."""
         if not self.window or past + T <= self.window:
@@ -92,7 +93,7 @@ class Attention(nn.Module):
             mask &= k_pos > q_pos - self.window
         return mask, False
 
-    def _project(self, x: torch.Tensor, past: int):
+    def _project(self, x: torch.Tensor, past: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [B, H, T, hd], k, v [B, KV, T, hd] for tokens at positions past ... past + T − 1 (rotated)."""
         B, T, _ = x.shape
         hd, H, KV = self.head_dim, self.n_heads, self.n_kv_heads
@@ -103,14 +104,15 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k, v
 
-    def _attend(self, q, k, v, past: int, cached: int) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, cached: int) -> torch.Tensor:
         """Queries at past ... past + T − 1 over `cached` earlier keys and their own, projected out."""
         B, H, T, hd = q.shape
         mask, causal = self._mask(past, cached, T, q.device)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_heads != H)
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, H * hd))
+        out: torch.Tensor = self.out_proj(y.transpose(1, 2).reshape(B, T, H * hd))
+        return out
 
-    def forward(self, x: torch.Tensor, state: KVCache | None = None):
+    def forward(self, x: torch.Tensor, state: KVCache | None = None) -> tuple[torch.Tensor, KVCache | None]:
         """x: [B, T, d] → (y [B, T, d], cache of the positions so far; the last `window` with a window)."""
         if self.context_group is not None and state is None:
             return self._forward_context_parallel(x)
@@ -124,7 +126,7 @@ class Attention(nn.Module):
             k, v = k[:, :, -self.window :], v[:, :, -self.window :]
         return y, KVCache(k, v, past + x.shape[1])
 
-    def _forward_context_parallel(self, x: torch.Tensor):
+    def _forward_context_parallel(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         """This rank's slice of a sequence split over the context group: queries at positions
         r·T ... r·T + T − 1 against the gathered keys and values of the slices up to its own (the later
         ones are gathered too, the collective being one, but not attended to). Later ranks do more of
@@ -140,7 +142,7 @@ class Attention(nn.Module):
         )
         return self._attend(q, k, v, past, past), None
 
-    def step(self, x: torch.Tensor, state: KVCache | None):
+    def step(self, x: torch.Tensor, state: KVCache | None) -> tuple[torch.Tensor, KVCache | None]:
         """One token: x [B, d] → (y [B, d], cache)."""
         y, cache = self.forward(x[:, None], state)
         return y[:, 0], cache

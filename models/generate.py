@@ -30,12 +30,12 @@ def sample(
         token = _pick(logits.float(), temperature, top_k, generator)
         if stop_id is not None and token.item() == stop_id:
             break
-        out.append(token.item())
+        out.append(int(token.item()))
         logits, states = model.step(token, states)
     return out
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_k: int, generator) -> torch.Tensor:
+def _pick(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | None) -> torch.Tensor:
     if temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature

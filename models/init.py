@@ -50,7 +50,8 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x.bitwise_xor_(x >> 16)
 
 
-def _key(seed: int, name: str) -> list[int]:
+def name_key(seed: int, name: str) -> list[int]:
+    """The 8 32-bit words every draw of the tensor `name` under `seed` derives from."""
     digest = hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=32).digest()
     return [int.from_bytes(digest[4 * i : 4 * i + 4], "little") for i in range(8)]
 
@@ -137,6 +138,10 @@ def identity() -> Rule:
     return Rule(lambda d: (d.coordinate(-1) == d.coordinate(-2)).float())
 
 
+# index_of(tensor) -> (global shape, per-dimension global indices, local tensor to fill)
+IndexOf = Callable[[torch.Tensor], tuple[tuple[int, ...], list[torch.Tensor], torch.Tensor]]
+
+
 def full_index(t: torch.Tensor) -> tuple[tuple[int, ...], list[torch.Tensor], torch.Tensor]:
     """(global shape, per-dimension indices, local tensor to fill) of a tensor held whole."""
     return tuple(t.shape), [torch.arange(n) for n in t.shape], t
@@ -161,7 +166,7 @@ def _default(module: nn.Module, name: str) -> Rule | None:
 
 
 @torch.no_grad()
-def fill(t: torch.Tensor, rule: Rule, key: list[int], shape, index: list[torch.Tensor]) -> None:
+def fill(t: torch.Tensor, rule: Rule, key: list[int], shape: tuple[int, ...], index: list[torch.Tensor]) -> None:
     """Writes `rule`'s values of the elements `index` (of a tensor of global `shape`) into `t`."""
     device = t.device
     if rule.whole:
@@ -179,21 +184,22 @@ def fill(t: torch.Tensor, rule: Rule, key: list[int], shape, index: list[torch.T
         t[start : start + rows].copy_(rule.fn(Draws(key, shape, part, device)))
 
 
-def init_parameters(module: nn.Module, seed: int, index_of=full_index) -> None:
+def init_parameters(module: nn.Module, seed: int, index_of: IndexOf = full_index) -> None:
     """Initialises every parameter and buffer of `module` (not on the meta device) by its rule, under its
     name in `module`. index_of(tensor) → (global shape, per-dimension global indices, local tensor): what
     part of the whole tensor this process holds (train/parallel/materialize.py answers it for shards)."""
     rules = collect_rules(module)
     named = list(module.named_parameters()) + list(module.named_buffers())
-    missing = [name for name, _ in named if name not in rules and _default(module, name) is None]
+    chosen = {name: rules.get(name) or _default(module, name) for name, _ in named}
+    missing = [name for name, rule in chosen.items() if rule is None]
     if missing:
         raise TypeError(f"no initialisation rule for {missing} (declare them in the module's init_rules())")
     for name, t in named:
-        if t.device.type == "meta":
+        rule = chosen[name]
+        if t.device.type == "meta" or rule is None:
             continue
-        rule = rules.get(name) or _default(module, name)
         shape, index, local = index_of(t)
-        fill(local, rule, _key(seed, rule.key or name), shape, index)
+        fill(local, rule, name_key(seed, rule.key or name), shape, index)
 
 
 def fresh_seed() -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,18 +12,24 @@ from torch.utils.checkpoint import checkpoint
 from unroll.kernels.cross_entropy import chunked_cross_entropy, gather_vocab
 from unroll.models.attention import Attention
 from unroll.models.config import ModelConfig
-from unroll.models.init import fresh_seed, init_parameters, normal
+from unroll.models.init import Rule, fresh_seed, init_parameters, normal
 from unroll.models.m2rnn import M2RNN
 from unroll.models.mlp import SwiGLU
 from unroll.models.moe import MoE, balancing_loss
 from unroll.models.paragru import ParaGRU, scaled_out_std
 from unroll.models.paralstm import ParaLSTM
+from unroll.models.recurrent import RecurrentMixer
 from unroll.models.tnt import TNT
 
 RECURRENT = {"G": ParaGRU, "L": ParaLSTM}
 
+Mixer = RecurrentMixer | M2RNN | TNT | Attention
+# What a mixer carries from one call to the next: its own type per mixer (a recurrent state tensor,
+# KVCache, M2RNNState, TNTState), None before the first token.
+MixerState = Any
 
-def build_mixer(kind: str, cfg: ModelConfig, out_std: float) -> nn.Module:
+
+def build_mixer(kind: str, cfg: ModelConfig, out_std: float) -> Mixer:
     if kind in RECURRENT:
         return RECURRENT[kind](
             cfg.d_model, cfg.rnn_dim, heads=cfg.rnn_heads, solver=cfg.solver, init_std=cfg.init_std, out_std=out_std
@@ -74,7 +82,7 @@ def build_mixer(kind: str, cfg: ModelConfig, out_std: float) -> nn.Module:
     raise ValueError(f"unknown layer kind {kind!r}")
 
 
-def build_mlp(kind: str, cfg: ModelConfig, out_std: float) -> nn.Module:
+def build_mlp(kind: str, cfg: ModelConfig, out_std: float) -> MoE | SwiGLU:
     if kind == "E":
         m = cfg.moe
         return MoE(
@@ -110,12 +118,13 @@ class Block(nn.Module):
         # hidden activations are usually the widest) and keeps the mixer's.
         self.recompute = "none"
 
-    def forward(self, x: torch.Tensor, state=None):
+    def forward(self, x: torch.Tensor, state: MixerState = None) -> tuple[torch.Tensor, MixerState]:
         if self.recompute == "full" and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, state, use_reentrant=False)
+            out: tuple[torch.Tensor, MixerState] = checkpoint(self._forward, x, state, use_reentrant=False)
+            return out
         return self._forward(x, state)
 
-    def _forward(self, x: torch.Tensor, state=None):
+    def _forward(self, x: torch.Tensor, state: MixerState = None) -> tuple[torch.Tensor, MixerState]:
         y, state = self.mixer(self.mixer_norm(x), state)
         x = x + y
         if self.recompute == "mlp" and torch.is_grad_enabled():
@@ -123,9 +132,10 @@ class Block(nn.Module):
         return x + self._mlp(x), state
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.mlp_norm(x))
+        y: torch.Tensor = self.mlp(self.mlp_norm(x))
+        return y
 
-    def step(self, x: torch.Tensor, state):
+    def step(self, x: torch.Tensor, state: MixerState) -> tuple[torch.Tensor, MixerState]:
         y, state = self.mixer.step(self.mixer_norm(x), state)
         x = x + y
         return x + self.mlp(self.mlp_norm(x)), state
@@ -137,9 +147,9 @@ class LM(nn.Module):
     from `seed` (None: drawn from torch's global generator). The weights are a function of the seed and
     the parameter names only (models/init.py), whatever later holds which part of them."""
 
-    # Set from outside, like the mixers' context_group: tokens per logits chunk of the loss (train.loss_chunk;
-    # 0 = all at once), and the process group the vocabulary is split over (train/parallel/tensor_parallel.py; None =
-    # the embedding and head hold the whole vocabulary).
+    # Set from outside, like the mixers' context group (models/context_parallel.py): tokens per logits chunk
+    # of the loss (train.loss_chunk; 0 = all at once), and the process group the vocabulary is split over
+    # (train/parallel/tensor_parallel.py; None = the embedding and head hold the whole vocabulary).
     loss_chunk: int = 1024
     vocab_group = None
 
@@ -156,7 +166,7 @@ class LM(nn.Module):
             self.to_empty(device=device)
             init_parameters(self, fresh_seed() if seed is None else seed)
 
-    def init_rules(self) -> dict:
+    def init_rules(self) -> dict[str, Rule]:
         return {"embed.weight": normal(self.cfg.init_std), "head.weight": normal(self.cfg.init_std)}
 
     def output_weight(self) -> torch.Tensor:
@@ -181,10 +191,10 @@ class LM(nn.Module):
     def forward(
         self,
         tokens: torch.Tensor,
-        states: list | None = None,
+        states: list[MixerState] | None = None,
         return_states: bool = False,
         targets: torch.Tensor | None = None,
-    ):
+    ) -> torch.Tensor | tuple[torch.Tensor, list[MixerState]]:
         """tokens [B, T] → logits [B, T, V]; with targets [B, T] the mean cross-entropy loss (a scalar) instead,
         computed without the full logits; with return_states also each layer's state after T (the KV cache
         or the recurrent state), from which `step` or another `forward` continues."""
@@ -200,13 +210,15 @@ class LM(nn.Module):
         out = self._logits(x) if targets is None else self.loss(x, targets)
         return (out, new_states) if return_states else out
 
-    def step(self, token: torch.Tensor, states: list | None = None):
+    def step(
+        self, token: torch.Tensor, states: list[MixerState] | None = None
+    ) -> tuple[torch.Tensor, list[MixerState]]:
         """One token per sequence: token [B] → (logits [B, V], states)."""
         x = self.embed(token)
         states = states or [None] * len(self.blocks)
         new_states = []
         for block, state in zip(self.blocks, states):
-            x, state = block.step(x, state)
+            x, state = cast(Block, block).step(x, state)
             new_states.append(state)
         return self._logits(x), new_states
 

@@ -30,6 +30,7 @@ from unroll.kernels.context import previous_tail, receive_state, send_state
 from unroll.kernels.m2rnn_scan import m2rnn_sequential
 from unroll.kernels.newton import SolveInfo
 from unroll.kernels.seqpar_newton import newton_solve_seqpar
+from unroll.models.context_parallel import ContextParallel
 from unroll.models.init import Draws, Rule, constant, identity, init_eagerly, normal, uniform
 
 
@@ -46,9 +47,9 @@ class M2RNNCell:
     def __init__(self, W: torch.Tensor, k_dim: int):
         self.W, self.k_dim = W, k_dim
 
-    def _update(self, h_prev: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _update(self, h_prev: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         H, V = self.W.shape[0], self.W.shape[-1]
-        rows = h_prev.unflatten(-2, (H, self.k_dim))  # [..., H, K, V]
+        rows = torch.unflatten(h_prev, -2, (H, self.k_dim))  # [..., H, K, V]
         z = (rows @ self.W).flatten(-3, -2) + u[..., :V]
         return torch.tanh(z), u[..., V:]  # (tanh(H W + k vᵀ) rows, f)
 
@@ -75,7 +76,10 @@ def pick_m2rnn_solver(solver: str) -> str:
     return "sequential" if solver == "auto" else solver
 
 
-class M2RNN(nn.Module):
+class M2RNN(ContextParallel, nn.Module):
+    """Context parallelism: the convolution takes the previous rank's last inputs, the sequential
+    recurrence its final state (a hand-off pipeline); Newton runs sequence-parallel."""
+
     def __init__(
         self,
         d_model: int,
@@ -108,13 +112,9 @@ class M2RNN(nn.Module):
         self.out_proj = nn.Linear(value, d_model, bias=False)
         self.init_std, self.out_std = init_std, out_std or init_std
         self.last_solve: SolveInfo | None = None
-        # Context parallelism (set from outside, train/parallel/parallelize.py): the sequence is split over this
-        # group; the convolution takes the previous rank's last inputs, the sequential recurrence its
-        # final state (a hand-off pipeline), Newton runs sequence-parallel.
-        self.context_group = None
         init_eagerly(self)
 
-    def init_rules(self) -> dict:
+    def init_rules(self) -> dict[str, Rule]:
         """The paper's init: W = I, D = 1, A ~ U[0, 16] stored as log A, dt log-uniform in [1e-3, 0.1] with
         dt_bias = softplus⁻¹(dt) (so f starts between exp(−1.6) and ~1: a spread of memory lengths). The
         depthwise convolution as torch's Conv1d default, U(±1/√width)."""
@@ -150,7 +150,9 @@ class M2RNN(nn.Module):
         out = F.conv1d(full, self.conv.weight, groups=self.conv_channels)
         return F.silu(out).transpose(1, 2), full[:, :, full.shape[2] - (self.conv_width - 1) :]
 
-    def _recurrence(self, q, k, v, f, h0):
+    def _recurrence(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f: torch.Tensor, h0: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(y [B, T, H, V], H_last) by the configured solver."""
         solver, group = pick_m2rnn_solver(self.solver), self.context_group
         if solver == "sequential":
@@ -170,11 +172,11 @@ class M2RNN(nn.Module):
         )
         solve = newton_solve if group is None else partial(newton_solve_seqpar, group=group)
         rows, self.last_solve = solve(M2RNNCell(self.W.to(q.dtype), K), u, h0.flatten(1, 2), structure=("block", V))
-        states = rows.unflatten(2, (H, K))  # [B, T, H, K, V]
+        states = torch.unflatten(rows, 2, (H, K))  # [B, T, H, K, V]
         y = (q.repeat_interleave(per, dim=2).unsqueeze(-1) * states).sum(-2)
         return y, (states[:, -1] if T else h0)
 
-    def forward(self, x: torch.Tensor, state: M2RNNState | None = None):
+    def forward(self, x: torch.Tensor, state: M2RNNState | None = None) -> tuple[torch.Tensor, M2RNNState]:
         """x: [B, T, d_model] → (y [B, T, d_model], state after the last token)."""
         B, T, _ = x.shape
         G, H, K, V = self.qk_heads, self.v_heads, self.k_dim, self.v_dim
@@ -182,8 +184,8 @@ class M2RNN(nn.Module):
         qkv, conv_state = self._convolve(qkv, state.conv if state is not None else None)
         # The recurrence runs in at least float32 even under bf16 autocast (errors compound over time).
         dtype = torch.promote_types(qkv.dtype, torch.float32)
-        q, k, v = qkv.to(dtype).split([G * K, G * K, H * V], dim=-1)
-        q, k, v = q.unflatten(-1, (G, K)), k.unflatten(-1, (G, K)), v.unflatten(-1, (H, V))
+        q, k, v = torch.split(qkv.to(dtype), [G * K, G * K, H * V], dim=-1)
+        q, k, v = torch.unflatten(q, -1, (G, K)), torch.unflatten(k, -1, (G, K)), torch.unflatten(v, -1, (H, V))
         f = torch.exp(-torch.exp(self.A_log) * F.softplus(a.to(dtype) + self.dt_bias))
         h0 = state.h.to(dtype) if state is not None else x.new_zeros(B, H, K, V, dtype=dtype)
         y, h_last = self._recurrence(q, k, v, f.to(dtype), h0)
@@ -193,7 +195,7 @@ class M2RNN(nn.Module):
             out = out + send_state(h_last, self.context_group)  # the backward receives h_last's gradient
         return out, M2RNNState(conv_state, h_last)
 
-    def step(self, x: torch.Tensor, state: M2RNNState | None):
+    def step(self, x: torch.Tensor, state: M2RNNState | None) -> tuple[torch.Tensor, M2RNNState]:
         """One token: x [B, d_model] → (y [B, d_model], state)."""
         y, state = self.forward(x[:, None], state)
         return y[:, 0], state

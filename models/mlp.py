@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unroll.models.init import init_eagerly, normal
+from unroll.models.init import Rule, init_eagerly, normal
 
 
 class SwiGLU(nn.Module):
@@ -18,9 +18,10 @@ class SwiGLU(nn.Module):
         self.init_std, self.out_std = init_std, out_std or init_std
         init_eagerly(self)
 
-    def init_rules(self) -> dict:
+    def init_rules(self) -> dict[str, Rule]:
         return {"gate_up.weight": normal(self.init_std), "down.weight": normal(self.out_std)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        y: torch.Tensor = self.down(F.silu(gate) * up)
+        return y

@@ -7,12 +7,15 @@ stepped by `update_bias` from the load counted since the last call.
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from unroll.kernels.context import sequence_mean
-from unroll.models.init import constant, init_eagerly, normal
+from unroll.models.context_parallel import ContextParallel
+from unroll.models.init import Rule, constant, init_eagerly, normal
 from unroll.models.mlp import SwiGLU
 
 SCORES = ("softmax", "sigmoid")
@@ -23,7 +26,7 @@ class _AuxWeight:
 
     __slots__ = ("weight",)
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.weight: torch.Tensor | None = None
 
 
@@ -35,12 +38,12 @@ class _DeferredAux(torch.autograd.Function):
     hold all of them, which is what checkpointing is there to avoid."""
 
     @staticmethod
-    def forward(ctx, y, aux, box: _AuxWeight, scale: float):
+    def forward(ctx: Any, y: torch.Tensor, aux: torch.Tensor, box: _AuxWeight, scale: float) -> torch.Tensor:
         ctx.box, ctx.scale, ctx.aux_shape = box, scale, aux.shape
         return y.view_as(y)
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None, None]:
         w = ctx.box.weight
         return g, None if w is None else (w * ctx.scale).expand(ctx.aux_shape), None, None
 
@@ -50,12 +53,12 @@ class _BalancingLoss(torch.autograd.Function):
     receives in every layer's box, for _DeferredAux to apply when the backward reaches that layer."""
 
     @staticmethod
-    def forward(ctx, boxes, *losses):
+    def forward(ctx: Any, boxes: list[_AuxWeight], *losses: torch.Tensor) -> torch.Tensor:
         ctx.boxes = boxes
         return torch.stack(losses).sum()
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[None, ...]:
         for box in ctx.boxes:
             box.weight = g
         return (None,) * (1 + len(ctx.boxes))
@@ -69,11 +72,13 @@ def balancing_loss(moes: list[MoE]) -> torch.Tensor | None:
     losses = [m.aux_loss for m in moes]
     boxes = [m.aux_weight_box for m in moes]
     if torch.is_grad_enabled() and any(loss.requires_grad for loss in losses) and all(b is not None for b in boxes):
-        return _BalancingLoss.apply(boxes, *losses)
+        # (the ignore: torch leaves Function.apply unannotated)
+        total: torch.Tensor = _BalancingLoss.apply(boxes, *losses)  # type: ignore[no-untyped-call]
+        return total
     return torch.stack([loss.detach() for loss in losses]).sum()
 
 
-def _grouped_mm_supported(dtype: torch.dtype, device: torch.device, *row_widths: int) -> bool:
+def grouped_mm_supported(dtype: torch.dtype, device: torch.device, *row_widths: int) -> bool:
     """Whether torch._grouped_mm can run these expert matmuls, forward and backward, on this device.
 
     CPU (checked on torch 2.13): float32/bfloat16/float16 only (float64 raises), autograd works, and every
@@ -92,7 +97,25 @@ def _grouped_mm_supported(dtype: torch.dtype, device: torch.device, *row_widths:
     return ok and all(w * dtype.itemsize % 16 == 0 for w in row_widths)
 
 
-class MoE(nn.Module):
+class ExpertExchange(Protocol):
+    """How the rows routed to the experts reach the experts' holders and come back. A MoE without one
+    (`expert_exchange` None) holds every expert; expert parallelism (train/parallel/expert_parallel.py)
+    sets one that sends each row to the rank holding its expert."""
+
+    def __call__(self, moe: MoE, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """rows [N, d] sorted by expert, counts[e] of them for expert e of all E (on rows' device) -> the
+        experts' outputs [N, d] for these rows, in the same order, computed by `moe.compute_experts`."""
+        ...
+
+
+class MoE(ContextParallel, nn.Module):
+    """route → (exchange) → compute_experts → combine: `forward` is the single-device composition, and
+    expert parallelism replaces only the middle step (`expert_exchange`), so both share the routing and
+    the expert compute. Context parallelism: the auxiliary loss balances over the whole sequence (its
+    statistics averaged over the context group), not this rank's slice."""
+
+    expert_bias: torch.Tensor  # a buffer
+
     def __init__(
         self,
         d_model: int,
@@ -110,6 +133,7 @@ class MoE(nn.Module):
         out_std: float | None = None,
     ):
         super().__init__()
+        value: float
         for name, value in (("d_model", d_model), ("n_experts", n_experts), ("top_k", top_k), ("hidden", hidden)):
             if value < 1:
                 raise ValueError(f"{name} must be positive, got {value}")
@@ -148,14 +172,14 @@ class MoE(nn.Module):
         self.load_since_update = torch.zeros(n_experts, dtype=torch.long)
         self.last_load = torch.zeros(n_experts)
         self.aux_loss = torch.zeros(())
-        self.context_group = None  # context parallelism (set from outside): the ranks sharing the sequence
+        self.expert_exchange: ExpertExchange | None = None  # set from outside: expert parallelism
         self.use_grouped_mm: bool | None = None  # None: decide per call; True/False forces a path (tests)
         # Set from outside (tensor parallelism: 1/tp, as every tp rank carries the whole routing)
         self.aux_grad_scale = 1.0
         self.aux_weight_box: _AuxWeight | None = None  # the last forward's, see balancing_loss
         init_eagerly(self)
 
-    def init_rules(self) -> dict:
+    def init_rules(self) -> dict[str, Rule]:
         return {
             "router.weight": normal(self.init_std),
             "w_gate_up": normal(self.init_std),
@@ -168,7 +192,7 @@ class MoE(nn.Module):
         per_expert = self.w_gate_up[0].numel() + self.w_down[0].numel()
         return (self.n_experts - self.top_k) * per_expert
 
-    def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [T, d] -> expert ids [T, k], combine weights [T, k], per-expert counts [E]; sets aux_loss and
         the load statistics."""
         dtype = torch.promote_types(x.dtype, torch.float32)  # routing never in bf16, float64 kept for tests
@@ -206,29 +230,48 @@ class MoE(nn.Module):
             self.aux_loss = aux
         return idx, weights, counts
 
+    def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype of the expert matmuls: autocast's when it is on (torch._grouped_mm is not on autocast's
+        lists, so the casts are explicit), else x's."""
+        dev = x.device.type
+        return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+    def compute_experts(self, rows: torch.Tensor, counts: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
+        """The routed experts this module holds on their rows: rows [M, d] grouped by expert, counts[e] of
+        them for its e-th expert (counts [w_gate_up.shape[0]] on rows' device; `sizes` the same on the
+        host when the caller has read them already) -> the SwiGLU outputs [M, d] in rows' dtype."""
+        grouped = self.use_grouped_mm
+        if grouped is None:
+            grouped = grouped_mm_supported(rows.dtype, rows.device, self.d_model, self.hidden)
+        if grouped and rows.shape[0] > 0:  # torch._grouped_mm's backward fails on zero rows (torch 2.13)
+            offs = counts.cumsum(0).to(torch.int32)  # stays on the device: no host sync
+
+            def mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+                return torch._grouped_mm(a, w, offs=offs)
+
+        else:  # one matmul per expert on its slice; needs the counts on the host
+            split = counts.tolist() if sizes is None else sizes
+
+            def mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+                return torch.cat([a_e @ w[e] for e, a_e in enumerate(torch.split(a, split))])
+
+        gate, up = mm(rows, self.w_gate_up.to(rows.dtype)).chunk(2, dim=-1)
+        return mm(F.silu(gate) * up, self.w_down.to(rows.dtype))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, self.d_model)
-        idx, weights, counts = self._route(x)
+        idx, weights, counts = self.route(x)
 
         # Dropless dispatch: sort the T*k (token, expert) assignments by expert so each expert's tokens
         # are one contiguous slice; stable so the order within an expert is the token order.
         order = idx.flatten().argsort(stable=True)
         token = order // self.top_k
-        dev = x.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        grouped = self.use_grouped_mm
-        if grouped is None:
-            grouped = _grouped_mm_supported(dtype, x.device, self.d_model, self.hidden)
-        if grouped:
-            offs = counts.cumsum(0).to(torch.int32)  # stays on the device: no host sync
-            mm = lambda a, w: torch._grouped_mm(a, w, offs=offs)  # noqa: E731
-        else:  # one matmul per expert on its slice; needs the counts on the host
-            sizes = counts.tolist()
-            mm = lambda a, w: torch.cat([a_e @ w[e] for e, a_e in enumerate(a.split(sizes))])  # noqa: E731
-        # Cast explicitly: torch._grouped_mm is not on autocast's lists.
-        gate, up = mm(x[token].to(dtype), self.w_gate_up.to(dtype)).chunk(2, dim=-1)
-        y = mm(F.silu(gate) * up, self.w_down.to(dtype))
+        rows = x[token].to(self.compute_dtype(x))
+        if self.expert_exchange is None:
+            y = self.compute_experts(rows, counts)
+        else:
+            y = self.expert_exchange(self, rows, counts)
 
         y = y.to(x.dtype) * weights.flatten()[order, None].to(x.dtype)
         out = x.new_zeros(x.shape).index_add_(0, token, y)
@@ -238,12 +281,14 @@ class MoE(nn.Module):
 
     def _with_balancing_loss(self, out: torch.Tensor) -> torch.Tensor:
         """out, carrying the balancing loss's gradient into this layer's backward (see _DeferredAux)."""
-        if torch._C._current_graph_task_id() != -1:  # recomputed (see _route): the first forward's stays
+        if torch._C._current_graph_task_id() != -1:  # recomputed (see route): the first forward's stays
             return out
         self.aux_weight_box = None
         if torch.is_grad_enabled() and self.aux_loss.requires_grad:
             self.aux_weight_box = _AuxWeight()
-            out = _DeferredAux.apply(out, self.aux_loss, self.aux_weight_box, self.aux_grad_scale)
+            # (the ignore: torch leaves Function.apply unannotated)
+            box, scale = self.aux_weight_box, self.aux_grad_scale
+            out = _DeferredAux.apply(out, self.aux_loss, box, scale)  # type: ignore[no-untyped-call]
         return out
 
     @torch.no_grad()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -62,12 +63,12 @@ class ParaGRU(RecurrentMixer):
 
     gates, state_size = 3, 1
 
-    def __init__(self, d_model: int, width: int, **kw):
+    def __init__(self, d_model: int, width: int, **kw: Any):
         super().__init__(d_model, width, **kw)
         self.a = nn.Parameter(torch.empty(3, width))
         init_eagerly(self)
 
-    def init_rules(self) -> dict:
+    def init_rules(self) -> dict[str, Rule]:
         # Small recurrent coefficients keep the recurrence contractive (and Newton's method convergent).
         # "Chrono" update-gate bias: z ≈ 1/τ with time scales τ ~ U[2, 64], so channels start with a
         # spread of memory lengths instead of all forgetting half their state every token.

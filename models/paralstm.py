@@ -3,10 +3,12 @@ recurrent weights — whose state per channel is the pair (c, h), so its Jacobia
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
-from unroll.models.init import init_eagerly, uniform
+from unroll.models.init import Rule, init_eagerly, uniform
 from unroll.models.paragru import chrono_bias
 from unroll.models.recurrent import RecurrentMixer
 
@@ -71,13 +73,13 @@ class ParaLSTM(RecurrentMixer):
 
     gates, state_size = 3, 2
 
-    def __init__(self, d_model: int, width: int, **kw):
+    def __init__(self, d_model: int, width: int, **kw: Any):
         super().__init__(d_model, width, **kw)
         self.a = nn.Parameter(torch.empty(3, width))
         self.p = nn.Parameter(torch.empty(2, width))
         init_eagerly(self)
 
-    def init_rules(self) -> dict:
+    def init_rules(self) -> dict[str, Rule]:
         # Chrono forget bias: f ≈ 1 − 1/τ, τ ~ U[2, 64], a spread of memory lengths from the start.
         return super().init_rules() | {
             "a": uniform(-0.5, 0.5),

@@ -6,6 +6,8 @@ Subclasses give the cell (`make_cell`), its Jacobian structure and its per-chann
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import nn
 
@@ -13,7 +15,21 @@ from unroll.kernels import newton_solve, sequential_solve
 from unroll.kernels.context import receive_state, send_state
 from unroll.kernels.newton import SolveInfo
 from unroll.kernels.seqpar_newton import newton_solve_seqpar
-from unroll.models.init import constant, normal
+from unroll.models.context_parallel import ContextParallel
+from unroll.models.init import Rule, constant, normal
+
+# A state's Jacobian structure, as the solvers take it: "diag", or ("block", k) for k-vectors.
+Structure = str | tuple[str, int]
+
+
+class RecurrentCell(Protocol):
+    """cell(h_prev, u) -> h for [B, T, ...] tensors (or one step), with its Jacobian ∂h/∂h_prev."""
+
+    def __call__(self, h_prev: torch.Tensor, u: torch.Tensor, /) -> torch.Tensor: ...
+
+    def value_and_jacobian(self, h_prev: torch.Tensor, u: torch.Tensor, /) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def jacobian(self, h_prev: torch.Tensor, u: torch.Tensor, /) -> torch.Tensor: ...
 
 
 def pick_solver(solver: str, device: torch.device, batch: int, length: int, width: int, state_size: int = 1) -> str:
@@ -38,7 +54,7 @@ class HeadLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(heads, gates, width // heads, d_model // heads))
         self.bias = nn.Parameter(torch.empty(gates, width))
 
-    def init_rules(self) -> dict:
+    def init_rules(self) -> dict[str, Rule]:
         return {
             "weight": normal(self.init_std * self.heads**0.5),  # the same output scale as dense
             "bias": constant(0.0),
@@ -46,16 +62,17 @@ class HeadLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.heads == 1:  # one dense matmul (einsum would route through a slower batched path)
-            return (
-                torch.nn.functional.linear(x, self.weight.flatten(0, 2)).unflatten(-1, (self.gates, self.width))
-                + self.bias
-            )
-        xh = x.unflatten(-1, (self.heads, -1))  # [..., H, d/H]
+            y = torch.nn.functional.linear(x, self.weight.flatten(0, 2))
+            return torch.unflatten(y, -1, (self.gates, self.width)) + self.bias
+        xh = torch.unflatten(x, -1, (self.heads, -1))  # [..., H, d/H]
         y = torch.einsum("...hi,hgji->...ghj", xh, self.weight)  # [..., gates, H, width/H]
         return y.flatten(-2) + self.bias
 
 
-class RecurrentMixer(nn.Module):
+class RecurrentMixer(ContextParallel, nn.Module):
+    """Context parallelism: Newton runs sequence-parallel over the context group, the sequential loop as a
+    state hand-off pipeline (the previous rank's last state in, this rank's out)."""
+
     gates: int  # input pre-activations per channel
     state_size: int  # 1 for a scalar state per channel ("diag"), k for k-vectors (("block", k))
 
@@ -75,19 +92,16 @@ class RecurrentMixer(nn.Module):
         self.out_proj = nn.Linear(width, d_model, bias=False)
         self.out_std = out_std or init_std
         self.last_solve: SolveInfo | None = None  # how the last forward solved its recurrence (for metrics)
-        # Context parallelism (set from outside, train/parallel/parallelize.py): the sequence is split over this
-        # process group; Newton runs sequence-parallel, the sequential loop as a state hand-off pipeline.
-        self.context_group = None
 
-    def init_rules(self) -> dict:
+    def init_rules(self) -> dict[str, Rule]:
         return {"out_proj.weight": normal(self.out_std)}
 
     # --- for subclasses ---------------------------------------------------------------------------
     @property
-    def structure(self):
+    def structure(self) -> Structure:
         return "diag" if self.state_size == 1 else ("block", self.state_size)
 
-    def make_cell(self):
+    def make_cell(self) -> RecurrentCell:
         """The cell with this module's parameters: cell(h_prev, u) -> h, for [B, T, ...] tensors."""
         raise NotImplementedError
 
@@ -96,20 +110,22 @@ class RecurrentMixer(nn.Module):
         return h
 
     # --- shared -------------------------------------------------------------------------------------
-    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
+    def recurrence_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., d_model] -> the recurrence's inputs u [..., gates, width], in at least float32."""
         # The recurrence runs in at least float32 even under bf16 autocast: rounding errors compound
         # over the sequence, while the projections around it are where low precision pays.
-        u = self.in_proj(x)
+        u: torch.Tensor = self.in_proj(x)
         return u.to(torch.promote_types(u.dtype, torch.float32))
 
-    def _initial(self, state: torch.Tensor | None, u: torch.Tensor) -> torch.Tensor:
+    def initial_state(self, state: torch.Tensor | None, u: torch.Tensor) -> torch.Tensor:
+        """`state` in u's dtype, or zeros [B, width] ([B, width, k] for k-vector states) when None."""
         shape = (u.shape[0], self.width) + ((self.state_size,) if self.state_size > 1 else ())
         return state.to(u.dtype) if state is not None else u.new_zeros(shape)
 
-    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [B, T, d_model] → (y [B, T, d_model], state after the last step)."""
-        u = self._inputs(x)
-        h0 = self._initial(state, u)
+        u = self.recurrence_inputs(x)
+        h0 = self.initial_state(state, u)
         solver = pick_solver(self.solver, x.device, x.shape[0], x.shape[1], self.width, self.state_size)
         group = self.context_group
         if group is not None and solver == "newton":
@@ -125,10 +141,10 @@ class RecurrentMixer(nn.Module):
         last = h[:, -1] if h.shape[1] else h0
         return self.out_proj(self.readout(h)), last
 
-    def step(self, x: torch.Tensor, state: torch.Tensor | None):
+    def step(self, x: torch.Tensor, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """One token: x [B, d_model] → (y [B, d_model], state)."""
-        u = self._inputs(x)
-        h = self.make_cell()(self._initial(state, u).unsqueeze(1), u.unsqueeze(1)).squeeze(1)
+        u = self.recurrence_inputs(x)
+        h = self.make_cell()(self.initial_state(state, u).unsqueeze(1), u.unsqueeze(1)).squeeze(1)
         return self.out_proj(self.readout(h)), h
 
     def extra_repr(self) -> str:

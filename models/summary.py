@@ -3,11 +3,13 @@ layer carries per sequence when generating. Built on the meta device, so a 7B co
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 
 from unroll.models.attention import Attention
 from unroll.models.config import MIXER_CHARS, MLP_CHARS, ModelConfig
-from unroll.models.lm import LM
+from unroll.models.lm import LM, Block
 from unroll.models.m2rnn import M2RNN
 from unroll.models.moe import MoE
 from unroll.models.recurrent import RecurrentMixer
@@ -18,7 +20,7 @@ def _count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _state(mixer: torch.nn.Module) -> dict:
+def _state(mixer: torch.nn.Module) -> dict[str, Any]:
     """Per sequence: fixed-size recurrent state elements, or the KV cache's growth per token."""
     if isinstance(mixer, RecurrentMixer):
         return {"state_elements": mixer.width * mixer.state_size}
@@ -35,11 +37,12 @@ def _state(mixer: torch.nn.Module) -> dict:
     raise TypeError(f"no state description for {type(mixer).__name__}")
 
 
-def summarize(cfg: ModelConfig) -> dict:
+def summarize(cfg: ModelConfig) -> dict[str, Any]:
     with torch.device("meta"):
         model = LM(cfg)
-    layers = []
-    for i, block in enumerate(model.blocks):
+    layers: list[dict[str, Any]] = []
+    for i, module in enumerate(model.blocks):
+        block = cast(Block, module)
         params = _count(block)
         inactive = block.mlp.inactive_params() if isinstance(block.mlp, MoE) else 0
         layers.append(
@@ -76,7 +79,7 @@ def _fmt(n: int | None) -> str:
     return "-" if n is None else f"{n:,}"
 
 
-def format_summary(name: str, s: dict) -> str:
+def format_summary(name: str, s: dict[str, Any]) -> str:
     lines = [
         f"{name}: pattern {s['pattern']!r}, d_model {s['d_model']}, vocab {s['vocab_size']:,}",
         f"  parameters: {s['params_total']:,} total ({s['params_total'] / 1e9:.3f}B), "

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import overload
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,7 @@ from torch import nn
 
 from unroll.kernels.context import receive_state, send_state
 from unroll.kernels.memory import MemoryCarry, chunk_memory, memory_step
+from unroll.models.context_parallel import ContextParallel
 from unroll.models.init import Rule, constant, init_eagerly, normal
 
 
@@ -60,20 +62,34 @@ class MemorySpec:
     local: int = -1  # index among the local memories; -1 = the global memory
 
 
+# One memory's per-token gates [B·H, T]: θ (step), log β (momentum; None without), log γ (forget; None without)
+Gates = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+
+
 def _shards(t: torch.Tensor, size: int, n: int) -> torch.Tensor:
     """[N, T, ...] → [N·n, size, ...]: the sequence cut into n shards (the last one padded with zeros)."""
     pad = n * size - t.shape[1]
-    return F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)).unflatten(1, (n, size)).flatten(0, 1)
+    return torch.unflatten(F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)), 1, (n, size)).flatten(0, 1)
 
 
-def _last_shard(t, n: int):
+@overload
+def _last_shard(t: torch.Tensor, n: int) -> torch.Tensor: ...
+@overload
+def _last_shard(t: tuple[torch.Tensor, ...], n: int) -> tuple[torch.Tensor, ...]: ...
+@overload
+def _last_shard(t: None, n: int) -> None: ...
+def _last_shard(
+    t: torch.Tensor | tuple[torch.Tensor, ...] | None, n: int
+) -> torch.Tensor | tuple[torch.Tensor, ...] | None:
     """Rows [N·n, ...] (or a tuple of them) → the last shard's rows [N, ...]."""
     if t is None or isinstance(t, tuple):
         return None if t is None else tuple(_last_shard(x, n) for x in t)
-    return t.unflatten(0, (-1, n))[:, -1]
+    return torch.unflatten(t, 0, (-1, n))[:, -1]
 
 
-class TNT(nn.Module):
+class TNT(ContextParallel, nn.Module):
+    """Context parallelism: see the module docstring (the global memory's state is handed rank to rank)."""
+
     def __init__(
         self,
         d_model: int,
@@ -119,11 +135,9 @@ class TNT(nn.Module):
         self.norm = nn.RMSNorm(width, eps=norm_eps)
         self.out_proj = nn.Linear(width, d_model, bias=False)
         self.init_std, self.out_std = init_std, out_std or init_std
-        # Context parallelism (set from outside, train/parallel/parallelize.py): the sequence is split over this group.
-        self.context_group = None
         init_eagerly(self)
 
-    def init_rules(self) -> dict:
+    def init_rules(self) -> dict[str, Rule]:
         """Initial memories: 1 layer W = 0 (an empty linear memory); 2 layers W₁ ~ N(0, 1/d), W₂ ~ N(0, 0.1²/h)
         (near the identity through the residual). Gate projections start at zero weight; biases give
         θ = max_step/2, β = 1/2 and α = σ(−4) ≈ 0.018 (the forget gate is the last of each head's gates)."""
@@ -142,35 +156,45 @@ class TNT(nn.Module):
     def state_elements(self) -> int:
         """Per sequence, what generation carries: each memory's chunk-start and current weights, momentum
         and (local memories) the d×d query projection, for every head."""
-        d, per = self.head_dim, sum(p[0].numel() for p in (self.global_init or self.local_init)[: self.depth])
+        d = self.head_dim
+        per: int = sum(p[0].numel() for p in (self.global_init or self.local_init)[: self.depth])
         return self.heads * sum((2 + self.momentum) * per + (d * d if s.project else 0) for s in self.specs)
 
     # ------------------------------------------------------------------------------------------------
-    def _init(self, i: int) -> list[torch.Tensor]:
+    def initial_weights(self, i: int) -> list[torch.Tensor]:
+        """The learned initial weights of memory i (self.specs[i]), one [heads, ...] tensor per MLP layer."""
         j = self.specs[i].local * self.depth
-        return list(self.global_init) if j < 0 else list(self.local_init[j : j + self.depth])
+        if j < 0:
+            assert self.global_init is not None  # a global memory spec exists only with its weights
+            return list(self.global_init)
+        return list(self.local_init[j : j + self.depth])
 
-    def _fresh(self, i: int, B: int, dtype, shards: int = 1) -> MemoryCarry:
+    def _fresh(self, i: int, B: int, dtype: torch.dtype, shards: int = 1) -> MemoryCarry:
         """The initial carry for rows (batch, head, shard)."""
-        w = tuple(p.to(dtype)[None, :, None].expand(B, -1, shards, -1, -1).flatten(0, 2) for p in self._init(i))
+        w = tuple(
+            p.to(dtype)[None, :, None].expand(B, -1, shards, -1, -1).flatten(0, 2) for p in self.initial_weights(i)
+        )
         S = tuple(torch.zeros_like(t) for t in w) if self.momentum else None
         d = self.head_dim
         M = w[0].new_zeros(w[0].shape[0], d, d) if self.specs[i].project else None
         return MemoryCarry(w, w, S, M, 0)
 
-    def _inputs(self, x: torch.Tensor):
+    def _inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[Gates]]:
         """x [B, T, d_model] → q, k, v [B·H, T, d], output gate g [B, T, H·d], per memory (θ, log β, log γ)
         [B·H, T] each, in at least float32 (the memory's updates compound over time)."""
         B, T, _ = x.shape
         H, d = self.heads, self.head_dim
         dtype = torch.promote_types(x.dtype, torch.float32)
         q, k, v, g = self.in_proj(x).to(dtype).split(H * d, dim=-1)
-        fold = lambda t: t.unflatten(-1, (H, -1)).transpose(1, 2).flatten(0, 1)  # noqa: E731  [B·H, T, ...]
+
+        def fold(t: torch.Tensor) -> torch.Tensor:  # [B, T, H·...] -> [B·H, T, ...]
+            return torch.unflatten(t, -1, (H, -1)).transpose(1, 2).flatten(0, 1)
+
         q, k, v = F.normalize(fold(q), dim=-1), F.normalize(fold(k), dim=-1), fold(v)
         raw = [self.global_gates(x)] if self.global_gates is not None else []
         if self.local_gates is not None:
             raw += list(self.local_gates(x).chunk(len(self.specs) - len(raw), dim=-1))
-        gates = []
+        gates: list[Gates] = []
         for r in raw:
             r = fold(r.to(dtype))  # [B·H, T, gates]
             theta = self.max_step * torch.sigmoid(r[..., 0])
@@ -184,29 +208,53 @@ class TNT(nn.Module):
         start or end), so that the chunkwise kernel can go on from it."""
         return all(c.pos % (s.reset or s.chunk) == 0 for s, c in zip(self.specs, state.memories))
 
-    def _run_local(self, i: int, carry: MemoryCarry | None, q, k, v, gates, B: int):
+    def _run_local(
+        self,
+        i: int,
+        carry: MemoryCarry | None,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        gates: Gates,
+        B: int,
+    ) -> tuple[torch.Tensor, MemoryCarry]:
         """A local memory over the whole slice: with resets, every shard of every sequence as one batch."""
         spec, (N, T, _) = self.specs[i], q.shape
         if not spec.reset:
             return chunk_memory(carry or self._fresh(i, B, q.dtype), q, k, v, *gates, chunk=spec.chunk, read=spec.read)
         S_L = spec.reset
         n = -(-T // S_L)
-        gates = [None if g is None else _shards(g, S_L, n) for g in gates]
+        sharded = [None if g is None else _shards(g, S_L, n) for g in gates]
         valid = (T - torch.arange(n, device=q.device) * S_L).clamp(max=S_L).repeat(N)
         y, c = chunk_memory(
             self._fresh(i, B, q.dtype, n),
             _shards(q, S_L, n),
             _shards(k, S_L, n),
             _shards(v, S_L, n),
-            *gates,
+            *sharded,
             chunk=spec.chunk,
             read=spec.read,
             valid=valid,
         )
-        last = [_last_shard(t, n) for t in (c.point, c.value, c.momentum, c.proj)]
-        return y.unflatten(0, (N, n)).flatten(1, 2)[:, :T], MemoryCarry(*last, T - (n - 1) * S_L)
+        last = MemoryCarry(
+            _last_shard(c.point, n),
+            _last_shard(c.value, n),
+            _last_shard(c.momentum, n),
+            _last_shard(c.proj, n),
+            T - (n - 1) * S_L,
+        )
+        return torch.unflatten(y, 0, (N, n)).flatten(1, 2)[:, :T], last
 
-    def _run_global(self, i: int, carry: MemoryCarry | None, q, k, v, gates, B: int):
+    def _run_global(
+        self,
+        i: int,
+        carry: MemoryCarry | None,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        gates: Gates,
+        B: int,
+    ) -> tuple[tuple[torch.Tensor, MemoryCarry], torch.Tensor | None]:
         spec, group = self.specs[i], self.context_group
         carry = carry or self._fresh(i, B, q.dtype)
         if group is None:
@@ -214,7 +262,7 @@ class TNT(nn.Module):
         # the previous rank's final weights and momentum in (rank 0: the initial ones); ours go out after
         parts = carry.value + (carry.momentum or ())
         packed = receive_state(torch.cat([p.flatten(1) for p in parts], 1), group)
-        parts = tuple(t.view_as(p) for t, p in zip(packed.split([p[0].numel() for p in parts], 1), parts))
+        parts = tuple(t.view_as(p) for t, p in zip(torch.split(packed, [p[0].numel() for p in parts], 1), parts))
         w, s = parts[: self.depth], parts[self.depth :] or None
         y, carry = chunk_memory(
             MemoryCarry(w, w, s, None, carry.pos), q, k, v, *gates, chunk=spec.chunk, read=spec.read
@@ -222,7 +270,7 @@ class TNT(nn.Module):
         out_parts = carry.value + (carry.momentum or ())
         return (y, carry), send_state(torch.cat([p.flatten(1) for p in out_parts], 1), group)
 
-    def _check_context(self, T: int, state) -> None:
+    def _check_context(self, T: int, state: TNTState | None) -> None:
         for s in self.specs:
             if s.name == "global" and T % s.chunk:
                 raise ValueError(
@@ -237,7 +285,7 @@ class TNT(nn.Module):
         if state is not None:
             raise ValueError("TNT under context parallelism starts from the initial state only")
 
-    def forward(self, x: torch.Tensor, state: TNTState | None = None):
+    def forward(self, x: torch.Tensor, state: TNTState | None = None) -> tuple[torch.Tensor, TNTState]:
         """x: [B, T, d_model] → (y [B, T, d_model], state after the last token)."""
         B, T, _ = x.shape
         q, k, v, g, gates = self._inputs(x)
@@ -245,8 +293,10 @@ class TNT(nn.Module):
             return self._tokens(x, q, k, v, g, gates, state)
         if self.context_group is not None:
             self._check_context(T, state)
-        carries = state.memories if state is not None else [None] * len(self.specs)
-        o, new, handoff = 0, [None] * len(self.specs), None
+        carries: list[MemoryCarry | None] = [*state.memories] if state is not None else [None] * len(self.specs)
+        o: torch.Tensor | None = None
+        new: dict[int, MemoryCarry] = {}
+        handoff = None
         order = [i for i, s in enumerate(self.specs) if s.name != "global"] + [
             i for i, s in enumerate(self.specs) if s.name == "global"
         ]  # locals first: no waiting on other ranks
@@ -255,25 +305,36 @@ class TNT(nn.Module):
                 (y, new[i]), handoff = self._run_global(i, carries[i], q, k, v, gates[i], B)
             else:
                 y, new[i] = self._run_local(i, carries[i], q, k, v, gates[i], B)
-            o = o + y
+            o = y if o is None else o + y
+        assert o is not None  # __init__ requires at least one memory
         out = self._output(o, g, B)
         if handoff is not None:
             out = out + handoff  # the backward receives the global state's gradient from the next rank
-        return out, TNTState(new)
+        return out, TNTState([new[i] for i in range(len(self.specs))])
 
     def _output(self, o: torch.Tensor, g: torch.Tensor, B: int) -> torch.Tensor:
-        o = o.unflatten(0, (B, self.heads)).transpose(1, 2).flatten(2)  # [B, T, H·d]
-        return self.out_proj((self.norm(o) * F.silu(g)).to(self.out_proj.weight.dtype))
+        o = torch.unflatten(o, 0, (B, self.heads)).transpose(1, 2).flatten(2)  # [B, T, H·d]
+        out: torch.Tensor = self.out_proj((self.norm(o) * F.silu(g)).to(self.out_proj.weight.dtype))
+        return out
 
-    def _tokens(self, x, q, k, v, g, gates, state: TNTState | None):
+    def _tokens(
+        self,
+        x: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        g: torch.Tensor,
+        gates: list[Gates],
+        state: TNTState | None,
+    ) -> tuple[torch.Tensor, TNTState]:
         """The per-token recurrence over the slice, from `state` (None: the initial memories)."""
         B, T = x.shape[:2]
         carries = (
             list(state.memories) if state is not None else [self._fresh(i, B, q.dtype) for i in range(len(self.specs))]
         )
-        outs = []
+        outs: list[torch.Tensor] = []
         for t in range(T):
-            o = 0
+            o: torch.Tensor | None = None
             for i, spec in enumerate(self.specs):
                 if spec.reset and carries[i].pos == spec.reset:
                     carries[i] = self._fresh(i, B, q.dtype)
@@ -281,12 +342,13 @@ class TNT(nn.Module):
                 y, carries[i] = memory_step(
                     carries[i], q[:, t], k[:, t], v[:, t], th, lb, lg, chunk=spec.chunk, read=spec.read
                 )
-                o = o + y
+                o = y if o is None else o + y
+            assert o is not None  # __init__ requires at least one memory
             outs.append(o)
-        o = torch.stack(outs, 1) if outs else q.new_zeros(q.shape)
-        return self._output(o, g, B), TNTState(carries)
+        whole = torch.stack(outs, 1) if outs else q.new_zeros(q.shape)
+        return self._output(whole, g, B), TNTState(carries)
 
-    def step(self, x: torch.Tensor, state: TNTState | None):
+    def step(self, x: torch.Tensor, state: TNTState | None) -> tuple[torch.Tensor, TNTState]:
         """One token by the per-token recurrence: x [B, d_model] → (y [B, d_model], state)."""
         x = x[:, None]
         q, k, v, g, gates = self._inputs(x)

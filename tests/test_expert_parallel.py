@@ -63,3 +63,25 @@ def test_rejects_bad_sizes(ranks):
     for res in ranks:
         assert "not divisible" in res["errors"]["indivisible"]
         assert "already expert-parallel" in res["errors"]["twice"]
+
+
+def test_apply_composes_the_moe_in_place():
+    """apply_expert_parallel keeps the module (same object and class, the same state-dict keys) and gives
+    it an expert exchange; the rank keeps its block of experts; a second application is refused."""
+    import torch
+
+    from unroll.models.moe import MoE
+    from unroll.train.parallel.expert_parallel import ExpertParallel, apply_expert_parallel, expert_parameters
+    from unroll.train.planning.fake_comm import fake_process_group
+
+    with fake_process_group(1, 2) as group:
+        torch.manual_seed(0)
+        moe = MoE(8, n_experts=4, top_k=2, hidden=6, shared_experts=1, shared_hidden=4)
+        keys, w_down = list(moe.state_dict()), moe.w_down.detach().clone()
+        apply_expert_parallel(moe, group)
+        assert type(moe) is MoE and list(moe.state_dict()) == keys
+        assert moe.expert_exchange == ExpertParallel(group, rank=1, size=2, n_local=2, offset=2)
+        assert torch.equal(moe.w_down, w_down[2:])
+        assert [name for name, _ in expert_parameters(moe)] == ["w_gate_up", "w_down"]
+        with pytest.raises(ValueError, match="already expert-parallel"):
+            apply_expert_parallel(moe, group)

@@ -259,18 +259,18 @@ def test_expert_parallel_moe_at_ep_8_exchanges_symmetric_splits():
         moe = MoE(d, n_experts=n_experts, top_k=2, hidden=8)
         apply_expert_parallel(moe, group)
         seen = {}
-        route, local = moe._route, moe._local_experts
+        route, local = moe.route, moe.compute_experts
 
         def spy_route(x):
             out = route(x)
             seen["counts"] = out[2].clone()
             return out
 
-        def spy_local(a, counts, sizes, dtype):
+        def spy_local(a, counts, sizes):
             seen["rows"], seen["sizes"] = a.shape[0], list(sizes)
-            return local(a, counts, sizes, dtype)
+            return local(a, counts, sizes)
 
-        moe._route, moe._local_experts = spy_route, spy_local
+        moe.route, moe.compute_experts = spy_route, spy_local
         x = torch.randn(24, d, requires_grad=True)
         moe(x).square().sum().backward()
         assert x.grad.isfinite().all() and moe.w_gate_up.grad.isfinite().all()

@@ -12,7 +12,7 @@ from torch import nn
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from unroll.models import LM
-from unroll.models.init import Draws, _key, constant, fill, identity, init_parameters, normal, uniform
+from unroll.models.init import Draws, constant, fill, identity, init_parameters, name_key, normal, uniform
 from unroll.models.paragru import chrono_bias
 from unroll.train.config import load_config
 
@@ -28,7 +28,7 @@ RULES = {
 def values(rule, shape, index=None, seed=0, name="w"):
     index = index or [torch.arange(n) for n in shape]
     out = torch.empty([len(i) for i in index])
-    fill(out, rule, _key(seed, name), tuple(shape), index)
+    fill(out, rule, name_key(seed, name), tuple(shape), index)
     return out
 
 
@@ -60,7 +60,9 @@ def test_the_draws_have_the_stated_distribution_and_depend_on_seed_and_name():
 
 
 def test_more_than_two_to_the_32_elements_hash_the_high_word_too():
-    d = Draws(_key(0, "big"), (1 << 20, 1 << 13), [torch.tensor([0, 1 << 19]), torch.tensor([0])], torch.device("cpu"))
+    d = Draws(
+        name_key(0, "big"), (1 << 20, 1 << 13), [torch.tensor([0, 1 << 19]), torch.tensor([0])], torch.device("cpu")
+    )
     assert d.wide and d.counter.flatten().tolist() == [0, 1 << 32]
     assert len(set(d.uniform().flatten().tolist())) == 2
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unroll.models.moe import MoE, _grouped_mm_supported
+from unroll.models.moe import MoE, grouped_mm_supported
 
 D, E, K, H = 16, 6, 2, 8
 
@@ -91,11 +91,11 @@ def test_skewed_router_drops_nothing():
 
 def test_grouped_mm_choice():
     cpu = torch.device("cpu")
-    assert _grouped_mm_supported(torch.float32, cpu, 16, 8)
-    assert _grouped_mm_supported(torch.bfloat16, cpu, 16, 8)
-    assert not _grouped_mm_supported(torch.float64, cpu, 16, 8)  # no float64 kernel
-    assert not _grouped_mm_supported(torch.float32, cpu, 16, 7)  # 28-byte rows: misaligned
-    assert not _grouped_mm_supported(torch.bfloat16, cpu, 16, 4)  # 8-byte rows: misaligned
+    assert grouped_mm_supported(torch.float32, cpu, 16, 8)
+    assert grouped_mm_supported(torch.bfloat16, cpu, 16, 8)
+    assert not grouped_mm_supported(torch.float64, cpu, 16, 8)  # no float64 kernel
+    assert not grouped_mm_supported(torch.float32, cpu, 16, 7)  # 28-byte rows: misaligned
+    assert not grouped_mm_supported(torch.bfloat16, cpu, 16, 4)  # 8-byte rows: misaligned
 
 
 @pytest.mark.parametrize("shared", [0, 1])

@@ -60,7 +60,7 @@ def reference(m: TNT, x):
     q, k, v, g, gates = inputs(m, x)
     out = torch.zeros(B, T, m.heads, m.head_dim, dtype=x.dtype)
     for i, spec in enumerate(m.specs):
-        init = m._init(i)
+        init = m.initial_weights(i)
         for b in range(B):
             for h in range(m.heads):
                 pos = 0
@@ -161,7 +161,7 @@ def titans_memory(m: TNT, x, C: int, i: int = 0, read: str = "after"):
     out = torch.zeros(B, T, m.heads, m.head_dim, dtype=x.dtype)
     for b in range(B):
         for h in range(m.heads):
-            W = {n: w[h] for n, w in zip(names, m._init(i))}
+            W = {n: w[h] for n, w in zip(names, m.initial_weights(i))}
             S = {n: torch.zeros_like(w) for n, w in W.items()}
             for c0 in range(0, T, C):
                 P = dict(W)

@@ -91,8 +91,8 @@ def _problem(cell_name: str, B: int, T: int, D: int, dtype: torch.dtype, device:
     mixer = CELLS[cell_name](D, D).to(device=device, dtype=dtype)
     x = torch.nn.functional.rms_norm(torch.randn(B, T, D, device=device, dtype=dtype), (D,))
     with torch.no_grad():
-        u = mixer._inputs(x)
-    return mixer, u, mixer._initial(None, u)
+        u = mixer.recurrence_inputs(x)
+    return mixer, u, mixer.initial_state(None, u)
 
 
 def _pass(solve, mixer, u, h0, backward: bool, grad_sync=None):

@@ -59,8 +59,8 @@ def _problem(cell_name: str, B: int, T: int, D: int, dtype: torch.dtype, device:
     mixer = CELLS[cell_name](D, D).to(device=device, dtype=dtype)
     x = torch.nn.functional.rms_norm(torch.randn(B, T, D, device=device, dtype=dtype), (D,))
     with torch.no_grad():
-        u = mixer._inputs(x)
-    h0 = mixer._initial(None, u)
+        u = mixer.recurrence_inputs(x)
+    h0 = mixer.initial_state(None, u)
     return mixer, u, h0
 
 

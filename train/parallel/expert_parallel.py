@@ -12,16 +12,16 @@ Layout over the ep group (size ep, ep | n_experts; rank i = ep_group rank):
 
 The parameter names are unchanged (a state dict saved under EP holds this rank's block under the
 single-device names: gather or reshard it before loading into another layout). `n_experts` stays the
-global count (the router and the load statistics are over all experts); `n_local_experts`,
-`expert_offset`, `ep_group`, `ep_rank`, `ep_size` are added. The module's class becomes
-`ExpertParallelMoE`, a subclass of MoE, so `isinstance(m, MoE)` (LM.moe_layers, aux losses,
-update_bias) still holds. `inactive_params` (and so LM's active-parameter count) is not adjusted: on an
+global count (the router and the load statistics are over all experts). The module stays a MoE: its
+`expert_exchange` becomes an `ExpertParallel` (group, rank, size, n_local, offset), which MoE.forward
+calls between its own routing and combine, and which runs the module's own `compute_experts` on the
+rows its experts receive. `inactive_params` (and so LM's active-parameter count) is not adjusted: on an
 EP rank it subtracts the global (E - k) experts from the local parameter count.
 
 Forward of one EP MoE on T local tokens, k experts each (N = T·k assignments), all in ep_group:
 
-    1. route locally exactly as the single-device module (router and bias replicated; aux_loss,
-       last_load, load_since_update from this rank's tokens only)
+    1. route locally exactly as the single-device module (MoE.route (router and bias replicated; aux_loss,
+       last_load, load_since_update from this rank's tokens only); MoE.forward then
     2. sort the N assignments by expert (stable); assignments for rank j's experts are then one
        contiguous slice, itself grouped by expert
     3. all_to_all_single of the per-expert counts [E] int64, equal splits (E/ep each): each rank
@@ -30,12 +30,12 @@ Forward of one EP MoE on T local tokens, k experts each (N = T·k assignments), 
     5. all_to_all_single of the sorted token activations [N, d], uneven splits, in the compute dtype
        (the autocast dtype when autocast is on)                               -> N·d·itemsize bytes
     6. regroup the received rows (laid out [source][local expert]) by local expert, run the local
-       experts (torch._grouped_mm when supported, else a per-expert loop, as the module decides; the
+       experts (MoE.compute_experts: torch._grouped_mm when supported, else a per-expert loop; the
        loop when no rows arrived, as torch._grouped_mm's backward fails on zero rows), and undo the
        regrouping
     7. all_to_all_single back (the inverse splits)                            -> N·d·itemsize bytes
-    8. weight by the combine weights and index_add into token order (in x's dtype), add the shared
-       experts: exactly the single-device tail
+    8. MoE.forward weights by the combine weights and index_adds into token order (in x's dtype), adds
+       the shared experts: the single-device tail
 
 Backward: the two activation exchanges are an autograd.Function whose backward is the inverse
 all_to_all_single (the gradients contiguous), so two more all_to_all_single of N·d·itemsize bytes each;
@@ -72,12 +72,15 @@ should use load_since_update all-reduced over every rank that routes tokens (ep 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
-from unroll.models.moe import MoE, _grouped_mm_supported
+from unroll.models.moe import MoE
 
 EXPERT_PARAMS = ("w_gate_up", "w_down")
 
@@ -107,40 +110,22 @@ def all_to_all_rows(x: torch.Tensor, out_splits: list[int], in_splits: list[int]
     return _AllToAll.apply(x, list(out_splits), list(in_splits), group)
 
 
-class ExpertParallelMoE(MoE):
-    """A MoE whose routed experts are split over `ep_group`; made by apply_expert_parallel, never built."""
+@dataclass
+class ExpertParallel:
+    """A MoE's expert exchange (models/moe.py's ExpertExchange) when its routed experts are split over
+    `group`: this rank holds experts [offset, offset + n_local). Set by apply_expert_parallel."""
 
-    ep_group: dist.ProcessGroup
-    ep_rank: int
-    ep_size: int
-    n_local_experts: int
-    expert_offset: int
+    group: Any  # the ep process group
+    rank: int
+    size: int
+    n_local: int
+    offset: int
+    mesh: DeviceMesh | None = None  # the 2-D (edp, ep) mesh, once tag_expert_parameters is given one
 
-    def _local_experts(self, a: torch.Tensor, counts: torch.Tensor, sizes: list[int], dtype) -> torch.Tensor:
-        """a [M, d] grouped by local expert (counts [E_local] on a's device, sizes the same on the host)
-        -> the experts' outputs [M, d] in `dtype`: the single-device module's grouped compute."""
-        grouped = self.use_grouped_mm
-        if grouped is None:
-            grouped = _grouped_mm_supported(dtype, a.device, self.d_model, self.hidden)
-        if grouped and a.shape[0] > 0:  # torch._grouped_mm's backward fails on zero rows (torch 2.13)
-            offs = counts.cumsum(0).to(torch.int32)
-            mm = lambda u, w: torch._grouped_mm(u, w, offs=offs)  # noqa: E731
-        else:
-            mm = lambda u, w: torch.cat([u_e @ w[e] for e, u_e in enumerate(u.split(sizes))])  # noqa: E731
-        gate, up = mm(a.to(dtype), self.w_gate_up.to(dtype)).chunk(2, dim=-1)
-        return mm(F.silu(gate) * up, self.w_down.to(dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x = x.reshape(-1, self.d_model)
-        idx, weights, counts = self._route(x)
-        ep, n_local, group = self.ep_size, self.n_local_experts, self.ep_group
-
-        order = idx.flatten().argsort(stable=True)
-        token = order // self.top_k
-        dev = x.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-
+    def __call__(self, moe: MoE, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Steps 3-7 of the module docstring: rows [N, d] sorted by expert, counts [E] -> their experts'
+        outputs, in rows' order."""
+        ep, n_local, group = self.size, self.n_local, self.group
         # Per-expert counts to the experts' owners: recv[s, e] = rows source s sends to local expert e.
         recv = torch.empty_like(counts)
         dist.all_to_all_single(recv, counts.contiguous(), group=group)
@@ -149,34 +134,34 @@ class ExpertParallelMoE(MoE):
         host = torch.cat([counts.view(ep, n_local).sum(1), recv.sum(1), local_counts]).tolist()  # one sync
         in_splits, out_splits, sizes = host[:ep], host[ep : 2 * ep], host[2 * ep :]
 
-        rows = all_to_all_rows(x[token].to(dtype), out_splits, in_splits, group)
+        received = all_to_all_rows(rows, out_splits, in_splits, group)
         # Received rows are [source][local expert]; the experts want [local expert][source].
         expert_of_row = (
-            torch.arange(n_local, device=x.device)
+            torch.arange(n_local, device=rows.device)
             .repeat(ep)
             .repeat_interleave(recv.flatten(), output_size=sum(out_splits))
         )
         perm = expert_of_row.argsort(stable=True)
         inv = torch.empty_like(perm)
         inv[perm] = torch.arange(perm.numel(), device=perm.device)
-        y = self._local_experts(rows[perm], local_counts, sizes, dtype)[inv]
-        y = all_to_all_rows(y, in_splits, out_splits, group)
+        y = moe.compute_experts(received[perm], local_counts, sizes)[inv]
+        return all_to_all_rows(y, in_splits, out_splits, group)
 
-        y = y.to(x.dtype) * weights.flatten()[order, None].to(x.dtype)
-        out = x.new_zeros(x.shape).index_add_(0, token, y)
-        if self.shared is not None:
-            out = out + self.shared(x)
-        return self._with_balancing_loss(out.reshape(shape))
+
+def expert_parallel_of(m: nn.Module) -> ExpertParallel | None:
+    """The expert-parallel exchange of `m` if it is an expert-parallel MoE, else None."""
+    exchange = m.expert_exchange if isinstance(m, MoE) else None
+    return exchange if isinstance(exchange, ExpertParallel) else None
 
 
 def apply_expert_parallel(moe: MoE, ep_group) -> None:
     """Make `moe` expert-parallel over ep_group in place (see the module docstring). Every rank must call
     it on an identically initialised module (the same seed, or weights loaded/broadcast beforehand):
     each keeps its own contiguous block of E/ep experts and drops the rest."""
-    if isinstance(moe, ExpertParallelMoE):
-        raise ValueError("this MoE is already expert-parallel")
     if not isinstance(moe, MoE):
         raise TypeError(f"expected a MoE, got {type(moe).__name__}")
+    if moe.expert_exchange is not None:
+        raise ValueError("this MoE is already expert-parallel")
     ep, rank = dist.get_world_size(ep_group), dist.get_rank(ep_group)
     if moe.n_experts % ep:
         raise ValueError(f"n_experts={moe.n_experts} is not divisible by the expert-parallel size {ep}")
@@ -186,14 +171,12 @@ def apply_expert_parallel(moe: MoE, ep_group) -> None:
         full = getattr(moe, name)
         local = nn.Parameter(full.detach()[lo : lo + n_local].clone(), requires_grad=full.requires_grad)
         setattr(moe, name, local)
-    moe.__class__ = ExpertParallelMoE
-    moe.ep_group, moe.ep_rank, moe.ep_size = ep_group, rank, ep
-    moe.n_local_experts, moe.expert_offset = n_local, lo
+    moe.expert_exchange = ExpertParallel(ep_group, rank, ep, n_local, lo)
 
 
 def apply_expert_parallel_to_model(model: nn.Module, ep_group) -> int:
     """apply_expert_parallel on every MoE in `model` (an LM or any module tree); returns how many."""
-    moes = [m for m in model.modules() if isinstance(m, MoE) and not isinstance(m, ExpertParallelMoE)]
+    moes = [m for m in model.modules() if isinstance(m, MoE) and m.expert_exchange is None]
     for m in moes:
         apply_expert_parallel(m, ep_group)
     return len(moes)
@@ -206,15 +189,16 @@ def tag_expert_parameters(model: nn.Module, ep_mesh=None) -> None:
     the MoEs remember it; without, the tags are renewed from the MoEs (after `to_empty` replaced the
     parameter objects)."""
     for m in model.modules():
-        if not isinstance(m, ExpertParallelMoE):
+        ep = expert_parallel_of(m)
+        if ep is None:
             continue
         if ep_mesh is not None:
-            m.ep_mesh = ep_mesh
+            ep.mesh = ep_mesh
         for name in EXPERT_PARAMS:
             p = getattr(m, name)
-            p.global_rows = (m.n_experts, m.expert_offset)
-            if getattr(m, "ep_mesh", None) is not None:
-                p.ep_mesh = m.ep_mesh
+            p.global_rows = (m.n_experts, ep.offset)
+            if ep.mesh is not None:
+                p.ep_mesh = ep.mesh
 
 
 def expert_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -222,7 +206,7 @@ def expert_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     every other parameter of the model is replicated over the ep group."""
     out = []
     for prefix, m in model.named_modules():
-        if isinstance(m, ExpertParallelMoE):
+        if expert_parallel_of(m) is not None:
             out += [(f"{prefix}.{n}" if prefix else n, getattr(m, n)) for n in EXPERT_PARAMS]
     return out
 

@@ -34,6 +34,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_f
 from torch.nn.parallel import DistributedDataParallel
 
 from unroll.models import LM
+from unroll.models.context_parallel import ContextParallel
 from unroll.train.parallel.expert_parallel import (
     apply_expert_parallel_to_model,
     expert_parameters,
@@ -164,30 +165,32 @@ def _shard(
 
 
 def apply_context_parallel(model: LM, group) -> None:
-    """Every mixer works on its rank's slice of the sequence (see kernels/context.py and
-    kernels/seqpar_newton.py for what each exchanges)."""
+    """Every block's sequence-aware parts (models/context_parallel.py: the mixer, a MoE for its balancing
+    statistics) work on this rank's slice of the sequence, through their one hook, `set_context_group`.
+    A mixer without the hook cannot run on a slice: refused."""
     for block in model.blocks:
-        for part in _context_parts(block):
-            part.context_group = group
+        if not isinstance(block.mixer, ContextParallel):
+            raise TypeError(f"the mixer {type(block.mixer).__name__} does not support context parallelism")
+    for part in _context_parts(model):
+        part.set_context_group(group)
 
 
-def _context_parts(block) -> list[torch.nn.Module]:
-    """The parts of a block that look across the sequence: the mixer, and a MoE's balancing statistics."""
-    return [block.mixer] + ([block.mlp] if hasattr(block.mlp, "context_group") else [])
+def _context_parts(model: LM) -> list[ContextParallel]:
+    return [m for block in model.blocks for m in block.modules() if isinstance(m, ContextParallel)]
 
 
 @contextlib.contextmanager
 def without_context_parallel(model: LM):
     """Generation runs whole sequences on each rank: the context groups are lifted meanwhile."""
-    parts = [part for block in model.blocks for part in _context_parts(block)]
+    parts = _context_parts(model)
     groups = [part.context_group for part in parts]
     for part in parts:
-        part.context_group = None
+        part.set_context_group(None)
     try:
         yield
     finally:
         for part, group in zip(parts, groups):
-            part.context_group = group
+            part.set_context_group(group)
 
 
 def gradient_sync(trained: torch.nn.Module, sync: bool):
