@@ -8,6 +8,8 @@ which `linear_scan` solves in O(T) work and O(log T)-ish depth. The first guess 
 Convergence is decided per sequence on the relative residual max_t |r_t| / (1 + |f_t|) against a
 per-dtype tolerance. A sequence that has not converged after `max_iters` iterations (or whose iterates
 overflow) is solved again exactly, step by step, and `info` says so: the result is never silently wrong.
+That epilogue, `fall_back_where_unconverged`, is shared with the sequence-parallel solver (seqpar_newton.py).
+The cell contract (what `cell` must provide) is kernels/cell.py.
 
 Gradients (both solvers) come from the adjoint at the solution H*: with g = ∂L/∂H*,
     λ_t = g_t + J_{t+1}ᵀ λ_{t+1}    (one reverse linear_scan),
@@ -183,13 +185,13 @@ def fall_back_where_unconverged(
     handoff: FallbackHandoff | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, SolveInfo]:
     """The end of a Newton solve: (h, start, info) once Newton has stopped after `iterations` iterations
-        with the per-sequence residual `res` [B] (max over the whole sequence) for the iterate h [B, T, *state].
+    with the per-sequence residual `res` [B] (max over the whole sequence) for the iterate h [B, T, *state].
 
-        Sequences with res ≤ tol are kept as they are; the others (not converged, or overflowed: res is inf)
-        are solved again exactly by `sequential_loop` from `start` (the state before the first step; with a
-        handoff, rows of it are replaced by what the previous slice hands on), their residual recomputed, and
-        `info` says how many were redone. Call under no_grad; h is returned as is when every sequence converged,
-    else as a new tensor.
+    Sequences with res ≤ tol are kept as they are; the others (not converged, or overflowed: res is inf)
+    are solved again exactly by `sequential_loop` from `start` (the state before the first step; with a
+    handoff, rows of it are replaced by what the previous slice hands on), their residual recomputed, and
+    `info` says how many were redone. Call under no_grad. h comes back as it is when every sequence
+    converged, else as a new tensor.
     """
     bad = res > tol
     if not bool(bad.any()):
