@@ -16,15 +16,19 @@ point-to-point hand-offs pair each rank with its neighbours only. Tested on gloo
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
+Group = dist.ProcessGroup | None  # None: the default group
 
-def _rank(group) -> tuple[int, int]:
+
+def _rank(group: Group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def _global(group, rank: int) -> int:
+def _global(group: Group, rank: int) -> int:
     return dist.get_global_rank(group, rank) if group is not None else rank
 
 
@@ -35,7 +39,7 @@ class _GatherSequence(torch.autograd.Function):
     slices of a gradient cut along a middle dimension are strided, the likely cause)."""
 
     @staticmethod
-    def forward(ctx, x, group, dim):
+    def forward(ctx: Any, x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
         ctx.group, ctx.dim = group, dim
         R = dist.get_world_size(group)
         local = x.movedim(dim, 0).contiguous()
@@ -44,17 +48,18 @@ class _GatherSequence(torch.autograd.Function):
         return out.movedim(0, dim)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         full = grad.movedim(ctx.dim, 0).contiguous()
         mine = full.new_empty(full.shape[0] // dist.get_world_size(ctx.group), *full.shape[1:])
         dist.reduce_scatter_single(mine, full, group=ctx.group)
         return mine.movedim(0, ctx.dim), None, None
 
 
-def gather_sequence(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+def gather_sequence(x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
     """[..., T_local, ...] on every rank → [..., R·T_local, ...] in rank order; gradients flow back to
     each slice's owner (summed over the ranks that used it)."""
-    return _GatherSequence.apply(x, group, dim)
+    out: torch.Tensor = _GatherSequence.apply(x, group, dim)  # type: ignore[no-untyped-call]  # torch: apply unannotated
+    return out
 
 
 class _SequenceMean(torch.autograd.Function):
@@ -63,26 +68,27 @@ class _SequenceMean(torch.autograd.Function):
     cp ranks gives its exact gradient."""
 
     @staticmethod
-    def forward(ctx, x, group):
+    def forward(ctx: Any, x: torch.Tensor, group: Group) -> torch.Tensor:
         ctx.group = group
         out = x.contiguous().clone()
         dist.all_reduce(out, group=group)
         return out / dist.get_world_size(group)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         out = grad.contiguous().clone()
         dist.all_reduce(out, group=ctx.group)
         return out / dist.get_world_size(ctx.group), None
 
 
-def sequence_mean(x: torch.Tensor, group) -> torch.Tensor:
+def sequence_mean(x: torch.Tensor, group: Group) -> torch.Tensor:
     """A per-slice mean (e.g. MoE routing probabilities averaged over the tokens) → the whole sequence's,
     given equal slices."""
-    return _SequenceMean.apply(x, group)
+    out: torch.Tensor = _SequenceMean.apply(x, group)  # type: ignore[no-untyped-call]  # torch: apply unannotated
+    return out
 
 
-def previous_tail(tail: torch.Tensor, first: torch.Tensor, group) -> torch.Tensor:
+def previous_tail(tail: torch.Tensor, first: torch.Tensor, group: Group) -> torch.Tensor:
     """The previous rank's `tail` (same shape everywhere); rank 0 gets `first`. One all_gather."""
     r, _ = _rank(group)
     gathered = gather_sequence(tail.unsqueeze(0), group, 0)
@@ -93,7 +99,7 @@ def previous_tail(tail: torch.Tensor, first: torch.Tensor, group) -> torch.Tenso
 
 class _Receive(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, first, group):
+    def forward(ctx: Any, first: torch.Tensor, group: Group) -> torch.Tensor:
         r, _ = _rank(group)
         ctx.group, ctx.r = group, r
         if r == 0:
@@ -103,7 +109,7 @@ class _Receive(torch.autograd.Function):
         return buf
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         if ctx.r == 0:
             return grad, None
         dist.send(grad.contiguous(), dst=_global(ctx.group, ctx.r - 1), group=ctx.group)
@@ -112,7 +118,7 @@ class _Receive(torch.autograd.Function):
 
 class _Send(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, group):
+    def forward(ctx: Any, h: torch.Tensor, group: Group) -> torch.Tensor:
         r, R = _rank(group)
         ctx.group, ctx.r, ctx.R = group, r, R
         ctx.meta = (h.shape, h.dtype, h.device)
@@ -121,7 +127,7 @@ class _Send(torch.autograd.Function):
         return h.new_zeros(())
 
     @staticmethod
-    def backward(ctx, _):
+    def backward(ctx: Any, _: torch.Tensor) -> tuple[torch.Tensor, None]:
         shape, dtype, device = ctx.meta
         grad = torch.zeros(shape, dtype=dtype, device=device)
         if ctx.r < ctx.R - 1:
@@ -129,7 +135,7 @@ class _Send(torch.autograd.Function):
         return grad, None
 
 
-def receive_state(first: torch.Tensor, group, anchor: torch.Tensor | None = None) -> torch.Tensor:
+def receive_state(first: torch.Tensor, group: Group, anchor: torch.Tensor | None = None) -> torch.Tensor:
     """`anchor`, a tensor computed from the layer's input, ties the hand-off into the graph between that
     input and the output (it contributes 0), so a backward that only asks for the input's gradient — a
     pipeline schedule's `autograd.grad(outputs, inputs)` — still runs _Receive and sends the gradient back."""
@@ -139,8 +145,11 @@ def receive_state(first: torch.Tensor, group, anchor: torch.Tensor | None = None
         # The output must require grad so that the backward reaches _Receive and sends the gradient
         # back to the previous rank, even where the initial state itself is a constant.
         first = first.detach().requires_grad_()
-    return _Receive.apply(first, group)
+    out: torch.Tensor = _Receive.apply(first, group)  # type: ignore[no-untyped-call]  # torch: apply unannotated
+    return out
 
 
-def send_state(h: torch.Tensor, group) -> torch.Tensor:
-    return _Send.apply(h, group)
+def send_state(h: torch.Tensor, group: Group) -> torch.Tensor:
+    """A zero scalar, after handing h to the next rank (see the module docstring)."""
+    out: torch.Tensor = _Send.apply(h, group)  # type: ignore[no-untyped-call]  # torch: apply unannotated
+    return out

@@ -37,10 +37,14 @@ manager around the forward does not reach.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+Group = dist.ProcessGroup | None  # None: the default group
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -48,7 +52,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     `group` in rank order. backward: (softmax_local − onehot_local) · g, from the saved softmax."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, group) -> torch.Tensor:
+    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor, group: Group) -> torch.Tensor:
         n, rows = logits.shape
         start = dist.get_rank(group) * rows
         row_max = logits.max(dim=-1).values  # any shift gives the same softmax; the global max avoids overflow
@@ -69,7 +73,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return sum_exp.log() - target_logit
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         softmax, local, mine = ctx.saved_tensors
         # a new tensor, not the saved softmax modified in place: a backward may run twice on this graph
         # (retain_graph, the zero-bubble schedules' separate input and weight passes)
@@ -82,16 +86,18 @@ def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, group) -> torch.Tensor:
+def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, group: Group) -> torch.Tensor:
     """Σ over the chunk's tokens of the cross-entropy: logits in the ambient dtype, the loss in float32."""
     logits = _at_least_float32(F.linear(hidden, weight))
     if group is None:
         return F.cross_entropy(logits, targets, reduction="sum")
-    return _VocabParallelCrossEntropy.apply(logits, targets, group).sum()
+    # torch leaves Function.apply unannotated
+    per_token: torch.Tensor = _VocabParallelCrossEntropy.apply(logits, targets, group)  # type: ignore[no-untyped-call]
+    return per_token.sum()
 
 
 def chunked_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, chunk: int, group=None
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, chunk: int, group: Group = None
 ) -> torch.Tensor:
     """Mean cross-entropy of the logits hidden @ weight.T against `targets`, chunk by chunk.
 
@@ -109,13 +115,14 @@ def chunked_cross_entropy(
         )
     if chunk <= 0 or chunk >= N:
         return _chunk_loss_sum(hidden, weight, targets, group) / N
-    total = None
-    for h, t in zip(hidden.split(chunk), targets.split(chunk)):
+    total: torch.Tensor | None = None
+    for h, t in zip(torch.split(hidden, chunk), torch.split(targets, chunk)):  # N > chunk ≥ 1: at least two chunks
         if torch.is_grad_enabled():
             part = checkpoint(_chunk_loss_sum, h, weight, t, group, use_reentrant=False, preserve_rng_state=False)
         else:
             part = _chunk_loss_sum(h, weight, t, group)
         total = part if total is None else total + part
+    assert total is not None
     return total / N
 
 
@@ -129,19 +136,20 @@ class _GatherVocab(torch.autograd.Function):
     computed the same thing from the same full logits, so each holds the whole gradient)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, group: Group) -> torch.Tensor:
         ctx.group = group
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, x.contiguous(), group=group)
         return torch.cat(parts, dim=-1)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         rank, size = dist.get_rank(ctx.group), dist.get_world_size(ctx.group)
         return grad.chunk(size, dim=-1)[rank].contiguous(), None
 
 
-def gather_vocab(logits: torch.Tensor, group) -> torch.Tensor:
+def gather_vocab(logits: torch.Tensor, group: Group) -> torch.Tensor:
     """[..., V_local] on each rank of `group` (rank r: vocabulary rows r·V_local ...) → [..., V] on every rank,
     differentiably. As in the loss, the gradient reaching the hidden states is partial per rank."""
-    return _GatherVocab.apply(logits, group)
+    out: torch.Tensor = _GatherVocab.apply(logits, group)  # type: ignore[no-untyped-call]  # torch: apply unannotated
+    return out

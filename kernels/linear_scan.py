@@ -16,21 +16,27 @@ transposed coefficients (the adjoint), so autograd stores nothing per chunk.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
+# A forward-scan kernel: impl(a, b, h0, block) -> h (scan_reference, triton_scan.scan_triton).
+ScanImpl = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], torch.Tensor]
+
 
 def _chunk_size(T: int) -> int:
-    return max(1, min(256, 2 ** round(math.log2(max(1.0, math.sqrt(T))))))
+    return max(1, min(256, 1 << round(math.log2(max(1.0, math.sqrt(T))))))
 
 
-def _apply(a: torch.Tensor, h: torch.Tensor, block: bool) -> torch.Tensor:
-    """a·h for one step: elementwise (diagonal) or a batched k×k matrix-vector product."""
+def apply_step(a: torch.Tensor, h: torch.Tensor, block: bool) -> torch.Tensor:
+    """a·h for one step of the recurrence: elementwise (diagonal, block=False) or a batched k×k
+    matrix-vector product (block=True; a [..., k, k], h [..., k])."""
     return (a @ h.unsqueeze(-1)).squeeze(-1) if block else a * h
 
 
-def _compose(a2: torch.Tensor, a1: torch.Tensor, block: bool) -> torch.Tensor:
-    """The transfer of step 1 then step 2: a2·a1."""
+def compose_steps(a2: torch.Tensor, a1: torch.Tensor, block: bool) -> torch.Tensor:
+    """The transfer of step 1 then step 2, a2·a1: elementwise (diagonal) or a batched k×k matrix product."""
     return a2 @ a1 if block else a2 * a1
 
 
@@ -50,15 +56,15 @@ def scan_reference(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, block: bo
     h, A = b[:, :, 0], a[:, :, 0]
     local[:, :, 0], transfer[:, :, 0] = h, A
     for i in range(1, C):
-        h = _apply(a[:, :, i], h, block) + b[:, :, i]
-        A = _compose(a[:, :, i], A, block)
+        h = apply_step(a[:, :, i], h, block) + b[:, :, i]
+        A = compose_steps(a[:, :, i], A, block)
         local[:, :, i], transfer[:, :, i] = h, A
     entry = torch.empty_like(b[:, :, 0])  # the state entering each chunk
     state = h0
     for n in range(N):
         entry[:, n] = state
-        state = _apply(transfer[:, n, -1], state, block) + local[:, n, -1]
-    out = local + _apply(transfer, entry.unsqueeze(2).expand_as(local), block)
+        state = apply_step(transfer[:, n, -1], state, block) + local[:, n, -1]
+    out = local + apply_step(transfer, entry.unsqueeze(2).expand_as(local), block)
     return out.reshape(B, N * C, *b.shape[3:])[:, :T]
 
 
@@ -73,14 +79,16 @@ def _transpose(a: torch.Tensor, block: bool) -> torch.Tensor:
 
 class _ForwardScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, b, h0, block: bool, impl):
+    def forward(
+        ctx: Any, a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, block: bool, impl: ScanImpl
+    ) -> torch.Tensor:
         h = impl(a, b, h0, block)
         ctx.block, ctx.impl = block, impl
         ctx.save_for_backward(a, h0, h)
         return h
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
         a, h0, h = ctx.saved_tensors
         block, impl = ctx.block, ctx.impl
         # λ_t = g_t + a_{t+1}ᵀ λ_{t+1}: the same scan, backwards in time, with transposed coefficients.
@@ -88,11 +96,11 @@ class _ForwardScan(torch.autograd.Function):
         lam = impl(a_next.flip(1), g.contiguous().flip(1), torch.zeros_like(h0), block).flip(1)
         h_prev = _shift_back(h, h0)
         grad_a = lam.unsqueeze(-1) * h_prev.unsqueeze(-2) if block else lam * h_prev
-        grad_h0 = _apply(_transpose(a[:, 0], block), lam[:, 0], block)
+        grad_h0 = apply_step(_transpose(a[:, 0], block), lam[:, 0], block)
         return grad_a, lam, grad_h0, None, None
 
 
-def _check(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, resets) -> bool:
+def _check(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, resets: torch.Tensor | None) -> bool:
     if b.dim() == 3 and a.shape == b.shape:
         block = False
     elif b.dim() == 4 and a.dim() == 5 and a.shape[:-1] == b.shape and a.shape[-1] == b.shape[-1]:
@@ -117,7 +125,7 @@ def mask_resets(a: torch.Tensor, resets: torch.Tensor | None) -> torch.Tensor:
     return torch.where(resets.view(shape), torch.zeros((), dtype=a.dtype, device=a.device), a)
 
 
-def default_impl(t: torch.Tensor):
+def default_impl(t: torch.Tensor) -> ScanImpl:
     """The Triton scan for CUDA tensors (triton imported only then), the PyTorch reference otherwise."""
     if t.device.type != "cuda":
         return scan_reference
@@ -133,7 +141,7 @@ def linear_scan(
     *,
     reverse: bool = False,
     resets: torch.Tensor | None = None,
-    impl=None,
+    impl: ScanImpl | None = None,
 ) -> torch.Tensor:
     """h_t = a_t h_{t−1} + b_t (see the module docstring for shapes); differentiable in a, b and h0.
 
@@ -148,5 +156,6 @@ def linear_scan(
     a = mask_resets(a, resets)
     impl = impl or default_impl(b)
     if reverse:
-        return _ForwardScan.apply(a.flip(1), b.flip(1), h0, block, impl).flip(1)
-    return _ForwardScan.apply(a, b, h0, block, impl)
+        a, b = a.flip(1), b.flip(1)
+    h: torch.Tensor = _ForwardScan.apply(a, b, h0, block, impl)  # type: ignore[no-untyped-call]  # torch leaves apply unannotated
+    return h.flip(1) if reverse else h

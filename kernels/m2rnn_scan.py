@@ -12,9 +12,12 @@ state after the last step (h0 when T = 0).
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 
-def m2rnn_shapes(q, k, v, f, W, h0=None) -> tuple[int, int, int, int, int, int]:
+def m2rnn_shapes(
+    q: Tensor, k: Tensor, v: Tensor, f: Tensor, W: Tensor, h0: Tensor | None = None
+) -> tuple[int, int, int, int, int, int]:
     """(B, T, G, K, H, V), or a ValueError naming the argument whose shape does not fit."""
     if q.dim() != 4:
         raise ValueError(f"m2rnn: q must be [B, T, G, K], got shape {tuple(q.shape)}")
@@ -35,7 +38,9 @@ def m2rnn_shapes(q, k, v, f, W, h0=None) -> tuple[int, int, int, int, int, int]:
     return B, T, G, K, H, V
 
 
-def m2rnn_reference(q, k, v, f, W, h0=None) -> tuple[torch.Tensor, torch.Tensor]:
+def m2rnn_reference(
+    q: Tensor, k: Tensor, v: Tensor, f: Tensor, W: Tensor, h0: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """The recurrence as a PyTorch loop over t (gradients by autograd), in the inputs' promoted dtype."""
     B, T, G, K, H, V = m2rnn_shapes(q, k, v, f, W, h0)
     per = H // G
@@ -51,7 +56,9 @@ def m2rnn_reference(q, k, v, f, W, h0=None) -> tuple[torch.Tensor, torch.Tensor]
     return y, h
 
 
-def m2rnn_checkpointed(q, k, v, f, W, h0=None, chunk: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+def m2rnn_checkpointed(
+    q: Tensor, k: Tensor, v: Tensor, f: Tensor, W: Tensor, h0: Tensor | None = None, chunk: int = 32
+) -> tuple[Tensor, Tensor]:
     """m2rnn_reference run `chunk` steps at a time, each chunk under activation checkpointing: the forward
     keeps only the state entering each chunk (T/chunk states per head, as the Triton kernel's
     checkpoints), the backward recomputes one chunk's steps at a time. The same numbers as the reference;
@@ -81,7 +88,9 @@ def m2rnn_checkpointed(q, k, v, f, W, h0=None, chunk: int = 32) -> tuple[torch.T
     return torch.cat(ys, dim=1), h
 
 
-def m2rnn_sequential(q, k, v, f, W, h0=None, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def m2rnn_sequential(
+    q: Tensor, k: Tensor, v: Tensor, f: Tensor, W: Tensor, h0: Tensor | None = None, impl: str = "auto"
+) -> tuple[Tensor, Tensor]:
     """(y, h_last) by `impl`: "torch" (m2rnn_checkpointed: the reference, keeping a state per 32 steps),
     "triton" (m2rnn_triton), or "auto" (Triton for CUDA tensors, torch otherwise). Triton is imported only
     when used."""

@@ -83,7 +83,10 @@ def _decay(log_g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.exp((cs[..., :, None] - cs[..., None, :]).masked_fill(~lower, float("-inf"))), cs.exp()
 
 
-def chunk_coefficients(theta, log_beta, log_gamma):
+Coefficients = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+
+
+def chunk_coefficients(theta: torch.Tensor, log_beta: torch.Tensor | None, log_gamma: torch.Tensor) -> Coefficients:
     """Gates [..., L] of a chunk → (a, b, c, e, e0): W_t = a_t W_0 + b_t S_0 − Σ c[t,τ] G_τ and
     S_t = e0_t S_0 − Σ e[t,τ] G_τ (b, e, e0 None without momentum)."""
     gam, a = _decay(log_gamma)
@@ -93,15 +96,33 @@ def chunk_coefficients(theta, log_beta, log_gamma):
     return a, (gam @ e0[..., None])[..., 0], (gam @ E) * theta[..., None, :], E * theta[..., None, :], e0
 
 
-def _read_linear(w, s, x, delta, u, a, b, c):
+def _read_linear(
+    w: torch.Tensor,
+    s: torch.Tensor | None,
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    u: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor | None,
+    c: torch.Tensor,
+) -> torch.Tensor:
     """x [N, L, i] through the per-token weights W_t of one layer (see the module docstring)."""
     out = a[..., None] * (x @ w.mT) - (c * (x @ u.mT)) @ delta
     if s is not None:
+        assert b is not None  # b comes with the momentum s
         out = out + b[..., None] * (x @ s.mT)
     return out
 
 
-def _read_after(W, S, grads, x, a, b, c):
+def _read_after(
+    W: Weights,
+    S: Weights | None,
+    grads: list[tuple[torch.Tensor, torch.Tensor]],
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor | None,
+    c: torch.Tensor,
+) -> torch.Tensor:
     (d1, u1) = grads[0]
     h = _read_linear(W[0], S[0] if S else None, x, d1, u1, a, b, c)
     if len(W) == 1:
@@ -110,21 +131,31 @@ def _read_after(W, S, grads, x, a, b, c):
     return x + _read_linear(W[1], S[1] if S else None, F.silu(h), d2, u2, a, b, c)
 
 
-def _pick(mask: torch.Tensor, new, old):
-    if new is None:
-        return None
-    if isinstance(new, tuple):
-        return tuple(_pick(mask, n, o) for n, o in zip(new, old))
-    return torch.where(mask.view(-1, *[1] * (new.dim() - 1)), new, old)
+def _pick(mask: torch.Tensor, new: Weights, old: Weights) -> Weights:
+    """Per row n (mask [N]): new where mask[n], else old."""
+    return tuple(torch.where(mask.view(-1, *[1] * (n.dim() - 1)), n, o) for n, o in zip(new, old))
 
 
-def _rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """t [N, L, ...] → t[n, idx[n]]."""
-    return t[torch.arange(t.shape[0], device=t.device), idx]
+def _at_end(t: torch.Tensor, end: torch.Tensor | None) -> torch.Tensor:
+    """t [N, L, ...] at each row's last valid step: t[:, −1] (end None: the chunk is full everywhere), else
+    t[n, end[n]]."""
+    if end is None:
+        return t[:, -1]
+    return t[torch.arange(t.shape[0], device=t.device), end]
 
 
 def chunk_memory(
-    carry: MemoryCarry, q, k, v, theta, log_beta, log_gamma, *, chunk: int, read: str, valid: torch.Tensor | None = None
+    carry: MemoryCarry,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    theta: torch.Tensor,
+    log_beta: torch.Tensor | None,
+    log_gamma: torch.Tensor | None,
+    *,
+    chunk: int,
+    read: str,
+    valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, MemoryCarry]:
     """The memory over q, k, v [N, T, d] with gates θ, log β, log γ [N, T] (log β None: no momentum;
     log γ None: no forgetting), starting from `carry` at a chunk boundary (its weights are its point).
@@ -163,19 +194,18 @@ def chunk_memory(
         bi = None if b is None else b[:, i]
         ys.append(mlp_apply(W, xi) if read == "start" else _read_after(W, S, grads, xi, ai, bi, ci))
         full_everywhere = (i + 1) * chunk <= shortest
-        if full_everywhere:  # the chunk's last row; no masking
-            rows = lambda t: t[:, -1]  # noqa: E731
-        else:
+        end = None  # full everywhere: the chunk's last row; no masking
+        if not full_everywhere:
             left = (valid - i * chunk).clamp(0, chunk)  # this chunk's valid tokens per row
             end = left.clamp_min(1) - 1
-            rows = lambda t: _rows(t, end)  # noqa: E731
-        a_e, c_e = rows(ai), rows(ci)
-        W_new = tuple(
+        a_e, c_e = _at_end(ai, end), _at_end(ci, end)
+        W_new: Weights = tuple(
             a_e[:, None, None] * w - torch.einsum("nl,nlo,nli->noi", c_e, dl, u) for w, (dl, u) in zip(W, grads)
         )
-        S_new = None
+        S_new: Weights | None = None
         if S is not None:
-            b_e, e_e, e0_e = rows(bi), rows(e[:, i]), rows(e0[:, i])
+            assert bi is not None and e is not None and e0 is not None  # the momentum's coefficients
+            b_e, e_e, e0_e = _at_end(bi, end), _at_end(e[:, i], end), _at_end(e0[:, i], end)
             W_new = tuple(wn + b_e[:, None, None] * s for wn, s in zip(W_new, S))
             S_new = tuple(
                 e0_e[:, None, None] * s - torch.einsum("nl,nlo,nli->noi", e_e, dl, u) for s, (dl, u) in zip(S, grads)
@@ -185,7 +215,7 @@ def chunk_memory(
         else:
             has, full = left > 0, left == chunk
             P = _pick(has, _pick(full, W_new, W), P)
-            W, S = _pick(has, W_new, W), _pick(has, S_new, S)
+            W, S = _pick(has, W_new, W), (None if S_new is None or S is None else _pick(has, S_new, S))
         if M is not None:
             M = M + sums[:, i]  # padding keys are zero
     y = torch.cat(ys, 1).view(N, n * chunk, d)[:, :T]
@@ -193,7 +223,16 @@ def chunk_memory(
 
 
 def memory_step(
-    carry: MemoryCarry, q, k, v, theta, log_beta, log_gamma, *, chunk: int, read: str
+    carry: MemoryCarry,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    theta: torch.Tensor,
+    log_beta: torch.Tensor | None,
+    log_gamma: torch.Tensor | None,
+    *,
+    chunk: int,
+    read: str,
 ) -> tuple[torch.Tensor, MemoryCarry]:
     """One token (q, k, v [N, d], gates [N]): the per-token recurrence with the gradient at the chunk-start
     point, the read after (or before, read="start") the update; the point moves at chunk ends."""
@@ -206,6 +245,7 @@ def memory_step(
     grads = [(dl[:, 0, :, None] * u[:, 0, None, :]) for dl, u in mlp_grads(P, k[:, None], v[:, None])]
     th = theta[:, None, None]
     if S is not None:
+        assert log_beta is not None  # a momentum comes with its gate
         S = tuple(log_beta.exp()[:, None, None] * s - th * g for s, g in zip(S, grads))
         step = S
     else:

@@ -8,6 +8,8 @@ which `linear_scan` solves in O(T) work and O(log T)-ish depth. The first guess 
 Convergence is decided per sequence on the relative residual max_t |r_t| / (1 + |f_t|) against a
 per-dtype tolerance. A sequence that has not converged after `max_iters` iterations (or whose iterates
 overflow) is solved again exactly, step by step, and `info` says so: the result is never silently wrong.
+That epilogue, `fall_back_where_unconverged`, is shared with the sequence-parallel solver (seqpar_newton.py).
+The cell contract (what `cell` must provide) is kernels/cell.py.
 
 Gradients (both solvers) come from the adjoint at the solution H*: with g = ∂L/∂H*,
     λ_t = g_t + J_{t+1}ᵀ λ_{t+1}    (one reverse linear_scan),
@@ -18,11 +20,13 @@ the solution are kept for the backward; no Newton iterate is stored.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
-from unroll.kernels.linear_scan import linear_scan, mask_resets
-from unroll.kernels.structure import Structure
+from unroll.kernels.cell import Cell, check_cell
+from unroll.kernels.linear_scan import ScanImpl, linear_scan, mask_resets
+from unroll.kernels.structure import Structure, StructureSpec
 
 # Relative residual a solve must reach, by the dtype it runs in.
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 2e-2, torch.float16: 5e-3}
@@ -37,7 +41,7 @@ class SolveInfo:
     fallback: str | None = None  # what was done where it did not, e.g. "sequential for 3 of 8 sequences"
     fallback_sequences: int = 0
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "iterations": self.iterations,
             "residual": self.residual,
@@ -61,18 +65,32 @@ def residual(f: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(r), r, torch.full_like(r, float("inf")))
 
 
+def solve_limits(dtype: torch.dtype, tol: float | None, max_iters: int | None) -> tuple[float, int]:
+    """(tolerance, iteration cap) of a Newton solve: the given ones, else TOLERANCE by dtype and MAX_ITERS."""
+    return (TOLERANCE.get(dtype, 2e-5) if tol is None else tol), (MAX_ITERS if max_iters is None else max_iters)
+
+
 class _Adjoint(torch.autograd.Function):
     """Identity on the forward; on the backward turns ∂L/∂H* into λ = (I − J S)^−ᵀ ∂L/∂H*, so that
     autograd's own VJP of the one cell application f(shift(H*), x) yields the exact gradients."""
 
     @staticmethod
-    def forward(ctx, z, prev, x, cell, structure: Structure, resets, scan_impl):
+    def forward(
+        ctx: Any,
+        z: torch.Tensor,
+        prev: torch.Tensor,
+        x: torch.Tensor,
+        cell: Cell,
+        structure: Structure,
+        resets: torch.Tensor | None,
+        scan_impl: ScanImpl | None,
+    ) -> torch.Tensor:
         ctx.cell, ctx.structure, ctx.resets, ctx.scan_impl = cell, structure, resets, scan_impl
         ctx.save_for_backward(prev, x)
         return z.view_as(z)
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None, None, None]:
         prev, x = ctx.saved_tensors
         st = ctx.structure
         with torch.no_grad():
@@ -83,7 +101,15 @@ class _Adjoint(torch.autograd.Function):
         return lam, None, None, None, None, None, None
 
 
-def _attach_gradient(cell, x, h0, solution, structure, resets, scan_impl) -> torch.Tensor:
+def _attach_gradient(
+    cell: Cell,
+    x: torch.Tensor,
+    h0: torch.Tensor,
+    solution: torch.Tensor,
+    structure: Structure,
+    resets: torch.Tensor | None,
+    scan_impl: ScanImpl | None,
+) -> torch.Tensor:
     """The solution with the adjoint gradient attached (a no-op cost-wise when nothing needs grad)."""
     if not torch.is_grad_enabled():
         return solution
@@ -91,11 +117,17 @@ def _attach_gradient(cell, x, h0, solution, structure, resets, scan_impl) -> tor
     z = cell(prev, x)  # = H* up to the tolerance; its graph reaches x, the cell's parameters and h0
     if not z.requires_grad:
         return solution
-    return _Adjoint.apply(z, prev.detach(), x.detach(), cell, structure, resets, scan_impl)
+    # torch leaves Function.apply unannotated
+    out: torch.Tensor = _Adjoint.apply(  # type: ignore[no-untyped-call]
+        z, prev.detach(), x.detach(), cell, structure, resets, scan_impl
+    )
+    return out
 
 
-def _sequential(cell, x: torch.Tensor, h0: torch.Tensor, resets: torch.Tensor | None) -> torch.Tensor:
-    """The plain loop, one cell call per step (the cell always sees a [B, 1, ...] time axis)."""
+def sequential_loop(cell: Cell, x: torch.Tensor, h0: torch.Tensor, resets: torch.Tensor | None) -> torch.Tensor:
+    """h [B, T, *state] by the plain loop, one cell call per step (the cell always sees a [B, 1, ...] time
+    axis), h_{t−1} zeroed where resets [B, T] is True. No adjoint: callers attach the gradient or run it
+    under no_grad."""
     T = x.shape[1]
     out = h0.new_empty(h0.shape[0], T, *h0.shape[1:])
     h = h0
@@ -107,7 +139,12 @@ def _sequential(cell, x: torch.Tensor, h0: torch.Tensor, resets: torch.Tensor | 
     return out
 
 
-def _checked(structure, x: torch.Tensor, h0: torch.Tensor, resets: torch.Tensor | None) -> Structure:
+def check_inputs(
+    cell: object, structure: StructureSpec, x: torch.Tensor, h0: torch.Tensor, resets: torch.Tensor | None
+) -> Structure:
+    """The parsed structure, after checking that `cell` is a Cell and that x [B, T, ...], h0 [B, *state]
+    and resets [B, T] fit it and each other (a TypeError or ValueError naming what does not)."""
+    check_cell(cell)
     st = Structure.parse(structure)
     st.check_state(h0)
     if x.shape[0] != h0.shape[0]:
@@ -117,38 +154,104 @@ def _checked(structure, x: torch.Tensor, h0: torch.Tensor, resets: torch.Tensor 
     return st
 
 
+class FallbackHandoff(Protocol):
+    """How the sequences redone by `fall_back_where_unconverged` meet the rest of a split sequence. The
+    single-process solver has none; newton_solve_seqpar pipelines them over its ranks."""
+
+    def receive(self, rows: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """`start` [B, *state] with the entering state of the sequences `rows` replaced by the final
+        state of the previous slice's redo."""
+        ...
+
+    def send(self, last: torch.Tensor) -> None:
+        """Hands the redone sequences' last states [len(rows), *state] to the next slice."""
+        ...
+
+    def reduce(self, res: torch.Tensor) -> torch.Tensor:
+        """The per-sequence residual [B] over the whole sequence, from this slice's."""
+        ...
+
+
+def fall_back_where_unconverged(
+    cell: Cell,
+    x: torch.Tensor,
+    h: torch.Tensor,
+    res: torch.Tensor,
+    *,
+    tol: float,
+    iterations: int,
+    start: torch.Tensor,
+    resets: torch.Tensor | None,
+    handoff: FallbackHandoff | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, SolveInfo]:
+    """The end of a Newton solve: (h, start, info) once Newton has stopped after `iterations` iterations
+    with the per-sequence residual `res` [B] (max over the whole sequence) for the iterate h [B, T, *state].
+
+    Sequences with res ≤ tol are kept as they are; the others (not converged, or overflowed: res is inf)
+    are solved again exactly by `sequential_loop` from `start` (the state before the first step; with a
+    handoff, rows of it are replaced by what the previous slice hands on), their residual recomputed, and
+    `info` says how many were redone. Call under no_grad. h comes back as it is when every sequence
+    converged, else as a new tensor.
+    """
+    bad = res > tol
+    if not bool(bad.any()):
+        return h, start, SolveInfo(iterations, float(res.max()), True)
+    h = torch.where(torch.isfinite(h), h, torch.zeros_like(h))  # rows that overflowed are redone
+    rows = bad.nonzero().squeeze(1)
+    if handoff is not None:
+        start = handoff.receive(rows, start)
+    h[rows] = sequential_loop(cell, x[rows], start[rows], resets[rows] if resets is not None else None)
+    if handoff is not None:
+        handoff.send(h[rows, -1].contiguous())
+    res = residual(cell(shift(h, start, resets), x), h)
+    if handoff is not None:
+        res = handoff.reduce(res)
+    B = x.shape[0]
+    return (
+        h,
+        start,
+        SolveInfo(iterations, float(res.max()), False, f"sequential for {len(rows)} of {B} sequences", len(rows)),
+    )
+
+
 def sequential_solve(
-    cell, x: torch.Tensor, h0: torch.Tensor, *, structure="diag", resets: torch.Tensor | None = None, scan_impl=None
+    cell: Cell,
+    x: torch.Tensor,
+    h0: torch.Tensor,
+    *,
+    structure: StructureSpec = "diag",
+    resets: torch.Tensor | None = None,
+    scan_impl: ScanImpl | None = None,
 ) -> tuple[torch.Tensor, SolveInfo]:
     """The linear-time sequential solve: a loop without autograd, then the same adjoint gradient as
     Newton's (so the backward is one reverse scan, not a graph of T steps)."""
-    st = _checked(structure, x, h0, resets)
+    st = check_inputs(cell, structure, x, h0, resets)
     with torch.no_grad():
-        h = _sequential(cell, x, h0, resets)
+        h = sequential_loop(cell, x, h0, resets)
     return _attach_gradient(cell, x, h0, h, st, resets, scan_impl), SolveInfo(0, 0.0, True)
 
 
 def newton_solve(
-    cell,
+    cell: Cell,
     x: torch.Tensor,
     h0: torch.Tensor,
     *,
-    structure="diag",
+    structure: StructureSpec = "diag",
     resets: torch.Tensor | None = None,
     tol: float | None = None,
     max_iters: int | None = None,
-    scan_impl=None,
+    scan_impl: ScanImpl | None = None,
 ) -> tuple[torch.Tensor, SolveInfo]:
     """h: [B, T, *state] solving h_t = cell(h_{t−1}, x_t) for all t, and how it was solved.
 
     cell(h_prev, x) -> h is applied to all timesteps at once (h_prev, h: [B, T, *state], x: [B, T, ...]);
-    it may carry a closed-form `jacobian(h_prev, x)`. h0 [B, *state] is the state before the first step.
-    tol: relative residual (default by dtype, TOLERANCE); max_iters: Newton iterations before the
-    sequential fallback (default MAX_ITERS). Differentiable in x, h0 and the cell's parameters.
+    it may carry a closed-form `jacobian(h_prev, x)` (the contract: kernels/cell.py). h0 [B, *state] is the
+    state before the first step. tol: relative residual (default by dtype, TOLERANCE); max_iters: Newton
+    iterations before the sequential fallback (default MAX_ITERS). Differentiable in x, h0 and the cell's
+    parameters.
     """
-    st = _checked(structure, x, h0, resets)
-    tol = TOLERANCE.get(h0.dtype, 2e-5) if tol is None else tol
-    max_iters = MAX_ITERS if max_iters is None else max_iters
+    st = check_inputs(cell, structure, x, h0, resets)
+    tol, max_iters = solve_limits(h0.dtype, tol, max_iters)
     B, T = x.shape[:2]
     if T == 0:
         return h0.new_zeros(B, 0, *h0.shape[1:]), SolveInfo(0, 0.0, True)
@@ -167,15 +270,7 @@ def newton_solve(
             a, b = st.to_scan(J, f - h)
             h = h + st.from_scan(linear_scan(a, b, resets=resets, impl=scan_impl))
             iterations += 1
-        bad = res > tol
-        converged = not bool(bad.any())
-        info = SolveInfo(iterations, float(res.max()), converged)
-        if not converged:
-            h = torch.where(torch.isfinite(h), h, torch.zeros_like(h))  # rows that overflowed are redone
-            rows = bad.nonzero().squeeze(1)
-            h[rows] = _sequential(cell, x[rows], h0[rows], resets[rows] if resets is not None else None)
-            res = residual(cell(shift(h, h0, resets), x), h)
-            info = SolveInfo(
-                iterations, float(res.max()), False, f"sequential for {len(rows)} of {B} sequences", len(rows)
-            )
+        h, _, info = fall_back_where_unconverged(
+            cell, x, h, res, tol=tol, iterations=iterations, start=h0, resets=resets
+        )
     return _attach_gradient(cell, x, h0, h, st, resets, scan_impl), info

@@ -45,12 +45,24 @@ must agree across the group.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from unroll.kernels.linear_scan import _apply, _compose, linear_scan, mask_resets
-from unroll.kernels.newton import MAX_ITERS, TOLERANCE, SolveInfo, Structure, _checked, _sequential, residual, shift
+from unroll.kernels.cell import Cell
+from unroll.kernels.linear_scan import ScanImpl, apply_step, compose_steps, linear_scan, mask_resets
+from unroll.kernels.newton import (
+    SolveInfo,
+    check_inputs,
+    fall_back_where_unconverged,
+    residual,
+    shift,
+    solve_limits,
+)
+from unroll.kernels.structure import Structure, StructureSpec
+
+Group = dist.ProcessGroup | None  # None: the default group
 
 
 @dataclass(frozen=True)
@@ -62,7 +74,7 @@ class SeqparComm:
     collectives: int = 1
     setup_per_rank: int = 0  # bytes each rank contributes once per solve (the first boundary exchange)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, int]:
         return {
             "sent_per_rank": self.sent_per_rank,
             "received_per_rank": self.received_per_rank,
@@ -72,7 +84,7 @@ class SeqparComm:
 
 
 def bytes_per_iteration(
-    batch: int, width: int, world_size: int, *, structure="diag", dtype: torch.dtype = torch.float32
+    batch: int, width: int, world_size: int, *, structure: StructureSpec = "diag", dtype: torch.dtype = torch.float32
 ) -> SeqparComm:
     """Bytes of one iteration for B = batch sequences, D = width (the number of k-vectors for blocks,
     the state size for "dense"), R = world_size ranks."""
@@ -89,12 +101,12 @@ def _summary(a: torch.Tensor, b: torch.Tensor, block: bool) -> tuple[torch.Tenso
     while a.shape[1] > 1:
         n = a.shape[1] // 2 * 2
         a1, a2, b1, b2 = a[:, 0:n:2], a[:, 1:n:2], b[:, 0:n:2], b[:, 1:n:2]
-        a = torch.cat([_compose(a2, a1, block), a[:, n:]], dim=1)
-        b = torch.cat([_apply(a2, b1, block) + b2, b[:, n:]], dim=1)
+        a = torch.cat([compose_steps(a2, a1, block), a[:, n:]], dim=1)
+        b = torch.cat([apply_step(a2, b1, block) + b2, b[:, n:]], dim=1)
     return a[:, 0], b[:, 0]
 
 
-def _all_gather(tensors: list[torch.Tensor], group) -> list[list[torch.Tensor]]:
+def _all_gather(tensors: list[torch.Tensor], group: Group) -> list[list[torch.Tensor]]:
     """Every rank's `tensors` (same shapes and dtype everywhere), by rank, in one all_gather."""
     flat = torch.cat([t.reshape(-1) for t in tensors])
     out = flat.new_empty(dist.get_world_size(group) * flat.numel())
@@ -103,7 +115,7 @@ def _all_gather(tensors: list[torch.Tensor], group) -> list[list[torch.Tensor]]:
     return [[p.view(t.shape) for p, t in zip(row.split(sizes), tensors)] for row in out.view(-1, flat.numel())]
 
 
-def _peer(group, rank: int) -> int:
+def _peer(group: Group, rank: int) -> int:
     return rank if group is None else dist.get_global_rank(group, rank)
 
 
@@ -111,25 +123,38 @@ class _SeqparAdjoint(torch.autograd.Function):
     """newton.py's _Adjoint with λ carried across ranks (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, z, h0, prev, x, cell, structure: Structure, resets, scan_impl, group):
+    def forward(
+        ctx: Any,
+        z: torch.Tensor,
+        h0: torch.Tensor,
+        prev: torch.Tensor,
+        x: torch.Tensor,
+        cell: Cell,
+        structure: Structure,
+        resets: torch.Tensor | None,
+        scan_impl: ScanImpl | None,
+        group: Group,
+    ) -> torch.Tensor:
         ctx.cell, ctx.structure, ctx.resets, ctx.scan_impl, ctx.group = cell, structure, resets, scan_impl, group
         ctx.save_for_backward(prev, x)
         ctx.h0_meta = (h0.shape, h0.dtype, h0.device)
         return z.view_as(z)
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(
+        ctx: Any, g: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, None, None, None, None, None, None, None]:
         prev, x = ctx.saved_tensors
         st, group = ctx.structure, ctx.group
         block, R, r = st.kind != "diag", dist.get_world_size(group), dist.get_rank(group)
         with torch.no_grad():
             Jt = st.transpose(mask_resets(st.jacobian(ctx.cell, prev, x), ctx.resets))
             a, b = st.to_scan(Jt, g)
-            bJ = _apply(a, b, block)  # J_tᵀ g_t
+            bJ = apply_step(a, b, block)  # J_tᵀ g_t
             parts = _all_gather(list(_summary(a.flip(1), bJ.flip(1), block)), group)
             nu_in = torch.zeros_like(parts[0][1])  # ν at the next rank's first step
             for j in range(R - 1, r, -1):
-                nu_in = _apply(parts[j][0], nu_in, block) + parts[j][1]
+                nu_in = apply_step(parts[j][0], nu_in, block) + parts[j][1]
             nu = linear_scan(a, bJ, nu_in, reverse=True, impl=ctx.scan_impl)
             lam = st.from_scan(b + torch.cat([nu[:, 1:], nu_in.unsqueeze(1)], dim=1))
         shape, dtype, device = ctx.h0_meta
@@ -138,16 +163,16 @@ class _SeqparAdjoint(torch.autograd.Function):
 
 
 def newton_solve_seqpar(
-    cell,
+    cell: Cell,
     x: torch.Tensor,
     h0: torch.Tensor,
     *,
-    group=None,
-    structure="diag",
+    group: Group = None,
+    structure: StructureSpec = "diag",
     resets: torch.Tensor | None = None,
     tol: float | None = None,
     max_iters: int | None = None,
-    scan_impl=None,
+    scan_impl: ScanImpl | None = None,
 ) -> tuple[torch.Tensor, SolveInfo]:
     """This rank's slice [B, T_local, *state] of newton_solve(cell, x_full, h0, ...) and how it was solved.
 
@@ -159,10 +184,9 @@ def newton_solve_seqpar(
     max residual, fallback) is identical on every rank. Differentiable in x, h0 and the cell's
     parameters; parameter gradients are this rank's partial sums — all-reduce them over `group`.
     """
-    st = _checked(structure, x, h0, resets)
-    tol = TOLERANCE.get(h0.dtype, 2e-5) if tol is None else tol
-    max_iters = MAX_ITERS if max_iters is None else max_iters
-    R, r = dist.get_world_size(group), dist.get_rank(group)
+    st = check_inputs(cell, structure, x, h0, resets)
+    tol, max_iters = solve_limits(h0.dtype, tol, max_iters)
+    r = dist.get_rank(group)
     block = st.kind != "diag"
     B, T = x.shape[:2]
     if T == 0:  # equal slices: every rank returns here
@@ -185,39 +209,70 @@ def newton_solve_seqpar(
             all_converged, any_finite = torch.stack([(res <= tol).all(), torch.isfinite(res).any()]).tolist()
             if all_converged or not any_finite or iterations >= max_iters:
                 break
-            delta_exit = []  # δ leaving ranks 0..r: the exclusive scan over the summaries, on every rank alike
+            delta_exit: list[
+                torch.Tensor
+            ] = []  # δ leaving ranks 0..r: the exclusive scan over the summaries, on every rank alike
             for j in range(r + 1):
                 entering = delta_exit[-1] if delta_exit else torch.zeros_like(d)
-                delta_exit.append(_apply(parts[j][1], entering, block) + parts[j][2])
+                delta_exit.append(apply_step(parts[j][1], entering, block) + parts[j][2])
             delta = linear_scan(a, b, delta_exit[r - 1] if r > 0 else None, impl=scan_impl)
             delta[:, -1] = delta_exit[r]  # bitwise what rank r+1 predicts for our last state
             h = h + st.from_scan(delta)
             if r > 0:
                 boundary = boundary + delta_exit[r - 1].view_as(boundary)
             iterations += 1
-        bad = res > tol
-        converged = not bool(bad.any())
-        info = SolveInfo(iterations, float(res.max()), converged)
-        if not converged:
-            h = torch.where(torch.isfinite(h), h, torch.zeros_like(h))  # rows that overflowed are redone
-            rows = bad.nonzero().squeeze(1)
-            if r > 0:  # pipelined: wait for the previous rank's final state of these sequences
-                incoming = h0d.new_empty(len(rows), *h0.shape[1:])
-                dist.recv(incoming, src=_peer(group, r - 1), group=group)
-                boundary = boundary.clone()
-                boundary[rows] = incoming
-            h[rows] = _sequential(cell, x[rows], boundary[rows], resets[rows] if resets is not None else None)
-            if r < R - 1:
-                dist.send(h[rows, -1].contiguous(), dst=_peer(group, r + 1), group=group)
-            res = residual(cell(shift(h, boundary, resets), x), h)
-            dist.all_reduce(res, op=dist.ReduceOp.MAX, group=group)
-            info = SolveInfo(
-                iterations, float(res.max()), False, f"sequential for {len(rows)} of {B} sequences", len(rows)
-            )
+        h, boundary, info = fall_back_where_unconverged(
+            cell,
+            x,
+            h,
+            res,
+            tol=tol,
+            iterations=iterations,
+            start=boundary,
+            resets=resets,
+            handoff=PipelinedHandoff(group),
+        )
     return _attach_gradient(cell, x, h0, boundary, h, st, resets, scan_impl, group, r), info
 
 
-def _attach_gradient(cell, x, h0, boundary, solution, st, resets, scan_impl, group, r) -> torch.Tensor:
+class PipelinedHandoff:
+    """newton.FallbackHandoff over the ranks of `group`: the redone sequences run rank after rank, each
+    rank starting from the previous rank's final state of them (send/recv), and one all_reduce(MAX) makes
+    the residual, so the SolveInfo, identical everywhere."""
+
+    def __init__(self, group: Group):
+        self.group, self.rank, self.world = group, dist.get_rank(group), dist.get_world_size(group)
+
+    def receive(self, rows: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        if self.rank == 0:  # the first slice starts from h0
+            return start
+        incoming = start.new_empty(len(rows), *start.shape[1:])
+        dist.recv(incoming, src=_peer(self.group, self.rank - 1), group=self.group)
+        start = start.clone()
+        start[rows] = incoming
+        return start
+
+    def send(self, last: torch.Tensor) -> None:
+        if self.rank < self.world - 1:
+            dist.send(last, dst=_peer(self.group, self.rank + 1), group=self.group)
+
+    def reduce(self, res: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(res, op=dist.ReduceOp.MAX, group=self.group)
+        return res
+
+
+def _attach_gradient(
+    cell: Cell,
+    x: torch.Tensor,
+    h0: torch.Tensor,
+    boundary: torch.Tensor,
+    solution: torch.Tensor,
+    st: Structure,
+    resets: torch.Tensor | None,
+    scan_impl: ScanImpl | None,
+    group: Group,
+    r: int,
+) -> torch.Tensor:
     """newton.py's _attach_gradient, the first step's h_{t−1} being h0 on rank 0, else the detached boundary."""
     if not torch.is_grad_enabled():
         return solution
@@ -225,4 +280,8 @@ def _attach_gradient(cell, x, h0, boundary, solution, st, resets, scan_impl, gro
     z = cell(prev, x)
     if not (z.requires_grad or h0.requires_grad):
         return solution
-    return _SeqparAdjoint.apply(z, h0, prev.detach(), x.detach(), cell, st, resets, scan_impl, group)
+    # torch leaves Function.apply unannotated
+    out: torch.Tensor = _SeqparAdjoint.apply(  # type: ignore[no-untyped-call]
+        z, h0, prev.detach(), x.detach(), cell, st, resets, scan_impl, group
+    )
+    return out

@@ -13,9 +13,15 @@ depends on its own input only), one per basis vector of the block for ("block", 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.func import jvp
+
+from unroll.kernels.cell import Cell, CellWithJacobian, CellWithValueAndJacobian, provides
+
+# What the solvers' `structure` argument accepts: "diag", "dense" or ("block", k) (a list works too).
+StructureSpec = str | tuple[str, int] | list[Any]
 
 
 @dataclass(frozen=True)
@@ -24,7 +30,7 @@ class Structure:
     k: int = 1
 
     @staticmethod
-    def parse(spec) -> Structure:
+    def parse(spec: StructureSpec) -> Structure:
         if spec == "diag":
             return Structure("diag")
         if spec == "dense":
@@ -51,24 +57,26 @@ class Structure:
     def transpose(self, J: torch.Tensor) -> torch.Tensor:
         return J if self.kind == "diag" else J.transpose(-1, -2)
 
-    def value_and_jacobian(self, cell, h_prev: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def value_and_jacobian(
+        self, cell: Cell, h_prev: torch.Tensor, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(cell(h_prev, x), ∂cell/∂h_prev) for every timestep, the Jacobian in this structure's layout.
 
         A cell may provide `value_and_jacobian` (closed form sharing its intermediates) or `jacobian`;
         otherwise forward-mode autodiff, whose first tangent pass also yields the value."""
-        closed = getattr(cell, "value_and_jacobian", None)
-        if closed is not None:
-            return closed(h_prev, x)
-        if getattr(cell, "jacobian", None) is not None:
+        if isinstance(cell, CellWithValueAndJacobian) and provides(cell, "value_and_jacobian"):
+            return cell.value_and_jacobian(h_prev, x)
+        if isinstance(cell, CellWithJacobian) and provides(cell, "jacobian"):
             return cell(h_prev, x), cell.jacobian(h_prev, x)
 
         def tangent(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return jvp(lambda h: cell(h, x), (h_prev,), (v,))
+            out = jvp(lambda h: cell(h, x), (h_prev,), (v,))  # (value, column): has_aux is off
+            return out[0], out[1]
 
         if self.kind == "diag":
             return tangent(torch.ones_like(h_prev))
         size = self.k if self.kind == "block" else h_prev.shape[-1]
-        value, columns = None, []
+        value, columns = h_prev, []  # value: overwritten by the first tangent (size ≥ 1)
         for i in range(size):  # column i: the response to a unit change of state component i
             e = torch.zeros_like(h_prev)
             e[..., i] = 1
@@ -77,6 +85,7 @@ class Structure:
         J = torch.stack(columns, dim=-1)  # [..., row, column]
         return value, (J.unsqueeze(2) if self.kind == "dense" else J)
 
-    def jacobian(self, cell, h_prev: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        closed = getattr(cell, "jacobian", None)
-        return closed(h_prev, x) if closed is not None else self.value_and_jacobian(cell, h_prev, x)[1]
+    def jacobian(self, cell: Cell, h_prev: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(cell, CellWithJacobian) and provides(cell, "jacobian"):
+            return cell.jacobian(h_prev, x)
+        return self.value_and_jacobian(cell, h_prev, x)[1]

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import torch
 import triton
@@ -37,7 +38,13 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from unroll.kernels.m2rnn_scan import m2rnn_shapes
-from unroll.kernels.triton_scan import _DTYPES, _up  # _up: float64 compute for float64 problems, else float32
+from unroll.kernels.triton_scan import SUPPORTED_DTYPES, upcast
+
+# The @triton.jit kernels stay unannotated: triton ships no type information (its jit is an untyped
+# decorator to mypy), and Triton reads parameter annotations itself (tl.constexpr, type hints that change
+# how an argument is specialised), so torch-style hints would change the kernels. The host code below is
+# annotated.
+# mypy: disable-error-code="untyped-decorator,no-untyped-def"
 
 DEFAULT_CHUNK = 32
 
@@ -54,10 +61,10 @@ def _tanh(z):
 def _load_step(q_ptr, k_ptr, v_ptr, f_ptr, b, t, g, h, T, G, H, K, V, i, j, F64: tl.constexpr):
     """q_t, k_t [KP] (group g), v_t [VP] and f_t (value head h) of batch b, zero-padded."""
     row = b.to(tl.int64) * T + t
-    qt = _up(tl.load(q_ptr + (row * G + g) * K + i, mask=i < K, other=0.0), F64)
-    kt = _up(tl.load(k_ptr + (row * G + g) * K + i, mask=i < K, other=0.0), F64)
-    vt = _up(tl.load(v_ptr + (row * H + h) * V + j, mask=j < V, other=0.0), F64)
-    ft = _up(tl.load(f_ptr + row * H + h), F64)
+    qt = upcast(tl.load(q_ptr + (row * G + g) * K + i, mask=i < K, other=0.0), F64)
+    kt = upcast(tl.load(k_ptr + (row * G + g) * K + i, mask=i < K, other=0.0), F64)
+    vt = upcast(tl.load(v_ptr + (row * H + h) * V + j, mask=j < V, other=0.0), F64)
+    ft = upcast(tl.load(f_ptr + row * H + h), F64)
     return qt, kt, vt, ft, row
 
 
@@ -80,7 +87,7 @@ def _head(w_ptr, T, H, G, K, V, KP: tl.constexpr, VP: tl.constexpr, F64: tl.cons
     tile = i[:, None] * VP + j[None, :]
     vv_offs = j[:, None] * V + j[None, :]
     vv_mask = (j < V)[:, None] & (j < V)[None, :]
-    W = _up(tl.load(w_ptr + h * V * V + vv_offs, mask=vv_mask, other=0.0), F64)
+    W = upcast(tl.load(w_ptr + h * V * V + vv_offs, mask=vv_mask, other=0.0), F64)
     return pid.to(tl.int64), b, h, g, i, j, kv_offs, kv_mask, tile, vv_offs, vv_mask, W
 
 
@@ -113,7 +120,7 @@ def _fwd_kernel(
     # loop-carried variable and refuses its change of type (triton 3.6 on an H200)
     pid, b, h, g, i, j, kv_offs, kv_mask, tile, vv_offs, vv_mask, W = _head(w_ptr, T, H, G, K, V, KP, VP, F64)
     if HAS_H0:
-        S = _up(tl.load(h0_ptr + pid * K * V + kv_offs, mask=kv_mask, other=0.0), F64)
+        S = upcast(tl.load(h0_ptr + pid * K * V + kv_offs, mask=kv_mask, other=0.0), F64)
     else:
         S = tl.zeros([KP, VP], dtype=W.dtype)
     for c in range(NC):
@@ -158,7 +165,7 @@ def _bwd_kernel(
 ):
     """Gradients per (b, h): dq, dk [B, T, H, K], dv [B, T, H, V], df [B, T, H], dW [B, H, V, V], dh0."""
     pid, b, h, g, i, j, kv_offs, kv_mask, tile, vv_offs, vv_mask, W = _head(w_ptr, T, H, G, K, V, KP, VP, F64)
-    dS = _up(tl.load(dhT_ptr + pid * K * V + kv_offs, mask=kv_mask, other=0.0), F64)
+    dS = upcast(tl.load(dhT_ptr + pid * K * V + kv_offs, mask=kv_mask, other=0.0), F64)
     dW = tl.zeros([VP, VP], dtype=W.dtype)
     sh = sh_ptr + pid * (C + 1) * KP * VP  # slot s: the state before step s of the chunk (slot n: after it)
     su = su_ptr + pid * C * KP * VP  # slot s: U of step s
@@ -177,7 +184,7 @@ def _bwd_kernel(
             s = n - 1 - sr
             qt, kt, vt, ft, row = _load_step(q_ptr, k_ptr, v_ptr, f_ptr, b, c * C + s, g, h, T, G, H, K, V, i, j, F64)
             hv = row * H + h  # the (b, t, h) row of the per-value-head outputs
-            dyt = _up(tl.load(dy_ptr + hv * V + j, mask=j < V, other=0.0), F64)
+            dyt = upcast(tl.load(dy_ptr + hv * V + j, mask=j < V, other=0.0), F64)
             prev = tl.load(sh + s * KP * VP + tile)
             cur = tl.load(sh + (s + 1) * KP * VP + tile)
             U = tl.load(su + s * KP * VP + tile)
@@ -212,7 +219,16 @@ def _interpreted() -> bool:
 
 class _M2RNN(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, f, W, h0, chunk):
+    def forward(
+        ctx: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        f: torch.Tensor,
+        W: torch.Tensor,
+        h0: torch.Tensor | None,
+        chunk: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, G, K, H, V = m2rnn_shapes(q, k, v, f, W, h0)
         xs = (q, k, v, f, W) + ((h0,) if h0 is not None else ())
         dtype = functools.reduce(torch.promote_types, [x.dtype for x in xs])
@@ -256,7 +272,7 @@ class _M2RNN(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dy, dhT):
+    def backward(ctx: Any, dy: torch.Tensor, dhT: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, f, W, ck = ctx.saved_tensors
         chunk, has_h0, h0_dtype, f64 = ctx.meta
         B, T, G, K = q.shape
@@ -312,7 +328,16 @@ class _M2RNN(torch.autograd.Function):
         )
 
 
-def m2rnn_triton(q, k, v, f, W, h0=None, *, chunk: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+def m2rnn_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    f: torch.Tensor,
+    W: torch.Tensor,
+    h0: torch.Tensor | None = None,
+    *,
+    chunk: int = DEFAULT_CHUNK,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(y [B, T, H, V], h_last [B, H, K, V]) as `m2rnn_reference`, by the Triton kernels, differentiable in
     q, k, v, f, W and h0. chunk: steps between the forward's checkpoints (a power of two; the backward
     recomputes a chunk at a time, memory T/chunk states per head instead of T)."""
@@ -320,7 +345,7 @@ def m2rnn_triton(q, k, v, f, W, h0=None, *, chunk: int = DEFAULT_CHUNK) -> tuple
     for name, x in (("q", q), ("k", k), ("v", v), ("f", f), ("W", W), ("h0", h0)):
         if x is None:
             continue
-        if x.dtype not in _DTYPES:
+        if x.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"m2rnn_triton: {name} is {x.dtype}; float16, bfloat16, float32 or float64 expected")
         if x.device != v.device:
             raise ValueError(f"m2rnn_triton: {name} is on {x.device}, v on {v.device}")
@@ -331,4 +356,6 @@ def m2rnn_triton(q, k, v, f, W, h0=None, *, chunk: int = DEFAULT_CHUNK) -> tuple
         )
     if chunk < 1 or chunk & (chunk - 1):
         raise ValueError(f"m2rnn_triton: chunk must be a power of two, got {chunk}")
-    return _M2RNN.apply(q, k, v, f, W, h0, chunk)
+    # torch leaves Function.apply unannotated
+    y, h_last = _M2RNN.apply(q, k, v, f, W, h0, chunk)  # type: ignore[no-untyped-call]
+    return y, h_last

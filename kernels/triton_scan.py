@@ -27,12 +27,19 @@ import torch
 import triton
 import triton.language as tl
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The @triton.jit kernels stay unannotated: triton ships no type information (its jit is an untyped
+# decorator to mypy), and Triton reads parameter annotations itself (tl.constexpr, type hints that change
+# how an argument is specialised), so torch-style hints would change the kernels. The host code below is
+# annotated.
+# mypy: disable-error-code="untyped-decorator,no-untyped-def"
+
+# The input dtypes the Triton kernels (this module's and triton_m2rnn's) accept.
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @triton.jit
-def _up(x, F64: tl.constexpr):
-    """The compute dtype: float64 for float64 problems, float32 otherwise."""
+def upcast(x, F64: tl.constexpr):
+    """x in the compute dtype: float64 for float64 problems (F64), float32 otherwise (also triton_m2rnn's)."""
     if F64:
         y = x.to(tl.float64)
     else:
@@ -57,8 +64,8 @@ def _diag_tile(a_ptr, b_ptr, pid_b, c, db, T, D, C: tl.constexpr, BLOCK_D: tl.co
     t = c * C + rows
     mask = (t < T)[:, None] & (cols < D)[None, :]
     offs = (pid_b.to(tl.int64) * T + t[:, None]) * D + cols[None, :]
-    a = _up(tl.load(a_ptr + offs, mask=mask, other=0.0), F64)
-    b = _up(tl.load(b_ptr + offs, mask=mask, other=0.0), F64)
+    a = upcast(tl.load(a_ptr + offs, mask=mask, other=0.0), F64)
+    b = upcast(tl.load(b_ptr + offs, mask=mask, other=0.0), F64)
     A, H = tl.associative_scan((a, b), 0, _combine)
     return A, H, rows, cols, offs, mask
 
@@ -89,9 +96,9 @@ def _diag_chunk_kernel(
     c, db = pid // n_db, pid % n_db
     A, H, rows, cols, offs, mask = _diag_tile(a_ptr, b_ptr, pid_b, c, db, T, D, C, BLOCK_D, F64)
     if c == 0:
-        entry = _up(tl.load(h0_ptr + pid_b.to(tl.int64) * D + cols, mask=cols < D, other=0.0), F64)
+        entry = upcast(tl.load(h0_ptr + pid_b.to(tl.int64) * D + cols, mask=cols < D, other=0.0), F64)
     else:
-        entry = _up(tl.load(S_ptr + (pid_b.to(tl.int64) * M + c - 1) * D + cols, mask=cols < D, other=0.0), F64)
+        entry = upcast(tl.load(S_ptr + (pid_b.to(tl.int64) * M + c - 1) * D + cols, mask=cols < D, other=0.0), F64)
     h = H + A * entry[None, :]
     tl.store(out_ptr + offs, h.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -135,8 +142,8 @@ def _block_summary_kernel(
     row = pid_b.to(tl.int64) * T + c * C  # the (batch, step) row where the chunk starts
     pa = a_ptr + row * step_a + a_offs
     pb = b_ptr + row * step_v + v_offs
-    a_cur = _up(tl.load(pa, mask=a_mask, other=0.0), F64)  # aᵀ [l, i, d]
-    b_cur = _up(tl.load(pb, mask=v_mask, other=0.0), F64)  # [i, d]
+    a_cur = upcast(tl.load(pa, mask=a_mask, other=0.0), F64)  # aᵀ [l, i, d]
+    b_cur = upcast(tl.load(pb, mask=v_mask, other=0.0), F64)  # [i, d]
     h = tl.zeros([KP, BD], dtype=b_cur.dtype)  # [l, d]
     A = eye.to(a_cur.dtype)  # [l, d, j]
     for s in range(C):
@@ -177,17 +184,17 @@ def _block_chunk_kernel(
     c, db = pid // n_db, pid % n_db
     a_offs, a_mask, v_offs, v_mask, _ = _block_offsets(db, D, K, BD, KP)
     if c == 0:
-        h = _up(tl.load(h0_ptr + pid_b.to(tl.int64) * D * K + v_offs, mask=v_mask, other=0.0), F64)
+        h = upcast(tl.load(h0_ptr + pid_b.to(tl.int64) * D * K + v_offs, mask=v_mask, other=0.0), F64)
     else:
-        h = _up(tl.load(S_ptr + (pid_b.to(tl.int64) * M + c - 1) * D * K + v_offs, mask=v_mask, other=0.0), F64)
+        h = upcast(tl.load(S_ptr + (pid_b.to(tl.int64) * M + c - 1) * D * K + v_offs, mask=v_mask, other=0.0), F64)
     n = tl.minimum(C, T - c * C)
     step_a, step_v = D * K * K, D * K  # elements per time step
     row = pid_b.to(tl.int64) * T + c * C  # the (batch, step) row where the chunk starts
     pa = a_ptr + row * step_a + a_offs
     pb = b_ptr + row * step_v + v_offs
     po = out_ptr + row * step_v + v_offs
-    a_cur = _up(tl.load(pa, mask=a_mask, other=0.0), F64)  # aᵀ [l, i, d]
-    b_cur = _up(tl.load(pb, mask=v_mask, other=0.0), F64)  # [i, d]
+    a_cur = upcast(tl.load(pa, mask=a_mask, other=0.0), F64)  # aᵀ [l, i, d]
+    b_cur = upcast(tl.load(pb, mask=v_mask, other=0.0), F64)  # [i, d]
     for s in range(n):
         pa += step_a  # prefetch the next step while this one computes
         pb += step_v
@@ -228,17 +235,21 @@ _BLOCK_LAUNCH = {
 }
 
 
-def _block_launch(KP: int):
+def _block_launch(KP: int) -> tuple[tuple[int, int], tuple[int, int]]:
     if KP in _BLOCK_LAUNCH:
         return _BLOCK_LAUNCH[KP]
     return (1, min(8, KP**3 // 4096)), (max(1, 2048 // KP**2), 4)  # untuned: ≤ 128 products a thread
 
 
-def _interpreted() -> bool:
+def interpreted() -> bool:
+    """Whether Triton runs in its interpreter (TRITON_INTERPRET=1 when triton was imported), where the
+    kernels run on CPU tensors."""
     return type(_diag_chunk_kernel).__name__ == "InterpretedFunction"
 
 
-def _scan(a, b, h0, out, block: bool, C: int, f64: bool) -> None:
+def _scan(
+    a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, out: torch.Tensor, block: bool, C: int, f64: bool
+) -> None:
     """Writes into `out` the scan of contiguous a, b from contiguous h0, in chunks of C (recursive)."""
     B, T, D = b.shape[:3]
     N = -(-T // C)
@@ -287,11 +298,11 @@ def scan_triton(
     multi-level path, which is what the tests do.
     """
     for name, x in (("a", a), ("b", b), ("h0", h0)):
-        if x.dtype not in _DTYPES:
+        if x.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"scan_triton: {name} is {x.dtype}; float16, bfloat16, float32 or float64 expected")
     if not (a.device == b.device == h0.device):
         raise ValueError(f"scan_triton: a, b, h0 on different devices ({a.device}, {b.device}, {h0.device})")
-    if b.device.type != "cuda" and not _interpreted():
+    if b.device.type != "cuda" and not interpreted():
         raise RuntimeError(
             "Triton kernels need a CUDA device or TRITON_INTERPRET=1 (set before "
             f"unroll.kernels.triton_scan is imported); got tensors on {b.device}"

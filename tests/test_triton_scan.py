@@ -130,8 +130,8 @@ def test_empty_and_bad_arguments():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-tensor check")
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
-    assert ts._interpreted()  # conftest chose the interpreter before triton was imported
-    monkeypatch.setattr(ts, "_interpreted", lambda: False)
+    assert ts.interpreted()  # conftest chose the interpreter before triton was imported
+    monkeypatch.setattr(ts, "interpreted", lambda: False)
     a, b, h0, _ = inputs(5, 0, seed=0)
     with pytest.raises(RuntimeError, match="Triton kernels need a CUDA device or TRITON_INTERPRET=1"):
         scan_triton(a, b, h0, False)
