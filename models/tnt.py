@@ -224,14 +224,17 @@ class TNT(ContextParallel, nn.Module):
             return chunk_memory(carry or self._fresh(i, B, q.dtype), q, k, v, *gates, chunk=spec.chunk, read=spec.read)
         S_L = spec.reset
         n = -(-T // S_L)
-        sharded = [None if g is None else _shards(g, S_L, n) for g in gates]
+        theta, log_beta, log_gamma = (None if g is None else _shards(g, S_L, n) for g in gates)
+        assert theta is not None  # the step size is a gate of every memory
         valid = (T - torch.arange(n, device=q.device) * S_L).clamp(max=S_L).repeat(N)
         y, c = chunk_memory(
             self._fresh(i, B, q.dtype, n),
             _shards(q, S_L, n),
             _shards(k, S_L, n),
             _shards(v, S_L, n),
-            *sharded,
+            theta,
+            log_beta,
+            log_gamma,
             chunk=spec.chunk,
             read=spec.read,
             valid=valid,
@@ -339,6 +342,7 @@ class TNT(ContextParallel, nn.Module):
                 if spec.reset and carries[i].pos == spec.reset:
                     carries[i] = self._fresh(i, B, q.dtype)
                 th, lb, lg = (None if z is None else z[:, t] for z in gates[i])
+                assert th is not None  # the step size is a gate of every memory
                 y, carries[i] = memory_step(
                     carries[i], q[:, t], k[:, t], v[:, t], th, lb, lg, chunk=spec.chunk, read=spec.read
                 )
