@@ -498,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         args.overrides = [*args.overrides, *overrides]
     from unroll.data.errors import DataError
-    from unroll.train.checkpoint.dcp import CheckpointError
+    from unroll.train.checkpoint.integrity import CheckpointError
     from unroll.train.config import ConfigError
     from unroll.train.lifecycle.export_format import ExportError
     from unroll.train.step_guard import TrainingDiverged

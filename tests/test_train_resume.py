@@ -10,6 +10,7 @@ from conftest import UNROLL, run_cli
 
 from unroll.models import LM
 from unroll.train.checkpoint import dcp as checkpoint
+from unroll.train.checkpoint import resolve
 from unroll.train.config import load_config
 from unroll.train.metrics import read_metrics
 from unroll.train.trainer import build_optimizer
@@ -64,7 +65,7 @@ def test_exact_resume_after_sigkill_and_sigterm(tiny_config, offline_env):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "resumed at step" in err + out
-    stopped_at = max(step for step, _ in checkpoint.complete_checkpoints(run_dir))
+    stopped_at = max(step for step, _ in resolve.complete_checkpoints(run_dir))
     assert resumed <= stopped_at < STEPS  # the SIGTERM checkpoint is the step it stopped at
     assert f"stopped by signal {int(signal.SIGTERM)} at step {stopped_at}" in out + err
 

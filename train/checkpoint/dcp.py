@@ -4,7 +4,7 @@ Layout of RUN_DIR/checkpoints/step_00000100/:
   .metadata, *.distcp   model and optimizer (DCP: each rank writes checkpoint.io_threads shard files at once;
                         reshards on load)
   checksums.json        a checksum of every item (tensor chunk) of every shard, taken as it was written and
-                        checked as it is read (checkpoint_storage.py)
+                        checked as it is read (storage.py)
   rng_rank{r}.json      every RNG state of rank r (python, numpy, torch CPU, CUDA): train/checkpoint/rng_state.py
                         (checkpoints written before it hold rng_rank{r}.pt, still read, without running code)
   train_state.json      step, global samples consumed, and the rest of the loop's scalar state
@@ -14,8 +14,8 @@ A checkpoint is written under `step_N.tmp` and renamed to `step_N` only once eve
 crash mid-write leaves at worst a `.tmp` directory that is ignored (and removed by the next save). On
 resume a checkpoint that fails its checks (before the load, or an item's checksum during it, on any rank)
 is refused with the reason on every rank, and the previous one loaded whole; a damaged one is marked REFUSED.
-Good checkpoints are the complete ones that pass their checks (`good_checkpoints`): resume, rotation, export,
-generation, growth and `train.init_from` all take the newest of them. Rotation (`keep`) counts only those,
+Good checkpoints are the complete ones that pass their checks (resolve.py, which every reader goes through):
+resume, rotation, export, generation, growth and `train.init_from` all take the newest of them. Rotation (`keep`) counts only those,
 so it never deletes the newest good checkpoint for one that is not, and it reads no shard to decide; a
 refused checkpoint stays for the user (set aside as `step_N.refused` when its step is saved again).
 
@@ -26,7 +26,7 @@ What a save refuses, on every rank at once (the ranks agree before going on, so 
                      shards, an RNG file, the manifest): the save stops naming the path and the OS error,
                      its `.tmp` directory is removed, the checkpoints before it are untouched
 Loading runs no code from the checkpoint: DCP's pickled metadata and values through allowlists
-(dcp_safe_load.py), the RNG states and train state as JSON.
+(safe_load.py), the RNG states and train state as JSON.
 
 A checkpoint resumes under another layout and world size: DCP reshards, tensor-parallel fused weights and
 expert-parallel experts are saved in the single-device layout (checkpoint_view, _expert_view), pipeline stages
@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import sys
 import warnings
@@ -61,52 +60,11 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from unroll.train.checkpoint import integrity, rng_state, storage
 from unroll.train.checkpoint.finite import agreed_non_finite
+from unroll.train.checkpoint.integrity import CheckpointError
+from unroll.train.checkpoint.resolve import STATE_FILE, checkpoint_dirs, checkpoint_root, good_checkpoints, unusable
 from unroll.train.checkpoint.safe_load import SafePlanner
 from unroll.train.parallel import distributed as D
 from unroll.train.parallel.tensor_parallel import checkpoint_view
-
-STEP_DIR = re.compile(r"^step_(\d{8})$")
-STATE_FILE = "train_state.json"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names its path. `damaged`: its bytes are not the ones
-    saved (as opposed to a checkpoint of another model), which a resume marks in it."""
-
-    def __init__(self, message: str, *, damaged: bool = False):
-        super().__init__(message)
-        self.damaged = damaged
-
-
-def checkpoint_root(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def is_complete(path: Path) -> bool:
-    """Finished saving (the manifest is written last); integrity.problem checks the rest before a load."""
-    return all((path / name).is_file() for name in (".metadata", STATE_FILE, integrity.MANIFEST))
-
-
-def checkpoint_dirs(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of every step_N directory, finished or not, oldest first (`.tmp` writes excluded)."""
-    root = checkpoint_root(run_dir)
-    found = []
-    for path in root.iterdir() if root.is_dir() else ():
-        m = STEP_DIR.match(path.name)
-        if m and path.is_dir():
-            found.append((int(m.group(1)), path))
-    return sorted(found)
-
-
-def complete_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of every complete checkpoint, oldest first; partial writes are skipped."""
-    return [(step, path) for step, path in checkpoint_dirs(run_dir) if is_complete(path)]
-
-
-def good_checkpoints(run_dir: str | Path, model_cfg=None) -> list[tuple[int, Path]]:
-    """(step, path) of every complete checkpoint that passes its checks (integrity.check: files, checksums of
-    the small ones, no REFUSED mark, the model if given), oldest first. Reads no shard."""
-    return [(step, path) for step, path in complete_checkpoints(run_dir) if integrity.problem(path, model_cfg) is None]
 
 
 def _rng_state() -> dict:
@@ -417,10 +375,7 @@ def load_latest(
                     _mark_refused(path, str(e))
                 print(f"unroll: {e}; trying the previous checkpoint", file=sys.stderr, flush=True)
     if refused:
-        raise CheckpointError(
-            f"no usable checkpoint in {checkpoint_root(run_dir)} (move them away to start "
-            f"afresh):\n  " + "\n  ".join(refused)
-        )
+        raise unusable(run_dir, refused, advice=" (move them away to start afresh)")
     return None
 
 
@@ -429,18 +384,6 @@ def _mark_refused(path: Path, reason: str) -> None:
         integrity.mark_refused(path, reason)
     except OSError as e:  # a read-only copy: the refusal stands, later resumes check it again
         print(f"unroll: could not mark {path} {integrity.REFUSED} ({e})", file=sys.stderr, flush=True)
-
-
-def resolve_checkpoint(path: str | Path, key: str) -> Path:
-    """A complete checkpoint directory, or the newest good checkpoint of a run directory; `key` names the
-    setting that gave the path."""
-    p = Path(path)
-    if is_complete(p):
-        return p
-    found = good_checkpoints(p)
-    if not found:
-        raise CheckpointError(f"{key}={path}: neither a complete checkpoint nor a run directory holding a good one")
-    return found[-1][1]
 
 
 def load_model_weights(path: Path, model: torch.nn.Module) -> None:
