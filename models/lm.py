@@ -138,8 +138,8 @@ class LM(nn.Module):
     the parameter names only (models/init.py), whatever later holds which part of them."""
 
     # Set from outside, like the mixers' context_group: tokens per logits chunk of the loss (train.loss_chunk;
-    # 0 = all at once), and the process group the vocabulary is split over (train/parallel/tensor_parallel.py; None =
-    # the embedding and head hold the whole vocabulary).
+    # 0 = all at once), and the process group the vocabulary is split over (train/parallel/tensor_parallel/vocab.py;
+    # None = the embedding and head hold the whole vocabulary).
     loss_chunk: int = 1024
     vocab_group = None
 

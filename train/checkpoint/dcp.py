@@ -15,9 +15,10 @@ crash mid-write leaves at worst a `.tmp` directory that is ignored (and removed 
 resume a checkpoint that fails its checks (before the load, or an item's checksum during it, on any rank)
 is refused with the reason on every rank, and the previous one loaded whole; a damaged one is marked REFUSED.
 Good checkpoints are the complete ones that pass their checks (resolve.py, which every reader goes through):
-resume, rotation, export, generation, growth and `train.init_from` all take the newest of them. Rotation (`keep`) counts only those,
-so it never deletes the newest good checkpoint for one that is not, and it reads no shard to decide; a
-refused checkpoint stays for the user (set aside as `step_N.refused` when its step is saved again).
+resume, rotation, export, generation, growth and `train.init_from` all take the newest of them. Rotation
+(`keep`) counts only those, so it never deletes the newest good checkpoint for one that is not, and it reads
+no shard to decide; a refused checkpoint stays for the user (set aside as `step_N.refused` when its step is
+saved again).
 
 What a save refuses, on every rank at once (the ranks agree before going on, so none is left waiting):
   non-finite state   before anything is written, each rank checks the tensors it would save (finite.py); a
@@ -29,7 +30,7 @@ Loading runs no code from the checkpoint: DCP's pickled metadata and values thro
 (safe_load.py), the RNG states and train state as JSON.
 
 A checkpoint resumes under another layout and world size: DCP reshards, tensor-parallel fused weights and
-expert-parallel experts are saved in the single-device layout (checkpoint_view, _expert_view), pipeline stages
+expert-parallel experts are saved in the single-device layout (views.py), pipeline stages
 under the LM's names (pipelined.owned_view), and the data position is global samples. Tested, with the losses
 continuing as in one uninterrupted run (tests/test_train_relayout.py and the tests it names): PP 2 → FSDP 2 →
 1 process → FSDP 2, TP 2 → DDP 2 → TP 2 → 1 process, CP 2 → 1 process → EP 2 → 1 process, PP 2 → 1 process
@@ -56,15 +57,14 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_state_dict,
 )
-from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from unroll.train.checkpoint import integrity, rng_state, storage
 from unroll.train.checkpoint.finite import agreed_non_finite
 from unroll.train.checkpoint.integrity import CheckpointError
 from unroll.train.checkpoint.resolve import STATE_FILE, checkpoint_dirs, checkpoint_root, good_checkpoints, unusable
 from unroll.train.checkpoint.safe_load import SafePlanner
+from unroll.train.checkpoint.views import dcp_view
 from unroll.train.parallel import distributed as D
-from unroll.train.parallel.tensor_parallel import checkpoint_view
 
 
 def _rng_state() -> dict:
@@ -147,10 +147,9 @@ def begin_save(run_dir: str | Path, step: int, rank: int) -> tuple[Path, Path]:
 
 
 def save_view(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """What DCP writes: model and optimizer state (checkpoint_view: tensor-parallel fused weights in
-    single-device layout; _expert_view: expert-parallel experts as one tensor)."""
+    """What DCP writes: model and optimizer state in the single-device layout (views.dcp_view)."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    return checkpoint_view(_expert_view(model, {"model": model_sd, "optim": optim_sd}))
+    return dcp_view(model, {"model": model_sd, "optim": optim_sd})
 
 
 def finish_save(
@@ -266,8 +265,8 @@ def _last_line(e: BaseException) -> str:
 
 
 def _dcp_load(state: dict, path: Path, model_cfg=None, io_threads: int = storage.IO_THREADS) -> None:
-    """Fills `state` in place from the checkpoint, every item read verified against its checksum; any failure
-    names the checkpoint, the same on every rank."""
+    """Fills `state` (a views.dcp_view, sharing storage with the state to fill) in place from the checkpoint,
+    every item read verified against its checksum; any failure names the checkpoint, the same on every rank."""
     refusal = integrity.agreed_check(path, model_cfg)
     if refusal:
         raise CheckpointError(f"checkpoint {path} refused: {refusal.reason}", damaged=refusal.damaged)
@@ -280,7 +279,7 @@ def _dcp_load(state: dict, path: Path, model_cfg=None, io_threads: int = storage
     try:
         with _quiet_single_process():
             dcp.load(
-                checkpoint_view(state),
+                state,
                 checkpoint_id=str(path),  # fills `state`'s tensors in place
                 storage_reader=reader,
                 planner=SafePlanner(),
@@ -290,28 +289,6 @@ def _dcp_load(state: dict, path: Path, model_cfg=None, io_threads: int = storage
         if corrupt:  # raised by one rank's reader; DCP hands every rank the same failures
             raise CheckpointError(f"checkpoint {path} refused: {corrupt}", damaged=True) from e
         raise CheckpointError(f"checkpoint {path} could not be loaded into this model: {_last_line(e)}") from e
-
-
-def _expert_view(model: torch.nn.Module, state: dict) -> dict:
-    """Expert-parallel experts (plain tensors, different on every ep rank, under the same names) presented
-    to DCP as one tensor sharded over the ep ranks (dim 0: rank r holds experts r·E/ep ...), model and
-    optimizer state alike, sharing storage so that a load lands in place."""
-    meshes = {name: p.ep_mesh for name, p in model.named_parameters() if hasattr(p, "ep_mesh")}
-    if not meshes:
-        return state
-
-    def wrap(t, mesh):  # the last mesh dimension splits the experts; any before it replicates them
-        if isinstance(t, torch.Tensor) and t.dim() > 0:
-            return DTensor.from_local(t, mesh, [Replicate()] * (mesh.ndim - 1) + [Shard(0)], run_check=False)
-        return t
-
-    out = {"model": dict(state["model"]), "optim": dict(state["optim"])}
-    out["optim"]["state"] = dict(state["optim"]["state"])
-    for name, mesh in meshes.items():
-        out["model"][name] = wrap(state["model"][name], mesh)
-        if name in out["optim"]["state"]:
-            out["optim"]["state"][name] = {k: wrap(v, mesh) for k, v in state["optim"]["state"][name].items()}
-    return out
 
 
 def load(
@@ -325,7 +302,7 @@ def load(
     """Restores model, optimizer and this rank's RNG state in place; returns the train state."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    _dcp_load(_expert_view(model, state), path, getattr(model, "cfg", None), io_threads)
+    _dcp_load(dcp_view(model, state), path, getattr(model, "cfg", None), io_threads)
     rng, train_state = _read_small_files(path, rank)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng_state.restore(rng)
@@ -391,5 +368,5 @@ def load_model_weights(path: Path, model: torch.nn.Module) -> None:
     and reshards into whatever this rank holds (FSDP, tp or ep shards, a pipeline's stages)."""
     model_sd = get_model_state_dict(model)
     state = {"model": model_sd, "optim": {"state": {}}}
-    _dcp_load({"model": _expert_view(model, state)["model"]}, path, getattr(model, "cfg", None))
+    _dcp_load({"model": dcp_view(model, state)["model"]}, path, getattr(model, "cfg", None))
     set_model_state_dict(model, model_sd)
