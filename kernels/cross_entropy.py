@@ -27,7 +27,7 @@ logits are the columns z_i[r·V_local : (r+1)·V_local]. The row maximum m_i and
 all-reduced over the group (max, then sum), the target logit is taken by the rank that owns y_i (zero
 elsewhere) and all-reduced, and every rank gets the same loss log Σ exp(z_iv − m_i) − (z_{i,y_i} − m_i). The gradient of its logits, softmax_local −
 onehot_local, is complete; its gradient with respect to `hidden`, Σ over its own rows, is PARTIAL: the
-caller must sum it over the group (train/parallel/tensor_parallel.py does, where the final norm's output is made
+caller must sum it over the group (train/parallel/tensor_parallel/vocab.py does, where the final norm's output is made
 whole). Two all-reduces per chunk (the max; the sum of exponentials stacked with the target logit), of one
 or two vectors of the chunk's length; inside a checkpointed chunk they run again in the backward's
 recompute, on every rank alike. Written on plain tensors and torch.distributed, not torch's loss_parallel

@@ -522,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
 # `--keys` and `presets` included, seconds. An exception's class is in a loaded module, so whatever was raised
 # is among those already imported.
 USER_ERRORS_BEHIND_TORCH = (
-    ("unroll.train.checkpoint.dcp", "CheckpointError"),
+    ("unroll.train.checkpoint.integrity", "CheckpointError"),
     ("unroll.train.lifecycle.export_format", "ExportError"),
 )
 

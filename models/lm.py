@@ -149,7 +149,7 @@ class LM(nn.Module):
 
     # Set from outside, like the mixers' context group (models/context_parallel.py): tokens per logits chunk
     # of the loss (train.loss_chunk; 0 = all at once), and the process group the vocabulary is split over
-    # (train/parallel/tensor_parallel.py; None = the embedding and head hold the whole vocabulary).
+    # (train/parallel/tensor_parallel/vocab.py; None = the embedding and head hold the whole vocabulary).
     loss_chunk: int = 1024
     vocab_group = None
 

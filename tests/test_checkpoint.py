@@ -3,6 +3,7 @@
 import pytest
 
 from unroll.train.checkpoint import dcp as checkpoint
+from unroll.train.checkpoint import resolve
 from unroll.train.config import load_config
 from unroll.train.metrics import read_metrics
 from unroll.train.trainer import train
@@ -30,19 +31,19 @@ def test_checkpoint_interrupted_mid_write_is_ignored(tiny_config, monkeypatch):
     root = checkpoint.checkpoint_root(cfg.run.dir)
     partial = root / "step_00000012.tmp"
     assert (partial / ".metadata").is_file()  # the big files were written, the checkpoint was not finished
-    assert [s for s, _ in checkpoint.complete_checkpoints(cfg.run.dir)] == [4, 8]
+    assert [s for s, _ in resolve.complete_checkpoints(cfg.run.dir)] == [4, 8]
     # a checkpoint directory cut short some other way (a copy, a full disk) is skipped as well
     fake = root / "step_00000010"
     fake.mkdir()
     (fake / ".metadata").write_bytes(b"truncated")
-    assert [s for s, _ in checkpoint.complete_checkpoints(cfg.run.dir)] == [4, 8]
+    assert [s for s, _ in resolve.complete_checkpoints(cfg.run.dir)] == [4, 8]
     saved_metrics = cfg.run.dir and (root.parent / "metrics.jsonl").read_text()
 
     monkeypatch.setattr(checkpoint, "_rng_state", real_rng_state)
     summary = train(cfg)
     assert summary["step"] == 12
     assert not partial.exists()  # the next save cleans up what the crash left
-    assert [s for s, _ in checkpoint.complete_checkpoints(cfg.run.dir)] == [4, 8, 12]
+    assert [s for s, _ in resolve.complete_checkpoints(cfg.run.dir)] == [4, 8, 12]
     assert (root.parent / "metrics.jsonl").read_text().startswith(saved_metrics)  # appended, not lost
     assert losses(cfg.run.dir) == losses(straight.run.dir)  # resumed from step 8, exactly
 
@@ -50,10 +51,10 @@ def test_checkpoint_interrupted_mid_write_is_ignored(tiny_config, monkeypatch):
 def test_keep_prunes_oldest_complete_checkpoints(tiny_config):
     cfg = load_config(str(tiny_config("keep", checkpoint={"every": 2, "keep": 2})))
     first = train(cfg)
-    assert [s for s, _ in checkpoint.complete_checkpoints(cfg.run.dir)] == [10, 12]
+    assert [s for s, _ in resolve.complete_checkpoints(cfg.run.dir)] == [10, 12]
     again = train(cfg)  # a finished run started again trains nothing and says so (tests/test_run_dir.py)
     assert first["step"] == again["step"] == 12 and again["finished"]
-    assert [s for s, _ in checkpoint.complete_checkpoints(cfg.run.dir)] == [10, 12]
+    assert [s for s, _ in resolve.complete_checkpoints(cfg.run.dir)] == [10, 12]
 
 
 def test_checkpoint_from_another_model_is_refused_with_its_path(tiny_config):

@@ -15,7 +15,7 @@ from conftest import torchrun_train
 
 from unroll.launch.torchrun import run_torchrun as torchrun
 from unroll.train.checkpoint import dcp as checkpoint
-from unroll.train.checkpoint import integrity
+from unroll.train.checkpoint import integrity, resolve
 from unroll.train.metrics import read_metrics
 from unroll.train.trainer import train
 
@@ -39,9 +39,9 @@ def straight(config_at, tmp_path_factory):
 
 def assert_intact(cfg, steps: list[int]) -> None:
     root = checkpoint.checkpoint_root(cfg.run.dir)
-    assert [s for s, _ in checkpoint.complete_checkpoints(cfg.run.dir)] == steps
+    assert [s for s, _ in resolve.complete_checkpoints(cfg.run.dir)] == steps
     assert not list(root.glob("*.tmp")), "the partial directory was left behind"
-    for _, path in checkpoint.complete_checkpoints(cfg.run.dir):
+    for _, path in resolve.complete_checkpoints(cfg.run.dir):
         assert integrity.problem(path, cfg.model) is None
 
 
@@ -204,8 +204,8 @@ def test_faults_on_one_of_two_fsdp_ranks_stop_both_and_the_run_resumes_exactly(t
         assert proc.stderr.count(words) == 2, (fault, proc.stderr[-4000:])
         assert last_step(run_dir) == stopped_at, fault
         failed_save = int(fault.split("@")[1].split(":")[0])
-        assert [s for s, _ in checkpoint.complete_checkpoints(run_dir)] == list(range(2, failed_save, 2)), fault
+        assert [s for s, _ in resolve.complete_checkpoints(run_dir)] == list(range(2, failed_save, 2)), fault
         assert not list(root.glob("*.tmp")), fault
     torchrun_train(2, chain, offline_env, "parallel.dp_shard=2")  # no fault: from step 8 to the end
     assert losses(run_dir) == losses(straight.parent / "straight2") and last_step(run_dir) == 12
-    assert [s for s, _ in checkpoint.complete_checkpoints(run_dir)] == list(range(2, 14, 2))
+    assert [s for s, _ in resolve.complete_checkpoints(run_dir)] == list(range(2, 14, 2))

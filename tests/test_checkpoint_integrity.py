@@ -15,7 +15,7 @@ from conftest import torchrun_train
 
 from unroll.models import LM
 from unroll.train.checkpoint import dcp as checkpoint
-from unroll.train.checkpoint import integrity, storage
+from unroll.train.checkpoint import integrity, resolve, storage
 from unroll.train.config import load_config
 from unroll.train.metrics import read_metrics
 from unroll.train.trainer import build_optimizer, train
@@ -81,7 +81,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(straight, tiny_con
     assert summary["step"] == 12
     assert losses(cfg.run.dir) == losses(straight.run.dir)  # steps 9..12 redone exactly
     assert integrity.problem(newest, cfg.model) is None  # saved again, whole
-    assert [s for s, _ in checkpoint.complete_checkpoints(cfg.run.dir)] == [4, 8, 12]
+    assert [s for s, _ in resolve.complete_checkpoints(cfg.run.dir)] == [4, 8, 12]
     refused = newest.with_name("step_00000012.refused")  # the damaged one, set aside when step 12 was saved again
     assert re.search(reason, (refused / integrity.REFUSED).read_text())
 
@@ -124,10 +124,10 @@ def test_a_checkpoint_marked_refused_is_skipped_everywhere(straight):
     marked = f"marked {integrity.REFUSED} by an earlier load (flipped bytes, as a resume found them)"
     assert integrity.problem(newest) == marked
     assert checkpoint.good_checkpoints(run_dir)[-1][1] == previous
-    assert checkpoint.resolve_checkpoint(run_dir, "train.init_from") == previous
-    assert export.find_checkpoint(run_dir)[1] == previous
+    assert resolve.checkpoint_of(run_dir, straight.model, setting="train.init_from").path == previous
+    assert export.read_checkpoint(run_dir)[2]["step"] == 8
     assert inference.load_run(run_dir)[2] == 8
-    assert grow._pick_checkpoint(Path(run_dir), straight) == previous
+    assert grow.grow(run_dir, 2, Path(run_dir).parent / "grown")["source"] == str(previous)
     model = LM(straight.model)
     assert checkpoint.load_latest(run_dir, model, build_optimizer(model, straight))["step"] == 8
 
@@ -161,7 +161,7 @@ def test_no_good_checkpoint_stops_and_deletes_nothing(straight, tiny_config):
 
 
 def test_manifest_records_every_file_and_the_model(straight):
-    path = checkpoint.complete_checkpoints(straight.run.dir)[-1][1]
+    path = resolve.complete_checkpoints(straight.run.dir)[-1][1]
     manifest = integrity.read_manifest(path)
     on_disk = {f.name for f in path.iterdir()} - {integrity.MANIFEST}
     assert set(manifest["files"]) == on_disk and manifest["step"] == 12

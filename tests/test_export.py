@@ -18,6 +18,7 @@ from conftest import run_cli, torchrun_train
 from unroll.models import LM
 from unroll.models.generate import sample
 from unroll.train.checkpoint import dcp as checkpoint
+from unroll.train.checkpoint import resolve
 from unroll.train.checkpoint.rundir import prepare_run_dir
 from unroll.train.config import load_config
 from unroll.train.data_setup import open_run_data
@@ -82,7 +83,7 @@ def saved_run(tiny_config, name: str, model: dict, step: int = 5, expert_bias: b
 
 def weights_of(run_dir, cfg) -> dict:
     lm = LM(cfg.model)
-    checkpoint.load_model_weights(checkpoint.complete_checkpoints(run_dir)[-1][1], lm)
+    checkpoint.load_model_weights(resolve.complete_checkpoints(run_dir)[-1][1], lm)
     return lm.state_dict()
 
 
@@ -215,7 +216,7 @@ def test_bad_paths_are_named(tiny_config, tmp_path, offline_env):
     ]:
         proc = run_cli(args, offline_env, check=False)  # the command line prints the message, exit 2
         assert proc.returncode == 2 and words in proc.stderr, (args, proc.stderr)
-    with pytest.raises(checkpoint.CheckpointError, match="not a run directory"):
+    with pytest.raises(checkpoint.CheckpointError, match="neither a run directory"):
         export(tmp_path, tmp_path / "o")
     with pytest.raises(ExportError, match=f"{missing}: no such export"):
         import_export(missing, tmp_path / "o")
@@ -227,9 +228,9 @@ def test_bad_paths_are_named(tiny_config, tmp_path, offline_env):
     ):
         import_export(tmp_path / "small_export", tmp_path / "wide", overrides=["model.d_model=64"])
     _, cfg = saved_run(tiny_config, "dense", {**ATTENTION, "pattern": "AA"})
-    step_dir = checkpoint.complete_checkpoints(cfg.run.dir)[-1][1]
+    step_dir = resolve.complete_checkpoints(cfg.run.dir)[-1][1]
     (step_dir / "train_state.json").unlink()
-    with pytest.raises(checkpoint.CheckpointError, match="incomplete"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"step_\d+ refused: file train_state.json is missing"):
         export(step_dir, tmp_path / "o")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
@@ -321,7 +322,7 @@ def test_hybrid_round_trip_generates_alone_and_trains_on(tiny_config, tmp_path, 
     assert all(torch.equal(imported[k], v) for k, v in at8.state_dict().items())
     lm = LM(again.model)
     optimizer = build_optimizer(lm, again)
-    checkpoint.load(checkpoint.complete_checkpoints(again.run.dir)[-1][1], lm, optimizer)
+    checkpoint.load(resolve.complete_checkpoints(again.run.dir)[-1][1], lm, optimizer)
     assert optimizer.state and all(
         s["step"].item() == 0 and not s["exp_avg"].any() and not s["exp_avg_sq"].any() for s in optimizer.state.values()
     )  # a new optimizer's state

@@ -11,7 +11,8 @@ from conftest import torchrun_train
 from unroll.launch import cli
 from unroll.models import LM
 from unroll.train.checkpoint import dcp as checkpoint
-from unroll.train.checkpoint.dcp import CheckpointError
+from unroll.train.checkpoint import resolve
+from unroll.train.checkpoint.integrity import CheckpointError
 from unroll.train.config import ConfigError, load_config
 from unroll.train.lifecycle.grow import (
     fresh_adamw_state,
@@ -36,7 +37,7 @@ HYBRID = {
 
 def weights(run_or_ckpt, cfg_model, step_dir=None):
     model = LM(cfg_model)
-    path = step_dir or checkpoint.complete_checkpoints(run_or_ckpt)[-1][1]
+    path = step_dir or resolve.complete_checkpoints(run_or_ckpt)[-1][1]
     checkpoint.load_model_weights(path, model)
     return model.state_dict()
 
@@ -109,7 +110,7 @@ def test_grow_hybrid_moe_copies_blocks_and_trains_on(tiny_config, capsys):
     losses = [r["loss"] for r in rows]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     assert rows[0]["lr"] == pytest.approx(3e-3 / 3)  # warmup again (schedule.warmup_steps=3)
-    assert [s for s, _ in checkpoint.complete_checkpoints(out)][-1] == 6
+    assert [s for s, _ in resolve.complete_checkpoints(out)][-1] == 6
 
 
 @pytest.mark.parametrize("layout", ["parallel.dp_shard=2", "parallel.tp=2"])  # tp: vocabulary-split embedding
@@ -117,7 +118,7 @@ def test_grow_a_two_rank_fsdp_or_tp_checkpoint(tiny_config, offline_env, layout)
     config = tiny_config("two", train={"steps": 4}, checkpoint={"every": 4})
     torchrun_train(2, config, offline_env, layout)
     src_cfg = load_config(str(config))
-    step4 = checkpoint.complete_checkpoints(src_cfg.run.dir)[-1][1]
+    step4 = resolve.complete_checkpoints(src_cfg.run.dir)[-1][1]
     out = src_cfg.run.dir + "-grown"
     grow(step4, 2, out)
     cfg = load_config(f"{out}/config.yaml")
@@ -139,14 +140,14 @@ def test_growth_timing_reproduces_the_papers_figures(capsys):
 def test_bad_input_is_named(tiny_config, tmp_path, capsys):
     with pytest.raises(ConfigError, match="--factor must be an integer >= 2"):
         grow(tmp_path, 1, tmp_path / "out")
-    with pytest.raises(CheckpointError, match="nowhere: no such checkpoint"):
+    with pytest.raises(CheckpointError, match="nowhere: no such run or checkpoint directory"):
         grow(tmp_path / "nowhere", 2, tmp_path / "out")
     with pytest.raises(CheckpointError, match="neither a run directory"):
         grow(tmp_path, 2, tmp_path / "out")
     with pytest.raises(ConfigError, match="--params: cannot read '7X'"):
         parse_count("7X", "--params")
     assert cli.main(["grow", str(tmp_path / "nowhere"), "--factor", "2", "--out", str(tmp_path / "o")]) == 2
-    assert "no such checkpoint or run directory" in capsys.readouterr().err
+    assert "nowhere: no such run or checkpoint directory" in capsys.readouterr().err
     assert cli.main(["grow", str(tmp_path), "--factor", "0", "--out", str(tmp_path / "o")]) == 2
     assert "--factor must be an integer >= 2 (the depth multiple), got 0" in capsys.readouterr().err
 

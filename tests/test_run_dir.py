@@ -9,7 +9,7 @@ import yaml
 from conftest import UNROLL, run_cli, tiny_config_dict
 
 import unroll.configs
-from unroll.train.checkpoint import dcp as checkpoint
+from unroll.train.checkpoint import resolve
 from unroll.train.config import load_config
 
 
@@ -38,7 +38,7 @@ def test_a_refused_train_leaves_the_run_as_it_was(tiny_config, offline_env):
     assert generated.stdout.startswith("KING.")
     resumed = run_cli(["train", run_dir / "config.yaml", "train.steps=8"], offline_env)
     assert "resumed at step 6" in resumed.stdout
-    assert [s for s, _ in checkpoint.complete_checkpoints(run_dir)] == [4, 6, 8]
+    assert [s for s, _ in resolve.complete_checkpoints(run_dir)] == [4, 6, 8]
 
 
 def test_a_finished_run_says_what_to_change_and_touches_nothing(tiny_config, offline_env):
@@ -53,7 +53,7 @@ def test_a_finished_run_says_what_to_change_and_touches_nothing(tiny_config, off
         f"to continue, raise train.steps (e.g. train.steps=8)"
     ), proc.stdout
     assert snapshot(run_dir) == before
-    assert [s for s, _ in checkpoint.complete_checkpoints(run_dir)] == [4]
+    assert [s for s, _ in resolve.complete_checkpoints(run_dir)] == [4]
 
 
 def test_relative_data_paths_follow_the_config_file(small_data, offline_env, tmp_path):

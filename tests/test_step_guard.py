@@ -12,6 +12,7 @@ from conftest import run_cli, torchrun_train
 from unroll.models import LM
 from unroll.train import trainer
 from unroll.train.checkpoint import dcp as checkpoint
+from unroll.train.checkpoint import resolve
 from unroll.train.config import load_config
 from unroll.train.metrics import read_metrics
 from unroll.train.step_guard import StepGuard, TrainingDiverged, Verdict
@@ -195,7 +196,7 @@ def test_a_diverging_run_stops_with_its_checkpoints_and_plot(tiny_config, offlin
     run_dir = config.parent / "diverging"
     events = rows(run_dir, "step_not_applied")
     assert len(events) >= 3 and (run_dir / "loss.png").is_file()
-    saved = checkpoint.complete_checkpoints(run_dir)
+    saved = resolve.complete_checkpoints(run_dir)
     assert saved and all(step < events[-3]["step"] for step, _ in saved)  # none of a step not applied
     _, model, _ = newest(load_config(str(config)))
     assert all(torch.isfinite(t).all() for t in model.state_dict().values())

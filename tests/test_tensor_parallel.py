@@ -1,4 +1,4 @@
-"""Tensor parallelism (train/parallel/tensor_parallel.py) on 2 gloo ranks against the single-device model.
+"""Tensor parallelism (train/parallel/tensor_parallel/) on 2 gloo ranks against the single-device model.
 
 One torchrun launch (tests/tp_worker.py) runs every check and writes one JSON per rank; the tests below
 read them. Cases: ParaGRU / ParaLSTM (rnn_heads 1, 2 = tp, 4; Newton and sequential), M²RNN (q/k heads 1:
@@ -19,7 +19,8 @@ from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 from tp_worker import CASES
 
-from unroll.train.parallel.tensor_parallel import Fused, fsdp_shard_placement
+from unroll.train.parallel.tensor_parallel.layout import Fused
+from unroll.train.parallel.tensor_parallel.placement import fsdp_shard_placement
 
 WORKER = Path(__file__).with_name("tp_worker.py")
 RUNS = [f"{case}/{sp}" for case in CASES for sp in ("sp", "nosp")]

@@ -9,7 +9,7 @@ import torch
 from conftest import run_cli, torchrun_train
 
 from unroll.models import LM
-from unroll.train.checkpoint.dcp import CheckpointError
+from unroll.train.checkpoint.integrity import CheckpointError
 from unroll.train.config import ConfigError, load_config
 from unroll.train.lifecycle.inference import load_run
 from unroll.train.metrics import read_metrics
@@ -119,5 +119,5 @@ def test_init_from_names_a_bad_path(small_data, tmp_path):
     cfg = load_config(
         "tiny-tnt-stage2", tiny_overrides(small_data, tmp_path / "s2", 1) + [f"train.init_from={tmp_path / 'nowhere'}"]
     )
-    with pytest.raises(CheckpointError, match="train.init_from=.*nowhere: neither a complete checkpoint"):
+    with pytest.raises(CheckpointError, match="train.init_from=.*nowhere: no such run or checkpoint directory"):
         train(cfg)

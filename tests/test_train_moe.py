@@ -8,6 +8,7 @@ from conftest import run_cli, torchrun_train
 
 from unroll.models import LM
 from unroll.train.checkpoint import dcp as checkpoint
+from unroll.train.checkpoint import resolve
 from unroll.train.config import load_config
 from unroll.train.metrics import read_metrics
 from unroll.train.trainer import train
@@ -53,7 +54,7 @@ def test_moe_metrics_bias_and_exact_resume(tiny_config):
 
     # the sign-driven bias steps by ±rate and may be back at 0 at a given step: every checkpoint compared
     moved = False
-    for (step, pa), (_, pb) in zip(*(checkpoint.complete_checkpoints(c.run.dir) for c in (straight, resumed))):
+    for (step, pa), (_, pb) in zip(*(resolve.complete_checkpoints(c.run.dir) for c in (straight, resumed))):
         a, b = LM(straight.model), LM(resumed.model)
         checkpoint.load_model_weights(pa, a)
         checkpoint.load_model_weights(pb, b)

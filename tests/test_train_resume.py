@@ -11,6 +11,7 @@ from paused_run import pause_env, wait_for_pause
 
 from unroll.models import LM
 from unroll.train.checkpoint import dcp as checkpoint
+from unroll.train.checkpoint import resolve
 from unroll.train.config import load_config
 from unroll.train.metrics import read_metrics
 from unroll.train.trainer import build_optimizer
@@ -58,7 +59,7 @@ def test_exact_resume_after_sigkill_and_sigterm(tiny_config, offline_env):
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert f"resumed at step {LAST_CHECKPOINT_BEFORE_KILL}" in err + out  # the steps after it are redone
     assert f"stopped by signal {int(signal.SIGTERM)} at step {STOPPED_AT}" in out + err
-    assert max(step for step, _ in checkpoint.complete_checkpoints(run_dir)) == STOPPED_AT
+    assert max(step for step, _ in resolve.complete_checkpoints(run_dir)) == STOPPED_AT
 
     proc = run_cli(["train", interrupted], offline_env)
     assert f"resumed at step {STOPPED_AT}" in proc.stdout + proc.stderr

@@ -13,7 +13,7 @@ Writes OUT_DIR/rank{r}.json: {check: result dict, or {"error": traceback}}:
   vocab_parallel_loss     kernels/cross_entropy.py with the vocabulary split over the 2 ranks, float64, against
                           the plain loss: value, hidden gradient summed over ranks, weight rows' gradient
   placements              each parameter's placement in one model (the plan as applied)
-  dcp                     model + AdamW state of a TP run saved with checkpoint_view load into one process's
+  dcp                     model + AdamW state of a TP run saved with tp_view load into one process's
                           layout, and a single-device save loads into the TP model and optimizer
   errors                  what apply_tensor_parallel refuses, by message; generation refused
 """
@@ -194,13 +194,13 @@ def placements(mesh) -> dict:
 
 def check_dcp(mesh, path: str) -> dict:
     """Model and AdamW state, TP → single-device layout and back, through get_state_dict / DCP /
-    set_state_dict as train/checkpoint/dcp.py does, with checkpoint_view in front of DCP on the TP side."""
+    set_state_dict as train/checkpoint/dcp.py does, with tp_view in front of DCP on the TP side."""
     import warnings
 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    from unroll.train.parallel.tensor_parallel import checkpoint_view
+    from unroll.train.checkpoint.views import tp_view
 
     warnings.filterwarnings("ignore")
     cfg = config(pattern="GMA", mlp_pattern="DED", m2rnn=dict(qk_heads=2, solver="sequential"))
@@ -226,7 +226,7 @@ def check_dcp(mesh, path: str) -> dict:
     ref, ref_opt = trained(build(cfg, torch.float64, 5))
     tp, tp_opt = trained(parallel(build(cfg, torch.float64, 5), mesh, True))
     model_sd, optim_sd = get_state_dict(tp, tp_opt)
-    dcp.save(checkpoint_view({"model": model_sd, "optim": optim_sd}), checkpoint_id=os.path.join(path, "tp"))
+    dcp.save(tp_view({"model": model_sd, "optim": optim_sd}), checkpoint_id=os.path.join(path, "tp"))
     single, single_opt = trained(build(cfg, torch.float64, 6))  # other weights and state, overwritten
     model_sd, optim_sd = get_state_dict(single, single_opt)
     sd = {"model": model_sd, "optim": optim_sd}
@@ -239,7 +239,7 @@ def check_dcp(mesh, path: str) -> dict:
     tp2, tp2_opt = trained(parallel(build(cfg, torch.float64, 7), mesh, True))
     model_sd, optim_sd = get_state_dict(tp2, tp2_opt)
     sd = {"model": model_sd, "optim": optim_sd}
-    dcp.load(checkpoint_view(sd), checkpoint_id=os.path.join(path, "single"))
+    dcp.load(tp_view(sd), checkpoint_id=os.path.join(path, "single"))
     set_state_dict(tp2, tp2_opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     to_tp = compare(tp2, tp2_opt, ref, ref_opt)
     return {
@@ -252,7 +252,7 @@ def check_dcp(mesh, path: str) -> dict:
 
 
 def check_errors(mesh) -> dict:
-    from unroll.train.parallel.tensor_parallel import TensorParallelError
+    from unroll.train.parallel.tensor_parallel.layout import TensorParallelError
 
     out = {}
     bad = {

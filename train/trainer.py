@@ -17,7 +17,7 @@ from unroll.models import LM
 from unroll.models.generate import sample
 from unroll.models.moe import MoE
 from unroll.train.checkpoint import dcp as checkpoint
-from unroll.train.checkpoint import integrity
+from unroll.train.checkpoint import integrity, resolve
 from unroll.train.checkpoint.rundir import CONFIG_FILE, prepare_run_dir
 from unroll.train.checkpoint.writer import CheckpointWriter
 from unroll.train.config import Config, ConfigError
@@ -383,9 +383,11 @@ def train(cfg: Config) -> dict:
         run.autocast,
     )
     trainable = run.trainable
-    if cfg.train.init_from and not checkpoint.complete_checkpoints(run_dir):  # a new run from other weights
+    if cfg.train.init_from and not resolve.complete_checkpoints(run_dir):  # a new run from other weights
         # into the sharded model (DCP reshards; a pipeline's tied replica reads embed.weight too)
-        checkpoint.load_model_weights(checkpoint.resolve_checkpoint(cfg.train.init_from, "train.init_from"), owned)
+        checkpoint.load_model_weights(
+            resolve.checkpoint_of(cfg.train.init_from, cfg.model, setting="train.init_from").path, owned
+        )
     state = checkpoint.load_latest(run_dir, owned, optimizer, rank=dist.rank, io_threads=cfg.checkpoint.io_threads)
     step = state["step"] if state else 0
     samples = state["samples_consumed"] if state else 0

@@ -4,7 +4,7 @@ Layout of RUN_DIR/checkpoints/step_00000100/:
   .metadata, *.distcp   model and optimizer (DCP: each rank writes checkpoint.io_threads shard files at once;
                         reshards on load)
   checksums.json        a checksum of every item (tensor chunk) of every shard, taken as it was written and
-                        checked as it is read (checkpoint_storage.py)
+                        checked as it is read (storage.py)
   rng_rank{r}.json      every RNG state of rank r (python, numpy, torch CPU, CUDA): train/checkpoint/rng_state.py
                         (checkpoints written before it hold rng_rank{r}.pt, still read, without running code)
   train_state.json      step, global samples consumed, and the rest of the loop's scalar state
@@ -14,10 +14,11 @@ A checkpoint is written under `step_N.tmp` and renamed to `step_N` only once eve
 crash mid-write leaves at worst a `.tmp` directory that is ignored (and removed by the next save). On
 resume a checkpoint that fails its checks (before the load, or an item's checksum during it, on any rank)
 is refused with the reason on every rank, and the previous one loaded whole; a damaged one is marked REFUSED.
-Good checkpoints are the complete ones that pass their checks (`good_checkpoints`): resume, rotation, export,
-generation, growth and `train.init_from` all take the newest of them. Rotation (`keep`) counts only those,
-so it never deletes the newest good checkpoint for one that is not, and it reads no shard to decide; a
-refused checkpoint stays for the user (set aside as `step_N.refused` when its step is saved again).
+Good checkpoints are the complete ones that pass their checks (resolve.py, which every reader goes through):
+resume, rotation, export, generation, growth and `train.init_from` all take the newest of them. Rotation
+(`keep`) counts only those, so it never deletes the newest good checkpoint for one that is not, and it reads
+no shard to decide; a refused checkpoint stays for the user (set aside as `step_N.refused` when its step is
+saved again).
 
 What a save refuses, on every rank at once (the ranks agree before going on, so none is left waiting):
   non-finite state   before anything is written, each rank checks the tensors it would save (finite.py); a
@@ -26,10 +27,10 @@ What a save refuses, on every rank at once (the ranks agree before going on, so 
                      shards, an RNG file, the manifest): the save stops naming the path and the OS error,
                      its `.tmp` directory is removed, the checkpoints before it are untouched
 Loading runs no code from the checkpoint: DCP's pickled metadata and values through allowlists
-(dcp_safe_load.py), the RNG states and train state as JSON.
+(safe_load.py), the RNG states and train state as JSON.
 
 A checkpoint resumes under another layout and world size: DCP reshards, tensor-parallel fused weights and
-expert-parallel experts are saved in the single-device layout (checkpoint_view, _expert_view), pipeline stages
+expert-parallel experts are saved in the single-device layout (views.py), pipeline stages
 under the LM's names (pipelined.owned_view), and the data position is global samples. Tested, with the losses
 continuing as in one uninterrupted run (tests/test_train_relayout.py and the tests it names): PP 2 → FSDP 2 →
 1 process → FSDP 2, TP 2 → DDP 2 → TP 2 → 1 process, CP 2 → 1 process → EP 2 → 1 process, PP 2 → 1 process
@@ -42,7 +43,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import sys
 import warnings
@@ -57,56 +57,14 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_state_dict,
 )
-from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from unroll.train.checkpoint import integrity, rng_state, storage
 from unroll.train.checkpoint.finite import agreed_non_finite
+from unroll.train.checkpoint.integrity import CheckpointError
+from unroll.train.checkpoint.resolve import STATE_FILE, checkpoint_dirs, checkpoint_root, good_checkpoints, unusable
 from unroll.train.checkpoint.safe_load import SafePlanner
+from unroll.train.checkpoint.views import dcp_view
 from unroll.train.parallel import distributed as D
-from unroll.train.parallel.tensor_parallel import checkpoint_view
-
-STEP_DIR = re.compile(r"^step_(\d{8})$")
-STATE_FILE = "train_state.json"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names its path. `damaged`: its bytes are not the ones
-    saved (as opposed to a checkpoint of another model), which a resume marks in it."""
-
-    def __init__(self, message: str, *, damaged: bool = False):
-        super().__init__(message)
-        self.damaged = damaged
-
-
-def checkpoint_root(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def is_complete(path: Path) -> bool:
-    """Finished saving (the manifest is written last); integrity.problem checks the rest before a load."""
-    return all((path / name).is_file() for name in (".metadata", STATE_FILE, integrity.MANIFEST))
-
-
-def checkpoint_dirs(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of every step_N directory, finished or not, oldest first (`.tmp` writes excluded)."""
-    root = checkpoint_root(run_dir)
-    found = []
-    for path in root.iterdir() if root.is_dir() else ():
-        m = STEP_DIR.match(path.name)
-        if m and path.is_dir():
-            found.append((int(m.group(1)), path))
-    return sorted(found)
-
-
-def complete_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of every complete checkpoint, oldest first; partial writes are skipped."""
-    return [(step, path) for step, path in checkpoint_dirs(run_dir) if is_complete(path)]
-
-
-def good_checkpoints(run_dir: str | Path, model_cfg=None) -> list[tuple[int, Path]]:
-    """(step, path) of every complete checkpoint that passes its checks (integrity.check: files, checksums of
-    the small ones, no REFUSED mark, the model if given), oldest first. Reads no shard."""
-    return [(step, path) for step, path in complete_checkpoints(run_dir) if integrity.problem(path, model_cfg) is None]
 
 
 def _rng_state() -> dict:
@@ -189,10 +147,9 @@ def begin_save(run_dir: str | Path, step: int, rank: int) -> tuple[Path, Path]:
 
 
 def save_view(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """What DCP writes: model and optimizer state (checkpoint_view: tensor-parallel fused weights in
-    single-device layout; _expert_view: expert-parallel experts as one tensor)."""
+    """What DCP writes: model and optimizer state in the single-device layout (views.dcp_view)."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    return checkpoint_view(_expert_view(model, {"model": model_sd, "optim": optim_sd}))
+    return dcp_view(model, {"model": model_sd, "optim": optim_sd})
 
 
 def finish_save(
@@ -308,8 +265,8 @@ def _last_line(e: BaseException) -> str:
 
 
 def _dcp_load(state: dict, path: Path, model_cfg=None, io_threads: int = storage.IO_THREADS) -> None:
-    """Fills `state` in place from the checkpoint, every item read verified against its checksum; any failure
-    names the checkpoint, the same on every rank."""
+    """Fills `state` (a views.dcp_view, sharing storage with the state to fill) in place from the checkpoint,
+    every item read verified against its checksum; any failure names the checkpoint, the same on every rank."""
     refusal = integrity.agreed_check(path, model_cfg)
     if refusal:
         raise CheckpointError(f"checkpoint {path} refused: {refusal.reason}", damaged=refusal.damaged)
@@ -322,7 +279,7 @@ def _dcp_load(state: dict, path: Path, model_cfg=None, io_threads: int = storage
     try:
         with _quiet_single_process():
             dcp.load(
-                checkpoint_view(state),
+                state,
                 checkpoint_id=str(path),  # fills `state`'s tensors in place
                 storage_reader=reader,
                 planner=SafePlanner(),
@@ -332,28 +289,6 @@ def _dcp_load(state: dict, path: Path, model_cfg=None, io_threads: int = storage
         if corrupt:  # raised by one rank's reader; DCP hands every rank the same failures
             raise CheckpointError(f"checkpoint {path} refused: {corrupt}", damaged=True) from e
         raise CheckpointError(f"checkpoint {path} could not be loaded into this model: {_last_line(e)}") from e
-
-
-def _expert_view(model: torch.nn.Module, state: dict) -> dict:
-    """Expert-parallel experts (plain tensors, different on every ep rank, under the same names) presented
-    to DCP as one tensor sharded over the ep ranks (dim 0: rank r holds experts r·E/ep ...), model and
-    optimizer state alike, sharing storage so that a load lands in place."""
-    meshes = {name: p.ep_mesh for name, p in model.named_parameters() if hasattr(p, "ep_mesh")}
-    if not meshes:
-        return state
-
-    def wrap(t, mesh):  # the last mesh dimension splits the experts; any before it replicates them
-        if isinstance(t, torch.Tensor) and t.dim() > 0:
-            return DTensor.from_local(t, mesh, [Replicate()] * (mesh.ndim - 1) + [Shard(0)], run_check=False)
-        return t
-
-    out = {"model": dict(state["model"]), "optim": dict(state["optim"])}
-    out["optim"]["state"] = dict(state["optim"]["state"])
-    for name, mesh in meshes.items():
-        out["model"][name] = wrap(state["model"][name], mesh)
-        if name in out["optim"]["state"]:
-            out["optim"]["state"][name] = {k: wrap(v, mesh) for k, v in state["optim"]["state"][name].items()}
-    return out
 
 
 def load(
@@ -367,7 +302,7 @@ def load(
     """Restores model, optimizer and this rank's RNG state in place; returns the train state."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    _dcp_load(_expert_view(model, state), path, getattr(model, "cfg", None), io_threads)
+    _dcp_load(dcp_view(model, state), path, getattr(model, "cfg", None), io_threads)
     rng, train_state = _read_small_files(path, rank)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng_state.restore(rng)
@@ -417,10 +352,7 @@ def load_latest(
                     _mark_refused(path, str(e))
                 print(f"unroll: {e}; trying the previous checkpoint", file=sys.stderr, flush=True)
     if refused:
-        raise CheckpointError(
-            f"no usable checkpoint in {checkpoint_root(run_dir)} (move them away to start "
-            f"afresh):\n  " + "\n  ".join(refused)
-        )
+        raise unusable(run_dir, refused, advice=" (move them away to start afresh)")
     return None
 
 
@@ -431,22 +363,10 @@ def _mark_refused(path: Path, reason: str) -> None:
         print(f"unroll: could not mark {path} {integrity.REFUSED} ({e})", file=sys.stderr, flush=True)
 
 
-def resolve_checkpoint(path: str | Path, key: str) -> Path:
-    """A complete checkpoint directory, or the newest good checkpoint of a run directory; `key` names the
-    setting that gave the path."""
-    p = Path(path)
-    if is_complete(p):
-        return p
-    found = good_checkpoints(p)
-    if not found:
-        raise CheckpointError(f"{key}={path}: neither a complete checkpoint nor a run directory holding a good one")
-    return found[-1][1]
-
-
 def load_model_weights(path: Path, model: torch.nn.Module) -> None:
     """Only the model (generation, `train.init_from`): DCP reads the requested keys, skips the optimizer,
     and reshards into whatever this rank holds (FSDP, tp or ep shards, a pipeline's stages)."""
     model_sd = get_model_state_dict(model)
     state = {"model": model_sd, "optim": {"state": {}}}
-    _dcp_load({"model": _expert_view(model, state)["model"]}, path, getattr(model, "cfg", None))
+    _dcp_load({"model": dcp_view(model, state)["model"]}, path, getattr(model, "cfg", None))
     set_model_state_dict(model, model_sd)

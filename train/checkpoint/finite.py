@@ -30,7 +30,7 @@ def named_tensors(state, prefix: str = ""):
     elif isinstance(state, torch.Tensor):
         # _local_tensor, not to_local(): to_local takes a view, which LocalShardsWrapper refuses above 2-D
         local = state._local_tensor if isinstance(state, DTensor) else state
-        # tensor parallelism's fused weights in single-device layout (checkpoint_view) hold several local
+        # tensor parallelism's fused weights in single-device layout (views.tp_view) hold several local
         # shards, on which no reduction is defined: each is checked on its own
         for shard in local.local_shards() if isinstance(local, LocalShardsWrapper) else [local]:
             if shard.is_floating_point() or shard.is_complex():

@@ -7,7 +7,7 @@ the checkpoint, and holds
   files               every other file's size in bytes (DCP's .distcp shards, .metadata, RNG states, ...)
   xxh3_128            a checksum of every file but the shards: .metadata, train_state.json, the RNG states and
                       checksums.json, which holds a checksum of every item of every shard, taken as the shards
-                      were written and checked as the load reads them (checkpoint_storage.py); so every byte
+                      were written and checked as the load reads them (storage.py); so every byte
                       of a checkpoint is covered, and the checks before a load read only the small files
   model               the model's architecture (its config, without the keys that may change on resume:
                       solvers, init scale, MoE loss coefficients, TNT chunk sizes; stage marks removed
@@ -102,6 +102,15 @@ def item_checksums(path: Path) -> dict | None:
     """Every shard item's checksum ({file: {offset: (length, digest)}}), or None for a checkpoint saved before
     them. Call it once `check` has passed (checksums.json then matches the manifest)."""
     return storage.read_checksums(path) if storage.CHECKSUMS in read_manifest(path)["files"] else None
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used or saved; the message names its path. `damaged`: its bytes are not the
+    ones saved (as opposed to a checkpoint of another model), which a resume marks in it."""
+
+    def __init__(self, message: str, *, damaged: bool = False):
+        super().__init__(message)
+        self.damaged = damaged
 
 
 @dataclass(frozen=True)

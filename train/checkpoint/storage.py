@@ -340,7 +340,7 @@ def _byte_order(item: memoryview) -> str:
 
 
 class VerifyingReader(SafeReader):
-    """DCP's FileSystemReader (`.metadata` unpickled through an allowlist: dcp_safe_load.py) with every item
+    """DCP's FileSystemReader (`.metadata` unpickled through an allowlist: safe_load.py) with every item
     verified against `checksums` ({file: {offset: (length, digest)}}; None for a checkpoint saved before
     checksums, read unverified) and `thread_count` items read at once. Pair it with SafePlanner, which reads
     the non-tensor values without running code."""

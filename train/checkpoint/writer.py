@@ -6,7 +6,7 @@ writes the shards while the next steps run. The copy goes into buffers kept from
 ChecksummingWriter for the run, staging with cache_staged_state_dict), so after the first save it is a
 memcpy without allocation or page faults. The background write takes the GIL only to pickle each item's
 small header (hashing, writes and fsyncs release it), costs less CPU than DCP's own (no CRC-32 pass:
-checkpoint_storage.py), and runs at the lowest CPU priority (nice 19, its threads only, on Linux), so that on
+storage.py), and runs at the lowest CPU priority (nice 19, its threads only, on Linux), so that on
 a CPU-bound run it takes the time training leaves rather than slowing its steps. `unroll bench checkpoint`
 measured on a shared 2-core machine, 1.24 GB of state, torch on both cores: `save` held the loop 0.07-0.1 s
 against 0.6-0.9 s for a synchronous save; two training steps during the write took 1.7x their time alone at

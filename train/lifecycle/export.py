@@ -25,7 +25,8 @@ from safetensors.torch import save_file
 
 from unroll.models import LM
 from unroll.train.checkpoint import dcp as checkpoint
-from unroll.train.checkpoint.dcp import STATE_FILE, CheckpointError
+from unroll.train.checkpoint import resolve
+from unroll.train.checkpoint.resolve import STATE_FILE
 from unroll.train.checkpoint.rundir import CONFIG_FILE, TOKENIZER_FILE
 from unroll.train.config import Config, ConfigError, load_config, to_yaml
 from unroll.train.lifecycle.export_format import CONFIG, META, TOKENIZER, WEIGHTS, ExportError, build_model, read_export
@@ -36,31 +37,11 @@ FORMATS = ("auto", "hf", "unroll")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
-    """(run directory, checkpoint directory) for a run directory (its newest complete checkpoint) or one
-    checkpoint directory inside a run (RUN_DIR/checkpoints/step_N)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: no such run or checkpoint directory")
-    if (path / CONFIG_FILE).is_file():
-        found = checkpoint.good_checkpoints(path)  # a damaged or refused newest one: the one before it
-        if not found:
-            raise CheckpointError(f"{path}: no complete checkpoint under {checkpoint.checkpoint_root(path)}")
-        return path, found[-1][1]
-    if checkpoint.STEP_DIR.match(path.name) and path.parent.name == "checkpoints":
-        run_dir = path.parent.parent
-        if not (run_dir / CONFIG_FILE).is_file():
-            raise CheckpointError(f"checkpoint {path}: its run directory {run_dir} has no {CONFIG_FILE}")
-        if not checkpoint.is_complete(path):
-            raise CheckpointError(f"checkpoint {path} is incomplete (no .metadata or {STATE_FILE})")
-        return run_dir, path
-    raise CheckpointError(f"{path}: not a run directory (no {CONFIG_FILE}) nor a checkpoint (checkpoints/step_N)")
-
-
 def read_checkpoint(path: str | Path) -> tuple[Config, dict, dict, Path]:
     """(config, model state dict on the CPU, train state, run directory) of a checkpoint, in one process."""
-    run_dir, ckpt = find_checkpoint(path)
+    run_dir = resolve.run_directory(path)
     cfg = load_config(str(run_dir / CONFIG_FILE))
+    ckpt = resolve.checkpoint_of(path, cfg.model).path  # a run directory: its newest good checkpoint
     with torch.device("meta"):  # no initialisation: every tensor is then read from the checkpoint
         model = LM(cfg.model)
     model.to_empty(device="cpu")

@@ -41,8 +41,8 @@ import torch
 
 from unroll.models import LM
 from unroll.train.checkpoint import dcp as checkpoint
-from unroll.train.checkpoint import integrity
-from unroll.train.checkpoint.dcp import CheckpointError
+from unroll.train.checkpoint import integrity, resolve
+from unroll.train.checkpoint.integrity import CheckpointError
 from unroll.train.checkpoint.rundir import CONFIG_FILE, TOKENIZER_FILE
 from unroll.train.config import Config, ConfigError, load_config, to_yaml
 
@@ -71,50 +71,19 @@ def stacked_state_dict(source: dict[str, torch.Tensor], n_layers: int, grown_key
     return out
 
 
-def resolve_source(source: str | Path) -> tuple[Path, Path]:
-    """(the source run's config.yaml, the checkpoint directory to grow): SOURCE is a run directory (its
-    newest good checkpoint) or one of its checkpoints (RUN_DIR/checkpoints/step_N)."""
-    path = Path(source)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint or run directory")
-    if (path / CONFIG_FILE).is_file():
-        return path / CONFIG_FILE, path  # the checkpoint is chosen below, once the config is loaded
-    if checkpoint.STEP_DIR.match(path.name) and (path.parent.parent / CONFIG_FILE).is_file():
-        return path.parent.parent / CONFIG_FILE, path
-    raise CheckpointError(
-        f"{path}: neither a run directory (with {CONFIG_FILE}) nor a checkpoint RUN_DIR/checkpoints/step_N"
-    )
-
-
-def _pick_checkpoint(path: Path, cfg: Config) -> Path:
-    """A run directory's newest checkpoint that passes its checks, or the named checkpoint if it does."""
-    if checkpoint.STEP_DIR.match(path.name):
-        reason = integrity.problem(path, cfg.model)
-        if reason:
-            raise CheckpointError(f"checkpoint {path} refused: {reason}")
-        return path
-    reasons = []
-    for _, ckpt in reversed(checkpoint.checkpoint_dirs(path)):
-        reason = integrity.problem(ckpt, cfg.model)
-        if reason is None:
-            return ckpt
-        reasons.append(f"{ckpt}: {reason}")
-    raise CheckpointError(f"{path}: no usable checkpoint to grow" + "".join(f"\n  {r}" for r in reasons))
-
-
 def grow(source: str | Path, factor: int, out: str | Path, overrides: list[str] = ()) -> dict:
     """Writes the grown run directory OUT (see the module docstring); returns what was done."""
     if isinstance(factor, bool) or not isinstance(factor, int) or factor < 2:
         raise ConfigError(f"--factor must be an integer >= 2 (the depth multiple), got {factor!r}")
-    config_path, path = resolve_source(source)
-    cfg = load_config(str(config_path))
-    ckpt = _pick_checkpoint(path, cfg)
+    run_dir = resolve.run_directory(source)
+    cfg = load_config(str(run_dir / CONFIG_FILE))
+    ckpt = resolve.checkpoint_of(source, cfg.model).path  # a run directory: its newest good checkpoint
     out = Path(out)
-    if checkpoint.checkpoint_dirs(out) or (out / CONFIG_FILE).exists():
+    if resolve.checkpoint_dirs(out) or (out / CONFIG_FILE).exists():
         raise CheckpointError(f"{out}: already holds a run (config.yaml or checkpoints); grow into a new directory")
     grown_cfg = _grown_config(cfg, factor, out, overrides)
 
-    with open(ckpt / checkpoint.STATE_FILE) as f:
+    with open(ckpt / resolve.STATE_FILE) as f:
         source_state = json.load(f)
     small = LM(cfg.model)
     checkpoint.load_model_weights(ckpt, small)  # one process: DCP reshards a multi-rank save
@@ -141,7 +110,7 @@ def grow(source: str | Path, factor: int, out: str | Path, overrides: list[str] 
         },
     }
     final = checkpoint.save(out, 0, model, optimizer, state, keep=grown_cfg.checkpoint.keep)
-    tokenizer = config_path.parent / TOKENIZER_FILE
+    tokenizer = run_dir / TOKENIZER_FILE
     if tokenizer.is_file():
         shutil.copyfile(tokenizer, out / TOKENIZER_FILE)
     tmp = out / (CONFIG_FILE + ".tmp")

@@ -18,7 +18,8 @@ from unroll.train.lifecycle.export_format import check_vocab_fits, is_export, lo
 def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[LM, Tokenizer, int]:
     """(model with the newest checkpoint's weights, tokenizer, step)."""
     from unroll.train.checkpoint import dcp as checkpoint  # DCP: only for run directories
-    from unroll.train.checkpoint.dcp import CheckpointError
+    from unroll.train.checkpoint import resolve
+    from unroll.train.checkpoint.integrity import CheckpointError
     from unroll.train.config import ConfigError, load_config
 
     run_dir = Path(run_dir)
@@ -28,13 +29,10 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[LM, Tokenizer, i
     check_vocab_fits(
         cfg.model.vocab_size, run_dir / TOKENIZER_FILE, run_dir / CONFIG_FILE, "model.vocab_size", ConfigError
     )
-    found = checkpoint.good_checkpoints(run_dir, cfg.model)  # a damaged or refused newest one: the one before it
-    if not found:
-        raise CheckpointError(f"{run_dir}: no complete checkpoint under {checkpoint.checkpoint_root(run_dir)}")
-    step, path = found[-1]
+    found = resolve.newest_good(run_dir, cfg.model)
     model = LM(cfg.model)
-    checkpoint.load_model_weights(path, model)
-    return model.to(device).eval(), Tokenizer(str(run_dir / TOKENIZER_FILE)), step
+    checkpoint.load_model_weights(found.path, model)
+    return model.to(device).eval(), Tokenizer(str(run_dir / TOKENIZER_FILE)), found.step
 
 
 def load_model(path: str | Path, device: str = "cpu") -> tuple[LM, Tokenizer, int]:

@@ -8,7 +8,7 @@ experts of every MoE and tokens travel to them by all_to_all within groups of ep
 parameters. Their gradients are sums over the group's tokens: the trainer sums them over the replicas and
 divides by dp, FSDP's average (`average_expert_grads`).
 
-Tensor parallelism (tp > 1): the declared per-module plans of train/parallel/tensor_parallel.py, with sequence
+Tensor parallelism (tp > 1): the declared per-module plans of train/parallel/tensor_parallel/, with sequence
 parallel norms; then FSDP2 over the data-parallel ranks of each tp group.
 
 Context parallelism (cp > 1): every mixer gets the cp process group and works on its slice of the
@@ -42,7 +42,8 @@ from unroll.train.parallel.expert_parallel import (
 )
 from unroll.train.parallel.materialize import materialize
 from unroll.train.parallel.mesh import Layout, check_supported
-from unroll.train.parallel.tensor_parallel import apply_tensor_parallel, fsdp_shard_placement
+from unroll.train.parallel.tensor_parallel import apply_tensor_parallel
+from unroll.train.parallel.tensor_parallel.placement import fsdp_shard_placement
 
 
 def apply_activation_checkpointing(model: LM, mode: str) -> None:

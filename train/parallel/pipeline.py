@@ -218,7 +218,7 @@ class StageModule(nn.Module):
         self.tied_peer: int | None = None  # pp-group rank holding the other copy of the tied weight
         self.lm_rules = model.init_rules()  # the embedding's and head's initialisation (models/init.py)
         # the loss as the LM computes it (models/lm.py): tokens per logits chunk; the vocabulary's process
-        # group under tensor parallelism (set by train/parallel/tensor_parallel.py)
+        # group under tensor parallelism (set by train/parallel/tensor_parallel/vocab.py)
         self.loss_chunk, self.vocab_group = model.loss_chunk, model.vocab_group
         self.aux_losses: list[torch.Tensor] = []  # this stage's MoE losses, one per microbatch (for logging)
 

@@ -154,7 +154,7 @@ _ALLOCATIONS = {_A.empty.memory_format, _A.empty_strided.default, _A.new_empty.d
 
 class Tracker(Phases, MemTracker):
     """torch's MemTracker, also for tensor parallelism: inside a tp module's forward its parameters are
-    local views (not leaves: train/parallel/tensor_parallel.py swaps them in), on which no gradient hook can be
+    local views (not leaves: train/parallel/tensor_parallel/style.py swaps them in), on which no gradient hook can be
     registered; the DTensor leaves behind them were registered when the model's own forward began."""
 
     def __init__(self):

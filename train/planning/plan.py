@@ -4,7 +4,7 @@ the code itself does, and the layouts that fit.
 Per GPU, for the rank holding the first shard of every split (the largest share; rank 0), bytes:
 
   weights      every parameter this rank holds × 4 (fp32 master weights). Which parts: the model built on
-               the meta device and tensor parallelism applied by its own plans (train/parallel/tensor_parallel.py;
+               the meta device and tensor parallelism applied by its own plans (train/parallel/tensor_parallel/;
                what tp keeps whole, e.g. M²RNN's input projection at qk_heads=1, counts whole); the blocks
                of this rank's pipeline stages (train/parallel/pipeline.py stage_layers, the embedding on the first,
                the final norm, head or tied replica on the last); E/ep routed experts (expert parallelism,
@@ -86,7 +86,7 @@ _TABLES: dict[tuple, list[Param]] = {}
 
 def param_table(cfg: ModelConfig, tp: int) -> list[Param]:
     """Every parameter and buffer with its tp-local shape: the model built on the meta device and tp applied
-    by train/parallel/tensor_parallel.py (in a fake process group of tp ranks; nothing is allocated)."""
+    by train/parallel/tensor_parallel/ (in a fake process group of tp ranks; nothing is allocated)."""
     key = (repr(cfg), tp)
     if key in _TABLES:
         return _TABLES[key]
@@ -129,7 +129,7 @@ def _fsdp_share(p: Param, dp: int) -> int:
 
     from torch.distributed.tensor.placement_types import _StridedShard
 
-    from unroll.train.parallel.tensor_parallel import fsdp_shard_placement
+    from unroll.train.parallel.tensor_parallel.placement import fsdp_shard_placement
 
     shaped = SimpleNamespace(
         shape=torch.Size(p.shape),
