@@ -15,8 +15,8 @@ attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
 if os.environ.get("RANK") == "1" and os.environ.get("FAULT_ATTEMPT", attempt) == attempt:
     import signal
     import time
-    import unroll.train.trainer as trainer
-    steps, original = [0], trainer.update_expert_bias
+    import unroll.train.step as step
+    steps, original = [0], step.update_expert_bias
 
     def faulty(*args):
         steps[0] += 1
@@ -31,7 +31,7 @@ if os.environ.get("RANK") == "1" and os.environ.get("FAULT_ATTEMPT", attempt) ==
                 time.sleep(3600)
         return original(*args)
 
-    trainer.update_expert_bias = faulty
+    step.update_expert_bias = faulty
 """
 
 

@@ -43,10 +43,10 @@ def whole(name: str, p: torch.Tensor) -> torch.Tensor:
 
 def check(preset: str, overrides: list[str], rank: int) -> dict:
     from unroll.models import LM
+    from unroll.train.build import build_training
     from unroll.train.config import load_config
     from unroll.train.parallel.distributed import DistInfo
     from unroll.train.parallel.mesh import LayoutError, check_model, check_supported, resolve_layout
-    from unroll.train.trainer import build_training
 
     cfg = load_config(preset, overrides + ["train.seed=11"])
     layout = resolve_layout(cfg.parallel, dist.get_world_size())

@@ -1,16 +1,16 @@
-"""Run by tests/test_pipeline.py under torchrun (2 ranks): every pipeline schedule of train/parallel/pipeline.py against
-one process, float64, loss and gradients.
+"""Run by tests/test_pipeline.py under torchrun (2 ranks): every pipeline schedule, through the trainer's
+`Pipeline` (train/parallel/pipeline.py), against one process, float64, loss and gradients.
 
     torchrun --standalone --nproc-per-node 2 tests/pp_worker.py OUT_DIR
 
 Each rank builds the same seeded LM and computes the single-process loss from full logits (the mean over
-the microbatches, which is the whole batch's mean: equal-size microbatches) and its gradients; then runs the
-schedule, whose last stage computes the loss itself (in chunks where a case says so), twice (the second step
-reuses the inferred shapes) and compares, after `sync_tied_grads`, the gradient of every
-parameter its stages hold with the single-process one (the tied replica against `embed.weight`).
-Writes OUT_DIR/rank{r}.json: {case: {"loss": error or null off the last stage, "grads": max error,
-"worst": name, "names": [LM parameter names this rank holds], "copy": error of the tied replica after
-`copy_tied_weight` from a changed embedding}}.
+the microbatches, which is the whole batch's mean: equal-size microbatches) and its gradients; then runs
+`Pipeline.step`, whose last stage computes the loss itself (in chunks where a case says so), twice, and
+compares the gradient of every parameter its stages hold (the tied copies' gradients summed by the step)
+with the single-process one (the tied replica against `embed.weight`).
+Writes OUT_DIR/rank{r}.json: {case: {"loss": error of the microbatches' mean loss or null off the last
+stage, "grads": max error, "worst": name, "names": [LM parameter names this rank holds], "copy": the largest
+difference between the tied embedding's two copies after an AdamW step}}.
 """
 
 import faulthandler
@@ -55,7 +55,7 @@ def reference_loss(logits, targets):
 def run_case(schedule, pattern, extra, group):
     from unroll.models import LM, ModelConfig
     from unroll.models.config import M2RNNConfig, MoEConfig
-    from unroll.train.parallel.pipeline import build_schedule, copy_tied_weight, pipeline_step, sync_tied_grads
+    from unroll.train.parallel.pipeline import Pipeline
 
     extra = dict(extra)
     loss_chunk = extra.pop("loss_chunk", 0)
@@ -81,16 +81,16 @@ def run_case(schedule, pattern, extra, group):
     model.zero_grad(set_to_none=True)
 
     model.loss_chunk = loss_chunk  # the stages compute the loss as the model does
-    sched, modules = build_schedule(model, group, schedule, N_MB)
+    pipe = Pipeline(model, group, schedule, hidden_dtype=torch.float64)
+    modules = pipe.modules
     assert all(m.loss_chunk == loss_chunk for m in modules)
     out = {"loss": None, "grads": 0.0, "worst": "", "names": []}
     for _ in range(2):
         for m in modules:
             m.zero_grad(set_to_none=True)
-        loss = pipeline_step(sched, modules, tokens, targets)
-        sync_tied_grads(modules, group)
-        if loss is not None:
-            out["loss"] = max(out["loss"] or 0.0, abs(loss.item() - ref_loss.item()))
+        loss_sum, _ = pipe.step(tokens, targets, N_MB, torch.device("cpu"))  # tied gradients summed too
+        if pipe.last:
+            out["loss"] = max(out["loss"] or 0.0, abs(loss_sum.item() / N_MB - ref_loss.item()))
         for m in modules:
             for n, p in m.named_parameters():
                 name = "embed.weight" if n == "tied_embed_weight" else n
@@ -101,16 +101,14 @@ def run_case(schedule, pattern, extra, group):
                 if name not in out["names"]:
                     out["names"].append(name)
     out["all_names"] = list(ref)
-    # copy_tied_weight: the first stage's rank "loads" embed + 1; the replica must follow
-    with torch.no_grad():
-        loaded = model.embed.weight + 1
-        if any(m.first for m in modules):
-            model.embed.weight.copy_(loaded)
-        copy_tied_weight(modules, group)
-        out["copy"] = max(
-            [(m.tied_embed_weight - loaded).abs().max().item() for m in modules if m.tied_embed_weight is not None],
-            default=0.0,
-        )
+    # an optimizer step over the stages' parameters: the tied embedding's two copies stay equal
+    params = list({id(p): p for m in modules for p in m.parameters()}.values())
+    torch.optim.AdamW(params, lr=0.1, weight_decay=0.1).step()
+    copies = {"first" if m.first else "last": m.tied_weight().detach() for m in modules if m.tied_weight() is not None}
+    held = [None] * dist.get_world_size(group)
+    dist.all_gather_object(held, copies, group=group)
+    copies = {k: v for c in held for k, v in c.items()}
+    out["copy"] = (copies["first"] - copies["last"]).abs().max().item() if copies else 0.0
     return out
 
 

@@ -18,7 +18,8 @@ from unroll.train.checkpoint import dcp as checkpoint
 from unroll.train.checkpoint import integrity, resolve, storage
 from unroll.train.config import load_config
 from unroll.train.metrics import read_metrics
-from unroll.train.trainer import build_optimizer, train
+from unroll.train.optim import build_optimizer
+from unroll.train.trainer import train
 
 
 def losses(run_dir):

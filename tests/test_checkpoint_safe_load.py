@@ -23,7 +23,8 @@ from unroll.train.checkpoint import integrity, rng_state, storage
 from unroll.train.lifecycle.export import export, import_export
 from unroll.train.lifecycle.export_format import ExportError
 from unroll.train.lifecycle.inference import load_model
-from unroll.train.trainer import build_optimizer, train
+from unroll.train.optim import build_optimizer
+from unroll.train.trainer import train
 
 
 class RunsCode:

@@ -19,7 +19,7 @@ from unroll.models import LM
 from unroll.train.checkpoint import dcp as checkpoint
 from unroll.train.checkpoint import integrity, storage
 from unroll.train.config import load_config
-from unroll.train.trainer import build_optimizer
+from unroll.train.optim import build_optimizer
 
 CFG = load_config("tiny-gru", ["model.d_model=64", "model.pattern=GG"])
 

@@ -162,10 +162,11 @@ def test_plan_matches_what_one_gpu_allocates(name):
     at its sequence length and micro-batch (two micro-batches per step, synthetic tokens): weights after the
     build, weights + optimizer after a step, + gradients just before the step, and the peak of the step
     (paragru-1b measured 4.24, 12.56, 16.73 and 22.56 GiB on an H200)."""
+    from unroll.train.build import build_training
     from unroll.train.config import check_world
     from unroll.train.parallel.mesh import Layout
     from unroll.train.planning.plan import estimate
-    from unroll.train.trainer import build_training, train_step
+    from unroll.train.step import train_step
 
     probe = load_config(name)
     cfg = load_config(name, ["run.device=cuda", f"train.batch_size={2 * probe.train.micro_batch_size}"])

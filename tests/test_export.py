@@ -26,7 +26,8 @@ from unroll.train.lifecycle.export import export, import_export
 from unroll.train.lifecycle.export_format import ExportError, load_export, read_export
 from unroll.train.lifecycle.hf_layout import LayoutError, hf_architecture, model_fields
 from unroll.train.metrics import read_metrics
-from unroll.train.trainer import build_optimizer, train
+from unroll.train.optim import build_optimizer
+from unroll.train.trainer import train
 
 ATTENTION = {"d_model": 32, "n_heads": 4, "rope_theta": 5000.0, "norm_eps": 1e-6}
 MOE = {"experts": 4, "top_k": 2, "hidden": 48}

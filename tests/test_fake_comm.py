@@ -225,7 +225,7 @@ def test_pipeline_schedule_steps_on_one_rank(schedule, pattern, rank):
     from torch.distributed.device_mesh import init_device_mesh
 
     from unroll.models import LM, ModelConfig
-    from unroll.train.parallel.pipelined import Pipeline
+    from unroll.train.parallel.pipeline import Pipeline
     from unroll.train.planning.fake_comm import static_pipeline_vote
 
     n_mb, mb, seq, d = 4, 2, 6, 16

@@ -23,7 +23,8 @@ from unroll.train.lifecycle.grow import (
     parse_count,
 )
 from unroll.train.metrics import read_metrics
-from unroll.train.trainer import build_optimizer, train
+from unroll.train.optim import build_optimizer
+from unroll.train.trainer import train
 
 HYBRID = {
     "pattern": "GL|MA",

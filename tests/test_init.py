@@ -113,7 +113,7 @@ def test_every_rank_of_a_fake_world_holds_its_part_of_the_one_process_weights(pr
     from unroll.train.parallel.materialize import shard_index
     from unroll.train.parallel.mesh import build_mesh, resolve_layout
     from unroll.train.parallel.parallelize import parallelize
-    from unroll.train.parallel.pipelined import Pipeline
+    from unroll.train.parallel.pipeline import Pipeline
 
     cfg = load_config(preset, overrides)
     full = LM(cfg.model, seed=5).state_dict()

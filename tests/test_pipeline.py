@@ -1,4 +1,4 @@
-"""Pipeline parallelism (train/parallel/pipeline.py): stage splits from `|` marks or balanced by parameter count, stage
+"""Pipeline parallelism (train/parallel/pipeline*.py): stage splits from `|` marks or balanced by parameter count, stage
 modules that chain to the single-device model, and every schedule (GPipe, 1F1B, Interleaved1F1B, LoopedBFS,
 InterleavedZeroBubble, ZBVZeroBubble, DualPipeV) on 2 gloo ranks giving the single-process loss (mean over
 the microbatches) and gradients in float64, tied and untied embeddings."""
@@ -11,16 +11,16 @@ import torch
 from conftest import run_workers
 
 from unroll.models import LM, ModelConfig
-from unroll.train.parallel.pipeline import (
+from unroll.train.parallel.pipeline import Pipeline
+from unroll.train.parallel.pipeline_split import (
     SCHEDULES,
     balance,
-    build_schedule,
-    build_stage_module,
     layer_costs,
     schedule_spec,
     stage_layers,
     stage_ranks,
 )
+from unroll.train.parallel.pipeline_stages import build_stage_module
 
 sys.path.insert(0, str(Path(__file__).parent))
 from pp_worker import CASES  # noqa: E402
@@ -109,7 +109,7 @@ def test_schedule_names():
     with pytest.raises(ValueError, match="unknown pipeline schedule 'pipedream'; choices: GPipe, 1F1B"):
         schedule_spec("pipedream")
     with pytest.raises(ValueError, match="choices: " + ", ".join(SCHEDULES)):
-        build_schedule(LM(tiny("GA|LG")), None, "nope", 4)  # checked before any process group is used
+        Pipeline(LM(tiny("GA|LG")), None, "nope")  # checked before any process group is used
 
 
 # --- stage modules in one process ---------------------------------------------------------------------------

@@ -32,7 +32,7 @@ def test_the_plan_holds_exactly_what_the_trainer_gives_rank_0(preset, layout):
     from unroll.models import LM
     from unroll.train.parallel.mesh import build_mesh
     from unroll.train.parallel.parallelize import _shard
-    from unroll.train.parallel.pipelined import Pipeline
+    from unroll.train.parallel.pipeline import Pipeline
     from unroll.train.planning.fake_comm import fake_process_group
 
     cfg = load_config(preset)

@@ -10,13 +10,15 @@ import torch
 from conftest import run_cli, torchrun_train
 
 from unroll.models import LM
+from unroll.train import loss as training_loss
 from unroll.train import trainer
 from unroll.train.checkpoint import dcp as checkpoint
 from unroll.train.checkpoint import resolve
 from unroll.train.config import load_config
 from unroll.train.metrics import read_metrics
+from unroll.train.optim import build_optimizer
 from unroll.train.step_guard import StepGuard, TrainingDiverged, Verdict
-from unroll.train.trainer import build_optimizer, train
+from unroll.train.trainer import train
 
 
 def test_guard_judges_non_finite_figures_and_spikes_over_a_full_window():
@@ -67,7 +69,7 @@ class NanGradient(torch.autograd.Function):
 def inject(monkeypatch, faults: dict[int, str]):
     """faults: first sample index of a step → "nan_grad" or "spike" (the loss ×50, so are its gradients).
     Returns the list of (first sample, model weights before the step) the run went through."""
-    seen, step_fn, loss_fn, current = [], trainer.train_step, trainer.lm_loss, [None]
+    seen, step_fn, loss_fn, current = [], trainer.train_step, training_loss.lm_loss, [None]
 
     def train_step(t, cfg, batches, first, *args, **kwargs):
         seen.append((first, {k: v.clone() for k, v in t.owned.state_dict().items()}))
@@ -81,7 +83,7 @@ def inject(monkeypatch, faults: dict[int, str]):
         return loss * 50 if current[0] == "spike" else loss
 
     monkeypatch.setattr(trainer, "train_step", train_step)
-    monkeypatch.setattr(trainer, "lm_loss", lm_loss)
+    monkeypatch.setattr(training_loss, "lm_loss", lm_loss)
     return seen
 
 
@@ -207,13 +209,13 @@ def test_a_diverging_run_stops_with_its_checkpoints_and_plot(tiny_config, offlin
 NAN_ON_RANK_1 = """
 import math, os
 import torch
-import unroll.train.trainer as trainer
+import unroll.train.loss as training_loss
 
 class NanGradient(torch.autograd.Function):
     forward = staticmethod(lambda ctx, x: x.clone())
     backward = staticmethod(lambda ctx, g: g * math.nan)
 
-calls, loss_fn, adam_step = [0], trainer.lm_loss, torch.optim.AdamW.step
+calls, loss_fn, adam_step = [0], training_loss.lm_loss, torch.optim.AdamW.step
 
 def lm_loss(*args):
     calls[0] += torch.is_grad_enabled()  # training forwards only, not validation
@@ -225,7 +227,7 @@ def step(self, *args, **kwargs):
         f.write("step\\n")
     return adam_step(self, *args, **kwargs)
 
-trainer.lm_loss, torch.optim.AdamW.step = lm_loss, step
+training_loss.lm_loss, torch.optim.AdamW.step = lm_loss, step
 """
 
 

@@ -13,7 +13,8 @@ from unroll.train.checkpoint.integrity import CheckpointError
 from unroll.train.config import ConfigError, load_config
 from unroll.train.lifecycle.inference import load_run
 from unroll.train.metrics import read_metrics
-from unroll.train.trainer import apply_trainable, build_optimizer, train
+from unroll.train.optim import apply_trainable, build_optimizer
+from unroll.train.trainer import train
 
 TNT = {"heads": 2, "global_chunk": 16, "local_chunks": [4], "local_reset": 16}
 

@@ -79,7 +79,7 @@ def test_two_ranks_balance_on_the_global_load(tiny_config, offline_env):
 
 
 def test_expert_matrices_get_weight_decay_and_the_bias_none(tiny_config):
-    from unroll.train.trainer import build_optimizer
+    from unroll.train.optim import build_optimizer
 
     cfg = load_config(str(tiny_config("decay", model=MODEL)))
     model = LM(cfg.model)

@@ -71,7 +71,7 @@ def test_ddp_hsdp_and_fsdp_with_cp_match_one_process(tiny_config, offline_env):
 def test_pipeline_layouts_are_checked_by_key():
     from unroll.train.config import Config
     from unroll.train.parallel.mesh import Layout
-    from unroll.train.parallel.pipelined import check_pipeline
+    from unroll.train.parallel.pipeline import check_pipeline
 
     cfg = Config()
     cfg.model = ModelConfig(pattern="GGGG", d_model=16)

@@ -116,7 +116,8 @@ def test_a_training_step_draws_no_random_numbers(tiny_config, small_data):
     optimizer step of the model above leave every global RNG where it was."""
     from unroll.models import LM
     from unroll.train.config import load_config
-    from unroll.train.trainer import build_optimizer, lm_loss
+    from unroll.train.loss import lm_loss
+    from unroll.train.optim import build_optimizer
 
     cfg = load_config(str(tiny_config("rng", **SECTIONS)))
     torch.manual_seed(0)

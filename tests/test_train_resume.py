@@ -14,7 +14,7 @@ from unroll.train.checkpoint import dcp as checkpoint
 from unroll.train.checkpoint import resolve
 from unroll.train.config import load_config
 from unroll.train.metrics import read_metrics
-from unroll.train.trainer import build_optimizer
+from unroll.train.optim import build_optimizer
 
 STEPS = 30
 SECTIONS = dict(train={"steps": STEPS}, checkpoint={"every": 8, "keep": 2}, eval={"every": 10})

@@ -45,7 +45,7 @@ from unroll.models import LM
 from unroll.train.checkpoint import dcp as checkpoint
 from unroll.train.checkpoint.writer import CheckpointWriter
 from unroll.train.config import load_config
-from unroll.train.trainer import build_optimizer
+from unroll.train.optim import build_optimizer
 
 DEFAULT_MODEL = ["model.d_model=1024", "model.pattern=GGGGGGGG"]
 TARGETS = {"save/dd": 0.8, "load/read": 0.5}

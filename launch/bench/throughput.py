@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from unroll.launch.bench import harness
 from unroll.models import LM
 from unroll.train.config import load_config
-from unroll.train.trainer import update_expert_bias
+from unroll.train.step import update_expert_bias
 
 TINY = ["tiny-transformer", "tiny-gru", "tiny-lstm", "tiny-m2rnn", "tiny-moe"]
 

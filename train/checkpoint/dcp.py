@@ -31,7 +31,7 @@ Loading runs no code from the checkpoint: DCP's pickled metadata and values thro
 
 A checkpoint resumes under another layout and world size: DCP reshards, tensor-parallel fused weights and
 expert-parallel experts are saved in the single-device layout (views.py), pipeline stages
-under the LM's names (pipelined.owned_view), and the data position is global samples. Tested, with the losses
+under the LM's names (pipeline.Pipeline.owned_view), and the data position is global samples. Tested, with the losses
 continuing as in one uninterrupted run (tests/test_train_relayout.py and the tests it names): PP 2 → FSDP 2 →
 1 process → FSDP 2, TP 2 → DDP 2 → TP 2 → 1 process, CP 2 → 1 process → EP 2 → 1 process, PP 2 → 1 process
 with tied embeddings, dp_shard 4 × EP 2 → 1 process. RNG states are per rank (a rank beyond the saved ones

@@ -32,6 +32,7 @@ from unroll.train.config import Config, ConfigError, load_config, to_yaml
 from unroll.train.lifecycle.export_format import CONFIG, META, TOKENIZER, WEIGHTS, ExportError, build_model, read_export
 from unroll.train.lifecycle.grow import fresh_adamw_state
 from unroll.train.lifecycle.hf_layout import LayoutError, hf_architecture, hf_config, to_hf, tokenizer_config
+from unroll.train.optim import build_optimizer
 
 FORMATS = ("auto", "hf", "unroll")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -118,8 +119,6 @@ def import_export(
     src: str | Path, out: str | Path, *, config: str | None = None, overrides: list[str] = (), step: int | None = None
 ) -> dict:
     """Writes the run directory `out`; returns {"out", "step", "checkpoint"}."""
-    from unroll.train.trainer import build_optimizer
-
     out = Path(out).resolve()
     _check_out(out)
     export = read_export(src)

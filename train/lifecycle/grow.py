@@ -45,6 +45,7 @@ from unroll.train.checkpoint import integrity, resolve
 from unroll.train.checkpoint.integrity import CheckpointError
 from unroll.train.checkpoint.rundir import CONFIG_FILE, TOKENIZER_FILE
 from unroll.train.config import Config, ConfigError, load_config, to_yaml
+from unroll.train.optim import build_optimizer
 
 BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
@@ -87,8 +88,6 @@ def grow(source: str | Path, factor: int, out: str | Path, overrides: list[str] 
         source_state = json.load(f)
     small = LM(cfg.model)
     checkpoint.load_model_weights(ckpt, small)  # one process: DCP reshards a multi-rank save
-
-    from unroll.train.trainer import build_optimizer  # the trainer imports this package's modules
 
     torch.manual_seed(grown_cfg.train.seed)
     model = LM(grown_cfg.model)

@@ -1,5 +1,5 @@
 """Applying a parallel layout to the single-device model from outside, in torchtitan's order: TP →
-activation checkpointing → compile → FSDP. Pipeline parallelism (train/parallel/pipelined.py) cuts the model into
+activation checkpointing → compile → FSDP. Pipeline parallelism (train/parallel/pipeline.py) cuts the model into
 stages before this; each stage is then sharded as an FSDP root of its own.
 
 Expert parallelism (ep > 1, ep dividing dp_shard, without cp, tp or pp for now): each rank keeps E/ep

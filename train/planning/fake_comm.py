@@ -33,7 +33,7 @@ Object collectives (train/planning/fake_objects.py): all_gather_object and gathe
 tensor rules; a rank receiving an object it cannot know (broadcast_object_list or scatter_object_list off
 the source, recv_object_list) keeps the objects its list already holds and raises FakeWorldError where it
 holds None. So DCP's planning cannot run plausibly: save with `no_dist=True` (each rank writes its own
-shards and a metadata file describing only them). Pipeline stages: train/parallel/pipelined.py gives every stage
+shards and a metadata file describing only them). Pipeline stages: train/parallel/pipeline.py gives every stage
 its metadata, and torch's stages then vote (point to point) that all of them have it: `static_pipeline_vote`
 is the recv_fill that answers that vote as every stage casts it.
 
@@ -387,7 +387,7 @@ class SymmetricWorld(TorchDispatchMode):
 
 def static_pipeline_vote(buffer: torch.Tensor, src: int, group) -> bool:
     """A recv_fill for torch's pipeline stages' warm-up vote (an int32 [1] passed stage to stage: 1 where
-    every stage was given static metadata, as train/parallel/pipelined.py gives them): what every stage casts."""
+    every stage was given static metadata, as train/parallel/pipeline.py gives them): what every stage casts."""
     if buffer.dtype == torch.int32 and buffer.numel() == 1:
         buffer.fill_(1)
         return True

@@ -18,7 +18,7 @@ replaced, on fake groups only:
 
 The error is deliberate: DCP's planning sends each rank its part of the coordinator's plan this way, and
 a None plan lets `dcp.save` finish having written nothing. Save with `no_dist=True` in a fake world;
-pipeline stages are given their metadata (train/parallel/pipelined.py), so none is received.
+pipeline stages are given their metadata (train/parallel/pipeline.py), so none is received.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class FakeWorldError(RuntimeError):
 
 _HINT = (
     "in a fake world save checkpoints with torch.distributed.checkpoint's no_dist=True, and answer "
-    "pipeline stages with static metadata (train/parallel/pipelined.py)"
+    "pipeline stages with static metadata (train/parallel/pipeline.py)"
 )
 
 

@@ -6,7 +6,7 @@ Per GPU, for the rank holding the first shard of every split (the largest share;
   weights      every parameter this rank holds × 4 (fp32 master weights). Which parts: the model built on
                the meta device and tensor parallelism applied by its own plans (train/parallel/tensor_parallel/;
                what tp keeps whole, e.g. M²RNN's input projection at qk_heads=1, counts whole); the blocks
-               of this rank's pipeline stages (train/parallel/pipeline.py stage_layers, the embedding on the first,
+               of this rank's pipeline stages (train/parallel/pipeline_split.py stage_layers, the embedding on the first,
                the final norm, head or tied replica on the last); E/ep routed experts (expert parallelism,
                which FSDP leaves alone); FSDP's split of the rest over dp_shard × cp on the dimension
                fsdp_shard_placement picks, rank 0's chunk (rounded up). Plus the buffers.
@@ -54,7 +54,7 @@ from torch.distributed.tensor import DTensor
 from unroll.models.config import ModelConfig
 from unroll.train.config import Config, ConfigError
 from unroll.train.parallel.mesh import Layout, not_yet
-from unroll.train.parallel.pipeline import schedule_spec, stage_layers, stage_ranks
+from unroll.train.parallel.pipeline_split import schedule_spec, stage_layers, stage_ranks
 from unroll.train.planning.activation_probe import logit_bytes, probe
 from unroll.train.planning.memory import Components
 

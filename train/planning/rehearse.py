@@ -50,14 +50,16 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.nn.parallel import DistributedDataParallel
 
+from unroll.train.build import build_training
 from unroll.train.config import Config, ConfigError, load_config
 from unroll.train.parallel.distributed import DistInfo
 from unroll.train.parallel.mesh import Layout
-from unroll.train.parallel.pipeline import schedule_spec
-from unroll.train.parallel.pipelined import check_pipeline
+from unroll.train.parallel.pipeline import check_pipeline
+from unroll.train.parallel.pipeline_split import schedule_spec
 from unroll.train.planning import memory as M
 from unroll.train.planning.fake_comm import SymmetricWorld, fake_process_group, static_pipeline_vote
 from unroll.train.preflight import check_layout
+from unroll.train.step import train_step
 
 
 @dataclass
@@ -140,7 +142,6 @@ def rehearse(
 ) -> Rehearsal:
     from unroll.train.checkpoint.dcp import save_view
     from unroll.train.schedule import lr_at
-    from unroll.train.trainer import build_training, train_step
 
     cfg = _gpu_config(load_config(config, overrides))
     target_seq = load_config(config, [o for o in overrides if not o.startswith("data.seq_len=")]).data.seq_len

@@ -1,0 +1,73 @@
+"""The optimizer and what acts on the gradients before it: AdamW's parameter groups, the trainable subset
+(train.trainable), and gradient clipping over expert-parallel ranks."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from unroll.models.moe import MoE
+from unroll.train.config import Config, ConfigError
+from unroll.train.parallel.expert_parallel import expert_parameters
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
+    """Weight decay on the matrices of Linear and Embedding layers and the MoE's stacked expert matrices;
+    never on norms, biases, convolutions or the recurrences' own coefficients."""
+    decay = {id(m.weight) for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
+    decay |= {id(p) for m in model.modules() if isinstance(m, MoE) for p in (m.w_gate_up, m.w_down)}
+    decay |= {id(p) for name, p in model.named_parameters() if name == "embed.weight"}  # a pipeline's tied replica
+    params = [p for p in model.parameters() if p.requires_grad]
+    # The experts get a group of their own: under expert parallelism they are plain tensors beside
+    # DTensors, which AdamW's foreach kernels do not mix. They get it under every layout, so that the
+    # groups (which checkpoints record by index) are the same whatever layout saves or resumes.
+    experts = {id(p) for m in model.modules() if isinstance(m, MoE) for p in (m.w_gate_up, m.w_down)}
+    groups = [
+        {
+            "params": [p for p in params if id(p) in decay and id(p) not in experts],
+            "weight_decay": cfg.optim.weight_decay,
+        },
+        {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0},
+    ]
+    if any(id(p) in experts for p in params):
+        groups.append({"params": [p for p in params if id(p) in experts], "weight_decay": cfg.optim.weight_decay})
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+
+
+def apply_trainable(model: torch.nn.Module, pattern: str) -> int:
+    """Freezes every parameter whose name does not match `pattern` (re.search); returns how many elements
+    stay trainable. Frozen parameters are still in the model's checkpoints; the optimizer never sees them."""
+    rx = re.compile(pattern)
+    names = [name for name, _ in model.named_parameters()]
+    for name, p in model.named_parameters():
+        p.requires_grad_(rx.search(name) is not None)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if not trainable:
+        raise ConfigError(
+            f"train.trainable={pattern!r} matches no parameter (names look like {names[0]!r}, "
+            f"{names[len(names) // 2]!r})"
+        )
+    return trainable
+
+
+def clip_gradients(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """torch's clip_grad_norm_; with expert parallelism the norm adds the experts' squares over the ep
+    ranks (each holds different experts, plain tensors beside FSDP's DTensors) and each kind is scaled on
+    its own (foreach kernels do not mix DTensors and tensors)."""
+    experts = expert_parameters(model)
+    if not experts:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    ids = {id(p) for _, p in experts}
+    shared = [p for p in model.parameters() if id(p) not in ids and p.grad is not None]
+    local = [p for _, p in experts if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in shared])
+    norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+    expert_sq = torch.nn.utils.get_total_norm([p.grad for p in local]) ** 2 if local else norm.new_zeros(())
+    # the ep group holds each expert once (its replicas, identical after averaging, are not counted)
+    torch.distributed.all_reduce(expert_sq, group=experts[0][1].ep_mesh["ep"].get_group())
+    total = (norm**2 + expert_sq).sqrt()
+    for group in (shared, local):
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return total
