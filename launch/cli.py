@@ -510,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         args.command_parser.error(str(e))  # exits 2
         raise
-    except (ConfigError, DataError, FileNotFoundError, *_raised_from_loaded_modules()) as e:
+    except (ConfigError, DataError, FileNotFoundError) + _raised_from_loaded_modules() as e:
         print(f"unroll {args.command}: error: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:

@@ -111,7 +111,8 @@ def run(
         k: []
         for k in ("save", "dd", "load", "read", "async_blocked", "async_written", "steps_alone", "steps_during_save")
     }
-    size = files = path = None
+    size = files = 0
+    path: Path | None = None
     # one writer for every round, as for a whole run: from the second save on, its staging buffers are reused
     writer = CheckpointWriter(root / "async", keep=1, rank=0, async_save=True, io_threads=io_threads)
     for round_ in range(rounds + 1):
@@ -127,16 +128,19 @@ def run(
             files = sum(1 for f in path.iterdir() if f.is_file())
 
         def dd_same_bytes() -> None:  # whole MiB, its time scaled to the checkpoint's bytes
+            assert size, "save() ran first"
             mib = max(1, size >> 20)
             measured["dd"] = dd(root / "dd.bin", mib) * size / (mib << 20)
 
         def load() -> None:
+            assert path is not None, "save() ran first"
             drop_from_page_cache(sorted(f for f in path.iterdir() if f.is_file()))
             start = time.perf_counter()
             checkpoint.load(path, model, optimizer, io_threads=io_threads)
             measured["load"] = time.perf_counter() - start
 
         def read() -> None:
+            assert path is not None, "save() ran first"
             ckpt_files = sorted(f for f in path.iterdir() if f.is_file())
             drop_from_page_cache(ckpt_files)
             start = time.perf_counter()

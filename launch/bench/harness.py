@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 
@@ -50,13 +51,16 @@ def ratio(a: Timing, b: Timing) -> float:
     return a.median / b.median
 
 
+Key = TypeVar("Key", bound=Hashable)
+
+
 def alternate(
-    paths: Mapping[Hashable, Callable[[], object]],
+    paths: Mapping[Key, Callable[[], Any]],
     device: torch.device,
     rounds: int = ROUNDS,
     warmup: int = 1,
     before: Callable[[], object] | None = None,
-) -> dict[Hashable, Timing]:
+) -> dict[Key, Timing]:
     """Each path's seconds over `rounds` rounds; within a round every path runs once, in the given order, so
     the calls go A B A B ... Each path first runs `warmup` untimed times, interleaved the same way.
     `before` (e.g. a barrier between ranks) runs untimed before every timed call."""
@@ -64,7 +68,7 @@ def alternate(
         for fn in paths.values():
             fn()
     sync(device)
-    seconds: dict[Hashable, list[float]] = {name: [] for name in paths}
+    seconds: dict[Key, list[float]] = {name: [] for name in paths}
     for _ in range(rounds):
         for name, fn in paths.items():
             if before is not None:

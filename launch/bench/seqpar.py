@@ -117,10 +117,13 @@ def _all_reduce_grads(params: list[torch.Tensor]) -> None:
     """Sum the ranks' partial parameter gradients, in one all_reduce."""
     import torch.distributed as dist
 
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    grads = [p.grad for p in params]
+    assert all(g is not None for g in grads), "every parameter has a gradient after the backward"
+    flat = torch.cat([g.reshape(-1) for g in grads if g is not None])
     dist.all_reduce(flat)
-    for p, g in zip(params, flat.split([p.numel() for p in params])):
-        p.grad.copy_(g.view_as(p.grad))
+    for g, summed in zip(grads, flat.split([p.numel() for p in params])):
+        assert g is not None
+        g.copy_(summed.view_as(g))
 
 
 class _Counting:

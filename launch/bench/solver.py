@@ -130,7 +130,7 @@ def format_table(rows: list[Row]) -> str:
     for r in rows:
         tri = (
             f"{_ms(r.triton_min_ms, r.triton_ms):>15} {r.sequential_ms / r.triton_ms:6.1f}x"
-            if r.triton_ms
+            if r.triton_ms and r.triton_min_ms is not None
             else f"{'n/a':>15} {'':>7}"
         )
         lines.append(

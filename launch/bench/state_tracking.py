@@ -40,6 +40,7 @@ import json
 import math
 import sys
 import time
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -72,8 +73,8 @@ def s5_batch(batch: int, length: int, g: torch.Generator) -> tuple[torch.Tensor,
 TASKS = {"parity": (parity_batch, 2), "s5": (s5_batch, len(PERMS))}  # generator, number of classes
 
 # Tiny models, one per family; every one must build (`--exclude` leaves one out on purpose).
-BASE = dict(d_model=64, n_heads=4, tie_embeddings=False)  # untied: input symbols and answers differ
-FAMILIES = {
+BASE: dict[str, Any] = dict(d_model=64, n_heads=4, tie_embeddings=False)  # untied: input symbols and answers differ
+FAMILIES: dict[str, dict[str, Any]] = {
     "gru": dict(pattern="GG"),
     "lstm": dict(pattern="LL"),
     "m2rnn": dict(pattern="MM"),

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +41,8 @@ def _step_fn(model: LM, tokens: torch.Tensor, optimizer: torch.optim.Optimizer):
 
 
 def run(presets: list[str], batch: int, seq_len: int | None, rounds: int, device: torch.device) -> list[dict]:
-    rows, steps = [], {}
+    rows: list[dict[str, Any]] = []
+    steps: dict[int, Callable[[], None]] = {}
     for i, name in enumerate(presets):
         cfg = load_config(name).model
         T = seq_len or load_config(name).data.seq_len

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -50,7 +52,8 @@ def run(
     rounds: int,
     device: torch.device,
 ) -> list[dict]:
-    out, steps = [], {}
+    out: list[dict[str, Any]] = []
+    steps: dict[int, Callable[[], None]] = {}
     for i, (name, layout) in enumerate(rows):
         torch.manual_seed(0)
         m = TNT(d_model, heads=heads, **layout).to(device)
