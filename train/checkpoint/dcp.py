@@ -312,7 +312,8 @@ def load(
 def _read_small_files(path: Path, rank: int) -> tuple[dict, dict]:
     """Collective: (this rank's RNG states, the train state), read as JSON (a legacy RNG .pt file without
     running code); refused on every rank when any rank cannot use its files."""
-    reason, found = None, ({}, {})
+    reason: str | None = None
+    found: tuple[dict, dict] = ({}, {})
     try:
         train_state = json.loads((path / STATE_FILE).read_text())
         if not isinstance(train_state, dict) or not isinstance(train_state.get("step"), int):

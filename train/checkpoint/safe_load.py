@@ -86,6 +86,7 @@ class SafeReader(FileSystemReader):
             raise UnsafeCheckpointError(f"{path} holds a {type(metadata).__name__}, not DCP metadata")
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
+        assert metadata.storage_meta is not None  # set just above when missing
         metadata.storage_meta.load_id = self.load_id
         return metadata
 

@@ -221,7 +221,7 @@ class ChecksummingWriter(ErrnoKeepingWriter):
 
     def finish(self, metadata, results) -> None:
         sums: dict[str, dict[int, tuple[int, str]]] = {}
-        plain = []
+        plain: list = []
         for rank_results in results:
             plain.append([])
             for result in rank_results:

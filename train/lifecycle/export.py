@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -116,7 +117,12 @@ def export(path: str | Path, out: str | Path, *, fmt: str = "auto", dtype: str =
 
 
 def import_export(
-    src: str | Path, out: str | Path, *, config: str | None = None, overrides: list[str] = (), step: int | None = None
+    src: str | Path,
+    out: str | Path,
+    *,
+    config: str | None = None,
+    overrides: Sequence[str] = (),
+    step: int | None = None,
 ) -> dict:
     """Writes the run directory `out`; returns {"out", "step", "checkpoint"}."""
     out = Path(out).resolve()

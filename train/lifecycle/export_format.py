@@ -31,6 +31,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 
 from unroll.models import LM
@@ -152,7 +153,7 @@ def _load_weights(path: Path) -> dict:
                 f"{path / SHARD_INDEX}: names {odd[0]!r}; its shards must be .safetensors files beside it"
             )
         files = [path / f for f in names]
-    tensors = {}
+    tensors: dict[str, torch.Tensor] = {}
     for file in files:
         try:
             tensors |= load_file(file)

@@ -34,6 +34,7 @@ import math
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -72,7 +73,7 @@ def stacked_state_dict(source: dict[str, torch.Tensor], n_layers: int, grown_key
     return out
 
 
-def grow(source: str | Path, factor: int, out: str | Path, overrides: list[str] = ()) -> dict:
+def grow(source: str | Path, factor: int, out: str | Path, overrides: Sequence[str] = ()) -> dict:
     """Writes the grown run directory OUT (see the module docstring); returns what was done."""
     if isinstance(factor, bool) or not isinstance(factor, int) or factor < 2:
         raise ConfigError(f"--factor must be an integer >= 2 (the depth multiple), got {factor!r}")

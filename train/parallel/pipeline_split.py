@@ -55,7 +55,8 @@ def stage_ranks(n_stages: int, pp: int, placement: str) -> list[int]:
 
 
 def _marked_stages(pattern: str) -> list[list[int]]:
-    out, layer = [[]], 0
+    out: list[list[int]] = [[]]
+    layer = 0
     for c in pattern:
         if c == "|":
             out.append([])
