@@ -304,8 +304,8 @@ class TrainingRun:
 def check_same_model(run_dir: Path, cfg: Config) -> None:
     """Refuses, in one line and before anything in it is written, a run directory whose checkpoints are all
     another model's (a run directory reused by mistake); reads only their manifests."""
-    found = checkpoint.good_checkpoints(run_dir)
-    if found and not checkpoint.good_checkpoints(run_dir, cfg.model):
+    found = resolve.good_checkpoints(run_dir)
+    if found and not resolve.good_checkpoints(run_dir, cfg.model):
         newest = found[-1][1]
         reason = integrity.problem(newest, cfg.model).removeprefix("saved from a different model: ")
         raise checkpoint.CheckpointError(

@@ -8,9 +8,8 @@ memcpy without allocation or page faults. The background write takes the GIL onl
 small header (hashing, writes and fsyncs release it), costs less CPU than DCP's own (no CRC-32 pass:
 storage.py), and runs at the lowest CPU priority (nice 19, its threads only, on Linux), so that on
 a CPU-bound run it takes the time training leaves rather than slowing its steps. `unroll bench checkpoint`
-measured on a shared 2-core machine, 1.24 GB of state, torch on both cores: `save` held the loop 0.07-0.1 s
-against 0.6-0.9 s for a synchronous save; two training steps during the write took 1.7x their time alone at
-normal priority, 0.9-1.2x at nice 19 (five runs; noisy, the machine being shared).
+measures how long `save` holds the loop against a synchronous save, and training steps during the write
+against steps alone.
 
 The checkpoint is finished (RNG states and train state as they were at the save, the manifest, the rename
 to step_N) as soon as the write is done on every rank: `poll`, which the trainer calls once per step, sees it

@@ -52,7 +52,7 @@ def apply_tensor_parallel(
 ) -> None:
     """Shards `model` in place over the 1-D mesh `tp_mesh` by the plans of plans.py. Call it before FSDP (and
     activation checkpointing / compile). Raises TensorParallelError naming what tp does not divide.
-    Pipelined (`stages`, this rank's train/parallel/pipeline.py stage modules): only their blocks are sharded, and
+    Pipelined (`stages`, this rank's train/parallel/pipeline_stages.py stage modules): only their blocks are sharded, and
     each stage, whose forward replaces the LM's, runs on the local views of its embedding, norm and head."""
     if tp_mesh.ndim != 1:
         raise TensorParallelError(f"tensor parallelism needs a 1-D mesh, got {tp_mesh.ndim} dimensions")
