@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
 import tempfile
 import warnings
 from collections.abc import Iterable
@@ -23,6 +22,7 @@ import numpy as np
 
 from .corpus import import_datasets, read_documents
 from .errors import DataError
+from .indexed_reader import open_indexed
 from .tokenizer import Tokenizer
 
 SPLITS = ("train", "valid")
@@ -212,32 +212,20 @@ class TokenShard:
         self._open()
 
     def _open(self) -> None:
-        idx_path, bin_path = self.prefix + ".idx", self.prefix + ".bin"
-        module = indexed_dataset_module()
-        _check_idx_header(idx_path, module)
-        if os.path.getsize(bin_path) == 0:
-            raise DataError(f"token shard file is empty: {bin_path!r}")
-        try:
-            self._ds = module.IndexedDataset(self.prefix, mmap=True)
-        except (AssertionError, ValueError, struct.error) as e:  # its checks are asserts
-            raise DataError(f"corrupt token shard index {idx_path!r}: {e}") from None
-
-        lengths = self._ds.sequence_lengths.astype(np.int64)
+        idx_path = self.prefix + ".idx"
+        self._files = open_indexed(self.prefix)
+        lengths = self._files.sequence_lengths.astype(np.int64)
         self._seq_start = np.concatenate([[0], np.cumsum(lengths)])
-        self._doc_index = self._ds.document_indices
-        if self._doc_index[0] != 0 or np.any(np.diff(self._doc_index) < 0):
+        self._doc_index = self._files.document_indices
+        if len(self._doc_index) == 0 or self._doc_index[0] != 0 or np.any(np.diff(self._doc_index) < 0):
             raise DataError(f"corrupt token shard index {idx_path!r}: bad document indices")
-        itemsize = self.dtype.itemsize
-        pointers = self._ds.index.sequence_pointers
+        if self._doc_index[-1] != len(lengths):
+            raise DataError(f"corrupt token shard index {idx_path!r}: document indices do not end at its sequences")
         # Every writer we know (IndexedDatasetBuilder, add_index merges) puts sequences back to
         # back; then a span crossing sequences is one read. Else tokens() goes sequence by sequence.
-        self._contiguous = bool(np.array_equal(pointers, self._seq_start[:-1] * itemsize))
-        end = int(np.max(pointers + lengths * itemsize)) if len(lengths) else 0
-        if os.path.getsize(bin_path) < end:
-            raise DataError(
-                f"token shard file is truncated: {bin_path!r} has "
-                f"{os.path.getsize(bin_path)} bytes, its index needs {end}"
-            )
+        self._contiguous = bool(
+            np.array_equal(self._files.sequence_pointers, self._seq_start[:-1] * self.dtype.itemsize)
+        )
 
     def __getstate__(self) -> dict:  # for DataLoader workers: reopen the mmap, don't copy it
         return {"prefix": self.prefix}
@@ -256,7 +244,7 @@ class TokenShard:
 
     @property
     def dtype(self) -> np.dtype:
-        return np.dtype(self._ds.index.dtype)
+        return self._files.dtype
 
     def doc(self, i: int) -> np.ndarray:
         """Document i's tokens (int64)."""
@@ -278,34 +266,18 @@ class TokenShard:
         if self._contiguous:
             # get() reads `length` tokens from the sequence's offset on, past its end if asked:
             # sequences are back to back, so that is the span across sequences and documents.
-            return self._ds.get(seq, offset, length).astype(np.int64)
+            return self._files.sequence(seq, offset, length).astype(np.int64)
         out, filled = np.empty(length, dtype=np.int64), 0
         while filled < length:
-            n = min(int(self._ds.sequence_lengths[seq]) - offset, length - filled)
+            n = min(int(self._files.sequence_lengths[seq]) - offset, length - filled)
             if n > 0:
-                out[filled : filled + n] = self._ds.get(seq, offset, n)
+                out[filled : filled + n] = self._files.sequence(seq, offset, n)
                 filled += n
             seq, offset = seq + 1, 0
         return out
 
     def __repr__(self) -> str:
         return f"TokenShard({self.prefix!r}, docs={self.n_docs}, tokens={self.n_tokens}, {self.dtype})"
-
-
-# The .idx starts with this magic, a uint64 version (1) and a uint8 dtype code (megatron's DType).
-_IDX_MAGIC = b"MMIDIDX\x00\x00"
-
-
-def _check_idx_header(idx_path: str, module) -> None:
-    """Megatron's reader asserts on a bad header; say which file is wrong instead."""
-    with open(idx_path, "rb") as f:
-        head = f.read(len(_IDX_MAGIC) + 9)
-    ok = len(head) == len(_IDX_MAGIC) + 9 and head.startswith(_IDX_MAGIC)
-    if ok:
-        version, code = struct.unpack("<QB", head[len(_IDX_MAGIC) :])
-        ok = version == 1 and code in {d.value for d in module.DType}
-    if not ok:
-        raise DataError(f"not a Megatron indexed-dataset index (bad header): {idx_path!r}")
 
 
 def _meta_beside(shard: TokenShard) -> tuple[str, dict | None]:
@@ -378,8 +350,8 @@ def _scan_ids(shard: TokenShard, path: str) -> tuple[int, int]:
         return 0, -1
     lo, hi = np.iinfo(shard.dtype).max, -1
     if not shard._contiguous:  # no writer we know leaves gaps between sequences: read each one alone
-        for i in range(len(shard._ds)):
-            ids = shard._ds.get(i)
+        for i in range(len(shard._files.sequence_lengths)):
+            ids = shard._files.sequence(i)
             if len(ids):
                 lo, hi = min(lo, int(ids.min())), max(hi, int(ids.max()))
         return lo, hi
