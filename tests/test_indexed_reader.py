@@ -1,8 +1,5 @@
 """data/indexed_reader.py reads what Megatron's IndexedDataset reads, for every dtype its builder writes."""
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
@@ -53,18 +50,3 @@ def test_a_short_index_or_token_file_is_named(tmp_path):
     open(prefix + ".idx", "wb").write(b"MMIDIDX\x00\x00" + idx[9:17] + b"\x63" + idx[18:])
     with pytest.raises(DataError, match=r"bad header.*shard\.idx"):
         open_indexed(prefix)
-
-
-def test_opening_a_shard_in_a_training_process_does_not_import_megatron(tmp_path):
-    """megatron.core costs seconds per process; every rank opens shards, only prepare needs Megatron."""
-    module = indexed_dataset_module()
-    builder = module.IndexedDatasetBuilder(str(tmp_path / "s.bin"), dtype=np.uint16)
-    builder.add_document(np.arange(10), [10])
-    builder.finalize(str(tmp_path / "s.idx"))
-    code = (
-        "import sys, unroll.train.trainer\n"
-        "from unroll.data.shards import TokenShard\n"
-        f"print(TokenShard({str(tmp_path / 's')!r}).n_tokens, [m for m in sys.modules if m.startswith('megatron')])\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["10", "[]"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -14,7 +15,9 @@ from unroll.train.optim import apply_trainable, build_optimizer
 from unroll.train.parallel import distributed as D
 from unroll.train.parallel.mesh import Layout, build_mesh, data_ranks
 from unroll.train.parallel.parallelize import parallelize, uses_fsdp
-from unroll.train.parallel.pipeline import Pipeline
+
+if TYPE_CHECKING:  # torch.distributed.pipelining imports torch._dynamo: a second per rank, only for pp > 1
+    from unroll.train.parallel.pipeline import Pipeline
 
 
 def autocast_for(cfg: Config, device: torch.device):
@@ -62,11 +65,11 @@ def build_training(
     bf16 = (dist.device.type == "cuda" or gpu_precision) and not isinstance(autocast, contextlib.nullcontext)
     # FSDP gathers bf16 parameters: then the embedding's output, and the stream between stages, is bf16
     hidden = torch.bfloat16 if bf16 and uses_fsdp(layout, layout.pp > 1) else torch.float32
-    pipe = (
-        Pipeline(model, mesh["pp"], cfg.parallel.pp_schedule, seq_split=layout.tp, hidden_dtype=hidden)
-        if layout.pp > 1
-        else None
-    )
+    pipe = None
+    if layout.pp > 1:
+        from unroll.train.parallel.pipeline import Pipeline
+
+        pipe = Pipeline(model, mesh["pp"], cfg.parallel.pp_schedule, seq_split=layout.tp, hidden_dtype=hidden)
     trained = parallelize(
         model,
         mesh,

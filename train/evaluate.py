@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from unroll.models import LM
@@ -10,7 +12,9 @@ from unroll.train.config import Config
 from unroll.train.data_setup import RunData
 from unroll.train.loss import split_batch
 from unroll.train.parallel import distributed as D
-from unroll.train.parallel.pipeline import Pipeline
+
+if TYPE_CHECKING:
+    from unroll.train.parallel.pipeline import Pipeline
 
 
 @torch.no_grad()

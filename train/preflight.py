@@ -10,7 +10,7 @@ What is checked, for a config on `world` ranks:
               layers ≥ stages (train/parallel/mesh.py check_model)
   batch       train.batch_size divisible by the data ranks, train.micro_batch_size dividing each one's
               share (train/config.py check_world); under pipelining the default micro-batch (below)
-  pipeline    the schedule, the stage split and its micro-batches (train/parallel/pipeline.py check_pipeline)
+  pipeline    the schedule, the stage split and its micro-batches (train/parallel/pipeline_split.py check_pipeline)
   data        the tokenizer and every shard open and match model.vocab_size, their token ids below it
               (train/data_setup.py open_run_data, and the data/ checks it calls)
 
@@ -26,8 +26,7 @@ from dataclasses import dataclass
 
 from unroll.train.config import Config, check_world
 from unroll.train.parallel.mesh import Layout, LayoutError, check_model, check_supported, resolve_layout
-from unroll.train.parallel.pipeline import check_pipeline
-from unroll.train.parallel.pipeline_split import check_microbatches, schedule_spec
+from unroll.train.parallel.pipeline_split import check_microbatches, check_pipeline, schedule_spec
 
 
 @dataclass(frozen=True)

@@ -34,45 +34,21 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed.pipelining as pipelining
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.tensor import DTensor
 
 from unroll.models import LM
 from unroll.train.loss import schedule_loss
-from unroll.train.parallel.mesh import Layout, LayoutError
-from unroll.train.parallel.pipeline_split import check_microbatches, schedule_spec, stage_layers, stage_ranks
+from unroll.train.parallel.pipeline_split import (  # noqa: F401  check_pipeline: part of this module's API
+    check_microbatches,
+    check_pipeline,
+    schedule_spec,
+    stage_layers,
+    stage_ranks,
+)
 from unroll.train.parallel.pipeline_stages import StageModule, build_stage_modules, pp_group, sync_tied_grads
-
-
-def check_pipeline(layout: Layout, cfg, n_microbatches: int) -> None:
-    """The schedule, the stage split and the microbatches, and what pipelining does not combine with yet,
-    each by key (before any model is built)."""
-    if layout.pp == 1:
-        return
-    try:
-        name, _, per_rank, placement = schedule_spec(cfg.parallel.pp_schedule)
-    except ValueError as e:
-        raise LayoutError(f"parallel.pp_schedule: {e}") from None
-    try:
-        stage_layers(cfg.model, layout.pp * per_rank)
-    except ValueError as e:
-        raise LayoutError(
-            f"parallel.pp={layout.pp} with parallel.pp_schedule={name} "
-            f"({layout.pp * per_rank} stages), model.pattern: {e}"
-        ) from None
-    try:
-        check_microbatches(name, n_microbatches, layout.pp)
-    except ValueError as e:
-        raise LayoutError(
-            f"parallel.pp_schedule={name}: {e}; the microbatches are the per-rank batch over train.micro_batch_size"
-        ) from None
-    if placement == "v" and cfg.model.tie_embeddings:
-        raise LayoutError(
-            f"parallel.pp_schedule={name} places the first and last stage on one rank, which "
-            f"with model.tie_embeddings=true is not available yet; use a looped schedule "
-            f"(GPipe, 1F1B, Interleaved1F1B, LoopedBFS, InterleavedZeroBubble)"
-        )
 
 
 class _Holder(nn.Module):
@@ -150,7 +126,8 @@ class Pipeline:
         """The schedule running this rank's stages (wrapped by FSDP since they were built), every stage
         given its static metadata: torch then runs no shape-inference forward and backward at the first
         step (time, and a microbatch of activations held beside the real ones)."""
-        _, cls, per_rank, _ = schedule_spec(self.schedule_name)
+        _, class_name, per_rank, _ = schedule_spec(self.schedule_name)
+        cls = getattr(pipelining, class_name)
         check_microbatches(self.schedule_name, n_microbatches, dist.get_world_size(self.group))
         stages = []
         for m in self.modules:

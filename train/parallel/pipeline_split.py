@@ -14,33 +14,27 @@ Placement (which rank runs which stage, ranks counted within the pp group of siz
 from __future__ import annotations
 
 import torch
-from torch.distributed.pipelining import (
-    Schedule1F1B,
-    ScheduleDualPipeV,
-    ScheduleGPipe,
-    ScheduleInterleaved1F1B,
-    ScheduleInterleavedZeroBubble,
-    ScheduleLoopedBFS,
-    ScheduleZBVZeroBubble,
-)
 
 from unroll.models.config import ModelConfig
 from unroll.models.lm import Block
+from unroll.train.parallel.mesh import Layout, LayoutError
 
-# name: (schedule class, stages per rank, placement)
+# name: (class in torch.distributed.pipelining, stages per rank, placement). Named, not imported: importing
+# torch.distributed.pipelining loads torch._dynamo, a second per process that runs without pp spends for nothing.
 SCHEDULES = {
-    "GPipe": (ScheduleGPipe, 1, "loop"),
-    "1F1B": (Schedule1F1B, 1, "loop"),
-    "Interleaved1F1B": (ScheduleInterleaved1F1B, 2, "loop"),
-    "LoopedBFS": (ScheduleLoopedBFS, 2, "loop"),
-    "InterleavedZeroBubble": (ScheduleInterleavedZeroBubble, 2, "loop"),
-    "ZBVZeroBubble": (ScheduleZBVZeroBubble, 2, "v"),
-    "DualPipeV": (ScheduleDualPipeV, 2, "v"),
+    "GPipe": ("ScheduleGPipe", 1, "loop"),
+    "1F1B": ("Schedule1F1B", 1, "loop"),
+    "Interleaved1F1B": ("ScheduleInterleaved1F1B", 2, "loop"),
+    "LoopedBFS": ("ScheduleLoopedBFS", 2, "loop"),
+    "InterleavedZeroBubble": ("ScheduleInterleavedZeroBubble", 2, "loop"),
+    "ZBVZeroBubble": ("ScheduleZBVZeroBubble", 2, "v"),
+    "DualPipeV": ("ScheduleDualPipeV", 2, "v"),
 }
 
 
-def schedule_spec(name: str) -> tuple[str, type, int, str]:
-    """(canonical name, class, stages per rank, placement) of a schedule name, case-insensitive."""
+def schedule_spec(name: str) -> tuple[str, str, int, str]:
+    """(canonical name, class name in torch.distributed.pipelining, stages per rank, placement) of a schedule
+    name, case-insensitive."""
     for key, spec in SCHEDULES.items():
         if key.lower() == name.lower():
             return (key,) + spec
@@ -149,3 +143,33 @@ def check_microbatches(schedule: str, n_microbatches: int, pp_size: int) -> None
         raise ValueError(f"{name} needs at least as many microbatches as stages ({n_stages}), got {n_microbatches}")
     if name in ("Interleaved1F1B", "InterleavedZeroBubble") and n_microbatches % pp_size:
         raise ValueError(f"{name} needs n_microbatches divisible by the pp size {pp_size}, got {n_microbatches}")
+
+
+def check_pipeline(layout: Layout, cfg, n_microbatches: int) -> None:
+    """The schedule, the stage split and the microbatches, and what pipelining does not combine with yet,
+    each by key (before any model is built)."""
+    if layout.pp == 1:
+        return
+    try:
+        name, _, per_rank, placement = schedule_spec(cfg.parallel.pp_schedule)
+    except ValueError as e:
+        raise LayoutError(f"parallel.pp_schedule: {e}") from None
+    try:
+        stage_layers(cfg.model, layout.pp * per_rank)
+    except ValueError as e:
+        raise LayoutError(
+            f"parallel.pp={layout.pp} with parallel.pp_schedule={name} "
+            f"({layout.pp * per_rank} stages), model.pattern: {e}"
+        ) from None
+    try:
+        check_microbatches(name, n_microbatches, layout.pp)
+    except ValueError as e:
+        raise LayoutError(
+            f"parallel.pp_schedule={name}: {e}; the microbatches are the per-rank batch over train.micro_batch_size"
+        ) from None
+    if placement == "v" and cfg.model.tie_embeddings:
+        raise LayoutError(
+            f"parallel.pp_schedule={name} places the first and last stage on one rank, which "
+            f"with model.tie_embeddings=true is not available yet; use a looped schedule "
+            f"(GPipe, 1F1B, Interleaved1F1B, LoopedBFS, InterleavedZeroBubble)"
+        )

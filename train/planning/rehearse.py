@@ -54,8 +54,7 @@ from unroll.train.build import build_training
 from unroll.train.config import Config, ConfigError, load_config
 from unroll.train.parallel.distributed import DistInfo
 from unroll.train.parallel.mesh import Layout
-from unroll.train.parallel.pipeline import check_pipeline
-from unroll.train.parallel.pipeline_split import schedule_spec
+from unroll.train.parallel.pipeline_split import check_pipeline, schedule_spec
 from unroll.train.planning import memory as M
 from unroll.train.planning.fake_comm import SymmetricWorld, fake_process_group, static_pipeline_vote
 from unroll.train.preflight import check_layout
