@@ -11,8 +11,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from forked_ranks import run_forked
 
-from unroll.launch.torchrun import TorchrunError, rank_results, run_torchrun
+from unroll.launch.torchrun import TorchrunError, rank_results
 
 # Without a GPU the Triton kernels run in Triton's interpreter; it must be chosen before triton is imported.
 if not torch.cuda.is_available():
@@ -135,8 +136,9 @@ def scan_inputs(T: int, k: int, seed: int, *, B: int = 2, D: int = 3, reset_rate
 
 
 def _torchrun(args: list[str], nproc: int, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node N ARGS`, the ranks forked warm (tests/forked_ranks.py)."""
     try:
-        return run_torchrun(args, nproc, env, timeout)
+        return run_forked(args, nproc, env, timeout)
     except TorchrunError as e:
         pytest.fail(str(e))
 
