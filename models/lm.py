@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, cast
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -151,7 +152,7 @@ class LM(nn.Module):
     # of the loss (train.loss_chunk; 0 = all at once), and the process group the vocabulary is split over
     # (train/parallel/tensor_parallel/vocab.py; None = the embedding and head hold the whole vocabulary).
     loss_chunk: int = 1024
-    vocab_group = None
+    vocab_group: dist.ProcessGroup | None = None
 
     def __init__(self, cfg: ModelConfig, seed: int | None = None):
         super().__init__()

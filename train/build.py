@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from torch.distributed.device_mesh import DeviceMesh
 
 from unroll.models import LM
 from unroll.train.config import Config
@@ -20,7 +21,7 @@ if TYPE_CHECKING:  # torch.distributed.pipelining imports torch._dynamo: a secon
     from unroll.train.parallel.pipeline import Pipeline
 
 
-def autocast_for(cfg: Config, device: torch.device):
+def autocast_for(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
     """The forwards' autocast for run.dtype: bf16 (auto: on a GPU), or none (float32)."""
     dtype = cfg.run.dtype
     if dtype == "auto":
@@ -39,10 +40,10 @@ class Training:
     owned: torch.nn.Module  # this rank's parameters under the LM's names: what the optimizer and checkpoints see
     pipe: Pipeline | None
     optimizer: torch.optim.AdamW
-    mesh: object  # the DeviceMesh, None for one process
+    mesh: DeviceMesh | None  # None for one process
     layout: Layout
     ranks: dict  # this rank's data coordinates (train/parallel/mesh.py data_ranks)
-    autocast: object
+    autocast: contextlib.AbstractContextManager
     micro: int  # sequences per forward
     accum: int  # forwards per step
     trainable: int | None  # elements left trainable by train.trainable
@@ -69,6 +70,7 @@ def build_training(
     if layout.pp > 1:
         from unroll.train.parallel.pipeline import Pipeline
 
+        assert mesh is not None, "pp > 1 runs on a mesh"
         pipe = Pipeline(model, mesh["pp"], cfg.parallel.pp_schedule, seq_split=layout.tp, hidden_dtype=hidden)
     trained = parallelize(
         model,

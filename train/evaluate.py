@@ -25,6 +25,7 @@ def evaluate(
     split over the data-parallel ranks (cp ranks share a batch, each its slice; under pipelining the
     ranks with the last stage hold the losses)."""
     model.eval()
+    assert data.valid is not None, "evaluate runs only with validation data"
     n = min(cfg.eval.batches * cfg.eval.batch_size, data.valid.n_samples)
     total = torch.zeros(2, dtype=torch.float64, device=dist.device)
     # every rank runs the same number of forwards: sharded, expert-parallel and pipelined forwards are
@@ -35,6 +36,7 @@ def evaluate(
         weight = 1.0 if start < n else 0.0
         start = start if start < n else 0
         batch = data.valid_batch(start, min(cfg.eval.batch_size, n - start)).to(dist.device)
+        loss: torch.Tensor | None
         with autocast:
             if pipe is None:
                 loss = training_loss.lm_loss(model, batch, ranks["cp"], ranks["cp_size"])

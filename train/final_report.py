@@ -33,7 +33,7 @@ def final_report(
     layout: Layout,
 ) -> dict:
     """The end of a run: loss curve, validation perplexity and a generated sample (rank 0)."""
-    summary = {"step": step, "stopped": False}
+    summary: dict[str, object] = {"step": step, "stopped": False}
     sharded = any(isinstance(p, DTensor) for p in model.parameters())
     if not dist.is_main and not sharded:
         return summary

@@ -10,7 +10,7 @@ from torch.distributed.tensor import DTensor
 
 from unroll.models.moe import MoE
 from unroll.train.config import Config, ConfigError
-from unroll.train.parallel.expert_parallel import expert_parameters
+from unroll.train.parallel.expert_parallel import expert_mesh, expert_parameters
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
@@ -62,11 +62,15 @@ def clip_gradients(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     ids = {id(p) for _, p in experts}
     shared = [p for p in model.parameters() if id(p) not in ids and p.grad is not None]
     local = [p for _, p in experts if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm([p.grad for p in shared])
+    norm = torch.nn.utils.get_total_norm([p.grad for p in shared if p.grad is not None])
     norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
-    expert_sq = torch.nn.utils.get_total_norm([p.grad for p in local]) ** 2 if local else norm.new_zeros(())
+    expert_sq = (
+        torch.nn.utils.get_total_norm([p.grad for p in local if p.grad is not None]) ** 2
+        if local
+        else norm.new_zeros(())
+    )
     # the ep group holds each expert once (its replicas, identical after averaging, are not counted)
-    torch.distributed.all_reduce(expert_sq, group=experts[0][1].ep_mesh["ep"].get_group())
+    torch.distributed.all_reduce(expert_sq, group=expert_mesh(experts[0][1])["ep"].get_group())
     total = (norm**2 + expert_sq).sqrt()
     for group in (shared, local):
         torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)

@@ -22,6 +22,7 @@ def not_applied(
     an event in metrics.jsonl and on the console; for a rollback, the newest good checkpoint loaded. Returns
     the step rolled back to, or None (the run goes on from here)."""
     verdict = result.verdict
+    assert verdict is not None, "called for a step the guard did not apply"
     metrics.log(
         {
             "step": step,

@@ -18,7 +18,7 @@ from unroll.train.config import Config
 from unroll.train.loss import micro_batch_backward, split_batch
 from unroll.train.optim import clip_gradients
 from unroll.train.parallel import distributed as D
-from unroll.train.parallel.expert_parallel import average_expert_grads, expert_parameters
+from unroll.train.parallel.expert_parallel import average_expert_grads, expert_mesh, expert_parameters
 from unroll.train.parallel.mesh import Layout
 from unroll.train.parallel.parallelize import gradient_sync
 from unroll.train.step_guard import StepGuard, Verdict
@@ -71,9 +71,10 @@ def train_step(
             if aux is not None:
                 aux_sum += aux.detach()
     if layout.ep > 1:  # sums over the ep group's tokens → FSDP's mean over the data ranks
+        assert t.mesh is not None, "ep > 1 runs on a mesh"
         replicas = t.mesh["dp"].size() // layout.ep
         average_expert_grads(
-            model, expert_parameters(model)[0][1].ep_mesh["edp"].get_group() if replicas > 1 else None, layout.dp
+            model, expert_mesh(expert_parameters(model)[0][1])["edp"].get_group() if replicas > 1 else None, layout.dp
         )
     # the guard needs the norm also without clipping: an infinite bound leaves the gradients as they are
     max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
@@ -101,6 +102,7 @@ def judge_step(result: StepResult, layout: Layout, accum: int, guard: StepGuard)
     """Fills result.loss, .aux and .verdict from one all-reduce: every rank adds its mean over its
     microbatches (under pipelining only the last stage holds the loss, and the stages' MoE losses add up to
     the model's) and a flag for a gradient norm that is not finite where this rank computed it."""
+    assert result.grad_norm is not None, "with a guard the step computes the gradient norm"
     norm = result.grad_norm.full_tensor() if isinstance(result.grad_norm, DTensor) else result.grad_norm
     means = torch.stack([result.loss_sum, result.aux_sum]).float() / accum
     stats = torch.cat([means, (~torch.isfinite(norm)).float().reshape(1)])

@@ -147,8 +147,9 @@ class TrainingRun:
         self.stop = StopRequest()
         self.watchdog = Watchdog(cfg.run.step_timeout_s, dist.rank)
         self.timer, self.timed_steps = time.perf_counter(), 0
-        self.saved_at, self.val_loss = self.step if state else None, None
-        self.load_window = None  # MoE assignment counts since the last logged step
+        self.saved_at: int | None = self.step if state else None
+        self.val_loss: float | None = None
+        self.load_window: torch.Tensor | None = None  # MoE assignment counts since the last logged step
         self.writer = CheckpointWriter(
             self.run_dir,
             keep=cfg.checkpoint.keep,
@@ -174,6 +175,7 @@ class TrainingRun:
         )
         self.metrics.advance()
         if result.verdict is None:
+            assert result.loss is not None, "a guarded step has its loss"
             self.guard.applied(self.step, result.loss)
             return result
         back = not_applied(
@@ -220,8 +222,8 @@ class TrainingRun:
         """Every eval.every steps and at the last, when the run has validation data."""
         cfg, step = self.cfg, self.step
         if self.data.valid is not None and ((cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.steps):
-            self.val_loss = self.evaluate()
-            self.metrics.log({"step": step, "val_loss": self.val_loss, "val_ppl": math.exp(self.val_loss)})
+            self.val_loss = val_loss = self.evaluate()
+            self.metrics.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(val_loss)})
 
     def save_if_due(self, applied: bool) -> bool:
         """A checkpoint every checkpoint.every applied steps, at the last, and when any rank was asked to
@@ -307,7 +309,7 @@ def check_same_model(run_dir: Path, cfg: Config) -> None:
     found = resolve.good_checkpoints(run_dir)
     if found and not resolve.good_checkpoints(run_dir, cfg.model):
         newest = found[-1][1]
-        reason = integrity.problem(newest, cfg.model).removeprefix("saved from a different model: ")
+        reason = (integrity.problem(newest, cfg.model) or "").removeprefix("saved from a different model: ")
         raise checkpoint.CheckpointError(
             f"run.dir={run_dir} holds a run of another model ({reason}; newest "
             f"checkpoint {newest}); continue it with `unroll train "

@@ -47,6 +47,7 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -301,7 +302,7 @@ def load(
 ) -> dict:
     """Restores model, optimizer and this rank's RNG state in place; returns the train state."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
+    state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
     _dcp_load(dcp_view(model, state), path, getattr(model, "cfg", None), io_threads)
     rng, train_state = _read_small_files(path, rank)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

@@ -28,6 +28,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
+from typing import Any
 
 import torch.distributed as dist
 
@@ -39,12 +40,12 @@ REFUSED = "REFUSED"
 RUNTIME_KEYS = {"solver", "init_std", "m2rnn.solver", "moe.aux_loss_coef", "moe.z_loss_coef", "moe.bias_update_rate"}
 
 
-def architecture(model_cfg) -> dict | None:
+def architecture(model_cfg: Any) -> dict | None:
     """The model config as a flat {key: value} dict of what shapes and computes the weights; None when
     there is no config to compare (a module that is not an LM)."""
-    if model_cfg is None or not is_dataclass(model_cfg):
+    if model_cfg is None or not is_dataclass(model_cfg) or isinstance(model_cfg, type):
         return None
-    flat = {}
+    flat: dict[str, Any] = {}
 
     def walk(prefix: str, d: dict) -> None:
         for k, v in d.items():
@@ -61,9 +62,10 @@ def architecture(model_cfg) -> dict | None:
         flat["tnt.local_chunks"] = len(flat["tnt.local_chunks"])
         flat["tnt.global_chunk"] = flat["tnt.global_chunk"] > 0
         flat.pop("tnt.local_reset", None)
-    if hasattr(model_cfg, "layers"):  # "GG|AA" and "GGAA" are the same model staged differently
-        flat["pattern"] = "".join(model_cfg.layers)
-        flat["mlp_pattern"] = "".join(model_cfg.mlp_kinds)
+    layers, mlp_kinds = getattr(model_cfg, "layers", None), getattr(model_cfg, "mlp_kinds", None)
+    if layers is not None:  # "GG|AA" and "GGAA" are the same model staged differently
+        flat["pattern"] = "".join(layers)
+        flat["mlp_pattern"] = "".join(mlp_kinds or ())
     return flat
 
 
@@ -86,10 +88,10 @@ def write_manifest(path: Path, step: int, model_cfg=None) -> None:
             sums[f.name] = storage.file_digest(f)
     manifest = {"step": step, "files": files, "xxh3_128": sums, "model": architecture(model_cfg)}
     tmp = path / (MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
+    with open(tmp, "w") as out:
+        json.dump(manifest, out, indent=1)
+        out.flush()
+        os.fsync(out.fileno())
     os.replace(tmp, path / MANIFEST)
 
 

@@ -48,6 +48,7 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, cast
 
 import numpy as np
 import torch
@@ -300,6 +301,12 @@ class _MemoryFile(io.RawIOBase):
         return self.pos
 
 
+def _memory_file(data: memoryview) -> IO[bytes]:
+    """`data` as the binary file torch.load and DCP's transforms read (a RawIOBase, which typing's IO[bytes]
+    does not list among its bases)."""
+    return cast(IO[bytes], _MemoryFile(data))
+
+
 def _copy_checked(req, tensor: torch.Tensor, target: torch.Tensor) -> None:
     tensor = narrow_tensor_by_index(tensor, req.storage_offsets, req.lengths)
     if target.size() != tensor.size():
@@ -315,7 +322,7 @@ def _copy_in_place(item: memoryview, req, target: torch.Tensor) -> bool:
     the tensor's dtype, shape and strides and, per storage, where its bytes start in the record."""
     if _byte_order(item) != sys.byteorder:  # first: torch.load to meta crashes on a record it would byte-swap
         return False
-    meta = torch.load(_MemoryFile(item), map_location="meta", weights_only=True)
+    meta = torch.load(_memory_file(item), map_location="meta", weights_only=True)
     storage = meta.untyped_storage()
     offset, nbytes = storage._checkpoint_offset, storage.nbytes()
     if offset is None or not nbytes or nbytes % meta.element_size():
@@ -364,7 +371,9 @@ class VerifyingReader(SafeReader):
         try:
             target = planner.resolve_tensor(req).detach()
             if info.transform_descriptors or not _copy_in_place(view, req, target):
-                stream = self.transforms.transform_load_stream(req, info.transform_descriptors or (), _MemoryFile(view))
+                stream = self.transforms.transform_load_stream(
+                    req, info.transform_descriptors or (), _memory_file(view)
+                )
                 _copy_checked(req, torch.load(stream, map_location="cpu", weights_only=True), target)
         finally:
             with contextlib.suppress(BufferError):  # a tensor on the mapped bytes still held by a traceback

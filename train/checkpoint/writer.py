@@ -26,9 +26,11 @@ backend async_save requires when training runs on NCCL).
 
 from __future__ import annotations
 
+import traceback
 import warnings
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -48,7 +50,9 @@ def _result(future: Future):
         raise
     except Exception as e:  # not a DCP-wrapped failure: keep it, with the rank that saw it
         rank = dist.get_rank() if dist.is_initialized() else 0
-        raise CheckpointException(f"async checkpoint write failed: {e}", {rank: (e, None)}) from e
+        raise CheckpointException(
+            f"async checkpoint write failed: {e}", {rank: (e, traceback.extract_tb(e.__traceback__))}
+        ) from e
 
 
 class CheckpointWriter:
@@ -58,8 +62,10 @@ class CheckpointWriter:
         self.run_dir, self.keep, self.rank, self.async_save = run_dir, keep, rank, async_save
         self.io_threads = io_threads
         self._group = None
-        self._storage = None  # the async saves' writer, which keeps their staging buffers between saves
-        self._pending = None  # (future, finish_save arguments)
+        self._storage: storage.ChecksummingWriter | None = (
+            None  # the async saves' writer, which keeps their staging buffers between saves
+        )
+        self._pending: tuple[Future, dict[str, Any]] | None = None  # (future, finish_save arguments)
 
     def _process_group(self):
         if not dist.is_initialized():
@@ -92,9 +98,10 @@ class CheckpointWriter:
         if self._storage is None:
             self._storage = storage.ChecksummingWriter(tmp, thread_count=self.io_threads, background=True)
         with checkpoint._quiet_single_process():
-            future: Future = dcp.async_save(
+            future = dcp.async_save(
                 view, checkpoint_id=str(tmp), storage_writer=self._storage, process_group=group, no_dist=group is None
             )
+        assert isinstance(future, Future), "without an async stager DCP returns a plain Future"
         # Everything the checkpoint records besides the shards is taken now, at the step it belongs to.
         self._pending = (
             future,

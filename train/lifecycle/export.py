@@ -155,7 +155,7 @@ def import_export(
     }
 
 
-def _train_past(cfg: Config, step: int, overrides: list[str]) -> int | None:
+def _train_past(cfg: Config, step: int, overrides: Sequence[str]) -> int | None:
     """A run that resumes at `step` trains while step < train.steps. A train.steps the export's (or --config's)
     run had already reached becomes step + train.steps, so that `unroll train` trains (it returns the old
     value); one given as an override is the user's choice, refused if it trains nothing."""
@@ -170,7 +170,7 @@ def _train_past(cfg: Config, step: int, overrides: list[str]) -> int | None:
     return old
 
 
-def _with_overrides(base: Config, overrides: list[str]) -> Config:
+def _with_overrides(base: Config, overrides: Sequence[str]) -> Config:
     """`base` with key=value overrides applied and validated (through the YAML the run directory keeps)."""
     import tempfile
 

@@ -127,7 +127,7 @@ def grow(source: str | Path, factor: int, out: str | Path, overrides: Sequence[s
     }
 
 
-def _grown_config(cfg: Config, factor: int, out: Path, overrides: list[str]) -> Config:
+def _grown_config(cfg: Config, factor: int, out: Path, overrides: Sequence[str]) -> Config:
     """The source config with the model grown and run.dir = OUT, then the overrides, validated."""
     grown = replace(cfg, model=grown_model_config(cfg.model, factor), run=replace(cfg.run, dir=str(out)))
     with tempfile.TemporaryDirectory() as tmp:

@@ -201,6 +201,14 @@ def tag_expert_parameters(model: nn.Module, ep_mesh=None) -> None:
                 p.ep_mesh = ep.mesh
 
 
+def expert_mesh(param: torch.Tensor) -> DeviceMesh:
+    """The 2-D (edp, ep) mesh of an expert tensor, as `tag_expert_parameters` marked it."""
+    mesh = getattr(param, "ep_mesh", None)
+    if not isinstance(mesh, DeviceMesh):
+        raise AssertionError("an expert tensor without its ep mesh: tag_expert_parameters was not given one")
+    return mesh
+
+
 def expert_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """(name, parameter) of the per-rank distinct expert weights of every expert-parallel MoE in `model`;
     every other parameter of the model is replicated over the ep group."""

@@ -41,7 +41,7 @@ def dtensor_index(t: DTensor) -> list[torch.Tensor]:
         n, r = mesh.size(mesh_dim), coordinate[mesh_dim]
         if isinstance(placement, _StridedShard):
             d, s = placement.dim, placement.split_factor
-            segments = index[d].chunk(s)
+            segments = index[d].chunk(int(s))
             index[d] = torch.cat([_take(seg, n, r) for seg in segments])
         elif isinstance(placement, Shard):
             index[placement.dim] = _take(index[placement.dim], n, r)

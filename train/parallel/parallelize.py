@@ -27,14 +27,16 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.nn.parallel import DistributedDataParallel
 
 from unroll.models import LM
 from unroll.models.context_parallel import ContextParallel
+from unroll.models.lm import Block
 from unroll.train.parallel.expert_parallel import (
     apply_expert_parallel_to_model,
     expert_parameters,
@@ -45,13 +47,16 @@ from unroll.train.parallel.mesh import Layout, check_supported
 from unroll.train.parallel.tensor_parallel import apply_tensor_parallel
 from unroll.train.parallel.tensor_parallel.placement import fsdp_shard_placement
 
+if TYPE_CHECKING:
+    from unroll.train.parallel.pipeline_stages import StageModule
+
 
 def apply_activation_checkpointing(model: LM, mode: str) -> None:
     """Recompute each block ("full") or each MLP ("mlp") in the backward instead of keeping its activations."""
     if mode == "none":
         return
     for block in model.blocks:
-        block.recompute = mode
+        cast(Block, block).recompute = mode
 
 
 def apply_compile(model: LM) -> None:
@@ -71,7 +76,7 @@ def parallelize(
     bf16: bool,
     activation_checkpoint: str = "none",
     compile: bool = False,
-    stages: list[torch.nn.Module] | None = None,
+    stages: list[StageModule] | None = None,
 ) -> torch.nn.Module:
     """Shards or wraps `model` (built on the meta device) in place, in torchtitan's order (TP → activation
     checkpointing → compile → context groups → FSDP), then allocates and initialises on `device` only what
@@ -88,7 +93,8 @@ def parallelize(
         materialize(model, device, seed)
         return model
     _shard(model, mesh, layout, bf16=bf16, activation_checkpoint=activation_checkpoint, compile=compile, stages=stages)
-    for part in stages or [model]:
+    parts: list[torch.nn.Module] = list(stages) if stages else [model]
+    for part in parts:
         materialize(part, device, seed)
     if layout.dp * layout.cp == 1 or uses_fsdp(layout, bool(stages)):
         return model
@@ -110,7 +116,7 @@ def _shard(
     bf16: bool,
     activation_checkpoint: str,
     compile: bool,
-    stages: list[torch.nn.Module] | None,
+    stages: list[StageModule] | None,
 ) -> None:
     """Everything parallelize does before allocating: tp, recomputation, compile, ep, cp, FSDP2."""
     if layout.tp > 1:
@@ -202,6 +208,6 @@ def gradient_sync(trained: torch.nn.Module, sync: bool):
     waits for the last."""
     if isinstance(trained, DistributedDataParallel):
         return contextlib.nullcontext() if sync else trained.no_sync()
-    if hasattr(trained, "set_requires_all_reduce"):  # FSDP2
+    if isinstance(trained, FSDPModule):
         trained.set_requires_all_reduce(sync)
     return contextlib.nullcontext()

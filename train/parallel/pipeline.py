@@ -37,9 +37,11 @@ import torch.distributed as dist
 import torch.distributed.pipelining as pipelining
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import PipelineScheduleMulti, PipelineScheduleSingle
 from torch.distributed.tensor import DTensor
 
 from unroll.models import LM
+from unroll.models.config import ModelConfig
 from unroll.train.loss import schedule_loss
 from unroll.train.parallel.pipeline_split import (  # noqa: F401  check_pipeline: part of this module's API
     check_microbatches,
@@ -49,6 +51,15 @@ from unroll.train.parallel.pipeline_split import (  # noqa: F401  check_pipeline
     stage_ranks,
 )
 from unroll.train.parallel.pipeline_stages import StageModule, build_stage_modules, pp_group, sync_tied_grads
+
+
+class _OwnedView(nn.Module):
+    """A rank's parameters under the LM's names, with the model's config (the checkpoint manifest records the
+    architecture)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
 
 
 class _Holder(nn.Module):
@@ -84,13 +95,12 @@ class Pipeline:
             model.norm.to("meta")
             if model.head is not None:
                 model.head.to("meta")
-        self.schedule = None
+        self.schedule: PipelineScheduleSingle | PipelineScheduleMulti | None = None
 
     def owned_view(self) -> nn.Module:
         """This rank's parameters under the LM's names (call after FSDP has replaced the parameters): the
         module the optimizer and checkpoints see."""
-        view = nn.Module()
-        view.cfg = self.model.cfg  # the checkpoint manifest records the architecture
+        view = _OwnedView(self.model.cfg)
         if self.first:
             view.embed = self.model.embed
         else:
@@ -122,7 +132,9 @@ class Pipeline:
         self._sync_tied_grads()
         return loss_sum, (torch.stack(aux).sum() if aux else None)
 
-    def _schedule(self, n_microbatches: int, micro: int, T: int, device: torch.device) -> object:
+    def _schedule(
+        self, n_microbatches: int, micro: int, T: int, device: torch.device
+    ) -> PipelineScheduleSingle | PipelineScheduleMulti:
         """The schedule running this rank's stages (wrapped by FSDP since they were built), every stage
         given its static metadata: torch then runs no shape-inference forward and backward at the first
         step (time, and a microbatch of activations held beside the real ones)."""
@@ -153,6 +165,7 @@ class Pipeline:
         stage's output."""
         losses: list[torch.Tensor] = []
         args = (tokens,) if self.first else ()
+        assert self.schedule is not None, "step() builds the schedule first"
         if self.last:
             self.schedule.step(*args, target=targets, losses=losses, targets=targets)
         else:

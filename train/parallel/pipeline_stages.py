@@ -43,15 +43,16 @@ class StageModule(nn.Module):
     def __init__(self, model: LM, layers: list[int], first: bool, last: bool):
         super().__init__()
         self.layers, self.first, self.last = list(layers), first, last
-        self.embed = model.embed if first else None
+        self.embed: nn.Embedding | None = model.embed if first else None
         self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in layers})
-        self.norm = model.norm if last else None
-        self.head = model.head if last else None
+        self.norm: nn.RMSNorm | None = model.norm if last else None
+        self.head: nn.Linear | None = model.head if last else None
         self.tied = model.head is None
-        self.tied_embed_weight = None  # one stage (first and last) uses embed.weight itself
+        self.tied_embed_weight: nn.Parameter | None = None  # one stage (first and last) uses embed.weight itself
         if last and self.tied and not first:
             self.tied_embed_weight = nn.Parameter(model.embed.weight.detach().clone())
         self.tied_peer: int | None = None  # pp-group rank holding the other copy of the tied weight
+        self.stage_index, self.n_stages = 0, 1  # set by build_stage_modules
         self.lm_rules = model.init_rules()  # the embedding's and head's initialisation (models/init.py)
         # the loss as the LM computes it (models/lm.py): tokens per logits chunk; the vocabulary's process
         # group under tensor parallelism (set by train/parallel/tensor_parallel/vocab.py)
@@ -73,7 +74,10 @@ class StageModule(nn.Module):
         """The last stage's [V, d] logits matrix: the head's, or (tied) the replica or the embedding itself."""
         if self.head is not None:
             return self.head.weight
-        return self.tied_embed_weight if self.tied_embed_weight is not None else self.embed.weight
+        if self.tied_embed_weight is not None:
+            return self.tied_embed_weight
+        assert self.embed is not None, "a last stage without a head is tied: it holds the replica or the embedding"
+        return self.embed.weight
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (first stage) or hidden [B, T, d] → hidden [B, T, d]; on the last stage logits [B, T, V], or
@@ -91,6 +95,7 @@ class StageModule(nn.Module):
                 x = with_moe_loss(x, aux)
         if not self.last:
             return x
+        assert self.norm is not None, "the last stage holds the final norm"
         x = self.norm(x)
         if targets is None:
             logits = F.linear(x, self.output_weight())
@@ -99,11 +104,14 @@ class StageModule(nn.Module):
         loss = hidden_loss(x, self.output_weight(), targets, self.loss_chunk, self.vocab_group)
         return torch.stack([loss])  # not a view: the schedules detach the last stage's outputs in place
 
-    def tied_weight(self) -> nn.Parameter | None:
+    def tied_weight(self) -> torch.Tensor | None:
         """This stage's copy of the tied embedding matrix (None if it holds none or the model is untied)."""
         if not self.tied or self.first == self.last:
             return None
-        return self.embed.weight if self.first else self.tied_embed_weight
+        if self.first:
+            assert self.embed is not None, "the first stage holds the embedding"
+            return self.embed.weight
+        return self.tied_embed_weight
 
 
 def build_stage_module(model: LM, layers: list[int], first: bool, last: bool) -> StageModule:
@@ -121,7 +129,9 @@ def pp_group(pp) -> dist.ProcessGroup:
         if pp.mesh_dim_names and "pp" in pp.mesh_dim_names:
             return pp["pp"].get_group()
         raise ValueError(f"a {pp.ndim}-d mesh without a 'pp' dimension: pass the pp sub-mesh or its group")
-    return pp if pp is not None else dist.group.WORLD
+    group = pp if pp is not None else dist.group.WORLD
+    assert group is not None, "torch.distributed is initialised before a pipeline is built"
+    return group
 
 
 def build_stage_modules(model: LM, pp, schedule: str) -> list[StageModule]:
@@ -151,22 +161,24 @@ def sync_tied_grads(modules: list[StageModule], pp) -> None:
     stage's `tied_embed_weight`) into both, point to point between their ranks. Every pp rank may call it;
     ranks holding neither copy do nothing. A no-op for untied models."""
     group = pp_group(pp)
-    mine = [(m, m.tied_weight()) for m in modules]
-    mine = [(m, w) for m, w in mine if w is not None]
+    mine = [(m, w) for m in modules if (w := m.tied_weight()) is not None]
     if not mine:
         return
+    grads = []
     for _, w in mine:
         if w.grad is None:
             w.grad = torch.zeros_like(w)
+        grads.append(w.grad)
     if len(mine) == 2:  # V placement: both copies here
-        total = mine[0][1].grad + mine[1][1].grad
-        for _, w in mine:
-            w.grad.copy_(total)
+        total = grads[0] + grads[1]
+        for g in grads:
+            g.copy_(total)
         return
-    m, w = mine[0]
+    m = mine[0][0]
     # under FSDP both copies are sharded alike over the data-parallel ranks: peers swap their local shards
-    grad = w.grad.to_local() if isinstance(w.grad, DTensor) else w.grad
+    grad = grads[0].to_local() if isinstance(grads[0], DTensor) else grads[0]
     other = torch.empty_like(grad)
+    assert m.tied_peer is not None, "build_stage_modules sets the tied peer"
     peer = dist.get_global_rank(group, m.tied_peer)
     ops = [dist.P2POp(dist.isend, grad.contiguous(), peer, group), dist.P2POp(dist.irecv, other, peer, group)]
     if not m.first:

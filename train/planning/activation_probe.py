@@ -30,10 +30,14 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, cast
 
 import torch
 
 from unroll.models.config import ModelConfig
+
+if TYPE_CHECKING:  # imported where used: torch's models load only when a probe runs
+    from unroll.models.lm import Block
 from unroll.train.planning.memory import TRANSIENT, Tracker, snapshot_sums
 
 MAX_PROBE_TOKENS = 256  # per sequence: enough chunks for every mixer's per-token cost to settle
@@ -151,7 +155,7 @@ def _probe_kind(
             if ep > 1:
                 apply_expert_parallel_to_model(model, mesh["ep"].get_group())
         for block in model.blocks:
-            block.recompute = recompute
+            cast(Block, block).recompute = recompute
         model.to_empty(device="cpu")
         gen = torch.Generator().manual_seed(0)
         with torch.no_grad():  # small random weights, unit norms: what the bytes depend on is the

@@ -54,6 +54,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 from torch._C._distributed_c10d import _resolve_process_group
+from torch.distributed.distributed_c10d import GroupName
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -74,7 +75,7 @@ def _nbytes(t: torch.Tensor) -> int:
 
 def _group(g) -> dist.ProcessGroup:
     if isinstance(g, str):
-        return _resolve_process_group(g)
+        return _resolve_process_group(GroupName(g))
     if isinstance(g, torch.ScriptObject):
         return dist.ProcessGroup.unbox(g)
     return g
@@ -400,6 +401,7 @@ def fake_process_group(rank: int, world_size: int) -> Iterator[dist.ProcessGroup
     from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
 
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    assert dist.group.WORLD is not None, "init_process_group set the default group"
     try:
         yield dist.group.WORLD
     finally:

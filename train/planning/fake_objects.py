@@ -41,6 +41,7 @@ _HINT = (
 
 def _src_group_rank(group, src, group_src) -> tuple[dist.ProcessGroup, int]:
     pg = group if group is not None else dist.group.WORLD
+    assert pg is not None, "a fake process group is initialised"
     if group_src is None:
         group_src = dist.get_group_rank(pg, src if src is not None else 0)
     return pg, group_src

@@ -22,7 +22,9 @@ total. Tensor storages only: no allocator rounding, fragmentation, CUDA context 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -67,11 +69,11 @@ def _storage_bytes(tensors) -> int:
     return total
 
 
-def weight_bytes(modules: list[nn.Module]) -> int:
+def weight_bytes(modules: Sequence[nn.Module]) -> int:
     return _storage_bytes([t for m in modules for t in list(m.parameters()) + list(m.buffers())])
 
 
-def gradient_bytes(modules: list[nn.Module]) -> int:
+def gradient_bytes(modules: Sequence[nn.Module]) -> int:
     return _storage_bytes([p.grad for m in modules for p in m.parameters()])
 
 
@@ -81,7 +83,13 @@ def optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
     )
 
 
-class Phases:
+if TYPE_CHECKING:  # a mixin of MemTracker's subclasses: what it reads of them is MemTracker's
+    _PhasesBase = MemTracker
+else:
+    _PhasesBase = object
+
+
+class Phases(_PhasesBase):
     """Largest running totals per phase of a step, kept by a tracker as it updates (a mixin of the trackers
     below). The phases: forward; loss (the loss's forward and backward); backward (the blocks'); embedding
     (the embedding's backward, after the first block's). Entering the backward from the loss notes the
@@ -180,9 +188,9 @@ class _Tracker(Phases, FSDPMemTracker):
     prefetch of the next block, reduce-scatter inputs, accumulated unsharded gradients) is gathered
     memory from the moment it exists, where torch's sorts part of it only after the hook has returned."""
 
-    def __init__(self, roots: list[nn.Module], optimizer: torch.optim.Optimizer):
+    def __init__(self, roots: Sequence[nn.Module], optimizer: torch.optim.Optimizer):
         MemTracker.__init__(self)
-        self._root_mod = nn.ModuleList(roots)  # walked for the FSDP modules to instrument
+        self._root_mod = nn.ModuleList(roots)  # type: ignore[assignment]  # walked for the FSDP modules to instrument
         self._optm = optimizer
         self._fsdp_mod_to_saved_methods = WeakIdKeyDictionary()
         self._fsdp_state = _FSDPState.PRE_FW
@@ -198,6 +206,7 @@ class _Tracker(Phases, FSDPMemTracker):
                     p.register_post_accumulate_grad_hook(self._plain_gradient)
 
     def _plain_gradient(self, param: torch.Tensor) -> None:
+        assert param.grad is not None, "called after the gradient was accumulated"
         self._update_and_maybe_create_winfos(param.grad, _FSDPRefType.SHARDED_GRAD)
 
     def _allocated_by_fsdp(self, out) -> None:
@@ -242,6 +251,7 @@ class _Tracker(Phases, FSDPMemTracker):
         return and_gradients
 
     def _unsharded_gradient(self, param: torch.Tensor) -> None:
+        assert param.grad is not None, "called after the gradient was accumulated"
         self._update_and_maybe_create_winfos(param.grad, _FSDPRefType.UNSHARDED_GRAD)
         self._note_peaks()
 
@@ -269,7 +279,7 @@ def _fsdp_params(fsdp_mod) -> list:
     return group.fsdp_params if group else []
 
 
-def tracker_for(roots: list[nn.Module], optimizer: torch.optim.Optimizer) -> MemTracker:
+def tracker_for(roots: Sequence[nn.Module], optimizer: torch.optim.Optimizer) -> Tracker | _Tracker:
     if any(isinstance(m, FSDPModule) for root in roots for m in root.modules()):
         return _Tracker(roots, optimizer)
     tracker = Tracker()
@@ -286,7 +296,7 @@ def snapshot_sums(snapshot: dict, names: set[str]) -> int:
     return sum(v for cats in snapshot.values() for k, v in cats.items() if _category(k) in names)
 
 
-def mark_phases(tracker: Phases, parts: list[nn.Module]) -> list:
+def mark_phases(tracker: Phases, parts: Sequence[nn.Module]) -> list:
     """Hooks marking the step's phases on `parts` (the LM, or a rank's pipeline stages): a forward begins,
     the final norm starts the loss, the loss's backward ends at the norm's input gradient and the blocks'
     backward follows, the first block's input gradient hands over to the embedding's backward; a stage
@@ -300,8 +310,13 @@ def mark_phases(tracker: Phases, parts: list[nn.Module]) -> list:
             handles.append(norm.register_full_backward_hook(lambda *_: tracker.enter("backward")))
         else:
             handles.append(part.register_full_backward_pre_hook(lambda *_: tracker.enter("backward")))
-        if getattr(part, "embed", None) is not None and len(part.blocks):
-            first = part.blocks[0] if isinstance(part.blocks, nn.ModuleList) else next(iter(part.blocks.values()))
+        blocks = part.get_submodule("blocks")
+        if (
+            getattr(part, "embed", None) is not None
+            and isinstance(blocks, (nn.ModuleList, nn.ModuleDict))
+            and len(blocks)
+        ):
+            first = blocks[0] if isinstance(blocks, nn.ModuleList) else next(iter(blocks.values()))
             handles.append(first.register_full_backward_hook(lambda *_: tracker.enter("embedding")))
     return handles
 

@@ -94,7 +94,7 @@ def param_table(cfg: ModelConfig, tp: int) -> list[Param]:
 
     from unroll.models import LM
 
-    group = contextlib.nullcontext()
+    group: contextlib.AbstractContextManager = contextlib.nullcontext()
     if tp > 1:
         from unroll.train.planning.fake_comm import fake_process_group
 
@@ -162,7 +162,7 @@ def _uses_fsdp(layout: Layout) -> bool:
     return uses(layout, layout.pp > 1)
 
 
-def _stage_of_rank0(cfg: Config, layout: Layout) -> tuple[set[int], bool, bool, int]:
+def _stage_of_rank0(cfg: Config, layout: Layout) -> tuple[set[int], bool, bool, float]:
     """(blocks, holds the first stage, holds the last, micro-batches in flight) of pipeline rank 0."""
     if layout.pp == 1:
         return set(range(len(cfg.model.layers))), True, True, 1
@@ -244,9 +244,9 @@ def estimate(
         else:
             block_size[p.block] = block_size.get(p.block, 0) + p.numel()
     if layout.pp > 1 and model.tie_embeddings and last and not first:  # the last stage's tied replica
-        embed = next(p for p in table if p.name == "embed.weight")
-        held += _fsdp_share(embed, dp) if fsdp else embed.numel()
-        root += embed.numel()
+        replica = next(p for p in table if p.name == "embed.weight")
+        held += _fsdp_share(replica, dp) if fsdp else replica.numel()
+        root += replica.numel()
         tensors += 1
 
     embed = next(p for p in table if p.name == "embed.weight").numel()  # this rank's slice under tp

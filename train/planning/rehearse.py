@@ -42,12 +42,14 @@ import os
 import resource
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from unroll.train.build import build_training
@@ -170,7 +172,7 @@ def rehearse(
             n_mb,
             gpu_precision=True,
         )
-        parts = run.pipe.modules if run.pipe else [run.model]
+        parts: Sequence[nn.Module] = run.pipe.modules if run.pipe else [run.model]
         if isinstance(run.trained, DistributedDataParallel) and "WORLD_SIZE" not in os.environ:
             run.trained.register_comm_hook(run.trained.process_group, _fake_world_allreduce)
         seconds["build"] = time.perf_counter() - start
@@ -204,7 +206,7 @@ def rehearse(
         loss_rank = run.pipe is None or run.pipe.last
         chunk, vocab_group = run.model.loss_chunk, run.model.vocab_group
         del run, tracker, result, hook, phase_hooks
-        parts = None  # the hook's closure still names it; dropping the modules is what frees them
+        parts = []  # the hook's closure still names it; dropping the modules is what frees them
         gc.collect()
         start = time.perf_counter()
         logits, logits_target = (

@@ -35,20 +35,24 @@ and there, and why: train/parallel/dtensor_internals.py.
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING, cast
+
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import SequenceParallel, parallelize_module
 
-from unroll.models.lm import LM
+from unroll.models.lm import LM, Block
 from unroll.train.parallel.tensor_parallel.layout import TensorParallelError, need
 from unroll.train.parallel.tensor_parallel.plans import mixer_plan, mlp_plan
 from unroll.train.parallel.tensor_parallel.style import Sharded
 from unroll.train.parallel.tensor_parallel.vocab import shard_root
 
+if TYPE_CHECKING:
+    from unroll.train.parallel.pipeline_stages import StageModule
+
 
 def apply_tensor_parallel(
-    model: LM, tp_mesh: DeviceMesh, *, sequence_parallel: bool = True, stages: list[nn.Module] | None = None
+    model: LM, tp_mesh: DeviceMesh, *, sequence_parallel: bool = True, stages: list[StageModule] | None = None
 ) -> None:
     """Shards `model` in place over the 1-D mesh `tp_mesh` by the plans of plans.py. Call it before FSDP (and
     activation checkpointing / compile). Raises TensorParallelError naming what tp does not divide.
@@ -60,7 +64,9 @@ def apply_tensor_parallel(
     seq = Shard(1) if sp else Replicate()  # where the residual stream lives between the blocks
     vocab, tp = model.cfg.vocab_size, tp_mesh.size()
     need(vocab % tp == 0, f"Embedding and LM head: tp={tp} must divide the vocabulary size {vocab}")
-    blocks = model.blocks if stages is None else [b for stage in stages for b in stage.blocks.values()]
+    blocks = [
+        cast(Block, b) for b in (model.blocks if stages is None else [b for s in stages for b in s.blocks.values()])
+    ]
     plans = [(block, mixer_plan(block.mixer, tp_mesh, seq), mlp_plan(block.mlp, tp_mesh, seq)) for block in blocks]
     for block, mixer_style, mlp_style in plans:  # all checked before anything is changed
         parallelize_module(block.mixer, tp_mesh, mixer_style)
@@ -76,7 +82,7 @@ def apply_tensor_parallel(
 
     for root in [model] if stages is None else stages:
         shard_root(root, tp_mesh, sp)
-    model.step = _no_generation
+    model.step = _no_generation  # type: ignore[method-assign]  # generation is refused on a tp-sharded LM
 
     for owner in [model] if stages is None else stages:
         plain = [name for name, p in owner.named_parameters() if not isinstance(p, DTensor)]

@@ -41,7 +41,9 @@ The plans (d = d_model; Shard(k): dimension k in tp equal contiguous parts, rank
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
@@ -64,7 +66,7 @@ def recurrent_plan(m: RecurrentMixer, mesh: DeviceMesh, output: Placement) -> Sh
     heads, width = m.in_proj.heads, m.width
     need(width % tp == 0, f"{type(m).__name__}: tp={tp} must divide the recurrent width {width}")
     need(heads == 1 or heads % tp == 0, f"{type(m).__name__}: tp={tp} must divide rnn_heads={heads} (or rnn_heads=1)")
-    params = {
+    params: dict[str, Layout] = {
         "in_proj.weight": Shard(2) if heads == 1 else Shard(0),  # [heads, gates, width/heads, d/heads]
         "in_proj.bias": Shard(1),  # [gates, width]
         "a": Shard(1),  # [gates, width]: the recurrence's own coefficients
@@ -84,7 +86,7 @@ def m2rnn_plan(m: M2RNN, mesh: DeviceMesh, output: Placement) -> Sharded:
     need(G % tp == 0 or tp % G == 0, f"M2RNN: qk_heads={G} and tp={tp}: one must divide the other")
     qk = tp if G % tp == 0 else G  # split over the ranks, or each rank the one q/k head its value heads use
     G_local, H_local = max(G // tp, 1), H // tp
-    params = {
+    params: dict[str, Layout] = {
         "in_proj.weight": Fused(0, ((G * K, qk), (G * K, qk), (H * V, tp), (H, tp), (H * V, tp))),  # q k v | a | g
         "conv.weight": Fused(0, ((G * K, qk), (G * K, qk), (H * V, tp))),  # depthwise over q k v channels
         "A_log": Shard(0),
@@ -117,7 +119,7 @@ def attention_plan(m: Attention, mesh: DeviceMesh, output: Placement) -> Sharded
     tp = mesh.size()
     H, KV, hd = m.n_heads, m.n_kv_heads, m.head_dim
     need(H % tp == 0 and KV % tp == 0, f"Attention: tp={tp} must divide n_heads={H} and the kv heads {KV}")
-    params = {
+    params: dict[str, Layout] = {
         "qkv.weight": Fused(0, ((H * hd, tp), (KV * hd, tp), (KV * hd, tp))),  # [q | k | v] by head
         "out_proj.weight": Shard(1),
     }
@@ -139,7 +141,7 @@ def moe_plan(m: MoE, mesh: DeviceMesh, output: Placement) -> Sharded:
     tp = mesh.size()
     h = m.hidden
     need(h % tp == 0, f"MoE: tp={tp} must divide the expert width {h}")
-    params = {
+    params: dict[str, Layout] = {
         "router.weight": Replicate(),
         "w_gate_up": Fused(2, ((h, tp), (h, tp))),  # [E, d, gate | up]
         "w_down": Shard(1),  # [E, h, d]
@@ -152,7 +154,11 @@ def moe_plan(m: MoE, mesh: DeviceMesh, output: Placement) -> Sharded:
     return Sharded(params, local={"hidden": h // tp, "aux_grad_scale": 1.0 / tp}, output=output)
 
 
-MIXER_PLANS = {RecurrentMixer: recurrent_plan, M2RNN: m2rnn_plan, Attention: attention_plan}
+MIXER_PLANS: dict[type, Callable[[Any, DeviceMesh, Placement], Sharded]] = {
+    RecurrentMixer: recurrent_plan,
+    M2RNN: m2rnn_plan,
+    Attention: attention_plan,
+}
 
 
 def mixer_plan(m: nn.Module, mesh: DeviceMesh, output: Placement) -> Sharded:

@@ -6,6 +6,7 @@ nn.Module._parameters), with the sizes it reads (heads, width, ...) set to the l
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -38,7 +39,7 @@ def _swapped(module: nn.Module, params: dict[str, torch.Tensor], attrs: dict[str
         for name, value in params.items():
             owner, leaf = _owner(module, name)
             saved.append((owner._parameters, leaf, owner._parameters[leaf]))
-            owner._parameters[leaf] = value
+            owner._parameters[leaf] = value  # type: ignore[assignment]  # a local tensor for the call (dtensor_internals.py)
         for name, value in attrs.items():
             owner, leaf = _owner(module, name)
             saved.append((owner.__dict__, leaf, owner.__dict__.get(leaf, _MISSING)))
@@ -60,6 +61,7 @@ def param_of(module: nn.Module, name: str) -> torch.Tensor | None:
 def _distribute(module: nn.Module, name: str, layout: Layout, mesh: DeviceMesh) -> None:
     owner, leaf = _owner(module, name)
     param = owner._parameters[leaf]
+    assert param is not None, f"{type(module).__name__}.{name}: a layout for a parameter that is None"
     tp = mesh.size()
     if isinstance(layout, Fused):
         layout.check(param.shape, tp, f"{type(module).__name__}.{name}")
@@ -82,9 +84,9 @@ class Sharded(ParallelStyle):
 
     def __init__(
         self,
-        params: dict[str, Layout],
+        params: Mapping[str, Layout],
         *,
-        local: dict[str, Any] | None = None,
+        local: Mapping[str, Any] | None = None,
         row_parallel: bool = True,
         compute: Placement = Replicate(),  # noqa: B008 -- placements are immutable values
         output: Placement = Replicate(),  # noqa: B008

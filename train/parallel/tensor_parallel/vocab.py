@@ -13,6 +13,7 @@ without sequence parallelism). Without targets the LM returns the logits all-gat
 from __future__ import annotations
 
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -21,30 +22,36 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.parallel import SequenceParallel, parallelize_module
 
+from unroll.models.lm import LM
 from unroll.train.parallel.tensor_parallel.collectives import AllReduceGrad
-from unroll.train.parallel.tensor_parallel.layout import TensorParallelError
+from unroll.train.parallel.tensor_parallel.layout import Layout, TensorParallelError
 from unroll.train.parallel.tensor_parallel.style import Sharded
 
+if TYPE_CHECKING:
+    from unroll.train.parallel.pipeline_stages import StageModule
 
-def shard_root(root: nn.Module, tp_mesh: DeviceMesh, sp: bool) -> None:
+
+def shard_root(root: LM | StageModule, tp_mesh: DeviceMesh, sp: bool) -> None:
     """The embedding, final norm and head of the LM (or of a pipeline stage, where it holds them, and a
     last stage's replica of a tied embedding): embedding and head split over the vocabulary, the loss
     vocabulary-parallel (`root.vocab_group`); their forward on the local views."""
-    params, local = {}, {}  # the [V, d] matrices: vocabulary rows [r·V/tp, (r+1)·V/tp) on rank r
-    if getattr(root, "embed", None) is not None:
+    params: dict[str, Layout] = {}  # the [V, d] matrices: vocabulary rows [r·V/tp, (r+1)·V/tp) on rank r
+    local: dict[str, object] = {}
+    embed, norm = getattr(root, "embed", None), getattr(root, "norm", None)
+    if isinstance(embed, nn.Embedding):
         params["embed.weight"] = Shard(0)
-        local["embed.forward"] = partial(_vocab_parallel_embedding, root.embed, tp_mesh, sp)
+        local["embed.forward"] = partial(_vocab_parallel_embedding, embed, tp_mesh, sp)
     if getattr(root, "head", None) is not None:
         params["head.weight"] = Shard(0)
     if getattr(root, "tied_embed_weight", None) is not None:
         params["tied_embed_weight"] = Shard(0)
-    if getattr(root, "norm", None) is not None:
+    if isinstance(norm, nn.Module):
         if sp:
-            parallelize_module(root.norm, tp_mesh, SequenceParallel())
-            root.norm.register_forward_hook(_gather_sequence)
+            parallelize_module(norm, tp_mesh, SequenceParallel())
+            norm.register_forward_hook(_gather_sequence)
         else:
             params["norm.weight"] = Replicate()
-            root.norm.register_forward_hook(partial(_sum_grad_over_ranks, group=tp_mesh.get_group()))
+            norm.register_forward_hook(partial(_sum_grad_over_ranks, group=tp_mesh.get_group()))
     root.vocab_group = tp_mesh.get_group()
     parallelize_module(root, tp_mesh, Sharded(params, local=local, row_parallel=False))
 
