@@ -11,6 +11,10 @@ weight_d * block_size), at positions given by a permutation seeded with (seed, 1
 The k-th sample of dataset d in block b is d's sample number b * c_d + k, so locating any index
 costs O(block_size). A dataset's samples are used epoch after epoch; epoch e visits them in the
 order of a permutation seeded with (seed, dataset index, e), or in order when shuffle=False.
+
+Documents: `get_with_starts` returns beside each window where documents begin in it, read from the shard's
+document index (never by looking for EOS tokens, which a corpus may hold inside a document). Like the tokens,
+they are a pure function of the global index: the same for any blend position, resume point or world size.
 """
 
 from __future__ import annotations
@@ -52,6 +56,12 @@ class PackedDataset:
         if not 0 <= i < self.n_samples:
             raise IndexError(f"sample {i} out of range for {self.shard.prefix!r} ({self.n_samples} samples)")
         return self.shard.tokens(i * self.seq_len, self.seq_len + 1)
+
+    def starts(self, i: int) -> np.ndarray:
+        """bool [seq_len + 1] beside window i: True where a document begins at that token (the shard's index)."""
+        if not 0 <= i < self.n_samples:
+            raise IndexError(f"sample {i} out of range for {self.shard.prefix!r} ({self.n_samples} samples)")
+        return self.shard.starts_in(i * self.seq_len, self.seq_len + 1)
 
 
 def apportion(weights: np.ndarray, total: int) -> np.ndarray:
@@ -114,6 +124,17 @@ class TokenLoader:
         which, index = self.locate(np.arange(start, start + count, dtype=np.int64))
         rows = [self.datasets[d].sample(int(i)) for d, i in zip(which, index)]
         return torch.from_numpy(np.stack(rows))
+
+    def get_with_starts(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`get(start, count)` and beside it a BoolTensor [count, seq_len + 1]: True where a document begins at
+        that token of the window. The model's `resets` of inputs window[:, :-1] are starts[:, :-1]."""
+        if start < 0 or count < 0:
+            raise IndexError(f"samples [{start}, {start + count}) must start at 0 or later")
+        if count == 0:
+            return self.get(start, 0), torch.empty((0, self.seq_len + 1), dtype=torch.bool)
+        which, index = self.locate(np.arange(start, start + count, dtype=np.int64))
+        pairs = [(self.datasets[d].sample(int(i)), self.datasets[d].starts(int(i))) for d, i in zip(which, index)]
+        return torch.from_numpy(np.stack([t for t, _ in pairs])), torch.from_numpy(np.stack([s for _, s in pairs]))
 
     def locate(self, g: np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:
         """(dataset, sample index within that dataset) of global indices g."""

@@ -217,6 +217,7 @@ class TokenShard:
         lengths = self._files.sequence_lengths.astype(np.int64)
         self._seq_start = np.concatenate([[0], np.cumsum(lengths)])
         self._doc_index = self._files.document_indices
+        self._doc_starts: np.ndarray | None = None
         if len(self._doc_index) == 0 or self._doc_index[0] != 0 or np.any(np.diff(self._doc_index) < 0):
             raise DataError(f"corrupt token shard index {idx_path!r}: bad document indices")
         if self._doc_index[-1] != len(lengths):
@@ -252,6 +253,22 @@ class TokenShard:
             raise IndexError(f"document {i} out of range for {self.prefix!r} ({self.n_docs} documents)")
         first, last = self._seq_start[self._doc_index[i]], self._seq_start[self._doc_index[i + 1]]
         return self.tokens(int(first), int(last - first))
+
+    def document_starts(self) -> np.ndarray:
+        """The token offsets at which the shard's documents begin, ascending (from the index's document table,
+        never from the tokens: a corpus may hold its EOS id inside a document). An empty document begins where
+        the next one does."""
+        if self._doc_starts is None:
+            self._doc_starts = self._seq_start[self._doc_index[:-1]]
+        return self._doc_starts
+
+    def starts_in(self, start: int, length: int) -> np.ndarray:
+        """bool [length]: True at position t where a document begins at token start + t."""
+        starts = self.document_starts()
+        lo, hi = np.searchsorted(starts, [start, start + length])
+        out = np.zeros(length, dtype=bool)
+        out[starts[lo:hi] - start] = True
+        return out
 
     def tokens(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) of the shard's token stream, as int64."""
