@@ -5,7 +5,8 @@ Triton kernels (kernels/triton_m2rnn.py). Per batch b and value head h, with q/k
     y_t = q_tᵀ H_t                                                       y_t ∈ R^V
 
 Shapes: q, k [B, T, G, K]; v [B, T, H, V]; f [B, T, H] (the forget gate, in (0, 1)); W [H, V, V];
-h0 [B, H, K, V] or None (zeros). Both functions return (y [B, T, H, V], h_last [B, H, K, V]), h_last = the
+h0 [B, H, K, V] or None (zeros); resets [B, T] bool or None: where True, H_{t−1} is taken as zero (a new
+document starts at t). Both functions return (y [B, T, H, V], h_last [B, H, K, V]), h_last = the
 state after the last step (h0 when T = 0).
 """
 
@@ -39,7 +40,7 @@ def m2rnn_shapes(
 
 
 def m2rnn_reference(
-    q: Tensor, k: Tensor, v: Tensor, f: Tensor, W: Tensor, h0: Tensor | None = None
+    q: Tensor, k: Tensor, v: Tensor, f: Tensor, W: Tensor, h0: Tensor | None = None, resets: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """The recurrence as a PyTorch loop over t (gradients by autograd), in the inputs' promoted dtype."""
     B, T, G, K, H, V = m2rnn_shapes(q, k, v, f, W, h0)
@@ -47,8 +48,11 @@ def m2rnn_reference(
     qh, kh = q.repeat_interleave(per, dim=2), k.repeat_interleave(per, dim=2)  # [B, T, H, K]
     h = h0 if h0 is not None else v.new_zeros(B, H, K, V, dtype=torch.result_type(v, W))
     ys = []
+    starts = resets.unbind(1) if resets is not None else [None] * T
     # unbind once: indexing x[:, t] inside the loop would make each step's backward touch all of x
-    for qt, kt, vt, ft in zip(qh.unbind(1), kh.unbind(1), v.unbind(1), f.unbind(1)):
+    for qt, kt, vt, ft, st in zip(qh.unbind(1), kh.unbind(1), v.unbind(1), f.unbind(1), starts):
+        if st is not None:
+            h = h.masked_fill(st[:, None, None, None], 0)
         ft = ft[..., None, None]
         h = ft * h + (1 - ft) * torch.tanh(h @ W + kt.unsqueeze(-1) * vt.unsqueeze(-2))
         ys.append((qt.unsqueeze(-1) * h).sum(-2))
@@ -57,7 +61,14 @@ def m2rnn_reference(
 
 
 def m2rnn_checkpointed(
-    q: Tensor, k: Tensor, v: Tensor, f: Tensor, W: Tensor, h0: Tensor | None = None, chunk: int = 32
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    f: Tensor,
+    W: Tensor,
+    h0: Tensor | None = None,
+    chunk: int = 32,
+    resets: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """m2rnn_reference run `chunk` steps at a time, each chunk under activation checkpointing: the forward
     keeps only the state entering each chunk (T/chunk states per head, as the Triton kernel's
@@ -67,7 +78,7 @@ def m2rnn_checkpointed(
 
     T = q.shape[1]
     if T <= chunk or not torch.is_grad_enabled():
-        return m2rnn_reference(q, k, v, f, W, h0)
+        return m2rnn_reference(q, k, v, f, W, h0, resets)
     B, _, G, K, H, V = m2rnn_shapes(q, k, v, f, W, h0)
     h = h0 if h0 is not None else v.new_zeros(B, H, K, V, dtype=torch.result_type(v, W))
     ys = []
@@ -81,6 +92,7 @@ def m2rnn_checkpointed(
             f[:, part],
             W,
             h,
+            resets[:, part] if resets is not None else None,
             use_reentrant=False,
             preserve_rng_state=False,
         )
@@ -89,16 +101,28 @@ def m2rnn_checkpointed(
 
 
 def m2rnn_sequential(
-    q: Tensor, k: Tensor, v: Tensor, f: Tensor, W: Tensor, h0: Tensor | None = None, impl: str = "auto"
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    f: Tensor,
+    W: Tensor,
+    h0: Tensor | None = None,
+    impl: str = "auto",
+    resets: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(y, h_last) by `impl`: "torch" (m2rnn_checkpointed: the reference, keeping a state per 32 steps),
-    "triton" (m2rnn_triton), or "auto" (Triton for CUDA tensors, torch otherwise). Triton is imported only
+    "triton" (m2rnn_triton), or "auto" (Triton for CUDA tensors without resets, torch otherwise: the Triton kernels
+    take no resets yet). Triton is imported only
     when used."""
     if impl not in ("auto", "torch", "triton"):
         raise ValueError(f"m2rnn_sequential: impl must be 'auto', 'torch' or 'triton', got {impl!r}")
     m2rnn_shapes(q, k, v, f, W, h0)
-    if impl == "triton" or (impl == "auto" and q.is_cuda):
+    if resets is not None and resets.shape != (q.shape[0], q.shape[1]):
+        raise ValueError(f"m2rnn: resets must be [B, T] = {tuple(q.shape[:2])}, got {tuple(resets.shape)}")
+    if impl == "triton" and resets is not None:
+        raise NotImplementedError("m2rnn_sequential: the Triton kernels take no resets yet; use impl='torch'")
+    if impl == "triton" or (impl == "auto" and q.is_cuda and resets is None):
         from unroll.kernels.triton_m2rnn import m2rnn_triton
 
         return m2rnn_triton(q, k, v, f, W, h0)
-    return m2rnn_checkpointed(q, k, v, f, W, h0)
+    return m2rnn_checkpointed(q, k, v, f, W, h0, resets=resets)

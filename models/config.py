@@ -11,6 +11,7 @@ RESERVED_CHARS: dict[str, str] = {}
 # One character per layer for the MLP: D dense SwiGLU, E mixture of experts.
 MLP_CHARS = {"D": "dense", "E": "moe"}
 SOLVERS = ("auto", "newton", "sequential")
+DOCUMENTS = ("isolated", "packed")
 MOE_SCORES = ("softmax", "sigmoid")
 
 
@@ -75,6 +76,12 @@ class ModelConfig:
     rope: bool = True  # rotary positions; false = NoPE
     rope_theta: float = 10000.0
     window: int = 0  # sliding-window attention: each query sees this many positions; 0 = all
+    # Packed rows: "isolated" = no state, memory or attention crosses a document boundary (the loader's
+    # document starts reach every mixer as `resets`); "packed" = each row one stream, as before this key existed
+    documents: str = "isolated"
+    # isolated documents: rotary positions restart at each document (RoPE scores depend on position differences
+    # only, so this changes nothing but keeps the angles of long packed rows small)
+    rope_document_positions: bool = True
     mlp_pattern: str = ""  # MLP kind per layer (D dense, E MoE); "" = all D, one char = every layer
     m2rnn: M2RNNConfig = field(default_factory=M2RNNConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -148,6 +155,8 @@ class ModelConfig:
             out.append(("n_heads", f"{self.n_heads} heads do not divide d_model={self.d_model} (or set head_dim)"))
         elif self.n_heads > 0 and self.rope and self.attn_head_dim % 2:
             out.append(("head_dim", f"head width {self.attn_head_dim} must be even for RoPE"))
+        if self.documents not in DOCUMENTS:
+            out.append(("documents", f"must be one of {', '.join(DOCUMENTS)}, got {self.documents!r}"))
         if self.window < 0:
             out.append(("window", f"must be >= 0 (0 = full attention), got {self.window}"))
         if self.n_heads > 0 and self.kv_heads > 0 and self.n_heads % self.kv_heads:

@@ -79,6 +79,7 @@ def build_mixer(kind: str, cfg: ModelConfig, out_std: float) -> Mixer:
             head_dim=cfg.attn_head_dim,
             rope=cfg.rope,
             window=cfg.window,
+            document_positions=cfg.rope_document_positions,
         )
     raise ValueError(f"unknown layer kind {kind!r}")
 
@@ -119,14 +120,23 @@ class Block(nn.Module):
         # hidden activations are usually the widest) and keeps the mixer's.
         self.recompute = "none"
 
-    def forward(self, x: torch.Tensor, state: MixerState = None) -> tuple[torch.Tensor, MixerState]:
+    def forward(
+        self, x: torch.Tensor, state: MixerState = None, resets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, MixerState]:
+        """resets: bool [B, T], True where a document begins at t (nothing before t is seen there); None: one
+        stream per row."""
         if self.recompute == "full" and torch.is_grad_enabled():
-            out: tuple[torch.Tensor, MixerState] = checkpoint(self._forward, x, state, use_reentrant=False)
+            out: tuple[torch.Tensor, MixerState] = checkpoint(self._forward, x, state, resets, use_reentrant=False)
             return out
-        return self._forward(x, state)
+        return self._forward(x, state, resets)
 
-    def _forward(self, x: torch.Tensor, state: MixerState = None) -> tuple[torch.Tensor, MixerState]:
-        y, state = self.mixer(self.mixer_norm(x), state)
+    def _forward(
+        self, x: torch.Tensor, state: MixerState = None, resets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, MixerState]:
+        if resets is None:
+            y, state = self.mixer(self.mixer_norm(x), state)
+        else:
+            y, state = self.mixer(self.mixer_norm(x), state, resets=resets)
         x = x + y
         if self.recompute == "mlp" and torch.is_grad_enabled():
             return x + checkpoint(self._mlp, x, use_reentrant=False), state
@@ -195,15 +205,18 @@ class LM(nn.Module):
         states: list[MixerState] | None = None,
         return_states: bool = False,
         targets: torch.Tensor | None = None,
+        resets: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[MixerState]]:
         """tokens [B, T] → logits [B, T, V]; with targets [B, T] the mean cross-entropy loss (a scalar) instead,
         computed without the full logits; with return_states also each layer's state after T (the KV cache
-        or the recurrent state), from which `step` or another `forward` continues."""
+        or the recurrent state), from which `step` or another `forward` continues. resets [B, T] (bool): True
+        where a new document begins at t, which then sees nothing before t (no state, memory or attention
+        crosses it; a reset at t = 0 drops that row's incoming state); None: each row one stream."""
         x = self.embed(tokens)
         states = states or [None] * len(self.blocks)
         new_states = []
         for i, block in enumerate(self.blocks):
-            x, state = block(x, states[i])
+            x, state = block(x, states[i], resets)
             # kept only when asked, and let go before the next block: a recurrent state is a view of the
             # layer's whole solution [B, T, ...], a KV cache of its q/k/v projection
             new_states.append(state if return_states else None)

@@ -139,27 +139,53 @@ class M2RNN(ContextParallel, nn.Module):
         return self.v_heads * self.k_dim * self.v_dim
 
     # ------------------------------------------------------------------------------------------------
-    def _convolve(self, x: torch.Tensor, past: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Causal depthwise convolution over time: x [B, T, C] → (SiLU(conv) [B, T, C], last inputs)."""
-        xt = x.transpose(1, 2)
+    def _convolve(
+        self, x: torch.Tensor, past: torch.Tensor | None, resets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal depthwise convolution over time: x [B, T, C] → (SiLU(conv) [B, T, C], last inputs). With
+        resets [B, T] a tap never reaches into an earlier document, and the last inputs kept (or handed to the
+        next context rank) are only those of the last document (zeros elsewhere: the convolution has no bias,
+        so a zero input is no input)."""
+        xt, tail = x.transpose(1, 2), self.conv_width - 1
+        # document ids of the inputs: 0 for those before the row's first start (and for the past ones)
+        doc = None if resets is None else resets.long().cumsum(dim=1)
         if past is None:
-            past = xt.new_zeros(xt.shape[0], xt.shape[1], self.conv_width - 1)
+            past = xt.new_zeros(xt.shape[0], xt.shape[1], tail)
             if self.context_group is not None:
-                past = previous_tail(xt[:, :, xt.shape[2] - (self.conv_width - 1) :], past, self.context_group)
+                mine = xt[:, :, xt.shape[2] - tail :]
+                if doc is not None:
+                    mine = mine * (doc[:, doc.shape[1] - tail :] == doc[:, -1:]).unsqueeze(1)
+                past = previous_tail(mine, past, self.context_group)
         full = torch.cat([past.to(xt.dtype), xt], dim=2)
-        out = F.conv1d(full, self.conv.weight, groups=self.conv_channels)
-        return F.silu(out).transpose(1, 2), full[:, :, full.shape[2] - (self.conv_width - 1) :]
+        if doc is None:
+            out = F.conv1d(full, self.conv.weight, groups=self.conv_channels)
+            return F.silu(out).transpose(1, 2), full[:, :, full.shape[2] - tail :]
+        doc_full = torch.cat([doc.new_zeros(doc.shape[0], tail), doc], dim=1)
+        # out[t] = Σ_j w[j] · full[t + j] (conv1d's cross-correlation), tap j kept where full[t + j] is in t's document
+        same = doc_full.unfold(1, self.conv_width, 1) == doc_full[:, tail:, None]  # [B, T, width]
+        windows = full.unfold(2, self.conv_width, 1)  # [B, C, T, width]
+        out = (windows * same.unsqueeze(1).to(full.dtype) * self.conv.weight[:, 0, None, :]).sum(-1)
+        last = full[:, :, full.shape[2] - tail :] * (doc_full[:, doc_full.shape[1] - tail :] == doc[:, -1:]).unsqueeze(
+            1
+        )
+        return F.silu(out).transpose(1, 2), last
 
     def _recurrence(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f: torch.Tensor, h0: torch.Tensor
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        f: torch.Tensor,
+        h0: torch.Tensor,
+        resets: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(y [B, T, H, V], H_last) by the configured solver."""
+        """(y [B, T, H, V], H_last) by the configured solver; the state before a reset is zero."""
         solver, group = pick_m2rnn_solver(self.solver), self.context_group
         if solver == "sequential":
             self.last_solve = SolveInfo(0, 0.0, True)
             if group is not None:  # the previous rank's final state in; ours goes out in forward()
                 h0 = receive_state(h0, group, anchor=k)
-            return m2rnn_sequential(q, k, v, f, self.W.to(q.dtype), h0)
+            return m2rnn_sequential(q, k, v, f, self.W.to(q.dtype), h0, resets=resets)
         B, T, H, V = v.shape
         K, per = self.k_dim, H // self.qk_heads
         kh = k.repeat_interleave(per, dim=2)  # [B, T, H, K]: each value head's key
@@ -171,24 +197,29 @@ class M2RNN(ContextParallel, nn.Module):
             dim=-1,
         )
         solve = newton_solve if group is None else partial(newton_solve_seqpar, group=group)
-        rows, self.last_solve = solve(M2RNNCell(self.W.to(q.dtype), K), u, h0.flatten(1, 2), structure=("block", V))
+        rows, self.last_solve = solve(
+            M2RNNCell(self.W.to(q.dtype), K), u, h0.flatten(1, 2), structure=("block", V), resets=resets
+        )
         states = torch.unflatten(rows, 2, (H, K))  # [B, T, H, K, V]
         y = (q.repeat_interleave(per, dim=2).unsqueeze(-1) * states).sum(-2)
         return y, (states[:, -1] if T else h0)
 
-    def forward(self, x: torch.Tensor, state: M2RNNState | None = None) -> tuple[torch.Tensor, M2RNNState]:
-        """x: [B, T, d_model] → (y [B, T, d_model], state after the last token)."""
+    def forward(
+        self, x: torch.Tensor, state: M2RNNState | None = None, resets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, M2RNNState]:
+        """x: [B, T, d_model] → (y [B, T, d_model], state after the last token). resets [B, T]: at a document's
+        first token the matrix state restarts from zero and the convolution sees none of the earlier inputs."""
         B, T, _ = x.shape
         G, H, K, V = self.qk_heads, self.v_heads, self.k_dim, self.v_dim
         qkv, a, g = self.in_proj(x).split([self.conv_channels, H, H * V], dim=-1)
-        qkv, conv_state = self._convolve(qkv, state.conv if state is not None else None)
+        qkv, conv_state = self._convolve(qkv, state.conv if state is not None else None, resets)
         # The recurrence runs in at least float32 even under bf16 autocast (errors compound over time).
         dtype = torch.promote_types(qkv.dtype, torch.float32)
         q, k, v = torch.split(qkv.to(dtype), [G * K, G * K, H * V], dim=-1)
         q, k, v = torch.unflatten(q, -1, (G, K)), torch.unflatten(k, -1, (G, K)), torch.unflatten(v, -1, (H, V))
         f = torch.exp(-torch.exp(self.A_log) * F.softplus(a.to(dtype) + self.dt_bias))
         h0 = state.h.to(dtype) if state is not None else x.new_zeros(B, H, K, V, dtype=dtype)
-        y, h_last = self._recurrence(q, k, v, f.to(dtype), h0)
+        y, h_last = self._recurrence(q, k, v, f.to(dtype), h0, resets)
         y = (y + self.D * v) * F.silu(g.to(dtype).unflatten(-1, (H, V)))
         out = self.out_proj(self.norm(y.flatten(-2)).to(x.dtype))
         if self.context_group is not None and pick_m2rnn_solver(self.solver) == "sequential":

@@ -122,22 +122,28 @@ class RecurrentMixer(ContextParallel, nn.Module):
         shape = (u.shape[0], self.width) + ((self.state_size,) if self.state_size > 1 else ())
         return state.to(u.dtype) if state is not None else u.new_zeros(shape)
 
-    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [B, T, d_model] → (y [B, T, d_model], state after the last step)."""
+    def forward(
+        self, x: torch.Tensor, state: torch.Tensor | None = None, resets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, T, d_model] → (y [B, T, d_model], state after the last step). resets [B, T]: the state before
+        a document's first step is zero (the solvers' resets; at t = 0 the incoming or handed-over state is
+        dropped)."""
         u = self.recurrence_inputs(x)
         h0 = self.initial_state(state, u)
         solver = pick_solver(self.solver, x.device, x.shape[0], x.shape[1], self.width, self.state_size)
         group = self.context_group
         if group is not None and solver == "newton":
-            h, self.last_solve = newton_solve_seqpar(self.make_cell(), u, h0, group=group, structure=self.structure)
+            h, self.last_solve = newton_solve_seqpar(
+                self.make_cell(), u, h0, group=group, structure=self.structure, resets=resets
+            )
         elif group is not None:  # the previous rank's last state in, ours out to the next rank
             h, self.last_solve = sequential_solve(
-                self.make_cell(), u, receive_state(h0, group, anchor=u), structure=self.structure
+                self.make_cell(), u, receive_state(h0, group, anchor=u), structure=self.structure, resets=resets
             )
             return self.out_proj(self.readout(h)) + send_state(h[:, -1], group), h[:, -1]
         else:
             solve = newton_solve if solver == "newton" else sequential_solve
-            h, self.last_solve = solve(self.make_cell(), u, h0, structure=self.structure)
+            h, self.last_solve = solve(self.make_cell(), u, h0, structure=self.structure, resets=resets)
         last = h[:, -1] if h.shape[1] else h0
         return self.out_proj(self.readout(h)), last
 

@@ -288,8 +288,22 @@ class TNT(ContextParallel, nn.Module):
         if state is not None:
             raise ValueError("TNT under context parallelism starts from the initial state only")
 
-    def forward(self, x: torch.Tensor, state: TNTState | None = None) -> tuple[torch.Tensor, TNTState]:
-        """x: [B, T, d_model] → (y [B, T, d_model], state after the last token)."""
+    @overload
+    def forward(self, x: torch.Tensor, state: TNTState | None = None) -> tuple[torch.Tensor, TNTState]: ...
+
+    @overload
+    def forward(
+        self, x: torch.Tensor, state: TNTState | None, resets: torch.Tensor
+    ) -> tuple[torch.Tensor, TNTState | None]: ...
+
+    def forward(
+        self, x: torch.Tensor, state: TNTState | None = None, resets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, TNTState | None]:
+        """x: [B, T, d_model] → (y [B, T, d_model], state after the last token). resets [B, T]: every memory,
+        local and global, restarts from its initial weights at a document's first token (see _documents);
+        the state after a packed row is then not returned (None)."""
+        if resets is not None:
+            return self._documents(x, state, resets), None
         B, T, _ = x.shape
         q, k, v, g, gates = self._inputs(x)
         if state is not None and not self._aligned(state):
@@ -314,6 +328,32 @@ class TNT(ContextParallel, nn.Module):
         if handoff is not None:
             out = out + handoff  # the backward receives the global state's gradient from the next rank
         return out, TNTState([new[i] for i in range(len(self.specs))])
+
+    def _documents(self, x: torch.Tensor, state: TNTState | None, resets: torch.Tensor) -> torch.Tensor:
+        """The output for rows of packed documents, each document run alone from the initial memories, its
+        chunks and local resets counted from its own first token: the documents are gathered into a batch of
+        their own [documents, longest, d_model] (padded at the end, which a causal memory's real positions
+        never see), run, and scattered back. Costs the padding of each document to the longest."""
+        if self.context_group is not None:
+            raise NotImplementedError("TNT with document resets under context parallelism is not supported yet")
+        B, T, _ = x.shape
+        if T == 0:
+            return self.forward(x)[0]
+        if state is not None and not bool(resets[:, 0].all()):
+            raise NotImplementedError("TNT with document resets continues no state: reset every row at t = 0")
+        starts = resets.clone()
+        starts[:, 0] = True
+        row, first = starts.nonzero(as_tuple=True)  # row-major: each row's documents in order
+        same_row = torch.cat([row[1:] == row[:-1], row.new_zeros(1, dtype=torch.bool)])
+        end = torch.where(same_row, first.roll(-1), T)  # the next document's start in the row, or the row's end
+        lengths = end - first
+        offsets = torch.arange(int(lengths.max()), device=x.device)
+        real = offsets < lengths[:, None]  # [documents, longest]
+        at = torch.where(real, first[:, None] + offsets, first[:, None])  # padding reads the document's first token
+        rows = row[:, None].expand_as(at)
+        y_docs, _ = self.forward(x[rows, at])
+        y = y_docs.new_zeros(B, T, y_docs.shape[-1])
+        return y.index_put((rows[real], at[real]), y_docs[real])
 
     def _output(self, o: torch.Tensor, g: torch.Tensor, B: int) -> torch.Tensor:
         o = torch.unflatten(o, 0, (B, self.heads)).transpose(1, 2).flatten(2)  # [B, T, H·d]

@@ -37,6 +37,9 @@ from unroll.train.checkpoint import storage
 MANIFEST = "manifest.json"
 REFUSED = "REFUSED"
 # Keys a resumed run may change without changing what the weights mean.
+# Keys added after checkpoints were first written: a manifest without one predates it and is compared without it
+# (such a run resumes under the configured value).
+LATER_KEYS = {"documents", "rope_document_positions"}
 RUNTIME_KEYS = {"solver", "init_std", "m2rnn.solver", "moe.aux_loss_coef", "moe.z_loss_coef", "moe.bias_update_rate"}
 
 
@@ -151,6 +154,8 @@ def check(path: Path, model_cfg=None) -> Refusal | None:
         if name in sums and summed(f) != sums[name]:
             return Refusal(f"file {name} does not match its checksum (corrupted)", damaged=True)
     saved, here = manifest.get("model"), architecture(model_cfg)
+    if saved is not None and here is not None:
+        here = {k: v for k, v in here.items() if k in saved or k not in LATER_KEYS}
     if saved is not None and here is not None and saved != here:
         diff = [
             f"{k}={saved.get(k)!r} in the checkpoint, {here.get(k)!r} here"
