@@ -31,9 +31,21 @@ CASES = {  # name: (pattern, ParaGRU/LSTM solver, M²RNN solver, extra model fie
     "hybrid": ("GAML", "newton", "sequential", {"mlp_pattern": "DEDE"}),
     "tnt": ("TAT", "newton", "sequential", {}),  # local memories fresh per rank, the global one handed on
 }
+# packed documents (resets) under the split: every case but TNT's (refused with isolated documents under cp)
+DOCUMENT_CASES = [name for name in CASES if name != "tnt"]
 
 
-def run_case(pattern, solver, m_solver, extra, group, rank, world):
+def document_starts(world: int) -> torch.Tensor:
+    """resets [2, 6·world]: row 0 has documents starting exactly on the first rank boundary (6) and one token
+    after it (7); row 1 has one spanning the boundaries (3 … 10) and one starting on the last token."""
+    T = 6 * world
+    resets = torch.zeros(2, T, dtype=torch.bool)
+    resets[0, [0, 6, 7]] = True
+    resets[1, [3, 11, T - 1]] = True
+    return resets
+
+
+def run_case(pattern, solver, m_solver, extra, group, rank, world, documents=False):
     from unroll.models import LM, ModelConfig
     from unroll.models.config import M2RNNConfig, MoEConfig, TNTConfig
 
@@ -53,14 +65,15 @@ def run_case(pattern, solver, m_solver, extra, group, rank, world):
     T = 6 * world  # slices of 6 tokens: longer than the convolution's reach (3), not a power of two
     tokens = torch.randint(0, 40, (2, T))
     weights = torch.randn(2, T, 40, dtype=torch.float64)
-    full = model(tokens)
+    resets = document_starts(world) if documents else None
+    full = model(tokens, resets=resets)
     (full * weights).sum().backward()
     ref = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
     for block in model.blocks:
         block.mixer.context_group = group
     s = slice(rank * 6, (rank + 1) * 6)
-    local = model(tokens[:, s])
+    local = model(tokens[:, s], resets=None if resets is None else resets[:, s])
     (local * weights[:, s]).sum().backward()
     worst, name = 0.0, ""
     for n, p in model.named_parameters():
@@ -80,6 +93,11 @@ def main(out_dir: str) -> None:
     try:
         for name, (pattern, solver, m_solver, extra) in CASES.items():
             results[name] = run_case(pattern, solver, m_solver, extra, dist.group.WORLD, rank, world)
+        for name in DOCUMENT_CASES:
+            pattern, solver, m_solver, extra = CASES[name]
+            results[f"{name}_documents"] = run_case(
+                pattern, solver, m_solver, extra, dist.group.WORLD, rank, world, documents=True
+            )
     except Exception:
         results = {"error": traceback.format_exc()}
     finish_rank(out_dir, rank, results)

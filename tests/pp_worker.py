@@ -44,6 +44,9 @@ CASES = {  # name: (schedule, pattern, extra model fields)
         {"tie_embeddings": False, "loss_chunk": 5},
     ),
     "zbv_tied_loss_chunks": ("ZBVZeroBubble", "GA|LG|GA|LG", {"loss_chunk": 5}),
+    # packed documents: the resets split into microbatches with the inputs and given to every stage
+    "1f1b_documents": ("1F1B", "GM|AL", {"documents": True}),
+    "interleaved_zb_documents": ("InterleavedZeroBubble", "GA|LG|GA|LM", {"documents": True}),
 }
 N_MB = 4
 
@@ -59,6 +62,7 @@ def run_case(schedule, pattern, extra, group):
 
     extra = dict(extra)
     loss_chunk = extra.pop("loss_chunk", 0)
+    documents = extra.pop("documents", False)
     cfg = ModelConfig(
         pattern=pattern,
         vocab_size=40,
@@ -73,8 +77,14 @@ def run_case(schedule, pattern, extra, group):
     model = LM(cfg).double()
     tokens = torch.randint(0, 40, (2 * N_MB, 6))
     targets = torch.randint(0, 40, (2 * N_MB, 6))
+    resets = (torch.rand(2 * N_MB, 6) < 0.3) if documents else None
     ref_loss = torch.stack(
-        [reference_loss(model(t), y) for t, y in zip(tokens.chunk(N_MB), targets.chunk(N_MB))]
+        [
+            reference_loss(model(t, resets=r), y)
+            for t, y, r in zip(
+                tokens.chunk(N_MB), targets.chunk(N_MB), [None] * N_MB if resets is None else resets.chunk(N_MB)
+            )
+        ]
     ).mean()
     ref_loss.backward()
     ref = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -88,7 +98,7 @@ def run_case(schedule, pattern, extra, group):
     for _ in range(2):
         for m in modules:
             m.zero_grad(set_to_none=True)
-        loss_sum, _ = pipe.step(tokens, targets, N_MB, torch.device("cpu"))  # tied gradients summed too
+        loss_sum, _ = pipe.step(tokens, targets, N_MB, torch.device("cpu"), resets)  # tied gradients summed too
         if pipe.last:
             out["loss"] = max(out["loss"] or 0.0, abs(loss_sum.item() / N_MB - ref_loss.item()))
         for m in modules:

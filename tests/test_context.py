@@ -10,7 +10,7 @@ import pytest
 from conftest import run_workers
 
 sys.path.insert(0, str(Path(__file__).parent))
-from context_worker import CASES  # noqa: E402
+from context_worker import CASES, DOCUMENT_CASES  # noqa: E402
 
 WORKER = Path(__file__).with_name("context_worker.py")
 
@@ -21,8 +21,10 @@ def ranks(request, tmp_path_factory) -> list[dict]:
     return run_workers(WORKER, world, tmp_path_factory.mktemp(f"context{world}"), timeout=200)
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", list(CASES) + [f"{c}_documents" for c in DOCUMENT_CASES])
 def test_split_sequence_equals_one_process(ranks, case):
+    """`_documents`: packed documents (resets), one starting exactly on a rank boundary, one just after it,
+    one spanning the ranks."""
     for r, res in enumerate(ranks):
         assert res[case]["logits"] < 1e-10, (r, res[case])
         assert res[case]["grads"] < 1e-9, (r, res[case])

@@ -100,7 +100,7 @@ LAYOUTS = [
     ("tiny-moe", 4, ["parallel.ep=4"]),
     ("tiny-transformer", 4, ["parallel.pp=2", "parallel.tp=2", "model.tie_embeddings=false"]),
     ("tiny-lstm", 4, ["parallel.pp=2", "parallel.pp_schedule=Interleaved1F1B"]),
-    ("tiny-tnt", 4, ["parallel.cp=2"]),
+    ("tiny-tnt", 4, ["parallel.cp=2", "model.documents=packed"]),
     ("tiny-gru", 4, ["parallel.dp_replicate=2"]),
 ]
 

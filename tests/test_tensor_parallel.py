@@ -17,13 +17,15 @@ import torch
 from conftest import run_workers
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
-from tp_worker import CASES
+from tp_worker import CASES, DOCUMENT_CASES
 
 from unroll.train.parallel.tensor_parallel.layout import Fused
 from unroll.train.parallel.tensor_parallel.placement import fsdp_shard_placement
 
 WORKER = Path(__file__).with_name("tp_worker.py")
 RUNS = [f"{case}/{sp}" for case in CASES for sp in ("sp", "nosp")]
+# packed documents (resets) through the sharded mixers, against the single-device model with the same resets
+DOCUMENT_RUNS = [f"{case}/{sp}-documents" for case in DOCUMENT_CASES for sp in ("sp", "nosp")]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,7 @@ def result(ranks: list[dict], name: str) -> list[dict]:
     return [res[name] for res in ranks]
 
 
-@pytest.mark.parametrize("run", RUNS)
+@pytest.mark.parametrize("run", RUNS + DOCUMENT_RUNS)
 def test_logits_and_every_gradient_equal_the_single_device_model_float64(ranks, run):
     for res in result(ranks, f"f64/{run}"):
         assert res["all_dtensor"] and not res["missing_grads"], res

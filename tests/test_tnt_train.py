@@ -30,7 +30,9 @@ def test_context_parallel_training_matches_one_process(tiny_config, offline_env)
     """`unroll train` with the sequence split over 2 gloo ranks (16 tokens each: fresh local memories on
     each, the global memory's state handed on) logs the one-process losses and gradient norms."""
     sections = dict(
-        model={"pattern": "TA", "n_heads": 2, "tnt": TNT}, train={"steps": 3, "batch_size": 4}, eval={"every": 3}
+        model={"pattern": "TA", "n_heads": 2, "tnt": TNT, "documents": "packed"},
+        train={"steps": 3, "batch_size": 4},
+        eval={"every": 3},
     )
     one = load_config(str(tiny_config("one", **sections)))
     train(one)

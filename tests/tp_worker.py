@@ -67,17 +67,24 @@ def build(cfg, dtype, seed):
     return LM(cfg).to(dtype)
 
 
-def loss_of(model, tokens):
+# packed documents for the f64 checks with resets: row 0 starts documents at 0 and 3, row 1 at 5 (8 inputs)
+DOCUMENTS = torch.zeros(2, 8, dtype=torch.bool)
+DOCUMENTS[0, [0, 3]] = True
+DOCUMENTS[1, 5] = True
+DOCUMENT_CASES = ["GA-dense-newton", "LA-moe-newton", "MA-moe-qk2", "MA-dense-qk2-newton"]
+
+
+def loss_of(model, tokens, resets=None):
     """The reference's loss: cross-entropy of the full logits (+ MoE losses)."""
-    logits = model(tokens[:, :-1])
+    logits = model(tokens[:, :-1], resets=resets)
     loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
     aux = model.aux_loss()
     return logits, (loss + aux if aux is not None else loss)
 
 
-def model_loss(model, tokens):
+def model_loss(model, tokens, resets=None):
     """The training loss: the model's own (chunked, vocabulary-parallel under tp) cross-entropy (+ MoE losses)."""
-    loss = model(tokens[:, :-1], targets=tokens[:, 1:])
+    loss = model(tokens[:, :-1], targets=tokens[:, 1:], resets=resets)
     aux = model.aux_loss()
     return loss + aux if aux is not None else loss
 
@@ -93,7 +100,7 @@ def parallel(model, mesh, sp):
     return model
 
 
-def check_f64(cfg, mesh, sp, seed, loss_chunk) -> dict:
+def check_f64(cfg, mesh, sp, seed, loss_chunk, resets=None) -> dict:
     """The reference's loss from full logits against the TP model's own loss (loss_chunk tokens of logits at a
     time, vocabulary-parallel), and against the cross-entropy of the TP model's (gathered) logits: value and
     every parameter's gradient."""
@@ -101,7 +108,7 @@ def check_f64(cfg, mesh, sp, seed, loss_chunk) -> dict:
     tp = parallel(copy.deepcopy(ref), mesh, sp)
     tp.loss_chunk = loss_chunk
     tokens = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(seed))
-    ref_logits, ref_loss = loss_of(ref, tokens)
+    ref_logits, ref_loss = loss_of(ref, tokens, resets)
     ref_loss.backward()
 
     def grad_error(model) -> tuple[float, str | None, list[str]]:
@@ -117,11 +124,11 @@ def check_f64(cfg, mesh, sp, seed, loss_chunk) -> dict:
                 worst, worst_name = e, name
         return worst, worst_name, missing
 
-    loss = model_loss(tp, tokens)
+    loss = model_loss(tp, tokens, resets)
     loss.backward()
     worst, worst_name, missing = grad_error(tp)
     tp.zero_grad(set_to_none=True)
-    logits, logits_loss = loss_of(tp, tokens)
+    logits, logits_loss = loss_of(tp, tokens, resets)
     logits_loss.backward()
     logits_grad = grad_error(tp)[0]
     return {
@@ -305,6 +312,8 @@ def main() -> None:
             # the loss in chunks of 5 of the 16 tokens, or all at once
             run(f"f64/{case}/{tag}", check_f64, config(**fields), mesh, sp, 10 + i, 5 if i % 2 == 0 else 0)
             run(f"f32/{case}/{tag}", check_f32_training, config(**fields), mesh, sp, 10 + i)
+            if case in DOCUMENT_CASES:
+                run(f"f64/{case}/{tag}-documents", check_f64, config(**fields), mesh, sp, 10 + i, 5, DOCUMENTS)
     run("vocab_parallel_loss", check_vocab_parallel_loss, mesh)
     run("placements", placements, mesh)
     run("dcp", check_dcp, mesh, os.path.join(out_dir, "ckpt"))

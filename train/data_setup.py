@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from unroll.data.errors import DataError
 from unroll.data.loader import PackedDataset, TokenLoader
 from unroll.data.shards import TokenShard, check_token_ids, check_vocab
 from unroll.data.tokenizer import Tokenizer
 from unroll.train.config import Config, ConfigError
+from unroll.train.loss import TokenBatch
 
 
 @dataclass
@@ -20,14 +19,20 @@ class RunData:
     train: TokenLoader
     valid: PackedDataset | None
     valid_loader: TokenLoader | None
+    isolated: bool = False  # model.documents=isolated: batches say where documents begin
 
-    def train_batch(self, start: int, count: int) -> torch.Tensor:
-        """Global samples start .. start+count-1: [count, seq_len + 1] token ids."""
-        return self.train.get(start, count)
+    def train_batch(self, start: int, count: int) -> TokenBatch:
+        """Global samples start .. start+count-1: [count, seq_len + 1] token ids (and document starts)."""
+        return self._read(self.train, start, count)
 
-    def valid_batch(self, start: int, count: int) -> torch.Tensor:
+    def valid_batch(self, start: int, count: int) -> TokenBatch:
         assert self.valid_loader is not None, "no validation data (data.valid) to read"
-        return self.valid_loader.get(start, count)
+        return self._read(self.valid_loader, start, count)
+
+    def _read(self, loader: TokenLoader, start: int, count: int) -> TokenBatch:
+        if self.isolated:
+            return TokenBatch(*loader.get_with_starts(start, count))
+        return TokenBatch(loader.get(start, count))
 
 
 def _open(prefix: str, key: str, cfg: Config, tokenizer: Tokenizer) -> PackedDataset:
@@ -55,4 +60,4 @@ def open_run_data(cfg: Config) -> RunData:
     loader = TokenLoader(train, weights, seed=cfg.train.seed, shuffle=True)
     valid = _open(cfg.data.valid, "data.valid", cfg, tokenizer) if cfg.data.valid else None
     valid_loader = TokenLoader([valid], [1.0], seed=cfg.train.seed, shuffle=False) if valid else None
-    return RunData(tokenizer, loader, valid, valid_loader)
+    return RunData(tokenizer, loader, valid, valid_loader, isolated=cfg.model.documents == "isolated")

@@ -10,7 +10,7 @@ from unroll.models import LM
 from unroll.train import loss as training_loss  # lm_loss looked up per call: a test hook may replace it
 from unroll.train.config import Config
 from unroll.train.data_setup import RunData
-from unroll.train.loss import split_batch
+from unroll.train.loss import split_batch, split_resets
 from unroll.train.parallel import distributed as D
 
 if TYPE_CHECKING:
@@ -41,7 +41,8 @@ def evaluate(
             if pipe is None:
                 loss = training_loss.lm_loss(model, batch, ranks["cp"], ranks["cp_size"])
             else:
-                loss = pipe.forward_loss(*split_batch(batch, ranks["cp"], ranks["cp_size"]))
+                inputs, targets = split_batch(batch, ranks["cp"], ranks["cp_size"])
+                loss = pipe.forward_loss(inputs, targets, split_resets(batch, ranks["cp"], ranks["cp_size"]))
         if loss is not None:
             count = weight * batch.shape[0]
             total += torch.stack([loss.double() * count, torch.tensor(count, device=dist.device, dtype=torch.float64)])

@@ -12,26 +12,57 @@ cross-entropy is chunked (kernels/cross_entropy.py): the [B, T, V] logits are ne
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from unroll.kernels.cross_entropy import chunked_cross_entropy
 
 
-def split_batch(batch: torch.Tensor, cp_rank: int = 0, cp: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass
+class TokenBatch:
+    """Windows of seq_len + 1 tokens [B, T+1] and, for isolated documents, where documents begin in them
+    (bool [B, T+1], data/loader.py `get_with_starts`; None: each row one stream)."""
+
+    tokens: torch.Tensor
+    starts: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.tokens.shape
+
+    def to(self, device: torch.device | str) -> TokenBatch:
+        return TokenBatch(self.tokens.to(device), None if self.starts is None else self.starts.to(device))
+
+
+def _context_slice(x: torch.Tensor, cp_rank: int, cp: int) -> torch.Tensor:
+    T = x.shape[1] // cp
+    return x[:, cp_rank * T : (cp_rank + 1) * T] if cp > 1 else x
+
+
+def split_batch(batch: torch.Tensor | TokenBatch, cp_rank: int = 0, cp: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, targets) of a batch [B, T+1] that holds the inputs and the targets shifted by one; under
     context parallelism this rank's slice of the T positions."""
-    inputs, targets = batch[:, :-1], batch[:, 1:]
-    if cp > 1:
-        T = inputs.shape[1] // cp
-        inputs, targets = inputs[:, cp_rank * T : (cp_rank + 1) * T], targets[:, cp_rank * T : (cp_rank + 1) * T]
-    return inputs, targets
+    tokens = batch.tokens if isinstance(batch, TokenBatch) else batch
+    return _context_slice(tokens[:, :-1], cp_rank, cp), _context_slice(tokens[:, 1:], cp_rank, cp)
 
 
-def lm_loss(model: torch.nn.Module, batch: torch.Tensor, cp_rank: int = 0, cp: int = 1) -> torch.Tensor:
+def split_resets(batch: torch.Tensor | TokenBatch, cp_rank: int = 0, cp: int = 1) -> torch.Tensor | None:
+    """The model's resets [B, T] of the inputs split_batch gives (True where a document begins at input t),
+    or None for rows that are one stream each."""
+    if not isinstance(batch, TokenBatch) or batch.starts is None:
+        return None
+    return _context_slice(batch.starts[:, :-1], cp_rank, cp)
+
+
+def lm_loss(model: torch.nn.Module, batch: torch.Tensor | TokenBatch, cp_rank: int = 0, cp: int = 1) -> torch.Tensor:
     """Mean next-token cross-entropy over this rank's slice of the batch (the mean of the cp ranks'
     losses is the whole sequence's), computed by the model without full logits (LM.forward's targets)."""
     inputs, targets = split_batch(batch, cp_rank, cp)
-    return model(inputs, targets=targets)
+    resets = split_resets(batch, cp_rank, cp)
+    if resets is None:
+        return model(inputs, targets=targets)
+    return model(inputs, targets=targets, resets=resets)
 
 
 def hidden_loss(

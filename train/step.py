@@ -15,7 +15,7 @@ from unroll.models import LM
 from unroll.train import loss as training_loss  # lm_loss looked up per call: a test hook may replace it
 from unroll.train.build import Training
 from unroll.train.config import Config
-from unroll.train.loss import micro_batch_backward, split_batch
+from unroll.train.loss import TokenBatch, micro_batch_backward, split_batch, split_resets
 from unroll.train.optim import clip_gradients
 from unroll.train.parallel import distributed as D
 from unroll.train.parallel.expert_parallel import average_expert_grads, expert_mesh, expert_parameters
@@ -39,7 +39,7 @@ class StepResult:
 def train_step(
     t: Training,
     cfg: Config,
-    batches: Callable[[int, int], torch.Tensor],
+    batches: Callable[[int, int], torch.Tensor | TokenBatch],
     first: int,
     lr: float,
     device: torch.device,
@@ -55,9 +55,10 @@ def train_step(
     loss_sum = torch.zeros((), device=device)
     aux_sum = torch.zeros((), device=device)
     if t.pipe is not None:  # the schedule runs the accum microbatches through the stages
-        inputs, targets = split_batch(batches(first, micro * accum).to(device), ranks["cp"], layout.cp)
+        batch = batches(first, micro * accum).to(device)
+        inputs, targets = split_batch(batch, ranks["cp"], layout.cp)
         with t.autocast:
-            loss_sum, aux = t.pipe.step(inputs, targets, accum, device)
+            loss_sum, aux = t.pipe.step(inputs, targets, accum, device, split_resets(batch, ranks["cp"], layout.cp))
         if aux is not None:
             aux_sum += aux
     else:

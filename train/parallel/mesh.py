@@ -95,6 +95,12 @@ def check_model(layout: Layout, model: ModelConfig, seq_len: int | None = None) 
             )
         if "T" in model.layers and seq_len % layout.cp == 0:
             problems += tnt_context_problems(model, seq_len // layout.cp, layout.cp)
+        if "T" in model.layers and model.documents == "isolated":
+            problems.append(
+                f"parallel.cp={layout.cp} with TNT layers and model.documents=isolated is not available yet "
+                "(TNT's memories restart at each document, which its slicing over the context ranks does not "
+                "follow); use model.documents=packed or parallel.cp=1"
+            )
     kinds = set(model.layers)
     if layout.tp > 1:
         if seq_len is not None and seq_len % layout.tp:

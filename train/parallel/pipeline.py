@@ -32,6 +32,8 @@ sequences from a zero state), and generation (`LM.step`, models/generate.py) is 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 import torch.distributed.pipelining as pipelining
@@ -115,17 +117,27 @@ class Pipeline:
         return view
 
     def step(
-        self, inputs: torch.Tensor, targets: torch.Tensor, n_microbatches: int, device: torch.device
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        n_microbatches: int,
+        device: torch.device,
+        resets: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Forward and backward of this rank's batch split into n_microbatches. Returns (sum of the
         microbatch losses on the last stage, zero elsewhere; sum of this rank's stages' MoE losses or None).
-        Gradients accumulate into the stage parameters, divided by n_microbatches (the mean)."""
+        Gradients accumulate into the stage parameters, divided by n_microbatches (the mean). resets [B, T]:
+        where documents begin (LM.forward), split into microbatches with the inputs for every stage."""
         if self.schedule is None or self.schedule._n_microbatches != n_microbatches:
             self.schedule = self._schedule(n_microbatches, inputs.shape[0] // n_microbatches, inputs.shape[1], device)
         for m in self.modules:
             m.aux_losses.clear()
         # contiguous, as the stages' static metadata say (a batch's inputs are a strided view of it)
-        losses = self._run(inputs.contiguous() if self.first else None, targets.contiguous())
+        losses = self._run(
+            inputs.contiguous() if self.first else None,
+            targets.contiguous(),
+            None if resets is None else resets.contiguous(),
+        )
         loss_sum = torch.stack(losses).sum() if losses else torch.zeros((), device=device)
         # each stage ran one forward per microbatch; the first step may add a shape-inference forward first
         aux = [a for m in self.modules for a in m.aux_losses[-n_microbatches:]]
@@ -157,7 +169,9 @@ class Pipeline:
             )
         return cls(stages[0] if per_rank == 1 else stages, n_microbatches=n_microbatches, loss_fn=schedule_loss)
 
-    def _run(self, tokens: torch.Tensor | None, targets: torch.Tensor) -> list[torch.Tensor]:
+    def _run(
+        self, tokens: torch.Tensor | None, targets: torch.Tensor, resets: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
         """One forward + backward of the batch through the schedule; the microbatch losses on the rank with
         the last stage (empty elsewhere). The targets travel as the keyword argument `targets`, which torch's
         schedules split into microbatches like the inputs and give to every stage's forward on this rank (the
@@ -166,10 +180,12 @@ class Pipeline:
         losses: list[torch.Tensor] = []
         args = (tokens,) if self.first else ()
         assert self.schedule is not None, "step() builds the schedule first"
+        # resets, like the targets, travel as a keyword argument: every stage of this rank gets its microbatch's
+        extra: dict[str, Any] = {} if resets is None else {"resets": resets}
         if self.last:
-            self.schedule.step(*args, target=targets, losses=losses, targets=targets)
+            self.schedule.step(*args, target=targets, losses=losses, targets=targets, **extra)
         else:
-            self.schedule.step(*args)
+            self.schedule.step(*args, **extra)
         return [loss.detach() for loss in losses]
 
     def _metadata(self, stage: StageModule, micro: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,7 +210,9 @@ class Pipeline:
         sync_tied_grads(self.modules, self.group)
 
     @torch.no_grad()
-    def forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+    def forward_loss(
+        self, inputs: torch.Tensor, targets: torch.Tensor, resets: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """Evaluation: the batch's mean loss (computed by the last stage) on the rank with the last stage, None
         elsewhere. Runs the stages in order, sending the hidden state [B, T, d] (T/tp under sequence
         parallelism) point to point (float32, after its shape) between their ranks."""
@@ -211,7 +229,9 @@ class Pipeline:
                 dist.recv(shape, src, self.group)
                 x = torch.empty(*shape.tolist(), device=inputs.device)
                 dist.recv(x, src, self.group)
-            x = mine[s](x, targets=targets)  # the last stage: the loss, shape [1]; the others ignore targets
+            x = mine[s](
+                x, targets=targets, resets=resets
+            )  # the last stage: the loss, shape [1]; the others ignore targets
             for m in self.modules:
                 m.aux_losses.clear()
             if s + 1 < len(owner) and owner[s + 1] != owner[s]:

@@ -79,7 +79,9 @@ class StageModule(nn.Module):
         assert self.embed is not None, "a last stage without a head is tied: it holds the replica or the embedding"
         return self.embed.weight
 
-    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, targets: torch.Tensor | None = None, resets: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """tokens (first stage) or hidden [B, T, d] → hidden [B, T, d]; on the last stage logits [B, T, V], or
         with targets [B, T] the mean cross-entropy as a tensor of shape [1] (the schedules merge the last
         stage's outputs along dim 0). Other stages ignore targets: the schedule gives a rank's keyword
@@ -87,7 +89,7 @@ class StageModule(nn.Module):
         if self.embed is not None:
             x = self.embed(x)
         for block in self.blocks.values():
-            x, _ = block(x)
+            x, _ = block(x, None, resets)
         aux = self.aux_loss()
         if aux is not None:
             self.aux_losses.append(aux.detach())

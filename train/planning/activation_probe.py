@@ -155,7 +155,7 @@ def _probe_kind(
             if ep > 1:
                 apply_expert_parallel_to_model(model, mesh["ep"].get_group())
         for block in model.blocks:
-            cast(Block, block).recompute = recompute
+            cast("Block", block).recompute = recompute
         model.to_empty(device="cpu")
         gen = torch.Generator().manual_seed(0)
         with torch.no_grad():  # small random weights, unit norms: what the bytes depend on is the
