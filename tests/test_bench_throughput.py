@@ -37,3 +37,18 @@ def test_bench_throughput_runs_every_tiny_family(tmp_path, capsys):
     assert all(0 < r["step_min_ms"] <= r["step_ms"] for r in rows)
     moe = rows[-1]
     assert moe["params_active"] < moe["params"]
+
+
+def test_bench_throughput_compares_isolated_documents_with_packed_rows(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    argv = ["bench", "throughput", "--presets", "tiny-gru,tiny-tnt", "--batch", "2", "--seq-len", "16"]
+    assert main([*argv, "--repeat", "1", "--documents", "4", "--json", str(out)]) == 0
+    assert "isolated/packed" in capsys.readouterr().out
+    rows = json.loads(out.read_text())
+    assert [(r["preset"], r["documents"]) for r in rows] == [
+        ("tiny-gru", "packed"),
+        ("tiny-gru", "isolated"),
+        ("tiny-tnt", "packed"),
+        ("tiny-tnt", "isolated"),
+    ]
+    assert all(r["isolated_vs_packed"] > 0 for r in rows if r["documents"] == "isolated")

@@ -1,5 +1,8 @@
 """`unroll bench throughput`: training tokens per second of model presets, side by side in one run, as
 ratios to a baseline preset (by default the tiny presets of every family vs tiny-transformer on CPU).
+With --documents L each preset also trains on rows packed with documents of mean length L (model.documents
+isolated: the resets reach every mixer) beside the same rows as one stream each, and the table gives the
+isolated/packed ratio of each preset.
 
 Each preset's model trains (forward, backward and AdamW step, with MoE bias updates) on random tokens of
 its own sequence length and a fixed batch. All models are built first; then the presets alternate step
@@ -27,9 +30,9 @@ from unroll.train.step import update_expert_bias
 TINY = ["tiny-transformer", "tiny-gru", "tiny-lstm", "tiny-m2rnn", "tiny-moe"]
 
 
-def _step_fn(model: LM, tokens: torch.Tensor, optimizer: torch.optim.Optimizer):
+def _step_fn(model: LM, tokens: torch.Tensor, optimizer: torch.optim.Optimizer, resets: torch.Tensor | None = None):
     def step():
-        logits = model(tokens[:, :-1])
+        logits = model(tokens[:, :-1], resets=resets)
         loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
         aux = model.aux_loss()
         (loss if aux is None else loss + aux).backward()
@@ -40,34 +43,49 @@ def _step_fn(model: LM, tokens: torch.Tensor, optimizer: torch.optim.Optimizer):
     return step
 
 
-def run(presets: list[str], batch: int, seq_len: int | None, rounds: int, device: torch.device) -> list[dict]:
+def document_starts(batch: int, T: int, mean_length: float, generator: torch.Generator) -> torch.Tensor:
+    """resets [batch, T]: a document starts at each position with probability 1/mean_length."""
+    return torch.rand(batch, T, generator=generator) < 1.0 / mean_length
+
+
+def run(
+    presets: list[str], batch: int, seq_len: int | None, rounds: int, device: torch.device, documents: float = 0
+) -> list[dict]:
     rows: list[dict[str, Any]] = []
     steps: dict[int, Callable[[], None]] = {}
-    for i, name in enumerate(presets):
+    for name in presets:
         cfg = load_config(name).model
         T = seq_len or load_config(name).data.seq_len
-        torch.manual_seed(0)
-        model = LM(cfg).to(device)
-        tokens = torch.randint(0, cfg.vocab_size, (batch, T + 1), device=device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        steps[i] = _step_fn(model, tokens, optimizer)
-        rows.append(
-            {
-                "preset": name,
-                "pattern": cfg.pattern,
-                "params": model.num_params(),
-                "params_active": model.active_params(),
-                "batch": batch,
-                "seq_len": T,
-            }
-        )
+        tokens = torch.randint(0, cfg.vocab_size, (batch, T + 1), generator=torch.Generator().manual_seed(0))
+        starts = document_starts(batch, T, documents, torch.Generator().manual_seed(1)) if documents else None
+        for mode, resets in [("packed", None), ("isolated", starts)] if documents else [("", None)]:
+            torch.manual_seed(0)
+            model = LM(cfg).to(device)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            steps[len(rows)] = _step_fn(
+                model, tokens.to(device), optimizer, None if resets is None else resets.to(device)
+            )
+            rows.append(
+                {
+                    "preset": name,
+                    "documents": mode,
+                    "pattern": cfg.pattern,
+                    "params": model.num_params(),
+                    "params_active": model.active_params(),
+                    "batch": batch,
+                    "seq_len": T,
+                }
+            )
     times = harness.alternate(steps, device, rounds)
     for i, r in enumerate(rows):
         t = times[i]
         r.update(step_ms=t.median * 1e3, step_min_ms=t.min * 1e3, tokens_per_s=batch * r["seq_len"] / t.median)
     base = rows[0]["tokens_per_s"]
+    packed = {r["preset"]: r["tokens_per_s"] for r in rows if r["documents"] == "packed"}
     for r in rows:
         r["vs_baseline"] = r["tokens_per_s"] / base
+        if r["documents"] == "isolated":
+            r["isolated_vs_packed"] = r["tokens_per_s"] / packed[r["preset"]]
     return rows
 
 
@@ -79,25 +97,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=None, help="default: each preset's data.seq_len")
     harness.add_arguments(p)
+    p.add_argument(
+        "--documents",
+        type=float,
+        default=0,
+        metavar="L",
+        help="also train each preset on rows of isolated documents of mean length L beside packed rows",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None, help="also write the rows to this file")
     args = p.parse_args(argv)
     with harness.session(args.threads, prog="unroll bench throughput"):
-        rows = run(args.presets.split(","), args.batch, args.seq_len, args.rounds, torch.device(args.device))
+        rows = run(
+            args.presets.split(","), args.batch, args.seq_len, args.rounds, torch.device(args.device), args.documents
+        )
         print(
             f"training step (fwd+bwd+AdamW), batch {args.batch}, {args.device}, {args.rounds} rounds, the presets "
             f"alternating; tokens/s of the median step; ratio = tokens/s over {rows[0]['preset']}'s (of the "
             f"{harness.RATIOS_OF})"
         )
+    docs = " isolated/packed" if args.documents else ""
     print(
-        f"{'preset':18} {'pattern':10} {'params':>11} {'active':>11} {'T':>5} {'step ms min/med':>17} "
-        f"{'tokens/s':>10} {'ratio':>6}"
+        f"{'preset':18} {'documents':9} {'pattern':10} {'params':>11} {'active':>11} {'T':>5} "
+        f"{'step ms min/med':>17} {'tokens/s':>10} {'ratio':>6}{docs}"
     )
     for r in rows:
         step = f"{r['step_min_ms']:.1f}/{r['step_ms']:.1f}"
+        iso = f" {r['isolated_vs_packed']:15.2f}" if "isolated_vs_packed" in r else ""
         print(
-            f"{r['preset']:18} {r['pattern']:10} {r['params']:11,} {r['params_active']:11,} {r['seq_len']:5d} "
-            f"{step:>17} {r['tokens_per_s']:10,.0f} {r['vs_baseline']:6.2f}"
+            f"{r['preset']:18} {r['documents']:9} {r['pattern']:10} {r['params']:11,} {r['params_active']:11,} "
+            f"{r['seq_len']:5d} {step:>17} {r['tokens_per_s']:10,.0f} {r['vs_baseline']:6.2f}{iso}"
         )
     if args.json:
         with open(args.json, "w") as f:
