@@ -360,6 +360,8 @@ def test_two_rank_checkpoint_exports_with_the_runs_validation_loss(
     split by tensor parallelism: the export, loaded by transformers, gives the validation loss the 2-rank
     run reported."""
     model, override, described, layout = SHARDED[kind]
+    # packed rows: the validation loss a transformers model computes over whole rows (it knows no documents)
+    model = {**model, "documents": "packed"}
     path = tiny_config(kind, model=model, train={"steps": 3, "batch_size": 8}, checkpoint={"every": 3})
     proc = torchrun_train(2, path, offline_env, override)
     assert described in proc.stdout
@@ -367,7 +369,7 @@ def test_two_rank_checkpoint_exports_with_the_runs_validation_loss(
     reported = [r["val_loss"] for r in read_metrics(cfg.run.dir) if "val_loss" in r][-1]
     assert export(cfg.run.dir, tmp_path / "hf")["layout"] == layout
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
-    batch = open_run_data(cfg).valid_batch(0, cfg.eval.batches * cfg.eval.batch_size)
+    batch = open_run_data(cfg).valid_batch(0, cfg.eval.batches * cfg.eval.batch_size).tokens
     with torch.no_grad():
         logits = hf(batch[:, :-1]).logits
     loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()).item()
