@@ -111,9 +111,8 @@ def m2rnn_sequential(
     resets: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(y, h_last) by `impl`: "torch" (m2rnn_checkpointed: the reference, keeping a state per 32 steps),
-    "triton" (m2rnn_triton), or "auto" (Triton for CUDA tensors without resets, torch otherwise: the Triton kernels
-    take no resets yet). Triton is imported only
-    when used."""
+    "triton" (m2rnn_triton), or "auto" (Triton for CUDA tensors without resets, torch otherwise: the Triton
+    kernels take no resets yet). Triton is imported only when used."""
     if impl not in ("auto", "torch", "triton"):
         raise ValueError(f"m2rnn_sequential: impl must be 'auto', 'torch' or 'triton', got {impl!r}")
     m2rnn_shapes(q, k, v, f, W, h0)
