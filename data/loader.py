@@ -117,24 +117,25 @@ class TokenLoader:
         self._perms: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
 
     def get(self, start: int, count: int) -> torch.Tensor:
-        if start < 0 or count < 0:
-            raise IndexError(f"samples [{start}, {start + count}) must start at 0 or later")
-        if count == 0:
+        if count == 0 and start >= 0:
             return torch.empty((0, self.seq_len + 1), dtype=torch.long)
-        which, index = self.locate(np.arange(start, start + count, dtype=np.int64))
-        rows = [self.datasets[d].sample(int(i)) for d, i in zip(which, index)]
-        return torch.from_numpy(np.stack(rows))
+        return torch.from_numpy(np.stack([ds.sample(i) for ds, i in self._samples(start, count)]))
 
     def get_with_starts(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`get(start, count)` and beside it a BoolTensor [count, seq_len + 1]: True where a document begins at
         that token of the window. The model's `resets` of inputs window[:, :-1] are starts[:, :-1]."""
+        if count == 0 and start >= 0:
+            return self.get(start, 0), torch.empty((0, self.seq_len + 1), dtype=torch.bool)
+        samples = self._samples(start, count)
+        tokens = np.stack([ds.sample(i) for ds, i in samples])
+        return torch.from_numpy(tokens), torch.from_numpy(np.stack([ds.starts(i) for ds, i in samples]))
+
+    def _samples(self, start: int, count: int) -> list[tuple[PackedDataset, int]]:
+        """(dataset, its sample index) of global samples start .. start + count − 1."""
         if start < 0 or count < 0:
             raise IndexError(f"samples [{start}, {start + count}) must start at 0 or later")
-        if count == 0:
-            return self.get(start, 0), torch.empty((0, self.seq_len + 1), dtype=torch.bool)
         which, index = self.locate(np.arange(start, start + count, dtype=np.int64))
-        pairs = [(self.datasets[d].sample(int(i)), self.datasets[d].starts(int(i))) for d, i in zip(which, index)]
-        return torch.from_numpy(np.stack([t for t, _ in pairs])), torch.from_numpy(np.stack([s for _, s in pairs]))
+        return [(self.datasets[d], int(i)) for d, i in zip(which, index)]
 
     def locate(self, g: np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:
         """(dataset, sample index within that dataset) of global indices g."""

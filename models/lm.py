@@ -133,10 +133,7 @@ class Block(nn.Module):
     def _forward(
         self, x: torch.Tensor, state: MixerState = None, resets: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, MixerState]:
-        if resets is None:
-            y, state = self.mixer(self.mixer_norm(x), state)
-        else:
-            y, state = self.mixer(self.mixer_norm(x), state, resets=resets)
+        y, state = self.mixer(self.mixer_norm(x), state, resets=resets)
         x = x + y
         if self.recompute == "mlp" and torch.is_grad_enabled():
             return x + checkpoint(self._mlp, x, use_reentrant=False), state

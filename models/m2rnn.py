@@ -76,6 +76,12 @@ def pick_m2rnn_solver(solver: str) -> str:
     return "sequential" if solver == "auto" else solver
 
 
+def _last_document_only(inputs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """inputs [B, C, n] (a convolution's last inputs) zeroed where their document ids [B, n] are not the last
+    one's: what a later call, or the next context rank, may still see."""
+    return inputs * (ids == ids[:, -1:]).unsqueeze(1).to(inputs.dtype)
+
+
 class M2RNN(ContextParallel, nn.Module):
     """Context parallelism: the convolution takes the previous rank's last inputs, the sequential
     recurrence its final state (a hand-off pipeline); Newton runs sequence-parallel."""
@@ -154,7 +160,7 @@ class M2RNN(ContextParallel, nn.Module):
             if self.context_group is not None:
                 mine = xt[:, :, xt.shape[2] - tail :]
                 if doc is not None:
-                    mine = mine * (doc[:, doc.shape[1] - tail :] == doc[:, -1:]).unsqueeze(1)
+                    mine = _last_document_only(mine, doc[:, doc.shape[1] - tail :])
                 past = previous_tail(mine, past, self.context_group)
         full = torch.cat([past.to(xt.dtype), xt], dim=2)
         if doc is None:
@@ -165,9 +171,7 @@ class M2RNN(ContextParallel, nn.Module):
         same = doc_full.unfold(1, self.conv_width, 1) == doc_full[:, tail:, None]  # [B, T, width]
         windows = full.unfold(2, self.conv_width, 1)  # [B, C, T, width]
         out = (windows * same.unsqueeze(1).to(full.dtype) * self.conv.weight[:, 0, None, :]).sum(-1)
-        last = full[:, :, full.shape[2] - tail :] * (doc_full[:, doc_full.shape[1] - tail :] == doc[:, -1:]).unsqueeze(
-            1
-        )
+        last = _last_document_only(full[:, :, full.shape[2] - tail :], doc_full[:, doc_full.shape[1] - tail :])
         return F.silu(out).transpose(1, 2), last
 
     def _recurrence(

@@ -59,10 +59,7 @@ def lm_loss(model: torch.nn.Module, batch: torch.Tensor | TokenBatch, cp_rank: i
     """Mean next-token cross-entropy over this rank's slice of the batch (the mean of the cp ranks'
     losses is the whole sequence's), computed by the model without full logits (LM.forward's targets)."""
     inputs, targets = split_batch(batch, cp_rank, cp)
-    resets = split_resets(batch, cp_rank, cp)
-    if resets is None:
-        return model(inputs, targets=targets)
-    return model(inputs, targets=targets, resets=resets)
+    return model(inputs, targets=targets, resets=split_resets(batch, cp_rank, cp))
 
 
 def hidden_loss(
