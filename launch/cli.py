@@ -275,6 +275,10 @@ def _grow(args) -> int:
 
 # name: (module whose main(argv) runs it, one line for `unroll bench --help`)
 BENCHES = {
+    "attention": (
+        "unroll.launch.bench.attention",
+        "attention over isolated documents: flex_attention's tile mask and SDPA's dense mask against causal",
+    ),
     "checkpoint": ("unroll.launch.bench.checkpoint", "checkpoint save and load against the disk's own speed"),
     "growth": ("unroll.launch.bench.growth", "G_stack growth and training on against the deep model from scratch"),
     "seqpar": ("unroll.launch.bench.seqpar", "sequence-parallel Newton on 2 ranks against 1 rank, weak scaling"),

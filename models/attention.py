@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unroll.models.context_parallel import ContextParallel
+from unroll.models.document_mask import document_block_mask, flex_document_attention, use_flex
 from unroll.models.init import Rule, init_eagerly, normal
 
 
@@ -69,6 +70,9 @@ class Attention(ContextParallel, nn.Module):
     keys t − window + 1 ... t, and the cache keeps only the last `window` keys (O(window) memory when
     generating).
 
+    Isolated documents (resets): kernel "sdpa" masks with a boolean [B, 1, T, S]; "flex" runs
+    flex_attention over a tile mask (no dense mask; fused on CUDA); "auto" picks flex on CUDA.
+
     Context parallelism: each rank attends from its slice to the keys and values of all slices up to its
     own (all_gather over the context group)."""
 
@@ -85,12 +89,13 @@ class Attention(ContextParallel, nn.Module):
         rope: bool = True,
         window: int = 0,
         document_positions: bool = True,
+        kernel: str = "auto",
     ):
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = head_dim or d_model // n_heads
         self.rope_theta, self.rope, self.window = rope_theta, rope, window
-        self.document_positions = document_positions
+        self.document_positions, self.kernel = document_positions, kernel
         self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=False)
         self.out_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
         self.init_std, self.out_std = init_std, out_std or init_std
@@ -145,6 +150,10 @@ class Attention(ContextParallel, nn.Module):
         """Queries at past ... past + T − 1 over `cached` earlier keys and their own, projected out; with
         document ids (doc_q [B, T], doc_k [B, cached + T]) a query sees only keys of its own document."""
         B, H, T, hd = q.shape
+        if doc_q is not None and doc_k is not None and use_flex(self.kernel, q):
+            block_mask = document_block_mask(doc_q, doc_k, cached, self.window)
+            y = flex_document_attention(q, k, v, block_mask, fused=q.is_cuda)
+            return self._out(y)
         mask, causal = self._mask(past, cached, T, q.device)
         if doc_q is not None and doc_k is not None:
             # a boolean mask [B, 1, T, S]: SDPA runs its memory-efficient kernel with it (not flash)
@@ -153,6 +162,11 @@ class Attention(ContextParallel, nn.Module):
                 mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
             mask, causal = (same if mask is None else same & mask), False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_heads != H)
+        return self._out(y)
+
+    def _out(self, y: torch.Tensor) -> torch.Tensor:
+        """Heads [B, H, T, hd] joined and projected to [B, T, d]."""
+        B, H, T, hd = y.shape
         out: torch.Tensor = self.out_proj(y.transpose(1, 2).reshape(B, T, H * hd))
         return out
 
@@ -211,5 +225,5 @@ class Attention(ContextParallel, nn.Module):
     def extra_repr(self) -> str:
         return (
             f"heads={self.n_heads}, kv_heads={self.n_kv_heads}, head_dim={self.head_dim}, "
-            f"rope={self.rope}, window={self.window or 'full'}"
+            f"rope={self.rope}, window={self.window or 'full'}, kernel={self.kernel}"
         )

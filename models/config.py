@@ -12,6 +12,7 @@ RESERVED_CHARS: dict[str, str] = {}
 MLP_CHARS = {"D": "dense", "E": "moe"}
 SOLVERS = ("auto", "newton", "sequential")
 DOCUMENTS = ("isolated", "packed")
+ATTENTION_KERNELS = ("auto", "sdpa", "flex")
 MOE_SCORES = ("softmax", "sigmoid")
 
 
@@ -82,6 +83,9 @@ class ModelConfig:
     # isolated documents: rotary positions restart at each document (RoPE scores depend on position differences
     # only, so this changes nothing but keeps the angles of long packed rows small)
     rope_document_positions: bool = True
+    # attention over isolated documents: sdpa (a dense boolean mask per row) | flex (flex_attention over a tile
+    # mask: no dense mask; fused on CUDA, forward-only on CPU) | auto (flex on CUDA, sdpa elsewhere)
+    attention_kernel: str = "auto"
     mlp_pattern: str = ""  # MLP kind per layer (D dense, E MoE); "" = all D, one char = every layer
     m2rnn: M2RNNConfig = field(default_factory=M2RNNConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -155,6 +159,10 @@ class ModelConfig:
             out.append(("n_heads", f"{self.n_heads} heads do not divide d_model={self.d_model} (or set head_dim)"))
         elif self.n_heads > 0 and self.rope and self.attn_head_dim % 2:
             out.append(("head_dim", f"head width {self.attn_head_dim} must be even for RoPE"))
+        if self.attention_kernel not in ATTENTION_KERNELS:
+            out.append(
+                ("attention_kernel", f"must be one of {', '.join(ATTENTION_KERNELS)}, got {self.attention_kernel!r}")
+            )
         if self.documents not in DOCUMENTS:
             out.append(("documents", f"must be one of {', '.join(DOCUMENTS)}, got {self.documents!r}"))
         if self.window < 0:

@@ -80,6 +80,7 @@ def build_mixer(kind: str, cfg: ModelConfig, out_std: float) -> Mixer:
             rope=cfg.rope,
             window=cfg.window,
             document_positions=cfg.rope_document_positions,
+            kernel=cfg.attention_kernel,
         )
     raise ValueError(f"unknown layer kind {kind!r}")
 

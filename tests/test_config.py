@@ -58,6 +58,7 @@ def test_presets_load_and_overrides_apply():
         ("model.m2rnn.qk_heads=3", "model.m2rnn.v_heads", "multiple of m2rnn.qk_heads=3"),
         ("model.m2rnn.solver=fast", "model.m2rnn.solver", "newton, sequential"),
         ("model.window=-1", "model.window", "must be >= 0"),
+        ("model.attention_kernel=flash", "model.attention_kernel", "auto, sdpa, flex, got 'flash'"),
         ("model.head_dim=-1", "model.head_dim", "must be >= 0"),
         ("train.loss_chunk=-1", "train.loss_chunk", "must be >= 0"),
     ],

@@ -40,7 +40,15 @@ REFUSED = "REFUSED"
 # Keys added after checkpoints were first written: a manifest without one predates it and is compared without it
 # (such a run resumes under the configured value).
 LATER_KEYS = {"documents", "rope_document_positions"}
-RUNTIME_KEYS = {"solver", "init_std", "m2rnn.solver", "moe.aux_loss_coef", "moe.z_loss_coef", "moe.bias_update_rate"}
+RUNTIME_KEYS = {
+    "solver",
+    "attention_kernel",
+    "init_std",
+    "m2rnn.solver",
+    "moe.aux_loss_coef",
+    "moe.z_loss_coef",
+    "moe.bias_update_rate",
+}
 
 
 def architecture(model_cfg: Any) -> dict | None:
