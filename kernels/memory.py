@@ -156,12 +156,14 @@ def chunk_memory(
     chunk: int,
     read: str,
     valid: torch.Tensor | None = None,
+    restart: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, MemoryCarry]:
     """The memory over q, k, v [N, T, d] with gates θ, log β, log γ [N, T] (log β None: no momentum;
     log γ None: no forgetting), starting from `carry` at a chunk boundary (its weights are its point).
     read: "after" (y_t = M_{W_t}(x_t)) or "start" (y_t = M_P(x_t), P the chunk-start weights).
     valid [N]: tokens per row (the rest is padding, zeros with θ = 0); the returned carry is each row's
-    state after its last valid token. Returns (y [N, T, d], carry)."""
+    state after its last valid token. restart [N, n chunks] bool: the rows whose chunk i begins a new sequence
+    start it from `carry` again (documents laid out on chunk boundaries). Returns (y [N, T, d], carry)."""
     N, T, d = q.shape
     if T == 0:
         return q.new_zeros(N, 0, d), carry
@@ -188,6 +190,10 @@ def chunk_memory(
     W, S, P = carry.value, carry.momentum, carry.value
     ys = []
     for i in range(n):
+        if restart is not None and i > 0:
+            W, P = _pick(restart[:, i], carry.value, W), _pick(restart[:, i], carry.value, P)
+            S = None if S is None or carry.momentum is None else _pick(restart[:, i], carry.momentum, S)
+            M = None if M is None or carry.proj is None else torch.where(restart[:, i, None, None], carry.proj, M)
         xi = x[:, i] if M is None else x[:, i] + q[:, i] @ M  # M symmetric
         grads = mlp_grads(W, k[:, i], v[:, i])
         ai, ci = a[:, i], c[:, i]

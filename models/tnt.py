@@ -44,6 +44,7 @@ from torch import nn
 from unroll.kernels.context import receive_state, send_state
 from unroll.kernels.memory import MemoryCarry, chunk_memory, memory_step
 from unroll.models.context_parallel import ContextParallel
+from unroll.models.document_lanes import document_lanes
 from unroll.models.init import Rule, constant, init_eagerly, normal
 
 
@@ -121,6 +122,8 @@ class TNT(ContextParallel, nn.Module):
         for s in self.specs:
             if s.reset and s.reset % s.chunk:
                 raise ValueError(f"local chunk {s.chunk} does not divide the reset period {s.reset}")
+        # isolated documents start on multiples of every chunk and reset period (see _documents)
+        self.align = math.lcm(*(s.reset or s.chunk for s in self.specs))
         self.n_gates = 1 + momentum + forget
         width = heads * d
         self.in_proj = nn.Linear(d_model, 4 * width, bias=False)  # q k v | output gate
@@ -217,11 +220,13 @@ class TNT(ContextParallel, nn.Module):
         v: torch.Tensor,
         gates: Gates,
         B: int,
+        restart: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, MemoryCarry]:
         """A local memory over the whole slice: with resets, every shard of every sequence as one batch."""
         spec, (N, T, _) = self.specs[i], q.shape
         if not spec.reset:
-            return chunk_memory(carry or self._fresh(i, B, q.dtype), q, k, v, *gates, chunk=spec.chunk, read=spec.read)
+            carry = carry or self._fresh(i, B, q.dtype)
+            return chunk_memory(carry, q, k, v, *gates, chunk=spec.chunk, read=spec.read, restart=restart)
         S_L = spec.reset
         n = -(-T // S_L)
         theta, log_beta, log_gamma = (None if g is None else _shards(g, S_L, n) for g in gates)
@@ -257,11 +262,12 @@ class TNT(ContextParallel, nn.Module):
         v: torch.Tensor,
         gates: Gates,
         B: int,
+        restart: torch.Tensor | None = None,
     ) -> tuple[tuple[torch.Tensor, MemoryCarry], torch.Tensor | None]:
         spec, group = self.specs[i], self.context_group
         carry = carry or self._fresh(i, B, q.dtype)
         if group is None:
-            return chunk_memory(carry, q, k, v, *gates, chunk=spec.chunk, read=spec.read), None
+            return chunk_memory(carry, q, k, v, *gates, chunk=spec.chunk, read=spec.read, restart=restart), None
         # the previous rank's final weights and momentum in (rank 0: the initial ones); ours go out after
         parts = carry.value + (carry.momentum or ())
         packed = receive_state(torch.cat([p.flatten(1) for p in parts], 1), group)
@@ -304,6 +310,13 @@ class TNT(ContextParallel, nn.Module):
         the state after a packed row is then not returned (None)."""
         if resets is not None:
             return self._documents(x, state, resets), None
+        return self._run(x, state)
+
+    def _run(
+        self, x: torch.Tensor, state: TNTState | None, starts: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, TNTState]:
+        """forward without resets; starts [B, T] (documents laid out in lanes, each on a multiple of
+        self.align): the memories restart there."""
         B, T, _ = x.shape
         q, k, v, g, gates = self._inputs(x)
         if state is not None and not self._aligned(state):
@@ -319,9 +332,9 @@ class TNT(ContextParallel, nn.Module):
         ]  # locals first: no waiting on other ranks
         for i in order:
             if self.specs[i].name == "global":
-                (y, new[i]), handoff = self._run_global(i, carries[i], q, k, v, gates[i], B)
+                (y, new[i]), handoff = self._run_global(i, carries[i], q, k, v, gates[i], B, self._restarts(i, starts))
             else:
-                y, new[i] = self._run_local(i, carries[i], q, k, v, gates[i], B)
+                y, new[i] = self._run_local(i, carries[i], q, k, v, gates[i], B, self._restarts(i, starts))
             o = y if o is None else o + y
         assert o is not None  # __init__ requires at least one memory
         out = self._output(o, g, B)
@@ -329,31 +342,27 @@ class TNT(ContextParallel, nn.Module):
             out = out + handoff  # the backward receives the global state's gradient from the next rank
         return out, TNTState([new[i] for i in range(len(self.specs))])
 
+    def _restarts(self, i: int, starts: torch.Tensor | None) -> torch.Tensor | None:
+        """Memory i's restart per (row, head) and chunk where documents start (None for a memory with a
+        periodic reset: its shards begin at every document already, self.align being their multiple)."""
+        spec = self.specs[i]
+        if starts is None or spec.reset:
+            return None
+        return starts[:, :: spec.chunk].repeat_interleave(self.heads, dim=0)
+
     def _documents(self, x: torch.Tensor, state: TNTState | None, resets: torch.Tensor) -> torch.Tensor:
         """The output for rows of packed documents, each document run alone from the initial memories, its
-        chunks and local resets counted from its own first token: the documents are gathered into a batch of
-        their own [documents, longest, d_model] (padded at the end, which a causal memory's real positions
-        never see), run, and scattered back. Costs the padding of each document to the longest."""
+        chunks and local resets counted from its own first token: the documents are laid out in lanes, each
+        starting on a multiple of every chunk and reset period (models/document_lanes.py), run with the
+        memories restarting at each document's first chunk, and scattered back."""
         if self.context_group is not None:
             raise NotImplementedError("TNT with document resets under context parallelism is not supported yet")
-        B, T, _ = x.shape
-        if T == 0:
-            return self.forward(x)[0]
+        if x.shape[1] == 0:
+            return self._run(x, None)[0]
         if state is not None and not bool(resets[:, 0].all()):
             raise NotImplementedError("TNT with document resets continues no state: reset every row at t = 0")
-        starts = resets.clone()
-        starts[:, 0] = True
-        row, first = starts.nonzero(as_tuple=True)  # row-major: each row's documents in order
-        same_row = torch.cat([row[1:] == row[:-1], row.new_zeros(1, dtype=torch.bool)])
-        end = torch.where(same_row, first.roll(-1), T)  # the next document's start in the row, or the row's end
-        lengths = end - first
-        offsets = torch.arange(int(lengths.max()), device=x.device)
-        real = offsets < lengths[:, None]  # [documents, longest]
-        at = torch.where(real, first[:, None] + offsets, first[:, None])  # padding reads the document's first token
-        rows = row[:, None].expand_as(at)
-        y_docs, _ = self.forward(x[rows, at])
-        y = y_docs.new_zeros(B, T, y_docs.shape[-1])
-        return y.index_put((rows[real], at[real]), y_docs[real])
+        lanes = document_lanes(resets, self.align)
+        return lanes.scatter(self._run(lanes.gather(x), None, lanes.starts)[0])
 
     def _output(self, o: torch.Tensor, g: torch.Tensor, B: int) -> torch.Tensor:
         o = torch.unflatten(o, 0, (B, self.heads)).transpose(1, 2).flatten(2)  # [B, T, H·d]

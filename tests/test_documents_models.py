@@ -12,6 +12,7 @@ M2 = {"m2rnn": M2RNNConfig(k_dim=4, v_dim=4, qk_heads=2, v_heads=4)}
 M2_NEWTON = {"m2rnn": M2RNNConfig(k_dim=4, v_dim=4, qk_heads=2, v_heads=4, solver="newton")}
 MOE = {"mlp_pattern": "E", "moe": MoEConfig(experts=4, top_k=2, hidden=16, shared_experts=1)}
 TNT = {"tnt": TNTConfig(heads=2, global_chunk=4, local_chunks=[2], local_reset=4)}
+TNT_UNRESET = {"tnt": TNTConfig(heads=2, global_chunk=4, local_chunks=[2, 3], local_reset=0)}  # lanes align on 12
 CASES = {
     "G-newton": ("GG", {"solver": "newton"}),
     "G-sequential": ("GG", {"solver": "sequential"}),
@@ -23,6 +24,7 @@ CASES = {
     "A-window": ("AA", {"window": 3}),
     "A-nope": ("AA", {"rope": False}),
     "T": ("TT", TNT),
+    "T-locals-never-reset": ("TT", TNT_UNRESET),
     "hybrid-moe": ("GAMLT", M2 | MOE | TNT | {"window": 5}),
 }
 # two rows: documents of lengths 5, 1, 10 and 7, 9 (T = 16); the second row's first document runs on from
