@@ -111,17 +111,15 @@ def m2rnn_sequential(
     resets: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(y, h_last) by `impl`: "torch" (m2rnn_checkpointed: the reference, keeping a state per 32 steps),
-    "triton" (m2rnn_triton), or "auto" (Triton for CUDA tensors without resets, torch otherwise: the Triton
-    kernels take no resets yet). Triton is imported only when used."""
+    "triton" (m2rnn_triton), or "auto" (Triton for CUDA tensors, torch otherwise). Triton is imported only
+    when used."""
     if impl not in ("auto", "torch", "triton"):
         raise ValueError(f"m2rnn_sequential: impl must be 'auto', 'torch' or 'triton', got {impl!r}")
     m2rnn_shapes(q, k, v, f, W, h0)
     if resets is not None and resets.shape != (q.shape[0], q.shape[1]):
         raise ValueError(f"m2rnn: resets must be [B, T] = {tuple(q.shape[:2])}, got {tuple(resets.shape)}")
-    if impl == "triton" and resets is not None:
-        raise NotImplementedError("m2rnn_sequential: the Triton kernels take no resets yet; use impl='torch'")
-    if impl == "triton" or (impl == "auto" and q.is_cuda and resets is None):
+    if impl == "triton" or (impl == "auto" and q.is_cuda):
         from unroll.kernels.triton_m2rnn import m2rnn_triton
 
-        return m2rnn_triton(q, k, v, f, W, h0)
+        return m2rnn_triton(q, k, v, f, W, h0, resets)
     return m2rnn_checkpointed(q, k, v, f, W, h0, resets=resets)

@@ -1,5 +1,5 @@
 """Triton kernels for the M²RNN recurrence (math and shapes in kernels/m2rnn_scan.py), forward and backward:
-`m2rnn_triton(q, k, v, f, W, h0=None)`, with the signature and semantics of `m2rnn_reference`.
+`m2rnn_triton(q, k, v, f, W, h0=None, resets=None)`, with the signature and semantics of `m2rnn_reference`.
 
 One program per (batch, value head) steps through time; the K×V state, W and (backward) dW and dH stay in
 registers, padded to powers of two (at least 16: tl.dot's smallest contraction) with masked loads and stores.
@@ -17,6 +17,8 @@ over the chunk's steps, t descending, with dH the gradient of H_t:
     G_t = (1 − f_t) dH ⊙ (1 − U_t²)         (the gradient of Z_t)
     dq_t = H_t dy_t,  dk_t = G_t v_t,  dv_t = G_tᵀ k_t,  df_t = Σ dH ⊙ (H_{t−1} − U_t),  dW += H_{t−1}ᵀ G_t
     dH ← f_t dH + G_t Wᵀ                    (now the gradient of H_{t−1}; after t = 0 it is dh0)
+With resets (a document starting at t), H_{t−1} is zero where step t reads it, in the forward and the
+recompute alike, and no gradient flows into the state before it (dH ← 0 there).
 dq, dk are written per value head ([B, T, H, K]) and summed over each q/k group in torch; dW per (b, h),
 summed over the batch in torch. Memory per (b, h): ⌈T/C⌉ checkpoints kept from the forward, 2C+1 tiles of
 scratch during the backward; C = 32 (DEFAULT_CHUNK) is near the optimum √(T/2) for T ≈ 2-4k.
@@ -69,6 +71,14 @@ def _load_step(q_ptr, k_ptr, v_ptr, f_ptr, b, t, g, h, T, G, H, K, V, i, j, F64:
 
 
 @triton.jit
+def _reset(S, r_ptr, row, HAS_RESETS: tl.constexpr):
+    """S, or zeros where a document starts at this (b, t) row."""
+    if HAS_RESETS:
+        S = tl.where(tl.load(r_ptr + row) != 0, 0.0, S)
+    return S
+
+
+@triton.jit
 def _cell(S, W, kt, vt, ft):
     """(U_t, H_t) from S = H_{t−1}. Padding stays zero: padded rows/columns of S, W, k, v are zero."""
     U = _tanh(tl.dot(S, W, input_precision="ieee") + kt[:, None] * vt[None, :])
@@ -99,6 +109,7 @@ def _fwd_kernel(
     f_ptr,
     w_ptr,
     h0_ptr,
+    r_ptr,
     y_ptr,
     hT_ptr,
     ck_ptr,
@@ -112,6 +123,7 @@ def _fwd_kernel(
     KP: tl.constexpr,
     VP: tl.constexpr,
     HAS_H0: tl.constexpr,
+    HAS_RESETS: tl.constexpr,
     SAVE: tl.constexpr,
     F64: tl.constexpr,
 ):
@@ -128,7 +140,7 @@ def _fwd_kernel(
             tl.store(ck_ptr + (pid * NC + c) * KP * VP + tile, S)
         for s in range(tl.minimum(C, T - c * C)):
             qt, kt, vt, ft, row = _load_step(q_ptr, k_ptr, v_ptr, f_ptr, b, c * C + s, g, h, T, G, H, K, V, i, j, F64)
-            U, S = _cell(S, W, kt, vt, ft)
+            U, S = _cell(_reset(S, r_ptr, row, HAS_RESETS), W, kt, vt, ft)
             y = tl.sum(qt[:, None] * S, axis=0)
             tl.store(y_ptr + (row * H + h) * V + j, y.to(y_ptr.dtype.element_ty), mask=j < V)
     tl.store(hT_ptr + pid * K * V + kv_offs, S.to(hT_ptr.dtype.element_ty), mask=kv_mask)
@@ -141,6 +153,7 @@ def _bwd_kernel(
     v_ptr,
     f_ptr,
     w_ptr,
+    r_ptr,
     ck_ptr,
     dy_ptr,
     dhT_ptr,
@@ -161,6 +174,7 @@ def _bwd_kernel(
     C: tl.constexpr,
     KP: tl.constexpr,
     VP: tl.constexpr,
+    HAS_RESETS: tl.constexpr,
     F64: tl.constexpr,
 ):
     """Gradients per (b, h): dq, dk [B, T, H, K], dv [B, T, H, V], df [B, T, H], dW [B, H, V, V], dh0."""
@@ -176,7 +190,7 @@ def _bwd_kernel(
         tl.store(sh + tile, S)
         for s in range(n):
             qt, kt, vt, ft, row = _load_step(q_ptr, k_ptr, v_ptr, f_ptr, b, c * C + s, g, h, T, G, H, K, V, i, j, F64)
-            U, S = _cell(S, W, kt, vt, ft)
+            U, S = _cell(_reset(S, r_ptr, row, HAS_RESETS), W, kt, vt, ft)
             tl.store(su + s * KP * VP + tile, U)
             tl.store(sh + (s + 1) * KP * VP + tile, S)
         tl.debug_barrier()  # the reverse pass reads scratch that other threads of this program wrote
@@ -185,7 +199,7 @@ def _bwd_kernel(
             qt, kt, vt, ft, row = _load_step(q_ptr, k_ptr, v_ptr, f_ptr, b, c * C + s, g, h, T, G, H, K, V, i, j, F64)
             hv = row * H + h  # the (b, t, h) row of the per-value-head outputs
             dyt = upcast(tl.load(dy_ptr + hv * V + j, mask=j < V, other=0.0), F64)
-            prev = tl.load(sh + s * KP * VP + tile)
+            prev = _reset(tl.load(sh + s * KP * VP + tile), r_ptr, row, HAS_RESETS)  # the state step s read
             cur = tl.load(sh + (s + 1) * KP * VP + tile)
             U = tl.load(su + s * KP * VP + tile)
             dS += qt[:, None] * dyt[None, :]
@@ -195,7 +209,7 @@ def _bwd_kernel(
             tl.store(dk_ptr + hv * K + i, tl.sum(Gt * vt[None, :], axis=1), mask=i < K)
             tl.store(dv_ptr + hv * V + j, tl.sum(Gt * kt[:, None], axis=0), mask=j < V)
             tl.store(df_ptr + hv, tl.sum(tl.sum(dS * (prev - U), axis=1), axis=0))
-            dS = ft * dS + tl.dot(Gt, tl.trans(W), input_precision="ieee")
+            dS = _reset(ft * dS + tl.dot(Gt, tl.trans(W), input_precision="ieee"), r_ptr, row, HAS_RESETS)
         tl.debug_barrier()  # the next chunk's recompute overwrites scratch that this pass read
     tl.store(dh0_ptr + pid * K * V + kv_offs, dS, mask=kv_mask)
     tl.store(dw_ptr + pid * V * V + vv_offs, dW, mask=vv_mask)
@@ -227,6 +241,7 @@ class _M2RNN(torch.autograd.Function):
         f: torch.Tensor,
         W: torch.Tensor,
         h0: torch.Tensor | None,
+        resets: torch.Tensor | None,
         chunk: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, G, K, H, V = m2rnn_shapes(q, k, v, f, W, h0)
@@ -241,6 +256,7 @@ class _M2RNN(torch.autograd.Function):
         y = torch.empty((B, T, H, V), dtype=dtype, device=v.device)
         hT = torch.empty((B, H, K, V), dtype=dtype, device=v.device)
         h0c = h0.contiguous() if h0 is not None else hT  # (a dummy pointer when HAS_H0 is off)
+        starts = resets.to(torch.uint8).contiguous() if resets is not None else hT  # (likewise)
         if B * H:
             _fwd_kernel[(B * H,)](
                 q,
@@ -249,6 +265,7 @@ class _M2RNN(torch.autograd.Function):
                 f,
                 W,
                 h0c,
+                starts,
                 y,
                 hT,
                 ck,
@@ -262,19 +279,20 @@ class _M2RNN(torch.autograd.Function):
                 KP=KP,
                 VP=VP,
                 HAS_H0=h0 is not None,
+                HAS_RESETS=resets is not None,
                 SAVE=save,
                 F64=f64,
                 num_warps=_warps(KP, VP),
             )
-        ctx.save_for_backward(q, k, v, f, W, ck)
-        ctx.meta = (chunk, h0 is not None, h0.dtype if h0 is not None else None, f64)
+        ctx.save_for_backward(q, k, v, f, W, ck, starts)
+        ctx.meta = (chunk, h0 is not None, h0.dtype if h0 is not None else None, f64, resets is not None)
         return y, hT
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dy: torch.Tensor, dhT: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        q, k, v, f, W, ck = ctx.saved_tensors
-        chunk, has_h0, h0_dtype, f64 = ctx.meta
+        q, k, v, f, W, ck, starts = ctx.saved_tensors
+        chunk, has_h0, h0_dtype, f64, has_resets = ctx.meta
         B, T, G, K = q.shape
         H, V = v.shape[2:]
         cdt = torch.float64 if f64 else torch.float32
@@ -293,6 +311,7 @@ class _M2RNN(torch.autograd.Function):
                 v,
                 f,
                 W,
+                starts,
                 ck,
                 dy.contiguous(),
                 dhT.contiguous(),
@@ -313,6 +332,7 @@ class _M2RNN(torch.autograd.Function):
                 C=chunk,
                 KP=KP,
                 VP=VP,
+                HAS_RESETS=has_resets,
                 F64=f64,
                 num_warps=_warps(KP, VP),
             )
@@ -325,6 +345,7 @@ class _M2RNN(torch.autograd.Function):
             dW.sum(0).to(W.dtype),
             dh0.to(h0_dtype) if has_h0 else None,
             None,
+            None,
         )
 
 
@@ -335,11 +356,12 @@ def m2rnn_triton(
     f: torch.Tensor,
     W: torch.Tensor,
     h0: torch.Tensor | None = None,
+    resets: torch.Tensor | None = None,
     *,
     chunk: int = DEFAULT_CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y [B, T, H, V], h_last [B, H, K, V]) as `m2rnn_reference`, by the Triton kernels, differentiable in
-    q, k, v, f, W and h0. chunk: steps between the forward's checkpoints (a power of two; the backward
+    q, k, v, f, W and h0; resets [B, T] bool: the state is zero where a document starts. chunk: steps between the forward's checkpoints (a power of two; the backward
     recomputes a chunk at a time, memory T/chunk states per head instead of T)."""
     m2rnn_shapes(q, k, v, f, W, h0)
     for name, x in (("q", q), ("k", k), ("v", v), ("f", f), ("W", W), ("h0", h0)):
@@ -357,5 +379,7 @@ def m2rnn_triton(
     if chunk < 1 or chunk & (chunk - 1):
         raise ValueError(f"m2rnn_triton: chunk must be a power of two, got {chunk}")
     # torch leaves Function.apply unannotated
-    y, h_last = _M2RNN.apply(q, k, v, f, W, h0, chunk)  # type: ignore[no-untyped-call]
+    if resets is not None and (resets.shape != q.shape[:2] or resets.device != v.device):
+        raise ValueError(f"m2rnn_triton: resets must be [B, T] = {tuple(q.shape[:2])} on {v.device}")
+    y, h_last = _M2RNN.apply(q, k, v, f, W, h0, resets, chunk)  # type: ignore[no-untyped-call]
     return y, h_last

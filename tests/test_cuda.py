@@ -120,10 +120,12 @@ def test_solvers_on_cuda_match_float64_cpu(solver):
             torch.testing.assert_close(x, r, rtol=tol, atol=tol, msg=f"{name} {dtype}")
 
 
+@pytest.mark.parametrize("documents", [False, True], ids=["one-stream", "documents"])
 @pytest.mark.parametrize("K,V,heads", [(64, 16, 8), (32, 64, 4)])
-def test_m2rnn_triton_on_cuda_matches_float64_cpu(K, V, heads):
+def test_m2rnn_triton_on_cuda_matches_float64_cpu(K, V, heads, documents):
     """The compiled M²RNN kernels (forward and backward, float32) against the PyTorch loop in float64 on
-    the CPU, at the 7B preset's head shape and a wide-V one, over a length that spans many chunks."""
+    the CPU, at the 7B preset's head shape and a wide-V one, over a length that spans many chunks; with
+    documents, the state restarts at starts on and off chunk edges."""
     from unroll.kernels.m2rnn_scan import m2rnn_reference
     from unroll.kernels.triton_m2rnn import m2rnn_triton
 
@@ -138,10 +140,12 @@ def test_m2rnn_triton_on_cuda_matches_float64_cpu(K, V, heads):
         0.1 * torch.randn(B, heads, K, V, generator=g),
     ]
     w_y, w_h = torch.randn(B, T, heads, V, generator=g), torch.randn(B, heads, K, V, generator=g)
+    resets = torch.zeros(B, T, dtype=torch.bool)
+    resets[0, [0, 31, 32, 150]] = resets[1, [64, 299]] = documents
 
     def run(fn, tensors):
         leaves = [t.clone().requires_grad_() for t in tensors]
-        y, h = fn(*leaves)
+        y, h = fn(*leaves, resets.to(leaves[0].device) if documents else None)
         ((y * w_y.to(y)).sum() + (h * w_h.to(h)).sum()).backward()
         return [y.detach(), h.detach()] + [t.grad for t in leaves]
 
@@ -220,3 +224,42 @@ def test_plan_matches_what_one_gpu_allocates(name):
     # the Triton kernels (M²RNN's checkpointed loop): an upper bound, and not a loose one (measured on an
     # H200: 1.22 for paragru-1b, 1.44 for m2rnn-hybrid-400m)
     assert measured["peak of the step"] <= planned["peak of the step"] <= 1.5 * measured["peak of the step"]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)])
+def test_flex_document_attention_on_cuda_matches_float64_cpu(dtype, tol):
+    """The fused flex_attention over the tile mask (forward and backward) against SDPA with the dense
+    document mask in float64 on the CPU: grouped heads, a window, queries after earlier keys, lengths off
+    the 128 tile."""
+    from unroll.models.document_mask import document_block_mask, flex_document_attention
+
+    g = torch.Generator().manual_seed(0)
+    B, T, S, H, KV, hd, window = 2, 700, 1000, 8, 2, 64, 300
+    doc_k = (torch.rand(B, S, generator=g) < 1 / 150).long().cumsum(1)
+    doc_q = doc_k[:, S - T :]
+    q, k, v = (
+        torch.randn(B, H, T, hd, generator=g),
+        torch.randn(B, KV, S, hd, generator=g),
+        torch.randn(B, KV, S, hd, generator=g),
+    )
+    w = torch.randn(B, H, T, hd, generator=g)
+    q_pos, k_pos = torch.arange(S - T, S)[:, None], torch.arange(S)[None]
+    mask = (doc_q[:, None, :, None] == doc_k[:, None, None, :]) & (k_pos <= q_pos) & (k_pos > q_pos - window)
+
+    def run(attend, device, dt):
+        leaves = [x.to(device, dt).requires_grad_() for x in (q, k, v)]
+        y = attend(*leaves)
+        (y * w.to(y)).sum().backward()
+        return [y.detach()] + [x.grad for x in leaves]
+
+    want = run(
+        lambda a, b, c: torch.nn.functional.scaled_dot_product_attention(a, b, c, attn_mask=mask, enable_gqa=True),
+        "cpu",
+        torch.float64,
+    )
+    block_mask = document_block_mask(doc_q.cuda(), doc_k.cuda(), S - T, window)
+    got = run(lambda a, b, c: flex_document_attention(a, b, c, block_mask, fused=True), "cuda", dtype)
+    for name, a, b in zip(["y", "dq", "dk", "dv"], got, want):
+        err = ((a.double().cpu() - b).abs().max() / b.abs().max()).item()
+        print(f"{name}: flex {dtype} {err:.1e} of the largest float64 value")
+        assert err <= tol, name

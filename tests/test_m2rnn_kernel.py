@@ -74,6 +74,35 @@ def test_triton_matches_reference(case):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"d{name}")
 
 
+# B, T, chunk, document starts per row: at t = 0 (h0 dropped), on a chunk's first step, on its last, twice
+# in a row, and none
+RESET_CASES = {
+    "starts_across_chunks": (2, 11, 4, [[0, 4, 7, 8], [3, 10]]),
+    "no_starts_in_one_row": (2, 9, 2, [[], [1, 2, 5]]),
+    "default_chunk": (1, 37, None, [[5, 32, 33]]),
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("case", RESET_CASES)
+def test_triton_with_resets_matches_reference(case):
+    """The state is zero where a document starts, forward and backward (no gradient into the state
+    before it), in the forward, the chunk recompute and the reverse pass alike."""
+    B, T, chunk, starts = RESET_CASES[case]
+    xs = inputs(B, T, 2, 4, 5, 3, seed=T)
+    resets = torch.zeros(B, T, dtype=torch.bool, device=DEVICE)
+    for b, ts in enumerate(starts):
+        resets[b, ts] = True
+    got = forward_and_grads(lambda *a: triton_fn(*a, resets, **({"chunk": chunk} if chunk else {})), xs)
+    want = forward_and_grads(lambda *a: m2rnn_reference(*a, resets), xs)
+    unreset = forward_and_grads(m2rnn_reference, xs)
+    assert not torch.allclose(want[0], unreset[0])  # the starts change the answer
+    for name, a, b in zip(
+        ["y", "h_last", "dq", "dk", "dv", "df", "dW", "dh0"], [*got[:2], *got[2]], [*want[:2], *want[2]]
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+
+
 @needs_triton
 def test_triton_float32():
     """float32 in and out, computed in float32: close to the float64 reference on the same values."""
