@@ -188,9 +188,11 @@ def chunk_memory(
     shortest = T if valid is None else int(valid.min())  # chunks before this one are full in every row
     valid = torch.full((N,), T, device=q.device) if valid is None else valid
     W, S, P = carry.value, carry.momentum, carry.value
+    restarting = restart.any(0).tolist() if restart is not None else [False] * n
     ys = []
     for i in range(n):
-        if restart is not None and i > 0:
+        if restarting[i] and i > 0:
+            assert restart is not None  # restarting is all False without it
             W, P = _pick(restart[:, i], carry.value, W), _pick(restart[:, i], carry.value, P)
             S = None if S is None or carry.momentum is None else _pick(restart[:, i], carry.momentum, S)
             M = None if M is None or carry.proj is None else torch.where(restart[:, i, None, None], carry.proj, M)

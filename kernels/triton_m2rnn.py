@@ -361,8 +361,9 @@ def m2rnn_triton(
     chunk: int = DEFAULT_CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y [B, T, H, V], h_last [B, H, K, V]) as `m2rnn_reference`, by the Triton kernels, differentiable in
-    q, k, v, f, W and h0; resets [B, T] bool: the state is zero where a document starts. chunk: steps between the forward's checkpoints (a power of two; the backward
-    recomputes a chunk at a time, memory T/chunk states per head instead of T)."""
+    q, k, v, f, W and h0; resets [B, T] bool: the state is zero where a document starts. chunk: steps
+    between the forward's checkpoints (a power of two; the backward recomputes a chunk at a time, memory
+    T/chunk states per head instead of T)."""
     m2rnn_shapes(q, k, v, f, W, h0)
     for name, x in (("q", q), ("k", k), ("v", v), ("f", f), ("W", W), ("h0", h0)):
         if x is None:

@@ -10,7 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from unroll.models.context_parallel import ContextParallel
-from unroll.models.document_mask import document_block_mask, flex_document_attention, use_flex
+from unroll.models.document_mask import (
+    document_block_mask,
+    document_dense_mask,
+    flex_document_attention,
+    use_flex,
+)
 from unroll.models.init import Rule, init_eagerly, normal
 
 
@@ -149,18 +154,16 @@ class Attention(ContextParallel, nn.Module):
     ) -> torch.Tensor:
         """Queries at past ... past + T − 1 over `cached` earlier keys and their own, projected out; with
         document ids (doc_q [B, T], doc_k [B, cached + T]) a query sees only keys of its own document."""
-        B, H, T, hd = q.shape
-        if doc_q is not None and doc_k is not None and use_flex(self.kernel, q):
-            block_mask = document_block_mask(doc_q, doc_k, cached, self.window)
-            y = flex_document_attention(q, k, v, block_mask, fused=q.is_cuda)
-            return self._out(y)
-        mask, causal = self._mask(past, cached, T, q.device)
+        H, T = q.shape[1:3]
+        mask: torch.Tensor | None
         if doc_q is not None and doc_k is not None:
+            if use_flex(self.kernel, q):
+                block_mask = document_block_mask(doc_q, doc_k, cached, self.window)
+                return self._out(flex_document_attention(q, k, v, block_mask, fused=q.is_cuda))
             # a boolean mask [B, 1, T, S]: SDPA runs its memory-efficient kernel with it (not flash)
-            same = doc_q[:, None, :, None] == doc_k[:, None, None, :]
-            if mask is None and causal:
-                mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-            mask, causal = (same if mask is None else same & mask), False
+            mask, causal = document_dense_mask(doc_q, doc_k, cached, self.window), False
+        else:
+            mask, causal = self._mask(past, cached, T, q.device)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_heads != H)
         return self._out(y)
 

@@ -1,7 +1,7 @@
 """Documents of packed rows laid out in lanes where each starts on a multiple of `align`: a chunkwise memory
 (TNT) whose chunks and periodic resets divide `align` then counts them from each document's own first
-token, as if the document ran alone, by restarting at the chunks where a document begins. Lanes are as long as
-the longest document; the documents, longest first, go into the first lane with room (first-fit
+token, as if the document ran alone, by restarting at the chunks where a document begins. Lanes are as
+long as the longest document; the documents, longest first, go into the first lane with room (first-fit
 decreasing), each taking its length rounded up to `align` when another follows it. So padding costs under
 `align` tokens per document plus the lanes' unused tails, where one document per row, padded to the
 longest, would cost every document the longest's length."""

@@ -71,6 +71,14 @@ def document_block_mask(doc_q: torch.Tensor, doc_k: torch.Tensor, offset: int, w
     )
 
 
+def document_dense_mask(doc_q: torch.Tensor, doc_k: torch.Tensor, offset: int, window: int = 0) -> torch.Tensor:
+    """The rule of `document_block_mask` as SDPA's boolean mask [B, 1, T, S] (B · T · S bytes)."""
+    i = torch.arange(doc_q.shape[1], device=doc_q.device)[:, None]
+    j = torch.arange(doc_k.shape[1], device=doc_q.device)[None, :]
+    seen = (doc_q[:, None, :, None] == doc_k[:, None, None, :]) & (j <= offset + i)
+    return seen & (j > offset + i - window) if window else seen
+
+
 def document_mask_mod(
     doc_q: torch.Tensor, doc_k: torch.Tensor, offset: int, window: int
 ) -> Callable[..., torch.Tensor]:
@@ -99,7 +107,8 @@ def flex_document_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, *, fused: bool
 ) -> torch.Tensor:
     """softmax(q kᵀ/√d) v over the block mask's pairs; kv heads shared by groups of query heads. fused:
-    the compiled kernel (CUDA, or CPU without backward); else flex_attention's eager reference, which on CPU has no backward."""
+    the compiled kernel (CUDA, or CPU without backward); else flex_attention's eager reference (which
+    materializes the scores, and on CPU has no backward either)."""
     gqa = k.shape[1] != q.shape[1]
     if fused:
         return _compiled()(q, k, v, block_mask=block_mask, enable_gqa=gqa)

@@ -49,8 +49,8 @@ def test_compiled_blocks_train_like_eager(tiny_config):
     for name, flag in (("eager", False), ("compiled", True)):
         cfg = load_config(
             str(
-                tiny_config(  # no validation: its no-grad forward would compile every block twice more
-                    name, train={"steps": 3, "compile": flag, "activation_checkpoint": "mlp"}, data={"valid": ""}
+                tiny_config(
+                    name, train={"steps": 3, "compile": flag, "activation_checkpoint": "mlp"}, eval={"every": 0}
                 )
             )
         )

@@ -19,15 +19,9 @@ import torch.nn.functional as F
 
 from unroll.launch.bench import harness
 from unroll.models.attention import document_layout
-from unroll.models.document_mask import document_block_mask, flex_document_attention
+from unroll.models.document_mask import document_block_mask, document_dense_mask, flex_document_attention
 
 PATHS = ("causal", "sdpa-mask", "flex-tiles")
-
-
-def dense_mask(doc: torch.Tensor) -> torch.Tensor:
-    T = doc.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=doc.device).tril()
-    return (doc[:, None, :, None] == doc[:, None, None, :]) & causal
 
 
 def attention_paths(
@@ -36,7 +30,9 @@ def attention_paths(
     gqa = k.shape[1] != q.shape[1]
     forwards: dict[str, Callable[[], torch.Tensor]] = {
         "causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa),
-        "sdpa-mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(doc), enable_gqa=gqa),
+        "sdpa-mask": lambda: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=document_dense_mask(doc, doc, 0), enable_gqa=gqa
+        ),
         "flex-tiles": lambda: flex_document_attention(q, k, v, document_block_mask(doc, doc, 0), fused=True),
     }
 
