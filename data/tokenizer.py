@@ -180,3 +180,8 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.path!r}, vocab_size={self.vocab_size})"
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """The tokenizer stored at `path`, whatever its kind (today: a sentencepiece .model)."""
+    return Tokenizer(path)
