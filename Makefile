@@ -49,8 +49,11 @@ lint: $(TEST_STAMP)
 	MYPYPATH=$(TYPECHECK) $(BIN)/mypy --strict -p unroll.kernels -p unroll.models
 	MYPYPATH=$(TYPECHECK) $(BIN)/mypy -p unroll.data -p unroll.train -p unroll.launch
 
+# Two test processes (pytest-xdist): most tests are single-threaded Python or wait on subprocess imports, so
+# two share a 2-core machine well; more would multiply the ranks the multi-process tests start at once.
+# loadgroup keeps the tests of one xdist_group (the SLURM cluster's) on one process.
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadgroup
 
 clean:
 	rm -rf $(VENV) runs
