@@ -5,6 +5,10 @@ are ignored) or a glob (sorted). Formats: `.txt` (one document per file), `.json
 document per record, field `text_key`), `.parquet` (one document per row, column `text_key`). One
 source holds one format; `.json` and `.jsonl` count as the same format. Null texts read as empty
 documents.
+
+This reader (tokenizer training samples its lines) keeps an Arrow copy of the corpus; `unroll data prepare`
+streams the same files, compressed ones too, in bounded memory with data/stream.py, which shares the file
+resolution here (bundled_files, resolve_files).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from importlib import resources
 from typing import TYPE_CHECKING
 
@@ -61,9 +66,9 @@ def read_documents(
     `cache_dir` holds datasets' Arrow files (default: a temporary directory removed at exit)."""
     source = os.fspath(source)
     if source.startswith("bundled:"):
-        files, builder = _bundled_files(source), "text"
+        files, builder = bundled_files(source), "text"
     else:
-        files = _resolve_files(source)
+        files = resolve_files(source, sorted(BUILDERS))
         builder = _builder_for(files, source)
         # A zero-byte file holds no document; datasets' json reader fails on one with StopIteration.
         files = [f for f in files if os.path.getsize(f) > 0]
@@ -94,7 +99,8 @@ def _null_to_empty(batch: dict) -> dict:
     return {"text": [t if t is not None else "" for t in batch["text"]]}
 
 
-def _bundled_files(source: str) -> list[str]:
+def bundled_files(source: str) -> list[str]:
+    """The files of a bundled corpus (`bundled:NAME`), sorted."""
     if source != SHAKESPEARE:
         raise DataError(f"unknown bundled corpus {source!r}: the bundled corpus is {SHAKESPEARE!r}")
     try:
@@ -108,15 +114,17 @@ def _bundled_files(source: str) -> list[str]:
     return sorted(str(p) for p in root.iterdir() if p.name.endswith("_gut.txt"))
 
 
-def _resolve_files(source: str) -> list[str]:
+def resolve_files(source: str, suffixes: Sequence[str]) -> list[str]:
+    """The absolute paths of a file, a directory (its files whose names end in one of `suffixes`, sorted;
+    hidden and other files are ignored) or a glob (every file it matches, sorted)."""
     if os.path.isdir(source):
         files = sorted(
             os.path.join(source, name)
             for name in os.listdir(source)
-            if not name.startswith(".") and os.path.splitext(name)[1] in BUILDERS
+            if not name.startswith(".") and name.endswith(tuple(suffixes))
         )
         if not files:
-            raise DataError(f"directory {source!r} holds no corpus files (extensions {sorted(BUILDERS)})")
+            raise DataError(f"directory {source!r} holds no corpus files (extensions {list(suffixes)})")
         return [os.path.abspath(f) for f in files]
     if os.path.isfile(source):
         return [os.path.abspath(source)]

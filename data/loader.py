@@ -10,7 +10,12 @@ every block, dataset d gets exactly c_d samples (largest-remainder apportionment
 weight_d * block_size), at positions given by a permutation seeded with (seed, 1_000_003, block).
 The k-th sample of dataset d in block b is d's sample number b * c_d + k, so locating any index
 costs O(block_size). A dataset's samples are used epoch after epoch; epoch e visits them in the
-order of a permutation seeded with (seed, dataset index, e), or in order when shuffle=False.
+order of a permutation keyed by (seed, dataset index, e), or in order when shuffle=False.
+
+Orders (`order`): "feistel" (the default) computes each position's sample from the key with a Feistel network
+(data/permutation.py): no table, O(1) memory for any dataset size. "numpy-permutation" draws the whole epoch
+as `np.random.default_rng([seed, d, e]).permutation(n)` (n int64s per dataset and epoch), the order of runs
+started before the Feistel one; a run keeps the order it started with (train/data_order.py).
 
 Documents: `get_with_starts` returns beside each window where documents begin in it, read from the shard's
 document index (never by looking for EOS tokens, which a corpus may hold inside a document). Like the tokens,
@@ -26,10 +31,13 @@ import numpy as np
 import torch
 
 from .errors import DataError
+from .permutation import feistel, round_keys
 from .shards import TokenShard
 
 BLOCK_SIZE = 4096
 _BLOCK_SALT = 1_000_003  # keeps block permutations apart from per-dataset epoch permutations
+ORDERS = ("feistel", "numpy-permutation")  # how a shuffled epoch is ordered (module docstring)
+NEW_RUN_ORDER = "feistel"  # a run that has read no sample yet (train/data_order.py keeps a resumed run's)
 
 
 class PackedDataset:
@@ -88,6 +96,7 @@ class TokenLoader:
         seed: int,
         shuffle: bool = True,
         block_size: int = BLOCK_SIZE,
+        order: str = "feistel",
     ) -> None:
         if not datasets or len(datasets) != len(weights):
             raise DataError(f"{len(datasets)} datasets but {len(weights)} weights")
@@ -99,10 +108,13 @@ class TokenLoader:
             raise DataError(f"datasets have different seq_len {sorted(seq_lens)}")
         if seed < 0:
             raise ValueError(f"seed {seed} must be non-negative")
+        if order not in ORDERS:
+            raise DataError(f"sample order {order!r} is not one of {', '.join(ORDERS)}")
         self.datasets = list(datasets)
         self.seq_len = datasets[0].seq_len
         self.seed = int(seed)
         self.shuffle = shuffle
+        self.order = order
         self.block_size = block_size
         self.weights = np.asarray(weights, dtype=np.float64) / sum(weights)
         self.counts = apportion(self.weights, block_size)  # samples of each dataset per block
@@ -115,6 +127,8 @@ class TokenLoader:
         # Small caches: a batch touches one or two blocks and one or two epochs per dataset.
         self._blocks: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._perms: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._keys: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._sizes = np.array([ds.n_samples for ds in self.datasets], dtype=np.int64)
 
     def get(self, start: int, count: int) -> torch.Tensor:
         if count == 0 and start >= 0:
@@ -148,17 +162,18 @@ class TokenLoader:
             pos = g[mask] % self.block_size
             which[mask] = owner[pos]
             nth[mask] = b * self.counts[owner[pos]] + rank[pos]
+        sizes = self._sizes[which]
+        epoch, k = nth // sizes, nth % sizes  # position k of the dataset's epoch
+        if not self.shuffle:
+            return which, k
+        if self.order == "feistel":  # one pass for every dataset and epoch of the batch
+            return which, feistel(k, sizes, self._round_keys(which, epoch))
         index = np.empty_like(g)
         for d in np.unique(which):
             mask = which == d
-            n = self.datasets[d].n_samples
-            epoch, k = nth[mask] // n, nth[mask] % n
-            if not self.shuffle:
-                index[mask] = k
-                continue
-            for e in np.unique(epoch):
-                sel = epoch == e
-                index[np.flatnonzero(mask)[sel]] = self._perm(int(d), int(e))[k[sel]]
+            for e in np.unique(epoch[mask]):
+                sel = np.flatnonzero(mask & (epoch == e))
+                index[sel] = self._perm(int(d), int(e))[k[sel]]
         return which, index
 
     def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
@@ -175,11 +190,22 @@ class TokenLoader:
             _remember(self._blocks, b, (owner, rank), keep=2)
         return self._blocks[b]
 
+    def _round_keys(self, which: np.ndarray, epoch: np.ndarray) -> np.ndarray:
+        """uint64 [len(which), rounds]: the Feistel keys of each sample's dataset and epoch."""
+        span = int(epoch.max()) + 1 if epoch.size else 1
+        pairs, inverse = np.unique(which * span + epoch, return_inverse=True)  # one code per (dataset, epoch)
+        rows = []
+        for d, e in (divmod(p, span) for p in pairs.tolist()):
+            if (d, e) not in self._keys:
+                _remember(self._keys, (d, e), round_keys((self.seed, d, e)), keep=2 * len(self.datasets))
+            rows.append(self._keys[d, e])
+        return np.stack(rows)[inverse.reshape(-1)]
+
     def _perm(self, d: int, epoch: int) -> np.ndarray:
+        """numpy-permutation: dataset d's order in `epoch` as a table (position -> sample)."""
         key = (d, epoch)
         if key not in self._perms:
-            rng = np.random.default_rng([self.seed, d, epoch])
-            perm = rng.permutation(self.datasets[d].n_samples)
+            perm = np.random.default_rng([self.seed, d, epoch]).permutation(self.datasets[d].n_samples)
             _remember(self._perms, key, perm, keep=2 * len(self.datasets))
         return self._perms[key]
 

@@ -1,187 +1,189 @@
-"""A lossless sentencepiece tokenizer: training it from a corpus, and using it.
+"""Tokenizers of every kind behind one interface, and `load_tokenizer`, the one way to open one by its path.
 
-Lossless means decode(encode(text)) == text for any text: identity normalization, spaces kept as
-they are, no dummy prefix space, and byte fallback, so a character the vocabulary lacks becomes its
-UTF-8 bytes instead of <unk>. Ids: unk=0, bos=1, eos=2, no pad.
+Kinds, by what the path is:
+  a sentencepiece model (`*.model`, or any file that is not `.json`)   data/sentencepiece_tokenizer.py
+  a `tokenizer.json` of HF tokenizers (Llama 3, GPT-NeoX, Qwen ...),  data/hf_tokenizer.py
+    or a transformers tokenizer directory holding one
+A directory holding only `tokenizer.model` (a run, grown or export directory of a sentencepiece run) opens
+that. Every kind encodes without BOS or EOS (the caller places them) and pickles as what it was opened
+from, so worker processes reopen it.
+
+A run, grown or export directory keeps a copy of its tokenizer under fixed names (`save_to`): the
+sentencepiece model as tokenizer.model, an HF tokenizer as tokenizer.json beside a tokenizer_config.json
+that names its EOS and BOS (so transformers' AutoTokenizer loads the directory, and the copy needs no
+setting to open as the original did). `tokenizer_in(directory)` finds it, in old run directories too.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable, Iterator
+from abc import ABCMeta, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
 
-import numpy as np
-import sentencepiece as spm
-
-from .corpus import read_documents
 from .errors import DataError
 
-# Byte fallback reserves one piece per byte value, besides <unk>, <s> and </s>.
-MIN_VOCAB_SIZE = 256 + 3 + 1
+SENTENCEPIECE_FILE = "tokenizer.model"
+HF_FILE = "tokenizer.json"
+HF_CONFIG_FILE = "tokenizer_config.json"
 
 
-def train_tokenizer(
-    source: str,
-    out_prefix: str,
-    vocab_size: int,
-    *,
-    model_type: str = "bpe",
-    text_key: str = "text",
-    input_sentence_size: int = 2_000_000,
-    seed: int = 0,
-) -> str:
-    """Train a sentencepiece model on the lines of `source`'s documents; return `out_prefix.model`.
+class SpecialTokenError(DataError):
+    """An EOS or BOS token that cannot be found or is not in the vocabulary. `key` is the setting that names
+    it (eos_token, bos_token); `given` says whether the caller gave it (a run's data.eos_token) or the
+    tokenizer's files did."""
 
-    At most `input_sentence_size` lines are used, sampled reproducibly with `seed`. Both
-    `out_prefix.model` and `.vocab` are written under temporary names and renamed when complete."""
-    if vocab_size < MIN_VOCAB_SIZE:
-        raise DataError(
-            f"vocab_size {vocab_size} is too small: byte fallback needs 256 byte pieces and 3 "
-            f"special tokens, so at least {MIN_VOCAB_SIZE}"
-        )
-    if model_type not in ("bpe", "unigram"):
-        raise DataError(f"model_type {model_type!r}: use 'bpe' or 'unigram'")
-    docs = read_documents(source, text_key=text_key)
-    out_prefix = os.fspath(out_prefix)
-    os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
-    tmp_prefix = f"{out_prefix}.tmp-{os.getpid()}"
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=_sampled_lines(docs, input_sentence_size, seed),
-            model_prefix=tmp_prefix,
-            vocab_size=vocab_size,
-            model_type=model_type,
-            normalization_rule_name="identity",
-            remove_extra_whitespaces=False,
-            add_dummy_prefix=False,
-            byte_fallback=True,
-            split_digits=True,
-            unk_id=0,
-            bos_id=1,
-            eos_id=2,
-            pad_id=-1,
-            hard_vocab_limit=True,
-            # _sampled_lines samples: sentencepiece's own sampling ignores
-            # spm.set_random_generator_seed (0.2.x), so it is not reproducible.
-            input_sentence_size=0,
-            shuffle_input_sentence=False,
-            max_sentence_length=1 << 16,  # bytes; longer lines are skipped (with a warning)
-            num_threads=os.cpu_count() or 1,
-            minloglevel=2,
-        )
-        # .vocab first: a .model that exists always has its .vocab beside it.
-        os.replace(tmp_prefix + ".vocab", out_prefix + ".vocab")
-        os.replace(tmp_prefix + ".model", out_prefix + ".model")
-    except RuntimeError as e:
-        raise _training_error(e, vocab_size, source) from e
-    finally:
-        for ext in (".model", ".vocab"):
-            if os.path.exists(tmp_prefix + ext):
-                os.remove(tmp_prefix + ext)
-    return out_prefix + ".model"
+    def __init__(self, message: str, key: str, given: bool) -> None:
+        super().__init__(message)
+        self.key, self.given = key, given
 
 
-def _sampled_lines(docs, size: int, seed: int) -> Iterator[str]:
-    """The corpus's lines, or `size` of them chosen by a generator seeded with `seed`."""
-    n_lines = sum(1 for _ in _lines(_texts(docs))) if size > 0 else 0
-    if size <= 0 or n_lines <= size:  # size <= 0 means all lines, as in sentencepiece
-        yield from _lines(_texts(docs))
-        return
-    keep = np.sort(np.random.default_rng(seed).choice(n_lines, size, replace=False, shuffle=False))
-    k = 0
-    for i, line in enumerate(_lines(_texts(docs))):
-        if i == keep[k]:
-            yield line
-            k += 1
-            if k == size:
-                return
+class _OpensByPath(ABCMeta):
+    """`Tokenizer(path)` is `load_tokenizer(path)`: the kind comes from what the path is."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        if cls is Tokenizer:
+            return load_tokenizer(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
 
 
-def _texts(docs) -> Iterator[str]:
-    for batch in docs.iter(batch_size=256):
-        yield from batch["text"]
+class Tokenizer(metaclass=_OpensByPath):
+    """What every kind offers. `path` is the file that defines it; ids run from 0 to vocab_size - 1."""
 
+    kind: str  # "sentencepiece" | "hf"
+    path: str
+    _reopen: tuple  # the arguments that open it again (pickling)
 
-def _lines(texts: Iterable[str]) -> Iterator[str]:
-    # sentencepiece drops newlines inside a sentence; newlines cost one byte-fallback token each,
-    # which is what a dedicated "\n" piece would cost too.
-    for text in texts:
-        for line in text.splitlines():
-            if line:
-                yield line
-
-
-def _training_error(e: RuntimeError, vocab_size: int, source: str) -> Exception:
-    msg = str(e)
-    if "Vocabulary size too high" in msg:
-        return DataError(
-            f"vocab_size {vocab_size} is too large for the corpus {source!r}: "
-            f"sentencepiece says: {msg.split('] ', 1)[-1]}"
-        )
-    if "Vocabulary size is smaller than required_chars" in msg:
-        return DataError(
-            f"vocab_size {vocab_size} is too small for the characters of {source!r}: "
-            f"sentencepiece says: {msg.split('] ', 1)[-1]}"
-        )
-    return DataError(f"training a tokenizer on {source!r} failed: {msg}")
-
-
-class Tokenizer:
-    """A trained sentencepiece model. encode adds no BOS/EOS; the caller decides where they go."""
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = os.path.abspath(os.fspath(path))
-        if not os.path.isfile(self.path):
-            raise DataError(f"tokenizer model not found: {self.path!r}")
-        self._sp = spm.SentencePieceProcessor()
-        try:
-            self._sp.load(self.path)
-        except (RuntimeError, OSError) as e:
-            raise DataError(f"{self.path!r} is not a sentencepiece model: {e}") from None
-
-    def __getstate__(self) -> dict:  # pickles as its path (for worker processes)
-        return {"path": self.path}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(state["path"])  # type: ignore[misc]  # rebuilds this exact class from its path
+    def __reduce__(self) -> tuple:  # pickles as its path (for worker processes)
+        return type(self), self._reopen
 
     @property
-    def vocab_size(self) -> int:
-        return self._sp.get_piece_size()
+    @abstractmethod
+    def vocab_size(self) -> int: ...
 
     @property
-    def eos_id(self) -> int:
-        return self._sp.eos_id()
+    @abstractmethod
+    def eos_id(self) -> int: ...
 
     @property
-    def bos_id(self) -> int:
-        return self._sp.bos_id()
+    @abstractmethod
+    def bos_id(self) -> int | None:
+        """None where the tokenizer has no BOS token (nothing in unroll places one)."""
 
-    def encode(self, text: str) -> list[int]:
-        return self._sp.encode(text, out_type=int)
+    @abstractmethod
+    def encode(self, text: str) -> list[int]: ...
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Many texts in one call (sentencepiece loops in C++)."""
-        return self._sp.encode(texts, out_type=int)
+    @abstractmethod
+    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`. An id past the vocabulary (a model's padding rows, or a special token another tool
-        appended, such as Megatron's legacy <EOD>) decodes to nothing, as <s> and </s> do."""
+        appended, such as Megatron's legacy <EOD>) decodes to nothing."""
         n = self.vocab_size
-        return self._sp.decode([int(i) for i in ids if 0 <= int(i) < n])
+        return self._decode([int(i) for i in ids if 0 <= int(i) < n])
+
+    @abstractmethod
+    def _decode(self, ids: list[int]) -> str: ...
 
     @property
+    @abstractmethod
     def sha256(self) -> str:
-        """Content hash of the model file: two tokenizers with the same vocabulary size can still
-        map text to different ids, and shards remember which one made them."""
-        with open(self.path, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
+        """Content hash of what decides the ids a shard holds: two tokenizers with the same vocabulary size can
+        still map text to different ids, and shards remember which one made them."""
+
+    @abstractmethod
+    def save_to(self, directory: str | os.PathLike) -> Path:
+        """Write this tokenizer into `directory` under the fixed names (module docstring), removing another
+        kind's files there; returns the path load_tokenizer opens it by."""
 
     def __repr__(self) -> str:
-        return f"Tokenizer({self.path!r}, vocab_size={self.vocab_size})"
+        return f"{type(self).__name__}({self.path!r}, vocab_size={self.vocab_size})"
 
 
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """The tokenizer stored at `path`, whatever its kind (today: a sentencepiece .model)."""
-    return Tokenizer(path)
+def load_tokenizer(path: str | os.PathLike, *, eos_token: str | None = None, bos_token: str | None = None) -> Tokenizer:
+    """The tokenizer stored at `path`, whatever its kind (module docstring). `eos_token` and `bos_token` name
+    an HF tokenizer's EOS and BOS, before its tokenizer_config.json and the well-known special tokens
+    (data/hf_tokenizer.py); a sentencepiece model has its own."""
+    file = os.path.abspath(os.fspath(path))
+    if os.path.isdir(file):
+        found = tokenizer_in(file)
+        if found is None:
+            raise DataError(
+                f"tokenizer directory {file!r} holds neither {HF_FILE} (an HF tokenizer, as transformers saves "
+                f"it) nor {SENTENCEPIECE_FILE} (a sentencepiece model)"
+            )
+        file = str(found)
+    elif not os.path.isfile(file):
+        raise DataError(
+            f"tokenizer not found: {file!r} (expected a sentencepiece .model file, an HF tokenizer.json file, "
+            f"or a directory holding one)"
+        )
+    if file.endswith(".json"):
+        from .hf_tokenizer import HFTokenizer  # each kind's library only where it is used
+
+        return HFTokenizer(file, eos_token or None, bos_token or None)
+    for key, given in (("eos_token", eos_token), ("bos_token", bos_token)):
+        if given:
+            raise SpecialTokenError(
+                f"{key} {given!r} names a token of an HF tokenizer (tokenizer.json); the sentencepiece model "
+                f"{file!r} has its own",
+                key,
+                given=True,
+            )
+    from .sentencepiece_tokenizer import SentencePieceTokenizer
+
+    return SentencePieceTokenizer(file)
+
+
+def tokenizer_in(directory: str | os.PathLike) -> Path | None:
+    """The tokenizer file a run, grown, export or transformers directory holds: tokenizer.json (transformers
+    directories often hold a tokenizer.model beside it, for the slow tokenizer), else tokenizer.model."""
+    for name in (HF_FILE, SENTENCEPIECE_FILE):
+        if (Path(directory) / name).is_file():
+            return Path(directory) / name
+    return None
+
+
+def file_sha256(path: str, extra: bytes = b"") -> str:
+    """sha256 of a file's bytes, then `extra`."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    digest.update(extra)
+    return digest.hexdigest()
+
+
+def replace_file(directory: Path, name: str, write: Callable[[Path], object]) -> None:
+    """directory/name written whole by `write(tmp_path)` under a temporary name, then renamed."""
+    tmp = directory / f"{name}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        tmp.replace(directory / name)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def remove_files(directory: Path, names: Sequence[str]) -> None:
+    for name in names:
+        (directory / name).unlink(missing_ok=True)
+
+
+def __getattr__(name: str) -> Any:
+    """The kinds and their training live in their own modules; these names are still found here, where
+    callers import them from."""
+    if name in ("train_tokenizer", "SentencePieceTokenizer", "MIN_VOCAB_SIZE"):
+        from . import sentencepiece_tokenizer
+
+        return getattr(sentencepiece_tokenizer, name)
+    if name == "HFTokenizer":
+        from .hf_tokenizer import HFTokenizer
+
+        return HFTokenizer
+    if name == "train_hf_bpe":
+        from .hf_bpe import train_hf_bpe
+
+        return train_hf_bpe
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -174,33 +174,62 @@ def _rehearse(args) -> int:
 
 
 def _tokenizer(args) -> int:
-    from unroll.data.tokenizer import train_tokenizer
+    if args.kind == "hf-bpe":
+        if args.model_type is not None or args.seed is not None:
+            raise UsageError("--model-type and --seed are sentencepiece's: --kind hf-bpe reads every document")
+        from unroll.data.hf_bpe import train_hf_bpe
 
-    path = train_tokenizer(
-        args.input, args.out, args.vocab_size, model_type=args.model_type, text_key=args.text_key, seed=args.seed
-    )
+        path = train_hf_bpe(args.input, args.out, args.vocab_size, text_key=args.text_key)
+    else:
+        from unroll.data.sentencepiece_tokenizer import train_tokenizer
+
+        path = train_tokenizer(
+            args.input,
+            args.out,
+            args.vocab_size,
+            model_type=args.model_type or "bpe",
+            text_key=args.text_key,
+            seed=args.seed or 0,
+        )
     print(f"tokenizer written to {path}")
     return 0
 
 
 def _prepare(args) -> int:
-    from unroll.data.shards import prepare_shards
+    import time
 
-    result = prepare_shards(
-        args.input,
-        args.tokenizer,
-        args.out,
-        valid_fraction=args.valid_fraction,
-        seed=args.seed,
-        num_proc=args.num_proc,
-        text_key=args.text_key,
-    )
-    meta = result["meta"]
-    print(
-        f"shards written to {args.out}: "
-        + ", ".join(
-            f"{split} {meta[split]['docs']} docs / {meta[split]['tokens']:,} tokens" for split in ("train", "valid")
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    sources = args.input[0] if len(args.input) == 1 else args.input
+    common = dict(valid_fraction=args.valid_fraction, seed=args.seed, workers=args.workers, text_key=args.text_key)
+    if args.shard_tokens is None and args.shard_size is None:
+        from unroll.data.prepare import prepare_shards
+
+        meta = prepare_shards(sources, args.tokenizer, args.out, progress=None, **common)["meta"]
+        counts = {split: (meta[split]["docs"], meta[split]["tokens"]) for split in ("train", "valid")}
+        written = f"shards written to {args.out}"
+    else:
+        from unroll.data.prepare_dir import prepare_directory, tokens_per_shard
+
+        shard_tokens = args.shard_tokens or tokens_per_shard(args.shard_size, args.tokenizer)
+        manifest = prepare_directory(
+            sources,
+            args.tokenizer,
+            args.out,
+            shard_tokens=shard_tokens,
+            progress=None,
+            log=lambda line: tqdm.write(line, file=sys.stderr),
+            **common,
         )
+        totals = manifest["totals"]
+        counts = {split: (totals[split]["docs"], totals[split]["tokens"]) for split in ("train", "valid")}
+        written = f"{totals['train']['shards']} train and {totals['valid']['shards']} valid shards in {args.out}"
+    seconds = time.perf_counter() - started
+    print(
+        f"{written}: "
+        + ", ".join(f"{split} {docs} docs / {tokens:,} tokens" for split, (docs, tokens) in counts.items())
+        + f" ({seconds:.1f} s)"
     )
     return 0
 
@@ -281,6 +310,11 @@ BENCHES = {
     ),
     "checkpoint": ("unroll.launch.bench.checkpoint", "checkpoint save and load against the disk's own speed"),
     "growth": ("unroll.launch.bench.growth", "G_stack growth and training on against the deep model from scratch"),
+    "loader": ("unroll.launch.bench.loader", "loader reads in the Feistel vs numpy order; the map's cost; prefetch"),
+    "prepare": (
+        "unroll.launch.bench.prepare",
+        "`unroll data prepare` tokens/s with 1, 2 workers against the tokenizer",
+    ),
     "seqpar": ("unroll.launch.bench.seqpar", "sequence-parallel Newton on 2 ranks against 1 rank, weak scaling"),
     "solver": ("unroll.launch.bench.solver", "sequential loop vs Newton (PyTorch and Triton scans) on recurrences"),
     "state-tracking": (
@@ -412,20 +446,60 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="tokenizer training and corpus preparation").add_subparsers(
         dest="data", required=True
     )
-    tok = d.add_parser("tokenizer", help="train a sentencepiece BPE tokenizer on raw text")
+    tok = d.add_parser("tokenizer", help="train a lossless tokenizer on raw text: sentencepiece, or HF byte-level BPE")
     tok.add_argument("--input", required=True, help="bundled:shakespeare, or .txt/.jsonl/.parquet file(s), dir or glob")
-    tok.add_argument("--out", required=True, help="output prefix: writes PREFIX.model and PREFIX.vocab")
+    tok.add_argument(
+        "--kind",
+        default="sentencepiece",
+        choices=["sentencepiece", "hf-bpe"],
+        help="sentencepiece (default): PREFIX.model; hf-bpe: a byte-level BPE of HF tokenizers, "
+        "OUT/tokenizer.json with EOS <|endoftext|> (a transformers tokenizer directory)",
+    )
+    tok.add_argument(
+        "--out",
+        required=True,
+        help="sentencepiece: output prefix, writes PREFIX.model and PREFIX.vocab; hf-bpe: a directory, writes "
+        "OUT/tokenizer.json and OUT/tokenizer_config.json",
+    )
     tok.add_argument("--vocab-size", type=int, required=True)
-    tok.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
+    tok.add_argument("--model-type", choices=["bpe", "unigram"], help="sentencepiece's model (default bpe)")
     tok.add_argument("--text-key", default="text")
-    tok.add_argument("--seed", type=int, default=0)
+    tok.add_argument("--seed", type=int, help="sentencepiece: the seed that samples its training lines (default 0)")
     tok.set_defaults(func=_tokenizer)
     pre = d.add_parser("prepare", help="tokenize a corpus into megatron indexed-dataset shards (train/valid)")
-    pre.add_argument("--input", required=True)
-    pre.add_argument("--tokenizer", required=True, help="a sentencepiece .model file")
-    pre.add_argument("--out", required=True, help="output directory: train.bin/.idx, valid.bin/.idx, meta.json")
+    pre.add_argument(
+        "--input",
+        required=True,
+        nargs="+",
+        help="bundled:shakespeare, or .txt/.jsonl/.json/.parquet files (.txt/.jsonl/.json also as .gz or .zst), "
+        "directories or globs, read in the order given",
+    )
+    pre.add_argument(
+        "--tokenizer", required=True, help="a sentencepiece .model, an HF tokenizer.json or a directory holding one"
+    )
+    pre.add_argument(
+        "--out",
+        required=True,
+        help="output directory: train.bin/.idx, valid.bin/.idx, meta.json; with --shard-tokens or --shard-size "
+        "manifest.json and train-NNNNN, valid-NNNNN shards",
+    )
+    size = pre.add_mutually_exclusive_group()
+    size.add_argument(
+        "--shard-tokens",
+        type=int,
+        help="a directory of shards of about this many tokens each, in one streaming pass that a rerun of the same "
+        "command resumes after a crash",
+    )
+    size.add_argument("--shard-size", help="as --shard-tokens, in bytes of .bin per shard: e.g. 2GB, 512MiB")
     pre.add_argument("--valid-fraction", type=float, default=0.05)
-    pre.add_argument("--num-proc", type=int, default=min(8, os.cpu_count() or 1))
+    pre.add_argument(
+        "--workers",
+        "--num-proc",
+        dest="workers",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="tokenizer processes (the output does not depend on how many)",
+    )
     pre.add_argument("--seed", type=int, default=0)
     pre.add_argument("--text-key", default="text")
     pre.set_defaults(func=_prepare)

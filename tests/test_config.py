@@ -44,6 +44,8 @@ def test_presets_load_and_overrides_apply():
         ("train.steps=abc", "train.steps", "could not be converted"),
         ("model.n_heads=5", "model.n_heads", "do not divide d_model=192"),
         ("data.seq_len=0", "data.seq_len", "must be positive"),
+        ("data.order=random", "data.order", "one of '', 'feistel', 'numpy-permutation', got 'random'"),
+        ("data.prefetch=-1", "data.prefetch", "must be >= 0"),
         ("model.pattern=GXA", "model.pattern", "unknown layer kind"),
         ("checkpoint.keep=0", "checkpoint.keep", "at least 1"),
         ("checkpoint.io_threads=0", "checkpoint.io_threads", "between 1 and 64, got 0"),
@@ -113,6 +115,8 @@ def test_resolved_config_written_to_run_dir(tiny_config):
     cfg = load_config(str(tiny_config("resolved", train={"steps": 2}, checkpoint={"every": 0})))
     train(cfg)
     written = load_config(f"{cfg.run.dir}/config.yaml")
+    assert cfg.data.order == "" and written.data.order == "feistel"  # as resolved for the run (train/data_order.py)
+    written.data.order = ""
     assert to_yaml(written) == to_yaml(cfg)
     # a resume with a changed config keeps the earlier one beside it
     cfg.train.steps = 3

@@ -1,4 +1,4 @@
-"""prepare_shards, TokenShard, check_vocab: contents, split, dtype, Megatron shards, bad inputs."""
+"""prepare_shards (data/prepare.py), TokenShard, check_vocab: contents, split, dtype, Megatron shards, bad inputs."""
 
 import json
 import os
@@ -19,7 +19,7 @@ from unroll.data.shards import (
     prepare_shards,
     split_documents,
 )
-from unroll.data.tokenizer import Tokenizer, train_tokenizer
+from unroll.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 VOCAB = 320
 
@@ -104,7 +104,8 @@ def test_single_document_is_split_inside(corpus_and_tokenizer, tmp_path):
 
 def test_int32_when_vocab_does_not_fit_uint16(corpus_and_tokenizer, tmp_path, monkeypatch):
     corpus, model = corpus_and_tokenizer
-    monkeypatch.setattr(Tokenizer, "vocab_size", property(lambda self: 70_000))
+    # the class load_tokenizer opens (a subclass of Tokenizer has its own vocab_size)
+    monkeypatch.setattr(type(load_tokenizer(model)), "vocab_size", property(lambda self: 70_000))
     out = prepare_shards(corpus, model, str(tmp_path / "big"), num_proc=1)
     assert TokenShard(out["train"]).dtype == np.int32
     check_vocab(out["train"], 70_000)

@@ -313,7 +313,7 @@ def test_hybrid_round_trip_generates_alone_and_trains_on(tiny_config, tmp_path, 
     text = run_cli(
         ["generate", out, "--prompt", "To be", "--max-new-tokens", "12", "--temperature", "0"], offline_env
     ).stdout
-    assert text.strip() == "To be" + tok.decode(expect)
+    assert text.strip() == ("To be" + tok.decode(expect)).strip()  # stripped: the sample may end in spaces
 
     proc = run_cli(["import", out, "--out", tmp_path / "again"], offline_env)
     assert "continues from step 8" in proc.stdout

@@ -30,6 +30,8 @@ from unroll.models.config import ModelConfig
 from unroll.train.config_keys import closest_keys, config_keys, sections
 from unroll.train.step_guard import SPIKE_POLICIES
 
+DATA_ORDERS = ("", "feistel", "numpy-permutation")  # data/loader.py ORDERS, and "" (train/data_order.py)
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the key (and the file) at fault."""
@@ -48,11 +50,21 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    train: list[str] = field(default_factory=lambda: ["runs/data/shakespeare/train"])  # shard prefixes
-    weights: list[float] = field(default_factory=list)  # blending weights, one per train prefix; [] = equal
-    valid: str = "runs/data/shakespeare/valid"  # validation shard prefix; "" = no validation
-    tokenizer: str = "runs/data/shakespeare-bpe2048.model"
+    # shard prefixes, or directories `unroll data prepare` wrote (each: its train shards, weighted by tokens)
+    train: list[str] = field(default_factory=lambda: ["runs/data/shakespeare/train"])
+    weights: list[float] = field(default_factory=list)  # blending weights, one per train entry; [] = equal
+    valid: str = "runs/data/shakespeare/valid"  # validation shard prefix or prepared directory; "" = no validation
+    tokenizer: str = "runs/data/shakespeare-bpe2048.model"  # sentencepiece .model, HF tokenizer.json, or a
+    #   transformers tokenizer directory (holding tokenizer.json)
+    eos_token: str = ""  # HF tokenizers: the token that ends a document; "" = tokenizer_config.json's, else a
+    #   well-known one (data/hf_tokenizer.py). Its BOS is found likewise (unroll places none)
+    vocab_multiple: int = 0  # > 0: model.vocab_size is set to the tokenizer's size rounded up to this multiple
+    #   (128: 100277 -> 100352) as the config loads; the config a run writes holds that number, and 0 here
     seq_len: int = 256
+    order: str = ""  # a shuffled epoch's order: feistel (computed per sample, no table) or numpy-permutation (a
+    #   table per epoch: runs started before feistel); "" = a resumed run's own, a new run's feistel
+    #   (train/data_order.py; a run refuses another order than the one it started with)
+    prefetch: int = 2  # training batches read ahead in a background thread; 0 = read in the step itself
 
 
 @dataclass
@@ -263,7 +275,26 @@ def load_config(name_or_path: str | None, overrides: Sequence[str] = ()) -> Conf
     assert isinstance(typed, Config)
     _absolute_paths(typed)
     validate(typed)
+    _pad_vocab(typed)
     return typed
+
+
+def _pad_vocab(cfg: Config) -> None:
+    """data.vocab_multiple > 0: model.vocab_size becomes the tokenizer's size rounded up to that multiple, and
+    data.vocab_multiple 0, so that the config a run writes holds the number and loads without the tokenizer."""
+    multiple = cfg.data.vocab_multiple
+    if multiple == 0:
+        return
+    from unroll.data.errors import DataError
+    from unroll.data.tokenizer import SpecialTokenError, load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(cfg.data.tokenizer, eos_token=cfg.data.eos_token)
+    except DataError as e:
+        key = f"data.{e.key}" if isinstance(e, SpecialTokenError) and e.given else "data.tokenizer"
+        raise ConfigError(f"config key '{key}' (read for data.vocab_multiple={multiple}): {e}") from None
+    cfg.model.vocab_size = -(-tokenizer.vocab_size // multiple) * multiple
+    cfg.data.vocab_multiple = 0
 
 
 def validate(cfg: Config) -> None:
@@ -287,14 +318,29 @@ def validate(cfg: Config) -> None:
         f"must be positive, got {cfg.run.collective_timeout_s}",
     )
     need(cfg.data.seq_len > 0, "data.seq_len", f"sequence length must be positive, got {cfg.data.seq_len}")
-    need(len(cfg.data.train) > 0, "data.train", "needs at least one shard prefix")
+    need(
+        cfg.data.order in DATA_ORDERS,
+        "data.order",
+        f"must be one of {', '.join(repr(o) for o in DATA_ORDERS)}, got {cfg.data.order!r}",
+    )
+    need(cfg.data.prefetch >= 0, "data.prefetch", f"must be >= 0 (0 = no prefetch), got {cfg.data.prefetch}")
+    need(len(cfg.data.train) > 0, "data.train", "needs at least one shard prefix or prepared directory")
     need(
         not cfg.data.weights or len(cfg.data.weights) == len(cfg.data.train),
         "data.weights",
         f"{len(cfg.data.weights)} weights for {len(cfg.data.train)} train datasets",
     )
     need(all(w > 0 for w in cfg.data.weights), "data.weights", f"weights must be positive, got {cfg.data.weights}")
-    need(bool(cfg.data.tokenizer), "data.tokenizer", "must name a sentencepiece .model file")
+    need(
+        bool(cfg.data.tokenizer),
+        "data.tokenizer",
+        "must name a sentencepiece .model file, an HF tokenizer.json, or a directory holding one",
+    )
+    need(
+        cfg.data.vocab_multiple >= 0,
+        "data.vocab_multiple",
+        f"must be >= 0 (0 = model.vocab_size as given), got {cfg.data.vocab_multiple}",
+    )
     need(cfg.train.steps >= 0, "train.steps", f"must be >= 0, got {cfg.train.steps}")
     need(cfg.train.batch_size > 0, "train.batch_size", f"must be positive, got {cfg.train.batch_size}")
     need(cfg.train.micro_batch_size >= 0, "train.micro_batch_size", f"must be >= 0, got {cfg.train.micro_batch_size}")

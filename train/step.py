@@ -54,16 +54,17 @@ def train_step(
         group["lr"] = lr
     loss_sum = torch.zeros((), device=device)
     aux_sum = torch.zeros((), device=device)
+    reads = step_reads(first, micro, accum, pipelined=t.pipe is not None)
     if t.pipe is not None:  # the schedule runs the accum microbatches through the stages
-        batch = batches(first, micro * accum).to(device)
+        batch = batches(*reads[0]).to(device)
         inputs, targets = split_batch(batch, ranks["cp"], layout.cp)
         with t.autocast:
             loss_sum, aux = t.pipe.step(inputs, targets, accum, device, split_resets(batch, ranks["cp"], layout.cp))
         if aux is not None:
             aux_sum += aux
     else:
-        for i in range(accum):
-            batch = batches(first + i * micro, micro).to(device)
+        for i, read in enumerate(reads):
+            batch = batches(*read).to(device)
             with gradient_sync(t.trained, i == accum - 1), t.autocast:
                 loss = training_loss.lm_loss(t.trained, batch, ranks["cp"], layout.cp)
                 aux = model.aux_loss()  # MoE balancing losses of this forward (None without MoE)
@@ -97,6 +98,12 @@ def train_step(
         for _, moe in model.moe_layers():
             moe.load_since_update.zero_()
     return result
+
+
+def step_reads(first: int, micro: int, accum: int, pipelined: bool) -> list[tuple[int, int]]:
+    """The reads (start, count) of `train_step`'s batches, in order, for a step of this rank from sample `first`:
+    the trainer's prefetch plan follows them."""
+    return [(first, micro * accum)] if pipelined else [(first + i * micro, micro) for i in range(accum)]
 
 
 def judge_step(result: StepResult, layout: Layout, accum: int, guard: StepGuard) -> None:

@@ -15,16 +15,20 @@ from pathlib import Path
 
 import torch
 
+from unroll.data.prefetch import Prefetcher
 from unroll.train.build import build_training
 from unroll.train.checkpoint import dcp as checkpoint
 from unroll.train.checkpoint import integrity, resolve
 from unroll.train.checkpoint.rundir import CONFIG_FILE, prepare_run_dir
 from unroll.train.checkpoint.writer import CheckpointWriter
 from unroll.train.config import Config
+from unroll.train.data_order import STATE_KEY as DATA_ORDER_KEY
+from unroll.train.data_order import resolved_order, with_run_order
 from unroll.train.data_setup import open_run_data
 from unroll.train.evaluate import evaluate
 from unroll.train.final_report import final_report
 from unroll.train.layer_metrics import load_metrics, solver_metrics
+from unroll.train.loss import TokenBatch
 from unroll.train.metrics import Metrics
 from unroll.train.parallel import distributed as D
 from unroll.train.plot import plot_run
@@ -32,7 +36,7 @@ from unroll.train.preflight import check_layout
 from unroll.train.rollback import checkpoint_to_roll_back_to, not_applied
 from unroll.train.schedule import lr_at
 from unroll.train.signals import StopRequest, pause_for_signal
-from unroll.train.step import StepResult, train_step
+from unroll.train.step import StepResult, step_reads, train_step
 from unroll.train.step_guard import StepGuard, TrainingDiverged
 from unroll.train.watchdog import Watchdog
 
@@ -81,6 +85,7 @@ class TrainingRun:
             torch.set_num_threads(cfg.run.threads)
         shape = check_layout(cfg, dist.world)  # the launchers ran these checks (train/preflight.py) already
         self.layout, self.micro, self.accum = shape.layout, shape.micro, shape.accum
+        self.cfg = cfg = with_run_order(cfg)  # data.order: a resumed run's own (train/data_order.py)
         self.data = open_run_data(cfg)  # every file checked before any work
         self.run_dir = Path(cfg.run.dir)
         check_same_model(self.run_dir, cfg)
@@ -93,6 +98,8 @@ class TrainingRun:
         self.state = checkpoint.load_latest(
             self.run_dir, self.t.owned, self.t.optimizer, rank=dist.rank, io_threads=cfg.checkpoint.io_threads
         )
+        if self.state:  # an older checkpoint than the one data.order was resolved with, if the newest failed to load
+            resolved_order(cfg.data.order, self.state, f"checkpoint step {self.state['step']}")
         self.step = self.state["step"] if self.state else 0
         self.samples = self.state["samples_consumed"] if self.state else 0
 
@@ -112,7 +119,7 @@ class TrainingRun:
         guard, the stop signals, the watchdog and the checkpoint writer."""
         cfg, dist, state, t = self.cfg, self.dist, self.state, self.t
         # every check has passed: only now is the run's config.yaml written (a refused run leaves the earlier one)
-        prepare_run_dir(cfg, dist.is_main)
+        prepare_run_dir(cfg, dist.is_main, self.data.tokenizer)
         D.barrier()
         self.metrics = Metrics(
             self.run_dir,
@@ -157,6 +164,21 @@ class TrainingRun:
             async_save=cfg.checkpoint.async_save,
             io_threads=cfg.checkpoint.io_threads,
         )
+        self.reader = self.read_ahead()
+
+    def read_ahead(self) -> Prefetcher[TokenBatch]:
+        """This rank's training batches from the current step to train.steps, read data.prefetch ahead in a
+        thread; the batch of each read is the same as without it (data/prefetch.py)."""
+        cfg, t = self.cfg, self.t
+        micro, accum, pipelined, batch_size = self.micro, self.accum, t.pipe is not None, cfg.train.batch_size
+        first_samples = range(self.samples, self.samples + (cfg.train.steps - self.step) * batch_size, batch_size)
+        planned = (read for s in first_samples for read in step_reads(self.first(s), micro, accum, pipelined))
+        pin = self.dist.device.type == "cuda" and torch.cuda.is_available()
+        return self.data.train_reader(planned, cfg.data.prefetch, pin)
+
+    def first(self, samples: int) -> int:
+        """This rank's first sample of the step that starts at global sample `samples`."""
+        return samples + self.t.ranks["dp"] * self.micro * self.accum
 
     def train_step(self) -> StepResult | None:
         """One optimizer step on the next samples, judged by the guard. Returns its result, or None when the
@@ -164,8 +186,7 @@ class TrainingRun:
         cfg, t = self.cfg, self.t
         self.watchdog.arm(self.step + 1)
         self.lr = lr_at(self.step, cfg.optim.lr, cfg.train.steps, cfg.schedule)
-        first = self.samples + t.ranks["dp"] * self.micro * self.accum
-        result = train_step(t, cfg, self.data.train_batch, first, self.lr, self.dist.device, self.guard)
+        result = train_step(t, cfg, self.reader, self.first(self.samples), self.lr, self.dist.device, self.guard)
         if result.counts is not None:
             self.load_window = result.counts if self.load_window is None else self.load_window + result.counts
         self.step, self.samples, self.timed_steps = (
@@ -190,6 +211,8 @@ class TrainingRun:
             return result
         self.step, self.saved_at, self.load_window = back, back, None
         self.metrics.rewind(self.step)
+        self.reader.close()  # its plan ends at train.steps counted from before the rollback
+        self.reader = self.read_ahead()
         return None
 
     def log_step(self, result: StepResult) -> None:
@@ -259,6 +282,7 @@ class TrainingRun:
             "world_size": self.dist.world,
             "initial_val_loss": self.initial_val,
             "guard": self.guard.state_dict(),
+            DATA_ORDER_KEY: self.cfg.data.order,
         }
 
     def restart_timer_if_logged(self) -> None:
@@ -296,6 +320,7 @@ class TrainingRun:
                 plot_run(self.run_dir)
 
     def close(self, clean: bool) -> None:
+        self.reader.close()
         self.watchdog.disarm()
         self.writer.close(finish=clean)
         self.stop.restore()

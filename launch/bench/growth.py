@@ -70,8 +70,8 @@ def _data(args, work: Path) -> tuple[str, str, str]:
         return args.train, args.valid, args.tokenizer
     if all(Path(p + suffix).is_file() for p, suffix in zip(MAKE_RUN_DATA, (".idx", ".idx", ""))):
         return MAKE_RUN_DATA
+    from unroll.data.sentencepiece_tokenizer import train_tokenizer
     from unroll.data.shards import prepare_shards
-    from unroll.data.tokenizer import train_tokenizer
 
     data = work / "data"
     tokenizer = data / "bpe512.model"
@@ -83,7 +83,7 @@ def _data(args, work: Path) -> tuple[str, str, str]:
 
 
 def _overrides(args, run_dir: Path, data: tuple[str, str, str], pattern: str, steps: int) -> list[str]:
-    from unroll.data.tokenizer import Tokenizer
+    from unroll.data.tokenizer import load_tokenizer
 
     train, valid, tokenizer = data
     return [
@@ -92,7 +92,7 @@ def _overrides(args, run_dir: Path, data: tuple[str, str, str], pattern: str, st
         f"model.pattern={pattern}",
         f"model.d_model={args.d_model}",
         f"model.n_heads={args.n_heads}",
-        f"model.vocab_size={Tokenizer(tokenizer).vocab_size}",
+        f"model.vocab_size={load_tokenizer(tokenizer).vocab_size}",
         f"data.train=[{train}]",
         f"data.valid={valid}",
         f"data.tokenizer={tokenizer}",

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from unroll.train.config import Config, to_yaml
 
+if TYPE_CHECKING:
+    from unroll.data.tokenizer import Tokenizer
+
 CONFIG_FILE = "config.yaml"
-TOKENIZER_FILE = "tokenizer.model"  # a copy, so the run directory alone is enough to generate
 
 
-def prepare_run_dir(cfg: Config, is_main: bool) -> Path:
-    """Creates RUN_DIR and writes the resolved config. A run resumed with a different config keeps the
-    earlier one beside it (config.<time>.yaml): nothing already saved is lost."""
+def prepare_run_dir(cfg: Config, is_main: bool, tokenizer: Tokenizer | None = None) -> Path:
+    """Creates RUN_DIR and writes the resolved config and a copy of the tokenizer (data.tokenizer's, unless the
+    caller has it open already). A run resumed with a different config keeps the earlier one beside it
+    (config.<time>.yaml): nothing already saved is lost."""
     run_dir = Path(cfg.run.dir)
     if not is_main:
         return run_dir
@@ -26,7 +29,9 @@ def prepare_run_dir(cfg: Config, is_main: bool) -> Path:
     tmp = path.with_suffix(".yaml.tmp")
     tmp.write_text(text)
     tmp.replace(path)
-    tmp = run_dir / (TOKENIZER_FILE + ".tmp")
-    shutil.copyfile(cfg.data.tokenizer, tmp)
-    tmp.replace(run_dir / TOKENIZER_FILE)
+    if tokenizer is None:
+        from unroll.train.data_setup import open_tokenizer  # the data stack: only where a run starts
+
+        tokenizer = open_tokenizer(cfg)
+    tokenizer.save_to(run_dir)  # under its kind's names (data/tokenizer.py): the directory alone generates
     return run_dir

@@ -4,7 +4,7 @@ whose checkpoint `unroll train` continues from). The directory layouts: train/li
 Export reads any checkpoint in one process: DCP reassembles what FSDP, tensor or expert parallelism
 sharded (the checkpoints hold the single-device layout), and only the model's keys are read.
 
-Import writes RUN_DIR/config.yaml, tokenizer.model and checkpoints/step_N with the export's weights bit
+Import writes RUN_DIR/config.yaml, the tokenizer's files and checkpoints/step_N with the export's weights bit
 for bit, the step and data position the export recorded (0 for a model from elsewhere), and a fresh
 AdamW state (zero moments, step count 0: the first step after it is the first step of a new optimizer;
 the optimizer's own state is not exported). The config's non-model sections come from --config, else
@@ -24,13 +24,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from unroll.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_in
 from unroll.models import LM
 from unroll.train.checkpoint import dcp as checkpoint
 from unroll.train.checkpoint import resolve
 from unroll.train.checkpoint.resolve import STATE_FILE
-from unroll.train.checkpoint.rundir import CONFIG_FILE, TOKENIZER_FILE
+from unroll.train.checkpoint.rundir import CONFIG_FILE
 from unroll.train.config import Config, ConfigError, load_config, to_yaml
-from unroll.train.lifecycle.export_format import CONFIG, META, TOKENIZER, WEIGHTS, ExportError, build_model, read_export
+from unroll.train.lifecycle.export_format import CONFIG, META, WEIGHTS, ExportError, build_model, read_export
 from unroll.train.lifecycle.grow import fresh_adamw_state
 from unroll.train.lifecycle.hf_layout import LayoutError, hf_architecture, hf_config, to_hf, tokenizer_config
 from unroll.train.optim import build_optimizer
@@ -82,6 +83,7 @@ def export(path: str | Path, out: str | Path, *, fmt: str = "auto", dtype: str =
     out = Path(out)
     _check_out(out)
     cfg, state, train_state, run_dir = read_checkpoint(path)
+    tokenizer = _run_tokenizer(run_dir)
     layout = "unroll"
     if fmt != "unroll":
         try:
@@ -99,10 +101,18 @@ def export(path: str | Path, out: str | Path, *, fmt: str = "auto", dtype: str =
         save_file({k: v.contiguous() for k, v in state.items()}, tmp / WEIGHTS, metadata={"format": "pt"})
     else:
         save_file(to_hf(layout, cfg.model, state), tmp / WEIGHTS, metadata={"format": "pt"})
-        config = hf_config(layout, cfg.model, max_positions=cfg.data.seq_len, dtype=dtype)
+        config = hf_config(
+            layout,
+            cfg.model,
+            max_positions=cfg.data.seq_len,
+            dtype=dtype,
+            bos_id=tokenizer.bos_id,
+            eos_id=tokenizer.eos_id,
+        )
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tokenizer.save_to(tmp)  # an HF tokenizer: tokenizer.json and the tokenizer_config.json transformers reads
+    if layout != "unroll" and tokenizer.kind == "sentencepiece":
         (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2) + "\n")
-    shutil.copyfile(run_dir / TOKENIZER_FILE, tmp / TOKENIZER)
     (tmp / CONFIG).write_text(to_yaml(cfg))
     meta = {
         "layout": layout,
@@ -129,10 +139,13 @@ def import_export(
     _check_out(out)
     export = read_export(src)
     if export.tokenizer is None:
-        raise ExportError(f"{src}: no {TOKENIZER}; a run needs the sentencepiece model its data was tokenized with")
+        raise ExportError(
+            f"{src}: no tokenizer.model or tokenizer.json; a run needs the tokenizer its data was tokenized with"
+        )
+    tokenizer = load_tokenizer(export.tokenizer)
     base = load_config(config) if config else export.cfg
     base = dataclasses.replace(base, model=export.cfg.model)
-    base.run.dir, base.data.tokenizer = str(out), str(out / TOKENIZER_FILE)
+    base.run.dir, base.data.tokenizer = str(out), str(out / export.tokenizer.name)  # the copy save_to writes
     cfg = _with_overrides(base, overrides)
     model = build_model(export, src, cfg.model)  # overrides may change e.g. model.solver, not the shapes
     optimizer = build_optimizer(model, cfg)
@@ -142,7 +155,7 @@ def import_export(
     step = export.meta.get("step", 0) if step is None else step
     steps_raised_from = _train_past(cfg, step, overrides)
     tmp = _fresh_dir(out)
-    shutil.copyfile(export.tokenizer, tmp / TOKENIZER_FILE)
+    tokenizer.save_to(tmp)
     (tmp / CONFIG_FILE).write_text(to_yaml(cfg))
     saved = checkpoint.save(tmp, step, model, optimizer, train_state, keep=1)
     _finish(tmp, out)
@@ -153,6 +166,13 @@ def import_export(
         "steps": cfg.train.steps,
         "steps_raised_from": steps_raised_from,
     }
+
+
+def _run_tokenizer(run_dir: Path) -> Tokenizer:
+    found = tokenizer_in(run_dir)
+    if found is None:
+        raise ExportError(f"{run_dir}: no tokenizer.model or tokenizer.json (the copy of the run's tokenizer)")
+    return load_tokenizer(found)
 
 
 def _train_past(cfg: Config, step: int, overrides: Sequence[str]) -> int | None:

@@ -2,7 +2,9 @@
 
 Every export directory holds
   model.safetensors    the weights (float32 unless exported with --dtype)
-  tokenizer.model      the sentencepiece model the run trained with (ids: unk 0, bos 1, eos 2)
+  tokenizer.model      the run's tokenizer: the sentencepiece model (ids: unk 0, bos 1, eos 2), or
+  or tokenizer.json    an HF tokenizer's tokenizer.json beside a tokenizer_config.json naming its EOS/BOS
+                       (data/tokenizer.py)
   unroll_config.yaml   the run's resolved config (its `model` section builds the LM; its data paths are
                        the run's, which `unroll import EXPORT --out DIR data.train=[...]` can replace)
   unroll_export.json   {"layout", "step", "train_state", "dtype", "source"}: which layout, and where
@@ -34,13 +36,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from unroll.data.tokenizer import load_tokenizer, tokenizer_in
 from unroll.models import LM
 from unroll.train.config import Config, ConfigError, load_config, validate
 from unroll.train.lifecycle.hf_layout import LayoutError, from_hf, hf_aux_loss_coef, model_fields
 
-WEIGHTS, TOKENIZER, CONFIG, META, HF_CONFIG = (
+WEIGHTS, CONFIG, META, HF_CONFIG = (
     "model.safetensors",
-    "tokenizer.model",
     "unroll_config.yaml",
     "unroll_export.json",
     "config.json",
@@ -115,8 +117,8 @@ def read_export(path: str | Path) -> Export:
             state = from_hf(arch, cfg.model, tensors)
     except (LayoutError, ConfigError) as e:
         raise ExportError(f"{path}: {e}") from None
-    tokenizer = path / TOKENIZER
-    if tokenizer.is_file():
+    tokenizer = tokenizer_in(path)
+    if tokenizer is not None:
         unroll = layout == "unroll"
         check_vocab_fits(
             cfg.model.vocab_size,
@@ -124,16 +126,14 @@ def read_export(path: str | Path) -> Export:
             path / (CONFIG if unroll else HF_CONFIG),
             "model.vocab_size" if unroll else "vocab_size",
         )
-    return Export(cfg, state, layout, meta, tokenizer if tokenizer.is_file() else None)
+    return Export(cfg, state, layout, meta, tokenizer)
 
 
 def check_vocab_fits(vocab_size: int, tokenizer: Path, model_file: Path, key: str, error=ExportError) -> None:
     """A model with fewer embedding rows than its tokenizer has ids cannot take the ids past its vocabulary
     (IndexError in the first forward that meets one): refused, naming both numbers and both files. More rows
     than ids is a padded vocabulary, which is fine."""
-    from unroll.data.tokenizer import Tokenizer
-
-    n = Tokenizer(str(tokenizer)).vocab_size
+    n = load_tokenizer(tokenizer).vocab_size
     if vocab_size < n:
         raise error(
             f"{model_file}: {key} {vocab_size} is smaller than the {n} tokens of the tokenizer {tokenizer} "
@@ -179,10 +179,8 @@ def build_model(export: Export, source: str | Path, model_cfg=None) -> LM:
 
 def load_export(path: str | Path, device: str = "cpu"):
     """(LM in eval mode, Tokenizer, step) from an export directory alone."""
-    from unroll.data.tokenizer import Tokenizer
-
     export = read_export(path)
     if export.tokenizer is None:
-        raise ExportError(f"{path}: no {TOKENIZER} (the sentencepiece model to encode prompts with)")
+        raise ExportError(f"{path}: no tokenizer.model or tokenizer.json (the tokenizer to encode prompts with)")
     model = build_model(export, path)
-    return model.to(device).eval(), Tokenizer(str(export.tokenizer)), export.meta.get("step", 0)
+    return model.to(device).eval(), load_tokenizer(export.tokenizer), export.meta.get("step", 0)

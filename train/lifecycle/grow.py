@@ -9,7 +9,8 @@ g·L-layer one whose block i is the source's block i mod L (the whole stack repe
                        run.dir = OUT; `key=value` overrides apply on top (e.g. train.steps for the grown run,
                        or model.pattern=GGAA|GGAA to place the stage marks otherwise; overrides that change
                        the architecture are refused)
-  OUT/tokenizer.model  the source run's tokenizer (so `unroll generate OUT` works at once)
+  OUT/tokenizer.model  the source run's tokenizer (so `unroll generate OUT` works at once; an HF tokenizer's
+                       files are tokenizer.json and tokenizer_config.json)
   OUT/checkpoints/step_00000000/   a complete checkpoint (manifest included) of the grown model
 Every block's weights (mixer of every kind, norms, dense or MoE MLP with its expert bias) are copied bit for
 bit from block i mod L; the embedding, final norm and LM head are copied. The optimizer is fresh: AdamW's
@@ -32,7 +33,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 import tempfile
 from collections.abc import Sequence
 from dataclasses import replace
@@ -40,12 +40,14 @@ from pathlib import Path
 
 import torch
 
+from unroll.data.tokenizer import load_tokenizer, tokenizer_in
 from unroll.models import LM
 from unroll.train.checkpoint import dcp as checkpoint
 from unroll.train.checkpoint import integrity, resolve
 from unroll.train.checkpoint.integrity import CheckpointError
-from unroll.train.checkpoint.rundir import CONFIG_FILE, TOKENIZER_FILE
+from unroll.train.checkpoint.rundir import CONFIG_FILE
 from unroll.train.config import Config, ConfigError, load_config, to_yaml
+from unroll.train.data_order import STATE_KEY as DATA_ORDER_KEY
 from unroll.train.optim import build_optimizer
 
 BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
@@ -109,10 +111,12 @@ def grow(source: str | Path, factor: int, out: str | Path, overrides: Sequence[s
             "layers": [n_layers, n_layers * factor],
         },
     }
+    if DATA_ORDER_KEY in source_state:  # the data position goes on in the source's order (train/data_order.py)
+        state[DATA_ORDER_KEY] = source_state[DATA_ORDER_KEY]
     final = checkpoint.save(out, 0, model, optimizer, state, keep=grown_cfg.checkpoint.keep)
-    tokenizer = run_dir / TOKENIZER_FILE
-    if tokenizer.is_file():
-        shutil.copyfile(tokenizer, out / TOKENIZER_FILE)
+    tokenizer = tokenizer_in(run_dir)
+    if tokenizer is not None:
+        load_tokenizer(tokenizer).save_to(out)
     tmp = out / (CONFIG_FILE + ".tmp")
     tmp.write_text(to_yaml(grown_cfg))
     tmp.replace(out / CONFIG_FILE)  # last: a directory with config.yaml is a finished grow

@@ -35,7 +35,7 @@ ARCHITECTURES = {
     "mixtral": "MixtralForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
 }
-BOS_ID, EOS_ID = 1, 2  # data/tokenizer.py: unk=0, bos=1, eos=2
+BOS_ID, EOS_ID = 1, 2  # unroll's sentencepiece tokenizers (data/sentencepiece_tokenizer.py): unk=0, bos=1, eos=2
 
 
 class LayoutError(ValueError):
@@ -99,8 +99,17 @@ def hf_aux_loss_coef(cfg: ModelConfig) -> float:
     return cfg.moe.aux_loss_coef * cfg.mlp_kinds.count("E") / cfg.moe.top_k
 
 
-def hf_config(arch: str, cfg: ModelConfig, *, max_positions: int, dtype: str) -> dict:
-    """transformers' config.json for the model (every field that shapes the computation set explicitly)."""
+def hf_config(
+    arch: str,
+    cfg: ModelConfig,
+    *,
+    max_positions: int,
+    dtype: str,
+    bos_id: int | None = BOS_ID,
+    eos_id: int = EOS_ID,
+) -> dict:
+    """transformers' config.json for the model (every field that shapes the computation set explicitly); the
+    special ids are the tokenizer's."""
     L = len(cfg.layers)
     out = {
         "architectures": [ARCHITECTURES[arch]],
@@ -119,8 +128,8 @@ def hf_config(arch: str, cfg: ModelConfig, *, max_positions: int, dtype: str) ->
         "max_position_embeddings": max_positions,
         "initializer_range": cfg.init_std,
         "attention_dropout": 0.0,
-        "bos_token_id": BOS_ID,
-        "eos_token_id": EOS_ID,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
         "dtype": dtype,
     }
     if arch in ("llama", "mistral"):

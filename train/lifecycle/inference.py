@@ -1,4 +1,4 @@
-"""Loading a trained model for generation: from its run directory alone (config.yaml, tokenizer.model,
+"""Loading a trained model for generation: from its run directory alone (config.yaml, its tokenizer's copy,
 checkpoints/), or from an export directory (train/lifecycle/export_format.py), which needs neither
 torch.distributed.checkpoint nor the training stack."""
 
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from unroll.data.tokenizer import Tokenizer
+from unroll.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_in
 from unroll.models import LM
 from unroll.models.generate import sample
-from unroll.train.checkpoint.rundir import CONFIG_FILE, TOKENIZER_FILE
+from unroll.train.checkpoint.rundir import CONFIG_FILE
 from unroll.train.lifecycle.export_format import check_vocab_fits, is_export, load_export, pickled_weights
 
 
@@ -26,13 +26,14 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[LM, Tokenizer, i
     if not (run_dir / CONFIG_FILE).is_file():
         raise CheckpointError(f"{run_dir}: not a run directory (no {CONFIG_FILE}) nor an export directory")
     cfg = load_config(str(run_dir / CONFIG_FILE))
-    check_vocab_fits(
-        cfg.model.vocab_size, run_dir / TOKENIZER_FILE, run_dir / CONFIG_FILE, "model.vocab_size", ConfigError
-    )
+    tokenizer = tokenizer_in(run_dir)
+    if tokenizer is None:
+        raise CheckpointError(f"{run_dir}: no tokenizer.model or tokenizer.json (the run's tokenizer) in it")
+    check_vocab_fits(cfg.model.vocab_size, tokenizer, run_dir / CONFIG_FILE, "model.vocab_size", ConfigError)
     found = resolve.newest_good(run_dir, cfg.model)
     model = LM(cfg.model)
     checkpoint.load_model_weights(found.path, model)
-    return model.to(device).eval(), Tokenizer(str(run_dir / TOKENIZER_FILE)), found.step
+    return model.to(device).eval(), load_tokenizer(tokenizer), found.step
 
 
 def load_model(path: str | Path, device: str = "cpu") -> tuple[LM, Tokenizer, int]:
