@@ -51,9 +51,10 @@ lint: $(TEST_STAMP)
 
 # Two test processes (pytest-xdist): most tests are single-threaded Python or wait on subprocess imports, so
 # two share a 2-core machine well; more would multiply the ranks the multi-process tests start at once.
-# loadgroup keeps the tests of one xdist_group (the SLURM cluster's) on one process.
+# loadfile: a file's tests run in one process, so a module fixture (the SLURM cluster) starts once, and two
+# clusters never run side by side (their jobs' rendezvous ports would collide).
 test: lint
-	$(BIN)/python -m pytest -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) runs

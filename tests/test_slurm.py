@@ -249,13 +249,7 @@ def test_a_failed_submission_freezes_nothing(tmp_path, small_data, capsys, monke
     assert code == 0 and "submitted job 4242" in out and calls.exists()
 
 
-# One cluster for the suite: its tests run in one pytest-xdist worker (`make test` uses loadgroup), and it lives
-# for the session, since that worker may run other files' tests between them (a module-scoped cluster would be
-# stopped and started again then).
-ON_THE_CLUSTER = pytest.mark.xdist_group("slurm-cluster")
-
-
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
     missing = missing_binaries()
     if missing:
@@ -298,7 +292,7 @@ def console(run_dir, job_id) -> str:
     return (run_dir / "slurm" / f"job-{job_id}.out").read_text()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def uninterrupted(slurm, small_data, offline_env, tmp_path_factory):
     """The 2 × 2 job run straight through: its run directory and job id."""
     root = tmp_path_factory.mktemp("straight")
@@ -314,7 +308,6 @@ def losses(run_dir) -> dict:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 
 
-@ON_THE_CLUSTER
 def test_two_nodes_of_two_ranks_train_to_completion(slurm, uninterrupted):
     run_dir, job_id = uninterrupted
     assert sorted(losses(run_dir)) == list(range(1, STEPS + 1))
@@ -330,7 +323,6 @@ def test_two_nodes_of_two_ranks_train_to_completion(slurm, uninterrupted):
     assert (job["NumCPUs"], job["OverSubscribe"]) == ("4", "NO"), job
 
 
-@ON_THE_CLUSTER
 def test_preempted_job_is_requeued_and_resumes_to_the_same_losses(
     slurm, uninterrupted, small_data, offline_env, tmp_path
 ):
@@ -354,7 +346,6 @@ def test_preempted_job_is_requeued_and_resumes_to_the_same_losses(
     assert losses(run_dir) == losses(straight)  # bit for bit
 
 
-@ON_THE_CLUSTER
 def test_a_killed_rank_is_restarted_within_the_job_to_the_same_losses(
     slurm, uninterrupted, small_data, offline_env, tmp_path
 ):
