@@ -397,3 +397,15 @@ def test_bench_prepare_paths_count_the_same_tokens(corpus, tmp_path):
     encode = child(types.SimpleNamespace(child="encode", **common))
     prepare = child(types.SimpleNamespace(child="prepare", **common))
     assert encode["tokens"] == prepare["tokens"] > 3000 and prepare["seconds"] > 0 and prepare["rss_main_mb"] > 0
+
+
+def test_bench_prepare_names_a_megatron_dir_without_its_script(tmp_path):
+    from unroll.launch.bench.prepare import _megatron_command
+
+    with pytest.raises(SystemExit, match="no tools/preprocess_data.py"):
+        _megatron_command(str(tmp_path), "--help")
+    (tmp_path / "tools").mkdir()
+    (tmp_path / "tools" / "preprocess_data.py").write_text("")
+    cmd, env = _megatron_command(str(tmp_path), "--help")
+    assert cmd[1:] == [str(tmp_path / "tools" / "preprocess_data.py"), "--help"]
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(tmp_path)  # its megatron package before megatron-core's

@@ -4,7 +4,8 @@ of the Feistel map per index, and what prefetching takes off a step.
     get            TokenLoader.get of --batches consecutive batches of --batch samples of --shard, per --seq-lens
                    and per --datasets (the shard blended with itself that many times, as a prepared directory's
                    shards are), each order's loader warm (its epoch tables drawn), the two orders alternating
-                   round by round: samples/s of the median round
+                   round by round with raw reads of as many windows from a memmap of the .bin at random sample starts
+                   (the floor): samples/s of the median round
     feistel map    FeistelPermutation(--map-samples) of --map-indices positions: ns per index (the default size is
                    the 4.9e8 samples of 2T tokens at seq_len 4096)
     numpy table    np.random.default_rng(...).permutation(--table-samples): ns per sample drawn, and the bytes and
@@ -47,8 +48,18 @@ def get_rates(shard: str, seq_len: int, datasets: int, batch: int, batches: int,
 
         return read
 
-    times = harness.alternate({o: reads(lo) for o, lo in loaders.items()}, torch.device("cpu"), rounds)
-    return {order: batches * batch / t.median for order, t in times.items()}
+    # the floor: the same number of windows copied straight out of a memmap of the .bin, at random sample starts
+    raw = np.memmap(dataset.shard.prefix + ".bin", dtype=dataset.shard.dtype, mode="r")
+    picks = np.random.default_rng(0).integers(0, dataset.n_samples, batches * batch) * seq_len
+
+    def memmap_reads() -> None:
+        for b in range(batches):
+            rows = [raw[i : i + seq_len + 1] for i in picks[b * batch : (b + 1) * batch]]
+            torch.from_numpy(np.stack(rows).astype(np.int64))
+
+    paths = {o: reads(lo) for o, lo in loaders.items()} | {"memmap": memmap_reads}
+    times = harness.alternate(paths, torch.device("cpu"), rounds)
+    return {path: batches * batch / t.median for path, t in times.items()}
 
 
 def map_costs(map_samples: int, map_indices: int, table_samples: int, rounds: int) -> dict[str, float]:
@@ -118,13 +129,19 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.shard}; {args.rounds} rounds, the compared paths alternating; figures of the median round "
             f"(ratios of the {harness.RATIOS_OF})"
         )
-        print(f"TokenLoader.get of {args.batch} samples: samples/s, feistel over numpy (ratio)")
-        print(f"{'seq_len':>7} {'datasets':>8} {'feistel':>10} {'numpy':>10} {'ratio':>6}")
+        print(
+            f"TokenLoader.get of {args.batch} samples: samples/s in each order, and raw memmap reads of as many "
+            "windows (the floor); feistel over numpy, feistel over memmap"
+        )
+        print(f"{'seq_len':>7} {'datasets':>8} {'feistel':>10} {'numpy':>10} {'memmap':>10} {'f/n':>6} {'f/mm':>6}")
         for seq_len in seq_lens:
             for datasets in [int(d) for d in args.datasets.split(",")]:
                 rates = get_rates(args.shard, seq_len, datasets, args.batch, args.batches, args.rounds)
-                feistel, numpy = rates["feistel"], rates["numpy-permutation"]
-                print(f"{seq_len:7d} {datasets:8d} {feistel:10,.0f} {numpy:10,.0f} {feistel / numpy:6.2f}")
+                feistel, numpy, memmap = rates["feistel"], rates["numpy-permutation"], rates["memmap"]
+                print(
+                    f"{seq_len:7d} {datasets:8d} {feistel:10,.0f} {numpy:10,.0f} {memmap:10,.0f} "
+                    f"{feistel / numpy:6.2f} {feistel / memmap:6.2f}"
+                )
                 out["get"].append({"seq_len": seq_len, "datasets": datasets, "batch": args.batch, **rates})
         costs = map_costs(args.map_samples, args.map_indices, args.table_samples, args.rounds)
         out["map"] = costs

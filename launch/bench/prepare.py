@@ -10,6 +10,13 @@ is its own:
     prepare wN  prepare_directory(workers=N) into a new directory: the seconds of the call (megatron-core is
                 imported before the clock starts; the interpreter's start is not counted)
 
+    megatron wN with --megatron DIR (a Megatron-LM checkout whose Python dependencies are installed):
+                DIR/tools/preprocess_data.py --workers N --append-eod on the same corpus and tokenizer
+                (GPTSentencePieceTokenizer: the tokenizer's own EOS ends each document, as in unroll's shards),
+                timed from outside: the process's seconds less those of `preprocess_data.py --help`, which
+                imports what the run imports and stops (so, like prepare's, without the interpreter's start
+                and the imports); its output's tokens must equal the others'
+
 Printed: tokens/s of each (tokens as the shards count them: each document's, plus its EOS), best and median over
 the rounds, each prepare's median against encode's, and the peak resident memory (getrusage's maxrss over the
 rounds) of each prepare's main process and of its largest worker. Memory that does not grow with the corpus
@@ -116,6 +123,45 @@ def _run_child(path: str, args, corpus: Path, tokenizer: str, work: Path) -> dic
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _megatron_command(megatron: str, *args: str) -> tuple[list[str], dict]:
+    script = os.path.join(megatron, "tools", "preprocess_data.py")
+    if not os.path.isfile(script):
+        raise SystemExit(f"bench prepare: --megatron {megatron!r}: no tools/preprocess_data.py there")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [megatron, os.environ.get("PYTHONPATH")])))
+    return [sys.executable, script, *args], env
+
+
+def _timed(cmd: list[str], env: dict) -> tuple[float, float]:
+    """(seconds, peak RSS MB of the largest of the process and the children it waited for) of one command."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, err = proc.communicate()
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench prepare: {' '.join(cmd[:2])} failed:\n{err[-3000:]}")
+    return seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def _run_megatron(path: str, args, corpus: Path, tokenizer: str, work: Path) -> dict:
+    from unroll.data.shards import TokenShard
+
+    out = Path(tempfile.mkdtemp(prefix="megatron-", dir=work))
+    try:
+        startup, _ = _timed(*_megatron_command(args.megatron, "--help"))
+        cmd, env = _megatron_command(
+            args.megatron,
+            *("--input", str(corpus), "--output-prefix", str(out / "m"), "--json-keys", "text"),
+            *("--tokenizer-type", "GPTSentencePieceTokenizer", "--tokenizer-model", tokenizer),
+            *("--workers", path.split("w")[-1], "--append-eod"),
+        )
+        seconds, rss = _timed(cmd, env)
+        tokens = TokenShard(str(out / "m_text_document")).n_tokens
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    # RUSAGE_CHILDREN's peak is over every child so far: the figure is an upper bound for this one
+    return {"seconds": seconds - startup, "tokens": tokens, "rss_main_mb": rss, "rss_worker_mb": rss}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="unroll bench prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -128,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=None, help="where the corpus and outputs go (default: a temporary directory)")
     p.add_argument("--rounds", type=int, default=1, help="timed rounds, the paths alternating (default 1)")
     p.add_argument("--json", default=None, help="also write the figures to this file")
+    p.add_argument("--megatron", default=None, help="a Megatron-LM checkout: also time its tools/preprocess_data.py")
     p.add_argument("--child", choices=["encode", "prepare"], help=argparse.SUPPRESS)
     p.add_argument("--corpus", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -137,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child(args)))
         return 0
     paths = ["encode"] + [f"prepare w{int(n)}" for n in args.workers.split(",")]
+    if args.megatron:
+        paths += [f"megatron w{int(n)}" for n in args.workers.split(",")]
     with harness.session(0, prog="unroll bench prepare"), tempfile.TemporaryDirectory(prefix="unroll-bench-") as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -147,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         runs: dict[str, list[dict]] = {path: [] for path in paths}
         for _ in range(args.rounds):
             for path in paths:
-                runs[path].append(_run_child(path, args, corpus, tokenizer, work))
+                run = _run_megatron if path.startswith("megatron") else _run_child
+                runs[path].append(run(path, args, corpus, tokenizer, work))
     tokens = runs["encode"][0]["tokens"]
     print(f"corpus: {corpus.stat().st_size / 1e6:.1f} MB of JSON lines, {tokens:,} tokens; tokenizer {tokenizer}")
     print(f"{'':12} {'best tok/s':>11} {'median tok/s':>13} {'vs encode':>10} {'RSS main MB':>12} {'worker MB':>10}")
@@ -165,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         ratio = row["median_tokens_per_s"] / rows["encode"]["median_tokens_per_s"]
         rss = f"{row['rss_main_mb']:12.0f} {row['rss_worker_mb']:10.0f}" if path != "encode" else ""
         print(f"{path:12} {row['best_tokens_per_s']:11,.0f} {row['median_tokens_per_s']:13,.0f} {ratio:10.2f} {rss}")
+    for path in [p for p in rows if p.startswith("megatron")]:
+        ours = rows[path.replace("megatron", "prepare")]["median_tokens_per_s"]
+        print(f"{path.replace('megatron', 'prepare')} over {path}: {ours / rows[path]['median_tokens_per_s']:.2f}")
     if any(t != tokens for row in rows.values() for t in row["tokens"]):
         print("bench prepare: error: the paths counted different tokens", file=sys.stderr)
         return 1
