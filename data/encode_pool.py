@@ -52,6 +52,7 @@ _worker_tokenizer = None
 def _start_worker(tokenizer, parent: int) -> None:
     global _worker_tokenizer
     _die_with(parent)
+    tokenizer.batch_threads = 1  # one thread per worker: --workers N is N cores (Tokenizer.batch_threads)
     _worker_tokenizer = tokenizer
 
 

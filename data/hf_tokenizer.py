@@ -117,7 +117,10 @@ class HFTokenizer(Tokenizer):
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Many texts in one call (the Rust side spreads a batch over threads)."""
+        """Many texts in one call: the Rust side spreads a batch over its threads, or with batch_threads 1 encodes
+        them one after the other (its thread pool is process-wide, not sized per call)."""
+        if self.batch_threads == 1:
+            return [self._tok.encode(text, add_special_tokens=False).ids for text in texts]
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def _decode(self, ids: list[int]) -> str:

@@ -52,6 +52,10 @@ class _OpensByPath(ABCMeta):
 class Tokenizer(metaclass=_OpensByPath):
     """What every kind offers. `path` is the file that defines it; ids run from 0 to vocab_size - 1."""
 
+    # threads encode_batch may use; 0: the library's default (every core). prepare's worker processes set 1, so
+    # N workers keep N cores busy instead of starting N × cores threads (data/encode_pool.py)
+    batch_threads = 0
+
     kind: str  # "sentencepiece" | "hf"
     path: str
     _reopen: tuple  # the arguments that open it again (pickling)
@@ -76,7 +80,8 @@ class Tokenizer(metaclass=_OpensByPath):
     def encode(self, text: str) -> list[int]: ...
 
     @abstractmethod
-    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Many texts in one call, on batch_threads threads."""
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`. An id past the vocabulary (a model's padding rows, or a special token another tool

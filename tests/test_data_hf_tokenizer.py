@@ -117,6 +117,9 @@ def test_load_tokenizer_opens_each_kind_by_what_its_path_is(prepared, tmp_path):
 def test_shards_hold_the_tokenizers_own_ids_and_check_vocab_knows_its_file(prepared, tmp_path):
     texts, tok_path, out = prepared
     tok = load_tokenizer(tok_path)
+    one_thread = load_tokenizer(tok_path)
+    one_thread.batch_threads = 1  # as prepare's workers encode (the shards above came from two)
+    assert one_thread.encode_batch(texts) == tok.encode_batch(texts) == [tok.encode(t) for t in texts]
     train_idx, valid_idx = split_documents(len(texts), 0.1, seed=3)
     for split, idx in (("train", train_idx), ("valid", valid_idx)):
         shard = TokenShard(out[split])

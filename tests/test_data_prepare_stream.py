@@ -394,9 +394,11 @@ def test_bench_prepare_paths_count_the_same_tokens(corpus, tmp_path):
     write_corpus(text, 0.02, doc_chars=2000)
     assert 0.02e6 <= text.stat().st_size and len(text.read_text().splitlines()) > 5
     common = dict(corpus=str(text), tokenizer=corpus.tokenizer, shard_tokens=3000, workers=1, out=str(tmp_path / "o"))
-    encode = child(types.SimpleNamespace(child="encode", **common))
-    prepare = child(types.SimpleNamespace(child="prepare", **common))
-    assert encode["tokens"] == prepare["tokens"] > 3000 and prepare["seconds"] > 0 and prepare["rss_main_mb"] > 0
+    encode = child(types.SimpleNamespace(child="encode", batch_threads=0, **common))
+    one_thread = child(types.SimpleNamespace(child="encode", batch_threads=1, **common))
+    prepare = child(types.SimpleNamespace(child="prepare", batch_threads=0, **common))
+    assert encode["tokens"] == one_thread["tokens"] == prepare["tokens"] > 3000
+    assert prepare["seconds"] > 0 and prepare["rss_main_mb"] > 0
 
 
 def test_bench_prepare_names_a_megatron_dir_without_its_script(tmp_path):

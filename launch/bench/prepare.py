@@ -6,7 +6,10 @@ once into --work and reused). Timed, alternating round by round, each in a fresh
 is its own:
 
     encode      the tokenizer's encode_batch over the corpus's documents in batches of BATCH_DOCS, the documents
-                read with the same streaming reader first: the seconds inside encode_batch alone
+                read with the same streaming reader first: the seconds inside encode_batch alone, on the
+                tokenizer's own threads (every core), as prepare with one worker encodes in its own process
+    encode t1   the same on one thread (Tokenizer.batch_threads = 1), as each of prepare's worker processes
+                encodes: N times it is the floor of prepare with N workers ("per worker" below)
     prepare wN  prepare_directory(workers=N) into a new directory: the seconds of the call (megatron-core is
                 imported before the clock starts; the interpreter's start is not counted)
 
@@ -85,6 +88,7 @@ def child(args: argparse.Namespace) -> dict:
 
     indexed_dataset_module()  # megatron-core's import (seconds) is not prepare's work
     tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer.batch_threads = args.batch_threads
     if args.child == "encode":
         seconds, tokens = 0.0, 0
         for _, texts in document_batches(read_records(corpus_files(args.corpus))):
@@ -112,7 +116,9 @@ def _run_child(path: str, args, corpus: Path, tokenizer: str, work: Path) -> dic
     cmd = [sys.executable, "-m", "unroll.launch.bench.prepare", "--child", path.split()[0], "--corpus", str(corpus)]
     cmd += ["--tokenizer", tokenizer, "--shard-tokens", str(args.shard_tokens)]
     out = Path(tempfile.mkdtemp(prefix="prepared-", dir=work))
-    if path != "encode":
+    if path.startswith("encode"):
+        cmd += ["--batch-threads", "1" if path == "encode t1" else "0"]
+    else:
         cmd += ["--workers", path.split("w")[-1], "--out", str(out)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -177,13 +183,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--megatron", default=None, help="a Megatron-LM checkout: also time its tools/preprocess_data.py")
     p.add_argument("--child", choices=["encode", "prepare"], help=argparse.SUPPRESS)
     p.add_argument("--corpus", help=argparse.SUPPRESS)
+    p.add_argument("--batch-threads", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         args.workers = int(args.workers.split(",")[0])
         print(json.dumps(child(args)))
         return 0
-    paths = ["encode"] + [f"prepare w{int(n)}" for n in args.workers.split(",")]
+    paths = ["encode", "encode t1"] + [f"prepare w{int(n)}" for n in args.workers.split(",")]
     if args.megatron:
         paths += [f"megatron w{int(n)}" for n in args.workers.split(",")]
     with harness.session(0, prog="unroll bench prepare"), tempfile.TemporaryDirectory(prefix="unroll-bench-") as tmp:
@@ -213,8 +220,12 @@ def main(argv: list[str] | None = None) -> int:
         }
     for path, row in rows.items():
         ratio = row["median_tokens_per_s"] / rows["encode"]["median_tokens_per_s"]
-        rss = f"{row['rss_main_mb']:12.0f} {row['rss_worker_mb']:10.0f}" if path != "encode" else ""
+        rss = "" if path.startswith("encode") else f"{row['rss_main_mb']:12.0f} {row['rss_worker_mb']:10.0f}"
         print(f"{path:12} {row['best_tokens_per_s']:11,.0f} {row['median_tokens_per_s']:13,.0f} {ratio:10.2f} {rss}")
+    for path in [p for p in rows if p.startswith("prepare w")]:
+        n = int(path.split("w")[-1])
+        floor = n * rows["encode t1"]["median_tokens_per_s"]
+        print(f"{path} over {n} × encode t1 (per worker): {rows[path]['median_tokens_per_s'] / floor:.2f}")
     for path in [p for p in rows if p.startswith("megatron")]:
         ours = rows[path.replace("megatron", "prepare")]["median_tokens_per_s"]
         print(f"{path.replace('megatron', 'prepare')} over {path}: {ours / rows[path]['median_tokens_per_s']:.2f}")
