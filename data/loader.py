@@ -65,6 +65,25 @@ class PackedDataset:
             raise IndexError(f"sample {i} out of range for {self.shard.prefix!r} ({self.n_samples} samples)")
         return self.shard.tokens(i * self.seq_len, self.seq_len + 1)
 
+    def samples(self, indices: np.ndarray) -> np.ndarray:
+        """int64 [len(indices), seq_len + 1]: sample(i) for each i, read in one gather (TokenShard.windows)."""
+        indices = self._checked(indices)
+        return self.shard.windows(indices * self.seq_len, self.seq_len + 1)
+
+    def starts_of(self, indices: np.ndarray) -> np.ndarray:
+        """bool [len(indices), seq_len + 1]: starts(i) for each i."""
+        indices = self._checked(indices)
+        return self.shard.starts_in_windows(indices * self.seq_len, self.seq_len + 1)
+
+    def _checked(self, indices: np.ndarray) -> np.ndarray:
+        indices = np.asarray(indices, dtype=np.int64)
+        bad = (indices < 0) | (indices >= self.n_samples)
+        if bad.any():
+            raise IndexError(
+                f"sample {indices[bad][0]} out of range for {self.shard.prefix!r} ({self.n_samples} samples)"
+            )
+        return indices
+
     def starts(self, i: int) -> np.ndarray:
         """bool [seq_len + 1] beside window i: True where a document begins at that token (the shard's index)."""
         if not 0 <= i < self.n_samples:
@@ -133,23 +152,31 @@ class TokenLoader:
     def get(self, start: int, count: int) -> torch.Tensor:
         if count == 0 and start >= 0:
             return torch.empty((0, self.seq_len + 1), dtype=torch.long)
-        return torch.from_numpy(np.stack([ds.sample(i) for ds, i in self._samples(start, count)]))
+        return torch.from_numpy(self._read(self._located(start, count), PackedDataset.samples, np.int64))
 
     def get_with_starts(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`get(start, count)` and beside it a BoolTensor [count, seq_len + 1]: True where a document begins at
         that token of the window. The model's `resets` of inputs window[:, :-1] are starts[:, :-1]."""
         if count == 0 and start >= 0:
             return self.get(start, 0), torch.empty((0, self.seq_len + 1), dtype=torch.bool)
-        samples = self._samples(start, count)
-        tokens = np.stack([ds.sample(i) for ds, i in samples])
-        return torch.from_numpy(tokens), torch.from_numpy(np.stack([ds.starts(i) for ds, i in samples]))
+        located = self._located(start, count)
+        tokens = self._read(located, PackedDataset.samples, np.int64)
+        return torch.from_numpy(tokens), torch.from_numpy(self._read(located, PackedDataset.starts_of, bool))
 
-    def _samples(self, start: int, count: int) -> list[tuple[PackedDataset, int]]:
+    def _located(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
         """(dataset, its sample index) of global samples start .. start + count − 1."""
         if start < 0 or count < 0:
             raise IndexError(f"samples [{start}, {start + count}) must start at 0 or later")
-        which, index = self.locate(np.arange(start, start + count, dtype=np.int64))
-        return [(self.datasets[d], int(i)) for d, i in zip(which, index)]
+        return self.locate(np.arange(start, start + count, dtype=np.int64))
+
+    def _read(self, located: tuple[np.ndarray, np.ndarray], read, dtype) -> np.ndarray:
+        """[samples, seq_len + 1] of the located samples: each dataset's rows in one `read`."""
+        which, index = located
+        out = np.empty((len(which), self.seq_len + 1), dtype=dtype)
+        for d in np.unique(which):
+            rows = which == d
+            out[rows] = read(self.datasets[d], index[rows])
+        return out
 
     def locate(self, g: np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:
         """(dataset, sample index within that dataset) of global indices g."""

@@ -107,6 +107,31 @@ class TokenShard:
         out[starts[lo:hi] - start] = True
         return out
 
+    def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """int64 [len(starts), length]: tokens [s, s + length) for each s of `starts`; where the sequences are back
+        to back (every writer we know), token position p is the .bin's element p, so all windows are one gather."""
+        starts = np.asarray(starts, dtype=np.int64)
+        if starts.size and (starts.min() < 0 or starts.max() + length > self.n_tokens):
+            raise IndexError(f"windows of {length} tokens out of range for {self.prefix!r} ({self.n_tokens} tokens)")
+        if not starts.size:
+            return np.zeros((0, length), dtype=np.int64)
+        if not self._contiguous:
+            return np.stack([self.tokens(int(s), length) for s in starts])
+        return np.asarray(self._files.tokens[starts[:, None] + np.arange(length)], dtype=np.int64)
+
+    def starts_in_windows(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """bool [len(starts), length]: starts_in(s, length) for each s of `starts`, in one pass."""
+        starts = np.asarray(starts, dtype=np.int64)
+        doc = self.document_starts()
+        lo, hi = np.searchsorted(doc, starts), np.searchsorted(doc, starts + length)
+        counts = hi - lo
+        row = np.repeat(np.arange(len(starts)), counts)
+        # the document starts of each window, lo[w] .. hi[w] - 1, laid end to end
+        nth = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts) + np.repeat(lo, counts)
+        out = np.zeros((len(starts), length), dtype=bool)
+        out[row, doc[nth] - starts[row]] = True
+        return out
+
     def tokens(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) of the shard's token stream, as int64."""
         if start < 0 or length < 0 or start + length > self.n_tokens:
