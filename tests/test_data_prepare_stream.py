@@ -353,8 +353,8 @@ def test_a_config_naming_the_directory_trains_on_every_shard(corpus, prepared, t
         str(prepared / r["name"]) for r in shards if r["split"] == "valid"
     ]
     assert data.valid.n_samples == sum(ds.n_samples for ds in valid_sets)
-    read, sample = set(), PackedDataset.sample
-    monkeypatch.setattr(PackedDataset, "sample", lambda self, i: read.add(self.shard.prefix) or sample(self, i))
+    read, samples = set(), PackedDataset.samples
+    monkeypatch.setattr(PackedDataset, "samples", lambda self, i: read.add(self.shard.prefix) or samples(self, i))
     data.train_batch(0, 512)
     assert read == {ds.shard.prefix for ds in train_sets}  # every shard is read
     train(config)
