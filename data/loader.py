@@ -61,17 +61,19 @@ class PackedDataset:
 
     def sample(self, i: int) -> np.ndarray:
         """Window i: int64 tokens [i * seq_len, i * seq_len + seq_len + 1)."""
-        if not 0 <= i < self.n_samples:
-            raise IndexError(f"sample {i} out of range for {self.shard.prefix!r} ({self.n_samples} samples)")
-        return self.shard.tokens(i * self.seq_len, self.seq_len + 1)
+        return self.samples(np.array([i]))[0]
+
+    def starts(self, i: int) -> np.ndarray:
+        """bool [seq_len + 1] beside window i: True where a document begins at that token (the shard's index)."""
+        return self.starts_of(np.array([i]))[0]
 
     def samples(self, indices: np.ndarray) -> np.ndarray:
-        """int64 [len(indices), seq_len + 1]: sample(i) for each i, read in one gather (TokenShard.windows)."""
+        """int64 [len(indices), seq_len + 1]: windows i * seq_len .. i * seq_len + seq_len, one gather (TokenShard.windows)."""
         indices = self._checked(indices)
         return self.shard.windows(indices * self.seq_len, self.seq_len + 1)
 
     def starts_of(self, indices: np.ndarray) -> np.ndarray:
-        """bool [len(indices), seq_len + 1]: starts(i) for each i."""
+        """bool [len(indices), seq_len + 1]: True where a document begins at that token of window i (the shard's index)."""
         indices = self._checked(indices)
         return self.shard.starts_in_windows(indices * self.seq_len, self.seq_len + 1)
 
@@ -83,12 +85,6 @@ class PackedDataset:
                 f"sample {indices[bad][0]} out of range for {self.shard.prefix!r} ({self.n_samples} samples)"
             )
         return indices
-
-    def starts(self, i: int) -> np.ndarray:
-        """bool [seq_len + 1] beside window i: True where a document begins at that token (the shard's index)."""
-        if not 0 <= i < self.n_samples:
-            raise IndexError(f"sample {i} out of range for {self.shard.prefix!r} ({self.n_samples} samples)")
-        return self.shard.starts_in(i * self.seq_len, self.seq_len + 1)
 
 
 def apportion(weights: np.ndarray, total: int) -> np.ndarray:
