@@ -37,6 +37,7 @@ from .shards import TokenShard
 BLOCK_SIZE = 4096
 _BLOCK_SALT = 1_000_003  # keeps block permutations apart from per-dataset epoch permutations
 ORDERS = ("feistel", "numpy-permutation")  # how a shuffled epoch is ordered (module docstring)
+_FEW_ROWS = 4  # a dataset's rows of a batch up to which reading row by row beats one gather (many shards blended)
 NEW_RUN_ORDER = "feistel"  # a run that has read no sample yet (train/data_order.py keeps a resumed run's)
 
 
@@ -69,16 +70,28 @@ class PackedDataset:
 
     def samples(self, indices: np.ndarray) -> np.ndarray:
         """int64 [len(indices), seq_len + 1]: windows i * seq_len .. i * seq_len + seq_len, one gather (TokenShard.windows)."""
-        indices = self._checked(indices)
-        return self.shard.windows(indices * self.seq_len, self.seq_len + 1)
+        return self.windows(self._checked(indices))
 
     def starts_of(self, indices: np.ndarray) -> np.ndarray:
         """bool [len(indices), seq_len + 1]: True where a document begins at that token of window i (the shard's index)."""
-        indices = self._checked(indices)
-        return self.shard.starts_in_windows(indices * self.seq_len, self.seq_len + 1)
+        return self.window_starts(self._checked(indices))
+
+    # The loader's reads: its indices come from its own map onto [0, n_samples) and need no second check.
+    def windows(self, indices: np.ndarray) -> np.ndarray:
+        """samples() of int64 indices known to be in range."""
+        return self.shard._windows(indices * self.seq_len, self.seq_len + 1)
+
+    def window_starts(self, indices: np.ndarray) -> np.ndarray:
+        """starts_of() of int64 indices known to be in range."""
+        return self.shard._starts_in_windows(indices * self.seq_len, self.seq_len + 1)
+
+    def read_into(self, i: int, tokens: np.ndarray, starts: np.ndarray | None = None) -> None:
+        """Window i (known to be in range) into `tokens` and, if given, its document starts into `starts` (all False
+        on entry): TokenShard.window_into."""
+        self.shard.window_into(i * self.seq_len, tokens, starts)
 
     def _checked(self, indices: np.ndarray) -> np.ndarray:
-        indices = np.asarray(indices, dtype=np.int64)
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         bad = (indices < 0) | (indices >= self.n_samples)
         if bad.any():
             raise IndexError(
@@ -141,6 +154,7 @@ class TokenLoader:
                 )
         # Small caches: a batch touches one or two blocks and one or two epochs per dataset.
         self._blocks: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._located_blocks: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._perms: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._keys: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._sizes = np.array([ds.n_samples for ds in self.datasets], dtype=np.int64)
@@ -148,16 +162,16 @@ class TokenLoader:
     def get(self, start: int, count: int) -> torch.Tensor:
         if count == 0 and start >= 0:
             return torch.empty((0, self.seq_len + 1), dtype=torch.long)
-        return torch.from_numpy(self._read(self._located(start, count), PackedDataset.samples, np.int64))
+        return torch.from_numpy(self._read(self._located(start, count), starts=False)[0])
 
     def get_with_starts(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`get(start, count)` and beside it a BoolTensor [count, seq_len + 1]: True where a document begins at
         that token of the window. The model's `resets` of inputs window[:, :-1] are starts[:, :-1]."""
         if count == 0 and start >= 0:
             return self.get(start, 0), torch.empty((0, self.seq_len + 1), dtype=torch.bool)
-        located = self._located(start, count)
-        tokens = self._read(located, PackedDataset.samples, np.int64)
-        return torch.from_numpy(tokens), torch.from_numpy(self._read(located, PackedDataset.starts_of, bool))
+        tokens, starts = self._read(self._located(start, count), starts=True)
+        assert starts is not None  # asked for
+        return torch.from_numpy(tokens), torch.from_numpy(starts)
 
     def _located(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
         """(dataset, its sample index) of global samples start .. start + count − 1."""
@@ -165,39 +179,67 @@ class TokenLoader:
             raise IndexError(f"samples [{start}, {start + count}) must start at 0 or later")
         return self.locate(np.arange(start, start + count, dtype=np.int64))
 
-    def _read(self, located: tuple[np.ndarray, np.ndarray], read, dtype) -> np.ndarray:
-        """[samples, seq_len + 1] of the located samples: each dataset's rows in one `read`."""
+    def _read(self, located: tuple[np.ndarray, np.ndarray], *, starts: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """The located samples' tokens int64 [samples, seq_len + 1] and, if asked, their document starts (bool, the
+        same shape): a dataset's rows in one gather, or row by row where it has only a few of them."""
         which, index = located
-        out = np.empty((len(which), self.seq_len + 1), dtype=dtype)
-        for d in np.unique(which):
-            rows = which == d
-            out[rows] = read(self.datasets[d], index[rows])
-        return out
+        if len(self.datasets) == 1:
+            dataset = self.datasets[0]
+            return dataset.windows(index), dataset.window_starts(index) if starts else None
+        shape = (len(which), self.seq_len + 1)
+        out_tokens, out_starts = np.empty(shape, dtype=np.int64), np.zeros(shape, dtype=bool) if starts else None
+        by_dataset = np.argsort(which, kind="stable")
+        bounds = [0, *(np.flatnonzero(np.diff(which[by_dataset])) + 1).tolist(), len(which)]
+        for rows in (by_dataset[a:b] for a, b in zip(bounds[:-1], bounds[1:])):
+            dataset = self.datasets[which[rows[0]]]
+            if len(rows) <= _FEW_ROWS:
+                for r in rows.tolist():
+                    dataset.read_into(int(index[r]), out_tokens[r], None if out_starts is None else out_starts[r])
+                continue
+            out_tokens[rows] = dataset.windows(index[rows])
+            if out_starts is not None:
+                out_starts[rows] = dataset.window_starts(index[rows])
+        return out_tokens, out_starts
 
     def locate(self, g: np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:
         """(dataset, sample index within that dataset) of global indices g."""
         g = np.atleast_1d(np.asarray(g, dtype=np.int64))
-        which = np.empty_like(g)
-        nth = np.empty_like(g)  # how many of its dataset's samples came before, over all epochs
-        for b in np.unique(g // self.block_size):
-            mask = g // self.block_size == b
-            owner, rank = self._block(int(b))
+        if g.size and g.min() < 0:
+            raise IndexError(f"sample {g.min()} is negative")
+        blocks = g // self.block_size
+        if g.size and blocks.min() == blocks.max():  # a batch within one block
+            which, index = self._located_block(int(blocks[0]))
+            pos = g % self.block_size
+            return which[pos], index[pos]
+        which, index = np.empty_like(g), np.empty_like(g)
+        for b in np.unique(blocks):
+            mask = blocks == b
+            block_which, block_index = self._located_block(int(b))
             pos = g[mask] % self.block_size
-            which[mask] = owner[pos]
-            nth[mask] = b * self.counts[owner[pos]] + rank[pos]
-        sizes = self._sizes[which]
-        epoch, k = nth // sizes, nth % sizes  # position k of the dataset's epoch
-        if not self.shuffle:
-            return which, k
-        if self.order == "feistel":  # one pass for every dataset and epoch of the batch
-            return which, feistel(k, sizes, self._round_keys(which, epoch))
-        index = np.empty_like(g)
-        for d in np.unique(which):
-            mask = which == d
-            for e in np.unique(epoch[mask]):
-                sel = np.flatnonzero(mask & (epoch == e))
-                index[sel] = self._perm(int(d), int(e))[k[sel]]
+            which[mask], index[mask] = block_which[pos], block_index[pos]
         return which, index
+
+    def _located_block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """(dataset, sample index) of every position of block b, computed for the whole block at once and kept:
+        consecutive batches fall in the same block, and the map's numpy calls cost per call, not per element."""
+        if b not in self._located_blocks:
+            which, rank = self._block(b)
+            nth = b * self.counts[which] + rank  # how many of its dataset's samples came before, over all epochs
+            sizes = self._sizes[which]
+            epoch, k = nth // sizes, nth % sizes  # position k of the dataset's epoch
+            if not self.shuffle:
+                index = k
+            elif self.order == "feistel":  # one pass for every dataset and epoch of the block
+                index = feistel(k, sizes, self._round_keys(which, epoch))
+            else:
+                index = np.empty_like(k)
+                for d in np.unique(which):
+                    mask = which == d
+                    for e in np.unique(epoch[mask]):
+                        sel = np.flatnonzero(mask & (epoch == e))
+                        index[sel] = self._perm(int(d), int(e))[k[sel]]
+            _remember(self._located_blocks, b, (which, index), keep=2)
+        return self._located_blocks[b]
 
     def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
         """owner[p]: the dataset at block position p; rank[p]: how many earlier positions that

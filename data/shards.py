@@ -51,6 +51,7 @@ class TokenShard:
     def _open(self) -> None:
         idx_path = self.prefix + ".idx"
         self._files = open_indexed(self.prefix)
+        self._flat = self._files.tokens.view(np.ndarray)  # indexing a plain view skips np.memmap's per-call wrapping
         lengths = self._files.sequence_lengths.astype(np.int64)
         self._seq_start = np.concatenate([[0], np.cumsum(lengths)])
         self._doc_index = self._files.document_indices
@@ -109,21 +110,25 @@ class TokenShard:
 
     def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
         """int64 [len(starts), length]: tokens [s, s + length) for each s of `starts`; where the sequences are back
-        to back (every writer we know), token position p is the .bin's element p, so all windows are one gather."""
-        starts = np.asarray(starts, dtype=np.int64)
-        if starts.size and (starts.min() < 0 or starts.max() + length > self.n_tokens):
-            raise IndexError(f"windows of {length} tokens out of range for {self.prefix!r} ({self.n_tokens} tokens)")
+        to back (every writer we know), token position p is the .bin's element p, so the windows are slices of it."""
+        return self._windows(self._window_starts(starts, length), length)
+
+    def starts_in_windows(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """bool [len(starts), length]: starts_in(s, length) for each s of `starts`, in one pass."""
+        return self._starts_in_windows(self._window_starts(starts, length), length)
+
+    def _windows(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """windows() of int64 starts known to be in range (the loader's, which come from valid sample indices)."""
         if not starts.size:
             return np.zeros((0, length), dtype=np.int64)
         if not self._contiguous:
             return np.stack([self.tokens(int(s), length) for s in starts])
-        return np.asarray(self._files.tokens[starts[:, None] + np.arange(length)], dtype=np.int64)
+        return self._flat[starts[:, None] + np.arange(length)].astype(np.int64)
 
-    def starts_in_windows(self, starts: np.ndarray, length: int) -> np.ndarray:
-        """bool [len(starts), length]: starts_in(s, length) for each s of `starts`, in one pass."""
-        starts = np.asarray(starts, dtype=np.int64)
+    def _starts_in_windows(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """starts_in_windows() of int64 starts known to be in range."""
         doc = self.document_starts()
-        lo, hi = np.searchsorted(doc, starts), np.searchsorted(doc, starts + length)
+        lo, hi = doc.searchsorted(starts), doc.searchsorted(starts + length)
         counts = hi - lo
         row = np.repeat(np.arange(len(starts)), counts)
         # the document starts of each window, lo[w] .. hi[w] - 1, laid end to end
@@ -131,6 +136,25 @@ class TokenShard:
         out = np.zeros((len(starts), length), dtype=bool)
         out[row, doc[nth] - starts[row]] = True
         return out
+
+    def window_into(self, start: int, tokens: np.ndarray, starts: np.ndarray | None = None) -> None:
+        """One window of len(tokens) tokens from `start` (known to be in range) written into `tokens` (int64) and, if
+        given, its document starts into `starts` (bool, all False on entry): a loader batch drawn from many shards
+        reads a row or two of each, where a gather's fixed cost is most of the work."""
+        length = len(tokens)
+        if self._contiguous:
+            tokens[:] = self._flat[start : start + length]
+        else:
+            tokens[:] = self.tokens(start, length)
+        if starts is not None:
+            doc = self.document_starts()
+            starts[doc[doc.searchsorted(start) : doc.searchsorted(start + length)] - start] = True
+
+    def _window_starts(self, starts: np.ndarray, length: int) -> np.ndarray:
+        starts = np.asarray(starts, dtype=np.int64).reshape(-1)
+        if starts.size and (starts.min() < 0 or starts.max() + length > self.n_tokens):
+            raise IndexError(f"windows of {length} tokens out of range for {self.prefix!r} ({self.n_tokens} tokens)")
+        return starts
 
     def tokens(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) of the shard's token stream, as int64."""

@@ -86,3 +86,46 @@ def test_starts_follow_the_index_not_the_eos_token(tmp_path):
     docs = [[[5, EOS, 6, EOS]], [[7, 8, EOS]]]  # EOS inside and at the end of documents
     ds = PackedDataset(write_shard(str(tmp_path / "s"), docs), 6)
     assert ds.starts(0).tolist() == [True, False, False, False, True, False, False]
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_windows_read_in_one_gather_or_row_by_row_equal_the_stream(tmp_path, contiguous):
+    # a loader reads a dataset's rows of a batch in one gather (windows) or, when it has only a few of them, row by
+    # row into the batch (window_into): both against the stream and the brute-force starts
+    docs = random_docs(7, 80)
+    shard = write_shard(str(tmp_path / "s"), docs)
+    shard._contiguous = contiguous  # also the sequence-by-sequence path of shards with gaps
+    stream = np.concatenate([np.concatenate(d) for d in docs if d]).astype(np.int64)
+    truth = brute_force_starts(docs)
+    rng = np.random.default_rng(0)
+    for rows in (1, 2, 5, 30):
+        starts = rng.integers(0, len(stream) - 11, size=rows)
+        expected_tokens = np.stack([stream[s : s + 11] for s in starts])
+        expected_starts = np.stack([truth[s : s + 11] for s in starts])
+        np.testing.assert_array_equal(shard.windows(starts, 11), expected_tokens)
+        np.testing.assert_array_equal(shard.starts_in_windows(starts, 11), expected_starts)
+        tokens, flags = np.full((rows, 11), -1, dtype=np.int64), np.zeros((rows, 11), dtype=bool)
+        for row, s in enumerate(starts):
+            shard.window_into(int(s), tokens[row], flags[row])
+        np.testing.assert_array_equal(tokens, expected_tokens)
+        np.testing.assert_array_equal(flags, expected_starts)
+    assert shard.windows(np.array([], dtype=np.int64), 11).shape == (0, 11)
+    with pytest.raises(IndexError, match="out of range"):
+        shard.windows(np.array([len(stream) - 10]), 11)
+
+
+def test_a_blend_of_many_datasets_reads_row_by_row_the_same_samples(tmp_path):
+    # 40 datasets, 32 samples a batch: most datasets give a batch a row or two (read row by row), one dataset
+    # weighted up gives it many (one gather); every row against its dataset's own sample and starts
+    shards = [write_shard(str(tmp_path / f"s{i}"), random_docs(100 + i, 30)) for i in range(40)]
+    datasets = [PackedDataset(s, 6) for s in shards]
+    loader = TokenLoader(datasets, [20.0] + [1.0] * 39, seed=3, block_size=64)
+    for start in (0, 32, 1000):
+        tokens, starts = loader.get_with_starts(start, 32)
+        which, index = loader.locate(np.arange(start, start + 32))
+        rows_per_dataset = np.bincount(which)
+        assert rows_per_dataset.max() > 4 and 0 < rows_per_dataset[rows_per_dataset > 0].min() <= 4  # both paths
+        for row, (d, i) in enumerate(zip(which, index)):
+            np.testing.assert_array_equal(tokens[row].numpy(), datasets[d].sample(int(i)))
+            np.testing.assert_array_equal(starts[row].numpy(), datasets[d].starts(int(i)))
+        np.testing.assert_array_equal(loader.get(start, 32).numpy(), tokens.numpy())

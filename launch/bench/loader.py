@@ -1,11 +1,13 @@
 """`unroll bench loader`: the training loader's reads in the Feistel order against numpy's permutation, the cost
 of the Feistel map per index, and what prefetching takes off a step.
 
-    get            TokenLoader.get of --batches consecutive batches of --batch samples of --shard, per --seq-lens
-                   and per --datasets (the shard blended with itself that many times, as a prepared directory's
-                   shards are), each order's loader warm (its epoch tables drawn), the two orders alternating
-                   round by round with raw reads of as many windows from a memmap of the .bin at random sample starts
-                   (the floor): samples/s of the median round
+    get            TokenLoader.get of --batches consecutive batches of --batch samples of --shard (by default
+                   one blending block, 4096 samples, per round; each round reads the samples after the last
+                   round's), per --seq-lens and per --datasets (the shard blended with itself that many times, as
+                   a prepared directory's shards are), in each order; get_with_starts (tokens and document starts,
+                   what a run with data.documents=isolated reads) in the Feistel order; raw reads of as many windows
+                   from a memmap of the .bin at random sample starts (the floor); the paths alternating round by
+                   round: samples/s of the median round
     feistel map    FeistelPermutation(--map-samples) of --map-indices positions: ns per index (the default size is
                    the 4.9e8 samples of 2T tokens at seq_len 4096)
     numpy table    np.random.default_rng(...).permutation(--table-samples): ns per sample drawn, and the bytes and
@@ -32,19 +34,25 @@ SAMPLES_2T_4096 = 2 * 10**12 // 4096
 
 
 def get_rates(shard: str, seq_len: int, datasets: int, batch: int, batches: int, rounds: int) -> dict[str, float]:
-    """samples/s of TokenLoader.get per order (median round), the orders alternating."""
+    """samples/s (median round) of TokenLoader.get per order, of get_with_starts (what a run with isolated documents
+    reads) in the Feistel order, and of raw memmap reads; the paths alternating. Every round reads samples no
+    earlier round read, so a loader's per-block work is paid as often as in training, not once."""
     import torch
 
     from unroll.data.loader import ORDERS, PackedDataset, TokenLoader
 
     dataset = PackedDataset(shard, seq_len)
-    start = 3 * dataset.n_samples * datasets  # a later epoch than the first
+    first = 3 * dataset.n_samples * datasets  # a later epoch than the first
     loaders = {order: TokenLoader([dataset] * datasets, [1.0] * datasets, seed=0, order=order) for order in ORDERS}
 
-    def reads(loader: TokenLoader) -> Callable[[], None]:
+    def reads(get: Callable[[int, int], Any]) -> Callable[[], None]:
+        start = first
+
         def read() -> None:
+            nonlocal start
             for b in range(batches):
-                loader.get(start + b * batch, batch)
+                get(start + b * batch, batch)
+            start += batches * batch
 
         return read
 
@@ -57,7 +65,8 @@ def get_rates(shard: str, seq_len: int, datasets: int, batch: int, batches: int,
             rows = [raw[i : i + seq_len + 1] for i in picks[b * batch : (b + 1) * batch]]
             torch.from_numpy(np.stack(rows).astype(np.int64))
 
-    paths = {o: reads(lo) for o, lo in loaders.items()} | {"memmap": memmap_reads}
+    paths = {o: reads(lo.get) for o, lo in loaders.items()}
+    paths |= {"feistel+starts": reads(loaders["feistel"].get_with_starts), "memmap": memmap_reads}
     times = harness.alternate(paths, torch.device("cpu"), rounds)
     return {path: batches * batch / t.median for path, t in times.items()}
 
@@ -114,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-lens", default="128,1024")
     p.add_argument("--datasets", default="1,100", help="blends of the shard with itself, comma-separated counts")
     p.add_argument("--batch", type=int, default=64, help="samples per get")
-    p.add_argument("--batches", type=int, default=20, help="gets (steps) per round")
+    p.add_argument("--batches", type=int, default=64, help="gets (steps) per round")
     p.add_argument("--map-samples", type=int, default=SAMPLES_2T_4096)
     p.add_argument("--map-indices", type=int, default=10**6)
     p.add_argument("--table-samples", type=int, default=10**7)
@@ -131,16 +140,21 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(
             f"TokenLoader.get of {args.batch} samples: samples/s in each order, and raw memmap reads of as many "
-            "windows (the floor); feistel over numpy, feistel over memmap"
+            "windows (the floor); get_with_starts in the Feistel order (+starts); feistel over numpy, feistel and "
+            "+starts over memmap"
         )
-        print(f"{'seq_len':>7} {'datasets':>8} {'feistel':>10} {'numpy':>10} {'memmap':>10} {'f/n':>6} {'f/mm':>6}")
+        print(
+            f"{'seq_len':>7} {'datasets':>8} {'feistel':>10} {'numpy':>10} {'+starts':>10} {'memmap':>10} "
+            f"{'f/n':>6} {'f/mm':>6} {'+s/mm':>6}"
+        )
         for seq_len in seq_lens:
             for datasets in [int(d) for d in args.datasets.split(",")]:
                 rates = get_rates(args.shard, seq_len, datasets, args.batch, args.batches, args.rounds)
                 feistel, numpy, memmap = rates["feistel"], rates["numpy-permutation"], rates["memmap"]
+                starts = rates["feistel+starts"]
                 print(
-                    f"{seq_len:7d} {datasets:8d} {feistel:10,.0f} {numpy:10,.0f} {memmap:10,.0f} "
-                    f"{feistel / numpy:6.2f} {feistel / memmap:6.2f}"
+                    f"{seq_len:7d} {datasets:8d} {feistel:10,.0f} {numpy:10,.0f} {starts:10,.0f} {memmap:10,.0f} "
+                    f"{feistel / numpy:6.2f} {feistel / memmap:6.2f} {starts / memmap:6.2f}"
                 )
                 out["get"].append({"seq_len": seq_len, "datasets": datasets, "batch": args.batch, **rates})
         costs = map_costs(args.map_samples, args.map_indices, args.table_samples, args.rounds)
