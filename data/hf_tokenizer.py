@@ -97,6 +97,7 @@ class HFTokenizer(Tokenizer):
         return (
             f"no EOS token for the HF tokenizer {self.path!r}: {where}, and none of {', '.join(WELL_KNOWN_EOS)} "
             f"is in its vocabulary; name the token that ends a document: data.eos_token=TOKEN in a run's config, "
+            f"--eos-token TOKEN to `unroll data prepare`, "
             f'or "eos_token": TOKEN in the {HF_CONFIG_FILE} of a transformers tokenizer directory (beside its '
             f"{HF_FILE}), which `unroll data prepare` reads too"
         )

@@ -45,7 +45,7 @@ from .manifest import FORMAT, MANIFEST, SPLITS, VERSION, read_manifest, shard_na
 from .prepare import ShardWriter, document_batches, listed_files, open_tokenizer, progress_bar, token_dtype
 from .shards import TokenShard
 from .stream import CorpusFile, Position, read_records
-from .tokenizer import Tokenizer, load_tokenizer
+from .tokenizer import Tokenizer
 
 SPLIT_RULE = 'valid when int.from_bytes(blake2b(f"{seed}:{n}", digest_size=8), "little") < valid_fraction * 2**64'
 # every name this module writes into OUT; anything else there is someone else's
@@ -343,9 +343,9 @@ def parse_bytes(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
-def tokens_per_shard(shard_size: str, tokenizer_path: str | os.PathLike) -> int:
+def tokens_per_shard(shard_size: str, tokenizer: str | os.PathLike | Tokenizer) -> int:
     """The shard_tokens that makes a .bin of about `shard_size` bytes (e.g. '2GB') with this tokenizer's dtype."""
-    itemsize = np.dtype(token_dtype(load_tokenizer(tokenizer_path).vocab_size)).itemsize
+    itemsize = np.dtype(token_dtype(open_tokenizer(tokenizer).vocab_size)).itemsize
     tokens = parse_bytes(shard_size) // itemsize
     if tokens < 1:
         raise DataError(f"shard size {shard_size!r} holds no {itemsize}-byte token")

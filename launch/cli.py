@@ -200,22 +200,25 @@ def _prepare(args) -> int:
 
     from tqdm import tqdm
 
+    from unroll.data.tokenizer import load_tokenizer
+
     started = time.perf_counter()
     sources = args.input[0] if len(args.input) == 1 else args.input
+    tokenizer = load_tokenizer(args.tokenizer, eos_token=args.eos_token)
     common = dict(valid_fraction=args.valid_fraction, seed=args.seed, workers=args.workers, text_key=args.text_key)
     if args.shard_tokens is None and args.shard_size is None:
         from unroll.data.prepare import prepare_shards
 
-        meta = prepare_shards(sources, args.tokenizer, args.out, progress=None, **common)["meta"]
+        meta = prepare_shards(sources, tokenizer, args.out, progress=None, **common)["meta"]
         counts = {split: (meta[split]["docs"], meta[split]["tokens"]) for split in ("train", "valid")}
         written = f"shards written to {args.out}"
     else:
         from unroll.data.prepare_dir import prepare_directory, tokens_per_shard
 
-        shard_tokens = args.shard_tokens or tokens_per_shard(args.shard_size, args.tokenizer)
+        shard_tokens = args.shard_tokens or tokens_per_shard(args.shard_size, tokenizer)
         manifest = prepare_directory(
             sources,
-            args.tokenizer,
+            tokenizer,
             args.out,
             shard_tokens=shard_tokens,
             progress=None,
@@ -309,6 +312,10 @@ BENCHES = {
         "attention over isolated documents: flex_attention's tile mask and SDPA's dense mask against causal",
     ),
     "checkpoint": ("unroll.launch.bench.checkpoint", "checkpoint save and load against the disk's own speed"),
+    "data": (
+        "unroll.launch.bench.data",
+        "prepare against the tokenizer and Megatron, its memory at 10 MB and 1 GB, the loader against memmap",
+    ),
     "growth": ("unroll.launch.bench.growth", "G_stack growth and training on against the deep model from scratch"),
     "loader": ("unroll.launch.bench.loader", "loader reads in the Feistel vs numpy order; the map's cost; prefetch"),
     "prepare": (
@@ -447,7 +454,12 @@ def parser() -> argparse.ArgumentParser:
         dest="data", required=True
     )
     tok = d.add_parser("tokenizer", help="train a lossless tokenizer on raw text: sentencepiece, or HF byte-level BPE")
-    tok.add_argument("--input", required=True, help="bundled:shakespeare, or .txt/.jsonl/.parquet file(s), dir or glob")
+    tok.add_argument(
+        "--input",
+        required=True,
+        help="bundled:shakespeare, or .txt/.jsonl/.json/.parquet file(s) (.txt/.jsonl/.json also as .gz or .zst), "
+        "a directory or a glob: read as `data prepare` reads it",
+    )
     tok.add_argument(
         "--kind",
         default="sentencepiece",
@@ -491,6 +503,11 @@ def parser() -> argparse.ArgumentParser:
         "command resumes after a crash",
     )
     size.add_argument("--shard-size", help="as --shard-tokens, in bytes of .bin per shard: e.g. 2GB, 512MiB")
+    pre.add_argument(
+        "--eos-token",
+        help="an HF tokenizer's token that ends each document, when neither its tokenizer_config.json nor a "
+        "well-known token (<|endoftext|>, </s>, ...) gives it; a run reading the shards names it as data.eos_token",
+    )
     pre.add_argument("--valid-fraction", type=float, default=0.05)
     pre.add_argument(
         "--workers",

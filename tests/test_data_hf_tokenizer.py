@@ -258,3 +258,24 @@ def test_cli_trains_a_lossless_byte_level_bpe(tmp_path, capsys):
     assert "vocab_size 100 is too small" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # --seed samples sentencepiece's lines; hf-bpe reads every document
         main([*args, "--out", str(tmp_path / "d"), "--seed", "3"])
+
+
+@pytest.mark.parametrize("layout", [[], ["--shard-size", "4KB"]])
+def test_prepare_takes_the_eos_a_tokenizer_does_not_name(tmp_path, capsys, layout):
+    # no tokenizer_config.json, no well-known EOS: `data prepare` refuses, naming --eos-token, and with it ends
+    # every document with that token
+    texts = documents(30)
+    path = bpe_json(tmp_path / "plain" / "tokenizer.json", texts, 290, ["<|doc|>"])
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", texts)
+    args = ["data", "prepare", "--input", corpus, "--tokenizer", path, "--workers", "1", *layout]
+    assert main([*args, "--out", str(tmp_path / "refused")]) == 2
+    assert "--eos-token TOKEN to `unroll data prepare`" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+    assert main([*args, "--out", str(tmp_path / "out"), "--eos-token", "<|doc|>"]) == 0
+    tok = load_tokenizer(path, eos_token="<|doc|>")
+    eos = tok.encode("<|doc|>")[0]
+    assert tok.eos_id == eos
+    prefixes = [str(p)[:-4] for p in sorted((tmp_path / "out").glob("*.bin"))]
+    docs = [TokenShard(p).doc(i).tolist() for p in prefixes for i in range(TokenShard(p).n_docs)]
+    assert len(docs) == len(texts) and all(d[-1] == eos and eos not in d[:-1] for d in docs)
+    assert sorted(d[:-1] for d in docs) == sorted(tok.encode(t) for t in texts)

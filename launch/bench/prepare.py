@@ -181,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=1, help="timed rounds, the paths alternating (default 1)")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     p.add_argument("--megatron", default=None, help="a Megatron-LM checkout: also time its tools/preprocess_data.py")
+    p.add_argument(
+        "--no-encode", action="store_true", help="time only the prepare (and megatron) paths, not the tokenizer alone"
+    )
     p.add_argument("--child", choices=["encode", "prepare"], help=argparse.SUPPRESS)
     p.add_argument("--corpus", help=argparse.SUPPRESS)
     p.add_argument("--batch-threads", type=int, default=0, help=argparse.SUPPRESS)
@@ -190,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         args.workers = int(args.workers.split(",")[0])
         print(json.dumps(child(args)))
         return 0
-    paths = ["encode", "encode t1"] + [f"prepare w{int(n)}" for n in args.workers.split(",")]
+    paths = [] if args.no_encode else ["encode", "encode t1"]
+    paths += [f"prepare w{int(n)}" for n in args.workers.split(",")]
     if args.megatron:
         paths += [f"megatron w{int(n)}" for n in args.workers.split(",")]
     with harness.session(0, prog="unroll bench prepare"), tempfile.TemporaryDirectory(prefix="unroll-bench-") as tmp:
@@ -205,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             for path in paths:
                 run = _run_megatron if path.startswith("megatron") else _run_child
                 runs[path].append(run(path, args, corpus, tokenizer, work))
-    tokens = runs["encode"][0]["tokens"]
+    tokens = runs[paths[0]][0]["tokens"]
     print(f"corpus: {corpus.stat().st_size / 1e6:.1f} MB of JSON lines, {tokens:,} tokens; tokenizer {tokenizer}")
     print(f"{'':12} {'best tok/s':>11} {'median tok/s':>13} {'vs encode':>10} {'RSS main MB':>12} {'worker MB':>10}")
     rows = {}
@@ -219,10 +223,12 @@ def main(argv: list[str] | None = None) -> int:
             "tokens": [r["tokens"] for r in results],
         }
     for path, row in rows.items():
-        ratio = row["median_tokens_per_s"] / rows["encode"]["median_tokens_per_s"]
+        ratio = (
+            f"{row['median_tokens_per_s'] / rows['encode']['median_tokens_per_s']:10.2f}" if "encode" in rows else ""
+        )
         rss = "" if path.startswith("encode") else f"{row['rss_main_mb']:12.0f} {row['rss_worker_mb']:10.0f}"
-        print(f"{path:12} {row['best_tokens_per_s']:11,.0f} {row['median_tokens_per_s']:13,.0f} {ratio:10.2f} {rss}")
-    for path in [p for p in rows if p.startswith("prepare w")]:
+        print(f"{path:12} {row['best_tokens_per_s']:11,.0f} {row['median_tokens_per_s']:13,.0f} {ratio:>10} {rss}")
+    for path in [p for p in rows if p.startswith("prepare w") and "encode t1" in rows]:
         n = int(path.split("w")[-1])
         floor = n * rows["encode t1"]["median_tokens_per_s"]
         print(f"{path} over {n} × encode t1 (per worker): {rows[path]['median_tokens_per_s'] / floor:.2f}")
