@@ -263,3 +263,25 @@ def test_flex_document_attention_on_cuda_matches_float64_cpu(dtype, tol):
         err = ((a.double().cpu() - b).abs().max() / b.abs().max()).item()
         print(f"{name}: flex {dtype} {err:.1e} of the largest float64 value")
         assert err <= tol, name
+
+
+@pytest.mark.parametrize("isolated", [False, True])
+def test_prefetched_batches_are_pinned_and_reach_the_gpu_unchanged(cuda_data, isolated):
+    # what the trainer reads on CUDA (train/trainer.py read_ahead: pin when the device is CUDA): page-locked
+    # batches from the prefetch thread, copied without blocking, equal to the batches read directly
+    from unroll.data.loader import PackedDataset, TokenLoader
+    from unroll.train.data_setup import RunData
+
+    loader = TokenLoader([PackedDataset(cuda_data.train, 64)], [1.0], seed=0)
+    data = RunData(tokenizer=None, train=loader, valid=None, valid_loader=None, isolated=isolated)
+    plan = [(s * 8, 8) for s in range(6)]
+    with data.train_reader(iter(plan), depth=2, pin=True) as read:
+        for request in plan:
+            batch = read(*request)
+            assert batch.tokens.is_pinned() and (batch.starts is None or batch.starts.is_pinned())
+            on_gpu, direct = batch.to("cuda"), data.train_batch(*request)
+            torch.cuda.synchronize()
+            assert on_gpu.tokens.is_cuda and torch.equal(on_gpu.tokens.cpu(), direct.tokens)
+            assert (on_gpu.starts is None) == (not isolated)
+            if isolated:
+                assert torch.equal(on_gpu.starts.cpu(), direct.starts)

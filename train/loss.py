@@ -32,7 +32,13 @@ class TokenBatch:
         return self.tokens.shape
 
     def to(self, device: torch.device | str) -> TokenBatch:
-        return TokenBatch(self.tokens.to(device), None if self.starts is None else self.starts.to(device))
+        """On `device`; from page-locked memory (a prefetched batch on CUDA) the copy is asynchronous: the step's
+        kernels are queued behind it on the same stream, and torch keeps the pinned block alive until it is done."""
+
+        def moved(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=t.is_pinned())
+
+        return TokenBatch(moved(self.tokens), None if self.starts is None else moved(self.starts))
 
 
 def _context_slice(x: torch.Tensor, cp_rank: int, cp: int) -> torch.Tensor:
