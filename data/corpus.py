@@ -6,9 +6,10 @@ document per record, field `text_key`), `.parquet` (one document per row, column
 source holds one format; `.json` and `.jsonl` count as the same format. Null texts read as empty
 documents.
 
-This reader (tokenizer training samples its lines) keeps an Arrow copy of the corpus; `unroll data prepare`
-streams the same files, compressed ones too, in bounded memory with data/stream.py, which shares the file
-resolution here (bundled_files, resolve_files).
+This reader keeps an Arrow copy of the corpus. Tokenizer training and `unroll data prepare` stream the same
+files instead, compressed ones too, in bounded memory with data/stream.py, which shares the file resolution here
+(bundled_files, resolve_files); read_documents stays as the independent reader the streaming one is tested
+against.
 """
 
 from __future__ import annotations

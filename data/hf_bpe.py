@@ -10,16 +10,16 @@ reads every document whole (newlines included), so the merges see the corpus as 
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from .corpus import read_documents
 from .errors import DataError
 from .hf_tokenizer import HFTokenizer
+from .stream import corpus_files, nonempty_texts
 
 EOS = "<|endoftext|>"
 MIN_VOCAB_SIZE = 256 + 1  # the byte alphabet and EOS
@@ -33,7 +33,8 @@ def train_hf_bpe(source: str, out_dir: str | os.PathLike, vocab_size: int, *, te
             f"vocab_size {vocab_size} is too small: a byte-level BPE holds the 256 bytes and {EOS}, so at least "
             f"{MIN_VOCAB_SIZE}"
         )
-    docs = read_documents(source, text_key=text_key)
+    texts = nonempty_texts(corpus_files(source), text_key, source)
+    first = next(texts)  # an empty corpus is refused before training starts
     tokenizer = tokenizers.Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
@@ -45,7 +46,7 @@ def train_hf_bpe(source: str, out_dir: str | os.PathLike, vocab_size: int, *, te
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_texts(docs), trainer, length=len(docs))
+    tokenizer.train_from_iterator(itertools.chain([first], texts), trainer)
     if tokenizer.get_vocab_size() < vocab_size:
         raise DataError(
             f"vocab_size {vocab_size} is too large for the corpus {source!r}: byte-level BPE finds "
@@ -59,8 +60,3 @@ def train_hf_bpe(source: str, out_dir: str | os.PathLike, vocab_size: int, *, te
         return str(HFTokenizer(tmp).save_to(out))
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def _texts(docs) -> Iterator[str]:
-    for batch in docs.iter(batch_size=256):
-        yield from (text for text in batch["text"] if text)

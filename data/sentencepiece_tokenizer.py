@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
 
-from .corpus import read_documents
 from .errors import DataError
+from .stream import CorpusFile, corpus_files, nonempty_texts
 from .tokenizer import HF_CONFIG_FILE, HF_FILE, SENTENCEPIECE_FILE, Tokenizer, file_sha256, remove_files, replace_file
 
 # Byte fallback reserves one piece per byte value, besides <unk>, <s> and </s>.
@@ -44,13 +44,14 @@ def train_tokenizer(
         )
     if model_type not in ("bpe", "unigram"):
         raise DataError(f"model_type {model_type!r}: use 'bpe' or 'unigram'")
-    docs = read_documents(source, text_key=text_key)
+    files = corpus_files(source)
+    next(_texts(files, text_key, source))  # an empty corpus is refused before training starts
     out_prefix = os.fspath(out_prefix)
     os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
     tmp_prefix = f"{out_prefix}.tmp-{os.getpid()}"
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_sampled_lines(docs, input_sentence_size, seed),
+            sentence_iterator=_sampled_lines(lambda: _texts(files, text_key, source), input_sentence_size, seed),
             model_prefix=tmp_prefix,
             vocab_size=vocab_size,
             model_type=model_type,
@@ -84,15 +85,16 @@ def train_tokenizer(
     return out_prefix + ".model"
 
 
-def _sampled_lines(docs, size: int, seed: int) -> Iterator[str]:
-    """The corpus's lines, or `size` of them chosen by a generator seeded with `seed`."""
-    n_lines = sum(1 for _ in _lines(_texts(docs))) if size > 0 else 0
+def _sampled_lines(texts: Callable[[], Iterator[str]], size: int, seed: int) -> Iterator[str]:
+    """The corpus's lines (texts(): its documents, read again on each call), or `size` of them chosen by a
+    generator seeded with `seed`: one pass counts the lines, a second yields the chosen ones."""
+    n_lines = sum(1 for _ in _lines(texts())) if size > 0 else 0
     if size <= 0 or n_lines <= size:  # size <= 0 means all lines, as in sentencepiece
-        yield from _lines(_texts(docs))
+        yield from _lines(texts())
         return
     keep = np.sort(np.random.default_rng(seed).choice(n_lines, size, replace=False, shuffle=False))
     k = 0
-    for i, line in enumerate(_lines(_texts(docs))):
+    for i, line in enumerate(_lines(texts())):
         if i == keep[k]:
             yield line
             k += 1
@@ -100,9 +102,9 @@ def _sampled_lines(docs, size: int, seed: int) -> Iterator[str]:
                 return
 
 
-def _texts(docs) -> Iterator[str]:
-    for batch in docs.iter(batch_size=256):
-        yield from batch["text"]
+def _texts(files: list[CorpusFile], text_key: str, source: str) -> Iterator[str]:
+    """The documents of `files`, streamed as `unroll data prepare` reads them (compressed files too)."""
+    return nonempty_texts(files, text_key, source)
 
 
 def _lines(texts: Iterable[str]) -> Iterator[str]:

@@ -105,6 +105,17 @@ def read_records(
             yield Position(i, r), text
 
 
+def nonempty_texts(files: Sequence[CorpusFile], text_key: str, source: str) -> Iterator[str]:
+    """The non-empty texts of `files`; DataError naming `source` when there are none (checked before the first
+    is yielded, so a tokenizer trainer never starts on nothing)."""
+    texts = (text for _, text in read_records(files, text_key) if text)
+    first = next(texts, None)
+    if first is None:
+        raise DataError(f"empty corpus: {source!r} holds no text")
+    yield first
+    yield from texts
+
+
 def _records(f: CorpusFile, text_key: str, skip: int) -> Iterator[str]:
     if f.size == 0:  # holds no document (and is no valid gzip, zstd or parquet file)
         return

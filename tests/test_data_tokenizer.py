@@ -97,3 +97,33 @@ def test_bad_model_files(tmp_path):
     (tmp_path / "junk.model").write_bytes(b"not a sentencepiece model")
     with pytest.raises(DataError, match="junk.model.*not a sentencepiece model"):
         Tokenizer(tmp_path / "junk.model")
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "hf-bpe"])
+def test_trains_on_compressed_corpora_as_on_plain_ones_and_refuses_an_empty_one(corpus, tmp_path, kind):
+    # tokenizer training streams its input as `data prepare` does: a .jsonl.gz and a .jsonl.zst train the same
+    # tokenizer as the .jsonl they hold
+    import gzip
+
+    import zstandard
+
+    from unroll.data.hf_bpe import train_hf_bpe
+
+    data = open(corpus, "rb").read()
+    (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress(data))
+    (tmp_path / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(data))
+    (tmp_path / "empty.jsonl").write_text("\n" + json.dumps({"text": ""}) + "\n")
+
+    def trained(source, name):
+        if kind == "hf-bpe":
+            return open(train_hf_bpe(source, tmp_path / name, 300), "rb").read()
+        import sentencepiece as spm  # its .model records the output name: compare the pieces and scores
+
+        sp = spm.SentencePieceProcessor(model_file=train_tokenizer(source, str(tmp_path / name), 300))
+        return [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+
+    plain = trained(corpus, "plain")
+    assert trained(str(tmp_path / "c.jsonl.gz"), "gz") == plain
+    assert trained(str(tmp_path / "c.jsonl.zst"), "zst") == plain
+    with pytest.raises(DataError, match="empty corpus: .*empty.jsonl' holds no text"):
+        trained(str(tmp_path / "empty.jsonl"), "empty")
