@@ -2,6 +2,7 @@
 contiguous slice), and layers that look back across the split get what they need, differentiably.
 
     gather_sequence(x, group, dim)   every rank's slice, concatenated (attention's keys and values)
+    gather_flags(flags, group)       every rank's bool [B, T_local] flags, concatenated (where documents start)
     sequence_mean(x, group)          a mean over the slice's tokens → over the whole sequence's (MoE balancing)
     previous_tail(tail, first, group) the previous rank's tail (a convolution's last inputs); rank 0 gets `first`
     receive_state(first, group, anchor)  the state handed on by the previous rank (rank 0: `first`)
@@ -60,6 +61,14 @@ def gather_sequence(x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
     each slice's owner (summed over the ranks that used it)."""
     out: torch.Tensor = _GatherSequence.apply(x, group, dim)  # type: ignore[no-untyped-call]  # torch: apply unannotated
     return out
+
+
+def gather_flags(flags: torch.Tensor, group: Group) -> torch.Tensor:
+    """Every rank's bool [B, T_local], joined in rank order into [B, R·T_local] (as uint8: gloo has no bool
+    collectives); not differentiable (flags are data)."""
+    parts = [torch.empty_like(flags, dtype=torch.uint8) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, flags.to(torch.uint8).contiguous(), group=group)
+    return torch.cat(parts, dim=1).bool()
 
 
 class _SequenceMean(torch.autograd.Function):

@@ -48,14 +48,6 @@ def document_layout(resets: torch.Tensor, past: int) -> tuple[torch.Tensor, torc
     return resets.long().cumsum(dim=1), torch.where(last_start >= 0, t - last_start, past + t)
 
 
-def _gather_starts(resets: torch.Tensor, group: torch.distributed.ProcessGroup) -> torch.Tensor:
-    """Every context rank's resets [B, T_local], joined in rank order into [B, R·T_local] (as uint8: gloo has
-    no bool collectives)."""
-    parts = [torch.empty_like(resets, dtype=torch.uint8) for _ in range(torch.distributed.get_world_size(group))]
-    torch.distributed.all_gather(parts, resets.to(torch.uint8).contiguous(), group=group)
-    return torch.cat(parts, dim=1).bool()
-
-
 @dataclass
 class KVCache:
     k: torch.Tensor  # [B, kv_heads, S, hd], RoPE already applied; with a window only the last `window`
@@ -202,14 +194,14 @@ class Attention(ContextParallel, nn.Module):
         r·T ... r·T + T − 1 against the gathered keys and values of the slices up to its own (the later
         ones are gathered too, the collective being one, but not attended to). Later ranks do more of
         the work: ring attention would balance it."""
-        from unroll.kernels.context import gather_sequence
+        from unroll.kernels.context import gather_flags, gather_sequence
 
         past = torch.distributed.get_rank(self.context_group) * x.shape[1]
         end = past + x.shape[1]
         doc_q = doc_k = positions = None
         if resets is not None:  # the documents of the whole sequence: every rank's starts
             assert self.context_group is not None, "called under context parallelism"
-            everywhere = _gather_starts(resets, self.context_group)[:, :end]
+            everywhere = gather_flags(resets, self.context_group)[:, :end]
             doc_k, stream_positions = document_layout(everywhere, 0)
             doc_q = doc_k[:, past:end]
             positions = stream_positions[:, past:end] if self.document_positions else None

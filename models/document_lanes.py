@@ -35,8 +35,10 @@ class Lanes:
         return out.index_put((self.row[self.real], self.position[self.real]), y[self.real])
 
 
-def document_lanes(resets: torch.Tensor, align: int) -> Lanes:
-    """The lanes of the documents of rows [B, T] that begin where resets is True (and at t = 0)."""
+def document_lanes(resets: torch.Tensor, align: int, window: tuple[int, int] | None = None) -> Lanes:
+    """The lanes of the documents of rows [B, T] that begin where resets is True (and at t = 0); with
+    `window` (lo, hi), only those with a token in columns [lo, hi) (a context rank's slice of the rows),
+    each still from its own first token."""
     B, T = resets.shape
     device = resets.device
     starts = resets.clone()
@@ -44,6 +46,10 @@ def document_lanes(resets: torch.Tensor, align: int) -> Lanes:
     row, first = starts.nonzero(as_tuple=True)  # row-major: each row's documents in order
     same_row = torch.cat([row[1:] == row[:-1], row.new_zeros(1, dtype=torch.bool)])
     lengths = torch.where(same_row, first.roll(-1), T) - first
+    if window is not None:
+        lo, hi = window
+        keep = (first < hi) & (first + lengths > lo)
+        row, first, lengths = row[keep], first[keep], lengths[keep]
     padded = (lengths + align - 1) // align * align  # what a document takes when another follows it
     width = int(lengths.max())
     used: list[int] = []  # first-fit decreasing, on the host: a few hundred documents

@@ -28,7 +28,8 @@ shard boundary) runs the per-token recurrence.
 Context parallelism: rank r holds tokens [r·T/R, (r+1)·T/R); S_L and C_G must divide T/R, so every
 rank's slice starts with fresh local memories (nothing exchanged) and at a global chunk boundary; the
 global memory's state (weights and momentum) is handed rank to rank (kernels/context.py). Each rank runs
-its local memories first, so only the global pass waits on the previous rank.
+its local memories first, so only the global pass waits on the previous rank. With isolated documents a
+rank gathers the slices and runs the documents that reach into its own whole (TNT._documents).
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ from typing import overload
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed import ProcessGroup
 
-from unroll.kernels.context import receive_state, send_state
+from unroll.kernels.context import gather_flags, gather_sequence, receive_state, send_state
 from unroll.kernels.memory import MemoryCarry, chunk_memory, memory_step
 from unroll.models.context_parallel import ContextParallel
 from unroll.models.document_lanes import document_lanes
@@ -262,9 +264,12 @@ class TNT(ContextParallel, nn.Module):
         v: torch.Tensor,
         gates: Gates,
         B: int,
+        group: ProcessGroup | None,
         restart: torch.Tensor | None = None,
     ) -> tuple[tuple[torch.Tensor, MemoryCarry], torch.Tensor | None]:
-        spec, group = self.specs[i], self.context_group
+        """The global memory over the slice; under context parallelism (`group`), from the state the previous
+        rank hands on, and handing its own on."""
+        spec = self.specs[i]
         carry = carry or self._fresh(i, B, q.dtype)
         if group is None:
             return chunk_memory(carry, q, k, v, *gates, chunk=spec.chunk, read=spec.read, restart=restart), None
@@ -313,15 +318,17 @@ class TNT(ContextParallel, nn.Module):
         return self._run(x, state)
 
     def _run(
-        self, x: torch.Tensor, state: TNTState | None, starts: torch.Tensor | None = None
+        self, x: torch.Tensor, state: TNTState | None, starts: torch.Tensor | None = None, whole: bool = False
     ) -> tuple[torch.Tensor, TNTState]:
         """forward without resets; starts [B, T] (documents laid out in lanes, each on a multiple of
-        self.align): the memories restart there."""
+        self.align): the memories restart there. whole: the rows hold whole documents, also under context
+        parallelism (nothing is handed between ranks)."""
         B, T, _ = x.shape
         q, k, v, g, gates = self._inputs(x)
         if state is not None and not self._aligned(state):
             return self._tokens(x, q, k, v, g, gates, state)
-        if self.context_group is not None:
+        group = None if whole else self.context_group
+        if group is not None:
             self._check_context(T, state)
         carries: list[MemoryCarry | None] = [*state.memories] if state is not None else [None] * len(self.specs)
         o: torch.Tensor | None = None
@@ -332,7 +339,8 @@ class TNT(ContextParallel, nn.Module):
         ]  # locals first: no waiting on other ranks
         for i in order:
             if self.specs[i].name == "global":
-                (y, new[i]), handoff = self._run_global(i, carries[i], q, k, v, gates[i], B, self._restarts(i, starts))
+                restart = self._restarts(i, starts)
+                (y, new[i]), handoff = self._run_global(i, carries[i], q, k, v, gates[i], B, group, restart)
             else:
                 y, new[i] = self._run_local(i, carries[i], q, k, v, gates[i], B, self._restarts(i, starts))
             o = y if o is None else o + y
@@ -354,15 +362,34 @@ class TNT(ContextParallel, nn.Module):
         """The output for rows of packed documents, each document run alone from the initial memories, its
         chunks and local resets counted from its own first token: the documents are laid out in lanes, each
         starting on a multiple of every chunk and reset period (models/document_lanes.py), run with the
-        memories restarting at each document's first chunk, and scattered back."""
+        memories restarting at each document's first chunk, and scattered back.
+
+        Under context parallelism a document may begin on an earlier rank, and its memories' state where this
+        rank's slice begins is mid-chunk and mid-period. So each rank gathers every rank's slice and runs the
+        documents with a token in its own slice, each from its own first token (the part on earlier ranks
+        again), and keeps its slice of the output; the gather's backward sums the inputs' gradients back to
+        their ranks. The cost: each rank also runs the earlier part of its first document of each row (all
+        of the rows before it when one document fills them) and holds the gathered input."""
         if self.context_group is not None:
-            raise NotImplementedError("TNT with document resets under context parallelism is not supported yet")
+            if state is not None:
+                raise ValueError("TNT under context parallelism starts from the initial state only")
+            return self._documents_over_context(x, resets, self.context_group)
         if x.shape[1] == 0:
             return self._run(x, None)[0]
         if state is not None and not bool(resets[:, 0].all()):
             raise NotImplementedError("TNT with document resets continues no state: reset every row at t = 0")
         lanes = document_lanes(resets, self.align)
         return lanes.scatter(self._run(lanes.gather(x), None, lanes.starts)[0])
+
+    def _documents_over_context(self, x: torch.Tensor, resets: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+        """_documents of this rank's slice [B, T] of rows split over `group` (its docstring says how)."""
+        lo = torch.distributed.get_rank(group) * x.shape[1]
+        window = (lo, lo + x.shape[1])
+        everywhere = gather_sequence(x, group, 1)
+        lanes = document_lanes(gather_flags(resets, group), self.align, window)
+        return lanes.scatter(self._run(lanes.gather(everywhere), None, lanes.starts, whole=True)[0])[
+            :, window[0] : window[1]
+        ]
 
     def _output(self, o: torch.Tensor, g: torch.Tensor, B: int) -> torch.Tensor:
         o = torch.unflatten(o, 0, (B, self.heads)).transpose(1, 2).flatten(2)  # [B, T, H·d]

@@ -297,22 +297,31 @@ def test_info_cli_prints_the_tnt_layers(capsys):
 
 
 @pytest.mark.parametrize(
-    "layout,seq_len,words",
+    "layout,seq_len,documents,words",
     [
-        (dict(cp=2), 96, "model.tnt.local_reset=64 must be positive and divide the per-rank sequence length 48"),
-        (dict(cp=2), 256, None),
-        (dict(cp=8), 256, "model.tnt.global_chunk=64 must divide the per-rank sequence length 32"),
-        (dict(cp=2), 256, "with TNT layers and model.documents=isolated is not available yet"),
-        (dict(tp=2), 128, "TNT layers (pattern T): not available yet"),
+        (
+            dict(cp=2),
+            96,
+            "packed",
+            "model.tnt.local_reset=64 must be positive and divide the per-rank sequence length 48",
+        ),
+        (dict(cp=2), 256, "packed", None),
+        (dict(cp=8), 256, "packed", "model.tnt.global_chunk=64 must divide the per-rank sequence length 32"),
+        # isolated documents: each rank runs whole documents from the gathered slices, at any slice length
+        (dict(cp=2), 96, "isolated", None),
+        (dict(cp=8), 256, "isolated", None),
+        (dict(tp=2), 128, "packed", "TNT layers (pattern T): not available yet"),
     ],
 )
-def test_layout_checks_for_tnt(layout, seq_len, words):
+def test_layout_checks_for_tnt(layout, seq_len, documents, words):
     from unroll.train.config import load_config
     from unroll.train.parallel.mesh import Layout, LayoutError, check_model
 
-    # TNT's cp checks on packed rows; with isolated documents cp is refused first (the third case uses them)
-    cfg = load_config("tiny-tnt", [] if words and "isolated" in words else ["model.documents=packed"]).model
+    cfg = load_config("tiny-tnt", [f"model.documents={documents}"]).model
     if words is None:
+        check_model(Layout(**layout), cfg, seq_len=seq_len)
+        return
+    with pytest.raises(LayoutError, match=words.replace("(", r"\(").replace(")", r"\)")):
         check_model(Layout(**layout), cfg, seq_len=seq_len)
         return
     with pytest.raises(LayoutError, match=words.replace("(", r"\(").replace(")", r"\)")):

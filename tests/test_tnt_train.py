@@ -26,20 +26,23 @@ def test_trainer_trains_a_tiny_tnt_model(tiny_config):
     assert all(math.isfinite(v) for v in val) and val[-1] < val[0] - 0.3, val
 
 
-def test_context_parallel_training_matches_one_process(tiny_config, offline_env):
-    """`unroll train` with the sequence split over 2 gloo ranks (16 tokens each: fresh local memories on
-    each, the global memory's state handed on) logs the one-process losses and gradient norms."""
+@pytest.mark.parametrize("documents", ["packed", "isolated"])
+def test_context_parallel_training_matches_one_process(tiny_config, offline_env, documents):
+    """`unroll train` with the sequence split over 2 gloo ranks logs the one-process losses and gradient norms:
+    packed, 16 tokens each, fresh local memories on each, the global memory's state handed on; isolated, each
+    rank running whole the documents that reach into its slice (tests/test_context.py checks boundaries on and
+    near the split in float64)."""
     sections = dict(
-        model={"pattern": "TA", "n_heads": 2, "tnt": TNT, "documents": "packed"},
+        model={"pattern": "TA", "n_heads": 2, "tnt": TNT, "documents": documents},
         train={"steps": 3, "batch_size": 4},
         eval={"every": 3},
     )
-    one = load_config(str(tiny_config("one", **sections)))
+    one = load_config(str(tiny_config(f"one-{documents}", **sections)))
     train(one)
-    cp = tiny_config("cp", **sections)
+    cp = tiny_config(f"cp-{documents}", **sections)
     out = torchrun_train(2, cp, offline_env, "parallel.cp=2")
     assert "cp 2" in out.stdout + out.stderr
-    base, rows = read_metrics(one.run.dir), read_metrics(cp.parent / "cp")
+    base, rows = read_metrics(one.run.dir), read_metrics(cp.parent / f"cp-{documents}")
     assert [r["step"] for r in rows] == [r["step"] for r in base]
     for ra, rb in zip(base, rows):
         for key in ("loss", "val_loss", "grad_norm"):

@@ -93,14 +93,9 @@ def check_model(layout: Layout, model: ModelConfig, seq_len: int | None = None) 
                 f"parallel.cp={layout.cp}: slices of {seq_len // layout.cp} tokens are shorter than "
                 f"the M²RNN convolution's reach ({model.m2rnn.conv - 1})"
             )
-        if "T" in model.layers and seq_len % layout.cp == 0:
+        # with isolated documents TNT gathers the slices and runs whole documents (models/tnt.py): no constraint
+        if "T" in model.layers and model.documents == "packed" and seq_len % layout.cp == 0:
             problems += tnt_context_problems(model, seq_len // layout.cp, layout.cp)
-        if "T" in model.layers and model.documents == "isolated":
-            problems.append(
-                f"parallel.cp={layout.cp} with TNT layers and model.documents=isolated is not available yet "
-                "(TNT's memories restart at each document, which its slicing over the context ranks does not "
-                "follow); use model.documents=packed or parallel.cp=1"
-            )
     kinds = set(model.layers)
     if layout.tp > 1:
         if seq_len is not None and seq_len % layout.tp:
