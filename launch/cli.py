@@ -96,6 +96,7 @@ def _presets(args) -> int:
 def _info(args) -> int:
     import json
 
+    from unroll.models.flops import format_flops, model_flops
     from unroll.models.summary import format_summary, summarize
     from unroll.train.config import load_config
 
@@ -103,8 +104,12 @@ def _info(args) -> int:
         return _print_keys(args)
     if not args.config:
         return _presets(args)
-    summary = summarize(load_config(args.config, args.overrides).model)
-    _emit(json.dumps(summary, indent=2) if args.json else format_summary(args.config, summary))
+    cfg = load_config(args.config, args.overrides)
+    summary, flops = summarize(cfg.model), model_flops(cfg.model, cfg.data.seq_len)
+    if args.json:
+        _emit(json.dumps(summary | {"flops": flops.as_dict()}, indent=2))
+    else:
+        _emit(format_summary(args.config, summary) + "\n\n" + format_flops(flops))
     return 0
 
 
@@ -395,7 +400,9 @@ def parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train)
 
     i = sub.add_parser(
-        "info", help="parameter counts (total, active) and per-layer state of a config; without one, the presets"
+        "info",
+        help="parameter counts (total, active), per-layer state and training FLOPs per token of a config; "
+        "without one, the presets",
     )
     i.add_argument("config", nargs="?", help="a YAML config file or a preset name; none: `unroll presets`")
     i.add_argument("overrides", nargs="*", default=[], metavar="key=value")

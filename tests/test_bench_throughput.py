@@ -3,6 +3,8 @@ is asserted)."""
 
 import json
 
+import pytest
+
 from unroll.launch.cli import main
 
 
@@ -35,6 +37,8 @@ def test_bench_throughput_runs_every_tiny_family(tmp_path, capsys):
     assert [r["preset"] for r in rows] == presets.split(",")
     assert rows[0]["vs_baseline"] == 1.0 and all(r["tokens_per_s"] > 0 for r in rows)
     assert all(0 < r["step_min_ms"] <= r["step_ms"] for r in rows)
+    assert "TFLOP/s" in printed  # model FLOPs per token (models/flops.py) × tokens/s
+    assert all(r["tflops_per_gpu"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"] / 1e12) for r in rows)
     moe = rows[-1]
     assert moe["params_active"] < moe["params"]
 

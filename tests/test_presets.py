@@ -8,6 +8,7 @@ import torch
 
 from unroll.launch.cli import main
 from unroll.models import LM
+from unroll.models.flops import model_flops
 from unroll.models.summary import summarize
 from unroll.train.config import load_config, preset_names
 
@@ -75,10 +76,13 @@ def test_info_cli_prints_a_table_and_json(capsys):
     assert main(["info", "m2rnn-moe-7b"]) == 0
     out = capsys.readouterr().out
     assert "active per token" in out and "m2rnn" in out and "10,178,696" in out
+    assert "training FLOPs per token (forward + backward, sequence 4096" in out and "per iteration" in out
     assert main(["info", "tiny-gru", "model.d_model=64", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert {"params_total", "params_active", "layers", "state_elements"} <= set(data)
+    assert {"params_total", "params_active", "layers", "state_elements", "flops"} <= set(data)
     assert data["d_model"] == 64 and data["layers"][0]["state_elements"] == 64
+    cfg = load_config("tiny-gru", ["model.d_model=64"])
+    assert data["flops"]["per_token"] == model_flops(cfg.model, cfg.data.seq_len).per_token()
 
 
 def test_info_cli_names_a_bad_key(capsys):

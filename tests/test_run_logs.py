@@ -9,7 +9,10 @@ from conftest import run_cli, torchrun_train
 
 from unroll.train.metrics import Metrics
 
-STEP_LINE = re.compile(r"^step (\d+)/6: loss \d+\.\d{4}  lr \d\.\d\de-\d\d  grad_norm \d+\.\d{3}  tokens/s [\d,]+$")
+STEP_LINE = re.compile(
+    r"^step (\d+)/6: loss \d+\.\d{4}  lr \d\.\d\de-\d\d  grad_norm \d+\.\d{3}  tokens/s [\d,]+  tflops/gpu [\d.e+-]+"
+    r"(  mfu \d+\.\d%)?$"  # mfu where the device's peak is known (train/mfu.py)
+)
 
 
 def test_a_piped_run_logs_one_plain_line_per_logged_step(tiny_config, offline_env):

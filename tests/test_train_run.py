@@ -9,6 +9,7 @@ import torch
 from conftest import run_cli, torchrun_train
 
 from unroll.launch.cli import main
+from unroll.models.flops import model_flops
 from unroll.models.generate import sample
 from unroll.train.config import load_config
 from unroll.train.lifecycle.inference import load_run
@@ -38,7 +39,8 @@ def test_bf16_autocast_trains(tiny_config):
 
 
 def test_newton_solver_metrics_are_logged(tiny_config):
-    cfg = load_config(str(tiny_config("newton", model={"pattern": "GL", "solver": "newton"}, train={"steps": 4})))
+    train_section = {"steps": 4, "peak_tflops": 0.5}
+    cfg = load_config(str(tiny_config("newton", model={"pattern": "GL", "solver": "newton"}, train=train_section)))
     train(cfg)
     rows = [r for r in read_metrics(cfg.run.dir) if "loss" in r]
     for layer in (0, 1):
@@ -46,6 +48,20 @@ def test_newton_solver_metrics_are_logged(tiny_config):
         assert all(1 <= i <= 6 for i in iters), iters
         assert all(r[f"layer{layer}/newton_residual"] <= 5e-6 for r in rows)
         assert all(r[f"layer{layer}/newton_fallbacks"] == 0 for r in rows)
+    # model FLOPs per second per rank at the iterations the step took; mfu against train.peak_tflops
+    flops = model_flops(cfg.model, cfg.data.seq_len)
+    for r in rows:
+        per_token = flops.per_token({0: r["layer0/newton_iters"], 1: r["layer1/newton_iters"]})
+        assert r["tflops_per_gpu"] == pytest.approx(r["tokens_per_s"] * per_token / 1e12)
+        assert r["mfu"] == pytest.approx(r["tflops_per_gpu"] / 0.5)
+
+
+def test_no_mfu_is_logged_without_a_peak(tiny_config):
+    """A CPU has no entry in the peak table (train/mfu.py): achieved TFLOP/s are logged, no utilisation."""
+    cfg = load_config(str(tiny_config("cpu", run={"device": "cpu", "threads": 1}, train={"steps": 2})))
+    train(cfg)
+    rows = [r for r in read_metrics(cfg.run.dir) if "loss" in r]
+    assert rows and all(r["tflops_per_gpu"] > 0 and "mfu" not in r for r in rows)
 
 
 def test_generate_plot_and_wandb_offline(tiny_config, capsys):

@@ -75,6 +75,8 @@ class TrainConfig:
     micro_batch_size: int = 0  # sequences per forward on one rank; 0 = batch_size / data ranks (no accumulation),
     #   under pipelining that share split into a micro-batch per stage (train/preflight.py)
     log_every: int = 10  # steps between metrics rows (metrics.jsonl, wandb) and console lines (stdout)
+    peak_tflops: float = 0.0  # one device's peak dense TFLOP/s, the denominator of the logged mfu; 0 = the
+    #   table's for the GPU and run.dtype (train/mfu.py); a device it lacks (a CPU) logs tflops_per_gpu, no mfu
     activation_checkpoint: str = "none"  # none | full (recompute each block) | mlp (recompute MLPs only)
     compile: bool = False  # torch.compile each block (in place, names unchanged)
     init_from: str = ""  # a new run starts from these model weights (not optimizer, data or step): a run
@@ -350,6 +352,11 @@ def validate(cfg: Config) -> None:
         f"tokens per logits chunk must be >= 0 (0 = all at once), got {cfg.train.loss_chunk}",
     )
     need(cfg.train.log_every > 0, "train.log_every", f"must be positive, got {cfg.train.log_every}")
+    need(
+        cfg.train.peak_tflops >= 0,
+        "train.peak_tflops",
+        f"must be >= 0 (0 = from the device), got {cfg.train.peak_tflops}",
+    )
     need(cfg.train.max_bad_steps >= 1, "train.max_bad_steps", f"must be >= 1, got {cfg.train.max_bad_steps}")
     need(
         cfg.train.spike_factor == 0 or cfg.train.spike_factor > 1,

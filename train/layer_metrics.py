@@ -20,6 +20,17 @@ def solver_metrics(model: LM) -> dict:
     return row
 
 
+def solve_iterations(model: LM) -> dict[int, int]:
+    """Newton iterations of each recurrent layer's last solve, by layer (0 = solved sequentially); the layers
+    this rank did not run (other pipeline stages) are absent."""
+    out = {}
+    for i, block in enumerate(model.blocks):
+        info = getattr(block.mixer, "last_solve", None)
+        if info is not None:
+            out[i] = info.iterations
+    return out
+
+
 def load_metrics(model: LM, counts: torch.Tensor) -> dict:
     """Per MoE layer: each expert's share of the routed assignments relative to a perfectly even split
     (1.0 = balanced), as a list, and its maximum."""

@@ -42,12 +42,15 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 def format_step(row: dict, total_steps: int) -> str:
     """A training row as one console line, e.g. `step 20/600: loss 5.1234  lr 3.00e-03  grad_norm 0.812
-    tokens/s 41,230`; `mfu` is shown only when the row carries one (a fraction of the peak)."""
+    tokens/s 41,230  tflops/gpu 312  mfu 31.5%`; `tflops/gpu` and `mfu` (a fraction of the peak) only when
+    the row carries them (train/mfu.py)."""
     grad = row.get("grad_norm")
     text = (
         f"step {row['step']}/{total_steps}: loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
         f"grad_norm {'-' if grad is None else f'{grad:.3f}'}  tokens/s {row['tokens_per_s']:,.0f}"
     )
+    if row.get("tflops_per_gpu") is not None:
+        text += f"  tflops/gpu {row['tflops_per_gpu']:.3g}"
     if row.get("mfu") is not None:
         text += f"  mfu {100 * row['mfu']:.1f}%"
     return text

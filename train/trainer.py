@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from unroll.data.prefetch import Prefetcher
+from unroll.models.flops import model_flops
 from unroll.train.build import build_training
 from unroll.train.checkpoint import dcp as checkpoint
 from unroll.train.checkpoint import integrity, resolve
@@ -27,9 +28,10 @@ from unroll.train.data_order import resolved_order, with_run_order
 from unroll.train.data_setup import open_run_data
 from unroll.train.evaluate import evaluate
 from unroll.train.final_report import final_report
-from unroll.train.layer_metrics import load_metrics, solver_metrics
+from unroll.train.layer_metrics import load_metrics, solve_iterations, solver_metrics
 from unroll.train.loss import TokenBatch
 from unroll.train.metrics import Metrics
+from unroll.train.mfu import peak_flops, utilisation
 from unroll.train.parallel import distributed as D
 from unroll.train.plot import plot_run
 from unroll.train.preflight import check_layout
@@ -154,6 +156,9 @@ class TrainingRun:
         self.stop = StopRequest()
         self.watchdog = Watchdog(cfg.run.step_timeout_s, dist.rank)
         self.timer, self.timed_steps = time.perf_counter(), 0
+        self.flops = model_flops(cfg.model, cfg.data.seq_len)
+        # autocast's dtype is the matmuls' (bf16 on a GPU by default); without autocast they run in float32
+        self.peak = peak_flops(dist.device, getattr(t.autocast, "fast_dtype", torch.float32), cfg.train.peak_tflops)
         self.saved_at: int | None = self.step if state else None
         self.val_loss: float | None = None
         self.load_window: torch.Tensor | None = None  # MoE assignment counts since the last logged step
@@ -216,20 +221,24 @@ class TrainingRun:
         return None
 
     def log_step(self, result: StepResult) -> None:
-        """Every train.log_every steps and at the last: loss, learning rate, throughput, gradient norm, the
-        MoE loads and the solvers' figures (a step not applied has its event row instead)."""
+        """Every train.log_every steps and at the last: loss, learning rate, throughput (tokens/s, model TFLOP/s
+        per rank with the Newton iterations the last forward took, MFU where the peak is known), gradient norm,
+        the MoE loads and the solvers' figures (a step not applied has its event row instead)."""
         cfg, step = self.cfg, self.step
         if step % cfg.train.log_every != 0 and step != cfg.train.steps:
             return
         elapsed = time.perf_counter() - self.timer
+        tokens_per_s = self.timed_steps * cfg.train.batch_size * cfg.data.seq_len / elapsed
         row = {
             "step": step,
             "loss": result.loss,
             "lr": self.lr,
-            "tokens_per_s": self.timed_steps * cfg.train.batch_size * cfg.data.seq_len / elapsed,
+            "tokens_per_s": tokens_per_s,
             "tokens": self.samples * cfg.data.seq_len,
             "skipped_steps": self.guard.skipped,
         }
+        flops_per_token = self.flops.per_token(solve_iterations(self.t.model))
+        row |= utilisation(tokens_per_s, flops_per_token, self.dist.world, self.peak)
         row["grad_norm"] = result.grad_norm_value  # taken by the guard: no second sync
         if self.load_window is not None:
             row["moe_aux_loss"] = result.aux

@@ -7,9 +7,10 @@ isolated/packed ratio of each preset.
 Each preset's model trains (forward, backward and AdamW step, with MoE bias updates) on random tokens of
 its own sequence length and a fixed batch. All models are built first; then the presets alternate step
 by step, one step each per round, so that a load change on the machine falls on every preset alike.
-Printed per preset: the step time's minimum and median over --rounds, tokens/s of the median, and the
-ratio of that to the baseline's. Random tokens make the timing independent of the corpus; the work per
-step is the real one.
+Printed per preset: the step time's minimum and median over --rounds, tokens/s of the median, the model
+TFLOP/s that makes (models/flops.py, with the Newton iterations the last step took) and, where the device's
+peak is known (train/mfu.py, or --peak-tflops), the MFU, and the ratio of tokens/s to the baseline's. Random
+tokens make the timing independent of the corpus; the work per step is the real one.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ import torch.nn.functional as F
 
 from unroll.launch.bench import harness
 from unroll.models import LM
+from unroll.models.flops import model_flops
 from unroll.train.config import load_config
+from unroll.train.layer_metrics import solve_iterations
+from unroll.train.mfu import peak_flops, utilisation
 from unroll.train.step import update_expert_bias
 
 TINY = ["tiny-transformer", "tiny-gru", "tiny-lstm", "tiny-m2rnn", "tiny-moe"]
@@ -49,10 +53,17 @@ def document_starts(batch: int, T: int, mean_length: float, generator: torch.Gen
 
 
 def run(
-    presets: list[str], batch: int, seq_len: int | None, rounds: int, device: torch.device, documents: float = 0
+    presets: list[str],
+    batch: int,
+    seq_len: int | None,
+    rounds: int,
+    device: torch.device,
+    documents: float = 0,
+    peak_tflops: float = 0.0,
 ) -> list[dict]:
     rows: list[dict[str, Any]] = []
     steps: dict[int, Callable[[], None]] = {}
+    models: dict[int, LM] = {}
     for name in presets:
         cfg = load_config(name).model
         T = seq_len or load_config(name).data.seq_len
@@ -60,7 +71,7 @@ def run(
         starts = document_starts(batch, T, documents, torch.Generator().manual_seed(1)) if documents else None
         for mode, resets in [("packed", None), ("isolated", starts)] if documents else [("", None)]:
             torch.manual_seed(0)
-            model = LM(cfg).to(device)
+            model = models[len(rows)] = LM(cfg).to(device)
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
             steps[len(rows)] = _step_fn(
                 model, tokens.to(device), optimizer, None if resets is None else resets.to(device)
@@ -77,9 +88,12 @@ def run(
                 }
             )
     times = harness.alternate(steps, device, rounds)
+    peak = peak_flops(device, torch.float32, peak_tflops)  # the models train in float32, no autocast
     for i, r in enumerate(rows):
         t = times[i]
         r.update(step_ms=t.median * 1e3, step_min_ms=t.min * 1e3, tokens_per_s=batch * r["seq_len"] / t.median)
+        flops = model_flops(models[i].cfg, r["seq_len"]).per_token(solve_iterations(models[i]))
+        r.update(flops_per_token=flops, **utilisation(r["tokens_per_s"], flops, 1, peak))
     base = rows[0]["tokens_per_s"]
     packed = {r["preset"]: r["tokens_per_s"] for r in rows if r["documents"] == "packed"}
     for r in rows:
@@ -105,11 +119,23 @@ def main(argv: list[str] | None = None) -> int:
         help="also train each preset on rows of isolated documents of mean length L beside packed rows",
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=0.0,
+        help="the device's peak TFLOP/s for the MFU column; default: train/mfu.py's table (none for a CPU)",
+    )
     p.add_argument("--json", default=None, help="also write the rows to this file")
     args = p.parse_args(argv)
     with harness.session(args.threads, prog="unroll bench throughput"):
         rows = run(
-            args.presets.split(","), args.batch, args.seq_len, args.rounds, torch.device(args.device), args.documents
+            args.presets.split(","),
+            args.batch,
+            args.seq_len,
+            args.rounds,
+            torch.device(args.device),
+            args.documents,
+            args.peak_tflops,
         )
         print(
             f"training step (fwd+bwd+AdamW), batch {args.batch}, {args.device}, {args.rounds} rounds, the presets "
@@ -117,16 +143,19 @@ def main(argv: list[str] | None = None) -> int:
             f"{harness.RATIOS_OF})"
         )
     docs = " isolated/packed" if args.documents else ""
+    mfu = "mfu" in rows[0]  # a peak is known for the device (or given)
+    mfu_header = f" {'MFU':>6}" if mfu else ""
     print(
         f"{'preset':18} {'documents':9} {'pattern':10} {'params':>11} {'active':>11} {'T':>5} "
-        f"{'step ms min/med':>17} {'tokens/s':>10} {'ratio':>6}{docs}"
+        f"{'step ms min/med':>17} {'tokens/s':>10} {'TFLOP/s':>9}{mfu_header} {'ratio':>6}{docs}"
     )
     for r in rows:
         step = f"{r['step_min_ms']:.1f}/{r['step_ms']:.1f}"
         iso = f" {r['isolated_vs_packed']:15.2f}" if "isolated_vs_packed" in r else ""
+        util = f" {r['tflops_per_gpu']:9.3g}" + (f" {100 * r['mfu']:5.1f}%" if mfu else "")
         print(
             f"{r['preset']:18} {r['documents']:9} {r['pattern']:10} {r['params']:11,} {r['params_active']:11,} "
-            f"{r['seq_len']:5d} {step:>17} {r['tokens_per_s']:10,.0f} {r['vs_baseline']:6.2f}{iso}"
+            f"{r['seq_len']:5d} {step:>17} {r['tokens_per_s']:10,.0f}{util} {r['vs_baseline']:6.2f}{iso}"
         )
     if args.json:
         with open(args.json, "w") as f:
