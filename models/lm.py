@@ -33,7 +33,13 @@ MixerState = Any
 def build_mixer(kind: str, cfg: ModelConfig, out_std: float) -> Mixer:
     if kind in RECURRENT:
         return RECURRENT[kind](
-            cfg.d_model, cfg.rnn_dim, heads=cfg.rnn_heads, solver=cfg.solver, init_std=cfg.init_std, out_std=out_std
+            cfg.d_model,
+            cfg.rnn_dim,
+            heads=cfg.rnn_heads,
+            solver=cfg.solver,
+            newton_kernel=cfg.newton_kernel,
+            init_std=cfg.init_std,
+            out_std=out_std,
         )
     if kind == "M":
         m = cfg.m2rnn

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from unroll.models.init import Draws, Rule, init_eagerly, uniform
 from unroll.models.recurrent import RecurrentMixer
+
+if TYPE_CHECKING:
+    from unroll.kernels.triton_newton import FusedDiagCell
 
 
 def paragru_cell(h_prev: torch.Tensor, u: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -50,6 +53,12 @@ class ParaGRUCell:
 
     def jacobian(self, h_prev: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         return self.value_and_jacobian(h_prev, u)[1]
+
+    def fused_diag(self) -> FusedDiagCell:
+        """The cell's Triton form for the fused Newton kernel (kernels/triton_newton.py)."""
+        from unroll.kernels.triton_cells import paragru_fused  # imports Triton: only where the kernel runs
+
+        return paragru_fused(self.a)
 
 
 class ParaGRU(RecurrentMixer):

@@ -83,11 +83,12 @@ class RecurrentMixer(ContextParallel, nn.Module):
         *,
         heads: int = 1,
         solver: str = "auto",
+        newton_kernel: str = "auto",
         init_std: float = 0.02,
         out_std: float | None = None,
     ):
         super().__init__()
-        self.width, self.solver = width, solver
+        self.width, self.solver, self.newton_kernel = width, solver, newton_kernel
         self.in_proj = HeadLinear(d_model, self.gates, width, heads, init_std)
         self.out_proj = nn.Linear(width, d_model, bias=False)
         self.out_std = out_std or init_std
@@ -141,11 +142,25 @@ class RecurrentMixer(ContextParallel, nn.Module):
                 self.make_cell(), u, receive_state(h0, group, anchor=u), structure=self.structure, resets=resets
             )
             return self.out_proj(self.readout(h)) + send_state(h[:, -1], group), h[:, -1]
+        elif solver == "newton" and self.fused(u.device):
+            from unroll.kernels.triton_newton import fused_newton_solve  # imports Triton: only where it runs
+
+            h, self.last_solve = fused_newton_solve(self.make_cell(), u, h0, resets=resets)
         else:
             solve = newton_solve if solver == "newton" else sequential_solve
             h, self.last_solve = solve(self.make_cell(), u, h0, structure=self.structure, resets=resets)
         last = h[:, -1] if h.shape[1] else h0
         return self.out_proj(self.readout(h)), last
+
+    def fused(self, device: torch.device) -> bool:
+        """Whether Newton runs as the fused kernel (kernels/triton_newton.py): newton_kernel=fused, or auto on a
+        CUDA device, for a cell that has one (the context-parallel solver is never fused)."""
+        has_one = hasattr(self.make_cell(), "fused_diag")
+        if self.newton_kernel == "fused":
+            if not has_one:
+                raise ValueError(f"newton_kernel=fused: {type(self).__name__}'s cell has no fused kernel")
+            return True
+        return self.newton_kernel == "auto" and device.type == "cuda" and has_one
 
     def step(self, x: torch.Tensor, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """One token: x [B, d_model] → (y [B, d_model], state)."""
@@ -154,4 +169,6 @@ class RecurrentMixer(ContextParallel, nn.Module):
         return self.out_proj(self.readout(h)), h
 
     def extra_repr(self) -> str:
-        return f"width={self.width}, heads={self.in_proj.heads}, solver={self.solver}"
+        return (
+            f"width={self.width}, heads={self.in_proj.heads}, solver={self.solver}, newton_kernel={self.newton_kernel}"
+        )

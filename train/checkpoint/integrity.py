@@ -42,6 +42,7 @@ REFUSED = "REFUSED"
 LATER_KEYS = {"documents", "rope_document_positions"}
 RUNTIME_KEYS = {
     "solver",
+    "newton_kernel",
     "attention_kernel",
     "init_std",
     "m2rnn.solver",

@@ -1,0 +1,138 @@
+"""The fused Newton kernel (kernels/triton_newton.py, ParaGRU's Triton cell in kernels/triton_cells.py) against
+newton.py's PyTorch Newton path and the sequential loop, in float64: the solution, the iterations, and the
+gradients of the inputs, the cell's parameters and h0, with resets and h0, over several chunks (64 steps) and
+channel blocks (32 channels). Without a GPU the kernels run in Triton's interpreter (conftest sets
+TRITON_INTERPRET=1): sizes stay small. Failing-test checks done by hand: the chunk carry of δ dropped, the
+reverse scan's carry dropped, J not zeroed at a reset, h0's gradient taken at a reset — each fails."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from unroll.kernels import newton_solve, sequential_solve  # noqa: E402
+from unroll.kernels.newton import sequential_loop  # noqa: E402
+from unroll.kernels.triton_newton import fused_newton_solve  # noqa: E402
+from unroll.models.paragru import ParaGRUCell  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def problem(B, T, D, seed, reset_rate=0.1, dtype=torch.float64, scale=0.5):
+    g = torch.Generator().manual_seed(seed)
+    a = ((torch.rand(3, D, generator=g, dtype=torch.float64) - 0.5) * 2 * scale).to(DEVICE, dtype)
+    u = torch.randn(B, T, 3, D, generator=g, dtype=torch.float64).to(DEVICE, dtype)
+    h0 = torch.randn(B, D, generator=g, dtype=torch.float64).to(DEVICE, dtype)
+    resets = (torch.rand(B, T, generator=g) < reset_rate).to(DEVICE) if reset_rate else None
+    return a.requires_grad_(), u.requires_grad_(), h0.requires_grad_(), resets
+
+
+@pytest.mark.parametrize("B,T,D", [(2, 1, 3), (2, 70, 5), (1, 130, 34)])
+@pytest.mark.parametrize("with_resets", [False, True])
+def test_fused_equals_the_pytorch_newton_path_and_the_loop(B, T, D, with_resets):
+    a, u, h0, resets = problem(B, T, D, seed=T * D + with_resets, reset_rate=0.1 if with_resets else 0)
+    cell = ParaGRUCell(a)
+    h, info = fused_newton_solve(cell, u, h0, resets=resets)
+    h_ref, info_ref = newton_solve(cell, u, h0, resets=resets)
+    with torch.no_grad():
+        h_loop = sequential_loop(cell, u, h0, resets)
+    assert info.converged and info.fallback is None and info.iterations == info_ref.iterations
+    torch.testing.assert_close(h, h_ref, rtol=0, atol=1e-13)
+    torch.testing.assert_close(h, h_loop, rtol=0, atol=1e-12)
+
+    weights = torch.randn_like(h)
+    grads = torch.autograd.grad((h * weights).sum(), (u, a, h0))
+    h_seq, _ = sequential_solve(cell, u, h0, resets=resets)  # the loop's adjoint: newton.py's own backward
+    expected = torch.autograd.grad((h_seq * weights).sum(), (u, a, h0))
+    for name, got, want in zip(("u", "a", "h0"), grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+def test_gradients_equal_autograd_through_the_plain_loop():
+    # an independent reference: torch.autograd differentiating the step-by-step loop itself
+    a, u, h0, resets = problem(2, 80, 6, seed=5)
+    cell = ParaGRUCell(a)
+    h, _ = fused_newton_solve(cell, u, h0, resets=resets)
+    weights = torch.randn_like(h)
+    grads = torch.autograd.grad((h * weights).sum(), (u, a, h0))
+    expected = torch.autograd.grad((sequential_loop(cell, u, h0, resets) * weights).sum(), (u, a, h0))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-11)
+
+
+def test_a_sequence_newton_leaves_unsolved_is_redone_and_reported():
+    # one iteration cannot solve 100 steps: every sequence falls back, and the result is still the loop's
+    a, u, h0, resets = problem(2, 100, 4, seed=9, reset_rate=0.05)
+    cell = ParaGRUCell(a)
+    h, info = fused_newton_solve(cell, u, h0, resets=resets, max_iters=1)
+    assert not info.converged and info.fallback_sequences == 2 and "sequential for 2 of 2" in info.fallback
+    assert info.iterations == 1
+    with torch.no_grad():
+        torch.testing.assert_close(h, sequential_loop(cell, u, h0, resets), rtol=0, atol=1e-12)
+
+
+def test_float32_and_no_gradient_needed():
+    a, u, h0, resets = problem(2, 90, 7, seed=4, dtype=torch.float32)
+    cell = ParaGRUCell(a)
+    with torch.no_grad():
+        h, info = fused_newton_solve(cell, u, h0, resets=resets)
+        loop = sequential_loop(cell, u.double(), h0.double(), resets)
+    assert h.dtype == torch.float32 and not h.requires_grad and info.converged
+    torch.testing.assert_close(h.double(), loop, rtol=0, atol=1e-5)
+
+
+def test_empty_sequence_and_bad_inputs_are_named():
+    a, u, h0, _ = problem(2, 5, 3, seed=1)
+    cell = ParaGRUCell(a)
+    h, info = fused_newton_solve(cell, u[:, :0], h0)
+    assert h.shape == (2, 0, 3) and info.converged
+    with pytest.raises(ValueError, match=r"are not \[B, T, G, D\], \[B, D\], \[P, D\]"):
+        fused_newton_solve(cell, u, h0[:, :2])
+    with pytest.raises(TypeError, match="must be one float dtype"):
+        fused_newton_solve(cell, u, h0.float())
+    with pytest.raises(ValueError, match=r"resets \(2, 4\) is not \[B, T\]"):
+        fused_newton_solve(cell, u, h0, resets=torch.zeros(2, 4, dtype=torch.bool, device=DEVICE))
+
+
+def test_a_model_with_the_fused_kernel_equals_the_pytorch_path(monkeypatch):
+    # model.newton_kernel=fused through LM.forward (ParaGRU layers; attention between them), float64, with
+    # documents: logits and every parameter's gradient as with newton_kernel=pytorch
+    from unroll.kernels import triton_newton
+    from unroll.models import LM, ModelConfig
+
+    calls = []
+    solve = triton_newton.fused_newton_solve
+    monkeypatch.setattr(triton_newton, "fused_newton_solve", lambda *a, **k: calls.append(1) or solve(*a, **k))
+
+    models = {}
+    for kernel in ("fused", "pytorch"):
+        torch.manual_seed(0)
+        cfg = ModelConfig(pattern="GAG", vocab_size=50, d_model=16, n_heads=2, solver="newton", newton_kernel=kernel)
+        models[kernel] = LM(cfg).double().to(DEVICE)
+    tokens = torch.randint(0, 50, (2, 70), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    resets = torch.zeros(2, 70, dtype=torch.bool, device=DEVICE)
+    resets[0, [20, 64]] = resets[1, 33] = True
+    outs = {k: m(tokens, resets=resets) for k, m in models.items()}
+    assert len(calls) == 2  # the fused model's two ParaGRU layers, and only those
+    torch.testing.assert_close(outs["fused"], outs["pytorch"], rtol=0, atol=1e-12)
+    weights = torch.randn_like(outs["fused"])
+    for out in outs.values():
+        (out * weights).sum().backward()
+    named = dict(models["pytorch"].named_parameters())
+    for name, p in models["fused"].named_parameters():
+        torch.testing.assert_close(p.grad, named[name].grad, rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+    solves = [block.mixer.last_solve for block in models["fused"].blocks if hasattr(block.mixer, "last_solve")]
+    assert len(solves) == 2 and all(info.converged and info.iterations > 0 for info in solves)
+
+
+def test_newton_kernel_key_is_checked_and_auto_fuses_only_on_cuda():
+    from unroll.models import LM, ModelConfig
+    from unroll.train.config import ConfigError, load_config
+
+    assert ("newton_kernel", "must be one of auto, fused, pytorch, got 'fast'") in ModelConfig(
+        pattern="G", newton_kernel="fast"
+    ).problems()
+    with pytest.raises(ConfigError, match=r"model.newton_kernel.*ParaLSTM \(L\) has no fused kernel"):
+        load_config("tiny-gru", ["model.pattern=GL", "model.newton_kernel=fused"])
+    mixer = LM(ModelConfig(pattern="GL", d_model=16, n_heads=2)).blocks[0].mixer
+    assert mixer.fused(torch.device("cuda")) and not mixer.fused(torch.device("cpu"))
