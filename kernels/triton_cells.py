@@ -11,11 +11,10 @@ tanh is 2σ(2x) − 1 (Triton has no portable tanh; tests compare with torch.tan
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from unroll.kernels.triton_newton import FusedDiagCell
+from unroll.kernels.triton_newton import FusedDiagKernel
 from unroll.kernels.triton_scan import upcast
 
 # mypy: disable-error-code="untyped-decorator,no-untyped-def"
@@ -58,6 +57,4 @@ def paragru_vjp(h, u_ptrs, gate_stride, mask, p_ptr, cols, col_mask, D, lam, du_
     return lam * J, du_z * h, du_r * h, du_c * r * h
 
 
-def paragru_fused(a: torch.Tensor) -> FusedDiagCell:
-    """ParaGRU's fused form, parameters a = (a_z, a_r, a_c) [3, D]."""
-    return FusedDiagCell(paragru_value_and_jacobian, paragru_vjp, a)
+PARAGRU = FusedDiagKernel(paragru_value_and_jacobian, paragru_vjp)  # parameters a = (a_z, a_r, a_c) [3, D]

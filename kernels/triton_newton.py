@@ -1,8 +1,5 @@
-"""The whole Newton solve of a diagonal recurrence in one Triton launch, and its adjoint backward in another.
-
-kernels/newton.py solves h_t = f(h_{t−1}, x_t) by Newton with the cell, its Jacobian, the residual and the scan
-as separate PyTorch operations, and one host sync per iteration for the convergence test. Here a cell that
-brings its own Triton code (`FusedDiagCell`) is solved with none of that:
+"""Triton kernels of the fused Newton solve (kernels/fused_newton.py): the whole Newton solve of a diagonal
+recurrence in one launch (`launch_newton`), and its adjoint backward in another (`launch_adjoint`).
 
   - One program per (sequence b, block of BLOCK_D channels). A diagonal cell's channels are independent
     recurrences, so a program's Newton iterations need nothing from any other program: it decides its own
@@ -17,22 +14,20 @@ brings its own Triton code (`FusedDiagCell`) is solved with none of that:
     program that converges returns the iterate before the (discarded) last correction.
   - The first guess is f(0, x) (h0 at t = 0), as in newton.py; resets zero h_{t−1} and J_t where a
     document starts.
-  - Each program writes its iterations and its residual; the host reads them once, after the launch, and
-    hands sequences that did not converge to `fall_back_where_unconverged`, newton.py's own epilogue.
+  - Each program writes its iterations and its residual.
 
-The backward (`_FusedNewton.backward`) is one reverse sweep per program: λ_t = g_t + J_{t+1} λ_{t+1} by
-reverse associative scans over chunks (J_{t+1} from h*_t and x_{t+1}), and in the same pass the cell's VJP
-with λ: ∂L/∂x_t, the per-channel parameters' gradients (summed over the program's steps; the host sums the
-programs) and ∂L/∂h0. Nothing of the forward is stored but its inputs and h*.
+The adjoint is one reverse sweep per program: λ_t = g_t + J_{t+1} λ_{t+1} by reverse associative scans over
+chunks (J_{t+1} from h*_t and x_{t+1}), and in the same pass the cell's VJP with λ: ∂L/∂x_t, the per-channel
+parameters' gradients (summed over the program's steps; the host sums the programs) and ∂L/∂h0.
 
-A cell is fused when it provides `fused_diag()` -> FusedDiagCell: its per-channel parameters [P, D] (P ≤ 3)
-and two @triton.jit functions over [C, BLOCK_D] tiles (models/paragru.py has ParaGRU's):
+A cell's Triton code (`FusedDiagKernel`; ParaGRU's in kernels/triton_cells.py) is two @triton.jit functions
+over [C, BLOCK_D] tiles:
     value_and_jacobian(h_prev, u_ptrs, gate_stride, mask, p_ptr, cols, col_mask, D, F64) -> (f, J)
     vjp(h_prev, u_ptrs, gate_stride, mask, p_ptr, cols, col_mask, D, lam, du_ptrs, F64) -> (dh_prev, dp0, dp1, dp2)
 where u_ptrs point at gate 0 of the tile's inputs (gate g at + g·gate_stride), p_ptr at the parameters
-([P, D], row-major: parameter i of channel d at i·D + d), and vjp stores λ·∂f/∂u into du_ptrs (same layout) and returns λ·∂f/∂h_prev and the
-parameters' λ·∂f/∂p per element (the kernel sums them). Float64 problems compute in float64, others in
-float32.
+([P, D] row-major, P ≤ MAX_PARAMS: parameter i of channel d at i·D + d), and vjp stores λ·∂f/∂u into du_ptrs
+(the same layout) and returns λ·∂f/∂h_prev and the parameters' λ·∂f/∂p per element (zeros for parameters
+the cell does not have). Float64 problems compute in float64, others in float32.
 """
 
 from __future__ import annotations
@@ -44,8 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from unroll.kernels.newton import SolveInfo, fall_back_where_unconverged, solve_limits
-from unroll.kernels.triton_scan import SUPPORTED_DTYPES, _combine, interpreted, upcast
+from unroll.kernels.triton_scan import _combine, upcast
 
 # mypy: disable-error-code="untyped-decorator,no-untyped-def"
 
@@ -53,12 +47,11 @@ MAX_PARAMS = 3  # per-channel parameter vectors a fused cell may have (the vjp r
 
 
 @dataclass(frozen=True)
-class FusedDiagCell:
-    """A diagonal cell's Triton code and parameters (the module docstring gives the contract)."""
+class FusedDiagKernel:
+    """A diagonal cell's Triton code (the module docstring gives the contract)."""
 
     value_and_jacobian: Any  # a @triton.jit function
     vjp: Any  # a @triton.jit function
-    params: torch.Tensor  # [P, D], P ≤ MAX_PARAMS
 
 
 @triton.jit
@@ -242,17 +235,17 @@ def _launch(T: int, D: int) -> tuple[int, int]:
     return C, min(triton.next_power_of_2(D), 32)
 
 
-def _solve(
-    cell: FusedDiagCell,
+def launch_newton(
+    kernel: FusedDiagKernel,
     u: torch.Tensor,
     params: torch.Tensor,
     h0: torch.Tensor,
     starts: torch.Tensor | None,
     tol: float,
     max_iters: int,
-    fallback_cell: Any,
-) -> tuple[torch.Tensor, SolveInfo]:
-    """The forward: the Newton kernel, then newton.py's epilogue for what it left unsolved (no autograd)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Newton kernel on contiguous u [B, T, G, D], params [P, D], h0 [B, D], starts uint8 [B, T] or None:
+    (the last iterate [B, T, D], iterations int32 [B, n_db], residual float64 [B, n_db]) per program."""
     B, T, G, D = u.shape
     C, block_d = _launch(T, D)
     n_db = triton.cdiv(D, block_d)
@@ -261,85 +254,31 @@ def _solve(
     res = torch.empty((B, n_db), dtype=torch.float64, device=u.device)
     _newton_kernel[(n_db, B)](
         u, params, h0, starts if starts is not None else iters, buf, iters, res, T, D, triton.cdiv(T, C), tol,
-        max_iters, CELL=cell.value_and_jacobian, G=G, HAS_RESETS=starts is not None, C=C, BLOCK_D=block_d,
+        max_iters, CELL=kernel.value_and_jacobian, G=G, HAS_RESETS=starts is not None, C=C, BLOCK_D=block_d,
         F64=u.dtype == torch.float64,
     )  # fmt: skip
-    # the one host sync: which sequences Newton left unsolved (they are redone step by step)
-    resets = None if starts is None else starts.bool()
-    h, _, info = fall_back_where_unconverged(
-        fallback_cell, u, buf[0], res.amax(dim=1), tol=tol, iterations=int(iters.max()), start=h0, resets=resets
-    )
-    return h, info
+    return buf[0], iters, res
 
 
-class _FusedAdjoint(torch.autograd.Function):
-    """Identity on the solution h* forward; backward the adjoint kernel's gradients of u, the parameters, h0."""
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        h: torch.Tensor,
-        u: torch.Tensor,
-        params: torch.Tensor,
-        h0: torch.Tensor,
-        cell: FusedDiagCell,
-        starts: torch.Tensor | None,
-    ) -> torch.Tensor:
-        ctx.cell = cell
-        ctx.save_for_backward(h, u, params, h0, starts)
-        return h.view_as(h)
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        h, u, params, h0, starts = ctx.saved_tensors
-        B, T, G, D = u.shape
-        C, block_d = _launch(T, D)
-        du = torch.zeros_like(u)
-        dp = torch.zeros((B, MAX_PARAMS, D), dtype=torch.float64 if u.dtype == torch.float64 else torch.float32,
-                         device=u.device)  # fmt: skip
-        dh0 = torch.empty_like(h0)
-        _adjoint_kernel[(triton.cdiv(D, block_d), B)](
-            u, params, h0, starts if starts is not None else dh0, h, g.contiguous(), du, dp, dh0, T, D,
-            triton.cdiv(T, C), CELL=ctx.cell.value_and_jacobian, CELL_VJP=ctx.cell.vjp, G=G,
-            HAS_RESETS=starts is not None, C=C, BLOCK_D=block_d, F64=u.dtype == torch.float64,
-        )  # fmt: skip
-        return None, du, dp.sum(0)[: params.shape[0]].to(params.dtype), dh0, None, None
-
-
-def fused_newton_solve(
-    cell: Any,
+def launch_adjoint(
+    kernel: FusedDiagKernel,
+    g: torch.Tensor,
+    h: torch.Tensor,
     u: torch.Tensor,
+    params: torch.Tensor,
     h0: torch.Tensor,
-    *,
-    resets: torch.Tensor | None = None,
-    tol: float | None = None,
-    max_iters: int | None = None,
-) -> tuple[torch.Tensor, SolveInfo]:
-    """newton_solve of a diagonal cell that provides `fused_diag()` (module docstring), u [B, T, G, D] its inputs
-    (G gates), h0 [B, D]: (h [B, T, D], how it was solved), differentiable in u, h0 and the cell's parameters."""
-    fused: FusedDiagCell = cell.fused_diag()
-    if u.dtype not in SUPPORTED_DTYPES or u.dtype != h0.dtype:
-        raise TypeError(f"fused_newton_solve: u {u.dtype} and h0 {h0.dtype} must be one float dtype")
-    if u.device.type != "cuda" and not interpreted():
-        raise RuntimeError("fused_newton_solve needs a CUDA device or TRITON_INTERPRET=1 (set before importing)")
-    if u.dim() != 4 or h0.shape != (u.shape[0], u.shape[3]) or fused.params.shape[1:] != u.shape[3:]:
-        raise ValueError(
-            f"fused_newton_solve: u {tuple(u.shape)}, h0 {tuple(h0.shape)}, params {tuple(fused.params.shape)} "
-            "are not [B, T, G, D], [B, D], [P, D]"
-        )
-    if not 1 <= fused.params.shape[0] <= MAX_PARAMS:
-        raise ValueError(f"fused_newton_solve: {fused.params.shape[0]} parameter vectors; 1 to {MAX_PARAMS} allowed")
-    if resets is not None and resets.shape != u.shape[:2]:
-        raise ValueError(f"resets {tuple(resets.shape)} is not [B, T] = {tuple(u.shape[:2])}")
-    tol, max_iters = solve_limits(h0.dtype, tol, max_iters)
-    B, T = u.shape[:2]
-    if T == 0:
-        return h0.new_zeros(B, 0, h0.shape[1]), SolveInfo(0, 0.0, True)
-    u, h0 = u.contiguous(), h0.contiguous()
-    params = fused.params.to(u.dtype).contiguous()
-    starts = None if resets is None else resets.to(torch.uint8).contiguous()
-    with torch.no_grad():
-        h, info = _solve(fused, u, params.detach(), h0, starts, tol, max_iters, cell)
-    if torch.is_grad_enabled() and (u.requires_grad or params.requires_grad or h0.requires_grad):
-        h = _FusedAdjoint.apply(h, u, params, h0, fused, starts)  # type: ignore[no-untyped-call]  # torch: apply unannotated
-    return h, info
+    starts: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The adjoint kernel: (∂L/∂u, ∂L/∂params, ∂L/∂h0) from g = ∂L/∂h at the solution h (all contiguous)."""
+    B, T, G, D = u.shape
+    C, block_d = _launch(T, D)
+    du = torch.zeros_like(u)
+    dp = torch.zeros((B, MAX_PARAMS, D), dtype=torch.float64 if u.dtype == torch.float64 else torch.float32,
+                     device=u.device)  # fmt: skip
+    dh0 = torch.empty_like(h0)
+    _adjoint_kernel[(triton.cdiv(D, block_d), B)](
+        u, params, h0, starts if starts is not None else dh0, h, g, du, dp, dh0, T, D, triton.cdiv(T, C),
+        CELL=kernel.value_and_jacobian, CELL_VJP=kernel.vjp, G=G, HAS_RESETS=starts is not None, C=C,
+        BLOCK_D=block_d, F64=u.dtype == torch.float64,
+    )  # fmt: skip
+    return du, dp.sum(0)[: params.shape[0]].to(params.dtype), dh0

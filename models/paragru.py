@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from unroll.models.init import Draws, Rule, init_eagerly, uniform
 from unroll.models.recurrent import RecurrentMixer
-
-if TYPE_CHECKING:
-    from unroll.kernels.triton_newton import FusedDiagCell
 
 
 def paragru_cell(h_prev: torch.Tensor, u: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -54,11 +51,12 @@ class ParaGRUCell:
     def jacobian(self, h_prev: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         return self.value_and_jacobian(h_prev, u)[1]
 
-    def fused_diag(self) -> FusedDiagCell:
-        """The cell's Triton form for the fused Newton kernel (kernels/triton_newton.py)."""
-        from unroll.kernels.triton_cells import paragru_fused  # imports Triton: only where the kernel runs
+    # the fused Newton kernel's form of this cell (kernels/fused_newton.py): its Triton code, by name (Triton is
+    # imported only where the kernel runs), and its parameters; ParaGRUCell(params) rebuilds it
+    fused_kernel = "unroll.kernels.triton_cells:PARAGRU"
 
-        return paragru_fused(self.a)
+    def fused_params(self) -> torch.Tensor:
+        return self.a
 
 
 class ParaGRU(RecurrentMixer):

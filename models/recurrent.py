@@ -6,7 +6,7 @@ Subclasses give the cell (`make_cell`), its Jacobian structure and its per-chann
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
@@ -17,6 +17,9 @@ from unroll.kernels.newton import SolveInfo
 from unroll.kernels.seqpar_newton import newton_solve_seqpar
 from unroll.models.context_parallel import ContextParallel
 from unroll.models.init import Rule, constant, normal
+
+if TYPE_CHECKING:
+    from unroll.kernels.fused_newton import SolveStats  # imports Triton
 
 # A state's Jacobian structure, as the solvers take it: "diag", or ("block", k) for k-vectors.
 Structure = str | tuple[str, int]
@@ -92,7 +95,9 @@ class RecurrentMixer(ContextParallel, nn.Module):
         self.in_proj = HeadLinear(d_model, self.gates, width, heads, init_std)
         self.out_proj = nn.Linear(width, d_model, bias=False)
         self.out_std = out_std or init_std
-        self.last_solve: SolveInfo | None = None  # how the last forward solved its recurrence (for metrics)
+        self.last_solve: SolveInfo | SolveStats | None = (
+            None  # how the last forward solved its recurrence (for metrics)
+        )
 
     def init_rules(self) -> dict[str, Rule]:
         return {"out_proj.weight": normal(self.out_std)}
@@ -143,7 +148,7 @@ class RecurrentMixer(ContextParallel, nn.Module):
             )
             return self.out_proj(self.readout(h)) + send_state(h[:, -1], group), h[:, -1]
         elif solver == "newton" and self.fused(u.device):
-            from unroll.kernels.triton_newton import fused_newton_solve  # imports Triton: only where it runs
+            from unroll.kernels.fused_newton import fused_newton_solve  # imports Triton: only where it runs
 
             h, self.last_solve = fused_newton_solve(self.make_cell(), u, h0, resets=resets)
         else:
@@ -153,9 +158,9 @@ class RecurrentMixer(ContextParallel, nn.Module):
         return self.out_proj(self.readout(h)), last
 
     def fused(self, device: torch.device) -> bool:
-        """Whether Newton runs as the fused kernel (kernels/triton_newton.py): newton_kernel=fused, or auto on a
+        """Whether Newton runs as the fused kernel (kernels/fused_newton.py): newton_kernel=fused, or auto on a
         CUDA device, for a cell that has one (the context-parallel solver is never fused)."""
-        has_one = hasattr(self.make_cell(), "fused_diag")
+        has_one = hasattr(self.make_cell(), "fused_kernel")
         if self.newton_kernel == "fused":
             if not has_one:
                 raise ValueError(f"newton_kernel=fused: {type(self).__name__}'s cell has no fused kernel")

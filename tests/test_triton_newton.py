@@ -1,4 +1,5 @@
-"""The fused Newton kernel (kernels/triton_newton.py, ParaGRU's Triton cell in kernels/triton_cells.py) against
+"""The fused Newton solve (kernels/fused_newton.py over kernels/triton_newton.py's kernels, ParaGRU's Triton cell in
+kernels/triton_cells.py) against
 newton.py's PyTorch Newton path and the sequential loop, in float64: the solution, the iterations, and the
 gradients of the inputs, the cell's parameters and h0, with resets and h0, over several chunks (64 steps) and
 channel blocks (32 channels). Without a GPU the kernels run in Triton's interpreter (conftest sets
@@ -11,8 +12,8 @@ import torch
 pytest.importorskip("triton")
 
 from unroll.kernels import newton_solve, sequential_solve  # noqa: E402
+from unroll.kernels.fused_newton import fused_newton_solve  # noqa: E402
 from unroll.kernels.newton import sequential_loop  # noqa: E402
-from unroll.kernels.triton_newton import fused_newton_solve  # noqa: E402
 from unroll.models.paragru import ParaGRUCell  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -97,12 +98,12 @@ def test_empty_sequence_and_bad_inputs_are_named():
 def test_a_model_with_the_fused_kernel_equals_the_pytorch_path(monkeypatch):
     # model.newton_kernel=fused through LM.forward (ParaGRU layers; attention between them), float64, with
     # documents: logits and every parameter's gradient as with newton_kernel=pytorch
-    from unroll.kernels import triton_newton
+    from unroll.kernels import fused_newton
     from unroll.models import LM, ModelConfig
 
     calls = []
-    solve = triton_newton.fused_newton_solve
-    monkeypatch.setattr(triton_newton, "fused_newton_solve", lambda *a, **k: calls.append(1) or solve(*a, **k))
+    solve = fused_newton.fused_newton_solve
+    monkeypatch.setattr(fused_newton, "fused_newton_solve", lambda *a, **k: calls.append(1) or solve(*a, **k))
 
     models = {}
     for kernel in ("fused", "pytorch"):
@@ -136,3 +137,28 @@ def test_newton_kernel_key_is_checked_and_auto_fuses_only_on_cuda():
         load_config("tiny-gru", ["model.pattern=GL", "model.newton_kernel=fused"])
     mixer = LM(ModelConfig(pattern="GL", d_model=16, n_heads=2)).blocks[0].mixer
     assert mixer.fused(torch.device("cuda")) and not mixer.fused(torch.device("cpu"))
+
+
+def test_a_compiled_block_keeps_the_fused_solve_in_one_graph():
+    # train.compile compiles each block: with the fused kernel a ParaGRU block compiles with fullgraph=True (any
+    # graph break would raise) and gives the eager block's output and gradients; the solve's stats are read after
+    import torch._dynamo
+
+    from unroll.models import LM, ModelConfig
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = ModelConfig(pattern="GG", vocab_size=50, d_model=16, n_heads=2, solver="newton", newton_kernel="fused")
+    model = LM(cfg).double().to(DEVICE)
+    x = torch.randn(2, 40, 16, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    resets = torch.zeros(2, 40, dtype=torch.bool, device=DEVICE)
+    resets[1, 17] = True
+    block = model.blocks[0]
+    compiled = torch.compile(block, fullgraph=True)
+    outs = [f(x, resets=resets) for f in (compiled, block)]
+    outs = [o[0] if isinstance(o, tuple) else o for o in outs]
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-12)
+    grads = [torch.autograd.grad(o.sum(), (x, block.mixer.a)) for o in outs]
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert block.mixer.last_solve.converged and block.mixer.last_solve.iterations > 0

@@ -60,8 +60,9 @@ def apply_activation_checkpointing(model: LM, mode: str) -> None:
 
 
 def apply_compile(model: LM) -> None:
-    """torch.compile every block in place (parameter names unchanged, so checkpoints are unaffected). The
-    Newton solver's convergence loop breaks the graph; the projections, norms and MLPs around it compile."""
+    """torch.compile every block in place (parameter names unchanged, so checkpoints are unaffected). The fused
+    Newton solve (ParaGRU on CUDA, kernels/fused_newton.py) is one op in the graph; newton.py's PyTorch loop
+    breaks the graph at each iteration's convergence test, and the projections, norms and MLPs around it compile."""
     for block in model.blocks:
         block.compile()
 

@@ -1,0 +1,152 @@
+"""Newton's method for diagonal cells with Triton code of their own: the solve in one kernel launch, the
+adjoint in another, as two torch custom ops, so that torch.compile keeps a Newton mixer's step in one graph.
+
+kernels/newton.py runs the cell, its Jacobian, the residual and the scan as separate PyTorch operations and
+syncs with the host once per iteration for the convergence test, which also breaks a compiled graph there.
+`fused_newton_solve` instead launches kernels/triton_newton.py's Newton kernel (every program converging on
+its own, on the device), then reads the outcome once and hands the sequences Newton left unsolved to
+newton.py's own epilogue (`fall_back_where_unconverged`: redone step by step, reported). Both steps live
+inside the custom op `unroll::fused_newton`, which torch.compile treats as one opaque call; its
+`SolveStats` are a tensor, read only when the metrics ask.
+
+A cell is fused when it has
+    fused_kernel: str       "module:name" of its FusedDiagKernel (e.g. "unroll.kernels.triton_cells:PARAGRU")
+    fused_params() -> [P, D] its per-channel parameters (P ≤ 3), and type(cell)(params) rebuilds the cell
+(custom ops take tensors and strings, so the op finds the cell's code and its PyTorch form, for the fallback,
+by name).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+
+from unroll.kernels.newton import SolveInfo, fall_back_where_unconverged, solve_limits
+from unroll.kernels.triton_newton import MAX_PARAMS, FusedDiagKernel, launch_adjoint, launch_newton
+from unroll.kernels.triton_scan import SUPPORTED_DTYPES, interpreted
+
+
+def _resolve(name: str) -> Any:
+    module, _, attr = name.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+@torch.library.custom_op("unroll::fused_newton", mutates_args=())
+def _fused_newton(
+    u: torch.Tensor,
+    params: torch.Tensor,
+    h0: torch.Tensor,
+    starts: torch.Tensor | None,
+    tol: float,
+    max_iters: int,
+    kernel: str,
+    cell_class: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h [B, T, D], stats float64 [3]: iterations, residual, sequences redone step by step)."""
+    code: FusedDiagKernel = _resolve(kernel)
+    h, iters, res = launch_newton(code, u, params, h0, starts, tol, max_iters)
+    resets = None if starts is None else starts.bool()
+    cell = _resolve(cell_class)(params)
+    # the one host sync: which sequences Newton left unsolved (they are redone step by step)
+    h, _, info = fall_back_where_unconverged(
+        cell, u, h, res.amax(dim=1), tol=tol, iterations=int(iters.max()), start=h0, resets=resets
+    )
+    stats = torch.tensor([info.iterations, info.residual, info.fallback_sequences], dtype=torch.float64)
+    return h.contiguous(), stats.to(u.device)
+
+
+@_fused_newton.register_fake
+def _(u, params, h0, starts, tol, max_iters, kernel, cell_class):  # type: ignore[no-untyped-def]
+    B, T, _, D = u.shape
+    return u.new_empty(B, T, D), u.new_empty(3, dtype=torch.float64)
+
+
+@torch.library.custom_op("unroll::fused_newton_adjoint", mutates_args=())
+def _fused_adjoint(
+    g: torch.Tensor,
+    h: torch.Tensor,
+    u: torch.Tensor,
+    params: torch.Tensor,
+    h0: torch.Tensor,
+    starts: torch.Tensor | None,
+    kernel: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(∂L/∂u, ∂L/∂params, ∂L/∂h0) from g = ∂L/∂h."""
+    return launch_adjoint(_resolve(kernel), g.contiguous(), h, u, params, h0, starts)
+
+
+@_fused_adjoint.register_fake
+def _(g, h, u, params, h0, starts, kernel):  # type: ignore[no-untyped-def]
+    return torch.empty_like(u), torch.empty_like(params), torch.empty_like(h0)
+
+
+def _setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
+    u, params, h0, starts, _, _, kernel, _ = inputs
+    ctx.kernel = kernel
+    ctx.save_for_backward(output[0], u, params, h0, starts)
+
+
+def _backward(ctx: Any, g: torch.Tensor, _stats: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    h, u, params, h0, starts = ctx.saved_tensors
+    du, dparams, dh0 = _fused_adjoint(g, h, u, params, h0, starts, ctx.kernel)
+    return du, dparams, dh0, None, None, None, None, None
+
+
+_fused_newton.register_autograd(_backward, setup_context=_setup)
+
+
+class SolveStats:
+    """A fused solve's SolveInfo, kept on the device until read (reading syncs): the same fields."""
+
+    def __init__(self, stats: torch.Tensor, batch: int) -> None:
+        self.stats, self.batch = stats.detach(), batch
+
+    def info(self) -> SolveInfo:
+        iterations, residual, redone = self.stats.tolist()
+        if not redone:
+            return SolveInfo(int(iterations), residual, True)
+        fallback = f"sequential for {int(redone)} of {self.batch} sequences"
+        return SolveInfo(int(iterations), residual, False, fallback, int(redone))
+
+    def __getattr__(self, name: str) -> Any:  # iterations, residual, converged, fallback, ... as SolveInfo's
+        return getattr(self.info(), name)
+
+
+def fused_newton_solve(
+    cell: Any,
+    u: torch.Tensor,
+    h0: torch.Tensor,
+    *,
+    resets: torch.Tensor | None = None,
+    tol: float | None = None,
+    max_iters: int | None = None,
+) -> tuple[torch.Tensor, SolveStats]:
+    """newton_solve of a fused diagonal cell (module docstring), u [B, T, G, D] its inputs (G gates), h0 [B, D]:
+    (h [B, T, D], how it was solved), differentiable in u, h0 and the cell's parameters."""
+    params = cell.fused_params()
+    if u.dtype not in SUPPORTED_DTYPES or u.dtype != h0.dtype:
+        raise TypeError(f"fused_newton_solve: u {u.dtype} and h0 {h0.dtype} must be one float dtype")
+    if u.device.type != "cuda" and not interpreted():
+        raise RuntimeError("fused_newton_solve needs a CUDA device or TRITON_INTERPRET=1 (set before importing)")
+    if u.dim() != 4 or h0.shape != (u.shape[0], u.shape[3]) or params.shape[1:] != u.shape[3:]:
+        raise ValueError(
+            f"fused_newton_solve: u {tuple(u.shape)}, h0 {tuple(h0.shape)}, params {tuple(params.shape)} "
+            "are not [B, T, G, D], [B, D], [P, D]"
+        )
+    if not 1 <= params.shape[0] <= MAX_PARAMS:
+        raise ValueError(f"fused_newton_solve: {params.shape[0]} parameter vectors; 1 to {MAX_PARAMS} allowed")
+    if resets is not None and resets.shape != u.shape[:2]:
+        raise ValueError(f"resets {tuple(resets.shape)} is not [B, T] = {tuple(u.shape[:2])}")
+    tol, max_iters = solve_limits(h0.dtype, tol, max_iters)
+    B, T = u.shape[:2]
+    if T == 0:
+        return h0.new_zeros(B, 0, h0.shape[1]), SolveStats(torch.zeros(3, dtype=torch.float64), B)
+    starts = None if resets is None else resets.to(torch.uint8).contiguous()
+    cell_class = f"{type(cell).__module__}:{type(cell).__qualname__}"
+    h, stats = _fused_newton(
+        u.contiguous(), params.to(u.dtype).contiguous(), h0.contiguous(), starts, tol, max_iters,
+        cell.fused_kernel, cell_class,
+    )  # fmt: skip
+    return h, SolveStats(stats, B)
