@@ -111,10 +111,11 @@ def _newton_kernel(
         f, _ = CELL(prev, u_ptrs, gate_stride, mask, p_ptr, cols, col_mask, D, F64)
         tl.store(buf_ptr + offs, f.to(buf_ptr.dtype.element_ty), mask=mask)
 
-    cur = 0  # the buffer holding the current iterate
-    iterations = 0
+    # loop-carried scalars as tensors from the start, updated without branches (one type throughout the loop)
+    cur = pid_b * 0  # the buffer holding the current iterate
+    iterations = pid_b * 0
     residual = tl.max(tl.full([BLOCK_D], float("inf"), h0.dtype), axis=0)
-    searching = True
+    searching = pid_b == pid_b
     while searching:
         old, new = cur * slot, (1 - cur) * slot
         worst = tl.zeros([BLOCK_D], dtype=h0.dtype)
@@ -141,11 +142,10 @@ def _newton_kernel(
             carry = tl.sum(tl.where((rows == c * C + C - 1)[:, None], delta, 0.0), axis=0)
             tl.store(buf_ptr + new + offs, (h + delta).to(buf_ptr.dtype.element_ty), mask=mask)
         residual = tl.max(tl.where(col_mask, worst, 0.0), axis=0)
-        if (residual <= tol) | (iterations >= max_iters) | (residual == float("inf")):  # inf: overflowed
-            searching = False
-        else:
-            iterations += 1
-            cur = 1 - cur
+        done = (residual <= tol) | (iterations >= max_iters) | (residual == float("inf"))  # inf: overflowed
+        searching = ~done
+        iterations = tl.where(done, iterations, iterations + 1)
+        cur = tl.where(done, cur, 1 - cur)
     if cur == 1:  # the answer into buf[0]
         for c in range(n_chunks):
             rows, offs, mask = _tile(pid_b, c, cols, T, D, C)
