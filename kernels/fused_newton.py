@@ -10,8 +10,10 @@ inside the custom op `unroll::fused_newton`, which torch.compile treats as one o
 `SolveStats` are a tensor, read only when the metrics ask.
 
 A cell is fused when it has
-    fused_kernel: str       "module:name" of its FusedDiagKernel (e.g. "unroll.kernels.triton_cells:PARAGRU")
-    fused_params() -> [P, D] its per-channel parameters (P ≤ 3), and type(cell)(params) rebuilds the cell
+    fused_kernel: str       "module:name" of its FusedDiagKernel (a diagonal cell: state [D]) or FusedBlock2Kernel
+                            (state [D, 2], 2×2 Jacobian blocks), e.g. "unroll.kernels.triton_cells:PARAGRU"
+    fused_params() -> [P, D] its per-channel parameters (P ≤ 3 diagonal, ≤ 5 blocks)
+    from_fused_params(params) a classmethod that rebuilds the cell from them
 (custom ops take tensors and strings, so the op finds the cell's code and its PyTorch form, for the fallback,
 by name).
 """
@@ -23,8 +25,8 @@ from typing import Any
 
 import torch
 
+from unroll.kernels import triton_newton, triton_newton2
 from unroll.kernels.newton import SolveInfo, fall_back_where_unconverged, solve_limits
-from unroll.kernels.triton_newton import MAX_PARAMS, FusedDiagKernel, launch_adjoint, launch_newton
 from unroll.kernels.triton_scan import SUPPORTED_DTYPES, interpreted
 
 
@@ -44,11 +46,12 @@ def _fused_newton(
     kernel: str,
     cell_class: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h [B, T, D], stats float64 [3]: iterations, residual, sequences redone step by step)."""
-    code: FusedDiagKernel = _resolve(kernel)
-    h, iters, res = launch_newton(code, u, params, h0, starts, tol, max_iters)
+    """(h [B, T, *state], stats float64 [3]: iterations, residual, sequences redone step by step)."""
+    code = _resolve(kernel)
+    launch = triton_newton2.launch_newton2 if h0.dim() == 3 else triton_newton.launch_newton
+    h, iters, res = launch(code, u, params, h0, starts, tol, max_iters)
     resets = None if starts is None else starts.bool()
-    cell = _resolve(cell_class)(params)
+    cell = _resolve(cell_class).from_fused_params(params)
     # the one host sync: which sequences Newton left unsolved (they are redone step by step)
     h, _, info = fall_back_where_unconverged(
         cell, u, h, res.amax(dim=1), tol=tol, iterations=int(iters.max()), start=h0, resets=resets
@@ -59,8 +62,8 @@ def _fused_newton(
 
 @_fused_newton.register_fake
 def _(u, params, h0, starts, tol, max_iters, kernel, cell_class):  # type: ignore[no-untyped-def]
-    B, T, _, D = u.shape
-    return u.new_empty(B, T, D), u.new_empty(3, dtype=torch.float64)
+    B, T = u.shape[:2]
+    return u.new_empty(B, T, *h0.shape[1:]), u.new_empty(3, dtype=torch.float64)
 
 
 @torch.library.custom_op("unroll::fused_newton_adjoint", mutates_args=())
@@ -74,7 +77,8 @@ def _fused_adjoint(
     kernel: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(∂L/∂u, ∂L/∂params, ∂L/∂h0) from g = ∂L/∂h."""
-    return launch_adjoint(_resolve(kernel), g.contiguous(), h, u, params, h0, starts)
+    launch = triton_newton2.launch_adjoint2 if h0.dim() == 3 else triton_newton.launch_adjoint
+    return launch(_resolve(kernel), g.contiguous(), h, u, params, h0, starts)
 
 
 @_fused_adjoint.register_fake
@@ -123,26 +127,30 @@ def fused_newton_solve(
     tol: float | None = None,
     max_iters: int | None = None,
 ) -> tuple[torch.Tensor, SolveStats]:
-    """newton_solve of a fused diagonal cell (module docstring), u [B, T, G, D] its inputs (G gates), h0 [B, D]:
-    (h [B, T, D], how it was solved), differentiable in u, h0 and the cell's parameters."""
+    """newton_solve of a fused cell (module docstring), u [B, T, G, D] its inputs (G gates), h0 its state [B, D]
+    (diagonal) or [B, D, 2] (2×2 blocks): (h [B, T, *state], how it was solved), differentiable in u, h0 and the
+    cell's parameters."""
     params = cell.fused_params()
+    block = h0.dim() == 3
     if u.dtype not in SUPPORTED_DTYPES or u.dtype != h0.dtype:
         raise TypeError(f"fused_newton_solve: u {u.dtype} and h0 {h0.dtype} must be one float dtype")
     if u.device.type != "cuda" and not interpreted():
         raise RuntimeError("fused_newton_solve needs a CUDA device or TRITON_INTERPRET=1 (set before importing)")
-    if u.dim() != 4 or h0.shape != (u.shape[0], u.shape[3]) or params.shape[1:] != u.shape[3:]:
+    state = (u.shape[0], u.shape[-1], 2) if block else (u.shape[0], u.shape[-1])
+    if u.dim() != 4 or h0.shape != state or params.shape[1:] != u.shape[3:]:
         raise ValueError(
             f"fused_newton_solve: u {tuple(u.shape)}, h0 {tuple(h0.shape)}, params {tuple(params.shape)} "
-            "are not [B, T, G, D], [B, D], [P, D]"
+            "are not [B, T, G, D], [B, D] (or [B, D, 2]), [P, D]"
         )
-    if not 1 <= params.shape[0] <= MAX_PARAMS:
-        raise ValueError(f"fused_newton_solve: {params.shape[0]} parameter vectors; 1 to {MAX_PARAMS} allowed")
+    most = triton_newton2.MAX_PARAMS if block else triton_newton.MAX_PARAMS
+    if not 1 <= params.shape[0] <= most:
+        raise ValueError(f"fused_newton_solve: {params.shape[0]} parameter vectors; 1 to {most} allowed")
     if resets is not None and resets.shape != u.shape[:2]:
         raise ValueError(f"resets {tuple(resets.shape)} is not [B, T] = {tuple(u.shape[:2])}")
     tol, max_iters = solve_limits(h0.dtype, tol, max_iters)
     B, T = u.shape[:2]
     if T == 0:
-        return h0.new_zeros(B, 0, h0.shape[1]), SolveStats(torch.zeros(3, dtype=torch.float64), B)
+        return h0.new_zeros(B, 0, *h0.shape[1:]), SolveStats(torch.zeros(3, dtype=torch.float64), B)
     starts = None if resets is None else resets.to(torch.uint8).contiguous()
     cell_class = f"{type(cell).__module__}:{type(cell).__qualname__}"
     h, stats = _fused_newton(

@@ -72,8 +72,8 @@ class ModelConfig:
     rnn_width: int = 0  # ParaGRU/ParaLSTM channels; 0 = d_model
     rnn_heads: int = 1  # heads of the block-diagonal input projection (1 = dense)
     solver: str = "auto"  # recurrences: newton | sequential | auto (by device and shape)
-    # Newton of ParaGRU layers: fused = the whole solve in one Triton launch and its backward in another
-    # (kernels/triton_newton.py; a CUDA device); pytorch = kernels/newton.py's separate ops; auto = fused on CUDA
+    # Newton of ParaGRU/ParaLSTM layers: fused = the whole solve in one Triton launch and its backward in another
+    # (kernels/fused_newton.py; a CUDA device); pytorch = kernels/newton.py's separate ops; auto = fused on CUDA
     newton_kernel: str = "auto"
     n_heads: int = 4  # attention query heads
     n_kv_heads: int = 0  # attention key/value heads (GQA); 0 = n_heads
@@ -186,8 +186,6 @@ class ModelConfig:
             out.append(("solver", f"must be one of {', '.join(SOLVERS)}, got {self.solver!r}"))
         if self.newton_kernel not in NEWTON_KERNELS:
             out.append(("newton_kernel", f"must be one of {', '.join(NEWTON_KERNELS)}, got {self.newton_kernel!r}"))
-        elif self.newton_kernel == "fused" and "L" in self.layers:
-            out.append(("newton_kernel", "fused is ParaGRU's (pattern G); ParaLSTM (L) has no fused kernel yet"))
         if self.norm_eps <= 0:
             out.append(("norm_eps", f"must be positive, got {self.norm_eps}"))
         if self.init_std <= 0:

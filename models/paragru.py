@@ -52,11 +52,15 @@ class ParaGRUCell:
         return self.value_and_jacobian(h_prev, u)[1]
 
     # the fused Newton kernel's form of this cell (kernels/fused_newton.py): its Triton code, by name (Triton is
-    # imported only where the kernel runs), and its parameters; ParaGRUCell(params) rebuilds it
+    # imported only where the kernel runs), its parameters, and the cell rebuilt from them
     fused_kernel = "unroll.kernels.triton_cells:PARAGRU"
 
     def fused_params(self) -> torch.Tensor:
         return self.a
+
+    @classmethod
+    def from_fused_params(cls, params: torch.Tensor) -> ParaGRUCell:
+        return cls(params)
 
 
 class ParaGRU(RecurrentMixer):

@@ -65,6 +65,17 @@ class ParaLSTMCell:
     def jacobian(self, s_prev: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         return self.value_and_jacobian(s_prev, u)[1]
 
+    # the fused Newton kernel's form of this cell (kernels/fused_newton.py): its Triton code, by name (Triton is
+    # imported only where the kernel runs), its parameters (a_f, a_c, a_o, p_f, p_o) [5, D], and the cell rebuilt
+    fused_kernel = "unroll.kernels.triton_cells:PARALSTM"
+
+    def fused_params(self) -> torch.Tensor:
+        return torch.cat([self.a, self.p])
+
+    @classmethod
+    def from_fused_params(cls, params: torch.Tensor) -> ParaLSTMCell:
+        return cls(params[:3], params[3:])
+
 
 class ParaLSTM(RecurrentMixer):
     """Sequence mixer: u_t = B x_t + b (B block-diagonal over heads), the ParaLSTM recurrence over t,

@@ -1,9 +1,9 @@
-"""The fused Newton solve (kernels/fused_newton.py over kernels/triton_newton.py's kernels, ParaGRU's Triton cell in
-kernels/triton_cells.py) against
+"""The fused Newton solve (kernels/fused_newton.py over the kernels of kernels/triton_newton.py and
+kernels/triton_newton2.py, the Triton cells of kernels/triton_cells.py), for ParaGRU and ParaLSTM, against
 newton.py's PyTorch Newton path and the sequential loop, in float64: the solution, the iterations, and the
 gradients of the inputs, the cell's parameters and h0, with resets and h0, over several chunks (64 steps) and
-channel blocks (32 channels). Without a GPU the kernels run in Triton's interpreter (conftest sets
-TRITON_INTERPRET=1): sizes stay small. Failing-test checks done by hand: the chunk carry of δ dropped, the
+channel blocks (32 channels), with 2×2 blocks for ParaLSTM. Without a GPU the kernels run in Triton's
+interpreter (conftest sets TRITON_INTERPRET=1): sizes stay small. Failing-test checks done by hand: the chunk carry of δ dropped, the
 reverse scan's carry dropped, J not zeroed at a reset, h0's gradient taken at a reset — each fails."""
 
 import pytest
@@ -15,56 +15,71 @@ from unroll.kernels import newton_solve, sequential_solve  # noqa: E402
 from unroll.kernels.fused_newton import fused_newton_solve  # noqa: E402
 from unroll.kernels.newton import sequential_loop  # noqa: E402
 from unroll.models.paragru import ParaGRUCell  # noqa: E402
+from unroll.models.paralstm import ParaLSTMCell  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def problem(B, T, D, seed, reset_rate=0.1, dtype=torch.float64, scale=0.5):
+def problem(B, T, D, seed, reset_rate=0.1, dtype=torch.float64, scale=0.5, cell="gru"):
+    """(cell, u [B, T, 3, D], h0 [B, D] or [B, D, 2], resets, the cell's parameters), all but resets requiring grad."""
     g = torch.Generator().manual_seed(seed)
-    a = ((torch.rand(3, D, generator=g, dtype=torch.float64) - 0.5) * 2 * scale).to(DEVICE, dtype)
+
+    def uniform(*shape):
+        return ((torch.rand(*shape, generator=g, dtype=torch.float64) - 0.5) * 2 * scale).to(DEVICE, dtype)
+
+    params = [uniform(3, D)] + ([uniform(2, D)] if cell == "lstm" else [])
     u = torch.randn(B, T, 3, D, generator=g, dtype=torch.float64).to(DEVICE, dtype)
-    h0 = torch.randn(B, D, generator=g, dtype=torch.float64).to(DEVICE, dtype)
+    h0 = torch.randn(B, D, *([2] if cell == "lstm" else []), generator=g, dtype=torch.float64).to(DEVICE, dtype)
     resets = (torch.rand(B, T, generator=g) < reset_rate).to(DEVICE) if reset_rate else None
-    return a.requires_grad_(), u.requires_grad_(), h0.requires_grad_(), resets
+    params = [p.requires_grad_() for p in params]
+    made = ParaLSTMCell(*params) if cell == "lstm" else ParaGRUCell(*params)
+    return made, u.requires_grad_(), h0.requires_grad_(), resets, params
 
 
-@pytest.mark.parametrize("B,T,D", [(2, 1, 3), (2, 70, 5), (1, 130, 34)])
-@pytest.mark.parametrize("with_resets", [False, True])
-def test_fused_equals_the_pytorch_newton_path_and_the_loop(B, T, D, with_resets):
-    a, u, h0, resets = problem(B, T, D, seed=T * D + with_resets, reset_rate=0.1 if with_resets else 0)
-    cell = ParaGRUCell(a)
+STRUCTURE = {"gru": "diag", "lstm": ("block", 2)}
+
+
+@pytest.mark.parametrize("cell_name", ["gru", "lstm"])
+@pytest.mark.parametrize(
+    "B,T,D,with_resets", [(2, 1, 3, True), (2, 70, 5, False), (2, 70, 5, True), (1, 130, 34, True)]
+)  # one step; two chunks; three chunks and two channel blocks
+def test_fused_equals_the_pytorch_newton_path_and_the_loop(cell_name, B, T, D, with_resets):
+    cell, u, h0, resets, params = problem(B, T, D, T * D + with_resets, 0.1 if with_resets else 0, cell=cell_name)
     h, info = fused_newton_solve(cell, u, h0, resets=resets)
-    h_ref, info_ref = newton_solve(cell, u, h0, resets=resets)
+    h_ref, info_ref = newton_solve(cell, u, h0, structure=STRUCTURE[cell_name], resets=resets)
     with torch.no_grad():
         h_loop = sequential_loop(cell, u, h0, resets)
     assert info.converged and info.fallback is None and info.iterations == info_ref.iterations
-    torch.testing.assert_close(h, h_ref, rtol=0, atol=1e-13)
-    torch.testing.assert_close(h, h_loop, rtol=0, atol=1e-12)
+    # both solves stop at a relative residual ≤ 1e-12 (float64's tolerance), so they agree to about that
+    torch.testing.assert_close(h, h_ref, rtol=0, atol=1e-11)
+    torch.testing.assert_close(h, h_loop, rtol=0, atol=1e-11)
 
     weights = torch.randn_like(h)
-    grads = torch.autograd.grad((h * weights).sum(), (u, a, h0))
-    h_seq, _ = sequential_solve(cell, u, h0, resets=resets)  # the loop's adjoint: newton.py's own backward
-    expected = torch.autograd.grad((h_seq * weights).sum(), (u, a, h0))
-    for name, got, want in zip(("u", "a", "h0"), grads, expected):
+    inputs = (u, h0, *params)
+    grads = torch.autograd.grad((h * weights).sum(), inputs)
+    h_seq, _ = sequential_solve(cell, u, h0, structure=STRUCTURE[cell_name], resets=resets)  # newton.py's adjoint
+    expected = torch.autograd.grad((h_seq * weights).sum(), inputs)
+    for name, got, want in zip(("u", "h0", "a", "p"), grads, expected):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=lambda m, n=name: f"d{n}: {m}")
 
 
-def test_gradients_equal_autograd_through_the_plain_loop():
+@pytest.mark.parametrize("cell_name", ["gru", "lstm"])
+def test_gradients_equal_autograd_through_the_plain_loop(cell_name):
     # an independent reference: torch.autograd differentiating the step-by-step loop itself
-    a, u, h0, resets = problem(2, 80, 6, seed=5)
-    cell = ParaGRUCell(a)
+    cell, u, h0, resets, params = problem(2, 80, 6, seed=5, cell=cell_name)
     h, _ = fused_newton_solve(cell, u, h0, resets=resets)
     weights = torch.randn_like(h)
-    grads = torch.autograd.grad((h * weights).sum(), (u, a, h0))
-    expected = torch.autograd.grad((sequential_loop(cell, u, h0, resets) * weights).sum(), (u, a, h0))
+    inputs = (u, h0, *params)
+    grads = torch.autograd.grad((h * weights).sum(), inputs)
+    expected = torch.autograd.grad((sequential_loop(cell, u, h0, resets) * weights).sum(), inputs)
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-11)
 
 
-def test_a_sequence_newton_leaves_unsolved_is_redone_and_reported():
+@pytest.mark.parametrize("cell_name", ["gru", "lstm"])
+def test_a_sequence_newton_leaves_unsolved_is_redone_and_reported(cell_name):
     # one iteration cannot solve 100 steps: every sequence falls back, and the result is still the loop's
-    a, u, h0, resets = problem(2, 100, 4, seed=9, reset_rate=0.05)
-    cell = ParaGRUCell(a)
+    cell, u, h0, resets, _ = problem(2, 100, 4, seed=9, reset_rate=0.05, cell=cell_name)
     h, info = fused_newton_solve(cell, u, h0, resets=resets, max_iters=1)
     assert not info.converged and info.fallback_sequences == 2 and "sequential for 2 of 2" in info.fallback
     assert info.iterations == 1
@@ -72,9 +87,9 @@ def test_a_sequence_newton_leaves_unsolved_is_redone_and_reported():
         torch.testing.assert_close(h, sequential_loop(cell, u, h0, resets), rtol=0, atol=1e-12)
 
 
-def test_float32_and_no_gradient_needed():
-    a, u, h0, resets = problem(2, 90, 7, seed=4, dtype=torch.float32)
-    cell = ParaGRUCell(a)
+@pytest.mark.parametrize("cell_name", ["gru", "lstm"])
+def test_float32_and_no_gradient_needed(cell_name):
+    cell, u, h0, resets, _ = problem(2, 90, 7, seed=4, dtype=torch.float32, cell=cell_name)
     with torch.no_grad():
         h, info = fused_newton_solve(cell, u, h0, resets=resets)
         loop = sequential_loop(cell, u.double(), h0.double(), resets)
@@ -83,11 +98,10 @@ def test_float32_and_no_gradient_needed():
 
 
 def test_empty_sequence_and_bad_inputs_are_named():
-    a, u, h0, _ = problem(2, 5, 3, seed=1)
-    cell = ParaGRUCell(a)
+    cell, u, h0, _, _ = problem(2, 5, 3, seed=1)
     h, info = fused_newton_solve(cell, u[:, :0], h0)
     assert h.shape == (2, 0, 3) and info.converged
-    with pytest.raises(ValueError, match=r"are not \[B, T, G, D\], \[B, D\], \[P, D\]"):
+    with pytest.raises(ValueError, match=r"are not \[B, T, G, D\], \[B, D\] \(or \[B, D, 2\]\), \[P, D\]"):
         fused_newton_solve(cell, u, h0[:, :2])
     with pytest.raises(TypeError, match="must be one float dtype"):
         fused_newton_solve(cell, u, h0.float())
@@ -96,7 +110,7 @@ def test_empty_sequence_and_bad_inputs_are_named():
 
 
 def test_a_model_with_the_fused_kernel_equals_the_pytorch_path(monkeypatch):
-    # model.newton_kernel=fused through LM.forward (ParaGRU layers; attention between them), float64, with
+    # model.newton_kernel=fused through LM.forward (ParaGRU, attention, ParaLSTM), float64, with
     # documents: logits and every parameter's gradient as with newton_kernel=pytorch
     from unroll.kernels import fused_newton
     from unroll.models import LM, ModelConfig
@@ -108,13 +122,13 @@ def test_a_model_with_the_fused_kernel_equals_the_pytorch_path(monkeypatch):
     models = {}
     for kernel in ("fused", "pytorch"):
         torch.manual_seed(0)
-        cfg = ModelConfig(pattern="GAG", vocab_size=50, d_model=16, n_heads=2, solver="newton", newton_kernel=kernel)
+        cfg = ModelConfig(pattern="GAL", vocab_size=50, d_model=16, n_heads=2, solver="newton", newton_kernel=kernel)
         models[kernel] = LM(cfg).double().to(DEVICE)
     tokens = torch.randint(0, 50, (2, 70), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     resets = torch.zeros(2, 70, dtype=torch.bool, device=DEVICE)
     resets[0, [20, 64]] = resets[1, 33] = True
     outs = {k: m(tokens, resets=resets) for k, m in models.items()}
-    assert len(calls) == 2  # the fused model's two ParaGRU layers, and only those
+    assert len(calls) == 2  # the fused model's ParaGRU and ParaLSTM layers, and only those
     torch.testing.assert_close(outs["fused"], outs["pytorch"], rtol=0, atol=1e-12)
     weights = torch.randn_like(outs["fused"])
     for out in outs.values():
@@ -133,10 +147,10 @@ def test_newton_kernel_key_is_checked_and_auto_fuses_only_on_cuda():
     assert ("newton_kernel", "must be one of auto, fused, pytorch, got 'fast'") in ModelConfig(
         pattern="G", newton_kernel="fast"
     ).problems()
-    with pytest.raises(ConfigError, match=r"model.newton_kernel.*ParaLSTM \(L\) has no fused kernel"):
-        load_config("tiny-gru", ["model.pattern=GL", "model.newton_kernel=fused"])
-    mixer = LM(ModelConfig(pattern="GL", d_model=16, n_heads=2)).blocks[0].mixer
-    assert mixer.fused(torch.device("cuda")) and not mixer.fused(torch.device("cpu"))
+    with pytest.raises(ConfigError, match=r"model.newton_kernel.*must be one of auto, fused, pytorch"):
+        load_config("tiny-gru", ["model.newton_kernel=triton"])
+    for block in LM(ModelConfig(pattern="GL", d_model=16, n_heads=2)).blocks:
+        assert block.mixer.fused(torch.device("cuda")) and not block.mixer.fused(torch.device("cpu"))
 
 
 def test_a_compiled_block_keeps_the_fused_solve_in_one_graph():
