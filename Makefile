@@ -2,6 +2,7 @@
 #   make run    set everything up, prepare the bundled corpus, train the default tiny model on CPU
 #   make test   set everything up, run the test suite (tests/test_slurm.py runs a real SLURM when Debian's
 #               slurmctld slurmd slurm-client munge are installed, as .ci/run does as root; else it skips)
+# and, on a machine with a CUDA GPU, `make gpu-check` (below).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,7 +12,7 @@ DATA := runs/data
 TOKENIZER := $(DATA)/shakespeare-bpe2048.model
 SHARDS := $(DATA)/shakespeare
 
-.PHONY: run test lint install clean
+.PHONY: run test lint install clean gpu-check
 
 # torch first, pinned: pip takes the CPU build of 2.13.0 from this machine's disk (an unpinned torch would
 # pull the multi-GB CUDA build). shakespeare's own declared dependencies no longer resolve, so its texts
@@ -55,6 +56,17 @@ lint: $(TEST_STAMP)
 # clusters never run side by side (their jobs' rendezvous ports would collide).
 test: lint
 	$(BIN)/python -m pytest -n 2 --dist loadfile
+
+# The first thing to run on a machine with a CUDA GPU (sized for 8 minutes on an H100 at most): the CUDA tests and
+# the GPU benches, one table on stdout, every figure in runs/gpu-check/gpu-check.json (launch/gpu_check.py).
+# It needs a CUDA build of torch in the venv. The stamp above pins only the version and takes the build pip's
+# index offers (the CPU one from this CI's disk; PyPI's Linux wheel is a CUDA one); where that is not the CUDA
+# your driver runs, install it first and the pin then holds, e.g.
+#   python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128
+# With a CPU build it stops at once, saying so (exit 2). GPU_CHECK_ARGS passes options: "--parts solver,tnt".
+GPU_CHECK_ARGS ?=
+gpu-check: $(TEST_STAMP)
+	$(BIN)/python -m unroll.launch.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

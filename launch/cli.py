@@ -323,6 +323,7 @@ BENCHES = {
     ),
     "growth": ("unroll.launch.bench.growth", "G_stack growth and training on against the deep model from scratch"),
     "loader": ("unroll.launch.bench.loader", "loader reads in the Feistel vs numpy order; the map's cost; prefetch"),
+    "m2rnn": ("unroll.launch.bench.m2rnn", "the M²RNN recurrence's Triton kernels against the PyTorch loop"),
     "prepare": (
         "unroll.launch.bench.prepare",
         "`unroll data prepare` tokens/s with 1, 2 workers against the tokenizer",

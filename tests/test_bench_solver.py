@@ -21,3 +21,14 @@ def test_bench_solver_quick_grid(tmp_path, capsys):
         assert 0 < r["sequential_min_ms"] <= r["sequential_ms"] and 0 < r["newton_min_ms"] <= r["newton_ms"], r
         # the Triton scans run wherever the bench's default device is CUDA, and only there
         assert (r["triton_ms"] is None) == (not torch.cuda.is_available()), r
+
+
+def test_bench_solver_times_the_loop_on_a_prefix_of_long_sequences(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    argv = ["bench", "solver", "--grid", "quick", "--cells", "gru", "--repeat", "1", "--sequential-steps", "512"]
+    assert main([*argv, "--json", str(out)]) == 0
+    assert "* the loop timed on its first 512 steps, scaled by T/512" in capsys.readouterr().out
+    rows = json.loads(out.read_text())
+    # the quick grid: T = 2048 (the loop runs 512 steps of it) and T = 256 (all of it)
+    assert {(r["length"], r["sequential_steps"]) for r in rows} == {(2048, 512), (256, 256)}
+    assert all(r["max_err"] < 1e-5 and r["sequential_ms"] > 0 for r in rows), rows

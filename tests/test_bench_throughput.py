@@ -56,3 +56,12 @@ def test_bench_throughput_compares_isolated_documents_with_packed_rows(tmp_path,
         ("tiny-tnt", "isolated"),
     ]
     assert all(r["isolated_vs_packed"] > 0 for r in rows if r["documents"] == "isolated")
+
+
+def test_bench_throughput_trains_under_bf16_autocast(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    argv = ["bench", "throughput", "--presets", "tiny-gru", "--batch", "2", "--seq-len", "16", "--repeat", "1"]
+    assert main([*argv, "--dtype", "bfloat16", "--json", str(out)]) == 0
+    assert "bfloat16 autocast" in capsys.readouterr().out
+    (row,) = json.loads(out.read_text())
+    assert row["dtype"] == "bfloat16" and row["tokens_per_s"] > 0

@@ -6,6 +6,9 @@ the Newton iteration counts are those of training at initialisation. For each sh
 alternate round by round (sequential, Newton, Triton, sequential, ...); each time is printed as the
 minimum / median over --rounds, and each ratio is sequential time over that solver's time, of the medians.
 "auto" is what solver="auto" picks for the shape; auto/best is its median time over the fastest median.
+On a sequence longer than --sequential-steps the loop runs only its first N steps and its time is scaled
+by T/N (marked *): its work is one cell call per step, so its time is linear in T, and at T = 131072 the
+whole loop would take minutes; its max err is then over those N steps.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ CELLS = {"gru": ParaGRU, "lstm": ParaLSTM}
 GRIDS = {
     "cpu": [(1, 16384, 64), (1, 4096, 64), (4, 2048, 128), (8, 1024, 256), (32, 128, 192), (16, 512, 512)],
     "quick": [(1, 2048, 64), (8, 256, 128)],
-    "gpu": [(1, 4096, 64), (1, 16384, 64), (8, 4096, 1024), (16, 2048, 2048)],
+    "gpu": [(1, 4096, 64), (1, 16384, 64), (1, 131072, 64), (8, 4096, 1024), (16, 2048, 2048)],
 }
 
 
@@ -52,6 +55,7 @@ class Row:
     max_err: float  # Newton (torch scan) vs sequential, max abs over the output
     auto: str  # what solver="auto" picks here
     auto_slowdown: float  # the time of what auto runs / the fastest of the measured paths
+    sequential_steps: int  # steps the loop ran; below length, its times are scaled by length / sequential_steps
 
 
 def _problem(cell_name: str, B: int, T: int, D: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
@@ -74,22 +78,37 @@ def _run(solve, mixer, u, h0, backward: bool, **kw):
     return h, info
 
 
+def _scaled(t: harness.Timing, factor: float) -> harness.Timing:
+    return harness.Timing([s * factor for s in t.seconds])
+
+
 def bench_case(
-    cell_name: str, B: int, T: int, D: int, dtype: torch.dtype, device: torch.device, triton_impl, rounds: int
+    cell_name: str,
+    B: int,
+    T: int,
+    D: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    triton_impl,
+    rounds: int,
+    sequential_steps: int = 0,
 ) -> list[Row]:
+    """sequential_steps: the loop runs at most this many steps (0: all T), its time scaled to T."""
     mixer, u, h0 = _problem(cell_name, B, T, D, dtype, device)
     auto = pick_solver("auto", device, B, T, D, mixer.state_size)
+    n = min(T, sequential_steps) if sequential_steps > 0 else T
+    u_head = u[:, :n].contiguous()  # a prefix of a causal recurrence: its solution is the prefix of the whole
     rows = []
     for backward in (False, True):
         paths = {
-            "sequential": lambda: _run(sequential_solve, mixer, u, h0, backward),
+            "sequential": lambda: _run(sequential_solve, mixer, u_head, h0, backward),
             "newton": lambda: _run(newton_solve, mixer, u, h0, backward, scan_impl=scan_reference),
         }
         if triton_impl is not None:
             paths["triton"] = lambda: _run(newton_solve, mixer, u, h0, backward, scan_impl=triton_impl)
         t = harness.alternate(paths, device, rounds)
-        seq, newton, triton = t["sequential"], t["newton"], t.get("triton")
-        h_seq, _ = _run(sequential_solve, mixer, u, h0, False)
+        seq, newton, triton = _scaled(t["sequential"], T / n), t["newton"], t.get("triton")
+        h_seq, _ = _run(sequential_solve, mixer, u_head, h0, False)
         h_new, info = _run(newton_solve, mixer, u, h0, False, scan_impl=scan_reference)
         # what auto runs: Newton's scans are the Triton kernels on CUDA (linear_scan's default there)
         auto_time = seq if auto == "sequential" else (triton or newton)
@@ -109,9 +128,10 @@ def bench_case(
                 newton.min * 1e3,
                 triton.min * 1e3 if triton else None,
                 info.iterations,
-                float((h_seq - h_new).abs().max()),
+                float((h_seq - h_new[:, :n]).abs().max()),
                 auto,
                 harness.ratio(auto_time, best),
+                n,
             )
         )
     return rows
@@ -123,7 +143,7 @@ def _ms(low: float, mid: float) -> str:
 
 def format_table(rows: list[Row]) -> str:
     head = (
-        f"{'cell':5} {'B':>3} {'T':>6} {'D':>5} {'dtype':8} {'pass':8} {'seq ms':>15} {'newton ms':>15} "
+        f"{'cell':5} {'B':>3} {'T':>6} {'D':>5} {'dtype':8} {'pass':8} {'seq ms':>19} {'newton ms':>15} "
         f"{'ratio':>7} {'triton ms':>15} {'ratio':>7} {'iters':>5} {'max err':>8} {'auto':>10} {'auto/best':>9}"
     )
     lines = [head, "-" * len(head)]
@@ -133,9 +153,10 @@ def format_table(rows: list[Row]) -> str:
             if r.triton_ms and r.triton_min_ms is not None
             else f"{'n/a':>15} {'':>7}"
         )
+        seq = _ms(r.sequential_min_ms, r.sequential_ms) + ("*" if r.sequential_steps < r.length else "")
         lines.append(
             f"{r.cell:5} {r.batch:3d} {r.length:6d} {r.width:5d} {r.dtype:8} {r.pass_:8} "
-            f"{_ms(r.sequential_min_ms, r.sequential_ms):>15} {_ms(r.newton_min_ms, r.newton_ms):>15} "
+            f"{seq:>19} {_ms(r.newton_min_ms, r.newton_ms):>15} "
             f"{r.sequential_ms / r.newton_ms:6.1f}x {tri} {r.iterations:5d} {r.max_err:8.1e} {r.auto:>10} "
             f"{r.auto_slowdown:8.2f}x"
         )
@@ -150,6 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid", choices=sorted(GRIDS), default=None, help="default: gpu on CUDA, cpu otherwise")
     p.add_argument("--cells", default="gru,lstm")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument(
+        "--sequential-steps",
+        type=int,
+        default=16384,
+        metavar="N",
+        help="time the loop on at most N steps of a longer sequence, scaled by T/N (0: every step; default %(default)s)",
+    )
     harness.add_arguments(p)
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args(argv)
@@ -169,10 +197,14 @@ def main(argv: list[str] | None = None) -> int:
         for cell_name in args.cells.split(","):
             for B, T, D in grid:
                 dtype = getattr(torch, args.dtype)
-                rows.extend(bench_case(cell_name, B, T, D, dtype, device, triton_impl, args.rounds))
+                rows.extend(
+                    bench_case(cell_name, B, T, D, dtype, device, triton_impl, args.rounds, args.sequential_steps)
+                )
                 lines = format_table(rows).splitlines()
                 print("\n".join(lines[:2] + lines[-2:]) if len(rows) == 2 else "\n".join(lines[-2:]), flush=True)
     worst = max(r.auto_slowdown for r in rows)
+    if any(r.sequential_steps < r.length for r in rows):
+        print(f"* the loop timed on its first {args.sequential_steps} steps, scaled by T/{args.sequential_steps}")
     print(f"auto vs the fastest path: worst {worst:.2f}x over {len(rows)} rows")
     if args.json:
         with open(args.json, "w") as f:

@@ -10,12 +10,16 @@ by step, one step each per round, so that a load change on the machine falls on 
 Printed per preset: the step time's minimum and median over --rounds, tokens/s of the median, the model
 TFLOP/s that makes (models/flops.py, with the Newton iterations the last step took) and, where the device's
 peak is known (train/mfu.py, or --peak-tflops), the MFU, and the ratio of tokens/s to the baseline's. Random
-tokens make the timing independent of the corpus; the work per step is the real one.
+tokens make the timing independent of the corpus; the work per step is the real one. --dtype bfloat16
+runs the forward and the loss under bf16 autocast as the trainer does (run.dtype=bfloat16: float32 weights,
+the recurrences in float32), and the MFU is then of the device's bf16 peak. Each model is built and
+initialised on the device itself (a 1B model's initialisation takes minutes on a CPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +30,7 @@ import torch.nn.functional as F
 from unroll.launch.bench import harness
 from unroll.models import LM
 from unroll.models.flops import model_flops
+from unroll.train.build import autocast_for
 from unroll.train.config import load_config
 from unroll.train.layer_metrics import solve_iterations
 from unroll.train.mfu import peak_flops, utilisation
@@ -34,11 +39,20 @@ from unroll.train.step import update_expert_bias
 TINY = ["tiny-transformer", "tiny-gru", "tiny-lstm", "tiny-m2rnn", "tiny-moe"]
 
 
-def _step_fn(model: LM, tokens: torch.Tensor, optimizer: torch.optim.Optimizer, resets: torch.Tensor | None = None):
+def _step_fn(
+    model: LM,
+    tokens: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    resets: torch.Tensor | None = None,
+    autocast: contextlib.AbstractContextManager | None = None,
+):
+    autocast = autocast or contextlib.nullcontext()
+
     def step():
-        logits = model(tokens[:, :-1], resets=resets)
-        loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
-        aux = model.aux_loss()
+        with autocast:  # the forward and the loss, as train/step.py; the backward outside
+            logits = model(tokens[:, :-1], resets=resets)
+            loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+            aux = model.aux_loss()
         (loss if aux is None else loss + aux).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -60,21 +74,25 @@ def run(
     device: torch.device,
     documents: float = 0,
     peak_tflops: float = 0.0,
+    dtype: str = "float32",
 ) -> list[dict]:
+    """dtype: run.dtype's float32 (no autocast) or bfloat16 (bf16 autocast)."""
     rows: list[dict[str, Any]] = []
     steps: dict[int, Callable[[], None]] = {}
     models: dict[int, LM] = {}
     for name in presets:
-        cfg = load_config(name).model
-        T = seq_len or load_config(name).data.seq_len
+        run_cfg = load_config(name, [f"run.dtype={dtype}"])
+        cfg, autocast = run_cfg.model, autocast_for(run_cfg, device)
+        T = seq_len or run_cfg.data.seq_len
         tokens = torch.randint(0, cfg.vocab_size, (batch, T + 1), generator=torch.Generator().manual_seed(0))
         starts = document_starts(batch, T, documents, torch.Generator().manual_seed(1)) if documents else None
         for mode, resets in [("packed", None), ("isolated", starts)] if documents else [("", None)]:
             torch.manual_seed(0)
-            model = models[len(rows)] = LM(cfg).to(device)
+            with torch.device(device):
+                model = models[len(rows)] = LM(cfg)
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
             steps[len(rows)] = _step_fn(
-                model, tokens.to(device), optimizer, None if resets is None else resets.to(device)
+                model, tokens.to(device), optimizer, None if resets is None else resets.to(device), autocast
             )
             rows.append(
                 {
@@ -85,10 +103,12 @@ def run(
                     "params_active": model.active_params(),
                     "batch": batch,
                     "seq_len": T,
+                    "dtype": dtype,
                 }
             )
     times = harness.alternate(steps, device, rounds)
-    peak = peak_flops(device, torch.float32, peak_tflops)  # the models train in float32, no autocast
+    # the matmuls' precision: bf16 under autocast, else float32 (tf32 where torch allows it)
+    peak = peak_flops(device, torch.bfloat16 if dtype == "bfloat16" else torch.float32, peak_tflops)
     for i, r in enumerate(rows):
         t = times[i]
         r.update(step_ms=t.median * 1e3, step_min_ms=t.min * 1e3, tokens_per_s=batch * r["seq_len"] / t.median)
@@ -120,6 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="as run.dtype: float32 (no autocast, the default) or bfloat16 (bf16 autocast, as the trainer on a GPU)",
+    )
+    p.add_argument(
         "--peak-tflops",
         type=float,
         default=0.0,
@@ -136,9 +162,11 @@ def main(argv: list[str] | None = None) -> int:
             torch.device(args.device),
             args.documents,
             args.peak_tflops,
+            args.dtype,
         )
         print(
-            f"training step (fwd+bwd+AdamW), batch {args.batch}, {args.device}, {args.rounds} rounds, the presets "
+            f"training step (fwd+bwd+AdamW), batch {args.batch}, {args.device}, {args.dtype}"
+            f"{' autocast' if args.dtype == 'bfloat16' else ''}, {args.rounds} rounds, the presets "
             f"alternating; tokens/s of the median step; ratio = tokens/s over {rows[0]['preset']}'s (of the "
             f"{harness.RATIOS_OF})"
         )
