@@ -19,8 +19,9 @@ def test_bench_solver_quick_grid(tmp_path, capsys):
     for r in rows:
         assert r["max_err"] < 1e-5 and 1 <= r["iterations"] <= 4, r
         assert 0 < r["sequential_min_ms"] <= r["sequential_ms"] and 0 < r["newton_min_ms"] <= r["newton_ms"], r
-        # the Triton scans run wherever the bench's default device is CUDA, and only there
-        assert (r["triton_ms"] is None) == (not torch.cuda.is_available()), r
+        # the Triton scans and the fused kernel run wherever the bench's default device is CUDA, and only there
+        assert (r["triton_ms"] is None) == (r["fused_ms"] is None) == (not torch.cuda.is_available()), r
+        assert r["fused_max_err"] is None or r["fused_max_err"] < 1e-5, r
 
 
 def test_bench_solver_times_the_loop_on_a_prefix_of_long_sequences(tmp_path, capsys):
@@ -32,3 +33,17 @@ def test_bench_solver_times_the_loop_on_a_prefix_of_long_sequences(tmp_path, cap
     # the quick grid: T = 2048 (the loop runs 512 steps of it) and T = 256 (all of it)
     assert {(r["length"], r["sequential_steps"]) for r in rows} == {(2048, 512), (256, 256)}
     assert all(r["max_err"] < 1e-5 and r["sequential_ms"] > 0 for r in rows), rows
+
+
+def test_the_triton_and_fused_paths_where_triton_runs(tmp_path):
+    # what the bench adds on CUDA (the Triton scan, the fused kernel), here through Triton's interpreter at a tiny
+    # size: both timed, the fused solution checked against the loop, the table printing their columns
+    from unroll.kernels.triton_scan import scan_triton
+    from unroll.launch.bench.solver import bench_case, format_table
+
+    for cell in ("gru", "lstm"):
+        rows = bench_case(cell, 1, 70, 4, torch.float32, torch.device("cpu"), scan_triton, rounds=1)
+        for r in rows:
+            assert r.triton_ms > 0 and r.fused_ms > 0 and 0 < r.fused_min_ms <= r.fused_ms
+            assert r.fused_max_err < 1e-5
+        assert "fused ms" in format_table(rows) and "n/a" not in format_table(rows)  # every column filled

@@ -1,5 +1,6 @@
-"""`unroll bench solver`: the linear-time sequential loop vs Newton (PyTorch scan) vs Newton (Triton scan)
-on ParaGRU and ParaLSTM recurrences, forward and forward+backward, over a grid of shapes.
+"""`unroll bench solver`: the linear-time sequential loop vs Newton (PyTorch scan) vs Newton (Triton scan) vs
+the fused Newton kernel (kernels/fused_newton.py: the whole solve in one launch; CUDA only) on ParaGRU and
+ParaLSTM recurrences, forward and forward+backward, over a grid of shapes.
 
 The recurrence's inputs come from the real mixer (its input projection of RMS-normed activations), so
 the Newton iteration counts are those of training at initialisation. For each shape and pass the solvers
@@ -56,6 +57,9 @@ class Row:
     auto: str  # what solver="auto" picks here
     auto_slowdown: float  # the time of what auto runs / the fastest of the measured paths
     sequential_steps: int  # steps the loop ran; below length, its times are scaled by length / sequential_steps
+    fused_ms: float | None = None  # the fused Newton kernel (CUDA only): median, minimum, max err vs the loop
+    fused_min_ms: float | None = None
+    fused_max_err: float | None = None
 
 
 def _problem(cell_name: str, B: int, T: int, D: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
@@ -66,6 +70,18 @@ def _problem(cell_name: str, B: int, T: int, D: int, dtype: torch.dtype, device:
         u = mixer.recurrence_inputs(x)
     h0 = mixer.initial_state(None, u)
     return mixer, u, h0
+
+
+def _run_fused(mixer, u, h0, backward: bool):
+    from unroll.kernels.fused_newton import fused_newton_solve
+
+    if not backward:
+        with torch.no_grad():
+            return fused_newton_solve(mixer.make_cell(), u, h0)
+    u = u.detach().requires_grad_()
+    h, info = fused_newton_solve(mixer.make_cell(), u, h0)
+    h.sum().backward()
+    return h, info
 
 
 def _run(solve, mixer, u, h0, backward: bool, **kw):
@@ -104,15 +120,17 @@ def bench_case(
             "sequential": lambda: _run(sequential_solve, mixer, u_head, h0, backward),
             "newton": lambda: _run(newton_solve, mixer, u, h0, backward, scan_impl=scan_reference),
         }
-        if triton_impl is not None:
+        if triton_impl is not None:  # CUDA: the Triton scan and the fused kernel
             paths["triton"] = lambda: _run(newton_solve, mixer, u, h0, backward, scan_impl=triton_impl)
+            paths["fused"] = lambda: _run_fused(mixer, u, h0, backward)
         t = harness.alternate(paths, device, rounds)
-        seq, newton, triton = _scaled(t["sequential"], T / n), t["newton"], t.get("triton")
+        seq, newton, triton, fused = _scaled(t["sequential"], T / n), t["newton"], t.get("triton"), t.get("fused")
         h_seq, _ = _run(sequential_solve, mixer, u_head, h0, False)
         h_new, info = _run(newton_solve, mixer, u, h0, False, scan_impl=scan_reference)
-        # what auto runs: Newton's scans are the Triton kernels on CUDA (linear_scan's default there)
-        auto_time = seq if auto == "sequential" else (triton or newton)
-        best = min((x for x in (seq, newton, triton) if x is not None), key=lambda x: x.median)
+        fused_err = None if fused is None else float((h_seq - _run_fused(mixer, u, h0, False)[0][:, :n]).abs().max())
+        # what auto runs on CUDA: the fused kernel (model.newton_kernel=auto)
+        auto_time = seq if auto == "sequential" else (fused or newton)
+        best = min((x for x in (seq, newton, triton, fused) if x is not None), key=lambda x: x.median)
         rows.append(
             Row(
                 cell_name,
@@ -132,6 +150,9 @@ def bench_case(
                 auto,
                 harness.ratio(auto_time, best),
                 n,
+                fused.median * 1e3 if fused else None,
+                fused.min * 1e3 if fused else None,
+                fused_err,
             )
         )
     return rows
@@ -144,7 +165,8 @@ def _ms(low: float, mid: float) -> str:
 def format_table(rows: list[Row]) -> str:
     head = (
         f"{'cell':5} {'B':>3} {'T':>6} {'D':>5} {'dtype':8} {'pass':8} {'seq ms':>19} {'newton ms':>15} "
-        f"{'ratio':>7} {'triton ms':>15} {'ratio':>7} {'iters':>5} {'max err':>8} {'auto':>10} {'auto/best':>9}"
+        f"{'ratio':>7} {'triton ms':>15} {'ratio':>7} {'fused ms':>15} {'ratio':>7} {'iters':>5} {'max err':>8} "
+        f"{'auto':>10} {'auto/best':>9}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -153,11 +175,16 @@ def format_table(rows: list[Row]) -> str:
             if r.triton_ms and r.triton_min_ms is not None
             else f"{'n/a':>15} {'':>7}"
         )
+        fus = (
+            f"{_ms(r.fused_min_ms, r.fused_ms):>15} {r.sequential_ms / r.fused_ms:6.1f}x"
+            if r.fused_ms and r.fused_min_ms is not None
+            else f"{'n/a':>15} {'':>7}"
+        )
         seq = _ms(r.sequential_min_ms, r.sequential_ms) + ("*" if r.sequential_steps < r.length else "")
         lines.append(
             f"{r.cell:5} {r.batch:3d} {r.length:6d} {r.width:5d} {r.dtype:8} {r.pass_:8} "
             f"{seq:>19} {_ms(r.newton_min_ms, r.newton_ms):>15} "
-            f"{r.sequential_ms / r.newton_ms:6.1f}x {tri} {r.iterations:5d} {r.max_err:8.1e} {r.auto:>10} "
+            f"{r.sequential_ms / r.newton_ms:6.1f}x {tri} {fus} {r.iterations:5d} {r.max_err:8.1e} {r.auto:>10} "
             f"{r.auto_slowdown:8.2f}x"
         )
     return "\n".join(lines)
