@@ -12,16 +12,27 @@ def test_bench_data_prints_every_ratio_against_its_target(tmp_path, capsys, smal
     shard, out = write_shard(str(tmp_path / "s"), 300 * SEQ + 1), tmp_path / "figures.json"
     loader_args = f"--seq-lens {SEQ} --datasets 1,3 --batch 4 --batches 3 --map-samples 1000 --map-indices 500 "
     loader_args += "--table-samples 500 --compute-ms 1 --rounds 2 --threads 1"
-    args = ["--mb", "0.05", "--rss-mb", "0.1", "--rounds", "1", "--tokenizer", small_data.tokenizer]
+    args = [
+        "--mb",
+        "0.05",
+        "--rss-base-mb",
+        "0.03",
+        "--rss-mb",
+        "0.1",
+        "--rounds",
+        "1",
+        "--tokenizer",
+        small_data.tokenizer,
+    ]
     args += ["--work", str(tmp_path / "work"), "--shard", shard, "--loader-args", loader_args, "--json", str(out)]
     assert main(["bench", "data", *args]) == 0
     printed = capsys.readouterr().out
-    assert "== prepare" in printed and "== memory" in printed and "== loader" in printed
+    assert all(f"== {part}\n" in printed for part in ("prepare", "memory-base", "memory", "loader"))
     figures = json.loads(out.read_text())
     prepare = figures["prepare"]["rows"]
     assert set(prepare) == {"encode", "encode t1", "prepare w1", "prepare w2"}
-    assert set(figures["memory"]["rows"]) == {"prepare w2"}  # --no-encode: only prepare at the large corpus
-    assert figures["memory"]["tokens"] > figures["prepare"]["tokens"] > 0
+    assert set(figures["memory"]["rows"]) == set(figures["memory-base"]["rows"]) == {"prepare w2"}  # --no-encode
+    assert figures["memory"]["tokens"] > figures["prepare"]["tokens"] > figures["memory-base"]["tokens"] > 0
     whats = [r["what"] for r in figures["summary"]]
     assert sum("per worker" in w for w in whats) == 2 and sum("peak RSS" in w for w in whats) == 2
     assert sum(w.startswith("loader get") for w in whats) == 2 * 2  # get and get_with_starts, 1 and 3 datasets

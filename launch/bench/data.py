@@ -3,10 +3,11 @@
     prepare     `unroll bench prepare --mb MB --workers 1,2` (with --megatron DIR, Megatron-LM's
                 tools/preprocess_data.py beside it): prepare's tokens/s at each worker count against N times the
                 tokenizer's one-thread encode of the same text (the per-worker floor), and against Megatron's at
-                equal workers
-    memory      `unroll bench prepare --mb RSS_MB --workers W --no-encode`: prepare's peak resident memory (main
-                process and largest worker) at the large corpus over the same at MB (run above); memory that does
-                not grow with the corpus keeps this near 1
+                equal workers. MB is 100 by default: at 10 MB a run is about a second, and the workers' start and
+                the last batch (one worker finishing alone) are a tenth of it
+    memory      `unroll bench prepare --workers W --no-encode` at --rss-base-mb (10) and --rss-mb (1000): prepare's
+                peak resident memory (main process and largest worker) at the large corpus over the same at the
+                small one; memory that does not grow with the corpus keeps this near 1
     loader      `unroll bench loader`: TokenLoader.get and get_with_starts against raw memmap reads of as many
                 windows, at each sequence length and blend size; and the time a step waits for its batch with
                 and without prefetching
@@ -36,7 +37,7 @@ PER_WORKER, MEGATRON, RSS_GROWTH, LOADER, PREFETCH_WAIT = (
 )
 
 
-def summary(prepare: dict, large: dict, loader: dict, rss_workers: int) -> list[dict[str, Any]]:
+def summary(prepare: dict, small: dict, large: dict, loader: dict, rss_workers: int) -> list[dict[str, Any]]:
     """{what, ratio, target, met} rows from the three benches' JSON figures."""
     rows: list[dict[str, Any]] = []
 
@@ -56,10 +57,10 @@ def summary(prepare: dict, large: dict, loader: dict, rss_workers: int) -> list[
         if (megatron := path.replace("prepare", "megatron")) in prep:
             ratio = prep[path]["median_tokens_per_s"] / prep[megatron]["median_tokens_per_s"]
             row(f"{path} over {megatron}", ratio, MEGATRON)
-    small, big = prep[f"prepare w{rss_workers}"], large["rows"][f"prepare w{rss_workers}"]
+    base, big = small["rows"][f"prepare w{rss_workers}"], large["rows"][f"prepare w{rss_workers}"]
     for key, name in (("rss_main_mb", "main process"), ("rss_worker_mb", "largest worker")):
-        what = f"prepare w{rss_workers} peak RSS, {name}: {large['corpus_mb']:g} MB over {prepare['corpus_mb']:g} MB"
-        row(what, big[key] / small[key], RSS_GROWTH)
+        what = f"prepare w{rss_workers} peak RSS, {name}: {large['corpus_mb']:g} MB over {small['corpus_mb']:g} MB"
+        row(what, big[key] / base[key], RSS_GROWTH)
     for figures in loader["get"]:
         for path, name in (("feistel", "get"), ("feistel+starts", "get_with_starts")):
             what = f"loader {name} over memmap, seq_len {figures['seq_len']}, {figures['datasets']} dataset(s)"
@@ -78,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="unroll bench data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--mb", type=float, default=10.0, help="the prepare corpus, MB of JSON lines (default 10)")
+    p.add_argument("--mb", type=float, default=100.0, help="the prepare corpus, MB of JSON lines (default 100)")
+    p.add_argument("--rss-base-mb", type=float, default=10.0, help="the small corpus of the memory figure (default 10)")
     p.add_argument("--rss-mb", type=float, default=1000.0, help="the large corpus of the memory figure (default 1000)")
     p.add_argument("--rss-workers", type=int, default=2, help="prepare's workers for the memory figure (default 2)")
     p.add_argument("--rounds", type=int, default=2, help="prepare's timed rounds (default 2); the loader's are 5")
@@ -95,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         figures: dict[str, Any] = {}
         for name, bench, bench_args in (
             ("prepare", prepare_bench, ["--mb", f"{args.mb:g}", "--workers", f"1,{args.rss_workers}"]),
+            (
+                "memory-base",
+                prepare_bench,
+                ["--mb", f"{args.rss_base_mb:g}", "--workers", str(args.rss_workers), "--no-encode"],
+            ),
             ("memory", prepare_bench, ["--mb", f"{args.rss_mb:g}", "--workers", str(args.rss_workers), "--no-encode"]),
             ("loader", loader_bench, ["--shard", args.shard, *args.loader_args.split()]),
         ):
@@ -107,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"bench data: the {name} bench failed", file=sys.stderr)
                 return 1
             figures[name] = json.loads(out.read_text())
-    rows = summary(figures["prepare"], figures["memory"], figures["loader"], args.rss_workers)
+    rows = summary(figures["prepare"], figures["memory-base"], figures["memory"], figures["loader"], args.rss_workers)
     print("\n== summary: each ratio against its target")
     for r in rows:
         print(f"{r['ratio']:8.3f}  {r['target']:<7} {'met   ' if r['met'] else 'MISSED'} {r['what']}")
