@@ -6,9 +6,12 @@ it around the current guess; the correction solves the linear recurrence
 which `linear_scan` solves in O(T) work and O(log T)-ish depth. The first guess is f(0, x).
 
 Convergence is decided per sequence on the relative residual max_t |r_t| / (1 + |f_t|) against a
-per-dtype tolerance. A sequence that has not converged after `max_iters` iterations (or whose iterates
-overflow) is solved again exactly, step by step, and `info` says so: the result is never silently wrong.
-That epilogue, `fall_back_where_unconverged`, is shared with the sequence-parallel solver (seqpar_newton.py).
+per-dtype tolerance. With damping="trust_region" (the default), where a step blows up (past 1/eps of the
+value it corrects, or an overflow) the position takes the Picard step and its sequence continues with
+damped steps (kernels/newton_damping.py); sequences whose steps never blow up take plain Newton's steps,
+bit for bit. A sequence that has not converged after `max_iters` iterations is solved again exactly, step
+by step, and `info` says so and counts which path solved what: the result is never silently wrong. That
+epilogue, `fall_back_where_unconverged`, is shared with the sequence-parallel solver (seqpar_newton.py).
 The cell contract (what `cell` must provide) is kernels/cell.py.
 
 Gradients (both solvers) come from the adjoint at the solution H*: with g = ∂L/∂H*,
@@ -26,6 +29,7 @@ import torch
 
 from unroll.kernels.cell import Cell, check_cell
 from unroll.kernels.linear_scan import ScanImpl, linear_scan, mask_resets
+from unroll.kernels.newton_damping import DEFAULT_DAMPING, TrustRegion, check_damping
 from unroll.kernels.structure import Structure, StructureSpec
 
 # Relative residual a solve must reach, by the dtype it runs in.
@@ -37,9 +41,11 @@ MAX_ITERS = 12
 class SolveInfo:
     iterations: int  # Newton iterations taken (0 for the sequential solver)
     residual: float  # max relative residual of the returned solution
-    converged: bool  # Newton alone reached the tolerance on every sequence
+    converged: bool  # Newton (plain or damped steps) reached the tolerance on every sequence
     fallback: str | None = None  # what was done where it did not, e.g. "sequential for 3 of 8 sequences"
-    fallback_sequences: int = 0
+    fallback_sequences: int = 0  # sequences solved by the sequential fallback
+    newton_sequences: int = 0  # sequences solved by plain Newton steps only
+    damped_sequences: int = 0  # sequences solved after damped steps (kernels/newton_damping.py)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -48,6 +54,8 @@ class SolveInfo:
             "converged": self.converged,
             "fallback": self.fallback,
             "fallback_sequences": self.fallback_sequences,
+            "newton_sequences": self.newton_sequences,
+            "damped_sequences": self.damped_sequences,
         }
 
 
@@ -183,6 +191,7 @@ def fall_back_where_unconverged(
     start: torch.Tensor,
     resets: torch.Tensor | None,
     handoff: FallbackHandoff | None = None,
+    damped: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, SolveInfo]:
     """The end of a Newton solve: (h, start, info) once Newton has stopped after `iterations` iterations
     with the per-sequence residual `res` [B] (max over the whole sequence) for the iterate h [B, T, *state].
@@ -190,12 +199,18 @@ def fall_back_where_unconverged(
     Sequences with res ≤ tol are kept as they are; the others (not converged, or overflowed: res is inf)
     are solved again exactly by `sequential_loop` from `start` (the state before the first step; with a
     handoff, rows of it are replaced by what the previous slice hands on), their residual recomputed, and
-    `info` says how many were redone. Call under no_grad. h comes back as it is when every sequence
-    converged, else as a new tensor.
+    `info` says how many were redone. `damped` [B] marks the sequences that took damped steps, so that info
+    counts what plain Newton, damped Newton and the fallback each solved. Call under no_grad. h comes back as
+    it is when every sequence converged, else as a new tensor.
     """
+    B = x.shape[0]
     bad = res > tol
-    if not bool(bad.any()):
-        return h, start, SolveInfo(iterations, float(res.max()), True)
+    damped_solved = bad.new_zeros(()) if damped is None else (damped & ~bad).sum()
+    # one host read for the outcome: how many to redo, how many damped steps solved, the worst residual
+    redo, by_damped, worst = torch.stack([bad.sum(), damped_solved, res.max()]).double().tolist()
+    n_damped = int(by_damped)
+    if not redo:
+        return h, start, SolveInfo(iterations, worst, True, None, 0, B - n_damped, n_damped)
     h = torch.where(torch.isfinite(h), h, torch.zeros_like(h))  # rows that overflowed are redone
     rows = bad.nonzero().squeeze(1)
     if handoff is not None:
@@ -206,12 +221,10 @@ def fall_back_where_unconverged(
     res = residual(cell(shift(h, start, resets), x), h)
     if handoff is not None:
         res = handoff.reduce(res)
-    B = x.shape[0]
-    return (
-        h,
-        start,
-        SolveInfo(iterations, float(res.max()), False, f"sequential for {len(rows)} of {B} sequences", len(rows)),
-    )
+    n_redone = len(rows)
+    fallback = f"sequential for {n_redone} of {B} sequences"
+    info = SolveInfo(iterations, float(res.max()), False, fallback, n_redone, B - n_redone - n_damped, n_damped)
+    return h, start, info
 
 
 def sequential_solve(
@@ -241,20 +254,23 @@ def newton_solve(
     tol: float | None = None,
     max_iters: int | None = None,
     scan_impl: ScanImpl | None = None,
+    damping: str = DEFAULT_DAMPING,
 ) -> tuple[torch.Tensor, SolveInfo]:
     """h: [B, T, *state] solving h_t = cell(h_{t−1}, x_t) for all t, and how it was solved.
 
     cell(h_prev, x) -> h is applied to all timesteps at once (h_prev, h: [B, T, *state], x: [B, T, ...]);
     it may carry a closed-form `jacobian(h_prev, x)` (the contract: kernels/cell.py). h0 [B, *state] is the
     state before the first step. tol: relative residual (default by dtype, TOLERANCE); max_iters: Newton
-    iterations before the sequential fallback (default MAX_ITERS). Differentiable in x, h0 and the cell's
-    parameters.
+    iterations before the sequential fallback (default MAX_ITERS); damping: "trust_region" (damped steps for
+    the sequences whose plain step blows up, kernels/newton_damping.py) or "none". Differentiable in x, h0
+    and the cell's parameters.
     """
     st = check_inputs(cell, structure, x, h0, resets)
     tol, max_iters = solve_limits(h0.dtype, tol, max_iters)
     B, T = x.shape[:2]
     if T == 0:
         return h0.new_zeros(B, 0, *h0.shape[1:]), SolveInfo(0, 0.0, True)
+    region = TrustRegion(B, h0.dtype, h0.device, st) if check_damping(damping) == "trust_region" else None
 
     with torch.no_grad():
         h = cell(shift(torch.zeros(B, T, *h0.shape[1:], dtype=h0.dtype, device=h0.device), h0, resets), x)
@@ -264,13 +280,30 @@ def newton_solve(
             # than evaluating the cell a second time in every iteration.
             f, J = st.value_and_jacobian(cell, shift(h, h0, resets), x)
             res = residual(f, h)
-            all_converged, any_finite = torch.stack([(res <= tol).all(), torch.isfinite(res).any()]).tolist()
-            if all_converged or not any_finite or iterations >= max_iters:  # one host sync per iteration
+            damped = region.damped.any() if region is not None else torch.zeros((), dtype=torch.bool, device=res.device)
+            outcome = torch.stack([(res <= tol).all(), torch.isfinite(res).any(), damped])
+            all_converged, any_finite, any_damped = outcome.tolist()  # one host sync per iteration
+            if all_converged or not any_finite or iterations >= max_iters:
                 break
-            a, b = st.to_scan(J, f - h)
-            h = h + st.from_scan(linear_scan(a, b, resets=resets, impl=scan_impl))
+            if region is None:
+                a, b = st.to_scan(J, f - h)
+                h = h + st.from_scan(linear_scan(a, b, resets=resets, impl=scan_impl))
+            else:
+                region.engaged = bool(any_damped)
+                a, b = st.to_scan(region.transfer(J), f - h)
+                h, outside = region.step(h, st.from_scan(linear_scan(a, b, resets=resets, impl=scan_impl)), f)
+                region.widen()
+                region.cut(outside)
             iterations += 1
         h, _, info = fall_back_where_unconverged(
-            cell, x, h, res, tol=tol, iterations=iterations, start=h0, resets=resets
+            cell,
+            x,
+            h,
+            res,
+            tol=tol,
+            iterations=iterations,
+            start=h0,
+            resets=resets,
+            damped=region.damped if region is not None else None,
         )
     return _attach_gradient(cell, x, h0, h, st, resets, scan_impl), info

@@ -19,14 +19,21 @@ per-sequence tolerance, iteration rule, sequential fallback, adjoint gradient). 
 4. Convergence: the gathered residuals give the global per-sequence residual (max over ranks), so all
    ranks take the same decision at the same iteration. The summary of the final (converged) iteration is
    computed and sent speculatively — one wasted reduction buys one collective per iteration instead of
-   two. Sequences that did not converge in max_iters (or overflowed) are solved by the sequential loop,
-   pipelined: rank r receives rank r−1's final state of those sequences, runs its slice, sends its last
-   state on (send/recv). One all_reduce(MAX) of the new residuals makes SolveInfo identical everywhere.
+   two. With damping="trust_region" (newton_damping.py) a position may take its Picard value instead of
+   h + δ: the all_gather also carries, per rank, whether its part of the last step left the trust region
+   (so every rank cuts the same sequences' radii) and the cell value at its last state (so the next rank
+   applies the same trust test to its boundary, on the same numbers, and takes that value where it fails).
+   A cut radius changes the summary already sent: only then, after a step that left the trust region, a
+   second all_gather sends the summaries again. Sequences that did not converge in max_iters (or
+   overflowed) are solved by the sequential loop, pipelined: rank r receives rank r−1's final state of
+   those sequences, runs its slice, sends its last state on (send/recv). One all_reduce(MAX) of the new
+   residuals makes SolveInfo identical everywhere.
 
 Bytes per iteration (`bytes_per_iteration`): each rank contributes B·(1 + D·k² + D·k) numbers to the
-all_gather (diag: k = 1, i.e. B·(1 + 2D); "dense": D·k² → D², D·k → D), and receives R−1 times that.
-A solve of n iterations runs n + 2 all_gathers: the first boundary exchange (B·D·k numbers per rank)
-and one per residual check (n + 1). The fallback adds a send/recv of B_bad·D·k per rank boundary and one
+all_gather (diag: k = 1, i.e. B·(1 + 2D); "dense": D·k² → D², D·k → D), and receives R−1 times that;
+damping adds B·(1 + D·k). A solve of n iterations runs n + 2 all_gathers: the first boundary exchange
+(B·D·k numbers per rank) and one per residual check (n + 1), plus, damped, one of B·(D·k² + D·k) after
+each step that left its trust region. The fallback adds a send/recv of B_bad·D·k per rank boundary and one
 all_reduce of B; the backward one all_gather of B·(D·k² + D·k) per rank.
 
 Gradient: λ_t = g_t + J_{t+1}ᵀ λ_{t+1} in reverse. With ν_t = J_tᵀ λ_t (what step t passes to t−1),
@@ -60,6 +67,7 @@ from unroll.kernels.newton import (
     shift,
     solve_limits,
 )
+from unroll.kernels.newton_damping import DEFAULT_DAMPING, TrustRegion, check_damping
 from unroll.kernels.structure import Structure, StructureSpec
 
 Group = dist.ProcessGroup | None  # None: the default group
@@ -84,15 +92,21 @@ class SeqparComm:
 
 
 def bytes_per_iteration(
-    batch: int, width: int, world_size: int, *, structure: StructureSpec = "diag", dtype: torch.dtype = torch.float32
+    batch: int,
+    width: int,
+    world_size: int,
+    *,
+    structure: StructureSpec = "diag",
+    dtype: torch.dtype = torch.float32,
+    damping: str = DEFAULT_DAMPING,
 ) -> SeqparComm:
     """Bytes of one iteration for B = batch sequences, D = width (the number of k-vectors for blocks,
-    the state size for "dense"), R = world_size ranks."""
+    the state size for "dense"), R = world_size ranks, with `damping` (newton_solve_seqpar's)."""
     st = Structure.parse(structure)
     k = st.k if st.kind == "block" else 1
     state, jac = (width, width * width) if st.kind == "dense" else (width * k, width * k * k)
     item = torch.empty((), dtype=dtype).element_size()
-    sent = batch * (1 + jac + state) * item
+    sent = batch * (1 + jac + state + (1 + state if check_damping(damping) == "trust_region" else 0)) * item
     return SeqparComm(sent, (world_size - 1) * sent, 1, batch * state * item)
 
 
@@ -173,13 +187,14 @@ def newton_solve_seqpar(
     tol: float | None = None,
     max_iters: int | None = None,
     scan_impl: ScanImpl | None = None,
+    damping: str = DEFAULT_DAMPING,
 ) -> tuple[torch.Tensor, SolveInfo]:
     """This rank's slice [B, T_local, *state] of newton_solve(cell, x_full, h0, ...) and how it was solved.
 
     x [B, T_local, ...] and resets [B, T_local] are this rank's contiguous time slice (rank r of `group`
     holds slice r; all slices equal). h0 [B, *state] is the state before the first step of the WHOLE
     sequence: only rank 0's is used, the others' must have the right shape (and get a zero gradient).
-    Every rank must call this with the same B, T_local, state shape, dtype, tol and max_iters.
+    Every rank must call this with the same B, T_local, state shape, dtype, tol, max_iters and damping.
     A reset at a rank's first step cuts the incoming boundary state. The SolveInfo (iterations, global
     max residual, fallback) is identical on every rank. Differentiable in x, h0 and the cell's
     parameters; parameter gradients are this rank's partial sums — all-reduce them over `group`.
@@ -191,6 +206,7 @@ def newton_solve_seqpar(
     B, T = x.shape[:2]
     if T == 0:  # equal slices: every rank returns here
         return h0.new_zeros(B, 0, *h0.shape[1:]), SolveInfo(0, 0.0, True)
+    region = TrustRegion(B, h0.dtype, h0.device, st) if check_damping(damping) == "trust_region" else None
 
     with torch.no_grad():
         h0d = h0.detach()
@@ -198,28 +214,51 @@ def newton_solve_seqpar(
         h = cell(shift(h0d.new_zeros(B, T, *h0.shape[1:]), start, resets), x)
         lasts = _all_gather([h[:, -1]], group)
         boundary = h0d if r == 0 else lasts[r - 1][0]
+        left_trust = h.new_zeros(B)  # damping: 1 where this rank's part of the last step left its trust region
         iterations = 0
         while True:
             f, J = st.value_and_jacobian(cell, shift(h, boundary, resets), x)
             res = residual(f, h)
-            a, b = st.to_scan(mask_resets(J, resets), f - h)
+            a, b = st.to_scan(mask_resets(J if region is None else region.transfer(J), resets), f - h)
             A, d = _summary(a, b, block)  # speculative on the last iteration: one collective, not two
-            parts = _all_gather([res, A, d], group)
+            # damping: + where the last step left its trust region, and the Picard value of our last state
+            parts = _all_gather([res, A, d] + ([] if region is None else [left_trust, f[:, -1]]), group)
             res = torch.stack([p[0] for p in parts]).amax(dim=0)
-            all_converged, any_finite = torch.stack([(res <= tol).all(), torch.isfinite(res).any()]).tolist()
+            left = torch.zeros(B, dtype=torch.bool, device=res.device)
+            if region is not None:
+                left = torch.stack([p[3] for p in parts]).amax(dim=0) > 0
+                region.cut(left)
+            outcome = torch.stack([(res <= tol).all(), torch.isfinite(res).any(), left.any()])
+            all_converged, any_finite, any_left = outcome.tolist()
             if all_converged or not any_finite or iterations >= max_iters:
                 break
+            if region is not None and any_left:  # this step's radius was cut for some sequence: summarise again
+                region.engaged = True
+                a, b = st.to_scan(mask_resets(region.transfer(J), resets), f - h)
+                parts = [
+                    [p[0], A_j, d_j, *p[3:]]
+                    for p, (A_j, d_j) in zip(parts, _all_gather(list(_summary(a, b, block)), group))
+                ]
             delta_exit: list[
                 torch.Tensor
             ] = []  # δ leaving ranks 0..r: the exclusive scan over the summaries, on every rank alike
             for j in range(r + 1):
-                entering = delta_exit[-1] if delta_exit else torch.zeros_like(d)
+                entering = delta_exit[-1] if delta_exit else torch.zeros_like(parts[j][2])
                 delta_exit.append(apply_step(parts[j][1], entering, block) + parts[j][2])
             delta = linear_scan(a, b, delta_exit[r - 1] if r > 0 else None, impl=scan_impl)
             delta[:, -1] = delta_exit[r]  # bitwise what rank r+1 predicts for our last state
-            h = h + st.from_scan(delta)
-            if r > 0:
-                boundary = boundary + delta_exit[r - 1].view_as(boundary)
+            if region is None:
+                h = h + st.from_scan(delta)
+                if r > 0:
+                    boundary = boundary + delta_exit[r - 1].view_as(boundary)
+            else:
+                h, outside = region.step(h, st.from_scan(delta), f)
+                region.widen()
+                left_trust = outside.to(h.dtype)
+                if r > 0:  # the previous rank's trust test at its last state, on the same numbers it had
+                    entering = delta_exit[r - 1].view_as(boundary)
+                    picard = parts[r - 1][4].view_as(boundary)
+                    boundary = torch.where(region.inside(boundary, entering), boundary + entering, picard)
             iterations += 1
         h, boundary, info = fall_back_where_unconverged(
             cell,
@@ -231,6 +270,7 @@ def newton_solve_seqpar(
             start=boundary,
             resets=resets,
             handoff=PipelinedHandoff(group),
+            damped=region.damped if region is not None else None,
         )
     return _attach_gradient(cell, x, h0, boundary, h, st, resets, scan_impl, group, r), info
 

@@ -12,6 +12,7 @@ RESERVED_CHARS: dict[str, str] = {}
 MLP_CHARS = {"D": "dense", "E": "moe"}
 SOLVERS = ("auto", "newton", "sequential")
 NEWTON_KERNELS = ("auto", "fused", "pytorch")
+NEWTON_DAMPINGS = ("none", "trust_region")  # kernels/newton_damping.py's DAMPINGS (no torch import here)
 DOCUMENTS = ("isolated", "packed")
 ATTENTION_KERNELS = ("auto", "sdpa", "flex")
 MOE_SCORES = ("softmax", "sigmoid")
@@ -75,6 +76,9 @@ class ModelConfig:
     # Newton of ParaGRU/ParaLSTM layers: fused = the whole solve in one Triton launch and its backward in another
     # (kernels/fused_newton.py; a CUDA device); pytorch = kernels/newton.py's separate ops; auto = fused on CUDA
     newton_kernel: str = "auto"
+    # Newton's damping (kernels/newton_damping.py): trust_region = where a step blows up, the Picard step there
+    # and damped steps for that sequence (others: plain Newton, bit for bit) | none. The fused kernel has none.
+    newton_damping: str = "trust_region"
     n_heads: int = 4  # attention query heads
     n_kv_heads: int = 0  # attention key/value heads (GQA); 0 = n_heads
     head_dim: int = 0  # attention head width; 0 = d_model // n_heads
@@ -186,6 +190,8 @@ class ModelConfig:
             out.append(("solver", f"must be one of {', '.join(SOLVERS)}, got {self.solver!r}"))
         if self.newton_kernel not in NEWTON_KERNELS:
             out.append(("newton_kernel", f"must be one of {', '.join(NEWTON_KERNELS)}, got {self.newton_kernel!r}"))
+        if self.newton_damping not in NEWTON_DAMPINGS:
+            out.append(("newton_damping", f"must be one of {', '.join(NEWTON_DAMPINGS)}, got {self.newton_damping!r}"))
         if self.norm_eps <= 0:
             out.append(("norm_eps", f"must be positive, got {self.norm_eps}"))
         if self.init_std <= 0:

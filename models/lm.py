@@ -38,6 +38,7 @@ def build_mixer(kind: str, cfg: ModelConfig, out_std: float) -> Mixer:
             heads=cfg.rnn_heads,
             solver=cfg.solver,
             newton_kernel=cfg.newton_kernel,
+            newton_damping=cfg.newton_damping,
             init_std=cfg.init_std,
             out_std=out_std,
         )
@@ -51,6 +52,7 @@ def build_mixer(kind: str, cfg: ModelConfig, out_std: float) -> Mixer:
             v_heads=cfg.m2rnn_v_heads,
             conv=m.conv,
             solver=m.solver,
+            newton_damping=cfg.newton_damping,
             norm_eps=cfg.norm_eps,
             init_std=cfg.init_std,
             out_std=out_std,

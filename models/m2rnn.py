@@ -96,6 +96,7 @@ class M2RNN(ContextParallel, nn.Module):
         v_heads: int = 0,
         conv: int = 4,
         solver: str = "auto",
+        newton_damping: str = "trust_region",
         norm_eps: float = 1e-5,
         init_std: float = 0.02,
         out_std: float | None = None,
@@ -105,7 +106,7 @@ class M2RNN(ContextParallel, nn.Module):
         if v_heads % qk_heads:
             raise ValueError(f"v_heads={v_heads} is not a multiple of qk_heads={qk_heads}")
         self.k_dim, self.v_dim, self.qk_heads, self.v_heads = k_dim, v_dim, qk_heads, v_heads
-        self.solver, self.conv_width = solver, conv
+        self.solver, self.conv_width, self.newton_damping = solver, conv, newton_damping
         self.conv_channels = 2 * qk_heads * k_dim + v_heads * v_dim  # q, k, v
         value = v_heads * v_dim
         self.in_proj = nn.Linear(d_model, self.conv_channels + v_heads + value, bias=False)  # q k v | a | g
@@ -202,7 +203,12 @@ class M2RNN(ContextParallel, nn.Module):
         )
         solve = newton_solve if group is None else partial(newton_solve_seqpar, group=group)
         rows, self.last_solve = solve(
-            M2RNNCell(self.W.to(q.dtype), K), u, h0.flatten(1, 2), structure=("block", V), resets=resets
+            M2RNNCell(self.W.to(q.dtype), K),
+            u,
+            h0.flatten(1, 2),
+            structure=("block", V),
+            resets=resets,
+            damping=self.newton_damping,
         )
         states = torch.unflatten(rows, 2, (H, K))  # [B, T, H, K, V]
         y = (q.repeat_interleave(per, dim=2).unsqueeze(-1) * states).sum(-2)

@@ -87,11 +87,13 @@ class RecurrentMixer(ContextParallel, nn.Module):
         heads: int = 1,
         solver: str = "auto",
         newton_kernel: str = "auto",
+        newton_damping: str = "trust_region",
         init_std: float = 0.02,
         out_std: float | None = None,
     ):
         super().__init__()
         self.width, self.solver, self.newton_kernel = width, solver, newton_kernel
+        self.newton_damping = newton_damping  # the PyTorch Newton's (kernels/newton_damping.py); not the fused kernel's
         self.in_proj = HeadLinear(d_model, self.gates, width, heads, init_std)
         self.out_proj = nn.Linear(width, d_model, bias=False)
         self.out_std = out_std or init_std
@@ -140,7 +142,13 @@ class RecurrentMixer(ContextParallel, nn.Module):
         group = self.context_group
         if group is not None and solver == "newton":
             h, self.last_solve = newton_solve_seqpar(
-                self.make_cell(), u, h0, group=group, structure=self.structure, resets=resets
+                self.make_cell(),
+                u,
+                h0,
+                group=group,
+                structure=self.structure,
+                resets=resets,
+                damping=self.newton_damping,
             )
         elif group is not None:  # the previous rank's last state in, ours out to the next rank
             h, self.last_solve = sequential_solve(
@@ -151,9 +159,12 @@ class RecurrentMixer(ContextParallel, nn.Module):
             from unroll.kernels.fused_newton import fused_newton_solve  # imports Triton: only where it runs
 
             h, self.last_solve = fused_newton_solve(self.make_cell(), u, h0, resets=resets)
+        elif solver == "newton":
+            h, self.last_solve = newton_solve(
+                self.make_cell(), u, h0, structure=self.structure, resets=resets, damping=self.newton_damping
+            )
         else:
-            solve = newton_solve if solver == "newton" else sequential_solve
-            h, self.last_solve = solve(self.make_cell(), u, h0, structure=self.structure, resets=resets)
+            h, self.last_solve = sequential_solve(self.make_cell(), u, h0, structure=self.structure, resets=resets)
         last = h[:, -1] if h.shape[1] else h0
         return self.out_proj(self.readout(h)), last
 

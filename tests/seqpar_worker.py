@@ -29,10 +29,28 @@ def problem(kind: str, T: int, seed: int, boundaries: list[int]):
 
     g = torch.Generator().manual_seed(seed)
     B, D = 2, 3
+    if kind.startswith("stiff_"):  # plain Newton's steps blow up: damped steps (tests/stiff_cells.py)
+        from stiff_cells import ForgetGatedSwitch, GatedSwitch, stiff_problem
+
+        cell, x, h0, _, structure = stiff_problem(kind.removeprefix("stiff_"), T, seed, a=10.0, B=B, D=D)
+        resets = torch.zeros(B, T, dtype=torch.bool)
+        for i, t in enumerate(boundaries):
+            resets[i % B, t] = True
+        kind_cell = GatedSwitch if kind == "stiff_diag" else ForgetGatedSwitch
+        return (lambda p: kind_cell(p[0])), [cell.a], x, h0, resets, structure
 
     def uni(*shape, scale=1.0):
         return (torch.rand(*shape, generator=g, **F64) * 2 - 1) * scale
 
+    if kind == "clipped":  # ParaGRU with recurrent weights up to 8: damped with radii below inf for a while
+        g = torch.Generator().manual_seed(3)
+        B, D = 2, 3
+        params = [(torch.rand(3, D, generator=g, **F64) * 2 - 1) * 8.0]
+        h0 = torch.randn(B, D, generator=g, **F64)
+        x = torch.randn(B, T, 3, D, generator=g, **F64) * 0.5
+        resets = torch.zeros(B, T, dtype=torch.bool)
+        resets[0, 64], resets[1, 32], resets[0, 96] = True, True, True
+        return (lambda p: ParaGRUCell(p[0])), params, x, h0, resets, "diag"
     if kind == "diag" or kind == "hard":
         params = [uni(3, D, scale=5.0 if kind == "hard" else 1.0)]
         x = torch.randn(B, T, 3, D, generator=g, **F64) * (2.0 if kind == "hard" else 1.0)
@@ -159,6 +177,9 @@ def main() -> None:
         results["fallback_all"] = check("block2", None, T, 6, max_iters=0)
         results["fallback_partial"] = check("hard", None, T, 7, max_iters=3)
         results["converges_hard"] = check("hard", None, T, 7)
+        results["stiff_diag"] = check("stiff_diag", None, 128, 10)
+        results["stiff_block"] = check("stiff_block", None, 128, 11)
+        results["clipped"] = check("clipped", None, 128, 3, max_iters=40)
         results["comm_diag"] = communication("diag", T, 1)
         results["comm_m2rnn"] = communication("m2rnn", T, 4)
         singles = [dist.new_group([j]) for j in range(world)]  # every rank creates every group

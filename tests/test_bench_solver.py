@@ -47,3 +47,17 @@ def test_the_triton_and_fused_paths_where_triton_runs(tmp_path):
             assert r.triton_ms > 0 and r.fused_ms > 0 and 0 < r.fused_min_ms <= r.fused_ms
             assert r.fused_max_err < 1e-5
         assert "fused ms" in format_table(rows) and "n/a" not in format_table(rows)  # every column filled
+
+
+def test_bench_solver_stiff_rows_are_sound():
+    """`bench solver --stiff`'s rows (small here): damped Newton leaves no more sequences to the fallback than plain
+    Newton, both end at the same solution, and the table prints them."""
+    from unroll.kernels.newton import MAX_ITERS
+    from unroll.launch.bench.solver_stiff import format_stiff, stiff_row
+
+    rows = [stiff_row("lstm", scale, 4, 256, 4, torch.float64, None) for scale in (1.0, 10.0)]
+    for r in rows:
+        assert r.damped_fallbacks <= r.plain_fallbacks and r.damped_iterations <= MAX_ITERS, r
+        assert r.damped_solved + r.damped_fallbacks <= r.batch and r.max_err < 1e-10, r
+    assert rows[0].plain_fallbacks == rows[0].damped_fallbacks == rows[0].damped_solved == 0  # as initialised
+    assert "damped iters" in format_stiff(rows).splitlines()[0]

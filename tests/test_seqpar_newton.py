@@ -3,7 +3,8 @@
 One torchrun launch per world size runs every check (tests/seqpar_worker.py) and writes one JSON per
 rank; the tests below read them. Checks: ParaGRU (diag), ParaLSTM (2×2 blocks), the M²RNN row cell
 (3×3 blocks), a dense autodiff cell; resets at random places and exactly at every rank boundary;
-forced sequential fallback for all sequences (max_iters=0) and for one of two (a hard cell);
+forced sequential fallback for all sequences (max_iters=0) and for one of two (a hard cell); damped
+steps on stiff cells (tests/stiff_cells.py), diagonal and 2×2;
 a one-rank group, and on 4 ranks two independent 2-rank groups (send/recv by global rank)."""
 
 from pathlib import Path
@@ -24,6 +25,9 @@ SOLVES = [
     "fallback_all",
     "fallback_partial",
     "converges_hard",
+    "stiff_diag",
+    "stiff_block",
+    "clipped",
     "one_rank_group",
     "subgroup_pairs",
 ]
@@ -71,6 +75,18 @@ def test_solve_info_is_identical_on_every_rank_and_equals_the_single_process_one
         assert info["residual"] <= 1e-12
 
 
+@pytest.mark.parametrize("name", ["stiff_diag", "stiff_block", "clipped"])
+def test_damped_steps_are_taken_on_the_same_sequences_as_in_one_process(ranks, name):
+    """Stiff cells (tests/stiff_cells.py): plain Newton's first steps blow up; every rank takes the damped
+    steps of the single-process solve (its Picard values at rank boundaries included) and solves them all.
+    "clipped" (a stiff ParaGRU) runs 35 iterations with the trust radius clipping its Jacobians, 31 without:
+    the radii cut after a step must reach every rank's summary of the next one."""
+    for res in solves(ranks, name):
+        info, ref = res["info"], res["ref_info"]
+        assert info == ref | {"residual": info["residual"]}, (info, ref)
+        assert info["damped_sequences"] >= 1 and info["fallback"] is None, info
+
+
 def test_forced_fallback_is_exact_and_reported(ranks):
     everything, partial = solves(ranks, "fallback_all")[0]["info"], solves(ranks, "fallback_partial")[0]["info"]
     assert everything == {
@@ -79,6 +95,8 @@ def test_forced_fallback_is_exact_and_reported(ranks):
         "converged": False,
         "fallback": "sequential for 2 of 2 sequences",
         "fallback_sequences": 2,
+        "newton_sequences": 0,
+        "damped_sequences": 0,
     }
     assert partial["iterations"] == 3 and not partial["converged"]
     assert partial["fallback"] == "sequential for 1 of 2 sequences" and partial["fallback_sequences"] == 1
@@ -95,9 +113,14 @@ def test_one_all_gather_per_iteration_of_the_announced_size(ranks, name):
 
 
 def test_bytes_per_iteration_formula():
-    diag = bytes_per_iteration(8, 1024, 4, dtype=torch.float32)
+    diag = bytes_per_iteration(8, 1024, 4, dtype=torch.float32, damping="none")
     assert diag.sent_per_rank == 8 * (1 + 2 * 1024) * 4 and diag.received_per_rank == 3 * diag.sent_per_rank
     assert diag.collectives == 1 and diag.setup_per_rank == 8 * 1024 * 4
-    block = bytes_per_iteration(2, 64, 8, structure=("block", 16), dtype=torch.bfloat16)
+    block = bytes_per_iteration(2, 64, 8, structure=("block", 16), dtype=torch.bfloat16, damping="none")
     assert block.sent_per_rank == 2 * (1 + 64 * 16 * 16 + 64 * 16) * 2
-    assert bytes_per_iteration(2, 5, 2, structure="dense", dtype=torch.float64).sent_per_rank == 2 * (1 + 25 + 5) * 8
+    dense = bytes_per_iteration(2, 5, 2, structure="dense", dtype=torch.float64, damping="none")
+    assert dense.sent_per_rank == 2 * (1 + 25 + 5) * 8
+    # damping (the default) adds, per sequence, the trust flag and the cell value at the last state
+    assert bytes_per_iteration(8, 1024, 4).sent_per_rank == 8 * (1 + 2 * 1024 + 1 + 1024) * 4
+    damped_block = bytes_per_iteration(2, 64, 8, structure=("block", 16), dtype=torch.bfloat16)
+    assert damped_block.sent_per_rank == 2 * (1 + 64 * 16 * 16 + 64 * 16 + 1 + 64 * 16) * 2

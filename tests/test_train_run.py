@@ -47,7 +47,7 @@ def test_newton_solver_metrics_are_logged(tiny_config):
         iters = [r[f"layer{layer}/newton_iters"] for r in rows]
         assert all(1 <= i <= 6 for i in iters), iters
         assert all(r[f"layer{layer}/newton_residual"] <= 5e-6 for r in rows)
-        assert all(r[f"layer{layer}/newton_fallbacks"] == 0 for r in rows)
+        assert all(r[f"layer{layer}/newton_fallbacks"] == 0 and r[f"layer{layer}/newton_damped"] == 0 for r in rows)
     # model FLOPs per second per rank at the iterations the step took; mfu against train.peak_tflops
     flops = model_flops(cfg.model, cfg.data.seq_len)
     for r in rows:

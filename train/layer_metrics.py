@@ -9,13 +9,15 @@ from unroll.models import LM
 
 def solver_metrics(model: LM) -> dict:
     """How each recurrent layer solved its recurrence in the last forward: Newton iterations, final
-    relative residual, and sequences that needed the sequential fallback (0 iterations = sequential)."""
+    relative residual, sequences solved after damped Newton steps (kernels/newton_damping.py) and sequences
+    that needed the sequential fallback (0 iterations = sequential); the rest took plain Newton steps only."""
     row = {}
     for i, block in enumerate(model.blocks):
         info = getattr(block.mixer, "last_solve", None)
         if info is not None:
             row[f"layer{i}/newton_iters"] = info.iterations
             row[f"layer{i}/newton_residual"] = info.residual
+            row[f"layer{i}/newton_damped"] = info.damped_sequences
             row[f"layer{i}/newton_fallbacks"] = info.fallback_sequences
     return row
 

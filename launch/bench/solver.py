@@ -207,7 +207,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     harness.add_arguments(p)
     p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument(
+        "--stiff",
+        action="store_true",
+        help="instead: plain vs damped Newton on mixers with scaled-up recurrent weights, float32 and float64 "
+        "(iterations and fallbacks, no timing; launch/bench/solver_stiff.py)",
+    )
     args = p.parse_args(argv)
+    if args.stiff:
+        from unroll.launch.bench.solver_stiff import stiff_table
+
+        with harness.session(args.threads, prog="unroll bench solver --stiff", timed=False):
+            return stiff_table(args.cells.split(","), [torch.float32, torch.float64], 16, 2048, 8, None)
     device = torch.device(args.device)
     grid = GRIDS[args.grid or ("gpu" if device.type == "cuda" else "cpu")]
     triton_impl = None

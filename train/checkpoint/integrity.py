@@ -43,6 +43,7 @@ LATER_KEYS = {"documents", "rope_document_positions"}
 RUNTIME_KEYS = {
     "solver",
     "newton_kernel",
+    "newton_damping",
     "attention_kernel",
     "init_std",
     "m2rnn.solver",
