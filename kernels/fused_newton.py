@@ -5,7 +5,8 @@ kernels/newton.py runs the cell, its Jacobian, the residual and the scan as sepa
 syncs with the host once per iteration for the convergence test, which also breaks a compiled graph there.
 `fused_newton_solve` instead launches kernels/triton_newton.py's Newton kernel (every program converging on
 its own, on the device), then reads the outcome once and hands the sequences Newton left unsolved to
-newton.py's own epilogue (`fall_back_where_unconverged`: redone step by step, reported). Both steps live
+newton.py's own epilogue (`fall_back_where_unconverged`: redone step by step, reported); it takes plain
+Newton steps only (no damping: model.newton_damping is newton.py's and seqpar_newton.py's). Both steps live
 inside the custom op `unroll::fused_newton`, which torch.compile treats as one opaque call; its
 `SolveStats` are a tensor, read only when the metrics ask.
 
@@ -109,10 +110,11 @@ class SolveStats:
 
     def info(self) -> SolveInfo:
         iterations, residual, redone = self.stats.tolist()
-        if not redone:
-            return SolveInfo(int(iterations), residual, True)
-        fallback = f"sequential for {int(redone)} of {self.batch} sequences"
-        return SolveInfo(int(iterations), residual, False, fallback, int(redone))
+        n = int(redone)  # the fused kernel takes plain Newton steps only: the rest were solved by them
+        if not n:
+            return SolveInfo(int(iterations), residual, True, None, 0, self.batch, 0)
+        fallback = f"sequential for {n} of {self.batch} sequences"
+        return SolveInfo(int(iterations), residual, False, fallback, n, self.batch - n, 0)
 
     def __getattr__(self, name: str) -> Any:  # iterations, residual, converged, fallback, ... as SolveInfo's
         return getattr(self.info(), name)

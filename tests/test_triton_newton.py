@@ -176,3 +176,12 @@ def test_a_compiled_block_keeps_the_fused_solve_in_one_graph():
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     assert block.mixer.last_solve.converged and block.mixer.last_solve.iterations > 0
+
+
+def test_the_fused_solve_reports_what_solved_each_sequence():
+    # plain Newton steps only: every sequence counted as solved by them, or by the fallback
+    cell, u, h0, resets, _ = problem(3, 40, 4, seed=2)
+    _, info = fused_newton_solve(cell, u, h0, resets=resets)
+    assert (info.newton_sequences, info.damped_sequences, info.fallback_sequences) == (3, 0, 0)
+    _, info = fused_newton_solve(cell, u, h0, resets=resets, max_iters=0)
+    assert (info.newton_sequences, info.damped_sequences, info.fallback_sequences) == (0, 0, 3)
