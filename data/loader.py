@@ -79,11 +79,11 @@ class PackedDataset:
     # The loader's reads: its indices come from its own map onto [0, n_samples) and need no second check.
     def windows(self, indices: np.ndarray) -> np.ndarray:
         """samples() of int64 indices known to be in range."""
-        return self.shard._windows(indices * self.seq_len, self.seq_len + 1)
+        return self.shard.windows_in_range(indices * self.seq_len, self.seq_len + 1)
 
     def window_starts(self, indices: np.ndarray) -> np.ndarray:
         """starts_of() of int64 indices known to be in range."""
-        return self.shard._starts_in_windows(indices * self.seq_len, self.seq_len + 1)
+        return self.shard.starts_in_windows_in_range(indices * self.seq_len, self.seq_len + 1)
 
     def read_into(self, i: int, tokens: np.ndarray, starts: np.ndarray | None = None) -> None:
         """Window i (known to be in range) into `tokens` and, if given, its document starts into `starts` (all False

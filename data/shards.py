@@ -111,13 +111,13 @@ class TokenShard:
     def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
         """int64 [len(starts), length]: tokens [s, s + length) for each s of `starts`; where the sequences are back
         to back (every writer we know), token position p is the .bin's element p, so the windows are slices of it."""
-        return self._windows(self._window_starts(starts, length), length)
+        return self.windows_in_range(self._window_starts(starts, length), length)
 
     def starts_in_windows(self, starts: np.ndarray, length: int) -> np.ndarray:
         """bool [len(starts), length]: starts_in(s, length) for each s of `starts`, in one pass."""
-        return self._starts_in_windows(self._window_starts(starts, length), length)
+        return self.starts_in_windows_in_range(self._window_starts(starts, length), length)
 
-    def _windows(self, starts: np.ndarray, length: int) -> np.ndarray:
+    def windows_in_range(self, starts: np.ndarray, length: int) -> np.ndarray:
         """windows() of int64 starts known to be in range (the loader's, which come from valid sample indices)."""
         if not starts.size:
             return np.zeros((0, length), dtype=np.int64)
@@ -125,7 +125,7 @@ class TokenShard:
             return np.stack([self.tokens(int(s), length) for s in starts])
         return self._flat[starts[:, None] + np.arange(length)].astype(np.int64)
 
-    def _starts_in_windows(self, starts: np.ndarray, length: int) -> np.ndarray:
+    def starts_in_windows_in_range(self, starts: np.ndarray, length: int) -> np.ndarray:
         """starts_in_windows() of int64 starts known to be in range."""
         doc = self.document_starts()
         lo, hi = doc.searchsorted(starts), doc.searchsorted(starts + length)

@@ -384,12 +384,10 @@ class TNT(ContextParallel, nn.Module):
     def _documents_over_context(self, x: torch.Tensor, resets: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
         """_documents of this rank's slice [B, T] of rows split over `group` (its docstring says how)."""
         lo = torch.distributed.get_rank(group) * x.shape[1]
-        window = (lo, lo + x.shape[1])
-        everywhere = gather_sequence(x, group, 1)
-        lanes = document_lanes(gather_flags(resets, group), self.align, window)
-        return lanes.scatter(self._run(lanes.gather(everywhere), None, lanes.starts, whole=True)[0])[
-            :, window[0] : window[1]
-        ]
+        hi = lo + x.shape[1]
+        lanes = document_lanes(gather_flags(resets, group), self.align, (lo, hi))
+        y = self._run(lanes.gather(gather_sequence(x, group, 1)), None, lanes.starts, whole=True)[0]
+        return lanes.scatter(y)[:, lo:hi]
 
     def _output(self, o: torch.Tensor, g: torch.Tensor, B: int) -> torch.Tensor:
         o = torch.unflatten(o, 0, (B, self.heads)).transpose(1, 2).flatten(2)  # [B, T, H·d]
