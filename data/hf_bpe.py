@@ -19,7 +19,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from .errors import DataError
 from .hf_tokenizer import HFTokenizer
-from .stream import corpus_files, nonempty_texts
+from .stream import listed_files, nonempty_texts
 
 EOS = "<|endoftext|>"
 MIN_VOCAB_SIZE = 256 + 1  # the byte alphabet and EOS
@@ -33,7 +33,7 @@ def train_hf_bpe(source: str, out_dir: str | os.PathLike, vocab_size: int, *, te
             f"vocab_size {vocab_size} is too small: a byte-level BPE holds the 256 bytes and {EOS}, so at least "
             f"{MIN_VOCAB_SIZE}"
         )
-    texts = nonempty_texts(corpus_files(source), text_key, source)
+    texts = nonempty_texts(listed_files(source), text_key, source)
     first = next(texts)  # an empty corpus is refused before training starts
     tokenizer = tokenizers.Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(

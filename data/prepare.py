@@ -23,7 +23,7 @@ import numpy as np
 from .encode_pool import encode_in_order
 from .errors import DataError
 from .shards import indexed_dataset_module
-from .stream import CorpusFile, Position, corpus_files, read_records
+from .stream import Position, listed_files, read_records, source_named
 from .tokenizer import Tokenizer, load_tokenizer
 
 SPLITS = ("train", "valid")
@@ -150,7 +150,7 @@ def prepare_shards(
     files = listed_files(source)
     n_docs = sum(1 for _, text in read_records(files, text_key) if text)
     if n_docs == 0:
-        raise DataError(f"empty corpus: {_named(source)} has no document with text")
+        raise DataError(f"empty corpus: {source_named(source)} has no document with text")
     dtype = token_dtype(tokenizer.vocab_size)
     if n_docs > 1:
         is_valid = np.zeros(n_docs, dtype=bool)
@@ -178,7 +178,7 @@ def prepare_shards(
         counts = {split: writer.finish() for split, writer in writers.items()}
         meta = {
             "format": "megatron indexed dataset; one sequence per document, ending in EOS",
-            "source": _named(source),
+            "source": source_named(source),
             "text_key": text_key,
             "tokenizer": tokenizer.path,
             "tokenizer_sha256": tokenizer.sha256,
@@ -197,21 +197,6 @@ def prepare_shards(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {split: os.path.join(out_dir, split) for split in SPLITS} | {"meta": meta}
-
-
-def listed_files(source) -> list[CorpusFile]:
-    """corpus_files(source), said on stderr as `data tokenizer` says what it reads: one line, before the wait."""
-    files = corpus_files(source)
-    named = _named(source)
-    print(f"reading {len(files)} file(s) of {named if isinstance(named, str) else ' '.join(named)}", file=sys.stderr)
-    return files
-
-
-def _named(source) -> str | list[str]:
-    """The source as the user gave it: one path or glob, or a list of them."""
-    if isinstance(source, (str, os.PathLike)):
-        return os.fspath(source)
-    return [os.fspath(s) for s in source]
 
 
 def _umask() -> int:

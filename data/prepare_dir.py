@@ -42,9 +42,9 @@ import numpy as np
 from .encode_pool import encode_in_order
 from .errors import DataError
 from .manifest import FORMAT, MANIFEST, SPLITS, VERSION, read_manifest, shard_name, sync_directory, write_manifest
-from .prepare import ShardWriter, document_batches, listed_files, open_tokenizer, progress_bar, token_dtype
+from .prepare import ShardWriter, document_batches, open_tokenizer, progress_bar, token_dtype
 from .shards import TokenShard
-from .stream import CorpusFile, Position, read_records
+from .stream import CorpusFile, Position, listed_files, read_records
 from .tokenizer import Tokenizer
 
 SPLIT_RULE = 'valid when int.from_bytes(blake2b(f"{seed}:{n}", digest_size=8), "little") < valid_fraction * 2**64'

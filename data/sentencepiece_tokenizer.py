@@ -16,7 +16,7 @@ import numpy as np
 import sentencepiece as spm
 
 from .errors import DataError
-from .stream import CorpusFile, corpus_files, nonempty_texts
+from .stream import CorpusFile, listed_files, nonempty_texts
 from .tokenizer import HF_CONFIG_FILE, HF_FILE, SENTENCEPIECE_FILE, Tokenizer, file_sha256, remove_files, replace_file
 
 # Byte fallback reserves one piece per byte value, besides <unk>, <s> and </s>.
@@ -44,7 +44,7 @@ def train_tokenizer(
         )
     if model_type not in ("bpe", "unigram"):
         raise DataError(f"model_type {model_type!r}: use 'bpe' or 'unigram'")
-    files = corpus_files(source)
+    files = listed_files(source)
     next(_texts(files, text_key, source))  # an empty corpus is refused before training starts
     out_prefix = os.fspath(out_prefix)
     os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)

@@ -23,6 +23,7 @@ import gzip
 import io
 import json
 import os
+import sys
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -93,6 +94,22 @@ def corpus_files(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> li
             st = os.stat(path)
             out.append(CorpusFile(path, fmt, compression, st.st_size, st.st_mtime_ns))
     return out
+
+
+def listed_files(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[CorpusFile]:
+    """corpus_files(source), said on stderr (one line, before the wait) by every command that reads a corpus:
+    `data prepare` and `data tokenizer`."""
+    files = corpus_files(source)
+    named = source_named(source)
+    print(f"reading {len(files)} file(s) of {named if isinstance(named, str) else ' '.join(named)}", file=sys.stderr)
+    return files
+
+
+def source_named(source: str | os.PathLike | Sequence[str | os.PathLike]) -> str | list[str]:
+    """The source as the user gave it: one path or glob, or a list of them."""
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    return [os.fspath(s) for s in source]
 
 
 def read_records(
