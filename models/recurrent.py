@@ -97,9 +97,8 @@ class RecurrentMixer(ContextParallel, nn.Module):
         self.in_proj = HeadLinear(d_model, self.gates, width, heads, init_std)
         self.out_proj = nn.Linear(width, d_model, bias=False)
         self.out_std = out_std or init_std
-        self.last_solve: SolveInfo | SolveStats | None = (
-            None  # how the last forward solved its recurrence (for metrics)
-        )
+        # how the last forward solved its recurrence (for metrics)
+        self.last_solve: SolveInfo | SolveStats | None = None
 
     def init_rules(self) -> dict[str, Rule]:
         return {"out_proj.weight": normal(self.out_std)}
