@@ -47,7 +47,15 @@ def _train(args) -> int:
     from unroll.train.trainer import train
 
     summary = train(cfg)
-    return 128 + 15 if summary.get("stopped") else 0
+    code = 128 + 15 if summary.get("stopped") else 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # One of several ranks, its process group already ended (the trainer's close): leave without the
+        # interpreter's teardown, where a gloo rank was seen to abort ("terminate called without an active
+        # exception", SIGABRT) after finishing its work, which made a completed SLURM job FAILED.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _train_epilog() -> str:
