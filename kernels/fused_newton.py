@@ -103,12 +103,19 @@ _fused_newton.register_autograd(_backward, setup_context=_setup)
 
 
 class SolveStats:
-    """A fused solve's SolveInfo, kept on the device until read (reading syncs): the same fields."""
+    """A fused solve's SolveInfo, kept on the device until first read (one sync; the metrics read several
+    fields): the same fields."""
 
     def __init__(self, stats: torch.Tensor, batch: int) -> None:
         self.stats, self.batch = stats.detach(), batch
+        self._read: SolveInfo | None = None
 
     def info(self) -> SolveInfo:
+        if self._read is None:
+            self._read = self._from_device()
+        return self._read
+
+    def _from_device(self) -> SolveInfo:
         iterations, residual, redone = self.stats.tolist()
         n = int(redone)  # the fused kernel takes plain Newton steps only: the rest were solved by them
         if not n:
