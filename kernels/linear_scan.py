@@ -7,9 +7,9 @@ reverse=True runs from the end: h_t = a_t h_{t+1} + b_t, with h0 the state after
 resets: bool [B, T]; where True the a_t term is dropped (h_{t−1}, or h_{t+1} in reverse, treated as 0),
 which starts a new document inside a packed row.
 
-The plain-PyTorch path is chunked: a sequential scan inside chunks of C ≈ √T steps, vectorised over all
-chunks, then a sequential pass over the T/C chunk summaries, then one vectorised fix-up. That is O(T)
-work (O(T k³) for blocks) in 2√T Python steps. The backward is the same scan run the other way with
+The plain-PyTorch path is chunked: a sequential scan inside chunks of C ≈ ∛T steps, vectorised over all
+chunks, then the same scan, recursively, over the T/C chunk summaries, then one vectorised fix-up. That is
+O(T) work (O(T k³) for blocks) in ~2C + 2C' + ... torch calls (~130 at T = 16384). The backward is the same scan run the other way with
 transposed coefficients (the adjoint), so autograd stores nothing per chunk.
 """
 
@@ -25,8 +25,17 @@ import torch
 ScanImpl = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], torch.Tensor]
 
 
+# Below this many steps (or chunks) a scan is one sequential loop; above, it is chunked.
+_SEQUENTIAL_BELOW = 16
+
+
 def _chunk_size(T: int) -> int:
-    return max(1, min(256, 1 << round(math.log2(max(1.0, math.sqrt(T))))))
+    """A power of two near T^(1/3): each level of the chunked scan costs ~2C torch calls and leaves T/C chunk
+    ends to the next level (T = 16384: chunks of 32; their 511 ends in chunks of 8; those 63 in chunks of 4;
+    the last 15 ends step by step). √T chunks, one level, took 3× as long on a CPU."""
+    if T <= _SEQUENTIAL_BELOW:
+        return T
+    return max(1, min(256, 1 << round(math.log2(T) / 3)))
 
 
 def apply_step(a: torch.Tensor, h: torch.Tensor, block: bool) -> torch.Tensor:
@@ -40,32 +49,85 @@ def compose_steps(a2: torch.Tensor, a1: torch.Tensor, block: bool) -> torch.Tens
     return a2 @ a1 if block else a2 * a1
 
 
+def _step_into(out: torch.Tensor, a: torch.Tensor, h: torch.Tensor, b: torch.Tensor, block: bool) -> None:
+    """out = a·h + b, written into `out`, in the component layout of `_scan_components` (block: a [k, k, ...]
+    as (row, column), h and b [k, ...]): one addcmul per state column."""
+    if not block:
+        torch.addcmul(b, a, h, out=out)
+        return
+    torch.addcmul(b, a[:, 0], h[0], out=out)
+    for j in range(1, a.shape[0]):
+        out.addcmul_(a[:, j], h[j])
+
+
+def _compose_into(out: torch.Tensor, a2: torch.Tensor, a1: torch.Tensor, block: bool) -> None:
+    """out = a2·a1 (step 1, then step 2), written into `out`; block: (a2 a1)[r, c] = Σ_j a2[r, j] a1[j, c]."""
+    if not block:
+        torch.mul(a2, a1, out=out)
+        return
+    torch.mul(a2[:, 0].unsqueeze(1), a1[0].unsqueeze(0), out=out)
+    for j in range(1, a2.shape[0]):
+        out.addcmul_(a2[:, j].unsqueeze(1), a1[j].unsqueeze(0))
+
+
 def scan_reference(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, block: bool) -> torch.Tensor:
-    """Forward scan, chunked, no autograd bookkeeping of its own (callers wrap it)."""
-    B, T = b.shape[:2]
+    """Forward scan, chunked, no autograd bookkeeping of its own (callers wrap it).
+
+    On a CPU its cost is the number of torch calls, not their arithmetic, so blocks are first laid out
+    with their k×k components leading and D innermost: each call is then a contiguous elementwise op over
+    [B, chunks, D] (k×k batched matmuls of four elements, or a trailing axis of size k, are many times
+    slower)."""
+    if not block:
+        return _scan_components(a, b, h0, False)
+    a, b = a.permute(3, 4, 0, 1, 2).contiguous(), b.permute(3, 0, 1, 2).contiguous()
+    h = _scan_components(a, b, h0.permute(2, 0, 1), True)
+    return h.permute(1, 2, 3, 0).contiguous()
+
+
+def _scan_components(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, block: bool) -> torch.Tensor:
+    """scan_reference on a [*lead, B, T, D], b [*lead', B, T, D], h0 [*lead', B, D] (lead = (k, k) and
+    lead' = (k,) for blocks, none for the diagonal): a sequential scan inside chunks of C steps, all
+    chunks at once; then one step per chunk to carry the entry states; then one fix-up. Each call writes
+    straight into its slice of the output, which spares an allocation per step."""
+    la, lb = a.dim() - 3, b.dim() - 3  # leading component axes
+    B, T, D = b.shape[lb:]
     C = _chunk_size(T)
     N = -(-T // C)
     pad = N * C - T
     if pad:  # zero steps at the end: their outputs are dropped and nothing follows them
-        a = torch.cat([a, a.new_zeros(B, pad, *a.shape[2:])], dim=1)
-        b = torch.cat([b, b.new_zeros(B, pad, *b.shape[2:])], dim=1)
-    a = a.reshape(B, N, C, *a.shape[2:])
-    b = b.reshape(B, N, C, *b.shape[2:])
-    local = torch.empty_like(b)  # the scan inside each chunk, from a zero state
-    transfer = torch.empty_like(a)  # a_i ··· a_0 within the chunk: how the chunk's entry state reaches step i
-    h, A = b[:, :, 0], a[:, :, 0]
-    local[:, :, 0], transfer[:, :, 0] = h, A
+        a = torch.cat([a, a.new_zeros(*a.shape[: la + 1], pad, D)], dim=la + 1)
+        b = torch.cat([b, b.new_zeros(*b.shape[: lb + 1], pad, D)], dim=lb + 1)
+    a = a.reshape(*a.shape[: la + 1], N, C, D)
+    b = b.reshape(*b.shape[: lb + 1], N, C, D)
+    local = torch.empty_like(b, memory_format=torch.contiguous_format)  # the scan inside each chunk from 0
+    transfer = torch.empty_like(a, memory_format=torch.contiguous_format)  # a_i ··· a_0 within the chunk
+    a_i, b_i = a.unbind(la + 2), b.unbind(lb + 2)
+    local_i, transfer_i = local.unbind(lb + 2), transfer.unbind(la + 2)
+    local_i[0].copy_(b_i[0])
+    transfer_i[0].copy_(a_i[0])
     for i in range(1, C):
-        h = apply_step(a[:, :, i], h, block) + b[:, :, i]
-        A = compose_steps(a[:, :, i], A, block)
-        local[:, :, i], transfer[:, :, i] = h, A
-    entry = torch.empty_like(b[:, :, 0])  # the state entering each chunk
-    state = h0
-    for n in range(N):
-        entry[:, n] = state
-        state = apply_step(transfer[:, n, -1], state, block) + local[:, n, -1]
-    out = local + apply_step(transfer, entry.unsqueeze(2).expand_as(local), block)
-    return out.reshape(B, N * C, *b.shape[3:])[:, :T]
+        _step_into(local_i[i], a_i[i], local_i[i - 1], b_i[i], block)
+        _compose_into(transfer_i[i], a_i[i], transfer_i[i - 1], block)
+    # the state entering each chunk [*lead', B, N, D]: h0, then the scan over the chunks' ends (itself chunked
+    # when there are many chunks, so that a long sequence costs ~ 2 (C + C' + ...) calls, not T / C)
+    entry = torch.empty_like(local_i[0])
+    entry.select(lb + 1, 0).copy_(h0)
+    if N > 1:
+        ends = (transfer_i[-1].narrow(la + 1, 0, N - 1), local_i[-1].narrow(lb + 1, 0, N - 1))
+        if N > _SEQUENTIAL_BELOW:
+            entry.narrow(lb + 1, 1, N - 1).copy_(_scan_components(*ends, h0, block))
+        else:
+            entry_n, transfer_end, local_end = entry.unbind(lb + 1), ends[0].unbind(la + 1), ends[1].unbind(lb + 1)
+            for n in range(N - 1):
+                _step_into(entry_n[n + 1], transfer_end[n], entry_n[n], local_end[n], block)
+    # every step gets its chunk's entry state carried through the chunk: local += transfer · entry
+    entry = entry.unsqueeze(lb + 2)
+    if block:
+        for j in range(a.shape[0]):
+            local.addcmul_(transfer[:, j], entry[j])
+    else:
+        local.addcmul_(transfer, entry)
+    return local.reshape(*local.shape[: lb + 1], N * C, D).narrow(lb + 1, 0, T)
 
 
 def _shift_back(x: torch.Tensor, first: torch.Tensor) -> torch.Tensor:

@@ -22,14 +22,16 @@ the solution are kept for the backward; no Newton iterate is stored.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
 import torch
 
 from unroll.kernels.cell import Cell, check_cell
 from unroll.kernels.linear_scan import ScanImpl, linear_scan, mask_resets
-from unroll.kernels.newton_damping import DEFAULT_DAMPING, TrustRegion, check_damping
+from unroll.kernels.newton_damping import DEFAULT_DAMPING, DampedUpdate, TrustRegion, check_damping, damped_update
 from unroll.kernels.structure import Structure, StructureSpec
 
 # Relative residual a solve must reach, by the dtype it runs in.
@@ -78,6 +80,63 @@ def solve_limits(dtype: torch.dtype, tol: float | None, max_iters: int | None) -
     return (TOLERANCE.get(dtype, 2e-5) if tol is None else tol), (MAX_ITERS if max_iters is None else max_iters)
 
 
+def newton_terms(
+    cell: Cell, st: Structure, h: torch.Tensor, h0: torch.Tensor, x: torch.Tensor, resets: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """At the iterate h: the cell's value f, its Jacobian J, Newton's right-hand side f − h and each
+    sequence's relative residual."""
+    f, J = st.value_and_jacobian(cell, shift(h, h0, resets), x)
+    return f, J, f - h, residual(f, h)
+
+
+def apply_cell(cell: Cell, prev: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return cell(prev, x)
+
+
+def first_guess(cell: Cell, h0: torch.Tensor, x: torch.Tensor, resets: torch.Tensor | None) -> torch.Tensor:
+    """Newton's starting iterate: every step from a zero state, f(0, x_t) (from h0 at t = 0)."""
+    zeros = torch.zeros(x.shape[0], x.shape[1], *h0.shape[1:], dtype=h0.dtype, device=h0.device)
+    return cell(shift(zeros, h0, resets), x)
+
+
+def adjoint_transfer(
+    cell: Cell, st: Structure, prev: torch.Tensor, x: torch.Tensor, resets: torch.Tensor | None
+) -> torch.Tensor:
+    """J_{t+1}ᵀ for every t (0 after the last step, and where step t+1 starts a document): the reverse
+    scan's coefficients of the adjoint."""
+    J = mask_resets(st.jacobian(cell, prev, x), resets)
+    return torch.cat([st.transpose(J[:, 1:]), torch.zeros_like(J[:, :1])], dim=1)
+
+
+@dataclass(frozen=True)
+class NewtonPieces:
+    """A solve's work over whole sequences besides the scans: run eagerly (EAGER, the reference), or each
+    piece compiled (`compiled_pieces`)."""
+
+    terms: Callable[
+        [Cell, Structure, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
+        tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    ]
+    update: DampedUpdate
+    first_guess: Callable[[Cell, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+    apply_cell: Callable[[Cell, torch.Tensor, torch.Tensor], torch.Tensor]
+    adjoint_transfer: Callable[[Cell, Structure, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+EAGER = NewtonPieces(newton_terms, damped_update, first_guess, apply_cell, adjoint_transfer)
+
+
+@functools.cache
+def compiled_pieces() -> NewtonPieces:
+    """Each piece through torch.compile (inductor), for a device without a fused kernel (a CPU): run eagerly,
+    a ParaGRU iteration is ~30 separate passes over [B, T, D] (each reading and writing memory, each a new
+    allocation) and those passes, not the scan, are most of a solve; compiled, each piece is one loop. A piece
+    compiles once per cell type and dtype on first use (seconds); a second shape recompiles it once with
+    symbolic sizes (torch.compile's default), which later lengths reuse; dynamo runs eagerly what it cannot
+    trace in a cell."""
+    return NewtonPieces(**{piece.name: torch.compile(getattr(EAGER, piece.name)) for piece in fields(EAGER)})
+
+
 class _Adjoint(torch.autograd.Function):
     """Identity on the forward; on the backward turns ∂L/∂H* into λ = (I − J S)^−ᵀ ∂L/∂H*, so that
     autograd's own VJP of the one cell application f(shift(H*), x) yields the exact gradients."""
@@ -92,21 +151,20 @@ class _Adjoint(torch.autograd.Function):
         structure: Structure,
         resets: torch.Tensor | None,
         scan_impl: ScanImpl | None,
+        pieces: NewtonPieces,
     ) -> torch.Tensor:
-        ctx.cell, ctx.structure, ctx.resets, ctx.scan_impl = cell, structure, resets, scan_impl
+        ctx.cell, ctx.structure, ctx.resets, ctx.scan_impl, ctx.pieces = cell, structure, resets, scan_impl, pieces
         ctx.save_for_backward(prev, x)
         return z.view_as(z)
 
     @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None, None, None]:
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None, None, None, None]:
         prev, x = ctx.saved_tensors
         st = ctx.structure
         with torch.no_grad():
-            J = mask_resets(st.jacobian(ctx.cell, prev, x), ctx.resets)
-            a_next = torch.cat([st.transpose(J[:, 1:]), torch.zeros_like(J[:, :1])], dim=1)  # J_{t+1}ᵀ
-            a, b = st.to_scan(a_next, g)
+            a, b = st.to_scan(ctx.pieces.adjoint_transfer(ctx.cell, st, prev, x, ctx.resets), g)
             lam = st.from_scan(linear_scan(a, b, reverse=True, impl=ctx.scan_impl))
-        return lam, None, None, None, None, None, None
+        return lam, None, None, None, None, None, None, None
 
 
 def _attach_gradient(
@@ -117,17 +175,18 @@ def _attach_gradient(
     structure: Structure,
     resets: torch.Tensor | None,
     scan_impl: ScanImpl | None,
+    pieces: NewtonPieces = EAGER,
 ) -> torch.Tensor:
     """The solution with the adjoint gradient attached (a no-op cost-wise when nothing needs grad)."""
     if not torch.is_grad_enabled():
         return solution
     prev = shift(solution.detach(), h0, resets)
-    z = cell(prev, x)  # = H* up to the tolerance; its graph reaches x, the cell's parameters and h0
+    z = pieces.apply_cell(cell, prev, x)  # = H* up to the tolerance; its graph reaches x, the cell's parameters, h0
     if not z.requires_grad:
         return solution
     # torch leaves Function.apply unannotated
     out: torch.Tensor = _Adjoint.apply(  # type: ignore[no-untyped-call]
-        z, prev.detach(), x.detach(), cell, structure, resets, scan_impl
+        z, prev.detach(), x.detach(), cell, structure, resets, scan_impl, pieces
     )
     return out
 
@@ -255,6 +314,7 @@ def newton_solve(
     max_iters: int | None = None,
     scan_impl: ScanImpl | None = None,
     damping: str = DEFAULT_DAMPING,
+    compiled: bool = False,
 ) -> tuple[torch.Tensor, SolveInfo]:
     """h: [B, T, *state] solving h_t = cell(h_{t−1}, x_t) for all t, and how it was solved.
 
@@ -262,8 +322,9 @@ def newton_solve(
     it may carry a closed-form `jacobian(h_prev, x)` (the contract: kernels/cell.py). h0 [B, *state] is the
     state before the first step. tol: relative residual (default by dtype, TOLERANCE); max_iters: Newton
     iterations before the sequential fallback (default MAX_ITERS); damping: "trust_region" (damped steps for
-    the sequences whose plain step blows up, kernels/newton_damping.py) or "none". Differentiable in x, h0
-    and the cell's parameters.
+    the sequences whose plain step blows up, kernels/newton_damping.py) or "none"; compiled: the work
+    besides the scans through torch.compile (`compiled_pieces`), the same solve to float rounding.
+    Differentiable in x, h0 and the cell's parameters.
     """
     st = check_inputs(cell, structure, x, h0, resets)
     tol, max_iters = solve_limits(h0.dtype, tol, max_iters)
@@ -271,27 +332,28 @@ def newton_solve(
     if T == 0:
         return h0.new_zeros(B, 0, *h0.shape[1:]), SolveInfo(0, 0.0, True)
     region = TrustRegion(B, h0.dtype, h0.device, st) if check_damping(damping) == "trust_region" else None
+    pieces = compiled_pieces() if compiled else EAGER
 
     with torch.no_grad():
-        h = cell(shift(torch.zeros(B, T, *h0.shape[1:], dtype=h0.dtype, device=h0.device), h0, resets), x)
+        h = pieces.first_guess(cell, h0, x, resets)
         iterations = 0
         while True:
             # The value comes with the Jacobian (one pass); the last Jacobian is wasted, which is cheaper
             # than evaluating the cell a second time in every iteration.
-            f, J = st.value_and_jacobian(cell, shift(h, h0, resets), x)
-            res = residual(f, h)
+            f, J, r, res = pieces.terms(cell, st, h, h0, x, resets)
             damped = region.damped.any() if region is not None else torch.zeros((), dtype=torch.bool, device=res.device)
             outcome = torch.stack([(res <= tol).all(), torch.isfinite(res).any(), damped])
             all_converged, any_finite, any_damped = outcome.tolist()  # one host sync per iteration
             if all_converged or not any_finite or iterations >= max_iters:
                 break
             if region is None:
-                a, b = st.to_scan(J, f - h)
+                a, b = st.to_scan(J, r)
                 h = h + st.from_scan(linear_scan(a, b, resets=resets, impl=scan_impl))
             else:
                 region.engaged = bool(any_damped)
-                a, b = st.to_scan(region.transfer(J), f - h)
-                h, outside = region.step(h, st.from_scan(linear_scan(a, b, resets=resets, impl=scan_impl)), f)
+                a, b = st.to_scan(region.transfer(J), r)
+                delta = st.from_scan(linear_scan(a, b, resets=resets, impl=scan_impl))
+                h, outside = region.step(h, delta, f, pieces.update)
                 region.widen()
                 region.cut(outside)
             iterations += 1
@@ -306,4 +368,4 @@ def newton_solve(
             resets=resets,
             damped=region.damped if region is not None else None,
         )
-    return _attach_gradient(cell, x, h0, h, st, resets, scan_impl), info
+    return _attach_gradient(cell, x, h0, h, st, resets, scan_impl, pieces), info

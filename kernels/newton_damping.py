@@ -55,6 +55,7 @@ fallback, damped Newton solves them in 3–4 iterations.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -86,6 +87,26 @@ def clip_transfer(J: torch.Tensor, radius: torch.Tensor, structure: Structure) -
     return torch.where(torch.isinf(r), J, J * (r / norm).clamp(max=1))  # norm 0: r/0 = inf, scale 1
 
 
+def inside_region(h: torch.Tensor, delta: torch.Tensor, limit: float, diag: bool) -> torch.Tensor:
+    """Where the step δ stays in h's trust region, |δ| ≤ (1 + |h|)·limit (False where δ is not finite), for
+    every component of a k-vector (or of the whole state, "dense"): they are coupled, one position. The
+    result broadcasts against h."""
+    ok = delta.abs() <= h.abs() * limit + limit  # NaN compares False
+    return ok if diag else ok.all(dim=-1, keepdim=True)
+
+
+def damped_update(
+    h: torch.Tensor, delta: torch.Tensor, f: torch.Tensor, limit: float, diag: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """TrustRegion.step as a pure function (so that it can be compiled): h + δ, or f where δ leaves the
+    trust region, and [B] whether each sequence had such a position."""
+    ok = inside_region(h, delta, limit, diag)
+    return torch.where(ok, h + delta, f), ~ok.flatten(1).all(dim=1)
+
+
+DampedUpdate = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, bool], tuple[torch.Tensor, torch.Tensor]]
+
+
 class TrustRegion:
     """The per-sequence state of a damped solve, on the device: each sequence's radius for its next step
     (inf: plain Newton), the radius before the last widening, and whether it ever took a damped step."""
@@ -103,18 +124,15 @@ class TrustRegion:
         return clip_transfer(J, self.radius, self.structure) if self.engaged else J
 
     def inside(self, h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """Where the step δ stays in h's trust region, |δ| ≤ (1 + |h|)/eps (False where δ is not finite), for
-        every component of a k-vector (or of the whole state, "dense"): they are coupled, one position. The
-        result broadcasts against h."""
-        bound = h.abs().mul_(self.limit).add_(self.limit)
-        ok = delta.abs() <= bound  # NaN compares False
-        return ok if self.structure.kind == "diag" else ok.all(dim=-1, keepdim=True)
+        """Where the step δ stays in h's trust region (`inside_region`)."""
+        return inside_region(h, delta, self.limit, self.structure.kind == "diag")
 
-    def step(self, h: torch.Tensor, delta: torch.Tensor, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(
+        self, h: torch.Tensor, delta: torch.Tensor, f: torch.Tensor, update: DampedUpdate | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(the new iterate: h + δ, with the Picard value f where the step leaves the trust region; [B]
-        whether each sequence had such a position)."""
-        ok = self.inside(h, delta)
-        return torch.where(ok, h + delta, f), ~ok.flatten(1).all(dim=1)
+        whether each sequence had such a position). `update`: `damped_update` or a compiled copy of it."""
+        return (update or damped_update)(h, delta, f, self.limit, self.structure.kind == "diag")
 
     def widen(self) -> None:
         """After a step: every radius grows (past MAX_RADIUS: plain Newton), as if no step had left its

@@ -11,7 +11,7 @@ RESERVED_CHARS: dict[str, str] = {}
 # One character per layer for the MLP: D dense SwiGLU, E mixture of experts.
 MLP_CHARS = {"D": "dense", "E": "moe"}
 SOLVERS = ("auto", "newton", "sequential")
-NEWTON_KERNELS = ("auto", "fused", "pytorch")
+NEWTON_KERNELS = ("auto", "fused", "pytorch", "compiled")
 NEWTON_DAMPINGS = ("none", "trust_region")  # kernels/newton_damping.py's DAMPINGS (no torch import here)
 DOCUMENTS = ("isolated", "packed")
 ATTENTION_KERNELS = ("auto", "sdpa", "flex")
@@ -74,7 +74,8 @@ class ModelConfig:
     rnn_heads: int = 1  # heads of the block-diagonal input projection (1 = dense)
     solver: str = "auto"  # recurrences: newton | sequential | auto (by device and shape)
     # Newton of ParaGRU/ParaLSTM layers: fused = the whole solve in one Triton launch and its backward in another
-    # (kernels/fused_newton.py; a CUDA device); pytorch = kernels/newton.py's separate ops; auto = fused on CUDA
+    # (kernels/fused_newton.py; a CUDA device); pytorch = kernels/newton.py's separate ops; compiled = those ops
+    # through torch.compile, per piece (newton.py's compiled_pieces: for a CPU); auto = fused on CUDA, else pytorch
     newton_kernel: str = "auto"
     # Newton's damping (kernels/newton_damping.py): trust_region = where a step blows up, the Picard step there
     # and damped steps for that sequence (others: plain Newton, bit for bit) | none. The fused kernel has none.

@@ -160,7 +160,13 @@ class RecurrentMixer(ContextParallel, nn.Module):
             h, self.last_solve = fused_newton_solve(self.make_cell(), u, h0, resets=resets)
         elif solver == "newton":
             h, self.last_solve = newton_solve(
-                self.make_cell(), u, h0, structure=self.structure, resets=resets, damping=self.newton_damping
+                self.make_cell(),
+                u,
+                h0,
+                structure=self.structure,
+                resets=resets,
+                damping=self.newton_damping,
+                compiled=self.newton_kernel == "compiled",
             )
         else:
             h, self.last_solve = sequential_solve(self.make_cell(), u, h0, structure=self.structure, resets=resets)

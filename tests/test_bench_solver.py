@@ -10,7 +10,8 @@ from unroll.launch.cli import main
 
 def test_bench_solver_quick_grid(tmp_path, capsys):
     out = tmp_path / "rows.json"
-    assert main(["bench", "solver", "--grid", "quick", "--repeat", "1", "--json", str(out)]) == 0
+    argv = ["bench", "solver", "--grid", "quick", "--repeat", "1", "--no-compiled"]  # compiling: the test below
+    assert main([*argv, "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "seq ms" in printed and "auto vs the fastest path" in printed and "machine: load average" in printed
     assert "min/median over 1 rounds" in printed and "ratios of the medians" in printed
@@ -22,11 +23,13 @@ def test_bench_solver_quick_grid(tmp_path, capsys):
         # the Triton scans and the fused kernel run wherever the bench's default device is CUDA, and only there
         assert (r["triton_ms"] is None) == (r["fused_ms"] is None) == (not torch.cuda.is_available()), r
         assert r["fused_max_err"] is None or r["fused_max_err"] < 1e-5, r
+        assert r["compiled_ms"] is None, r  # --no-compiled
 
 
 def test_bench_solver_times_the_loop_on_a_prefix_of_long_sequences(tmp_path, capsys):
     out = tmp_path / "rows.json"
     argv = ["bench", "solver", "--grid", "quick", "--cells", "gru", "--repeat", "1", "--sequential-steps", "512"]
+    argv.append("--no-compiled")
     assert main([*argv, "--json", str(out)]) == 0
     assert "* the loop timed on its first 512 steps, scaled by T/512" in capsys.readouterr().out
     rows = json.loads(out.read_text())
@@ -46,7 +49,18 @@ def test_the_triton_and_fused_paths_where_triton_runs(tmp_path):
         for r in rows:
             assert r.triton_ms > 0 and r.fused_ms > 0 and 0 < r.fused_min_ms <= r.fused_ms
             assert r.fused_max_err < 1e-5
-        assert "fused ms" in format_table(rows) and "n/a" not in format_table(rows)  # every column filled
+        assert "fused ms" in format_table(rows) and format_table(rows).count("n/a") == 2  # all but compiled
+
+
+def test_the_compiled_newton_column():
+    # newton_kernel=compiled (kernels/newton.py's compiled_pieces), which the bench times off CUDA by default
+    from unroll.launch.bench.solver import bench_case, format_table
+
+    rows = bench_case("gru", 1, 40, 4, torch.float32, torch.device("cpu"), None, rounds=1, compiled=True)
+    for r in rows:
+        assert 0 < r.compiled_min_ms <= r.compiled_ms and r.max_err < 1e-5, r
+    table = format_table(rows)
+    assert "compiled ms" in table and all(line.count("n/a") == 2 for line in table.splitlines()[2:])  # triton, fused
 
 
 def test_bench_solver_stiff_rows_are_sound():

@@ -28,7 +28,9 @@ def loop(cell, x, h0, resets):
 @pytest.mark.parametrize("structure", ["diag", "block"])
 @pytest.mark.parametrize("T", [300, 1000])
 def test_damped_newton_solves_stiff_cells_that_plain_newton_leaves_to_the_fallback(structure, T):
-    cell, x, h0, resets, spec = stiff_problem(structure, T, seed=T)
+    # slope 15·s: at 10, plain Newton's garbage iterates happen to settle one 2×2 sequence of T = 300 by
+    # its 12th iteration under some rounding orders of the scan (the pass/fail of a blown-up solve is luck)
+    cell, x, h0, resets, spec = stiff_problem(structure, T, seed=T, a=15.0)
     with torch.no_grad():
         _, plain = newton_solve(cell, x, h0, structure=spec, resets=resets, damping="none")
     assert plain.fallback_sequences == 3 and not plain.converged and plain.iterations <= MAX_ITERS, plain

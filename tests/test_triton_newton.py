@@ -144,10 +144,10 @@ def test_newton_kernel_key_is_checked_and_auto_fuses_only_on_cuda():
     from unroll.models import LM, ModelConfig
     from unroll.train.config import ConfigError, load_config
 
-    assert ("newton_kernel", "must be one of auto, fused, pytorch, got 'fast'") in ModelConfig(
+    assert ("newton_kernel", "must be one of auto, fused, pytorch, compiled, got 'fast'") in ModelConfig(
         pattern="G", newton_kernel="fast"
     ).problems()
-    with pytest.raises(ConfigError, match=r"model.newton_kernel.*must be one of auto, fused, pytorch"):
+    with pytest.raises(ConfigError, match=r"model.newton_kernel.*must be one of auto, fused, pytorch, compiled"):
         load_config("tiny-gru", ["model.newton_kernel=triton"])
     for block in LM(ModelConfig(pattern="GL", d_model=16, n_heads=2)).blocks:
         assert block.mixer.fused(torch.device("cuda")) and not block.mixer.fused(torch.device("cpu"))

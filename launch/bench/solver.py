@@ -1,6 +1,7 @@
 """`unroll bench solver`: the linear-time sequential loop vs Newton (PyTorch scan) vs Newton (Triton scan) vs
-the fused Newton kernel (kernels/fused_newton.py: the whole solve in one launch; CUDA only) on ParaGRU and
-ParaLSTM recurrences, forward and forward+backward, over a grid of shapes.
+the fused Newton kernel (kernels/fused_newton.py: the whole solve in one launch; CUDA only) vs Newton with its
+elementwise work compiled (newton_kernel=compiled, kernels/newton.py's compiled_pieces; off CUDA, unless
+--no-compiled) on ParaGRU and ParaLSTM recurrences, forward and forward+backward, over a grid of shapes.
 
 The recurrence's inputs come from the real mixer (its input projection of RMS-normed activations), so
 the Newton iteration counts are those of training at initialisation. For each shape and pass the solvers
@@ -60,6 +61,8 @@ class Row:
     fused_ms: float | None = None  # the fused Newton kernel (CUDA only): median, minimum, max err vs the loop
     fused_min_ms: float | None = None
     fused_max_err: float | None = None
+    compiled_ms: float | None = None  # newton_solve(compiled=True): median, minimum (its first call, which
+    compiled_min_ms: float | None = None  # compiles, is the untimed warm-up)
 
 
 def _problem(cell_name: str, B: int, T: int, D: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
@@ -108,8 +111,10 @@ def bench_case(
     triton_impl,
     rounds: int,
     sequential_steps: int = 0,
+    compiled: bool = False,
 ) -> list[Row]:
-    """sequential_steps: the loop runs at most this many steps (0: all T), its time scaled to T."""
+    """sequential_steps: the loop runs at most this many steps (0: all T), its time scaled to T; compiled:
+    also time newton_solve(compiled=True)."""
     mixer, u, h0 = _problem(cell_name, B, T, D, dtype, device)
     auto = pick_solver("auto", device, B, T, D, mixer.state_size)
     n = min(T, sequential_steps) if sequential_steps > 0 else T
@@ -123,14 +128,19 @@ def bench_case(
         if triton_impl is not None:  # CUDA: the Triton scan and the fused kernel
             paths["triton"] = lambda: _run(newton_solve, mixer, u, h0, backward, scan_impl=triton_impl)
             paths["fused"] = lambda: _run_fused(mixer, u, h0, backward)
+        if compiled:
+            paths["compiled"] = lambda: _run(
+                newton_solve, mixer, u, h0, backward, scan_impl=scan_reference, compiled=True
+            )
         t = harness.alternate(paths, device, rounds)
         seq, newton, triton, fused = _scaled(t["sequential"], T / n), t["newton"], t.get("triton"), t.get("fused")
+        comp = t.get("compiled")
         h_seq, _ = _run(sequential_solve, mixer, u_head, h0, False)
         h_new, info = _run(newton_solve, mixer, u, h0, False, scan_impl=scan_reference)
         fused_err = None if fused is None else float((h_seq - _run_fused(mixer, u, h0, False)[0][:, :n]).abs().max())
         # what auto runs on CUDA: the fused kernel (model.newton_kernel=auto)
         auto_time = seq if auto == "sequential" else (fused or newton)
-        best = min((x for x in (seq, newton, triton, fused) if x is not None), key=lambda x: x.median)
+        best = min((x for x in (seq, newton, triton, fused, comp) if x is not None), key=lambda x: x.median)
         rows.append(
             Row(
                 cell_name,
@@ -153,6 +163,8 @@ def bench_case(
                 fused.median * 1e3 if fused else None,
                 fused.min * 1e3 if fused else None,
                 fused_err,
+                comp.median * 1e3 if comp else None,
+                comp.min * 1e3 if comp else None,
             )
         )
     return rows
@@ -165,7 +177,8 @@ def _ms(low: float, mid: float) -> str:
 def format_table(rows: list[Row]) -> str:
     head = (
         f"{'cell':5} {'B':>3} {'T':>6} {'D':>5} {'dtype':8} {'pass':8} {'seq ms':>19} {'newton ms':>15} "
-        f"{'ratio':>7} {'triton ms':>15} {'ratio':>7} {'fused ms':>15} {'ratio':>7} {'iters':>5} {'max err':>8} "
+        f"{'ratio':>7} {'triton ms':>15} {'ratio':>7} {'fused ms':>15} {'ratio':>7} {'compiled ms':>15} {'ratio':>7} "
+        f"{'iters':>5} {'max err':>8} "
         f"{'auto':>10} {'auto/best':>9}"
     )
     lines = [head, "-" * len(head)]
@@ -180,11 +193,16 @@ def format_table(rows: list[Row]) -> str:
             if r.fused_ms and r.fused_min_ms is not None
             else f"{'n/a':>15} {'':>7}"
         )
+        comp = (
+            f"{_ms(r.compiled_min_ms, r.compiled_ms):>15} {r.sequential_ms / r.compiled_ms:6.1f}x"
+            if r.compiled_ms and r.compiled_min_ms is not None
+            else f"{'n/a':>15} {'':>7}"
+        )
         seq = _ms(r.sequential_min_ms, r.sequential_ms) + ("*" if r.sequential_steps < r.length else "")
         lines.append(
             f"{r.cell:5} {r.batch:3d} {r.length:6d} {r.width:5d} {r.dtype:8} {r.pass_:8} "
             f"{seq:>19} {_ms(r.newton_min_ms, r.newton_ms):>15} "
-            f"{r.sequential_ms / r.newton_ms:6.1f}x {tri} {fus} {r.iterations:5d} {r.max_err:8.1e} {r.auto:>10} "
+            f"{r.sequential_ms / r.newton_ms:6.1f}x {tri} {fus} {comp} {r.iterations:5d} {r.max_err:8.1e} {r.auto:>10} "
             f"{r.auto_slowdown:8.2f}x"
         )
     return "\n".join(lines)
@@ -206,6 +224,11 @@ def main(argv: list[str] | None = None) -> int:
         help="time the loop on at most N steps of a longer sequence, scaled by T/N (0: every step; default %(default)s)",
     )
     harness.add_arguments(p)
+    p.add_argument(
+        "--no-compiled",
+        action="store_true",
+        help="leave out the compiled Newton (its first call per cell and pass compiles, seconds; off CUDA only)",
+    )
     p.add_argument("--json", default=None, help="also write the rows here")
     p.add_argument(
         "--stiff",
@@ -235,8 +258,11 @@ def main(argv: list[str] | None = None) -> int:
         for cell_name in args.cells.split(","):
             for B, T, D in grid:
                 dtype = getattr(torch, args.dtype)
+                compiled = device.type != "cuda" and not args.no_compiled
                 rows.extend(
-                    bench_case(cell_name, B, T, D, dtype, device, triton_impl, args.rounds, args.sequential_steps)
+                    bench_case(
+                        cell_name, B, T, D, dtype, device, triton_impl, args.rounds, args.sequential_steps, compiled
+                    )
                 )
                 lines = format_table(rows).splitlines()
                 print("\n".join(lines[:2] + lines[-2:]) if len(rows) == 2 else "\n".join(lines[-2:]), flush=True)
