@@ -4,9 +4,10 @@ adjoint in another, as two torch custom ops, so that torch.compile keeps a Newto
 kernels/newton.py runs the cell, its Jacobian, the residual and the scan as separate PyTorch operations and
 syncs with the host once per iteration for the convergence test, which also breaks a compiled graph there.
 `fused_newton_solve` instead launches kernels/triton_newton.py's Newton kernel (every program converging on
-its own, on the device), then reads the outcome once and hands the sequences Newton left unsolved to
-newton.py's own epilogue (`fall_back_where_unconverged`: redone step by step, reported); it takes plain
-Newton steps only (no damping: model.newton_damping is newton.py's and seqpar_newton.py's). Both steps live
+its own, on the device), then reads the outcome once. The kernel takes plain Newton steps only; with
+damping="trust_region" (the default) the sequences it left unsolved are solved again by newton.py's damped
+Newton (kernels/newton_damping.py), whose own epilogue redoes step by step what that leaves; with "none" they
+go straight to that epilogue (`fall_back_where_unconverged`). Either way it is reported. Both steps live
 inside the custom op `unroll::fused_newton`, which torch.compile treats as one opaque call; its
 `SolveStats` are a tensor, read only when the metrics ask.
 
@@ -27,7 +28,8 @@ from typing import Any
 import torch
 
 from unroll.kernels import triton_newton, triton_newton2
-from unroll.kernels.newton import SolveInfo, fall_back_where_unconverged, solve_limits
+from unroll.kernels.newton import SolveInfo, fall_back_where_unconverged, newton_solve, solve_limits
+from unroll.kernels.newton_damping import DEFAULT_DAMPING, check_damping
 from unroll.kernels.triton_scan import SUPPORTED_DTYPES, interpreted
 
 
@@ -46,25 +48,51 @@ def _fused_newton(
     max_iters: int,
     kernel: str,
     cell_class: str,
+    damping: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h [B, T, *state], stats float64 [3]: iterations, residual, sequences redone step by step)."""
+    """(h [B, T, *state], stats float64 [4]: iterations, residual, sequences redone step by step, sequences
+    solved by damped Newton)."""
     code = _resolve(kernel)
-    launch = triton_newton2.launch_newton2 if h0.dim() == 3 else triton_newton.launch_newton
+    block = h0.dim() == 3
+    launch = triton_newton2.launch_newton2 if block else triton_newton.launch_newton
     h, iters, res = launch(code, u, params, h0, starts, tol, max_iters)
     resets = None if starts is None else starts.bool()
     cell = _resolve(cell_class).from_fused_params(params)
-    # the one host sync: which sequences Newton left unsolved (they are redone step by step)
-    h, _, info = fall_back_where_unconverged(
-        cell, u, h, res.amax(dim=1), tol=tol, iterations=int(iters.max()), start=h0, resets=resets
-    )
-    stats = torch.tensor([info.iterations, info.residual, info.fallback_sequences], dtype=torch.float64)
-    return h.contiguous(), stats.to(u.device)
+    res = res.amax(dim=1)
+    unsolved = res > tol
+    # the one host sync (where every sequence converged): the outcome
+    outcome = torch.stack([iters.max().double(), res.masked_fill(unsolved, 0).max().double(), unsolved.sum().double()])
+    iterations, worst_solved, n_unsolved = outcome.tolist()
+    if n_unsolved and damping != "none":
+        rows = unsolved.nonzero().squeeze(1)
+        with torch.no_grad():
+            h_rows, redo = newton_solve(
+                cell,
+                u[rows],
+                h0[rows],
+                structure=("block", 2) if block else "diag",
+                resets=None if resets is None else resets[rows],
+                tol=tol,
+                max_iters=max_iters,
+                damping=damping,
+            )
+        h[rows] = h_rows
+        counts = [iterations + redo.iterations, max(worst_solved, redo.residual), redo.fallback_sequences]
+        counts.append(redo.damped_sequences)
+    elif n_unsolved:
+        h, _, info = fall_back_where_unconverged(
+            cell, u, h, res, tol=tol, iterations=int(iterations), start=h0, resets=resets
+        )
+        counts = [info.iterations, info.residual, info.fallback_sequences, 0]
+    else:
+        counts = [iterations, worst_solved, 0, 0]
+    return h.contiguous(), torch.tensor(counts, dtype=torch.float64).to(u.device)
 
 
 @_fused_newton.register_fake
-def _(u, params, h0, starts, tol, max_iters, kernel, cell_class):  # type: ignore[no-untyped-def]
+def _(u, params, h0, starts, tol, max_iters, kernel, cell_class, damping):  # type: ignore[no-untyped-def]
     B, T = u.shape[:2]
-    return u.new_empty(B, T, *h0.shape[1:]), u.new_empty(3, dtype=torch.float64)
+    return u.new_empty(B, T, *h0.shape[1:]), u.new_empty(4, dtype=torch.float64)
 
 
 @torch.library.custom_op("unroll::fused_newton_adjoint", mutates_args=())
@@ -88,7 +116,7 @@ def _(g, h, u, params, h0, starts, kernel):  # type: ignore[no-untyped-def]
 
 
 def _setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
-    u, params, h0, starts, _, _, kernel, _ = inputs
+    u, params, h0, starts, _, _, kernel, _, _ = inputs
     ctx.kernel = kernel
     ctx.save_for_backward(output[0], u, params, h0, starts)
 
@@ -96,7 +124,7 @@ def _setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.
 def _backward(ctx: Any, g: torch.Tensor, _stats: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     h, u, params, h0, starts = ctx.saved_tensors
     du, dparams, dh0 = _fused_adjoint(g, h, u, params, h0, starts, ctx.kernel)
-    return du, dparams, dh0, None, None, None, None, None
+    return du, dparams, dh0, None, None, None, None, None, None
 
 
 _fused_newton.register_autograd(_backward, setup_context=_setup)
@@ -116,12 +144,12 @@ class SolveStats:
         return self._read
 
     def _from_device(self) -> SolveInfo:
-        iterations, residual, redone = self.stats.tolist()
-        n = int(redone)  # the fused kernel takes plain Newton steps only: the rest were solved by them
+        iterations, residual, redone, by_damped = self.stats.tolist()
+        n, n_damped = int(redone), int(by_damped)  # the rest were solved by plain Newton steps
         if not n:
-            return SolveInfo(int(iterations), residual, True, None, 0, self.batch, 0)
+            return SolveInfo(int(iterations), residual, True, None, 0, self.batch - n_damped, n_damped)
         fallback = f"sequential for {n} of {self.batch} sequences"
-        return SolveInfo(int(iterations), residual, False, fallback, n, self.batch - n, 0)
+        return SolveInfo(int(iterations), residual, False, fallback, n, self.batch - n - n_damped, n_damped)
 
     def __getattr__(self, name: str) -> Any:  # iterations, residual, converged, fallback, ... as SolveInfo's
         return getattr(self.info(), name)
@@ -135,10 +163,12 @@ def fused_newton_solve(
     resets: torch.Tensor | None = None,
     tol: float | None = None,
     max_iters: int | None = None,
+    damping: str = DEFAULT_DAMPING,
 ) -> tuple[torch.Tensor, SolveStats]:
     """newton_solve of a fused cell (module docstring), u [B, T, G, D] its inputs (G gates), h0 its state [B, D]
     (diagonal) or [B, D, 2] (2×2 blocks): (h [B, T, *state], how it was solved), differentiable in u, h0 and the
-    cell's parameters."""
+    cell's parameters. damping: what solves the sequences the kernel leaves unsolved (the module docstring)."""
+    check_damping(damping)
     params = cell.fused_params()
     block = h0.dim() == 3
     if u.dtype not in SUPPORTED_DTYPES or u.dtype != h0.dtype:
@@ -159,11 +189,11 @@ def fused_newton_solve(
     tol, max_iters = solve_limits(h0.dtype, tol, max_iters)
     B, T = u.shape[:2]
     if T == 0:
-        return h0.new_zeros(B, 0, *h0.shape[1:]), SolveStats(torch.zeros(3, dtype=torch.float64), B)
+        return h0.new_zeros(B, 0, *h0.shape[1:]), SolveStats(torch.zeros(4, dtype=torch.float64), B)
     starts = None if resets is None else resets.to(torch.uint8).contiguous()
     cell_class = f"{type(cell).__module__}:{type(cell).__qualname__}"
     h, stats = _fused_newton(
         u.contiguous(), params.to(u.dtype).contiguous(), h0.contiguous(), starts, tol, max_iters,
-        cell.fused_kernel, cell_class,
+        cell.fused_kernel, cell_class, damping,
     )  # fmt: skip
     return h, SolveStats(stats, B)

@@ -78,7 +78,8 @@ class ModelConfig:
     # through torch.compile, per piece (newton.py's compiled_pieces: for a CPU); auto = fused on CUDA, else pytorch
     newton_kernel: str = "auto"
     # Newton's damping (kernels/newton_damping.py): trust_region = where a step blows up, the Picard step there
-    # and damped steps for that sequence (others: plain Newton, bit for bit) | none. The fused kernel has none.
+    # and damped steps for that sequence (others: plain Newton, bit for bit) | none. The fused kernel takes plain
+    # steps; with trust_region the sequences it leaves unsolved are solved again by the damped PyTorch Newton.
     newton_damping: str = "trust_region"
     n_heads: int = 4  # attention query heads
     n_kv_heads: int = 0  # attention key/value heads (GQA); 0 = n_heads

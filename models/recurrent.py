@@ -93,7 +93,7 @@ class RecurrentMixer(ContextParallel, nn.Module):
     ):
         super().__init__()
         self.width, self.solver, self.newton_kernel = width, solver, newton_kernel
-        self.newton_damping = newton_damping  # the PyTorch Newton's (kernels/newton_damping.py); not the fused kernel's
+        self.newton_damping = newton_damping  # kernels/newton_damping.py; the fused kernel's unsolved sequences get it
         self.in_proj = HeadLinear(d_model, self.gates, width, heads, init_std)
         self.out_proj = nn.Linear(width, d_model, bias=False)
         self.out_std = out_std or init_std
@@ -157,7 +157,7 @@ class RecurrentMixer(ContextParallel, nn.Module):
         elif solver == "newton" and self.fused(u.device):
             from unroll.kernels.fused_newton import fused_newton_solve  # imports Triton: only where it runs
 
-            h, self.last_solve = fused_newton_solve(self.make_cell(), u, h0, resets=resets)
+            h, self.last_solve = fused_newton_solve(self.make_cell(), u, h0, resets=resets, damping=self.newton_damping)
         elif solver == "newton":
             h, self.last_solve = newton_solve(
                 self.make_cell(),

@@ -79,12 +79,41 @@ def test_gradients_equal_autograd_through_the_plain_loop(cell_name):
 @pytest.mark.parametrize("cell_name", ["gru", "lstm"])
 def test_a_sequence_newton_leaves_unsolved_is_redone_and_reported(cell_name):
     # one iteration cannot solve 100 steps: every sequence falls back, and the result is still the loop's
+    # (damping="none"); with damping, the damped PyTorch Newton's one iteration comes first, then the same
     cell, u, h0, resets, _ = problem(2, 100, 4, seed=9, reset_rate=0.05, cell=cell_name)
-    h, info = fused_newton_solve(cell, u, h0, resets=resets, max_iters=1)
-    assert not info.converged and info.fallback_sequences == 2 and "sequential for 2 of 2" in info.fallback
-    assert info.iterations == 1
+    for damping, iterations in (("none", 1), ("trust_region", 2)):
+        h, info = fused_newton_solve(cell, u, h0, resets=resets, max_iters=1, damping=damping)
+        assert not info.converged and info.fallback_sequences == 2 and "sequential for 2 of 2" in info.fallback
+        assert info.iterations == iterations and info.damped_sequences == 0, (damping, info)
+        with torch.no_grad():
+            torch.testing.assert_close(h, sequential_loop(cell, u, h0, resets), rtol=0, atol=1e-12)
+
+
+def test_sequences_whose_plain_steps_blow_up_are_solved_by_damped_newton():
+    # a fused cell whose first Newton step blows up everywhere (tests/stiff_fused_cells.py): the kernel's plain
+    # steps leave every sequence unsolved; without damping they are redone step by step, with it damped Newton
+    # solves them; both equal the loop, forward and (through the fused adjoint) backward
+    from stiff_cells import stiff_problem
+    from stiff_fused_cells import FusedGatedSwitch
+
+    base, x, h0, resets, _ = stiff_problem("diag", 200, seed=2, a=15.0)
+    cell = FusedGatedSwitch(base.a.expand(x.shape[-1]).clone().requires_grad_())
+    x, h0 = x.to(DEVICE).requires_grad_(), h0.to(DEVICE).requires_grad_()
     with torch.no_grad():
-        torch.testing.assert_close(h, sequential_loop(cell, u, h0, resets), rtol=0, atol=1e-12)
+        _, plain = fused_newton_solve(cell, x, h0, resets=resets, damping="none")
+    assert plain.fallback_sequences == 3 and plain.damped_sequences == 0, plain
+    h, info = fused_newton_solve(cell, x, h0, resets=resets)
+    assert info.converged and (info.damped_sequences, info.fallback_sequences) == (3, 0), info
+    ref = sequential_loop(cell, x, h0, resets)  # plain autograd through the loop
+    torch.testing.assert_close(h, ref, rtol=0, atol=1e-10)
+    weights = torch.randn_like(h)
+    inputs = (x, h0, cell.a)
+    for name, got, want in zip(
+        ("x", "h0", "a"),
+        torch.autograd.grad((h * weights).sum(), inputs),
+        torch.autograd.grad((ref * weights).sum(), inputs),
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10, msg=lambda m, n=name: f"d{n}: {m}")
 
 
 @pytest.mark.parametrize("cell_name", ["gru", "lstm"])
