@@ -154,6 +154,11 @@ def _plan(args) -> int:
         "recommended: "
         + " ".join(f"parallel.{k}={getattr(best, k)}" for k in ("pp", "dp_replicate", "dp_shard", "cp", "tp", "ep"))
     )
+    if cfg.parallel.engine == "deepspeed":  # a rehearsal runs the torch engine's program
+        print(
+            f"(parallel.engine=deepspeed, ZeRO-{cfg.deepspeed.zero_stage}: `unroll rehearse` runs the torch engine only)"
+        )
+        return 0
     print(
         f"check it before queueing: unroll rehearse {args.config} --nodes {args.nodes} "
         f"--gpus-per-node {args.gpus_per_node} data.seq_len=256 "
@@ -344,6 +349,10 @@ BENCHES = {
     ),
     "throughput": ("unroll.launch.bench.throughput", "training tokens/s of presets as ratios to a baseline preset"),
     "tnt": ("unroll.launch.bench.tnt", "a TNT memory layer's throughput against chunkwise Titans"),
+    "zero-offload": (
+        "unroll.launch.bench.zero_offload",
+        "memory per rank of DeepSpeed ZeRO-3 with CPU offload against FSDP2, 2 ranks, a ~110M model",
+    ),
 }
 LAUNCHERS = {
     "local": ("unroll.launch.local", "`unroll train` under torchrun on this machine: per-rank logs, restarts"),

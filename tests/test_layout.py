@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TRAIN_BASE = {"config", "config_keys", "loss", "schedule", "step_guard", "metrics", "plot", "signals", "watchdog"}
 TRAIN_BASE |= {"data_setup", "mfu"}
 TRAIN_LOOP = {"trainer", "build", "optim", "step", "evaluate", "rollback", "layer_metrics", "final_report", "preflight"}
-TRAIN_LOOP |= {"data_order"}
+TRAIN_LOOP |= {"data_order", "deepspeed_engine"}
 # lowest first; a module's floor is the first whose prefix (or train/ module name) matches it
 FLOORS = [
     ("configs",),

@@ -18,6 +18,7 @@ from unroll.train.parallel.mesh import Layout, build_mesh, data_ranks
 from unroll.train.parallel.parallelize import parallelize, uses_fsdp
 
 if TYPE_CHECKING:  # torch.distributed.pipelining imports torch._dynamo: a second per rank, only for pp > 1
+    from unroll.train.deepspeed_engine import DeepSpeedRun
     from unroll.train.parallel.pipeline import Pipeline
 
 
@@ -47,6 +48,7 @@ class Training:
     micro: int  # sequences per forward
     accum: int  # forwards per step
     trainable: int | None  # elements left trainable by train.trainable
+    engine: DeepSpeedRun | None = None  # parallel.engine=deepspeed: its engine (train/deepspeed_engine.py)
 
 
 def build_training(
@@ -56,6 +58,10 @@ def build_training(
     initialised from train.seed (the same weights under every layout: models/init.py), the optimizer on it.
     FSDP2 gathers bf16 parameters where bf16 autocast runs on a GPU (or anywhere with gpu_precision: a
     rehearsal of a GPU job on the CPU)."""
+    if cfg.parallel.engine == "deepspeed":
+        from unroll.train.deepspeed_engine import build_deepspeed_training
+
+        return build_deepspeed_training(cfg, dist, layout, micro, accum)
     torch.manual_seed(cfg.train.seed)  # the global generators' state is checkpointed: start it known
     with torch.device("meta"):
         model = LM(cfg.model)

@@ -125,6 +125,23 @@ class ParallelConfig:
         "1F1B"  # GPipe, 1F1B, Interleaved1F1B, LoopedBFS, InterleavedZeroBubble, ZBVZeroBubble, DualPipeV
     )
     ep: int = 1  # expert parallel (divides dp_shard × cp)
+    engine: str = "torch"  # torch (the layouts above) | deepspeed (ZeRO over the data ranks: the deepspeed.* keys)
+
+
+ENGINES = ("torch", "deepspeed")
+OFFLOADS = ("none", "cpu", "nvme")
+
+
+@dataclass
+class DeepSpeedConfig:
+    """parallel.engine=deepspeed (train/deepspeed_engine.py): DeepSpeed's ZeRO over the data ranks."""
+
+    zero_stage: int = 2  # 1: optimizer state partitioned over the ranks; 2: and gradients; 3: and parameters
+    offload_optimizer: str = "none"  # none | cpu | nvme: fp32 master weights and AdamW moments off the GPU
+    offload_params: str = "none"  # none | cpu | nvme: the parameters themselves off the GPU (zero_stage=3)
+    nvme_path: str = ""  # the NVMe directory for an nvme offload (ZeRO-Infinity)
+    cpu_adam: bool = False  # an offloaded optimizer steps with DeepSpeedCPUAdam (C++, built on first use) instead
+    #   of torch's AdamW (the same update as parallel.engine=torch)
 
 
 @dataclass
@@ -166,6 +183,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -416,6 +434,37 @@ def validate(cfg: Config) -> None:
         cfg.logging.wandb in ("offline", "online", "disabled"),
         "logging.wandb",
         f"must be offline, online or disabled, got {cfg.logging.wandb!r}",
+    )
+    need(
+        cfg.parallel.engine in ENGINES,
+        "parallel.engine",
+        f"must be {' or '.join(ENGINES)}, got {cfg.parallel.engine!r}",
+    )
+    ds = cfg.deepspeed
+    need(ds.zero_stage in (1, 2, 3), "deepspeed.zero_stage", f"must be 1, 2 or 3, got {ds.zero_stage}")
+    for key in ("offload_optimizer", "offload_params"):
+        value = getattr(ds, key)
+        need(value in OFFLOADS, f"deepspeed.{key}", f"must be none, cpu or nvme, got {value!r}")
+    need(
+        ds.offload_params == "none" or ds.zero_stage == 3,
+        "deepspeed.offload_params",
+        f"offloading parameters needs deepspeed.zero_stage=3, got zero_stage={ds.zero_stage}",
+    )
+    need(
+        ds.offload_optimizer != "nvme" or ds.zero_stage == 3,
+        "deepspeed.offload_optimizer",
+        f"nvme needs deepspeed.zero_stage=3 (ZeRO-Infinity), got zero_stage={ds.zero_stage}",
+    )
+    for key in ("offload_optimizer", "offload_params"):
+        need(
+            getattr(ds, key) != "nvme" or bool(ds.nvme_path),
+            "deepspeed.nvme_path",
+            f"deepspeed.{key}=nvme needs the NVMe directory",
+        )
+    need(
+        not ds.cpu_adam or ds.offload_optimizer != "none",
+        "deepspeed.cpu_adam",
+        "steps an offloaded optimizer: set deepspeed.offload_optimizer=cpu or nvme",
     )
     need(cfg.sample.max_new_tokens >= 0, "sample.max_new_tokens", f"must be >= 0, got {cfg.sample.max_new_tokens}")
     need(cfg.sample.temperature >= 0, "sample.temperature", f"must be >= 0, got {cfg.sample.temperature}")

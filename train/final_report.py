@@ -37,10 +37,11 @@ def final_report(
     sharded = any(isinstance(p, DTensor) for p in model.parameters())
     if not dist.is_main and not sharded:
         return summary
-    if cfg.sample.prompt and cfg.sample.max_new_tokens and (layout.tp > 1 or layout.pp > 1):
+    zero3 = cfg.parallel.engine == "deepspeed" and cfg.deepspeed.zero_stage == 3  # parameters partitioned
+    if cfg.sample.prompt and cfg.sample.max_new_tokens and (layout.tp > 1 or layout.pp > 1 or zero3):
         if dist.is_main:
             metrics.write(
-                f"(no sample: generating under tensor or pipeline parallelism is not supported; "
+                f"(no sample: generating under tensor or pipeline parallelism or ZeRO-3 is not supported; "
                 f"`unroll generate {run_dir}` samples from the checkpoint in one process)"
             )
     elif cfg.sample.prompt and cfg.sample.max_new_tokens:  # under FSDP2 every rank runs the forward passes

@@ -11,6 +11,7 @@ What is checked, for a config on `world` ranks:
   batch       train.batch_size divisible by the data ranks, train.micro_batch_size dividing each one's
               share (train/config.py check_world); under pipelining the default micro-batch (below)
   pipeline    the schedule, the stage split and its micro-batches (train/parallel/pipeline_split.py check_pipeline)
+  engine      parallel.engine=deepspeed with data parallelism only, without what it cannot run (check_engine)
   data        the tokenizer and every shard open and match model.vocab_size, their token ids below it
               (train/data_setup.py open_run_data, and the data/ checks it calls)
 
@@ -57,9 +58,38 @@ def check_shape(cfg: Config, layout: Layout) -> RunShape:
     """`layout` (resolved) checked against the model, the batch and the pipeline schedule."""
     check_model(layout, cfg.model, seq_len=cfg.data.seq_len)
     check_supported(layout)
+    check_engine(cfg, layout)  # parallel.engine=deepspeed: data parallelism only
     micro, accum = micro_batches(cfg, layout)
     check_pipeline(layout, cfg, n_microbatches=accum)
     return RunShape(layout, micro, accum)
+
+
+def layout_problems(cfg: Config, layout: Layout) -> list[str]:
+    """What parallel.engine=deepspeed cannot run, each naming its key; [] for the torch engine."""
+    if cfg.parallel.engine != "deepspeed":
+        return []
+    problems = [
+        f"parallel.{dim}={getattr(layout, dim)}"
+        for dim in ("tp", "pp", "cp", "ep", "dp_replicate")
+        if getattr(layout, dim) > 1
+    ]
+    if cfg.train.trainable:
+        problems.append(f"train.trainable={cfg.train.trainable!r}")
+    if cfg.train.compile:
+        problems.append("train.compile=true")
+    if cfg.train.spike_policy == "rollback" and cfg.train.spike_factor:
+        problems.append("train.spike_policy=rollback")
+    return problems
+
+
+def check_engine(cfg: Config, layout: Layout) -> None:
+    """LayoutError naming every key parallel.engine=deepspeed cannot run with (no import of deepspeed)."""
+    problems = layout_problems(cfg, layout)
+    if problems:
+        raise LayoutError(
+            f"parallel.engine=deepspeed runs data parallelism only (ZeRO over parallel.dp_shard); not with "
+            f"{', '.join(problems)}: use parallel.engine=torch for those"
+        )
 
 
 def check_data(cfg: Config) -> None:

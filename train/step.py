@@ -50,6 +50,10 @@ def train_step(
     optimizer (train/step_guard.py) on the loss all-reduced over the ranks and the global gradient norm, so
     that every rank applies it, or none does."""
     model, layout, ranks, micro, accum = t.model, t.layout, t.ranks, t.micro, t.accum
+    if t.engine is not None:  # parallel.engine=deepspeed
+        from unroll.train.deepspeed_engine import deepspeed_step
+
+        return deepspeed_step(t, cfg, batches, step_reads(first, micro, accum, pipelined=False), lr, device, guard)
     for group in t.optimizer.param_groups:
         group["lr"] = lr
     loss_sum = torch.zeros((), device=device)

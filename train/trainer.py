@@ -96,10 +96,16 @@ class TrainingRun:
         if cfg.train.init_from and not resolve.complete_checkpoints(self.run_dir):  # a new run from other weights
             # into the sharded model (DCP reshards; a pipeline's tied replica reads embed.weight too)
             source = resolve.checkpoint_of(cfg.train.init_from, cfg.model, setting="train.init_from").path
-            checkpoint.load_model_weights(source, self.t.owned)
-        self.state = checkpoint.load_latest(
-            self.run_dir, self.t.owned, self.t.optimizer, rank=dist.rank, io_threads=cfg.checkpoint.io_threads
-        )
+            if self.t.engine is not None:  # parallel.engine=deepspeed: through a single-device copy
+                self.t.engine.load_model_weights(source)
+            else:
+                checkpoint.load_model_weights(source, self.t.owned)
+        if self.t.engine is not None:  # the same checkpoints, through a single-device copy
+            self.state = self.t.engine.load_latest(self.run_dir, dist.rank, cfg.checkpoint.io_threads)
+        else:
+            self.state = checkpoint.load_latest(
+                self.run_dir, self.t.owned, self.t.optimizer, rank=dist.rank, io_threads=cfg.checkpoint.io_threads
+            )
         if self.state:  # an older checkpoint than the one data.order was resolved with, if the newest failed to load
             resolved_order(cfg.data.order, self.state, f"checkpoint step {self.state['step']}")
         self.step = self.state["step"] if self.state else 0
@@ -134,8 +140,8 @@ class TrainingRun:
             progress=cfg.logging.progress,
         )
         self.metrics.write(
-            f"model: {t.model.num_params():,} parameters, pattern {cfg.model.pattern!r}; "
-            f"{dist.world} rank(s) ({self.layout.describe()}) × {self.accum} micro-batch(es) of {self.micro} × "
+            f"model: {t.engine.params if t.engine else t.model.num_params():,} parameters, pattern {cfg.model.pattern!r}; "
+            f"{dist.world} rank(s) ({t.engine.describe() if t.engine else self.layout.describe()}) × {self.accum} micro-batch(es) of {self.micro} × "
             f"{cfg.data.seq_len} tokens"
             + (f"; {t.trainable:,} trainable (train.trainable={cfg.train.trainable!r})" if t.trainable else "")
             + (f"; weights from {cfg.train.init_from}" if cfg.train.init_from and not state else "")
@@ -280,7 +286,9 @@ class TrainingRun:
         return bool(stopping)
 
     def save(self) -> None:
-        self.writer.save(self.step, self.t.owned, self.t.optimizer, self.train_state())
+        # parallel.engine=deepspeed: a single-device copy gathered from ZeRO's partitions, saved as one process's
+        owned, optimizer = self.t.engine.pull() if self.t.engine is not None else (self.t.owned, self.t.optimizer)
+        self.writer.save(self.step, owned, optimizer, self.train_state())
         self.saved_at = self.step
 
     def train_state(self) -> dict:

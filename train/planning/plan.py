@@ -38,6 +38,15 @@ Per GPU, for the rank holding the first shard of every split (the largest share;
                matrix's size, at the bytes per logit and per matrix element the loss itself measures
                (kernels/cross_entropy.py on a small vocabulary, train/planning/activation_probe.py)
 
+Under parallel.engine=deepspeed (train/deepspeed_engine.py: ZeRO over all ranks, fp32 parameters, bf16 autocast)
+the static parts follow ZeRO's stage instead, P the parameters, P/dp their share of a rank (`_zero_static`):
+  weights      stage 1, 2: P × 4, whole on every rank; stage 3: P/dp × 4 (none with deepspeed.offload_params)
+  gradients    stage 1: P × 4; stage 2, 3: P/dp × 4 (on the CPU with an offloaded optimizer)
+  optimizer    the fp32 master copy and AdamW's moments, P/dp × 12 (off the GPU with deepspeed.offload_optimizer)
+  gathered     stage 3: the root and the largest block gathered, with the next block's prefetch and the block's
+               whole gradient before its reduce-scatter, root·4 + block·12; stage 1, 2: the reduce bucket
+  offloaded    what the offloads put in CPU memory or on NVMe instead, per rank: not part of the GPU total
+
 Not counted: the CUDA context, NCCL buffers and the allocator's fragmentation (keep a margin: `usable`).
 `unroll rehearse` runs the same rank's program and prints these figures beside what it measured.
 """
@@ -46,7 +55,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -150,6 +159,7 @@ class Estimate:
     params_held: int  # elements of the parameters this rank holds
     stage_layers: int  # blocks on this rank
     in_flight: float  # micro-batches whose activations this rank's stages hold at once
+    offloaded: dict[str, float] = field(default_factory=dict)  # DeepSpeed: bytes per rank in "cpu" / "nvme"
 
     @property
     def total(self) -> float:
@@ -280,8 +290,12 @@ def estimate(
     static = Components(
         weights=held * 4 + buffers, gradients=held * 4, optimizer=held * 8 + tensors * 4, gathered=gathered
     )
+    offloaded: dict[str, float] = {}
+    if cfg.parallel.engine == "deepspeed":
+        fsdp = False  # ZeRO's parameters are fp32 under autocast, as without FSDP
+        static, held, offloaded = _zero_static(cfg, layout, table, buffers, tokens)
     if budget is not None and static.total > budget:
-        return Estimate(layout, static, held, len(blocks), flight)
+        return Estimate(layout, static, held, len(blocks), flight, offloaded)
     costs = probe(
         model, layout.tp, fsdp and bf16, bf16, seq // layout.cp, cfg.train.activation_checkpoint, micro, ep=layout.ep
     )
@@ -296,7 +310,51 @@ def estimate(
     per_logit, per_weight = logit_bytes(bf16, fsdp and bf16, layout.tp, tokens > rows)
     logits = model.vocab_size / layout.tp * (rows * per_logit + model.d_model * per_weight) if last else 0.0
 
-    return Estimate(layout, replace(static, activations=activations, logits=logits), held, len(blocks), flight)
+    return Estimate(
+        layout, replace(static, activations=activations, logits=logits), held, len(blocks), flight, offloaded
+    )
+
+
+def _zero_static(
+    cfg: Config, layout: Layout, table: list[Param], buffers: int, tokens: int
+) -> tuple[Components, int, dict[str, float]]:
+    """(weights, gradients, optimizer and gathered bytes on the GPU, parameters held, bytes offloaded by place)
+    of a rank under DeepSpeed's ZeRO (module docstring)."""
+    ds = cfg.deepspeed
+    params = [p for p in table if not p.buffer]
+    total = sum(p.numel() for p in params)
+    share = -(-total // layout.dp)
+    offloaded: dict[str, float] = {}
+
+    def put(place: str, nbytes: float) -> float:
+        """nbytes on `place`: 0 on the GPU when it is offloaded there."""
+        if place == "none":
+            return nbytes
+        offloaded[place] = offloaded.get(place, 0.0) + nbytes
+        return 0.0
+
+    held = total if ds.zero_stage < 3 else share
+    weights = put(ds.offload_params, held * 4) + buffers
+    if ds.zero_stage == 1:
+        gradients = total * 4.0
+    elif ds.offload_optimizer != "none":  # ZeRO-Offload keeps the fp32 gradient partitions in CPU memory
+        gradients = put("cpu", share * 4)
+    else:
+        gradients = share * 4.0
+    optimizer = put(ds.offload_optimizer, share * 12)
+    if ds.zero_stage == 3:
+        blocks: dict[int, int] = {}
+        for p in params:
+            if p.block is not None:
+                blocks[p.block] = blocks.get(p.block, 0) + p.numel()
+        root = sum(p.numel() for p in params if p.block is None)
+        gathered = root * 4 + max(blocks.values(), default=0) * 12
+    else:
+        from unroll.train.deepspeed_engine import BUCKET  # ZeRO's reduce bucket, as the engine sets it
+
+        gathered = min(total, BUCKET) * 4
+    gathered += tokens * cfg.model.d_model * 4  # the loss's gradient of the hidden states
+    return Components(weights=weights, gradients=gradients, optimizer=optimizer, gathered=gathered), held, offloaded
 
 
 def estimate_for(rehearsal) -> Estimate:
@@ -358,7 +416,10 @@ def _runs(cfg: Config, layout: Layout) -> bool:
 def plan(cfg: Config, *, nodes: int, gpus_per_node: int, gpu_gib: float = 80.0, usable: float = 0.9) -> list[Estimate]:
     """The layouts that run and fit `usable` of each GPU's memory, best first."""
     fits = []
-    for lay in candidate_layouts(cfg.model, nodes * gpus_per_node, gpus_per_node):
+    layouts = list(candidate_layouts(cfg.model, nodes * gpus_per_node, gpus_per_node))
+    if cfg.parallel.engine == "deepspeed":  # data parallelism only: ZeRO over every rank
+        layouts = [{"dp_shard": nodes * gpus_per_node}]
+    for lay in layouts:
         layout = Layout(**lay)
         if not _runs(cfg, layout):
             continue
@@ -371,4 +432,5 @@ def plan(cfg: Config, *, nodes: int, gpus_per_node: int, gpu_gib: float = 80.0, 
 def format_estimate(e: Estimate) -> str:
     lay = " ".join(f"{k}={getattr(e.layout, k)}" for k in ("pp", "dp_replicate", "dp_shard", "cp", "tp", "ep"))
     parts = ", ".join(f"{name} {value / GiB:.1f}" for name, value in e.components.as_dict().items())
-    return f"{lay}: {e.total / GiB:.1f} GiB per GPU ({parts}; {e.params_held / 1e6:,.0f}M parameters held)"
+    off = "".join(f"; offloaded to {place} {value / GiB:.1f}" for place, value in e.offloaded.items())
+    return f"{lay}: {e.total / GiB:.1f} GiB per GPU ({parts}; {e.params_held / 1e6:,.0f}M parameters held{off})"

@@ -147,6 +147,11 @@ def rehearse(
     cfg = _gpu_config(load_config(config, overrides))
     target_seq = load_config(config, [o for o in overrides if not o.startswith("data.seq_len=")]).data.seq_len
     world = nodes * gpus_per_node
+    if cfg.parallel.engine != "torch":
+        raise ConfigError(
+            f"parallel.engine={cfg.parallel.engine}: unroll rehearse runs the torch engine's program only "
+            f"(`unroll plan` estimates ZeRO's memory)"
+        )
     if nodes < 1 or gpus_per_node < 1:
         raise ConfigError(f"--nodes {nodes} --gpus-per-node {gpus_per_node}: both must be positive")
     if not 0 <= rank < world:
