@@ -17,7 +17,10 @@ class Key(NamedTuple):
 
 
 def _type_name(hint) -> str:
-    return hint.__name__ if isinstance(hint, type) and not typing.get_args(hint) else str(hint).replace("typing.", "")
+    """e.g. "int", "list[str]", "float|None" (no spaces: `--keys` prints one column per field)."""
+    if isinstance(hint, type) and not typing.get_args(hint):
+        return hint.__name__
+    return str(hint).replace("typing.", "").replace(" | ", "|")
 
 
 def config_keys(cfg, prefix: str = "") -> list[Key]:
