@@ -3,6 +3,7 @@ speed figures live in the benchmark's output, not in tests)."""
 
 import json
 
+import pytest
 import torch
 
 from unroll.launch.cli import main
@@ -50,6 +51,16 @@ def test_the_triton_and_fused_paths_where_triton_runs(tmp_path):
             assert r.triton_ms > 0 and r.fused_ms > 0 and 0 < r.fused_min_ms <= r.fused_ms
             assert r.fused_max_err < 1e-5
         assert "fused ms" in format_table(rows) and format_table(rows).count("n/a") == 2  # all but compiled
+
+
+def test_bench_solver_shapes_instead_of_the_grid(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    argv = ["bench", "solver", "--cells", "gru", "--repeat", "1", "--no-compiled", "--shape", "2,33,5"]
+    assert main([*argv, "--shape", "1,40,3", "--json", str(out)]) == 0
+    assert {(r["batch"], r["length"], r["width"]) for r in json.loads(out.read_text())} == {(2, 33, 5), (1, 40, 3)}
+    with pytest.raises(SystemExit):
+        main(["bench", "solver", "--shape", "1,40"])
+    assert "expected B,T,D" in capsys.readouterr().err
 
 
 def test_the_compiled_newton_column():

@@ -215,6 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--grid", choices=sorted(GRIDS), default=None, help="default: gpu on CUDA, cpu otherwise")
     p.add_argument("--cells", default="gru,lstm")
+    p.add_argument(
+        "--shape",
+        action="append",
+        default=None,
+        metavar="B,T,D",
+        help="this shape instead of the grid's (repeatable), e.g. --shape 1,16384,64",
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument(
         "--sequential-steps",
@@ -244,6 +251,13 @@ def main(argv: list[str] | None = None) -> int:
             return stiff_table(args.cells.split(","), [torch.float32, torch.float64], 16, 2048, 8, None)
     device = torch.device(args.device)
     grid = GRIDS[args.grid or ("gpu" if device.type == "cuda" else "cpu")]
+    if args.shape:
+        try:
+            grid = [tuple(int(n) for n in shape.split(",")) for shape in args.shape]
+        except ValueError:
+            p.error(f"--shape {args.shape}: expected B,T,D (three integers)")
+        if any(len(shape) != 3 or min(shape) < 1 for shape in grid):
+            p.error(f"--shape {args.shape}: expected B,T,D (three positive integers)")
     triton_impl = None
     if device.type == "cuda":
         from unroll.kernels.triton_scan import scan_triton
