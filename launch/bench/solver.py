@@ -208,6 +208,17 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def _shape(p: argparse.ArgumentParser, text: str) -> tuple[int, int, int]:
+    """--shape B,T,D, or the parser's error naming it."""
+    try:
+        B, T, D = (int(n) for n in text.split(","))
+    except ValueError:
+        p.error(f"--shape {text}: expected B,T,D (three positive integers)")
+    if min(B, T, D) < 1:
+        p.error(f"--shape {text}: expected B,T,D (three positive integers)")
+    return B, T, D
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="unroll bench solver", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -252,12 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     grid = GRIDS[args.grid or ("gpu" if device.type == "cuda" else "cpu")]
     if args.shape:
-        try:
-            grid = [tuple(int(n) for n in shape.split(",")) for shape in args.shape]
-        except ValueError:
-            p.error(f"--shape {args.shape}: expected B,T,D (three integers)")
-        if any(len(shape) != 3 or min(shape) < 1 for shape in grid):
-            p.error(f"--shape {args.shape}: expected B,T,D (three positive integers)")
+        grid = [_shape(p, shape) for shape in args.shape]
     triton_impl = None
     if device.type == "cuda":
         from unroll.kernels.triton_scan import scan_triton
