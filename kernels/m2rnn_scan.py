@@ -8,9 +8,17 @@ Shapes: q, k [B, T, G, K]; v [B, T, H, V]; f [B, T, H] (the forget gate, in (0, 
 h0 [B, H, K, V] or None (zeros); resets [B, T] bool or None: where True, H_{t−1} is taken as zero (a new
 document starts at t). Both functions return (y [B, T, H, V], h_last [B, H, K, V]), h_last = the
 state after the last step (h0 when T = 0).
+
+State-gradient clipping (`clip`, a float c or None; the M²RNN authors' `gradient_clipping`, 1 in all their
+training configs): the forward is unchanged; in the backward, the gradient carried back into H_t from the
+steps after it (through H_{t+1}, and for t = T−1 the gradient of h_last) is clamped to [−c, c] at every step,
+before y_t's own term q_t dy_tᵀ is added. That is what their Triton backward (the path their runs train
+with) does; their PyTorch loop clamps the sum instead, a different rule that their tests never compare.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -39,10 +47,36 @@ def m2rnn_shapes(
     return B, T, G, K, H, V
 
 
+class _ClampGrad(torch.autograd.Function):
+    """Identity forward; the backward clamps the incoming gradient to [−c, c]."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, c: float) -> Tensor:
+        ctx.c = c
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad.clamp(-ctx.c, ctx.c), None
+
+
+def clamp_grad(x: Tensor, c: float | None) -> Tensor:
+    """x, whose gradient is clamped to [−c, c] in the backward (x itself when c is None)."""
+    return x if c is None else _ClampGrad.apply(x, c)  # type: ignore[no-untyped-call]
+
+
 def m2rnn_reference(
-    q: Tensor, k: Tensor, v: Tensor, f: Tensor, W: Tensor, h0: Tensor | None = None, resets: Tensor | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    f: Tensor,
+    W: Tensor,
+    h0: Tensor | None = None,
+    resets: Tensor | None = None,
+    clip: float | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The recurrence as a PyTorch loop over t (gradients by autograd), in the inputs' promoted dtype."""
+    """The recurrence as a PyTorch loop over t (gradients by autograd), in the inputs' promoted dtype; `clip`
+    clamps the state gradient carried back from later steps (the module docstring)."""
     B, T, G, K, H, V = m2rnn_shapes(q, k, v, f, W, h0)
     per = H // G
     qh, kh = q.repeat_interleave(per, dim=2), k.repeat_interleave(per, dim=2)  # [B, T, H, K]
@@ -56,6 +90,7 @@ def m2rnn_reference(
         ft = ft[..., None, None]
         h = ft * h + (1 - ft) * torch.tanh(h @ W + kt.unsqueeze(-1) * vt.unsqueeze(-2))
         ys.append((qt.unsqueeze(-1) * h).sum(-2))
+        h = clamp_grad(h, clip)  # the state as the next step (or h_last) reads it
     y = torch.stack(ys, dim=1) if ys else v.new_empty(B, 0, H, V, dtype=h.dtype)
     return y, h
 
@@ -69,6 +104,7 @@ def m2rnn_checkpointed(
     h0: Tensor | None = None,
     chunk: int = 32,
     resets: Tensor | None = None,
+    clip: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """m2rnn_reference run `chunk` steps at a time, each chunk under activation checkpointing: the forward
     keeps only the state entering each chunk (T/chunk states per head, as the Triton kernel's
@@ -78,7 +114,7 @@ def m2rnn_checkpointed(
 
     T = q.shape[1]
     if T <= chunk or not torch.is_grad_enabled():
-        return m2rnn_reference(q, k, v, f, W, h0, resets)
+        return m2rnn_reference(q, k, v, f, W, h0, resets, clip)
     B, _, G, K, H, V = m2rnn_shapes(q, k, v, f, W, h0)
     h = h0 if h0 is not None else v.new_zeros(B, H, K, V, dtype=torch.result_type(v, W))
     ys = []
@@ -93,6 +129,7 @@ def m2rnn_checkpointed(
             W,
             h,
             resets[:, part] if resets is not None else None,
+            clip,
             use_reentrant=False,
             preserve_rng_state=False,
         )
@@ -109,10 +146,13 @@ def m2rnn_sequential(
     h0: Tensor | None = None,
     impl: str = "auto",
     resets: Tensor | None = None,
+    clip: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(y, h_last) by `impl`: "torch" (m2rnn_checkpointed: the reference, keeping a state per 32 steps),
     "triton" (m2rnn_triton), or "auto" (Triton for CUDA tensors, torch otherwise). Triton is imported only
-    when used."""
+    when used. `clip`: the state-gradient clipping of the module docstring, in every impl."""
+    if clip is not None and not clip > 0:
+        raise ValueError(f"m2rnn: clip must be positive or None, got {clip}")
     if impl not in ("auto", "torch", "triton"):
         raise ValueError(f"m2rnn_sequential: impl must be 'auto', 'torch' or 'triton', got {impl!r}")
     m2rnn_shapes(q, k, v, f, W, h0)
@@ -121,5 +161,5 @@ def m2rnn_sequential(
     if impl == "triton" or (impl == "auto" and q.is_cuda):
         from unroll.kernels.triton_m2rnn import m2rnn_triton
 
-        return m2rnn_triton(q, k, v, f, W, h0, resets)
-    return m2rnn_checkpointed(q, k, v, f, W, h0, resets=resets)
+        return m2rnn_triton(q, k, v, f, W, h0, resets, clip=clip)
+    return m2rnn_checkpointed(q, k, v, f, W, h0, resets=resets, clip=clip)

@@ -13,6 +13,7 @@ needed.
 Backward: the chunks in reverse. Each chunk's states H and activations U are recomputed from its checkpoint
 into this program's scratch in global memory (C+1 states, C activations), then the reverse recursion runs
 over the chunk's steps, t descending, with dH the gradient of H_t:
+    dH ← clamp(dH, −c, c)                   (only with state-gradient clipping c, kernels/m2rnn_scan.py)
     dH += q_t dy_tᵀ                         (y_t reads H_t; dH starts as the gradient of h_last)
     G_t = (1 − f_t) dH ⊙ (1 − U_t²)         (the gradient of Z_t)
     dq_t = H_t dy_t,  dk_t = G_t v_t,  dv_t = G_tᵀ k_t,  df_t = Σ dH ⊙ (H_{t−1} − U_t),  dW += H_{t−1}ᵀ G_t
@@ -171,10 +172,12 @@ def _bwd_kernel(
     K,
     V,
     NC,
+    clip,
     C: tl.constexpr,
     KP: tl.constexpr,
     VP: tl.constexpr,
     HAS_RESETS: tl.constexpr,
+    CLIP: tl.constexpr,
     F64: tl.constexpr,
 ):
     """Gradients per (b, h): dq, dk [B, T, H, K], dv [B, T, H, V], df [B, T, H], dW [B, H, V, V], dh0."""
@@ -202,6 +205,8 @@ def _bwd_kernel(
             prev = _reset(tl.load(sh + s * KP * VP + tile), r_ptr, row, HAS_RESETS)  # the state step s read
             cur = tl.load(sh + (s + 1) * KP * VP + tile)
             U = tl.load(su + s * KP * VP + tile)
+            if CLIP:
+                dS = tl.minimum(tl.maximum(dS, -clip), clip)
             dS += qt[:, None] * dyt[None, :]
             Gt = (1.0 - ft) * dS * (1.0 - U * U)
             dW = tl.dot(tl.trans(prev), Gt, dW, input_precision="ieee")
@@ -243,6 +248,7 @@ class _M2RNN(torch.autograd.Function):
         h0: torch.Tensor | None,
         resets: torch.Tensor | None,
         chunk: int,
+        clip: float | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, G, K, H, V = m2rnn_shapes(q, k, v, f, W, h0)
         xs = (q, k, v, f, W) + ((h0,) if h0 is not None else ())
@@ -285,14 +291,14 @@ class _M2RNN(torch.autograd.Function):
                 num_warps=_warps(KP, VP),
             )
         ctx.save_for_backward(q, k, v, f, W, ck, starts)
-        ctx.meta = (chunk, h0 is not None, h0.dtype if h0 is not None else None, f64, resets is not None)
+        ctx.meta = (chunk, h0 is not None, h0.dtype if h0 is not None else None, f64, resets is not None, clip)
         return y, hT
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dy: torch.Tensor, dhT: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, f, W, ck, starts = ctx.saved_tensors
-        chunk, has_h0, h0_dtype, f64, has_resets = ctx.meta
+        chunk, has_h0, h0_dtype, f64, has_resets, clip = ctx.meta
         B, T, G, K = q.shape
         H, V = v.shape[2:]
         cdt = torch.float64 if f64 else torch.float32
@@ -329,10 +335,12 @@ class _M2RNN(torch.autograd.Function):
                 K,
                 V,
                 NC,
+                float(clip or 0.0),
                 C=chunk,
                 KP=KP,
                 VP=VP,
                 HAS_RESETS=has_resets,
+                CLIP=clip is not None,
                 F64=f64,
                 num_warps=_warps(KP, VP),
             )
@@ -344,6 +352,7 @@ class _M2RNN(torch.autograd.Function):
             df.to(f.dtype),
             dW.sum(0).to(W.dtype),
             dh0.to(h0_dtype) if has_h0 else None,
+            None,
             None,
             None,
         )
@@ -359,11 +368,12 @@ def m2rnn_triton(
     resets: torch.Tensor | None = None,
     *,
     chunk: int = DEFAULT_CHUNK,
+    clip: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y [B, T, H, V], h_last [B, H, K, V]) as `m2rnn_reference`, by the Triton kernels, differentiable in
     q, k, v, f, W and h0; resets [B, T] bool: the state is zero where a document starts. chunk: steps
     between the forward's checkpoints (a power of two; the backward recomputes a chunk at a time, memory
-    T/chunk states per head instead of T)."""
+    T/chunk states per head instead of T); clip: the state-gradient clipping of kernels/m2rnn_scan.py."""
     m2rnn_shapes(q, k, v, f, W, h0)
     for name, x in (("q", q), ("k", k), ("v", v), ("f", f), ("W", W), ("h0", h0)):
         if x is None:
@@ -382,5 +392,5 @@ def m2rnn_triton(
     # torch leaves Function.apply unannotated
     if resets is not None and (resets.shape != q.shape[:2] or resets.device != v.device):
         raise ValueError(f"m2rnn_triton: resets must be [B, T] = {tuple(q.shape[:2])} on {v.device}")
-    y, h_last = _M2RNN.apply(q, k, v, f, W, h0, resets, chunk)  # type: ignore[no-untyped-call]
+    y, h_last = _M2RNN.apply(q, k, v, f, W, h0, resets, chunk, clip)  # type: ignore[no-untyped-call]
     return y, h_last

@@ -11,6 +11,7 @@ RESERVED_CHARS: dict[str, str] = {}
 # One character per layer for the MLP: D dense SwiGLU, E mixture of experts.
 MLP_CHARS = {"D": "dense", "E": "moe"}
 SOLVERS = ("auto", "newton", "sequential")
+M2RNN_CONV_INITS = ("reference", "torch")
 NEWTON_KERNELS = ("auto", "fused", "pytorch", "compiled")
 NEWTON_DAMPINGS = ("none", "trust_region")  # kernels/newton_damping.py's DAMPINGS (no torch import here)
 DOCUMENTS = ("isolated", "packed")
@@ -28,6 +29,10 @@ class M2RNNConfig:
     v_heads: int = 0  # value heads; 0 = d_model // v_dim
     conv: int = 4  # causal depthwise convolution width on q, k, v (1 = none)
     solver: str = "auto"  # newton | sequential | auto (sequential: Triton on CUDA, PyTorch on CPU)
+    conv_init: str = "reference"  # reference: N(0, init_std) as the authors' code; torch: U(±1/√conv)
+    # clamp dL/dH carried back from later steps to [-c, c] at every step (sequential solver); None = off
+    # (the authors train with 1; models/m2rnn.py says why it is off here)
+    state_grad_clip: float | None = None
 
 
 @dataclass
@@ -253,6 +258,12 @@ class ModelConfig:
             )
         if m.solver not in SOLVERS:
             out.append(("m2rnn.solver", f"must be one of {', '.join(SOLVERS)}, got {m.solver!r}"))
+        if m.conv_init not in M2RNN_CONV_INITS:
+            out.append(("m2rnn.conv_init", f"must be one of {', '.join(M2RNN_CONV_INITS)}, got {m.conv_init!r}"))
+        if m.state_grad_clip is not None and not m.state_grad_clip > 0:
+            out.append(("m2rnn.state_grad_clip", f"must be positive or null, got {m.state_grad_clip}"))
+        elif m.state_grad_clip is not None and m.solver == "newton":
+            out.append(("m2rnn.state_grad_clip", "the Newton solver does not clip the state gradient: set null"))
         return out
 
     def _tnt_problems(self) -> list[tuple[str, str]]:

@@ -52,6 +52,8 @@ def build_mixer(kind: str, cfg: ModelConfig, out_std: float) -> Mixer:
             v_heads=cfg.m2rnn_v_heads,
             conv=m.conv,
             solver=m.solver,
+            conv_init=m.conv_init,
+            state_grad_clip=m.state_grad_clip,
             newton_damping=cfg.newton_damping,
             norm_eps=cfg.norm_eps,
             init_std=cfg.init_std,

@@ -8,6 +8,16 @@ convolution and SiLU. With f = exp(−exp(A_log)·softplus(a + dt_bias)) per hea
     y_t = q_tᵀ H_t + D ⊙ v_t
     out = W_o · RMSNorm(y ⊙ SiLU(g))  (the norm over all heads together)
 
+Where this differs from the authors' code (lm-engine's M²RNN layer, xma's recurrence; the outputs, states and
+gradients agree with theirs on the same weights): the convolution is initialised as theirs, N(0, init_std)
+(`conv_init="reference"`, the default; `"torch"` is torch's Conv1d default, ~14× larger). Their training
+configs clip the state gradient at 1 (`gradient_clipping`); here `state_grad_clip` c does the same (the
+backward clamps the gradient carried back into H_t from later steps to [−c, c] at every step,
+kernels/m2rnn_scan.py; the forward is unchanged) but is off by default: the Newton solver has no clipped
+adjoint, so a default of 1 would make the two solvers train differently, and on the state-tracking bench it
+changed nothing measurable (`unroll bench state-tracking --set m2rnn.state_grad_clip=1`). Sequential solver
+only.
+
 q/k heads are shared by v_heads / qk_heads value heads each (GQA-like). Two ways to train, selectable
 (`solver`) and tested equal: the sequential kernel (Triton on CUDA, a PyTorch loop on CPU) and the
 Newton solver. For Newton, the K rows of each head's H are independent V-vectors (row i of H_{t−1}W +
@@ -100,8 +110,15 @@ class M2RNN(ContextParallel, nn.Module):
         norm_eps: float = 1e-5,
         init_std: float = 0.02,
         out_std: float | None = None,
+        conv_init: str = "reference",
+        state_grad_clip: float | None = None,
     ):
         super().__init__()
+        if conv_init not in ("reference", "torch"):
+            raise ValueError(f"conv_init must be 'reference' or 'torch', got {conv_init!r}")
+        if state_grad_clip is not None and solver == "newton":
+            raise ValueError("state_grad_clip: the Newton solver does not clip the state gradient")
+        self.conv_init, self.state_grad_clip = conv_init, state_grad_clip
         v_heads = v_heads or d_model // v_dim
         if v_heads % qk_heads:
             raise ValueError(f"v_heads={v_heads} is not a multiple of qk_heads={qk_heads}")
@@ -124,7 +141,10 @@ class M2RNN(ContextParallel, nn.Module):
     def init_rules(self) -> dict[str, Rule]:
         """The paper's init: W = I, D = 1, A ~ U[0, 16] stored as log A, dt log-uniform in [1e-3, 0.1] with
         dt_bias = softplus⁻¹(dt) (so f starts between exp(−1.6) and ~1: a spread of memory lengths). The
-        depthwise convolution as torch's Conv1d default, U(±1/√width)."""
+        depthwise convolution N(0, init_std) as the authors' code (lm-engine) initialises it
+        (`conv_init="reference"`, the default); `conv_init="torch"` is torch's Conv1d default U(±1/√width),
+        ~14× larger at width 4 and std 0.02, this module's default before the state-tracking bench showed
+        the difference (launch/bench/state_tracking.py)."""
 
         def dt_bias(d: Draws) -> torch.Tensor:
             dt = torch.exp(d.uniform(math.log(1e-3), math.log(0.1)))
@@ -134,7 +154,7 @@ class M2RNN(ContextParallel, nn.Module):
         return {
             "in_proj.weight": normal(self.init_std),
             "out_proj.weight": normal(self.out_std),
-            "conv.weight": uniform(-bound, bound),
+            "conv.weight": normal(self.init_std) if self.conv_init == "reference" else uniform(-bound, bound),
             "W": identity(),
             "D": constant(1.0),
             "A_log": Rule(lambda d: d.uniform(0.0, 16.0).clamp_min(1e-4).log(), whole=True),
@@ -190,7 +210,7 @@ class M2RNN(ContextParallel, nn.Module):
             self.last_solve = SolveInfo(0, 0.0, True)
             if group is not None:  # the previous rank's final state in; ours goes out in forward()
                 h0 = receive_state(h0, group, anchor=k)
-            return m2rnn_sequential(q, k, v, f, self.W.to(q.dtype), h0, resets=resets)
+            return m2rnn_sequential(q, k, v, f, self.W.to(q.dtype), h0, resets=resets, clip=self.state_grad_clip)
         B, T, H, V = v.shape
         K, per = self.k_dim, H // self.qk_heads
         kh = k.repeat_interleave(per, dim=2)  # [B, T, H, K]: each value head's key

@@ -1,13 +1,29 @@
-"""`unroll bench state-tracking`: its task generators are right, and it runs end to end (no accuracy is
-asserted: a few steps learn nothing; the numbers live in the benchmark's output)."""
+"""`unroll bench state-tracking`: its task generators agree with brute-force references, and it runs end to
+end at a tiny size (no accuracy is asserted: a few steps learn nothing; the numbers live in the benchmark's
+output and the issue notes)."""
 
+import itertools
 import json
 
+import pytest
 import torch
 
 from unroll.launch.bench import state_tracking
-from unroll.launch.bench.state_tracking import COMPOSE, PERMS, length_at, main, parity_batch, s5_batch
+from unroll.launch.bench.state_tracking import (
+    COMPOSE,
+    PERMS,
+    S3_COMPOSE,
+    S3_PERMS,
+    length_at,
+    main,
+    modadd_batch,
+    parity_batch,
+    s3_batch,
+    s5_batch,
+)
 from unroll.launch.cli import main as cli_main
+
+TINY = ["--steps", "2", "--eval-samples", "4", "--threads", "1"]
 
 
 def test_parity_targets_are_prefix_xors():
@@ -28,6 +44,32 @@ def test_s5_targets_compose_permutations_first_token_first():
         for g, target in zip(row_x, row_y):
             state = [PERMS[g][state[i]] for i in range(5)]  # g ∘ state: the new token applied last
             assert PERMS[target] == tuple(state)
+
+
+def test_s3_targets_compose_permutations_first_token_first_and_s3_is_not_abelian():
+    x, y = s3_batch(4, 30, torch.Generator().manual_seed(3))
+    assert S3_PERMS == list(itertools.permutations(range(3))) and S3_PERMS[0] == (0, 1, 2)
+    assert set(x.unique().tolist()) == set(range(6))
+    for row_x, row_y in zip(x.tolist(), y.tolist()):
+        state = [0, 1, 2]
+        for g, target in zip(row_x, row_y):
+            state = [S3_PERMS[g][state[i]] for i in range(3)]
+            assert S3_PERMS[target] == tuple(state)
+    # the table against composing the tuples, and two elements that do not commute
+    for a, p in enumerate(S3_PERMS):
+        for b, q in enumerate(S3_PERMS):
+            assert S3_PERMS[S3_COMPOSE[a, b]] == tuple(q[p[i]] for i in range(3))
+    assert (S3_COMPOSE != S3_COMPOSE.T).any()
+
+
+def test_modadd_targets_are_prefix_sums_mod_5():
+    x, y = modadd_batch(3, 40, torch.Generator().manual_seed(4))
+    assert set(x.unique().tolist()) == set(range(5))
+    for row_x, row_y in zip(x.tolist(), y.tolist()):
+        total = 0
+        for a, target in zip(row_x, row_y):
+            total = (total + a) % 5
+            assert target == total
 
 
 def test_s5_identity_is_neutral():
@@ -51,32 +93,19 @@ def _targets(x: torch.Tensor) -> torch.Tensor:
 
 def test_bench_quick_runs_and_writes_json(tmp_path, capsys):
     out = tmp_path / "st.json"
-    assert (
-        main(
-            [
-                "--quick",
-                "--families",
-                "gru,transformer",
-                "--eval-lengths",
-                "64,128",
-                "--threads",
-                "1",
-                "--json",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert main(["--length", "8", "--tasks", "parity,s3", "--seeds", "0,1", *TINY, "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "acc/last@64*" in printed and "acc/last@128" in printed and "transformer" in printed
+    # every family, at the training length, 4× and 8× it; a summary over the seeds
+    assert "acc/last@8*" in printed and "acc/last@32" in printed and "acc/last@64" in printed
+    assert "seeds 2: @8 min" in printed
     result = json.loads(out.read_text())
-    assert result["eval_lengths"] == [64, 128] and result["skipped"] == {}
+    assert result["eval_lengths"] == [8, 32, 64] and result["skipped"] == {} and result["setting"] == "quick"
     rows = result["rows"]
-    expected = [(f, t) for f in ("gru", "transformer") for t in ("parity", "s5")]
-    assert [(r["family"], r["task"]) for r in rows] == expected
+    expected = [(f, t, s) for f in ("gru", "lstm", "m2rnn", "transformer") for t in ("parity", "s3") for s in (0, 1)]
+    assert [(r["family"], r["task"], r["seed"]) for r in rows] == expected
     for r in rows:
         assert {"steps", "loss", "params", "train_seconds", "eval_seconds", "acc", "last_acc"} <= r.keys()
-        assert set(r["acc"]) == set(r["last_acc"]) == {"64", "128"}
+        assert set(r["acc"]) == set(r["last_acc"]) == {"8", "32", "64"}
         assert all(0 <= a <= 1 for a in [*r["acc"].values(), *r["last_acc"].values()])
 
 
@@ -142,6 +171,7 @@ def test_cli_registers_the_bench(capsys):
                 "bench",
                 "state-tracking",
                 "--quick",
+                *TINY,
                 "--families",
                 "lstm",
                 "--tasks",
@@ -175,9 +205,55 @@ def test_a_family_that_does_not_build_fails_the_bench_by_name(monkeypatch, capsy
 def test_excluded_families_are_listed_and_left_out(monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(state_tracking.FAMILIES, "bad-char", dict(pattern="QQ"))
     out = tmp_path / "st.json"
-    argv = ["--quick", "--families", "gru,bad-char", "--exclude", "bad-char", "--tasks", "parity"]
+    argv = ["--quick", *TINY, "--families", "gru,bad-char", "--exclude", "bad-char", "--tasks", "parity"]
     assert main([*argv, "--eval-lengths", "64", "--threads", "1", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "excluded bad-char (--exclude)" in printed and "machine: load average" in printed
     result = json.loads(out.read_text())
     assert [r["family"] for r in result["rows"]] == ["gru"] and set(result["skipped"]) == {"bad-char"}
+
+
+def test_settings_and_model_overrides(monkeypatch, capsys, tmp_path):
+    """--full and --quick fill what is not given; --set reaches every family's ModelConfig (and a field that
+    does not exist fails the bench by name, before training); --decay all is recorded."""
+    built = []
+    real_build = state_tracking.build
+
+    def recording(family, vocab, overrides=()):
+        model, why = real_build(family, vocab, overrides)
+        built.append((family, model.cfg.m2rnn.state_grad_clip if model is not None else why))
+        return model, why
+
+    monkeypatch.setattr(state_tracking, "build", recording)
+    out = tmp_path / "st.json"
+    argv = ["--full", "--families", "m2rnn", "--tasks", "parity", "--length", "4", "--eval-lengths", "6"]
+    assert (
+        main(
+            [
+                *argv,
+                *TINY,
+                "--device",
+                "cpu",
+                "--decay",
+                "all",
+                "--set",
+                "m2rnn.state_grad_clip=0.5",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    result = json.loads(out.read_text())
+    assert result["setting"] == "full" and result["seeds"] == [0, 1, 2] and result["curriculum"] == 4
+    assert result["decay"] == "all" and result["model_overrides"] == ["m2rnn.state_grad_clip=0.5"]
+    assert result["eval_lengths"] == [4, 6] and built and all(clip == 0.5 for _, clip in built)
+    capsys.readouterr()
+    assert main(["--families", "gru", *TINY, "--set", "no_such_field=1"]) == 1
+    assert "family gru does not build: ModelConfig rejects" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting", ["quick", "full"])
+def test_each_setting_names_its_tasks_and_lengths(setting):
+    preset = state_tracking.SETTINGS[setting]
+    assert set(preset["tasks"].split(",")) >= {"parity", "s3"} and preset["steps"] > 0

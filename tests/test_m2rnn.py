@@ -121,6 +121,36 @@ def test_initialisation_follows_the_paper():
     assert math.log(dt.max() / dt.min()) > 2  # spread log-uniformly over two decades
 
 
+def test_convolution_init_is_the_references_normal_and_torchs_default_on_request():
+    torch.manual_seed(4)
+    ref = M2RNN(64, k_dim=16, v_dim=8, init_std=0.02).conv.weight
+    assert abs(ref.std().item() - 0.02) < 0.002 and ref.abs().max() < 0.02 * 6  # N(0, init_std), the authors'
+    old = M2RNN(64, k_dim=16, v_dim=8, conv_init="torch").conv.weight
+    assert old.abs().max() <= 0.5 and old.std() > 0.25  # U(±1/√4), std 0.29: ~14× larger
+    with pytest.raises(ValueError, match="conv_init"):
+        M2RNN(64, conv_init="xavier")
+
+
+def test_state_gradient_clipping_reaches_the_recurrence_and_leaves_the_forward():
+    """state_grad_clip: the same output, other gradients (the kernel's rule is tested in test_m2rnn_kernel);
+    the Newton solver has no clipped adjoint and refuses it, as the config does."""
+    from unroll.models.config import M2RNNConfig, ModelConfig
+
+    plain, clipped = mixer("sequential"), mixer("sequential")
+    clipped.state_grad_clip = 1e-3
+    x = torch.randn(2, 9, 24, dtype=torch.float64)
+    ys = [m(x)[0] for m in (plain, clipped)]
+    assert torch.equal(ys[0], ys[1])
+    grads = [torch.autograd.grad(y.square().sum(), m.W)[0] for y, m in zip(ys, (plain, clipped))]
+    assert not torch.allclose(grads[0], grads[1])
+    with pytest.raises(ValueError, match="Newton solver does not clip"):
+        M2RNN(24, solver="newton", state_grad_clip=1.0)
+    cfg = ModelConfig(pattern="M", m2rnn=M2RNNConfig(solver="newton", state_grad_clip=1.0))
+    assert [k for k, _ in cfg.problems()] == ["m2rnn.state_grad_clip"]
+    bad = ModelConfig(pattern="M", m2rnn=M2RNNConfig(conv_init="xavier", state_grad_clip=0.0))
+    assert [k for k, _ in bad.problems()] == ["m2rnn.conv_init", "m2rnn.state_grad_clip"]
+
+
 def test_7b_moe_layer_has_the_papers_size():
     with torch.device("meta"):
         m = M2RNN(1536, k_dim=64, v_dim=16, qk_heads=1, v_heads=132)

@@ -219,3 +219,86 @@ def test_shape_errors(case):
     for fn in fns:
         with pytest.raises(ValueError, match=message):
             fn(*xs)
+
+
+def _clipped_backward_by_hand(xs, clip, resets=None, seed=0):
+    """The gradients of forward_and_grads' loss with state-gradient clipping, by a reverse loop written out
+    (no autograd): dH = clamp(dH, −c, c), then dH += q_t dy_tᵀ, then the step's adjoint."""
+    q, k, v, f, W, h0 = (None if x is None else x.detach() for x in xs)
+    B, T, G, K = q.shape
+    H, V = v.shape[2:]
+    per = H // G
+    qh, kh = q.repeat_interleave(per, 2), k.repeat_interleave(per, 2)
+    hs = [h0 if h0 is not None else v.new_zeros(B, H, K, V)]
+    prevs, us = [], []
+    for t in range(T):
+        prev = hs[-1] if resets is None else hs[-1].masked_fill(resets[:, t, None, None, None], 0)
+        u = torch.tanh(prev @ W + kh[:, t, :, :, None] * v[:, t, :, None, :])
+        ft = f[:, t, :, None, None]
+        prevs.append(prev), us.append(u), hs.append(ft * prev + (1 - ft) * u)
+    y = torch.stack([(qh[:, t, :, :, None] * hs[t + 1]).sum(-2) for t in range(T)], 1) if T else None
+    g = torch.Generator().manual_seed(seed)
+    wy = torch.randn((B, T, H, V), generator=g).to(v)
+    dH = torch.randn((B, H, K, V), generator=g).to(v)  # the gradient of h_last
+    dq, dk, dv, df, dW = (torch.zeros_like(x) for x in (qh, kh, v, f, W))
+    for t in reversed(range(T)):
+        dH = dH.clamp(-clip, clip) + qh[:, t, :, :, None] * wy[:, t, :, None, :]
+        ft = f[:, t, :, None, None]
+        Gz = (1 - ft) * dH * (1 - us[t] ** 2)
+        dq[:, t] = (hs[t + 1] * wy[:, t, :, None, :]).sum(-1)
+        dk[:, t] = (Gz * v[:, t, :, None, :]).sum(-1)
+        dv[:, t] = (Gz * kh[:, t, :, :, None]).sum(-2)
+        df[:, t] = (dH * (prevs[t] - us[t])).sum((-1, -2))
+        dW += (prevs[t].transpose(-1, -2) @ Gz).sum(0)
+        dH = ft * dH + Gz @ W.transpose(-1, -2)
+        if resets is not None:
+            dH = dH.masked_fill(resets[:, t, None, None, None], 0)
+    grads = [dq.view(B, T, G, per, K).sum(3), dk.view(B, T, G, per, K).sum(3), dv, df, dW]
+    return y, hs[-1], grads + ([dH] if h0 is not None else [])
+
+
+@pytest.mark.parametrize("clip", [1e-3, 0.05, 1.0, 100.0])
+def test_state_gradient_clipping_by_hand(clip):
+    """clip=c clamps the state gradient carried back from later steps to [−c, c] at every step (the forward
+    unchanged): the reference's autograd equals the reverse loop written out, in float64. Small c clips
+    nearly every element, large c none (then the gradients are the unclipped ones)."""
+    xs = inputs(2, 9, 1, 2, 4, 3, seed=11)
+    want = _clipped_backward_by_hand(xs, clip)
+    got = forward_and_grads(lambda *a: m2rnn_reference(*a, clip=clip), xs)
+    plain = forward_and_grads(m2rnn_reference, xs)
+    torch.testing.assert_close(got[0], plain[0], rtol=0, atol=0)  # the forward is unchanged
+    names = ["y", "h_last", "dq", "dk", "dv", "df", "dW", "dh0"]
+    for name, a, b in zip(names, [*got[:2], *got[2]], [*want[:2], *want[2]]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+    differs = any(not torch.allclose(a, b) for a, b in zip(got[2], plain[2]))
+    assert differs == (clip <= 1.0)  # the clip bites at c ≤ 1 here, and not at c = 100
+
+
+def test_state_gradient_clipping_with_resets_and_chunks():
+    """With document starts, and run chunk by chunk under checkpointing, the clipped gradients stay those of
+    the loop written out."""
+    xs = inputs(2, 11, 2, 4, 5, 3, seed=12)
+    resets = torch.zeros(2, 11, dtype=torch.bool, device=DEVICE)
+    resets[0, [0, 4, 7]] = True
+    resets[1, 9] = True
+    want = _clipped_backward_by_hand(xs, 0.05, resets)
+    for fn in (m2rnn_reference, lambda *a, **kw: m2rnn_checkpointed(*a, chunk=4, **kw)):
+        got = forward_and_grads(lambda *a: fn(*a, resets=resets, clip=0.05), xs)
+        for a, b in zip([*got[:2], *got[2]], [*want[:2], *want[2]]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="clip must be positive"):
+        m2rnn_sequential(*xs, clip=0.0)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", ["G1_3heads_T_not_multiple", "G2_odd_KV_no_h0_noncontig", "T1"])
+def test_triton_state_gradient_clipping_matches_reference(case):
+    B, T, G, H, K, V, chunk, kw = CASES[case]
+    xs = inputs(B, T, G, H, K, V, seed=len(case), **kw)
+    resets = torch.zeros(B, T, dtype=torch.bool, device=DEVICE)
+    resets[0, T // 2] = True
+    for r in (None, resets):
+        got = forward_and_grads(lambda *a: triton_fn(*a, r, chunk=chunk, clip=0.05), xs)
+        want = forward_and_grads(lambda *a: m2rnn_reference(*a, r, clip=0.05), xs)
+        for a, b in zip([*got[:2], *got[2]], [*want[:2], *want[2]]):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

@@ -44,3 +44,31 @@ def test_frozen_parameters_stay_out_of_the_optimizer_and_clipping_bounds_the_nor
     assert norm > 1.0
     after = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
     torch.testing.assert_close(after, torch.tensor(1.0), rtol=1e-5, atol=0)
+
+
+def test_weight_decay_groups_leave_gates_biases_norms_and_recurrent_coefficients_undecayed():
+    """One rule (`parameter_groups`) for the trainer and the state-tracking bench: decay on the Linear and
+    Embedding matrices only; never on norms, biases, convolutions, M²RNN's W/A_log/dt_bias/D or the ParaRNN
+    cells' recurrent coefficients."""
+    from unroll.launch.bench import state_tracking
+    from unroll.models.config import M2RNNConfig
+    from unroll.train.optim import parameter_groups
+
+    model = LM(ModelConfig(pattern="MGLA", vocab_size=23, d_model=32, n_heads=2, m2rnn=M2RNNConfig(k_dim=8, v_dim=8)))
+    groups = parameter_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in groups if g["weight_decay"] for p in g["params"]}
+    kept = {names[id(p)] for g in groups if not g["weight_decay"] for p in g["params"]}
+    assert decayed | kept == set(names.values()) and not decayed & kept
+    linear = {n + ".weight" for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
+    assert decayed == linear
+    for name in ("blocks.0.mixer.A_log", "blocks.0.mixer.dt_bias", "blocks.0.mixer.D", "blocks.0.mixer.W"):
+        assert name in kept
+    assert any("norm" in n for n in kept) and any("conv" in n for n in kept)
+    assert [g["weight_decay"] for g in build_optimizer(model, Config()).param_groups] == [
+        Config().optim.weight_decay,
+        0.0,
+    ]
+    bench = state_tracking.optimizer(model, 1e-3, 0.1)
+    assert [[id(p) for p in g["params"]] for g in bench.param_groups] == [[id(p) for p in g["params"]] for g in groups]
+    assert [g["weight_decay"] for g in state_tracking.optimizer(model, 1e-3, 0.1, "all").param_groups] == [0.1]

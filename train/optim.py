@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -14,8 +15,17 @@ from unroll.train.parallel.expert_parallel import expert_mesh, expert_parameters
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
-    """Weight decay on the matrices of Linear and Embedding layers and the MoE's stacked expert matrices;
-    never on norms, biases, convolutions or the recurrences' own coefficients."""
+    """AdamW over `parameter_groups`."""
+    groups = parameter_groups(model, cfg.optim.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """The trainable parameters in AdamW groups (the trainer's and `unroll bench state-tracking`'s): weight
+    decay on the matrices of Linear and Embedding layers (the fused input projections, gate rows included)
+    and the MoE's stacked expert matrices; never on norms, biases, convolutions or the recurrences' own
+    coefficients (ParaGRU/ParaLSTM's diagonal weights, M²RNN's W, A_log, dt_bias and D). The M²RNN authors'
+    lm-engine excludes biases, norms, D, A_log and dt_bias too, but decays the convolution and M²RNN's W."""
     decay = {id(m.weight) for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
     decay |= {id(p) for m in model.modules() if isinstance(m, MoE) for p in (m.w_gate_up, m.w_down)}
     decay |= {id(p) for name, p in model.named_parameters() if name == "embed.weight"}  # a pipeline's tied replica
@@ -27,13 +37,13 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
     groups = [
         {
             "params": [p for p in params if id(p) in decay and id(p) not in experts],
-            "weight_decay": cfg.optim.weight_decay,
+            "weight_decay": weight_decay,
         },
         {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0},
     ]
     if any(id(p) in experts for p in params):
-        groups.append({"params": [p for p in params if id(p) in experts], "weight_decay": cfg.optim.weight_decay})
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+        groups.append({"params": [p for p in params if id(p) in experts], "weight_decay": weight_decay})
+    return groups
 
 
 def apply_trainable(model: torch.nn.Module, pattern: str) -> int:
