@@ -121,6 +121,25 @@ def test_zero_stages_log_the_losses_of_one_process(one, zero_run, stage, offload
     assert [step for step, _ in resolve.good_checkpoints(run_dir)] == [3, 6]
 
 
+def test_zero3_with_nvme_offload_logs_the_losses_of_one_process(one, root, env, tmp_path):
+    """ZeRO-Infinity: the optimizer's state and the parameters swapped to files in a directory (an NVMe drive's
+    stand-in), through DeepSpeed's async I/O op (libaio; the test says so and skips where it cannot build)."""
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    if not AsyncIOBuilder().is_compatible(verbose=False):
+        pytest.skip("DeepSpeed's async I/O op cannot build here (it needs libaio: Debian's libaio-dev)")
+    keys = {"zero_stage": 3, "offload_optimizer": "nvme", "offload_params": "nvme", "nvme_path": str(tmp_path)}
+    path = config(root, "zero3-nvme", parallel={"engine": "deepspeed"}, deepspeed=keys)
+    out = torchrun_train(2, path, env)
+    assert "optimizer on nvme, parameters on nvme" in out.stdout + out.stderr
+    worst = assert_same_losses(one, path.parent / "zero3-nvme")
+    print(f"ZeRO-3 offload=nvme: largest relative loss difference {worst:.2e}")
+    assert [step for step, _ in resolve.good_checkpoints(path.parent / "zero3-nvme")] == [3, 6]
+    # DeepSpeed's swap folders for both, per rank (their files are removed when the run ends)
+    for what in ("optimizer", "float32params"):
+        assert {p.name for p in (tmp_path / "zero_stage_3" / what).iterdir()} == {"rank0", "rank1"}, what
+
+
 def final_checkpoint(run_dir: Path) -> tuple[dict, dict]:
     """The newest checkpoint of run_dir read into one process: (model state, AdamW state by parameter name)."""
     from unroll.models import LM
