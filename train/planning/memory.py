@@ -55,7 +55,7 @@ class Components:
         return sum(self.as_dict().values())
 
 
-def _storage_bytes(tensors) -> int:
+def storage_bytes(tensors) -> int:
     """Bytes of the distinct storages behind `tensors` (local shards of DTensors)."""
     seen, total = set(), 0
     for t in tensors:
@@ -70,15 +70,15 @@ def _storage_bytes(tensors) -> int:
 
 
 def weight_bytes(modules: Sequence[nn.Module]) -> int:
-    return _storage_bytes([t for m in modules for t in list(m.parameters()) + list(m.buffers())])
+    return storage_bytes([t for m in modules for t in list(m.parameters()) + list(m.buffers())])
 
 
 def gradient_bytes(modules: Sequence[nn.Module]) -> int:
-    return _storage_bytes([p.grad for m in modules for p in m.parameters()])
+    return storage_bytes([p.grad for m in modules for p in m.parameters()])
 
 
 def optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return _storage_bytes(
+    return storage_bytes(
         [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
     )
 
