@@ -70,56 +70,71 @@ def _compose_into(out: torch.Tensor, a2: torch.Tensor, a1: torch.Tensor, block: 
         out.addcmul_(a2[:, j].unsqueeze(1), a1[j].unsqueeze(0))
 
 
-def scan_reference(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, block: bool) -> torch.Tensor:
-    """Forward scan, chunked, no autograd bookkeeping of its own (callers wrap it).
+def scan_reference(
+    a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, block: bool, reverse: bool = False
+) -> torch.Tensor:
+    """Forward scan (or, reverse=True, the scan from the end: h_t = a_t h_{t+1} + b_t, h0 entering the last
+    step), chunked, no autograd bookkeeping of its own (callers wrap it).
 
     On a CPU its cost is the number of torch calls, not their arithmetic, so blocks are first laid out
     with their k×k components leading and D innermost: each call is then a contiguous elementwise op over
     [B, chunks, D] (k×k batched matmuls of four elements, or a trailing axis of size k, are many times
     slower)."""
     if not block:
-        return _scan_components(a, b, h0, False)
+        return _scan_components(a, b, h0, False, reverse)
+    # (no copies where the cell already stores its blocks components first, as ParaLSTM does; the result
+    # stays in that layout: a [B, T, D, k] view of [k, B, T, D])
     a, b = a.permute(3, 4, 0, 1, 2).contiguous(), b.permute(3, 0, 1, 2).contiguous()
-    h = _scan_components(a, b, h0.permute(2, 0, 1), True)
-    return h.permute(1, 2, 3, 0).contiguous()
+    h = _scan_components(a, b, h0.permute(2, 0, 1), True, reverse)
+    return h.permute(1, 2, 3, 0)
 
 
-def _scan_components(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, block: bool) -> torch.Tensor:
+def _scan_components(
+    a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, block: bool, reverse: bool = False
+) -> torch.Tensor:
     """scan_reference on a [*lead, B, T, D], b [*lead', B, T, D], h0 [*lead', B, D] (lead = (k, k) and
     lead' = (k,) for blocks, none for the diagonal): a sequential scan inside chunks of C steps, all
     chunks at once; then one step per chunk to carry the entry states; then one fix-up. Each call writes
-    straight into its slice of the output, which spares an allocation per step."""
+    straight into its slice of the output, which spares an allocation per step. reverse walks every chunk,
+    and the chunks, from the end, so that a reverse scan needs no flipped copies of its inputs and output."""
     la, lb = a.dim() - 3, b.dim() - 3  # leading component axes
     B, T, D = b.shape[lb:]
     C = _chunk_size(T)
     N = -(-T // C)
     pad = N * C - T
-    if pad:  # zero steps at the end: their outputs are dropped and nothing follows them
-        a = torch.cat([a, a.new_zeros(*a.shape[: la + 1], pad, D)], dim=la + 1)
-        b = torch.cat([b, b.new_zeros(*b.shape[: lb + 1], pad, D)], dim=lb + 1)
+    if pad:  # zero steps after the last one the scan takes: their outputs are dropped and nothing follows them
+        a_pad, b_pad = a.new_zeros(*a.shape[: la + 1], pad, D), b.new_zeros(*b.shape[: lb + 1], pad, D)
+        a = torch.cat([a_pad, a] if reverse else [a, a_pad], dim=la + 1)
+        b = torch.cat([b_pad, b] if reverse else [b, b_pad], dim=lb + 1)
     a = a.reshape(*a.shape[: la + 1], N, C, D)
     b = b.reshape(*b.shape[: lb + 1], N, C, D)
     local = torch.empty_like(b, memory_format=torch.contiguous_format)  # the scan inside each chunk from 0
-    transfer = torch.empty_like(a, memory_format=torch.contiguous_format)  # a_i ··· a_0 within the chunk
+    transfer = torch.empty_like(a, memory_format=torch.contiguous_format)  # the chunk's steps so far, composed
     a_i, b_i = a.unbind(la + 2), b.unbind(lb + 2)
     local_i, transfer_i = local.unbind(lb + 2), transfer.unbind(la + 2)
-    local_i[0].copy_(b_i[0])
-    transfer_i[0].copy_(a_i[0])
-    for i in range(1, C):
-        _step_into(local_i[i], a_i[i], local_i[i - 1], b_i[i], block)
-        _compose_into(transfer_i[i], a_i[i], transfer_i[i - 1], block)
+    steps = list(range(C))[::-1] if reverse else list(range(C))  # in the order the scan takes them
+    local_i[steps[0]].copy_(b_i[steps[0]])
+    transfer_i[steps[0]].copy_(a_i[steps[0]])
+    for before, i in zip(steps, steps[1:]):
+        _step_into(local_i[i], a_i[i], local_i[before], b_i[i], block)
+        _compose_into(transfer_i[i], a_i[i], transfer_i[before], block)
     # the state entering each chunk [*lead', B, N, D]: h0, then the scan over the chunks' ends (itself chunked
     # when there are many chunks, so that a long sequence costs ~ 2 (C + C' + ...) calls, not T / C)
     entry = torch.empty_like(local_i[0])
-    entry.select(lb + 1, 0).copy_(h0)
+    first, rest = (N - 1, 0) if reverse else (0, 1)  # the chunk h0 enters; where the others' entries start
+    entry.select(lb + 1, first).copy_(h0)
     if N > 1:
-        ends = (transfer_i[-1].narrow(la + 1, 0, N - 1), local_i[-1].narrow(lb + 1, 0, N - 1))
+        last = steps[-1]  # each chunk's end, in the scan's order
+        ends = (transfer_i[last].narrow(la + 1, 1 - rest, N - 1), local_i[last].narrow(lb + 1, 1 - rest, N - 1))
         if N > _SEQUENTIAL_BELOW:
-            entry.narrow(lb + 1, 1, N - 1).copy_(_scan_components(*ends, h0, block))
+            entry.narrow(lb + 1, rest, N - 1).copy_(_scan_components(*ends, h0, block, reverse))
         else:
             entry_n, transfer_end, local_end = entry.unbind(lb + 1), ends[0].unbind(la + 1), ends[1].unbind(lb + 1)
-            for n in range(N - 1):
-                _step_into(entry_n[n + 1], transfer_end[n], entry_n[n], local_end[n], block)
+            chunks = list(range(N))[::-1] if reverse else list(range(N))
+            for before, n in zip(chunks, chunks[1:]):  # the end of chunk `before` enters chunk n
+                _step_into(
+                    entry_n[n], transfer_end[before - 1 + rest], entry_n[before], local_end[before - 1 + rest], block
+                )
     # every step gets its chunk's entry state carried through the chunk: local += transfer · entry
     entry = entry.unsqueeze(lb + 2)
     if block:
@@ -127,7 +142,7 @@ def _scan_components(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, block: 
             local.addcmul_(transfer[:, j], entry[j])
     else:
         local.addcmul_(transfer, entry)
-    return local.reshape(*local.shape[: lb + 1], N * C, D).narrow(lb + 1, 0, T)
+    return local.reshape(*local.shape[: lb + 1], N * C, D).narrow(lb + 1, pad if reverse else 0, T)
 
 
 def _shift_back(x: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
@@ -217,6 +232,8 @@ def linear_scan(
         h0 = b.new_zeros(b.shape[0], *b.shape[2:])
     a = mask_resets(a, resets)
     impl = impl or default_impl(b)
+    if reverse and impl is scan_reference and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
+        return scan_reference(a, b, h0, block, reverse=True)  # (Newton's adjoint) without the flipped copies
     if reverse:
         a, b = a.flip(1), b.flip(1)
     h: torch.Tensor = _ForwardScan.apply(a, b, h0, block, impl)  # type: ignore[no-untyped-call]  # torch leaves apply unannotated

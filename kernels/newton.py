@@ -62,8 +62,12 @@ class SolveInfo:
 
 
 def shift(h: torch.Tensor, h0: torch.Tensor, resets: torch.Tensor | None) -> torch.Tensor:
-    """h_{t−1} for every t: [h0, h_0, ..., h_{T−2}], zero where a new document starts."""
-    prev = torch.cat([h0.unsqueeze(1), h[:, :-1]], dim=1)
+    """h_{t−1} for every t: [h0, h_0, ..., h_{T−2}], zero where a new document starts; in h's memory layout
+    (a block cell's state may be stored components first, see models/paralstm.py), which torch.cat would
+    not keep."""
+    prev = torch.empty_like(h)
+    prev[:, :1] = h0.unsqueeze(1)
+    prev[:, 1:] = h[:, :-1]
     if resets is not None:
         prev = prev.masked_fill(resets.view(*resets.shape, *([1] * (prev.dim() - 2))), 0)
     return prev
@@ -105,7 +109,10 @@ def adjoint_transfer(
     """J_{t+1}ᵀ for every t (0 after the last step, and where step t+1 starts a document): the reverse
     scan's coefficients of the adjoint."""
     J = mask_resets(st.jacobian(cell, prev, x), resets)
-    return torch.cat([st.transpose(J[:, 1:]), torch.zeros_like(J[:, :1])], dim=1)
+    out = torch.empty_like(J)  # J's memory layout, which the scan may take without a copy
+    out[:, :-1] = st.transpose(J[:, 1:])
+    out[:, -1:] = 0
+    return out
 
 
 @dataclass(frozen=True)

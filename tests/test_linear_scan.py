@@ -40,6 +40,25 @@ def test_matches_loop_forward_and_backward(T, k, reverse):
         torch.testing.assert_close(x, r, rtol=1e-9, atol=1e-10, msg=name)
 
 
+@pytest.mark.parametrize("T", [1, 17, 1000, 4097, 16384])  # 16384: chunk ends scanned over two more levels
+@pytest.mark.parametrize("k", [0, 2])
+def test_reverse_without_autograd_walks_backwards_in_place(T, k):
+    """Without autograd a reverse scan walks the chunks from the end (no flipped copies): the same as the loop,
+    and as the flipping path autograd takes; a block state stored components first comes back in that layout."""
+    a, b, h0, resets = inputs(T, k, seed=T + k + 1)
+    if k:  # [B, T, D, k, k] and [B, T, D, k] views of components-first storage, as ParaLSTM's cell writes them
+        a, b = a.permute(3, 4, 0, 1, 2).contiguous().permute(2, 3, 4, 0, 1), b.permute(3, 0, 1, 2).contiguous()
+        b = b.permute(1, 2, 3, 0)
+    with torch.no_grad():
+        h = linear_scan(a, b, h0, reverse=True, resets=resets)
+    ref = loop(a, b, h0, bool(k), True, resets)
+    torch.testing.assert_close(h, ref, rtol=1e-10, atol=1e-11)
+    with_grad = linear_scan(a.requires_grad_(), b, h0, reverse=True, resets=resets)
+    torch.testing.assert_close(h, with_grad.detach(), rtol=1e-12, atol=1e-12)
+    if k:  # components outermost, D innermost (a padded length leaves a narrowed view, not contiguous)
+        assert h.stride(3) >= h.stride(0) * h.shape[0] and h.stride(2) == 1
+
+
 @pytest.mark.parametrize("k", [0, 3])
 def test_gradcheck(k):
     a, b, h0, resets = inputs(11, k, seed=5)

@@ -117,6 +117,8 @@ def test_closed_form_jacobian_matches_autograd(kind, scale):
         for d in range(8):
             off[d, :, d, :] = 0
         assert off.abs().max() == 0
+        # stored components first ([2, ..., D] and [2, 2, ..., D] in memory): what the CPU scan reads without a copy
+        assert value.permute(3, 0, 1, 2).is_contiguous() and J.permute(3, 4, 0, 1, 2).is_contiguous()
 
 
 @pytest.mark.parametrize("kind", ["G", "L"])
