@@ -26,6 +26,8 @@ from unroll.kernels.triton_scan import upcast
 # mypy: disable-error-code="untyped-decorator,no-untyped-def"
 
 MAX_PARAMS = 5  # per-channel parameter vectors a 2×2 cell may have (the vjp returns this many)
+# The same inside kernels: compiled Triton reads only globals that are constexprs (the interpreter reads any).
+_MAX_PARAMS = tl.constexpr(MAX_PARAMS)
 
 
 @dataclass(frozen=True)
@@ -214,7 +216,7 @@ def _adjoint2_kernel(
         ds2 += tl.sum(tl.where(first, e2, 0.0), axis=0)
     tl.store(ds0_ptr + base, ds1.to(ds0_ptr.dtype.element_ty), mask=col_mask)
     tl.store(ds0_ptr + base + 1, ds2.to(ds0_ptr.dtype.element_ty), mask=col_mask)
-    out = pid_b.to(tl.int64) * MAX_PARAMS * D + cols
+    out = pid_b.to(tl.int64) * _MAX_PARAMS * D + cols
     tl.store(dp_ptr + out, dp0, mask=col_mask)
     tl.store(dp_ptr + out + D, dp1, mask=col_mask)
     tl.store(dp_ptr + out + 2 * D, dp2, mask=col_mask)

@@ -354,6 +354,9 @@ BENCHES = {
         "memory per rank of DeepSpeed ZeRO-3 with CPU offload against FSDP2, 2 ranks, a ~110M model",
     ),
 }
+CHECKS = {
+    "kernels": ("unroll.launch.triton_aot", "every Triton kernel compiled for a CUDA GPU (default sm_90) without one"),
+}
 LAUNCHERS = {
     "local": ("unroll.launch.local", "`unroll train` under torchrun on this machine: per-rank logs, restarts"),
     "slurm": ("unroll.launch.slurm", "write (and submit) an sbatch job: torchrun on every node"),
@@ -599,6 +602,7 @@ def parser() -> argparse.ArgumentParser:
         sub, "bench", "the performance suite (compared paths alternating round by round; min and median)", BENCHES
     )
     _add_module_command(sub, "launch", "training under torchrun on this machine, or an sbatch job on SLURM", LAUNCHERS)
+    _add_module_command(sub, "check", "checks of this checkout on this machine that need no GPU", CHECKS)
 
     pl = sub.add_parser("plot", help="loss curves of a run as a PNG")
     pl.add_argument("run_dir")
