@@ -232,7 +232,8 @@ def linear_scan(
         h0 = b.new_zeros(b.shape[0], *b.shape[2:])
     a = mask_resets(a, resets)
     impl = impl or default_impl(b)
-    if reverse and impl is scan_reference and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (a, b, h0))
+    if reverse and impl is scan_reference and not needs_grad:
         return scan_reference(a, b, h0, block, reverse=True)  # (Newton's adjoint) without the flipped copies
     if reverse:
         a, b = a.flip(1), b.flip(1)

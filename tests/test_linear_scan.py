@@ -53,8 +53,12 @@ def test_reverse_without_autograd_walks_backwards_in_place(T, k):
         h = linear_scan(a, b, h0, reverse=True, resets=resets)
     ref = loop(a, b, h0, bool(k), True, resets)
     torch.testing.assert_close(h, ref, rtol=1e-10, atol=1e-11)
-    with_grad = linear_scan(a.requires_grad_(), b, h0, reverse=True, resets=resets)
+    h0 = h0.requires_grad_()  # any input that needs a gradient takes the autograd path
+    with_grad = linear_scan(a, b, h0, reverse=True, resets=resets)
     torch.testing.assert_close(h, with_grad.detach(), rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(h)
+    [grad_h0] = torch.autograd.grad((with_grad * g).sum(), [h0])
+    torch.testing.assert_close(grad_h0, torch.autograd.grad((loop(a, b, h0, bool(k), True, resets) * g).sum(), [h0])[0])
     if k:  # components outermost, D innermost (a padded length leaves a narrowed view, not contiguous)
         assert h.stride(3) >= h.stride(0) * h.shape[0] and h.stride(2) == 1
 
