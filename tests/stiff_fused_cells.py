@@ -53,3 +53,20 @@ class FusedGatedSwitch(GatedSwitch):
     @classmethod
     def from_fused_params(cls, params: torch.Tensor) -> FusedGatedSwitch:
         return cls(params[0])
+
+
+def cases(torch_module):
+    """For `unroll check kernels --cases stiff_fused_cells`: a fused solve of this cell and its adjoint, so that
+    a user's own fused cell goes through Triton's compiler the way the project's do."""
+
+    def launch() -> None:
+        from unroll.kernels.fused_newton import fused_newton_solve
+
+        g = torch_module.Generator().manual_seed(0)
+        B, T, D = 1, 40, 8
+        x = torch_module.rand(B, T, 2, D, generator=g, dtype=torch_module.float64).requires_grad_()
+        cell = FusedGatedSwitch(torch_module.full((D,), 0.5, dtype=torch_module.float64, requires_grad=True))
+        h, _ = fused_newton_solve(cell, x, torch_module.zeros(B, D, dtype=torch_module.float64))
+        h.sum().backward()
+
+    return [("stiff_fused_cells: the gated switch", launch)]

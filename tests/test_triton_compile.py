@@ -64,3 +64,13 @@ def test_a_kernel_the_interpreter_runs_and_the_compiler_rejects_fails_the_check(
     assert row["kernel"] == "broken_triton_kernel:_scale_kernel" and not row["ok"]
     assert "Cannot access global variable SCALE" in row["error"]
     assert "0 of 1 compiled" in proc.stdout
+
+
+def test_a_users_own_fused_cell_compiles_through_cases(tmp_path):
+    """A fused cell written outside the project (tests/stiff_fused_cells.py, Triton code for the diagonal fused
+    Newton) goes through the same check with --cases: its Newton and adjoint kernels, with its cell inlined."""
+    proc, rows = check(tmp_path, "--cases", "stiff_fused_cells", "--no-builtin")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    kernels = {(row["kernel"].removeprefix("unroll.kernels."), row["ok"]) for row in rows}
+    assert kernels == {("triton_newton:_newton_kernel", True), ("triton_newton:_adjoint_kernel", True)}
+    assert all("CELL=switch_value_and_jacobian" in row["constexprs"] for row in rows)
