@@ -93,20 +93,25 @@ def _targets(x: torch.Tensor) -> torch.Tensor:
 
 def test_bench_quick_runs_and_writes_json(tmp_path, capsys):
     out = tmp_path / "st.json"
-    assert main(["--length", "8", "--tasks", "parity,s3", "--seeds", "0,1", *TINY, "--json", str(out)]) == 0
+    argv = ["--length", "8", "--tasks", "parity,s3", "--seeds", "0,1", "--diagnose", *TINY, "--json", str(out)]
+    assert main(argv) == 0
     printed = capsys.readouterr().out
     # every family, at the training length, 4× and 8× it; a summary over the seeds
     assert "acc/last@8*" in printed and "acc/last@32" in printed and "acc/last@64" in printed
-    assert "seeds 2: @8 min" in printed
+    assert "seeds 2: @8 min" in printed and "    @64: by position: [0-0]" in printed
     result = json.loads(out.read_text())
     assert result["eval_lengths"] == [8, 32, 64] and result["skipped"] == {} and result["setting"] == "quick"
+    # --quick's learning rate per task, in the header, the JSON and every row
+    assert "lr parity 0.03, s3 0.01," in printed and result["lr"] == {"parity": 3e-2, "s3": 1e-2}
     rows = result["rows"]
     expected = [(f, t, s) for f in ("gru", "lstm", "m2rnn", "transformer") for t in ("parity", "s3") for s in (0, 1)]
     assert [(r["family"], r["task"], r["seed"]) for r in rows] == expected
     for r in rows:
         assert {"steps", "loss", "params", "train_seconds", "eval_seconds", "acc", "last_acc"} <= r.keys()
         assert set(r["acc"]) == set(r["last_acc"]) == {"8", "32", "64"}
+        assert r["lr"] == result["lr"][r["task"]]
         assert all(0 <= a <= 1 for a in [*r["acc"].values(), *r["last_acc"].values()])
+        assert set(r["diagnosis"]) == {"8", "32", "64"} and ("sign_acc" in r["diagnosis"]["8"]) == (r["task"] == "s3")
 
 
 def test_curriculum_grows_the_length_then_holds_it():
@@ -236,6 +241,8 @@ def test_settings_and_model_overrides(monkeypatch, capsys, tmp_path):
                 "cpu",
                 "--decay",
                 "all",
+                "--decay-extra",
+                "norm",
                 "--set",
                 "m2rnn.state_grad_clip=0.5",
                 "--json",
@@ -246,7 +253,12 @@ def test_settings_and_model_overrides(monkeypatch, capsys, tmp_path):
     )
     result = json.loads(out.read_text())
     assert result["setting"] == "full" and result["seeds"] == [0, 1, 2] and result["curriculum"] == 4
-    assert result["decay"] == "all" and result["model_overrides"] == ["m2rnn.state_grad_clip=0.5"]
+    assert result["lr"] == {"parity": 1e-2}
+    assert (
+        result["decay"] == "all"
+        and result["decay_extra"] == "norm"
+        and result["model_overrides"] == ["m2rnn.state_grad_clip=0.5"]
+    )
     assert result["eval_lengths"] == [4, 6] and built and all(clip == 0.5 for _, clip in built)
     capsys.readouterr()
     assert main(["--families", "gru", *TINY, "--set", "no_such_field=1"]) == 1
@@ -257,3 +269,33 @@ def test_settings_and_model_overrides(monkeypatch, capsys, tmp_path):
 def test_each_setting_names_its_tasks_and_lengths(setting):
     preset = state_tracking.SETTINGS[setting]
     assert set(preset["tasks"].split(",")) >= {"parity", "s3"} and preset["steps"] > 0
+
+
+def test_decay_extra_moves_only_the_matching_parameters_into_the_decayed_group():
+    model, _ = state_tracking.build("gru", 2)
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    def decayed(opt):
+        return {names[id(p)] for g in opt.param_groups if g["weight_decay"] for p in g["params"]}
+
+    base = decayed(state_tracking.optimizer(model, 1e-3, 0.1))
+    extra = state_tracking.optimizer(model, 1e-3, 0.1, decay_extra=r"in_proj\.weight")
+    assert decayed(extra) == base | {"blocks.0.mixer.in_proj.weight", "blocks.1.mixer.in_proj.weight"}
+    everything = [id(p) for g in extra.param_groups for p in g["params"]]
+    assert sorted(everything) == sorted(names) and len(set(everything)) == len(everything)
+
+
+def test_diagnose_buckets_positions_and_splits_s3_into_sign_and_rest():
+    x, y = s3_batch(8, 12, torch.Generator().manual_seed(5))
+    perfect = state_tracking.diagnose(y, y, "s3")
+    assert list(perfect["by_position"]) == ["0-0", "1-1", "2-3", "4-7", "8-11"]
+    assert set(perfect["by_position"].values()) == {1.0} and perfect["sign_acc"] == perfect["z3_given_sign_acc"] == 1
+    # the signs are a homomorphism: sign(b ∘ a) = sign(a) xor sign(b)
+    sign = state_tracking.S3_SIGN
+    assert all(sign[S3_COMPOSE[a, b]] == sign[a] ^ sign[b] for a in range(6) for b in range(6))
+    # a predictor of the sign only (the identity or a transposition): sign right everywhere, the rest 1 in 3
+    sign_only = torch.where(sign[y] == 1, 1, 0)
+    d = state_tracking.diagnose(sign_only, y, "s3")
+    assert d["sign_acc"] == 1 and d["z3_given_sign_acc"] == pytest.approx((sign_only == y).float().mean().item())
+    assert "sign_acc" not in state_tracking.diagnose(y[:, :3] % 2, y[:, :3] % 2, "parity")
+    assert "by position: [0-0] 1.00" in state_tracking.format_diagnosis(perfect)

@@ -11,29 +11,39 @@ Tasks (the target at t is the state after tokens 0..t):
 - parity: bits, their running XOR (the group Z2).
 - modadd: residues mod 5, their running sum mod 5 (Z5, abelian like parity).
 - s3: the 6 permutations of range(3), their running product: the smallest non-abelian group (S3 is solvable,
-  so diagonal recurrences are not ruled out by the argument below), learnable on a CPU budget.
+  so diagonal recurrences are not ruled out by the argument below, but see the note on Z3 there).
 - s5: the 120 permutations of range(5): non-solvable, the hard case of the state-tracking literature.
 A group's tokens are its permutations in itertools.permutations order (token 0 = identity); the target at t
 is P_t = g_t ∘ … ∘ g_1 ∘ g_0 (g_0 applied first), where (g ∘ h)(i) = g[h[i]].
 
 Settings: `--quick` (the CPU setting, within 15 minutes on an idle 2-core machine with --threads 2):
-parity and s3, training length 32, eval at 32/128/256, QUICK_STEPS steps × batch 32, lr 1e-2, seed 0,
-no curriculum. The training length matters more than any other knob tried: trained at 16, M²RNN and ParaGRU
-solve parity there and keep it at 4× in none of the runs.
+parity and s3, training length 32, eval at 32/128/256, QUICK_STEPS steps × batch 32, lr QUICK_LR (3e-2 for
+parity, 1e-2 for the rest: see below), seed 0, no curriculum. Beside the learning rate, the training length
+matters most: trained at 16, M²RNN and ParaGRU solve parity there and keep it at 4× in none of the runs; at
+64, ParaGRU finds the flip-flop on more seeds than at 32, but M²RNN's sequential loop costs twice as much.
 `--full` (for a GPU): parity, s3 and s5, training length 64 with a length curriculum from 4 over the first
-half, eval at 64/256/512, FULL_STEPS steps × batch 64, seeds 0,1,2. Without either: the same as --quick,
-any field overridable (`--steps`, `--length`, `--tasks`, `--seeds`, ...). Every family asked for must
-build: one that does not (a pattern this checkout cannot build, a config it rejects) is named with the
-reason and the bench exits 1 before training anything. `--exclude FAMILY,...` leaves families out on
-purpose; they are listed as excluded in the output and the JSON.
+half, eval at 64/256/512, FULL_STEPS steps × batch 64, lr 1e-2 (parity's 3e-2 is untried there), seeds
+0,1,2. Without either: the same as --quick, any field overridable (`--steps`, `--length`, `--tasks`,
+`--seeds`, ...). Every family asked for must build: one that does not (a pattern this checkout cannot
+build, a config it rejects) is named with the reason and the bench exits 1 before training anything.
+`--exclude FAMILY,...` leaves families out on purpose; they are listed as excluded in the output and the JSON.
 
-Optimizer: AdamW (betas 0.9, 0.98, warmup 10%, cosine to lr/10, gradient norm clipped to 1) over the
-trainer's own parameter groups (train/optim.py `parameter_groups`: no decay on biases, norms, convolutions
-or the recurrences' coefficients such as M²RNN's A_log, dt_bias, D); `--decay all` decays every parameter,
-as this bench did before, for the ablation (it is not neutral: ParaGRU at length 64 has solved parity with
-it and not without it; the issue notes have the runs). The learning rate is high for a reason: ParaGRU's recurrent
-coefficients start in [-0.5, 0.5] and a parity flip-flop needs |a_c| > 1, which a smaller rate takes far
-longer to reach; the solution tends to appear suddenly, after a plateau at the loss of guessing.
+Optimizer: AdamW (betas 0.9, 0.98, warmup 10%, cosine to lr/10, gradient norm clipped to 1) over the trainer's
+own parameter groups (train/optim.py `parameter_groups`: no decay on biases, norms, convolutions or the
+recurrences' coefficients such as M²RNN's A_log, dt_bias, D); `--decay all` decays every parameter, as this
+bench did before, and `--decay-extra REGEX` also decays the parameters whose names match, for the ablation.
+Weight decay 0.01 shrinks a decayed weight by exp(−0.01·Σ lr), ~5% over 1000 steps at lr 1e-2 (~15% at 3e-2),
+and at 1e-2 it acted on the outcome as a perturbation, like a different seed, not as a pressure:
+ParaGRU/ParaLSTM on parity end in one of two states, a flip-flop channel (the same accuracy at 8× as at 1×) or
+a lookup over the first ~16 positions (chance beyond), and which seeds find the flip-flop changes with any
+such change. Compare knobs over several seeds (`--seeds`), never one. The learning rate is high for a reason:
+ParaGRU's recurrent coefficients start in [-0.5, 0.5] and a parity flip-flop needs |a_c| > 1, which a smaller
+rate takes far longer to reach; the solution tends to appear suddenly, after a plateau at the loss of
+guessing. At length 32 and 1000 steps, parity's 3e-2 is what moves ParaGRU and ParaLSTM from the lookup to the
+flip-flop on four seeds of six each (at 1e-2 on none of the six; three times the steps, d_model 128 or
+decaying every parameter got one seed in three at most), and M²RNN keeps parity at 8× with it. s3 gets 1e-2:
+at 3e-2 every family learns less of it (none tracks it beyond the first few tokens at either rate). `--lr`
+sets one rate for every task.
 `--set KEY=VALUE` changes a model-config field for every family (e.g. `m2rnn.state_grad_clip=1`,
 `m2rnn.conv_init=torch`, `d_model=128`): the ablations in the issue notes are such runs.
 
@@ -41,7 +51,13 @@ S5 at length 64 is not expected on a CPU budget: even position 1, one look-up in
 composition table, takes many times these defaults' steps and batch. The diagonal recurrences may not
 represent S5 at all: each ParaGRU/ParaLSTM channel is its own 1-D / 2-D system driven by the layer's input,
 while tracking S5 means acting on the state with a non-solvable group, which mixes channels; M²RNN's V×V
-recurrence mixes its state and is not ruled out by that argument. `--curriculum START` grows the training
+recurrence mixes its state and is not ruled out by that argument. S3 = Z3 ⋊ Z2: its sign (the Z2 quotient)
+is a parity, but its Z3 part, like modadd's Z5, needs (Krohn–Rhodes: a simple factor of the group must divide
+one component of a cascade of channels) one channel whose own map, under some input, cycles three states;
+a 1-D ParaGRU channel can do that only through a non-monotone map (a monotone map of a line has no 3-cycle),
+ParaLSTM's 2-D channel is not ruled out. `--diagnose` prints the accuracy by position bucket and, for s3,
+of the sign and of the rest given the sign, which tell a lookup of the first few tokens (perfect early, chance
+late) and a sign-only tracker (the rest at 1/3) from state tracking. `--curriculum START` grows the training
 length linearly from START to `--length` over the first `--ramp` of the steps at a constant number of
 tokens per step (the short early steps see more sequences for about the same cost); off (0), the data
 stream is exactly the one without it, and the header line says which was used.
@@ -53,6 +69,7 @@ import argparse
 import itertools
 import json
 import math
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -122,10 +139,28 @@ TASKS: dict[str, tuple[Batch, int]] = {
 VOCAB = max(c for _, c in TASKS.values())
 # The settings (--quick for a 2-core CPU, --full for a GPU); every field can be overridden by its option.
 QUICK_STEPS, FULL_STEPS = 1000, 6000
+# The learning rate per task ("*": every other task); `--lr` sets one rate for every task.
+QUICK_LR = {"parity": 3e-2, "*": 1e-2}
 SETTINGS: dict[str, dict[str, Any]] = {
-    "quick": dict(tasks="parity,s3", length=32, steps=QUICK_STEPS, batch=32, curriculum=0, seeds="0", eval_samples=256),
+    "quick": dict(
+        tasks="parity,s3",
+        length=32,
+        steps=QUICK_STEPS,
+        batch=32,
+        lr=QUICK_LR,
+        curriculum=0,
+        seeds="0",
+        eval_samples=256,
+    ),
     "full": dict(
-        tasks="parity,s3,s5", length=64, steps=FULL_STEPS, batch=64, curriculum=4, seeds="0,1,2", eval_samples=512
+        tasks="parity,s3,s5",
+        length=64,
+        steps=FULL_STEPS,
+        batch=64,
+        lr={"*": 1e-2},
+        curriculum=4,
+        seeds="0,1,2",
+        eval_samples=512,
     ),
 }
 
@@ -184,12 +219,27 @@ def length_at(step: int, steps: int, length: int, start: int = 0, ramp: float = 
     return start + (length - start) * step // ramp_steps
 
 
-def optimizer(model: LM, lr: float, weight_decay: float, decay: str = "groups") -> torch.optim.AdamW:
-    """AdamW over the trainer's parameter groups ("groups"), or decaying every parameter ("all")."""
+def optimizer(
+    model: LM, lr: float, weight_decay: float, decay: str = "groups", decay_extra: str = ""
+) -> torch.optim.AdamW:
+    """AdamW over the trainer's parameter groups ("groups"), or decaying every parameter ("all");
+    `decay_extra` (a regex, re.search on parameter names) moves the parameters it matches into the decayed
+    group, for ablating one group at a time."""
     if decay == "all":
         groups: list[dict[str, Any]] = [{"params": list(model.parameters()), "weight_decay": weight_decay}]
     else:
         groups = parameter_groups(model, weight_decay)
+    if decay_extra:
+        rx = re.compile(decay_extra)
+        extra = {id(p) for name, p in model.named_parameters() if rx.search(name)}
+        moved = []
+        for group in groups:
+            if group["weight_decay"] == 0.0:
+                moved += [p for p in group["params"] if id(p) in extra]
+                group["params"] = [p for p in group["params"] if id(p) not in extra]
+        groups = [g for g in groups if g["params"]] + (
+            [{"params": moved, "weight_decay": weight_decay}] if moved else []
+        )
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98))
 
 
@@ -206,12 +256,13 @@ def train(
     decay: str = "groups",
     weight_decay: float = 0.01,
     device: torch.device | str = "cpu",
+    decay_extra: str = "",
 ) -> float:
     """AdamW on fresh batches each step (their length by `length_at`); returns the mean loss of the last
     10 steps."""
     make, classes = TASKS[task]
     g = torch.Generator().manual_seed(seed)  # the same data stream for every family
-    opt = optimizer(model, lr, weight_decay, decay)
+    opt = optimizer(model, lr, weight_decay, decay, decay_extra)
     warmup = max(1, steps // 10)
     losses = []
     model.train()
@@ -232,15 +283,52 @@ def train(
 
 
 @torch.no_grad()
-def evaluate(model: LM, x: torch.Tensor, y: torch.Tensor, classes: int, chunk: int = 64) -> tuple[float, float]:
-    """(accuracy over all positions, accuracy at the last position)."""
+def predict(model: LM, x: torch.Tensor, classes: int, chunk: int = 64) -> torch.Tensor:
+    """The predicted class at every position, [N, T]."""
     model.eval()
     device = next(model.parameters()).device
-    pred = torch.cat(
+    return torch.cat(
         [model(x[i : i + chunk].to(device))[..., :classes].argmax(-1).cpu() for i in range(0, len(x), chunk)]
     )
-    hit = pred == y
+
+
+@torch.no_grad()
+def evaluate(model: LM, x: torch.Tensor, y: torch.Tensor, classes: int, chunk: int = 64) -> tuple[float, float]:
+    """(accuracy over all positions, accuracy at the last position)."""
+    hit = predict(model, x, classes, chunk) == y
     return hit.float().mean().item(), hit[:, -1].float().mean().item()
+
+
+def sign_of(perms: list[tuple[int, ...]]) -> torch.Tensor:
+    """Each permutation's sign as 0 (even) / 1 (odd): the quotient S_n → Z2."""
+    return torch.tensor([sum(p[i] > p[j] for i in range(len(p)) for j in range(i + 1, len(p))) % 2 for p in perms])
+
+
+S3_SIGN = sign_of(S3_PERMS)
+
+
+def diagnose(pred: torch.Tensor, y: torch.Tensor, task: str) -> dict[str, Any]:
+    """Where the errors are: the accuracy by position bucket (positions [0], [1], [2, 4), [4, 8), ...), and for
+    s3 the accuracy of the sign (the Z2 quotient, a parity of the odd tokens) and of the rest given the sign
+    (the A3 = Z3 part: a model that tracks only the sign scores 1/3 overall)."""
+    hit = pred == y
+    buckets, lo = {}, 0
+    while lo < y.shape[1]:
+        hi = min(y.shape[1], max(1, 2 * lo))
+        buckets[f"{lo}-{hi - 1}"] = hit[:, lo:hi].float().mean().item()
+        lo = hi
+    out: dict[str, Any] = dict(by_position=buckets)
+    if task == "s3":
+        sign_hit = S3_SIGN[pred] == S3_SIGN[y]
+        out["sign_acc"] = sign_hit.float().mean().item()
+        out["z3_given_sign_acc"] = (hit.sum() / sign_hit.sum().clamp(min=1)).item()
+    return out
+
+
+def format_diagnosis(d: dict[str, Any]) -> str:
+    cells = " ".join(f"[{k}] {v:.2f}" for k, v in d["by_position"].items())
+    extra = f"; sign {d['sign_acc']:.3f}, rest given sign {d['z3_given_sign_acc']:.3f}" if "sign_acc" in d else ""
+    return f"by position: {cells}{extra}"
 
 
 def eval_set(task: str, length: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -304,10 +392,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--eval-samples", type=int, default=None, help="sequences per eval length")
     p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--lr", type=float, default=None, help="one learning rate for every task (default: the setting's)")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument(
         "--decay", choices=("groups", "all"), default="groups", help="the trainer's groups, or every parameter"
+    )
+    p.add_argument(
+        "--decay-extra",
+        default="",
+        metavar="REGEX",
+        help="also decay the parameters whose names match (re.search), on top of --decay groups",
     )
     p.add_argument(
         "--curriculum",
@@ -322,6 +416,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a model-config field, repeatable")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
     harness.add_arguments(p, threads_default=2, rounds=False)
+    p.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="print each row's accuracy by position bucket (and for s3 the sign's); the JSON always has them",
+    )
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     preset = SETTINGS["full" if args.full else "quick"]
@@ -330,7 +429,10 @@ def main(argv: list[str] | None = None) -> int:
             setattr(args, key, value)
     if args.seed is not None:
         args.seeds = str(args.seed)
+    if not isinstance(args.lr, dict):  # given: one rate for every task
+        args.lr = {"*": args.lr}
     families, tasks = args.families.split(","), args.tasks.split(",")
+    lrs = {t: args.lr.get(t, args.lr["*"]) for t in tasks}
     seeds = [int(s) for s in args.seeds.split(",")]
     excluded = [f for f in args.exclude.split(",") if f]
     unknown = [f for f in families + excluded if f not in FAMILIES] + [t for t in tasks if t not in TASKS]
@@ -361,9 +463,11 @@ def main(argv: list[str] | None = None) -> int:
             if 0 < args.curriculum < args.length
             else "no length curriculum"
         )
+        rates = ", ".join(f"{t} {lr:g}" for t, lr in lrs.items())
+        decayed = args.decay + (f" + {args.decay_extra}" if args.decay_extra else "")
         print(
             f"state tracking ({'full' if args.full else 'quick'}): train length {args.length}, {steps} steps × "
-            f"batch {args.batch}, lr {args.lr}, weight decay {args.weight_decay} on {args.decay}, {curriculum}, "
+            f"batch {args.batch}, lr {rates}, weight decay {args.weight_decay} on {decayed}, {curriculum}, "
             f"seeds {seeds}, model overrides {args.set or 'none'}, eval {n_eval} sequences at {lengths}, "
             f"device {device}, threads {args.threads}, torch {torch.__version__}",
             flush=True,
@@ -388,18 +492,23 @@ def main(argv: list[str] | None = None) -> int:
                             steps,
                             args.batch,
                             args.length,
-                            args.lr,
+                            lrs[task],
                             seed,
                             args.curriculum,
                             args.ramp,
                             args.decay,
                             args.weight_decay,
                             device,
+                            args.decay_extra,
                         )
                         trained = time.perf_counter()
-                        acc, last = {}, {}
+                        acc, last, diagnosis = {}, {}, {}
                         for L in lengths:
-                            acc[str(L)], last[str(L)] = evaluate(model, *evals[task, L, seed], classes)
+                            x, y = evals[task, L, seed]
+                            pred = predict(model, x, classes)
+                            hit = pred == y
+                            acc[str(L)], last[str(L)] = hit.float().mean().item(), hit[:, -1].float().mean().item()
+                            diagnosis[str(L)] = diagnose(pred, y, task)
                     rows.append(
                         dict(
                             family=family,
@@ -407,16 +516,21 @@ def main(argv: list[str] | None = None) -> int:
                             task=task,
                             seed=seed,
                             steps=steps,
+                            lr=lrs[task],
                             loss=loss,
                             params=model.num_params(),
                             train_seconds=trained - start,
                             eval_seconds=time.perf_counter() - trained,
                             acc=acc,
                             last_acc=last,
+                            diagnosis=diagnosis,
                         )
                     )
                     table = format_table(rows, lengths, args.length)
                     print(table if len(rows) == 1 else table.splitlines()[-1], flush=True)
+                    if args.diagnose:
+                        for L in lengths:
+                            print(f"    @{L}: {format_diagnosis(diagnosis[str(L)])}", flush=True)
     chance = ", ".join(f"{t} {1 / TASKS[t][1]:.3f}" for t in tasks)
     print(f"(acc over all positions / at the last position; * = training length; chance: {chance})")
     if len(seeds) > 1:
@@ -430,9 +544,10 @@ def main(argv: list[str] | None = None) -> int:
                     eval_lengths=lengths,
                     steps=steps,
                     batch=args.batch,
-                    lr=args.lr,
+                    lr=lrs,
                     weight_decay=args.weight_decay,
                     decay=args.decay,
+                    decay_extra=args.decay_extra,
                     curriculum=args.curriculum,
                     ramp=args.ramp,
                     seeds=seeds,
