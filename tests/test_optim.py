@@ -61,7 +61,9 @@ def test_weight_decay_groups_leave_gates_biases_norms_and_recurrent_coefficients
     kept = {names[id(p)] for g in groups if not g["weight_decay"] for p in g["params"]}
     assert decayed | kept == set(names.values()) and not decayed & kept
     linear = {n + ".weight" for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
-    assert decayed == linear
+    # and ParaGRU's / ParaLSTM's input projections (head-blocked matrices, not nn.Linear)
+    assert decayed == linear | {"blocks.1.mixer.in_proj.weight", "blocks.2.mixer.in_proj.weight"}
+    assert "blocks.1.mixer.in_proj.bias" in kept and "blocks.1.mixer.a" in kept and "blocks.2.mixer.p" in kept
     for name in ("blocks.0.mixer.A_log", "blocks.0.mixer.dt_bias", "blocks.0.mixer.D", "blocks.0.mixer.W"):
         assert name in kept
     assert any("norm" in n for n in kept) and any("conv" in n for n in kept)
