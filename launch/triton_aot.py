@@ -218,12 +218,16 @@ def _compile(records: list[dict[str, Any]], arch: int) -> list[Compiled]:
     return results
 
 
-def format_table(rows: list[Compiled], arch: int) -> str:
+def _over_limit(row: Compiled, arch: int) -> bool:
     limit = SHARED_LIMIT.get(arch)
+    return limit is not None and row.shared > limit
+
+
+def format_table(rows: list[Compiled], arch: int) -> str:
     head = f"{'kernel':48} {'recorded by':34} {'shared B':>9} {'warps':>5} {'cubin B':>8} {'s':>5}  result"
     lines = [head, "-" * len(head)]
     for r in rows:
-        over = limit is not None and r.shared > limit
+        over = _over_limit(r, arch)
         result = "ok" if r.ok and not over else ("shared memory over the limit" if r.ok else r.error.splitlines()[-1])
         lines.append(
             f"{r.kernel.split('.')[-1]:48} {r.case:34} {r.shared:9d} {r.num_warps:5d} {r.cubin_bytes:8d} "
@@ -235,8 +239,7 @@ def format_table(rows: list[Compiled], arch: int) -> str:
 
 
 def failures(rows: list[Compiled], arch: int) -> list[Compiled]:
-    limit = SHARED_LIMIT.get(arch)
-    return [r for r in rows if not r.ok or (limit is not None and r.shared > limit)]
+    return [r for r in rows if not r.ok or _over_limit(r, arch)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SMALL_VOCAB = 320
+# DeepSpeed's JIT-built C++ ops: the folder `make test` builds them into (the venv's), unless the environment names
+# another; the ranks of every DeepSpeed test load them from there instead of compiling them again.
+DEEPSPEED_EXTENSIONS = os.environ.get("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 UNROLL = [sys.executable, "-m", "unroll.launch.cli"]
 
 

@@ -3,10 +3,9 @@ every path trains, the table and its ratios come from the ranks' figures, and th
 should (no figure of the real benchmark is asserted: those are its output)."""
 
 import json
-import os
-import sys
 
 import pytest
+from conftest import DEEPSPEED_EXTENSIONS
 from forked_ranks import run_forked
 
 from unroll.launch.bench import zero_offload
@@ -20,8 +19,7 @@ def test_bench_zero_offload_quick(tmp_path, capsys, monkeypatch):
         return run_forked([zero_offload.__file__, *args[2:]], nproc, env, timeout)
 
     monkeypatch.setattr(zero_offload, "run_torchrun", forked)
-    cache = os.environ.get("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", cache)  # DeepSpeed's JIT ops built once per venv
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", DEEPSPEED_EXTENSIONS)  # DeepSpeed's JIT ops built once per venv
     out = tmp_path / "rows.json"
     assert zero_offload.main(["--quick", "--timeout", "240", "--json", str(out)]) == 0
     printed = capsys.readouterr().out

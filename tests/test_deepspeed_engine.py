@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import run_cli, tiny_config_dict, torchrun_train
+from conftest import DEEPSPEED_EXTENSIONS, run_cli, tiny_config_dict, torchrun_train
 from paused_run import pause_env, wait_for_pause
 
 from unroll.train.checkpoint import resolve
@@ -39,10 +39,7 @@ REL = 2e-5  # float32: the reduction order differs between one process and ZeRO'
 @pytest.fixture(scope="module")
 def env(offline_env):
     """The ranks' environment: DeepSpeed's JIT ops built once per venv, not per test."""
-    cache = Path(sys.prefix) / "torch_extensions"
-    return dict(
-        offline_env, TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(cache)), DS_ACCELERATOR="cpu"
-    )
+    return dict(offline_env, TORCH_EXTENSIONS_DIR=DEEPSPEED_EXTENSIONS, DS_ACCELERATOR="cpu")
 
 
 @pytest.fixture(scope="module")

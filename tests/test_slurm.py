@@ -8,12 +8,11 @@ SLURM."""
 
 import os
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_cli, tiny_config_dict
+from conftest import DEEPSPEED_EXTENSIONS, run_cli, tiny_config_dict
 from fault_hook import fault_env
 from paused_run import pause_env, wait_for_pause
 from slurm_cluster import SlurmCluster, missing_binaries
@@ -336,9 +335,7 @@ def test_a_deepspeed_job_runs_unchanged_to_the_losses_of_the_torch_engine(
     cfg = tiny_config_dict(small_data, run_dir, **SECTIONS)
     config = tmp_path / "deepspeed.yaml"
     config.write_text(yaml.safe_dump(cfg | {"parallel": {"engine": "deepspeed"}, "deepspeed": {"zero_stage": 2}}))
-    # DeepSpeed's JIT-built ops, cached in the venv as tests/test_deepspeed_engine.py keeps them
-    extensions = os.environ.get("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
-    job_id = submit(slurm, config, dict(offline_env, TORCH_EXTENSIONS_DIR=extensions))
+    job_id = submit(slurm, config, dict(offline_env, TORCH_EXTENSIONS_DIR=DEEPSPEED_EXTENSIONS))
     info = slurm.wait_job(job_id, timeout=300)
     assert info["JobState"] == "COMPLETED", (info, console(run_dir, job_id), slurm.log_tail())
     assert "DeepSpeed ZeRO-2 over 4 rank(s)" in console(run_dir, job_id)

@@ -292,10 +292,9 @@ def predict(model: LM, x: torch.Tensor, classes: int, chunk: int = 64) -> torch.
     )
 
 
-@torch.no_grad()
-def evaluate(model: LM, x: torch.Tensor, y: torch.Tensor, classes: int, chunk: int = 64) -> tuple[float, float]:
+def accuracy(pred: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     """(accuracy over all positions, accuracy at the last position)."""
-    hit = predict(model, x, classes, chunk) == y
+    hit = pred == y
     return hit.float().mean().item(), hit[:, -1].float().mean().item()
 
 
@@ -506,8 +505,7 @@ def main(argv: list[str] | None = None) -> int:
                         for L in lengths:
                             x, y = evals[task, L, seed]
                             pred = predict(model, x, classes)
-                            hit = pred == y
-                            acc[str(L)], last[str(L)] = hit.float().mean().item(), hit[:, -1].float().mean().item()
+                            acc[str(L)], last[str(L)] = accuracy(pred, y)
                             diagnosis[str(L)] = diagnose(pred, y, task)
                     rows.append(
                         dict(

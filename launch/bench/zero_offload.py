@@ -38,7 +38,7 @@ import torch
 
 from unroll.launch.bench import harness
 from unroll.launch.torchrun import finish_rank, rank_results, run_torchrun
-from unroll.train.planning.memory import storage_bytes
+from unroll.train.planning.memory import optimizer_bytes, storage_bytes
 
 RANKS = 2
 MODEL = ["model.pattern=GGGGGGGGGGGG", "model.d_model=768", "model.vocab_size=32000"]  # ~110M parameters
@@ -53,23 +53,15 @@ PATHS = {
 BASELINE = "FSDP2"
 
 
-def _state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
-
-
 def inventory(t, cfg) -> dict[str, int]:
     """(device, offloaded) bytes of this rank's training state (module docstring)."""
     params = list(t.model.parameters())
     if t.engine is None:  # FSDP2: every shard on the training device
-        device = (
-            storage_bytes(params) + storage_bytes([p.grad for p in params]) + storage_bytes(_state_tensors(t.optimizer))
-        )
+        device = storage_bytes(params) + storage_bytes([p.grad for p in params]) + optimizer_bytes(t.optimizer)
         return {"device_state": device, "offloaded": 0}
     run = t.engine
     flat = run._flat_partitions()
-    optimizer_side = (
-        storage_bytes(flat) + storage_bytes([f.grad for f in flat]) + storage_bytes(_state_tensors(run.zero.optimizer))
-    )
+    optimizer_side = storage_bytes(flat) + storage_bytes([f.grad for f in flat]) + optimizer_bytes(run.zero.optimizer)
     param_side = storage_bytes([getattr(p, "ds_tensor", p) for p in params]) + storage_bytes([p.grad for p in params])
     sides = {"device_state": 0, "offloaded": 0}
     sides["offloaded" if cfg.deepspeed.offload_optimizer != "none" else "device_state"] += optimizer_side
