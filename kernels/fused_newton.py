@@ -12,9 +12,10 @@ inside the custom op `unroll::fused_newton`, which torch.compile treats as one o
 `SolveStats` are a tensor, read only when the metrics ask.
 
 A cell is fused when it has
-    fused_kernel: str       "module:name" of its FusedDiagKernel (a diagonal cell: state [D]) or FusedBlock2Kernel
-                            (state [D, 2], 2×2 Jacobian blocks), e.g. "unroll.kernels.triton_cells:PARAGRU"
-    fused_params() -> [P, D] its per-channel parameters (P ≤ 3 diagonal, ≤ 5 blocks)
+    fused_kernel: str       "module:name" of its FusedBlockKernel (kernels/triton_newton.py: k = 1, a diagonal
+                            cell, state [D]; k > 1, state [D, k] with k×k Jacobian blocks),
+                            e.g. "unroll.kernels.triton_cells:PARAGRU"
+    fused_params() -> [P, D] its per-channel parameters (P ≤ the kernel's `params`)
     from_fused_params(params) a classmethod that rebuilds the cell from them
 (custom ops take tensors and strings, so the op finds the cell's code and its PyTorch form, for the fallback,
 by name).
@@ -27,7 +28,7 @@ from typing import Any
 
 import torch
 
-from unroll.kernels import triton_newton, triton_newton2
+from unroll.kernels import triton_newton
 from unroll.kernels.newton import SolveInfo, fall_back_where_unconverged, newton_solve, solve_limits
 from unroll.kernels.newton_damping import DEFAULT_DAMPING, check_damping
 from unroll.kernels.triton_scan import SUPPORTED_DTYPES, interpreted
@@ -36,6 +37,23 @@ from unroll.kernels.triton_scan import SUPPORTED_DTYPES, interpreted
 def _resolve(name: str) -> Any:
     module, _, attr = name.partition(":")
     return getattr(importlib.import_module(module), attr)
+
+
+def _kernel(name: str, h0: torch.Tensor, params: torch.Tensor) -> triton_newton.FusedBlockKernel:
+    """The cell's FusedBlockKernel, checked against the state and parameters it is given (inside the ops: resolving
+    a name imports, which torch.compile would not trace)."""
+    code = _resolve(name)
+    if not isinstance(code, triton_newton.FusedBlockKernel):
+        raise TypeError(f"fused_kernel {name!r} is a {type(code).__name__}, not a FusedBlockKernel")
+    k = h0.shape[2] if h0.dim() == 3 else 1
+    if code.k != k or not h0.dim() == 2 + (k > 1):
+        state = f"[B, D, {code.k}]" if code.k > 1 else "[B, D]"
+        raise ValueError(f"fused_kernel {name!r} has {code.k}×{code.k} blocks: its state is {state}, "
+                         f"not {list(h0.shape)}")  # fmt: skip
+    if params.shape[0] > code.params:
+        raise ValueError(f"fused_kernel {name!r} returns {code.params} parameter gradients; the cell has "
+                         f"{params.shape[0]} parameter vectors")  # fmt: skip
+    return code
 
 
 @torch.library.custom_op("unroll::fused_newton", mutates_args=())
@@ -52,10 +70,8 @@ def _fused_newton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(h [B, T, *state], stats float64 [4]: iterations, residual, sequences redone step by step, sequences
     solved by damped Newton)."""
-    code = _resolve(kernel)
-    block = h0.dim() == 3
-    launch = triton_newton2.launch_newton2 if block else triton_newton.launch_newton
-    h, iters, res = launch(code, u, params, h0, starts, tol, max_iters)
+    code = _kernel(kernel, h0, params)
+    h, iters, res = triton_newton.launch_newton(code, u, params, h0, starts, tol, max_iters)
     resets = None if starts is None else starts.bool()
     cell = _resolve(cell_class).from_fused_params(params)
     res = res.amax(dim=1)
@@ -70,7 +86,7 @@ def _fused_newton(
                 cell,
                 u[rows],
                 h0[rows],
-                structure=("block", 2) if block else "diag",
+                structure=("block", code.k) if code.k > 1 else "diag",
                 resets=None if resets is None else resets[rows],
                 tol=tol,
                 max_iters=max_iters,
@@ -106,8 +122,7 @@ def _fused_adjoint(
     kernel: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(∂L/∂u, ∂L/∂params, ∂L/∂h0) from g = ∂L/∂h."""
-    launch = triton_newton2.launch_adjoint2 if h0.dim() == 3 else triton_newton.launch_adjoint
-    return launch(_resolve(kernel), g.contiguous(), h, u, params, h0, starts)
+    return triton_newton.launch_adjoint(_kernel(kernel, h0, params), g.contiguous(), h, u, params, h0, starts)
 
 
 @_fused_adjoint.register_fake
@@ -166,24 +181,22 @@ def fused_newton_solve(
     damping: str = DEFAULT_DAMPING,
 ) -> tuple[torch.Tensor, SolveStats]:
     """newton_solve of a fused cell (module docstring), u [B, T, G, D] its inputs (G gates), h0 its state [B, D]
-    (diagonal) or [B, D, 2] (2×2 blocks): (h [B, T, *state], how it was solved), differentiable in u, h0 and the
+    (diagonal) or [B, D, k] (k×k blocks): (h [B, T, *state], how it was solved), differentiable in u, h0 and the
     cell's parameters. damping: what solves the sequences the kernel leaves unsolved (the module docstring)."""
     check_damping(damping)
     params = cell.fused_params()
-    block = h0.dim() == 3
     if u.dtype not in SUPPORTED_DTYPES or u.dtype != h0.dtype:
         raise TypeError(f"fused_newton_solve: u {u.dtype} and h0 {h0.dtype} must be one float dtype")
     if u.device.type != "cuda" and not interpreted():
         raise RuntimeError("fused_newton_solve needs a CUDA device or TRITON_INTERPRET=1 (set before importing)")
-    state = (u.shape[0], u.shape[-1], 2) if block else (u.shape[0], u.shape[-1])
-    if u.dim() != 4 or h0.shape != state or params.shape[1:] != u.shape[3:]:
+    block = h0.shape[2:]  # () for a diagonal cell, (k,) for k×k blocks: the kernel's k is checked in the op
+    if u.dim() != 4 or h0.shape[:2] != (u.shape[0], u.shape[-1]) or len(block) > 1 or params.shape[1:] != u.shape[3:]:
         raise ValueError(
             f"fused_newton_solve: u {tuple(u.shape)}, h0 {tuple(h0.shape)}, params {tuple(params.shape)} "
-            "are not [B, T, G, D], [B, D] (or [B, D, 2]), [P, D]"
+            "are not [B, T, G, D], [B, D] (or [B, D, k]), [P, D]"
         )
-    most = triton_newton2.MAX_PARAMS if block else triton_newton.MAX_PARAMS
-    if not 1 <= params.shape[0] <= most:
-        raise ValueError(f"fused_newton_solve: {params.shape[0]} parameter vectors; 1 to {most} allowed")
+    if params.shape[0] < 1:
+        raise ValueError("fused_newton_solve: the cell has no parameter vectors (fused_params is [0, D])")
     if resets is not None and resets.shape != u.shape[:2]:
         raise ValueError(f"resets {tuple(resets.shape)} is not [B, T] = {tuple(u.shape[:2])}")
     tol, max_iters = solve_limits(h0.dtype, tol, max_iters)

@@ -1,5 +1,5 @@
-"""Triton versions of the ParaRNN cells, for the fused Newton kernels (kernels/triton_newton.py and
-kernels/triton_newton2.py give the contracts).
+"""Triton versions of the ParaRNN cells, for the fused Newton kernels (kernels/triton_newton.py gives the
+contract).
 
 ParaGRU (models/paragru.py's paragru_cell, the same formula): per channel, with u = (u_z, u_r, u_c) and the
 parameters a = (a_z, a_r, a_c) [3, D],
@@ -15,8 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from unroll.kernels.triton_newton import FusedDiagKernel
-from unroll.kernels.triton_newton2 import FusedBlock2Kernel
+from unroll.kernels.triton_newton import FusedBlockKernel
 from unroll.kernels.triton_scan import upcast
 
 # mypy: disable-error-code="untyped-decorator,no-untyped-def"
@@ -59,7 +58,8 @@ def paragru_vjp(h, u_ptrs, gate_stride, mask, p_ptr, cols, col_mask, D, lam, du_
     return lam * J, du_z * h, du_r * h, du_c * r * h
 
 
-PARAGRU = FusedDiagKernel(paragru_value_and_jacobian, paragru_vjp)  # parameters a = (a_z, a_r, a_c) [3, D]
+# a diagonal cell (1×1 blocks), parameters a = (a_z, a_r, a_c) [3, D]
+PARAGRU = FusedBlockKernel(paragru_value_and_jacobian, paragru_vjp, k=1, params=3)
 
 
 # ParaLSTM (models/paralstm.py's paralstm_cell): the state per channel is (c, h); u = (u_f, u_c̃, u_o), the
@@ -123,4 +123,5 @@ def paralstm_vjp(
     return d_c_prev, d_h_prev, g_f * h_prev, g_ct * h_prev, g_o * h_prev, g_f * c_prev, g_o * c
 
 
-PARALSTM = FusedBlock2Kernel(paralstm_value_and_jacobian, paralstm_vjp)  # parameters (a_f, a_c, a_o, p_f, p_o)
+# 2×2 blocks (c, h), parameters (a_f, a_c, a_o, p_f, p_o) [5, D]
+PARALSTM = FusedBlockKernel(paralstm_value_and_jacobian, paralstm_vjp, k=2, params=5)

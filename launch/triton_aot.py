@@ -85,8 +85,9 @@ def _record(out: Path, arch: int, extra: list[str], builtin: bool) -> None:
     original_run = InterpretedFunction.run
 
     def encode(value: Any) -> Any:
+        # as plain data: this process runs as __main__, so a FnRef would unpickle only where __main__ is this module
         if isinstance(value, InterpretedFunction):
-            return FnRef(value.fn.__module__, value.fn.__qualname__)
+            return {"jit_function": [value.fn.__module__, value.fn.__qualname__]}
         return value
 
     def run(self: Any, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> Any:
@@ -183,6 +184,13 @@ def _cases(torch: Any) -> list[tuple[str, Any]]:
 # --------------------------------------------------------------------------------------------- compiling
 
 
+def _decode(value: Any) -> Any:
+    """A recorded constexpr: a @triton.jit function (recorded by module and name) resolved, else as recorded."""
+    if isinstance(value, dict) and "jit_function" in value:
+        return FnRef(*value["jit_function"]).resolve()
+    return value
+
+
 def _compile(records: list[dict[str, Any]], arch: int) -> list[Compiled]:
     """Phase 2, Triton without the interpreter: each distinct launch through the real compiler."""
     import triton
@@ -197,7 +205,7 @@ def _compile(records: list[dict[str, Any]], arch: int) -> list[Compiled]:
         if key in seen:
             continue
         seen.add(key)
-        constexprs = {k: v.resolve() if isinstance(v, FnRef) else v for k, v in r["constexprs"].items()}
+        constexprs = {k: _decode(v) for k, v in r["constexprs"].items()}
         shown = ", ".join(
             f"{name}={getattr(constexprs[(i,)], '__name__', constexprs[(i,)])}"
             for i, name in enumerate(r["signature"])

@@ -1,5 +1,5 @@
-"""The fused Newton solve (kernels/fused_newton.py over the kernels of kernels/triton_newton.py and
-kernels/triton_newton2.py, the Triton cells of kernels/triton_cells.py), for ParaGRU and ParaLSTM, against
+"""The fused Newton solve (kernels/fused_newton.py over the k×k-block kernels of kernels/triton_newton.py, the
+Triton cells of kernels/triton_cells.py and tests/block3_fused_cell.py), for ParaGRU, ParaLSTM and a 3×3 cell, against
 newton.py's PyTorch Newton path and the sequential loop, in float64: the solution, the iterations, and the
 gradients of the inputs, the cell's parameters and h0, with resets and h0, over several chunks (64 steps) and
 channel blocks (32 channels), with 2×2 blocks for ParaLSTM. Without a GPU the kernels run in Triton's
@@ -130,8 +130,14 @@ def test_empty_sequence_and_bad_inputs_are_named():
     cell, u, h0, _, _ = problem(2, 5, 3, seed=1)
     h, info = fused_newton_solve(cell, u[:, :0], h0)
     assert h.shape == (2, 0, 3) and info.converged
-    with pytest.raises(ValueError, match=r"are not \[B, T, G, D\], \[B, D\] \(or \[B, D, 2\]\), \[P, D\]"):
+    with pytest.raises(ValueError, match=r"are not \[B, T, G, D\], \[B, D\] \(or \[B, D, k\]\), \[P, D\]"):
         fused_newton_solve(cell, u, h0[:, :2])
+    # a state whose block does not match the cell's kernel: ParaLSTM's 2×2 kernel given ParaGRU's state, and back
+    lstm, u2, c0, _, _ = problem(2, 5, 3, seed=1, cell="lstm")
+    with pytest.raises(ValueError, match=r"PARALSTM' has 2×2 blocks: its state is \[B, D, 2\], not \[2, 3\]"):
+        fused_newton_solve(lstm, u2, c0[..., 0])
+    with pytest.raises(ValueError, match=r"PARAGRU' has 1×1 blocks: its state is \[B, D\], not \[2, 3, 2\]"):
+        fused_newton_solve(cell, u, c0)
     with pytest.raises(TypeError, match="must be one float dtype"):
         fused_newton_solve(cell, u, h0.float())
     with pytest.raises(ValueError, match=r"resets \(2, 4\) is not \[B, T\]"):
@@ -214,3 +220,35 @@ def test_the_fused_solve_reports_what_solved_each_sequence():
     assert (info.newton_sequences, info.damped_sequences, info.fallback_sequences) == (3, 0, 0)
     _, info = fused_newton_solve(cell, u, h0, resets=resets, max_iters=0)
     assert (info.newton_sequences, info.damped_sequences, info.fallback_sequences) == (0, 0, 3)
+
+
+@pytest.mark.parametrize("B,T,D,with_resets", [(2, 70, 5, True), (1, 20, 33, False)])  # 2 chunks; 2 channel blocks
+def test_a_users_3x3_block_cell_equals_the_pytorch_newton_path_and_the_loop(B, T, D, with_resets):
+    """Any k×k-block cell with Triton code is fused: tests/block3_fused_cell.py's tanh(M_d s + u), whose 3×3
+    Jacobian blocks are full, against newton.py's ("block", 3) path (its Jacobian by forward-mode autodiff) and the
+    sequential loop: the solution, and the gradients of u, s0 and M against autograd through the loop."""
+    from block3_fused_cell import problem as rotor_problem
+
+    cell, u, s0, resets, M = rotor_problem(B, T, D, seed=T + D)
+    resets = resets if with_resets else None
+    h, info = fused_newton_solve(cell, u, s0, resets=resets)
+    h_ref, info_ref = newton_solve(cell, u, s0, structure=("block", 3), resets=resets)
+    assert info.converged and info.fallback is None and info.iterations == info_ref.iterations > 2
+    torch.testing.assert_close(h, h_ref, rtol=0, atol=1e-11)
+    loop = sequential_loop(cell, u, s0, resets)
+    torch.testing.assert_close(h, loop, rtol=0, atol=1e-11)
+    weights = torch.randn_like(h)
+    grads = torch.autograd.grad((h * weights).sum(), (u, s0, M))
+    expected = torch.autograd.grad((loop * weights).sum(), (u, s0, M))
+    for name, got, want in zip(("u", "s0", "M"), grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-11, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+def test_block_kernels_are_written_out_for_each_size_and_checked():
+    from unroll.kernels import triton_newton
+
+    newton, adjoint = triton_newton.kernels(4, 2)  # written out and compiled by Triton's front end (interpreter)
+    assert newton.fn.__name__ == "newton_k4_p2" and adjoint.fn.__name__ == "adjoint_k4_p2"
+    assert triton_newton.newton_k4_p2 is newton  # by name, as `unroll check kernels` resolves a recorded launch
+    with pytest.raises(ValueError, match=r"k = 5 \(1 to 4\)"):
+        triton_newton.FusedBlockKernel(None, None, k=5, params=1)
