@@ -4,6 +4,7 @@ output and the issue notes)."""
 
 import itertools
 import json
+import re
 
 import pytest
 import torch
@@ -20,6 +21,8 @@ from unroll.launch.bench.state_tracking import (
     parity_batch,
     s3_batch,
     s5_batch,
+    solved,
+    summary,
 )
 from unroll.launch.cli import main as cli_main
 
@@ -98,7 +101,8 @@ def test_bench_quick_runs_and_writes_json(tmp_path, capsys):
     printed = capsys.readouterr().out
     # every family, at the training length, 4× and 8× it; a summary over the seeds
     assert "acc/last@8*" in printed and "acc/last@32" in printed and "acc/last@64" in printed
-    assert "seeds 2: @8 min" in printed and "    @64: by position: [0-0]" in printed
+    assert re.search(r"gru +parity +solved [012]/2 seeds: @8 min", printed)
+    assert "    @64: by position: [0-0]" in printed
     result = json.loads(out.read_text())
     assert result["eval_lengths"] == [8, 32, 64] and result["skipped"] == {} and result["setting"] == "quick"
     # --quick's learning rate per task, in the header, the JSON and every row
@@ -112,6 +116,7 @@ def test_bench_quick_runs_and_writes_json(tmp_path, capsys):
         assert r["lr"] == result["lr"][r["task"]]
         assert all(0 <= a <= 1 for a in [*r["acc"].values(), *r["last_acc"].values()])
         assert set(r["diagnosis"]) == {"8", "32", "64"} and ("sign_acc" in r["diagnosis"]["8"]) == (r["task"] == "s3")
+        assert r["solved"] == (r["acc"]["8"] >= 0.99 and r["acc"]["32"] >= 0.99)
 
 
 def test_curriculum_grows_the_length_then_holds_it():
@@ -299,3 +304,14 @@ def test_diagnose_buckets_positions_and_splits_s3_into_sign_and_rest():
     assert d["sign_acc"] == 1 and d["z3_given_sign_acc"] == pytest.approx((sign_only == y).float().mean().item())
     assert "sign_acc" not in state_tracking.diagnose(y[:, :3] % 2, y[:, :3] % 2, "parity")
     assert "by position: [0-0] 1.00" in state_tracking.format_diagnosis(perfect)
+
+
+def test_a_seed_solves_a_task_at_the_training_length_and_at_four_times_it():
+    row = {"acc": {"8": 1.0, "32": 0.995, "64": 0.5}}
+    assert solved(row, 8)  # 8× is reported, not required
+    assert not solved({"acc": {"8": 1.0, "32": 0.98, "64": 1.0}}, 8)
+    assert not solved({"acc": {"8": 0.98, "32": 1.0}}, 8)
+    assert solved({"acc": {"8": 0.99}}, 8)  # 4× not evaluated: the training length alone
+    rows = [dict(row, family="gru", task="parity", seed=s) for s in (0, 1)]
+    rows[1] = dict(rows[1], acc={"8": 0.6, "32": 0.5, "64": 0.5})
+    assert summary(rows, [8, 32, 64], 8).startswith("gru          parity  solved 1/2 seeds: @8 min 0.600 mean 0.800")
