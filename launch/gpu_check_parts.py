@@ -18,7 +18,13 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout: tests/ lives here
-CUDA_TESTS = ["tests/test_cuda.py", "tests/test_triton_scan.py", "tests/test_m2rnn_kernel.py"]
+# the Triton tests run on the GPU where one is present (the fused Newton's, for ParaGRU, ParaLSTM and a 3×3 cell)
+CUDA_TESTS = [
+    "tests/test_cuda.py",
+    "tests/test_triton_scan.py",
+    "tests/test_m2rnn_kernel.py",
+    "tests/test_triton_newton.py",
+]
 TINY_PRESETS = "tiny-transformer,tiny-gru,tiny-lstm,tiny-m2rnn,tiny-moe"
 SOLVER_LOOP_STEPS = 4096  # the loop's steps timed per row (solver.py extrapolates longer sequences per step)
 
@@ -60,10 +66,10 @@ def _rows(path: Path) -> list[dict[str, Any]]:
 def _pytest_args(s: Sizes) -> list[str]:
     files = [str(ROOT / f) for f in (CUDA_TESTS[:1] if s.quick else CUDA_TESTS)]
     quick = ["-k", "solvers or m2rnn_triton"] if s.quick else []
-    # the three files side by side on the GPU (pytest-xdist, one process each): the Triton tests' compiles
+    # the four files side by side on the GPU (pytest-xdist, one process each): the Triton tests' compiles
     # overlap test_cuda.py, whose tests stay in one process, one at a time (its plan tests each measure a
     # 1B-class training step's memory: two at once could crowd an 80 GB GPU)
-    workers = ["-n", "3", "--dist", "loadfile"] if importlib.util.find_spec("xdist") and not s.quick else []
+    workers = ["-n", str(len(files)), "--dist", "loadfile"] if importlib.util.find_spec("xdist") and not s.quick else []
     return ["-m", "pytest", "-v", "-p", "no:cacheprovider", f"--junitxml={s.figures}", *workers, *quick, *files]
 
 
@@ -179,7 +185,7 @@ PARTS = [
     # full width, then real steps) and flex_attention's compile, beside the Triton tests' ~100 kernel compiles
     Part(
         name="cuda-tests",
-        what="tests/test_cuda.py, the Triton scan and M²RNN kernel tests",
+        what="tests/test_cuda.py, the Triton scan, M²RNN kernel and fused Newton tests",
         timeout_s=240,
         needs_cuda=True,
         args=_pytest_args,

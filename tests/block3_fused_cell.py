@@ -80,14 +80,14 @@ def rotor3_vjp(s0, s1, s2, u_ptrs, gate_stride, mask, p_ptr, cols, col_mask, D, 
 ROTOR3 = FusedBlockKernel(rotor3_value_and_jacobian, rotor3_vjp, k=3, params=9)
 
 
-def problem(B: int, T: int, D: int, seed: int, scale: float = 0.6, reset_rate: float = 0.1):
-    """(cell, u [B, T, 3, D], s0 [B, D, 3], resets, M) in float64, u, s0 and M requiring grad; M's entries
-    uniform in ±scale (a contraction at 0.6·3 < 2 only on average: the solves take several iterations)."""
+def problem(B: int, T: int, D: int, seed: int, scale: float = 0.6, reset_rate: float = 0.1, device: str = "cpu"):
+    """(cell, u [B, T, 3, D], s0 [B, D, 3], resets, M) in float64 on `device`, u, s0 and M requiring grad; M's
+    entries uniform in ±scale (a contraction at 0.6·3 < 2 only on average: the solves take several iterations)."""
     g = torch.Generator().manual_seed(seed)
-    M = ((torch.rand(9, D, generator=g, dtype=torch.float64) - 0.5) * 2 * scale).requires_grad_()
-    u = torch.randn(B, T, 3, D, generator=g, dtype=torch.float64).requires_grad_()
-    s0 = torch.randn(B, D, 3, generator=g, dtype=torch.float64).requires_grad_()
-    resets = torch.rand(B, T, generator=g) < reset_rate
+    M = ((torch.rand(9, D, generator=g, dtype=torch.float64) - 0.5) * 2 * scale).to(device).requires_grad_()
+    u = torch.randn(B, T, 3, D, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    s0 = torch.randn(B, D, 3, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    resets = (torch.rand(B, T, generator=g) < reset_rate).to(device)
     return Rotor3(M), u, s0, resets, M
 
 

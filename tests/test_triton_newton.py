@@ -97,8 +97,8 @@ def test_sequences_whose_plain_steps_blow_up_are_solved_by_damped_newton():
     from stiff_fused_cells import FusedGatedSwitch
 
     base, x, h0, resets, _ = stiff_problem("diag", 200, seed=2, a=15.0)
-    cell = FusedGatedSwitch(base.a.expand(x.shape[-1]).clone().requires_grad_())
-    x, h0 = x.to(DEVICE).requires_grad_(), h0.to(DEVICE).requires_grad_()
+    cell = FusedGatedSwitch(base.a.expand(x.shape[-1]).clone().to(DEVICE).requires_grad_())
+    x, h0, resets = x.to(DEVICE).requires_grad_(), h0.to(DEVICE).requires_grad_(), resets.to(DEVICE)
     with torch.no_grad():
         _, plain = fused_newton_solve(cell, x, h0, resets=resets, damping="none")
     assert plain.fallback_sequences == 3 and plain.damped_sequences == 0, plain
@@ -229,7 +229,7 @@ def test_a_users_3x3_block_cell_equals_the_pytorch_newton_path_and_the_loop(B, T
     sequential loop: the solution, and the gradients of u, s0 and M against autograd through the loop."""
     from block3_fused_cell import problem as rotor_problem
 
-    cell, u, s0, resets, M = rotor_problem(B, T, D, seed=T + D)
+    cell, u, s0, resets, M = rotor_problem(B, T, D, seed=T + D, device=DEVICE)
     resets = resets if with_resets else None
     h, info = fused_newton_solve(cell, u, s0, resets=resets)
     h_ref, info_ref = newton_solve(cell, u, s0, structure=("block", 3), resets=resets)
