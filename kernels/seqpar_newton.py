@@ -60,10 +60,12 @@ import torch.distributed as dist
 from unroll.kernels.cell import Cell
 from unroll.kernels.linear_scan import ScanImpl, apply_step, compose_steps, linear_scan, mask_resets
 from unroll.kernels.newton import (
+    EAGER,
+    NewtonPieces,
     SolveInfo,
     check_inputs,
+    compiled_pieces,
     fall_back_where_unconverged,
-    residual,
     shift,
     solve_limits,
 )
@@ -188,6 +190,7 @@ def newton_solve_seqpar(
     max_iters: int | None = None,
     scan_impl: ScanImpl | None = None,
     damping: str = DEFAULT_DAMPING,
+    compiled: bool = False,
 ) -> tuple[torch.Tensor, SolveInfo]:
     """This rank's slice [B, T_local, *state] of newton_solve(cell, x_full, h0, ...) and how it was solved.
 
@@ -198,6 +201,9 @@ def newton_solve_seqpar(
     A reset at a rank's first step cuts the incoming boundary state. The SolveInfo (iterations, global
     max residual, fallback) is identical on every rank. Differentiable in x, h0 and the cell's
     parameters; parameter gradients are this rank's partial sums — all-reduce them over `group`.
+    compiled: the forward's work besides the scans and collectives through torch.compile (newton.py's
+    `compiled_pieces`: the first guess, f and J with the residual, the damped update, the cell application the
+    gradient hangs on), as newton_solve's; the backward's one Jacobian stays eager.
     """
     st = check_inputs(cell, structure, x, h0, resets)
     tol, max_iters = solve_limits(h0.dtype, tol, max_iters)
@@ -207,19 +213,19 @@ def newton_solve_seqpar(
     if T == 0:  # equal slices: every rank returns here
         return h0.new_zeros(B, 0, *h0.shape[1:]), SolveInfo(0, 0.0, True)
     region = TrustRegion(B, h0.dtype, h0.device, st) if check_damping(damping) == "trust_region" else None
+    pieces = compiled_pieces() if compiled else EAGER
 
     with torch.no_grad():
         h0d = h0.detach()
         start = h0d if r == 0 else torch.zeros_like(h0d)  # the first guess f(0, x) needs no boundary
-        h = cell(shift(h0d.new_zeros(B, T, *h0.shape[1:]), start, resets), x)
+        h = pieces.first_guess(cell, start, x, resets)
         lasts = _all_gather([h[:, -1]], group)
         boundary = h0d if r == 0 else lasts[r - 1][0]
         left_trust = h.new_zeros(B)  # damping: 1 where this rank's part of the last step left its trust region
         iterations = 0
         while True:
-            f, J = st.value_and_jacobian(cell, shift(h, boundary, resets), x)
-            res = residual(f, h)
-            a, b = st.to_scan(mask_resets(J if region is None else region.transfer(J), resets), f - h)
+            f, J, rhs, res = pieces.terms(cell, st, h, boundary, x, resets)
+            a, b = st.to_scan(mask_resets(J if region is None else region.transfer(J), resets), rhs)
             A, d = _summary(a, b, block)  # speculative on the last iteration: one collective, not two
             # damping: + where the last step left its trust region, and the Picard value of our last state
             parts = _all_gather([res, A, d] + ([] if region is None else [left_trust, f[:, -1]]), group)
@@ -234,7 +240,7 @@ def newton_solve_seqpar(
                 break
             if region is not None and any_left:  # this step's radius was cut for some sequence: summarise again
                 region.engaged = True
-                a, b = st.to_scan(mask_resets(region.transfer(J), resets), f - h)
+                a, b = st.to_scan(mask_resets(region.transfer(J), resets), rhs)
                 parts = [
                     [p[0], A_j, d_j, *p[3:]]
                     for p, (A_j, d_j) in zip(parts, _all_gather(list(_summary(a, b, block)), group))
@@ -252,7 +258,7 @@ def newton_solve_seqpar(
                 if r > 0:
                     boundary = boundary + delta_exit[r - 1].view_as(boundary)
             else:
-                h, outside = region.step(h, st.from_scan(delta), f)
+                h, outside = region.step(h, st.from_scan(delta), f, pieces.update)
                 region.widen()
                 left_trust = outside.to(h.dtype)
                 if r > 0:  # the previous rank's trust test at its last state, on the same numbers it had
@@ -272,7 +278,7 @@ def newton_solve_seqpar(
             handoff=PipelinedHandoff(group),
             damped=region.damped if region is not None else None,
         )
-    return _attach_gradient(cell, x, h0, boundary, h, st, resets, scan_impl, group, r), info
+    return _attach_gradient(cell, x, h0, boundary, h, st, resets, scan_impl, group, r, pieces), info
 
 
 class PipelinedHandoff:
@@ -312,12 +318,13 @@ def _attach_gradient(
     scan_impl: ScanImpl | None,
     group: Group,
     r: int,
+    pieces: NewtonPieces,
 ) -> torch.Tensor:
     """newton.py's _attach_gradient, the first step's h_{t−1} being h0 on rank 0, else the detached boundary."""
     if not torch.is_grad_enabled():
         return solution
     prev = shift(solution.detach(), h0 if r == 0 else boundary.detach(), resets)
-    z = cell(prev, x)
+    z = pieces.apply_cell(cell, prev, x)
     if not (z.requires_grad or h0.requires_grad):
         return solution
     # torch leaves Function.apply unannotated

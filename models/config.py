@@ -80,7 +80,9 @@ class ModelConfig:
     solver: str = "auto"  # recurrences: newton | sequential | auto (by device and shape)
     # Newton of ParaGRU/ParaLSTM layers: fused = the whole solve in one Triton launch and its backward in another
     # (kernels/fused_newton.py; a CUDA device); pytorch = kernels/newton.py's separate ops; compiled = those ops
-    # through torch.compile, per piece (newton.py's compiled_pieces: for a CPU); auto = fused on CUDA, else pytorch
+    # through torch.compile, per piece (newton.py's compiled_pieces: for a CPU); auto = fused on CUDA, else pytorch.
+    # Under context parallelism (kernels/seqpar_newton.py, ranks exchanging chunk summaries every iteration) there
+    # is no fused kernel: fused and auto run the PyTorch ops there, compiled compiles them.
     newton_kernel: str = "auto"
     # Newton's damping (kernels/newton_damping.py): trust_region = where a step blows up, the Picard step there
     # and damped steps for that sequence (others: plain Newton, bit for bit) | none. The fused kernel takes plain

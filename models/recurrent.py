@@ -148,6 +148,7 @@ class RecurrentMixer(ContextParallel, nn.Module):
                 structure=self.structure,
                 resets=resets,
                 damping=self.newton_damping,
+                compiled=self.newton_kernel == "compiled",
             )
         elif group is not None:  # the previous rank's last state in, ours out to the next rank
             h, self.last_solve = sequential_solve(

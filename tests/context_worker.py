@@ -30,9 +30,11 @@ CASES = {  # name: (pattern, ParaGRU/LSTM solver, M²RNN solver, extra model fie
     "attention_nope_window": ("A", "newton", "sequential", {"rope": False, "window": 5}),
     "hybrid": ("GAML", "newton", "sequential", {"mlp_pattern": "DEDE"}),
     "tnt": ("TAT", "newton", "sequential", {}),  # local memories fresh per rank, the global one handed on
+    # the sequence-parallel Newton with its pieces through torch.compile (the one-process model's too)
+    "lstm_newton_compiled": ("L", "newton", "sequential", {"newton_kernel": "compiled"}),
 }
 # packed documents (resets) under the split: every case (TNT: the gathered slices, each document run whole)
-DOCUMENT_CASES = list(CASES)
+DOCUMENT_CASES = [c for c in CASES if c != "lstm_newton_compiled"]  # (compiling once is enough)
 
 
 def document_starts(world: int) -> torch.Tensor:
@@ -73,7 +75,19 @@ def run_case(pattern, solver, m_solver, extra, group, rank, world, documents=Fal
     for block in model.blocks:
         block.mixer.context_group = group
     s = slice(rank * 6, (rank + 1) * 6)
-    local = model(tokens[:, s], resets=None if resets is None else resets[:, s])
+    from unroll.models import recurrent
+
+    solve, compiled = recurrent.newton_solve_seqpar, []
+
+    def recording(*args, **kwargs):  # which solve the mixers asked for
+        compiled.append(kwargs.get("compiled", False))
+        return solve(*args, **kwargs)
+
+    recurrent.newton_solve_seqpar = recording
+    try:
+        local = model(tokens[:, s], resets=None if resets is None else resets[:, s])
+    finally:
+        recurrent.newton_solve_seqpar = solve
     (local * weights[:, s]).sum().backward()
     worst, name = 0.0, ""
     for n, p in model.named_parameters():
@@ -82,7 +96,7 @@ def run_case(pattern, solver, m_solver, extra, group, rank, world, documents=Fal
         err = (g - ref[n]).abs().max().item()
         if err >= worst:
             worst, name = err, n
-    return {"logits": (local - full[:, s]).abs().max().item(), "grads": worst, "worst": name}
+    return {"logits": (local - full[:, s]).abs().max().item(), "grads": worst, "worst": name, "compiled": compiled}
 
 
 def main(out_dir: str) -> None:

@@ -83,7 +83,7 @@ def problem(kind: str, T: int, seed: int, boundaries: list[int]):
     return make, params, x, h0, resets, structure
 
 
-def check(kind: str, group, T: int, seed: int, *, with_resets=True, max_iters=None) -> dict:
+def check(kind: str, group, T: int, seed: int, *, with_resets=True, max_iters=None, compiled=False) -> dict:
     from unroll.kernels import newton_solve
     from unroll.kernels.seqpar_newton import newton_solve_seqpar
 
@@ -106,6 +106,9 @@ def check(kind: str, group, T: int, seed: int, *, with_resets=True, max_iters=No
         h0_here.clone().requires_grad_(),
         *[p.clone().requires_grad_() for p in params],
     ]
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
     h, info = newton_solve_seqpar(
         make(mine[2:]),
         mine[0],
@@ -114,6 +117,7 @@ def check(kind: str, group, T: int, seed: int, *, with_resets=True, max_iters=No
         structure=structure,
         resets=resets[:, sl] if resets is not None else None,
         max_iters=max_iters,
+        compiled=compiled,
     )
     grads = [gr.contiguous() for gr in torch.autograd.grad((h * gout[:, sl]).sum(), mine)]
     for gr in grads[1:]:  # (a gradient may be a strided view, which all_reduce would not write back into)
@@ -129,6 +133,7 @@ def check(kind: str, group, T: int, seed: int, *, with_resets=True, max_iters=No
         "grad_params": max(err(a, b) for a, b in zip(grads[2:], ref_grads[2:])),
         "info": info.as_dict(),
         "ref_info": ref_info.as_dict(),
+        "graphs_compiled": counters["stats"]["unique_graphs"] - graphs,  # by torch.compile, during this solve
     }
 
 
@@ -184,6 +189,9 @@ def main() -> None:
         results["comm_m2rnn"] = communication("m2rnn", T, 4)
         singles = [dist.new_group([j]) for j in range(world)]  # every rank creates every group
         results["one_rank_group"] = check("block2", singles[rank], 16, 8)
+        if world == 2:  # the compiled pieces (torch.compile on every rank: seconds each, so on 2 ranks only)
+            results["diag_compiled"] = check("diag", None, T, 1, compiled=True)
+            results["stiff_block_compiled"] = check("stiff_block", None, 128, 11, compiled=True)
         if world == 4:
             pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
             results["subgroup_pairs"] = check("hard", pairs[rank // 2], T, 9 + rank // 2, max_iters=3)

@@ -28,6 +28,10 @@ def test_split_sequence_equals_one_process(ranks, case):
     for r, res in enumerate(ranks):
         assert res[case]["logits"] < 1e-10, (r, res[case])
         assert res[case]["grads"] < 1e-9, (r, res[case])
+    # which sequence-parallel Newton solves ran: compiled exactly where the model asks for it
+    expected = {"gru_newton": [False, False], "lstm_newton": [False], "lstm_newton_compiled": [True]}
+    if case in expected:
+        assert all(res[case]["compiled"] == expected[case] for res in ranks), [res[case] for res in ranks]
 
 
 def test_the_hook_reaches_every_sequence_aware_part():
