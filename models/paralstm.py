@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from unroll.kernels.structure import stack_components
 from unroll.models.init import Rule, init_eagerly, uniform
 from unroll.models.paragru import chrono_bias
 from unroll.models.recurrent import RecurrentMixer
@@ -29,14 +30,6 @@ def paralstm_cell(s_prev: torch.Tensor, u: torch.Tensor, a: torch.Tensor, p: tor
     c = f * c_prev + (1 - f) * c_tilde
     o = torch.sigmoid(a[2] * h_prev + u[..., 2, :] + p[1] * c)
     return stack_components([c, o * torch.tanh(c)])
-
-
-def stack_components(parts: list[torch.Tensor]) -> torch.Tensor:
-    """[..., D] tensors as one [..., D, n] whose memory holds each component whole ([n, ..., D] permuted):
-    a state or Jacobian stored so is what the CPU scan reads without a copy (kernels/linear_scan.py), and
-    each component of it is contiguous, which compiled code vectorises; interleaved (stack on the last
-    axis) made every elementwise pass over it strided, and the compiled Newton terms 3× slower."""
-    return torch.stack(parts).movedim(0, -1)
 
 
 class ParaLSTMCell:
