@@ -46,7 +46,7 @@ def _kernel(name: str, h0: torch.Tensor, params: torch.Tensor) -> triton_newton.
     if not isinstance(code, triton_newton.FusedBlockKernel):
         raise TypeError(f"fused_kernel {name!r} is a {type(code).__name__}, not a FusedBlockKernel")
     k = h0.shape[2] if h0.dim() == 3 else 1
-    if code.k != k or not h0.dim() == 2 + (k > 1):
+    if code.k != k or h0.dim() != 2 + (k > 1):
         state = f"[B, D, {code.k}]" if code.k > 1 else "[B, D]"
         raise ValueError(f"fused_kernel {name!r} has {code.k}×{code.k} blocks: its state is {state}, "
                          f"not {list(h0.shape)}")  # fmt: skip
