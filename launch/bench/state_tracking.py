@@ -56,7 +56,10 @@ recurrence mixes its state and is not ruled out by that argument. S3 = Z3 ⋊ Z2
 is a parity, but its Z3 part, like modadd's Z5, needs (Krohn–Rhodes: a simple factor of the group must divide
 one component of a cascade of channels) one channel whose own map, under some input, cycles three states;
 a 1-D ParaGRU channel can do that only through a non-monotone map (a monotone map of a line has no 3-cycle),
-ParaLSTM's 2-D channel is not ruled out. `--diagnose` prints the accuracy by position bucket and, for s3,
+ParaLSTM's 2-D channel is not ruled out. Both are representable: tests/test_state_tracking_constructions.py
+sets one ParaGRU channel to count mod 3 (its recurrent coefficients at |a| ≈ 5–10, against the initial 0.5)
+and one M²RNN head (V = 37; the default is 16) to track S3 itself, exactly at any length; what this bench
+measures is whether training finds such weights. `--diagnose` prints the accuracy by position bucket and, for s3,
 of the sign and of the rest given the sign, which tell a lookup of the first few tokens (perfect early, chance
 late) and a sign-only tracker (the rest at 1/3) from state tracking. `--curriculum START` grows the training
 length linearly from START to `--length` over the first `--ramp` of the steps at a constant number of
