@@ -87,9 +87,12 @@ def _inputs(u_ptr, pid_b, rows, cols, T, D, G: tl.constexpr):
 
 
 @triton.jit
-def _starts(reset_ptr, pid_b, rows, T):
-    """Where a document starts, per row of the tile."""
-    return tl.load(reset_ptr + pid_b.to(tl.int64) * T + rows, mask=rows < T, other=0) != 0
+def _starts(reset_ptr, pid_b, rows, T, HAS_RESETS: tl.constexpr):
+    """Where a document starts, per row of the tile (nowhere without resets)."""
+    starts = rows < 0
+    if HAS_RESETS:
+        starts = tl.load(reset_ptr + pid_b.to(tl.int64) * T + rows, mask=rows < T, other=0) != 0
+    return starts
 
 
 @triton.jit
@@ -103,8 +106,9 @@ def _relative(r, f):
 # --------------------------------------------------------------------------------------- the templates
 # `{s}` and the like are the comma-separated names of all components (`{j}`, `{a}`, `{m}`: the k² entries of a
 # matrix, row-major; `{q}`: the P parameter gradients); a line with `@i` is repeated per component, `@ij` (`@ji`:
-# the transposed entry) per matrix entry, `@p` per parameter, each with the index substituted; `{I(ij)}` is the
-# identity matrix's entry; `{carried}` (`{carried_l}`) is row i of the scanned map a (m) times the carry.
+# the transposed entry) per matrix entry, `@p` per parameter, each with the index substituted; `{OUTSIDE(ij)}`
+# is entry ij where a step is not kept (the identity's outside the sequence, 0 at a reset in it); `{carried}`
+# (`{carried_l}`) is row i of the scanned map a (m) times the carry.
 
 _TEMPLATE = '''
 @triton.jit
@@ -114,15 +118,12 @@ def _combine_{tag}({a}, {b}, {c}, {d}):
 
 
 @triton.jit
-def _previous_{tag}(buf_ptr, offs, mask, rows, {first}, reset_ptr, pid_b, T, D, HAS_RESETS: tl.constexpr,
-                    F64: tl.constexpr):
+def _previous_{tag}(buf_ptr, offs, mask, rows, {first}, starts, D, F64: tl.constexpr):
     """s_{{t−1}} of a tile from the buffer (row 0 of the sequence: first = s0), zero where a document starts."""
     before = mask & (rows > 0)[:, None]
     s@i = upcast(tl.load(buf_ptr + offs - {K} * D + @i, mask=before, other=0.0), F64)
     s@i = tl.where((rows == 0)[:, None], first@i[None, :], s@i)
-    if HAS_RESETS:
-        starts = _starts(reset_ptr, pid_b, rows, T)
-        s@i = tl.where(starts[:, None], 0.0, s@i)
+    s@i = tl.where(starts[:, None], 0.0, s@i)
     return {s}
 
 
@@ -145,10 +146,8 @@ def newton_{tag}(
     slot = B.to(tl.int64) * T * D * {K}  # elements of one iterate buffer
     for c in range(n_chunks):  # the first guess f(0, x), s0 at t = 0
         rows, offs, mask = _tile(pid_b, c, cols, T, D, C, {K})
-        s@i = tl.where((rows == 0)[:, None], first@i[None, :], 0.0)
-        if HAS_RESETS:
-            starts = _starts(reset_ptr, pid_b, rows, T)
-            s@i = tl.where(starts[:, None], 0.0, s@i)
+        starts = _starts(reset_ptr, pid_b, rows, T, HAS_RESETS)
+        s@i = tl.where((rows == 0)[:, None] & ~starts[:, None], first@i[None, :], 0.0)
         u_ptrs, gate_stride = _inputs(u_ptr, pid_b, rows, cols, T, D, G)
         {f}, {j} = CELL({s}, u_ptrs, gate_stride, mask, p_ptr, cols, col_mask, D, F64)
         tl.store(buf_ptr + offs + @i, f@i.to(buf_ptr.dtype.element_ty), mask=mask)
@@ -167,18 +166,17 @@ def newton_{tag}(
             rows, offs, mask = _tile(pid_b, c, cols, T, D, C, {K})
             h@i = upcast(tl.load(buf_ptr + old + offs + @i, mask=mask, other=0.0), F64)
             # s_{{t−1}} of the current iterate: the buffer is only written in the other slot, so t − 1 is there
-            {s} = _previous_{tag}(buf_ptr + old, offs, mask, rows, {first}, reset_ptr, pid_b, T, D, HAS_RESETS, F64)
+            starts = _starts(reset_ptr, pid_b, rows, T, HAS_RESETS)
+            {s} = _previous_{tag}(buf_ptr + old, offs, mask, rows, {first}, starts, D, F64)
             u_ptrs, gate_stride = _inputs(u_ptr, pid_b, rows, cols, T, D, G)
             {f}, {j} = CELL({s}, u_ptrs, gate_stride, mask, p_ptr, cols, col_mask, D, F64)
-            keep = mask
-            if HAS_RESETS:
-                keep = keep & ~_starts(reset_ptr, pid_b, rows, T)[:, None]
+            keep = mask & ~starts[:, None]
             r@i = tl.where(mask, f@i - h@i, 0.0)
             rel = zero[None, :]
             rel = tl.maximum(rel, _relative(r@i, f@i))
             worst = tl.maximum(worst, tl.max(tl.where(mask, rel, 0.0), axis=0))
             # J where the step is kept, 0 at a reset, the identity outside the sequence (the carry passes)
-            j@ij = tl.where(keep, j@ij, tl.where(mask, 0.0, {I(ij)}))
+            j@ij = tl.where(keep, j@ij, {OUTSIDE(ij)})
             {a}, {d} = tl.associative_scan(({j}, {r}), 0, _combine_{tag})
             d@i = d@i + {carried}
             last = (rows == c * C + C - 1)[:, None]
@@ -225,24 +223,22 @@ def adjoint_{tag}(
         h@i = upcast(tl.load(h_ptr + offs + @i, mask=mask, other=0.0), F64)
         u_next, gate_stride = _inputs(u_ptr, pid_b, nxt, cols, T, D, G)
         {unused}, {j} = CELL({h}, u_next, gate_stride, keep, p_ptr, cols, col_mask, D, F64)
-        if HAS_RESETS:
-            keep = keep & ~_starts(reset_ptr, pid_b, nxt, T)[:, None]
+        keep = keep & ~_starts(reset_ptr, pid_b, nxt, T, HAS_RESETS)[:, None]
         # the transposed J_{{t+1}} where kept, 0 past the end or at a reset there, the identity outside the sequence
-        a@ij = tl.where(keep, j@ji, tl.where(mask, 0.0, {I(ij)}))
+        a@ij = tl.where(keep, j@ji, {OUTSIDE(ij)})
         g@i = upcast(tl.load(g_ptr + offs + @i, mask=mask, other=0.0), F64)
         {m}, {l} = tl.associative_scan(({a}, {g}), 0, _combine_{tag}, reverse=True)
         l@i = tl.where(mask, l@i + {carried_l}, 0.0)
         top = (rows == c * C)[:, None]
         carry@i = tl.sum(tl.where(top, l@i, 0.0), axis=0)
         # the cell's VJP with λ at (s*_{{t−1}}, x_t)
-        {s} = _previous_{tag}(h_ptr, offs, mask, rows, {first}, reset_ptr, pid_b, T, D, HAS_RESETS, F64)
+        starts = _starts(reset_ptr, pid_b, rows, T, HAS_RESETS)
+        {s} = _previous_{tag}(h_ptr, offs, mask, rows, {first}, starts, D, F64)
         u_ptrs, gate_stride = _inputs(u_ptr, pid_b, rows, cols, T, D, G)
         du_ptrs, _ = _inputs(du_ptr, pid_b, rows, cols, T, D, G)
         {e}, {q} = CELL_VJP({s}, u_ptrs, gate_stride, mask, p_ptr, cols, col_mask, D, {l}, du_ptrs, F64)
         dp@p += tl.sum(tl.where(mask, q@p, 0.0), axis=0)
-        at_s0 = (rows == 0)[:, None] & mask
-        if HAS_RESETS:
-            at_s0 = at_s0 & ~_starts(reset_ptr, pid_b, rows, T)[:, None]
+        at_s0 = (rows == 0)[:, None] & mask & ~starts[:, None]
         ds@i += tl.sum(tl.where(at_s0, e@i, 0.0), axis=0)
     tl.store(ds0_ptr + base + @i, ds@i.to(ds0_ptr.dtype.element_ty), mask=col_mask)
     out = pid_b.to(tl.int64) * {P} * D + cols
@@ -266,8 +262,8 @@ def _expand(line: str, k: int, p: int) -> list[str]:
         out = []
         for i in range(k):
             for j in range(k):
-                identity = "1.0" if i == j else "0.0"
-                out.append(line.replace("{I(ij)}", identity).replace("@ij", f"{i}{j}").replace("@ji", f"{j}{i}"))
+                outside = "tl.where(mask, 0.0, 1.0)" if i == j else "0.0"
+                out.append(line.replace("{OUTSIDE(ij)}", outside).replace("@ij", f"{i}{j}").replace("@ji", f"{j}{i}"))
         return out
     if "@i" in line:
         return [line.replace("@i", str(i)) for i in range(k)]

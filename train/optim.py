@@ -24,9 +24,10 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """The trainable parameters in AdamW groups (the trainer's and `unroll bench state-tracking`'s): weight
     decay on the matrices of Linear and Embedding layers (the fused input projections, gate rows included, and
-    ParaGRU/ParaLSTM's head-blocked HeadLinear ones) and the MoE's stacked expert matrices; never on norms, biases, convolutions or the recurrences' own
-    coefficients (ParaGRU/ParaLSTM's diagonal weights, M²RNN's W, A_log, dt_bias and D). The M²RNN authors'
-    lm-engine excludes biases, norms, D, A_log and dt_bias too, but decays the convolution and M²RNN's W."""
+    ParaGRU/ParaLSTM's head-blocked HeadLinear ones) and the MoE's stacked expert matrices; never on norms,
+    biases, convolutions or the recurrences' own coefficients (ParaGRU/ParaLSTM's diagonal weights, M²RNN's W,
+    A_log, dt_bias and D). The M²RNN authors' lm-engine excludes biases, norms, D, A_log and dt_bias too, but
+    decays the convolution and M²RNN's W."""
     matrices = (torch.nn.Linear, torch.nn.Embedding, HeadLinear)  # HeadLinear: ParaGRU/ParaLSTM's input projection
     decay = {id(m.weight) for m in model.modules() if isinstance(m, matrices)}
     decay |= {id(p) for m in model.modules() if isinstance(m, MoE) for p in (m.w_gate_up, m.w_down)}

@@ -37,10 +37,10 @@ and at 1e-2 it acted on the outcome as a perturbation, like a different seed, no
 ParaGRU/ParaLSTM on parity end in one of two states, a flip-flop channel (the same accuracy at 8× as at 1×) or
 a lookup over the first ~16 positions (chance beyond), and which seeds find the flip-flop changes with any
 such change. Compare knobs over several seeds (`--seeds`), never one: with several, a summary line per
-(family, task) counts the seeds that solved it (accuracy ≥ 0.99 at the training length and at 4× it). The learning rate is high for a reason:
-ParaGRU's recurrent coefficients start in [-0.5, 0.5] and a parity flip-flop needs |a_c| > 1, which a smaller
-rate takes far longer to reach; the solution tends to appear suddenly, after a plateau at the loss of
-guessing. At length 32 and 1000 steps, parity's 3e-2 is what moves ParaGRU and ParaLSTM from the lookup to the
+(family, task) counts the seeds that solved it (accuracy ≥ 0.99 at the training length and at 4× it). The
+learning rate is high for a reason: ParaGRU's recurrent coefficients start in [-0.5, 0.5] and a parity
+flip-flop needs |a_c| > 1, which a smaller rate takes far longer to reach; the solution tends to appear
+suddenly, after a plateau at the loss of guessing. At length 32 and 1000 steps, parity's 3e-2 is what moves ParaGRU and ParaLSTM from the lookup to the
 flip-flop on four seeds of six each (at 1e-2 on none of the six; three times the steps, d_model 128 or
 decaying every parameter got one seed in three at most), and M²RNN keeps parity at 8× with it. s3 gets 1e-2:
 at 3e-2 every family learns less of it (none tracks it beyond the first few tokens at either rate). `--lr`
@@ -59,8 +59,8 @@ a 1-D ParaGRU channel can do that only through a non-monotone map (a monotone ma
 ParaLSTM's 2-D channel is not ruled out. Both are representable: tests/test_state_tracking_constructions.py
 sets one ParaGRU channel to count mod 3 (its recurrent coefficients at |a| ≈ 5–10, against the initial 0.5)
 and one M²RNN head (V = 37; the default is 16) to track S3 itself, exactly at any length; what this bench
-measures is whether training finds such weights. `--diagnose` prints the accuracy by position bucket and, for s3,
-of the sign and of the rest given the sign, which tell a lookup of the first few tokens (perfect early, chance
+measures is whether training finds such weights. `--diagnose` prints the accuracy by position bucket and, for
+s3, of the sign and of the rest given the sign, which tell a lookup of the first few tokens (perfect early, chance
 late) and a sign-only tracker (the rest at 1/3) from state tracking. `--curriculum START` grows the training
 length linearly from START to `--length` over the first `--ramp` of the steps at a constant number of
 tokens per step (the short early steps see more sequences for about the same cost); off (0), the data
@@ -538,9 +538,9 @@ def main(argv: list[str] | None = None) -> int:
                             acc=acc,
                             last_acc=last,
                             diagnosis=diagnosis,
+                            solved=solved({"acc": acc}, args.length),
                         )
                     )
-                    rows[-1]["solved"] = solved(rows[-1], args.length)
                     table = format_table(rows, lengths, args.length)
                     print(table if len(rows) == 1 else table.splitlines()[-1], flush=True)
                     if args.diagnose:
