@@ -63,3 +63,42 @@ def test_checkpoint_from_another_model_is_refused_with_its_path(tiny_config):
     bigger = load_config(str(tiny_config("shape", model={"d_model": 48})))
     with pytest.raises(checkpoint.CheckpointError, match="step_00000012"):
         train(bigger)
+
+
+def test_resume_keeps_moments_by_name_when_the_decay_groups_or_rates_change(tmp_path):
+    """A checkpoint saved under other weight-decay groups (an older checkout's rule, or another
+    `optim.weight_decay`) resumes with each parameter's Adam moments found by name, and the groups and their
+    rates come from the resuming config, not from the checkpoint's group order."""
+    import torch
+
+    from unroll.models import LM
+    from unroll.train.optim import build_optimizer
+
+    old = load_config("tiny-gru", ["model.d_model=32", f"run.dir={tmp_path}", "optim.weight_decay=0.1"])
+    torch.manual_seed(0)
+    model = LM(old.model)
+    params = dict(model.named_parameters())
+    # the old rule: one group decays only the embedding, another everything else, so membership differs
+    one = [n for n in params if n == "embed.weight"]
+    saved_groups = [{"params": [params[n] for n in one], "weight_decay": 0.1}]
+    saved_groups.append({"params": [p for n, p in params.items() if n not in one], "weight_decay": 0.0})
+    opt = torch.optim.AdamW(saved_groups, lr=1e-2)
+    x = torch.randint(0, old.model.vocab_size, (2, 16))
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).float().logsumexp(-1).mean().backward()
+        opt.step()
+    checkpoint.save(tmp_path, 2, model, opt, {"step": 2}, keep=1)
+    moments = {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in params.items()}
+
+    new = load_config("tiny-gru", ["model.d_model=32", f"run.dir={tmp_path}", "optim.weight_decay=0.05"])
+    resumed = LM(new.model)
+    opt2 = build_optimizer(resumed, new)
+    assert checkpoint.load_latest(tmp_path, resumed, opt2)["step"] == 2
+    names = {id(p): n for n, p in resumed.named_parameters()}
+    for p, n in ((p, names[id(p)]) for g in opt2.param_groups for p in g["params"]):
+        assert set(opt2.state[p]) == set(moments[n]), n
+        assert all(torch.equal(opt2.state[p][k], v) for k, v in moments[n].items()), n
+    decayed = {names[id(p)] for p in opt2.param_groups[0]["params"]}
+    assert "blocks.0.mixer.in_proj.weight" in decayed and len(decayed) > 1  # today's rule, not the saved one
+    assert [g["weight_decay"] for g in opt2.param_groups] == [0.05, 0.0]
