@@ -77,6 +77,9 @@ class ModelConfig:
     mlp_hidden: int = 0  # SwiGLU hidden width; 0 = 8/3 * d_model rounded up to a multiple of 64
     rnn_width: int = 0  # ParaGRU/ParaLSTM channels; 0 = d_model
     rnn_heads: int = 1  # heads of the block-diagonal input projection (1 = dense)
+    # ParaGRU/ParaLSTM's own recurrent coefficients (their diagonal weights) start U(±rnn_init): small keeps the
+    # recurrence contractive and Newton quick; state tracking wants larger (launch/bench/state_tracking.py)
+    rnn_init: float = 0.5
     solver: str = "auto"  # recurrences: newton | sequential | auto (by device and shape)
     # Newton of ParaGRU/ParaLSTM layers: fused = the whole solve in one Triton launch and its backward in another
     # (kernels/fused_newton.py; a CUDA device); pytorch = kernels/newton.py's separate ops; compiled = those ops
@@ -205,6 +208,8 @@ class ModelConfig:
             out.append(("norm_eps", f"must be positive, got {self.norm_eps}"))
         if self.init_std <= 0:
             out.append(("init_std", f"must be positive, got {self.init_std}"))
+        if self.rnn_init <= 0:
+            out.append(("rnn_init", f"must be positive, got {self.rnn_init}"))
         return out + self._mlp_problems() + self._m2rnn_problems() + self._tnt_problems()
 
     def _mlp_problems(self) -> list[tuple[str, str]]:

@@ -40,6 +40,7 @@ def build_mixer(kind: str, cfg: ModelConfig, out_std: float) -> Mixer:
             newton_kernel=cfg.newton_kernel,
             newton_damping=cfg.newton_damping,
             init_std=cfg.init_std,
+            rnn_init=cfg.rnn_init,
             out_std=out_std,
         )
     if kind == "M":

@@ -80,10 +80,11 @@ class ParaGRU(RecurrentMixer):
         init_eagerly(self)
 
     def init_rules(self) -> dict[str, Rule]:
-        # Small recurrent coefficients keep the recurrence contractive (and Newton's method convergent).
-        # "Chrono" update-gate bias: z ≈ 1/τ with time scales τ ~ U[2, 64], so channels start with a
-        # spread of memory lengths instead of all forgetting half their state every token.
-        return super().init_rules() | {"a": uniform(-0.5, 0.5), "in_proj.bias": chrono_bias(sign=-1.0)}
+        # Small recurrent coefficients (rnn_init, 0.5 by default) keep the recurrence contractive (and Newton's
+        # method convergent). "Chrono" update-gate bias: z ≈ 1/τ with time scales τ ~ U[2, 64], so channels
+        # start with a spread of memory lengths instead of all forgetting half their state every token.
+        a = uniform(-self.rnn_init, self.rnn_init)
+        return super().init_rules() | {"a": a, "in_proj.bias": chrono_bias(sign=-1.0)}
 
     def make_cell(self) -> ParaGRUCell:
         return ParaGRUCell(self.a)

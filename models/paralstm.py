@@ -95,8 +95,8 @@ class ParaLSTM(RecurrentMixer):
     def init_rules(self) -> dict[str, Rule]:
         # Chrono forget bias: f ≈ 1 − 1/τ, τ ~ U[2, 64], a spread of memory lengths from the start.
         return super().init_rules() | {
-            "a": uniform(-0.5, 0.5),
-            "p": uniform(-0.5, 0.5),
+            "a": uniform(-self.rnn_init, self.rnn_init),
+            "p": uniform(-self.rnn_init, self.rnn_init),
             "in_proj.bias": chrono_bias(sign=1.0),
         }
 

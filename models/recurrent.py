@@ -89,10 +89,12 @@ class RecurrentMixer(ContextParallel, nn.Module):
         newton_kernel: str = "auto",
         newton_damping: str = "trust_region",
         init_std: float = 0.02,
+        rnn_init: float = 0.5,
         out_std: float | None = None,
     ):
         super().__init__()
         self.width, self.solver, self.newton_kernel = width, solver, newton_kernel
+        self.rnn_init = rnn_init  # the recurrent coefficients' init half-width (a subclass's init_rules)
         self.newton_damping = newton_damping  # kernels/newton_damping.py; the fused kernel's unsolved sequences get it
         self.in_proj = HeadLinear(d_model, self.gates, width, heads, init_std)
         self.out_proj = nn.Linear(width, d_model, bias=False)

@@ -62,6 +62,7 @@ def test_presets_load_and_overrides_apply():
         ("model.window=-1", "model.window", "must be >= 0"),
         ("model.attention_kernel=flash", "model.attention_kernel", "auto, sdpa, flex, got 'flash'"),
         ("model.head_dim=-1", "model.head_dim", "must be >= 0"),
+        ("model.rnn_init=0", "model.rnn_init", "must be positive, got 0"),
         ("train.loss_chunk=-1", "train.loss_chunk", "must be >= 0"),
     ],
 )

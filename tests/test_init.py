@@ -166,3 +166,14 @@ def test_meta_build_under_every_layout_equals_the_one_process_build(tmp_path):
             assert v["mismatched"] == [] and v["missing"] == [], case
             if case.endswith(("dp_shard2", "ep2")):  # FSDP over 2 ranks: half of every tensor, rounded up
                 assert v["local_elements"] <= v["total_elements"] / 2 + 64, case
+
+
+@pytest.mark.parametrize("preset", ["tiny-gru", "tiny-lstm"])
+def test_rnn_init_sets_the_recurrent_coefficients_range_and_nothing_else(preset):
+    narrow = LM(load_config(preset).model, seed=0).state_dict()
+    wide = LM(load_config(preset, ["model.rnn_init=2"]).model, seed=0).state_dict()
+    coefficients = [k for k in narrow if k.endswith(("mixer.a", "mixer.p"))]
+    assert len(coefficients) == (4 if preset == "tiny-gru" else 8)
+    for k in coefficients:  # the same draws, scaled: U(±0.5) by default, U(±2) here
+        assert torch.allclose(wide[k], 4 * narrow[k]) and 0.45 < narrow[k].abs().max() <= 0.5
+    assert all(torch.equal(wide[k], v) for k, v in narrow.items() if k not in coefficients)
