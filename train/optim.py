@@ -35,7 +35,7 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
     params = [p for p in model.parameters() if p.requires_grad]
     # The experts get a group of their own: under expert parallelism they are plain tensors beside
     # DTensors, which AdamW's foreach kernels do not mix. They get it under every layout, so that a run's
-    # groups do not depend on its layout. (A resume finds each parameter's moments by name and keeps the
+    # groups do not depend on its layout. (A DCP resume finds each parameter's moments by name and keeps the
     # groups and rates built here, whatever groups saved them: tests/test_checkpoint.py.)
     experts = {id(p) for m in model.modules() if isinstance(m, MoE) for p in (m.w_gate_up, m.w_down)}
     groups = [
