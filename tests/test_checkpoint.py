@@ -1,11 +1,14 @@
 """Checkpoints: an interrupted write is ignored and the previous one used; nothing else is lost."""
 
 import pytest
+import torch
 
+from unroll.models import LM
 from unroll.train.checkpoint import dcp as checkpoint
 from unroll.train.checkpoint import resolve
 from unroll.train.config import load_config
 from unroll.train.metrics import read_metrics
+from unroll.train.optim import build_optimizer
 from unroll.train.trainer import train
 
 
@@ -69,11 +72,6 @@ def test_resume_keeps_moments_by_name_when_the_decay_groups_or_rates_change(tmp_
     """A checkpoint saved under other weight-decay groups (an older checkout's rule, or another
     `optim.weight_decay`) resumes with each parameter's Adam moments found by name, and the groups and their
     rates come from the resuming config, not from the checkpoint's group order."""
-    import torch
-
-    from unroll.models import LM
-    from unroll.train.optim import build_optimizer
-
     old = load_config("tiny-gru", ["model.d_model=32", f"run.dir={tmp_path}", "optim.weight_decay=0.1"])
     torch.manual_seed(0)
     model = LM(old.model)
